@@ -1,0 +1,61 @@
+# dccsign developer entry points. `make demo` and `make test` work on a fresh Debian/Ubuntu
+# machine with Python 3.11: missing system packages are installed when running as root, and
+# named in an error otherwise.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+DCCSIGN := $(VENV)/bin/dccsign
+DEV_KEYSTORE := var/dev-keystore
+
+# Debian packages: C toolchain and headers for the native core, venv support, and Node.js
+# for the independent verifier used by the tests.
+SYSTEM_PACKAGES := build-essential libssl-dev zlib1g-dev python3-dev python3-venv nodejs npm
+SYSTEM_PROBE := scripts/check-system.sh
+
+.PHONY: all system venv build demo test test-native test-python lint bench clean distclean
+
+all: build
+
+system:
+	@sh $(SYSTEM_PROBE) $(SYSTEM_PACKAGES)
+
+$(VENV)/.installed: pyproject.toml setup.py
+	@sh $(SYSTEM_PROBE) $(SYSTEM_PACKAGES)
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q 'Cython>=3.0'
+	$(PIP) install -q --no-build-isolation -e '.[test]'
+	@touch $@
+
+venv: $(VENV)/.installed
+
+# Rebuilds the extension in place whenever a native source changed.
+build: venv
+	$(PY) setup.py -q build_ext --inplace
+	@$(PY) -c "from dccsign import native; print('dccsign native core:', native.IMPLEMENTATION)"
+
+demo: build
+	@sh scripts/demo.sh $(DCCSIGN) $(DEV_KEYSTORE) var/demo
+
+tests/interop/node_modules/.package-lock.json: tests/interop/package-lock.json
+	npm ci --prefix tests/interop --omit=optional --ignore-scripts --no-audit --no-fund --loglevel=error
+
+test: build tests/interop/node_modules/.package-lock.json
+	$(PY) -m pytest -q
+	DCCSIGN_PUREPYTHON=1 $(PY) -m pytest -q -m "not slow"
+	$(VENV)/bin/ruff check .
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+bench: build
+	$(PY) -m pytest bench/ -q --benchmark-only --benchmark-columns=mean,median,ops
+
+clean:
+	rm -rf build native/_native.c native/*.so .pytest_cache .hypothesis .benchmarks
+	find . -name __pycache__ -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) var tests/interop/node_modules *.egg-info

@@ -1,0 +1,442 @@
+"""The ``dccsign`` command line.
+
+Exit codes (stable, scripts rely on them):
+    0  success (``verify``: the signature is valid)
+    1  ``verify``: the signature is not valid
+    2  usage error
+    3  invalid DCC input (errors as JSON on stderr; nothing was signed)
+    4  key problem (keystore, passphrase, no usable key)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+EXIT_OK = 0
+EXIT_INVALID_SIGNATURE = 1
+EXIT_USAGE = 2
+EXIT_INVALID_DCC = 3
+EXIT_KEY = 4
+
+
+class _Exit(Exception):
+    def __init__(self, code: int, message: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _fail(code: int, message: str) -> NoReturn:
+    raise _Exit(code, message)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _read_input(source: str | None) -> str:
+    if source in (None, "-"):
+        return sys.stdin.read()
+    try:
+        return Path(source).read_text(encoding="utf-8")
+    except OSError as exc:
+        _fail(EXIT_USAGE, f"cannot read {source}: {exc.strerror}")
+    except UnicodeDecodeError:
+        _fail(EXIT_INVALID_DCC, f"{source} is not UTF-8 text")
+
+
+def parse_dcc_input(text: str) -> list[Any]:
+    """One JSON DCC, a JSON array of DCCs, or JSON lines (one DCC per line).
+
+    Raises:
+        ValueError: the text is none of these (the message names the line).
+    """
+    stripped = text.strip()
+    if not stripped:
+        raise ValueError("no input: expected a JSON DCC, a JSON array or JSON lines")
+    try:
+        value = json.loads(stripped)
+    except json.JSONDecodeError as exc:
+        if exc.msg != "Extra data":
+            raise ValueError(
+                f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+            ) from None
+        items = []
+        for lineno, line in enumerate(stripped.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                items.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"invalid JSON line {lineno}: {err.msg}") from None
+        return items
+    return value if isinstance(value, list) else [value]
+
+
+def _kid(value: str) -> bytes:
+    try:
+        kid = bytes.fromhex(value)
+    except ValueError:
+        kid = b""
+    if len(kid) != 8:
+        raise argparse.ArgumentTypeError("a kid is 16 hex digits (8 bytes)")
+    return kid
+
+
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = 0.0
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {value!r}")
+    return number
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {value!r}")
+    return number
+
+
+def _iso_time(value: str) -> dt.datetime:
+    try:
+        when = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {value!r}") from None
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+
+
+def _open_keystore(directory: Path):
+    from .errors import KeystoreError
+    from .keystore import Keystore
+
+    try:
+        return Keystore.open(directory)
+    except KeystoreError as exc:
+        _fail(EXIT_KEY, str(exc))
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_keys_init_dev(args: argparse.Namespace) -> int:
+    from .errors import KeystoreError
+    from .keystore import DEV_PASSPHRASE, init_dev
+
+    try:
+        store = init_dev(args.keystore, args.country)
+    except KeystoreError as exc:
+        _fail(EXIT_KEY, str(exc))
+    print(
+        f"created development keystore {store.directory} (passphrase in "
+        f"{store.directory / DEV_PASSPHRASE})"
+    )
+    _print_keys(store, as_json=False)
+    return EXIT_OK
+
+
+def _key_rows(store) -> list[dict[str, Any]]:
+    from .dsc import TYPE_NAMES
+
+    return [
+        {
+            "kid": e.kid.hex(),
+            "name": e.name,
+            "alg": e.dsc.alg_name,
+            "usages": [TYPE_NAMES[t] for t in ("v", "t", "r") if t in e.dsc.usages],
+            "restricted": e.dsc.restricted,
+            "not_before": e.dsc.not_before.isoformat(),
+            "not_after": e.dsc.not_after.isoformat(),
+            "state": e.state,
+            "subject": e.dsc.subject,
+        }
+        for e in store.entries
+    ]
+
+
+def _print_keys(store, *, as_json: bool) -> None:
+    rows = _key_rows(store)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(f"{'KID':<16}  {'ALG':<5}  {'STATE':<8}  {'VALID FROM':<10}  {'VALID UNTIL':<10}  USAGES")
+    for r in rows:
+        usages = ",".join(r["usages"]) + ("" if r["restricted"] else " (no EKU)")
+        print(
+            f"{r['kid']:<16}  {r['alg']:<5}  {r['state']:<8}  {r['not_before'][:10]:<10}  "
+            f"{r['not_after'][:10]:<10}  {usages}"
+        )
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    _print_keys(_open_keystore(args.keystore), as_json=args.json)
+    return EXIT_OK
+
+
+def cmd_keys_export_cert(args: argparse.Namespace) -> int:
+    from .errors import KeystoreError
+
+    store = _open_keystore(args.keystore)
+    try:
+        entry = store.find(args.kid)
+    except KeystoreError as exc:
+        _fail(EXIT_KEY, str(exc))
+    if args.der:
+        sys.stdout.buffer.write(entry.dsc.der)
+    else:
+        sys.stdout.buffer.write(entry.dsc.pem())
+    sys.stdout.flush()
+    return EXIT_OK
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    from . import native
+    from .chain import Issuer, SignerKey
+    from .errors import InvalidBatchError, KeyProblem, KeystoreError
+    from .keystore import resolve_passphrase
+    from .qr import QR_SUFFIXES, numbered_paths, write_qr
+
+    if args.qr is not None and args.qr.suffix.lower() not in QR_SUFFIXES:
+        _fail(EXIT_USAGE, f"--qr {args.qr}: the file name must end in .png or .svg")
+    store = _open_keystore(args.keystore)
+    try:
+        dccs = parse_dcc_input(_read_input(args.input))
+    except ValueError as exc:
+        print(
+            json.dumps(
+                [{"index": None, "errors": [{"path": "$", "rule": "json", "message": str(exc)}]}]
+            ),
+            file=sys.stderr,
+        )
+        return EXIT_INVALID_DCC
+    if not dccs:
+        _fail(EXIT_INVALID_DCC, "the input holds no DCC")
+    try:
+        passphrase = resolve_passphrase(store.directory)
+        wanted = [e for e in store.entries if e.state == "active"]
+        if args.kid is not None:
+            wanted = [store.find(args.kid)]
+        keys = [
+            SignerKey(e.dsc, store.load_signing_key(e, passphrase, native), e.state, e.name)
+            for e in wanted
+        ]
+    except KeystoreError as exc:
+        _fail(EXIT_KEY, str(exc))
+    issuer = Issuer(keys, issuer_country=store.issuer_country)
+    try:
+        hc1s = issuer.issue(dccs, kid=args.kid, validity=dt.timedelta(days=args.validity_days))
+    except InvalidBatchError as exc:
+        print(json.dumps(exc.as_json(), ensure_ascii=False), file=sys.stderr)
+        print(f"dccsign: {exc}", file=sys.stderr)
+        return EXIT_INVALID_DCC
+    except KeyProblem as exc:
+        _fail(EXIT_KEY, str(exc))
+    out = sys.stdout
+    for text in hc1s:
+        out.write(text + "\n")
+    out.flush()
+    if args.qr is not None:
+        for text, path in zip(hc1s, numbered_paths(args.qr, len(hc1s)), strict=True):
+            write_qr(text, path)
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .dsc import DSC
+    from .verify import verify_hc1
+
+    if args.cert is not None:
+        try:
+            dscs = [DSC.from_bytes(args.cert.read_bytes())]
+        except OSError as exc:
+            _fail(EXIT_USAGE, f"cannot read {args.cert}: {exc.strerror}")
+        except ValueError as exc:
+            _fail(EXIT_KEY, f"{args.cert}: not a certificate: {exc}")
+    else:
+        dscs = [e.dsc for e in _open_keystore(args.keystore).entries]
+    if args.hc1 in (None, "-"):
+        text = sys.stdin.read()
+    else:
+        text = args.hc1
+    result = verify_hc1(text.rstrip("\r\n"), dscs, at=args.at)
+    print(json.dumps(result.as_json(), ensure_ascii=False, indent=2, default=_json_default))
+    return EXIT_OK if result.valid else EXIT_INVALID_SIGNATURE
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, bytes):
+        return value.hex()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def cmd_bench_core(args: argparse.Namespace) -> int:
+    from . import benchcore
+
+    try:
+        result = benchcore.run(args.impl, args.threads, args.seconds, args.batch, args.zlib_level)
+    except ImportError as exc:
+        _fail(EXIT_USAGE, f"implementation {args.impl!r} is not available: {exc}")
+    if args.json:
+        print(json.dumps(result))
+        return EXIT_OK
+    print(
+        f"dccsign bench core: impl={result['impl']} threads={result['threads']} "
+        f"batch={result['batch']} zlib={result['zlib_level']}"
+    )
+    print(
+        f"  {result['certs_per_s']:,.0f} certificates/s ({result['certificates']:,} in "
+        f"{result['seconds']} s, {result['cpu_cores_used']} cores busy)"
+    )
+    print("  per-stage (one thread, us per certificate):")
+    for name, value in result["stages"].items():
+        print(f"    {name:<22} {value:8.2f}")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dccsign",
+        description="Sign and verify EU Digital COVID Certificates (HC1).",
+        epilog="Exit codes: 0 ok, 1 invalid signature (verify), 2 usage, 3 invalid DCC, "
+        "4 key problem.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    keys = sub.add_parser("keys", help="manage the keystore")
+    ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="KEYS_COMMAND")
+    p = ksub.add_parser(
+        "init-dev",
+        help="create a development keystore (CSCA + four DSCs)",
+        description="Create a development keystore: a CSCA and four DSCs (ES256 limited to "
+        "vaccination, to test and to recovery; PS256 RSA-2048 without key usage). Subjects say "
+        "DEVELOPMENT; the passphrase is written to DIR/dev-passphrase (mode 0600). Refuses a "
+        "non-empty directory.",
+    )
+    p.add_argument("--keystore", type=Path, required=True, metavar="DIR")
+    p.add_argument(
+        "--country",
+        default="NL",
+        metavar="CC",
+        help="ISO 3166-1 alpha-2 country of the certificates (default NL)",
+    )
+    p.set_defaults(func=cmd_keys_init_dev)
+
+    p = ksub.add_parser("list", help="list keys: kid, alg, usages, validity, state")
+    p.add_argument("--keystore", type=Path, required=True, metavar="DIR")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_keys_list)
+
+    p = ksub.add_parser("export-cert", help="write a key's DSC to stdout (PEM, or DER)")
+    p.add_argument("--keystore", type=Path, required=True, metavar="DIR")
+    p.add_argument("--kid", type=_kid, required=True, metavar="HEX")
+    p.add_argument("--der", action="store_true", help="DER instead of PEM")
+    p.set_defaults(func=cmd_keys_export_cert)
+
+    p = sub.add_parser(
+        "sign",
+        help="sign DCCs, print one HC1: line per DCC",
+        description="Sign DCCs: a JSON DCC, a JSON array of DCCs, or JSON lines. Prints one "
+        "HC1: line per DCC in input order. Every DCC is validated first; if any is invalid, "
+        "nothing is signed and the errors go to stderr as JSON (exit 3). The passphrase comes "
+        "from DCCSIGN_KEYSTORE_PASSPHRASE, DCCSIGN_KEYSTORE_PASSPHRASE_FILE, or "
+        "DIR/dev-passphrase.",
+    )
+    p.add_argument("--keystore", type=Path, required=True, metavar="DIR")
+    p.add_argument(
+        "--kid",
+        type=_kid,
+        metavar="HEX",
+        help="sign with this key (default: the key whose key usage allows the type)",
+    )
+    p.add_argument(
+        "--validity-days",
+        type=_positive_float,
+        default=365.0,
+        metavar="N",
+        help="requested validity from iat (default 365; clamped to the DSC's notAfter)",
+    )
+    p.add_argument(
+        "--qr",
+        type=Path,
+        metavar="PATH",
+        help="also write QR codes (.png or .svg; numbered -1, -2, ... for a batch)",
+    )
+    p.add_argument("input", nargs="?", metavar="FILE|-", help="input file (default stdin)")
+    p.set_defaults(func=cmd_sign)
+
+    p = sub.add_parser(
+        "verify",
+        help="decode and verify an HC1 string, print JSON",
+        description="Decode and verify one HC1 string. Prints JSON with valid, kid, alg, iss, "
+        "iat, exp, type, time_valid, usage_valid, dcc and errors. Exit 0 when the signature "
+        "is valid (even if expired: see time_valid), 1 otherwise.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--cert", type=Path, metavar="FILE", help="the DSC (PEM or DER)")
+    src.add_argument("--keystore", type=Path, metavar="DIR", help="every DSC of a keystore")
+    p.add_argument(
+        "--at", type=_iso_time, metavar="ISO-TIME", help="check time for iat/exp (default now)"
+    )
+    p.add_argument("hc1", nargs="?", metavar="HC1|-", help="the HC1 string (default stdin)")
+    p.set_defaults(func=cmd_verify)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH_COMMAND")
+    p = bsub.add_parser(
+        "core",
+        help="the full product path in one process (in-process key), certificates/s",
+        description="Measure the product path from parsed DCC to HC1 string (validation, "
+        "claims, CBOR, signing, COSE, zlib, base45) in one process with an ephemeral "
+        "in-process key. Prints certificates/s and per-stage times.",
+    )
+    p.add_argument("--impl", choices=("native", "python"), default="native")
+    p.add_argument("--threads", type=_positive_int, default=1, metavar="N")
+    p.add_argument("--seconds", type=_positive_float, default=5.0, metavar="N")
+    p.add_argument(
+        "--batch",
+        type=_positive_int,
+        default=64,
+        metavar="N",
+        help="certificates per batch call (default 64)",
+    )
+    p.add_argument(
+        "--zlib-level",
+        type=int,
+        choices=range(-1, 10),
+        default=9,
+        metavar="L",
+        help="deflate level -1..9 (default 9)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_bench_core)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except _Exit as exc:
+        if exc.message:
+            print(f"dccsign: error: {exc.message}", file=sys.stderr)
+        return exc.code
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

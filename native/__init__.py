@@ -1,0 +1,88 @@
+"""The native core: base45, COSE, zlib, signing and batch HC1 assembly.
+
+Two implementations share one API and one set of exceptions (:mod:`dccsign.native.errors`):
+
+* ``native`` -- the Cython extension over the system libcrypto and zlib (fast; batch calls
+  release the GIL);
+* ``python`` -- the readable pure-Python reference (``cbor2``-free, ``cryptography`` for
+  signing).
+
+``DCCSIGN_PUREPYTHON=1`` selects the reference. Otherwise the extension is used when it is
+importable, and the reference is the fallback. :data:`IMPLEMENTATION` says which one this
+process uses; :func:`implementation` returns either by name (tests use both).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+from ._types import ES256, PS256, Sign1Parts
+from .errors import (
+    Base45DecodeError,
+    CoseFormatError,
+    KeyLoadError,
+    NativeError,
+    SigningError,
+    ZlibError,
+)
+
+__all__ = [
+    "ES256",
+    "IMPLEMENTATION",
+    "PS256",
+    "PURE_PYTHON_FORCED",
+    "Base45DecodeError",
+    "CoseFormatError",
+    "KeyLoadError",
+    "NativeError",
+    "Sign1Parts",
+    "SigningError",
+    "ZlibError",
+    "implementation",
+]
+
+PURE_PYTHON_FORCED = os.environ.get("DCCSIGN_PUREPYTHON", "") not in ("", "0")
+
+_MODULES = {"native": "dccsign.native._native", "python": "dccsign.native._reference"}
+
+
+def implementation(name: str) -> ModuleType:
+    """Return the implementation module called *name* (``"native"`` or ``"python"``).
+
+    Raises:
+        ImportError: the native extension is not built, or is disabled by
+            ``DCCSIGN_PUREPYTHON=1``.
+        ValueError: *name* is neither ``"native"`` nor ``"python"``.
+    """
+    if name not in _MODULES:
+        raise ValueError(f"unknown implementation {name!r}; use 'native' or 'python'")
+    if name == "native" and PURE_PYTHON_FORCED:
+        raise ImportError("DCCSIGN_PUREPYTHON=1 disables the native extension")
+    return importlib.import_module(_MODULES[name])
+
+
+def _select() -> tuple[str, ModuleType]:
+    if not PURE_PYTHON_FORCED:
+        try:
+            return "native", implementation("native")
+        except ImportError:
+            pass
+    return "python", implementation("python")
+
+
+IMPLEMENTATION, _impl = _select()
+
+# The common API, bound to the selected implementation (documented in _reference.py).
+b45encode = _impl.b45encode
+b45decode = _impl.b45decode
+protected_header = _impl.protected_header
+sig_structure = _impl.sig_structure
+sign1_encode = _impl.sign1_encode
+sign1_decode = _impl.sign1_decode
+zlib_compress = _impl.zlib_compress
+zlib_decompress = _impl.zlib_decompress
+SigningKey = _impl.SigningKey
+hc1_encode = _impl.hc1_encode
+hc1_sign = _impl.hc1_sign

@@ -1,0 +1,450 @@
+# cython: language_level=3, embedsignature=True, boundscheck=False, wraparound=False
+"""The native implementation of :mod:`dccsign.native` (Cython over libcrypto and zlib).
+
+Same API, same exceptions and same messages as the pure-Python reference (``_reference.py``,
+whose docstrings state the contracts). Batch functions take the inputs' buffers, release the
+GIL for the whole batch, and build Python objects only at the end, so two threads signing at
+once use two cores.
+"""
+
+from libc.stdint cimport uint8_t, uint64_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.unicode cimport PyUnicode_DecodeASCII
+
+from .errors import Base45DecodeError, CoseFormatError, KeyLoadError, SigningError, ZlibError
+from ._types import ES256, PS256, Sign1Parts
+
+cdef extern from "openssl/evp.h" nogil:
+    ctypedef struct EVP_PKEY:
+        pass
+    void EVP_PKEY_free(EVP_PKEY *pkey)
+
+cdef extern from "openssl/crypto.h" nogil:
+    void OPENSSL_free(void *ptr)
+
+cdef extern from "dcccore.h" nogil:
+    enum:
+        DCC_OK
+        DCC_ERR_B45_CHAR
+        DCC_ERR_B45_LENGTH
+        DCC_ERR_B45_OVERFLOW
+        DCC_ERR_TOO_LARGE
+        DCC_MAX_TAGS
+    size_t dcc_b45_encoded_len(size_t n)
+    size_t dcc_b45_encode(const uint8_t *inp, size_t n, char *out)
+    int dcc_b45_decode(const char *inp, size_t n, uint8_t *out, size_t *outlen, size_t *errpos)
+    size_t dcc_sig_structure_len(size_t plen, size_t paylen)
+    size_t dcc_sig_structure(const uint8_t *prot, size_t plen, const uint8_t *pay,
+                             size_t paylen, uint8_t *out)
+    size_t dcc_sign1_len(size_t plen, size_t paylen, size_t siglen)
+    size_t dcc_sign1(const uint8_t *prot, size_t plen, const uint8_t *pay, size_t paylen,
+                     const uint8_t *sig, size_t siglen, uint8_t *out)
+    ctypedef struct dcc_sign1_parts:
+        uint64_t tags[4]
+        int ntags
+        size_t prot_off, prot_len, unprot_off, unprot_len, pay_off, pay_len, sig_off, sig_len
+    int dcc_sign1_split(const uint8_t *buf, size_t len, dcc_sign1_parts *parts, const char **err)
+    size_t dcc_zlib_bound(size_t n)
+    int dcc_deflate(const uint8_t *inp, size_t n, int level, uint8_t *out, size_t cap,
+                    size_t *outlen, const char **err)
+    int dcc_inflate(const uint8_t *inp, size_t n, uint8_t *out, size_t cap, size_t *outlen,
+                    const char **err)
+    EVP_PKEY *dcc_load_private_key(const char *pem, size_t pemlen, const char *passw,
+                                   size_t passlen, int *alg, char *err, size_t errlen)
+    int dcc_public_key_der(EVP_PKEY *pkey, unsigned char **out)
+    size_t dcc_signature_max_len(EVP_PKEY *pkey, int alg)
+    ctypedef struct dcc_signer:
+        size_t maxsig
+    int dcc_signer_open(dcc_signer *s, EVP_PKEY *pkey, int alg)
+    void dcc_signer_close(dcc_signer *s)
+    int dcc_sign_tbs(dcc_signer *s, const uint8_t *tbs, size_t tbslen, uint8_t *sig,
+                     size_t *siglen)
+    size_t dcc_hc1_scratch_len(size_t plen, size_t paylen, size_t siglen)
+    size_t dcc_hc1_max_len(size_t plen, size_t paylen, size_t siglen)
+    int dcc_hc1_encode_one(const uint8_t *prot, size_t plen, const uint8_t *pay, size_t paylen,
+                           const uint8_t *sig, size_t siglen, int level, uint8_t *scratch,
+                           char *out, size_t *outlen, const char **err)
+
+MAX_INFLATED = 64 * 1024
+
+_PROTECTED_PREFIX = {ES256: b"\xa2\x01\x26\x04\x48", PS256: b"\xa2\x01\x38\x24\x04\x48"}
+
+
+# ----------------------------------------------------------------------------- base45
+
+def b45encode(data) -> str:
+    cdef const uint8_t[::1] view = memoryview(data).cast("B")
+    cdef size_t n = view.shape[0]
+    cdef size_t outlen = dcc_b45_encoded_len(n)
+    cdef char *out = <char *>malloc(outlen + 1)
+    if out == NULL:
+        raise MemoryError()
+    try:
+        with nogil:
+            dcc_b45_encode(&view[0] if n else NULL, n, out)
+        return PyUnicode_DecodeASCII(out, outlen, NULL)
+    finally:
+        free(out)
+
+
+def b45decode(text) -> bytes:
+    cdef bytes raw
+    if isinstance(text, str):
+        try:
+            raw = (<str>text).encode("latin-1")
+        except UnicodeEncodeError as exc:
+            raise Base45DecodeError(
+                f"invalid base45 character {text[exc.start]!r} at position {exc.start}", exc.start
+            ) from None
+    elif isinstance(text, (bytes, bytearray, memoryview)):
+        raw = bytes(text)
+    else:
+        raise TypeError(f"base45 input must be str or bytes, not {type(text).__name__}")
+    cdef size_t n = PyBytes_GET_SIZE(raw)
+    cdef size_t outlen = 0, errpos = 0
+    cdef uint8_t *out = <uint8_t *>malloc(n // 3 * 2 + 2)
+    cdef int rc
+    if out == NULL:
+        raise MemoryError()
+    try:
+        rc = dcc_b45_decode(PyBytes_AS_STRING(raw), n, out, &outlen, &errpos)
+        if rc == DCC_OK:
+            return PyBytes_FromStringAndSize(<char *>out, outlen)
+    finally:
+        free(out)
+    if rc == DCC_ERR_B45_LENGTH:
+        raise Base45DecodeError(
+            f"invalid base45 length {n}: a length of 1 mod 3 cannot occur", n)
+    if rc == DCC_ERR_B45_CHAR:
+        raise Base45DecodeError(
+            f"invalid base45 character {chr(raw[errpos])!r} at position {errpos}", errpos)
+    if n - errpos >= 3:
+        raise Base45DecodeError(f"base45 triplet at position {errpos} exceeds 65535", errpos)
+    raise Base45DecodeError(f"base45 final pair at position {errpos} exceeds 255", errpos)
+
+
+# ----------------------------------------------------------------------------- COSE
+
+def check_protected(int alg, protected) -> None:
+    prefix = _PROTECTED_PREFIX[alg]
+    if (type(protected) is not bytes or len(protected) != len(prefix) + 8
+            or not protected.startswith(prefix)):
+        name = "ES256" if alg == ES256 else "PS256"
+        raise ValueError(f"protected header is not the canonical {{1: {name}, 4: kid}} map")
+
+
+def protected_header(alg, kid) -> bytes:
+    prefix = _PROTECTED_PREFIX.get(alg)
+    if prefix is None:
+        raise ValueError(f"unsupported COSE algorithm {alg!r}: only ES256 (-7) and PS256 (-37)")
+    if type(kid) is not bytes or len(kid) != 8:
+        raise ValueError("kid must be 8 bytes (the first 8 bytes of SHA-256 over the DSC)")
+    return prefix + kid
+
+
+def sig_structure(const uint8_t[::1] protected, const uint8_t[::1] payload) -> bytes:
+    cdef size_t plen = protected.shape[0], paylen = payload.shape[0]
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, dcc_sig_structure_len(plen, paylen))
+    dcc_sig_structure(&protected[0] if plen else NULL, plen, &payload[0] if paylen else NULL,
+                      paylen, <uint8_t *>PyBytes_AS_STRING(out))
+    return out
+
+
+def sign1_encode(const uint8_t[::1] protected, const uint8_t[::1] payload,
+                 const uint8_t[::1] signature) -> bytes:
+    cdef size_t plen = protected.shape[0], paylen = payload.shape[0]
+    cdef size_t siglen = signature.shape[0]
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, dcc_sign1_len(plen, paylen, siglen))
+    dcc_sign1(&protected[0] if plen else NULL, plen, &payload[0] if paylen else NULL, paylen,
+              &signature[0] if siglen else NULL, siglen, <uint8_t *>PyBytes_AS_STRING(out))
+    return out
+
+
+def sign1_decode(data) -> Sign1Parts:
+    cdef bytes raw = bytes(memoryview(data))
+    cdef dcc_sign1_parts p
+    cdef const char *err = NULL
+    cdef const uint8_t *buf = <const uint8_t *>PyBytes_AS_STRING(raw)
+    if dcc_sign1_split(buf, PyBytes_GET_SIZE(raw), &p, &err) != DCC_OK:
+        raise CoseFormatError(err.decode("ascii"))
+    return Sign1Parts(
+        tuple(p.tags[i] for i in range(p.ntags)),
+        raw[p.prot_off:p.prot_off + p.prot_len],
+        raw[p.unprot_off:p.unprot_off + p.unprot_len],
+        raw[p.pay_off:p.pay_off + p.pay_len],
+        raw[p.sig_off:p.sig_off + p.sig_len],
+    )
+
+
+# ----------------------------------------------------------------------------- zlib
+
+cdef int _check_level(level) except -1:
+    if not isinstance(level, int) or not -1 <= level <= 9:
+        raise ValueError(f"zlib level must be an integer from -1 to 9, not {level!r}")
+    return 0
+
+
+def zlib_compress(data, level=9) -> bytes:
+    _check_level(level)
+    cdef const uint8_t[::1] view = memoryview(data).cast("B")
+    cdef size_t n = view.shape[0], outlen = 0
+    cdef size_t cap = dcc_zlib_bound(n)
+    cdef const char *err = NULL
+    cdef int lvl = level, rc
+    cdef uint8_t *out = <uint8_t *>malloc(cap)
+    if out == NULL:
+        raise MemoryError()
+    try:
+        with nogil:
+            rc = dcc_deflate(&view[0] if n else NULL, n, lvl, out, cap, &outlen, &err)
+        if rc != DCC_OK:
+            raise ZlibError(err.decode("ascii"))
+        return PyBytes_FromStringAndSize(<char *>out, outlen)
+    finally:
+        free(out)
+
+
+def zlib_decompress(data, Py_ssize_t max_length=MAX_INFLATED) -> bytes:
+    if max_length < 1:
+        raise ValueError("max_length must be positive")
+    cdef const uint8_t[::1] view = memoryview(data).cast("B")
+    cdef size_t n = view.shape[0], outlen = 0
+    cdef const char *err = NULL
+    cdef int rc
+    cdef uint8_t *out = <uint8_t *>malloc(max_length)
+    if out == NULL:
+        raise MemoryError()
+    try:
+        with nogil:
+            rc = dcc_inflate(&view[0] if n else NULL, n, out, max_length, &outlen, &err)
+        if rc == DCC_OK:
+            return PyBytes_FromStringAndSize(<char *>out, outlen)
+        message = err.decode("ascii", "replace")
+        if rc == DCC_ERR_TOO_LARGE or message.startswith(("truncated", "trailing")):
+            raise ZlibError(message)
+        raise ZlibError(f"invalid zlib data: {message}")
+    finally:
+        free(out)
+
+
+# ----------------------------------------------------------------------------- signing
+
+cdef tuple _bytes_items(seq, str what):
+    cdef tuple items = tuple(seq)
+    for i, item in enumerate(items):
+        if type(item) is not bytes:
+            raise TypeError(f"{what} {i} must be bytes, not {type(item).__name__}")
+    return items
+
+
+cdef class _Batch:
+    """C views of a tuple of bytes objects (kept alive by this object) for nogil loops."""
+    cdef tuple items
+    cdef Py_ssize_t n
+    cdef const uint8_t **ptrs
+    cdef size_t *lens
+    cdef size_t maxlen
+
+    def __cinit__(self, tuple items):
+        self.items = items
+        self.n = len(items)
+        self.ptrs = <const uint8_t **>malloc(max(self.n, 1) * sizeof(uint8_t *))
+        self.lens = <size_t *>malloc(max(self.n, 1) * sizeof(size_t))
+        if self.ptrs == NULL or self.lens == NULL:
+            raise MemoryError()
+        self.maxlen = 0
+        for i in range(self.n):
+            self.ptrs[i] = <const uint8_t *>PyBytes_AS_STRING(items[i])
+            self.lens[i] = PyBytes_GET_SIZE(items[i])
+            if self.lens[i] > self.maxlen:
+                self.maxlen = self.lens[i]
+
+    def __dealloc__(self):
+        free(self.ptrs)
+        free(self.lens)
+
+
+cdef class SigningKey:
+    """A private signing key for ES256 (P-256) or PS256 (RSA 2048-4096); see the reference.
+
+    The key lives in OpenSSL memory; there is no method that returns it.
+    """
+    cdef EVP_PKEY *_pkey
+    cdef readonly int alg
+
+    def __cinit__(self):
+        self._pkey = NULL
+
+    def __init__(self):
+        raise TypeError("use SigningKey.load_pem()")
+
+    def __dealloc__(self):
+        if self._pkey != NULL:
+            EVP_PKEY_free(self._pkey)
+
+    def __reduce__(self):
+        raise TypeError("a SigningKey cannot be pickled or copied out of its process")
+
+    @staticmethod
+    def load_pem(pem, passphrase) -> SigningKey:
+        cdef bytes pem_b = bytes(pem)
+        cdef bytes pass_b
+        cdef const char *pass_p = NULL
+        cdef size_t pass_n = 0
+        cdef char err[512]
+        cdef int alg = 0
+        if passphrase is not None:
+            pass_b = bytes(passphrase)
+            pass_p = PyBytes_AS_STRING(pass_b)
+            pass_n = PyBytes_GET_SIZE(pass_b)
+        cdef EVP_PKEY *pkey = dcc_load_private_key(PyBytes_AS_STRING(pem_b), len(pem_b),
+                                                   pass_p, pass_n, &alg, err, sizeof(err))
+        if pkey == NULL:
+            raise KeyLoadError(err.decode("utf-8", "replace"))
+        cdef SigningKey self = SigningKey.__new__(SigningKey)
+        self._pkey = pkey
+        self.alg = alg
+        return self
+
+    def public_key_der(self) -> bytes:
+        cdef unsigned char *der = NULL
+        cdef int n = dcc_public_key_der(self._pkey, &der)
+        if n <= 0:
+            raise SigningError("cannot encode the public key")
+        try:
+            return PyBytes_FromStringAndSize(<char *>der, n)
+        finally:
+            OPENSSL_free(der)
+
+    def sign(self, protected, payloads) -> list:
+        check_protected(self.alg, protected)
+        cdef _Batch batch = _Batch(_bytes_items(payloads, "payload"))
+        cdef const uint8_t *prot = <const uint8_t *>PyBytes_AS_STRING(protected)
+        cdef size_t plen = len(protected)
+        cdef size_t maxsig = dcc_signature_max_len(self._pkey, self.alg)
+        cdef uint8_t *tbs = <uint8_t *>malloc(dcc_sig_structure_len(plen, batch.maxlen))
+        cdef uint8_t *sigs = <uint8_t *>malloc(max(batch.n, 1) * maxsig)
+        cdef size_t *siglens = <size_t *>malloc(max(batch.n, 1) * sizeof(size_t))
+        cdef dcc_signer signer
+        cdef int rc = DCC_OK
+        cdef Py_ssize_t i
+        cdef size_t tbslen
+        try:
+            if tbs == NULL or sigs == NULL or siglens == NULL:
+                raise MemoryError()
+            with nogil:
+                rc = dcc_signer_open(&signer, self._pkey, self.alg)
+                if rc == DCC_OK:
+                    for i in range(batch.n):
+                        tbslen = dcc_sig_structure(prot, plen, batch.ptrs[i], batch.lens[i], tbs)
+                        rc = dcc_sign_tbs(&signer, tbs, tbslen, sigs + i * maxsig, &siglens[i])
+                        if rc != DCC_OK:
+                            break
+                    dcc_signer_close(&signer)
+            if rc != DCC_OK:
+                raise SigningError("OpenSSL failed to sign")
+            return [PyBytes_FromStringAndSize(<char *>(sigs + i * maxsig), siglens[i])
+                    for i in range(batch.n)]
+        finally:
+            free(tbs)
+            free(sigs)
+            free(siglens)
+
+
+# ----------------------------------------------------------------------------- HC1
+
+cdef list _hc1_batch(SigningKey key, bytes protected, _Batch batch, _Batch sigs, int level):
+    """Shared loop of hc1_encode (sigs given) and hc1_sign (key given)."""
+    cdef const uint8_t *prot = <const uint8_t *>PyBytes_AS_STRING(protected)
+    cdef size_t plen = PyBytes_GET_SIZE(protected)
+    cdef size_t maxsig = 0
+    cdef Py_ssize_t i, n = batch.n
+    if key is not None:
+        maxsig = dcc_signature_max_len(key._pkey, key.alg)
+    else:
+        for i in range(n):
+            if sigs.lens[i] > maxsig:
+                maxsig = sigs.lens[i]
+    cdef size_t *offs = <size_t *>malloc((n + 1) * sizeof(size_t))
+    cdef size_t *outlens = <size_t *>malloc(max(n, 1) * sizeof(size_t))
+    if offs == NULL or outlens == NULL:
+        free(offs)
+        free(outlens)
+        raise MemoryError()
+    offs[0] = 0
+    for i in range(n):
+        offs[i + 1] = offs[i] + dcc_hc1_max_len(plen, batch.lens[i], maxsig)
+    cdef char *arena = <char *>malloc(max(offs[n], 1))
+    cdef uint8_t *scratch = <uint8_t *>malloc(dcc_hc1_scratch_len(plen, batch.maxlen, maxsig))
+    cdef uint8_t *tbs = NULL
+    cdef uint8_t *sig = NULL
+    cdef const uint8_t *sigp
+    cdef size_t siglen = 0, tbslen
+    cdef const char *err = NULL
+    cdef dcc_signer signer
+    cdef int rc = DCC_OK, sign_failed = 0
+    cdef EVP_PKEY *pkey = NULL
+    cdef int alg = 0
+    if key is not None:
+        pkey = key._pkey
+        alg = key.alg
+        tbs = <uint8_t *>malloc(dcc_sig_structure_len(plen, batch.maxlen))
+        sig = <uint8_t *>malloc(maxsig)
+    try:
+        if arena == NULL or scratch == NULL or (key is not None and (tbs == NULL or sig == NULL)):
+            raise MemoryError()
+        with nogil:
+            if pkey != NULL:
+                rc = dcc_signer_open(&signer, pkey, alg)
+                sign_failed = rc != DCC_OK
+            if rc == DCC_OK:
+                for i in range(n):
+                    if pkey != NULL:
+                        tbslen = dcc_sig_structure(prot, plen, batch.ptrs[i], batch.lens[i], tbs)
+                        rc = dcc_sign_tbs(&signer, tbs, tbslen, sig, &siglen)
+                        if rc != DCC_OK:
+                            sign_failed = 1
+                            break
+                        sigp = sig
+                    else:
+                        sigp = sigs.ptrs[i]
+                        siglen = sigs.lens[i]
+                    rc = dcc_hc1_encode_one(prot, plen, batch.ptrs[i], batch.lens[i], sigp,
+                                            siglen, level, scratch, arena + offs[i],
+                                            &outlens[i], &err)
+                    if rc != DCC_OK:
+                        break
+                if pkey != NULL:
+                    dcc_signer_close(&signer)
+        if sign_failed:
+            raise SigningError("OpenSSL failed to sign")
+        if rc != DCC_OK:
+            raise ZlibError(err.decode("ascii") if err != NULL else "zlib failed")
+        return [PyUnicode_DecodeASCII(arena + offs[i], outlens[i], NULL) for i in range(n)]
+    finally:
+        free(offs)
+        free(outlens)
+        free(arena)
+        free(scratch)
+        free(tbs)
+        free(sig)
+
+
+def hc1_encode(protected, payloads, signatures, level=9) -> list:
+    _check_level(level)
+    cdef _Batch batch = _Batch(_bytes_items(payloads, "payload"))
+    cdef _Batch sigs = _Batch(_bytes_items(signatures, "signature"))
+    if sigs.n != batch.n:
+        raise ValueError(f"{batch.n} payloads but {sigs.n} signatures")
+    if type(protected) is not bytes:
+        raise TypeError("protected must be bytes")
+    return _hc1_batch(None, protected, batch, sigs, level)
+
+
+def hc1_sign(SigningKey key not None, protected, payloads, level=9) -> list:
+    _check_level(level)
+    check_protected(key.alg, protected)
+    cdef _Batch batch = _Batch(_bytes_items(payloads, "payload"))
+    return _hc1_batch(key, protected, batch, None, level)

@@ -1,0 +1,26 @@
+"""The pure-Python reference implementation of :mod:`dccsign.native`, as one namespace.
+
+Readable first: each function states the contract the Cython extension (``_native.pyx``)
+implements too, with the same exceptions.
+"""
+
+from ._base45_py import b45decode, b45encode
+from ._cose_py import protected_header, sig_structure, sign1_decode, sign1_encode
+from ._hc1_py import hc1_encode, hc1_sign
+from ._signing_py import SigningKey
+from ._zlib_py import MAX_INFLATED, zlib_compress, zlib_decompress
+
+__all__ = [
+    "MAX_INFLATED",
+    "SigningKey",
+    "b45decode",
+    "b45encode",
+    "hc1_encode",
+    "hc1_sign",
+    "protected_header",
+    "sig_structure",
+    "sign1_decode",
+    "sign1_encode",
+    "zlib_compress",
+    "zlib_decompress",
+]

@@ -1,0 +1,70 @@
+"""Shared fixtures.
+
+* ``impl``: every test of the native core runs against both implementations. The native
+  parameter skips with the real import error as its reason, except where the native build is
+  mandatory (``DCCSIGN_BUILD_NATIVE=1`` or ``CI=true``): there a missing extension fails.
+* :func:`shared_path`: test data from ``../shared`` is read in place. When it is absent a test
+  skips with a clear reason, except under ``CI=true``, where its absence is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("DCCSIGN_SHARED_DIR", REPO.parent / "shared"))
+IN_CI = os.environ.get("CI") == "true"
+NATIVE_REQUIRED = IN_CI or os.environ.get("DCCSIGN_BUILD_NATIVE") == "1"
+
+
+def shared_path(*parts: str) -> Path:
+    """Return a path below ``../shared``; skip (or fail under CI) when it does not exist."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        message = (
+            f"shared test data not found: {path} (set DCCSIGN_SHARED_DIR or check out shared/)"
+        )
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def _load_impl(name: str):
+    from dccsign import native
+
+    try:
+        return native.implementation(name)
+    except ImportError as exc:
+        if native.PURE_PYTHON_FORCED:
+            pytest.skip(f"native implementation disabled by DCCSIGN_PUREPYTHON=1 ({exc})")
+        if NATIVE_REQUIRED:
+            pytest.fail(f"native extension required but not importable: {exc}")
+        pytest.skip(f"native extension not built: {exc}")
+
+
+@pytest.fixture(params=["native", "python"], scope="session")
+def impl(request):
+    """One implementation of :mod:`dccsign.native` (a module with the common API)."""
+    return _load_impl(request.param)
+
+
+@pytest.fixture(scope="session")
+def dev_keystore(tmp_path_factory):
+    """A development keystore created once per session (read-only use)."""
+    from dccsign.keystore import init_dev
+
+    return init_dev(tmp_path_factory.mktemp("ks") / "dev").directory
+
+
+@pytest.fixture
+def dev_keystore_copy(dev_keystore, tmp_path):
+    """A private copy of the development keystore that a test may break."""
+    import shutil
+
+    target = tmp_path / "ks"
+    shutil.copytree(dev_keystore, target)
+    return target
