@@ -9,9 +9,10 @@ PIP    := $(VENV)/bin/pip
 DCCSIGN := $(VENV)/bin/dccsign
 DEV_KEYSTORE := var/dev-keystore
 
-# Debian packages: C toolchain and headers for the native core, venv support, and Node.js
+# Debian packages: C toolchain and headers for the native core (OpenSSL, zlib for inflate,
+# libdeflate for deflate), venv support, and Node.js
 # for the independent verifier used by the tests.
-SYSTEM_PACKAGES := build-essential libssl-dev zlib1g-dev python3-dev python3-venv nodejs npm
+SYSTEM_PACKAGES := build-essential libssl-dev zlib1g-dev libdeflate-dev python3-dev python3-venv nodejs npm
 SYSTEM_PROBE := scripts/check-system.sh
 
 .PHONY: all system venv build demo test test-native test-python lint bench clean distclean

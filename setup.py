@@ -18,7 +18,7 @@ if mode != "0":
             "dccsign.native._native",
             sources=["native/_native.pyx", "native/src/dcccore.c"],
             include_dirs=["native/src"],
-            libraries=["crypto", "z"],
+            libraries=["crypto", "z", "deflate"],
             extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
             optional=(mode != "1"),
         )

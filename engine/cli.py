@@ -280,10 +280,11 @@ def _json_default(value: object) -> object:
 
 
 def cmd_bench_core(args: argparse.Namespace) -> int:
-    from . import benchcore
+    from . import benchcore, native
 
+    impl = args.impl or native.IMPLEMENTATION
     try:
-        result = benchcore.run(args.impl, args.threads, args.seconds, args.batch, args.zlib_level)
+        result = benchcore.run(impl, args.threads, args.seconds, args.batch, args.zlib_level)
     except ImportError as exc:
         _fail(EXIT_USAGE, f"implementation {args.impl!r} is not available: {exc}")
     if args.json:
@@ -402,7 +403,12 @@ def build_parser() -> argparse.ArgumentParser:
         "claims, CBOR, signing, COSE, zlib, base45) in one process with an ephemeral "
         "in-process key. Prints certificates/s and per-stage times.",
     )
-    p.add_argument("--impl", choices=("native", "python"), default="native")
+    p.add_argument(
+        "--impl",
+        choices=("native", "python"),
+        help="implementation to measure (default: the one this process selected; "
+        "DCCSIGN_PUREPYTHON=1 selects python)",
+    )
     p.add_argument("--threads", type=_positive_int, default=1, metavar="N")
     p.add_argument("--seconds", type=_positive_float, default=5.0, metavar="N")
     p.add_argument(

@@ -345,8 +345,9 @@ def _kind(value: object) -> str:
 
 
 def _child(prefix: str, key: object) -> str:
-    """JSON path of ``key`` below ``prefix``; bracket form for keys that are not identifiers."""
-    if isinstance(key, str) and _IDENT_RE.fullmatch(key):
+    """JSON path of ``key`` below ``prefix``: dotted for short identifiers, else a bracket form
+    (truncated, so that a huge key cannot make a huge issue)."""
+    if isinstance(key, str) and len(key) <= 40 and _IDENT_RE.fullmatch(key):
         return f"{prefix}.{key}"
     if isinstance(key, str):
         shown = key if len(key) <= 40 else key[:40] + "…"

@@ -13,6 +13,7 @@
 #include <openssl/rsa.h>
 #include <openssl/sha.h>
 #include <openssl/x509.h>
+#include <libdeflate.h>
 #include <zlib.h>
 
 /* ======================================================================== base45 */
@@ -400,13 +401,17 @@ int dcc_sign1_split(const uint8_t *buf, size_t len, dcc_sign1_parts *p, const ch
 
 /* ======================================================================== zlib */
 
-/* One deflate stream per thread and level, created on first use and reset afterwards.
- * A fresh stream per call costs ~270 KB of allocation that glibc returns to the kernel when
- * freed, so every call page-faults it back in (performance-baseline.md §4.2: 14 us becomes
- * 40-120 us). The pthread key's destructor ends the streams when the thread exits. */
+/* One compressor per thread and level, created on first use and reused afterwards.
+ *
+ * Why libdeflate and not zlib's deflate(): on DCC-sized inputs (~350 bytes) zlib spends
+ * ~22 us per stream at every level 1-9, even with a reused z_stream (deflateReset) -- fixed
+ * per-stream work, not matching effort -- while libdeflate's one-shot compressor produces an
+ * equally small standard zlib stream (RFC 1950, 32 KiB window, CMF 0x78) in ~10 us on this
+ * machine (bench/README.md). A fresh compressor per call would repeat the allocation that
+ * glibc hands back to the kernel (performance-baseline.md §4.2), so each thread keeps its own;
+ * the pthread key's destructor frees them when the thread exits. */
 typedef struct {
-    z_stream zs[10];
-    unsigned char used[10];
+    struct libdeflate_compressor *c[10];
 } deflate_tls;
 
 static pthread_key_t deflate_key;
@@ -416,13 +421,13 @@ static void deflate_tls_free(void *ptr)
 {
     deflate_tls *t = ptr;
     for (int i = 0; i < 10; i++)
-        if (t->used[i]) deflateEnd(&t->zs[i]);
+        if (t->c[i]) libdeflate_free_compressor(t->c[i]);
     free(t);
 }
 
 static void deflate_key_make(void) { (void)pthread_key_create(&deflate_key, deflate_tls_free); }
 
-static z_stream *deflate_stream(int level, const char **err)
+static struct libdeflate_compressor *deflate_compressor(int level, const char **err)
 {
     pthread_once(&deflate_once, deflate_key_make);
     deflate_tls *t = pthread_getspecific(deflate_key);
@@ -430,24 +435,18 @@ static z_stream *deflate_stream(int level, const char **err)
         t = calloc(1, sizeof *t);
         if (t == NULL || pthread_setspecific(deflate_key, t) != 0) {
             free(t);
-            *err = "out of memory for the deflate stream";
+            *err = "out of memory for the deflate compressor";
             return NULL;
         }
     }
-    z_stream *zs = &t->zs[level];
-    if (!t->used[level]) {
-        memset(zs, 0, sizeof *zs);
-        /* windowBits 15 gives CMF 0x78, which at least one verifier requires (spec notes §1.3). */
-        if (deflateInit2(zs, level, Z_DEFLATED, 15, 8, Z_DEFAULT_STRATEGY) != Z_OK) {
-            *err = "deflateInit2 failed";
+    if (t->c[level] == NULL) {
+        t->c[level] = libdeflate_alloc_compressor(level);
+        if (t->c[level] == NULL) {
+            *err = "out of memory for the deflate compressor";
             return NULL;
         }
-        t->used[level] = 1;
-    } else if (deflateReset(zs) != Z_OK) {
-        *err = "deflateReset failed";
-        return NULL;
     }
-    return zs;
+    return t->c[level];
 }
 
 size_t dcc_zlib_bound(size_t n)
@@ -464,18 +463,14 @@ int dcc_deflate(const uint8_t *in, size_t n, int level, uint8_t *out, size_t cap
         *err = "zlib level must be -1..9";
         return DCC_ERR_ZLIB;
     }
-    z_stream *zs = deflate_stream(level, err);
-    if (zs == NULL) return DCC_ERR_ZLIB;
-    zs->next_in = (Bytef *)in;
-    zs->avail_in = (uInt)n;
-    zs->next_out = out;
-    zs->avail_out = (uInt)cap;
-    int rc = deflate(zs, Z_FINISH);
-    if (rc != Z_STREAM_END) {
+    struct libdeflate_compressor *c = deflate_compressor(level, err);
+    if (c == NULL) return DCC_ERR_ZLIB;
+    size_t got = libdeflate_zlib_compress(c, in, n, out, cap);
+    if (got == 0) {
         *err = "deflate did not finish (output buffer too small)";
         return DCC_ERR_ZLIB;
     }
-    *outlen = (size_t)zs->total_out;
+    *outlen = got;
     return DCC_OK;
 }
 

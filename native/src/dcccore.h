@@ -67,7 +67,7 @@ int dcc_sign1_split(const uint8_t *buf, size_t len, dcc_sign1_parts *parts, cons
 
 /* ---- zlib (RFC 1950) ---- */
 size_t dcc_zlib_bound(size_t n);
-/* Deflates with this thread's reused stream for `level` (0..9, -1 = default). */
+/* Deflates (zlib format) with this thread's reused compressor for `level` (0..9, -1 = 6). */
 int dcc_deflate(const uint8_t *in, size_t n, int level, uint8_t *out, size_t cap, size_t *outlen,
                 const char **err);
 /* Inflates one complete stream; fails on truncation, trailing data or more than cap bytes. */
