@@ -1,6 +1,7 @@
 """Compare the product's signing core with the naive pipeline and with ``openssl speed``.
 
-    python bench/compare_naive.py [--seconds N] [--rounds R] [--json FILE] [--check]
+    python bench/compare_naive.py [--seconds N] [--rounds R] [--wait-quiet S] [--json FILE]
+                                  [--check]
 
 All cases run in one process, interleaved: each round runs every case once, and every other
 round runs them in reverse order, so that the drift of a shared VM touches every case alike.
@@ -25,6 +26,8 @@ The machine may be shared: for every sample the script also records the CPU that
 processes used meanwhile (from /proc/stat, minus this process and its children), in cores.
 When that is well above zero, the 2-thread figure says more about the neighbours than about
 dccsign; ``openssl-2p / openssl`` in the same round shows how much of a second core there was.
+``--wait-quiet S`` waits (up to S seconds) for a free second core before each two-worker
+sample; the two-worker targets are judged on quiet samples only.
 """
 
 from __future__ import annotations
@@ -212,6 +215,20 @@ class ForeignLoad:
         return max(0.0, (busy - self.busy0) - (self._own() - self.own0)) / wall
 
 
+def wait_for_quiet(meter: ForeignLoad, limit: float) -> float:
+    """Sleep in half-second steps until other processes use < QUIET_CORES, or *limit* s pass.
+
+    Returns the seconds waited."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < limit:
+        meter.start()
+        time.sleep(0.5)
+        other = meter.stop()
+        if other is None or other < QUIET_CORES:
+            break
+    return time.perf_counter() - t0
+
+
 # -- statistics ---------------------------------------------------------------------------
 
 #: A two-worker sample counts as "quiet" when other processes used less than this many cores.
@@ -268,6 +285,8 @@ RATIOS = [
     Ratio("naive_over_openssl", "naive / openssl sign", "naive", "openssl"),
 ]
 
+TWO_WORKERS = {"openssl-2p", "native-2t"}
+
 LABELS = {
     "openssl": ("openssl speed ecdsap256, sign", "sign/s"),
     "openssl-2p": ("openssl speed -multi 2 ecdsap256, sign", "sign/s"),
@@ -292,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE", help="also write all samples as JSON")
     parser.add_argument("--check", action="store_true",
                         help="exit 1 unless every target is met")
+    parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
+                        help="before each two-worker sample, wait up to S seconds for other "
+                        "processes to leave the second core (default 0: do not wait)")
     args = parser.parse_args(argv)
     if args.seconds <= 0 or args.rounds < 1:
         parser.error("--seconds must be > 0 and --rounds >= 1")
@@ -351,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         sample: dict[str, float] = {}
         load: dict[str, float | None] = {}
         for name in order if r % 2 == 0 else order[::-1]:
+            if name in TWO_WORKERS and args.wait_quiet > 0:
+                wait_for_quiet(meter, args.wait_quiet)
             meter.start()
             sample[name] = cases[name]()
             load[name] = meter.stop()

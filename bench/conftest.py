@@ -4,6 +4,8 @@ Every micro benchmark times a batch of certificates (so that per-call overhead a
 native batch calls are measured alike). pytest-benchmark's own table therefore shows times
 *per batch*; the summary printed at the end by :func:`pytest_terminal_summary` divides by the
 batch size and lines the contenders of each stage up against the library baseline.
+The same per-certificate table goes into ``--benchmark-json FILE`` (as ``per_certificate``),
+and the raw per-round timings are left out of that file to keep it small.
 """
 
 from __future__ import annotations
@@ -92,3 +94,32 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
                 f"  {r.contender:<34} {us:10.2f} {r.min_s / r.items * 1e6:10.2f} "
                 f"{r.rounds:7d} {speedup:>9}"
             )
+
+
+def _per_cert_rows(rows: list[Row]) -> list[dict[str, object]]:
+    out: list[dict[str, object]] = []
+    for group in sorted({r.group for r in rows}):
+        members = [r for r in rows if r.group == group]
+        base = next((r for r in members if r.baseline), None)
+        for r in members:
+            us = r.median_s / r.items * 1e6
+            out.append(
+                {
+                    "group": group,
+                    "contender": r.contender,
+                    "us_per_cert_median": round(us, 3),
+                    "us_per_cert_min": round(r.min_s / r.items * 1e6, 3),
+                    "rounds": r.rounds,
+                    "baseline": r.baseline,
+                    "speedup_vs_baseline": round(base.median_s / base.items * 1e6 / us, 3)
+                    if base
+                    else None,
+                }
+            )
+    return out
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json) -> None:
+    for bench in output_json.get("benchmarks", []):
+        bench.get("stats", {}).pop("data", None)
+    output_json["per_certificate"] = _per_cert_rows(config.stash.get(_ROWS, []))

@@ -19,8 +19,10 @@ purpose. The differences (each one a rule id below):
 * ``range``: ``dn``/``sd`` at most 9 before 1.3.0 (as the schema says) and at most
   :data:`DOSE_MAX` from 1.3.0 (the schema has no bound); ``dob`` not in the future.
 * ``date`` / ``date-time``: real calendar dates (no ``1999-02-30``, no month 13 in a partial
-  ``dob``); ``sc``/``dr`` strictly RFC 3339 with at most 9 fractional digits (the schema's
-  ``date-time`` format is only an annotation unless a validator asserts it).
+  ``dob``); ``sc``/``dr`` strictly RFC 3339 ``YYYY-MM-DDTHH:MM:SS[.frac](Z|+HH:MM|-HH:MM)``
+  (``T`` and ``Z`` in either case, as RFC 3339 allows; at most 9 fractional digits; no leap
+  second), where the schema's ``date-time`` format is only an annotation unless a validator
+  asserts it. Neither ``+0200``, ``+02`` nor a space separator passes.
 * ``date-order``: a recovery's ``du`` is not before its ``df``.
 * ``max-length``: also for fields the schema leaves unbounded (``nm`` before 1.3.0, a test's
   ``ma``, a 1.0.0 ``tt``): the version's text limit.
@@ -34,6 +36,9 @@ purpose. The differences (each one a rule id below):
 * ``version``: ``ver`` must be ``1.<0-3>.<patch>`` without leading zeros (the schema's
   pattern accepts any ``\\d+.\\d+.\\d+``). An unknown newer patch is checked by the rules of
   the newest known release of its minor version.
+
+The rule ``internal`` is reserved for inputs that cannot even be inspected (objects whose
+methods raise); plain JSON data never produces it.
 
 Strings are counted in code points, as JSON Schema's ``maxLength`` does (and Python's
 ``len``). Names are not NFC-normalised here: the validator never changes its input.

@@ -18,7 +18,7 @@ emit the canonical form, so :func:`check_uvci` accepts nothing else. Upper case 
 the identifier compares case-insensitively, so two spellings of one identifier would be
 different strings in two signed certificates.
 
-This module has no dependencies and does no I/O; every function is pure.
+This module needs only the standard library and does no I/O; every function is pure.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ __all__ = [
     "make_uvci",
 ]
 
-#: The 38 symbols of the check-character alphabet, in code-point order: value = index.
+#: The 38 symbols of the check-character alphabet; a symbol's value is its index.
 LUHN_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/:"
 _N = len(LUHN_ALPHABET)
 _VALUE = {ch: i for i, ch in enumerate(LUHN_ALPHABET)}
@@ -56,8 +56,9 @@ _PART_RE = re.compile(r"[A-Z0-9]+")
 
 # Luhn over this alphabet is a sum of per-character values, half of them "doubled" (twice the
 # value, its two base-38 digits added). Both value tables are byte-translation tables, so the
-# sum runs in C: bytes.translate() maps each character to its value, sum() adds the bytes.
-# This is on the signing hot path (every ci with a check character).
+# whole sum runs in C: bytes.translate() maps each character to its value, and Adler-32 adds
+# the bytes (see _luhn_total). This is on the signing hot path (every ci with a check
+# character).
 _PLAIN_TABLE = bytes(_VALUE.get(chr(b), 0) for b in range(256))
 _DOUBLE_TABLE = bytes(
     (2 * _VALUE[chr(b)]) // _N + (2 * _VALUE[chr(b)]) % _N if chr(b) in _VALUE else 0
@@ -82,8 +83,13 @@ def luhn_mod38_check_char(text: str) -> str:
         ValueError: ``text`` is empty or contains a character outside the alphabet.
     """
     if not isinstance(text, str) or not _ALPHABET_RE.fullmatch(text):
+        shown = (
+            repr(text[:40]) + ("…" if len(text) > 40 else "")
+            if isinstance(text, str)
+            else type(text).__name__
+        )
         raise ValueError(
-            f"the check character needs a non-empty string over {LUHN_ALPHABET!r}, got {text!r}"
+            f"the check character needs a non-empty string over {LUHN_ALPHABET!r}, got {shown}"
         )
     return LUHN_ALPHABET[_luhn_total(text.encode("ascii")) % _N]
 
@@ -116,8 +122,7 @@ def check_uvci(ci: str) -> tuple[str, str] | None:
     """
     if not isinstance(ci, str):
         return ("uvci-grammar", "a UVCI must be a string")
-    m = _UVCI_RE.fullmatch(ci)
-    if m is None:
+    if _UVCI_RE.fullmatch(ci) is None:
         return ("uvci-grammar", _grammar_message(ci))
     if ci[-2] != "#":  # no check character ('#' cannot occur anywhere else)
         return None

@@ -30,7 +30,7 @@ from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 __all__ = ["FIELD_SETS", "OFFICIAL_IDS", "ValueSets"]
 
@@ -75,14 +75,11 @@ _COUNTRY_RE = re.compile(r"[A-Z]{2}")
 _BUILTIN_FORMAT = 1
 
 
-class _Entry:
+class _Entry(NamedTuple):
     """One code of a set: its display text and active flag."""
 
-    __slots__ = ("active", "display")
-
-    def __init__(self, display: str | None, active: bool) -> None:
-        self.display = display
-        self.active = active
+    display: str | None
+    active: bool
 
 
 class _Lookup:
