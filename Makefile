@@ -10,9 +10,9 @@ DCCSIGN := $(VENV)/bin/dccsign
 DEV_KEYSTORE := var/dev-keystore
 
 # Debian packages: C toolchain and headers for the native core (OpenSSL, zlib for inflate,
-# libdeflate for deflate), venv support, and Node.js
-# for the independent verifier used by the tests.
-SYSTEM_PACKAGES := build-essential libssl-dev zlib1g-dev libdeflate-dev python3-dev python3-venv nodejs npm
+# libdeflate for deflate), venv support, and for the tests the independent checkers: Node.js
+# (a second HC1 verifier) and zbar (a QR decoder).
+SYSTEM_PACKAGES := build-essential libssl-dev zlib1g-dev libdeflate-dev python3-dev python3-venv nodejs npm zbar-tools
 SYSTEM_PROBE := scripts/check-system.sh
 
 .PHONY: all system venv build demo test test-native test-python lint bench clean distclean

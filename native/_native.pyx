@@ -376,7 +376,7 @@ cdef list _hc1_batch(SigningKey key, bytes protected, _Batch batch, _Batch sigs,
     offs[0] = 0
     for i in range(n):
         offs[i + 1] = offs[i] + dcc_hc1_max_len(plen, batch.lens[i], maxsig)
-    cdef char *arena = <char *>malloc(max(offs[n], 1))
+    cdef char *arena = <char *>malloc(offs[n] if offs[n] else 1)
     cdef uint8_t *scratch = <uint8_t *>malloc(dcc_hc1_scratch_len(plen, batch.maxlen, maxsig))
     cdef uint8_t *tbs = NULL
     cdef uint8_t *sig = NULL

@@ -407,8 +407,8 @@ int dcc_sign1_split(const uint8_t *buf, size_t len, dcc_sign1_parts *p, const ch
  * 21-23 us per stream at every level 1-9 and even Huffman-only, with a reused z_stream
  * (deflateReset) -- fixed per-stream work, not matching effort -- while libdeflate's one-shot
  * compressor produces an equally small standard zlib stream (RFC 1950, 32 KiB window, CMF
- * 0x78) in ~10.5 us in a C loop and 13 us per call from Python (bench/README.md). A fresh compressor per call would repeat the allocation that
- * glibc hands back to the kernel (performance-baseline.md §4.2), so each thread keeps its own;
+ * 0x78) in ~10.5 us in a C loop and 13 us per call from Python (bench/README.md). A fresh
+ * compressor per call would repeat the allocation that glibc hands back to the kernel (performance-baseline.md §4.2), so each thread keeps its own;
  * the pthread key's destructor frees them when the thread exits. */
 typedef struct {
     struct libdeflate_compressor *c[10];
