@@ -13,19 +13,17 @@ only: nothing in the product imports it.
 
 from __future__ import annotations
 
-import datetime as dt
 import zlib
 from dataclasses import dataclass
 from typing import Any
 
 import base45
 import cbor2
-from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
-from cryptography.x509.oid import NameOID
 
+from dccsign.benchcore import ephemeral_certificate
 from dccsign.dsc import DSC
 
 __all__ = ["NaiveSigner", "naive_hc1", "naive_signer", "naive_times"]
@@ -70,24 +68,7 @@ class NaiveSigner:
 
 def naive_signer() -> NaiveSigner:
     """A fresh P-256 key and a self-signed certificate valid from yesterday for 30 days."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
-    name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.COUNTRY_NAME, "NL"),
-            x509.NameAttribute(NameOID.COMMON_NAME, "dccsign bench naive baseline"),
-        ]
-    )
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=30))
-        .sign(key, hashes.SHA256())
-    )
+    key, cert = ephemeral_certificate("dccsign bench naive baseline")
     return NaiveSigner(key, DSC.from_certificate(cert))
 
 

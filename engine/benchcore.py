@@ -23,18 +23,22 @@ from .dcc import validate
 from .dsc import DSC
 from .samples import varied_samples
 
-__all__ = ["ephemeral_key", "run"]
+__all__ = ["ephemeral_certificate", "ephemeral_key", "run"]
 
 
-def ephemeral_key(impl_name: str) -> SignerKey:
-    """A throw-away P-256 key and a self-signed DSC (no key usage: signs every type)."""
-    impl = native.implementation(impl_name)
+def ephemeral_certificate(
+    label: str = "dccsign bench EPHEMERAL",
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A throw-away P-256 key and a self-signed DSC valid from yesterday for 30 days.
+
+    The DSC has no extended key usage, so it may sign every DCC type.
+    """
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
     name = x509.Name(
         [
             x509.NameAttribute(NameOID.COUNTRY_NAME, "NL"),
-            x509.NameAttribute(NameOID.COMMON_NAME, "dccsign bench EPHEMERAL"),
+            x509.NameAttribute(NameOID.COMMON_NAME, label),
         ]
     )
     cert = (
@@ -47,6 +51,13 @@ def ephemeral_key(impl_name: str) -> SignerKey:
         .not_valid_after(now + dt.timedelta(days=30))
         .sign(key, hashes.SHA256())
     )
+    return key, cert
+
+
+def ephemeral_key(impl_name: str) -> SignerKey:
+    """An :func:`ephemeral_certificate` key, loaded into *impl_name*'s ``SigningKey``."""
+    impl = native.implementation(impl_name)
+    key, cert = ephemeral_certificate()
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )

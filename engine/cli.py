@@ -88,24 +88,22 @@ def _kid(value: str) -> bytes:
     return kid
 
 
-def _positive_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        number = 0.0
-    if not number > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, not {value!r}")
-    return number
+def _positive(kind: type[int] | type[float], maximum: float = 1e6):
+    """An argparse type: a number of *kind* greater than zero and at most *maximum*."""
 
+    def parse(value: str) -> int | float:
+        try:
+            number = kind(value)
+        except ValueError:
+            number = 0
+        if not 0 < number <= maximum:  # also refuses nan and inf
+            noun = "integer" if kind is int else "number"
+            raise argparse.ArgumentTypeError(
+                f"must be a positive {noun} up to {maximum:g}, not {value!r}"
+            )
+        return number
 
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, not {value!r}")
-    return number
+    return parse
 
 
 def _iso_time(value: str) -> dt.datetime:
@@ -364,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--validity-days",
-        type=_positive_float,
+        type=_positive(float, 36_500),
         default=365.0,
         metavar="N",
         help="requested validity from iat (default 365; clamped to the DSC's notAfter)",
@@ -409,11 +407,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="implementation to measure (default: the one this process selected; "
         "DCCSIGN_PUREPYTHON=1 selects python)",
     )
-    p.add_argument("--threads", type=_positive_int, default=1, metavar="N")
-    p.add_argument("--seconds", type=_positive_float, default=5.0, metavar="N")
+    p.add_argument("--threads", type=_positive(int, 256), default=1, metavar="N")
+    p.add_argument("--seconds", type=_positive(float), default=5.0, metavar="N")
     p.add_argument(
         "--batch",
-        type=_positive_int,
+        type=_positive(int),
         default=64,
         metavar="N",
         help="certificates per batch call (default 64)",

@@ -638,6 +638,27 @@ def _check_nam(nam: object, prof: _Profile, issues: list[Issue]) -> None:
         issues.append(Issue("$.nam", "empty", "at least one of fnt and gnt must be non-empty"))
 
 
+def _check_co_is(
+    get: Callable[[str, object], object], p: str, prof: _Profile, lk: _Lookup, issues: list[Issue]
+) -> None:
+    """Country and issuer: every entry type has them."""
+    x = get("co", _MISSING)
+    if x.__class__ is not str or x not in lk.co:
+        _code(x, lk.co, p, "co", "country-2-codes", issues)
+    x = get("is", _MISSING)
+    if x.__class__ is not str or not 0 < len(x) <= prof.max_len or not (x.isascii() or _utf8(x)):
+        _text(x, p, "is", prof, issues, nonempty=True)
+
+
+def _check_ci(
+    get: Callable[[str, object], object], p: str, prof: _Profile, issues: list[Issue]
+) -> None:
+    """The certificate identifier (UVCI): every entry type ends with it."""
+    x = get("ci", _MISSING)
+    if x.__class__ is not str or len(x) > prof.max_len or check_uvci(x) is not None:
+        _uvci(x, p, prof, issues)
+
+
 def _check_v(e: object, p: str, prof: _Profile, lk: _Lookup, issues: list[Issue]) -> None:
     if not isinstance(e, dict):
         issues.append(_type_issue(p, "a vaccination entry object", e))
@@ -645,7 +666,6 @@ def _check_v(e: object, p: str, prof: _Profile, lk: _Lookup, issues: list[Issue]
     if not e.keys() <= _V_KEYS:
         _unknown_fields(e, _V_KEYS, p, issues, "vaccination")
     get = e.get
-    ml = prof.max_len
     x = get("tg", _MISSING)
     if x.__class__ is not str or x not in lk.tg:
         _code(x, lk.tg, p, "tg", "disease-agent-targeted", issues)
@@ -667,15 +687,8 @@ def _check_v(e: object, p: str, prof: _Profile, lk: _Lookup, issues: list[Issue]
     x = get("dt", _MISSING)
     if x.__class__ is not str or not _is_date(x):
         _date(x, p, "dt", issues)
-    x = get("co", _MISSING)
-    if x.__class__ is not str or x not in lk.co:
-        _code(x, lk.co, p, "co", "country-2-codes", issues)
-    x = get("is", _MISSING)
-    if x.__class__ is not str or not 0 < len(x) <= ml or not (x.isascii() or _utf8(x)):
-        _text(x, p, "is", prof, issues, nonempty=True)
-    x = get("ci", _MISSING)
-    if x.__class__ is not str or len(x) > ml or check_uvci(x) is not None:
-        _uvci(x, p, prof, issues)
+    _check_co_is(get, p, prof, lk, issues)
+    _check_ci(get, p, prof, issues)
 
 
 def _check_t(e: object, p: str, prof: _Profile, lk: _Lookup, issues: list[Issue]) -> None:
@@ -728,15 +741,8 @@ def _check_t(e: object, p: str, prof: _Profile, lk: _Lookup, issues: list[Issue]
         x.__class__ is not str or not 0 < len(x) <= ml or not (x.isascii() or _utf8(x))
     ):
         _text(x, p, "tc", prof, issues, nonempty=True)
-    x = get("co", _MISSING)
-    if x.__class__ is not str or x not in lk.co:
-        _code(x, lk.co, p, "co", "country-2-codes", issues)
-    x = get("is", _MISSING)
-    if x.__class__ is not str or not 0 < len(x) <= ml or not (x.isascii() or _utf8(x)):
-        _text(x, p, "is", prof, issues, nonempty=True)
-    x = get("ci", _MISSING)
-    if x.__class__ is not str or len(x) > ml or check_uvci(x) is not None:
-        _uvci(x, p, prof, issues)
+    _check_co_is(get, p, prof, lk, issues)
+    _check_ci(get, p, prof, issues)
 
 
 def _check_r(e: object, p: str, prof: _Profile, lk: _Lookup, issues: list[Issue]) -> None:
@@ -746,19 +752,13 @@ def _check_r(e: object, p: str, prof: _Profile, lk: _Lookup, issues: list[Issue]
     if not e.keys() <= _R_KEYS:
         _unknown_fields(e, _R_KEYS, p, issues, "recovery")
     get = e.get
-    ml = prof.max_len
     x = get("tg", _MISSING)
     if x.__class__ is not str or x not in lk.tg:
         _code(x, lk.tg, p, "tg", "disease-agent-targeted", issues)
     x = get("fr", _MISSING)
     if x.__class__ is not str or not _is_date(x):
         _date(x, p, "fr", issues)
-    x = get("co", _MISSING)
-    if x.__class__ is not str or x not in lk.co:
-        _code(x, lk.co, p, "co", "country-2-codes", issues)
-    x = get("is", _MISSING)
-    if x.__class__ is not str or not 0 < len(x) <= ml or not (x.isascii() or _utf8(x)):
-        _text(x, p, "is", prof, issues, nonempty=True)
+    _check_co_is(get, p, prof, lk, issues)
     df = get("df", _MISSING)
     if df.__class__ is not str or not _is_date(df):
         df = _date(df, p, "df", issues)
@@ -773,9 +773,7 @@ def _check_r(e: object, p: str, prof: _Profile, lk: _Lookup, issues: list[Issue]
                 f"du (valid until, {du}) must not be before df (valid from, {df})",
             )
         )
-    x = get("ci", _MISSING)
-    if x.__class__ is not str or len(x) > ml or check_uvci(x) is not None:
-        _uvci(x, p, prof, issues)
+    _check_ci(get, p, prof, issues)
 
 
 _EntryCheck = Callable[[object, str, _Profile, _Lookup, list[Issue]], None]
