@@ -113,7 +113,7 @@ def test_time_and_usage_are_separate_from_the_signature(signer):
 
 def test_every_dsc_with_the_kid_is_tried(signer):
     key, dsc = signer
-    other_key, other_cert = ephemeral_certificate()
+    _, other_cert = ephemeral_certificate()
     impostor = DSC.from_certificate(other_cert)
     collided = DSC(**{**{f: getattr(impostor, f) for f in DSC.__slots__}, "kid": dsc.kid})
     text = _hc1(key, native.protected_header(-7, dsc.kid), {}, cbor2.dumps(_claims()))
