@@ -85,7 +85,16 @@ def _loads_exact(data: bytes) -> Any:
 
 
 def _plain(value: Any) -> Any:
-    """cbor2 6 returns frozendict/tuple inside tags; give callers plain JSON-like values."""
+    """Plain JSON-like values from what cbor2 decodes.
+
+    cbor2 6 returns frozendict/tuple inside tags, and turns date-times tagged 0 or 1 into
+    ``datetime`` objects; the spec says ``sc`` SHOULD be tagged 0 and verifiers MUST accept
+    it (spec notes §2.7), so such values become RFC 3339 text again.
+    """
+    if isinstance(value, dt.datetime):
+        return value.isoformat().replace("+00:00", "Z")
+    if isinstance(value, dt.date):
+        return value.isoformat()
     if isinstance(value, dict) or (hasattr(value, "items") and hasattr(value, "keys")):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

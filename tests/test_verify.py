@@ -99,6 +99,20 @@ def test_refuses(signer, mutate, step):
     assert result.errors[0]["step"] == step, result.errors
 
 
+def test_tagged_date_time_is_accepted_and_rendered_as_text(signer):
+    # "sc" SHOULD be tagged 0 (spec notes §2.7); verifiers MUST accept tagged and untagged.
+    key, dsc = signer
+    dcc = sample("t")
+    tagged = {**dcc, "t": [{**dcc["t"][0], "sc": cbor2.CBORTag(0, "2021-07-01T09:30:00Z")}]}
+    claims = {**_claims(), -260: {1: tagged}}
+    result = verify_hc1(_hc1(key, native.protected_header(-7, dsc.kid), {}, cbor2.dumps(claims)),
+                        [dsc])
+    assert result.valid and result.dcc == dcc
+    import json
+
+    json.dumps(result.as_json())
+
+
 def test_time_and_usage_are_separate_from_the_signature(signer):
     key, dsc = signer
     t = int(NOW.timestamp())
