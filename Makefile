@@ -11,8 +11,8 @@ DEV_KEYSTORE := var/dev-keystore
 
 # Debian packages: C toolchain and headers for the native core (OpenSSL, zlib for inflate,
 # libdeflate for deflate), venv support, and for the tests the independent checkers: Node.js
-# (a second HC1 verifier) and zbar (a QR decoder).
-SYSTEM_PACKAGES := build-essential libssl-dev zlib1g-dev libdeflate-dev python3-dev python3-venv nodejs npm zbar-tools
+# (a second HC1 verifier) and zbar (a QR decoder); SoftHSM2 is the PKCS#11 token of the tests.
+SYSTEM_PACKAGES := build-essential libssl-dev zlib1g-dev libdeflate-dev python3-dev python3-venv nodejs npm zbar-tools softhsm2
 SYSTEM_PROBE := scripts/check-system.sh
 
 .PHONY: all system venv build demo test test-native test-python lint bench clean distclean

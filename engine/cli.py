@@ -310,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dccsign",
         description="Sign and verify EU Digital COVID Certificates (HC1).",
-        epilog="Exit codes: 0 ok, 1 invalid signature (verify), 2 usage, 3 invalid DCC, "
+        epilog="Exit codes: 0 ok, 1 invalid signature (verify) or a break (audit verify), 2 usage, "
+        "3 invalid DCC, "
         "4 key problem.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -392,6 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("hc1", nargs="?", metavar="HC1|-", help="the HC1 string (default stdin)")
     p.set_defaults(func=cmd_verify)
+
+    from .audit_cli import add_audit_commands
+
+    add_audit_commands(sub)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH_COMMAND")

@@ -1,0 +1,333 @@
+"""The engine <-> keyd codec (sans-IO: no sockets, no trio, no engine imports).
+
+keyd is the only holder of private keys. This codec carries the few things the engine may ask
+of it -- describe the keys, sign a batch of CWT payloads for one kid on behalf of a client and
+an end-user account -- and nothing else: there is no message that carries a digest to sign
+or a key to export.
+
+Frame layout (all integers big-endian)::
+
+    offset  size  field
+    0       1     magic 0x4B ("K")
+    1       1     version (1)
+    2       1     message type (MessageType)
+    3       1     flags (0; reserved, must be zero)
+    4       4     request id: a reply carries the id of its request
+    8       4     body length N (at most the connection's max_frame)
+    12      N     body: one CBOR map (RFC 8949), keys are short text strings
+
+A frame whose header announces more than ``max_frame`` bytes is refused before its body is
+read. Anything malformed raises :class:`KeydProtocolError`; after that the connection is
+unusable (the peer closes it).
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+import struct
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import cbor2
+
+__all__ = [
+    "DEFAULT_MAX_FRAME",
+    "NEED_DATA",
+    "Connection",
+    "Describe",
+    "DescribeResult",
+    "Error",
+    "ItemError",
+    "KeyInfo",
+    "KeydProtocolError",
+    "MessageType",
+    "Sign",
+    "SignResult",
+]
+
+MAGIC = 0x4B
+VERSION = 1
+HEADER = struct.Struct(">BBBBII")
+#: 64 MiB: a batch of 10,000 payloads of 1.5 KB with headroom. Both sides may lower it.
+DEFAULT_MAX_FRAME = 64 * 1024 * 1024
+
+
+class KeydProtocolError(Exception):
+    """The bytes on the wire do not follow this codec (or a message is used wrongly)."""
+
+
+class MessageType(enum.IntEnum):
+    DESCRIBE = 0x10
+    DESCRIBE_RESULT = 0x11
+    SIGN = 0x20
+    SIGN_RESULT = 0x21
+    ERROR = 0x7F
+
+
+class ItemError(enum.IntEnum):
+    """Why keyd refused one payload of a batch (it signs the others)."""
+
+    MALFORMED_CWT = 1  # not a CBOR map with the claims 1, 4, 6 and -260 {1: DCC}
+    EXP_AFTER_DSC = 2  # exp later than the DSC's notAfter
+    IAT_BEFORE_DSC = 3  # iat earlier than the DSC's notBefore
+    IAT_IN_FUTURE = 4  # iat later than keyd's clock plus the allowed skew
+    EXP_NOT_AFTER_IAT = 5
+    TYPE_NOT_ALLOWED = 6  # the DSC's extended key usage does not allow the DCC type
+    KID_NOT_ACTIVE = 7  # unknown, retired or disabled kid
+    CLIENT_NOT_ALLOWED = 8  # this client may not use this kid
+    AUDIT_UNAVAILABLE = 9  # the audit log cannot be written: nothing is signed (retryable)
+    INTERNAL = 10
+
+
+#: Item errors a caller may retry unchanged (the condition is keyd's, not the request's).
+RETRYABLE = frozenset({ItemError.AUDIT_UNAVAILABLE, ItemError.INTERNAL})
+
+
+class _Need:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+#: Returned by :meth:`Connection.next_event` when more bytes are needed.
+NEED_DATA: Any = _Need()
+
+
+# ----------------------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    """Public facts of one key (never private material)."""
+
+    kid: bytes
+    alg: int
+    usages: tuple[str, ...]
+    state: str
+    dsc: bytes  # DER
+
+
+@dataclass(frozen=True, slots=True)
+class Describe:
+    TYPE: ClassVar[MessageType] = MessageType.DESCRIBE
+    request_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class DescribeResult:
+    TYPE: ClassVar[MessageType] = MessageType.DESCRIBE_RESULT
+    request_id: int
+    keys: tuple[KeyInfo, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Sign:
+    """Sign each CWT payload with *kid* for *client* / *account* (acting: *operator*)."""
+
+    TYPE: ClassVar[MessageType] = MessageType.SIGN
+    request_id: int
+    kid: bytes
+    client: str
+    account: str
+    payloads: tuple[bytes, ...]
+    operator: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SignResult:
+    """One entry per payload, in order: the signature, or ``(ItemError, reason)``."""
+
+    TYPE: ClassVar[MessageType] = MessageType.SIGN_RESULT
+    request_id: int
+    results: tuple[bytes | tuple[ItemError, str], ...] = field(default=())
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    """The whole request failed (e.g. keyd is stopping); ``retryable`` says if a retry may work."""
+
+    TYPE: ClassVar[MessageType] = MessageType.ERROR
+    request_id: int
+    message: str
+    retryable: bool
+
+
+Message = Describe | DescribeResult | Sign | SignResult | Error
+
+
+def _body(msg: Message) -> dict[str, Any]:
+    if isinstance(msg, Describe):
+        return {}
+    if isinstance(msg, DescribeResult):
+        return {
+            "keys": [
+                {
+                    "kid": k.kid,
+                    "alg": k.alg,
+                    "usages": list(k.usages),
+                    "state": k.state,
+                    "dsc": k.dsc,
+                }
+                for k in msg.keys
+            ]
+        }
+    if isinstance(msg, Sign):
+        body: dict[str, Any] = {
+            "kid": msg.kid,
+            "client": msg.client,
+            "account": msg.account,
+            "payloads": list(msg.payloads),
+        }
+        if msg.operator is not None:
+            body["operator"] = msg.operator
+        return body
+    if isinstance(msg, SignResult):
+        return {"results": [r if isinstance(r, bytes) else [int(r[0]), r[1]] for r in msg.results]}
+    if isinstance(msg, Error):
+        return {"message": msg.message, "retryable": msg.retryable}
+    raise KeydProtocolError(f"not a keyd message: {type(msg).__name__}")
+
+
+def _want(body: dict[str, Any], key: str, kind: type | tuple[type, ...], what: str) -> Any:
+    value = body.get(key)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise KeydProtocolError(f"{what}: field {key!r} missing or of the wrong type")
+    return value
+
+
+def _parse(mtype: int, request_id: int, body: Any) -> Message:
+    if not isinstance(body, dict):
+        raise KeydProtocolError("the body is not a CBOR map")
+    try:
+        kind = MessageType(mtype)
+    except ValueError:
+        raise KeydProtocolError(f"unknown message type 0x{mtype:02x}") from None
+    if kind is MessageType.DESCRIBE:
+        return Describe(request_id)
+    if kind is MessageType.DESCRIBE_RESULT:
+        keys = []
+        for item in _want(body, "keys", list, "DESCRIBE_RESULT"):
+            if not isinstance(item, dict):
+                raise KeydProtocolError("DESCRIBE_RESULT: a key entry is not a map")
+            usages = _want(item, "usages", list, "key")
+            if not all(isinstance(u, str) for u in usages):
+                raise KeydProtocolError("key: usages must be text")
+            keys.append(
+                KeyInfo(
+                    _want(item, "kid", bytes, "key"),
+                    _want(item, "alg", int, "key"),
+                    tuple(usages),
+                    _want(item, "state", str, "key"),
+                    _want(item, "dsc", bytes, "key"),
+                )
+            )
+        return DescribeResult(request_id, tuple(keys))
+    if kind is MessageType.SIGN:
+        payloads = _want(body, "payloads", list, "SIGN")
+        if not all(isinstance(p, bytes) for p in payloads):
+            raise KeydProtocolError("SIGN: every payload must be a byte string")
+        operator = body.get("operator")
+        if operator is not None and not isinstance(operator, str):
+            raise KeydProtocolError("SIGN: operator must be text")
+        kid = _want(body, "kid", bytes, "SIGN")
+        if len(kid) != 8:
+            raise KeydProtocolError("SIGN: kid must be 8 bytes")
+        return Sign(
+            request_id,
+            kid,
+            _want(body, "client", str, "SIGN"),
+            _want(body, "account", str, "SIGN"),
+            tuple(payloads),
+            operator,
+        )
+    if kind is MessageType.SIGN_RESULT:
+        results: list[bytes | tuple[ItemError, str]] = []
+        for r in _want(body, "results", list, "SIGN_RESULT"):
+            if isinstance(r, bytes):
+                results.append(r)
+            elif (
+                isinstance(r, list)
+                and len(r) == 2
+                and isinstance(r[0], int)
+                and isinstance(r[1], str)
+            ):
+                try:
+                    results.append((ItemError(r[0]), r[1]))
+                except ValueError:
+                    raise KeydProtocolError(f"SIGN_RESULT: unknown item error {r[0]}") from None
+            else:
+                raise KeydProtocolError("SIGN_RESULT: a result is neither a signature nor an error")
+        return SignResult(request_id, tuple(results))
+    return Error(
+        request_id, _want(body, "message", str, "ERROR"), _want(body, "retryable", bool, "ERROR")
+    )
+
+
+# ----------------------------------------------------------------------------- connection
+
+
+class Connection:
+    """Frames in, messages out, and back: one per peer, no I/O.
+
+    ``receive_data(b"")`` means the peer closed; :meth:`next_event` then raises
+    :class:`KeydProtocolError` if a frame was cut off, and returns ``None`` at a clean end.
+    """
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        if not 0 < max_frame <= 0xFFFFFFFF:
+            raise ValueError("max_frame must be 1..2^32-1")
+        self.max_frame = max_frame
+        self._buf = bytearray()
+        self._closed = False
+
+    def receive_data(self, data: bytes) -> None:
+        if self._closed:
+            raise KeydProtocolError("data after the end of the stream")
+        if not data:
+            self._closed = True
+        self._buf += data
+
+    def next_event(self) -> Message | Any | None:
+        buf = self._buf
+        if len(buf) < HEADER.size:
+            if self._closed:
+                if buf:
+                    raise KeydProtocolError("the stream ended inside a frame header")
+                return None
+            return NEED_DATA
+        magic, version, mtype, flags, request_id, length = HEADER.unpack_from(buf)
+        if magic != MAGIC:
+            raise KeydProtocolError(f"bad magic 0x{magic:02x}: not a keyd frame")
+        if version != VERSION:
+            raise KeydProtocolError(f"unsupported keyd protocol version {version}")
+        if flags:
+            raise KeydProtocolError("reserved flags must be zero")
+        if length > self.max_frame:
+            # Refused before the body is read (or buffered).
+            raise KeydProtocolError(f"frame of {length} bytes exceeds the limit {self.max_frame}")
+        end = HEADER.size + length
+        if len(buf) < end:
+            if self._closed:
+                raise KeydProtocolError("the stream ended inside a frame body")
+            return NEED_DATA
+        raw = bytes(buf[HEADER.size : end])
+        del buf[:end]
+        stream = io.BytesIO(raw)
+        try:
+            body = cbor2.CBORDecoder(stream).decode()
+        except (cbor2.CBORDecodeError, ValueError, RecursionError) as exc:
+            raise KeydProtocolError(f"the body is not valid CBOR: {exc}") from None
+        if stream.tell() != len(raw):
+            raise KeydProtocolError("trailing bytes after the frame body")
+        return _parse(mtype, request_id, body)
+
+    def send(self, msg: Message) -> bytes:
+        """The frame for *msg*."""
+        if not 0 <= msg.request_id <= 0xFFFFFFFF:
+            raise KeydProtocolError("request id must fit 32 bits")
+        body = cbor2.dumps(_body(msg))
+        if len(body) > self.max_frame:
+            raise KeydProtocolError(
+                f"frame of {len(body)} bytes exceeds the limit {self.max_frame}"
+            )
+        return HEADER.pack(MAGIC, VERSION, msg.TYPE, 0, msg.request_id, len(body)) + body

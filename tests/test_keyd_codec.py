@@ -1,0 +1,181 @@
+"""The engine <-> keyd codec: golden bytes, round trips, limits and fuzzing."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dccsign.protocol.keyd import (
+    NEED_DATA,
+    Connection,
+    Describe,
+    DescribeResult,
+    Error,
+    ItemError,
+    KeydProtocolError,
+    KeyInfo,
+    Sign,
+    SignResult,
+)
+
+KID = bytes(range(8))
+
+
+def roundtrip(msg, max_frame=1 << 20):
+    wire = Connection(max_frame).send(msg)
+    conn = Connection(max_frame)
+    conn.receive_data(wire)
+    assert conn.next_event() == msg
+    assert conn.next_event() is NEED_DATA
+    return wire
+
+
+def test_golden_describe():
+    # 4B magic, version 1, type 0x10, flags 0, request id 7, length 1, body a0 (empty map)
+    assert roundtrip(Describe(7)) == bytes.fromhex("4b01100000000007 00000001 a0".replace(" ", ""))
+
+
+def test_golden_error():
+    wire = roundtrip(Error(1, "stopping", True))
+    assert wire[:12] == bytes.fromhex("4b017f00000000010000001d")
+    assert wire[12:] == bytes.fromhex("a2676d6573736167656873746f7070696e6769726574727961626c65f5")
+
+
+def test_golden_sign():
+    wire = roundtrip(Sign(2, KID, "portal-a", "uzi:123", (b"\xa0",), None))
+    assert wire[2] == 0x20 and wire[4:8] == b"\x00\x00\x00\x02"
+    assert wire.endswith(bytes.fromhex("68 7061796c6f616473 81 41 a0".replace(" ", "")))
+
+
+@given(
+    st.integers(0, 2**32 - 1),
+    st.binary(min_size=8, max_size=8),
+    st.text(max_size=40),
+    st.text(max_size=40),
+    st.lists(st.binary(max_size=300), max_size=20),
+    st.none() | st.text(max_size=20),
+)
+def test_sign_round_trip(rid, kid, client, account, payloads, operator):
+    roundtrip(Sign(rid, kid, client, account, tuple(payloads), operator))
+
+
+@given(
+    st.lists(
+        st.binary(min_size=64, max_size=64)
+        | st.tuples(st.sampled_from(list(ItemError)), st.text(max_size=30)),
+        max_size=30,
+    )
+)
+def test_sign_result_round_trip(results):
+    roundtrip(SignResult(9, tuple(results)))
+
+
+def test_describe_result_round_trip():
+    roundtrip(
+        DescribeResult(
+            3,
+            (
+                KeyInfo(KID, -7, ("v",), "active", b"\x30\x00"),
+                KeyInfo(KID[::-1], -37, ("v", "t", "r"), "retired", b"\x30"),
+            ),
+        )
+    )
+
+
+def test_split_and_coalesced_feeds():
+    msgs = [Describe(1), Sign(2, KID, "c", "a", (b"x" * 1000,)), Error(3, "x", False)]
+    wire = b"".join(Connection().send(m) for m in msgs)
+    for step in (1, 5, 13, len(wire)):
+        conn, got = Connection(), []
+        for i in range(0, len(wire), step):
+            conn.receive_data(wire[i : i + step])
+            while (ev := conn.next_event()) is not NEED_DATA:
+                got.append(ev)
+        assert got == msgs
+
+
+def test_oversized_frame_refused_before_its_body():
+    conn = Connection(max_frame=100)
+    header = bytes.fromhex("4b0120000000000100000065")  # announces 101 bytes
+    conn.receive_data(header)  # no body yet: refused on the header alone
+    with pytest.raises(KeydProtocolError, match="exceeds the limit"):
+        conn.next_event()
+    with pytest.raises(KeydProtocolError, match="exceeds the limit"):
+        Connection(max_frame=10).send(Sign(1, KID, "c", "a", (b"x" * 20,)))
+
+
+@pytest.mark.parametrize(
+    ("wire", "message"),
+    [
+        (bytes.fromhex("4c0110000000000100000001a0"), "bad magic"),
+        (bytes.fromhex("4b0210000000000100000001a0"), "version"),
+        (bytes.fromhex("4b0110010000000100000001a0"), "flags"),
+        (bytes.fromhex("4b0155000000000100000001a0"), "unknown message type"),
+        (bytes.fromhex("4b011000000000010000000180"), "not a CBOR map"),
+        (bytes.fromhex("4b0110000000000100000002a000"), "trailing bytes"),
+        (bytes.fromhex("4b0110000000000100000001ff"), "not valid CBOR"),
+        (bytes.fromhex("4b0120000000000100000001a0"), "SIGN: field"),
+    ],
+)
+def test_malformed_frames(wire, message):
+    conn = Connection()
+    conn.receive_data(wire)
+    with pytest.raises(KeydProtocolError, match=message):
+        conn.next_event()
+
+
+def test_end_of_stream():
+    conn = Connection()
+    conn.receive_data(b"")
+    assert conn.next_event() is None
+    conn = Connection()
+    conn.receive_data(Connection().send(Describe(1))[:-1])
+    conn.receive_data(b"")
+    with pytest.raises(KeydProtocolError, match="ended inside"):
+        conn.next_event()
+
+
+def test_sign_field_checks():
+    import cbor2
+
+    def frame(body):
+        raw = cbor2.dumps(body)
+        return bytes([0x4B, 1, 0x20, 0, 0, 0, 0, 1]) + len(raw).to_bytes(4, "big") + raw
+
+    good = {"kid": KID, "client": "c", "account": "a", "payloads": [b"x"]}
+    for bad in (
+        {**good, "kid": KID[:7]},
+        {**good, "payloads": ["x"]},
+        {**good, "client": 1},
+        {**good, "operator": 5},
+        {**good, "account": True},
+    ):
+        conn = Connection()
+        conn.receive_data(frame(bad))
+        with pytest.raises(KeydProtocolError):
+            conn.next_event()
+
+
+@given(st.binary(max_size=200))
+def test_fuzz_random_bytes(data):
+    conn = Connection(max_frame=4096)
+    conn.receive_data(data)  # b"" is end-of-stream: next_event then returns None
+    try:
+        while conn.next_event() not in (NEED_DATA, None):
+            pass
+    except KeydProtocolError:
+        pass
+
+
+@given(st.data())
+def test_fuzz_mutated_frames(data):
+    wire = bytearray(Connection().send(Sign(5, KID, "client", "account", (b"\xa1\x01\x02",) * 3)))
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(wire) - 1))
+        wire[i] = data.draw(st.integers(0, 255))
+    conn = Connection()
+    conn.receive_data(bytes(wire))
+    try:
+        while conn.next_event() not in (NEED_DATA, None):
+            pass
+    except KeydProtocolError:
+        pass
