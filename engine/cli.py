@@ -271,6 +271,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_OK if result.valid else EXIT_INVALID_SIGNATURE
 
 
+def _cmd_keyd(args: argparse.Namespace) -> int:
+    from .keyd import cmd_keyd
+
+    return cmd_keyd(args)
+
+
 def _json_default(value: object) -> object:
     """Whatever a foreign certificate's CBOR holds, the JSON output must not fail on it."""
     if isinstance(value, bytes):
@@ -393,6 +399,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("hc1", nargs="?", metavar="HC1|-", help="the HC1 string (default stdin)")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser(
+        "keyd",
+        help="run the key process (the only holder of private keys)",
+        description="Run keyd: load the keystore's keys, serve signing requests on a Unix "
+        "socket (mode 0600), re-check every payload, and record every signature in the audit "
+        "log before releasing it. Stops cleanly on SIGTERM. The passphrase comes from "
+        "DCCSIGN_KEYSTORE_PASSPHRASE, DCCSIGN_KEYSTORE_PASSPHRASE_FILE, or DIR/dev-passphrase.",
+    )
+    p.add_argument("--keystore", type=Path, required=True, metavar="DIR")
+    p.add_argument("--socket", type=Path, required=True, metavar="PATH")
+    p.add_argument(
+        "--audit-dir",
+        type=Path,
+        metavar="DIR",
+        help="audit log directory (default DIR/audit of the keystore)",
+    )
+    p.set_defaults(func=_cmd_keyd)
 
     from .audit_cli import add_audit_commands
 

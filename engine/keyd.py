@@ -1,0 +1,457 @@
+"""keyd: the isolated key process, the only holder of private keys.
+
+keyd signs one thing: DCC CWT payloads that pass its own checks, for a named client and
+end-user account, and only after their audit records are durable. It re-checks every payload
+itself rather than trusting the engine (an engine can be compromised, or simply wrong):
+
+* a well-formed CWT: a CBOR map with exactly the claims 1 (iss), 4 (exp), 6 (iat) and -260
+  holding ``{1: DCC}``, integer times, no trailing bytes;
+* a valid DCC (the same validator as the engine: a compromised engine cannot make keyd sign
+  junk);
+* exp <= the DSC's notAfter, iat >= its notBefore, exp > iat, and iat not later than keyd's
+  clock plus a small skew;
+* the DCC type allowed by the DSC's extended key usage;
+* the kid active, and the client allowed to use it.
+
+Each refused payload gets an :class:`~dccsign.protocol.keyd.ItemError`; the others are signed.
+There is no operation that signs a digest, and none that exports a key.
+
+Audit before release: the signatures of a batch are computed, their records appended to the
+audit log with one fsync (group commit), and only then returned. If the log cannot be
+written, keyd refuses to sign (``AUDIT_UNAVAILABLE``) and says why, rather than sign unaudited.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cbor2
+
+from . import native
+from .audit import AuditLog, AuditUnavailable, IssuanceRecord, KeyEvent
+from .dcc import DCCValidationError, validate
+from .dsc import DSC, TYPE_NAMES
+from .keystore import Keystore
+from .protocol.keyd import (
+    NEED_DATA,
+    Connection,
+    Describe,
+    DescribeResult,
+    Error,
+    ItemError,
+    KeydProtocolError,
+    KeyInfo,
+    Sign,
+    SignResult,
+)
+from .valuesets import ValueSets
+
+__all__ = ["DEFAULT_SKEW", "Keyd", "LoadedKey", "check_payload", "serve_unix"]
+
+LOGGER = logging.getLogger("dccsign.keyd")
+
+#: How far in the future an iat may be (clock skew between engine and keyd).
+DEFAULT_SKEW = 60
+#: How often keyd looks at the keystore metadata for state changes (emergency disable must
+#: take effect within a second).
+RELOAD_INTERVAL = 0.5
+_CLAIM_KEYS = frozenset({1, 4, 6, -260})
+
+
+@dataclass
+class LoadedKey:
+    """A key keyd holds: its DSC, the signing key object, its state and allowed clients."""
+
+    dsc: DSC
+    key: Any  # native SigningKey or a PKCS#11 key with the same interface
+    state: str
+    name: str
+    clients: frozenset[str] | None = None  # None: every client
+
+    @property
+    def protected(self) -> bytes:
+        return native.protected_header(self.dsc.alg, self.dsc.kid)
+
+
+def _loads_exact(data: bytes) -> Any:
+    stream = io.BytesIO(data)
+    value = cbor2.CBORDecoder(stream).decode()
+    if stream.tell() != len(data):
+        raise ValueError("trailing bytes after the CWT")
+    return value
+
+
+def check_payload(
+    payload: bytes,
+    dsc: DSC,
+    now: float,
+    *,
+    skew: int = DEFAULT_SKEW,
+    valuesets: ValueSets | None = None,
+) -> tuple[str, str, str] | tuple[ItemError, str]:
+    """keyd's own check of one CWT payload for *dsc*.
+
+    Returns ``(dcc_type, uvci, iss)`` when it may be signed, else ``(ItemError, reason)``.
+    Never raises for any payload bytes.
+    """
+    try:
+        claims = _loads_exact(payload)
+    except Exception as exc:  # any decoder failure is the payload's fault
+        return ItemError.MALFORMED_CWT, f"not one CBOR item: {exc}"
+    if not isinstance(claims, dict) or set(claims) != _CLAIM_KEYS:
+        return ItemError.MALFORMED_CWT, "the CWT must be a map of exactly the claims 1, 4, 6, -260"
+    iss, exp, iat, hcert = claims[1], claims[4], claims[6], claims[-260]
+    if not (isinstance(iss, str) and len(iss) == 2 and iss.isascii() and iss.isupper()):
+        return ItemError.MALFORMED_CWT, "iss must be an ISO 3166-1 alpha-2 code"
+    if type(exp) is not int or type(iat) is not int:
+        return ItemError.MALFORMED_CWT, "exp and iat must be integers"
+    if not (isinstance(hcert, dict) and set(hcert) == {1} and isinstance(hcert[1], dict)):
+        return ItemError.MALFORMED_CWT, "claim -260 must be {1: DCC}"
+    if exp > dsc.not_after.timestamp():
+        return ItemError.EXP_AFTER_DSC, f"exp {exp} is after the DSC's notAfter"
+    if iat < dsc.not_before.timestamp():
+        return ItemError.IAT_BEFORE_DSC, f"iat {iat} is before the DSC's notBefore"
+    if exp <= iat:
+        return ItemError.EXP_NOT_AFTER_IAT, "exp must be after iat"
+    if iat > now + skew:
+        return ItemError.IAT_IN_FUTURE, f"iat {iat} is more than {skew} s in the future"
+    dcc = hcert[1]
+    try:
+        dcc_type = validate(dcc, valuesets=valuesets)
+    except DCCValidationError as exc:
+        first = exc.issues[0]
+        return ItemError.MALFORMED_CWT, f"invalid DCC: {first.path}: {first.message}"
+    if not dsc.allows(dcc_type):
+        return (
+            ItemError.TYPE_NOT_ALLOWED,
+            f"the DSC's extended key usage does not allow a {TYPE_NAMES[dcc_type]} DCC",
+        )
+    return dcc_type, dcc[dcc_type][0]["ci"], iss
+
+
+class Keyd:
+    """The signing service of keyd, independent of any transport.
+
+    Args:
+        keystore: the keystore directory; key states are re-read when its metadata changes.
+        passphrase: the keystore passphrase (private keys are decrypted once, at start).
+        audit: the open audit log every signature is recorded in before release.
+        impl: the native implementation whose ``SigningKey`` holds the software keys.
+        clock: seconds since the epoch.
+
+    Raises:
+        KeystoreError: at start, a corrupt keystore file or a wrong passphrase (the message
+            names the file). keyd does not start half-way.
+    """
+
+    def __init__(
+        self,
+        keystore: str | os.PathLike[str],
+        passphrase: bytes,
+        audit: AuditLog,
+        *,
+        impl=native,
+        clock: Callable[[], float] = time.time,
+        skew: int = DEFAULT_SKEW,
+    ) -> None:
+        self.directory = Path(keystore)
+        self.audit = audit
+        self.clock = clock
+        self.skew = skew
+        self.valuesets = ValueSets.builtin()
+        self._passphrase = passphrase
+        self._impl = impl
+        self._lock = threading.Lock()
+        self._keys: dict[bytes, LoadedKey] = {}
+        self._meta_stamp: tuple[int, int] | None = None
+        self._next_check = 0.0
+        self.audit_failure: str | None = None
+        self._load(initial=True)
+
+    # -- keys ---------------------------------------------------------------------------
+
+    def _stamp(self) -> tuple[int, int] | None:
+        try:
+            st = (self.directory / "keystore.json").stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def _load(self, *, initial: bool = False) -> None:
+        stamp = self._stamp()
+        store = Keystore.open(self.directory)
+        keys: dict[bytes, LoadedKey] = {}
+        for entry in store.entries:
+            old = self._keys.get(entry.kid)
+            if old is not None:
+                key = old.key
+            else:
+                key = store.load_signing_key(entry, self._passphrase, self._impl)
+            keys[entry.kid] = LoadedKey(entry.dsc, key, entry.state, entry.name)
+            if old is not None and old.state != entry.state:
+                LOGGER.warning(
+                    "key %s (%s): %s -> %s", entry.kid.hex(), entry.name, old.state, entry.state
+                )
+                self.audit.append_key_event(
+                    KeyEvent(f"state:{entry.state}", entry.kid, entry.name, "keyd", None)
+                )
+        with self._lock:
+            self._keys = keys
+            self._meta_stamp = stamp
+        if initial:
+            self.audit.append_key_event(KeyEvent("keyd-start", None, None, "keyd", None))
+
+    def refresh(self) -> None:
+        """Pick up key state changes (activate, retire, disable) from the keystore metadata."""
+        now = time.monotonic()
+        if now < self._next_check:
+            return
+        self._next_check = now + RELOAD_INTERVAL
+        if self._stamp() != self._meta_stamp:
+            try:
+                self._load()
+            except Exception:
+                # A half-written or broken metadata file must not stop signing with the state
+                # we know; it is retried at the next interval.
+                LOGGER.exception("keystore reload failed; keeping the previous key states")
+
+    def describe(self) -> list[KeyInfo]:
+        self.refresh()
+        with self._lock:
+            keys = list(self._keys.values())
+        return [
+            KeyInfo(
+                k.dsc.kid,
+                k.dsc.alg,
+                tuple(t for t in "vtr" if t in k.dsc.usages),
+                k.state,
+                k.dsc.der,
+            )
+            for k in keys
+        ]
+
+    # -- signing ------------------------------------------------------------------------
+
+    def sign(self, req: Sign) -> SignResult:
+        """Check, sign, audit, then release: see the module docstring."""
+        self.refresh()
+        n = len(req.payloads)
+        with self._lock:
+            key = self._keys.get(req.kid)
+        if key is None or key.state != "active":
+            why = "unknown kid" if key is None else f"key is {key.state}"
+            return SignResult(req.request_id, ((ItemError.KID_NOT_ACTIVE, why),) * n)
+        if key.clients is not None and req.client not in key.clients:
+            return SignResult(
+                req.request_id,
+                ((ItemError.CLIENT_NOT_ALLOWED, f"client {req.client!r} may not use this kid"),)
+                * n,
+            )
+        if self.audit_failure is not None:
+            return SignResult(
+                req.request_id, ((ItemError.AUDIT_UNAVAILABLE, self.audit_failure),) * n
+            )
+        now = self.clock()
+        results: list[bytes | tuple[ItemError, str]] = []
+        accepted: list[int] = []
+        facts: list[tuple[str, str, str]] = []
+        for i, payload in enumerate(req.payloads):
+            outcome = check_payload(payload, key.dsc, now, skew=self.skew, valuesets=self.valuesets)
+            if isinstance(outcome[0], ItemError):
+                results.append(outcome)  # type: ignore[arg-type]
+            else:
+                results.append(b"")
+                accepted.append(i)
+                facts.append(outcome)  # type: ignore[arg-type]
+        if not accepted:
+            return SignResult(req.request_id, tuple(results))
+        payloads = [req.payloads[i] for i in accepted]
+        try:
+            signatures = key.key.sign(key.protected, payloads)
+        except Exception as exc:
+            LOGGER.exception("signing failed for kid %s", key.dsc.kid.hex())
+            for i in accepted:
+                results[i] = (ItemError.INTERNAL, f"signing failed: {type(exc).__name__}")
+            return SignResult(req.request_id, tuple(results))
+        records = [
+            IssuanceRecord(
+                kid=key.dsc.kid,
+                alg=key.dsc.alg,
+                client=req.client,
+                account=req.account,
+                operator=req.operator,
+                dcc_type=t,
+                uvci=uvci,
+                iss=iss,
+                payload=p,
+                signature=s,
+            )
+            for (t, uvci, iss), p, s in zip(facts, payloads, signatures, strict=True)
+        ]
+        try:
+            self.audit.append_issuance(records)
+        except AuditUnavailable as exc:
+            # The signatures are dropped: nothing leaves keyd that the log does not know.
+            self.audit_failure = f"audit log unavailable: {exc}"
+            LOGGER.error("%s; signing stopped", self.audit_failure)
+            for i in accepted:
+                results[i] = (ItemError.AUDIT_UNAVAILABLE, self.audit_failure)
+            return SignResult(req.request_id, tuple(results))
+        for i, sig in zip(accepted, signatures, strict=True):
+            results[i] = sig
+        return SignResult(req.request_id, tuple(results))
+
+    def handle(self, msg: object) -> object:
+        """The reply to one request message."""
+        if isinstance(msg, Sign):
+            return self.sign(msg)
+        if isinstance(msg, Describe):
+            return DescribeResult(msg.request_id, tuple(self.describe()))
+        rid = getattr(msg, "request_id", 0)
+        return Error(rid, f"keyd does not accept {type(msg).__name__} messages", False)
+
+
+# ----------------------------------------------------------------------------- transport
+
+
+def _serve_connection(keyd: Keyd, sock: socket.socket) -> None:
+    codec = Connection()
+    with sock:
+        while True:
+            try:
+                data = sock.recv(1 << 16)
+            except OSError:
+                return
+            try:
+                codec.receive_data(data)
+                out = []
+                while True:
+                    event = codec.next_event()
+                    if event is NEED_DATA or event is None:
+                        break
+                    out.append(codec.send(keyd.handle(event)))
+            except KeydProtocolError as exc:
+                LOGGER.warning("closing a keyd connection: %s", exc)
+                try:
+                    sock.sendall(codec.send(Error(0, f"protocol error: {exc}", False)))
+                except OSError:
+                    pass
+                return
+            if out:
+                try:
+                    sock.sendall(b"".join(out))  # one write for everything this read produced
+                except OSError:
+                    return
+            if not data:
+                return
+
+
+def serve_unix(
+    keyd: Keyd,
+    path: str | os.PathLike[str],
+    *,
+    ready: threading.Event | None = None,
+    stop: threading.Event | None = None,
+) -> None:
+    """Serve *keyd* on a Unix socket created with mode 0600 until *stop* is set.
+
+    Each connection gets a thread; signing releases the GIL, so connections sign in parallel.
+    """
+    path = Path(path)
+    path.unlink(missing_ok=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)  # the socket exists with mode 0600 from its first instant
+    try:
+        listener.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    listener.listen(64)
+    listener.settimeout(0.2)
+    if ready is not None:
+        ready.set()
+    try:
+        while stop is None or not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            conn.settimeout(None)
+            threading.Thread(target=_serve_connection, args=(keyd, conn), daemon=True).start()
+    finally:
+        listener.close()
+        path.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- process
+
+AUDIT_KEY_FILE = "audit-key.pem"
+AUDIT_DIR = "audit"
+
+
+def run(
+    keystore: str | os.PathLike[str],
+    socket_path: str | os.PathLike[str],
+    audit_dir: str | os.PathLike[str] | None = None,
+    *,
+    ready: threading.Event | None = None,
+    stop: threading.Event | None = None,
+) -> None:
+    """Run keyd until *stop* is set (the CLI sets it on SIGTERM/SIGINT).
+
+    The audit log lives in ``KEYSTORE/audit`` unless *audit_dir* is given; its checkpoint key
+    is ``KEYSTORE/audit-key.pem`` (created on first start, encrypted with the keystore
+    passphrase).
+
+    Raises:
+        KeystoreError: keystore, passphrase or audit key unusable (nothing was started).
+        AuditLogError, AuditUnavailable: the audit log is broken or cannot be written.
+    """
+    from .audit import AuditKey
+    from .keystore import resolve_passphrase
+
+    root = Path(keystore)
+    Keystore.open(root)  # a clear error before anything is created
+    passphrase = resolve_passphrase(root)
+    key_path = root / AUDIT_KEY_FILE
+    audit_key = (
+        AuditKey.load(key_path, passphrase)
+        if key_path.exists()
+        else AuditKey.create(key_path, passphrase)
+    )
+    with AuditLog.open(Path(audit_dir) if audit_dir else root / AUDIT_DIR, audit_key) as log:
+        keyd = Keyd(root, passphrase, log)
+        LOGGER.info("keyd serving %d keys on %s", len(keyd.describe()), socket_path)
+        try:
+            serve_unix(keyd, socket_path, ready=ready, stop=stop)
+        finally:
+            log.append_key_event(KeyEvent("keyd-stop", None, None, "keyd", None))
+
+
+def cmd_keyd(args) -> int:
+    """``dccsign keyd``: returns the exit code (0 after a clean stop, 4 on key problems)."""
+    import signal
+    import sys
+
+    from .audit import AuditError
+    from .errors import KeystoreError
+
+    logging.basicConfig(level=logging.INFO, format="keyd: %(levelname)s %(message)s")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        run(args.keystore, args.socket, args.audit_dir, stop=stop)
+    except (KeystoreError, AuditError) as exc:
+        print(f"dccsign keyd: error: {exc}", file=sys.stderr)
+        return 4
+    return 0

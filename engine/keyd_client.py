@@ -1,0 +1,109 @@
+"""A blocking client of keyd over its Unix socket (the engine side of the keyd codec)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import threading
+from collections.abc import Sequence
+
+from .protocol.keyd import (
+    NEED_DATA,
+    Connection,
+    Describe,
+    DescribeResult,
+    Error,
+    ItemError,
+    KeyInfo,
+    Sign,
+    SignResult,
+)
+
+__all__ = ["KeydClient", "KeydError"]
+
+
+class KeydError(Exception):
+    """keyd could not answer (connection lost, keyd stopping, protocol error).
+
+    Attributes:
+        retryable: a retry (after keyd is restarted) may succeed; nothing was signed for
+            this request that the caller holds.
+    """
+
+    def __init__(self, message: str, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class KeydClient:
+    """One connection to keyd; thread-safe (requests are serialised on it).
+
+    Raises:
+        KeydError: from every call when keyd is unreachable or the connection breaks.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], timeout: float = 60.0) -> None:
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        try:
+            self._sock.connect(os.fspath(path))
+        except OSError as exc:
+            self._sock.close()
+            raise KeydError(f"cannot reach keyd at {path}: {exc.strerror or exc}") from None
+        self._codec = Connection()
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> KeydClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, msg):
+        with self._lock:
+            try:
+                self._sock.sendall(self._codec.send(msg))
+                while True:
+                    event = self._codec.next_event()
+                    if event is None:
+                        self._sock.close()
+                        raise KeydError("keyd closed the connection")
+                    if event is not NEED_DATA:
+                        break
+                    data = self._sock.recv(1 << 16)
+                    self._codec.receive_data(data)
+            except OSError as exc:
+                # The stream is out of step after a failure: this connection is finished.
+                self._sock.close()
+                raise KeydError(f"keyd connection failed: {exc}") from None
+        if isinstance(event, Error):
+            raise KeydError(f"keyd: {event.message}", event.retryable)
+        if event.request_id != msg.request_id:
+            raise KeydError("keyd answered another request", retryable=False)
+        return event
+
+    def describe(self) -> list[KeyInfo]:
+        reply = self._call(Describe(next(self._ids)))
+        if not isinstance(reply, DescribeResult):
+            raise KeydError(f"unexpected reply {type(reply).__name__}", retryable=False)
+        return list(reply.keys)
+
+    def sign(
+        self,
+        kid: bytes,
+        payloads: Sequence[bytes],
+        *,
+        client: str,
+        account: str,
+        operator: str | None = None,
+    ) -> list[bytes | tuple[ItemError, str]]:
+        """Signatures (or per-item refusals) for *payloads*, in order."""
+        reply = self._call(Sign(next(self._ids), kid, client, account, tuple(payloads), operator))
+        if not isinstance(reply, SignResult) or len(reply.results) != len(payloads):
+            raise KeydError("malformed reply from keyd", retryable=False)
+        return list(reply.results)

@@ -1,0 +1,203 @@
+"""keyd: its own payload checks, audit before release, key states, and the Unix socket server."""
+
+import json
+import os
+import stat
+import threading
+import time
+
+import cbor2
+import pytest
+
+from dccsign import native
+from dccsign.audit import AuditKey, AuditLog, AuditUnavailable, search, verify
+from dccsign.chain import claims_prefix
+from dccsign.keyd import Keyd, serve_unix
+from dccsign.keyd_client import KeydClient
+from dccsign.keystore import Keystore, resolve_passphrase
+from dccsign.protocol.keyd import ItemError, Sign
+from dccsign.samples import sample
+from dccsign.verify import verify_hc1
+
+
+@pytest.fixture
+def env(dev_keystore_copy, tmp_path):
+    store = Keystore.open(dev_keystore_copy)
+    pw = resolve_passphrase(store.directory)
+    key = AuditKey.create(tmp_path / "audit-key.pem", pw)
+    log = AuditLog.open(tmp_path / "audit", key)
+    keyd = Keyd(store.directory, pw, log)
+    yield store, keyd, log, tmp_path / "audit"
+    log.close()
+
+
+def _kid(store, usage):
+    return next(e.kid for e in store.entries if e.dsc.usages == frozenset(usage))
+
+
+def _payload(dcc, *, iat=None, exp=None, iss="NL"):
+    now = int(time.time())
+    iat = now - 3600 if iat is None else iat
+    exp = now + 86400 if exp is None else exp
+    return claims_prefix(iss, iat, exp) + cbor2.dumps(dcc)
+
+
+def _sign(keyd, kid, payloads, client="portal", account="uzi:900001", operator=None):
+    return keyd.sign(Sign(1, kid, client, account, tuple(payloads), operator)).results
+
+
+def test_signs_audits_and_verifies(env):
+    store, keyd, _log, audit_dir = env
+    kid = _kid(store, "v")
+    payloads = [_payload(sample("v")) for _ in range(5)]
+    results = _sign(keyd, kid, payloads, operator="assistant:42")
+    assert all(isinstance(r, bytes) and len(r) == 64 for r in results)
+    entry = next(e for e in store.entries if e.kid == kid)
+    protected = native.protected_header(-7, kid)
+    for text in native.hc1_encode(protected, payloads, results):
+        assert verify_hc1(text, [entry.dsc]).valid
+    records = list(search(audit_dir, account="uzi:900001"))
+    assert len(records) == 5
+    assert {r["operator"] for r in records} == {"assistant:42"}
+    assert verify(audit_dir).ok
+
+
+@pytest.mark.parametrize(
+    ("make", "code"),
+    [
+        (lambda d: b"\xff", ItemError.MALFORMED_CWT),
+        (lambda d: cbor2.dumps({1: "NL", 4: 2, 6: 1}), ItemError.MALFORMED_CWT),
+        (lambda d: cbor2.dumps({1: "NL", 4: 2.0, 6: 1, -260: {1: d}}), ItemError.MALFORMED_CWT),
+        (lambda d: _payload(d) + b"\x00", ItemError.MALFORMED_CWT),
+        (
+            lambda d: cbor2.dumps(
+                {1: "NL", 4: int(time.time()) + 9, 6: int(time.time()) - 9, -260: {1: d}, 99: 1}
+            ),
+            ItemError.MALFORMED_CWT,
+        ),
+        (lambda d: _payload({**d, "dob": "1999-02-30"}), ItemError.MALFORMED_CWT),
+        (lambda d: _payload(d, exp=int(time.time()) + 10 * 365 * 86400), ItemError.EXP_AFTER_DSC),
+        (lambda d: _payload(d, iat=int(time.time()) - 10 * 86400), ItemError.IAT_BEFORE_DSC),
+        (lambda d: _payload(d, iat=int(time.time()) + 600), ItemError.IAT_IN_FUTURE),
+        (lambda d: _payload(d, exp=int(time.time()) - 7200), ItemError.EXP_NOT_AFTER_IAT),
+        (lambda d: _payload(sample("t")), ItemError.TYPE_NOT_ALLOWED),
+    ],
+)
+def test_refuses_per_item_and_signs_the_rest(env, make, code):
+    store, keyd, _log, audit_dir = env
+    good = _payload(sample("v"))
+    results = _sign(keyd, _kid(store, "v"), [good, make(sample("v")), good])
+    assert isinstance(results[0], bytes) and isinstance(results[2], bytes)
+    assert results[1][0] == code
+    assert len(list(search(audit_dir))) == 2  # the refused item is not audited as issued
+
+
+def test_key_states_take_effect_within_a_second(env):
+    store, keyd, _log, _audit_dir = env
+    kid = _kid(store, "v")
+    assert isinstance(_sign(keyd, kid, [_payload(sample("v"))])[0], bytes)
+    meta_path = store.directory / "keystore.json"
+    meta = json.loads(meta_path.read_text())
+    name = next(e.name for e in store.entries if e.kid == kid)
+    for k in meta["keys"]:
+        if k["name"] == name:
+            k["state"] = "disabled"
+    meta_path.write_text(json.dumps(meta))
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        result = _sign(keyd, kid, [_payload(sample("v"))])[0]
+        if not isinstance(result, bytes):
+            break
+        time.sleep(0.05)
+    assert result == (ItemError.KID_NOT_ACTIVE, "key is disabled")
+    assert _sign(keyd, b"\x00" * 8, [b""])[0][0] == ItemError.KID_NOT_ACTIVE
+
+
+def test_audit_unavailable_stops_signing(env, monkeypatch):
+    store, keyd, log, _audit_dir = env
+    kid = _kid(store, "v")
+
+    def broken(records):
+        raise AuditUnavailable("No space left on device")
+
+    monkeypatch.setattr(log, "append_issuance", broken)
+    results = _sign(keyd, kid, [_payload(sample("v"))] * 3)
+    assert all(r[0] == ItemError.AUDIT_UNAVAILABLE and "No space" in r[1] for r in results)
+    monkeypatch.undo()
+    # keyd stays stopped: it does not resume signing by itself after an audit failure.
+    assert _sign(keyd, kid, [_payload(sample("v"))])[0][0] == ItemError.AUDIT_UNAVAILABLE
+
+
+def test_client_allow_list(env):
+    store, keyd, _log, _audit_dir = env
+    kid = _kid(store, "v")
+    keyd._keys[kid].clients = frozenset({"portal-a"})
+    assert isinstance(_sign(keyd, kid, [_payload(sample("v"))], client="portal-a")[0], bytes)
+    assert _sign(keyd, kid, [_payload(sample("v"))], client="portal-b")[0][0] == (
+        ItemError.CLIENT_NOT_ALLOWED
+    )
+
+
+def test_server_socket_and_client(env):
+    store, keyd, _log, audit_dir = env
+    path = audit_dir.parent / "keyd.sock"
+    ready, stop = threading.Event(), threading.Event()
+    server = threading.Thread(
+        target=serve_unix, args=(keyd, path), kwargs={"ready": ready, "stop": stop}, daemon=True
+    )
+    server.start()
+    assert ready.wait(5)
+    try:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        with KeydClient(path) as client:
+            keys = client.describe()
+            assert sorted(k.alg for k in keys) == [-37, -7, -7, -7]
+            assert all(k.dsc.startswith(b"\x30") for k in keys)
+            kid = _kid(store, "r")
+            out = client.sign(kid, [_payload(sample("r"))] * 10, client="portal", account="a1")
+            assert all(isinstance(s, bytes) for s in out)
+
+        # Two clients at once, both served.
+        def work(results):
+            with KeydClient(path) as c:
+                results.append(c.sign(kid, [_payload(sample("r"))] * 50, client="p", account="a2"))
+
+        results: list = []
+        threads = [threading.Thread(target=work, args=(results,)) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(results) == 2 and all(isinstance(s, bytes) for r in results for s in r)
+    finally:
+        stop.set()
+        server.join(5)
+    assert not path.exists()
+    assert len(list(search(audit_dir))) == 110
+    assert verify(audit_dir).ok
+
+
+def test_wrong_passphrase_does_not_start(dev_keystore_copy, tmp_path):
+    from dccsign.errors import KeystoreError
+
+    store = Keystore.open(dev_keystore_copy)
+    key = AuditKey.create(tmp_path / "k.pem", b"pw")
+    with (
+        AuditLog.open(tmp_path / "audit", key) as log,
+        pytest.raises(KeystoreError, match=r"key\.pem"),
+    ):
+        Keyd(store.directory, b"wrong", log)
+
+
+def test_no_export_and_no_digest_signing_surface():
+    # The codec has exactly these request types; none carries a digest or asks for a key.
+    from dccsign.protocol.keyd import MessageType
+
+    assert {m.name for m in MessageType} == {
+        "DESCRIBE",
+        "DESCRIBE_RESULT",
+        "SIGN",
+        "SIGN_RESULT",
+        "ERROR",
+    }
+    assert not any(n in dir(Keyd) for n in ("export", "sign_digest", "private_key"))
