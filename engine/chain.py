@@ -1,7 +1,8 @@
 """The HC1 issuing chain: DCC -> validation -> CWT claims -> CBOR -> COSE -> zlib -> base45.
 
 :class:`Issuer` does everything except the signature arithmetic and byte assembly, which the
-native core does for a whole batch at once (:func:`dccsign.native.hc1_sign`). All per-batch
+native core does for a whole batch at once (the key's ``sign``, then
+:func:`dccsign.native.hc1_encode`). All per-batch
 work is done once per batch: the claims other than the DCC (iss, iat, exp) are the same for
 every certificate signed with one key in one call, so their CBOR is a constant prefix.
 """
@@ -47,7 +48,7 @@ class SignerKey:
     """A loaded key with its DSC and lifecycle state."""
 
     dsc: DSC
-    key: Any  # the implementation's SigningKey
+    key: Any  # anything with SigningKey's sign(protected, payloads): in-process or keyd
     state: str = "active"
     name: str = ""
 
@@ -270,7 +271,10 @@ class Issuer:
         if errors:
             raise InvalidBatchError(errors)
         for key, indices, payloads in encoded:
-            hc1s = self.impl.hc1_sign(key.key, key.protected, payloads, self.zlib_level)
+            # Two batch calls, both GIL-free in the native core: the signatures may come from
+            # an in-process key or from keyd (dccsign.keyd_supervisor.KeydSigner).
+            signatures = key.key.sign(key.protected, payloads)
+            hc1s = self.impl.hc1_encode(key.protected, payloads, signatures, self.zlib_level)
             for i, text in zip(indices, hc1s, strict=True):
                 results[i] = text
         return results

@@ -198,10 +198,13 @@ def cmd_keys_export_cert(args: argparse.Namespace) -> int:
 
 
 def cmd_sign(args: argparse.Namespace) -> int:
-    from . import native
+    import getpass
+
     from .chain import Issuer, SignerKey
+    from .dsc import DSC
     from .errors import InvalidBatchError, KeyProblem, KeystoreError
-    from .keystore import resolve_passphrase
+    from .keyd_client import KeydError
+    from .keyd_supervisor import KeydSigner, PrivateKeyd
     from .qr import QR_SUFFIXES, numbered_paths, write_qr
 
     if args.qr is not None and args.qr.suffix.lower() not in QR_SUFFIXES:
@@ -210,35 +213,36 @@ def cmd_sign(args: argparse.Namespace) -> int:
     try:
         dccs = parse_dcc_input(_read_input(args.input))
     except ValueError as exc:
-        print(
-            json.dumps(
-                [{"index": None, "errors": [{"path": "$", "rule": "json", "message": str(exc)}]}]
-            ),
-            file=sys.stderr,
-        )
+        error = {"path": "$", "rule": "json", "message": str(exc)}
+        print(json.dumps([{"index": None, "errors": [error]}]), file=sys.stderr)
         return EXIT_INVALID_DCC
     if not dccs:
         _fail(EXIT_INVALID_DCC, "the input holds no DCC")
+    # No signature bypasses keyd and its audit log: this run gets a private keyd that writes
+    # to the keystore's audit directory. The CLI itself never decrypts a private key.
+    account = f"os-user:{getpass.getuser()}"
     try:
-        passphrase = resolve_passphrase(store.directory)
-        wanted = [e for e in store.entries if e.state == "active"]
-        if args.kid is not None:
-            wanted = [store.find(args.kid)]
-        keys = [
-            SignerKey(e.dsc, store.load_signing_key(e, passphrase, native), e.state, e.name)
-            for e in wanted
-        ]
-    except KeystoreError as exc:
-        _fail(EXIT_KEY, str(exc))
-    issuer = Issuer(keys, issuer_country=store.issuer_country)
-    try:
-        hc1s = issuer.issue(dccs, kid=args.kid, validity=dt.timedelta(days=args.validity_days))
+        with PrivateKeyd(store.directory) as keyd, keyd.client() as client:
+            keys = [
+                SignerKey(
+                    DSC.from_bytes(info.dsc),
+                    KeydSigner(
+                        client, info.kid, info.alg, client_id="dccsign-cli", account=account
+                    ),
+                    info.state,
+                )
+                for info in client.describe()
+            ]
+            issuer = Issuer(keys, issuer_country=store.issuer_country)
+            hc1s = issuer.issue(dccs, kid=args.kid, validity=dt.timedelta(days=args.validity_days))
     except InvalidBatchError as exc:
         print(json.dumps(exc.as_json(), ensure_ascii=False), file=sys.stderr)
         print(f"dccsign: {exc}", file=sys.stderr)
         return EXIT_INVALID_DCC
-    except KeyProblem as exc:
+    except (KeyProblem, KeystoreError) as exc:
         _fail(EXIT_KEY, str(exc))
+    except KeydError as exc:
+        _fail(EXIT_KEY, f"keyd failed: {exc} (nothing was output; retry)")
     out = sys.stdout
     for text in hc1s:
         out.write(text + "\n")
@@ -357,9 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="sign DCCs, print one HC1: line per DCC",
         description="Sign DCCs: a JSON DCC, a JSON array of DCCs, or JSON lines. Prints one "
         "HC1: line per DCC in input order. Every DCC is validated first; if any is invalid, "
-        "nothing is signed and the errors go to stderr as JSON (exit 3). The passphrase comes "
-        "from DCCSIGN_KEYSTORE_PASSPHRASE, DCCSIGN_KEYSTORE_PASSPHRASE_FILE, or "
-        "DIR/dev-passphrase.",
+        "nothing is signed and the errors go to stderr as JSON (exit 3). Signing runs in a "
+        "private keyd for this run, which records every signature in DIR/audit (account "
+        "os-user:NAME). The passphrase comes from DCCSIGN_KEYSTORE_PASSPHRASE, "
+        "DCCSIGN_KEYSTORE_PASSPHRASE_FILE, or DIR/dev-passphrase.",
     )
     p.add_argument("--keystore", type=Path, required=True, metavar="DIR")
     p.add_argument(

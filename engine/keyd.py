@@ -162,8 +162,10 @@ class Keyd:
         impl=native,
         clock: Callable[[], float] = time.time,
         skew: int = DEFAULT_SKEW,
+        preloaded: dict[bytes, Any] | None = None,
     ) -> None:
         self.directory = Path(keystore)
+        self._preloaded = dict(preloaded or {})
         self.audit = audit
         self.clock = clock
         self.skew = skew
@@ -194,6 +196,8 @@ class Keyd:
             old = self._keys.get(entry.kid)
             if old is not None:
                 key = old.key
+            elif entry.kid in self._preloaded:
+                key = self._preloaded.pop(entry.kid)
             else:
                 key = store.load_signing_key(entry, self._passphrase, self._impl)
             keys[entry.kid] = LoadedKey(entry.dsc, key, entry.state, entry.name)
@@ -420,8 +424,11 @@ def run(
     from .keystore import resolve_passphrase
 
     root = Path(keystore)
-    Keystore.open(root)  # a clear error before anything is created
+    store = Keystore.open(root)
     passphrase = resolve_passphrase(root)
+    # Every private key is decrypted before anything is created: a wrong passphrase must not
+    # leave an audit key (or log) behind that was made with it.
+    loaded = {e.kid: store.load_signing_key(e, passphrase, native) for e in store.entries}
     key_path = root / AUDIT_KEY_FILE
     audit_key = (
         AuditKey.load(key_path, passphrase)
@@ -429,7 +436,7 @@ def run(
         else AuditKey.create(key_path, passphrase)
     )
     with AuditLog.open(Path(audit_dir) if audit_dir else root / AUDIT_DIR, audit_key) as log:
-        keyd = Keyd(root, passphrase, log)
+        keyd = Keyd(root, passphrase, log, preloaded=loaded)
         LOGGER.info("keyd serving %d keys on %s", len(keyd.describe()), socket_path)
         try:
             serve_unix(keyd, socket_path, ready=ready, stop=stop)

@@ -27,3 +27,6 @@ while IFS= read -r line; do
 done < "$out/hc1.txt"
 echo
 echo "QR codes: $(ls "$out"/qr*.png | tr '\n' ' ')"
+echo
+echo "audit log (every signature above was recorded by keyd before it was released):"
+"$dccsign" audit verify "$keystore/audit"

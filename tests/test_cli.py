@@ -68,6 +68,12 @@ def test_sign_input_forms_and_verify(ks, tmp_path, capsysbinary, form):
     assert code == 0, err
     lines = out.decode().splitlines()
     assert len(lines) == (1 if form == "object" else 3)
+    # Signed through a private keyd: every certificate is in the keystore's audit log.
+    from dccsign.audit import search, verify
+
+    records = list(search(ks / "audit"))
+    assert len(records) == len(lines) and verify(ks / "audit").ok
+    assert {r["account"] for r in records} == {f"os-user:{__import__('getpass').getuser()}"}
     for line, dcc in zip(lines, dccs, strict=False):
         code, out, _ = run(capsysbinary, "verify", "--keystore", ks, line)
         result = json.loads(out)

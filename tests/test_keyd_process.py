@@ -109,8 +109,11 @@ def test_wrong_passphrase_names_the_file_and_starts_nothing(dev_keystore_copy, t
         timeout=30,
     )
     assert proc.returncode == 4
-    assert b".pem" in proc.stderr and b"passphrase" in proc.stderr
+    assert b".key.pem" in proc.stderr and b"passphrase" in proc.stderr
     assert not sock.exists()
+    # Nothing was created with the wrong passphrase (no audit key, no audit log).
+    assert not (dev_keystore_copy / "audit-key.pem").exists()
+    assert not (dev_keystore_copy / "audit").exists()
 
 
 def test_sigkill_under_load_loses_no_issued_certificate(dev_keystore_copy, tmp_path):

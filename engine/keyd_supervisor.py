@@ -1,0 +1,167 @@
+"""Starting, watching and stopping keyd from the signing side.
+
+:class:`PrivateKeyd` runs ``dccsign keyd`` as a child process on a socket in a private
+directory (mode 0700), so that only this process's user can reach it, restarts it when it has
+died, and stops it with SIGTERM (a final audit checkpoint) when done. :class:`KeydSigner` is the
+key object a :class:`~dccsign.chain.SignerKey` holds when the private key lives in keyd.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import KeyProblem, KeystoreError
+from .keyd_client import KeydClient, KeydError
+
+__all__ = ["KeydSigner", "PrivateKeyd"]
+
+
+def _accepts(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+class PrivateKeyd:
+    """A keyd child process for this process alone (a context manager).
+
+    Raises:
+        KeystoreError: keyd refused to start (wrong passphrase, corrupt keystore, broken audit
+            log): its own message, which names the file.
+        KeydError: keyd did not come up within *startup_timeout* seconds.
+    """
+
+    def __init__(
+        self,
+        keystore: str | os.PathLike[str],
+        *,
+        audit_dir: str | os.PathLike[str] | None = None,
+        startup_timeout: float = 60.0,
+    ) -> None:
+        self.keystore = Path(keystore)
+        self.audit_dir = audit_dir
+        self.startup_timeout = startup_timeout
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self.socket_path: Path | None = None
+
+    def __enter__(self) -> PrivateKeyd:
+        self._tmp = tempfile.TemporaryDirectory(prefix="dccsign-keyd-")
+        os.chmod(self._tmp.name, 0o700)
+        self.socket_path = Path(self._tmp.name) / "keyd.sock"
+        try:
+            self.start()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def start(self) -> None:
+        """Start keyd (again) and wait until it accepts connections."""
+        assert self.socket_path is not None and self._tmp is not None
+        log_path = Path(self._tmp.name) / "keyd.log"
+        argv = [
+            sys.executable,
+            "-m",
+            "dccsign",
+            "keyd",
+            "--keystore",
+            str(self.keystore),
+            "--socket",
+            str(self.socket_path),
+        ]
+        if self.audit_dir is not None:
+            argv += ["--audit-dir", str(self.audit_dir)]
+        with open(log_path, "ab") as log:
+            self._proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log
+            )
+        deadline = time.monotonic() + self.startup_timeout
+        # A keyd that was killed leaves its socket file: readiness is a successful connect.
+        while not _accepts(self.socket_path):
+            if self._proc.poll() is not None:
+                message = log_path.read_text(errors="replace").strip().splitlines()
+                text = message[-1] if message else f"keyd exited with {self._proc.returncode}"
+                raise KeystoreError(text.removeprefix("dccsign keyd: error: "))
+            if time.monotonic() > deadline:
+                self._proc.kill()
+                self._proc.wait()
+                raise KeydError("keyd did not start in time")
+            time.sleep(0.02)
+
+    def ensure_running(self) -> None:
+        """Restart keyd if it has died (requests in flight then failed with KeydError)."""
+        if self._proc is None or self._proc.poll() is not None:
+            self.start()
+
+    def client(self) -> KeydClient:
+        assert self.socket_path is not None
+        return KeydClient(self.socket_path)
+
+    def __exit__(self, *exc: object) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+class KeydSigner:
+    """The signing half of a key held by keyd, for one client and end-user account.
+
+    Same ``sign(protected, payloads)`` contract as the native ``SigningKey``, except that the
+    signature comes from keyd (which re-checks and audits each payload first).
+
+    Raises (from :meth:`sign`):
+        KeyProblem: keyd refused one or more payloads (each named with keyd's reason). Any
+            other payloads of the batch were signed and audited, but are not handed out.
+        KeydError: keyd is unreachable (retryable).
+    """
+
+    def __init__(
+        self,
+        client: KeydClient,
+        kid: bytes,
+        alg: int,
+        *,
+        client_id: str,
+        account: str,
+        operator: str | None = None,
+    ) -> None:
+        self._client = client
+        self.kid = kid
+        self.alg = alg
+        self.client_id = client_id
+        self.account = account
+        self.operator = operator
+
+    def sign(self, protected: bytes, payloads: Sequence[bytes]) -> list[bytes]:
+        results = self._client.sign(
+            self.kid, payloads, client=self.client_id, account=self.account, operator=self.operator
+        )
+        refused = [(i, r) for i, r in enumerate(results) if not isinstance(r, bytes)]
+        if refused:
+            detail = "; ".join(
+                f"item {i}: {code.name.lower()}: {why}" for i, (code, why) in refused[:5]
+            )
+            raise KeyProblem(f"keyd refused {len(refused)} of {len(results)} payloads: {detail}")
+        return results  # type: ignore[return-value]
