@@ -145,6 +145,7 @@ def cmd_keys_init_dev(args: argparse.Namespace) -> int:
 
 def _key_rows(store) -> list[dict[str, Any]]:
     from .dsc import TYPE_NAMES
+    from .lifecycle import PRIVATE_KEY_USAGE, key_warnings
 
     return [
         {
@@ -155,11 +156,13 @@ def _key_rows(store) -> list[dict[str, Any]]:
             "restricted": e.dsc.restricted,
             "not_before": e.dsc.not_before.isoformat(),
             "not_after": e.dsc.not_after.isoformat(),
+            "private_key_usage_until": (e.dsc.not_before + PRIVATE_KEY_USAGE).isoformat(),
             "state": e.state,
             "subject": e.dsc.subject,
+            "warnings": key_warnings(e.dsc) if e.state in ("active", "inactive") else [],
         }
         for e in store.entries
-    ]
+    ] + [{"name": name, "state": "pending", "kid": None} for name in store.pending]
 
 
 def _print_keys(store, *, as_json: bool) -> None:
@@ -169,6 +172,9 @@ def _print_keys(store, *, as_json: bool) -> None:
         return
     print(f"{'KID':<16}  {'ALG':<5}  {'STATE':<8}  {'VALID FROM':<10}  {'VALID UNTIL':<10}  USAGES")
     for r in rows:
+        if r["kid"] is None:
+            print(f"{'-':<16}  {'':<5}  {'pending':<8}  {r['name']} (waiting for its DSC)")
+            continue
         usages = ",".join(r["usages"]) + ("" if r["restricted"] else " (no EKU)")
         print(
             f"{r['kid']:<16}  {r['alg']:<5}  {r['state']:<8}  {r['not_before'][:10]:<10}  "
@@ -178,6 +184,65 @@ def _print_keys(store, *, as_json: bool) -> None:
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
     _print_keys(_open_keystore(args.keystore), as_json=args.json)
+    return EXIT_OK
+
+
+def _lifecycle(fn):
+    """Run a lifecycle operation; key problems exit 4 with the message."""
+    from .errors import KeystoreError
+
+    try:
+        return fn()
+    except KeystoreError as exc:
+        _fail(EXIT_KEY, str(exc))
+
+
+def cmd_keys_generate(args: argparse.Namespace) -> int:
+    from .keystore import resolve_passphrase
+    from .lifecycle import generate
+
+    store = _open_keystore(args.keystore)
+    name = _lifecycle(
+        lambda: generate(store.directory, args.alg, resolve_passphrase(store.directory))
+    )
+    print(name)
+    return EXIT_OK
+
+
+def cmd_keys_csr(args: argparse.Namespace) -> int:
+    from .keystore import resolve_passphrase
+    from .lifecycle import make_csr
+
+    store = _open_keystore(args.keystore)
+    usages = [u.strip() for u in args.usage.split(",") if u.strip()]
+    pem = _lifecycle(
+        lambda: make_csr(
+            store.directory, args.key, args.subject, usages, resolve_passphrase(store.directory)
+        )
+    )
+    sys.stdout.buffer.write(pem)
+    return EXIT_OK
+
+
+def cmd_keys_import_cert(args: argparse.Namespace) -> int:
+    from .lifecycle import import_cert
+
+    store = _open_keystore(args.keystore)
+    try:
+        data = args.cert.read_bytes()
+    except OSError as exc:
+        _fail(EXIT_USAGE, f"cannot read {args.cert}: {exc.strerror}")
+    kid = _lifecycle(lambda: import_cert(store.directory, args.key, data))
+    print(kid.hex())
+    return EXIT_OK
+
+
+def cmd_keys_state(args: argparse.Namespace) -> int:
+    from .lifecycle import set_state
+
+    store = _open_keystore(args.keystore)
+    old = _lifecycle(lambda: set_state(store.directory, args.kid, args.state, args.reason))
+    print(f"{args.kid.hex()}: {old} -> {args.state}")
     return EXIT_OK
 
 
@@ -349,6 +414,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keystore", type=Path, required=True, metavar="DIR")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_keys_list)
+
+    p = ksub.add_parser(
+        "generate",
+        help="generate a software key (state pending); prints its key id",
+        description="Generate a key in the keystore, encrypted with the keystore passphrase. It "
+        "stays pending until its DSC is imported. Recorded in the key-event journal.",
+    )
+    p.add_argument("--keystore", type=Path, required=True, metavar="DIR")
+    p.add_argument("--alg", choices=("ES256", "PS256"), required=True)
+    p.set_defaults(func=cmd_keys_generate)
+
+    p = ksub.add_parser("csr", help="a CSR for the national CSCA, on stdout (PEM)")
+    p.add_argument("--keystore", type=Path, required=True, metavar="DIR")
+    p.add_argument("--key", required=True, metavar="ID", help="the key id from 'keys generate'")
+    p.add_argument("--subject", required=True, help='RFC 4514, e.g. "CN=DSC 1,O=Ministry,C=NL"')
+    p.add_argument(
+        "--usage",
+        required=True,
+        metavar="LIST",
+        help="the DCC types the DSC may sign: vaccination,test,recovery",
+    )
+    p.set_defaults(func=cmd_keys_csr)
+
+    p = ksub.add_parser("import-cert", help="attach the DSC issued for a key (state inactive)")
+    p.add_argument("--keystore", type=Path, required=True, metavar="DIR")
+    p.add_argument("--key", required=True, metavar="ID")
+    p.add_argument("cert", type=Path, metavar="CERT", help="the DSC, PEM or DER")
+    p.set_defaults(func=cmd_keys_import_cert)
+
+    for state, verb, text in (
+        ("active", "activate", "let an inactive key sign"),
+        ("retired", "retire", "stop an active key signing (normal end of use)"),
+        ("disabled", "disable", "emergency stop: no further signature with this kid (final)"),
+    ):
+        p = ksub.add_parser(
+            verb,
+            help=text,
+            description=f"{text[0].upper()}{text[1:]}. A running keyd applies "
+            "it within a second; recorded in the key-event journal.",
+        )
+        p.add_argument("--keystore", type=Path, required=True, metavar="DIR")
+        p.add_argument("--kid", type=_kid, required=True, metavar="HEX")
+        p.add_argument("--reason", metavar="TEXT")
+        p.set_defaults(func=cmd_keys_state, state=state)
 
     p = ksub.add_parser("export-cert", help="write a key's DSC to stdout (PEM, or DER)")
     p.add_argument("--keystore", type=Path, required=True, metavar="DIR")

@@ -40,7 +40,8 @@ from . import native
 from .audit import AuditLog, AuditUnavailable, IssuanceRecord, KeyEvent
 from .dcc import DCCValidationError, validate
 from .dsc import DSC, TYPE_NAMES
-from .keystore import Keystore
+from .keystore import Keystore, _atomic_write
+from .lifecycle import JOURNAL, journal_events
 from .protocol.keyd import (
     NEED_DATA,
     Connection,
@@ -64,6 +65,7 @@ DEFAULT_SKEW = 60
 #: How often keyd looks at the keystore metadata for state changes (emergency disable must
 #: take effect within a second).
 RELOAD_INTERVAL = 0.5
+JOURNAL_OFFSET = "key-events.offset"
 _CLAIM_KEYS = frozenset({1, 4, 6, -260})
 
 
@@ -181,12 +183,36 @@ class Keyd:
 
     # -- keys ---------------------------------------------------------------------------
 
-    def _stamp(self) -> tuple[int, int] | None:
+    def _stamp(self) -> tuple[int, int, int] | None:
         try:
             st = (self.directory / "keystore.json").stat()
         except OSError:
             return None
-        return st.st_mtime_ns, st.st_size
+        try:
+            journal = (self.directory / JOURNAL).stat().st_size
+        except OSError:
+            journal = 0
+        return st.st_mtime_ns, st.st_size, journal
+
+    def _ingest_journal(self) -> None:
+        """Copy new key-event journal lines into the audit log (keyd is its only writer).
+
+        The position is saved after the events are durable in the log: a crash in between
+        copies them again at the next start (each event carries its journal id), never loses
+        them.
+        """
+        offset_path = self.directory / JOURNAL_OFFSET
+        try:
+            offset = int(offset_path.read_text())
+        except (OSError, ValueError):
+            offset = 0
+        events, end = journal_events(self.directory, offset)
+        for ev in events:
+            kid = bytes.fromhex(ev["kid"]) if ev.get("kid") else None
+            reason = "; ".join(x for x in (ev.get("reason"), f"journal {ev['id']}") if x)
+            self.audit.append_key_event(KeyEvent(ev["action"], kid, ev["key"], ev["actor"], reason))
+        if end != offset:
+            _atomic_write(offset_path, str(end).encode(), 0o600)
 
     def _load(self, *, initial: bool = False) -> None:
         stamp = self._stamp()
@@ -213,6 +239,7 @@ class Keyd:
             self._meta_stamp = stamp
         if initial:
             self.audit.append_key_event(KeyEvent("keyd-start", None, None, "keyd", None))
+        self._ingest_journal()
 
     def refresh(self) -> None:
         """Pick up key state changes (activate, retire, disable) from the keystore metadata."""

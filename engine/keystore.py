@@ -45,7 +45,7 @@ __all__ = [
 
 METADATA = "keystore.json"
 FORMAT = 1
-KEY_STATES = ("active", "retired", "disabled")
+KEY_STATES = ("pending", "inactive", "active", "retired", "disabled")
 DEV_PASSPHRASE = "dev-passphrase"
 
 
@@ -103,6 +103,8 @@ class Keystore:
         self.directory = directory
         self.entries = entries
         self.issuer_country = issuer_country
+        #: names of generated keys still waiting for their DSC
+        self.pending: list[str] = []
 
     @classmethod
     def open(cls, directory: str | os.PathLike[str]) -> Keystore:
@@ -137,20 +139,29 @@ class Keystore:
             raise KeystoreError(f"{meta_path}: 'issuer_country' must be an ISO 3166-1 alpha-2 code")
         entries: list[KeyEntry] = []
         seen: dict[bytes, str] = {}
+        pending: list[str] = []
         for i, item in enumerate(keys):
             if not isinstance(item, dict) or not all(
-                isinstance(item.get(k), str)
-                for k in ("name", "private_key", "certificate", "state")
+                isinstance(item.get(k), str) for k in ("name", "private_key", "state")
             ):
                 raise KeystoreError(
-                    f"{meta_path}: keys[{i}] needs string fields "
-                    "name, private_key, certificate, state"
+                    f"{meta_path}: keys[{i}] needs string fields name, private_key, state"
                 )
             if item["state"] not in KEY_STATES:
                 raise KeystoreError(
                     f"{meta_path}: keys[{i}] has state {item['state']!r}; expected one of "
                     f"{', '.join(KEY_STATES)}"
                 )
+            if item.get("certificate") is None:
+                # Generated, waiting for its DSC: not usable for anything until import-cert.
+                if item["state"] != "pending":
+                    raise KeystoreError(
+                        f"{meta_path}: keys[{i}] has no certificate but is {item['state']}"
+                    )
+                pending.append(item["name"])
+                continue
+            if not isinstance(item["certificate"], str) or item["state"] == "pending":
+                raise KeystoreError(f"{meta_path}: keys[{i}]: a pending key has no certificate")
             cert_path = root / item["certificate"]
             try:
                 dsc = DSC.from_bytes(cert_path.read_bytes())
@@ -168,7 +179,9 @@ class Keystore:
             entries.append(
                 KeyEntry(item["name"], item["state"], root / item["private_key"], cert_path, dsc)
             )
-        return cls(root, entries, country)
+        store = cls(root, entries, country)
+        store.pending = pending
+        return store
 
     def find(self, kid: bytes) -> KeyEntry:
         """The entry with this kid.

@@ -1,0 +1,274 @@
+"""Key lifecycle for security staff: generate, CSR, import the DSC, activate, retire, disable.
+
+States and the only transitions allowed::
+
+    pending --import-cert--> inactive --activate--> active --retire--> retired
+       any state except disabled --disable--> disabled        (the emergency stop; final)
+
+A running keyd re-reads the keystore metadata at least every second, so a state change takes
+effect there within a second.
+
+Every operation is appended to the key-event journal ``DIR/key-events.jsonl`` (one JSON line,
+fsync'd, before the command reports success). keyd copies journal entries into the audit log
+-- it is the log's only writer -- at start and whenever the keystore changes.
+
+Software keys are generated here, encrypted at once with the keystore passphrase, and only
+ever decrypted again to sign a CSR (here) or certificates (in keyd). PKCS#11 keys are generated
+inside the token and never leave it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import getpass
+import json
+import os
+import secrets
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from .dsc import DSC, EKU_OIDS
+from .errors import KeystoreError
+from .keystore import METADATA, Keystore, _atomic_write
+
+__all__ = [
+    "JOURNAL",
+    "TRANSITIONS",
+    "generate",
+    "import_cert",
+    "journal_events",
+    "key_warnings",
+    "make_csr",
+    "set_state",
+]
+
+JOURNAL = "key-events.jsonl"
+LOCK = ".keystore.lock"
+#: target state -> the states it may be reached from
+TRANSITIONS = {
+    "active": {"inactive"},
+    "retired": {"active"},
+    "disabled": {"pending", "inactive", "active", "retired"},
+}
+#: EU guidance: a DSC's private key signs for at most 6 months (then a new key takes over).
+PRIVATE_KEY_USAGE = dt.timedelta(days=182)
+WARN_BEFORE = dt.timedelta(days=30)
+_USAGE_NAMES = {"vaccination": "v", "test": "t", "recovery": "r"}
+
+
+@contextlib.contextmanager
+def _locked_metadata(directory: Path) -> Iterator[dict[str, Any]]:
+    """The metadata, under an exclusive lock; written back atomically if the block succeeds."""
+    Keystore.open(directory)  # a clear error for a missing or broken keystore
+    with open(directory / LOCK, "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        path = directory / METADATA
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        before = json.dumps(meta, sort_keys=True)
+        yield meta
+        if json.dumps(meta, sort_keys=True) != before:
+            _atomic_write(path, (json.dumps(meta, indent=2) + "\n").encode(), 0o644)
+
+
+def _journal(directory: Path, action: str, name: str, kid: bytes | None, reason: str | None):
+    entry = {
+        "id": str(uuid.uuid4()),
+        "time": time.time(),
+        "action": action,
+        "key": name,
+        "kid": kid.hex() if kid else None,
+        "actor": f"os-user:{getpass.getuser()}",
+        "reason": reason,
+    }
+    fd = os.open(directory / JOURNAL, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, (json.dumps(entry, sort_keys=True) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def journal_events(directory: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
+    """Complete journal lines from byte *offset* on, and the offset after the last one."""
+    try:
+        with open(directory / JOURNAL, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read()
+    except FileNotFoundError:
+        return [], offset
+    end = data.rfind(b"\n") + 1  # a line still being written is left for next time
+    events = [json.loads(line) for line in data[:end].splitlines() if line.strip()]
+    return events, offset + end
+
+
+def _find(meta: dict[str, Any], name: str) -> dict[str, Any]:
+    for item in meta["keys"]:
+        if item["name"] == name:
+            return item
+    raise KeystoreError(f"no key named {name!r} in the keystore")
+
+
+def generate(directory: str | os.PathLike[str], alg: str, passphrase: bytes) -> str:
+    """Generate a software key (encrypted at rest) in state ``pending``; return its name.
+
+    Raises:
+        KeystoreError: unknown algorithm or unusable keystore.
+    """
+    root = Path(directory)
+    if alg not in ("ES256", "PS256"):
+        raise KeystoreError(f"--alg must be ES256 or PS256, not {alg!r}")
+    key = (
+        ec.generate_private_key(ec.SECP256R1())
+        if alg == "ES256"
+        else rsa.generate_private_key(65537, 2048)
+    )
+    name = f"{alg.lower()}-{secrets.token_hex(4)}"
+    with _locked_metadata(root) as meta:
+        _atomic_write(
+            root / "keys" / f"{name}.key.pem",
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.BestAvailableEncryption(passphrase),
+            ),
+            0o600,
+        )
+        _atomic_write(
+            root / "keys" / f"{name}.pub.pem",
+            key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            ),
+            0o644,
+        )
+        meta["keys"].append(
+            {
+                "name": name,
+                "state": "pending",
+                "private_key": f"keys/{name}.key.pem",
+                "public_key": f"keys/{name}.pub.pem",
+                "certificate": None,
+            }
+        )
+        _journal(root, "generate", name, None, alg)
+    return name
+
+
+def make_csr(
+    directory: str | os.PathLike[str],
+    name: str,
+    subject: str,
+    usages: list[str],
+    passphrase: bytes,
+) -> bytes:
+    """A PEM CSR for key *name* (for the national CSCA), with the DCC key-usage OIDs.
+
+    Raises:
+        KeystoreError: unknown key, bad subject or usage, wrong passphrase.
+    """
+    root = Path(directory)
+    try:
+        name_obj = x509.Name.from_rfc4514_string(subject)
+    except ValueError as exc:
+        raise KeystoreError(f"--subject {subject!r}: {exc}") from None
+    if not usages or any(u not in _USAGE_NAMES for u in usages):
+        raise KeystoreError("--usage takes a comma-separated subset of vaccination,test,recovery")
+    meta = json.loads((root / METADATA).read_text(encoding="utf-8"))
+    item = _find(meta, name)
+    if "private_key" not in item:
+        raise KeystoreError(
+            f"key {name!r} is not a software key (CSRs for PKCS#11 keys are not supported yet)"
+        )
+    path = root / item["private_key"]
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), passphrase)
+    except (ValueError, TypeError) as exc:
+        raise KeystoreError(f"{path}: cannot decrypt the key (wrong passphrase?): {exc}") from None
+    oids = {t: oid for oid, t in EKU_OIDS.items() if oid.startswith("1.3.6.1.4.1.1847.")}
+    eku = x509.ExtendedKeyUsage([x509.ObjectIdentifier(oids[_USAGE_NAMES[u]]) for u in usages])
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(name_obj)
+        .add_extension(eku, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    _journal(root, "csr", name, None, f"subject={subject}; usage={','.join(usages)}")
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def import_cert(directory: str | os.PathLike[str], name: str, cert_bytes: bytes) -> bytes:
+    """Attach the DSC issued for key *name*; the key becomes ``inactive``. Returns the kid.
+
+    Raises:
+        KeystoreError: not a certificate, a certificate for another key, a kid that collides
+            with another key, or a key that is not pending.
+    """
+    root = Path(directory)
+    try:
+        dsc = DSC.from_bytes(cert_bytes)
+    except ValueError as exc:
+        raise KeystoreError(f"not a certificate: {exc}") from None
+    with _locked_metadata(root) as meta:
+        item = _find(meta, name)
+        if item["state"] != "pending":
+            raise KeystoreError(f"key {name!r} is {item['state']}; only a pending key takes a DSC")
+        public = (root / item["public_key"]).read_bytes()
+        mine = serialization.load_pem_public_key(public).public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        if dsc.public_key_der() != mine:
+            raise KeystoreError(f"the certificate's public key is not the public key of {name!r}")
+        for e in Keystore.open(root).entries:
+            if e.kid == dsc.kid:
+                raise KeystoreError(f"kid {dsc.kid.hex()} collides with key {e.name!r}")
+        rel = f"certs/{name}.crt.pem"
+        _atomic_write(root / rel, dsc.pem(), 0o644)
+        item["certificate"] = rel
+        item["state"] = "inactive"
+        _journal(root, "import-cert", name, dsc.kid, dsc.subject)
+    return dsc.kid
+
+
+def set_state(
+    directory: str | os.PathLike[str], kid: bytes, state: str, reason: str | None = None
+) -> str:
+    """Move the key with *kid* to *state* (see :data:`TRANSITIONS`); returns its old state.
+
+    Raises:
+        KeystoreError: unknown kid, or a transition that is not allowed.
+    """
+    root = Path(directory)
+    store = Keystore.open(root)
+    entry = store.find(kid)
+    with _locked_metadata(root) as meta:
+        item = _find(meta, entry.name)
+        old = item["state"]
+        if old not in TRANSITIONS[state]:
+            raise KeystoreError(f"key {kid.hex()} is {old}; it cannot become {state}")
+        item["state"] = state
+        _journal(root, state, entry.name, kid, reason)
+    return old
+
+
+def key_warnings(dsc: DSC, now: dt.datetime | None = None) -> list[str]:
+    """Warnings about a DSC's validity and its private key's 6-month usage period."""
+    now = now or dt.datetime.now(dt.UTC)
+    out = []
+    if now > dsc.not_after:
+        out.append("DSC expired")
+    elif dsc.not_after - now < WARN_BEFORE:
+        out.append(f"DSC expires in {(dsc.not_after - now).days} days")
+    usage_end = dsc.not_before + PRIVATE_KEY_USAGE
+    if now > usage_end:
+        out.append("private-key usage period (6 months) ended: roll over to a new key")
+    elif usage_end - now < WARN_BEFORE:
+        out.append(f"private-key usage period ends in {(usage_end - now).days} days")
+    return out
