@@ -202,8 +202,20 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
     from .lifecycle import generate
 
     store = _open_keystore(args.keystore)
+    token = None
+    given = [args.pkcs11_module, args.token_label, args.pin_file]
+    if any(given):
+        if not all(given):
+            _fail(EXIT_USAGE, "--pkcs11-module, --token-label and --pin-file go together")
+        token = {
+            "module": args.pkcs11_module,
+            "token_label": args.token_label,
+            "pin_file": args.pin_file,
+        }
     name = _lifecycle(
-        lambda: generate(store.directory, args.alg, resolve_passphrase(store.directory))
+        lambda: generate(
+            store.directory, args.alg, resolve_passphrase(store.directory), pkcs11=token
+        )
     )
     print(name)
     return EXIT_OK
@@ -423,6 +435,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--keystore", type=Path, required=True, metavar="DIR")
     p.add_argument("--alg", choices=("ES256", "PS256"), required=True)
+    p.add_argument(
+        "--pkcs11-module",
+        metavar="SO",
+        help="generate inside this PKCS#11 module's token instead (sensitive, never "
+        "extractable, sign-only)",
+    )
+    p.add_argument("--token-label", metavar="L", help="the token's label")
+    p.add_argument(
+        "--pin-file", metavar="F", help="file holding the user PIN (never on the command line)"
+    )
     p.set_defaults(func=cmd_keys_generate)
 
     p = ksub.add_parser("csr", help="a CSR for the national CSCA, on stdout (PEM)")

@@ -55,9 +55,10 @@ class KeyEntry:
 
     name: str
     state: str
-    key_path: Path
+    key_path: Path | None  # the encrypted PKCS#8 file of a software key
     cert_path: Path
     dsc: DSC
+    pkcs11: dict[str, str] | None = None  # module, token_label, key_id, pin_file of a token key
 
     @property
     def kid(self) -> bytes:
@@ -142,11 +143,23 @@ class Keystore:
         pending: list[str] = []
         for i, item in enumerate(keys):
             if not isinstance(item, dict) or not all(
-                isinstance(item.get(k), str) for k in ("name", "private_key", "state")
+                isinstance(item.get(k), str) for k in ("name", "state")
             ):
-                raise KeystoreError(
-                    f"{meta_path}: keys[{i}] needs string fields name, private_key, state"
-                )
+                raise KeystoreError(f"{meta_path}: keys[{i}] needs string fields name, state")
+            token = item.get("pkcs11")
+            if token is not None:
+                if not (
+                    isinstance(token, dict)
+                    and all(
+                        isinstance(token.get(k), str)
+                        for k in ("module", "token_label", "key_id", "pin_file")
+                    )
+                ):
+                    raise KeystoreError(
+                        f"{meta_path}: keys[{i}].pkcs11 needs module, token_label, key_id, pin_file"
+                    )
+            elif not isinstance(item.get("private_key"), str):
+                raise KeystoreError(f"{meta_path}: keys[{i}] needs private_key or pkcs11")
             if item["state"] not in KEY_STATES:
                 raise KeystoreError(
                     f"{meta_path}: keys[{i}] has state {item['state']!r}; expected one of "
@@ -176,9 +189,8 @@ class Keystore:
                     f"{cert_path}: kid {dsc.kid.hex()} collides with key {seen[dsc.kid]!r}"
                 )
             seen[dsc.kid] = item["name"]
-            entries.append(
-                KeyEntry(item["name"], item["state"], root / item["private_key"], cert_path, dsc)
-            )
+            key_path = root / item["private_key"] if token is None else None
+            entries.append(KeyEntry(item["name"], item["state"], key_path, cert_path, dsc, token))
         store = cls(root, entries, country)
         store.pending = pending
         return store
@@ -195,14 +207,20 @@ class Keystore:
         raise KeystoreError(f"{self.directory}: no key with kid {kid.hex()}")
 
     def load_signing_key(self, entry: KeyEntry, passphrase: bytes, impl: ModuleType):
-        """Decrypt *entry*'s private key into *impl*'s ``SigningKey``.
+        """*entry*'s signing key: decrypted into *impl*'s ``SigningKey``, or a token key.
+
+        Token keys are checked by :meth:`dccsign.pkcs11.Pkcs11Token.signing_key` (sensitive,
+        never extractable, sign-only, matching the DSC); one token session per process.
 
         Raises:
-            KeystoreError: wrong passphrase or corrupt key file (named), or a private key that
-                does not belong to the DSC.
+            KeystoreError: wrong passphrase or corrupt key file (named), a private key that
+                does not belong to the DSC, or a token key that fails its checks.
         """
         from .native import KeyLoadError
 
+        if entry.pkcs11 is not None:
+            return self._token_key(entry)
+        assert entry.key_path is not None
         try:
             pem = entry.key_path.read_bytes()
         except OSError as exc:
@@ -216,6 +234,23 @@ class Keystore:
                 f"{entry.key_path}: the private key does not match its DSC {entry.cert_path}"
             )
         return key
+
+    def _token_key(self, entry: KeyEntry):
+        from .pkcs11 import Pkcs11Error, Pkcs11Token, read_pin
+
+        info = entry.pkcs11
+        assert info is not None
+        where = f"key {entry.name!r} (PKCS#11 token {info['token_label']!r})"
+        tokens = self.__dict__.setdefault("_tokens", {})
+        try:
+            token = tokens.get((info["module"], info["token_label"]))
+            if token is None:
+                pin = read_pin(info["pin_file"])
+                token = Pkcs11Token.open(info["module"], info["token_label"], pin)
+                tokens[(info["module"], info["token_label"])] = token
+            return token.signing_key(info["key_id"], entry.dsc.public_key_der())
+        except Pkcs11Error as exc:
+            raise KeystoreError(f"{where}: {exc}") from None
 
 
 # ----------------------------------------------------------------------------- creation

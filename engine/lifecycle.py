@@ -117,48 +117,83 @@ def _find(meta: dict[str, Any], name: str) -> dict[str, Any]:
     raise KeystoreError(f"no key named {name!r} in the keystore")
 
 
-def generate(directory: str | os.PathLike[str], alg: str, passphrase: bytes) -> str:
-    """Generate a software key (encrypted at rest) in state ``pending``; return its name.
+def generate(
+    directory: str | os.PathLike[str],
+    alg: str,
+    passphrase: bytes,
+    *,
+    pkcs11: dict[str, str] | None = None,
+) -> str:
+    """Generate a key in state ``pending``; return its name.
+
+    Without *pkcs11*: a software key, encrypted at rest with *passphrase*. With *pkcs11*
+    (``module``, ``token_label``, ``pin_file``): the key pair is generated inside the token,
+    sensitive and never extractable; only its public key and location are recorded (the PIN
+    file's path, never the PIN).
 
     Raises:
-        KeystoreError: unknown algorithm or unusable keystore.
+        KeystoreError: unknown algorithm, unusable keystore, or a token failure.
     """
     root = Path(directory)
     if alg not in ("ES256", "PS256"):
         raise KeystoreError(f"--alg must be ES256 or PS256, not {alg!r}")
-    key = (
-        ec.generate_private_key(ec.SECP256R1())
-        if alg == "ES256"
-        else rsa.generate_private_key(65537, 2048)
-    )
     name = f"{alg.lower()}-{secrets.token_hex(4)}"
+    item: dict[str, Any] = {
+        "name": name,
+        "state": "pending",
+        "public_key": f"keys/{name}.pub.pem",
+        "certificate": None,
+    }
+    if pkcs11 is not None:
+        from .pkcs11 import Pkcs11Error, Pkcs11Token, read_pin
+
+        if pkcs11["pin_file"].startswith("fd:"):
+            # keyd reads the PIN again at every start: it needs a file, not this process's fd.
+            raise KeystoreError("--pin-file must name a file (keyd re-reads the PIN at start)")
+
+        try:
+            token = Pkcs11Token.open(
+                pkcs11["module"], pkcs11["token_label"], read_pin(pkcs11["pin_file"])
+            )
+            try:
+                key_id = token.generate_key(alg, name)
+                public_der = token.public_key_der(key_id)
+            finally:
+                token.close()
+        except Pkcs11Error as exc:
+            raise KeystoreError(f"PKCS#11 token {pkcs11['token_label']!r}: {exc}") from None
+        public_pem = serialization.load_der_public_key(public_der).public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        item["pkcs11"] = {
+            "module": pkcs11["module"],
+            "token_label": pkcs11["token_label"],
+            "key_id": key_id,
+            "pin_file": str(Path(pkcs11["pin_file"]).resolve()),
+        }
+        private_pem = None
+    else:
+        key = (
+            ec.generate_private_key(ec.SECP256R1())
+            if alg == "ES256"
+            else rsa.generate_private_key(65537, 2048)
+        )
+        public_pem = key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        private_pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(passphrase),
+        )
+        item["private_key"] = f"keys/{name}.key.pem"
     with _locked_metadata(root) as meta:
-        _atomic_write(
-            root / "keys" / f"{name}.key.pem",
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.BestAvailableEncryption(passphrase),
-            ),
-            0o600,
-        )
-        _atomic_write(
-            root / "keys" / f"{name}.pub.pem",
-            key.public_key().public_bytes(
-                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-            ),
-            0o644,
-        )
-        meta["keys"].append(
-            {
-                "name": name,
-                "state": "pending",
-                "private_key": f"keys/{name}.key.pem",
-                "public_key": f"keys/{name}.pub.pem",
-                "certificate": None,
-            }
-        )
-        _journal(root, "generate", name, None, alg)
+        if private_pem is not None:
+            _atomic_write(root / item["private_key"], private_pem, 0o600)
+        _atomic_write(root / item["public_key"], public_pem, 0o644)
+        meta["keys"].append(item)
+        where = f"{alg} in PKCS#11 token {pkcs11['token_label']}" if pkcs11 else alg
+        _journal(root, "generate", name, None, where)
     return name
 
 

@@ -1,0 +1,188 @@
+"""keyd with keys that live in a PKCS#11 token (SoftHSM2): generate in the token, import the
+DSC, activate, sign through keyd, verify.
+
+Every token operation runs in a child process: a process holds one token session
+(dccsign.pkcs11), and this test process may already hold one (tests/test_pkcs11.py).
+"""
+
+import datetime as dt
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import cbor2
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+
+from conftest import IN_CI
+from dccsign import native
+from dccsign.audit import search, verify
+from dccsign.chain import claims_prefix
+from dccsign.cli import main
+from dccsign.dsc import DSC
+from dccsign.keyd_supervisor import PrivateKeyd
+from dccsign.keystore import resolve_passphrase
+from dccsign.samples import sample
+from dccsign.verify import verify_hc1
+
+MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+
+
+@pytest.fixture
+def softhsm(tmp_path, monkeypatch):
+    util = shutil.which("softhsm2-util")
+    if util is None or not os.path.exists(MODULE):
+        if IN_CI:
+            pytest.fail("SoftHSM2 is required in CI (Debian package softhsm2)")
+        pytest.skip("SoftHSM2 not installed (apt-get install softhsm2)")
+    (tmp_path / "tokens").mkdir()
+    conf = tmp_path / "softhsm2.conf"
+    conf.write_text(
+        f"directories.tokendir = {tmp_path / 'tokens'}\nobjectstore.backend = file\n"
+        "log.level = ERROR\nslots.removable = false\nlibrary.reset_on_fork = true\n"
+    )
+    # Children (the CLI, keyd) read it; this process's own SoftHSM, if loaded, is unaffected.
+    monkeypatch.setenv("SOFTHSM2_CONF", str(conf))
+    subprocess.run(
+        [
+            util,
+            "--init-token",
+            "--free",
+            "--label",
+            "dsc-token",
+            "--so-pin",
+            "87654321",
+            "--pin",
+            "246810",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    pin = tmp_path / "pin"
+    pin.write_text("246810\n")
+    pin.chmod(0o600)
+    return pin
+
+
+def _issue(ks, public_pem):
+    pw = resolve_passphrase(ks)
+    ca_key = serialization.load_pem_private_key((ks / "keys" / "csca.key.pem").read_bytes(), pw)
+    ca = x509.load_pem_x509_certificate((ks / "certs" / "csca.crt.pem").read_bytes())
+    now = dt.datetime.now(dt.UTC)
+    name = x509.Name.from_rfc4514_string("CN=DSC in token,O=dccsign DEVELOPMENT ONLY,C=NL")
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(ca.subject)
+        .public_key(serialization.load_pem_public_key(public_pem))
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=90))
+        .sign(ca_key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.PEM)
+    )
+
+
+@pytest.mark.parametrize("alg", ["ES256", "PS256"])
+def test_token_key_signs_through_keyd(dev_keystore_copy, tmp_path, softhsm, capsys, alg):
+    ks = dev_keystore_copy
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dccsign",
+            "keys",
+            "generate",
+            "--keystore",
+            str(ks),
+            "--alg",
+            alg,
+            "--pkcs11-module",
+            MODULE,
+            "--token-label",
+            "dsc-token",
+            "--pin-file",
+            str(softhsm),
+        ],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
+    name = out.stdout.decode().strip()
+    assert not (ks / "keys" / f"{name}.key.pem").exists()  # nothing of the key is on disk
+    cert = tmp_path / "dsc.pem"
+    cert.write_bytes(_issue(ks, (ks / "keys" / f"{name}.pub.pem").read_bytes()))
+    assert main(["keys", "import-cert", "--keystore", str(ks), "--key", name, str(cert)]) == 0
+    kid = capsys.readouterr().out.strip()
+    assert main(["keys", "activate", "--keystore", str(ks), "--kid", kid]) == 0
+    now = int(time.time())
+    payloads = [
+        claims_prefix("NL", now - 3600, now + 86400) + cbor2.dumps(sample(t)) for t in "vtr" * 10
+    ]
+    with PrivateKeyd(ks) as keyd, keyd.client() as client:
+        sigs = client.sign(bytes.fromhex(kid), payloads, client="c", account="token-user")
+    assert all(isinstance(s, bytes) for s in sigs)
+    dsc = DSC.from_bytes(cert.read_bytes())
+    protected = native.protected_header(dsc.alg, dsc.kid)
+    for text in native.hc1_encode(protected, payloads, sigs):
+        assert verify_hc1(text, [dsc]).valid
+    assert len(list(search(ks / "audit", account="token-user"))) == 30
+    assert verify(ks / "audit").ok
+
+
+def test_pin_is_never_in_the_metadata(dev_keystore_copy, softhsm):
+    ks = dev_keystore_copy
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dccsign",
+            "keys",
+            "generate",
+            "--keystore",
+            str(ks),
+            "--alg",
+            "ES256",
+            "--pkcs11-module",
+            MODULE,
+            "--token-label",
+            "dsc-token",
+            "--pin-file",
+            str(softhsm),
+        ],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
+    assert b"246810" not in (ks / "keystore.json").read_bytes()
+    assert b"246810" not in (ks / "key-events.jsonl").read_bytes()
+
+
+def test_wrong_pin_is_a_clear_error(dev_keystore_copy, softhsm, tmp_path):
+    bad = tmp_path / "bad-pin"
+    bad.write_text("000000\n")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dccsign",
+            "keys",
+            "generate",
+            "--keystore",
+            str(dev_keystore_copy),
+            "--alg",
+            "ES256",
+            "--pkcs11-module",
+            MODULE,
+            "--token-label",
+            "dsc-token",
+            "--pin-file",
+            str(bad),
+        ],
+        capture_output=True,
+        timeout=60,
+    )
+    assert proc.returncode == 4 and b"dsc-token" in proc.stderr and b"000000" not in proc.stderr
