@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import re
 import threading
 import time
@@ -267,7 +268,7 @@ def _why(exc: BaseException) -> str:
 # Token
 
 
-_OPEN_RETRY_DELAYS: Final = (0.02, 0.05, 0.1, 0.2, 0.4)
+_OPEN_RETRY_DELAYS: Final = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8)
 
 
 class _Transient(Exception):
@@ -390,7 +391,8 @@ class Pkcs11Token:
                 except _Transient as exc:
                     if delay is None:
                         raise Pkcs11Error(str(exc)) from None
-            time.sleep(delay)
+            # Jitter, so that workers started together do not retry in lock-step.
+            time.sleep(delay * random.uniform(0.5, 1.5))
         self = object.__new__(cls)
         self._module = state
         self._session = session

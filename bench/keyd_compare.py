@@ -1,0 +1,121 @@
+"""Signing through keyd vs signing in-process, measured in the same run.
+
+The target of issue 3: through keyd with software keys, a batch benchmark reaches at least
+85 % of the in-process native signing rate measured in the same run. Both sides sign the same
+CWT payloads with the same ES256 key in batches; keyd also re-checks every payload and writes
+its audit records (one fsync per batch) before it answers.
+
+Usage::
+
+    .venv/bin/python bench/keyd_compare.py [--batch 250] [--seconds 3] [--rounds 3] [--json FILE]
+
+It makes a throw-away development keystore in a temporary directory and starts a private keyd
+on it (its audit log lands there too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import cbor2
+
+from dccsign import native
+from dccsign.chain import claims_prefix
+from dccsign.keyd_supervisor import PrivateKeyd
+from dccsign.keystore import Keystore, init_dev, resolve_passphrase
+from dccsign.samples import varied_samples
+
+
+def _rate(fn, batch: int, seconds: float) -> float:
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        fn()
+        done += batch
+    return done / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=250)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", type=Path, metavar="FILE")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = init_dev(Path(tmp) / "ks")
+        entry = next(e for e in store.entries if e.dsc.usages == frozenset("v"))
+        local = Keystore.open(store.directory).load_signing_key(
+            entry, resolve_passphrase(store.directory), native
+        )
+        protected = native.protected_header(-7, entry.kid)
+        now = int(time.time())
+        prefix = claims_prefix("NL", now - 3600, now + 86400)
+        dccs = [d for d in varied_samples(args.batch * 3) if "v" in d][: args.batch]
+        payloads = [prefix + cbor2.dumps(d) for d in dccs]
+        rounds = []
+        with PrivateKeyd(store.directory) as keyd:
+            clients = [keyd.client(), keyd.client()]
+
+            def through(client):
+                client.sign(entry.kid, payloads, client="bench", account="bench")
+
+            def two_connections() -> float:
+                counts = [0, 0]
+                stop = time.perf_counter() + args.seconds
+
+                def work(i: int) -> None:
+                    while time.perf_counter() < stop:
+                        through(clients[i])
+                        counts[i] += len(payloads)
+
+                threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+                start = time.perf_counter()
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                return sum(counts) / (time.perf_counter() - start)
+
+            for r in range(args.rounds):
+                cases = {
+                    "in_process": lambda: _rate(
+                        lambda: local.sign(protected, payloads), len(payloads), args.seconds
+                    ),
+                    "keyd_1_connection": lambda: _rate(
+                        lambda: through(clients[0]), len(payloads), args.seconds
+                    ),
+                    "keyd_2_connections": two_connections,
+                }
+                order = list(cases) if r % 2 == 0 else list(reversed(cases))
+                row = {name: round(cases[name](), 1) for name in order}
+                row["ratio_1"] = round(row["keyd_1_connection"] / row["in_process"], 3)
+                row["ratio_2"] = round(row["keyd_2_connections"] / row["in_process"], 3)
+                rounds.append(row)
+                print(f"round {r}: " + ", ".join(f"{k} {v:,}" for k, v in row.items()))
+            for c in clients:
+                c.close()
+    summary = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+    print("median: " + ", ".join(f"{k} {v:,}" for k, v in summary.items()))
+    print(
+        f"target (keyd >= 0.85 x in-process): "
+        f"{'PASS' if summary['ratio_2'] >= 0.85 else 'FAIL'} (best of 1 or 2 connections: "
+        f"{max(summary['ratio_1'], summary['ratio_2']):.2f})"
+    )
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {"batch": args.batch, "seconds": args.seconds, "rounds": rounds, "median": summary},
+                indent=2,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
