@@ -12,11 +12,12 @@ Exit codes, as for the rest of the CLI:
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import sys
 from pathlib import Path
 from typing import Any
+
+from .cliargs import iso_time, kid
 
 __all__ = ["add_audit_commands"]
 
@@ -29,24 +30,6 @@ EXIT_FILE = 4
 def _error(code: int, message: str) -> int:
     print(f"dccsign: error: {message}", file=sys.stderr)
     return code
-
-
-def _kid(value: str) -> str:
-    try:
-        kid = bytes.fromhex(value)
-    except ValueError:
-        kid = b""
-    if len(kid) != 8:
-        raise argparse.ArgumentTypeError("a kid is 16 hex digits (8 bytes)")
-    return kid.hex()
-
-
-def _iso_time(value: str) -> dt.datetime:
-    try:
-        when = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {value!r}") from None
-    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
 
 
 def _read_file(path: Path, what: str) -> bytes | None:
@@ -145,7 +128,7 @@ def cmd_audit_search(args: argparse.Namespace) -> int:
             args.directory,
             client=args.client,
             account=args.account,
-            kid=args.kid,
+            kid=args.kid.hex() if args.kid else None,
             since=args.since,
             until=args.until,
             operator=args.operator,
@@ -267,9 +250,9 @@ def add_audit_commands(subparsers: Any) -> None:
     p.add_argument("--client", metavar="C", help="portal backend identity")
     p.add_argument("--account", metavar="A", help="end-user account")
     p.add_argument("--operator", metavar="O", help="operator acting under an account's mandate")
-    p.add_argument("--kid", type=_kid, metavar="HEX", help="key id (16 hex digits)")
-    p.add_argument("--since", type=_iso_time, metavar="TIME", help="from this time (inclusive)")
-    p.add_argument("--until", type=_iso_time, metavar="TIME", help="before this time (exclusive)")
+    p.add_argument("--kid", type=kid, metavar="HEX", help="key id (16 hex digits)")
+    p.add_argument("--since", type=iso_time, metavar="TIME", help="from this time (inclusive)")
+    p.add_argument("--until", type=iso_time, metavar="TIME", help="before this time (exclusive)")
     p.add_argument(
         "--key-events",
         action="store_true",

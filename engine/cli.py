@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from .cliargs import iso_time, kid, positive
+
 EXIT_OK = 0
 EXIT_INVALID_SIGNATURE = 1
 EXIT_USAGE = 2
@@ -76,42 +78,6 @@ def parse_dcc_input(text: str) -> list[Any]:
                 raise ValueError(f"invalid JSON line {lineno}: {err.msg}") from None
         return items
     return value if isinstance(value, list) else [value]
-
-
-def _kid(value: str) -> bytes:
-    try:
-        kid = bytes.fromhex(value)
-    except ValueError:
-        kid = b""
-    if len(kid) != 8:
-        raise argparse.ArgumentTypeError("a kid is 16 hex digits (8 bytes)")
-    return kid
-
-
-def _positive(kind: type[int] | type[float], maximum: float = 1e6):
-    """An argparse type: a number of *kind* greater than zero and at most *maximum*."""
-
-    def parse(value: str) -> int | float:
-        try:
-            number = kind(value)
-        except ValueError:
-            number = 0
-        if not 0 < number <= maximum:  # also refuses nan and inf
-            noun = "integer" if kind is int else "number"
-            raise argparse.ArgumentTypeError(
-                f"must be a positive {noun} up to {maximum:g}, not {value!r}"
-            )
-        return number
-
-    return parse
-
-
-def _iso_time(value: str) -> dt.datetime:
-    try:
-        when = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {value!r}") from None
-    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
 
 
 def _open_keystore(directory: Path):
@@ -477,13 +443,13 @@ def build_parser() -> argparse.ArgumentParser:
             "it within a second; recorded in the key-event journal.",
         )
         p.add_argument("--keystore", type=Path, required=True, metavar="DIR")
-        p.add_argument("--kid", type=_kid, required=True, metavar="HEX")
+        p.add_argument("--kid", type=kid, required=True, metavar="HEX")
         p.add_argument("--reason", metavar="TEXT")
         p.set_defaults(func=cmd_keys_state, state=state)
 
     p = ksub.add_parser("export-cert", help="write a key's DSC to stdout (PEM, or DER)")
     p.add_argument("--keystore", type=Path, required=True, metavar="DIR")
-    p.add_argument("--kid", type=_kid, required=True, metavar="HEX")
+    p.add_argument("--kid", type=kid, required=True, metavar="HEX")
     p.add_argument("--der", action="store_true", help="DER instead of PEM")
     p.set_defaults(func=cmd_keys_export_cert)
 
@@ -500,13 +466,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keystore", type=Path, required=True, metavar="DIR")
     p.add_argument(
         "--kid",
-        type=_kid,
+        type=kid,
         metavar="HEX",
         help="sign with this key (default: the key whose key usage allows the type)",
     )
     p.add_argument(
         "--validity-days",
-        type=_positive(float, 36_500),
+        type=positive(float, 36_500),
         default=365.0,
         metavar="N",
         help="requested validity from iat (default 365; clamped to the DSC's notAfter)",
@@ -531,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--cert", type=Path, metavar="FILE", help="the DSC (PEM or DER)")
     src.add_argument("--keystore", type=Path, metavar="DIR", help="every DSC of a keystore")
     p.add_argument(
-        "--at", type=_iso_time, metavar="ISO-TIME", help="check time for iat/exp (default now)"
+        "--at", type=iso_time, metavar="ISO-TIME", help="check time for iat/exp (default now)"
     )
     p.add_argument("hc1", nargs="?", metavar="HC1|-", help="the HC1 string (default stdin)")
     p.set_defaults(func=cmd_verify)
@@ -573,11 +539,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="implementation to measure (default: the one this process selected; "
         "DCCSIGN_PUREPYTHON=1 selects python)",
     )
-    p.add_argument("--threads", type=_positive(int, 256), default=1, metavar="N")
-    p.add_argument("--seconds", type=_positive(float), default=5.0, metavar="N")
+    p.add_argument("--threads", type=positive(int, 256), default=1, metavar="N")
+    p.add_argument("--seconds", type=positive(float), default=5.0, metavar="N")
     p.add_argument(
         "--batch",
-        type=_positive(int),
+        type=positive(int),
         default=64,
         metavar="N",
         help="certificates per batch call (default 64)",

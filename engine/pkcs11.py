@@ -258,6 +258,18 @@ def _load_module(module: str) -> _Module:
         return state
 
 
+def _reinitialize(state: _Module, module: str) -> None:
+    """C_Finalize and C_Initialize again, dropping every session. Caller holds the lock."""
+    try:
+        state.lib.finalize()
+    except p11e.PKCS11Error:
+        pass  # python-pkcs11 marks the library uninitialised even when C_Finalize fails
+    try:
+        state.lib.initialize()
+    except p11e.PKCS11Error as exc:
+        raise Pkcs11Error(f"cannot re-initialise PKCS#11 module {module}: {_why(exc)}") from None
+
+
 def _why(exc: BaseException) -> str:
     """A short reason from a python-pkcs11 exception (they carry no PIN)."""
     text = str(exc).strip()
@@ -272,8 +284,9 @@ _OPEN_RETRY_DELAYS: Final = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8)
 
 
 class _Transient(Exception):
-    """A failure to find or log in to a token that may be another process's concurrent
-    login; its message is the final error if retrying does not help."""
+    """A failure to find or log in to a token that may come from another process's
+    concurrent login (see Pkcs11Token.open); its message is the final error if retrying and
+    re-initialising do not help."""
 
 
 def _login(
@@ -282,7 +295,8 @@ def _login(
     """Find the token and open a logged-in session: (token, session). Caller holds the lock.
 
     Raises:
-        _Transient: no such token, or a general error (both may be a race; see open()).
+        _Transient: no such token, a general error, or token flags saying the PIN is locked
+            or not set (all may be a race; see open()).
         Pkcs11Error: anything that retrying cannot fix.
     """
     try:
@@ -307,11 +321,12 @@ def _login(
             f"token {token_label!r} is already open in this process: share that "
             "Pkcs11Token (one session per token and process)"
         )
+    # Token flags may be a half-written read too (see open()): retried before believed.
     flags = token.flags
     if flags & TokenFlag.USER_PIN_LOCKED:
-        raise Pkcs11Error(f"the user PIN of token {token_label!r} is locked")
+        raise _Transient(f"the user PIN of token {token_label!r} is locked")
     if not flags & TokenFlag.USER_PIN_INITIALIZED:
-        raise Pkcs11Error(f"token {token_label!r} has no user PIN set")
+        raise _Transient(f"token {token_label!r} has no user PIN set")
     # python-pkcs11 opens the session and then logs in; when C_Login fails, the (logged-out)
     # session it opened stays open until the module is finalised. It has no handle we could
     # close, and holds no credentials.
@@ -330,6 +345,8 @@ def _login(
         raise Pkcs11Error(
             f"token {token_label!r} is already logged in by other code in this process"
         ) from None
+    except p11e.UserPinNotInitialized:
+        raise _Transient(f"token {token_label!r} has no user PIN set") from None
     except p11e.GeneralError as exc:
         raise _Transient(f"cannot log in to token {token_label!r}: {_why(exc)}") from None
     except p11e.PKCS11Error as exc:
@@ -377,12 +394,14 @@ class Pkcs11Token:
             raise Pkcs11Error("the PIN is not valid UTF-8") from None
         state = _load_module(module)
         # SoftHSM2's file store is shared by every process using the token, and a login or
-        # logout in one process rewrites token state that a concurrent C_GetTokenInfo or
-        # C_Login in another process may read half-written: that one fails with
-        # CKR_GENERAL_ERROR or does not see the token (measured: ~20,000 failures in 4 s of
-        # one process listing tokens while another logged in and out; signing in an open
-        # session is unaffected). Worker processes opening at the same moment hit this, so
-        # such failures are retried a few times. A wrong PIN is never retried.
+        # logout in one process rewrites token state that a concurrent C_Initialize,
+        # C_GetTokenInfo or C_Login in another process may read half-written. That process
+        # then fails with CKR_GENERAL_ERROR, "PIN not initialised" or a missing token, and
+        # keeps failing until the module is re-initialised: SoftHSM2 keeps the bad state.
+        # (Measured: a process listing tokens while another logged in and out failed ~20,000
+        # times in 4 s; searches, attribute reads and signing in an open session never did.)
+        # So such failures are retried, re-initialising the module first when no token of
+        # this process is open on it. A wrong PIN is never retried.
         for delay in (*_OPEN_RETRY_DELAYS, None):
             with state.lock:
                 try:
@@ -391,6 +410,8 @@ class Pkcs11Token:
                 except _Transient as exc:
                     if delay is None:
                         raise Pkcs11Error(str(exc)) from None
+                    if not state.open_serials:
+                        _reinitialize(state, module)
             # Jitter, so that workers started together do not retry in lock-step.
             time.sleep(delay * random.uniform(0.5, 1.5))
         self = object.__new__(cls)

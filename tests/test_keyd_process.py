@@ -2,7 +2,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -17,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from dccsign.audit import search, verify
 from dccsign.chain import claims_prefix
 from dccsign.keyd_client import KeydClient, KeydError
+from dccsign.keyd_supervisor import _accepts
 from dccsign.keystore import Keystore, resolve_passphrase
 from dccsign.samples import sample
 
@@ -41,7 +41,7 @@ def start_keyd(keystore, sock, env=None):
         )
     deadline = time.monotonic() + 20
     # A killed keyd leaves its socket file behind: readiness is a successful connect.
-    while not _accepts(sock):
+    while not _accepts(sock):  # dccsign.keyd_supervisor._accepts
         if proc.poll() is not None:
             raise AssertionError(f"keyd exited {proc.returncode}: {log_path.read_text()}")
         if time.monotonic() > deadline:
@@ -50,17 +50,6 @@ def start_keyd(keystore, sock, env=None):
             raise AssertionError("keyd did not create its socket")
         time.sleep(0.05)
     return proc
-
-
-def _accepts(sock):
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(sock))
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True
 
 
 def payload(t="v"):

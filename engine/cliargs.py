@@ -1,0 +1,46 @@
+"""argparse value types shared by the ``dccsign`` command groups."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+
+__all__ = ["iso_time", "kid", "positive"]
+
+
+def kid(value: str) -> bytes:
+    """A kid: 16 hex digits (8 bytes)."""
+    try:
+        raw = bytes.fromhex(value)
+    except ValueError:
+        raw = b""
+    if len(raw) != 8:
+        raise argparse.ArgumentTypeError("a kid is 16 hex digits (8 bytes)")
+    return raw
+
+
+def iso_time(value: str) -> dt.datetime:
+    """An ISO 8601 time; without a zone it is UTC."""
+    try:
+        when = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {value!r}") from None
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+
+
+def positive(kind: type[int] | type[float], maximum: float = 1e6):
+    """A number of *kind* greater than zero and at most *maximum* (refuses nan and inf)."""
+
+    def parse(value: str) -> int | float:
+        try:
+            number = kind(value)
+        except ValueError:
+            number = 0
+        if not 0 < number <= maximum:
+            noun = "integer" if kind is int else "number"
+            raise argparse.ArgumentTypeError(
+                f"must be a positive {noun} up to {maximum:g}, not {value!r}"
+            )
+        return number
+
+    return parse
