@@ -218,17 +218,18 @@ def make_csr(
         raise KeystoreError("--usage takes a comma-separated subset of vaccination,test,recovery")
     meta = json.loads((root / METADATA).read_text(encoding="utf-8"))
     item = _find(meta, name)
-    if "private_key" not in item:
-        raise KeystoreError(
-            f"key {name!r} is not a software key (CSRs for PKCS#11 keys are not supported yet)"
-        )
+    oids = {t: oid for oid, t in EKU_OIDS.items() if oid.startswith("1.3.6.1.4.1.1847.")}
+    eku_oids = [oids[_USAGE_NAMES[u]] for u in usages]
+    if "pkcs11" in item:
+        pem = _token_csr(item["pkcs11"], name_obj, eku_oids)
+        _journal(root, "csr", name, None, f"subject={subject}; usage={','.join(usages)}")
+        return pem
     path = root / item["private_key"]
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), passphrase)
     except (ValueError, TypeError) as exc:
         raise KeystoreError(f"{path}: cannot decrypt the key (wrong passphrase?): {exc}") from None
-    oids = {t: oid for oid, t in EKU_OIDS.items() if oid.startswith("1.3.6.1.4.1.1847.")}
-    eku = x509.ExtendedKeyUsage([x509.ObjectIdentifier(oids[_USAGE_NAMES[u]]) for u in usages])
+    eku = x509.ExtendedKeyUsage([x509.ObjectIdentifier(o) for o in eku_oids])
     csr = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(name_obj)
@@ -237,6 +238,19 @@ def make_csr(
     )
     _journal(root, "csr", name, None, f"subject={subject}; usage={','.join(usages)}")
     return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def _token_csr(info: dict[str, str], subject: x509.Name, eku_oids: list[str]) -> bytes:
+    from .pkcs11 import Pkcs11Error, Pkcs11Token, read_pin
+
+    try:
+        token = Pkcs11Token.open(info["module"], info["token_label"], read_pin(info["pin_file"]))
+        try:
+            return token.csr(info["key_id"], subject, eku_oids)
+        finally:
+            token.close()
+    except Pkcs11Error as exc:
+        raise KeystoreError(f"PKCS#11 token {info['token_label']!r}: {exc}") from None
 
 
 def import_cert(directory: str | os.PathLike[str], name: str, cert_bytes: bytes) -> bytes:

@@ -568,6 +568,44 @@ class Pkcs11Token:
             self._check_usable()
             return _spki(self._find(ObjectClass.PUBLIC_KEY, cka_id, key_id))
 
+    def csr(self, key_id: str, subject: Any, eku_oids: list[str]) -> bytes:
+        """A PEM PKCS#10 request for key *key_id*, signed inside the token.
+
+        The request is built here from *subject* (a ``cryptography.x509.Name``), the token's
+        public key and the extended key usages (*eku_oids*, dotted), so the token signs a CSR
+        and nothing a caller chose: ES256 keys sign ecdsa-with-SHA256 (``CKM_ECDSA`` on the
+        host's SHA-256), PS256 keys sha256WithRSAEncryption (``CKM_SHA256_RSA_PKCS``), which
+        every CA accepts in a CSR.
+
+        Raises:
+            Pkcs11Error: malformed key id, no such key, or the token refused to sign.
+        """
+        from .csr import ECDSA_SHA256, RSA_SHA256, build_csr, to_pem
+
+        cka_id = _parse_key_id(key_id)
+        with self._module.lock:
+            self._check_usable()
+            priv = self._find(ObjectClass.PRIVATE_KEY, cka_id, key_id)
+            public_der = _spki(self._find(ObjectClass.PUBLIC_KEY, cka_id, key_id))
+            alg, _ = _private_key_kind(priv)
+
+            def sign(info: bytes) -> bytes:
+                if alg == _ES256:
+                    raw = priv.sign(hashlib.sha256(info).digest(), mechanism=Mechanism.ECDSA)
+                    return encode_dss_signature(
+                        int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big")
+                    )
+                return priv.sign(info, mechanism=Mechanism.SHA256_RSA_PKCS)
+
+            algorithm = ECDSA_SHA256 if alg == _ES256 else RSA_SHA256
+            try:
+                der = build_csr(subject, public_der, eku_oids, algorithm, sign)
+            except p11e.PKCS11Error as exc:
+                raise Pkcs11Error(
+                    f"token {self._label!r} refused to sign the CSR: {_why(exc)}"
+                ) from None
+        return to_pem(der)
+
     def signing_key(self, key_id: str, dsc_public_key_der: bytes) -> Pkcs11SigningKey:
         """The signing key *key_id*, after checking that it is protected and matches the DSC.
 

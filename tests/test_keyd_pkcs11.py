@@ -67,37 +67,46 @@ def softhsm(tmp_path, monkeypatch):
     return pin
 
 
-def _issue(ks, public_pem):
+def _issue(ks, csr_pem):
+    """Play the CSCA: check the CSR and issue the DSC it asks for."""
+    csr = x509.load_pem_x509_csr(csr_pem)
+    assert csr.is_signature_valid
     pw = resolve_passphrase(ks)
     ca_key = serialization.load_pem_private_key((ks / "keys" / "csca.key.pem").read_bytes(), pw)
     ca = x509.load_pem_x509_certificate((ks / "certs" / "csca.crt.pem").read_bytes())
     now = dt.datetime.now(dt.UTC)
-    name = x509.Name.from_rfc4514_string("CN=DSC in token,O=dccsign DEVELOPMENT ONLY,C=NL")
-    return (
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(name)
+        .subject_name(csr.subject)
         .issuer_name(ca.subject)
-        .public_key(serialization.load_pem_public_key(public_pem))
+        .public_key(csr.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(days=1))
         .not_valid_after(now + dt.timedelta(days=90))
-        .sign(ca_key, hashes.SHA256())
-        .public_bytes(serialization.Encoding.PEM)
     )
+    for ext in csr.extensions:
+        builder = builder.add_extension(ext.value, ext.critical)
+    return builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def _cli(*argv):
+    """dccsign in a child process (the token session is per process)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "dccsign", *map(str, argv)], capture_output=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    return proc.stdout
 
 
 @pytest.mark.parametrize("alg", ["ES256", "PS256"])
 def test_token_key_signs_through_keyd(dev_keystore_copy, tmp_path, softhsm, capsys, alg):
     ks = dev_keystore_copy
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dccsign",
+    name = (
+        _cli(
             "keys",
             "generate",
             "--keystore",
-            str(ks),
+            ks,
             "--alg",
             alg,
             "--pkcs11-module",
@@ -105,16 +114,32 @@ def test_token_key_signs_through_keyd(dev_keystore_copy, tmp_path, softhsm, caps
             "--token-label",
             "dsc-token",
             "--pin-file",
-            str(softhsm),
-        ],
-        capture_output=True,
-        check=True,
-        timeout=60,
+            softhsm,
+        )
+        .decode()
+        .strip()
     )
-    name = out.stdout.decode().strip()
     assert not (ks / "keys" / f"{name}.key.pem").exists()  # nothing of the key is on disk
+    csr_pem = _cli(
+        "keys",
+        "csr",
+        "--keystore",
+        ks,
+        "--key",
+        name,
+        "--subject",
+        "CN=DSC in token,O=dccsign DEVELOPMENT ONLY,C=NL",
+        "--usage",
+        "vaccination,test,recovery",
+    )
+    eku = (
+        x509.load_pem_x509_csr(csr_pem)
+        .extensions.get_extension_for_class(x509.ExtendedKeyUsage)
+        .value
+    )
+    assert len(list(eku)) == 3
     cert = tmp_path / "dsc.pem"
-    cert.write_bytes(_issue(ks, (ks / "keys" / f"{name}.pub.pem").read_bytes()))
+    cert.write_bytes(_issue(ks, csr_pem))
     assert main(["keys", "import-cert", "--keystore", str(ks), "--key", name, str(cert)]) == 0
     kid = capsys.readouterr().out.strip()
     assert main(["keys", "activate", "--keystore", str(ks), "--kid", kid]) == 0

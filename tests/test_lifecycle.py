@@ -179,3 +179,27 @@ def test_generate_and_csr_errors(dev_keystore_copy, capsys):
         "test",
     )
     assert code == 4 and "no key named" in err
+
+
+@pytest.mark.parametrize("kind", ["ec", "rsa"])
+def test_hand_built_csr_is_valid_pkcs10(kind):
+    from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+
+    from dccsign.csr import ECDSA_SHA256, RSA_SHA256, build_csr
+
+    if kind == "ec":
+        key = ec.generate_private_key(ec.SECP256R1())
+        sign, alg = (lambda info: key.sign(info, ec.ECDSA(hashes.SHA256()))), ECDSA_SHA256
+    else:
+        key = rsa.generate_private_key(65537, 2048)
+        sign, alg = (lambda info: key.sign(info, padding.PKCS1v15(), hashes.SHA256())), RSA_SHA256
+    subject = x509.Name.from_rfc4514_string("CN=Ünïcode DSC,O=Ministry,C=NL")
+    spki = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    oids = ["1.3.6.1.4.1.1847.2021.1.2", "1.3.6.1.4.1.1847.2021.1.3"]
+    csr = x509.load_der_x509_csr(build_csr(subject, spki, oids, alg, sign))
+    assert csr.is_signature_valid
+    assert csr.subject == subject
+    eku = csr.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
+    assert [o.dotted_string for o in eku.value] == oids and not eku.critical
