@@ -403,4 +403,10 @@ def init_dev(
     }
     # The metadata is written last: a keystore interrupted half-way is not openable.
     _atomic_write(root / METADATA, (json.dumps(meta, indent=2) + "\n").encode(), 0o644)
-    return Keystore.open(root)
+    store = Keystore.open(root)
+    # Key operations reach the audit log through the journal (dccsign.lifecycle), these too.
+    from .lifecycle import _journal
+
+    for entry in store.entries:
+        _journal(root, "init-dev", entry.name, entry.kid, f"development key, {entry.state}")
+    return store

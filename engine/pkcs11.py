@@ -24,29 +24,28 @@ DSC's key (which also catches a public object that does not belong to the privat
 
 Concurrency -- read this before using a token from several threads.
 
-* python-pkcs11 0.10.1 calls ``C_Initialize(NULL)``: no locking flags. SoftHSM2 then turns its
-  own locking off, for the whole library, and concurrent calls from two threads crash the
-  process (SIGSEGV) or fail with ``CKR_GENERAL_ERROR`` -- even on two different sessions,
-  because the object store and session table are shared library state.
+* python-pkcs11 0.10.1 calls ``C_Initialize(NULL)``: no locking flags, so SoftHSM2 turns its
+  own locking off for the whole library. python-pkcs11 serialises operations *within* one
+  session, but nothing else: two sessions used from two threads at once abort the process
+  ("double free or corruption", reproduced here; SIGSEGV in the C measurements) because the
+  object store and session table are shared library state.
 * So this module keeps **one lock per loaded PKCS#11 module per process** and takes it around
   every call into the module: signing, object search, attribute reads, key generation, login
-  and logout. With one token session per process (which :meth:`Pkcs11Token.open` enforces)
-  that is the same as one lock per token session; the lock is per module rather than per
-  session so that a second token of the same module cannot race the first.
+  and logout. With one token session per process (which :meth:`Pkcs11Token.open` enforces per
+  token) that is one lock per token session; it is per module so that a second token of the
+  same module cannot race the first.
 * :meth:`Pkcs11SigningKey.sign` may be called from any thread. It hashes outside the lock,
   holds the lock for the token calls of the whole batch (python-pkcs11 releases the GIL inside
   each call, so other threads keep hashing and encoding meanwhile), and normalises low-S
-  after releasing it.
-* Measured here (SoftHSM2 2.6.1, 2-core VM, ES256, single thread; see the ``Rates`` note
-  below): the token sets the pace; a second thread in the same process adds nothing because
-  the lock serialises it.
+  after releasing it. The token sets the pace: a second signing thread in the same process
+  adds nothing (see the rates below).
 
 To use more cores, run **one session per worker process**: each worker calls
 :meth:`Pkcs11Token.open` itself (with the PIN handed to it over a pipe or read from the PIN
 file) and then :meth:`Pkcs11Token.signing_key`::
 
     def worker_main(module, label, pin_source, key_id, dsc_der):
-        token = Pkcs11Token.open(module, label, read_pin(pin_source))
+        token = Pkcs11Token.open(module, label, read_pin(pin_source), read_only=True)
         key = token.signing_key(key_id, dsc_der)
         ...  # serve sign requests with key.sign(...)
 
@@ -54,8 +53,29 @@ This works with the ``spawn`` and ``forkserver`` start methods and with ``fork``
 signing key inherited across ``fork`` refuses to be used (its session belongs to the parent),
 and the first :meth:`Pkcs11Token.open` in a forked child re-initialises the module in the
 child. SoftHSM2 should run with ``library.reset_on_fork = true`` (as in the CI config).
+**Start the workers' sessions one after another** (wait for each worker to report ready):
+SoftHSM2's file store is not safe against one process logging in while another opens the
+token (see :meth:`Pkcs11Token.open`, which retries that case, but should rarely need to).
 
-Rates (SoftHSM2 2.6.1, this VM, interleaved runs, medians): see :data:`MEASURED_RATES`.
+Rates, ES256 on SoftHSM2 2.6.1 (2-core VM, 275-byte CWT; medians of 9 interleaved 2-second
+runs, ``openssl speed`` anchor 36-40 k signs/s before and after):
+
+=================================================== ============ ===========
+path                                                 signs/s      vs direct
+=================================================== ============ ===========
+python-pkcs11 directly, CKM_ECDSA on a ready digest  9,991        1
+``sign()`` with 1 payload per call                   8,500        0.85
+``sign()`` with 4 payloads per call                  9,415        0.94
+``sign()`` with 16 payloads per call                 9,550        0.96-0.97
+``sign()`` with 64 payloads per call                 9,726        0.97
+2 threads, one process (one lock), 1 payload/call    6,600-8,300  no gain
+2 worker processes x 1 session, 1 payload/call       17,071       (direct: 19,418)
+=================================================== ============ ===========
+
+With the token replaced by a stub, the backend's own Python work costs 5.5 us per call plus
+2 us per payload; the single-payload gap (~17 us of ~100) is larger than that because the
+token's call itself runs slower when more Python work happens between calls. keyd batches,
+and from 4 payloads per call on the backend stays above 0.9 of the direct rate.
 
 The PIN comes from :func:`read_pin` (a file or a file descriptor), never from argv or the
 environment, and never appears in an error message or log line. python-pkcs11 takes the PIN as

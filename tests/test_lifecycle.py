@@ -108,7 +108,7 @@ def test_full_lifecycle(dev_keystore_copy, tmp_path, capsys):
     assert code == 4 and "cannot become active" in err
     events = [r for r in search(ks / "audit", kinds=("key",))]
     actions = [e.get("action") for e in events]
-    for action in ("generate", "csr", "import-cert", "active", "disabled"):
+    for action in ("init-dev", "generate", "csr", "import-cert", "active", "disabled"):
         assert action in actions, actions
     assert any("account abused" in (e.get("reason") or "") for e in events)
 
