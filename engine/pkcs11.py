@@ -401,6 +401,9 @@ class Pkcs11Token:
         should use it). Only one :class:`Pkcs11Token` per token may be open in a process
         (PKCS#11 login state is per process and token, and a second ``C_Login`` fails).
 
+        Failures that may be another process's concurrent login (token missing, general
+        error, PIN flags) are retried for about 2 s before they are reported.
+
         Raises:
             Pkcs11Error: the module file is missing or does not load; no token (or more than
                 one) has that label; the token is already open in this process; the PIN is
