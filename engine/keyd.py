@@ -11,7 +11,8 @@ itself rather than trusting the engine (an engine can be compromised, or simply 
 * exp <= the DSC's notAfter, iat >= its notBefore, exp > iat, and iat not later than keyd's
   clock plus a small skew;
 * the DCC type allowed by the DSC's extended key usage;
-* the kid active, and the client allowed to use it.
+* the kid active, and the client allowed to use it (the key's optional ``clients`` list in the
+  keystore metadata; without one, every client may).
 
 Each refused payload gets an :class:`~dccsign.protocol.keyd.ItemError`; the others are signed.
 There is no operation that signs a digest, and none that exports a key.
@@ -175,6 +176,7 @@ class Keyd:
         self._passphrase = passphrase
         self._impl = impl
         self._lock = threading.Lock()
+        self._reload_lock = threading.Lock()
         self._keys: dict[bytes, LoadedKey] = {}
         self._meta_stamp: tuple[int, int] | None = None
         self._next_check = 0.0
@@ -218,6 +220,7 @@ class Keyd:
         stamp = self._stamp()
         store = Keystore.open(self.directory)
         keys: dict[bytes, LoadedKey] = {}
+        changes: list[KeyEvent] = []
         for entry in store.entries:
             old = self._keys.get(entry.kid)
             if old is not None:
@@ -226,34 +229,47 @@ class Keyd:
                 key = self._preloaded.pop(entry.kid)
             else:
                 key = store.load_signing_key(entry, self._passphrase, self._impl)
-            keys[entry.kid] = LoadedKey(entry.dsc, key, entry.state, entry.name)
+            keys[entry.kid] = LoadedKey(entry.dsc, key, entry.state, entry.name, entry.clients)
             if old is not None and old.state != entry.state:
                 LOGGER.warning(
                     "key %s (%s): %s -> %s", entry.kid.hex(), entry.name, old.state, entry.state
                 )
-                self.audit.append_key_event(
+                changes.append(
                     KeyEvent(f"state:{entry.state}", entry.kid, entry.name, "keyd", None)
                 )
+        # The new states apply first: an emergency disable must take effect even when the
+        # audit log cannot record it (keyd then stops signing altogether, below).
         with self._lock:
             self._keys = keys
             self._meta_stamp = stamp
-        if initial:
-            self.audit.append_key_event(KeyEvent("keyd-start", None, None, "keyd", None))
-        self._ingest_journal()
+        try:
+            if initial:
+                changes.insert(0, KeyEvent("keyd-start", None, None, "keyd", None))
+            for event in changes:
+                self.audit.append_key_event(event)
+            self._ingest_journal()
+        except AuditUnavailable as exc:
+            self.audit_failure = f"audit log unavailable: {exc}"
+            LOGGER.error("%s; signing stopped", self.audit_failure)
+            if initial:
+                raise
 
     def refresh(self) -> None:
         """Pick up key state changes (activate, retire, disable) from the keystore metadata."""
         now = time.monotonic()
-        if now < self._next_check:
-            return
-        self._next_check = now + RELOAD_INTERVAL
-        if self._stamp() != self._meta_stamp:
-            try:
-                self._load()
-            except Exception:
-                # A half-written or broken metadata file must not stop signing with the state
-                # we know; it is retried at the next interval.
-                LOGGER.exception("keystore reload failed; keeping the previous key states")
+        if now < self._next_check or not self._reload_lock.acquire(blocking=False):
+            return  # not due yet, or another connection's thread is reloading right now
+        try:
+            self._next_check = now + RELOAD_INTERVAL
+            if self._stamp() != self._meta_stamp:
+                try:
+                    self._load()
+                except Exception:
+                    # A half-written or broken metadata file must not stop signing with the
+                    # states we know; it is retried at the next interval.
+                    LOGGER.exception("keystore reload failed; keeping the previous key states")
+        finally:
+            self._reload_lock.release()
 
     def describe(self) -> list[KeyInfo]:
         self.refresh()

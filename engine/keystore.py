@@ -59,6 +59,7 @@ class KeyEntry:
     cert_path: Path
     dsc: DSC
     pkcs11: dict[str, str] | None = None  # module, token_label, key_id, pin_file of a token key
+    clients: frozenset[str] | None = None  # clients allowed to sign with it; None: every client
 
     @property
     def kid(self) -> bytes:
@@ -189,8 +190,23 @@ class Keystore:
                     f"{cert_path}: kid {dsc.kid.hex()} collides with key {seen[dsc.kid]!r}"
                 )
             seen[dsc.kid] = item["name"]
+            clients = item.get("clients")
+            if clients is not None and not (
+                isinstance(clients, list) and all(isinstance(c, str) for c in clients)
+            ):
+                raise KeystoreError(f"{meta_path}: keys[{i}].clients must be a list of strings")
             key_path = root / item["private_key"] if token is None else None
-            entries.append(KeyEntry(item["name"], item["state"], key_path, cert_path, dsc, token))
+            entries.append(
+                KeyEntry(
+                    item["name"],
+                    item["state"],
+                    key_path,
+                    cert_path,
+                    dsc,
+                    token,
+                    frozenset(clients) if clients is not None else None,
+                )
+            )
         store = cls(root, entries, country)
         store.pending = pending
         return store

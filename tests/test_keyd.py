@@ -129,9 +129,14 @@ def test_audit_unavailable_stops_signing(env, monkeypatch):
 
 
 def test_client_allow_list(env):
-    store, keyd, _log, _audit_dir = env
+    store, keyd, *_ = env
     kid = _kid(store, "v")
-    keyd._keys[kid].clients = frozenset({"portal-a"})
+    meta_path = store.directory / "keystore.json"
+    meta = json.loads(meta_path.read_text())
+    name = next(e.name for e in store.entries if e.kid == kid)
+    next(k for k in meta["keys"] if k["name"] == name)["clients"] = ["portal-a"]
+    meta_path.write_text(json.dumps(meta))
+    keyd._next_check = 0
     assert isinstance(_sign(keyd, kid, [_payload(sample("v"))], client="portal-a")[0], bytes)
     assert _sign(keyd, kid, [_payload(sample("v"))], client="portal-b")[0][0] == (
         ItemError.CLIENT_NOT_ALLOWED
@@ -201,3 +206,26 @@ def test_no_export_and_no_digest_signing_surface():
         "ERROR",
     }
     assert not any(n in dir(Keyd) for n in ("export", "sign_digest", "private_key"))
+
+
+def test_disable_applies_even_when_the_audit_log_fails(env, monkeypatch):
+    store, keyd, log, _ = env
+    vacc, test = _kid(store, "v"), _kid(store, "t")
+
+    def broken(event):
+        raise AuditUnavailable("Input/output error")
+
+    monkeypatch.setattr(log, "append_key_event", broken)
+    meta_path = store.directory / "keystore.json"
+    meta = json.loads(meta_path.read_text())
+    name = next(e.name for e in store.entries if e.kid == vacc)
+    next(k for k in meta["keys"] if k["name"] == name)["state"] = "disabled"
+    meta_path.write_text(json.dumps(meta))
+    keyd._next_check = 0  # do not wait for the reload interval
+    assert _sign(keyd, vacc, [_payload(sample("v"))])[0] == (
+        ItemError.KID_NOT_ACTIVE,
+        "key is disabled",
+    )
+    # The log could not record the change: keyd signs nothing more, with any key.
+    result = _sign(keyd, test, [_payload(sample("t"))])[0]
+    assert result[0] == ItemError.AUDIT_UNAVAILABLE and "Input/output" in result[1]
