@@ -31,6 +31,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,9 @@ DEFAULT_SKEW = 60
 #: How often keyd looks at the keystore metadata for state changes (emergency disable must
 #: take effect within a second).
 RELOAD_INTERVAL = 0.5
+#: Payloads per signing task: small enough that checking the next chunk overlaps signing this
+#: one, large enough that the per-call cost of the native batch stays negligible.
+SIGN_CHUNK = 32
 JOURNAL_OFFSET = "key-events.offset"
 _CLAIM_KEYS = frozenset({1, 4, 6, -260})
 
@@ -177,6 +181,10 @@ class Keyd:
         self._impl = impl
         self._lock = threading.Lock()
         self._reload_lock = threading.Lock()
+        # Signing workers, one per core: every connection's chunks share them.
+        self._signers = ThreadPoolExecutor(
+            max_workers=os.cpu_count() or 2, thread_name_prefix="keyd-sign"
+        )
         self._keys: dict[bytes, LoadedKey] = {}
         self._meta_stamp: tuple[int, int] | None = None
         self._next_check = 0.0
@@ -311,23 +319,39 @@ class Keyd:
         results: list[bytes | tuple[ItemError, str]] = []
         accepted: list[int] = []
         facts: list[tuple[str, str, str]] = []
-        for i, payload in enumerate(req.payloads):
-            outcome = check_payload(payload, key.dsc, now, skew=self.skew, valuesets=self.valuesets)
-            if isinstance(outcome[0], ItemError):
-                results.append(outcome)  # type: ignore[arg-type]
-            else:
-                results.append(b"")
-                accepted.append(i)
-                facts.append(outcome)  # type: ignore[arg-type]
+        # Check and sign overlap: each chunk's signing goes to a worker thread (native signing
+        # and token calls release the GIL) while this thread checks the next chunk.
+        pending: list[tuple[list[int], Future[list[bytes]]]] = []
+        for start in range(0, n, SIGN_CHUNK):
+            chunk: list[int] = []
+            for i in range(start, min(start + SIGN_CHUNK, n)):
+                outcome = check_payload(
+                    req.payloads[i], key.dsc, now, skew=self.skew, valuesets=self.valuesets
+                )
+                if isinstance(outcome[0], ItemError):
+                    results.append(outcome)  # type: ignore[arg-type]
+                else:
+                    results.append(b"")
+                    chunk.append(i)
+                    facts.append(outcome)  # type: ignore[arg-type]
+            if chunk:
+                accepted += chunk
+                batch = [req.payloads[i] for i in chunk]
+                pending.append((chunk, self._signers.submit(key.key.sign, key.protected, batch)))
         if not accepted:
             return SignResult(req.request_id, tuple(results))
         payloads = [req.payloads[i] for i in accepted]
-        try:
-            signatures = key.key.sign(key.protected, payloads)
-        except Exception as exc:
-            LOGGER.exception("signing failed for kid %s", key.dsc.kid.hex())
+        signatures: list[bytes] = []
+        failure: BaseException | None = None
+        for _, future in pending:
+            try:
+                signatures += future.result()
+            except Exception as exc:  # wait for every chunk before answering
+                failure = failure or exc
+        if failure is not None:
+            LOGGER.error("signing failed for kid %s: %r", key.dsc.kid.hex(), failure)
             for i in accepted:
-                results[i] = (ItemError.INTERNAL, f"signing failed: {type(exc).__name__}")
+                results[i] = (ItemError.INTERNAL, f"signing failed: {type(failure).__name__}")
             return SignResult(req.request_id, tuple(results))
         records = [
             IssuanceRecord(
@@ -356,6 +380,10 @@ class Keyd:
         for i, sig in zip(accepted, signatures, strict=True):
             results[i] = sig
         return SignResult(req.request_id, tuple(results))
+
+    def close(self) -> None:
+        """Stop the signing workers (after the requests in progress)."""
+        self._signers.shutdown(wait=True)
 
     def handle(self, msg: object) -> object:
         """The reply to one request message."""
@@ -484,6 +512,7 @@ def run(
         try:
             serve_unix(keyd, socket_path, ready=ready, stop=stop)
         finally:
+            keyd.close()
             log.append_key_event(KeyEvent("keyd-stop", None, None, "keyd", None))
 
 

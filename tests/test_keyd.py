@@ -28,6 +28,7 @@ def env(dev_keystore_copy, tmp_path):
     log = AuditLog.open(tmp_path / "audit", key)
     keyd = Keyd(store.directory, pw, log)
     yield store, keyd, log, tmp_path / "audit"
+    keyd.close()
     log.close()
 
 
@@ -229,3 +230,30 @@ def test_disable_applies_even_when_the_audit_log_fails(env, monkeypatch):
     # The log could not record the change: keyd signs nothing more, with any key.
     result = _sign(keyd, test, [_payload(sample("t"))])[0]
     assert result[0] == ItemError.AUDIT_UNAVAILABLE and "Input/output" in result[1]
+
+
+def test_batches_across_chunks_keep_order(env):
+    from dccsign.keyd import SIGN_CHUNK
+
+    store, keyd, _, audit_dir = env
+    kid = _kid(store, "v")
+    n = SIGN_CHUNK * 3 + 5
+    payloads = [
+        _payload(sample("t"))
+        if i % 7 == 3
+        else _payload({**sample("v"), "dob": f"19{i % 90 + 10}"})
+        for i in range(n)
+    ]
+    results = _sign(keyd, kid, payloads)
+    entry = next(e for e in store.entries if e.kid == kid)
+    protected = native.protected_header(-7, kid)
+    signed = 0
+    for i, (payload, result) in enumerate(zip(payloads, results, strict=True)):
+        if i % 7 == 3:
+            assert result[0] == ItemError.TYPE_NOT_ALLOWED
+            continue
+        (text,) = native.hc1_encode(protected, [payload], [result])
+        verdict = verify_hc1(text, [entry.dsc])
+        assert verdict.valid and verdict.dcc["dob"] == f"19{i % 90 + 10}"
+        signed += 1
+    assert len(list(search(audit_dir))) == signed
