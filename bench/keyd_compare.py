@@ -40,6 +40,30 @@ def _rate(fn, batch: int, seconds: float) -> float:
     return done / (time.perf_counter() - start)
 
 
+def rate_two_connections(
+    keyd: PrivateKeyd, kid: bytes, payloads: list[bytes], seconds: float
+) -> float:
+    """Signatures/s with two connections signing at once (keyd serves each on a thread)."""
+    clients = [keyd.client(), keyd.client()]
+    counts = [0, 0]
+    stop = time.perf_counter() + seconds
+
+    def work(i: int) -> None:
+        while time.perf_counter() < stop:
+            clients[i].sign(kid, payloads, client="bench", account="bench")
+            counts[i] += len(payloads)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for c in clients:
+        c.close()
+    return sum(counts) / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=250)
@@ -61,37 +85,20 @@ def main() -> None:
         payloads = [prefix + cbor2.dumps(d) for d in dccs]
         rounds = []
         with PrivateKeyd(store.directory) as keyd:
-            clients = [keyd.client(), keyd.client()]
+            client = keyd.client()
 
-            def through(client):
+            def through():
                 client.sign(entry.kid, payloads, client="bench", account="bench")
-
-            def two_connections() -> float:
-                counts = [0, 0]
-                stop = time.perf_counter() + args.seconds
-
-                def work(i: int) -> None:
-                    while time.perf_counter() < stop:
-                        through(clients[i])
-                        counts[i] += len(payloads)
-
-                threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-                start = time.perf_counter()
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
-                return sum(counts) / (time.perf_counter() - start)
 
             for r in range(args.rounds):
                 cases = {
                     "in_process": lambda: _rate(
                         lambda: local.sign(protected, payloads), len(payloads), args.seconds
                     ),
-                    "keyd_1_connection": lambda: _rate(
-                        lambda: through(clients[0]), len(payloads), args.seconds
+                    "keyd_1_connection": lambda: _rate(through, len(payloads), args.seconds),
+                    "keyd_2_connections": lambda: rate_two_connections(
+                        keyd, entry.kid, payloads, args.seconds
                     ),
-                    "keyd_2_connections": two_connections,
                 }
                 order = list(cases) if r % 2 == 0 else list(reversed(cases))
                 row = {name: round(cases[name](), 1) for name in order}
@@ -99,8 +106,7 @@ def main() -> None:
                 row["ratio_2"] = round(row["keyd_2_connections"] / row["in_process"], 3)
                 rounds.append(row)
                 print(f"round {r}: " + ", ".join(f"{k} {v:,}" for k, v in row.items()))
-            for c in clients:
-                c.close()
+            client.close()
     summary = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
     print("median: " + ", ".join(f"{k} {v:,}" for k, v in summary.items()))
     print(

@@ -16,7 +16,6 @@ temporary directory.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
 import statistics
 import subprocess
@@ -26,12 +25,12 @@ import time
 from pathlib import Path
 
 import cbor2
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from keyd_compare import rate_two_connections  # bench/ is this script's directory
 
 from dccsign.chain import claims_prefix
 from dccsign.keyd_supervisor import PrivateKeyd
 from dccsign.keystore import init_dev, resolve_passphrase
+from dccsign.lifecycle import issue_with_dev_csca
 from dccsign.samples import varied_samples
 
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"
@@ -46,30 +45,6 @@ def _cli(*argv: object) -> str:
         timeout=120,
     )
     return out.stdout.decode().strip()
-
-
-def _two_connections(keyd: PrivateKeyd, kid: bytes, payloads: list[bytes], seconds: float):
-    """Signatures/s with two connections signing at once (keyd serves each on a thread)."""
-    import threading
-
-    clients = [keyd.client(), keyd.client()]
-    counts = [0, 0]
-    stop = time.perf_counter() + seconds
-
-    def work(i: int) -> None:
-        while time.perf_counter() < stop:
-            clients[i].sign(kid, payloads, client="bench", account="bench")
-            counts[i] += len(payloads)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for c in clients:
-        c.close()
-    return sum(counts) / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -120,38 +95,20 @@ def main() -> None:
             "--pin-file",
             pin,
         )
-        csr = x509.load_pem_x509_csr(
-            _cli(
-                "keys",
-                "csr",
-                "--keystore",
-                ks,
-                "--key",
-                name,
-                "--subject",
-                "CN=bench,C=NL",
-                "--usage",
-                "vaccination",
-            ).encode()
-        )
-        pw = resolve_passphrase(ks)
-        ca_key = serialization.load_pem_private_key((ks / "keys/csca.key.pem").read_bytes(), pw)
-        ca = x509.load_pem_x509_certificate((ks / "certs/csca.crt.pem").read_bytes())
-        now = dt.datetime.now(dt.UTC)
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(csr.subject)
-            .issuer_name(ca.subject)
-            .public_key(csr.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(days=1))
-            .not_valid_after(now + dt.timedelta(days=30))
-        )
-        for ext in csr.extensions:
-            builder = builder.add_extension(ext.value, ext.critical)
-        (root / "dsc.pem").write_bytes(
-            builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
-        )
+        csr_pem = _cli(
+            "keys",
+            "csr",
+            "--keystore",
+            ks,
+            "--key",
+            name,
+            "--subject",
+            "CN=bench,C=NL",
+            "--usage",
+            "vaccination",
+        ).encode()
+        dsc = issue_with_dev_csca(ks, csr_pem, resolve_passphrase(ks), days=30)
+        (root / "dsc.pem").write_bytes(dsc)
         kid = bytes.fromhex(
             _cli("keys", "import-cert", "--keystore", ks, "--key", name, root / "dsc.pem")
         )
@@ -199,7 +156,7 @@ def main() -> None:
                     assert all(isinstance(s, bytes) for s in out)
                     done += len(payloads)
                 through = done / (time.perf_counter() - t0)
-                through2 = _two_connections(keyd, kid, payloads, args.seconds)
+                through2 = rate_two_connections(keyd, kid, payloads, args.seconds)
                 rows.append((direct, through, through / direct, through2 / direct))
                 print(
                     f"round {r}: token direct {direct:,.0f}/s, through keyd {through:,.0f}/s "

@@ -24,7 +24,6 @@ written, keyd refuses to sign (``AUDIT_UNAVAILABLE``) and says why, rather than 
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import socket
@@ -35,8 +34,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import cbor2
 
 from . import native
 from .audit import AuditLog, AuditUnavailable, IssuanceRecord, KeyEvent
@@ -57,6 +54,7 @@ from .protocol.keyd import (
     SignResult,
 )
 from .valuesets import ValueSets
+from .verify import loads_exact
 
 __all__ = ["DEFAULT_SKEW", "Keyd", "LoadedKey", "check_payload", "serve_unix"]
 
@@ -89,14 +87,6 @@ class LoadedKey:
         return native.protected_header(self.dsc.alg, self.dsc.kid)
 
 
-def _loads_exact(data: bytes) -> Any:
-    stream = io.BytesIO(data)
-    value = cbor2.CBORDecoder(stream).decode()
-    if stream.tell() != len(data):
-        raise ValueError("trailing bytes after the CWT")
-    return value
-
-
 def check_payload(
     payload: bytes,
     dsc: DSC,
@@ -111,7 +101,7 @@ def check_payload(
     Never raises for any payload bytes.
     """
     try:
-        claims = _loads_exact(payload)
+        claims = loads_exact(payload)
     except Exception as exc:  # any decoder failure is the payload's fault
         return ItemError.MALFORMED_CWT, f"not one CBOR item: {exc}"
     if not isinstance(claims, dict) or set(claims) != _CLAIM_KEYS:

@@ -45,6 +45,7 @@ __all__ = [
     "TRANSITIONS",
     "generate",
     "import_cert",
+    "issue_with_dev_csca",
     "journal_events",
     "key_warnings",
     "make_csr",
@@ -305,6 +306,46 @@ def set_state(
         item["state"] = state
         _journal(root, state, entry.name, kid, reason)
     return old
+
+
+def issue_with_dev_csca(
+    directory: str | os.PathLike[str], csr_pem: bytes, passphrase: bytes, *, days: int = 730
+) -> bytes:
+    """Development keystores only: the DSC (PEM) the keystore's own development CSCA issues for
+    *csr_pem*, valid from yesterday for *days*, with the extensions the CSR requests.
+
+    It plays the national CSCA in tests, benchmarks and demos; a production keystore has no
+    CSCA key.
+
+    Raises:
+        KeystoreError: no development CSCA here, a wrong passphrase, or not a CSR.
+    """
+    root = Path(directory)
+    key_path = root / "keys" / "csca.key.pem"
+    try:
+        ca_key = serialization.load_pem_private_key(key_path.read_bytes(), passphrase)
+        ca = x509.load_pem_x509_certificate((root / "certs" / "csca.crt.pem").read_bytes())
+    except FileNotFoundError:
+        raise KeystoreError(f"{root}: no development CSCA in this keystore") from None
+    except (ValueError, TypeError) as exc:
+        raise KeystoreError(f"{key_path}: cannot decrypt the CSCA key: {exc}") from None
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError as exc:
+        raise KeystoreError(f"not a CSR: {exc}") from None
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(csr.subject)
+        .issuer_name(ca.subject)
+        .public_key(csr.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=days))
+    )
+    for ext in csr.extensions:
+        builder = builder.add_extension(ext.value, ext.critical)
+    return builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
 
 def key_warnings(dsc: DSC, now: dt.datetime | None = None) -> list[str]:

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from . import native
 from .dsc import DSC, TYPE_NAMES
 
-__all__ = ["HC1_PREFIX", "VerifyResult", "decode_hc1", "verify_hc1"]
+__all__ = ["HC1_PREFIX", "VerifyResult", "decode_hc1", "loads_exact", "verify_hc1"]
 
 HC1_PREFIX = "HC1:"
 _ALG_NAMES = {-7: "ES256", -37: "PS256"}
@@ -75,7 +75,7 @@ class VerifyResult:
         }
 
 
-def _loads_exact(data: bytes) -> Any:
+def loads_exact(data: bytes) -> Any:
     """Decode one CBOR item; trailing bytes are an error (cbor2.loads ignores them)."""
     stream = io.BytesIO(data)
     value = cbor2.CBORDecoder(stream).decode()
@@ -148,7 +148,7 @@ def _verify_signature(dsc: DSC, alg: int, protected: bytes, payload: bytes, sig:
 def _header_map(raw: bytes, where: str) -> dict[Any, Any]:
     if raw == b"":
         return {}
-    value = _plain(_loads_exact(raw))
+    value = _plain(loads_exact(raw))
     if not isinstance(value, dict):
         raise ValueError(f"the {where} header is not a map")
     return value
@@ -197,7 +197,7 @@ def verify_hc1(text: str, dscs: Sequence[DSC], *, at: dt.datetime | None = None)
         return result.fail("header", "kid must be an 8-byte string")
     result.kid = kid.hex()
     try:
-        claims = _plain(_loads_exact(parts.payload))
+        claims = _plain(loads_exact(parts.payload))
     except (ValueError, cbor2.CBORDecodeError) as exc:
         return result.fail("cwt", f"payload is not CBOR: {exc}")
     if not isinstance(claims, dict):

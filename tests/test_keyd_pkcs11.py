@@ -5,7 +5,6 @@ Every token operation runs in a child process: a process holds one token session
 (dccsign.pkcs11), and this test process may already hold one (tests/test_pkcs11.py).
 """
 
-import datetime as dt
 import os
 import shutil
 import subprocess
@@ -15,7 +14,6 @@ import time
 import cbor2
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 
 from conftest import IN_CI
 from dccsign import native
@@ -25,6 +23,7 @@ from dccsign.cli import main
 from dccsign.dsc import DSC
 from dccsign.keyd_supervisor import PrivateKeyd
 from dccsign.keystore import resolve_passphrase
+from dccsign.lifecycle import issue_with_dev_csca
 from dccsign.samples import sample
 from dccsign.verify import verify_hc1
 
@@ -69,24 +68,8 @@ def softhsm(tmp_path, monkeypatch):
 
 def _issue(ks, csr_pem):
     """Play the CSCA: check the CSR and issue the DSC it asks for."""
-    csr = x509.load_pem_x509_csr(csr_pem)
-    assert csr.is_signature_valid
-    pw = resolve_passphrase(ks)
-    ca_key = serialization.load_pem_private_key((ks / "keys" / "csca.key.pem").read_bytes(), pw)
-    ca = x509.load_pem_x509_certificate((ks / "certs" / "csca.crt.pem").read_bytes())
-    now = dt.datetime.now(dt.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(csr.subject)
-        .issuer_name(ca.subject)
-        .public_key(csr.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=90))
-    )
-    for ext in csr.extensions:
-        builder = builder.add_extension(ext.value, ext.critical)
-    return builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+    assert x509.load_pem_x509_csr(csr_pem).is_signature_valid
+    return issue_with_dev_csca(ks, csr_pem, resolve_passphrase(ks), days=90)
 
 
 def _cli(*argv):

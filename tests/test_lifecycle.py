@@ -14,7 +14,7 @@ from dccsign.chain import claims_prefix
 from dccsign.cli import main
 from dccsign.keyd_supervisor import PrivateKeyd
 from dccsign.keystore import Keystore, resolve_passphrase
-from dccsign.lifecycle import key_warnings
+from dccsign.lifecycle import issue_with_dev_csca, key_warnings
 from dccsign.protocol.keyd import ItemError
 from dccsign.samples import sample
 
@@ -27,24 +27,8 @@ def run(capsys, *argv):
 
 def issue_dsc(ks, csr_pem, days=730):
     """Play the national CSCA: sign the CSR with the development CSCA of the keystore."""
-    pw = resolve_passphrase(ks)
-    ca_key = serialization.load_pem_private_key((ks / "keys" / "csca.key.pem").read_bytes(), pw)
-    ca = x509.load_pem_x509_certificate((ks / "certs" / "csca.crt.pem").read_bytes())
-    csr = x509.load_pem_x509_csr(csr_pem)
-    assert csr.is_signature_valid
-    now = dt.datetime.now(dt.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(csr.subject)
-        .issuer_name(ca.subject)
-        .public_key(csr.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=days))
-    )
-    for ext in csr.extensions:
-        builder = builder.add_extension(ext.value, ext.critical)
-    return builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+    assert x509.load_pem_x509_csr(csr_pem).is_signature_valid
+    return issue_with_dev_csca(ks, csr_pem, resolve_passphrase(ks), days=days)
 
 
 def test_full_lifecycle(dev_keystore_copy, tmp_path, capsys):
