@@ -225,7 +225,11 @@ def test_whole_hc1(per_cert, corpus, contender):
     dumps = cbor2.dumps
     if contender == "naive":
         key, kid, iss, iat, exp = (
-            corpus.signer.private_key, corpus.kid, corpus.iss, corpus.iat, corpus.exp
+            corpus.signer.private_key,
+            corpus.kid,
+            corpus.iss,
+            corpus.iat,
+            corpus.exp,
         )
 
         def issue() -> list[str]:
@@ -276,3 +280,55 @@ def test_validate(per_cert, corpus, contender):
                 validate(d)
 
     per_cert(check, items=BATCH, baseline=contender == "jsonschema-1.3.0")
+
+
+# -- 7. keyd's per-item work --------------------------------------------------------------
+
+
+@pytest.mark.benchmark(group="7 keyd CWT check (structure, iss/exp/iat/type/UVCI)")
+@pytest.mark.parametrize("contender", ["native", "python", "cbor2-decode"])
+def test_cwt_check(per_cert, corpus, contender):
+    payloads = corpus.payloads
+    if contender == "cbor2-decode":
+        # the floor of any check built on a general decoder: decoding alone, no checks
+        def check() -> None:
+            for p in payloads:
+                cbor2.loads(p)
+    else:
+        facts = _impl(contender).cwt_facts
+        for d, f in zip(corpus.dccs, facts(payloads), strict=True):
+            kind = next(k for k in "vtr" if k in d)
+            assert (f.iss, f.exp, f.iat, f.dcc_type, f.uvci) == (
+                corpus.iss,
+                corpus.exp,
+                corpus.iat,
+                kind,
+                d[kind][0]["ci"],
+            )
+
+        def check() -> None:
+            facts(payloads)
+
+    per_cert(check, items=BATCH, baseline=contender == "cbor2-decode")
+
+
+@pytest.mark.benchmark(group="8 audit issue lines (5 SHA-256 + canonical JSON + chain)")
+@pytest.mark.parametrize("contender", ["native", "python"])
+def test_audit_lines(per_cert, corpus, contender):
+    args = (
+        b'{"account":"uzi:900012345","alg":-7,"client":"portal-a","iss":',
+        f',"kid":"{corpus.kid.hex()}","operator":null,"payload_sha256":"'.encode(),
+        b"2026-11-23T09:12:44.021730Z",
+        -7,
+        [corpus.iss] * BATCH,
+        [next(d[k][0]["ci"] for k in "vtr" if k in d) for d in corpus.dccs],
+        "".join(next(k for k in "vtr" if k in d) for d in corpus.dccs),
+        corpus.payloads,
+        corpus.signatures,
+        1,
+        "0" * 64,
+    )
+    lines = _impl(contender).audit_issue_lines
+    assert lines(*args) == native.implementation("python").audit_issue_lines(*args)
+
+    per_cert(lambda: lines(*args), items=BATCH, baseline=contender == "python")

@@ -32,8 +32,9 @@ So the entries form one hash chain over the exact stored bytes. Entry types:
 ``issue`` (one per signature)
     ``time``, ``kid`` (hex), ``alg`` (-7 ES256, -37 PS256), ``client`` (portal backend),
     ``account`` (end-user account, pseudonymous, stored as given), ``operator`` (who acted under
-    the account's mandate, or null), ``type`` (``v``/``t``/``r``), ``iss`` (CWT issuer country),
-    ``uvci_hash`` = SHA-256(UVCI), ``payload_sha256`` = SHA-256(signed CWT payload), and ``rev``,
+    the account's mandate, or null), ``type`` (``v``/``t``/``r``), ``iss`` (CWT issuer
+    country, two capitals), ``uvci_hash`` = SHA-256(UVCI), ``payload_sha256`` =
+    SHA-256(signed CWT payload), and ``rev``,
     the EU DCC revocation hashes (hex, first 128 bits of SHA-256)::
 
         UCI             SHA-256(UVCI)[:16]
@@ -161,6 +162,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from . import native
 from .errors import DccSignError, KeystoreError
 
 __all__ = [
@@ -172,6 +174,7 @@ __all__ = [
     "AuditLogError",
     "AuditUnavailable",
     "Break",
+    "IssuanceBatch",
     "IssuanceRecord",
     "KeyEvent",
     "Revocation",
@@ -248,6 +251,23 @@ class IssuanceRecord:
     iss: str
     payload: bytes
     signature: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class IssuanceBatch:
+    """The records of one keyd batch in columns: what they share, then per signature its DCC
+    type (one letter each in *dcc_types*), UVCI, CWT issuer, payload and signature."""
+
+    kid: bytes
+    alg: int
+    client: str
+    account: str
+    operator: str | None
+    dcc_types: str
+    uvcis: Sequence[str]
+    isses: Sequence[str]
+    payloads: Sequence[bytes]
+    signatures: Sequence[bytes]
 
 
 @dataclass(frozen=True, slots=True)
@@ -1203,6 +1223,24 @@ class AuditLog:
         self._texts[value] = literal
         return literal
 
+    def _head(self, r: IssuanceBatch, index: int) -> bytes:
+        """``{"account":A,"alg":N,"client":C,"iss":`` of a batch."""
+        if r.alg not in (ES256, PS256):
+            raise ValueError(f"record {index}: alg must be -7 (ES256) or -37 (PS256)")
+        account = self._text(r.account, "account", index)
+        client = self._text(r.client, "client", index)
+        return f'{{"account":{account},"alg":{r.alg},"client":{client},"iss":'.encode()
+
+    def _middle(self, r: IssuanceBatch, index: int) -> bytes:
+        """``,"kid":"K","operator":O,"payload_sha256":"`` of a batch."""
+        kid = self._kids.get(r.kid)
+        if kid is None:
+            if not isinstance(r.kid, bytes) or len(r.kid) != 8:
+                raise ValueError(f"record {index}: kid must be 8 bytes")
+            kid = self._kids[r.kid] = r.kid.hex()
+        operator = "null" if r.operator is None else self._text(r.operator, "operator", index)
+        return f',"kid":"{kid}","operator":{operator},"payload_sha256":"'.encode()
+
     def append_issuance(self, records: Sequence[IssuanceRecord]) -> list[int]:
         """Append one record per signature, then a checkpoint: one write, one fsync.
 
@@ -1216,65 +1254,72 @@ class AuditLog:
             AuditUnavailable: the log cannot be written durably; it refuses further appends
                 until reopened. The signatures of this batch must not be released.
         """
+        # Each run of records that share kid, alg, client, account and operator is one batch.
+        batches: list[IssuanceBatch] = []
+        start = 0
+        while start < len(records):
+            first = records[start]
+            shared = (first.kid, first.alg, first.client, first.account, first.operator)
+            end = start + 1
+            while (
+                end < len(records)
+                and (
+                    (r := records[end]).kid,
+                    r.alg,
+                    r.client,
+                    r.account,
+                    r.operator,
+                )
+                == shared
+            ):
+                end += 1
+            run = records[start:end]
+            batches.append(
+                IssuanceBatch(
+                    *shared,
+                    "".join(r.dcc_type if r.dcc_type in DCC_TYPES else "?" for r in run),
+                    [r.uvci for r in run],
+                    [r.iss for r in run],
+                    [r.payload for r in run],
+                    [r.signature for r in run],
+                )
+            )
+            start = end
+        return self._append_batches(batches)
+
+    def append_batch(self, batch: IssuanceBatch) -> list[int]:
+        """:meth:`append_issuance` for records given in columns (keyd's form: no object per
+        signature). Same contract; a bad item is named as ``record <index>``."""
+        return self._append_batches([batch])
+
+    def _append_batches(self, batches: Sequence[IssuanceBatch]) -> list[int]:
         with self._lock:
             self._usable()
-            if not records:
+            if not any(b.payloads for b in batches):
                 return []
             now = _format_time(self._clock())
-            sha256 = hashlib.sha256
-            text = self._text
-            texts = self._texts
-            kids = self._kids
-            seq = self._seq
-            prev = self._prev
+            when = now.encode()
+            seq, prev = self._seq, self._prev
             lines: list[bytes] = []
-            for index, r in enumerate(records):
-                kid = kids.get(r.kid)
-                if kid is None:
-                    if not isinstance(r.kid, bytes) or len(r.kid) != 8:
-                        raise ValueError(f"record {index}: kid must be 8 bytes")
-                    kid = kids[r.kid] = r.kid.hex()
-                signature = r.signature
-                if r.alg == ES256:
-                    if len(signature) != 64:
-                        raise ValueError(f"record {index}: an ES256 signature is 64 bytes (r||s)")
-                    signed = signature[:32]
-                elif r.alg == PS256:
-                    signed = signature
-                else:
-                    raise ValueError(f"record {index}: alg must be -7 (ES256) or -37 (PS256)")
-                if r.dcc_type not in DCC_TYPES:
-                    raise ValueError(f"record {index}: dcc_type must be 'v', 't' or 'r'")
-                uvci = r.uvci
-                if not isinstance(uvci, str) or not uvci or len(uvci) > _MAX_TEXT:
-                    raise ValueError(f"record {index}: uvci must be a non-empty string")
-                # cached JSON literals (never empty) of identifiers that repeat across records
-                account = texts.get(r.account) or text(r.account, "account", index)
-                client = texts.get(r.client) or text(r.client, "client", index)
-                iss = texts.get(r.iss) or text(r.iss, "iss", index)
-                operator = (
-                    "null"
-                    if r.operator is None
-                    else texts.get(r.operator) or text(r.operator, "operator", index)
+            for b in batches:
+                # Hashing and formatting in one native call per batch (no GIL when native).
+                group, prev = native.audit_issue_lines(
+                    self._head(b, len(lines)),
+                    self._middle(b, len(lines)),
+                    when,
+                    b.alg,
+                    b.isses,
+                    b.uvcis,
+                    b.dcc_types,
+                    b.payloads,
+                    b.signatures,
+                    seq,
+                    prev,
+                    len(lines),
                 )
-                try:
-                    uvci_hash = sha256(uvci.encode()).hexdigest()
-                    ccuci = sha256((r.iss + uvci).encode()).hexdigest()
-                except UnicodeEncodeError:
-                    raise ValueError(f"record {index}: uvci is not valid Unicode text") from None
-                line = (
-                    f'{{"account":{account},"alg":{r.alg},'
-                    f'"client":{client},"iss":{iss},"kid":"{kid}",'
-                    f'"operator":{operator},"payload_sha256":"{sha256(r.payload).hexdigest()}",'
-                    f'"prev":"{prev}","rev":{{"COUNTRYCODEUCI":"{ccuci[:32]}",'
-                    f'"SIGNATURE":"{sha256(signed).hexdigest()[:32]}","UCI":"{uvci_hash[:32]}"}},'
-                    f'"seq":{seq},"t":"issue","time":"{now}","type":"{r.dcc_type}",'
-                    f'"uvci_hash":"{uvci_hash}"}}'
-                ).encode()
-                prev = sha256(line).hexdigest()
-                seq += 1
-                lines.append(line)
-            first = self._seq
+                lines += group
+                seq += len(group)
+            first_seq = self._seq
             count = len(lines)
             closing = self._records_in_segment + count >= self._segment_records
             saved = (self._seq, self._prev, self._last_checkpoint)
@@ -1288,7 +1333,7 @@ class AuditLog:
             self._records_in_segment += count
             if closing:
                 self._rotate()
-            return list(range(first, first + count))
+            return list(range(first_seq, first_seq + count))
 
     def append_key_event(self, event: KeyEvent) -> int:
         """Append a key lifecycle record and a checkpoint; durable on return.

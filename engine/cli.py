@@ -518,6 +518,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="audit log directory (default DIR/audit of the keystore)",
     )
+    p.add_argument(
+        "--validate-dcc",
+        action="store_true",
+        help="also run the full DCC validator on every payload (refusing INVALID_DCC), on top "
+        "of keyd's structural checks; the issuer validates before asking keyd, and this costs "
+        "keyd about a third of its throughput",
+    )
     p.set_defaults(func=_cmd_keyd)
 
     from .audit_cli import add_audit_commands

@@ -50,9 +50,11 @@ class PrivateKeyd:
         *,
         audit_dir: str | os.PathLike[str] | None = None,
         startup_timeout: float = 60.0,
+        validate_dcc: bool = False,
     ) -> None:
         self.keystore = Path(keystore)
         self.audit_dir = audit_dir
+        self.validate_dcc = validate_dcc
         self.startup_timeout = startup_timeout
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -85,6 +87,8 @@ class PrivateKeyd:
         ]
         if self.audit_dir is not None:
             argv += ["--audit-dir", str(self.audit_dir)]
+        if self.validate_dcc:
+            argv.append("--validate-dcc")
         with open(log_path, "ab") as log:
             self._proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log

@@ -1,9 +1,10 @@
-"""The native core: base45, COSE, zlib, signing and batch HC1 assembly.
+"""The native core: base45, COSE, zlib, signing and batch HC1 assembly, and keyd's per-item
+work (the structural CWT check and the audit log's issue lines).
 
 Two implementations share one API and one set of exceptions (:mod:`dccsign.native.errors`):
 
-* ``native`` -- the Cython extension over the system libcrypto and zlib (fast; batch calls
-  release the GIL);
+* ``native`` -- the Cython extension over the system libcrypto, zlib and libdeflate (fast;
+  batch calls release the GIL);
 * ``python`` -- the readable pure-Python reference (``cbor2``-free, ``cryptography`` for
   signing).
 
@@ -18,7 +19,7 @@ import importlib
 import os
 from types import ModuleType
 
-from ._types import ES256, PS256, Sign1Parts
+from ._types import ES256, PS256, CwtFacts, Sign1Parts
 from .errors import (
     Base45DecodeError,
     CoseFormatError,
@@ -35,6 +36,7 @@ __all__ = [
     "PURE_PYTHON_FORCED",
     "Base45DecodeError",
     "CoseFormatError",
+    "CwtFacts",
     "KeyLoadError",
     "NativeError",
     "Sign1Parts",
@@ -86,3 +88,5 @@ zlib_decompress = _impl.zlib_decompress
 SigningKey = _impl.SigningKey
 hc1_encode = _impl.hc1_encode
 hc1_sign = _impl.hc1_sign
+cwt_facts = _impl.cwt_facts
+audit_issue_lines = _impl.audit_issue_lines

@@ -7,14 +7,14 @@ GIL for the whole batch, and build Python objects only at the end, so two thread
 once use two cores.
 """
 
-from libc.stdint cimport uint8_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_DecodeASCII
 
 from .errors import Base45DecodeError, CoseFormatError, KeyLoadError, SigningError, ZlibError
-from ._types import ES256, PS256, Sign1Parts
+from ._types import ES256, PS256, CwtFacts, Sign1Parts
 
 cdef extern from "openssl/evp.h" nogil:
     ctypedef struct EVP_PKEY:
@@ -448,3 +448,166 @@ def hc1_sign(SigningKey key not None, protected, payloads, level=9) -> list:
     check_protected(key.alg, protected)
     cdef _Batch batch = _Batch(_bytes_items(payloads, "payload"))
     return _hc1_batch(key, protected, batch, None, level)
+
+
+# ----------------------------------------------------------------------------- keyd
+
+cdef extern from "keydcore.h" nogil:
+    enum:
+        DCC_ERR_SHAPE
+    ctypedef struct dcc_cwt_facts:
+        char iss[2]
+        int64_t exp, iat
+        char type
+        size_t ci_off, ci_len
+    int dcc_cwt_facts_read(const uint8_t *buf, size_t len, dcc_cwt_facts *facts,
+                           const char **err)
+    ctypedef struct dcc_audit_common:
+        const char *head
+        size_t head_len
+        const char *middle
+        size_t middle_len
+        const char *time
+        size_t time_len
+    size_t dcc_audit_line_max(const dcc_audit_common *c)
+    size_t dcc_audit_issue_line(const dcc_audit_common *c, const char *iss, const uint8_t *uvci,
+                                size_t uvci_len, char type, const uint8_t *payload,
+                                size_t payload_len, const uint8_t *signed_part,
+                                size_t signed_len, uint64_t seq, const char *prev,
+                                uint8_t *scratch, char *out, char *next_prev)
+
+MAX_UVCI_CHARS = 1024
+
+
+def cwt_facts(payloads) -> list:
+    cdef _Batch batch = _Batch(_bytes_items(payloads, "payload"))
+    cdef Py_ssize_t n = batch.n, i
+    cdef dcc_cwt_facts *facts = <dcc_cwt_facts *>malloc(max(n, 1) * sizeof(dcc_cwt_facts))
+    cdef int *rcs = <int *>malloc(max(n, 1) * sizeof(int))
+    cdef const char **errs = <const char **>malloc(max(n, 1) * sizeof(char *))
+    cdef const uint8_t *p
+    try:
+        if facts == NULL or rcs == NULL or errs == NULL:
+            raise MemoryError()
+        with nogil:
+            for i in range(n):
+                errs[i] = NULL
+                rcs[i] = dcc_cwt_facts_read(batch.ptrs[i], batch.lens[i], &facts[i], &errs[i])
+        out = []
+        for i in range(n):
+            if rcs[i] == DCC_OK:
+                p = batch.ptrs[i]
+                out.append(CwtFacts(
+                    PyUnicode_DecodeASCII(facts[i].iss, 2, NULL),
+                    facts[i].exp,
+                    facts[i].iat,
+                    chr(facts[i].type),
+                    PyUnicode_DecodeASCII(<const char *>p + facts[i].ci_off, facts[i].ci_len,
+                                          NULL),
+                ))
+            elif rcs[i] == DCC_ERR_SHAPE:
+                out.append(errs[i].decode("ascii"))
+            else:
+                out.append("not one CBOR item: " + errs[i].decode("ascii"))
+        return out
+    finally:
+        free(facts)
+        free(rcs)
+        free(errs)
+
+
+_HEX_DIGITS = frozenset(b"0123456789abcdef")
+
+
+def audit_issue_lines(head, middle, time, alg, isses, uvcis, dcc_types, payloads, signatures,
+                      seq, prev, first_index=0) -> tuple:
+    isses, uvcis = tuple(isses), tuple(uvcis)
+    cdef tuple pays = tuple(payloads)
+    cdef tuple sigs = tuple(signatures)
+    if type(dcc_types) is not str:
+        raise TypeError("dcc_types must be a str")
+    for name, value in (("head", head), ("middle", middle), ("time", time)):
+        if type(value) is not bytes:
+            raise TypeError(f"{name} must be bytes")
+    if not time.isascii():
+        raise ValueError("time must be ASCII")
+    if alg not in (ES256, PS256):
+        raise ValueError("alg must be -7 (ES256) or -37 (PS256)")
+    cdef Py_ssize_t n = len(pays), i
+    if any(c != n for c in (len(isses), len(uvcis), len(dcc_types), len(sigs))):
+        raise ValueError("isses, uvcis, dcc_types, payloads and signatures differ in length")
+    if type(seq) is not int or not 0 <= seq < 2**63:
+        raise ValueError("seq must be a non-negative 64-bit integer")
+    if type(prev) is not str or len(prev) != 64 or not _HEX_DIGITS.issuperset(prev.encode()):
+        raise ValueError("prev must be 64 lower-case hex digits")
+    cdef bint es256 = alg == ES256
+    # UTF-8 copies of the UVCIs, kept alive here while the C loop reads them.
+    cdef list raws = []
+    cdef const char *iss_p
+    cdef size_t max_uvci = 0
+    for i in range(n):
+        index = first_index + i
+        iss, uvci, dcc_type, payload, signature = isses[i], uvcis[i], dcc_types[i], pays[i], sigs[i]
+        if type(payload) is not bytes:
+            raise TypeError(f"payload {index} must be bytes, not {type(payload).__name__}")
+        if type(signature) is not bytes:
+            raise TypeError(f"signature {index} must be bytes, not {type(signature).__name__}")
+        if type(iss) is not str or len(iss) != 2 or not all("A" <= c <= "Z" for c in iss):
+            raise ValueError(f"record {index}: iss must be two ASCII capitals")
+        if dcc_type not in ("v", "t", "r"):
+            raise ValueError(f"record {index}: dcc_type must be 'v', 't' or 'r'")
+        if type(uvci) is not str or not uvci or len(uvci) > MAX_UVCI_CHARS:
+            raise ValueError(f"record {index}: uvci must be a non-empty string")
+        try:
+            raw = uvci.encode()
+        except UnicodeEncodeError:
+            raise ValueError(f"record {index}: uvci is not valid Unicode text") from None
+        if es256 and len(signature) != 64:
+            raise ValueError(f"record {index}: an ES256 signature is 64 bytes (r||s)")
+        raws.append(raw)
+        if <size_t>len(raw) > max_uvci:
+            max_uvci = len(raw)
+    cdef _Batch pay_b = _Batch(pays)
+    cdef _Batch sig_b = _Batch(sigs)
+    cdef _Batch uvci_b = _Batch(tuple(raws))
+    cdef bytes iss_all = "".join(isses).encode("ascii")
+    cdef bytes types_b = dcc_types.encode("ascii")
+    cdef const char *iss_c = PyBytes_AS_STRING(iss_all)
+    cdef const char *types_c = PyBytes_AS_STRING(types_b)
+    cdef dcc_audit_common common
+    common.head = PyBytes_AS_STRING(head)
+    common.head_len = len(head)
+    common.middle = PyBytes_AS_STRING(middle)
+    common.middle_len = len(middle)
+    common.time = PyBytes_AS_STRING(time)
+    common.time_len = len(time)
+    cdef size_t line_max = dcc_audit_line_max(&common)
+    cdef char *arena = <char *>malloc(max(n, 1) * line_max)
+    cdef size_t *lens = <size_t *>malloc(max(n, 1) * sizeof(size_t))
+    cdef uint8_t *scratch = <uint8_t *>malloc(2 + max_uvci)
+    cdef char chain[64]
+    cdef uint64_t first_seq = seq
+    cdef bytes prev_b = prev.encode("ascii")
+    memcpy(chain, PyBytes_AS_STRING(prev_b), 64)
+    cdef int failed = 0
+    try:
+        if arena == NULL or lens == NULL or scratch == NULL:
+            raise MemoryError()
+        with nogil:
+            for i in range(n):
+                lens[i] = dcc_audit_issue_line(
+                    &common, iss_c + 2 * i, uvci_b.ptrs[i], uvci_b.lens[i], types_c[i],
+                    pay_b.ptrs[i], pay_b.lens[i], sig_b.ptrs[i],
+                    32 if es256 else sig_b.lens[i], first_seq + i, chain, scratch,
+                    arena + i * line_max, chain)
+                if lens[i] == 0:
+                    failed = 1
+                    break
+        if failed:
+            raise RuntimeError("OpenSSL failed to compute SHA-256")
+        lines = [PyBytes_FromStringAndSize(arena + i * line_max, lens[i]) for i in range(n)]
+        return lines, PyUnicode_DecodeASCII(chain, 64, NULL)
+    finally:
+        free(arena)
+        free(lens)
+        free(scratch)

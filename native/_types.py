@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-__all__ = ["ES256", "PS256", "Sign1Parts"]
+__all__ = ["ES256", "PS256", "CwtFacts", "Sign1Parts"]
 
 #: COSE algorithm identifiers (RFC 8152 §8.1, RFC 8230 §2). Nothing else is allowed in a DCC.
 ES256 = -7
@@ -24,3 +24,13 @@ class Sign1Parts(NamedTuple):
     unprotected: bytes
     payload: bytes
     signature: bytes
+
+
+class CwtFacts(NamedTuple):
+    """What keyd reads from a CWT payload it may sign (see ``cwt_facts``)."""
+
+    iss: str  # claim 1, two ASCII capitals
+    exp: int  # claim 4
+    iat: int  # claim 6
+    dcc_type: str  # "v", "t" or "r"
+    uvci: str  # ci of the one certificate entry

@@ -78,6 +78,7 @@ class ItemError(enum.IntEnum):
     CLIENT_NOT_ALLOWED = 8  # this client may not use this kid
     AUDIT_UNAVAILABLE = 9  # the audit log cannot be written: nothing is signed (retryable)
     INTERNAL = 10
+    INVALID_DCC = 11  # the DCC fails full validation (only when keyd runs with --validate-dcc)
 
 
 #: Item errors a caller may retry unchanged (the condition is keyd's, not the request's).

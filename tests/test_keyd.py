@@ -76,7 +76,11 @@ def test_signs_audits_and_verifies(env):
             ),
             ItemError.MALFORMED_CWT,
         ),
-        (lambda d: _payload({**d, "dob": "1999-02-30"}), ItemError.MALFORMED_CWT),
+        (
+            lambda d: _payload({"ver": "1.3.0", "v": [{"ci": "URN:UVCI:01:NL:X"}] * 2}),
+            ItemError.MALFORMED_CWT,
+        ),
+        (lambda d: _payload({**d, "t": d["v"]}), ItemError.MALFORMED_CWT),
         (lambda d: _payload(d, exp=int(time.time()) + 10 * 365 * 86400), ItemError.EXP_AFTER_DSC),
         (lambda d: _payload(d, iat=int(time.time()) - 10 * 86400), ItemError.IAT_BEFORE_DSC),
         (lambda d: _payload(d, iat=int(time.time()) + 600), ItemError.IAT_IN_FUTURE),
@@ -91,6 +95,26 @@ def test_refuses_per_item_and_signs_the_rest(env, make, code):
     assert isinstance(results[0], bytes) and isinstance(results[2], bytes)
     assert results[1][0] == code
     assert len(list(search(audit_dir))) == 2  # the refused item is not audited as issued
+
+
+def test_full_dcc_validation_is_optional(dev_keystore_copy, tmp_path):
+    store = Keystore.open(dev_keystore_copy)
+    pw = resolve_passphrase(store.directory)
+    kid = _kid(store, "v")
+    bad = _payload({**sample("v"), "dob": "1999-02-30"})
+    key = AuditKey.create(tmp_path / "audit-key.pem", pw)
+    for validate_dcc, ok in ((False, True), (True, False)):
+        with AuditLog.open(tmp_path / f"audit-{validate_dcc}", key) as log:
+            keyd = Keyd(store.directory, pw, log, validate_dcc=validate_dcc)
+            try:
+                result = _sign(keyd, kid, [bad])[0]
+            finally:
+                keyd.close()
+        if ok:  # structurally sound: the engine's validator is what refuses such a date
+            assert isinstance(result, bytes)
+        else:
+            assert result[0] == ItemError.INVALID_DCC
+            assert "dob" in result[1]
 
 
 def test_key_states_take_effect_within_a_second(env):
@@ -118,10 +142,10 @@ def test_audit_unavailable_stops_signing(env, monkeypatch):
     store, keyd, log, _audit_dir = env
     kid = _kid(store, "v")
 
-    def broken(records):
+    def broken(batch):
         raise AuditUnavailable("No space left on device")
 
-    monkeypatch.setattr(log, "append_issuance", broken)
+    monkeypatch.setattr(log, "append_batch", broken)
     results = _sign(keyd, kid, [_payload(sample("v"))] * 3)
     assert all(r[0] == ItemError.AUDIT_UNAVAILABLE and "No space" in r[1] for r in results)
     monkeypatch.undo()

@@ -189,7 +189,7 @@ size_t dcc_sign1(const uint8_t *prot, size_t plen, const uint8_t *pay, size_t pa
 #define DCC_CBOR_MAX_DEPTH 64
 
 /* Reads a head. *indef is set for indefinite length (additional info 31). */
-static int cbor_read_head(const uint8_t *buf, size_t len, size_t *pos, unsigned *major,
+int dcc_cbor_read_head(const uint8_t *buf, size_t len, size_t *pos, unsigned *major,
                           uint64_t *val, int *indef, const char **err)
 {
     if (*pos >= len) {
@@ -238,7 +238,7 @@ int dcc_cbor_skip(const uint8_t *buf, size_t len, size_t *pos, int depth, const 
     unsigned major;
     uint64_t val;
     int indef, rc;
-    if ((rc = cbor_read_head(buf, len, pos, &major, &val, &indef, err)) != DCC_OK) return rc;
+    if ((rc = dcc_cbor_read_head(buf, len, pos, &major, &val, &indef, err)) != DCC_OK) return rc;
     switch (major) {
     case 0:
     case 1:
@@ -259,7 +259,7 @@ int dcc_cbor_skip(const uint8_t *buf, size_t len, size_t *pos, int depth, const 
                 unsigned cm;
                 uint64_t cl;
                 int ci;
-                if ((rc = cbor_read_head(buf, len, pos, &cm, &cl, &ci, err)) != DCC_OK) return rc;
+                if ((rc = dcc_cbor_read_head(buf, len, pos, &cm, &cl, &ci, err)) != DCC_OK) return rc;
                 if (cm != major || ci) {
                     *err = "bad chunk in indefinite-length string";
                     return DCC_ERR_CBOR;
@@ -322,7 +322,7 @@ static int cbor_read_bstr(const uint8_t *buf, size_t len, size_t *pos, size_t *o
     unsigned major;
     uint64_t val;
     int indef, rc;
-    if ((rc = cbor_read_head(buf, len, pos, &major, &val, &indef, err)) != DCC_OK) return rc;
+    if ((rc = dcc_cbor_read_head(buf, len, pos, &major, &val, &indef, err)) != DCC_OK) return rc;
     if (major != 2) {
         *err = what;
         return DCC_ERR_CBOR;
@@ -350,7 +350,7 @@ int dcc_sign1_split(const uint8_t *buf, size_t len, dcc_sign1_parts *p, const ch
     p->ntags = 0;
     for (;;) {
         size_t start = pos;
-        if ((rc = cbor_read_head(buf, len, &pos, &major, &val, &indef, err)) != DCC_OK) return rc;
+        if ((rc = dcc_cbor_read_head(buf, len, &pos, &major, &val, &indef, err)) != DCC_OK) return rc;
         if (major != 6) {
             pos = start;
             break;
@@ -361,7 +361,7 @@ int dcc_sign1_split(const uint8_t *buf, size_t len, dcc_sign1_parts *p, const ch
         }
         p->tags[p->ntags++] = val;
     }
-    if ((rc = cbor_read_head(buf, len, &pos, &major, &val, &indef, err)) != DCC_OK) return rc;
+    if ((rc = dcc_cbor_read_head(buf, len, &pos, &major, &val, &indef, err)) != DCC_OK) return rc;
     if (major != 4 || (!indef && val != 4)) {
         *err = "COSE_Sign1 must be an array of 4 items";
         return DCC_ERR_CBOR;

@@ -26,7 +26,8 @@ enum {
     DCC_ERR_ZLIB = 5,         /* deflate/inflate failure (message in *err) */
     DCC_ERR_SIGN = 6,         /* OpenSSL refused to sign */
     DCC_ERR_CBOR = 7,         /* malformed CBOR / COSE (message in *err) */
-    DCC_ERR_TOO_LARGE = 8     /* output would exceed the caller's limit */
+    DCC_ERR_TOO_LARGE = 8,    /* output would exceed the caller's limit */
+    DCC_ERR_SHAPE = 9         /* well-formed CBOR of the wrong shape (message in *err) */
 };
 
 #define DCC_ALG_ES256 (-7)
@@ -51,6 +52,10 @@ size_t dcc_sign1_len(size_t plen, size_t paylen, size_t siglen);
 size_t dcc_sign1(const uint8_t *prot, size_t plen, const uint8_t *pay, size_t paylen,
                  const uint8_t *sig, size_t siglen, uint8_t *out);
 
+/* Reads one CBOR head at *pos: major type, argument (0 for indefinite lengths) and whether the
+ * length is indefinite. Refuses reserved additional information and indefinite integers/tags. */
+int dcc_cbor_read_head(const uint8_t *buf, size_t len, size_t *pos, unsigned *major,
+                       uint64_t *val, int *indef, const char **err);
 /* Walks one well-formed CBOR data item starting at *pos; advances *pos past it. */
 int dcc_cbor_skip(const uint8_t *buf, size_t len, size_t *pos, int depth, const char **err);
 

@@ -1,0 +1,141 @@
+"""Lines of keyd's issuance audit log, pure-Python reference of the native implementation.
+
+The line format, the hashes and the chain are specified in ``engine/audit.py`` (the module
+docstring); this function only builds ``issue`` lines for records that share everything
+except the signed payload itself, which is what one keyd batch is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+from ._types import ES256, PS256
+
+__all__ = ["MAX_UVCI_CHARS", "audit_issue_lines"]
+
+#: Longest UVCI the log accepts (an identifier, not a document).
+MAX_UVCI_CHARS = 1024
+_HEX = frozenset(b"0123456789abcdef")
+
+
+def _check_common(
+    head: bytes,
+    middle: bytes,
+    time: bytes,
+    alg: int,
+    n: int,
+    counts: tuple[int, ...],
+    seq: int,
+    prev: str,
+) -> None:
+    for name, value in (("head", head), ("middle", middle), ("time", time)):
+        if type(value) is not bytes:
+            raise TypeError(f"{name} must be bytes")
+    if not time.isascii():
+        raise ValueError("time must be ASCII")
+    if alg not in (ES256, PS256):
+        raise ValueError("alg must be -7 (ES256) or -37 (PS256)")
+    if any(c != n for c in counts):
+        raise ValueError("isses, uvcis, dcc_types, payloads and signatures differ in length")
+    if type(seq) is not int or not 0 <= seq < 2**63:
+        raise ValueError("seq must be a non-negative 64-bit integer")
+    if type(prev) is not str or len(prev) != 64 or not _HEX.issuperset(prev.encode()):
+        raise ValueError("prev must be 64 lower-case hex digits")
+
+
+def audit_issue_lines(
+    head: bytes,
+    middle: bytes,
+    time: bytes,
+    alg: int,
+    isses: Sequence[str],
+    uvcis: Sequence[str],
+    dcc_types: str,
+    payloads: Sequence[bytes],
+    signatures: Sequence[bytes],
+    seq: int,
+    prev: str,
+    first_index: int = 0,
+) -> tuple[list[bytes], str]:
+    """Build the ``issue`` lines of N records that share kid, alg, client, account and operator.
+
+    *head* is ``{"account":A,"alg":N,"client":C,"iss":`` and *middle* is
+    ``,"kid":"K","operator":O,"payload_sha256":"`` (JSON literals already escaped); *time* is
+    the commit time as the log writes it. Record i gets sequence number ``seq + i`` and
+    chains to the line before it, the first to *prev*.
+
+    Returns:
+        The lines (no newline) and the SHA-256 hex of the last one (the next entry's prev).
+
+    Raises:
+        ValueError: lengths differ, a bad alg, seq or prev, or a bad record, named as
+            ``record <first_index + i>``: iss not two ASCII capitals, dcc_type not v/t/r, uvci
+            not a non-empty string of at most 1024 characters of valid Unicode, an ES256
+            signature not 64 bytes.
+        TypeError: head, middle or time not bytes; a payload or signature not bytes.
+    """
+    isses, uvcis, payloads, signatures = (
+        tuple(isses),
+        tuple(uvcis),
+        tuple(payloads),
+        tuple(signatures),
+    )
+    if type(dcc_types) is not str:
+        raise TypeError("dcc_types must be a str")
+    n = len(payloads)
+    _check_common(
+        head,
+        middle,
+        time,
+        alg,
+        n,
+        (len(isses), len(uvcis), len(dcc_types), len(signatures)),
+        seq,
+        prev,
+    )
+    sha256 = hashlib.sha256
+    when = time.decode("ascii")
+    lines: list[bytes] = []
+    for i in range(n):
+        index = first_index + i
+        iss, uvci, dcc_type = isses[i], uvcis[i], dcc_types[i]
+        payload, signature = payloads[i], signatures[i]
+        if type(payload) is not bytes:
+            raise TypeError(f"payload {index} must be bytes, not {type(payload).__name__}")
+        if type(signature) is not bytes:
+            raise TypeError(f"signature {index} must be bytes, not {type(signature).__name__}")
+        if type(iss) is not str or len(iss) != 2 or not all("A" <= c <= "Z" for c in iss):
+            raise ValueError(f"record {index}: iss must be two ASCII capitals")
+        if dcc_type not in ("v", "t", "r"):
+            raise ValueError(f"record {index}: dcc_type must be 'v', 't' or 'r'")
+        if type(uvci) is not str or not uvci or len(uvci) > MAX_UVCI_CHARS:
+            raise ValueError(f"record {index}: uvci must be a non-empty string")
+        try:
+            raw = uvci.encode()
+        except UnicodeEncodeError:
+            raise ValueError(f"record {index}: uvci is not valid Unicode text") from None
+        if alg == ES256:
+            if len(signature) != 64:
+                raise ValueError(f"record {index}: an ES256 signature is 64 bytes (r||s)")
+            signed = signature[:32]  # the EU SIGNATURE revocation hash covers r only
+        else:
+            signed = signature
+        uvci_hash = sha256(raw).hexdigest()
+        line = b"".join(
+            (
+                head,
+                f'"{iss}"'.encode(),
+                middle,
+                (
+                    f'{sha256(payload).hexdigest()}","prev":"{prev}","rev":{{'
+                    f'"COUNTRYCODEUCI":"{sha256(iss.encode() + raw).hexdigest()[:32]}",'
+                    f'"SIGNATURE":"{sha256(signed).hexdigest()[:32]}",'
+                    f'"UCI":"{uvci_hash[:32]}"}},"seq":{seq + i},"t":"issue","time":"{when}",'
+                    f'"type":"{dcc_type}","uvci_hash":"{uvci_hash}"}}'
+                ).encode(),
+            )
+        )
+        prev = sha256(line).hexdigest()
+        lines.append(line)
+    return lines, prev
