@@ -1,4 +1,4 @@
-# dccsign developer entry points. `make demo` and `make test` work on a fresh Debian/Ubuntu
+# dccsign developer entry points. `make serve`, `make demo` and `make test` work on a fresh Debian/Ubuntu
 # machine with Python 3.11: missing system packages are installed when running as root, and
 # named in an error otherwise.
 
@@ -15,7 +15,7 @@ DEV_KEYSTORE := var/dev-keystore
 SYSTEM_PACKAGES := build-essential libssl-dev zlib1g-dev libdeflate-dev python3-dev python3-venv nodejs npm zbar-tools softhsm2
 SYSTEM_PROBE := scripts/check-system.sh
 
-.PHONY: all system venv build demo test test-native test-python lint bench clean distclean
+.PHONY: all system venv build demo serve test test-native test-python lint bench clean distclean
 
 all: build
 
@@ -39,6 +39,14 @@ build: venv
 
 demo: build
 	@sh scripts/demo.sh $(DCCSIGN) $(DEV_KEYSTORE) var/demo
+
+# The embedded default: development keystore, TLS material and policy (created when missing),
+# Unix socket var/dccsign.sock, TLS on 127.0.0.1:8443, metrics on 127.0.0.1:9464.
+serve: build
+	@echo "in a second terminal: .venv/bin/python -m dccsign.samples > samples.jsonl &&"
+	@echo "  .venv/bin/dccsign sign --server unix:var/dccsign.sock samples.jsonl"
+	$(DCCSIGN) serve --dev --keystore $(DEV_KEYSTORE) --unix var/dccsign.sock \
+		--tcp 127.0.0.1:8443 --http 127.0.0.1:9464
 
 tests/interop/node_modules/.package-lock.json: tests/interop/package-lock.json
 	npm ci --prefix tests/interop --omit=optional --ignore-scripts --no-audit --no-fund --loglevel=error

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .cliargs import iso_time, kid, positive
+from .cliargs import host_port, iso_time, kid, positive
 
 EXIT_OK = 0
 EXIT_INVALID_SIGNATURE = 1
@@ -243,6 +243,9 @@ def cmd_keys_export_cert(args: argparse.Namespace) -> int:
 def cmd_sign(args: argparse.Namespace) -> int:
     import getpass
 
+    if args.server is not None:
+        return _sign_via_server(args)
+
     from .chain import Issuer, SignerKey
     from .dsc import DSC
     from .errors import InvalidBatchError, KeyProblem, KeystoreError
@@ -294,6 +297,58 @@ def cmd_sign(args: argparse.Namespace) -> int:
         for text, path in zip(hc1s, numbered_paths(args.qr, len(hc1s)), strict=True):
             write_qr(text, path)
     return EXIT_OK
+
+
+def _sign_via_server(args: argparse.Namespace) -> int:
+    import getpass
+
+    from .protocol.client import Client, ClientError
+    from .protocol.codes import ErrorCode
+    from .protocol.wire import SignItem
+    from .qr import QR_SUFFIXES, numbered_paths, write_qr
+
+    if args.qr is not None and args.qr.suffix.lower() not in QR_SUFFIXES:
+        _fail(EXIT_USAGE, f"--qr {args.qr}: the file name must end in .png or .svg")
+    try:
+        dccs = parse_dcc_input(_read_input(args.input))
+    except ValueError as exc:
+        error = {"path": "$", "rule": "json", "message": str(exc)}
+        print(json.dumps([{"index": None, "errors": [error]}]), file=sys.stderr)
+        return EXIT_INVALID_DCC
+    if not dccs:
+        _fail(EXIT_INVALID_DCC, "the input holds no DCC")
+    account = args.account or f"os-user:{getpass.getuser()}"
+    days = max(1, round(args.validity_days))
+    items = [SignItem(d, account, args.operator, args.kid, days) for d in dccs]
+    try:
+        with Client(args.server, cert=args.cert, key=args.key, ca=args.ca) as client:
+            results = client.sign_batch(items)
+    except ClientError as exc:
+        _fail(EXIT_KEY, f"{exc} (retry)")
+    refused = [
+        {"index": i, "code": ErrorCode(r.error).name, "message": r.message}
+        for i, r in enumerate(results)
+        if not r.ok
+    ]
+    out = sys.stdout
+    for r in results:
+        out.write((r.hc1 or "") + "\n")
+    out.flush()
+    if args.qr is not None:
+        ok = [r.hc1 for r in results if r.ok]
+        for text, path in zip(ok, numbered_paths(args.qr, len(ok)), strict=True):
+            write_qr(text, path)
+    if refused:
+        print(json.dumps(refused, ensure_ascii=False), file=sys.stderr)
+        invalid = all(x["code"] == "INVALID_DCC" for x in refused)
+        return EXIT_INVALID_DCC if invalid else EXIT_KEY
+    return EXIT_OK
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .serve_cli import cmd_serve
+
+    return cmd_serve(args)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -463,7 +518,24 @@ def build_parser() -> argparse.ArgumentParser:
         "os-user:NAME). The passphrase comes from DCCSIGN_KEYSTORE_PASSPHRASE, "
         "DCCSIGN_KEYSTORE_PASSPHRASE_FILE, or DIR/dev-passphrase.",
     )
-    p.add_argument("--keystore", type=Path, required=True, metavar="DIR")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--keystore", type=Path, metavar="DIR", help="sign with a private keyd")
+    where.add_argument(
+        "--server",
+        metavar="ADDR",
+        help="sign through a running engine: unix:PATH or HOST:PORT (TLS). Each DCC gets its "
+        "own result: stdout has one line per DCC (the HC1, or an empty line for a refused "
+        "one), refusals go to stderr as JSON, and the exit code is 3 or 4 if any was refused",
+    )
+    p.add_argument("--cert", type=Path, metavar="PEM", help="TLS client certificate (--server)")
+    p.add_argument("--key", type=Path, metavar="PEM", help="TLS client key (--server)")
+    p.add_argument("--ca", type=Path, metavar="PEM", help="CA of the engine's TLS certificate")
+    p.add_argument(
+        "--account",
+        metavar="ID",
+        help="end-user account the engine records and meters (--server; default os-user:NAME)",
+    )
+    p.add_argument("--operator", metavar="ID", help="who acts under the account's mandate")
     p.add_argument(
         "--kid",
         type=kid,
@@ -526,6 +598,35 @@ def build_parser() -> argparse.ArgumentParser:
         "keyd about a third of its throughput",
     )
     p.set_defaults(func=_cmd_keyd)
+
+    p = sub.add_parser(
+        "serve",
+        help="run the engine: portal backends sign over TLS or a Unix socket",
+        description="Run the signing engine: a supervised keyd for the keystore (restarted if "
+        "it dies), the wire protocol (protocol/SPEC.md) on a Unix socket (client identity: "
+        "the peer's uid, mapped by the policy file) and/or TCP with TLS and client "
+        "certificates (identity: the certificate's common name), per-client policy and "
+        "quotas from --policy (re-read within a second), and /metrics and /healthz on "
+        "--http. SIGTERM drains: in-flight requests finish, new ones are refused, then exit. "
+        "--dev sets up the embedded default (development keystore, TLS material and a "
+        "policy for the current user and the development client certificate).",
+    )
+    p.add_argument("--keystore", type=Path, required=True, metavar="DIR")
+    p.add_argument(
+        "--policy", type=Path, metavar="FILE", help="policy file (default DIR/policy.json)"
+    )
+    p.add_argument("--unix", type=Path, metavar="PATH", help="listen on this Unix socket")
+    p.add_argument("--tcp", type=host_port, metavar="HOST:PORT", help="listen on TCP with TLS")
+    p.add_argument("--tls-cert", type=Path, metavar="PEM", help="server certificate (--tcp)")
+    p.add_argument("--tls-key", type=Path, metavar="PEM", help="server key (--tcp)")
+    p.add_argument("--client-ca", type=Path, metavar="PEM", help="CA of client certificates")
+    p.add_argument("--http", type=host_port, metavar="HOST:PORT", help="/metrics and /healthz")
+    p.add_argument(
+        "--dev",
+        action="store_true",
+        help="create what the embedded default needs when missing (development only)",
+    )
+    p.set_defaults(func=_cmd_serve)
 
     from .audit_cli import add_audit_commands
 

@@ -44,3 +44,11 @@ def positive(kind: type[int] | type[float], maximum: float = 1e6):
         return number
 
     return parse
+
+
+def host_port(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (port 0..65535; ``[::1]:8443`` for IPv6)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, not {value!r}")
+    return host.strip("[]"), int(port)

@@ -1,0 +1,173 @@
+"""A trio client of keyd: pipelined requests over a few Unix-socket connections.
+
+The engine talks to keyd from its trio event loop. Each connection carries many requests at
+once (keyd answers them in order; replies are matched by request id), so one slow batch does
+not hold the loop, and two connections let keyd sign on two cores.
+
+Contract shared with :class:`~dccsign.keyd_client.KeydClient`: a broken connection fails every
+request in flight on it with a retryable :class:`KeydError`; nothing was handed out for those
+requests, so a retry cannot produce a certificate the audit log lacks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Sequence
+
+import trio
+
+from .keyd_client import KeydError
+from .protocol.keyd import (
+    NEED_DATA,
+    Connection,
+    Describe,
+    DescribeResult,
+    Error,
+    ItemError,
+    KeydProtocolError,
+    KeyInfo,
+    Sign,
+    SignResult,
+)
+
+__all__ = ["TrioKeydClient"]
+
+
+class _Waiter:
+    __slots__ = ("done", "reply")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.reply: object = None
+
+
+class _Link:
+    """One pipelined connection: a send lock, and a reader task that resolves waiters."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.codec = Connection()
+        self.send_lock = trio.Lock()
+        self.waiting: dict[int, _Waiter] = {}
+        self.broken: str | None = None
+
+    async def reader(self) -> None:
+        try:
+            while True:
+                event = self.codec.next_event()
+                if event is NEED_DATA:
+                    data = await self.stream.receive_some(1 << 16)
+                    if not data:
+                        raise KeydError("keyd closed the connection")
+                    self.codec.receive_data(data)
+                    continue
+                if event is None:
+                    raise KeydError("keyd closed the connection")
+                waiter = self.waiting.pop(getattr(event, "request_id", 0), None)
+                if waiter is None:
+                    raise KeydError("keyd answered a request nobody asked", retryable=False)
+                waiter.reply = event
+                waiter.done.set()
+        except (KeydError, KeydProtocolError, trio.BrokenResourceError, OSError) as exc:
+            self.fail(f"keyd connection failed: {exc}")
+        except trio.ClosedResourceError:
+            self.fail("keyd connection closed")
+
+    def fail(self, why: str) -> None:
+        self.broken = why
+        for waiter in self.waiting.values():
+            waiter.reply = KeydError(why)
+            waiter.done.set()
+        self.waiting.clear()
+
+
+class TrioKeydClient:
+    """Connections to keyd at *path*, used round-robin; open with :meth:`connect` inside a
+    nursery that runs their readers.
+
+    Raises (from every request):
+        KeydError: keyd unreachable, the connection broke (retryable), or keyd answered with
+            an error frame.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], connections: int = 2) -> None:
+        self.path = os.fspath(path)
+        self.size = connections
+        self._links: list[_Link] = []
+        self._ids = itertools.count(1)
+        self._next = itertools.count()
+        self._nursery: trio.Nursery | None = None
+
+    async def connect(self, nursery: trio.Nursery) -> None:
+        """Open the connections; their reader tasks run in *nursery*."""
+        self._nursery = nursery
+        self._links = [await self._open() for _ in range(self.size)]
+
+    async def _open(self) -> _Link:
+        assert self._nursery is not None
+        try:
+            stream = await trio.open_unix_socket(self.path)
+        except OSError as exc:
+            raise KeydError(f"cannot reach keyd at {self.path}: {exc.strerror or exc}") from None
+        link = _Link(stream)
+        self._nursery.start_soon(link.reader)
+        return link
+
+    @property
+    def broken(self) -> bool:
+        """Every connection is broken (keyd died or went away)."""
+        return all(link.broken is not None for link in self._links)
+
+    async def reconnect(self) -> None:
+        """Replace broken connections (after keyd was restarted)."""
+        for i, link in enumerate(self._links):
+            if link.broken is not None:
+                self._links[i] = await self._open()
+
+    async def aclose(self) -> None:
+        for link in self._links:
+            link.fail("client closed")
+            await link.stream.aclose()
+
+    async def _call(self, msg: Describe | Sign) -> object:
+        links = [link for link in self._links if link.broken is None]
+        if not links:
+            raise KeydError("no connection to keyd")
+        link = links[next(self._next) % len(links)]
+        waiter = _Waiter()
+        link.waiting[msg.request_id] = waiter
+        try:
+            async with link.send_lock:
+                await link.stream.send_all(link.codec.send(msg))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            link.fail(f"keyd connection failed: {exc}")
+        await waiter.done.wait()
+        reply = waiter.reply
+        if isinstance(reply, KeydError):
+            raise reply
+        if isinstance(reply, Error):
+            raise KeydError(f"keyd: {reply.message}", reply.retryable)
+        return reply
+
+    async def describe(self) -> list[KeyInfo]:
+        reply = await self._call(Describe(next(self._ids)))
+        if not isinstance(reply, DescribeResult):
+            raise KeydError(f"unexpected reply {type(reply).__name__}", retryable=False)
+        return list(reply.keys)
+
+    async def sign(
+        self,
+        kid: bytes,
+        payloads: Sequence[bytes],
+        *,
+        client: str,
+        account: str,
+        operator: str | None = None,
+    ) -> list[bytes | tuple[ItemError, str]]:
+        """Signatures (or per-item refusals) for *payloads*, in order."""
+        msg = Sign(next(self._ids), kid, client, account, tuple(payloads), operator)
+        reply = await self._call(msg)
+        if not isinstance(reply, SignResult) or len(reply.results) != len(payloads):
+            raise KeydError("malformed reply from keyd", retryable=False)
+        return list(reply.results)

@@ -1,0 +1,112 @@
+"""Prometheus metrics of the engine and the small HTTP endpoint that serves them.
+
+``GET /metrics`` (Prometheus text format) and ``GET /healthz`` (200 "ok", or 503 with the
+reason while keyd is unreachable or the engine drains) on their own port, so that a scraper
+never competes with portal traffic for the protocol listeners.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import trio
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["Metrics", "serve_http"]
+
+LOGGER = logging.getLogger("dccsign.metrics")
+_LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+class Metrics:
+    """The engine's metrics, in a registry of their own (tests run several engines)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.items = Counter(
+            "dccsign_items", "Signing items by client, kid, DCC type and result",
+            ["client", "kid", "result"], registry=r,
+        )
+        self.requests = Counter(
+            "dccsign_requests", "Signing requests by client", ["client"], registry=r
+        )
+        self.latency = Histogram(
+            "dccsign_request_seconds", "Time from a request's arrival to its reply",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.busy = Counter("dccsign_busy", "Requests refused with BUSY", ["client"], registry=r)
+        self.connections = Gauge("dccsign_connections", "Open connections", registry=r)
+        self.connections_refused = Counter(
+            "dccsign_connections_refused", "Connections refused (tls, identity)", ["reason"],
+            registry=r,
+        )
+        self.protocol_errors = Counter(
+            "dccsign_protocol_errors", "Connections closed for malformed frames", registry=r
+        )
+        self.pending = Gauge("dccsign_pending_items", "Items in progress", registry=r)
+        self.keyd_up = Gauge("dccsign_keyd_up", "1 while keyd answers", registry=r)
+        self.keyd_restarts = Counter("dccsign_keyd_restarts", "keyd restarts", registry=r)
+
+    def observe(self, client: str, results: Sequence[Any], seconds: float) -> None:
+        self.requests.labels(client).inc()
+        self.latency.observe(seconds)
+        for result in results:
+            if result.ok:
+                self.items.labels(client, result.kid.hex(), "ok").inc()
+            else:
+                self.items.labels(client, "", result.error.name).inc()
+
+
+async def serve_http(
+    metrics: Metrics,
+    health: Callable[[], str | None],
+    host: str,
+    port: int,
+    *,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve /metrics and /healthz on *host*:*port*; reports the bound (host, port).
+
+    *health* returns None when healthy, else the reason (503).
+    """
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    task_status.started(listeners[0].socket.getsockname())
+
+    async def handler(stream: trio.SocketStream) -> None:
+        try:
+            with trio.fail_after(5):
+                data = b""
+                while b"\r\n\r\n" not in data and len(data) < 8192:
+                    chunk = await stream.receive_some(4096)
+                    if not chunk:
+                        return
+                    data += chunk
+            line = data.split(b"\r\n", 1)[0].split()
+            path = line[1].decode("ascii", "replace") if len(line) >= 2 else ""
+            if line[:1] != [b"GET"]:
+                status, ctype, body = "405 Method Not Allowed", "text/plain", b"GET only\n"
+            elif path == "/metrics":
+                status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, generate_latest(
+                    metrics.registry
+                )
+            elif path == "/healthz":
+                problem = health()
+                status = "200 OK" if problem is None else "503 Service Unavailable"
+                ctype, body = "text/plain", (problem or "ok").encode() + b"\n"
+            else:
+                status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
+            head = (
+                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            ).encode()
+            await stream.send_all(head + body)
+        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    await trio.serve_listeners(handler, listeners)

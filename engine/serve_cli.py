@@ -1,0 +1,244 @@
+"""``dccsign serve``: the engine process -- keyd supervision, listeners, metrics, drain.
+
+The engine starts keyd as its child (``PrivateKeyd``: a private socket directory, audit log in
+the keystore's ``audit`` directory), talks to it over a few pipelined connections, and
+restarts it when it dies: requests in flight then fail with KEYD_UNAVAILABLE (retryable), and
+since keyd releases a signature only after its audit record is durable, no client holds a
+certificate the log lacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import ssl
+import sys
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .dispatch import Dispatcher
+from .dsc import DSC
+from .keyd_client import KeydError
+from .keyd_supervisor import PrivateKeyd
+from .keyd_trio import TrioKeydClient
+from .metrics import Metrics, serve_http
+from .policy import PolicyFile, QuotaTracker
+from .server import Limits, Server
+
+__all__ = ["Engine", "cmd_serve", "tls_server_context"]
+
+LOGGER = logging.getLogger("dccsign.serve")
+#: How often the engine checks that keyd is alive and its key states are current.
+KEYD_POLL = 0.25
+
+
+def tls_server_context(cert: Path, key: Path, client_ca: Path) -> ssl.SSLContext:
+    """TLS 1.2+ server context that requires a client certificate issued by *client_ca*."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(client_ca))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_cert_chain(str(cert), str(key))
+    return ctx
+
+
+class Engine:
+    """keyd (supervised), the dispatcher and the server, wired together."""
+
+    def __init__(
+        self,
+        keystore: Path,
+        policy_path: Path,
+        *,
+        limits: Limits | None = None,
+        keyd_connections: int = 2,
+    ) -> None:
+        self.keystore = keystore
+        self.policy = PolicyFile(policy_path)
+        self.policy.current()  # a broken policy file stops the start, with its message
+        self.metrics = Metrics()
+        self.limits = limits or Limits()
+        self.keyd_connections = keyd_connections
+        self.keyd: PrivateKeyd | None = None
+        self.client: TrioKeydClient | None = None
+        self.server: Server | None = None
+        self.keyd_problem: str | None = "keyd is starting"
+
+    def health(self) -> str | None:
+        if self.server is not None and self.server.draining.is_set():
+            return "draining"
+        return self.keyd_problem
+
+    async def run(
+        self,
+        *,
+        unix: Path | None = None,
+        tcp: tuple[str, int] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        http: tuple[str, int] | None = None,
+        task_status: Any = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run until :meth:`drain` finishes. Reports a dict of bound addresses when ready."""
+        keyd = PrivateKeyd(self.keystore)
+        await trio.to_thread.run_sync(keyd.__enter__)
+        self.keyd = keyd
+        try:
+            async with trio.open_nursery() as nursery:
+                assert keyd.socket_path is not None
+                self.client = TrioKeydClient(keyd.socket_path, self.keyd_connections)
+                await self.client.connect(nursery)
+                keys = await self.client.describe()
+                dispatcher = Dispatcher(
+                    self.client,
+                    [(DSC.from_bytes(k.dsc), k.state) for k in keys],
+                    self.policy,
+                    QuotaTracker(),
+                )
+                self.server = Server(dispatcher, limits=self.limits, metrics=self.metrics)
+                self.keyd_problem = None
+                self.metrics.keyd_up.set(1)
+                bound: dict[str, Any] = {}
+                if unix is not None:
+                    bound["unix"] = await nursery.start(self.server.serve_unix, unix)
+                if tcp is not None:
+                    if ssl_context is None:
+                        raise ValueError("TCP needs TLS: give a server certificate and client CA")
+                    bound["tcp"] = await nursery.start(
+                        self.server.serve_tcp, tcp[0], tcp[1], ssl_context
+                    )
+                if http is not None:
+                    bound["http"] = await nursery.start(
+                        serve_http, self.metrics, self.health, http[0], http[1]
+                    )
+                supervisor = trio.CancelScope()
+                nursery.start_soon(self._supervise, dispatcher, supervisor)
+                task_status.started(bound)
+                await self.server.draining.wait()
+                await self.server.drain()
+                supervisor.cancel()
+                nursery.cancel_scope.cancel()
+        finally:
+            if self.client is not None:
+                with trio.CancelScope(shield=True):
+                    await self.client.aclose()
+            await trio.to_thread.run_sync(keyd.__exit__, None, None, None)
+
+    async def drain(self) -> None:
+        """Begin a graceful stop (SIGTERM): the run returns once in-flight work is done."""
+        if self.server is not None:
+            self.server.draining.set()
+
+    async def _supervise(self, dispatcher: Dispatcher, scope: trio.CancelScope) -> None:
+        assert self.keyd is not None and self.client is not None
+        with scope:
+            while True:
+                await trio.sleep(KEYD_POLL)
+                proc = self.keyd._proc
+                if proc is not None and proc.poll() is None and not self.client.broken:
+                    try:
+                        keys = await self.client.describe()
+                    except KeydError as exc:
+                        self.keyd_problem = f"keyd: {exc}"
+                        continue
+                    dispatcher.set_keys([(DSC.from_bytes(k.dsc), k.state) for k in keys])
+                    continue
+                self.keyd_problem = "keyd died; restarting it"
+                self.metrics.keyd_up.set(0)
+                LOGGER.error("keyd is gone (exit %s); restarting it", proc and proc.poll())
+                try:
+                    await trio.to_thread.run_sync(self.keyd.ensure_running)
+                    await self.client.reconnect()
+                except Exception as exc:  # keep trying: the engine must not die with keyd
+                    self.keyd_problem = f"keyd cannot be restarted: {exc}"
+                    LOGGER.error("%s", self.keyd_problem)
+                    await trio.sleep(1.0)
+                    continue
+                self.metrics.keyd_restarts.inc()
+                self.metrics.keyd_up.set(1)
+                self.keyd_problem = None
+
+
+def cmd_serve(args: Any) -> int:
+    """``dccsign serve``; returns the exit code."""
+    logging.basicConfig(level=logging.INFO, format="dccsign serve: %(levelname)s %(message)s")
+    from .devtls import ensure_dev_tls
+    from .errors import DccSignError
+
+    policy = args.policy or args.keystore / "policy.json"
+    if args.unix is None and args.tcp is None:
+        print("dccsign serve: error: give --unix PATH and/or --tcp HOST:PORT", file=sys.stderr)
+        return 2
+    try:
+        if args.dev:
+            _dev_setup(args.keystore, policy)
+        ssl_context = None
+        if args.tcp is not None:
+            if args.tls_cert is None and args.dev:
+                paths = ensure_dev_tls(args.keystore / "dev-tls")
+                cert, key, ca = paths["server_cert"], paths["server_key"], paths["ca"]
+                LOGGER.info("TLS: development CA and certificates in %s", paths["ca"].parent)
+            elif None in (args.tls_cert, args.tls_key, args.client_ca):
+                print(
+                    "dccsign serve: error: --tcp needs --tls-cert, --tls-key and --client-ca "
+                    "(or --dev)",
+                    file=sys.stderr,
+                )
+                return 2
+            else:
+                cert, key, ca = args.tls_cert, args.tls_key, args.client_ca
+            ssl_context = tls_server_context(cert, key, ca)
+        engine = Engine(args.keystore, policy)
+    except (DccSignError, OSError, ssl.SSLError) as exc:
+        print(f"dccsign serve: error: {exc}", file=sys.stderr)
+        return 4
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(
+                lambda task_status: engine.run(
+                    unix=args.unix, tcp=args.tcp, ssl_context=ssl_context, http=args.http,
+                    task_status=task_status,
+                )
+            )
+            for name, where in bound.items():
+                LOGGER.info("listening (%s) on %s", name, where)
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for _ in signals:
+                    LOGGER.info("draining: finishing requests in progress")
+                    await engine.drain()
+                    break
+
+    try:
+        trio.run(main)
+    except DccSignError as exc:
+        print(f"dccsign serve: error: {exc}", file=sys.stderr)
+        return 4
+    return 0
+
+
+def _dev_setup(keystore: Path, policy: Path) -> None:
+    """The embedded default: a development keystore, and a policy that lets the current user
+    (Unix socket) and the development client certificate (TLS) sign."""
+    import json
+    import os
+
+    from .devtls import DEV_CLIENT_NAME, ensure_dev_tls
+    from .keystore import init_dev
+
+    if not (keystore / "keystore.json").exists():
+        init_dev(keystore)
+        LOGGER.info("created a development keystore in %s", keystore)
+    ensure_dev_tls(keystore / "dev-tls")
+    if not policy.exists():
+        quota = {"per_hour": 100_000_000}
+        document = {
+            "clients": {
+                "dev-local": {"quota": quota},
+                DEV_CLIENT_NAME: {"quota": quota},
+            },
+            "unix_uids": {str(os.getuid()): "dev-local"},
+            "default_account_quota": {"per_hour": 100_000_000},
+        }
+        policy.write_text(json.dumps(document, indent=2) + "\n")
+        LOGGER.info("created a development policy in %s", policy)
