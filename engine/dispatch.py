@@ -68,16 +68,17 @@ def _refused(refusal: Refusal) -> ItemResult:
 class IdempotencyCache:
     """First results by (client, idempotency key), bounded in size and age.
 
-    A retry with the same key and the same item gets the first result; with the same key and
-    a different item, IDEMPOTENCY_CONFLICT. A retry that arrives while the first is still in
-    progress waits for it. Retryable failures are not kept: the retry runs again.
+    Keys are scoped to (client, account), as protocol/SPEC.md says. A retry with the same key
+    and the same item gets the first result; with the same key and a different item,
+    IDEMPOTENCY_CONFLICT. A retry that arrives while the first is still in progress waits for
+    it. Only successes are kept: after a failure the retry runs again.
     """
 
     def __init__(self, capacity: int = 200_000, ttl: float = 24 * 3600.0, clock=time.monotonic):
         self.capacity = capacity
         self.ttl = ttl
         self.clock = clock
-        self._entries: collections.OrderedDict[tuple[str, bytes], list[Any]] = (
+        self._entries: collections.OrderedDict[tuple[str, str, bytes], list[Any]] = (
             collections.OrderedDict()
         )
 
@@ -89,7 +90,7 @@ class IdempotencyCache:
     def lookup(self, client: str, item: SignItem) -> tuple[str, Any]:
         """("new", None) -- the caller must :meth:`finish`; ("done", result);
         ("wait", event); or ("conflict", None)."""
-        key = (client, _key_bytes(item.idempotency_key))
+        key = (client, item.account, _key_bytes(item.idempotency_key))
         entry = self._entries.get(key)
         now = self.clock()
         if entry is not None and now - entry[3] > self.ttl:
@@ -107,34 +108,23 @@ class IdempotencyCache:
         return "wait", entry[2]
 
     def finish(self, client: str, item: SignItem, result: ItemResult) -> None:
-        key = (client, _key_bytes(item.idempotency_key))
+        key = (client, item.account, _key_bytes(item.idempotency_key))
         entry = self._entries.get(key)
         if entry is None:
             return
-        if result.ok or result.error not in _RETRYABLE_RESULTS:
+        if result.ok:
             entry[1] = result
         else:
             del self._entries[key]
         entry[2].set()
 
     def result(self, client: str, item: SignItem) -> ItemResult | None:
-        entry = self._entries.get((client, _key_bytes(item.idempotency_key)))
+        entry = self._entries.get((client, item.account, _key_bytes(item.idempotency_key)))
         return None if entry is None else entry[1]
 
 
 def _key_bytes(key: bytes | str | None) -> bytes:
     return key.encode() if isinstance(key, str) else (key or b"")
-
-
-_RETRYABLE_RESULTS = frozenset(
-    {
-        ErrorCode.BUSY,
-        ErrorCode.DEADLINE_EXCEEDED,
-        ErrorCode.KEYD_UNAVAILABLE,
-        ErrorCode.SHUTTING_DOWN,
-        ErrorCode.INTERNAL,
-    }
-)
 
 
 @dataclass

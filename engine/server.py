@@ -196,16 +196,14 @@ class Server:
             async with out_send:
                 # Request tasks live in this nursery: leaving it waits for all of them.
                 async with trio.open_nursery() as nursery:
-                    last_id = await self._read(
-                        stream, codec, client, how, out_send, nursery, reader
-                    )
+                    await self._read(stream, codec, client, how, out_send, nursery, reader)
                 watcher.cancel()
-                if self.draining.is_set():
-                    # Requests with ids up to last_id were accepted and have been answered.
+                if self.draining.is_set() and codec.state is wire.State.OPEN:
+                    # Requests up to the last id received were accepted and have been answered.
                     await out_send.send(
                         codec.send(
                             wire.GoAway(
-                                last_request_id=last_id,
+                                last_request_id=codec.last_request_id,
                                 reason="the engine is shutting down",
                             )
                         )
@@ -280,7 +278,11 @@ class Server:
                                 try:
                                     reply = await self._sign(client, ev, its)
                                     await out_send.send(codec.send(reply))
-                                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                                except (
+                                    trio.BrokenResourceError,
+                                    trio.ClosedResourceError,
+                                    wire.LocalProtocolError,  # the connection has failed
+                                ):
                                     pass
                                 finally:
                                     in_flight -= 1

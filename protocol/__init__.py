@@ -1,5 +1,7 @@
-"""The dccsign wire protocol (sans-IO).
+"""The dccsign protocols, sans-IO (no sockets, no trio, no engine imports in the codecs).
 
-Reserved for the portal-facing codec and the engine-to-keyd codec. Nothing is implemented
-here yet: the signing core does not use it.
+* :mod:`~dccsign.protocol.wire` -- portal backends <-> engine (specified in SPEC.md), with its
+  error-code registry :mod:`~dccsign.protocol.codes`;
+* :mod:`~dccsign.protocol.keyd` -- engine <-> keyd;
+* :mod:`~dccsign.protocol.client` -- the blocking client portal backends use.
 """

@@ -1169,7 +1169,9 @@ class Connection:
 
     def send(self, event: Event) -> bytes:
         """The frame for *event*. Raises :class:`LocalProtocolError` (sending nothing) if the
-        event is invalid or not allowed now."""
+        event is invalid or not allowed now -- including every send once the connection is
+        finished: after a :class:`RemoteProtocolError`, :meth:`error_frame`, or a fatal ERROR
+        of our own (replies still being computed then have nowhere to go)."""
         if self._state is State.ERROR or self._fatal_sent:
             raise LocalProtocolError("the connection has failed; nothing more may be sent")
         ftype = getattr(event, "TYPE", None)
