@@ -44,14 +44,14 @@ def _rate(fn, batch: int, seconds: float) -> float:
     return done / (time.perf_counter() - start)
 
 
-def rate_two_threads(fn, batch: int, seconds: float) -> float:
-    """Items/s with *fn* (one batch of *batch* items) called on two threads at once."""
+def rate_two_threads(fns, batch: int, seconds: float) -> float:
+    """Items/s with ``fns[i]`` (one batch of *batch* items) called on thread i, both at once."""
     counts = [0, 0]
     stop = time.perf_counter() + seconds
 
     def work(i: int) -> None:
         while time.perf_counter() < stop:
-            fn()
+            fns[i]()
             counts[i] += batch
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
@@ -68,23 +68,18 @@ def rate_two_connections(
 ) -> float:
     """Signatures/s with two connections signing at once (keyd serves each on a thread)."""
     clients = [keyd.client(), keyd.client()]
-    counts = [0, 0]
-    stop = time.perf_counter() + seconds
-
-    def work(i: int) -> None:
-        while time.perf_counter() < stop:
-            clients[i].sign(kid, payloads, client="bench", account="bench")
-            counts[i] += len(payloads)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for c in clients:
-        c.close()
-    return sum(counts) / (time.perf_counter() - start)
+    try:
+        return rate_two_threads(
+            [
+                lambda c=c: c.sign(kid, payloads, client="bench", account="bench")
+                for c in clients
+            ],
+            len(payloads),
+            seconds,
+        )
+    finally:
+        for c in clients:
+            c.close()
 
 
 def main() -> None:
@@ -120,7 +115,7 @@ def main() -> None:
                         lambda: local.sign(protected, payloads), len(payloads), args.seconds
                     ),
                     "in_process_2_threads": lambda: rate_two_threads(
-                        lambda: local.sign(protected, payloads), len(payloads), args.seconds
+                        [lambda: local.sign(protected, payloads)] * 2, len(payloads), args.seconds
                     ),
                     "keyd_1_connection": lambda: _rate(through, len(payloads), args.seconds),
                     "keyd_2_connections": lambda: rate_two_connections(

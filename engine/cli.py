@@ -240,6 +240,26 @@ def cmd_keys_export_cert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _check_qr_path(path: Path | None) -> None:
+    from .qr import QR_SUFFIXES
+
+    if path is not None and path.suffix.lower() not in QR_SUFFIXES:
+        _fail(EXIT_USAGE, f"--qr {path}: the file name must end in .png or .svg")
+
+
+def _input_dccs(source: str | None) -> list[Any]:
+    """The DCCs of ``sign``'s input; unparsable input is reported on stderr as JSON (exit 3)."""
+    try:
+        dccs = parse_dcc_input(_read_input(source))
+    except ValueError as exc:
+        error = {"path": "$", "rule": "json", "message": str(exc)}
+        print(json.dumps([{"index": None, "errors": [error]}]), file=sys.stderr)
+        raise _Exit(EXIT_INVALID_DCC) from None
+    if not dccs:
+        _fail(EXIT_INVALID_DCC, "the input holds no DCC")
+    return dccs
+
+
 def cmd_sign(args: argparse.Namespace) -> int:
     import getpass
 
@@ -251,19 +271,11 @@ def cmd_sign(args: argparse.Namespace) -> int:
     from .errors import InvalidBatchError, KeyProblem, KeystoreError
     from .keyd_client import KeydError
     from .keyd_supervisor import KeydSigner, PrivateKeyd
-    from .qr import QR_SUFFIXES, numbered_paths, write_qr
+    from .qr import numbered_paths, write_qr
 
-    if args.qr is not None and args.qr.suffix.lower() not in QR_SUFFIXES:
-        _fail(EXIT_USAGE, f"--qr {args.qr}: the file name must end in .png or .svg")
+    _check_qr_path(args.qr)
     store = _open_keystore(args.keystore)
-    try:
-        dccs = parse_dcc_input(_read_input(args.input))
-    except ValueError as exc:
-        error = {"path": "$", "rule": "json", "message": str(exc)}
-        print(json.dumps([{"index": None, "errors": [error]}]), file=sys.stderr)
-        return EXIT_INVALID_DCC
-    if not dccs:
-        _fail(EXIT_INVALID_DCC, "the input holds no DCC")
+    dccs = _input_dccs(args.input)
     # No signature bypasses keyd and its audit log: this run gets a private keyd that writes
     # to the keystore's audit directory. The CLI itself never decrypts a private key.
     account = f"os-user:{getpass.getuser()}"
@@ -305,18 +317,10 @@ def _sign_via_server(args: argparse.Namespace) -> int:
     from .protocol.client import Client, ClientError
     from .protocol.codes import ErrorCode
     from .protocol.wire import SignItem
-    from .qr import QR_SUFFIXES, numbered_paths, write_qr
+    from .qr import numbered_paths, write_qr
 
-    if args.qr is not None and args.qr.suffix.lower() not in QR_SUFFIXES:
-        _fail(EXIT_USAGE, f"--qr {args.qr}: the file name must end in .png or .svg")
-    try:
-        dccs = parse_dcc_input(_read_input(args.input))
-    except ValueError as exc:
-        error = {"path": "$", "rule": "json", "message": str(exc)}
-        print(json.dumps([{"index": None, "errors": [error]}]), file=sys.stderr)
-        return EXIT_INVALID_DCC
-    if not dccs:
-        _fail(EXIT_INVALID_DCC, "the input holds no DCC")
+    _check_qr_path(args.qr)
+    dccs = _input_dccs(args.input)
     account = args.account or f"os-user:{getpass.getuser()}"
     days = max(1, round(args.validity_days))
     items = [SignItem(d, account, args.operator, args.kid, days) for d in dccs]

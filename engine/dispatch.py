@@ -37,6 +37,7 @@ from .errors import KeyProblem
 from .keyd_client import KeydError
 from .policy import PolicyFile, QuotaTracker, Refusal
 from .protocol.codes import ErrorCode
+from .protocol.keyd import RETRYABLE as KEYD_RETRYABLE
 from .protocol.keyd import ItemError
 from .protocol.wire import ItemResult, SignItem
 from .valuesets import ValueSets
@@ -306,7 +307,7 @@ class Dispatcher:
             if not isinstance(s, bytes):
                 self.quotas.release(client, account, 1)
                 code, reason = s
-                retryable = code in (ItemError.AUDIT_UNAVAILABLE, ItemError.INTERNAL)
+                retryable = code in KEYD_RETRYABLE
                 out[i] = _failure(
                     ErrorCode.KEYD_UNAVAILABLE if retryable else ErrorCode.KEYD_REFUSED,
                     f"keyd refused ({ItemError(code).name}): {reason}",

@@ -20,7 +20,7 @@ from .protocol.keyd import (
     SignResult,
 )
 
-__all__ = ["KeydClient", "KeydError"]
+__all__ = ["KeydClient", "KeydError", "check_reply", "keys_of", "results_of"]
 
 
 class KeydError(Exception):
@@ -81,17 +81,13 @@ class KeydClient:
                 # The stream is out of step after a failure: this connection is finished.
                 self._sock.close()
                 raise KeydError(f"keyd connection failed: {exc}") from None
-        if isinstance(event, Error):
-            raise KeydError(f"keyd: {event.message}", event.retryable)
+        check_reply(event)
         if event.request_id != msg.request_id:
             raise KeydError("keyd answered another request", retryable=False)
         return event
 
     def describe(self) -> list[KeyInfo]:
-        reply = self._call(Describe(next(self._ids)))
-        if not isinstance(reply, DescribeResult):
-            raise KeydError(f"unexpected reply {type(reply).__name__}", retryable=False)
-        return list(reply.keys)
+        return keys_of(self._call(Describe(next(self._ids))))
 
     def sign(
         self,
@@ -104,6 +100,27 @@ class KeydClient:
     ) -> list[bytes | tuple[ItemError, str]]:
         """Signatures (or per-item refusals) for *payloads*, in order."""
         reply = self._call(Sign(next(self._ids), kid, client, account, tuple(payloads), operator))
-        if not isinstance(reply, SignResult) or len(reply.results) != len(payloads):
-            raise KeydError("malformed reply from keyd", retryable=False)
-        return list(reply.results)
+        return results_of(reply, len(payloads))
+
+
+# Reply checks shared with the trio client (keyd_trio.py).
+
+
+def check_reply(reply: object) -> None:
+    """Raise :class:`KeydError` for keyd's ERROR frame."""
+    if isinstance(reply, Error):
+        raise KeydError(f"keyd: {reply.message}", reply.retryable)
+
+
+def keys_of(reply: object) -> list[KeyInfo]:
+    """The keys of a DESCRIBE reply."""
+    if not isinstance(reply, DescribeResult):
+        raise KeydError(f"unexpected reply {type(reply).__name__}", retryable=False)
+    return list(reply.keys)
+
+
+def results_of(reply: object, count: int) -> list[bytes | tuple[ItemError, str]]:
+    """The per-payload results of a SIGN reply for *count* payloads."""
+    if not isinstance(reply, SignResult) or len(reply.results) != count:
+        raise KeydError("malformed reply from keyd", retryable=False)
+    return list(reply.results)

@@ -106,9 +106,19 @@ class PrivateKeyd:
                 raise KeydError("keyd did not start in time")
             time.sleep(0.02)
 
+    @property
+    def running(self) -> bool:
+        """keyd's process is alive (it may still be starting)."""
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def exit_code(self) -> int | None:
+        """The exit status of keyd's process once it has ended, else None."""
+        return None if self._proc is None else self._proc.poll()
+
     def ensure_running(self) -> None:
         """Restart keyd if it has died (requests in flight then failed with KeydError)."""
-        if self._proc is None or self._proc.poll() is not None:
+        if not self.running:
             self.start()
 
     def client(self) -> KeydClient:

@@ -17,18 +17,15 @@ from collections.abc import Sequence
 
 import trio
 
-from .keyd_client import KeydError
+from .keyd_client import KeydError, check_reply, keys_of, results_of
 from .protocol.keyd import (
     NEED_DATA,
     Connection,
     Describe,
-    DescribeResult,
-    Error,
     ItemError,
     KeydProtocolError,
     KeyInfo,
     Sign,
-    SignResult,
 )
 
 __all__ = ["TrioKeydClient"]
@@ -146,15 +143,11 @@ class TrioKeydClient:
         reply = waiter.reply
         if isinstance(reply, KeydError):
             raise reply
-        if isinstance(reply, Error):
-            raise KeydError(f"keyd: {reply.message}", reply.retryable)
+        check_reply(reply)
         return reply
 
     async def describe(self) -> list[KeyInfo]:
-        reply = await self._call(Describe(next(self._ids)))
-        if not isinstance(reply, DescribeResult):
-            raise KeydError(f"unexpected reply {type(reply).__name__}", retryable=False)
-        return list(reply.keys)
+        return keys_of(await self._call(Describe(next(self._ids))))
 
     async def sign(
         self,
@@ -167,7 +160,4 @@ class TrioKeydClient:
     ) -> list[bytes | tuple[ItemError, str]]:
         """Signatures (or per-item refusals) for *payloads*, in order."""
         msg = Sign(next(self._ids), kid, client, account, tuple(payloads), operator)
-        reply = await self._call(msg)
-        if not isinstance(reply, SignResult) or len(reply.results) != len(payloads):
-            raise KeydError("malformed reply from keyd", retryable=False)
-        return list(reply.results)
+        return results_of(await self._call(msg), len(payloads))

@@ -134,8 +134,7 @@ class Engine:
         with scope:
             while True:
                 await trio.sleep(KEYD_POLL)
-                proc = self.keyd._proc
-                if proc is not None and proc.poll() is None and not self.client.broken:
+                if self.keyd.running and not self.client.broken:
                     try:
                         keys = await self.client.describe()
                     except KeydError as exc:
@@ -145,7 +144,7 @@ class Engine:
                     continue
                 self.keyd_problem = "keyd died; restarting it"
                 self.metrics.keyd_up.set(0)
-                LOGGER.error("keyd is gone (exit %s); restarting it", proc and proc.poll())
+                LOGGER.error("keyd is gone (exit %s); restarting it", self.keyd.exit_code)
                 try:
                     await trio.to_thread.run_sync(self.keyd.ensure_running)
                     await self.client.reconnect()

@@ -218,9 +218,8 @@ class Server:
         out_send: trio.MemorySendChannel[bytes],
         nursery: trio.Nursery,
         reader: trio.CancelScope,
-    ) -> int:
-        """Read frames until EOF, a protocol error or drain; returns the last request id."""
-        last_id = 0
+    ) -> None:
+        """Read frames until EOF, a protocol error or drain."""
         in_flight = 0
         with reader:
             while True:
@@ -252,9 +251,8 @@ class Server:
                                     fatal=True,
                                 )
                                 await out_send.send(codec.send(refusal))
-                                return last_id
+                                return
                             continue
-                        last_id = max(last_id, event.request_id)
                         if isinstance(event, wire.Ping):
                             pong = wire.Pong(request_id=event.request_id, data=event.data)
                             await out_send.send(codec.send(pong))
@@ -302,7 +300,6 @@ class Server:
                     if frame:
                         await out_send.send(frame)
                     break
-        return last_id
 
     async def _writer(self, stream: Any, frames: trio.MemoryReceiveChannel[bytes]) -> None:
         async with frames:

@@ -12,23 +12,37 @@ from collections.abc import Sequence
 
 from ._types import ES256, PS256
 
-__all__ = ["MAX_UVCI_CHARS", "audit_issue_lines"]
+__all__ = ["MAX_UVCI_CHARS", "audit_issue_lines", "check_arguments"]
 
 #: Longest UVCI the log accepts (an identifier, not a document).
 MAX_UVCI_CHARS = 1024
 _HEX = frozenset(b"0123456789abcdef")
 
 
-def _check_common(
+def check_arguments(
     head: bytes,
     middle: bytes,
     time: bytes,
     alg: int,
-    n: int,
-    counts: tuple[int, ...],
+    isses: Sequence[str],
+    uvcis: Sequence[str],
+    dcc_types: str,
+    payloads: Sequence[bytes],
+    signatures: Sequence[bytes],
     seq: int,
     prev: str,
-) -> None:
+    first_index: int = 0,
+) -> tuple[tuple[str, ...], tuple[bytes, ...], tuple[bytes, ...], tuple[bytes, ...]]:
+    """The argument checks of :func:`audit_issue_lines`, shared by both implementations (the
+    native one imports this): its Raises section is raised here.
+
+    Returns:
+        The isses, the UVCIs encoded as UTF-8, the payloads and the signatures, as tuples.
+    """
+    isses, uvcis = tuple(isses), tuple(uvcis)
+    payloads, signatures = tuple(payloads), tuple(signatures)
+    if type(dcc_types) is not str:
+        raise TypeError("dcc_types must be a str")
     for name, value in (("head", head), ("middle", middle), ("time", time)):
         if type(value) is not bytes:
             raise TypeError(f"{name} must be bytes")
@@ -36,12 +50,38 @@ def _check_common(
         raise ValueError("time must be ASCII")
     if alg not in (ES256, PS256):
         raise ValueError("alg must be -7 (ES256) or -37 (PS256)")
-    if any(c != n for c in counts):
+    n = len(payloads)
+    if any(c != n for c in (len(isses), len(uvcis), len(dcc_types), len(signatures))):
         raise ValueError("isses, uvcis, dcc_types, payloads and signatures differ in length")
     if type(seq) is not int or not 0 <= seq < 2**63:
         raise ValueError("seq must be a non-negative 64-bit integer")
     if type(prev) is not str or len(prev) != 64 or not _HEX.issuperset(prev.encode()):
         raise ValueError("prev must be 64 lower-case hex digits")
+    raws: list[bytes] = []
+    for i in range(n):
+        index = first_index + i
+        iss, uvci, payload, signature = isses[i], uvcis[i], payloads[i], signatures[i]
+        if type(payload) is not bytes:
+            raise TypeError(f"payload {index} must be bytes, not {type(payload).__name__}")
+        if type(signature) is not bytes:
+            raise TypeError(f"signature {index} must be bytes, not {type(signature).__name__}")
+        # isascii + isalpha + isupper: exactly A-Z (a generator over the characters costs
+        # several times more, per record, on keyd's audit path)
+        if type(iss) is not str or len(iss) != 2 or not (
+            iss.isascii() and iss.isalpha() and iss.isupper()
+        ):
+            raise ValueError(f"record {index}: iss must be two ASCII capitals")
+        if dcc_types[i] not in ("v", "t", "r"):
+            raise ValueError(f"record {index}: dcc_type must be 'v', 't' or 'r'")
+        if type(uvci) is not str or not uvci or len(uvci) > MAX_UVCI_CHARS:
+            raise ValueError(f"record {index}: uvci must be a non-empty string")
+        try:
+            raws.append(uvci.encode())
+        except UnicodeEncodeError:
+            raise ValueError(f"record {index}: uvci is not valid Unicode text") from None
+        if alg == ES256 and len(signature) != 64:
+            raise ValueError(f"record {index}: an ES256 signature is 64 bytes (r||s)")
+    return isses, tuple(raws), payloads, signatures
 
 
 def audit_issue_lines(
@@ -75,52 +115,29 @@ def audit_issue_lines(
             signature not 64 bytes.
         TypeError: head, middle or time not bytes; a payload or signature not bytes.
     """
-    isses, uvcis, payloads, signatures = (
-        tuple(isses),
-        tuple(uvcis),
-        tuple(payloads),
-        tuple(signatures),
-    )
-    if type(dcc_types) is not str:
-        raise TypeError("dcc_types must be a str")
-    n = len(payloads)
-    _check_common(
+    isses, raws, payloads, signatures = check_arguments(
         head,
         middle,
         time,
         alg,
-        n,
-        (len(isses), len(uvcis), len(dcc_types), len(signatures)),
+        isses,
+        uvcis,
+        dcc_types,
+        payloads,
+        signatures,
         seq,
         prev,
+        first_index,
     )
     sha256 = hashlib.sha256
     when = time.decode("ascii")
     lines: list[bytes] = []
-    for i in range(n):
-        index = first_index + i
-        iss, uvci, dcc_type = isses[i], uvcis[i], dcc_types[i]
-        payload, signature = payloads[i], signatures[i]
-        if type(payload) is not bytes:
-            raise TypeError(f"payload {index} must be bytes, not {type(payload).__name__}")
-        if type(signature) is not bytes:
-            raise TypeError(f"signature {index} must be bytes, not {type(signature).__name__}")
-        if type(iss) is not str or len(iss) != 2 or not all("A" <= c <= "Z" for c in iss):
-            raise ValueError(f"record {index}: iss must be two ASCII capitals")
-        if dcc_type not in ("v", "t", "r"):
-            raise ValueError(f"record {index}: dcc_type must be 'v', 't' or 'r'")
-        if type(uvci) is not str or not uvci or len(uvci) > MAX_UVCI_CHARS:
-            raise ValueError(f"record {index}: uvci must be a non-empty string")
-        try:
-            raw = uvci.encode()
-        except UnicodeEncodeError:
-            raise ValueError(f"record {index}: uvci is not valid Unicode text") from None
-        if alg == ES256:
-            if len(signature) != 64:
-                raise ValueError(f"record {index}: an ES256 signature is 64 bytes (r||s)")
-            signed = signature[:32]  # the EU SIGNATURE revocation hash covers r only
-        else:
-            signed = signature
+    for i, (iss, raw, payload, signature) in enumerate(
+        zip(isses, raws, payloads, signatures, strict=True)
+    ):
+        # the EU SIGNATURE revocation hash covers r only for ES256
+        signed = signature[:32] if alg == ES256 else signature
+        dcc_type = dcc_types[i]
         uvci_hash = sha256(raw).hexdigest()
         line = b"".join(
             (

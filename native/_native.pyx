@@ -476,7 +476,7 @@ cdef extern from "keydcore.h" nogil:
                                 size_t signed_len, uint64_t seq, const char *prev,
                                 uint8_t *scratch, char *out, char *next_prev)
 
-MAX_UVCI_CHARS = 1024
+from ._audit_py import MAX_UVCI_CHARS, check_arguments as _check_audit_arguments
 
 
 def cwt_facts(payloads) -> list:
@@ -516,60 +516,17 @@ def cwt_facts(payloads) -> list:
         free(errs)
 
 
-_HEX_DIGITS = frozenset(b"0123456789abcdef")
-
-
 def audit_issue_lines(head, middle, time, alg, isses, uvcis, dcc_types, payloads, signatures,
                       seq, prev, first_index=0) -> tuple:
-    isses, uvcis = tuple(isses), tuple(uvcis)
-    cdef tuple pays = tuple(payloads)
-    cdef tuple sigs = tuple(signatures)
-    if type(dcc_types) is not str:
-        raise TypeError("dcc_types must be a str")
-    for name, value in (("head", head), ("middle", middle), ("time", time)):
-        if type(value) is not bytes:
-            raise TypeError(f"{name} must be bytes")
-    if not time.isascii():
-        raise ValueError("time must be ASCII")
-    if alg not in (ES256, PS256):
-        raise ValueError("alg must be -7 (ES256) or -37 (PS256)")
+    # One set of argument checks for both implementations (same errors, same messages).
+    isses, raws, pays, sigs = _check_audit_arguments(
+        head, middle, time, alg, isses, uvcis, dcc_types, payloads, signatures, seq, prev,
+        first_index)
     cdef Py_ssize_t n = len(pays), i
-    if any(c != n for c in (len(isses), len(uvcis), len(dcc_types), len(sigs))):
-        raise ValueError("isses, uvcis, dcc_types, payloads and signatures differ in length")
-    if type(seq) is not int or not 0 <= seq < 2**63:
-        raise ValueError("seq must be a non-negative 64-bit integer")
-    if type(prev) is not str or len(prev) != 64 or not _HEX_DIGITS.issuperset(prev.encode()):
-        raise ValueError("prev must be 64 lower-case hex digits")
     cdef bint es256 = alg == ES256
-    # UTF-8 copies of the UVCIs, kept alive here while the C loop reads them.
-    cdef list raws = []
-    cdef const char *iss_p
-    cdef size_t max_uvci = 0
-    for i in range(n):
-        index = first_index + i
-        iss, uvci, dcc_type, payload, signature = isses[i], uvcis[i], dcc_types[i], pays[i], sigs[i]
-        if type(payload) is not bytes:
-            raise TypeError(f"payload {index} must be bytes, not {type(payload).__name__}")
-        if type(signature) is not bytes:
-            raise TypeError(f"signature {index} must be bytes, not {type(signature).__name__}")
-        if type(iss) is not str or len(iss) != 2 or not all("A" <= c <= "Z" for c in iss):
-            raise ValueError(f"record {index}: iss must be two ASCII capitals")
-        if dcc_type not in ("v", "t", "r"):
-            raise ValueError(f"record {index}: dcc_type must be 'v', 't' or 'r'")
-        if type(uvci) is not str or not uvci or len(uvci) > MAX_UVCI_CHARS:
-            raise ValueError(f"record {index}: uvci must be a non-empty string")
-        try:
-            raw = uvci.encode()
-        except UnicodeEncodeError:
-            raise ValueError(f"record {index}: uvci is not valid Unicode text") from None
-        if es256 and len(signature) != 64:
-            raise ValueError(f"record {index}: an ES256 signature is 64 bytes (r||s)")
-        raws.append(raw)
-        if <size_t>len(raw) > max_uvci:
-            max_uvci = len(raw)
     cdef _Batch pay_b = _Batch(pays)
     cdef _Batch sig_b = _Batch(sigs)
-    cdef _Batch uvci_b = _Batch(tuple(raws))
+    cdef _Batch uvci_b = _Batch(raws)
     cdef bytes iss_all = "".join(isses).encode("ascii")
     cdef bytes types_b = dcc_types.encode("ascii")
     cdef const char *iss_c = PyBytes_AS_STRING(iss_all)
@@ -584,7 +541,7 @@ def audit_issue_lines(head, middle, time, alg, isses, uvcis, dcc_types, payloads
     cdef size_t line_max = dcc_audit_line_max(&common)
     cdef char *arena = <char *>malloc(max(n, 1) * line_max)
     cdef size_t *lens = <size_t *>malloc(max(n, 1) * sizeof(size_t))
-    cdef uint8_t *scratch = <uint8_t *>malloc(2 + max_uvci)
+    cdef uint8_t *scratch = <uint8_t *>malloc(2 + uvci_b.maxlen)
     cdef char chain[64]
     cdef uint64_t first_seq = seq
     cdef bytes prev_b = prev.encode("ascii")
