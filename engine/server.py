@@ -236,13 +236,9 @@ class Server:
                         if event is wire.NEED_DATA:
                             break
                         if isinstance(event, wire.Hello):
-                            welcome = codec.make_welcome(
-                                max_batch=self.limits.max_batch,
-                                max_in_flight=self.limits.max_in_flight,
-                                server=self.agent,
-                            )
-                            await out_send.send(codec.send(welcome))
                             if client is None:
+                                # Refused in the handshake (an ERROR instead of WELCOME): the
+                                # client learns why before it sends anything else.
                                 self.metrics.connections_refused.labels("identity").inc()
                                 refusal = wire.Error(
                                     request_id=0,
@@ -252,6 +248,12 @@ class Server:
                                 )
                                 await out_send.send(codec.send(refusal))
                                 return
+                            welcome = codec.make_welcome(
+                                max_batch=self.limits.max_batch,
+                                max_in_flight=self.limits.max_in_flight,
+                                server=self.agent,
+                            )
+                            await out_send.send(codec.send(welcome))
                             continue
                         if isinstance(event, wire.Ping):
                             pong = wire.Pong(request_id=event.request_id, data=event.data)
