@@ -1285,14 +1285,16 @@ class AuditLog:
                 )
             )
             start = end
-        return self._append_batches(batches)
+        return self.append_batches(batches)
 
     def append_batch(self, batch: IssuanceBatch) -> list[int]:
         """:meth:`append_issuance` for records given in columns (keyd's form: no object per
         signature). Same contract; a bad item is named as ``record <index>``."""
-        return self._append_batches([batch])
+        return self.append_batches([batch])
 
-    def _append_batches(self, batches: Sequence[IssuanceBatch]) -> list[int]:
+    def append_batches(self, batches: Sequence[IssuanceBatch]) -> list[int]:
+        """:meth:`append_batch` for several batches in one commit (one fsync); their records
+        follow each other in order. A bad item is named by its index over all batches."""
         with self._lock:
             self._usable()
             if not any(b.payloads for b in batches):

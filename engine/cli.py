@@ -630,6 +630,73 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="create what the embedded default needs when missing (development only)",
     )
+    from .keyd_batcher import DEFAULT_WINDOW
+    from .server import Limits
+
+    lim = Limits()
+    tune = p.add_argument_group("capacity and batching")
+    tune.add_argument(
+        "--max-in-flight",
+        type=positive(int, 65_536),
+        default=lim.max_in_flight,
+        metavar="N",
+        help=f"requests in progress per connection before BUSY (default {lim.max_in_flight})",
+    )
+    tune.add_argument(
+        "--max-pending-items",
+        type=positive(int, 10_000_000),
+        default=lim.max_pending_items,
+        metavar="N",
+        help="certificates in progress in the whole engine before BUSY "
+        f"(default {lim.max_pending_items})",
+    )
+    tune.add_argument(
+        "--max-batch",
+        type=positive(int, 100_000),
+        default=lim.max_batch,
+        metavar="N",
+        help=f"items per SIGN_BATCH frame, announced in WELCOME (default {lim.max_batch})",
+    )
+    tune.add_argument(
+        "--deadline",
+        type=positive(float, 3600),
+        default=lim.deadline,
+        metavar="S",
+        help=f"seconds a request may take before DEADLINE_EXCEEDED (default {lim.deadline:g})",
+    )
+    tune.add_argument(
+        "--queue-target",
+        type=float,
+        default=lim.queue_target * 1000,
+        metavar="MS",
+        help="refuse new requests with BUSY while the oldest request in progress is older "
+        f"than this and more than {lim.queue_floor} certificates are in progress, in "
+        f"milliseconds; 0 turns it off (default {lim.queue_target * 1000:g})",
+    )
+    tune.add_argument(
+        "--batch-window",
+        type=float,
+        default=DEFAULT_WINDOW * 1000,
+        metavar="MS",
+        help="longest a request waits to share a keyd round with others, in milliseconds "
+        f"(0..100; default {DEFAULT_WINDOW * 1000:g})",
+    )
+    tune.add_argument(
+        "--keyd-connections",
+        type=positive(int, 64),
+        default=2,
+        metavar="N",
+        help="pipelined connections to keyd (keyd serves each on its own thread; default 2)",
+    )
+    tune.add_argument(
+        "--zlib-level",
+        type=int,
+        choices=range(1, 10),
+        default=9,
+        metavar="L",
+        help="deflate level of the HC1 strings, 1..9 (default 9; every level is a standard "
+        "zlib stream)",
+    )
     p.set_defaults(func=_cmd_serve)
 
     from .audit_cli import add_audit_commands
@@ -670,6 +737,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench_core)
+
+    from .loadcli import add_load_parser
+
+    add_load_parser(bsub)
     return parser
 
 

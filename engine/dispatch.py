@@ -12,7 +12,9 @@ not counted against a quota):
 5. quotas (client and end-user account) are reserved; keyd then re-checks, signs and audits;
    items keyd refuses give their reservation back.
 
-Items of one request that share kid, account and operator go to keyd as one batch.
+Items of one request that share kid, account and operator form one part, and a request's
+parts for one kid go to the :class:`~dccsign.keyd_batcher.KeydBatcher` together; it sends the
+parts of many requests (and connections) to keyd in one message and builds the HC1 strings.
 An idempotency key makes a retry return the first result instead of a second signature.
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import hashlib
+import pickle
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,16 +32,16 @@ from typing import Any
 import cbor2
 import trio
 
-from . import native
 from .chain import DEFAULT_BACKDATE, Issuer, SignerKey, _max_payload, _nfc, claims_prefix
 from .dcc import DCCValidationError, validate
 from .dsc import DSC
 from .errors import KeyProblem
+from .keyd_batcher import KeydBatcher
 from .keyd_client import KeydError
 from .policy import PolicyFile, QuotaTracker, Refusal
 from .protocol.codes import ErrorCode
 from .protocol.keyd import RETRYABLE as KEYD_RETRYABLE
-from .protocol.keyd import ItemError
+from .protocol.keyd import ItemError, SignPart
 from .protocol.wire import ItemResult, SignItem
 from .valuesets import ValueSets
 
@@ -85,7 +88,12 @@ class IdempotencyCache:
 
     @staticmethod
     def fingerprint(item: SignItem) -> bytes:
-        body = cbor2.dumps([item.dcc, item.account, item.operator, item.kid, item.validity_days])
+        """A digest of what the item asks for. It only has to be stable within this process
+        (the cache is in memory): a retry decodes from the same bytes into the same values in
+        the same order. pickle is half the cost of CBOR here (~4.5 µs against ~8.3)."""
+        body = pickle.dumps(
+            (item.dcc, item.account, item.operator, item.kid, item.validity_days), 5
+        )
         return hashlib.sha256(body).digest()
 
     def lookup(self, client: str, item: SignItem) -> tuple[str, Any]:
@@ -141,8 +149,8 @@ class Dispatcher:
     """Turns the items of portal requests into results (see the module docstring).
 
     Args:
-        keyd: a connected :class:`~dccsign.keyd_trio.TrioKeydClient` (or anything with its
-            ``sign`` coroutine).
+        batcher: the running :class:`~dccsign.keyd_batcher.KeydBatcher` in front of keyd
+            (it also builds the HC1 strings, at its zlib level).
         dscs: the DSCs of the keys keyd holds, with their states (refresh with
             :meth:`set_keys`).
         policy: the reloadable policy file.
@@ -152,28 +160,26 @@ class Dispatcher:
 
     def __init__(
         self,
-        keyd: Any,
+        batcher: KeydBatcher,
         keys: Sequence[tuple[DSC, str]],
         policy: PolicyFile,
         quotas: QuotaTracker,
         *,
         issuer_country: str | None = None,
         backdate: dt.timedelta = DEFAULT_BACKDATE,
-        zlib_level: int = 9,
         valuesets: ValueSets | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.keyd = keyd
+        self.batcher = batcher
         self.policy = policy
         self.quotas = quotas
-        self.zlib_level = zlib_level
         self.valuesets = valuesets or ValueSets.builtin()
         self.clock = clock
         self.idempotency = IdempotencyCache()
         self._issuer = Issuer(
             [],
             backdate=backdate,
-            zlib_level=zlib_level,
+            zlib_level=batcher.zlib_level,
             issuer_country=issuer_country,
             valuesets=self.valuesets,
             clock=clock,
@@ -188,9 +194,18 @@ class Dispatcher:
     def keys(self) -> list[SignerKey]:
         return list(self._issuer.keys)
 
-    async def sign(self, client: str, items: Sequence[SignItem]) -> list[ItemResult]:
-        """One result per item, in order. Never raises for anything an item contains."""
+    async def sign(
+        self, client: str, items: Sequence[SignItem], types: list[str] | None = None
+    ) -> list[ItemResult]:
+        """One result per item, in order. Never raises for anything an item contains.
+
+        Given *types* (a list of ``len(items)``), each item's DCC type ("v", "t", "r") is
+        stored there, or "" where the DCC was not examined (invalid, or a repeated
+        idempotency key) -- for the metrics.
+        """
         results: list[ItemResult | None] = [None] * len(items)
+        if types is None:
+            types = [""] * len(items)
         fresh: list[int] = []
         waits: list[tuple[int, trio.Event]] = []
         for i, item in enumerate(items):
@@ -210,9 +225,11 @@ class Dispatcher:
                     "this idempotency key was used for a different request",
                 )
         if fresh:
-            done = await self._sign_fresh(client, [items[i] for i in fresh])
-            for i, result in zip(fresh, done, strict=True):
+            fresh_types = [""] * len(fresh)
+            done = await self._sign_fresh(client, [items[i] for i in fresh], fresh_types)
+            for i, result, dcc_type in zip(fresh, done, fresh_types, strict=True):
                 results[i] = result
+                types[i] = dcc_type
                 if items[i].idempotency_key is not None:
                     self.idempotency.finish(client, items[i], result)
         for i, event in waits:
@@ -223,13 +240,16 @@ class Dispatcher:
             )
         return results  # type: ignore[return-value]
 
-    async def _sign_fresh(self, client: str, items: Sequence[SignItem]) -> list[ItemResult]:
+    async def _sign_fresh(
+        self, client: str, items: Sequence[SignItem], types: list[str]
+    ) -> list[ItemResult]:
         policy = self.policy.current()
         now = self.clock()
         results: list[ItemResult | None] = [None] * len(items)
-        groups: dict[tuple[bytes, str, str | None], list[_Prepared]] = {}
+        # Per kid, per (account, operator): the items keyd signs as one part.
+        groups: dict[bytes, dict[tuple[str, str | None], list[_Prepared]]] = {}
         for i, item in enumerate(items):
-            outcome = self._prepare(policy, client, i, item, now)
+            outcome = self._prepare(policy, client, i, item, now, types)
             if isinstance(outcome, ItemResult):
                 results[i] = outcome
                 continue
@@ -237,30 +257,28 @@ class Dispatcher:
             if refusal is not None:
                 results[i] = _refused(refusal)
                 continue
-            groups.setdefault((outcome.key.dsc.kid, item.account, item.operator), []).append(
-                outcome
-            )
+            parts = groups.setdefault(outcome.key.dsc.kid, {})
+            parts.setdefault((item.account, item.operator), []).append(outcome)
 
-        async def run(group: list[_Prepared]) -> None:
-            for index, result in zip(
-                (p.index for p in group), await self._keyd_group(client, group), strict=True
-            ):
+        async def run(parts: list[list[_Prepared]]) -> None:
+            done = await self._keyd_parts(client, parts)
+            for index, result in zip((p.index for g in parts for p in g), done, strict=True):
                 results[index] = result
 
         if len(groups) == 1:
-            await run(next(iter(groups.values())))
+            await run(list(next(iter(groups.values())).values()))
         elif groups:
             async with trio.open_nursery() as nursery:
-                for group in groups.values():
-                    nursery.start_soon(run, group)
+                for parts in groups.values():
+                    nursery.start_soon(run, list(parts.values()))
         return results  # type: ignore[return-value]
 
     def _prepare(
-        self, policy: Any, client: str, index: int, item: SignItem, now: float
+        self, policy: Any, client: str, index: int, item: SignItem, now: float, types: list[str]
     ) -> _Prepared | ItemResult:
         dcc = _nfc(item.dcc) if isinstance(item.dcc, dict) else item.dcc
         try:
-            dcc_type = validate(dcc, valuesets=self.valuesets)
+            dcc_type = types[index] = validate(dcc, valuesets=self.valuesets)
         except DCCValidationError as exc:
             first = exc.issues[0]
             more = f" (and {len(exc.issues) - 1} more)" if len(exc.issues) > 1 else ""
@@ -290,37 +308,39 @@ class Dispatcher:
             )
         return _Prepared(index, key, payload, item.account, item.operator)
 
-    async def _keyd_group(self, client: str, group: list[_Prepared]) -> list[ItemResult]:
-        key, account, operator = group[0].key, group[0].account, group[0].operator
-        payloads = [p.payload for p in group]
+    async def _keyd_parts(self, client: str, parts: list[list[_Prepared]]) -> list[ItemResult]:
+        """Sign the items of one kid, grouped in parts by (account, operator); results in
+        the order of the parts' items. Items keyd refuses give their quota unit back."""
+        key = parts[0][0].key
+        kid = key.dsc.kid
+        flat = [p for group in parts for p in group]
         try:
-            signed = await self.keyd.sign(
-                key.dsc.kid, payloads, client=client, account=account, operator=operator
+            outcomes = await self.batcher.issue(
+                kid,
+                key.protected,
+                [
+                    SignPart(client, g[0].account, tuple(p.payload for p in g), g[0].operator)
+                    for g in parts
+                ],
             )
         except KeydError as exc:
-            self.quotas.release(client, account, len(group))
+            for group in parts:
+                self.quotas.release(client, group[0].account, len(group))
             code = ErrorCode.KEYD_UNAVAILABLE if exc.retryable else ErrorCode.INTERNAL
-            return [_failure(code, str(exc), retry_after_s=0.5)] * len(group)
-        out: list[ItemResult | None] = [None] * len(group)
-        ok = [i for i, s in enumerate(signed) if isinstance(s, bytes)]
-        for i, s in enumerate(signed):
-            if not isinstance(s, bytes):
-                self.quotas.release(client, account, 1)
-                code, reason = s
-                retryable = code in KEYD_RETRYABLE
-                out[i] = _failure(
+            return [_failure(code, str(exc), retry_after_s=0.5)] * len(flat)
+        out: list[ItemResult] = []
+        for prepared, outcome in zip(flat, outcomes, strict=True):
+            if isinstance(outcome, str):
+                out.append(ItemResult(hc1=outcome, kid=kid))
+                continue
+            self.quotas.release(client, prepared.account, 1)
+            code, reason = outcome
+            retryable = code in KEYD_RETRYABLE
+            out.append(
+                _failure(
                     ErrorCode.KEYD_UNAVAILABLE if retryable else ErrorCode.KEYD_REFUSED,
                     f"keyd refused ({ItemError(code).name}): {reason}",
                     retry_after_s=1.0 if retryable else None,
                 )
-        if ok:
-            texts = await trio.to_thread.run_sync(
-                native.hc1_encode,
-                key.protected,
-                [payloads[i] for i in ok],
-                [signed[i] for i in ok],
-                self.zlib_level,
             )
-            for i, text in zip(ok, texts, strict=True):
-                out[i] = ItemResult(hc1=text, kid=key.dsc.kid)
-        return out  # type: ignore[return-value]
+        return out

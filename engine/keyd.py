@@ -59,6 +59,8 @@ from .protocol.keyd import (
     KeydProtocolError,
     KeyInfo,
     Sign,
+    SignMany,
+    SignPart,
     SignResult,
 )
 from .valuesets import ValueSets
@@ -306,51 +308,79 @@ class Keyd:
 
     def sign(self, req: Sign) -> SignResult:
         """Check, sign, audit, then release: see the module docstring."""
+        return self.sign_many(
+            SignMany(
+                req.request_id,
+                req.kid,
+                (SignPart(req.client, req.account, req.payloads, req.operator),),
+            )
+        )
+
+    def sign_many(self, req: SignMany) -> SignResult:
+        """:meth:`sign` for several parts at once: each part is allowed, checked and audited
+        under its own client, account and operator; the signing passes and the audit commit
+        (one fsync) are shared. Results run over the parts' payloads in order."""
         self.refresh()
-        n = len(req.payloads)
+        n = sum(len(part.payloads) for part in req.parts)
         with self._lock:
             key = self._keys.get(req.kid)
         if key is None or key.state != "active":
             why = "unknown kid" if key is None else f"key is {key.state}"
             return SignResult(req.request_id, ((ItemError.KID_NOT_ACTIVE, why),) * n)
-        if key.clients is not None and req.client not in key.clients:
-            return SignResult(
-                req.request_id,
-                ((ItemError.CLIENT_NOT_ALLOWED, f"client {req.client!r} may not use this kid"),)
-                * n,
-            )
         if self.audit_failure is not None:
             return SignResult(
                 req.request_id, ((ItemError.AUDIT_UNAVAILABLE, self.audit_failure),) * n
             )
         now = self.clock()
-        results: list[bytes | tuple[ItemError, str]] = []
-        accepted: list[int] = []
-        facts: list[CwtFacts] = []
+        results: list[bytes | tuple[ItemError, str]] = [b""] * n
+        # The payloads of the parts whose client may use the kid, flat, with their positions
+        # in results and their parts: one check call per chunk whatever the number of parts.
+        flat: list[bytes] = []
+        where: list[int] = []
+        owner: list[int] = []
+        position = 0
+        for number, part in enumerate(req.parts):
+            count = len(part.payloads)
+            if key.clients is not None and part.client not in key.clients:
+                refusal = (
+                    ItemError.CLIENT_NOT_ALLOWED,
+                    f"client {part.client!r} may not use this kid",
+                )
+                results[position : position + count] = [refusal] * count
+            else:
+                flat += part.payloads
+                where += range(position, position + count)
+                owner += [number] * count
+            position += count
+        # Per part: the positions, facts and payloads of its accepted payloads.
+        taken: dict[int, tuple[list[int], list[CwtFacts], list[bytes]]] = {}
         # Check and sign overlap: each chunk's signing goes to a worker thread (native signing
         # and token calls release the GIL) while this thread checks the next chunk.
         pending: list[Future[list[bytes]]] = []
-        for start in range(0, n, SIGN_CHUNK):
-            chunk = req.payloads[start : start + SIGN_CHUNK]
+        for start in range(0, len(flat), SIGN_CHUNK):
+            chunk = flat[start : start + SIGN_CHUNK]
             batch: list[bytes] = []
-            for i, outcome in enumerate(
-                check_payloads(
-                    chunk, key.dsc, now, skew=self.skew, impl=self._impl, valuesets=self.valuesets
-                ),
-                start,
-            ):
+            outcomes = check_payloads(
+                chunk, key.dsc, now, skew=self.skew, impl=self._impl, valuesets=self.valuesets
+            )
+            for i, outcome in enumerate(outcomes, start):
                 if isinstance(outcome, CwtFacts):
-                    results.append(b"")
-                    accepted.append(i)
-                    facts.append(outcome)
-                    batch.append(req.payloads[i])
+                    entry = taken.get(owner[i])
+                    if entry is None:
+                        entry = taken[owner[i]] = ([], [], [])
+                    entry[0].append(where[i])
+                    entry[1].append(outcome)
+                    entry[2].append(flat[i])
+                    batch.append(flat[i])
                 else:
-                    results.append(outcome)
+                    results[where[i]] = outcome
             if batch:
                 pending.append(self._signers.submit(key.key.sign, key.protected, batch))
+        # Signatures come back in flat order; the audit wants them by part.
+        accepted = [(req.parts[number], *taken[number]) for number in sorted(taken)]
         if not accepted:
             return SignResult(req.request_id, tuple(results))
-        payloads = [req.payloads[i] for i in accepted]
+        everyone = [i for _, indexes, _, _ in accepted for i in indexes]
         signatures: list[bytes] = []
         failure: BaseException | None = None
         for future in pending:
@@ -360,31 +390,38 @@ class Keyd:
                 failure = failure or exc
         if failure is not None:
             LOGGER.error("signing failed for kid %s: %r", key.dsc.kid.hex(), failure)
-            for i in accepted:
+            for i in everyone:
                 results[i] = (ItemError.INTERNAL, f"signing failed: {type(failure).__name__}")
             return SignResult(req.request_id, tuple(results))
-        batch_record = IssuanceBatch(
-            key.dsc.kid,
-            key.dsc.alg,
-            req.client,
-            req.account,
-            req.operator,
-            "".join(f.dcc_type for f in facts),
-            [f.uvci for f in facts],
-            [f.iss for f in facts],
-            payloads,
-            signatures,
-        )
+        records: list[IssuanceBatch] = []
+        done = 0
+        for part, indexes, facts, payloads in accepted:
+            sigs = signatures[done : done + len(indexes)]
+            done += len(indexes)
+            records.append(
+                IssuanceBatch(
+                    key.dsc.kid,
+                    key.dsc.alg,
+                    part.client,
+                    part.account,
+                    part.operator,
+                    "".join(f.dcc_type for f in facts),
+                    [f.uvci for f in facts],
+                    [f.iss for f in facts],
+                    payloads,
+                    sigs,
+                )
+            )
         try:
-            self.audit.append_batch(batch_record)
+            self.audit.append_batches(records)
         except AuditUnavailable as exc:
             # The signatures are dropped: nothing leaves keyd that the log does not know.
             self.audit_failure = f"audit log unavailable: {exc}"
             LOGGER.error("%s; signing stopped", self.audit_failure)
-            for i in accepted:
+            for i in everyone:
                 results[i] = (ItemError.AUDIT_UNAVAILABLE, self.audit_failure)
             return SignResult(req.request_id, tuple(results))
-        for i, sig in zip(accepted, signatures, strict=True):
+        for i, sig in zip(everyone, signatures, strict=True):
             results[i] = sig
         return SignResult(req.request_id, tuple(results))
 
@@ -396,6 +433,8 @@ class Keyd:
         """The reply to one request message."""
         if isinstance(msg, Sign):
             return self.sign(msg)
+        if isinstance(msg, SignMany):
+            return self.sign_many(msg)
         if isinstance(msg, Describe):
             return DescribeResult(msg.request_id, tuple(self.describe()))
         rid = getattr(msg, "request_id", 0)

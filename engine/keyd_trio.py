@@ -26,6 +26,8 @@ from .protocol.keyd import (
     KeydProtocolError,
     KeyInfo,
     Sign,
+    SignMany,
+    SignPart,
 )
 
 __all__ = ["TrioKeydClient"]
@@ -127,7 +129,7 @@ class TrioKeydClient:
             link.fail("client closed")
             await link.stream.aclose()
 
-    async def _call(self, msg: Describe | Sign) -> object:
+    async def _call(self, msg: Describe | Sign | SignMany) -> object:
         links = [link for link in self._links if link.broken is None]
         if not links:
             raise KeydError("no connection to keyd")
@@ -161,3 +163,15 @@ class TrioKeydClient:
         """Signatures (or per-item refusals) for *payloads*, in order."""
         msg = Sign(next(self._ids), kid, client, account, tuple(payloads), operator)
         return results_of(await self._call(msg), len(payloads))
+
+    async def sign_many(
+        self, kid: bytes, parts: Sequence[SignPart]
+    ) -> list[bytes | tuple[ItemError, str]]:
+        """One SIGN_MANY for *parts*: results over the parts' payloads, in order."""
+        msg = SignMany(next(self._ids), kid, tuple(parts))
+        return results_of(await self._call(msg), sum(len(p.payloads) for p in parts))
+
+    @property
+    def connections(self) -> int:
+        """How many connections are usable now."""
+        return sum(link.broken is None for link in self._links)

@@ -29,7 +29,7 @@ class Metrics:
         r = self.registry
         self.items = Counter(
             "dccsign_items", "Signing items by client, kid, DCC type and result",
-            ["client", "kid", "result"], registry=r,
+            ["client", "kid", "type", "result"], registry=r,
         )
         self.requests = Counter(
             "dccsign_requests", "Signing requests by client", ["client"], registry=r
@@ -50,15 +50,29 @@ class Metrics:
         self.pending = Gauge("dccsign_pending_items", "Items in progress", registry=r)
         self.keyd_up = Gauge("dccsign_keyd_up", "1 while keyd answers", registry=r)
         self.keyd_restarts = Counter("dccsign_keyd_restarts", "keyd restarts", registry=r)
+        self.keyd_batch = Histogram(
+            "dccsign_keyd_batch_payloads",
+            "Payloads per micro-batch sent to keyd (SIGN_MANY), over all connections",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r,
+        )
+        self.keyd_in_flight = Gauge(
+            "dccsign_keyd_in_flight", "Micro-batches sent to keyd and not yet answered",
+            registry=r,
+        )
 
-    def observe(self, client: str, results: Sequence[Any], seconds: float) -> None:
+    def observe(
+        self, client: str, results: Sequence[Any], types: Sequence[str], seconds: float
+    ) -> None:
+        """One answered request: its latency, and per item its kid, DCC type ("" when not
+        examined) and result (``ok`` or the error code's name)."""
         self.requests.labels(client).inc()
         self.latency.observe(seconds)
-        for result in results:
+        for result, dcc_type in zip(results, types, strict=True):
             if result.ok:
-                self.items.labels(client, result.kid.hex(), "ok").inc()
+                self.items.labels(client, result.kid.hex(), dcc_type, "ok").inc()
             else:
-                self.items.labels(client, "", result.error.name).inc()
+                name = getattr(result.error, "name", str(result.error))
+                self.items.labels(client, "", dcc_type, name).inc()
 
 
 async def serve_http(

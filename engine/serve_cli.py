@@ -20,6 +20,7 @@ import trio
 
 from .dispatch import Dispatcher
 from .dsc import DSC
+from .keyd_batcher import DEFAULT_WINDOW, KeydBatcher
 from .keyd_client import KeydError
 from .keyd_supervisor import PrivateKeyd
 from .keyd_trio import TrioKeydClient
@@ -53,6 +54,8 @@ class Engine:
         *,
         limits: Limits | None = None,
         keyd_connections: int = 2,
+        batch_window: float = DEFAULT_WINDOW,
+        zlib_level: int = 9,
     ) -> None:
         self.keystore = keystore
         self.policy = PolicyFile(policy_path)
@@ -60,6 +63,8 @@ class Engine:
         self.metrics = Metrics()
         self.limits = limits or Limits()
         self.keyd_connections = keyd_connections
+        self.batch_window = batch_window
+        self.zlib_level = zlib_level
         self.keyd: PrivateKeyd | None = None
         self.client: TrioKeydClient | None = None
         self.server: Server | None = None
@@ -89,8 +94,16 @@ class Engine:
                 self.client = TrioKeydClient(keyd.socket_path, self.keyd_connections)
                 await self.client.connect(nursery)
                 keys = await self.client.describe()
-                dispatcher = Dispatcher(
+                batcher = KeydBatcher(
                     self.client,
+                    zlib_level=self.zlib_level,
+                    window=self.batch_window,
+                    on_batch=self.metrics.keyd_batch.observe,
+                )
+                self.metrics.keyd_in_flight.set_function(lambda: batcher.in_flight)
+                await nursery.start(batcher.run)
+                dispatcher = Dispatcher(
+                    batcher,
                     [(DSC.from_bytes(k.dsc), k.state) for k in keys],
                     self.policy,
                     QuotaTracker(),
@@ -187,7 +200,27 @@ def cmd_serve(args: Any) -> int:
             else:
                 cert, key, ca = args.tls_cert, args.tls_key, args.client_ca
             ssl_context = tls_server_context(cert, key, ca)
-        engine = Engine(args.keystore, policy)
+        if not 0 <= args.batch_window <= 100:
+            print("dccsign serve: error: --batch-window must be 0..100 ms", file=sys.stderr)
+            return 2
+        if not 0 <= args.queue_target <= 60_000:
+            print("dccsign serve: error: --queue-target must be 0..60000 ms", file=sys.stderr)
+            return 2
+        limits = Limits(
+            max_batch=args.max_batch,
+            max_in_flight=args.max_in_flight,
+            max_pending_items=args.max_pending_items,
+            deadline=args.deadline,
+            queue_target=args.queue_target / 1000,
+        )
+        engine = Engine(
+            args.keystore,
+            policy,
+            limits=limits,
+            keyd_connections=args.keyd_connections,
+            batch_window=args.batch_window / 1000,
+            zlib_level=args.zlib_level,
+        )
     except (DccSignError, OSError, ssl.SSLError) as exc:
         print(f"dccsign serve: error: {exc}", file=sys.stderr)
         return 4

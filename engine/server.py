@@ -7,6 +7,11 @@ one writer that coalesces every frame ready into one socket write. Bounded every
 * requests in progress per connection (``max_in_flight``) and items in progress in the whole
   engine (``max_pending_items``): beyond either, the request gets BUSY at once, with a
   retry-after hint, instead of a queue that grows;
+* the age of the oldest request in progress (``queue_target``): when it is older than that,
+  the engine is behind, and new requests get BUSY unless little is in progress
+  (``queue_floor`` items). Counts alone cannot bound latency (the same count is 10 ms of work
+  for one mix and 200 ms for another); the age of the oldest request measures it directly,
+  so under overload the accepted requests keep their latency and the excess is refused;
 * the outbound queue per connection: when a client does not read its replies, the queue fills,
   the request tasks wait on it, and the reader stops reading -- TCP flow control pushes back
   on the client instead of the engine buffering without bound;
@@ -50,6 +55,8 @@ class Limits:
     max_in_flight: int = 32  # requests in progress per connection
     max_pending_items: int = 20_000  # items in progress in the whole engine
     deadline: float = 10.0  # seconds per request
+    queue_target: float = 0.02  # seconds the oldest request may be in progress (0: off)
+    queue_floor: int = 256  # items in progress below which queue_target does not refuse
     busy_retry_ms: int = 100
     outbound_frames: int = 64  # reply frames queued per connection
 
@@ -72,6 +79,8 @@ class Server:
         self.resolve_uid = resolve_uid or (lambda uid: dispatcher.policy.current().resolve_uid(uid))
         self.agent = agent
         self.pending_items = 0
+        # Start times of the requests in progress, oldest first (dicts keep insertion order).
+        self._started: dict[object, float] = {}
         self.draining = trio.Event()
         self._listener_scopes: list[trio.CancelScope] = []
         self._connections = 0
@@ -258,6 +267,17 @@ class Server:
                         if isinstance(event, wire.Ping):
                             pong = wire.Pong(request_id=event.request_id, data=event.data)
                             await out_send.send(codec.send(pong))
+                        elif isinstance(event, wire.Pong):
+                            pass  # SPEC.md §6.3: either side may ping; ours need no answer
+                        elif isinstance(event, wire.Error):
+                            # The codec lets a client send only a connection-level ERROR (id
+                            # 0): it is leaving. Requests in progress still finish (audited),
+                            # their replies have nowhere to go.
+                            LOGGER.info(
+                                "client %s ended the connection: %s %s",
+                                client, getattr(event.code, "name", event.code), event.message,
+                            )
+                            return
                         elif isinstance(event, wire.ListKeys):
                             await out_send.send(codec.send(self._keys(event)))
                         elif isinstance(event, wire.Sign | wire.SignBatch):
@@ -275,8 +295,13 @@ class Server:
 
                             async def request(ev: Any = event, its: list[Any] = items) -> None:
                                 nonlocal in_flight
+                                counted = True
                                 try:
-                                    reply = await self._sign(client, ev, its)
+                                    reply = await self._sign(client, ev, its, nursery)
+                                    # The slot frees before the reply is queued: a client may
+                                    # send its next request the moment it reads this one.
+                                    in_flight -= 1
+                                    counted = False
                                     await out_send.send(codec.send(reply))
                                 except (
                                     trio.BrokenResourceError,
@@ -285,9 +310,8 @@ class Server:
                                 ):
                                     pass
                                 finally:
-                                    in_flight -= 1
-                                    self.pending_items -= len(its)
-                                    self.metrics.pending.set(self.pending_items)
+                                    if counted:
+                                        in_flight -= 1
 
                             nursery.start_soon(request)
                         else:
@@ -345,6 +369,11 @@ class Server:
             return f"more than {self.limits.max_in_flight} requests in progress on this connection"
         if self.pending_items + items > self.limits.max_pending_items:
             return "the engine is at capacity"
+        target = self.limits.queue_target
+        if target and self._started and self.pending_items + items > self.limits.queue_floor:
+            age = trio.current_time() - next(iter(self._started.values()))
+            if age > target:
+                return f"the engine is behind (oldest request in progress for {age * 1000:.0f} ms)"
         return None
 
     def _busy_reply(self, event: Any, why: str) -> wire.Error:
@@ -356,11 +385,38 @@ class Server:
             retry_after_ms=self.limits.busy_retry_ms,
         )
 
-    async def _sign(self, client: str, event: Any, items: list[Any]) -> Any:
+    async def _sign(self, client: str, event: Any, items: list[Any], nursery: trio.Nursery) -> Any:
+        """The reply to a sign request: its results, or DEADLINE_EXCEEDED for every item when
+        they take longer than the deadline.
+
+        The work itself is not cancelled at the deadline: items already handed to keyd may be
+        signed and audited, and cancelling would lose those results (and leave quota units
+        and idempotency entries half done). It runs on in *nursery*, still counted in
+        ``pending_items``; its results land in the idempotency cache, so a retry with the
+        same key gets the first signature, never a second one.
+        """
         start = trio.current_time()
-        with trio.move_on_after(self.limits.deadline) as scope:
-            results = await self.dispatcher.sign(client, items)
-        if scope.cancelled_caught:
+        box: list[list[Any]] = []
+        finished = trio.Event()
+        types = [""] * len(items)
+        token = object()
+        self._started[token] = start
+
+        async def work() -> None:
+            try:
+                box.append(await self.dispatcher.sign(client, items, types))
+            finally:
+                del self._started[token]
+                self.pending_items -= len(items)
+                self.metrics.pending.set(self.pending_items)
+                finished.set()
+
+        nursery.start_soon(work)
+        with trio.move_on_after(self.limits.deadline):
+            await finished.wait()
+        if box:
+            results = box[0]
+        else:
             results = [
                 wire.ItemResult(
                     error=ErrorCode.DEADLINE_EXCEEDED,
@@ -368,7 +424,7 @@ class Server:
                     retry_after_ms=self.limits.busy_retry_ms,
                 )
             ] * len(items)
-        self.metrics.observe(client, results, trio.current_time() - start)
+        self.metrics.observe(client, results, types, trio.current_time() - start)
         if isinstance(event, wire.Sign):
             return wire.SignResult(request_id=event.request_id, result=results[0])
         return wire.SignBatchResult(request_id=event.request_id, results=tuple(results))

@@ -2,9 +2,11 @@
 
 Many threads may call :meth:`Client.sign` / :meth:`Client.sign_batch` at once: their requests
 share one connection, each with its own request id, and a reader thread hands every reply to
-the thread that waits for it. Requests refused with BUSY (or another retryable code) are
-retried after the server's retry-after hint, with the same idempotency keys -- each item gets a
-random one when the caller gives none -- so a retry never produces a second signature.
+the thread that waits for it. Concurrent :meth:`Client.sign` calls are coalesced into
+SIGN_BATCH frames (``coalesce.Coalescer``: no wait while no coalesced frame is outstanding,
+at most ``coalesce_window`` otherwise). Requests refused with BUSY (or another retryable code)
+are retried after the server's retry-after hint, with the same idempotency keys -- each item
+gets a random one when the caller gives none -- so a retry never produces a second signature.
 
 Addresses: ``unix:/path/to/socket`` or ``HOST:PORT`` (TLS; a client certificate is required
 by the engine).
@@ -19,10 +21,21 @@ import ssl
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 
-from .codes import RETRYABLE, ErrorCode
+from .coalesce import (
+    DEFAULT_WINDOW,
+    ClientError,
+    Coalescer,
+    Single,
+    Waiter,
+    outcomes_for,
+    results_for,
+    retry_delay,
+    retryable,
+    with_idempotency_keys,
+)
+from .codes import ErrorCode
 from .wire import (
     CLIENT,
     NEED_DATA,
@@ -36,7 +49,6 @@ from .wire import (
     Ping,
     Pong,
     SignBatch,
-    SignBatchResult,
     SignItem,
     Welcome,
 )
@@ -44,24 +56,22 @@ from .wire import (
 __all__ = ["Client", "ClientError"]
 
 
-class ClientError(Exception):
-    """The engine could not be reached, closed the connection, or refused the request.
+class _Coalesced(Waiter):
+    """A SIGN_BATCH frame of coalesced singles: the reply is split among them (on the
+    reader thread)."""
 
-    Attributes:
-        code: the engine's :class:`ErrorCode`, when it sent one.
-    """
+    __slots__ = ("client", "singles")
 
-    def __init__(self, message: str, code: ErrorCode | int | None = None) -> None:
-        super().__init__(message)
-        self.code = code
+    def __init__(self, client: Client, singles: list[Single]) -> None:
+        super().__init__(threading.Event())
+        self.client = client
+        self.singles = singles
 
-
-class _Pending:
-    __slots__ = ("done", "reply")
-
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.reply: Any = None
+    def resolve(self, reply: Any) -> None:
+        outcomes = outcomes_for(reply, len(self.singles))
+        for single, result in zip(self.singles, outcomes, strict=True):
+            single.resolve(result)
+        self.client._answered()
 
 
 class Client:
@@ -72,6 +82,8 @@ class Client:
         cert, key: the client certificate and key (PEM) for TLS.
         ca: the CA that issued the engine's certificate (PEM); default: the system's.
         retries: how many times a retryable refusal is retried before it is returned.
+        coalesce_window: the longest a :meth:`sign` waits to share a frame with concurrent
+            ones (seconds); ``None``: every :meth:`sign` is a frame of its own.
 
     Raises:
         ClientError: on connect, and from calls when the connection is gone.
@@ -87,14 +99,19 @@ class Client:
         timeout: float = 60.0,
         retries: int = 8,
         agent: str = "dccsign-client",
+        coalesce_window: float | None = DEFAULT_WINDOW,
     ) -> None:
         self.timeout = timeout
         self.retries = retries
+        self.coalesce_window = coalesce_window
+        self._coalescer: Coalescer[Single] | None = None
+        self._flush_cond = threading.Condition()
+        self._flusher: threading.Thread | None = None
         self._sock = _connect(address, cert, key, ca, timeout)
         self._codec = Connection(CLIENT)
         self._ids = itertools.count(1)
         self._send_lock = threading.Lock()
-        self._pending: dict[int, _Pending] = {}
+        self._pending: dict[int, Waiter] = {}
         self._closed: str | None = None
         self._welcome = threading.Event()
         self.welcome: Welcome | None = None
@@ -113,13 +130,16 @@ class Client:
 
     def _send(self, event: Any) -> None:
         with self._send_lock:
-            if self._closed:
-                raise ClientError(f"connection closed: {self._closed}")
-            try:
-                self._sock.sendall(self._codec.send(event))
-            except OSError as exc:
-                self._fail(f"send failed: {exc}")
-                raise ClientError(f"connection closed: {exc}") from None
+            self._send_locked(event)
+
+    def _send_locked(self, event: Any) -> None:
+        if self._closed:
+            raise ClientError(f"connection closed: {self._closed}")
+        try:
+            self._sock.sendall(self._codec.send(event))
+        except OSError as exc:
+            self._fail(f"send failed: {exc}")
+            raise ClientError(f"connection closed: {exc}") from None
 
     def _read(self) -> None:
         try:
@@ -143,8 +163,7 @@ class Client:
                     self._fail(f"{ErrorCode(event.code).name}: {event.message}", event.code)
                     return
                 if waiter is not None:
-                    waiter.reply = event
-                    waiter.done.set()
+                    waiter.resolve(event)
         except Exception as exc:  # the stream is unusable: fail everyone waiting
             self._fail(f"connection failed: {exc}")
 
@@ -152,20 +171,28 @@ class Client:
         if self._closed is None:
             self._closed = why
         for waiter in list(self._pending.values()):
-            waiter.reply = ClientError(why, code)
-            waiter.done.set()
+            waiter.resolve(ClientError(why, code))
         self._pending.clear()
         self._welcome.set()
+        with self._flush_cond:
+            self._flush_cond.notify_all()
+
+    def _submit(self, make: Any, waiter: Waiter) -> int:
+        """Send ``make(request_id)``; *waiter* gets the reply. Returns the request id."""
+        with self._send_lock:
+            # Request ids must rise on the wire: take the next one only when it is our turn.
+            rid = next(self._ids)
+            self._pending[rid] = waiter
+            try:
+                self._send_locked(make(rid))
+            except ClientError:
+                self._pending.pop(rid, None)
+                raise
+        return rid
 
     def _call(self, make: Any) -> Any:
-        rid = next(self._ids)
-        waiter = _Pending()
-        self._pending[rid] = waiter
-        try:
-            self._send(make(rid))
-        except ClientError:
-            self._pending.pop(rid, None)
-            raise
+        waiter = Waiter(threading.Event())
+        rid = self._submit(make, waiter)
         if not waiter.done.wait(self.timeout):
             self._pending.pop(rid, None)
             raise ClientError(f"no reply within {self.timeout} s")
@@ -201,52 +228,112 @@ class Client:
         validity_days: int | None = None,
         idempotency_key: bytes | str | None = None,
     ) -> ItemResult:
-        """Sign one DCC; the result holds ``hc1`` or the engine's error for it."""
-        item = SignItem(dcc, account, operator, kid, validity_days, idempotency_key)
-        return self.sign_batch([item])[0]
+        """Sign one DCC; the result holds ``hc1`` or the engine's error for it.
+
+        Concurrent calls share SIGN_BATCH frames (see the module docstring); retryable
+        refusals are retried as in :meth:`sign_batch`.
+
+        Raises:
+            ClientError: the connection is gone or no reply came within ``timeout``.
+        """
+        (item,) = with_idempotency_keys(
+            [SignItem(dcc, account, operator, kid, validity_days, idempotency_key)]
+        )
+        if self.coalesce_window is None:
+            return self.sign_batch([item])[0]
+        for attempt in range(self.retries + 1):
+            single = Single(threading.Event(), item)
+            self._enqueue(single)
+            if not single.done.wait(self.timeout):
+                raise ClientError(f"no reply within {self.timeout} s")
+            result = single.reply
+            if isinstance(result, ClientError):
+                raise result
+            if not retryable(result) or attempt == self.retries:
+                break
+            time.sleep(retry_delay([result]))
+        return result
 
     def sign_batch(self, items: Sequence[SignItem]) -> list[ItemResult]:
         """Sign many DCCs in SIGN_BATCH frames of the engine's ``max_batch``; results in order.
 
         Retryable refusals (BUSY, DEADLINE_EXCEEDED, KEYD_UNAVAILABLE, ...) are retried up to
         ``retries`` times after the hinted delay, with the same idempotency keys.
+
+        Raises:
+            ClientError: the connection is gone or no reply came within ``timeout``.
         """
-        keyed = [
-            i if i.idempotency_key is not None else replace(i, idempotency_key=os.urandom(16))
-            for i in items
-        ]
+        keyed = with_idempotency_keys(items)
         results: list[ItemResult | None] = [None] * len(keyed)
         todo = list(range(len(keyed)))
         assert self.welcome is not None
         size = self.welcome.max_batch
         for attempt in range(self.retries + 1):
-            delay = 0.0
             retry: list[int] = []
             for start in range(0, len(todo), size):
                 chunk = todo[start : start + size]
                 reply = self._call(lambda rid, c=chunk: SignBatch(rid, tuple(keyed[i] for i in c)))
-                if isinstance(reply, Error):
-                    outcome = [
-                        ItemResult(
-                            error=reply.code,
-                            message=reply.message,
-                            retry_after_ms=reply.retry_after_ms,
-                        )
-                    ] * len(chunk)
-                elif isinstance(reply, SignBatchResult):
-                    outcome = list(reply.results)
-                else:
-                    raise ClientError(f"unexpected {type(reply).__name__}")
+                try:
+                    outcome = results_for(reply, len(chunk))
+                except ValueError as exc:
+                    raise ClientError(str(exc)) from None
                 for i, result in zip(chunk, outcome, strict=True):
                     results[i] = result
-                    if result.error in RETRYABLE and attempt < self.retries:
+                    if retryable(result) and attempt < self.retries:
                         retry.append(i)
-                        delay = max(delay, (result.retry_after_ms or 50) / 1000)
             if not retry:
                 break
-            time.sleep(min(delay, 5.0))
+            time.sleep(retry_delay([results[i] for i in retry]))  # type: ignore[misc]
             todo = retry
         return results  # type: ignore[return-value]
+
+    # -- coalescing ---------------------------------------------------------------------
+
+    def _enqueue(self, single: Single) -> None:
+        with self._flush_cond:
+            if self._closed:
+                raise ClientError(f"connection closed: {self._closed}")
+            if self._coalescer is None:
+                assert self.welcome is not None and self.coalesce_window is not None
+                self._coalescer = Coalescer(self.coalesce_window, self.welcome.max_batch)
+                self._flusher = threading.Thread(
+                    target=self._flush_loop, name="dccsign-client-coalesce", daemon=True
+                )
+                self._flusher.start()
+            self._coalescer.add(single, time.monotonic())
+            self._flush_cond.notify()
+
+    def _answered(self) -> None:
+        with self._flush_cond:
+            assert self._coalescer is not None
+            self._coalescer.answered()
+            self._flush_cond.notify()
+
+    def _flush_loop(self) -> None:
+        coalescer = self._coalescer
+        assert coalescer is not None
+        while True:
+            with self._flush_cond:
+                while True:
+                    if self._closed:
+                        gone = ClientError(f"connection closed: {self._closed}")
+                        for single in coalescer.take():
+                            single.resolve(gone)
+                        if not len(coalescer):
+                            return
+                        continue
+                    now = time.monotonic()
+                    due = coalescer.due(now)
+                    if due is not None and due <= now:
+                        singles = coalescer.take()
+                        break
+                    self._flush_cond.wait(None if due is None else due - now)
+            frame = _Coalesced(self, singles)
+            items = tuple(s.item for s in singles)
+            try:
+                self._submit(lambda rid, items=items: SignBatch(rid, items), frame)
+            except ClientError as exc:
+                frame.resolve(exc)
 
     def close(self) -> None:
         self._fail("client closed")

@@ -2,8 +2,9 @@
 
 keyd is the only holder of private keys. This codec carries the few things the engine may ask
 of it -- describe the keys, sign a batch of CWT payloads for one kid on behalf of a client and
-an end-user account -- and nothing else: there is no message that carries a digest to sign
-or a key to export.
+an end-user account (``SIGN``), or several such batches for one kid at once (``SIGN_MANY``: the
+engine's micro-batch across its portal connections) -- and nothing else: there is no message
+that carries a digest to sign or a key to export.
 
 Frame layout (all integers big-endian)::
 
@@ -43,6 +44,8 @@ __all__ = [
     "KeydProtocolError",
     "MessageType",
     "Sign",
+    "SignMany",
+    "SignPart",
     "SignResult",
 ]
 
@@ -62,6 +65,7 @@ class MessageType(enum.IntEnum):
     DESCRIBE_RESULT = 0x11
     SIGN = 0x20
     SIGN_RESULT = 0x21
+    SIGN_MANY = 0x22  # answered by SIGN_RESULT: one result per payload, parts in order
     ERROR = 0x7F
 
 
@@ -135,6 +139,32 @@ class Sign:
 
 
 @dataclass(frozen=True, slots=True)
+class SignPart:
+    """The payloads of one client / account / operator inside a :class:`SignMany`."""
+
+    client: str
+    account: str
+    payloads: tuple[bytes, ...]
+    operator: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SignMany:
+    """Several :class:`Sign` requests for one *kid* in one message.
+
+    Each part is checked, allowed and audited under its own client / account / operator,
+    exactly as if it had come alone; the reply is one :class:`SignResult` whose results run
+    over the parts' payloads in order. What it saves is per-message work: one frame, one
+    pass through the signing threads, one audit commit (one fsync) for all parts.
+    """
+
+    TYPE: ClassVar[MessageType] = MessageType.SIGN_MANY
+    request_id: int
+    kid: bytes
+    parts: tuple[SignPart, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class SignResult:
     """One entry per payload, in order: the signature, or ``(ItemError, reason)``."""
 
@@ -153,7 +183,14 @@ class Error:
     retryable: bool
 
 
-Message = Describe | DescribeResult | Sign | SignResult | Error
+Message = Describe | DescribeResult | Sign | SignMany | SignResult | Error
+
+
+def _part_body(client: str, account: str, operator: str | None, payloads: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"client": client, "account": account, "payloads": list(payloads)}
+    if operator is not None:
+        body["operator"] = operator
+    return body
 
 
 def _body(msg: Message) -> dict[str, Any]:
@@ -173,15 +210,14 @@ def _body(msg: Message) -> dict[str, Any]:
             ]
         }
     if isinstance(msg, Sign):
-        body: dict[str, Any] = {
+        return {"kid": msg.kid, **_part_body(msg.client, msg.account, msg.operator, msg.payloads)}
+    if isinstance(msg, SignMany):
+        return {
             "kid": msg.kid,
-            "client": msg.client,
-            "account": msg.account,
-            "payloads": list(msg.payloads),
+            "parts": [
+                _part_body(p.client, p.account, p.operator, p.payloads) for p in msg.parts
+            ],
         }
-        if msg.operator is not None:
-            body["operator"] = msg.operator
-        return body
     if isinstance(msg, SignResult):
         return {"results": [r if isinstance(r, bytes) else [int(r[0]), r[1]] for r in msg.results]}
     if isinstance(msg, Error):
@@ -194,6 +230,28 @@ def _want(body: dict[str, Any], key: str, kind: type | tuple[type, ...], what: s
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise KeydProtocolError(f"{what}: field {key!r} missing or of the wrong type")
     return value
+
+
+def _kid(body: dict[str, Any], what: str) -> bytes:
+    kid = _want(body, "kid", bytes, what)
+    if len(kid) != 8:
+        raise KeydProtocolError(f"{what}: kid must be 8 bytes")
+    return kid
+
+
+def _parse_part(body: dict[str, Any], what: str) -> SignPart:
+    payloads = _want(body, "payloads", list, what)
+    if not all(isinstance(p, bytes) for p in payloads):
+        raise KeydProtocolError(f"{what}: every payload must be a byte string")
+    operator = body.get("operator")
+    if operator is not None and not isinstance(operator, str):
+        raise KeydProtocolError(f"{what}: operator must be text")
+    return SignPart(
+        _want(body, "client", str, what),
+        _want(body, "account", str, what),
+        tuple(payloads),
+        operator,
+    )
 
 
 def _parse(mtype: int, request_id: int, body: Any) -> Message:
@@ -224,22 +282,16 @@ def _parse(mtype: int, request_id: int, body: Any) -> Message:
             )
         return DescribeResult(request_id, tuple(keys))
     if kind is MessageType.SIGN:
-        payloads = _want(body, "payloads", list, "SIGN")
-        if not all(isinstance(p, bytes) for p in payloads):
-            raise KeydProtocolError("SIGN: every payload must be a byte string")
-        operator = body.get("operator")
-        if operator is not None and not isinstance(operator, str):
-            raise KeydProtocolError("SIGN: operator must be text")
-        kid = _want(body, "kid", bytes, "SIGN")
-        if len(kid) != 8:
-            raise KeydProtocolError("SIGN: kid must be 8 bytes")
+        part = _parse_part(body, "SIGN")
         return Sign(
-            request_id,
-            kid,
-            _want(body, "client", str, "SIGN"),
-            _want(body, "account", str, "SIGN"),
-            tuple(payloads),
-            operator,
+            request_id, _kid(body, "SIGN"), part.client, part.account, part.payloads, part.operator
+        )
+    if kind is MessageType.SIGN_MANY:
+        parts = _want(body, "parts", list, "SIGN_MANY")
+        if not all(isinstance(p, dict) for p in parts):
+            raise KeydProtocolError("SIGN_MANY: a part is not a map")
+        return SignMany(
+            request_id, _kid(body, "SIGN_MANY"), tuple(_parse_part(p, "SIGN_MANY") for p in parts)
         )
     if kind is MessageType.SIGN_RESULT:
         results: list[bytes | tuple[ItemError, str]] = []

@@ -142,10 +142,10 @@ def test_audit_unavailable_stops_signing(env, monkeypatch):
     store, keyd, log, _audit_dir = env
     kid = _kid(store, "v")
 
-    def broken(batch):
+    def broken(batches):
         raise AuditUnavailable("No space left on device")
 
-    monkeypatch.setattr(log, "append_batch", broken)
+    monkeypatch.setattr(log, "append_batches", broken)
     results = _sign(keyd, kid, [_payload(sample("v"))] * 3)
     assert all(r[0] == ItemError.AUDIT_UNAVAILABLE and "No space" in r[1] for r in results)
     monkeypatch.undo()
@@ -227,6 +227,7 @@ def test_no_export_and_no_digest_signing_surface():
         "DESCRIBE",
         "DESCRIBE_RESULT",
         "SIGN",
+        "SIGN_MANY",
         "SIGN_RESULT",
         "ERROR",
     }
@@ -281,3 +282,50 @@ def test_batches_across_chunks_keep_order(env):
         assert verdict.valid and verdict.dcc["dob"] == f"19{i % 90 + 10}"
         signed += 1
     assert len(list(search(audit_dir))) == signed
+
+
+def test_sign_many_checks_allows_and_audits_each_part_alone(env):
+    """SIGN_MANY (the engine's micro-batch): each part under its own client, account and
+    operator -- a part whose client may not use the kid is refused while the others are
+    signed -- and every record is audited under its own part, in one commit."""
+    from dccsign.protocol.keyd import SignMany, SignPart
+
+    store, keyd, log, audit_dir = env
+    kid = _kid(store, "v")
+    meta_path = store.directory / "keystore.json"
+    meta = json.loads(meta_path.read_text())
+    name = next(e.name for e in store.entries if e.kid == kid)
+    next(k for k in meta["keys"] if k["name"] == name)["clients"] = ["portal-a", "portal-c"]
+    meta_path.write_text(json.dumps(meta))
+    keyd._next_check = 0
+    parts = (
+        SignPart("portal-a", "uzi:1", tuple(_payload(sample("v")) for _ in range(40)), "op:1"),
+        SignPart("portal-b", "uzi:2", (_payload(sample("v")),)),
+        SignPart("portal-c", "uzi:3", (_payload(sample("t")), _payload(sample("v")))),
+        SignPart("portal-a", "uzi:4", ()),
+    )
+    commits = []
+    real = log.append_batches
+
+    def counted(batches):
+        commits.append(len(batches))
+        return real(batches)
+
+    log.append_batches = counted
+    results = keyd.sign_many(SignMany(9, kid, parts)).results
+    assert len(results) == 43 and commits == [2]
+    assert all(isinstance(r, bytes) for r in results[:40])
+    assert results[40][0] == ItemError.CLIENT_NOT_ALLOWED
+    assert results[41][0] == ItemError.TYPE_NOT_ALLOWED
+    entry = next(e for e in store.entries if e.kid == kid)
+    protected = native.protected_header(-7, kid)
+    flat = [p for part in parts for p in part.payloads]
+    for payload, sig in zip(flat[:40] + flat[42:43], results[:40] + results[42:43], strict=True):
+        (text,) = native.hc1_encode(protected, [payload], [sig])
+        assert verify_hc1(text, [entry.dsc]).valid
+    records = list(search(audit_dir))
+    by_account = {}
+    for r in records:
+        by_account.setdefault(r["account"], set()).add((r["client"], r["operator"]))
+    assert by_account == {"uzi:1": {("portal-a", "op:1")}, "uzi:3": {("portal-c", None)}}
+    assert len(records) == 41 and verify(audit_dir).ok

@@ -14,6 +14,8 @@ from dccsign.protocol.keyd import (
     KeydProtocolError,
     KeyInfo,
     Sign,
+    SignMany,
+    SignPart,
     SignResult,
 )
 
@@ -56,6 +58,58 @@ def test_golden_sign():
 )
 def test_sign_round_trip(rid, kid, client, account, payloads, operator):
     roundtrip(Sign(rid, kid, client, account, tuple(payloads), operator))
+
+
+def test_golden_sign_many():
+    msg = SignMany(3, KID, (SignPart("p", "a", (b"\xa0",)), SignPart("q", "b", (), "op")))
+    wire = roundtrip(msg)
+    # type 0x22, request id 3; body {"kid": h'0001..07', "parts": [{client, account, payloads},
+    # {client, account, payloads, operator}]}
+    assert wire[:8] == bytes.fromhex("4b01220000000003")
+    body = bytes.fromhex(
+        "a2 636b6964 48 0001020304050607 65 7061727473 82"
+        " a3 66636c69656e74 6170 676163636f756e74 6161 687061796c6f616473 81 41a0"
+        " a4 66636c69656e74 6171 676163636f756e74 6162 687061796c6f616473 80"
+        " 686f70657261746f72 626f70".replace(" ", "")
+    )
+    assert wire[8:12] == len(body).to_bytes(4, "big") and wire[12:] == body
+
+
+part = st.builds(
+    SignPart,
+    st.text(max_size=20),
+    st.text(max_size=20),
+    st.lists(st.binary(max_size=100), max_size=5).map(tuple),
+    st.none() | st.text(max_size=10),
+)
+
+
+@given(st.integers(0, 2**32 - 1), st.lists(part, max_size=6))
+def test_sign_many_round_trip(rid, parts):
+    roundtrip(SignMany(rid, KID, tuple(parts)))
+
+
+def test_sign_many_field_checks():
+    import cbor2
+
+    def frame(body):
+        raw = cbor2.dumps(body)
+        return bytes([0x4B, 1, 0x22, 0, 0, 0, 0, 1]) + len(raw).to_bytes(4, "big") + raw
+
+    good_part = {"client": "c", "account": "a", "payloads": [b"x"]}
+    for bad in (
+        {"kid": KID},
+        {"kid": KID, "parts": {}},
+        {"kid": KID, "parts": [1]},
+        {"kid": KID[:7], "parts": [good_part]},
+        {"kid": KID, "parts": [{**good_part, "payloads": [1]}]},
+        {"kid": KID, "parts": [{**good_part, "operator": 1}]},
+        {"kid": KID, "parts": [{"client": "c", "payloads": []}]},
+    ):
+        conn = Connection()
+        conn.receive_data(frame(bad))
+        with pytest.raises(KeydProtocolError):
+            conn.next_event()
 
 
 @given(

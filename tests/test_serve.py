@@ -1,5 +1,6 @@
 """The engine as a process (``dccsign serve``): Unix socket and TLS, policy, quotas, kill
-switch, idempotent retries, keyd restart after SIGKILL, malformed frames, drain on SIGTERM."""
+switch, idempotent retries, BUSY under overload, micro-batching across connections, keyd
+restart after SIGKILL, malformed frames, drain on SIGTERM."""
 
 import json
 import os
@@ -8,93 +9,26 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
 from dccsign.audit import search
-from dccsign.devtls import DEV_CLIENT_NAME, ensure_dev_tls
 from dccsign.keystore import Keystore
-from dccsign.protocol.client import Client, ClientError
+from dccsign.protocol.client import ClientError
 from dccsign.protocol.codes import ErrorCode
 from dccsign.protocol.wire import SignItem
 from dccsign.samples import sample, varied_samples
+from engine_process import EngineProcess, write_policy
 from independent import node_available, verify_node, verify_pycose
 
 pytestmark = pytest.mark.slow
-UID = os.getuid()
-
-
-def _policy(path, **local):
-    doc = {
-        "clients": {"local": local or {}, DEV_CLIENT_NAME: {}},
-        "unix_uids": {str(UID): "local"},
-    }
-    path.write_text(json.dumps(doc))
-    os.utime(path, ns=(time.time_ns(), time.time_ns()))
-
-
-class Engine:
-    def __init__(self, keystore, tmp_path, *, tcp=True):
-        self.keystore = keystore
-        self.sock = tmp_path / "engine.sock"
-        self.policy = keystore / "policy.json"
-        if not self.policy.exists():
-            _policy(self.policy)
-        self.tls = ensure_dev_tls(keystore / "dev-tls")
-        argv = [sys.executable, "-m", "dccsign", "serve", "--keystore", str(keystore)]
-        argv += ["--unix", str(self.sock)]
-        if tcp:
-            self.port = _free_port()
-            argv += ["--tcp", f"127.0.0.1:{self.port}", "--tls-cert", str(self.tls["server_cert"])]
-            argv += ["--tls-key", str(self.tls["server_key"]), "--client-ca", str(self.tls["ca"])]
-        self.log = tmp_path / "engine.log"
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(argv, stderr=log)
-        deadline = time.monotonic() + 60
-        while not _accepts(self.sock):
-            assert self.proc.poll() is None, self.log.read_text()
-            assert time.monotonic() < deadline, "engine did not start"
-            time.sleep(0.05)
-
-    def client(self, **kw):
-        return Client(f"unix:{self.sock}", **kw)
-
-    def tls_client(self, with_cert=True):
-        kw = {"ca": self.tls["ca"]}
-        if with_cert:
-            kw |= {"cert": self.tls["client_cert"], "key": self.tls["client_key"]}
-        return Client(f"127.0.0.1:{self.port}", **kw)
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _accepts(path):
-    with socket.socket(socket.AF_UNIX) as s:
-        try:
-            s.connect(str(path))
-        except OSError:
-            return False
-        return True
 
 
 @pytest.fixture
 def engine(dev_keystore_copy, tmp_path):
-    e = Engine(dev_keystore_copy, tmp_path)
+    e = EngineProcess(dev_keystore_copy, tmp_path)
     yield e
     e.stop()
 
@@ -131,8 +65,8 @@ def test_tls_without_client_certificate_is_refused(engine):
 def test_client_not_allowed_a_kid_signs_nothing(dev_keystore_copy, tmp_path):
     store = Keystore.open(dev_keystore_copy)
     other = next(e.kid for e in store.entries if e.dsc.usages == frozenset("t"))
-    _policy(dev_keystore_copy / "policy.json", kids=[other.hex()])
-    e = Engine(dev_keystore_copy, tmp_path, tcp=False)
+    write_policy(dev_keystore_copy / "policy.json", kids=[other.hex()])
+    e = EngineProcess(dev_keystore_copy, tmp_path, tcp=False)
     try:
         with e.client() as c:
             r = c.sign(sample("v"), account="uzi:1")
@@ -143,15 +77,15 @@ def test_client_not_allowed_a_kid_signs_nothing(dev_keystore_copy, tmp_path):
 
 
 def test_account_quota_and_kill_switch(dev_keystore_copy, tmp_path):
-    _policy(dev_keystore_copy / "policy.json", account_quota={"per_hour": 2})
-    e = Engine(dev_keystore_copy, tmp_path, tcp=False)
+    write_policy(dev_keystore_copy / "policy.json", account_quota={"per_hour": 2})
+    e = EngineProcess(dev_keystore_copy, tmp_path, tcp=False)
     try:
         with e.client(retries=0) as c:
             results = [c.sign(sample("v"), account="uzi:7") for _ in range(3)]
             assert [r.ok for r in results] == [True, True, False]
             assert results[2].error == ErrorCode.QUOTA_ACCOUNT and results[2].retry_after_ms
             assert c.sign(sample("v"), account="uzi:8").ok  # another account
-            _policy(dev_keystore_copy / "policy.json", disabled=True)
+            write_policy(dev_keystore_copy / "policy.json", disabled=True)
             deadline = time.monotonic() + 2
             n = 0
             while (r := c.sign(sample("v"), account=f"uzi:9{(n := n + 1)}")).ok:
@@ -167,8 +101,11 @@ def test_idempotent_retry_returns_the_first_signature(engine):
         first = c.sign(sample("v"), account="uzi:5", idempotency_key="req-1")
         again = c.sign(sample("v"), account="uzi:5", idempotency_key="req-1")
         other = c.sign(sample("t"), account="uzi:5", idempotency_key="req-1")
+        reordered = dict(reversed(sample("v").items()))
+        shuffled = c.sign(reordered, account="uzi:5", idempotency_key="req-1")
     assert first.ok and again.hc1 == first.hc1
     assert other.error == ErrorCode.IDEMPOTENCY_CONFLICT
+    assert shuffled.error == ErrorCode.IDEMPOTENCY_CONFLICT  # SPEC.md 10: order sent counts
     assert len(list(search(engine.keystore / "audit", account="uzi:5"))) == 1
 
 
@@ -214,7 +151,7 @@ def test_sigterm_drains_and_exits(engine):
 
 def test_unknown_unix_peer_is_refused(dev_keystore_copy, tmp_path):
     (dev_keystore_copy / "policy.json").write_text(json.dumps({"clients": {"x": {}}}))
-    e = Engine(dev_keystore_copy, tmp_path, tcp=False)
+    e = EngineProcess(dev_keystore_copy, tmp_path, tcp=False)
     try:
         with pytest.raises(ClientError, match="UNAUTHENTICATED"):
             with e.client() as c:
@@ -232,3 +169,138 @@ def test_tls_handshake_without_client_certificate_gets_no_service(engine):
                 assert s.recv(10) == b""  # TLS 1.3: the refusal arrives after the handshake
         except (ssl.SSLError, ConnectionError):
             pass
+
+
+def _in_threads(n, fn):
+    out, errors = [None] * n, []
+
+    def run(i):
+        try:
+            out[i] = fn(i)
+        except Exception as exc:  # surfaced below, with the thread's index
+            errors.append((i, exc))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    return out
+
+
+def test_busy_under_overload_signs_nothing_it_refuses(dev_keystore_copy, tmp_path):
+    """More certificates in progress than --max-pending-items: the excess gets BUSY at once
+    with a retry-after hint, nothing refused is signed or audited, and a client that honours
+    the hint gets everything signed afterwards."""
+    e = EngineProcess(
+        dev_keystore_copy, tmp_path, tcp=False, extra=["--max-pending-items", "30"]
+    )
+    try:
+        dccs = varied_samples(10)
+        with e.client(retries=0) as c:
+            batches = _in_threads(
+                16, lambda i: c.sign_batch([SignItem(d, f"uzi:busy{i}") for d in dccs])
+            )
+        results = [r for batch in batches for r in batch]
+        busy = [r for r in results if r.error == ErrorCode.BUSY]
+        ok = [r for r in results if r.ok]
+        assert busy and ok and len(busy) + len(ok) == len(results)
+        assert all(r.retry_after_ms and r.retry_after_ms > 0 for r in busy)
+        audit = e.keystore / "audit"
+        audited = [r for i in range(16) for r in search(audit, account=f"uzi:busy{i}")]
+        assert len(audited) == len(ok)
+        # The same load from a client that retries after the hint: all signed.
+        with e.client(retries=50) as c:
+            batches = _in_threads(
+                16, lambda i: c.sign_batch([SignItem(d, f"uzi:again{i}") for d in dccs])
+            )
+        assert all(r.ok for batch in batches for r in batch)
+    finally:
+        e.stop()
+
+
+def test_requests_from_many_connections_share_keyd_rounds(dev_keystore_copy, tmp_path):
+    """Single requests from 16 connections reach keyd in fewer SIGN_MANY micro-batches than
+    requests, and each certificate is still audited under its own account."""
+    e = EngineProcess(
+        dev_keystore_copy, tmp_path, tcp=False, http=True,
+        extra=["--keyd-connections", "1", "--batch-window", "5"],
+    )
+    try:
+
+        def portal(i):
+            with e.client() as c:
+                return [c.sign(sample("vtr"[n % 3]), account=f"uzi:mb{i}") for n in range(10)]
+
+        results = [r for rs in _in_threads(16, portal) for r in rs]
+        assert all(r.ok for r in results), [r.message for r in results if not r.ok]
+        batches = e.metric("dccsign_keyd_batch_payloads_count")
+        payloads = e.metric("dccsign_keyd_batch_payloads_sum")
+        assert payloads == 160 and batches < 160
+        for i in range(16):
+            assert len(list(search(e.keystore / "audit", account=f"uzi:mb{i}"))) == 10
+    finally:
+        e.stop()
+
+
+def test_sigterm_finishes_requests_in_progress(engine):
+    dccs = varied_samples(50)
+    box = []
+    with engine.client() as c:
+        worker = threading.Thread(
+            target=lambda: box.append(c.sign_batch([SignItem(d, "uzi:drain") for d in dccs * 20]))
+        )
+        worker.start()
+        time.sleep(0.05)  # the batch of 1,000 is in progress (it takes ~100 ms or more)
+        assert engine.stop() == 0
+        worker.join(30)
+    assert len(box[0]) == 1000 and all(r.ok for r in box[0])
+    assert len(list(search(engine.keystore / "audit", account="uzi:drain"))) == 1000
+
+
+def test_client_pong_is_accepted_and_client_error_ends_the_connection(engine):
+    from dccsign.protocol import wire
+
+    def exchange(s, codec, frame):
+        s.sendall(frame)
+        while (event := codec.next_event()) is wire.NEED_DATA:
+            codec.receive_data(s.recv(65536))
+        return event
+
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(engine.sock))
+        s.settimeout(10)
+        codec = wire.Connection(wire.CLIENT)
+        assert isinstance(exchange(s, codec, codec.send(codec.make_hello())), wire.Welcome)
+        # An unsolicited PONG (SPEC.md 6.3: either side may ping) is no protocol error.
+        s.sendall(codec.send(wire.Pong(request_id=9, data=b"")))
+        reply = exchange(s, codec, codec.send(wire.Ping(request_id=1, data=b"still here")))
+        assert isinstance(reply, wire.Pong) and reply.data == b"still here"
+        # A connection-level ERROR from the client: the engine closes without a word.
+        leaving = wire.Error(request_id=0, code=ErrorCode.INTERNAL, message="bye", fatal=True)
+        s.sendall(codec.send(leaving))
+        assert s.recv(65536) == b""
+
+
+def test_deadline_answers_early_and_a_retry_gets_the_first_signatures(dev_keystore_copy, tmp_path):
+    """A request past its deadline gets DEADLINE_EXCEEDED, but the work already handed to
+    keyd is not thrown away: a retry with the same idempotency keys returns those first
+    signatures, and the audit log holds each certificate once."""
+    e = EngineProcess(dev_keystore_copy, tmp_path, tcp=False, extra=["--deadline", "0.001"])
+    try:
+        items = [
+            SignItem(d, "uzi:late", idempotency_key=f"late-{n}")
+            for n, d in enumerate(varied_samples(200))
+        ]
+        with e.client(retries=0) as c:
+            first = c.sign_batch(items)
+        assert {r.error for r in first} == {ErrorCode.DEADLINE_EXCEEDED}
+        assert all(r.retry_after_ms for r in first)
+        with e.client(retries=50) as c:
+            again = c.sign_batch(items)
+        assert all(r.ok for r in again)
+        audited = list(search(e.keystore / "audit", account="uzi:late"))
+        assert len(audited) == 200
+    finally:
+        e.stop()

@@ -1,0 +1,231 @@
+"""Micro-batching toward keyd, across portal connections.
+
+Each portal request contributes, per kid, its *parts*: payloads for one client, end-user
+account and operator each. Parts that arrive close together go to keyd as one ``SIGN_MANY``, and
+the HC1 strings of the whole micro-batch are then built in one worker-thread call
+(``native.hc1_encode`` releases the GIL). keyd still checks, allows and audits each part under
+its own client and account; what is shared is the per-message cost: one frame, one pass
+through keyd's signing threads, one audit commit (one fsync), one thread hop here.
+
+When a kid's pending parts are sent:
+
+* at once (after one scheduler checkpoint, so that whatever the event loop has already read
+  joins) while keyd has a free slot -- fewer than ``max_in_flight`` micro-batches outstanding.
+  At low load this adds no wait;
+* otherwise when the oldest part has waited ``window`` seconds (default 1 ms): the bound on the
+  time a request is held here;
+* or as soon as ``max_batch`` payloads are pending.
+
+Under load the slots are busy, so parts accumulate for up to the window and keyd gets fewer,
+larger messages -- the batch size follows the load without a tuning knob.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import trio
+
+from . import native
+from .keyd_client import KeydError
+from .protocol.keyd import ItemError, SignPart
+
+__all__ = ["DEFAULT_WINDOW", "KeydBatcher", "Outcome"]
+
+#: The longest a part waits here for company (seconds).
+DEFAULT_WINDOW = 0.001
+#: Payloads per SIGN_MANY: beyond this, larger messages only add latency.
+DEFAULT_MAX_BATCH = 512
+
+#: Per payload: the HC1 string, or keyd's refusal.
+Outcome = str | tuple[ItemError, str]
+
+
+class _Waiting:
+    """One :meth:`KeydBatcher.issue` call: its parts, and later their outcomes."""
+
+    __slots__ = ("count", "done", "outcome", "parts", "since")
+
+    def __init__(self, parts: tuple[SignPart, ...], since: float) -> None:
+        self.parts = parts
+        self.count = sum(len(p.payloads) for p in parts)
+        self.since = since
+        self.done = trio.Event()
+        self.outcome: list[Outcome] | KeydError | None = None
+
+
+class KeydBatcher:
+    """Collects parts and sends them to keyd in micro-batches (see the module docstring).
+
+    Args:
+        keyd: a :class:`~dccsign.keyd_trio.TrioKeydClient` (anything with its ``sign_many``
+            and ``connections``).
+        zlib_level: the deflate level of the HC1 strings.
+        window: the longest a part waits for company, in seconds.
+        max_batch: payloads per SIGN_MANY.
+        max_in_flight: micro-batches outstanding at keyd before parts wait (default: two per
+            keyd connection, so keyd always has the next one queued).
+        on_batch: called with the payload count of every micro-batch sent (metrics).
+
+    :meth:`run` must be running (in a nursery) for :meth:`issue` to make progress.
+    """
+
+    def __init__(
+        self,
+        keyd: object,
+        *,
+        zlib_level: int = 9,
+        window: float = DEFAULT_WINDOW,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_in_flight: int | None = None,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        if not (window >= 0 and math.isfinite(window)):
+            raise ValueError("window must be a finite number of seconds >= 0")
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self.keyd = keyd
+        self.zlib_level = zlib_level
+        self.window = window
+        self.max_batch = max_batch
+        self._max_in_flight = max_in_flight
+        self._on_batch = on_batch
+        self._pending: dict[bytes, list[_Waiting]] = {}
+        self._protected: dict[bytes, bytes] = {}
+        self._size = 0  # payloads pending over all kids
+        self._in_flight = 0
+        self._wake = trio.Event()  # something is pending
+        self._slot = trio.Event()  # a slot freed, or max_batch reached
+        self._nursery: trio.Nursery | None = None
+        #: Micro-batches sent and payloads in them (for metrics and tests).
+        self.batches_sent = 0
+        self.payloads_sent = 0
+
+    @property
+    def max_in_flight(self) -> int:
+        if self._max_in_flight is not None:
+            return self._max_in_flight
+        return max(1, 2 * getattr(self.keyd, "connections", 1))
+
+    @property
+    def pending(self) -> int:
+        """Payloads waiting to be sent."""
+        return self._size
+
+    @property
+    def in_flight(self) -> int:
+        """Micro-batches sent and not yet answered."""
+        return self._in_flight
+
+    async def issue(
+        self, kid: bytes, protected: bytes, parts: Sequence[SignPart]
+    ) -> list[Outcome]:
+        """Per payload of *parts* (in order, over the parts), its HC1 string or keyd's
+        ``(ItemError, reason)``.
+
+        *protected* is the kid's COSE protected header (the same for every part of a kid).
+
+        Raises:
+            KeydError: keyd could not answer the micro-batch this part went in (nothing of
+                it was signed, or nothing released: a retry cannot duplicate a record).
+        """
+        waiting = _Waiting(tuple(p for p in parts if p.payloads), trio.current_time())
+        if not waiting.count:
+            return []
+        self._protected.setdefault(kid, protected)
+        self._pending.setdefault(kid, []).append(waiting)
+        self._size += waiting.count
+        self._wake.set()
+        if self._size >= self.max_batch:
+            self._slot.set()
+        await waiting.done.wait()
+        outcome = waiting.outcome
+        if isinstance(outcome, KeydError):
+            raise outcome
+        assert outcome is not None
+        return outcome
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The flusher; runs until cancelled (micro-batches in flight are finished first
+        only if the caller's nursery waits for them)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            while True:
+                if not self._pending:
+                    self._wake = trio.Event()
+                    await self._wake.wait()
+                # One checkpoint: tasks that are already runnable (frames already read) join.
+                await trio.lowlevel.checkpoint()
+                if self._in_flight >= self.max_in_flight:
+                    oldest = min(w[0].since for w in self._pending.values())
+                    with trio.move_on_at(oldest + self.window):
+                        while self._in_flight >= self.max_in_flight and self._size < self.max_batch:
+                            self._slot = trio.Event()
+                            await self._slot.wait()
+                self._flush(nursery)
+
+    def _flush(self, nursery: trio.Nursery) -> None:
+        pending, self._pending, self._size = self._pending, {}, 0
+        for kid, parts in pending.items():
+            batch: list[_Waiting] = []
+            count = 0
+            for waiting in parts:
+                if batch and count + waiting.count > self.max_batch:
+                    self._start(nursery, kid, batch)
+                    batch, count = [], 0
+                batch.append(waiting)
+                count += waiting.count
+            self._start(nursery, kid, batch)
+
+    def _start(self, nursery: trio.Nursery, kid: bytes, batch: list[_Waiting]) -> None:
+        self._in_flight += 1
+        nursery.start_soon(self._send, kid, batch)
+
+    async def _send(self, kid: bytes, batch: list[_Waiting]) -> None:
+        try:
+            parts = [part for w in batch for part in w.parts]
+            count = sum(w.count for w in batch)
+            self.batches_sent += 1
+            self.payloads_sent += count
+            if self._on_batch is not None:
+                self._on_batch(count)
+            try:
+                results = await self.keyd.sign_many(kid, parts)  # type: ignore[attr-defined]
+            except KeydError as exc:
+                for waiting in batch:
+                    waiting.outcome = exc
+                return
+            ok = [i for i, r in enumerate(results) if isinstance(r, bytes)]
+            flat = [p for part in parts for p in part.payloads]
+            texts: list[str] = []
+            if ok:
+                texts = await trio.to_thread.run_sync(
+                    native.hc1_encode,
+                    self._protected[kid],
+                    [flat[i] for i in ok],
+                    [results[i] for i in ok],
+                    self.zlib_level,
+                )
+            outcomes: list[Outcome] = list(results)  # type: ignore[arg-type]
+            for i, text in zip(ok, texts, strict=True):
+                outcomes[i] = text
+            start = 0
+            for waiting in batch:
+                end = start + waiting.count
+                waiting.outcome = outcomes[start:end]
+                start = end
+        except BaseException as exc:
+            # Cancelled (engine stopping) or a bug: no waiter may hang.
+            for waiting in batch:
+                if waiting.outcome is None:
+                    waiting.outcome = KeydError(
+                        f"engine stopping or failed: {exc!r}", retryable=False
+                    )
+            raise
+        finally:
+            for waiting in batch:
+                waiting.done.set()
+            self._in_flight -= 1
+            self._slot.set()

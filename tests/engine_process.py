@@ -1,0 +1,99 @@
+"""``dccsign serve`` as a process for the tests (test_serve.py, test_loadgen.py)."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+from dccsign.devtls import DEV_CLIENT_NAME, ensure_dev_tls
+from dccsign.protocol.client import Client
+
+UID = os.getuid()
+
+
+def write_policy(path, **local):
+    """A policy: the current uid is client "local" (with *local* settings), and the
+    development client certificate is allowed."""
+    doc = {
+        "clients": {"local": local or {}, DEV_CLIENT_NAME: {}},
+        "unix_uids": {str(UID): "local"},
+    }
+    path.write_text(json.dumps(doc))
+    os.utime(path, ns=(time.time_ns(), time.time_ns()))
+
+
+class EngineProcess:
+    """The engine on a Unix socket (and TLS on a free port unless tcp=False; /metrics with
+    http=True), started on *keystore* and waited for; :meth:`stop` sends SIGTERM."""
+
+    def __init__(self, keystore, tmp_path, *, tcp=True, http=False, extra=()):
+        self.keystore = keystore
+        self.sock = tmp_path / "engine.sock"
+        self.policy = keystore / "policy.json"
+        if not self.policy.exists():
+            write_policy(self.policy)
+        self.tls = ensure_dev_tls(keystore / "dev-tls")
+        argv = [sys.executable, "-m", "dccsign", "serve", "--keystore", str(keystore)]
+        argv += ["--unix", str(self.sock)]
+        if tcp:
+            self.port = _free_port()
+            argv += ["--tcp", f"127.0.0.1:{self.port}", "--tls-cert", str(self.tls["server_cert"])]
+            argv += ["--tls-key", str(self.tls["server_key"]), "--client-ca", str(self.tls["ca"])]
+        if http:
+            self.http = _free_port()
+            argv += ["--http", f"127.0.0.1:{self.http}"]
+        argv += list(extra)
+        self.log = tmp_path / "engine.log"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(argv, stderr=log)
+        deadline = time.monotonic() + 60
+        while not _accepts(self.sock):
+            assert self.proc.poll() is None, self.log.read_text()
+            assert time.monotonic() < deadline, "engine did not start"
+            time.sleep(0.05)
+
+    def client(self, **kw):
+        return Client(f"unix:{self.sock}", **kw)
+
+    def tls_client(self, with_cert=True):
+        kw = {"ca": self.tls["ca"]}
+        if with_cert:
+            kw |= {"cert": self.tls["client_cert"], "key": self.tls["client_key"]}
+        return Client(f"127.0.0.1:{self.port}", **kw)
+
+    def metric(self, name):
+        """The value of one unlabelled sample from /metrics."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http}/metrics", timeout=10) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith(name + " "):
+                    return float(line.split()[1])
+        raise KeyError(name)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _accepts(path):
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+        return True

@@ -1,0 +1,239 @@
+"""The engine's micro-batcher toward keyd: parts of concurrent requests share one SIGN_MANY,
+the hold time is bounded by the window, results go back to the right part, failures reach
+every part of the micro-batch, and nothing waits forever."""
+
+import time
+
+import pytest
+import trio
+import trio.testing
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from dccsign import native
+from dccsign.chain import claims_prefix
+from dccsign.keyd_batcher import KeydBatcher
+from dccsign.keyd_client import KeydError
+from dccsign.protocol.keyd import ItemError, SignPart
+from dccsign.samples import sample
+from dccsign.verify import loads_exact
+
+KID = bytes(range(8))
+PROTECTED = native.protected_header(-7, KID)
+
+
+class FakeKeyd:
+    """Signs with a real P-256 key; refuses payloads that start with b"X"; can be held (to
+    keep its slots busy) or made to fail."""
+
+    def __init__(self, connections=1):
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        pem = self.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        self.signer = native.SigningKey.load_pem(pem, None)
+        self.connections = connections
+        self.calls: list[list] = []
+        self.hold = trio.Event()
+        self.hold.set()
+        self.fail: KeydError | None = None
+
+    async def sign_many(self, kid, parts):
+        assert kid == KID
+        self.calls.append(list(parts))
+        await self.hold.wait()
+        if self.fail is not None:
+            raise self.fail
+        out = []
+        for part in parts:
+            for p in part.payloads:
+                if p.startswith(b"X"):
+                    out.append((ItemError.MALFORMED_CWT, "not a CWT"))
+                else:
+                    out.append(self.signer.sign(PROTECTED, [p])[0])
+        return out
+
+
+def _payload(n):
+    now = int(time.time())
+    dcc = {**sample("v"), "dob": f"19{n % 90 + 10}"}
+    import cbor2
+
+    return claims_prefix("NL", now - 60, now + 86400) + cbor2.dumps(dcc)
+
+
+async def _until(condition):
+    """Poll on trio's clock (the tests that use it run on the autojump clock)."""
+    while not condition():  # noqa: ASYNC110 -- the conditions are plain attributes
+        await trio.sleep(0.0001)
+
+
+def _issue(batcher, payloads, account):
+    return lambda: batcher.issue(KID, PROTECTED, [SignPart("c", account, tuple(payloads))])
+
+
+async def _issue_all(batcher, jobs):
+    results = {}
+
+    async def one(name, payloads, account):
+        results[name] = await batcher.issue(
+            KID, PROTECTED, [SignPart("portal", account, tuple(payloads))]
+        )
+
+    async with trio.open_nursery() as nursery:
+        for name, (payloads, account) in jobs.items():
+            nursery.start_soon(one, name, payloads, account)
+    return results
+
+
+def _verify(keyd, text, payload):
+    import zlib
+
+    import base45  # PyPI, independent of ours
+    import cbor2
+    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+    assert text.startswith("HC1:")
+    tag = loads_exact(zlib.decompress(base45.b45decode(text[4:])))
+    protected, _unprotected, signed_payload, sig = tag.value
+    assert signed_payload == payload
+    tbs = cbor2.dumps(["Signature1", protected, b"", signed_payload])
+    der = encode_dss_signature(int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:], "big"))
+    keyd.key.public_key().verify(der, tbs, ec.ECDSA(hashes.SHA256()))  # raises if wrong
+
+
+async def test_concurrent_requests_share_one_sign_many_and_get_their_own_results():
+    keyd = FakeKeyd()
+    batcher = KeydBatcher(keyd, window=0.05)
+    jobs = {
+        "a": ([_payload(1), _payload(2)], "uzi:1"),
+        "b": ([b"X-broken", _payload(3)], "uzi:2"),
+        "c": ([_payload(4)], "uzi:3"),
+    }
+    async with trio.open_nursery() as nursery:
+        await nursery.start(batcher.run)
+        results = await _issue_all(batcher, jobs)
+        nursery.cancel_scope.cancel()
+    # All three parts, each under its own account, in one message.
+    assert len(keyd.calls) == 1
+    assert sorted(p.account for p in keyd.calls[0]) == ["uzi:1", "uzi:2", "uzi:3"]
+    for name, (payloads, _) in jobs.items():
+        assert len(results[name]) == len(payloads)
+        for payload, outcome in zip(payloads, results[name], strict=True):
+            if payload.startswith(b"X"):
+                assert outcome == (ItemError.MALFORMED_CWT, "not a CWT")
+            else:
+                _verify(keyd, outcome, payload)
+
+
+async def test_parts_wait_for_a_slot_at_most_the_window(autojump_clock):
+    keyd = FakeKeyd(connections=1)
+    batcher = KeydBatcher(keyd, window=0.001, max_in_flight=1)
+    keyd.hold = trio.Event()  # keyd busy: the first micro-batch does not come back
+    async with trio.open_nursery() as nursery:
+        await nursery.start(batcher.run)
+        nursery.start_soon(_issue(batcher, [_payload(1)], "a"))
+        await trio.sleep(0.0001)
+        assert len(keyd.calls) == 1 and batcher.in_flight == 1
+        # The only slot is taken: the next parts gather for the window, then go anyway.
+        start = trio.current_time()
+        for i in range(3):
+            nursery.start_soon(_issue(batcher, [_payload(i)], f"b{i}"))
+        await _until(lambda: len(keyd.calls) >= 2)
+        waited = trio.current_time() - start
+        assert 0.0009 <= waited <= 0.0015
+        assert len(keyd.calls[1]) == 3
+        keyd.hold.set()
+        await _until(lambda: not batcher.in_flight)
+        nursery.cancel_scope.cancel()
+    assert batcher.batches_sent == 2 and batcher.payloads_sent == 4
+
+
+async def test_max_batch_splits_and_flushes_early(autojump_clock):
+    keyd = FakeKeyd()
+    batcher = KeydBatcher(keyd, window=10.0, max_batch=4, max_in_flight=1)
+    keyd.hold = trio.Event()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(batcher.run)
+        nursery.start_soon(_issue(batcher, [_payload(0)], "a"))
+        await trio.sleep(0.001)
+        start = trio.current_time()
+        for i in range(6):
+            nursery.start_soon(_issue(batcher, [_payload(i)] * 2, f"b{i}"))
+        await _until(lambda: len(keyd.calls) >= 2)
+        # Reaching max_batch flushes at once, not after the (long) window.
+        assert trio.current_time() - start < 0.01
+        keyd.hold.set()
+        await _until(lambda: not (batcher.in_flight or batcher.pending))
+        nursery.cancel_scope.cancel()
+    assert all(sum(len(p.payloads) for p in call) <= 4 for call in keyd.calls)
+    assert sum(len(p.payloads) for call in keyd.calls for p in call) == 13
+
+
+async def test_keyd_failure_reaches_every_part():
+    keyd = FakeKeyd()
+    keyd.fail = KeydError("keyd connection failed: reset")
+    batcher = KeydBatcher(keyd, window=0.05)
+    outcomes = []
+
+    async def one(account):
+        with pytest.raises(KeydError, match="reset") as info:
+            await batcher.issue(KID, PROTECTED, [SignPart("c", account, (_payload(1),))])
+        outcomes.append(info.value.retryable)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(batcher.run)
+        async with trio.open_nursery() as inner:
+            for account in ("a", "b", "c"):
+                inner.start_soon(one, account)
+        nursery.cancel_scope.cancel()
+    assert outcomes == [True, True, True] and len(keyd.calls) == 1
+
+
+async def test_cancelled_batcher_releases_its_waiters():
+    keyd = FakeKeyd()
+    keyd.hold = trio.Event()
+    batcher = KeydBatcher(keyd)
+    failures = []
+
+    async def one():
+        try:
+            await batcher.issue(KID, PROTECTED, [SignPart("c", "a", (_payload(1),))])
+        except KeydError as exc:
+            failures.append(exc)
+
+    async with trio.open_nursery() as outer:
+        outer.start_soon(one)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(batcher.run)
+            await _until(lambda: keyd.calls)
+            nursery.cancel_scope.cancel()
+    assert len(failures) == 1 and not failures[0].retryable
+
+
+def test_arguments_are_checked():
+    with pytest.raises(ValueError):
+        KeydBatcher(FakeKeyd(), window=-1)
+    with pytest.raises(ValueError):
+        KeydBatcher(FakeKeyd(), max_batch=0)
+
+
+async def test_one_issue_with_several_parts_gets_flat_outcomes_in_order():
+    keyd = FakeKeyd()
+    batcher = KeydBatcher(keyd)
+    parts = [
+        SignPart("c", "uzi:1", (_payload(1), b"X-bad")),
+        SignPart("c", "uzi:2", ()),
+        SignPart("c", "uzi:3", (_payload(3),), "op"),
+    ]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(batcher.run)
+        outcomes = await batcher.issue(KID, PROTECTED, parts)
+        assert await batcher.issue(KID, PROTECTED, [SignPart("c", "a", ())]) == []
+        nursery.cancel_scope.cancel()
+    assert [p.account for p in keyd.calls[0]] == ["uzi:1", "uzi:3"]  # empty parts dropped
+    assert len(outcomes) == 3 and outcomes[1] == (ItemError.MALFORMED_CWT, "not a CWT")
+    _verify(keyd, outcomes[0], parts[0].payloads[0])
+    _verify(keyd, outcomes[2], parts[2].payloads[0])
