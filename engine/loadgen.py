@@ -615,6 +615,12 @@ class _Run:
 
     async def _write(self, conn: _Conn, batch: list[tuple[float, int]]) -> None:
         now = trio.current_time()
+        if conn.goaway is not None:
+            # GOAWAY arrived after this batch was taken: the engine would not process it.
+            for _due, _fi in batch:
+                self._error(self._bucket(now), "NOT_PROCESSED_GOAWAY", self.payloads.batch)
+                self._finished_one()
+            return
         parts = []
         n_certs = 0
         size = self.payloads.batch
@@ -629,7 +635,7 @@ class _Run:
             n_certs += size
         # The frames are pre-encoded, so the codec did not see them go out: tell it the
         # highest request id sent, which is what it checks replies against (SPEC.md §8.1).
-        conn.codec.last_request_id = conn.next_rid - 1
+        conn.codec.note_sent(conn.next_rid - 1)
         r = self.r
         r.sent += n_certs
         r.sent_frames += len(batch)

@@ -1167,6 +1167,25 @@ class Connection:
 
     # ------------------------------------------------------------------ sending
 
+    def note_sent(self, request_id: int) -> None:
+        """Record that request frames up to *request_id* went out without :meth:`send` (a
+        load generator writes frames it encoded once, with fresh headers): replies are then
+        checked against it as after :meth:`send`.
+
+        Raises:
+            LocalProtocolError: the id does not rise above the last one, the connection is
+                not open, or the server is draining (GOAWAY received).
+        """
+        if not self._client or not self._open or self._state is State.ERROR:
+            raise LocalProtocolError("note_sent: only a client, on an open connection")
+        if type(request_id) is not int or not self.last_request_id < request_id <= UINT32_MAX:
+            raise LocalProtocolError(
+                f"note_sent: request id {request_id} is not above {self.last_request_id}"
+            )
+        if self.goaway_last_id is not None:
+            raise LocalProtocolError("note_sent: the server is draining (GOAWAY received)")
+        self.last_request_id = request_id
+
     def send(self, event: Event) -> bytes:
         """The frame for *event*. Raises :class:`LocalProtocolError` (sending nothing) if the
         event is invalid or not allowed now -- including every send once the connection is

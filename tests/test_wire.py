@@ -1278,3 +1278,37 @@ def test_all_errors_are_wire_protocol_errors():
     assert issubclass(LocalProtocolError, WireProtocolError)
     assert issubclass(RemoteProtocolError, WireProtocolError)
     assert not issubclass(LocalProtocolError, RemoteProtocolError)
+
+
+def test_note_sent_records_pre_encoded_requests():
+    from dccsign.protocol.wire import (
+        CLIENT,
+        SERVER,
+        Connection,
+        GoAway,
+        LocalProtocolError,
+        Pong,
+        Welcome,
+    )
+
+    client, server = Connection(CLIENT), Connection(SERVER)
+    with pytest.raises(LocalProtocolError):
+        client.note_sent(1)  # not open yet
+    server.receive_data(client.send(client.make_hello()))
+    server.next_event()
+    client.receive_data(server.send(server.make_welcome(max_batch=5, max_in_flight=4, server="s")))
+    assert isinstance(client.next_event(), Welcome)
+    client.note_sent(3)
+    assert client.last_request_id == 3
+    with pytest.raises(LocalProtocolError, match="not above"):
+        client.note_sent(3)
+    # A reply to an id noted as sent is accepted; the server's codec is told the same way.
+    server.last_request_id = 3
+    client.receive_data(server.send(Pong(request_id=3, data=b"")))
+    assert client.next_event() == Pong(request_id=3, data=b"")
+    client.receive_data(server.send(GoAway(last_request_id=3, reason="bye")))
+    client.next_event()
+    with pytest.raises(LocalProtocolError, match="draining"):
+        client.note_sent(4)
+    with pytest.raises(LocalProtocolError):
+        server.note_sent(9)
