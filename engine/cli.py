@@ -738,9 +738,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench_core)
 
+    from .benchcompare import add_compare_parser
     from .loadcli import add_load_parser
 
     add_load_parser(bsub)
+    add_compare_parser(bsub)
     return parser
 
 
