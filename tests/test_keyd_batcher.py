@@ -237,3 +237,29 @@ async def test_one_issue_with_several_parts_gets_flat_outcomes_in_order():
     assert len(outcomes) == 3 and outcomes[1] == (ItemError.MALFORMED_CWT, "not a CWT")
     _verify(keyd, outcomes[0], parts[0].payloads[0])
     _verify(keyd, outcomes[2], parts[2].payloads[0])
+
+
+@pytest.mark.parametrize("count", [1, 4, 5, 40])
+async def test_encoded_inline_or_in_a_thread_alike(count, monkeypatch):
+    """Up to INLINE_ENCODE certificates are encoded on the event loop, more in a worker
+    thread: the outcomes are the same either way."""
+    from dccsign import keyd_batcher
+
+    threads = []
+    real = trio.to_thread.run_sync
+
+    async def counted(*args, **kw):
+        threads.append(args[0])
+        return await real(*args, **kw)
+
+    monkeypatch.setattr(keyd_batcher.trio.to_thread, "run_sync", counted)
+    keyd = FakeKeyd()
+    batcher = KeydBatcher(keyd)
+    payloads = tuple(_payload(n) for n in range(count))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(batcher.run)
+        outcomes = await batcher.issue(KID, PROTECTED, [SignPart("c", "a", payloads)])
+        nursery.cancel_scope.cancel()
+    assert len(threads) == (count > keyd_batcher.INLINE_ENCODE)
+    for payload, text in zip(payloads, outcomes, strict=True):
+        _verify(keyd, text, payload)
