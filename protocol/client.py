@@ -29,25 +29,24 @@ from .coalesce import (
     Coalescer,
     Single,
     Waiter,
+    check_pong,
+    connection_error,
+    keys_of,
     outcomes_for,
     results_for,
     retry_delay,
     retryable,
     with_idempotency_keys,
 )
-from .codes import ErrorCode
 from .wire import (
     CLIENT,
     NEED_DATA,
     Connection,
-    Error,
     GoAway,
     ItemResult,
     KeyInfo,
-    Keys,
     ListKeys,
     Ping,
-    Pong,
     SignBatch,
     SignItem,
     Welcome,
@@ -159,8 +158,9 @@ class Client:
                 if isinstance(event, GoAway):
                     continue  # requests above last_request_id fail when the socket closes
                 waiter = self._pending.pop(event.request_id, None)
-                if isinstance(event, Error) and event.request_id == 0:
-                    self._fail(f"{ErrorCode(event.code).name}: {event.message}", event.code)
+                gone = connection_error(event)
+                if gone is not None:
+                    self._fail(str(gone), gone.code)
                     return
                 if waiter is not None:
                     waiter.resolve(event)
@@ -205,18 +205,11 @@ class Client:
     def ping(self, data: bytes = b"") -> float:
         """Round-trip time in seconds."""
         start = time.perf_counter()
-        reply = self._call(lambda rid: Ping(rid, data))
-        if not isinstance(reply, Pong) or reply.data != data:
-            raise ClientError("bad PONG")
+        check_pong(self._call(lambda rid: Ping(rid, data)), data)
         return time.perf_counter() - start
 
     def list_keys(self) -> list[KeyInfo]:
-        reply = self._call(lambda rid: ListKeys(rid))
-        if isinstance(reply, Error):
-            raise ClientError(reply.message, reply.code)
-        if not isinstance(reply, Keys):
-            raise ClientError(f"unexpected {type(reply).__name__}")
-        return list(reply.keys)
+        return keys_of(self._call(lambda rid: ListKeys(rid)))
 
     def sign(
         self,

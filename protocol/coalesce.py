@@ -24,7 +24,7 @@ from dataclasses import replace
 from typing import Any, Generic, TypeVar
 
 from .codes import RETRYABLE, ErrorCode
-from .wire import Error, ItemResult, SignBatchResult, SignItem
+from .wire import Error, ItemResult, KeyInfo, Keys, Pong, SignBatchResult, SignItem
 
 __all__ = [
     "DEFAULT_WINDOW",
@@ -32,6 +32,9 @@ __all__ = [
     "Coalescer",
     "Single",
     "Waiter",
+    "check_pong",
+    "connection_error",
+    "keys_of",
     "outcomes_for",
     "results_for",
     "retry_delay",
@@ -174,3 +177,30 @@ def retry_delay(results: Sequence[ItemResult], default_ms: int = 50, cap: float 
 def retryable(result: ItemResult) -> bool:
     """A client retries this result by itself (the condition was the engine's, e.g. BUSY)."""
     return result.error in RETRYABLE
+
+
+# Replies both clients read the same way.
+
+
+def connection_error(event: object) -> ClientError | None:
+    """The :class:`ClientError` for a connection-level ERROR (request id 0: the connection is
+    over), else None. Codes this client does not know are shown by number."""
+    if not isinstance(event, Error) or event.request_id != 0:
+        return None
+    name = event.code.name if isinstance(event.code, ErrorCode) else f"error {event.code}"
+    return ClientError(f"{name}: {event.message}", event.code)
+
+
+def check_pong(reply: object, data: bytes) -> None:
+    """Raise :class:`ClientError` unless *reply* is the PONG for a PING of *data*."""
+    if not isinstance(reply, Pong) or reply.data != data:
+        raise ClientError("bad PONG")
+
+
+def keys_of(reply: object) -> list[KeyInfo]:
+    """The keys of a LIST_KEYS reply; the engine's refusal as :class:`ClientError`."""
+    if isinstance(reply, Error):
+        raise ClientError(reply.message, reply.code)
+    if not isinstance(reply, Keys):
+        raise ClientError(f"unexpected {type(reply).__name__}")
+    return list(reply.keys)

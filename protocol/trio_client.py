@@ -30,25 +30,24 @@ from .coalesce import (
     Coalescer,
     Single,
     Waiter,
+    check_pong,
+    connection_error,
+    keys_of,
     outcomes_for,
     results_for,
     retry_delay,
     retryable,
     with_idempotency_keys,
 )
-from .codes import ErrorCode
 from .wire import (
     CLIENT,
     NEED_DATA,
     Connection,
-    Error,
     GoAway,
     ItemResult,
     KeyInfo,
-    Keys,
     ListKeys,
     Ping,
-    Pong,
     SignBatch,
     SignItem,
     Welcome,
@@ -119,8 +118,9 @@ class TrioClient:
                     continue
                 if isinstance(event, GoAway):
                     continue  # requests above last_request_id fail when the stream closes
-                if isinstance(event, Error) and event.request_id == 0:
-                    self._fail(f"{ErrorCode(event.code).name}: {event.message}", event.code)
+                gone = connection_error(event)
+                if gone is not None:
+                    self._fail(str(gone), gone.code)
                     return
                 waiter = self._pending.pop(event.request_id, None)
                 if waiter is not None:
@@ -168,18 +168,11 @@ class TrioClient:
     async def ping(self, data: bytes = b"") -> float:
         """Round-trip time in seconds."""
         start = trio.current_time()
-        reply = await self._call(lambda rid: Ping(rid, data))
-        if not isinstance(reply, Pong) or reply.data != data:
-            raise ClientError("bad PONG")
+        check_pong(await self._call(lambda rid: Ping(rid, data)), data)
         return trio.current_time() - start
 
     async def list_keys(self) -> list[KeyInfo]:
-        reply = await self._call(lambda rid: ListKeys(rid))
-        if isinstance(reply, Error):
-            raise ClientError(reply.message, reply.code)
-        if not isinstance(reply, Keys):
-            raise ClientError(f"unexpected {type(reply).__name__}")
-        return list(reply.keys)
+        return keys_of(await self._call(lambda rid: ListKeys(rid)))
 
     async def sign(
         self,
