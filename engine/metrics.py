@@ -7,6 +7,7 @@ never competes with portal traffic for the protocol listeners.
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -67,12 +68,16 @@ class Metrics:
         examined) and result (``ok`` or the error code's name)."""
         self.requests.labels(client).inc()
         self.latency.observe(seconds)
+        # One labelled increment per distinct (kid, type, result) of the request, not per
+        # item: labels() takes a lock and a lookup, and a batch repeats the same few.
+        counts: collections.Counter[tuple[str, str, str]] = collections.Counter()
         for result, dcc_type in zip(results, types, strict=True):
             if result.ok:
-                self.items.labels(client, result.kid.hex(), dcc_type, "ok").inc()
+                counts[result.kid.hex(), dcc_type, "ok"] += 1
             else:
-                name = getattr(result.error, "name", str(result.error))
-                self.items.labels(client, "", dcc_type, name).inc()
+                counts["", dcc_type, getattr(result.error, "name", str(result.error))] += 1
+        for (kid, dcc_type, outcome), n in counts.items():
+            self.items.labels(client, kid, dcc_type, outcome).inc(n)
 
 
 async def serve_http(

@@ -25,6 +25,7 @@ from typing import Any
 
 from .coalesce import (
     DEFAULT_WINDOW,
+    BatchRetry,
     ClientError,
     Coalescer,
     Single,
@@ -33,9 +34,7 @@ from .coalesce import (
     connection_error,
     keys_of,
     outcomes_for,
-    results_for,
-    retry_delay,
-    retryable,
+    retry_single,
     with_idempotency_keys,
 )
 from .wire import (
@@ -242,9 +241,10 @@ class Client:
             result = single.reply
             if isinstance(result, ClientError):
                 raise result
-            if not retryable(result) or attempt == self.retries:
+            delay = retry_single(result, attempt, self.retries)
+            if delay is None:
                 break
-            time.sleep(retry_delay([result]))
+            time.sleep(delay)
         return result
 
     def sign_batch(self, items: Sequence[SignItem]) -> list[ItemResult]:
@@ -256,29 +256,15 @@ class Client:
         Raises:
             ClientError: the connection is gone or no reply came within ``timeout``.
         """
-        keyed = with_idempotency_keys(items)
-        results: list[ItemResult | None] = [None] * len(keyed)
-        todo = list(range(len(keyed)))
         assert self.welcome is not None
-        size = self.welcome.max_batch
-        for attempt in range(self.retries + 1):
-            retry: list[int] = []
-            for start in range(0, len(todo), size):
-                chunk = todo[start : start + size]
-                reply = self._call(lambda rid, c=chunk: SignBatch(rid, tuple(keyed[i] for i in c)))
-                try:
-                    outcome = results_for(reply, len(chunk))
-                except ValueError as exc:
-                    raise ClientError(str(exc)) from None
-                for i, result in zip(chunk, outcome, strict=True):
-                    results[i] = result
-                    if retryable(result) and attempt < self.retries:
-                        retry.append(i)
-            if not retry:
-                break
-            time.sleep(retry_delay([results[i] for i in retry]))  # type: ignore[misc]
-            todo = retry
-        return results  # type: ignore[return-value]
+        plan = BatchRetry(items, self.welcome.max_batch, self.retries)
+        while True:
+            for chunk in plan.frames():
+                plan.record(chunk, self._call(lambda rid, c=chunk: SignBatch(rid, plan.frame(c))))
+            delay = plan.next_attempt()
+            if delay is None:
+                return plan.results  # type: ignore[return-value]
+            time.sleep(delay)
 
     # -- coalescing ---------------------------------------------------------------------
 

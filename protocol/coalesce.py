@@ -28,6 +28,7 @@ from .wire import Error, ItemResult, KeyInfo, Keys, Pong, SignBatchResult, SignI
 
 __all__ = [
     "DEFAULT_WINDOW",
+    "BatchRetry",
     "ClientError",
     "Coalescer",
     "Single",
@@ -38,6 +39,7 @@ __all__ = [
     "outcomes_for",
     "results_for",
     "retry_delay",
+    "retry_single",
     "retryable",
     "with_idempotency_keys",
 ]
@@ -172,6 +174,66 @@ def retry_delay(results: Sequence[ItemResult], default_ms: int = 50, cap: float 
     """Seconds to wait before retrying *results*: the largest retry-after hint among them."""
     hints = [r.retry_after_ms or default_ms for r in results]
     return min(cap, max(hints, default=default_ms) / 1000)
+
+
+class BatchRetry:
+    """A ``sign_batch`` of both clients without the I/O: which items go out in which frame,
+    attempt after attempt, and what came back.
+
+    Usage: for each chunk of :meth:`frames`, send ``SignBatch(rid, plan.frame(chunk))`` and
+    pass its reply to :meth:`record`; then :meth:`next_attempt` gives the delay before the
+    next attempt, or None when :attr:`results` is final. Retryable refusals are retried up to
+    *retries* times with the same items -- the same idempotency keys.
+    """
+
+    def __init__(self, items: Sequence[SignItem], max_batch: int, retries: int) -> None:
+        self.items = with_idempotency_keys(items)
+        self.max_batch = max_batch
+        self.retries = retries
+        self.attempt = 0
+        self.results: list[ItemResult | None] = [None] * len(self.items)
+        self._todo = list(range(len(self.items)))
+        self._retry: list[int] = []
+
+    def frames(self) -> list[list[int]]:
+        """This attempt's frames, as lists of item indexes."""
+        todo, size = self._todo, self.max_batch
+        return [todo[s : s + size] for s in range(0, len(todo), size)]
+
+    def frame(self, chunk: Sequence[int]) -> tuple[SignItem, ...]:
+        return tuple(self.items[i] for i in chunk)
+
+    def record(self, chunk: Sequence[int], reply: object) -> None:
+        """Store the reply to the frame of *chunk*.
+
+        Raises:
+            ClientError: the reply is not an answer to a SIGN_BATCH of that size.
+        """
+        try:
+            outcome = results_for(reply, len(chunk))
+        except ValueError as exc:
+            raise ClientError(str(exc)) from None
+        for i, result in zip(chunk, outcome, strict=True):
+            self.results[i] = result
+            if self.attempt < self.retries and retryable(result):
+                self._retry.append(i)
+
+    def next_attempt(self) -> float | None:
+        """Seconds to wait before the next attempt, or None: no item is left to retry."""
+        if not self._retry:
+            return None
+        delay = retry_delay([self.results[i] for i in self._retry])  # type: ignore[misc]
+        self._todo, self._retry = sorted(self._retry), []
+        self.attempt += 1
+        return delay
+
+
+def retry_single(result: ItemResult, attempt: int, retries: int) -> float | None:
+    """For a single request's *result* after *attempt* (0-based): seconds to wait before
+    sending it again, or None when it is final."""
+    if attempt >= retries or not retryable(result):
+        return None
+    return retry_delay([result])
 
 
 def retryable(result: ItemResult) -> bool:

@@ -26,6 +26,7 @@ import trio
 
 from .coalesce import (
     DEFAULT_WINDOW,
+    BatchRetry,
     ClientError,
     Coalescer,
     Single,
@@ -34,9 +35,7 @@ from .coalesce import (
     connection_error,
     keys_of,
     outcomes_for,
-    results_for,
-    retry_delay,
-    retryable,
+    retry_single,
     with_idempotency_keys,
 )
 from .wire import (
@@ -200,36 +199,23 @@ class TrioClient:
             result = single.reply
             if isinstance(result, ClientError):
                 raise result
-            if not retryable(result) or attempt == self.retries:
+            delay = retry_single(result, attempt, self.retries)
+            if delay is None:
                 break
-            await trio.sleep(retry_delay([result]))
+            await trio.sleep(delay)
         return result
 
     async def sign_batch(self, items: Sequence[SignItem]) -> list[ItemResult]:
         """Sign many DCCs in SIGN_BATCH frames of the engine's ``max_batch`` (sent pipelined);
         results in order; retryable refusals retried with the same idempotency keys."""
-        keyed = with_idempotency_keys(items)
-        results: list[ItemResult | None] = [None] * len(keyed)
-        todo = list(range(len(keyed)))
         assert self.welcome is not None
-        size = self.welcome.max_batch
-        for attempt in range(self.retries + 1):
-            retry: list[int] = []
+        plan = BatchRetry(items, self.welcome.max_batch, self.retries)
 
-            async def one(chunk: list[int], retry: list[int] = retry, attempt: int = attempt):
-                reply = await self._call(
-                    lambda rid: SignBatch(rid, tuple(keyed[i] for i in chunk))
-                )
-                try:
-                    outcome = results_for(reply, len(chunk))
-                except ValueError as exc:
-                    raise ClientError(str(exc)) from None
-                for i, result in zip(chunk, outcome, strict=True):
-                    results[i] = result
-                    if retryable(result) and attempt < self.retries:
-                        retry.append(i)
+        async def one(chunk: list[int]) -> None:
+            plan.record(chunk, await self._call(lambda rid: SignBatch(rid, plan.frame(chunk))))
 
-            chunks = [todo[s : s + size] for s in range(0, len(todo), size)]
+        while True:
+            chunks = plan.frames()
             if len(chunks) == 1:
                 await one(chunks[0])
             else:
@@ -241,11 +227,10 @@ class TrioClient:
                     # One connection: if one frame failed they all did; report the first.
                     first = group.exceptions[0]
                     raise first if isinstance(first, ClientError) else group from None
-            if not retry:
-                break
-            await trio.sleep(retry_delay([results[i] for i in retry]))  # type: ignore[misc]
-            todo = sorted(retry)
-        return results  # type: ignore[return-value]
+            delay = plan.next_attempt()
+            if delay is None:
+                return plan.results  # type: ignore[return-value]
+            await trio.sleep(delay)
 
     async def aclose(self) -> None:
         self._fail("client closed")
