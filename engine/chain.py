@@ -10,6 +10,7 @@ every certificate signed with one key in one call, so their CBOR is a constant p
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import time
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
@@ -57,12 +58,15 @@ class SignerKey:
         return _native.protected_header(self.dsc.alg, self.dsc.kid)
 
 
+@functools.lru_cache(maxsize=256, typed=True)
 def claims_prefix(iss: str, iat: int, exp: int) -> bytes:
     """CBOR of the CWT claims map up to (and including) the key of the DCC itself.
 
     ``prefix + cbor(dcc)`` equals ``cbor2.dumps({1: iss, 4: exp, 6: iat, -260: {1: dcc}})``:
     integer claim keys, integer NumericDates (spec notes §1.1, §3.2), the hcert map under -260
     with the DCC under key 1.
+
+    Cached: the engine asks once per certificate and (iss, iat, exp) change once a second.
     """
     return b"".join(
         (

@@ -136,6 +136,10 @@ def _key_bytes(key: bytes | str | None) -> bytes:
     return key.encode() if isinstance(key, str) else (key or b"")
 
 
+#: What :meth:`Dispatcher._signing` works out once per request for each (type, kid, days).
+_Signing = tuple[SignerKey | None, tuple[bytes, int] | ItemResult]
+
+
 @dataclass
 class _Prepared:
     index: int
@@ -248,8 +252,9 @@ class Dispatcher:
         results: list[ItemResult | None] = [None] * len(items)
         # Per kid, per (account, operator): the items keyd signs as one part.
         groups: dict[bytes, dict[tuple[str, str | None], list[_Prepared]]] = {}
+        memo: dict[tuple[str, bytes | None, int], _Signing] = {}
         for i, item in enumerate(items):
-            outcome = self._prepare(policy, client, i, item, now, types)
+            outcome = self._prepare(policy, client, i, item, now, types, memo)
             if isinstance(outcome, ItemResult):
                 results[i] = outcome
                 continue
@@ -274,7 +279,14 @@ class Dispatcher:
         return results  # type: ignore[return-value]
 
     def _prepare(
-        self, policy: Any, client: str, index: int, item: SignItem, now: float, types: list[str]
+        self,
+        policy: Any,
+        client: str,
+        index: int,
+        item: SignItem,
+        now: float,
+        types: list[str],
+        memo: dict[tuple[str, bytes | None, int], _Signing],
     ) -> _Prepared | ItemResult:
         dcc = _nfc(item.dcc) if isinstance(item.dcc, dict) else item.dcc
         try:
@@ -285,28 +297,47 @@ class Dispatcher:
             return _failure(
                 ErrorCode.INVALID_DCC, f"{first.path} [{first.rule}] {first.message}{more}"
             )
-        try:
-            key = self._issuer.key_for(dcc_type, item.kid)
-        except KeyProblem as exc:
-            return _failure(ErrorCode.NO_KEY, str(exc))
+        # The key, the claims prefix and the size limit depend only on (type, kid, days) and
+        # the time: worked out once per request for each combination, not once per item.
+        days = item.validity_days or DEFAULT_VALIDITY_DAYS
+        slot = (dcc_type, item.kid, days)
+        signing = memo.get(slot)
+        if signing is None:
+            signing = memo[slot] = self._signing(dcc_type, item.kid, days, now)
+        key, claims = signing
+        if key is None:
+            return claims  # type: ignore[return-value]
         refusal = policy.check(client, key.dsc.kid, dcc_type, dcc)
         if refusal is not None:
             return _refused(refusal)
-        days = item.validity_days or DEFAULT_VALIDITY_DAYS
-        try:
-            iat, exp = self._issuer.times_for(key.dsc, dt.timedelta(days=days), now)
-        except KeyProblem as exc:
-            return _failure(ErrorCode.NO_KEY, str(exc))
-        iss = self._issuer.issuer_country or key.dsc.country
-        if iss is None:
-            return _failure(ErrorCode.NO_KEY, "the DSC names no country; configure one")
-        payload = claims_prefix(iss, iat, exp) + cbor2.dumps(dcc)
-        if len(payload) > _max_payload(key.dsc.alg):
+        if isinstance(claims, ItemResult):
+            return claims
+        prefix, max_payload = claims
+        payload = prefix + cbor2.dumps(dcc)
+        if len(payload) > max_payload:
             return _failure(
                 ErrorCode.TOO_LARGE_FOR_QR,
                 f"the signed certificate would not fit a QR code ({len(payload)}-byte payload)",
             )
         return _Prepared(index, key, payload, item.account, item.operator)
+
+    def _signing(self, dcc_type: str, kid: bytes | None, days: int, now: float) -> _Signing:
+        """For a DCC of *dcc_type* asking for *kid* and *days* of validity: the key and either
+        (CWT claims prefix, largest payload) or the failure every such item gets; or
+        (None, failure) when no key may sign it. The policy is checked between the two (a
+        client that may not use the key learns that first)."""
+        try:
+            key = self._issuer.key_for(dcc_type, kid)
+        except KeyProblem as exc:
+            return None, _failure(ErrorCode.NO_KEY, str(exc))
+        try:
+            iat, exp = self._issuer.times_for(key.dsc, dt.timedelta(days=days), now)
+        except KeyProblem as exc:
+            return key, _failure(ErrorCode.NO_KEY, str(exc))
+        iss = self._issuer.issuer_country or key.dsc.country
+        if iss is None:
+            return key, _failure(ErrorCode.NO_KEY, "the DSC names no country; configure one")
+        return key, (claims_prefix(iss, iat, exp), _max_payload(key.dsc.alg))
 
     async def _keyd_parts(self, client: str, parts: list[list[_Prepared]]) -> list[ItemResult]:
         """Sign the items of one kid, grouped in parts by (account, operator); results in

@@ -452,28 +452,39 @@ def _serve_connection(keyd: Keyd, sock: socket.socket) -> None:
                 data = sock.recv(1 << 16)
             except OSError:
                 return
+            out: list[bytes] = []
             try:
                 codec.receive_data(data)
-                out = []
                 while True:
                     event = codec.next_event()
                     if event is NEED_DATA or event is None:
                         break
                     out.append(codec.send(keyd.handle(event)))
+                    # A signing reply goes out at once: the engine pipelines many micro-batches,
+                    # and holding finished signatures until the whole read is handled left
+                    # both processes idle in turns (measured: a third of the CPU unused).
+                    # Small replies still share one write.
+                    if isinstance(event, Sign | SignMany) and not _send(sock, out):
+                        return
             except KeydProtocolError as exc:
                 LOGGER.warning("closing a keyd connection: %s", exc)
-                try:
-                    sock.sendall(codec.send(Error(0, f"protocol error: {exc}", False)))
-                except OSError:
-                    pass
+                out.append(codec.send(Error(0, f"protocol error: {exc}", False)))
+                _send(sock, out)
                 return
-            if out:
-                try:
-                    sock.sendall(b"".join(out))  # one write for everything this read produced
-                except OSError:
-                    return
-            if not data:
+            if not _send(sock, out) or not data:
                 return
+
+
+def _send(sock: socket.socket, out: list[bytes]) -> bool:
+    """Write and clear *out* (one write); False when the peer is gone."""
+    if not out:
+        return True
+    try:
+        sock.sendall(b"".join(out))
+    except OSError:
+        return False
+    out.clear()
+    return True
 
 
 def serve_unix(

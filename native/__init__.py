@@ -90,3 +90,4 @@ hc1_encode = _impl.hc1_encode
 hc1_sign = _impl.hc1_sign
 cwt_facts = _impl.cwt_facts
 audit_issue_lines = _impl.audit_issue_lines
+audit_issue_groups = _impl.audit_issue_groups

@@ -1,8 +1,8 @@
 """Lines of keyd's issuance audit log, pure-Python reference of the native implementation.
 
 The line format, the hashes and the chain are specified in ``engine/audit.py`` (the module
-docstring); this function only builds ``issue`` lines for records that share everything
-except the signed payload itself, which is what one keyd batch is.
+docstring); these functions only build ``issue`` lines, for groups of records that share
+everything except the signed payload itself (one group is one part of a keyd batch).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from ._types import ES256, PS256
 
-__all__ = ["MAX_UVCI_CHARS", "audit_issue_lines", "check_arguments"]
+__all__ = ["MAX_UVCI_CHARS", "audit_issue_groups", "audit_issue_lines", "check_arguments"]
 
 #: Longest UVCI the log accepts (an identifier, not a document).
 MAX_UVCI_CHARS = 1024
@@ -20,8 +20,9 @@ _HEX = frozenset(b"0123456789abcdef")
 
 
 def check_arguments(
-    head: bytes,
-    middle: bytes,
+    heads: Sequence[bytes],
+    middles: Sequence[bytes],
+    sizes: Sequence[int],
     time: bytes,
     alg: int,
     isses: Sequence[str],
@@ -32,20 +33,33 @@ def check_arguments(
     seq: int,
     prev: str,
     first_index: int = 0,
-) -> tuple[tuple[str, ...], tuple[bytes, ...], tuple[bytes, ...], tuple[bytes, ...]]:
-    """The argument checks of :func:`audit_issue_lines`, shared by both implementations (the
+) -> tuple[
+    tuple[bytes, ...],
+    tuple[bytes, ...],
+    tuple[int, ...],
+    tuple[str, ...],
+    tuple[bytes, ...],
+    tuple[bytes, ...],
+    tuple[bytes, ...],
+]:
+    """The argument checks of :func:`audit_issue_groups`, shared by both implementations (the
     native one imports this): its Raises section is raised here.
 
     Returns:
-        The isses, the UVCIs encoded as UTF-8, the payloads and the signatures, as tuples.
+        The heads, middles and sizes, the isses, the UVCIs encoded as UTF-8, the payloads and
+        the signatures, as tuples.
     """
+    heads, middles, sizes = tuple(heads), tuple(middles), tuple(sizes)
     isses, uvcis = tuple(isses), tuple(uvcis)
     payloads, signatures = tuple(payloads), tuple(signatures)
     if type(dcc_types) is not str:
         raise TypeError("dcc_types must be a str")
-    for name, value in (("head", head), ("middle", middle), ("time", time)):
-        if type(value) is not bytes:
-            raise TypeError(f"{name} must be bytes")
+    if not len(heads) == len(middles) == len(sizes):
+        raise ValueError("heads, middles and sizes differ in length")
+    for name, values in (("head", heads), ("middle", middles), ("time", (time,))):
+        for value in values:
+            if type(value) is not bytes:
+                raise TypeError(f"{name} must be bytes")
     if not time.isascii():
         raise ValueError("time must be ASCII")
     if alg not in (ES256, PS256):
@@ -53,6 +67,8 @@ def check_arguments(
     n = len(payloads)
     if any(c != n for c in (len(isses), len(uvcis), len(dcc_types), len(signatures))):
         raise ValueError("isses, uvcis, dcc_types, payloads and signatures differ in length")
+    if any(type(size) is not int or size < 0 for size in sizes) or sum(sizes) != n:
+        raise ValueError("sizes must be non-negative integers that add up to the record count")
     if type(seq) is not int or not 0 <= seq < 2**63:
         raise ValueError("seq must be a non-negative 64-bit integer")
     if type(prev) is not str or len(prev) != 64 or not _HEX.issuperset(prev.encode()):
@@ -81,7 +97,7 @@ def check_arguments(
             raise ValueError(f"record {index}: uvci is not valid Unicode text") from None
         if alg == ES256 and len(signature) != 64:
             raise ValueError(f"record {index}: an ES256 signature is 64 bytes (r||s)")
-    return isses, tuple(raws), payloads, signatures
+    return heads, middles, sizes, isses, tuple(raws), payloads, signatures
 
 
 def audit_issue_lines(
@@ -115,9 +131,44 @@ def audit_issue_lines(
             signature not 64 bytes.
         TypeError: head, middle or time not bytes; a payload or signature not bytes.
     """
-    isses, raws, payloads, signatures = check_arguments(
-        head,
-        middle,
+    payloads = tuple(payloads)
+    return audit_issue_groups(
+        (head,), (middle,), (len(payloads),), time, alg, isses, uvcis, dcc_types, payloads,
+        signatures, seq, prev, first_index,
+    )
+
+
+def audit_issue_groups(
+    heads: Sequence[bytes],
+    middles: Sequence[bytes],
+    sizes: Sequence[int],
+    time: bytes,
+    alg: int,
+    isses: Sequence[str],
+    uvcis: Sequence[str],
+    dcc_types: str,
+    payloads: Sequence[bytes],
+    signatures: Sequence[bytes],
+    seq: int,
+    prev: str,
+    first_index: int = 0,
+) -> tuple[list[bytes], str]:
+    """:func:`audit_issue_lines` for several groups of records in one call (keyd's
+    micro-batch: one group per part, each with its own client, account and operator).
+
+    Group g is the next ``sizes[g]`` records, with ``heads[g]`` and ``middles[g]``; the
+    records' columns run over all groups, and so do their sequence numbers and the chain.
+    The result equals concatenating :func:`audit_issue_lines` group after group.
+
+    Raises:
+        ValueError: as :func:`audit_issue_lines`; also heads, middles and sizes of different
+            lengths, or sizes that are not non-negative integers adding up to the record count.
+        TypeError: as :func:`audit_issue_lines`, for any head or middle.
+    """
+    heads, middles, sizes, isses, raws, payloads, signatures = check_arguments(
+        heads,
+        middles,
+        sizes,
         time,
         alg,
         isses,
@@ -132,27 +183,28 @@ def audit_issue_lines(
     sha256 = hashlib.sha256
     when = time.decode("ascii")
     lines: list[bytes] = []
-    for i, (iss, raw, payload, signature) in enumerate(
-        zip(isses, raws, payloads, signatures, strict=True)
-    ):
-        # the EU SIGNATURE revocation hash covers r only for ES256
-        signed = signature[:32] if alg == ES256 else signature
-        dcc_type = dcc_types[i]
-        uvci_hash = sha256(raw).hexdigest()
-        line = b"".join(
-            (
-                head,
-                f'"{iss}"'.encode(),
-                middle,
+    start = 0
+    for head, middle, size in zip(heads, middles, sizes, strict=True):
+        for i in range(start, start + size):
+            iss, raw, payload, signature = isses[i], raws[i], payloads[i], signatures[i]
+            # the EU SIGNATURE revocation hash covers r only for ES256
+            signed = signature[:32] if alg == ES256 else signature
+            uvci_hash = sha256(raw).hexdigest()
+            line = b"".join(
                 (
-                    f'{sha256(payload).hexdigest()}","prev":"{prev}","rev":{{'
-                    f'"COUNTRYCODEUCI":"{sha256(iss.encode() + raw).hexdigest()[:32]}",'
-                    f'"SIGNATURE":"{sha256(signed).hexdigest()[:32]}",'
-                    f'"UCI":"{uvci_hash[:32]}"}},"seq":{seq + i},"t":"issue","time":"{when}",'
-                    f'"type":"{dcc_type}","uvci_hash":"{uvci_hash}"}}'
-                ).encode(),
+                    head,
+                    f'"{iss}"'.encode(),
+                    middle,
+                    (
+                        f'{sha256(payload).hexdigest()}","prev":"{prev}","rev":{{'
+                        f'"COUNTRYCODEUCI":"{sha256(iss.encode() + raw).hexdigest()[:32]}",'
+                        f'"SIGNATURE":"{sha256(signed).hexdigest()[:32]}",'
+                        f'"UCI":"{uvci_hash[:32]}"}},"seq":{seq + i},"t":"issue",'
+                        f'"time":"{when}","type":"{dcc_types[i]}","uvci_hash":"{uvci_hash}"}}'
+                    ).encode(),
+                )
             )
-        )
-        prev = sha256(line).hexdigest()
-        lines.append(line)
+            prev = sha256(line).hexdigest()
+            lines.append(line)
+        start += size
     return lines, prev

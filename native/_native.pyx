@@ -518,11 +518,18 @@ def cwt_facts(payloads) -> list:
 
 def audit_issue_lines(head, middle, time, alg, isses, uvcis, dcc_types, payloads, signatures,
                       seq, prev, first_index=0) -> tuple:
+    payloads = tuple(payloads)
+    return audit_issue_groups((head,), (middle,), (len(payloads),), time, alg, isses, uvcis,
+                              dcc_types, payloads, signatures, seq, prev, first_index)
+
+
+def audit_issue_groups(heads, middles, sizes, time, alg, isses, uvcis, dcc_types, payloads,
+                       signatures, seq, prev, first_index=0) -> tuple:
     # One set of argument checks for both implementations (same errors, same messages).
-    isses, raws, pays, sigs = _check_audit_arguments(
-        head, middle, time, alg, isses, uvcis, dcc_types, payloads, signatures, seq, prev,
-        first_index)
-    cdef Py_ssize_t n = len(pays), i
+    heads, middles, sizes, isses, raws, pays, sigs = _check_audit_arguments(
+        heads, middles, sizes, time, alg, isses, uvcis, dcc_types, payloads, signatures, seq,
+        prev, first_index)
+    cdef Py_ssize_t n = len(pays), groups = len(sizes), i, g, start, end
     cdef bint es256 = alg == ES256
     cdef _Batch pay_b = _Batch(pays)
     cdef _Batch sig_b = _Batch(sigs)
@@ -531,40 +538,60 @@ def audit_issue_lines(head, middle, time, alg, isses, uvcis, dcc_types, payloads
     cdef bytes types_b = dcc_types.encode("ascii")
     cdef const char *iss_c = PyBytes_AS_STRING(iss_all)
     cdef const char *types_c = PyBytes_AS_STRING(types_b)
-    cdef dcc_audit_common common
-    common.head = PyBytes_AS_STRING(head)
-    common.head_len = len(head)
-    common.middle = PyBytes_AS_STRING(middle)
-    common.middle_len = len(middle)
-    common.time = PyBytes_AS_STRING(time)
-    common.time_len = len(time)
-    cdef size_t line_max = dcc_audit_line_max(&common)
-    cdef char *arena = <char *>malloc(max(n, 1) * line_max)
-    cdef size_t *lens = <size_t *>malloc(max(n, 1) * sizeof(size_t))
-    cdef uint8_t *scratch = <uint8_t *>malloc(2 + uvci_b.maxlen)
+    cdef dcc_audit_common *common = <dcc_audit_common *>malloc(
+        max(groups, 1) * sizeof(dcc_audit_common))
+    cdef Py_ssize_t *ends = <Py_ssize_t *>malloc(max(groups, 1) * sizeof(Py_ssize_t))
+    cdef size_t line_max = 0
+    cdef char *arena = NULL
+    cdef size_t *lens = NULL
+    cdef uint8_t *scratch = NULL
     cdef char chain[64]
     cdef uint64_t first_seq = seq
     cdef bytes prev_b = prev.encode("ascii")
     memcpy(chain, PyBytes_AS_STRING(prev_b), 64)
     cdef int failed = 0
     try:
+        if common == NULL or ends == NULL:
+            raise MemoryError()
+        end = 0
+        for g in range(groups):
+            # heads and middles are a tuple of bytes, alive for the whole call
+            common[g].head = PyBytes_AS_STRING(heads[g])
+            common[g].head_len = len(heads[g])
+            common[g].middle = PyBytes_AS_STRING(middles[g])
+            common[g].middle_len = len(middles[g])
+            common[g].time = PyBytes_AS_STRING(time)
+            common[g].time_len = len(time)
+            line_max = max(line_max, dcc_audit_line_max(&common[g]))
+            end += sizes[g]
+            ends[g] = end
+        arena = <char *>malloc(max(n, 1) * line_max)
+        lens = <size_t *>malloc(max(n, 1) * sizeof(size_t))
+        scratch = <uint8_t *>malloc(2 + uvci_b.maxlen)
         if arena == NULL or lens == NULL or scratch == NULL:
             raise MemoryError()
         with nogil:
-            for i in range(n):
-                lens[i] = dcc_audit_issue_line(
-                    &common, iss_c + 2 * i, uvci_b.ptrs[i], uvci_b.lens[i], types_c[i],
-                    pay_b.ptrs[i], pay_b.lens[i], sig_b.ptrs[i],
-                    32 if es256 else sig_b.lens[i], first_seq + i, chain, scratch,
-                    arena + i * line_max, chain)
-                if lens[i] == 0:
-                    failed = 1
+            start = 0
+            for g in range(groups):
+                for i in range(start, ends[g]):
+                    lens[i] = dcc_audit_issue_line(
+                        &common[g], iss_c + 2 * i, uvci_b.ptrs[i], uvci_b.lens[i], types_c[i],
+                        pay_b.ptrs[i], pay_b.lens[i], sig_b.ptrs[i],
+                        32 if es256 else sig_b.lens[i], first_seq + i, chain, scratch,
+                        arena + i * line_max, chain)
+                    if lens[i] == 0:
+                        failed = 1
+                        break
+                if failed:
                     break
+                start = ends[g]
         if failed:
             raise RuntimeError("OpenSSL failed to compute SHA-256")
         lines = [PyBytes_FromStringAndSize(arena + i * line_max, lens[i]) for i in range(n)]
         return lines, PyUnicode_DecodeASCII(chain, 64, NULL)
     finally:
+        free(common)
+        free(ends)
         free(arena)
         free(lens)
         free(scratch)

@@ -4,7 +4,7 @@ Readable first: each function states the contract the Cython extension (``_nativ
 implements too, with the same exceptions.
 """
 
-from ._audit_py import MAX_UVCI_CHARS, audit_issue_lines
+from ._audit_py import MAX_UVCI_CHARS, audit_issue_groups, audit_issue_lines
 from ._base45_py import b45decode, b45encode
 from ._cose_py import protected_header, sig_structure, sign1_decode, sign1_encode
 from ._cwt_py import cwt_facts
@@ -16,6 +16,7 @@ __all__ = [
     "MAX_INFLATED",
     "MAX_UVCI_CHARS",
     "SigningKey",
+    "audit_issue_groups",
     "audit_issue_lines",
     "b45decode",
     "b45encode",

@@ -26,6 +26,7 @@ from dccsign.audit import (
     AuditLog,
     AuditLogError,
     AuditUnavailable,
+    IssuanceBatch,
     IssuanceRecord,
     KeyEvent,
 )
@@ -250,6 +251,34 @@ def test_invalid_record_writes_nothing(tmp_path, key):
         assert log.head == head
         assert log.append_issuance(batch(0, 1)) == [head[0] + 1]
     assert audit.verify(tmp_path / "log").ok
+
+
+def test_batches_of_many_parts_and_algs_in_one_commit(tmp_path, key):
+    """keyd's micro-batch: many batches (one per part) with different accounts and both algs
+    go in one commit, in order, each record under its own part; a batch whose columns do not
+    agree is refused by index and nothing is written."""
+    records = [*batch(0, 4), *batch(4, 3, alg=-37), *batch(7, 2)]
+    parts = [
+        IssuanceBatch(r.kid, r.alg, r.client, r.account, r.operator, r.dcc_type, [r.uvci],
+                      [r.iss], [r.payload], [r.signature])
+        for r in records
+    ]
+    with AuditLog.open(tmp_path / "log", key) as log:
+        head = log.head
+        short = IssuanceBatch(KID, -7, "portal-a", "uzi:1", None, "vv", [uvci(98)], ["NL"],
+                              [b"p", b"q"], [bytes(64)] * 2)
+        with pytest.raises(ValueError, match=r"record 2: .* differ in length"):
+            log.append_batches([parts[0], parts[1], short, parts[2]])
+        assert log.head == head
+        seqs = log.append_batches(parts)
+        assert seqs == list(range(head[0] + 1, head[0] + 1 + len(records)))
+    result = audit.verify(tmp_path / "log")
+    assert result.ok
+    found = audit.search(tmp_path / "log")
+    issued = [e for e in found if e.get("t") == "issue"]
+    assert [(e["account"], e["client"], e["alg"], e["operator"]) for e in issued] == [
+        (r.account, r.client, r.alg, r.operator) for r in records
+    ]
 
 
 def test_rotation_compresses_and_verifies_across_segments(tmp_path, key):

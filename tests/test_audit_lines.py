@@ -147,3 +147,67 @@ def test_implementations_agree(impl, items, seq):
         seq=seq,
     )
     assert impl.audit_issue_lines(**args) == implementation("python").audit_issue_lines(**args)
+
+
+def _groups_args(sizes, **over):
+    """Arguments of audit_issue_groups: one head/middle per group, records over all groups."""
+    n = sum(sizes)
+    args = _args(n=n, dcc_types="".join("vtr"[i % 3] for i in range(n)))
+    head, middle = args.pop("head"), args.pop("middle")
+    args["heads"] = [head.replace(b"portal-a", f"portal-{g}".encode()) for g in range(len(sizes))]
+    args["middles"] = [
+        middle.replace(b"null", f'"op:{g}"'.encode()) if g % 2 else middle
+        for g in range(len(sizes))
+    ]
+    args["sizes"] = sizes
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize("sizes", [[3], [1, 1, 1], [2, 0, 3], [0], [], [4, 1]])
+def test_groups_equal_one_call_per_group(impl, sizes):
+    """One call for many groups (keyd's micro-batch of parts) gives the lines and chain of one
+    audit_issue_lines call per group, chained one after the other."""
+    args = _groups_args(sizes)
+    lines, last = impl.audit_issue_groups(**args)
+    expected: list[bytes] = []
+    prev, seq, start = args["prev"], args["seq"], 0
+    for head, middle, size in zip(args["heads"], args["middles"], sizes, strict=True):
+        end = start + size
+        group, prev = implementation("python").audit_issue_lines(
+            head, middle, args["time"], args["alg"], args["isses"][start:end],
+            args["uvcis"][start:end], args["dcc_types"][start:end],
+            args["payloads"][start:end], args["signatures"][start:end], seq, prev,
+        )
+        expected += group
+        seq += size
+        start = end
+    assert (lines, last) == (expected, prev)
+    groups = [g for g, size in enumerate(sizes) for _ in range(size)]
+    for line, g in zip(lines, groups, strict=True):
+        assert json.loads(line)["client"] == f"portal-{g}"
+
+
+@pytest.mark.parametrize(
+    ("over", "error", "message"),
+    [
+        ({"sizes": [2, 3]}, ValueError, "add up to the record count"),
+        ({"sizes": [5, -1]}, ValueError, "non-negative integers"),
+        ({"sizes": [1.0, 3]}, ValueError, "non-negative integers"),
+        ({"sizes": [4]}, ValueError, "heads, middles and sizes differ in length"),
+        ({"heads": [b"{", "{"]}, TypeError, "head must be bytes"),
+        ({"middles": [b",", bytearray(b",")]}, TypeError, "middle must be bytes"),
+    ],
+)
+def test_groups_refuse_bad_shapes(impl, over, error, message):
+    args = _groups_args([1, 3])
+    args.update(over)
+    with pytest.raises(error, match=message):
+        impl.audit_issue_groups(**args)
+
+
+def test_groups_name_records_by_their_index_over_all_groups(impl):
+    args = _groups_args([2, 2])
+    args["dcc_types"] = "vtvx"
+    with pytest.raises(ValueError, match="record 3: dcc_type"):
+        impl.audit_issue_groups(**args)
