@@ -208,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
             f"offered {s['offered_per_s']:,.0f}/s  p50 {s['p50_ms']:.1f}  p99 {s['p99_ms']:.1f}"
             f"  max {s['max_ms']:.1f} ms  busy {s['busy']}  errors {s['errors']}"
         )
+    for name in ("closed", "half", "double"):
+        stages = r[name].get("engine_stage_mean_ms")
+        if stages:
+            print(f"  {name} stages (mean ms): "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
     if growth is not None:
         print(f"RSS engine+keyd at 2x: first third {r['rss_kib']['first_third_median'] / 1024:.0f}"
               f" MiB, last third {r['rss_kib']['last_third_median'] / 1024:.0f} MiB"
@@ -230,6 +235,8 @@ def _summary(report: dict) -> dict:
     out["schedule_lag_p99_ms"] = (
         report.get("generator", {}).get("schedule_lag_ms", {}).get("p99")
     )
+    # Where a request's time went inside the engine (its dccsign_stage_seconds).
+    out["engine_stage_mean_ms"] = (report.get("engine_metrics") or {}).get("stage_mean_ms")
     return out
 
 

@@ -160,6 +160,8 @@ class Dispatcher:
         policy: the reloadable policy file.
         quotas: the quota tracker (state survives policy reloads).
         issuer_country: the ``iss`` claim; default each DSC's subject country.
+        on_stage: called as ``on_stage("prepare", seconds)`` once per request with the time
+            its items took to check and prepare (metrics).
     """
 
     def __init__(
@@ -173,8 +175,10 @@ class Dispatcher:
         backdate: dt.timedelta = DEFAULT_BACKDATE,
         valuesets: ValueSets | None = None,
         clock: Callable[[], float] = time.time,
+        on_stage: Callable[[str, float], None] | None = None,
     ) -> None:
         self.batcher = batcher
+        self._on_stage = on_stage
         self.policy = policy
         self.quotas = quotas
         self.valuesets = valuesets or ValueSets.builtin()
@@ -247,6 +251,7 @@ class Dispatcher:
     async def _sign_fresh(
         self, client: str, items: Sequence[SignItem], types: list[str]
     ) -> list[ItemResult]:
+        started = trio.current_time()
         policy = self.policy.current()
         now = self.clock()
         results: list[ItemResult | None] = [None] * len(items)
@@ -264,6 +269,9 @@ class Dispatcher:
                 continue
             parts = groups.setdefault(outcome.key.dsc.kid, {})
             parts.setdefault((item.account, item.operator), []).append(outcome)
+
+        if self._on_stage is not None:
+            self._on_stage("prepare", trio.current_time() - started)
 
         async def run(parts: list[list[_Prepared]]) -> None:
             done = await self._keyd_parts(client, parts)

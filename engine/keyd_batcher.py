@@ -72,6 +72,9 @@ class KeydBatcher:
         max_in_flight: micro-batches outstanding at keyd before parts wait (default: two per
             keyd connection, so keyd always has the next one queued).
         on_batch: called with the payload count of every micro-batch sent (metrics).
+        on_stage: called as ``on_stage(stage, seconds)`` for every micro-batch: ``batch_wait``
+            (its oldest part's wait before it was sent), ``keyd`` (the round trip: keyd's
+            queue, checks, signing and audit commit) and ``encode`` (its HC1 strings).
 
     :meth:`run` must be running (in a nursery) for :meth:`issue` to make progress.
     """
@@ -85,6 +88,7 @@ class KeydBatcher:
         max_batch: int = DEFAULT_MAX_BATCH,
         max_in_flight: int | None = None,
         on_batch: Callable[[int], None] | None = None,
+        on_stage: Callable[[str, float], None] | None = None,
     ) -> None:
         if not (window >= 0 and math.isfinite(window)):
             raise ValueError("window must be a finite number of seconds >= 0")
@@ -96,6 +100,7 @@ class KeydBatcher:
         self.max_batch = max_batch
         self._max_in_flight = max_in_flight
         self._on_batch = on_batch
+        self._on_stage = on_stage
         self._pending: dict[bytes, list[_Waiting]] = {}
         self._protected: dict[bytes, bytes] = {}
         self._size = 0  # payloads pending over all kids
@@ -196,12 +201,14 @@ class KeydBatcher:
             self.payloads_sent += count
             if self._on_batch is not None:
                 self._on_batch(count)
+            sent = trio.current_time()
             try:
                 results = await self.keyd.sign_many(kid, parts)  # type: ignore[attr-defined]
             except KeydError as exc:
                 for waiting in batch:
                     waiting.outcome = exc
                 return
+            answered = trio.current_time()
             ok = [i for i, r in enumerate(results) if isinstance(r, bytes)]
             flat = [p for part in parts for p in part.payloads]
             texts: list[str] = []
@@ -217,6 +224,12 @@ class KeydBatcher:
                     texts = native.hc1_encode(*job)
                 else:
                     texts = await trio.to_thread.run_sync(native.hc1_encode, *job)
+            if self._on_stage is not None:
+                # Per micro-batch, not per item: three observations whatever its size.
+                done = trio.current_time()
+                self._on_stage("batch_wait", sent - min(w.since for w in batch))
+                self._on_stage("keyd", answered - sent)
+                self._on_stage("encode", done - answered)
             outcomes: list[Outcome] = list(results)  # type: ignore[arg-type]
             for i, text in zip(ok, texts, strict=True):
                 outcomes[i] = text

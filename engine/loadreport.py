@@ -81,7 +81,8 @@ def scrape_metrics(url: str, timeout: float = 3.0) -> MetricsSnapshot:
 def metrics_delta(before: MetricsSnapshot, after: MetricsSnapshot) -> dict[str, Any]:
     """What the engine says happened during the run: every sample that changed (after minus
     before; counters are cumulative, so this is the run's share), plus a few derived figures
-    (``items_by_result``, ``busy``, ``mean_request_ms``)."""
+    (``items_by_result``, ``busy``, ``mean_request_ms``, and ``stage_mean_ms``: the mean of
+    each stage of ``dccsign_stage_seconds``, in the order of the signing path)."""
     out: dict[str, Any] = {"url": after.url}
     if before.error or after.error:
         out["error"] = after.error or before.error
@@ -105,8 +106,24 @@ def metrics_delta(before: MetricsSnapshot, after: MetricsSnapshot) -> dict[str, 
     out["busy"] = int(busy)
     out["requests"] = int(count)
     out["mean_request_ms"] = round(total / count * 1e3, 3) if count else None
+    stages: dict[str, dict[str, float]] = {}
+    for key, value in delta.items():
+        m = _STAGE_SAMPLE.fullmatch(key)
+        if m:
+            stages.setdefault(m.group(2), {})[m.group(1)] = value
+    order = {name: i for i, name in enumerate(STAGES)}
+    out["stage_mean_ms"] = {
+        name: round(v["sum"] / v["count"] * 1e3, 3)
+        for name, v in sorted(stages.items(), key=lambda kv: order.get(kv[0], len(order)))
+        if v.get("count")
+    }
     out["delta"] = {k: delta[k] for k in sorted(delta)}
     return out
+
+
+#: The stages of ``dccsign_stage_seconds``, in the order a certificate passes them.
+STAGES = ("start", "prepare", "batch_wait", "keyd", "encode")
+_STAGE_SAMPLE = re.compile(r'dccsign_stage_seconds_(sum|count)\{stage="([^"]*)"\}')
 
 
 # ----------------------------------------------------------------------------- JSON
@@ -340,6 +357,11 @@ def text_report(doc: dict[str, Any]) -> str:
             + (", ".join(f"{k} {v:,}" for k, v in m["items_by_result"].items()) or "none")
             + f", busy {m['busy']:,}"
         )
+        if m.get("stage_mean_ms"):
+            lines.append(
+                "  engine stages (mean ms, per request or micro-batch): "
+                + ", ".join(f"{k} {v:.2f}" for k, v in m["stage_mean_ms"].items())
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -56,10 +56,27 @@ class Metrics:
             "Payloads per micro-batch sent to keyd (SIGN_MANY), over all connections",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r,
         )
+        self.stage = Histogram(
+            "dccsign_stage_seconds",
+            "Time in each stage of the signing path: start (a request read until its task "
+            "runs: the event loop's backlog), prepare (a request's validation, policy, quotas "
+            "and claims), batch_wait (a micro-batch's oldest part waiting to be sent to keyd), "
+            "keyd (a micro-batch's round trip: keyd's queue, checks, signing, audit commit), "
+            "encode (a micro-batch's HC1 strings); per request or per micro-batch",
+            ["stage"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self._stages: dict[str, Any] = {}
         self.keyd_in_flight = Gauge(
             "dccsign_keyd_in_flight", "Micro-batches sent to keyd and not yet answered",
             registry=r,
         )
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        """One duration of *stage* (see ``dccsign_stage_seconds``)."""
+        child = self._stages.get(stage)
+        if child is None:
+            child = self._stages[stage] = self.stage.labels(stage)
+        child.observe(seconds)
 
     def observe(
         self, client: str, results: Sequence[Any], types: Sequence[str], seconds: float

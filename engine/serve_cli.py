@@ -99,6 +99,7 @@ class Engine:
                     zlib_level=self.zlib_level,
                     window=self.batch_window,
                     on_batch=self.metrics.keyd_batch.observe,
+                    on_stage=self.metrics.observe_stage,
                 )
                 self.metrics.keyd_in_flight.set_function(lambda: batcher.in_flight)
                 await nursery.start(batcher.run)
@@ -107,6 +108,7 @@ class Engine:
                     [(DSC.from_bytes(k.dsc), k.state) for k in keys],
                     self.policy,
                     QuotaTracker(),
+                    on_stage=self.metrics.observe_stage,
                 )
                 self.server = Server(dispatcher, limits=self.limits, metrics=self.metrics)
                 self.keyd_problem = None

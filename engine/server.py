@@ -290,12 +290,16 @@ class Server:
                                 await out_send.send(codec.send(self._busy_reply(event, busy)))
                                 continue
                             in_flight += 1
+                            now = trio.current_time()
                             self.pending_items += len(items)
                             self.metrics.pending.set(self.pending_items)
 
-                            async def request(ev: Any = event, its: list[Any] = items) -> None:
+                            async def request(
+                                ev: Any = event, its: list[Any] = items, read: float = now
+                            ) -> None:
                                 nonlocal in_flight
                                 counted = True
+                                self.metrics.observe_stage("start", trio.current_time() - read)
                                 try:
                                     reply = await self._sign(client, ev, its, nursery)
                                     # The slot frees before the reply is queued: a client may

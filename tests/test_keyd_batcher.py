@@ -106,7 +106,8 @@ def _verify(keyd, text, payload):
 
 async def test_concurrent_requests_share_one_sign_many_and_get_their_own_results():
     keyd = FakeKeyd()
-    batcher = KeydBatcher(keyd, window=0.05)
+    stages: list[tuple[str, float]] = []
+    batcher = KeydBatcher(keyd, window=0.05, on_stage=lambda s, t: stages.append((s, t)))
     jobs = {
         "a": ([_payload(1), _payload(2)], "uzi:1"),
         "b": ([b"X-broken", _payload(3)], "uzi:2"),
@@ -118,6 +119,9 @@ async def test_concurrent_requests_share_one_sign_many_and_get_their_own_results
         nursery.cancel_scope.cancel()
     # All three parts, each under its own account, in one message.
     assert len(keyd.calls) == 1
+    # The stage metrics: one observation of each stage for the one micro-batch.
+    assert [s for s, _ in stages] == ["batch_wait", "keyd", "encode"]
+    assert all(t >= 0 for _, t in stages)
     assert sorted(p.account for p in keyd.calls[0]) == ["uzi:1", "uzi:2", "uzi:3"]
     for name, (payloads, _) in jobs.items():
         assert len(results[name]) == len(payloads)

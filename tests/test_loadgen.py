@@ -335,6 +335,27 @@ def test_prometheus_parsing_and_delta():
     d = metrics_delta(MetricsSnapshot("u", before, None), MetricsSnapshot("u", after, None))
     assert d["items_by_result"] == {"INVALID_DCC": 5, "ok": 100}
     assert d["busy"] == 2 and d["requests"] == 10 and d["mean_request_ms"] == 100.0
+    assert d["stage_mean_ms"] == {}
+
+
+def test_stage_means_come_in_path_order_from_the_run_only():
+    """dccsign_stage_seconds: the run's share (after minus before) of each stage's sum and
+    count gives its mean, listed in the order of the signing path; unknown stages last."""
+    from dccsign.loadreport import MetricsSnapshot
+
+    def snap(scale):
+        lines = [
+            f'dccsign_stage_seconds_sum{{stage="{name}"}} {s * scale}\n'
+            f'dccsign_stage_seconds_count{{stage="{name}"}} {c * scale}\n'
+            for name, s, c in (
+                ("encode", 0.02, 10), ("future", 1.0, 1), ("keyd", 0.5, 100), ("start", 0.01, 50)
+            )
+        ]
+        return MetricsSnapshot("u", parse_prometheus("".join(lines)), None)
+
+    d = metrics_delta(snap(1), snap(3))  # the run: twice the totals before it
+    assert list(d["stage_mean_ms"]) == ["start", "keyd", "encode", "future"]
+    assert d["stage_mean_ms"] == {"start": 0.2, "keyd": 5.0, "encode": 2.0, "future": 1000.0}
 
 
 def test_unreachable_metrics_are_reported_not_raised():

@@ -238,6 +238,16 @@ def test_requests_from_many_connections_share_keyd_rounds(dev_keystore_copy, tmp
         batches = e.metric("dccsign_keyd_batch_payloads_count")
         payloads = e.metric("dccsign_keyd_batch_payloads_sum")
         assert payloads == 160 and batches < 160
+        # The stage metrics: start and prepare once per request, the others once per
+        # micro-batch.
+        stage = {
+            name: e.metric(f'dccsign_stage_seconds_count{{stage="{name}"}}')
+            for name in ("start", "prepare", "batch_wait", "keyd", "encode")
+        }
+        assert stage == {
+            "start": 160, "prepare": 160, "batch_wait": batches, "keyd": batches,
+            "encode": batches,
+        }
         for i in range(16):
             assert len(list(search(e.keystore / "audit", account=f"uzi:mb{i}"))) == 10
     finally:
