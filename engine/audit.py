@@ -197,6 +197,8 @@ CHECKPOINT_ENDS = (None, "segment", "close")
 _MAX_TEXT = 1024  # client, account, operator, ... : identifiers, not documents
 _SEGMENT_RE = re.compile(r"segment-(\d{6,})\.log(\.zst)?")
 _ZSTD_LEVEL = 3
+#: An fsync this slow (seconds) is counted and logged (see ``AuditLog._note_fsync``).
+SLOW_FSYNC = 0.1
 _RECOVER_FIELDS = (
     "seq",
     "time",
@@ -897,6 +899,11 @@ class AuditLog:
         self._closed = False
         self._texts: dict[str, str] = {}
         self._heads: dict[tuple[object, ...], bytes] = {}
+        #: Commits whose fsync took SLOW_FSYNC seconds or more, since the log was opened.
+        self.slow_fsyncs = 0
+        self._slow_pending = 0
+        self._slow_worst = 0.0
+        self._slow_next_log = 0.0
         self._kids: dict[bytes, str] = {}
         self._compress_queue: queue.SimpleQueue[Path | None] | None = None
         self._compressor: threading.Thread | None = None
@@ -1184,7 +1191,9 @@ class AuditLog:
         failure the log is marked unusable (reopening re-reads the file)."""
         try:
             _write_all(self._fd, b"\n".join(lines) + b"\n")
+            started = time.monotonic()
             os.fsync(self._fd)
+            self._note_fsync(time.monotonic() - started)
         except OSError as exc:
             self._broken = f"{self._path}: {exc.strerror or exc}"
             LOGGER.error("audit log %s cannot be written: %s", self.directory, self._broken)
@@ -1192,6 +1201,25 @@ class AuditLog:
                 f"the audit log cannot be written durably ({self._broken}); no further "
                 "signatures can be audited until it is reopened"
             ) from exc
+
+    def _note_fsync(self, seconds: float) -> None:
+        """Count and report slow commits: every signature of the batch waited for this fsync
+        (and every request behind it), so a disk that stalls shows in the engine's latency.
+        Logged at most every 10 s, with the number and worst time since the last report."""
+        if seconds < SLOW_FSYNC:
+            return
+        self.slow_fsyncs += 1
+        self._slow_pending += 1
+        self._slow_worst = max(self._slow_worst, seconds)
+        now = time.monotonic()
+        if now >= self._slow_next_log:
+            LOGGER.warning(
+                "audit log %s: %d fsync(s) over %.0f ms since the last report, the slowest "
+                "%.0f ms: signatures wait for them (the disk, not keyd)",
+                self.directory, self._slow_pending, SLOW_FSYNC * 1000, self._slow_worst * 1000,
+            )
+            self._slow_pending, self._slow_worst = 0, 0.0
+            self._slow_next_log = now + 10.0
 
     def _usable(self) -> None:
         if self._closed:

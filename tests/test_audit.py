@@ -240,6 +240,35 @@ def test_group_commit_is_one_write_and_one_fsync_per_batch(tmp_path, key, monkey
         assert calls == {"write": 4, "fsync": 4}
 
 
+def test_slow_fsyncs_are_counted_and_logged_at_most_every_10_s(
+    tmp_path, key, monkeypatch, caplog
+):
+    """Every signature of a batch waits for its commit's fsync: slow ones are counted and
+    reported in the log (rate-limited), so a stalling disk is visible to operators."""
+    with AuditLog.open(tmp_path / "log", key) as log:
+        real_fsync = os.fsync
+        slow = {"on": False}
+
+        def fsync(fd):
+            real_fsync(fd)
+            if slow["on"]:
+                import time
+
+                time.sleep(audit.SLOW_FSYNC)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        log.append_issuance(batch(0, 2))
+        assert log.slow_fsyncs == 0
+        slow["on"] = True
+        with caplog.at_level("WARNING", logger="dccsign.audit"):
+            log.append_issuance(batch(2, 2))
+            log.append_issuance(batch(4, 2))
+        assert log.slow_fsyncs == 2
+        reports = [r for r in caplog.records if "fsync(s) over" in r.getMessage()]
+        assert len(reports) == 1  # the second within 10 s of the first is only counted
+        assert "1 fsync(s) over 100 ms" in reports[0].getMessage()
+
+
 def test_invalid_record_writes_nothing(tmp_path, key):
     with AuditLog.open(tmp_path / "log", key) as log:
         head = log.head
