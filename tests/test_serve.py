@@ -254,17 +254,28 @@ def test_requests_from_many_connections_share_keyd_rounds(dev_keystore_copy, tmp
         e.stop()
 
 
-def test_sigterm_finishes_requests_in_progress(engine):
+def test_sigterm_finishes_requests_in_progress(dev_keystore_copy, tmp_path):
+    engine = EngineProcess(dev_keystore_copy, tmp_path, tcp=False, http=True)
     dccs = varied_samples(50)
     box = []
-    with engine.client() as c:
-        worker = threading.Thread(
-            target=lambda: box.append(c.sign_batch([SignItem(d, "uzi:drain") for d in dccs * 20]))
-        )
-        worker.start()
-        time.sleep(0.05)  # the batch of 1,000 is in progress (it takes ~100 ms or more)
-        assert engine.stop() == 0
-        worker.join(30)
+    try:
+        with engine.client() as c:
+            worker = threading.Thread(
+                target=lambda: box.append(
+                    c.sign_batch([SignItem(d, "uzi:drain") for d in dccs * 20])
+                )
+            )
+            worker.start()
+            # SIGTERM only once the engine holds the batch of 1,000 (sending it can take a
+            # while on a busy machine; a request not yet received is not in progress).
+            deadline = time.monotonic() + 30
+            while not box and engine.metric("dccsign_pending_items") < 1000:
+                assert time.monotonic() < deadline, "the batch never reached the engine"
+                time.sleep(0.002)
+            assert engine.stop() == 0
+            worker.join(30)
+    finally:
+        engine.stop()
     assert len(box[0]) == 1000 and all(r.ok for r in box[0])
     assert len(list(search(engine.keystore / "audit", account="uzi:drain"))) == 1000
 
