@@ -669,11 +669,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=lim.queue_target * 1000,
         metavar="MS",
-        help="refuse new requests with BUSY while even the fastest request of the last 100 "
-        "ms took longer than this (a standing queue), or none finished while the oldest in "
-        "progress is ten times older, and more than "
-        f"{lim.queue_floor} certificates are in progress; in milliseconds, 0 turns it off "
-        f"(default {lim.queue_target * 1000:g})",
+        help="refuse new requests with BUSY while the oldest request in progress is older "
+        f"than this and more than {lim.queue_floor} certificates are in progress, in "
+        f"milliseconds; 0 turns it off (default {lim.queue_target * 1000:g})",
     )
     tune.add_argument(
         "--batch-window",

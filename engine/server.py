@@ -7,13 +7,11 @@ one writer that coalesces every frame ready into one socket write. Bounded every
 * requests in progress per connection (``max_in_flight``) and items in progress in the whole
   engine (``max_pending_items``): beyond either, the request gets BUSY at once, with a
   retry-after hint, instead of a queue that grows;
-* a standing queue (``queue_target``, :mod:`~dccsign.admission`): when even the fastest
-  request of the last 100 ms took longer than that, or nothing finished while the oldest in
-  progress stalls, the engine is behind, and new requests get BUSY unless little is in
-  progress (``queue_floor`` items). Counts alone cannot bound latency (the same count is
-  10 ms of work for one mix and 200 ms for another), and neither can the age of the oldest
-  request, which includes its service time (that test refused bursts at half load); under
-  overload the accepted requests keep their latency and the excess is refused;
+* the age of the oldest request in progress (``queue_target``): when it is older than that,
+  the engine is behind, and new requests get BUSY unless little is in progress
+  (``queue_floor`` items). Counts alone cannot bound latency (the same count is 10 ms of work
+  for one mix and 200 ms for another); the age of the oldest request measures it directly,
+  so under overload the accepted requests keep their latency and the excess is refused;
 * the outbound queue per connection: when a client does not read its replies, the queue fills,
   the request tasks wait on it, and the reader stops reading -- TCP flow control pushes back
   on the client instead of the engine buffering without bound;
@@ -38,7 +36,6 @@ from typing import Any
 
 import trio
 
-from .admission import StandingQueue
 from .dispatch import Dispatcher
 from .metrics import Metrics
 from .protocol import wire
@@ -58,7 +55,7 @@ class Limits:
     max_in_flight: int = 32  # requests in progress per connection
     max_pending_items: int = 20_000  # items in progress in the whole engine
     deadline: float = 10.0  # seconds per request
-    queue_target: float = 0.02  # seconds even the fastest recent request may take (0: off)
+    queue_target: float = 0.02  # seconds the oldest request may be in progress (0: off)
     queue_floor: int = 256  # items in progress below which queue_target does not refuse
     busy_retry_ms: int = 100
     outbound_frames: int = 64  # reply frames queued per connection
@@ -84,8 +81,6 @@ class Server:
         self.pending_items = 0
         # Start times of the requests in progress, oldest first (dicts keep insertion order).
         self._started: dict[object, float] = {}
-        target = self.limits.queue_target
-        self._queue = StandingQueue(target) if target else None
         self.draining = trio.Event()
         self._listener_scopes: list[trio.CancelScope] = []
         self._connections = 0
@@ -378,9 +373,11 @@ class Server:
             return f"more than {self.limits.max_in_flight} requests in progress on this connection"
         if self.pending_items + items > self.limits.max_pending_items:
             return "the engine is at capacity"
-        if self._queue is not None and self.pending_items + items > self.limits.queue_floor:
-            oldest = next(iter(self._started.values()), None)
-            return self._queue.behind(trio.current_time(), oldest)
+        target = self.limits.queue_target
+        if target and self._started and self.pending_items + items > self.limits.queue_floor:
+            age = trio.current_time() - next(iter(self._started.values()))
+            if age > target:
+                return f"the engine is behind (oldest request in progress for {age * 1000:.0f} ms)"
         return None
 
     def _busy_reply(self, event: Any, why: str) -> wire.Error:
@@ -413,9 +410,6 @@ class Server:
             try:
                 box.append(await self.dispatcher.sign(client, items, types))
             finally:
-                if self._queue is not None:
-                    now = trio.current_time()
-                    self._queue.finished(now, now - start)
                 del self._started[token]
                 self.pending_items -= len(items)
                 self.metrics.pending.set(self.pending_items)
