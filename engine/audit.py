@@ -142,6 +142,7 @@ import datetime as dt
 import errno
 import fcntl
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -1343,16 +1344,11 @@ class AuditLog:
             when = now.encode()
             seq, prev = self._seq, self._prev
             lines: list[bytes] = []
-            start = 0
-            while start < len(batches):
-                # Hashing and formatting in one native call for each run of batches that share
-                # an alg (keyd's micro-batch is one run whatever its number of parts), without
-                # the GIL when native: a call per part cost ~12 µs per part.
-                alg = batches[start].alg
-                end = start
-                while end < len(batches) and batches[end].alg == alg:
-                    end += 1
-                run = batches[start:end]
+            # Hashing and formatting in one native call for each run of batches that share an
+            # alg (keyd's micro-batch is one run whatever its number of parts), without the GIL
+            # when native: a call per part cost ~12 µs per part.
+            for alg, same_alg in itertools.groupby(batches, key=lambda b: b.alg):
+                run = list(same_alg)
                 heads: list[bytes] = []
                 middles: list[bytes] = []
                 sizes: list[int] = []
@@ -1379,8 +1375,8 @@ class AuditLog:
                         )
                     heads.append(self._head(b, index))
                     middles.append(self._middle(b, index))
-                    sizes.append(len(b.payloads))
-                    index += len(b.payloads)
+                    sizes.append(n)
+                    index += n
                     isses += b.isses
                     uvcis += b.uvcis
                     payloads += b.payloads
@@ -1402,7 +1398,6 @@ class AuditLog:
                 )
                 lines += group
                 seq += len(group)
-                start = end
             first_seq = self._seq
             count = len(lines)
             closing = self._records_in_segment + count >= self._segment_records

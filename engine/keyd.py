@@ -460,10 +460,9 @@ def _serve_connection(keyd: Keyd, sock: socket.socket) -> None:
                     if event is NEED_DATA or event is None:
                         break
                     out.append(codec.send(keyd.handle(event)))
-                    # A signing reply goes out at once: the engine pipelines many micro-batches,
-                    # and holding finished signatures until the whole read is handled left
-                    # both processes idle in turns (measured: a third of the CPU unused).
-                    # Small replies still share one write.
+                    # A signing reply goes out at once: the engine pipelines micro-batches, and
+                    # holding finished signatures until every message of the read is handled
+                    # would delay them by the others' signing. Small replies share one write.
                     if isinstance(event, Sign | SignMany) and not _send(sock, out):
                         return
             except KeydProtocolError as exc:
