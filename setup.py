@@ -16,7 +16,8 @@ if mode != "0":
     ext_modules = [
         Extension(
             "dccsign.native._native",
-            sources=["native/_native.pyx", "native/src/dcccore.c", "native/src/keydcore.c"],
+            sources=["native/_native.pyx", "native/src/dcccore.c", "native/src/keydcore.c",
+                     "native/src/noncepool.c"],
             include_dirs=["native/src"],
             libraries=["crypto", "z", "deflate"],
             extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],

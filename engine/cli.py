@@ -280,7 +280,8 @@ def cmd_sign(args: argparse.Namespace) -> int:
     # to the keystore's audit directory. The CLI itself never decrypts a private key.
     account = f"os-user:{getpass.getuser()}"
     try:
-        with PrivateKeyd(store.directory) as keyd, keyd.client() as client:
+        # nonce_pool=0: a one-shot keyd would spend its idle time filling a pool nobody uses.
+        with PrivateKeyd(store.directory, nonce_pool=0) as keyd, keyd.client() as client:
             keys = [
                 SignerKey(
                     DSC.from_bytes(info.dsc),
@@ -416,6 +417,36 @@ def cmd_bench_core(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- parser
+
+
+#: keyd's default (engine/keyd.py DEFAULT_NONCE_POOL; a test keeps the two equal): not imported
+#: here, so that building the parser does not load keyd.
+NONCE_POOL_DEFAULT = 65_536
+
+
+def _nonce_pool_entries(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= 1 << 24:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 16777216, not {value!r}")
+    return n
+
+
+def _nonce_pool_option(parser: argparse.ArgumentParser | Any) -> None:
+    parser.add_argument(
+        "--nonce-pool",
+        type=_nonce_pool_entries,
+        default=NONCE_POOL_DEFAULT,
+        metavar="N",
+        help="precomputed ECDSA nonces per active ES256 software key, 64 bytes each, mlock'ed "
+        "where the memlock limit allows (keyd logs it otherwise), refilled at idle priority and "
+        "spent by signing, so that a burst signs at "
+        f"about 1 us per signature until the pool runs dry (default {NONCE_POOL_DEFAULT:,} = "
+        f"{NONCE_POOL_DEFAULT * 64 // 1024 // 1024} MiB per key; 0: no pools; never for token "
+        "keys)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -601,6 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
         "of keyd's structural checks; the issuer validates before asking keyd, and this costs "
         "keyd about a third of its throughput",
     )
+    _nonce_pool_option(p)
     p.set_defaults(func=_cmd_keyd)
 
     p = sub.add_parser(
@@ -681,6 +713,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="longest a request waits to share a keyd round with others, in milliseconds "
         f"(0..100; default {DEFAULT_WINDOW * 1000:g})",
     )
+    _nonce_pool_option(tune)
     tune.add_argument(
         "--keyd-connections",
         type=positive(int, 64),

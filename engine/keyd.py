@@ -24,6 +24,12 @@ throughput, because the validator is Python and holds the GIL. What it cannot do
 fraudulent but valid DCC from a real one: against an abused account, the controls are
 policy and quotas in front of keyd, and this audit log.
 
+Nonce pools (``nonce_pool=N``, ``dccsign keyd --nonce-pool N``): every active ES256 software
+key gets a pool of N precomputed nonces (64 bytes each, in locked memory), kept full by its
+own native refill thread at SCHED_IDLE, and spent by signing (see native/src/noncepool.h for
+the rules). A key that stops being active has its pool wiped at once; keyd wipes them all
+when it stops. Token (PKCS#11) keys never have one: their nonces are the token's.
+
 Audit before release: the signatures of a batch are computed, their records appended to the
 audit log with one fsync (group commit), and only then returned. If the log cannot be
 written, keyd refuses to sign (``AUDIT_UNAVAILABLE``) and says why, rather than sign unaudited.
@@ -58,6 +64,7 @@ from .protocol.keyd import (
     ItemError,
     KeydProtocolError,
     KeyInfo,
+    PoolStatus,
     Sign,
     SignMany,
     SignPart,
@@ -66,7 +73,14 @@ from .protocol.keyd import (
 from .valuesets import ValueSets
 from .verify import loads_exact
 
-__all__ = ["DEFAULT_SKEW", "Keyd", "LoadedKey", "check_payloads", "serve_unix"]
+__all__ = [
+    "DEFAULT_NONCE_POOL",
+    "DEFAULT_SKEW",
+    "Keyd",
+    "LoadedKey",
+    "check_payloads",
+    "serve_unix",
+]
 
 LOGGER = logging.getLogger("dccsign.keyd")
 
@@ -78,6 +92,9 @@ RELOAD_INTERVAL = 0.5
 #: Payloads per signing task: small enough that checking the next chunk overlaps signing this
 #: one, large enough that the per-call cost of the native batch stays negligible.
 SIGN_CHUNK = 32
+#: Nonce pool entries per active ES256 software key: 65,536 x 64 bytes = 4 MiB, about two
+#: seconds of both cores signing flat out, refilled in about 2 s of one idle core.
+DEFAULT_NONCE_POOL = 65_536
 JOURNAL_OFFSET = "key-events.offset"
 
 
@@ -143,6 +160,50 @@ def check_payloads(
     return out
 
 
+def _poolable(key: Any) -> bool:
+    """A software ES256 key (token keys have no pool API: their nonces are the token's)."""
+    return getattr(key, "alg", None) == native.ES256 and hasattr(key, "enable_nonce_pool")
+
+
+def _pool_status(key: Any) -> PoolStatus | None:
+    info = key.nonce_pool_info() if _poolable(key) else None
+    if info is None:
+        return None
+    return PoolStatus(info.capacity, info.level, info.refilled, info.spent, info.misses)
+
+
+def _close_pool(loaded: LoadedKey, why: str | None) -> None:
+    if not _poolable(loaded.key) or loaded.key.nonce_pool_info() is None:
+        return
+    loaded.key.close_nonce_pool()
+    if why is not None:
+        LOGGER.info(
+            "key %s (%s) %s: its nonce pool is wiped", loaded.dsc.kid.hex(), loaded.name, why
+        )
+
+
+def _log_pool(loaded: LoadedKey, info: native.NoncePoolInfo) -> None:
+    what = (
+        f"nonce pool for key {loaded.dsc.kid.hex()} ({loaded.name}): up to {info.capacity:,} "
+        f"entries ({info.capacity * 64 // 1024:,} KiB), refilled by a {info.refill_thread} "
+        "thread"
+    )
+    if info.locked:
+        LOGGER.info("%s, in locked memory", what)
+    else:
+        # The rule is "locked where the limit allows": keyd says so rather than refuse to run.
+        LOGGER.warning(
+            "%s; mlock failed (%s): the entries may be swapped to disk. Raise the memlock "
+            "limit (ulimit -l, or LimitMEMLOCK= for a systemd unit) to at least %s KiB per key, "
+            "or lower --nonce-pool",
+            what,
+            info.lock_error,
+            f"{info.capacity * 64 // 1024:,}",
+        )
+    if not info.dontdump:
+        LOGGER.warning("%s: MADV_DONTDUMP failed; a core dump of keyd would include them", what)
+
+
 def _dcc_problem(payload: bytes, valuesets: ValueSets) -> str | None:
     """The first validation issue of the DCC in a structurally checked payload, or None."""
     try:
@@ -179,7 +240,11 @@ class Keyd:
         skew: int = DEFAULT_SKEW,
         preloaded: dict[bytes, Any] | None = None,
         validate_dcc: bool = False,
+        nonce_pool: int = 0,
     ) -> None:
+        if type(nonce_pool) is not int or nonce_pool < 0:
+            raise ValueError("nonce_pool must be an int >= 0 (0: no pools)")
+        self.nonce_pool = nonce_pool
         self.directory = Path(keystore)
         self._preloaded = dict(preloaded or {})
         self.audit = audit
@@ -258,8 +323,10 @@ class Keyd:
         # The new states apply first: an emergency disable must take effect even when the
         # audit log cannot record it (keyd then stops signing altogether, below).
         with self._lock:
+            gone = [k for kid, k in self._keys.items() if kid not in keys]
             self._keys = keys
             self._meta_stamp = stamp
+        self._sync_pools(list(keys.values()), gone)
         try:
             if initial:
                 changes.insert(0, KeyEvent("keyd-start", None, None, "keyd", None))
@@ -271,6 +338,19 @@ class Keyd:
             LOGGER.error("%s; signing stopped", self.audit_failure)
             if initial:
                 raise
+
+    def _sync_pools(self, keys: list[LoadedKey], gone: list[LoadedKey]) -> None:
+        """Pools for the active ES256 software keys; any other key's pool is wiped."""
+        for loaded in gone:
+            _close_pool(loaded, "left the keystore")
+        for loaded in keys:
+            if not _poolable(loaded.key):
+                continue
+            if loaded.state != "active":
+                _close_pool(loaded, f"is {loaded.state}")
+            elif self.nonce_pool and loaded.key.nonce_pool_info() is None:
+                info = loaded.key.enable_nonce_pool(self.nonce_pool, background=True)
+                _log_pool(loaded, info)
 
     def refresh(self) -> None:
         """Pick up key state changes (activate, retire, disable) from the keystore metadata."""
@@ -300,6 +380,7 @@ class Keyd:
                 tuple(t for t in "vtr" if t in k.dsc.usages),
                 k.state,
                 k.dsc.der,
+                _pool_status(k.key),
             )
             for k in keys
         ]
@@ -426,8 +507,13 @@ class Keyd:
         return SignResult(req.request_id, tuple(results))
 
     def close(self) -> None:
-        """Stop the signing workers (after the requests in progress)."""
+        """Stop the signing workers (after the requests in progress), then wipe and free
+        every nonce pool."""
         self._signers.shutdown(wait=True)
+        with self._lock:
+            keys = list(self._keys.values())
+        for loaded in keys:
+            _close_pool(loaded, None)
 
     def handle(self, msg: object) -> object:
         """The reply to one request message."""
@@ -537,11 +623,12 @@ def run(
     ready: threading.Event | None = None,
     stop: threading.Event | None = None,
     validate_dcc: bool = False,
+    nonce_pool: int = DEFAULT_NONCE_POOL,
 ) -> None:
     """Run keyd until *stop* is set (the CLI sets it on SIGTERM/SIGINT).
 
     *validate_dcc*: also run the full DCC validator on every payload (see the module
-    docstring).
+    docstring). *nonce_pool*: entries per active ES256 software key (0: no pools).
 
     The audit log lives in ``KEYSTORE/audit`` unless *audit_dir* is given; its checkpoint key
     is ``KEYSTORE/audit-key.pem`` (created on first start, encrypted with the keystore
@@ -567,7 +654,14 @@ def run(
         else AuditKey.create(key_path, passphrase)
     )
     with AuditLog.open(Path(audit_dir) if audit_dir else root / AUDIT_DIR, audit_key) as log:
-        keyd = Keyd(root, passphrase, log, preloaded=loaded, validate_dcc=validate_dcc)
+        keyd = Keyd(
+            root,
+            passphrase,
+            log,
+            preloaded=loaded,
+            validate_dcc=validate_dcc,
+            nonce_pool=nonce_pool,
+        )
         LOGGER.info("keyd serving %d keys on %s", len(keyd.describe()), socket_path)
         try:
             serve_unix(keyd, socket_path, ready=ready, stop=stop)
@@ -589,7 +683,14 @@ def cmd_keyd(args) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        run(args.keystore, args.socket, args.audit_dir, stop=stop, validate_dcc=args.validate_dcc)
+        run(
+            args.keystore,
+            args.socket,
+            args.audit_dir,
+            stop=stop,
+            validate_dcc=args.validate_dcc,
+            nonce_pool=args.nonce_pool,
+        )
     except (KeystoreError, AuditError) as exc:
         print(f"dccsign keyd: error: {exc}", file=sys.stderr)
         return 4

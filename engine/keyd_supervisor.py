@@ -51,10 +51,12 @@ class PrivateKeyd:
         audit_dir: str | os.PathLike[str] | None = None,
         startup_timeout: float = 60.0,
         validate_dcc: bool = False,
+        nonce_pool: int | None = None,
     ) -> None:
         self.keystore = Path(keystore)
         self.audit_dir = audit_dir
         self.validate_dcc = validate_dcc
+        self.nonce_pool = nonce_pool  # entries per active ES256 key; None: keyd's default
         self.startup_timeout = startup_timeout
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -89,6 +91,8 @@ class PrivateKeyd:
             argv += ["--audit-dir", str(self.audit_dir)]
         if self.validate_dcc:
             argv.append("--validate-dcc")
+        if self.nonce_pool is not None:
+            argv += ["--nonce-pool", str(self.nonce_pool)]
         with open(log_path, "ab") as log:
             self._proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log

@@ -14,6 +14,7 @@ from typing import Any
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 __all__ = ["Metrics", "serve_http"]
@@ -70,6 +71,8 @@ class Metrics:
             "dccsign_keyd_in_flight", "Micro-batches sent to keyd and not yet answered",
             registry=r,
         )
+        self.nonce_pools = NoncePoolCollector()
+        r.register(self.nonce_pools)
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         """One duration of *stage* (see ``dccsign_stage_seconds``)."""
@@ -95,6 +98,43 @@ class Metrics:
                 counts["", dcc_type, getattr(result.error, "name", str(result.error))] += 1
         for (kid, dcc_type, outcome), n in counts.items():
             self.items.labels(client, kid, dcc_type, outcome).inc(n)
+
+
+class NoncePoolCollector:
+    """keyd's nonce pools as the engine last saw them (DESCRIBE, every KEYD_POLL seconds).
+
+    keyd owns the counts; the engine only mirrors them, so they are exported as they were
+    read rather than as counters the engine increments. The refill rate is
+    ``rate(dccsign_keyd_nonce_pool_refilled_total[1m])``. Keys without a pool (token keys,
+    ``--nonce-pool 0``) have no series.
+    """
+
+    def __init__(self) -> None:
+        self._pools: dict[str, Any] = {}
+
+    def update(self, keys: Sequence[Any]) -> None:
+        """Take the pools of *keys* (``KeyInfo`` with an optional ``pool``)."""
+        self._pools = {k.kid.hex(): k.pool for k in keys if getattr(k, "pool", None) is not None}
+
+    def collect(self):  # the prometheus_client collector protocol
+        families = (
+            (GaugeMetricFamily, "entries", "Nonce pool entries ready now, by kid", "level"),
+            (GaugeMetricFamily, "capacity", "Nonce pool bound in entries, by kid", "capacity"),
+            (CounterMetricFamily, "refilled", "Nonce pool entries computed and added", "refilled"),
+            (CounterMetricFamily, "spent", "Signatures made with a pool entry", "spent"),
+            (
+                CounterMetricFamily,
+                "misses",
+                "Signatures that found the pool empty (signed the ordinary way)",
+                "misses",
+            ),
+        )
+        pools = self._pools
+        for family, name, text, field in families:
+            metric = family(f"dccsign_keyd_nonce_pool_{name}", text, labels=["kid"])
+            for kid, pool in pools.items():
+                metric.add_metric([kid], getattr(pool, field))
+            yield metric
 
 
 async def serve_http(

@@ -56,8 +56,10 @@ class Engine:
         keyd_connections: int = 2,
         batch_window: float = DEFAULT_WINDOW,
         zlib_level: int = 9,
+        nonce_pool: int | None = None,
     ) -> None:
         self.keystore = keystore
+        self.nonce_pool = nonce_pool
         self.policy = PolicyFile(policy_path)
         self.policy.current()  # a broken policy file stops the start, with its message
         self.metrics = Metrics()
@@ -85,7 +87,7 @@ class Engine:
         task_status: Any = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Run until :meth:`drain` finishes. Reports a dict of bound addresses when ready."""
-        keyd = PrivateKeyd(self.keystore)
+        keyd = PrivateKeyd(self.keystore, nonce_pool=self.nonce_pool)
         await trio.to_thread.run_sync(keyd.__enter__)
         self.keyd = keyd
         try:
@@ -94,6 +96,7 @@ class Engine:
                 self.client = TrioKeydClient(keyd.socket_path, self.keyd_connections)
                 await self.client.connect(nursery)
                 keys = await self.client.describe()
+                self.metrics.nonce_pools.update(keys)
                 batcher = KeydBatcher(
                     self.client,
                     zlib_level=self.zlib_level,
@@ -156,6 +159,7 @@ class Engine:
                         self.keyd_problem = f"keyd: {exc}"
                         continue
                     dispatcher.set_keys([(DSC.from_bytes(k.dsc), k.state) for k in keys])
+                    self.metrics.nonce_pools.update(keys)
                     continue
                 self.keyd_problem = "keyd died; restarting it"
                 self.metrics.keyd_up.set(0)
@@ -222,6 +226,7 @@ def cmd_serve(args: Any) -> int:
             keyd_connections=args.keyd_connections,
             batch_window=args.batch_window / 1000,
             zlib_level=args.zlib_level,
+            nonce_pool=args.nonce_pool,
         )
     except (DccSignError, OSError, ssl.SSLError) as exc:
         print(f"dccsign serve: error: {exc}", file=sys.stderr)

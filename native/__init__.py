@@ -19,7 +19,7 @@ import importlib
 import os
 from types import ModuleType
 
-from ._types import ES256, PS256, CwtFacts, Sign1Parts
+from ._types import ES256, PS256, CwtFacts, NoncePoolInfo, Sign1Parts
 from .errors import (
     Base45DecodeError,
     CoseFormatError,
@@ -39,6 +39,7 @@ __all__ = [
     "CwtFacts",
     "KeyLoadError",
     "NativeError",
+    "NoncePoolInfo",
     "Sign1Parts",
     "SigningError",
     "ZlibError",

@@ -14,7 +14,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.unicode cimport PyUnicode_DecodeASCII
 
 from .errors import Base45DecodeError, CoseFormatError, KeyLoadError, SigningError, ZlibError
-from ._types import ES256, PS256, CwtFacts, Sign1Parts
+from ._types import ES256, PS256, CwtFacts, NoncePoolInfo, Sign1Parts
 
 cdef extern from "openssl/evp.h" nogil:
     ctypedef struct EVP_PKEY:
@@ -31,6 +31,7 @@ cdef extern from "dcccore.h" nogil:
         DCC_ERR_B45_LENGTH
         DCC_ERR_B45_OVERFLOW
         DCC_ERR_TOO_LARGE
+        DCC_ERR_SIGN
         DCC_MAX_TAGS
     size_t dcc_b45_encoded_len(size_t n)
     size_t dcc_b45_encode(const uint8_t *inp, size_t n, char *out)
@@ -66,6 +67,34 @@ cdef extern from "dcccore.h" nogil:
     int dcc_hc1_encode_one(const uint8_t *prot, size_t plen, const uint8_t *pay, size_t paylen,
                            const uint8_t *sig, size_t siglen, int level, uint8_t *scratch,
                            char *out, size_t *outlen, const char **err)
+
+cdef extern from "openssl/sha.h" nogil:
+    unsigned char *SHA256(const unsigned char *d, size_t n, unsigned char *md)
+
+cdef extern from "noncepool.h" nogil:
+    ctypedef struct dcc_pool:
+        pass
+    ctypedef struct dcc_pool_work:
+        pass
+    ctypedef struct dcc_pool_info:
+        size_t capacity, level
+        uint64_t refilled, spent, misses, discarded
+        int locked, dontdump, wipeonfork, lock_errno, orphaned, refill_policy
+    dcc_pool *dcc_pool_new(EVP_PKEY *pkey, size_t capacity, char *err, size_t errlen)
+    void dcc_pool_free(dcc_pool *pool)
+    size_t dcc_pool_refill(dcc_pool *pool, size_t max_new)
+    int dcc_pool_start_refill(dcc_pool *pool)
+    dcc_pool_work *dcc_pool_work_new()
+    void dcc_pool_work_free(dcc_pool_work *w)
+    int dcc_pool_sign(dcc_pool *pool, dcc_pool_work *w, const uint8_t *digest, uint8_t *sig)
+    void dcc_pool_clear(dcc_pool *pool)
+    void dcc_pool_info_get(dcc_pool *pool, dcc_pool_info *info)
+    size_t dcc_pool_residue(dcc_pool *pool)
+
+import os as _os
+
+# dcc_pool_info.refill_policy -> NoncePoolInfo.refill_thread
+_REFILL_POLICY = {0: None, 1: "SCHED_IDLE", 2: "nice 19", 3: "normal priority"}
 
 MAX_INFLATED = 64 * 1024
 
@@ -269,20 +298,50 @@ cdef class _Batch:
 cdef class SigningKey:
     """A private signing key for ES256 (P-256) or PS256 (RSA 2048-4096); see the reference.
 
-    The key lives in OpenSSL memory; there is no method that returns it.
+    The key lives in OpenSSL memory; there is no method that returns it. Its nonce pool, when
+    enabled, lives in one locked mapping of C memory (native/src/noncepool.h) and is spent by
+    :meth:`sign` only.
     """
     cdef EVP_PKEY *_pkey
+    cdef dcc_pool *_pool
+    # A pool closed while a sign or refill call still uses it (without the GIL) is wiped at
+    # once and freed by the last of those calls.
+    cdef dcc_pool *_retired
+    cdef int _pool_users
     cdef readonly int alg
 
     def __cinit__(self):
         self._pkey = NULL
+        self._pool = NULL
+        self._retired = NULL
+        self._pool_users = 0
 
     def __init__(self):
         raise TypeError("use SigningKey.load_pem()")
 
     def __dealloc__(self):
+        dcc_pool_free(self._pool)  # wipes every entry
+        dcc_pool_free(self._retired)
+        self._pool = NULL
+        self._retired = NULL
         if self._pkey != NULL:
             EVP_PKEY_free(self._pkey)
+
+    cdef dcc_pool *_use_pool(self):
+        if self._pool != NULL:
+            self._pool_users += 1
+        return self._pool
+
+    cdef void _done_with_pool(self, dcc_pool *pool):
+        cdef dcc_pool *retired
+        if pool == NULL:
+            return
+        self._pool_users -= 1
+        if self._pool_users == 0 and self._retired != NULL:
+            retired = self._retired
+            self._retired = NULL
+            with nogil:
+                dcc_pool_free(retired)
 
     def __reduce__(self):
         raise TypeError("a SigningKey cannot be pickled or copied out of its process")
@@ -328,29 +387,133 @@ cdef class SigningKey:
         cdef uint8_t *sigs = <uint8_t *>malloc(max(batch.n, 1) * maxsig)
         cdef size_t *siglens = <size_t *>malloc(max(batch.n, 1) * sizeof(size_t))
         cdef dcc_signer signer
+        cdef int opened = 0
         cdef int rc = DCC_OK
+        cdef int pooled
         cdef Py_ssize_t i
         cdef size_t tbslen
+        cdef uint8_t digest[32]
+        cdef dcc_pool *held = self._use_pool()
+        cdef dcc_pool *pool = held
+        cdef dcc_pool_work *work = NULL
+        if pool != NULL:
+            work = dcc_pool_work_new()
+            if work == NULL:
+                pool = NULL  # no scratch: sign the ordinary way
         try:
             if tbs == NULL or sigs == NULL or siglens == NULL:
                 raise MemoryError()
             with nogil:
-                rc = dcc_signer_open(&signer, self._pkey, self.alg)
-                if rc == DCC_OK:
-                    for i in range(batch.n):
-                        tbslen = dcc_sig_structure(prot, plen, batch.ptrs[i], batch.lens[i], tbs)
+                for i in range(batch.n):
+                    tbslen = dcc_sig_structure(prot, plen, batch.ptrs[i], batch.lens[i], tbs)
+                    pooled = 0
+                    if pool != NULL:
+                        SHA256(tbs, tbslen, digest)
+                        pooled = dcc_pool_sign(pool, work, digest, sigs + i * maxsig)
+                        if pooled < 0:
+                            rc = DCC_ERR_SIGN
+                            break
+                        if pooled:
+                            siglens[i] = 64
+                        # 0: empty (each miss is counted; a refill may land mid-batch)
+                    if not pooled:
+                        if not opened:
+                            rc = dcc_signer_open(&signer, self._pkey, self.alg)
+                            if rc != DCC_OK:
+                                break
+                            opened = 1
                         rc = dcc_sign_tbs(&signer, tbs, tbslen, sigs + i * maxsig, &siglens[i])
                         if rc != DCC_OK:
                             break
+                if opened:
                     dcc_signer_close(&signer)
             if rc != DCC_OK:
                 raise SigningError("OpenSSL failed to sign")
             return [PyBytes_FromStringAndSize(<char *>(sigs + i * maxsig), siglens[i])
                     for i in range(batch.n)]
         finally:
+            dcc_pool_work_free(work)
+            self._done_with_pool(held)
             free(tbs)
             free(sigs)
             free(siglens)
+
+    # -- the nonce pool (ES256 only; see the reference for the contracts) -----------------
+
+    def enable_nonce_pool(self, capacity, *, background=False) -> NoncePoolInfo:
+        cdef char err[256]
+        cdef int rc
+        if type(capacity) is not int:
+            raise TypeError("capacity must be an int")
+        if self._pool != NULL:
+            raise ValueError("this key already has a nonce pool")
+        if self._retired != NULL:
+            raise ValueError("the previous nonce pool is still in use by a signing call")
+        if self.alg != ES256:
+            raise ValueError("a nonce pool needs an ES256 key")
+        if not 1 <= capacity <= (1 << 24):
+            raise ValueError("nonce pool capacity must be 1 to 16777216 entries")
+        self._pool = dcc_pool_new(self._pkey, capacity, err, sizeof(err))
+        if self._pool == NULL:
+            raise SigningError(err.decode("utf-8", "replace"))
+        if background:
+            rc = dcc_pool_start_refill(self._pool)
+            if rc != 0:
+                self.close_nonce_pool()
+                raise SigningError(f"cannot start the refill thread: {_os.strerror(rc)}")
+        return self.nonce_pool_info()
+
+    def refill_nonce_pool(self, max_entries=64) -> int:
+        cdef size_t want, added
+        cdef dcc_pool *pool
+        if type(max_entries) is not int or max_entries < 0:
+            raise ValueError("max_entries must be an int >= 0")
+        if self._pool == NULL:
+            raise ValueError("this key has no nonce pool")
+        want = max_entries
+        pool = self._use_pool()
+        try:
+            with nogil:
+                added = dcc_pool_refill(pool, want)
+        finally:
+            self._done_with_pool(pool)
+        if added == <size_t>-1:
+            raise SigningError("OpenSSL failed to compute nonce pool entries")
+        return added
+
+    def nonce_pool_info(self):
+        cdef dcc_pool_info info
+        if self._pool == NULL:
+            return None
+        dcc_pool_info_get(self._pool, &info)
+        return NoncePoolInfo(
+            info.capacity, info.level, info.refilled, info.spent, info.misses, info.discarded,
+            bool(info.locked),
+            None if info.locked else _os.strerror(info.lock_errno),
+            bool(info.dontdump), bool(info.wipeonfork), bool(info.orphaned),
+            _REFILL_POLICY.get(info.refill_policy),
+        )
+
+    def clear_nonce_pool(self) -> None:
+        if self._pool != NULL:
+            dcc_pool_clear(self._pool)
+
+    def close_nonce_pool(self) -> None:
+        cdef dcc_pool *pool = self._pool
+        if pool == NULL:
+            return
+        self._pool = NULL
+        if self._pool_users > 0:
+            dcc_pool_clear(pool)  # wiped now; freed by the last call still using it
+            self._retired = pool  # NULL before: enable_nonce_pool refuses while one is held
+            return
+        with nogil:  # joins the refill thread, which may be finishing a chunk
+            dcc_pool_free(pool)
+
+    def _nonce_pool_residue(self) -> int:
+        if self._pool == NULL:
+            raise ValueError("this key has no nonce pool")
+        return dcc_pool_residue(self._pool)
 
 
 # ----------------------------------------------------------------------------- HC1

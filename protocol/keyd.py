@@ -43,6 +43,7 @@ __all__ = [
     "KeyInfo",
     "KeydProtocolError",
     "MessageType",
+    "PoolStatus",
     "Sign",
     "SignMany",
     "SignPart",
@@ -102,6 +103,20 @@ NEED_DATA: Any = _Need()
 
 
 @dataclass(frozen=True, slots=True)
+class PoolStatus:
+    """Counts of a key's nonce pool in keyd (never an entry): what the engine exports."""
+
+    capacity: int
+    level: int  # entries ready now
+    refilled: int  # entries ever computed and added
+    spent: int  # signatures made with an entry
+    misses: int  # signatures that found the pool empty (signed the ordinary way)
+
+
+_POOL_FIELDS = ("capacity", "level", "refilled", "spent", "misses")
+
+
+@dataclass(frozen=True, slots=True)
 class KeyInfo:
     """Public facts of one key (never private material)."""
 
@@ -110,6 +125,7 @@ class KeyInfo:
     usages: tuple[str, ...]
     state: str
     dsc: bytes  # DER
+    pool: PoolStatus | None = None  # the key has a nonce pool (software ES256 keys only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +221,11 @@ def _body(msg: Message) -> dict[str, Any]:
                     "usages": list(k.usages),
                     "state": k.state,
                     "dsc": k.dsc,
+                    **(
+                        {"pool": {f: getattr(k.pool, f) for f in _POOL_FIELDS}}
+                        if k.pool is not None
+                        else {}
+                    ),
                 }
                 for k in msg.keys
             ]
@@ -254,6 +275,20 @@ def _parse_part(body: dict[str, Any], what: str) -> SignPart:
     )
 
 
+def _pool(body: Any) -> PoolStatus | None:
+    if body is None:
+        return None
+    if not isinstance(body, dict):
+        raise KeydProtocolError("key: pool must be a map")
+    counts = []
+    for name in _POOL_FIELDS:
+        value = _want(body, name, int, "key pool")
+        if value < 0:
+            raise KeydProtocolError(f"key pool: {name} must not be negative")
+        counts.append(value)
+    return PoolStatus(*counts)
+
+
 def _parse(mtype: int, request_id: int, body: Any) -> Message:
     if not isinstance(body, dict):
         raise KeydProtocolError("the body is not a CBOR map")
@@ -278,6 +313,7 @@ def _parse(mtype: int, request_id: int, body: Any) -> Message:
                     tuple(usages),
                     _want(item, "state", str, "key"),
                     _want(item, "dsc", bytes, "key"),
+                    _pool(item.get("pool")),
                 )
             )
         return DescribeResult(request_id, tuple(keys))

@@ -329,3 +329,100 @@ def test_sign_many_checks_allows_and_audits_each_part_alone(env):
         by_account.setdefault(r["account"], set()).add((r["client"], r["operator"]))
     assert by_account == {"uzi:1": {("portal-a", "op:1")}, "uzi:3": {("portal-c", None)}}
     assert len(records) == 41 and verify(audit_dir).ok
+
+
+# ----------------------------------------------------------------------------- nonce pools
+
+
+@pytest.fixture
+def pooled(dev_keystore_copy, tmp_path):
+    store = Keystore.open(dev_keystore_copy)
+    pw = resolve_passphrase(store.directory)
+    log = AuditLog.open(tmp_path / "audit", AuditKey.create(tmp_path / "audit-key.pem", pw))
+    keyd = Keyd(store.directory, pw, log, nonce_pool=300)
+    yield store, keyd, tmp_path / "audit"
+    keyd.close()
+    log.close()
+
+
+def _pool(keyd, kid):
+    return next(k.pool for k in keyd.describe() if k.kid == kid)
+
+
+def _wait_full(keyd, kid, capacity=300):
+    deadline = time.monotonic() + 30
+    while (pool := _pool(keyd, kid)).level < capacity:
+        assert time.monotonic() < deadline, pool
+        time.sleep(0.02)
+    return pool
+
+
+def test_nonce_pools_for_active_es256_keys_only_and_spent_by_signing(pooled):
+    store, keyd, audit_dir = pooled
+    pools = {k.kid: k.pool for k in keyd.describe()}
+    for entry in store.entries:
+        if entry.dsc.alg == -7 and entry.state == "active":
+            assert pools[entry.kid] is not None and pools[entry.kid].capacity == 300
+        else:  # PS256 (and any inactive key): no pool
+            assert pools[entry.kid] is None
+    kid = _kid(store, "v")
+    before = _wait_full(keyd, kid)
+    payloads = [_payload(sample("v")) for _ in range(120)]
+    results = _sign(keyd, kid, payloads)
+    after = _pool(keyd, kid)
+    assert after.spent - before.spent == 120 and after.misses == before.misses
+    entry = next(e for e in store.entries if e.kid == kid)
+    texts = native.hc1_encode(native.protected_header(-7, kid), payloads, results)
+    assert all(verify_hc1(t, [entry.dsc]).valid for t in texts)
+    assert len({r[:32] for r in results}) == 120
+    assert len(list(search(audit_dir, account="uzi:900001"))) == 120  # audited as any other
+    _wait_full(keyd, kid)  # and refilled in the background
+
+
+def test_disabling_a_key_wipes_its_pool_and_close_wipes_them_all(pooled):
+    store, keyd, _ = pooled
+    kid = _kid(store, "v")
+    _wait_full(keyd, kid)
+    key = keyd._keys[kid].key
+    meta_path = store.directory / "keystore.json"
+    meta = json.loads(meta_path.read_text())
+    name = next(e.name for e in store.entries if e.kid == kid)
+    next(k for k in meta["keys"] if k["name"] == name)["state"] = "disabled"
+    meta_path.write_text(json.dumps(meta))
+    keyd._next_check = 0
+    keyd.refresh()
+    assert key.nonce_pool_info() is None and _pool(keyd, kid) is None
+    others = [k.key for k in keyd._keys.values() if k.key.nonce_pool_info() is not None]
+    assert others  # the other ES256 keys keep theirs
+    keyd.close()
+    assert all(k.nonce_pool_info() is None for k in others)
+
+
+def test_no_pools_when_disabled(env):
+    _store, keyd, _log, _ = env  # nonce_pool=0, the Keyd default
+    assert all(k.pool is None for k in keyd.describe())
+
+
+def test_mlock_failure_is_logged_not_fatal(caplog):
+    from dccsign.keyd import _log_pool
+
+    info = native.NoncePoolInfo(
+        65536, 0, 0, 0, 0, 0, False, "Cannot allocate memory", True, True, False, "SCHED_IDLE"
+    )
+
+    class Loaded:
+        name = "k"
+
+        class dsc:
+            kid = b"\x01" * 8
+
+    with caplog.at_level("WARNING", logger="dccsign.keyd"):
+        _log_pool(Loaded, info)
+    assert "mlock failed (Cannot allocate memory)" in caplog.text
+    assert "4,096 KiB" in caplog.text
+
+
+def test_cli_default_nonce_pool_matches_keyd():
+    from dccsign import cli, keyd
+
+    assert cli.NONCE_POOL_DEFAULT == keyd.DEFAULT_NONCE_POOL

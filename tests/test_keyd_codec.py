@@ -1,5 +1,6 @@
 """The engine <-> keyd codec: golden bytes, round trips, limits and fuzzing."""
 
+import cbor2
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -13,6 +14,7 @@ from dccsign.protocol.keyd import (
     ItemError,
     KeydProtocolError,
     KeyInfo,
+    PoolStatus,
     Sign,
     SignMany,
     SignPart,
@@ -130,9 +132,32 @@ def test_describe_result_round_trip():
             (
                 KeyInfo(KID, -7, ("v",), "active", b"\x30\x00"),
                 KeyInfo(KID[::-1], -37, ("v", "t", "r"), "retired", b"\x30"),
+                KeyInfo(KID, -7, ("t",), "active", b"\x30", PoolStatus(65536, 17, 90000, 80, 2)),
             ),
         )
     )
+
+
+def test_describe_pool_is_counts_only_and_checked():
+    """A key's pool travels as five counts (never an entry); anything else is refused."""
+    info = KeyInfo(KID, -7, ("v",), "active", b"\x30", PoolStatus(8, 7, 6, 5, 4))
+    frame = Connection().send(DescribeResult(1, (info,)))
+    body = cbor2.loads(frame[12:])
+    assert body["keys"][0]["pool"] == {
+        "capacity": 8, "level": 7, "refilled": 6, "spent": 5, "misses": 4
+    }
+    for bad, message in (
+        ([1, 2], "pool must be a map"),
+        ({"capacity": 8, "level": 7, "refilled": 6, "spent": 5}, "misses"),
+        ({"capacity": 8, "level": -1, "refilled": 6, "spent": 5, "misses": 4}, "negative"),
+        ({"capacity": 8, "level": True, "refilled": 6, "spent": 5, "misses": 4}, "level"),
+    ):
+        body["keys"][0]["pool"] = bad
+        raw = cbor2.dumps(body)
+        conn = Connection()
+        conn.receive_data(frame[:8] + len(raw).to_bytes(4, "big") + raw)
+        with pytest.raises(KeydProtocolError, match=message):
+            conn.next_event()
 
 
 def test_split_and_coalesced_feeds():

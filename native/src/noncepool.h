@@ -1,0 +1,97 @@
+/*
+ * noncepool: precomputed ECDSA P-256 nonces for keyd's software keys (DESIGN.md, "Nonce pool").
+ *
+ * An ES256 signature is r = x(kG) mod n and s = k^-1 (z + r d) mod n. Everything that depends
+ * only on the random nonce k -- the scalar multiplication kG and the inversion of k, about 97 %
+ * of the cost -- can be done before the message is known. A pool holds such entries,
+ * computed in idle time, and signing with one costs two multiplications mod n.
+ *
+ * The rules (each has a test in tests/test_noncepool.py):
+ *   - every entry comes from fresh OpenSSL randomness, is used at most once, and its slot is
+ *     wiped (OPENSSL_cleanse) the moment it is taken; all slots are wiped when the pool is
+ *     cleared or freed;
+ *   - the entries live in one anonymous mapping that is mlock'ed where RLIMIT_MEMLOCK allows
+ *     (dcc_pool_info says whether it is), excluded from core dumps (MADV_DONTDUMP) and zeroed
+ *     in a forked child (MADV_WIPEONFORK); nothing here writes them anywhere else;
+ *   - a forked child never spends its parent's entries: every call compares getpid() with
+ *     the pid that made the pool and, on a mismatch, wipes the child's copy and stops using it;
+ *   - an empty pool is not an error: dcc_pool_sign returns 0 and the caller signs normally.
+ *
+ * Thread safety: any number of threads may refill and sign at once. The lock covers only the
+ * taking and putting of entries; the arithmetic runs outside it. Nothing here touches Python,
+ * so the background refill thread never holds the GIL: at SCHED_IDLE it cannot stall a
+ * signing thread by being descheduled while holding a lock the signer needs for long.
+ */
+#ifndef NONCEPOOL_H
+#define NONCEPOOL_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <openssl/evp.h>
+
+/* One entry: k^-1 in Montgomery form (k^-1 * 2^256 mod n) and r, 32 bytes each, big-endian. */
+#define DCC_POOL_ENTRY_SIZE 64
+/* Entries computed per locked insertion by dcc_pool_refill. */
+#define DCC_POOL_REFILL_CHUNK 64
+
+typedef struct dcc_pool dcc_pool;
+
+typedef struct {
+    size_t capacity;     /* entries the pool may hold */
+    size_t level;        /* entries it holds now */
+    uint64_t refilled;   /* entries ever added */
+    uint64_t spent;      /* entries used for a signature (each once) */
+    uint64_t misses;     /* signatures asked of an empty pool (signed normally instead) */
+    uint64_t discarded;  /* entries wiped unused: clear, a forked child, s = 0 */
+    int locked;          /* the mapping is mlock'ed */
+    int dontdump;        /* MADV_DONTDUMP took effect */
+    int wipeonfork;      /* MADV_WIPEONFORK took effect */
+    int lock_errno;      /* why mlock failed (0 when locked) */
+    int orphaned;        /* this process is not the one that made the pool (a forked child) */
+    int refill_policy;   /* the background refill thread: DCC_REFILL_* */
+} dcc_pool_info;
+
+/* How the background refill thread runs (dcc_pool_info.refill_policy). */
+enum {
+    DCC_REFILL_NONE = 0,   /* no background thread: the caller refills */
+    DCC_REFILL_IDLE = 1,   /* SCHED_IDLE: runs only on a core nothing else wants */
+    DCC_REFILL_NICE = 2,   /* SCHED_IDLE refused: nice 19 */
+    DCC_REFILL_NORMAL = 3  /* both refused: normal priority (still in small chunks) */
+};
+
+/* A pool of `capacity` entries for the P-256 key pkey (which must hold its private key).
+ * Returns NULL with a message in err (not a P-256 key, capacity 0 or too large, no memory).
+ * The pool starts empty; the key stays owned by the caller and must outlive the pool. */
+dcc_pool *dcc_pool_new(EVP_PKEY *pkey, size_t capacity, char *err, size_t errlen);
+/* Wipes every slot and the pool's copy of the private scalar, then frees it all. NULL is a
+ * no-op. No other call may run on the pool at the same time. */
+void dcc_pool_free(dcc_pool *pool);
+
+/* Computes up to `max_new` entries (at most what fits) and adds them; returns how many were
+ * added, or (size_t)-1 when OpenSSL failed (nothing half-added). Runs in chunks of
+ * DCC_POOL_REFILL_CHUNK, taking the lock only to insert each chunk. */
+size_t dcc_pool_refill(dcc_pool *pool, size_t max_new);
+
+/* Starts the pool's own refill thread: a pthread that never touches Python, lowers itself to
+ * SCHED_IDLE (else nice 19), and keeps the pool full in chunks of DCC_POOL_REFILL_CHUNK,
+ * sleeping while it is full. dcc_pool_free stops and joins it. Returns 0, or an errno. */
+int dcc_pool_start_refill(dcc_pool *pool);
+
+/* Per-thread scratch for dcc_pool_sign (BIGNUMs allocated once per batch, not per call). */
+typedef struct dcc_pool_work dcc_pool_work;
+dcc_pool_work *dcc_pool_work_new(void);
+void dcc_pool_work_free(dcc_pool_work *w); /* clears every BIGNUM it held */
+
+/* ES256 over a SHA-256 digest with one pool entry: writes r || s (64 bytes, s low) and
+ * returns 1; returns 0 when the pool is empty or orphaned (sign normally then), -1 when
+ * OpenSSL failed. The entry is wiped whatever happens. */
+int dcc_pool_sign(dcc_pool *pool, dcc_pool_work *w, const uint8_t digest[32], uint8_t sig[64]);
+
+/* Wipes every entry (the pool stays usable and refillable). */
+void dcc_pool_clear(dcc_pool *pool);
+void dcc_pool_info_get(dcc_pool *pool, dcc_pool_info *info);
+/* Test support: how many bytes of the mapping outside the live entries are not zero (every
+ * taken or cleared slot must read as zeros). Reveals nothing of the entries themselves. */
+size_t dcc_pool_residue(dcc_pool *pool);
+
+#endif

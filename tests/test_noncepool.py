@@ -1,0 +1,300 @@
+"""The nonce pool of ES256 signing keys (DESIGN.md, "Nonce pool"), against both
+implementations: each safety rule of issue 6 has a test here.
+
+Signatures are checked by two verifiers that share no code with the signer's arithmetic:
+``cryptography`` (OpenSSL's ECDSA verify) for every signature, and python-ecdsa (pure
+Python, its own curve arithmetic) for a sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import ecdsa
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+KID = bytes.fromhex("a1b2c3d4e5f60718")
+
+# Payload counts: the pure-Python reference computes each entry in Python.
+MANY = {"native": 20_000, "python": 600}
+
+
+@pytest.fixture(scope="module")
+def ec_private():
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _key(impl, private):
+    pem = private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return impl.SigningKey.load_pem(pem, None)
+
+
+def _payloads(n: int, tag: str = "p") -> list[bytes]:
+    return [f"{tag} {i}".encode() for i in range(n)]
+
+
+def _r(sig: bytes) -> int:
+    return int.from_bytes(sig[:32], "big")
+
+
+def _verify_all(impl, private, protected, payloads, sigs, *, sample: int = 200) -> None:
+    pub = private.public_key()
+    for payload, sig in zip(payloads, sigs, strict=True):
+        assert len(sig) == 64
+        r, s = _r(sig), int.from_bytes(sig[32:], "big")
+        assert 0 < r < N and 0 < s <= N // 2  # low-S, as every ES256 signature here
+        pub.verify(
+            encode_dss_signature(r, s),
+            impl.sig_structure(protected, payload),
+            ec.ECDSA(hashes.SHA256()),
+        )
+    point = pub.public_numbers()
+    vk = ecdsa.VerifyingKey.from_public_point(
+        ecdsa.ellipticcurve.Point(ecdsa.NIST256p.curve, point.x, point.y),
+        curve=ecdsa.NIST256p,
+        hashfunc=hashlib.sha256,
+    )
+    step = max(1, len(sigs) // sample)
+    for payload, sig in list(zip(payloads, sigs, strict=True))[::step]:
+        assert vk.verify(sig, impl.sig_structure(protected, payload), hashlib.sha256)
+
+
+def test_pool_signatures_verify_and_never_repeat_r(impl, ec_private):
+    """The statistical test: many pool signatures, no r twice, every one valid."""
+    n = MANY["python" if impl.__name__.endswith("_reference") else "native"]
+    key = _key(impl, ec_private)
+    key.enable_nonce_pool(n)
+    assert key.refill_nonce_pool(n) == n
+    protected = impl.protected_header(-7, KID)
+    payloads = _payloads(n)
+    sigs = key.sign(protected, payloads)
+    info = key.nonce_pool_info()
+    assert (info.level, info.spent, info.misses) == (0, n, 0)  # every signature from the pool
+    assert len({_r(s) for s in sigs}) == n
+    _verify_all(impl, ec_private, protected, payloads, sigs)
+
+
+def test_each_entry_is_used_once_and_its_slot_wiped(impl, ec_private):
+    key = _key(impl, ec_private)
+    key.enable_nonce_pool(40)
+    assert key.refill_nonce_pool(100) == 40  # never more than the bound
+    assert key.refill_nonce_pool(5) == 0  # full
+    assert key._nonce_pool_residue() == 0
+    protected = impl.protected_header(-7, KID)
+    first = key.sign(protected, [b"same payload"] * 25)
+    info = key.nonce_pool_info()
+    assert (info.level, info.spent, info.refilled) == (15, 25, 40)
+    # Every spent slot reads as zeros at once: nothing of a used entry stays behind.
+    assert key._nonce_pool_residue() == 0
+    rest = key.sign(protected, [b"same payload"] * 20)  # 15 from the pool, then 5 without
+    info = key.nonce_pool_info()
+    assert (info.level, info.spent, info.misses) == (0, 40, 5)
+    rs = [_r(s) for s in first + rest]
+    assert len(set(rs)) == 45  # the same message never gets the same nonce twice
+    _verify_all(impl, ec_private, protected, [b"same payload"] * 45, first + rest)
+
+
+def test_empty_pool_falls_back_without_error(impl, ec_private):
+    key = _key(impl, ec_private)
+    key.enable_nonce_pool(8)  # never refilled
+    protected = impl.protected_header(-7, KID)
+    payloads = _payloads(6)
+    sigs = key.sign(protected, payloads)
+    _verify_all(impl, ec_private, protected, payloads, sigs)
+    info = key.nonce_pool_info()
+    assert (info.spent, info.misses) == (0, 6)
+
+
+def test_clear_and_close_wipe_every_entry(impl, ec_private):
+    key = _key(impl, ec_private)
+    key.enable_nonce_pool(30)
+    key.refill_nonce_pool(30)
+    key.clear_nonce_pool()
+    info = key.nonce_pool_info()
+    assert (info.level, info.discarded) == (0, 30)
+    assert key._nonce_pool_residue() == 0  # the whole mapping reads as zeros
+    assert key.refill_nonce_pool(10) == 10  # a cleared pool stays usable
+    key.close_nonce_pool()
+    assert key.nonce_pool_info() is None
+    protected = impl.protected_header(-7, KID)
+    _verify_all(impl, ec_private, protected, [b"x"], key.sign(protected, [b"x"]))
+    key.enable_nonce_pool(4)  # a new, empty pool after close
+    assert key.nonce_pool_info().level == 0
+
+
+def test_forked_child_never_spends_the_parents_entries(impl, ec_private):
+    key = _key(impl, ec_private)
+    key.enable_nonce_pool(50)
+    key.refill_nonce_pool(50)
+    protected = impl.protected_header(-7, KID)
+    payloads = _payloads(10, "child")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report and leave without running any pytest machinery
+        code = 1
+        try:
+            before = key.nonce_pool_info()
+            sigs = key.sign(protected, payloads)
+            after = key.nonce_pool_info()
+            report = {
+                "orphaned": before.orphaned,
+                "level": before.level,
+                "spent_delta": after.spent - before.spent,
+                "residue": key._nonce_pool_residue(),
+                "refilled": key.refill_nonce_pool(10),
+                "sigs": [s.hex() for s in sigs],
+            }
+            os.write(write, json.dumps(report).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    chunks = []
+    while chunk := os.read(read, 1 << 16):
+        chunks.append(chunk)
+    os.close(read)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+    child = json.loads(b"".join(chunks))
+    assert child["orphaned"] is True
+    assert child["level"] == 0  # the child's copy was discarded before any use
+    assert child["spent_delta"] == 0  # it signed the ordinary way
+    assert child["residue"] == 0  # and its copy of the entries is wiped
+    assert child["refilled"] == 0  # nor does it refill a pool that is not its own
+    child_sigs = [bytes.fromhex(h) for h in child["sigs"]]
+    _verify_all(impl, ec_private, protected, payloads, child_sigs)
+    # The parent still holds all 50 and spends them; none of its r is one the child used.
+    assert key.nonce_pool_info().level == 50
+    parent = key.sign(protected, _payloads(50))
+    assert key.nonce_pool_info().spent == 50
+    assert not {_r(s) for s in parent} & {_r(s) for s in child_sigs}
+
+
+def test_background_refill_fills_at_low_priority_and_refills_after_use(impl, ec_private):
+    key = _key(impl, ec_private)
+    capacity = 64 if impl.__name__.endswith("_reference") else 2_000
+    key.enable_nonce_pool(capacity, background=True)
+    try:
+        deadline = time.monotonic() + 60
+        while key.nonce_pool_info().level < capacity:
+            assert time.monotonic() < deadline, key.nonce_pool_info()
+            time.sleep(0.02)
+        info = key.nonce_pool_info()
+        assert info.refill_thread in ("SCHED_IDLE", "nice 19")  # root or not, lowering works
+        threads = _threads_named_or_idle()
+        assert threads, "no SCHED_IDLE or nice-19 thread found in this process"
+        protected = impl.protected_header(-7, KID)
+        key.sign(protected, _payloads(capacity // 2))
+        while key.nonce_pool_info().level < capacity:  # spent entries are replaced
+            assert time.monotonic() < deadline, key.nonce_pool_info()
+            time.sleep(0.02)
+        info = key.nonce_pool_info()
+        assert info.refilled == capacity + capacity // 2 and info.spent == capacity // 2
+    finally:
+        key.close_nonce_pool()
+    assert key.nonce_pool_info() is None
+
+
+def _threads_named_or_idle() -> list[str]:
+    """Threads of this process that run at SCHED_IDLE (policy 5) or nice 19, from /proc."""
+    found = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        nice, policy = int(fields[16]), int(fields[38])
+        if policy == 5 or nice == 19:
+            found.append(tid)
+    return found
+
+
+def test_native_pool_memory_is_locked_undumpable_and_wiped_on_fork(ec_private):
+    """The kernel's view of the mapping (/proc/self/smaps VmFlags): lo = mlock'ed, dd = not
+    in core dumps, wf = zeroed in a forked child."""
+    from dccsign.native import implementation
+
+    try:
+        native = implementation("native")
+    except ImportError as exc:
+        from conftest import NATIVE_REQUIRED
+
+        if NATIVE_REQUIRED:
+            pytest.fail(f"native extension required: {exc}")
+        pytest.skip(f"native extension not built: {exc}")
+    key = _key(native, ec_private)
+    capacity = 12_347  # an unusual size, to find the mapping among the others
+    info = key.enable_nonce_pool(capacity)
+    assert info.dontdump and info.wipeonfork
+    size_kb = -(-capacity * 64 // 4096) * 4
+    smaps = Path("/proc/self/smaps").read_text()
+    blocks = re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", smaps)
+    flags = [
+        re.search(r"VmFlags:(.*)", b).group(1).split()
+        for b in blocks
+        if re.search(rf"^Size:\s+{size_kb} kB", b, re.M) and "VmFlags" in b
+    ]
+    assert any("dd" in f and "wf" in f for f in flags), flags
+    if info.locked:
+        assert any("lo" in f for f in flags), flags
+        assert info.lock_error is None
+    else:  # RLIMIT_MEMLOCK too small for this process: it says why, and keyd logs it
+        assert info.lock_error
+
+
+def test_pool_api_has_no_way_to_read_an_entry(impl, ec_private):
+    """The pool is spent by sign() only: nothing returns entries, and the key cannot be
+    pickled or copied out of the process."""
+    import pickle
+
+    key = _key(impl, ec_private)
+    key.enable_nonce_pool(4)
+    key.refill_nonce_pool(4)
+    # (The reference's ``_pool`` slot is plain Python, open to introspection like all of it.)
+    public = {n for n in dir(type(key)) if "pool" in n and n != "_pool"}
+    assert public == {
+        "enable_nonce_pool",
+        "refill_nonce_pool",
+        "nonce_pool_info",
+        "clear_nonce_pool",
+        "close_nonce_pool",
+        "_nonce_pool_residue",
+    }
+    info = key.nonce_pool_info()
+    assert all(isinstance(v, (int, bool, str, type(None))) for v in info)
+    assert isinstance(key._nonce_pool_residue(), int)
+    with pytest.raises(TypeError):
+        pickle.dumps(key)
+
+
+def test_pool_refusals(impl, ec_private):
+    key = _key(impl, ec_private)
+    with pytest.raises(ValueError, match="no nonce pool"):
+        key.refill_nonce_pool(1)
+    for bad in (0, -1, 1 << 25):
+        with pytest.raises(ValueError, match="capacity"):
+            key.enable_nonce_pool(bad)
+    with pytest.raises(TypeError):
+        key.enable_nonce_pool(2.5)
+    key.enable_nonce_pool(2)
+    with pytest.raises(ValueError, match="already"):
+        key.enable_nonce_pool(2)
+    with pytest.raises(ValueError, match="max_entries"):
+        key.refill_nonce_pool(-1)
+    pem = rsa.generate_private_key(65537, 2048).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    with pytest.raises(ValueError, match="ES256"):
+        impl.SigningKey.load_pem(pem, None).enable_nonce_pool(2)
