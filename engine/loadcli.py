@@ -2,18 +2,25 @@
 
 Exit codes: 0 the run completed; 1 it completed but wrong answers came back (a sampled HC1
 failed verification, or an invalid DCC was signed); 2 usage (bad option, profile, missing
-matplotlib for --plot); 4 the engine could not be reached or refused the connection.
+matplotlib for --plot, a profile that waits for the nonce pool with ``--metrics none``); 4
+the engine could not be reached or refused the connection, or (a profile with
+``wait_for_pool``) its metrics endpoint could not be scraped or exports no nonce pool; 5 the
+nonce pool did not fill within ``--pool-wait`` (nothing was sent).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from .cliargs import positive
+
+if TYPE_CHECKING:
+    from .loadpool import PoolWait
 
 __all__ = ["add_load_parser", "cmd_bench_load"]
 
@@ -21,6 +28,7 @@ EXIT_OK = 0
 EXIT_WRONG_ANSWERS = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 4
+EXIT_POOL_TIMEOUT = 5
 
 DEV_TLS = Path("var/dev-keystore/dev-tls")
 DEFAULT_METRICS = "http://127.0.0.1:9464/metrics"
@@ -60,8 +68,11 @@ def add_load_parser(bsub: Any) -> argparse.ArgumentParser:
         "for each of its certificates).",
         epilog="Exit codes: 0 run completed; 1 wrong answers (a sampled HC1 failed "
         "verification or an invalid DCC was signed); 2 usage (bad option or profile, "
-        "matplotlib missing for --plot); 4 the engine cannot be reached or refused the "
-        'connection. See bench/README.md, section "dccsign bench load".',
+        "matplotlib missing for --plot, --metrics none with a profile that waits for the "
+        "nonce pool); 4 the engine cannot be reached or refused the connection, or, for a "
+        "profile that waits for the nonce pool, --metrics cannot be scraped or shows no pool; "
+        "5 the nonce pool did not fill within --pool-wait (nothing was sent). See "
+        'bench/README.md, section "dccsign bench load".',
     )
     g = p.add_argument_group("engine")
     g.add_argument(
@@ -101,9 +112,11 @@ def add_load_parser(bsub: Any) -> argparse.ArgumentParser:
         "--metrics",
         default=DEFAULT_METRICS,
         metavar="URL",
-        help=f"the engine's Prometheus endpoint, scraped before and after the run; 'none' "
-        f"skips it; if unreachable, the report says so and the run goes on (default "
-        f"{DEFAULT_METRICS})",
+        help=f"the engine's Prometheus endpoint, scraped before and after the run, and during "
+        f"it about once a second for keyd's nonce pool (dccsign_keyd_nonce_pool_*, if the "
+        f"engine exports it); 'none' skips it; if unreachable, the report says so and the run "
+        f"goes on, except for a profile that waits for the nonce pool (burst), which needs it "
+        f"(default {DEFAULT_METRICS})",
     )
 
     g = p.add_argument_group("load")
@@ -125,14 +138,25 @@ def add_load_parser(bsub: Any) -> argparse.ArgumentParser:
         "--duration",
         type=positive(float, 86_400),
         metavar="S",
-        help="stretch or shrink the profile to S seconds in all (phases in proportion); in "
-        "closed loop, the run's length (default: the profile's duration)",
+        help="stretch or shrink the profile to S seconds in all (phases in proportion), but "
+        "not below its min_duration (10 s for burst: refused); in closed loop, the run's "
+        "length (default: the profile's duration)",
     )
     g.add_argument(
         "--arrivals",
         choices=("poisson", "uniform"),
         help="poisson: independent arrivals (exponential gaps); uniform: evenly spaced "
         "(default: the profile's; the presets use poisson)",
+    )
+    g.add_argument(
+        "--pool-wait",
+        type=positive(float, 86_400),
+        default=600.0,
+        metavar="S",
+        help="for a profile with wait_for_pool (burst): before connecting, poll --metrics "
+        "until every key's nonce pool holds at least 99.9 %% of its capacity, printing the "
+        "level at most once a second; give up after S s with exit 5. The wait is before t=0 "
+        "and counts in no rate (default 600)",
     )
     g.add_argument(
         "--print-profile",
@@ -253,14 +277,16 @@ def add_load_parser(bsub: Any) -> argparse.ArgumentParser:
         metavar="FILE",
         help="write the report as one JSON document to FILE, or to stdout without FILE (the "
         "progress line and the table then go to stderr). Top level: certs_per_s, "
-        "p50_ms, p90_ms, p99_ms, p999_ms, max_ms, busy, errors, then details",
+        "burst_certs_per_s, p50_ms, p90_ms, p99_ms, p999_ms, max_ms, busy, errors, then "
+        "details (among them phases, burst, pool_wait, and nonce_pool: the pool's samples "
+        "[t, entries, capacity, refilled, spent, misses], summed and per kid)",
     )
     g.add_argument(
         "--plot",
         type=Path,
         metavar="FILE.png",
         help="draw throughput (with the intended rate) and latency p50/p99 (log scale) per "
-        "second (needs matplotlib)",
+        "second, and the nonce pool's level over time when it was sampled (needs matplotlib)",
     )
     g.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=cmd_bench_load)
@@ -287,6 +313,9 @@ def _progress_printer(out: TextIO) -> Any:
             f"err {s['errors']:,} in flight {s['in_flight']:,} waiting "
             f"{max(s['outstanding'] - s['in_flight'], 0):,} lag max {s['lag_ms']:.1f} ms"
         )
+        pool = s.get("pool")
+        if pool is not None:
+            line += f" pool {pool.entries:,.0f} ({math.floor(pool.share * 100)} %)"
         if tty:
             out.write("\r\x1b[K" + line)
         else:
@@ -294,6 +323,56 @@ def _progress_printer(out: TextIO) -> Any:
         out.flush()
 
     return show
+
+
+def _pool_wait_printer(out: TextIO) -> Any:
+    """Progress of the wait for the nonce pool: reported at most once a second; a terminal
+    gets one line updated, a log file a line every 5 s."""
+    tty = out.isatty()
+    last = [-math.inf]
+
+    def show(p: Any) -> None:
+        if not tty and p.elapsed_s - last[0] < 5:
+            return
+        last[0] = p.elapsed_s
+        line = f"dccsign bench load: {p.line()}"
+        out.write("\r\x1b[K" + line if tty else line + "\n")
+        out.flush()
+
+    return show
+
+
+def _wait_for_pool(args: argparse.Namespace, profile_name: str, url: str) -> PoolWait | int:
+    """The wait for a full nonce pool, in a trio run of its own before the load's (so that
+    nothing of it is inside the run's clock); returns it, or the exit code after printing
+    why it failed."""
+    import trio
+
+    from .loadpool import PoolTimeout, PoolUnavailable, total, wait_for_full_pool
+
+    progress = None if args.quiet else _pool_wait_printer(sys.stderr)
+    why = f"profile {profile_name!r} waits for a full nonce pool"
+    try:
+        waited = trio.run(lambda: wait_for_full_pool(url, args.pool_wait, progress=progress))
+    except PoolUnavailable as exc:
+        return _fail(EXIT_UNREACHABLE, f"{why}: {exc}")
+    except PoolTimeout as exc:
+        return _fail(EXIT_POOL_TIMEOUT, f"{why}: {exc}")
+    finally:
+        if progress is not None and sys.stderr.isatty():
+            sys.stderr.write("\n")
+    level = total(waited.levels)
+    print(
+        f"dccsign bench load: nonce pool full after {waited.waited_s:.1f} s: "
+        f"{level.entries:,.0f} / {level.capacity:,.0f} entries over {len(waited.levels)} kid(s)",
+        file=sys.stderr,
+    )
+    return waited
+
+
+def _fail(code: int, message: str) -> int:
+    print(f"dccsign bench load: error: {message}", file=sys.stderr)
+    return code
 
 
 def cmd_bench_load(args: argparse.Namespace) -> int:
@@ -311,24 +390,27 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
         to_json,
     )
 
-    def fail(code: int, message: str) -> int:
-        print(f"dccsign bench load: error: {message}", file=sys.stderr)
-        return code
-
     try:
         profile = load_profile(args.profile).scaled(
             rate=args.rate, duration=args.duration, arrivals=args.arrivals
         )
     except ProfileError as exc:
-        return fail(EXIT_USAGE, str(exc))
+        return _fail(EXIT_USAGE, str(exc))
     if args.print_profile:
         sys.stdout.write(profile.to_toml())
         return EXIT_OK
+    metrics_url = None if args.metrics.lower() == "none" else args.metrics
+    if profile.wait_for_pool and metrics_url is None:
+        return _fail(
+            EXIT_USAGE,
+            f"the {profile.name} profile waits for the nonce pool: give --metrics URL (the "
+            f"engine's /metrics, e.g. {DEFAULT_METRICS}), not none",
+        )
     if args.plot is not None:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            return fail(
+            return _fail(
                 EXIT_USAGE,
                 "--plot needs matplotlib: install matplotlib "
                 "(pip install matplotlib, or the project's [test] extra)",
@@ -356,6 +438,7 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
         drain_timeout=args.drain_timeout,
         compression=not args.no_compression,
         seed=args.seed,
+        metrics_url=metrics_url,
     )
     print(
         f"dccsign bench load: preparing {max(args.accounts, 4096):,} payloads "
@@ -369,7 +452,17 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
         account_prefix=config.account_prefix,
         seed=config.seed,
     )
-    metrics_url = None if args.metrics.lower() == "none" else args.metrics
+    pool_wait = None
+    if profile.wait_for_pool:
+        assert metrics_url is not None
+        try:
+            waited = _wait_for_pool(args, profile.name, metrics_url)
+        except KeyboardInterrupt:
+            return _fail(130, "interrupted")
+        if isinstance(waited, int):
+            return waited
+        pool_wait = waited
+    # After the wait: the engine's figures are the run's, not the wait's.
     before = scrape_metrics(metrics_url) if metrics_url else None
     mode = "closed loop" if args.closed_loop else "open loop"
     print(
@@ -381,16 +474,16 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
     try:
         result = trio.run(lambda: run_load(config, payloads, progress=progress))
     except LoadError as exc:
-        return fail(EXIT_UNREACHABLE, str(exc))
+        return _fail(EXIT_UNREACHABLE, str(exc))
     except KeyboardInterrupt:
-        return fail(130, "interrupted")
+        return _fail(130, "interrupted")
     finally:
         if progress is not None and sys.stderr.isatty():
             sys.stderr.write("\n")
     metrics = None
     if before is not None and metrics_url:
         metrics = metrics_delta(before, scrape_metrics(metrics_url))
-    doc = to_json(result, metrics)
+    doc = to_json(result, metrics, pool_wait)
     human.write(text_report(doc))
     if args.json is not None:
         text = json.dumps(doc, ensure_ascii=False, indent=1) + "\n"
@@ -400,14 +493,14 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
             try:
                 Path(args.json).write_text(text, encoding="utf-8")
             except OSError as exc:
-                return fail(EXIT_USAGE, f"cannot write {args.json}: {exc.strerror}")
+                return _fail(EXIT_USAGE, f"cannot write {args.json}: {exc.strerror}")
     if args.plot is not None:
         try:
             plot(doc, args.plot)
         except PlotUnavailable as exc:
-            return fail(EXIT_USAGE, str(exc))
+            return _fail(EXIT_USAGE, str(exc))
         except OSError as exc:
-            return fail(EXIT_USAGE, f"cannot write {args.plot}: {exc.strerror}")
+            return _fail(EXIT_USAGE, f"cannot write {args.plot}: {exc.strerror}")
         human.write(f"  plot: {args.plot}\n")
     if result.wrong_answers:
         human.write(f"  FAILED: {result.wrong_answers:,} wrong answers (see errors)\n")

@@ -6,10 +6,21 @@ It can *stall*: stop answering for a while and then release every reply held bac
 what a garbage-collection pause, a keyd restart or a full queue looks like from the client.
 That is the test of coordinated omission (tests/test_loadgen.py).
 
+It can also simulate keyd's *nonce pool* (:class:`FakePool`): per kid, a pool that fills at a
+fixed rate up to its capacity and that every signed item spends (a miss when empty), exported
+on a small HTTP endpoint (:meth:`FakeEngine.serve_metrics`, ``GET /metrics``) in the series
+and format the engine uses (:mod:`dccsign.loadpool`), for testing ``bench load``'s wait for
+a full pool and its samples of the pool.
+
 Run it in its own process to measure the generator without the engine's cost::
 
     python -m dccsign.loadfake --unix /tmp/fake.sock
     dccsign bench load --server unix:/tmp/fake.sock --closed-loop --batch 100 ...
+
+    python -m dccsign.loadfake --unix /tmp/fake.sock --http 127.0.0.1:9465 \
+        --pool-capacity 65536 --pool-fill-rate 20000
+    dccsign bench load --server unix:/tmp/fake.sock --metrics http://127.0.0.1:9465/metrics \
+        --profile burst --batch 100 ...
 
 Not for production use: it answers anyone, and its "signatures" verify against nothing.
 """
@@ -17,11 +28,12 @@ Not for production use: it answers anyone, and its "signatures" verify against n
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import trio
@@ -29,12 +41,68 @@ import trio
 from .protocol import wire
 from .protocol.codes import ErrorCode
 
-__all__ = ["CANNED_HC1", "CANNED_KID", "FakeEngine", "main"]
+__all__ = ["CANNED_HC1", "CANNED_KID", "FakeEngine", "FakePool", "main"]
 
 #: What every signed item gets: about the length of a real HC1 of a sample DCC, so that the
 #: generator decodes realistic frames. Not a valid certificate.
 CANNED_HC1 = "HC1:" + "NCF" * 190
 CANNED_KID = b"\xfa\x4e\x00\x00\x00\x00\x00\x01"
+
+
+class FakePool:
+    """A simulated nonce pool of one key: it fills at *fill_rate* entries/s up to *capacity*
+    (the refill keyd does in idle time, here continuous), and :meth:`spend` takes one entry
+    per signature, or counts a miss when none is left. Its clock starts when it is first
+    looked at (a scrape or a signature); the *entries* it starts with count as refilled."""
+
+    def __init__(self, capacity: int, *, entries: int = 0, fill_rate: float = 0.0) -> None:
+        if capacity < 1 or not 0 <= entries <= capacity or fill_rate < 0:
+            raise ValueError("need capacity >= 1, 0 <= entries <= capacity, fill_rate >= 0")
+        self.capacity = capacity
+        self.fill_rate = fill_rate
+        self._level = float(entries)
+        self._at: float | None = None
+        self.refilled = float(entries)
+        self.spent = 0
+        self.misses = 0
+
+    def _advance(self, now: float) -> None:
+        if self._at is not None and now > self._at:
+            add = min(self.capacity - self._level, self.fill_rate * (now - self._at))
+            self._level += add
+            self.refilled += add
+        self._at = now
+
+    def entries(self, now: float) -> int:
+        """Entries ready at *now* (trio clock)."""
+        self._advance(now)
+        return math.floor(self._level)
+
+    def spend(self, now: float, n: int) -> None:
+        """*n* signatures at *now*: each takes an entry, or is a miss."""
+        take = min(n, self.entries(now))
+        self._level -= take
+        self.spent += take
+        self.misses += n - take
+
+    def exposition(self, now: float) -> dict[str, float]:
+        """This pool's series, by metric name, as the engine exports them."""
+        return {
+            "entries": self.entries(now),
+            "capacity": self.capacity,
+            "refilled_total": math.floor(self.refilled),
+            "spent_total": self.spent,
+            "misses_total": self.misses,
+        }
+
+
+_POOL_TYPES = (
+    ("entries", "gauge"),
+    ("capacity", "gauge"),
+    ("refilled_total", "counter"),
+    ("spent_total", "counter"),
+    ("misses_total", "counter"),
+)
 
 
 class FakeEngine:
@@ -50,11 +118,13 @@ class FakeEngine:
         max_in_flight, max_batch: announced in WELCOME; requests beyond max_in_flight get
             BUSY, like the engine.
         keys: what LIST_KEYS returns (default none, so sampled verification fails).
+        pools: simulated nonce pools by kid, exported by :meth:`serve_metrics`; signed items
+            spend the pool of :data:`CANNED_KID` (the kid of every reply), if there is one.
         fast: after the handshake, skip the codec: decode each distinct request body once
             and answer repeats of it from a cache with pre-encoded replies (the generator
             cycles a fixed pool of frames). Checks nothing; for measuring the generator's
             own ceiling, where the full decoding (~7 us per item) would make the fake the
-            bottleneck. No stall, BUSY or validation in this mode.
+            bottleneck. No stall, BUSY, validation or pool spending in this mode.
     """
 
     def __init__(
@@ -67,6 +137,7 @@ class FakeEngine:
         max_batch: int = 1000,
         keys: Sequence[wire.KeyInfo] = (),
         fast: bool = False,
+        pools: Mapping[bytes, FakePool] | None = None,
     ) -> None:
         self.stall_after = stall_after
         self.stall_for = stall_for
@@ -81,6 +152,10 @@ class FakeEngine:
         self.requests = 0
         self.items = 0
         self.held = 0
+        self.pools = dict(pools or {})
+        #: The spent pool's entries when the first SIGN / SIGN_BATCH arrived (None: none yet).
+        self.pool_at_first_request: int | None = None
+        self.scrapes = 0
 
     def _release_time(self, now: float) -> float | None:
         """When a reply produced at *now* may go out (None: now)."""
@@ -172,6 +247,8 @@ class FakeEngine:
             now = trio.current_time()
             if self.first_request is None:
                 self.first_request = now
+                pool = self.pools.get(CANNED_KID)
+                self.pool_at_first_request = pool.entries(now) if pool else None
             self.requests += 1
             if in_flight >= self.max_in_flight:
                 busy = wire.Error(event.request_id, ErrorCode.BUSY, "fake: in flight", 100)
@@ -259,6 +336,9 @@ class FakeEngine:
         items = (event.item,) if isinstance(event, wire.Sign) else event.items
         self.items += len(items)
         results = tuple(self._result(item) for item in items)
+        pool = self.pools.get(CANNED_KID)
+        if pool is not None:
+            pool.spend(trio.current_time(), sum(r.error is None for r in results))
         if isinstance(event, wire.Sign):
             return wire.SignResult(event.request_id, results[0])
         return wire.SignBatchResult(event.request_id, results)
@@ -272,6 +352,54 @@ class FakeEngine:
             except DCCValidationError as exc:
                 return wire.ItemResult(error=ErrorCode.INVALID_DCC, message=str(exc)[:200])
         return wire.ItemResult(hc1=CANNED_HC1, kid=CANNED_KID)
+
+    def metrics_text(self) -> str:
+        """The pools' series in the Prometheus text format, as the engine writes them."""
+        now = trio.current_time()
+        series = {kid.hex(): pool.exposition(now) for kid, pool in self.pools.items()}
+        lines = []
+        for name, kind in _POOL_TYPES:
+            family = name.removesuffix("_total")
+            lines.append(f"# TYPE dccsign_keyd_nonce_pool_{family} {kind}")
+            lines += [
+                f'dccsign_keyd_nonce_pool_{name}{{kid="{kid}"}} {float(values[name])}'
+                for kid, values in sorted(series.items())
+            ]
+        return "\n".join(lines) + "\n"
+
+    async def serve_metrics(
+        self, host: str = "127.0.0.1", port: int = 0, *, task_status: Any = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve ``GET /metrics`` (:meth:`metrics_text`) on *host*:*port*; reports the bound
+        (host, port)."""
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        task_status.started(listeners[0].socket.getsockname()[:2])
+        await trio.serve_listeners(self._http, listeners)
+
+    async def _http(self, stream: trio.SocketStream) -> None:
+        try:
+            with trio.move_on_after(5):
+                data = b""
+                while b"\r\n\r\n" not in data and len(data) < 8192:
+                    chunk = await stream.receive_some(4096)
+                    if not chunk:
+                        return
+                    data += chunk
+                line = data.split(b"\r\n", 1)[0].split()
+                if line[:2] == [b"GET", b"/metrics"]:
+                    self.scrapes += 1
+                    status, body = "200 OK", self.metrics_text().encode()
+                else:
+                    status, body = "404 Not Found", b"GET /metrics only\n"
+                head = (
+                    f"HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                )
+                await stream.send_all(head.encode() + body)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await trio.aclose_forcefully(stream)
 
     @staticmethod
     async def _writer(stream: trio.abc.Stream, frames: trio.MemoryReceiveChannel[bytes]) -> None:
@@ -322,6 +450,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(checks nothing; for measuring the generator's own ceiling)",
     )
     parser.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        help="serve GET /metrics (the simulated nonce pools) here; port 0 picks one, printed "
+        "on stderr (default: no metrics endpoint)",
+    )
+    parser.add_argument(
+        "--pool-capacity",
+        type=int,
+        default=0,
+        metavar="N",
+        help="simulate a nonce pool of N entries for each of --pool-kids kids; the first kid "
+        "is the one every reply names, and signed items spend its pool (default 0: none)",
+    )
+    parser.add_argument(
+        "--pool-start", type=int, default=0, metavar="N", help="entries at start (default 0)"
+    )
+    parser.add_argument(
+        "--pool-fill-rate",
+        type=float,
+        default=10_000.0,
+        metavar="R",
+        help="entries/s added while below capacity (default 10000)",
+    )
+    parser.add_argument(
+        "--pool-kids", type=int, default=1, metavar="K", help="kids with a pool (default 1)"
+    )
+    parser.add_argument(
         "--max-in-flight",
         type=int,
         default=32,
@@ -329,18 +484,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="announced in WELCOME; more gets BUSY (default 32, as the engine)",
     )
     args = parser.parse_args(argv)
+    http = None
+    if args.http:
+        host, _, port = args.http.rpartition(":")
+        if not host or not port.isdigit():
+            parser.error(f"--http: expected HOST:PORT, not {args.http!r}")
+        http = host.strip("[]"), int(port)
+    try:
+        pools = {
+            CANNED_KID[:7] + bytes([CANNED_KID[7] + i]): FakePool(
+                args.pool_capacity, entries=args.pool_start, fill_rate=args.pool_fill_rate
+            )
+            for i in range(args.pool_kids if args.pool_capacity else 0)
+        }
+    except ValueError as exc:
+        parser.error(f"pool: {exc}")
     fake = FakeEngine(
         stall_after=args.stall_after,
         stall_for=args.stall_for,
         validate=args.validate,
         max_in_flight=args.max_in_flight,
         fast=args.fast,
+        pools=pools,
     )
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(fake.serve_unix, args.unix)
             print(f"loadfake: listening on {args.unix}", file=sys.stderr, flush=True)
+            if http is not None:
+                bound = await nursery.start(fake.serve_metrics, *http)
+                print(
+                    f"loadfake: metrics on http://{bound[0]}:{bound[1]}/metrics",
+                    file=sys.stderr,
+                    flush=True,
+                )
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for _ in signals:
                     nursery.cancel_scope.cancel()

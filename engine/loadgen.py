@@ -42,6 +42,19 @@ to the error ``bad_signature``. An invalid DCC that comes back signed is the err
 ``SIGNED_INVALID``; an invalid DCC refused with INVALID_DCC is the expected answer
 (``rejected_as_expected``), not an error.
 
+**The engine's nonce pool is sampled during the run** when ``metrics_url`` is given
+(:mod:`.loadpool`): once before the first request, about once a second in a task of its own
+(the HTTP GET runs in a worker thread), and once 0.5 s after the last reply (the engine's copy
+of keyd's counts lags by up to 0.25 s; that time is after the last reply and in no rate); if
+the first sample shows no pool, there are no more. Waiting for a full pool (a profile's
+``wait_for_pool``) is done before :func:`run_load`, by
+:func:`dccsign.loadpool.wait_for_full_pool`: the run's clock, and so every rate, starts after
+it.
+
+**Per phase**, the certificates signed OK are also counted by the profile phase in which their
+reply arrived (``phase_ok``; the last entry: after the profile, while draining), so that a
+report can give the rate during one phase -- the burst -- next to the whole run's.
+
 Counting: ``ok`` and the latency histograms count *certificates* (a batch frame's latency
 applies to each of its certificates); ``busy`` counts BUSY *answers* (a request-level ERROR
 BUSY for a whole frame, or one item's BUSY result), ``busy_certs`` the certificates they
@@ -51,6 +64,8 @@ refused; ``errors`` counts certificates that failed otherwise (by code, see
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import math
 import random
@@ -66,6 +81,7 @@ import trio
 import zstandard
 
 from .latency import LatencyHistogram
+from .loadpool import PoolSampler, PoolSeries
 from .loadprofile import Profile
 from .protocol import wire
 from .protocol.codes import ErrorCode
@@ -134,6 +150,9 @@ class LoadConfig:
     compression: bool = True
     seed: int = 2021
     connect_timeout: float = 10.0
+    #: The engine's /metrics, to sample the nonce pool during the run (None: not sampled).
+    metrics_url: str | None = None
+    pool_sample_interval: float = 1.0
 
 
 # ----------------------------------------------------------------------------- payloads
@@ -341,6 +360,11 @@ class LoadResult:
     connection_losses: list[str] = field(default_factory=list)
     cpu_s: float = 0.0
     verify: dict[str, Any] = field(default_factory=dict)
+    #: Certificates signed OK by the profile phase their reply arrived in; one more entry for
+    #: replies after the profile's end. Before verification (like ``timeline``).
+    phase_ok: list[int] = field(default_factory=list)
+    #: The nonce pool's samples (None: not sampled, no metrics_url).
+    nonce_pool: PoolSeries | None = None
 
     @property
     def errors(self) -> int:
@@ -531,6 +555,13 @@ class _Run:
         self.keys: list[wire.KeyInfo] = []
         self.sample_candidates = 0
         self.result: LoadResult | None = None
+        #: Each phase's end, seconds from t0 (for phase_ok).
+        self.phase_ends = list(itertools.accumulate(p.duration for p in self.profile.phases))
+        self.sampler = (
+            PoolSampler(config.metrics_url, interval_s=config.pool_sample_interval)
+            if config.metrics_url
+            else None
+        )
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -784,6 +815,7 @@ class _Run:
             r.latency.record(latency, n_ok)
             r.service_latency.record(now - sent, n_ok)
             bucket.hist.record(latency, n_ok)
+            r.phase_ok[bisect.bisect_right(self.phase_ends, now - self.t0)] += n_ok
             self._sample(frame, results, ok_positions, n_ok)
 
     def _sample(
@@ -955,6 +987,7 @@ class _Run:
                     "outstanding": self.outstanding,
                     "in_flight": sum(len(c.pending) for c in self.conns),
                     "lag_ms": r.schedule_lag.max_s * 1e3,
+                    "pool": self.sampler.latest if self.sampler is not None else None,
                 }
             )
             tick += 1
@@ -995,7 +1028,11 @@ class _Run:
             started_at=0.0,
             duration_s=duration,
             elapsed_s=duration,
+            phase_ok=[0] * (len(self.phase_ends) + 1),
         )
+        sampler = self.sampler
+        if sampler is not None:
+            await sampler.sample()  # the level before the first request
         cpu0 = time.process_time()
         self.t0 = trio.current_time() + 0.05
         self.end = self.t0 + duration
@@ -1005,6 +1042,8 @@ class _Run:
                 nursery.start_soon(self._slot, conn)
             if self.progress is not None:
                 nursery.start_soon(self._report_progress)
+            if sampler is not None and sampler.has_pool:
+                nursery.start_soon(sampler.run, self.t0)
             if config.closed_loop:
                 await trio.sleep_until(self.end)
             else:
@@ -1032,6 +1071,10 @@ class _Run:
                 self._error(end_bucket, "NO_REPLY", self.payloads.batch)
             conn.pending.clear()
         r.elapsed_s = max(duration, self.last_reply - self.t0)
+        if sampler is not None:
+            if sampler.has_pool:
+                await sampler.final_sample()  # the level after the last reply
+            r.nonce_pool = sampler.series(self.t0)
         return r
 
 

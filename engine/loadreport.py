@@ -1,12 +1,15 @@
 """Reports of ``dccsign bench load``: the JSON document, the text table, the plot, and the
 engine's own metrics scraped before and after the run.
 
-The JSON's top level carries the headline figures -- ``certs_per_s``, ``p50_ms``, ``p90_ms``,
-``p99_ms``, ``p999_ms``, ``max_ms``, ``busy``, ``errors`` -- and the detail below them:
-``counts``, ``errors_by_code``, ``latency`` (from the intended start; with the HDR histogram
-encoded), ``service_latency`` (from the write), ``generator`` (its own lag and CPU),
-``verify``, ``timeline`` (one entry per second) and ``engine_metrics``. The text table and the
-plot are drawn from the same :class:`~dccsign.loadgen.LoadResult`, so the three agree.
+The JSON's top level carries the headline figures -- ``certs_per_s``, ``burst_certs_per_s``,
+``p50_ms``, ``p90_ms``, ``p99_ms``, ``p999_ms``, ``max_ms``, ``busy``, ``errors`` -- and the
+detail below them: ``counts``, ``errors_by_code``, ``latency`` (from the intended start; with
+the HDR histogram encoded), ``service_latency`` (from the write), ``generator`` (its own lag
+and CPU), ``verify``, ``phases`` and ``burst`` (signed OK per phase, see :func:`burst`),
+``pool_wait`` (the wait for a full nonce pool before the run), ``nonce_pool`` (the pool's
+samples during the run, :meth:`dccsign.loadpool.PoolSeries.as_json`), ``timeline`` (one
+entry per second) and ``engine_metrics``. The text table and the plot are drawn from the same
+:class:`~dccsign.loadgen.LoadResult`, so the three agree.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 
 from .latency import PERCENTILES
 from .loadgen import ERROR_NAMES, LoadResult
+from .loadpool import PoolWait
 
 __all__ = [
     "MetricsSnapshot",
@@ -190,12 +194,61 @@ def knee(result: LoadResult) -> dict[str, Any] | None:
     return None
 
 
+def phases(result: LoadResult) -> list[dict[str, Any]]:
+    """Per phase of the profile: its window (``start_s``, ``end_s``, from the run's start),
+    the intended rate, and the certificates signed OK whose reply arrived within it
+    (``ok``, ``certs_per_s``; before verification, like the timeline)."""
+    out, start = [], 0.0
+    profile = result.profile
+    for i, p in enumerate(profile.phases):
+        end = start + p.duration
+        ok = result.phase_ok[i] if i < len(result.phase_ok) else 0
+        out.append(
+            {
+                "phase": i,
+                "start_s": round(start, 3),
+                "end_s": round(end, 3),
+                "intended_certs_per_s": round(
+                    (profile.cumulative(end) - profile.cumulative(start)) / p.duration, 1
+                ),
+                "ok": ok,
+                "certs_per_s": round(ok / p.duration, 1),
+            }
+        )
+        start = end
+    return out
+
+
+def burst(result: LoadResult) -> dict[str, Any]:
+    """The burst: in open loop, the phase with the highest intended rate (the first of equal
+    ones) -- the whole profile for ``burst`` and ``constant``, the 10 x phase for ``spike``;
+    in closed loop, where the profile's rates do not apply, the whole duration. Its window
+    and the rate signed OK within it; a wait for the nonce pool lies before t = 0 and is in
+    no window."""
+    if result.mode == "open-loop":
+        table = phases(result)
+        return max(table, key=lambda e: e["intended_certs_per_s"])
+    ok = sum(result.phase_ok[:-1])
+    duration = max(result.duration_s, 1e-9)
+    return {
+        "phase": None,
+        "start_s": 0.0,
+        "end_s": round(result.duration_s, 3),
+        "intended_certs_per_s": None,
+        "ok": ok,
+        "certs_per_s": round(ok / duration, 1),
+    }
+
+
 def to_json(
     result: LoadResult,
     metrics: dict[str, Any] | None = None,
+    pool_wait: PoolWait | None = None,
 ) -> dict[str, Any]:
-    """The report as one JSON-ready dict (see the module docstring)."""
+    """The report as one JSON-ready dict (see the module docstring); *pool_wait* is the
+    wait for a full nonce pool that preceded the run, if any."""
     lat = result.latency.summary_ms()
+    window = burst(result)
     config = result.config
     wall = max(result.elapsed_s, 1e-9)
     doc: dict[str, Any] = {
@@ -206,6 +259,7 @@ def to_json(
         "duration_s": round(result.duration_s, 3),
         "elapsed_s": round(result.elapsed_s, 3),
         "certs_per_s": round(result.certs_per_s, 1),
+        "burst_certs_per_s": window["certs_per_s"],
         "frames_per_s": round(result.ok_frames / wall, 1),
         "offered_certs_per_s": round(result.offered / max(result.duration_s, 1e-9), 1),
         "p50_ms": lat["p50"],
@@ -248,6 +302,14 @@ def to_json(
             "connection_losses": result.connection_losses[:20],
         },
         "verify": result.verify,
+        "phases": phases(result),
+        "burst": window,
+        "pool_wait": pool_wait.as_json() if pool_wait is not None else None,
+        "nonce_pool": (
+            result.nonce_pool.as_json((window["start_s"], window["end_s"]))
+            if result.nonce_pool is not None
+            else None
+        ),
         "knee": knee(result),
         "engine": result.welcome | {"keys": result.keys},
         "profile": result.profile.as_json(),
@@ -295,6 +357,7 @@ def text_report(doc: dict[str, Any]) -> str:
         f"({_n(c['offered'])} certs in {doc['duration_s']:g} s)",
         f"  signed ok   {_n(doc['certs_per_s']):>10} certs/s   "
         f"({_n(c['ok'])} certs in {doc['elapsed_s']:g} s; {_n(doc['frames_per_s'])} frames/s)",
+        *_burst_lines(doc),
         "",
         "  latency (ms)       p50       p90       p99     p99.9       max",
     ]
@@ -325,6 +388,7 @@ def text_report(doc: dict[str, Any]) -> str:
             f"  verified    {_n(v['verified']):>10} sampled HC1s against {v['keys']} DSCs: "
             f"{_n(v['failed'])} failed" + (f" ({v['reasons'][0]})" if v["reasons"] else "")
         )
+    lines += _pool_lines(doc.get("nonce_pool"))
     lines += [
         "",
         f"  generator: schedule lag p99 {lag['p99']:.2f} ms, max {lag['max']:.2f} ms; waited "
@@ -365,6 +429,62 @@ def text_report(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _burst_lines(doc: dict[str, Any]) -> list[str]:
+    """The rate during the burst, and the wait for the pool that preceded the run."""
+    b = doc.get("burst")
+    if not b:
+        return []
+    where = f"phase[{b['phase']}], " if b["phase"] is not None else ""
+    intended = (
+        f"; intended {_n(b['intended_certs_per_s'])} certs/s"
+        if b["intended_certs_per_s"] is not None
+        else ""
+    )
+    lines = [
+        f"  burst       {_n(b['certs_per_s']):>10} certs/s   (signed ok in {where}"
+        f"t={b['start_s']:g}-{b['end_s']:g} s: {_n(b['ok'])} certs{intended})"
+    ]
+    w = doc.get("pool_wait")
+    if w:
+        lines.append(
+            f"  pool wait   {w['waited_s']:>10.1f} s         before t=0, until every key's nonce "
+            f"pool was full ({_n(w['entries'])} / {_n(w['capacity'])} entries, "
+            f"{_kids(len(w['per_kid']))}); in no rate"
+        )
+    return lines
+
+
+def _kids(n: int) -> str:
+    return f"{n} kid" if n == 1 else f"{n} kids"
+
+
+def _level(e: dict[str, float]) -> str:
+    share = e["entries"] / e["capacity"] if e["capacity"] else 0.0
+    return f"{_n(e['entries'])} / {_n(e['capacity'])} ({math.floor(share * 100):.0f} %)"
+
+
+def _pool_lines(pool: dict[str, Any] | None) -> list[str]:
+    """The nonce pool's level over the run (nothing when it was not sampled)."""
+    if pool is None:
+        return []
+    s = pool["summary"]
+    if s is None:
+        return [f"  nonce pool  not sampled: {pool['last_error'] or 'no samples'}"]
+    start, end, low = s["burst_start"], s["burst_end"], s["min"]
+
+    def rate(x: float | None) -> str:
+        return "-" if x is None else _n(x)
+
+    return [
+        f"  nonce pool  burst start {_level(start)} entries (t={start['t']:.1f} s), end "
+        f"{_level(end)} (t={end['t']:.1f} s), min {_level(low)} (t={low['t']:.1f} s)",
+        f"  nonce pool  during the run: spent {_n(s['spent'])}, misses {_n(s['misses'])}, "
+        f"refilled {_n(s['refilled'])}: {rate(s['refill_per_s_mean'])} entries/s mean, "
+        f"{rate(s['refill_per_s_max'])} entries/s max between samples "
+        f"({len(pool['samples'])} samples, {_kids(s['kids'])})",
+    ]
+
+
 def error_legend(names: Sequence[str]) -> list[str]:
     """Explanations of the generator's own error names among *names*."""
     return [f"{n}: {ERROR_NAMES[n]}" for n in names if n in ERROR_NAMES]
@@ -379,7 +499,8 @@ class PlotUnavailable(RuntimeError):
 
 def plot(doc: dict[str, Any], path: Path) -> None:
     """Draw throughput (with the intended rate) and latency p50/p99 (log scale) per second
-    into a PNG at *path*.
+    into a PNG at *path*; when the nonce pool was sampled, a third panel with its level over
+    time (sum over kids, the capacity dashed, the burst's window shaded, misses if any).
 
     Raises:
         PlotUnavailable: matplotlib is missing (install it: ``pip install matplotlib``).
@@ -395,7 +516,13 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         ) from None
     tl = doc["timeline"]
     t = [e["t"] + 0.5 for e in tl]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
+    pool = (doc.get("nonce_pool") or {}).get("samples")
+    if pool:
+        fig, (top, bottom, third) = plt.subplots(
+            3, 1, figsize=(10, 9.5), sharex=True, height_ratios=(3, 3, 2)
+        )
+    else:
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
     title = (
         f"dccsign bench load: {doc['mode']}, profile {doc['profile']['name']!r}, "
         f"batch {doc['config']['batch']}, {doc['config']['connections']} connections"
@@ -427,7 +554,6 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     bottom.set_ylabel(
         "latency, ms (from intended start)" if doc["mode"] == "open-loop" else "latency, ms"
     )
-    bottom.set_xlabel("seconds since start (by completion)")
     bottom.grid(True, which="both", alpha=0.3)
     bottom.legend(loc="upper right", fontsize=8)
     summary = (
@@ -436,9 +562,46 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         f"errors {doc['errors']:,}"
     )
     bottom.set_title(summary, fontsize=9)
+    axes = [top, bottom]
+    if pool:
+        _plot_pool(third, doc)
+        axes.append(third)
+    axes[-1].set_xlabel("seconds since start (by completion)")
     if doc["duration_s"] and not math.isnan(doc["duration_s"]):
-        for ax in (top, bottom):
+        for ax in axes:
             ax.axvline(doc["duration_s"], color="0.7", linewidth=0.8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _plot_pool(ax: Any, doc: dict[str, Any]) -> None:
+    """The nonce pool panel: entries and capacity (sums over kids) at each sample, the
+    burst's window shaded, cumulative misses on a second axis when there are any."""
+    pool = doc["nonce_pool"]
+    rows = pool["samples"]
+    ts = [r[0] for r in rows]
+    b = doc.get("burst") or {}
+    if b:
+        ax.axvspan(b["start_s"], b["end_s"], color="tab:blue", alpha=0.06, label="burst")
+    ax.plot(ts, [r[2] for r in rows], color="0.5", linestyle="--", label="capacity")
+    ax.plot(ts, [r[1] for r in rows], color="tab:green", marker=".", label="entries")
+    ax.set_ylabel("nonce pool entries")
+    ax.set_ylim(0, max(max(r[2] for r in rows), 1) * 1.08)  # a full pool stays visible
+    ax.grid(True, alpha=0.3)
+    s = pool["summary"]
+    if s and s["misses"]:
+        twin = ax.twinx()
+        first = rows[0][5]
+        twin.plot(ts, [r[5] - first for r in rows], color="tab:red", marker=".", label="misses")
+        twin.set_ylabel("misses (cumulative)", color="tab:red")
+        twin.set_ylim(bottom=0)
+        twin.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="lower left", fontsize=8)
+    if s:
+        ax.set_title(
+            f"nonce pool ({_kids(s['kids'])}): min {s['min']['entries']:,.0f}, spent "
+            f"{s['spent']:,.0f}, misses {s['misses']:,.0f}, refill "
+            f"{s['refill_per_s_mean'] or 0:,.0f} entries/s mean",
+            fontsize=9,
+        )

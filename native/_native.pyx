@@ -62,6 +62,7 @@ cdef extern from "dcccore.h" nogil:
     void dcc_signer_close(dcc_signer *s)
     int dcc_sign_tbs(dcc_signer *s, const uint8_t *tbs, size_t tbslen, uint8_t *sig,
                      size_t *siglen)
+    int dcc_sign_digest(dcc_signer *s, const uint8_t *digest, uint8_t *sig, size_t *siglen)
     size_t dcc_hc1_scratch_len(size_t plen, size_t paylen, size_t siglen)
     size_t dcc_hc1_max_len(size_t plen, size_t paylen, size_t siglen)
     int dcc_hc1_encode_one(const uint8_t *prot, size_t plen, const uint8_t *pay, size_t paylen,
@@ -84,6 +85,8 @@ cdef extern from "noncepool.h" nogil:
     void dcc_pool_free(dcc_pool *pool)
     size_t dcc_pool_refill(dcc_pool *pool, size_t max_new)
     int dcc_pool_start_refill(dcc_pool *pool)
+    void dcc_pool_enter(dcc_pool *pool)
+    void dcc_pool_leave(dcc_pool *pool)
     dcc_pool_work *dcc_pool_work_new()
     void dcc_pool_work_free(dcc_pool_work *w)
     int dcc_pool_sign(dcc_pool *pool, dcc_pool_work *w, const uint8_t *digest, uint8_t *sig)
@@ -404,6 +407,8 @@ cdef class SigningKey:
             if tbs == NULL or sigs == NULL or siglens == NULL:
                 raise MemoryError()
             with nogil:
+                if pool != NULL:
+                    dcc_pool_enter(pool)  # the background refill waits until we are done
                 for i in range(batch.n):
                     tbslen = dcc_sig_structure(prot, plen, batch.ptrs[i], batch.lens[i], tbs)
                     pooled = 0
@@ -422,11 +427,17 @@ cdef class SigningKey:
                             if rc != DCC_OK:
                                 break
                             opened = 1
-                        rc = dcc_sign_tbs(&signer, tbs, tbslen, sigs + i * maxsig, &siglens[i])
+                        if pool != NULL:  # a miss: the digest is already there
+                            rc = dcc_sign_digest(&signer, digest, sigs + i * maxsig, &siglens[i])
+                        else:
+                            rc = dcc_sign_tbs(&signer, tbs, tbslen, sigs + i * maxsig,
+                                              &siglens[i])
                         if rc != DCC_OK:
                             break
                 if opened:
                     dcc_signer_close(&signer)
+                if pool != NULL:
+                    dcc_pool_leave(pool)
             if rc != DCC_OK:
                 raise SigningError("OpenSSL failed to sign")
             return [PyBytes_FromStringAndSize(<char *>(sigs + i * maxsig), siglens[i])

@@ -112,10 +112,16 @@ class SigningKey:
         if self.alg == ES256:
             pool = self._pool
             out = []
-            for p in items:
-                tbs = sig_structure(protected, p)
-                sig = pool.sign(hashlib.sha256(tbs).digest()) if pool is not None else None
-                out.append(sig if sig is not None else self._sign_es256(tbs))
+            if pool is not None:
+                pool.enter()  # the background refill waits until this batch is done
+            try:
+                for p in items:
+                    tbs = sig_structure(protected, p)
+                    sig = pool.sign(hashlib.sha256(tbs).digest()) if pool is not None else None
+                    out.append(sig if sig is not None else self._sign_es256(tbs))
+            finally:
+                if pool is not None:
+                    pool.leave()
             return out
         return [self._key.sign(sig_structure(protected, p), _PSS, hashes.SHA256()) for p in items]
 
@@ -209,6 +215,19 @@ class _Pool:
         self._thread: threading.Thread | None = None
         self._policy: str | None = None
         self._stopping = False
+        self._signing = 0  # batches in progress: the background refill yields to them
+
+    def enter(self) -> None:
+        if not self._orphaned():
+            with self._lock:
+                self._signing += 1
+
+    def leave(self) -> None:
+        if not self._orphaned():
+            with self._lock:
+                self._signing -= 1
+                if self._signing == 0:
+                    self._room.notify()
 
     def start_refill(self) -> None:
         self._thread = threading.Thread(target=self._refill_main, name="nonce-pool", daemon=True)
@@ -238,11 +257,13 @@ class _Pool:
             self._policy = policy
         while True:
             with self._lock:
-                while not self._stopping and self._level == self._capacity:
+                while not self._stopping and (
+                    self._level == self._capacity or self._signing > 0
+                ):
                     self._room.wait()
                 if self._stopping:
                     return
-            self.refill(64)
+            self.refill(16)
 
     def _orphaned(self) -> bool:
         # A forked child never spends its parent's entries: it wipes its copy instead.

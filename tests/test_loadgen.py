@@ -1,18 +1,22 @@
 """``dccsign bench load``: open loop against a stalled fake engine (coordinated omission is
 not hidden), closed loop for contrast, counting of BUSY, errors and wrong answers, profiles,
-the HDR histogram's precision, the report (JSON, plot, metrics), and a run against the real
-engine (slow)."""
+the HDR histogram's precision, the report (JSON, plot, metrics), the nonce pool (the wait for
+a full pool, its samples, the burst's rate) against the fake's simulated pool, and a run
+against the real engine (slow)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -20,10 +24,24 @@ import trio
 
 from dccsign.cli import main
 from dccsign.latency import LatencyHistogram
-from dccsign.loadfake import FakeEngine
+from dccsign.loadfake import CANNED_KID, FakeEngine, FakePool
 from dccsign.loadgen import LoadConfig, LoadError, build_payloads, run_load
+from dccsign.loadpool import (
+    PoolTimeout,
+    PoolUnavailable,
+    pool_levels,
+    summarize,
+    wait_for_full_pool,
+)
 from dccsign.loadprofile import PRESETS, ProfileError, load_profile, parse_profile
-from dccsign.loadreport import metrics_delta, parse_prometheus, scrape_metrics, to_json
+from dccsign.loadreport import (
+    metrics_delta,
+    parse_prometheus,
+    plot,
+    scrape_metrics,
+    text_report,
+    to_json,
+)
 from engine_process import EngineProcess
 
 IN_CI = os.environ.get("CI") == "true"
@@ -254,6 +272,8 @@ def test_arrivals_match_the_intended_rate():
         ("base_rate = 1\narrivals = 'bursty'\n[[phase]]\nduration = 1\nlevel = 1\n", "arrivals"),
         ("base_rate = [\n", "not valid TOML"),
         ("rate = 5\n", "unknown key(s) rate"),
+        ("base_rate = 1\nwait_for_pool = 1\n[[phase]]\nduration = 1\nlevel = 1\n", "true or false"),
+        ("base_rate = 1\nmin_duration = 5\n[[phase]]\nduration = 1\nlevel = 1\n", "min_duration 5"),
     ],
 )
 def test_bad_profiles_are_refused_clearly(tmp_path, text, message):
@@ -348,7 +368,10 @@ def test_stage_means_come_in_path_order_from_the_run_only():
             f'dccsign_stage_seconds_sum{{stage="{name}"}} {s * scale}\n'
             f'dccsign_stage_seconds_count{{stage="{name}"}} {c * scale}\n'
             for name, s, c in (
-                ("encode", 0.02, 10), ("future", 1.0, 1), ("keyd", 0.5, 100), ("start", 0.01, 50)
+                ("encode", 0.02, 10),
+                ("future", 1.0, 1),
+                ("keyd", 0.5, 100),
+                ("start", 0.01, 50),
             )
         ]
         return MetricsSnapshot("u", parse_prometheus("".join(lines)), None)
@@ -444,7 +467,301 @@ def test_to_json_of_an_empty_run_is_complete():
     r = LoadResult(config, config.profile, "open-loop", {"server": "x"}, 0, 0.0, 0.0, 1.0, 1.0)
     doc = to_json(r)
     assert doc["certs_per_s"] == 0 and doc["p99_ms"] == 0.0 and doc["errors"] == 0
+    assert doc["burst_certs_per_s"] == 0 and doc["burst"]["end_s"] == 1.0
+    assert doc["nonce_pool"] is None and doc["pool_wait"] is None
     json.dumps(doc)
+
+
+# ----------------------------------------------------------------------------- nonce pool
+
+POOL_KID = CANNED_KID.hex()  # the kid of every reply of the fake, whose pool signing spends
+
+
+def test_burst_preset_parses_and_is_listed(capsys):
+    burst = load_profile("burst")
+    assert "burst" in PRESETS and burst.wait_for_pool and burst.min_duration == 10
+    assert burst.duration == 10 and [p.level for p in burst.phases] == [1]
+    assert "full nonce pool" in burst.description and "--rate" in burst.description
+    assert not load_profile("spike").wait_for_pool  # the flag, not the name, decides
+    # --duration stretches it, never shrinks it below its 10 s.
+    assert burst.scaled(duration=25).duration == pytest.approx(25)
+    with pytest.raises(ProfileError, match="at least 10 s"):
+        burst.scaled(duration=9.5)
+    again = parse_profile(burst.to_toml(), "again")
+    assert again.wait_for_pool and again.min_duration == 10
+    assert main(["bench", "load", "--profile", "burst", "--rate", "9000", "--print-profile"]) == 0
+    out = capsys.readouterr().out
+    assert "wait_for_pool = true" in out and "base_rate = 9000\n" in out
+    assert (
+        main(["bench", "load", "--profile", "burst", "--duration", "5", "--metrics", "none"]) == 2
+    )
+    assert "min_duration" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "load", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "burst: launch morning with a full nonce pool" in help_text
+    assert "--pool-wait S" in help_text and "5 the nonce pool did not fill" in help_text
+
+
+def test_pool_series_are_read_per_kid():
+    text = (
+        "# TYPE dccsign_keyd_nonce_pool_entries gauge\n"
+        'dccsign_keyd_nonce_pool_entries{kid="a1b2c3d4e5f60718"} 41230.0\n'
+        'dccsign_keyd_nonce_pool_entries{kid="00000000000000ff"} 7.0\n'
+        'dccsign_keyd_nonce_pool_capacity{kid="a1b2c3d4e5f60718"} 65536.0\n'
+        'dccsign_keyd_nonce_pool_capacity{kid="00000000000000ff"} 0.0\n'
+        'dccsign_keyd_nonce_pool_refilled_total{kid="a1b2c3d4e5f60718"} 70000.0\n'
+        'dccsign_keyd_nonce_pool_refilled_created{kid="a1b2c3d4e5f60718"} 1.7e9\n'
+        'dccsign_keyd_nonce_pool_spent_total{kid="a1b2c3d4e5f60718"} 4464.0\n'
+        'dccsign_keyd_nonce_pool_misses_total{kid="a1b2c3d4e5f60718"} 3.0\n'
+        'dccsign_items_total{client="a",kid="a1b2c3d4e5f60718",result="ok"} 10.0\n'
+    )
+    levels = pool_levels(parse_prometheus(text))
+    assert list(levels) == ["a1b2c3d4e5f60718"]  # capacity 0: no pool
+    level = levels["a1b2c3d4e5f60718"]
+    assert (level.entries, level.capacity, level.refilled, level.spent, level.misses) == (
+        41230,
+        65536,
+        70000,
+        4464,
+        3,
+    )
+    assert not level.full() and level.share == pytest.approx(41230 / 65536)
+    assert pool_levels(parse_prometheus("dccsign_keyd_up 1.0\n")) == {}
+
+
+def test_pool_summary_picks_the_burst_window_and_survives_a_counter_reset():
+    # t, entries, capacity, refilled, spent, misses (sums over kids)
+    rows = [
+        [-0.05, 1000, 1000, 1000, 0, 0],
+        [1.0, 600, 1000, 1100, 500, 0],
+        [2.0, 0, 1000, 1200, 1200, 40],
+        [3.0, 300, 1000, 300, 0, 0],  # keyd restarted: its counters start again
+        [4.0, 500, 1000, 500, 0, 0],
+    ]
+    s = summarize(rows, (1.0, 2.5), 2)
+    assert s["burst_start"] == {"t": 1.0, "entries": 600, "capacity": 1000}
+    assert s["burst_end"] == {"t": 3.0, "entries": 300, "capacity": 1000}
+    assert s["min"]["entries"] == 0 and s["min"]["t"] == 2.0
+    assert s["refilled"] == 100 + 100 + 300 + 200
+    assert s["spent"] == 1200 and s["misses"] == 40 and s["kids"] == 2
+    assert s["refill_per_s_max"] == 300.0
+    assert s["refill_per_s_mean"] == round(700 / 4.05, 1)
+    assert summarize([], (0, 1), 0) is None
+
+
+@pytest.mark.trio
+async def test_the_burst_is_the_busiest_phase_counted_by_reply_time(tmp_path):
+    """0.6 s at 300/s, then 0.6 s at 1,500/s: the burst is the second phase, and its rate
+    counts only the replies that arrived within it."""
+    profile = parse_profile(
+        "base_rate = 300\narrivals = 'uniform'\n[[phase]]\nduration = 0.6\nlevel = 1\n"
+        "[[phase]]\nduration = 0.6\nlevel = 5\n",
+        "two",
+    )
+    async with trio.open_nursery() as nursery:
+        r = await _against_fake(nursery, tmp_path, FakeEngine(), profile=profile, batch=5)
+    doc = to_json(r)
+    first, second = doc["phases"]
+    assert doc["burst"] == second and (second["start_s"], second["end_s"]) == (0.6, 1.2)
+    assert second["intended_certs_per_s"] == 5 * first["intended_certs_per_s"] == 1500
+    assert second["ok"] > first["ok"] > 0
+    assert sum(r.phase_ok) == r.ok and len(r.phase_ok) == 3  # the last: after the profile
+    assert doc["burst_certs_per_s"] == round(second["ok"] / 0.6, 1)
+    assert doc["nonce_pool"] is None  # no metrics_url: not sampled
+
+
+@pytest.mark.trio
+async def test_wait_for_full_pool_waits_for_the_fill(tmp_path):
+    """An empty pool of 1,000 filling at 2,500 entries/s: it cannot hold 999 before 0.3996 s
+    of simulated fill, so the wait cannot end earlier; nothing is sent to the engine."""
+    fake = FakeEngine(pools={CANNED_KID: FakePool(1000, fill_rate=2500)})
+    seen = []
+    async with trio.open_nursery() as nursery:
+        host, port = await nursery.start(fake.serve_metrics)
+        url = f"http://{host}:{port}/metrics"
+        waited = await wait_for_full_pool(url, 30, progress=seen.append, poll_s=0.05)
+        nursery.cancel_scope.cancel()
+    assert waited.waited_s >= 0.39 and waited.scrapes >= 2
+    assert waited.levels[POOL_KID].entries >= 999 and waited.levels[POOL_KID].capacity == 1000
+    assert seen and seen[0].level.entries < 999 and seen[0].per_s is None
+    assert seen[0].line().startswith("waiting for the nonce pool: ")
+    assert "/ 1,000 entries (" in seen[0].line()
+    assert fake.requests == 0 and fake.scrapes == waited.scrapes
+    assert waited.as_json()["per_kid"][POOL_KID]["capacity"] == 1000
+
+
+@pytest.mark.trio
+async def test_wait_for_full_pool_times_out_or_finds_no_pool(tmp_path):
+    stuck = FakeEngine(pools={CANNED_KID: FakePool(1000, entries=10)})  # never refilled
+    none = FakeEngine()
+    async with trio.open_nursery() as nursery:
+        host, port = await nursery.start(stuck.serve_metrics)
+        with pytest.raises(PoolTimeout) as info:
+            await wait_for_full_pool(f"http://{host}:{port}/metrics", 0.3, poll_s=0.05)
+        host, port = await nursery.start(none.serve_metrics)
+        with pytest.raises(PoolUnavailable, match=r"exports no nonce pool.*--nonce-pool 0"):
+            await wait_for_full_pool(f"http://{host}:{port}/metrics", 5)
+        nursery.cancel_scope.cancel()
+    message = str(info.value)
+    assert "did not fill within --pool-wait 0.3 s" in message
+    assert "10 / 1,000 entries (1 %)" in message and f"{POOL_KID} 10 / 1,000" in message
+    assert stuck.scrapes >= 2
+
+
+@contextlib.contextmanager
+def _fake_in_thread(tmp_path, fake: FakeEngine):
+    """The fake engine and its metrics endpoint in a thread with a trio run of its own, so
+    that the command line (which runs trio itself) drives it while the test can still look
+    at the fake's state afterwards."""
+    path = str(tmp_path / "pool.sock")
+    ready = threading.Event()
+    box = {}
+
+    async def serve():
+        async with trio.open_nursery() as nursery:
+            box["scope"] = nursery.cancel_scope
+            box["token"] = trio.lowlevel.current_trio_token()
+            await nursery.start(fake.serve_unix, path)
+            host, port = await nursery.start(fake.serve_metrics)
+            box["url"] = f"http://{host}:{port}/metrics"
+            ready.set()
+
+    thread = threading.Thread(target=trio.run, args=(serve,), daemon=True)
+    thread.start()
+    assert ready.wait(30), "the fake did not start"
+    try:
+        yield f"unix:{path}", box["url"]
+    finally:
+        trio.from_thread.run_sync(box["scope"].cancel, trio_token=box["token"])
+        thread.join(30)
+
+
+def _pool_profile(tmp_path, seconds: float, rate: float):
+    path = tmp_path / "pool.toml"
+    path.write_text(
+        f"base_rate = {rate}\narrivals = 'uniform'\nwait_for_pool = true\n"
+        f"[[phase]]\nduration = {seconds}\nlevel = 1\n"
+    )
+    return str(path)
+
+
+def _pool_argv(server, url, profile, *more):
+    return [
+        "bench", "load", "--server", server, "--metrics", url, "--profile", profile,
+        "--batch", "10", "--verify-sample", "0", "--accounts", "100", "--quiet", *more,
+    ]  # fmt: skip
+
+
+def test_cli_waits_for_the_pool_before_sending_and_counts_the_wait_in_no_rate(tmp_path, capsys):
+    """The pool starts empty and takes 2 s of simulated fill: the first request must find
+    it full, and the 1 s run's rates must not include the wait."""
+    pool = FakePool(2000, fill_rate=1000)
+    fake = FakeEngine(pools={CANNED_KID: pool})
+    out = tmp_path / "r.json"
+    with _fake_in_thread(tmp_path, fake) as (server, url):
+        argv = _pool_argv(server, url, _pool_profile(tmp_path, 1.0, 500), "--json", str(out))
+        assert main(argv) == 0
+    doc = json.loads(out.read_text())
+    assert fake.pool_at_first_request is not None and fake.pool_at_first_request >= 1998
+    wait = doc["pool_wait"]
+    assert wait["waited_s"] >= 1.9 and wait["entries"] >= 1998 and wait["capacity"] == 2000
+    ok = doc["counts"]["ok"]
+    assert ok > 0 and doc["elapsed_s"] < 1.0 + wait["waited_s"]
+    assert doc["certs_per_s"] == round(ok / doc["elapsed_s"], 1)
+    assert doc["burst"]["start_s"] == 0 and doc["burst"]["end_s"] == 1.0
+    assert doc["burst_certs_per_s"] == doc["burst"]["ok"] <= ok  # a window of 1 s
+    err = capsys.readouterr().err
+    assert "nonce pool full after" in err and "entries over 1 kid(s)" in err
+
+
+def test_cli_samples_the_pool_and_reports_the_burst(tmp_path, capsys):
+    """A full pool of 2,000 refilled at 400/s and a 1.5 s burst of ~3,000 certificates:
+    it runs dry, and the report's spent and misses are exactly the fake's."""
+    pool = FakePool(2000, entries=2000, fill_rate=400)
+    fake = FakeEngine(pools={CANNED_KID: pool, b"\x00" * 7 + b"\x02": FakePool(50, entries=50)})
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    plotting = _plot_available()
+    more = ["--json", str(out)] + (["--plot", str(png)] if plotting else [])
+    with _fake_in_thread(tmp_path, fake) as (server, url):
+        assert main(_pool_argv(server, url, _pool_profile(tmp_path, 1.5, 2000), *more)) == 0
+    doc = json.loads(out.read_text())
+    pool_doc = doc["nonce_pool"]
+    assert pool_doc["columns"] == ["t", "entries", "capacity", "refilled", "spent", "misses"]
+    rows = pool_doc["samples"]
+    assert len(rows) >= 3 and rows[0][0] < 0 < rows[-1][0]  # before the first request, after
+    assert [r[0] for r in rows] == sorted(r[0] for r in rows)
+    assert rows[0][1:3] == [2050, 2050]  # the sum over both kids, full at the start
+    assert sorted(pool_doc["per_kid"]) == sorted([POOL_KID, "0000000000000002"])
+    assert len(pool_doc["per_kid"][POOL_KID]) == len(rows)
+    s = pool_doc["summary"]
+    assert s["kids"] == 2 and s["burst_start"]["entries"] == 2050
+    assert s["spent"] == pool.spent and s["misses"] == pool.misses > 0
+    assert s["spent"] + s["misses"] == doc["counts"]["ok"]
+    assert 0 < s["refilled"] <= pool.refilled - 2000 and s["min"]["entries"] < 2050
+    b = doc["burst"]
+    assert b["phase"] == 0 and b["end_s"] == 1.5 and doc["phases"] == [b]
+    assert doc["burst_certs_per_s"] == round(b["ok"] / 1.5, 1)
+    text = capsys.readouterr().out
+    assert text == text_report(doc) + (f"  plot: {png}\n" if plotting else "")
+    assert f"burst       {b['certs_per_s']:>10,.0f} certs/s   (signed ok in phase[0]" in text
+    assert f"misses {s['misses']:,}" in text and "nonce pool  burst start 2,050 / 2,050" in text
+    assert "2 kids" in text and f"{len(rows)} samples" in text
+    if plotting:
+        assert _png_height(png) > 0
+
+
+def _png_height(path) -> int:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">I", data[20:24])[0]  # IHDR: width, then height
+
+
+def test_plot_gets_a_pool_panel_when_there_are_samples(tmp_path):
+    if not _plot_available():
+        pytest.skip("matplotlib is not installed (pip install matplotlib, or the [test] extra)")
+    from dccsign.loadgen import LoadResult
+    from dccsign.loadpool import PoolLevel, PoolSeries
+
+    config = LoadConfig(profile=_constant(10, 2.0))
+    r = LoadResult(config, config.profile, "open-loop", {"server": "x"}, 0, 0.0, 0.0, 2.0, 2.0)
+    doc = to_json(r)
+    plot(doc, tmp_path / "plain.png")
+    r.nonce_pool = PoolSeries(
+        "u",
+        1.0,
+        [0.0, 1.0, 2.0],
+        [{"k": PoolLevel(e, 100, 100, 100 - e, 0)} for e in (100.0, 40.0, 0.0)],
+    )
+    doc = to_json(r)
+    plot(doc, tmp_path / "pool.png")
+    assert _png_height(tmp_path / "pool.png") > _png_height(tmp_path / "plain.png")
+
+
+def test_cli_pool_errors_are_clear(tmp_path, capsys):
+    """--metrics none with a waiting profile: usage (2) before anything is prepared; an
+    engine without a pool, or an unreachable endpoint: 4; a pool that never fills: 5."""
+    assert main(["bench", "load", "--profile", "burst", "--metrics", "none"]) == 2
+    err = capsys.readouterr().err
+    assert "the burst profile waits for the nonce pool: give --metrics URL" in err
+    assert "preparing" not in err
+    profile = _pool_profile(tmp_path, 0.5, 100)
+    fake = FakeEngine()
+    with _fake_in_thread(tmp_path, fake) as (server, url):
+        assert main(_pool_argv(server, url, profile)) == 4
+    assert "exports no nonce pool" in capsys.readouterr().err and fake.requests == 0
+    stuck = FakeEngine(pools={CANNED_KID: FakePool(1000, entries=500)})
+    with _fake_in_thread(tmp_path, stuck) as (server, url):
+        assert main(_pool_argv(server, url, profile, "--pool-wait", "0.5")) == 5
+    err = capsys.readouterr().err
+    assert "did not fill within --pool-wait 0.5 s: 500 / 1,000 entries (50 %)" in err
+    assert stuck.requests == 0 and stuck.first_request is None
+    with socket.socket() as sock:  # a port that nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # The wait fails before anything connects to the (stopped) fake.
+    assert main(_pool_argv(server, f"http://127.0.0.1:{port}/metrics", profile)) == 4
+    assert "cannot scrape" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- real engine

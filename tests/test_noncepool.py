@@ -206,6 +206,44 @@ def test_background_refill_fills_at_low_priority_and_refills_after_use(impl, ec_
     assert key.nonce_pool_info() is None
 
 
+def test_background_refill_yields_to_live_signing(impl, ec_private):
+    """While a batch signs, the refill thread starts no chunk: a batch that drains the pool
+    keeps it (nearly) empty until it ends, and the pool fills once it has."""
+    import threading
+
+    key = _key(impl, ec_private)
+    capacity = 32 if impl.__name__.endswith("_reference") else 500
+    key.enable_nonce_pool(capacity, background=True)
+    try:
+        deadline = time.monotonic() + 60
+        while key.nonce_pool_info().level < capacity:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        protected = impl.protected_header(-7, KID)
+        n = capacity + (300 if impl.__name__.endswith("_reference") else 20_000)
+        done = threading.Event()
+        worker = threading.Thread(
+            target=lambda: (key.sign(protected, _payloads(n)), done.set()), daemon=True
+        )
+        worker.start()
+        refilled = []  # the refill count from the moment the batch drained the pool
+        while not done.is_set():
+            info = key.nonce_pool_info()
+            if info.spent >= capacity:  # drained: from here on only misses, no refill
+                refilled.append(info.refilled)
+            time.sleep(0.002)
+        worker.join()
+        assert len(refilled) >= 3, "the batch ended before it drained the pool"
+        # Nothing added while the batch went on (entries would be spent at once, so the
+        # level alone could not tell), except one chunk of 16 already under way.
+        assert refilled[-1] - capacity <= 16, refilled
+        while key.nonce_pool_info().level < capacity:  # and refilled once signing stopped
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        key.close_nonce_pool()
+
+
 def _threads_named_or_idle() -> list[str]:
     """Threads of this process that run at SCHED_IDLE (policy 5) or nice 19, from /proc."""
     found = []

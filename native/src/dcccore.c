@@ -684,16 +684,21 @@ int dcc_sign_tbs(dcc_signer *s, const uint8_t *tbs, size_t tbslen, uint8_t *sig,
 {
     uint8_t digest[32];
     SHA256(tbs, tbslen, digest);
+    return dcc_sign_digest(s, digest, sig, siglen);
+}
+
+int dcc_sign_digest(dcc_signer *s, const uint8_t digest[32], uint8_t *sig, size_t *siglen)
+{
     if (s->alg == DCC_ALG_ES256) {
         uint8_t der[80];
         size_t derlen = sizeof der;
-        if (EVP_PKEY_sign(s->pctx, der, &derlen, digest, sizeof digest) <= 0) goto fail;
+        if (EVP_PKEY_sign(s->pctx, der, &derlen, digest, 32) <= 0) goto fail;
         if (ecdsa_der_to_raw(der, derlen, sig) != 0) goto fail;
         *siglen = 64;
         return DCC_OK;
     }
     size_t outlen = s->maxsig;
-    if (EVP_PKEY_sign(s->pctx, sig, &outlen, digest, sizeof digest) <= 0) goto fail;
+    if (EVP_PKEY_sign(s->pctx, sig, &outlen, digest, 32) <= 0) goto fail;
     *siglen = outlen;
     return DCC_OK;
 fail:

@@ -97,6 +97,9 @@ int dcc_signer_open(dcc_signer *s, EVP_PKEY *pkey, int alg);
 void dcc_signer_close(dcc_signer *s);
 /* SHA-256 over tbs, then sign. ES256: 64-byte r||s, each half left-padded, low-S. */
 int dcc_sign_tbs(dcc_signer *s, const uint8_t *tbs, size_t tbslen, uint8_t *sig, size_t *siglen);
+/* The same from the SHA-256 of a Sig_structure this module built (the nonce pool's miss path
+ * has hashed it already). Never exposed to Python: nothing signs a caller's digest. */
+int dcc_sign_digest(dcc_signer *s, const uint8_t digest[32], uint8_t *sig, size_t *siglen);
 
 /* One complete HC1 string (not NUL-terminated) from its parts; scratch must hold
  * dcc_hc1_scratch_len() bytes and out dcc_hc1_max_len() bytes. */

@@ -38,6 +38,7 @@ struct dcc_pool {
     pthread_cond_t room;  /* signalled when an entry is taken while the thread waits */
     pthread_t thread;
     int thread_running, stopping, refill_waiting, refill_policy, sync_ready;
+    int signing; /* batches inside dcc_pool_enter/leave: the refill thread waits for 0 */
     EC_GROUP *group;
     BIGNUM *order, *order_minus_2, *half_order;
     BIGNUM *d_mont; /* the private scalar d * 2^256 mod n (Montgomery form) */
@@ -288,7 +289,8 @@ static void *refill_main(void *arg)
     pthread_mutex_unlock(&p->lock);
     for (;;) {
         pthread_mutex_lock(&p->lock);
-        while (!p->stopping && p->level == p->capacity) {
+        /* Full, or a batch is signing: live signing has the cores (and the lock) first. */
+        while (!p->stopping && (p->level == p->capacity || p->signing > 0)) {
             p->refill_waiting = 1;
             pthread_cond_wait(&p->room, &p->lock);
             p->refill_waiting = 0;
@@ -296,7 +298,7 @@ static void *refill_main(void *arg)
         int stop = p->stopping;
         pthread_mutex_unlock(&p->lock);
         if (stop) break;
-        if (dcc_pool_refill(p, DCC_POOL_REFILL_CHUNK) == (size_t)-1) {
+        if (dcc_pool_refill(p, DCC_POOL_BACKGROUND_CHUNK) == (size_t)-1) {
             /* OpenSSL failed (the entropy source, most likely): try again in a while rather
              * than spin; signing falls back meanwhile. */
             struct timespec pause = {0, 100 * 1000 * 1000};
@@ -304,6 +306,23 @@ static void *refill_main(void *arg)
         }
     }
     return NULL;
+}
+
+void dcc_pool_enter(dcc_pool *p)
+{
+    if (orphaned(p)) return;
+    pthread_mutex_lock(&p->lock);
+    p->signing++;
+    pthread_mutex_unlock(&p->lock);
+}
+
+void dcc_pool_leave(dcc_pool *p)
+{
+    if (orphaned(p)) return;
+    pthread_mutex_lock(&p->lock);
+    if (p->signing > 0 && --p->signing == 0 && p->refill_waiting)
+        pthread_cond_signal(&p->room);
+    pthread_mutex_unlock(&p->lock);
 }
 
 int dcc_pool_start_refill(dcc_pool *p)

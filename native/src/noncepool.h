@@ -33,6 +33,9 @@
 #define DCC_POOL_ENTRY_SIZE 64
 /* Entries computed per locked insertion by dcc_pool_refill. */
 #define DCC_POOL_REFILL_CHUNK 64
+/* Entries the background thread computes before it looks again whether a batch is signing:
+ * ~0.4 ms of one core, the longest a refill keeps going once live signing starts. */
+#define DCC_POOL_BACKGROUND_CHUNK 16
 
 typedef struct dcc_pool dcc_pool;
 
@@ -76,6 +79,11 @@ size_t dcc_pool_refill(dcc_pool *pool, size_t max_new);
  * SCHED_IDLE (else nice 19), and keeps the pool full in chunks of DCC_POOL_REFILL_CHUNK,
  * sleeping while it is full. dcc_pool_free stops and joins it. Returns 0, or an errno. */
 int dcc_pool_start_refill(dcc_pool *pool);
+
+/* A signing batch begins / ends: while any batch is between the two, the background refill
+ * thread does not start another chunk (it yields to live signing, on top of SCHED_IDLE). */
+void dcc_pool_enter(dcc_pool *pool);
+void dcc_pool_leave(dcc_pool *pool);
 
 /* Per-thread scratch for dcc_pool_sign (BIGNUMs allocated once per batch, not per call). */
 typedef struct dcc_pool_work dcc_pool_work;

@@ -1,0 +1,142 @@
+"""The end-to-end burst of issue 6, with and without nonce pools, against ``openssl speed``.
+
+    python bench/engine_burst.py [--rate 20000] [--rounds 2] [--batch 50] [--json FILE]
+
+Each round, in alternating order: ``openssl speed -seconds 1 -multi 2 ecdsap256`` (the bar);
+a fresh engine (``dccsign serve --dev``: TLS, supervised keyd) with the default nonce pools,
+driven by ``dccsign bench load --profile burst`` (it waits until every pool is full, then
+offers ``--rate`` certificates/s for 10 s); and the same with ``--nonce-pool 0``. Each burst
+reports the rate signed during the burst, the p99 of the accepted requests, BUSY answers and
+the pool's low point; 1 % of the signed certificates are verified against the DSCs.
+
+The target of issue 6 compares the pooled burst's rate with ``openssl_2p`` of the same round.
+The generator shares the two cores with the engine and keyd, as in bench/engine_targets.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from dccsign.benchcompare import openssl_sign_rate
+
+DCCSIGN = [sys.executable, "-m", "dccsign"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def burst(rate: float, batch: int, connections: int, pool: int | None) -> dict:
+    """One fresh engine, one burst; the summary of its ``bench load`` JSON report."""
+    work = Path(tempfile.mkdtemp(prefix="dccsign-burst-"))
+    port, http = _free_port(), _free_port()
+    store = work / "keystore"
+    extra = [] if pool is None else ["--nonce-pool", str(pool)]
+    with open(work / "engine.log", "wb") as log:
+        engine = subprocess.Popen(
+            [*DCCSIGN, "serve", "--dev", "--keystore", str(store), "--tcp", f"127.0.0.1:{port}",
+             "--http", f"127.0.0.1:{http}", *extra],
+            stderr=log,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if engine.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit((work / "engine.log").read_text()) from None
+                time.sleep(0.2)
+        tls = store / "dev-tls"
+        report = work / "load.json"
+        profile = ["--profile", "burst"] if pool != 0 else ["--profile", "constant",
+                                                              "--duration", "10"]
+        cmd = [
+            *DCCSIGN, "bench", "load", "--quiet", "--json", str(report), *profile,
+            "--rate", f"{rate:.0f}", "--server", f"127.0.0.1:{port}",
+            "--cert", str(tls / "client-cert.pem"), "--key", str(tls / "client-key.pem"),
+            "--ca", str(tls / "ca.pem"), "--metrics", f"http://127.0.0.1:{http}/metrics",
+            "--batch", str(batch), "--connections", str(connections), "--verify-sample", "0.01",
+        ]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0 or not report.exists():
+            raise SystemExit(f"bench load failed ({done.returncode}):\n{done.stderr}")
+        doc = json.loads(report.read_text())
+    finally:
+        engine.send_signal(signal.SIGTERM)
+        try:
+            engine.wait(60)
+        except subprocess.TimeoutExpired:
+            engine.kill()
+    shutil.rmtree(work, ignore_errors=True)
+    summary = (doc.get("nonce_pool") or {}).get("summary") or {}
+    return {
+        "burst_certs_per_s": doc.get("burst_certs_per_s") or doc["certs_per_s"],
+        "p99_ms": doc["p99_ms"],
+        "busy": doc["busy"],
+        "verified_failed": doc.get("verify", {}).get("failed"),
+        "pool_min": summary.get("min"),
+        "pool_misses": summary.get("misses"),
+        "pool_wait_s": (doc.get("pool_wait") or {}).get("waited_s"),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rate", type=float, default=20_000, help="offered certificates/s")
+    p.add_argument("--batch", type=int, default=50)
+    p.add_argument("--connections", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise SystemExit("openssl not found on PATH")
+    cases = {
+        "openssl_2p": lambda: {"rate": openssl_sign_rate(openssl, 2)},
+        "engine_pool": lambda: burst(args.rate, args.batch, args.connections, None),
+        "engine_no_pool": lambda: burst(args.rate, args.batch, args.connections, 0),
+    }
+    rounds = []
+    for r in range(args.rounds):
+        row: dict = {}
+        for name in list(cases) if r % 2 == 0 else list(reversed(cases)):
+            row[name] = cases[name]()
+            print(f"round {r} {name}: {row[name]}", flush=True)
+        bar = row["openssl_2p"]["rate"]
+        row["pool/openssl_2p"] = round(row["engine_pool"]["burst_certs_per_s"] / bar, 3)
+        row["no_pool/openssl_2p"] = round(row["engine_no_pool"]["burst_certs_per_s"] / bar, 3)
+        row["pool/no_pool"] = round(
+            row["engine_pool"]["burst_certs_per_s"] / row["engine_no_pool"]["burst_certs_per_s"], 3
+        )
+        rounds.append(row)
+    med = {k: statistics.median(r[k] for r in rounds) for k in ("pool/openssl_2p",
+                                                                  "no_pool/openssl_2p",
+                                                                  "pool/no_pool")}
+    print("medians:", ", ".join(f"{k} {v:.3f}" for k, v in med.items()))
+    ok = med["pool/openssl_2p"] >= 1.0
+    p99 = statistics.median(r["engine_pool"]["p99_ms"] for r in rounds)
+    print(f"target (pooled burst >= openssl -multi 2, same round): {'PASS' if ok else 'FAIL'}")
+    print(f"target (p99 <= 50 ms during the pooled burst): {'PASS' if p99 <= 50 else 'FAIL'} "
+          f"({p99:.1f} ms)")
+    if args.json:
+        args.json.write_text(json.dumps(
+            {"date": time.strftime("%Y-%m-%d %H:%M"), "rate": args.rate, "batch": args.batch,
+             "rounds": rounds, "median": med}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
