@@ -185,8 +185,8 @@ def _close_pool(loaded: LoadedKey, why: str | None) -> None:
 def _log_pool(loaded: LoadedKey, info: native.NoncePoolInfo) -> None:
     what = (
         f"nonce pool for key {loaded.dsc.kid.hex()} ({loaded.name}): up to {info.capacity:,} "
-        f"entries ({info.capacity * 64 // 1024:,} KiB), refilled by a {info.refill_thread} "
-        "thread"
+        f"entries ({info.capacity * 64 // 1024:,} KiB), refilled by a "
+        f"{info.refill_thread or 'low-priority'} thread"
     )
     if info.locked:
         LOGGER.info("%s, in locked memory", what)

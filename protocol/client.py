@@ -320,7 +320,14 @@ class Client:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-        self._sock.close()
+        # The reader must be out of recv() before the descriptor is closed: otherwise the
+        # number can be reused at once (by the caller's next open()), and the reader's next
+        # read -- OpenSSL keeps the bare number -- consumes that file's bytes. shutdown()
+        # ends its recv with EOF, so the join is short.
+        if self._reader is not threading.current_thread():
+            self._reader.join(self.timeout)
+        with self._send_lock:  # no send is under way on it either (_closed is set)
+            self._sock.close()
 
     def __enter__(self) -> Client:
         return self

@@ -310,3 +310,15 @@ def test_blocking_client_request_ids_rise_under_concurrency(threaded_engine):
             t.join(10)
     assert len(out) == 30 and all(r.ok for batch in out for r in batch)
     assert len(engine.frames) == 30
+
+
+def test_blocking_client_close_waits_for_its_reader(threaded_engine):
+    """close() returns only once the reader thread is out of recv(): a descriptor closed under
+    a reader can be reused at once by the caller's next open(), and the reader's next read
+    (OpenSSL keeps the bare number) would consume that file's bytes."""
+    _engine, address = threaded_engine()
+    for _ in range(20):
+        client = Client(address)
+        assert client._reader.is_alive()
+        client.close()
+        assert not client._reader.is_alive()
