@@ -2,18 +2,23 @@
 
 :class:`PrivateKeyd` runs ``dccsign keyd`` as a child process on a socket in a private
 directory (mode 0700), so that only this process's user can reach it, restarts it when it has
-died, and stops it with SIGTERM (a final audit checkpoint) when done. :class:`KeydSigner` is the
+died, and stops it with SIGTERM (a final audit checkpoint) when done. keyd's log lines (key
+state changes, nonce pools, a failed mlock, audit problems) are relayed to this process's
+stderr when ``relay_log`` is set, as the engine does; the last ones also give the reason when
+keyd refuses to start. :class:`KeydSigner` is the
 key object a :class:`~dccsign.chain.SignerKey` holds when the private key lives in keyd.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,8 +57,12 @@ class PrivateKeyd:
         startup_timeout: float = 60.0,
         validate_dcc: bool = False,
         nonce_pool: int | None = None,
+        relay_log: bool = False,
     ) -> None:
         self.keystore = Path(keystore)
+        self.relay_log = relay_log
+        self._log_tail: collections.deque[str] = collections.deque(maxlen=20)
+        self._relay: threading.Thread | None = None
         self.audit_dir = audit_dir
         self.validate_dcc = validate_dcc
         self.nonce_pool = nonce_pool  # entries per active ES256 key; None: keyd's default
@@ -76,7 +85,6 @@ class PrivateKeyd:
     def start(self) -> None:
         """Start keyd (again) and wait until it accepts connections."""
         assert self.socket_path is not None and self._tmp is not None
-        log_path = Path(self._tmp.name) / "keyd.log"
         argv = [
             sys.executable,
             "-m",
@@ -93,17 +101,25 @@ class PrivateKeyd:
             argv.append("--validate-dcc")
         if self.nonce_pool is not None:
             argv += ["--nonce-pool", str(self.nonce_pool)]
-        with open(log_path, "ab") as log:
-            self._proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log
-            )
+        self._proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        self._log_tail.clear()
+        self._relay = threading.Thread(
+            target=_relay_lines,
+            args=(self._proc.stderr, self._log_tail, sys.stderr if self.relay_log else None),
+            name="keyd-log",
+            daemon=True,
+        )
+        self._relay.start()
         deadline = time.monotonic() + self.startup_timeout
         # A keyd that was killed leaves its socket file: readiness is a successful connect.
         while not _accepts(self.socket_path):
             if self._proc.poll() is not None:
-                message = log_path.read_text(errors="replace").strip().splitlines()
+                self._relay.join(5)  # the pipe ends with the process: every line is in
+                message = [line for line in self._log_tail if line.strip()]
                 text = message[-1] if message else f"keyd exited with {self._proc.returncode}"
-                raise KeystoreError(text.removeprefix("dccsign keyd: error: "))
+                raise KeystoreError(text.strip().removeprefix("dccsign keyd: error: "))
             if time.monotonic() > deadline:
                 self._proc.kill()
                 self._proc.wait()
@@ -141,6 +157,19 @@ class PrivateKeyd:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+
+
+def _relay_lines(stream, tail: collections.deque[str], out) -> None:
+    """Copy keyd's stderr line by line into *tail* (and to *out*) until keyd closes it."""
+    with stream:
+        for raw in iter(stream.readline, b""):
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            tail.append(line)
+            if out is not None:
+                try:
+                    print(line, file=out, flush=True)
+                except (OSError, ValueError):  # our stderr is gone: keep draining the pipe
+                    out = None
 
 
 class KeydSigner:

@@ -87,7 +87,7 @@ class Engine:
         task_status: Any = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Run until :meth:`drain` finishes. Reports a dict of bound addresses when ready."""
-        keyd = PrivateKeyd(self.keystore, nonce_pool=self.nonce_pool)
+        keyd = PrivateKeyd(self.keystore, nonce_pool=self.nonce_pool, relay_log=True)
         await trio.to_thread.run_sync(keyd.__enter__)
         self.keyd = keyd
         try:

@@ -262,16 +262,9 @@ def _threads_named_or_idle() -> list[str]:
 def test_native_pool_memory_is_locked_undumpable_and_wiped_on_fork(ec_private):
     """The kernel's view of the mapping (/proc/self/smaps VmFlags): lo = mlock'ed, dd = not
     in core dumps, wf = zeroed in a forked child."""
-    from dccsign.native import implementation
+    from conftest import _load_impl  # skips (or fails where the build is mandatory) as impl
 
-    try:
-        native = implementation("native")
-    except ImportError as exc:
-        from conftest import NATIVE_REQUIRED
-
-        if NATIVE_REQUIRED:
-            pytest.fail(f"native extension required: {exc}")
-        pytest.skip(f"native extension not built: {exc}")
+    native = _load_impl("native")
     key = _key(native, ec_private)
     capacity = 12_347  # an unusual size, to find the mapping among the others
     info = key.enable_nonce_pool(capacity)

@@ -271,6 +271,9 @@ def test_nonce_pool_level_and_refills_are_exported(dev_keystore_copy, tmp_path):
             assert time.monotonic() < deadline, "the pools never filled"
             time.sleep(0.1)
         assert all(series("capacity", k) == 500 for k in kids)
+        # keyd's own log reaches the engine's: each pool, and whether its memory is locked
+        log = e.log.read_text()
+        assert all(f"nonce pool for key {k}" in log for k in kids), log
         with e.client() as c:
             results = c.sign_batch([SignItem(sample("v"), "uzi:pool") for _ in range(40)])
         assert all(r.ok for r in results)
