@@ -25,8 +25,9 @@ fraudulent but valid DCC from a real one: against an abused account, the control
 policy and quotas in front of keyd, and this audit log.
 
 Nonce pools (``nonce_pool=N``, ``dccsign keyd --nonce-pool N``): every active ES256 software
-key gets a pool of N precomputed nonces (64 bytes each, in locked memory), kept full by its
-own native refill thread at SCHED_IDLE, and spent by signing (see native/src/noncepool.h for
+key gets a pool of N precomputed nonces (64 bytes each, mlock'ed where the memlock limit
+allows, logged otherwise), kept full by its own native refill thread at SCHED_IDLE, and
+spent by signing (see native/src/noncepool.h for
 the rules). A key that stops being active has its pool wiped at once; keyd wipes them all
 when it stops. Token (PKCS#11) keys never have one: their nonces are the token's.
 
@@ -92,8 +93,8 @@ RELOAD_INTERVAL = 0.5
 #: Payloads per signing task: small enough that checking the next chunk overlaps signing this
 #: one, large enough that the per-call cost of the native batch stays negligible.
 SIGN_CHUNK = 32
-#: Nonce pool entries per active ES256 software key: 65,536 x 64 bytes = 4 MiB, about two
-#: seconds of both cores signing flat out, refilled in about 2 s of one idle core.
+#: Nonce pool entries per active ES256 software key: 65,536 x 64 bytes = 4 MiB, about a
+#: second of keyd signing flat out from the pool, refilled in about 2 s of one idle core.
 DEFAULT_NONCE_POOL = 65_536
 JOURNAL_OFFSET = "key-events.offset"
 
@@ -349,7 +350,15 @@ class Keyd:
             if loaded.state != "active":
                 _close_pool(loaded, f"is {loaded.state}")
             elif self.nonce_pool and loaded.key.nonce_pool_info() is None:
-                info = loaded.key.enable_nonce_pool(self.nonce_pool, background=True)
+                try:
+                    info = loaded.key.enable_nonce_pool(self.nonce_pool, background=True)
+                except (native.SigningError, ValueError, OSError) as exc:
+                    # The pool only makes bursts faster: without it the key signs as before.
+                    LOGGER.warning(
+                        "key %s (%s): no nonce pool (%s); signing without one",
+                        loaded.dsc.kid.hex(), loaded.name, exc,
+                    )
+                    continue
                 _log_pool(loaded, info)
 
     def refresh(self) -> None:

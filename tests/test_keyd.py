@@ -426,3 +426,19 @@ def test_cli_default_nonce_pool_matches_keyd():
     from dccsign import cli, keyd
 
     assert cli.NONCE_POOL_DEFAULT == keyd.DEFAULT_NONCE_POOL
+
+
+def test_a_pool_that_cannot_be_made_does_not_stop_keyd(dev_keystore_copy, tmp_path, caplog):
+    store = Keystore.open(dev_keystore_copy)
+    pw = resolve_passphrase(store.directory)
+    log = AuditLog.open(tmp_path / "audit", AuditKey.create(tmp_path / "audit-key.pem", pw))
+    with caplog.at_level("WARNING", logger="dccsign.keyd"):
+        keyd = Keyd(store.directory, pw, log, nonce_pool=1 << 25)  # beyond the 16 Mi bound
+    try:
+        assert "no nonce pool" in caplog.text
+        assert all(k.pool is None for k in keyd.describe())
+        kid = _kid(store, "v")
+        assert isinstance(_sign(keyd, kid, [_payload(sample("v"))])[0], bytes)
+    finally:
+        keyd.close()
+        log.close()
