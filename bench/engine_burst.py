@@ -18,69 +18,33 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from benchsetup import DCCSIGN, dev_engine
 from dccsign.benchcompare import openssl_sign_rate
-
-DCCSIGN = [sys.executable, "-m", "dccsign"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def burst(rate: float, batch: int, connections: int, pool: int | None) -> dict:
     """One fresh engine, one burst; the summary of its ``bench load`` JSON report."""
     work = Path(tempfile.mkdtemp(prefix="dccsign-burst-"))
-    port, http = _free_port(), _free_port()
-    store = work / "keystore"
     extra = [] if pool is None else ["--nonce-pool", str(pool)]
-    with open(work / "engine.log", "wb") as log:
-        engine = subprocess.Popen(
-            [*DCCSIGN, "serve", "--dev", "--keystore", str(store), "--tcp", f"127.0.0.1:{port}",
-             "--http", f"127.0.0.1:{http}", *extra],
-            stderr=log,
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if engine.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit((work / "engine.log").read_text()) from None
-                time.sleep(0.2)
-        tls = store / "dev-tls"
-        report = work / "load.json"
-        profile = ["--profile", "burst"] if pool != 0 else ["--profile", "constant",
-                                                              "--duration", "10"]
+    # With no pool there is nothing to wait for: the same offered rate for 10 s.
+    profile = ["--profile", "burst"] if pool != 0 else ["--profile", "constant", "--duration", "10"]
+    report = work / "load.json"
+    with dev_engine(work, extra) as engine:
         cmd = [
             *DCCSIGN, "bench", "load", "--quiet", "--json", str(report), *profile,
-            "--rate", f"{rate:.0f}", "--server", f"127.0.0.1:{port}",
-            "--cert", str(tls / "client-cert.pem"), "--key", str(tls / "client-key.pem"),
-            "--ca", str(tls / "ca.pem"), "--metrics", f"http://127.0.0.1:{http}/metrics",
+            "--rate", f"{rate:.0f}", *engine.load_args(),
             "--batch", str(batch), "--connections", str(connections), "--verify-sample", "0.01",
         ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0 or not report.exists():
             raise SystemExit(f"bench load failed ({done.returncode}):\n{done.stderr}")
         doc = json.loads(report.read_text())
-    finally:
-        engine.send_signal(signal.SIGTERM)
-        try:
-            engine.wait(60)
-        except subprocess.TimeoutExpired:
-            engine.kill()
     shutil.rmtree(work, ignore_errors=True)
     summary = (doc.get("nonce_pool") or {}).get("summary") or {}
     return {

@@ -26,8 +26,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,13 +34,7 @@ import threading
 import time
 from pathlib import Path
 
-DCCSIGN = [sys.executable, "-m", "dccsign"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from benchsetup import DCCSIGN, dev_engine
 
 
 def _rss_kib(pid: int) -> int | None:
@@ -116,29 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     result["bench_core_2t"] = core
 
     work = Path(tempfile.mkdtemp(prefix="dccsign-targets-"))
-    port, http = _free_port(), _free_port()
-    store = work / "keystore"
-    engine_log = open(work / "engine.log", "wb")  # closed in the finally below
-    engine = subprocess.Popen(
-        [*DCCSIGN, "serve", "--dev", "--keystore", str(store), "--tcp", f"127.0.0.1:{port}",
-         "--http", f"127.0.0.1:{http}"],
-        stderr=engine_log,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if engine.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit((work / "engine.log").read_text()) from None
-                time.sleep(0.2)
-        tls = store / "dev-tls"
+    with dev_engine(work) as running:
+        engine = running.proc
         common = [
-            "--server", f"127.0.0.1:{port}", "--cert", str(tls / "client-cert.pem"),
-            "--key", str(tls / "client-key.pem"), "--ca", str(tls / "ca.pem"),
-            "--metrics", f"http://127.0.0.1:{http}/metrics", "--batch", str(args.batch),
+            *running.load_args(), "--batch", str(args.batch),
             "--connections", str(args.connections), "--verify-sample", "0.01",
         ]
         print("2. warm-up ...", flush=True)
@@ -175,13 +148,6 @@ def main(argv: list[str] | None = None) -> int:
             "first_third_median": statistics.median(rss[:third]) if rss else None,
             "last_third_median": statistics.median(rss[-third:]) if rss else None,
         }
-    finally:
-        engine.send_signal(signal.SIGTERM)
-        try:
-            engine.wait(60)
-        except subprocess.TimeoutExpired:
-            engine.kill()
-        engine_log.close()
 
     r = result
     growth = None

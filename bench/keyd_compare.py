@@ -27,13 +27,8 @@ import threading
 import time
 from pathlib import Path
 
-import cbor2
-
-from dccsign import native
-from dccsign.chain import claims_prefix
+from benchsetup import vaccination_batch
 from dccsign.keyd_supervisor import PrivateKeyd
-from dccsign.keystore import Keystore, init_dev, resolve_passphrase
-from dccsign.samples import varied_samples
 
 
 def _rate(fn, batch: int, seconds: float) -> float:
@@ -92,16 +87,9 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        store = init_dev(Path(tmp) / "ks")
-        entry = next(e for e in store.entries if e.dsc.usages == frozenset("v"))
-        local = Keystore.open(store.directory).load_signing_key(
-            entry, resolve_passphrase(store.directory), native
-        )
-        protected = native.protected_header(-7, entry.kid)
-        now = int(time.time())
-        prefix = claims_prefix("NL", now - 3600, now + 86400)
-        dccs = [d for d in varied_samples(args.batch * 3) if "v" in d][: args.batch]
-        payloads = [prefix + cbor2.dumps(d) for d in dccs]
+        signing = vaccination_batch(Path(tmp) / "ks", args.batch)
+        store, entry, local = signing.store, signing.entry, signing.key
+        protected, payloads = signing.protected, signing.payloads
         rounds = []
         with PrivateKeyd(store.directory, validate_dcc=args.validate_dcc) as keyd:
             client = keyd.client()

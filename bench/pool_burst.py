@@ -36,18 +36,15 @@ import threading
 import time
 from pathlib import Path
 
-import cbor2
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from benchsetup import vaccination_batch
 from dccsign import native
 from dccsign.benchcompare import openssl_sign_rate
-from dccsign.chain import claims_prefix
 from dccsign.keyd_supervisor import PrivateKeyd
-from dccsign.keystore import Keystore, init_dev, resolve_passphrase
-from dccsign.samples import varied_samples
 
 
 def burst_two_threads(sign_batch, batches: list[list[bytes]]) -> tuple[float, list[bytes]]:
@@ -113,23 +110,14 @@ def main() -> None:
         raise SystemExit("openssl not found on PATH")
 
     with tempfile.TemporaryDirectory() as tmp:
-        store = init_dev(Path(tmp) / "ks")
-        entry = next(e for e in store.entries if e.dsc.usages == frozenset("v"))
+        signing = vaccination_batch(Path(tmp) / "ks", args.batch)
+        store, entry, local = signing.store, signing.entry, signing.key
+        protected = signing.protected
         public = x509.load_der_x509_certificate(entry.dsc.der).public_key()
-        local = Keystore.open(store.directory).load_signing_key(
-            entry, resolve_passphrase(store.directory), native
-        )
-        protected = native.protected_header(-7, entry.kid)
-        now = int(time.time())
-        prefix = claims_prefix("NL", now - 3600, now + 86400)
-        dccs = [d for d in varied_samples(args.batch * 3) if "v" in d][: args.batch]
-        payloads = [prefix + cbor2.dumps(d) for d in dccs]
-        batches = [payloads] * max(1, args.entries // args.batch)
+        batches = [signing.payloads] * max(1, args.entries // args.batch)
         n = len(batches) * args.batch
         local.enable_nonce_pool(n)
-        bare = Keystore.open(store.directory).load_signing_key(
-            entry, resolve_passphrase(store.directory), native
-        )
+        bare = signing.load_key()  # no pool at all: the rate before issue 6
         rounds = []
         with (
             PrivateKeyd(store.directory, nonce_pool=n, audit_dir=Path(tmp) / "a1") as pooled,

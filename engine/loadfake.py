@@ -8,9 +8,9 @@ That is the test of coordinated omission (tests/test_loadgen.py).
 
 It can also simulate keyd's *nonce pool* (:class:`FakePool`): per kid, a pool that fills at a
 fixed rate up to its capacity and that every signed item spends (a miss when empty), exported
-on a small HTTP endpoint (:meth:`FakeEngine.serve_metrics`, ``GET /metrics``) in the series
-and format the engine uses (:mod:`dccsign.loadpool`), for testing ``bench load``'s wait for
-a full pool and its samples of the pool.
+on an HTTP endpoint (:meth:`FakeEngine.serve_metrics`, ``GET /metrics``) through the
+engine's own exporter (:class:`dccsign.metrics.NoncePoolCollector`), for testing
+``bench load``'s wait for a full pool and its samples of the pool.
 
 Run it in its own process to measure the generator without the engine's cost::
 
@@ -40,6 +40,7 @@ import trio
 
 from .protocol import wire
 from .protocol.codes import ErrorCode
+from .protocol.keyd import PoolStatus
 
 __all__ = ["CANNED_HC1", "CANNED_KID", "FakeEngine", "FakePool", "main"]
 
@@ -85,24 +86,27 @@ class FakePool:
         self.spent += take
         self.misses += n - take
 
-    def exposition(self, now: float) -> dict[str, float]:
-        """This pool's series, by metric name, as the engine exports them."""
-        return {
-            "entries": self.entries(now),
-            "capacity": self.capacity,
-            "refilled_total": math.floor(self.refilled),
-            "spent_total": self.spent,
-            "misses_total": self.misses,
-        }
+    def status(self, now: float) -> PoolStatus:
+        """The counts keyd would report for this pool at *now* (DESCRIBE)."""
+        return PoolStatus(
+            self.capacity, self.entries(now), math.floor(self.refilled), self.spent, self.misses
+        )
 
 
-_POOL_TYPES = (
-    ("entries", "gauge"),
-    ("capacity", "gauge"),
-    ("refilled_total", "counter"),
-    ("spent_total", "counter"),
-    ("misses_total", "counter"),
-)
+class _PoolExport:
+    """The fake's pools through the engine's exporter, read at each scrape."""
+
+    def __init__(self, fake: FakeEngine) -> None:
+        from .metrics import NoncePoolCollector
+
+        self.fake = fake
+        self.collector = NoncePoolCollector()
+
+    def collect(self):  # the prometheus_client collector protocol; runs in the trio thread
+        now = trio.current_time()
+        self.fake.scrapes += 1
+        self.collector.set_pools({k.hex(): p.status(now) for k, p in self.fake.pools.items()})
+        yield from self.collector.collect()
 
 
 class FakeEngine:
@@ -353,53 +357,18 @@ class FakeEngine:
                 return wire.ItemResult(error=ErrorCode.INVALID_DCC, message=str(exc)[:200])
         return wire.ItemResult(hc1=CANNED_HC1, kid=CANNED_KID)
 
-    def metrics_text(self) -> str:
-        """The pools' series in the Prometheus text format, as the engine writes them."""
-        now = trio.current_time()
-        series = {kid.hex(): pool.exposition(now) for kid, pool in self.pools.items()}
-        lines = []
-        for name, kind in _POOL_TYPES:
-            family = name.removesuffix("_total")
-            lines.append(f"# TYPE dccsign_keyd_nonce_pool_{family} {kind}")
-            lines += [
-                f'dccsign_keyd_nonce_pool_{name}{{kid="{kid}"}} {float(values[name])}'
-                for kid, values in sorted(series.items())
-            ]
-        return "\n".join(lines) + "\n"
-
     async def serve_metrics(
         self, host: str = "127.0.0.1", port: int = 0, *, task_status: Any = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Serve ``GET /metrics`` (:meth:`metrics_text`) on *host*:*port*; reports the bound
-        (host, port)."""
-        listeners = await trio.open_tcp_listeners(port, host=host)
-        task_status.started(listeners[0].socket.getsockname()[:2])
-        await trio.serve_listeners(self._http, listeners)
+        """Serve ``GET /metrics`` (the pools, as the engine exports them) on *host*:*port*;
+        reports the bound (host, port)."""
+        from prometheus_client import CollectorRegistry
 
-    async def _http(self, stream: trio.SocketStream) -> None:
-        try:
-            with trio.move_on_after(5):
-                data = b""
-                while b"\r\n\r\n" not in data and len(data) < 8192:
-                    chunk = await stream.receive_some(4096)
-                    if not chunk:
-                        return
-                    data += chunk
-                line = data.split(b"\r\n", 1)[0].split()
-                if line[:2] == [b"GET", b"/metrics"]:
-                    self.scrapes += 1
-                    status, body = "200 OK", self.metrics_text().encode()
-                else:
-                    status, body = "404 Not Found", b"GET /metrics only\n"
-                head = (
-                    f"HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\n"
-                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-                )
-                await stream.send_all(head.encode() + body)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        finally:
-            await trio.aclose_forcefully(stream)
+        from .metrics import serve_http
+
+        registry = CollectorRegistry()
+        registry.register(_PoolExport(self))
+        await serve_http(registry, lambda: None, host, port, task_status=task_status)
 
     @staticmethod
     async def _writer(stream: trio.abc.Stream, frames: trio.MemoryReceiveChannel[bytes]) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import trio
@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-__all__ = ["Metrics", "serve_http"]
+__all__ = ["Metrics", "NoncePoolCollector", "serve_http"]
 
 LOGGER = logging.getLogger("dccsign.metrics")
 _LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
@@ -114,7 +114,11 @@ class NoncePoolCollector:
 
     def update(self, keys: Sequence[Any]) -> None:
         """Take the pools of *keys* (``KeyInfo`` with an optional ``pool``)."""
-        self._pools = {k.kid.hex(): k.pool for k in keys if getattr(k, "pool", None) is not None}
+        self.set_pools({k.kid.hex(): k.pool for k in keys if getattr(k, "pool", None) is not None})
+
+    def set_pools(self, pools: Mapping[str, Any]) -> None:
+        """Export *pools*: ``PoolStatus`` (or anything with its five fields) by kid in hex."""
+        self._pools = dict(pools)
 
     def collect(self):  # the prometheus_client collector protocol
         families = (
@@ -138,14 +142,15 @@ class NoncePoolCollector:
 
 
 async def serve_http(
-    metrics: Metrics,
+    registry: CollectorRegistry,
     health: Callable[[], str | None],
     host: str,
     port: int,
     *,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve /metrics and /healthz on *host*:*port*; reports the bound (host, port).
+    """Serve /metrics (*registry*) and /healthz on *host*:*port*; reports the bound (host,
+    port).
 
     *health* returns None when healthy, else the reason (503).
     """
@@ -166,9 +171,7 @@ async def serve_http(
             if line[:1] != [b"GET"]:
                 status, ctype, body = "405 Method Not Allowed", "text/plain", b"GET only\n"
             elif path == "/metrics":
-                status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, generate_latest(
-                    metrics.registry
-                )
+                status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, generate_latest(registry)
             elif path == "/healthz":
                 problem = health()
                 status = "200 OK" if problem is None else "503 Service Unavailable"

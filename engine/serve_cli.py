@@ -127,7 +127,7 @@ class Engine:
                     )
                 if http is not None:
                     bound["http"] = await nursery.start(
-                        serve_http, self.metrics, self.health, http[0], http[1]
+                        serve_http, self.metrics.registry, self.health, http[0], http[1]
                     )
                 supervisor = trio.CancelScope()
                 nursery.start_soon(self._supervise, dispatcher, supervisor)

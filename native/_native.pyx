@@ -85,7 +85,7 @@ cdef extern from "noncepool.h" nogil:
     void dcc_pool_free(dcc_pool *pool)
     size_t dcc_pool_refill(dcc_pool *pool, size_t max_new)
     int dcc_pool_start_refill(dcc_pool *pool)
-    void dcc_pool_enter(dcc_pool *pool)
+    int dcc_pool_enter(dcc_pool *pool)
     void dcc_pool_leave(dcc_pool *pool)
     dcc_pool_work *dcc_pool_work_new()
     void dcc_pool_work_free(dcc_pool_work *w)
@@ -407,8 +407,9 @@ cdef class SigningKey:
             if tbs == NULL or sigs == NULL or siglens == NULL:
                 raise MemoryError()
             with nogil:
-                if pool != NULL:
-                    dcc_pool_enter(pool)  # the background refill waits until we are done
+                # The refill waits until we are done; a forked child signs without the pool.
+                if pool != NULL and not dcc_pool_enter(pool):
+                    pool = NULL
                 for i in range(batch.n):
                     tbslen = dcc_sig_structure(prot, plen, batch.ptrs[i], batch.lens[i], tbs)
                     pooled = 0

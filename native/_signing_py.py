@@ -112,8 +112,10 @@ class SigningKey:
         if self.alg == ES256:
             pool = self._pool
             out = []
-            if pool is not None:
-                pool.enter()  # the background refill waits until this batch is done
+            # The background refill waits until this batch is done; a forked child signs
+            # without the pool.
+            if pool is not None and not pool.enter():
+                pool = None
             try:
                 for p in items:
                     tbs = sig_structure(protected, p)
@@ -203,7 +205,7 @@ class _Pool:
     first, so everything past ``level`` entries must read as zeros."""
 
     def __init__(self, d: int, capacity: int) -> None:
-        self._d_mont = d * _R % _P256_N
+        self._d = d  # plain: only the entries keep the C code's layout (k^-1 in Montgomery form)
         self._mem = bytearray(capacity * POOL_ENTRY_SIZE)
         self._capacity = capacity
         self._level = 0
@@ -217,17 +219,20 @@ class _Pool:
         self._stopping = False
         self._signing = 0  # batches in progress: the background refill yields to them
 
-    def enter(self) -> None:
-        if not self._orphaned():
-            with self._lock:
-                self._signing += 1
+    def enter(self) -> bool:
+        """A batch begins; False in a forked child (the pid check, once per batch: a batch
+        runs on one thread, and a child holds only the thread that forked)."""
+        if self._orphaned():
+            return False
+        with self._lock:
+            self._signing += 1
+        return True
 
     def leave(self) -> None:
-        if not self._orphaned():
-            with self._lock:
-                self._signing -= 1
-                if self._signing == 0:
-                    self._room.notify()
+        with self._lock:
+            self._signing -= 1
+            if self._signing == 0:
+                self._room.notify()
 
     def start_refill(self) -> None:
         self._thread = threading.Thread(target=self._refill_main, name="nonce-pool", daemon=True)
@@ -312,9 +317,7 @@ class _Pool:
                 break
         return added
 
-    def _take(self) -> bytes | None:
-        if self._orphaned():
-            return None
+    def _take(self) -> bytes | None:  # inside a batch: enter() made the pid check
         with self._lock:
             if self._level == 0:
                 self._counts["misses"] += 1
@@ -330,12 +333,11 @@ class _Pool:
     def sign(self, digest: bytes) -> bytes | None:
         """r || s with one entry (low S), or None when the pool is empty."""
         n = _P256_N
+        z = int.from_bytes(digest, "big") % n  # the whole digest: P-256 is 256 bits
         while (entry := self._take()) is not None:
             kinv = int.from_bytes(entry[:32], "big") * _R_INV % n
             r = int.from_bytes(entry[32:], "big")
-            z = int.from_bytes(digest, "big") % n  # the whole digest: P-256 is 256 bits
-            d = self._d_mont * _R_INV % n
-            s = kinv * (z + r * d) % n
+            s = kinv * (z + r * self._d) % n
             if s == 0:  # this entry cannot sign z (probability ~2^-256)
                 with self._lock:
                     self._counts["discarded"] += 1

@@ -33,6 +33,17 @@ def ec_private():
     return ec.generate_private_key(ec.SECP256R1())
 
 
+def _is_reference(impl) -> bool:
+    return impl.__name__.endswith("_reference")
+
+
+def _wait_full(key, capacity: int, deadline: float) -> None:
+    """Until the background refill has filled the pool (fails at *deadline*)."""
+    while key.nonce_pool_info().level < capacity:
+        assert time.monotonic() < deadline, key.nonce_pool_info()
+        time.sleep(0.01)
+
+
 def _key(impl, private):
     pem = private.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -72,7 +83,7 @@ def _verify_all(impl, private, protected, payloads, sigs, *, sample: int = 200) 
 
 def test_pool_signatures_verify_and_never_repeat_r(impl, ec_private):
     """The statistical test: many pool signatures, no r twice, every one valid."""
-    n = MANY["python" if impl.__name__.endswith("_reference") else "native"]
+    n = MANY["python" if _is_reference(impl) else "native"]
     key = _key(impl, ec_private)
     key.enable_nonce_pool(n)
     assert key.refill_nonce_pool(n) == n
@@ -183,22 +194,18 @@ def test_forked_child_never_spends_the_parents_entries(impl, ec_private):
 
 def test_background_refill_fills_at_low_priority_and_refills_after_use(impl, ec_private):
     key = _key(impl, ec_private)
-    capacity = 64 if impl.__name__.endswith("_reference") else 2_000
+    capacity = 64 if _is_reference(impl) else 2_000
     key.enable_nonce_pool(capacity, background=True)
     try:
         deadline = time.monotonic() + 60
-        while key.nonce_pool_info().level < capacity:
-            assert time.monotonic() < deadline, key.nonce_pool_info()
-            time.sleep(0.02)
+        _wait_full(key, capacity, deadline)
         info = key.nonce_pool_info()
         assert info.refill_thread in ("SCHED_IDLE", "nice 19")  # root or not, lowering works
         threads = _threads_named_or_idle()
         assert threads, "no SCHED_IDLE or nice-19 thread found in this process"
         protected = impl.protected_header(-7, KID)
         key.sign(protected, _payloads(capacity // 2))
-        while key.nonce_pool_info().level < capacity:  # spent entries are replaced
-            assert time.monotonic() < deadline, key.nonce_pool_info()
-            time.sleep(0.02)
+        _wait_full(key, capacity, deadline)  # spent entries are replaced
         info = key.nonce_pool_info()
         assert info.refilled == capacity + capacity // 2 and info.spent == capacity // 2
     finally:
@@ -212,15 +219,13 @@ def test_background_refill_yields_to_live_signing(impl, ec_private):
     import threading
 
     key = _key(impl, ec_private)
-    capacity = 32 if impl.__name__.endswith("_reference") else 500
+    capacity = 32 if _is_reference(impl) else 500
     key.enable_nonce_pool(capacity, background=True)
     try:
         deadline = time.monotonic() + 60
-        while key.nonce_pool_info().level < capacity:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        _wait_full(key, capacity, deadline)
         protected = impl.protected_header(-7, KID)
-        n = capacity + (300 if impl.__name__.endswith("_reference") else 20_000)
+        n = capacity + (300 if _is_reference(impl) else 20_000)
         done = threading.Event()
         worker = threading.Thread(
             target=lambda: (key.sign(protected, _payloads(n)), done.set()), daemon=True
@@ -237,9 +242,7 @@ def test_background_refill_yields_to_live_signing(impl, ec_private):
         # Nothing added while the batch went on (entries would be spent at once, so the
         # level alone could not tell), except one chunk of 16 already under way.
         assert refilled[-1] - capacity <= 16, refilled
-        while key.nonce_pool_info().level < capacity:  # and refilled once signing stopped
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        _wait_full(key, capacity, deadline)  # and refilled once signing stopped
     finally:
         key.close_nonce_pool()
 

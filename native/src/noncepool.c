@@ -308,17 +308,19 @@ static void *refill_main(void *arg)
     return NULL;
 }
 
-void dcc_pool_enter(dcc_pool *p)
+int dcc_pool_enter(dcc_pool *p)
 {
-    if (orphaned(p)) return;
+    /* The pid check, once per batch: a batch runs on one thread, and a forked child holds
+     * only the thread that called fork, so a batch entered here ends in this process. */
+    if (orphaned(p)) return 0;
     pthread_mutex_lock(&p->lock);
     p->signing++;
     pthread_mutex_unlock(&p->lock);
+    return 1;
 }
 
 void dcc_pool_leave(dcc_pool *p)
 {
-    if (orphaned(p)) return;
     pthread_mutex_lock(&p->lock);
     if (p->signing > 0 && --p->signing == 0 && p->refill_waiting)
         pthread_cond_signal(&p->room);
@@ -377,10 +379,10 @@ void dcc_pool_work_free(dcc_pool_work *w)
     free(w);
 }
 
-/* Takes the newest entry into out and wipes its slot; 0 when there is none. */
+/* Takes the newest entry into out and wipes its slot; 0 when there is none. Only inside a
+ * batch (dcc_pool_enter made the pid check: one getpid per batch, not per signature). */
 static int take(dcc_pool *p, uint8_t out[DCC_POOL_ENTRY_SIZE])
 {
-    if (orphaned(p)) return 0;
     pthread_mutex_lock(&p->lock);
     if (p->level == 0) {
         p->misses++;

@@ -13,8 +13,9 @@
  *   - the entries live in one anonymous mapping that is mlock'ed where RLIMIT_MEMLOCK allows
  *     (dcc_pool_info says whether it is), excluded from core dumps (MADV_DONTDUMP) and zeroed
  *     in a forked child (MADV_WIPEONFORK); nothing here writes them anywhere else;
- *   - a forked child never spends its parent's entries: every call compares getpid() with
- *     the pid that made the pool and, on a mismatch, wipes the child's copy and stops using it;
+ *   - a forked child never spends its parent's entries: every call (for signing, the start
+ *     of each batch) compares getpid() with the pid that made the pool and, on a mismatch,
+ *     wipes the child's copy and stops using it;
  *   - an empty pool is not an error: dcc_pool_sign returns 0 and the caller signs normally.
  *
  * Thread safety: any number of threads may refill and sign at once. The lock covers only the
@@ -81,8 +82,10 @@ size_t dcc_pool_refill(dcc_pool *pool, size_t max_new);
 int dcc_pool_start_refill(dcc_pool *pool);
 
 /* A signing batch begins / ends: while any batch is between the two, the background refill
- * thread does not start another chunk (it yields to live signing, on top of SCHED_IDLE). */
-void dcc_pool_enter(dcc_pool *pool);
+ * thread does not start another chunk (it yields to live signing, on top of SCHED_IDLE).
+ * dcc_pool_enter makes the fork check and returns 0 in a forked child (the pool is then
+ * wiped and unusable: sign the ordinary way, and do not call dcc_pool_leave); else 1. */
+int dcc_pool_enter(dcc_pool *pool);
 void dcc_pool_leave(dcc_pool *pool);
 
 /* Per-thread scratch for dcc_pool_sign (BIGNUMs allocated once per batch, not per call). */
@@ -91,8 +94,9 @@ dcc_pool_work *dcc_pool_work_new(void);
 void dcc_pool_work_free(dcc_pool_work *w); /* clears every BIGNUM it held */
 
 /* ES256 over a SHA-256 digest with one pool entry: writes r || s (64 bytes, s low) and
- * returns 1; returns 0 when the pool is empty or orphaned (sign normally then), -1 when
- * OpenSSL failed. The entry is wiped whatever happens. */
+ * returns 1; returns 0 when the pool is empty (sign normally then), -1 when OpenSSL failed.
+ * The entry is wiped whatever happens. Only between dcc_pool_enter (returning 1) and
+ * dcc_pool_leave. */
 int dcc_pool_sign(dcc_pool *pool, dcc_pool_work *w, const uint8_t digest[32], uint8_t sig[64]);
 
 /* Wipes every entry (the pool stays usable and refillable). */
