@@ -92,3 +92,4 @@ hc1_sign = _impl.hc1_sign
 cwt_facts = _impl.cwt_facts
 audit_issue_lines = _impl.audit_issue_lines
 audit_issue_groups = _impl.audit_issue_groups
+cbor_scan = _impl.cbor_scan

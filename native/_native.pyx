@@ -32,6 +32,8 @@ cdef extern from "dcccore.h" nogil:
         DCC_ERR_B45_OVERFLOW
         DCC_ERR_TOO_LARGE
         DCC_ERR_SIGN
+        DCC_ERR_SHAPE
+        DCC_ERR_TRAILING
         DCC_MAX_TAGS
     size_t dcc_b45_encoded_len(size_t n)
     size_t dcc_b45_encode(const uint8_t *inp, size_t n, char *out)
@@ -47,6 +49,8 @@ cdef extern from "dcccore.h" nogil:
         int ntags
         size_t prot_off, prot_len, unprot_off, unprot_len, pay_off, pay_len, sig_off, sig_len
     int dcc_sign1_split(const uint8_t *buf, size_t len, dcc_sign1_parts *parts, const char **err)
+    int dcc_cbor_scan(const uint8_t *buf, size_t len, uint64_t max_items, int max_depth,
+                      uint64_t *count, const char **err)
     size_t dcc_zlib_bound(size_t n)
     int dcc_deflate(const uint8_t *inp, size_t n, int level, uint8_t *out, size_t cap,
                     size_t *outlen, const char **err)
@@ -259,6 +263,35 @@ def zlib_decompress(data, Py_ssize_t max_length=MAX_INFLATED) -> bytes:
         raise ZlibError(f"invalid zlib data: {message}")
     finally:
         free(out)
+
+
+# ----------------------------------------------------------------------------- CBOR scan
+
+from ..protocol.cborlimits import MAX_SCAN_DEPTH
+
+
+def cbor_scan(data, max_items, max_depth) -> int:
+    if type(max_items) is not int or max_items < 1:
+        raise ValueError("max_items must be a positive int")
+    if type(max_depth) is not int or not 1 <= max_depth <= MAX_SCAN_DEPTH:
+        raise ValueError(f"max_depth must be an int in 1..{MAX_SCAN_DEPTH}")
+    cdef const uint8_t[::1] view = memoryview(data).cast("B")
+    cdef size_t n = view.shape[0]
+    cdef uint64_t limit = max_items if max_items < 0xFFFFFFFFFFFFFFFF else 0xFFFFFFFFFFFFFFFF
+    cdef uint64_t count = 0
+    cdef int depth = max_depth, rc
+    cdef const char *err = NULL
+    with nogil:
+        rc = dcc_cbor_scan(&view[0] if n else NULL, n, limit, depth, &count, &err)
+    if rc == DCC_OK:
+        return count
+    if rc == DCC_ERR_TOO_LARGE:
+        raise ValueError(f"more than {max_items} CBOR data items")
+    if rc == DCC_ERR_SHAPE:
+        raise ValueError(f"CBOR nested more than {max_depth} levels deep")
+    if rc == DCC_ERR_TRAILING:
+        raise ValueError(err.decode("ascii"))
+    raise ValueError("malformed CBOR: " + err.decode("ascii"))
 
 
 # ----------------------------------------------------------------------------- signing
@@ -628,8 +661,6 @@ def hc1_sign(SigningKey key not None, protected, payloads, level=9) -> list:
 # ----------------------------------------------------------------------------- keyd
 
 cdef extern from "keydcore.h" nogil:
-    enum:
-        DCC_ERR_SHAPE
     ctypedef struct dcc_cwt_facts:
         char iss[2]
         int64_t exp, iat

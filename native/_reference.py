@@ -4,6 +4,7 @@ Readable first: each function states the contract the Cython extension (``_nativ
 implements too, with the same exceptions.
 """
 
+from ..protocol.cborlimits import scan as cbor_scan
 from ._audit_py import MAX_UVCI_CHARS, audit_issue_groups, audit_issue_lines
 from ._base45_py import b45decode, b45encode
 from ._cose_py import protected_header, sig_structure, sign1_decode, sign1_encode
@@ -20,6 +21,7 @@ __all__ = [
     "audit_issue_lines",
     "b45decode",
     "b45encode",
+    "cbor_scan",
     "cwt_facts",
     "hc1_encode",
     "hc1_sign",

@@ -25,12 +25,13 @@ unusable (the peer closes it).
 from __future__ import annotations
 
 import enum
-import io
 import struct
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import cbor2
+
+from . import cborlimits
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
@@ -53,8 +54,14 @@ __all__ = [
 MAGIC = 0x4B
 VERSION = 1
 HEADER = struct.Struct(">BBBBII")
-#: 64 MiB: a batch of 10,000 payloads of 1.5 KB with headroom. Both sides may lower it.
-DEFAULT_MAX_FRAME = 64 * 1024 * 1024
+#: 16 MiB: a micro-batch of 1,000 payloads of the largest size that fits a QR code (~3 KB),
+#: five times over. Both sides may lower it.
+DEFAULT_MAX_FRAME = 16 * 1024 * 1024
+#: Containers nested in a body (the body map counts): SIGN_MANY is map, parts, part, payloads.
+MAX_DEPTH = 8
+#: CBOR data items a body may hold per byte: every message spends several bytes per item (a
+#: payload is hundreds), so a body of tiny items is refused after a count, never built.
+ITEMS_PER_BYTE = 0.25
 
 
 class KeydProtocolError(Exception):
@@ -83,7 +90,8 @@ class ItemError(enum.IntEnum):
     CLIENT_NOT_ALLOWED = 8  # this client may not use this kid
     AUDIT_UNAVAILABLE = 9  # the audit log cannot be written: nothing is signed (retryable)
     INTERNAL = 10
-    INVALID_DCC = 11  # the DCC fails full validation (only when keyd runs with --validate-dcc)
+    INVALID_DCC = 11  # the DCC fails full validation (unless keyd runs with --no-validate-dcc)
+    TOO_LARGE_FOR_QR = 12  # the payload is too long for its HC1 string to fit a QR code
 
 
 #: Item errors a caller may retry unchanged (the condition is keyd's, not the request's).
@@ -136,9 +144,15 @@ class Describe:
 
 @dataclass(frozen=True, slots=True)
 class DescribeResult:
+    """The keys, and whether keyd can sign at all: *audit* is None while its audit log
+    commits, else why it cannot (keyd then refuses every payload with AUDIT_UNAVAILABLE and
+    retries the log by itself). Optional on the wire (``"audit"``, text, absent when None):
+    peers that do not know it ignore it."""
+
     TYPE: ClassVar[MessageType] = MessageType.DESCRIBE_RESULT
     request_id: int
     keys: tuple[KeyInfo, ...]
+    audit: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,7 +242,8 @@ def _body(msg: Message) -> dict[str, Any]:
                     ),
                 }
                 for k in msg.keys
-            ]
+            ],
+            **({"audit": msg.audit} if msg.audit is not None else {}),
         }
     if isinstance(msg, Sign):
         return {"kid": msg.kid, **_part_body(msg.client, msg.account, msg.operator, msg.payloads)}
@@ -316,7 +331,10 @@ def _parse(mtype: int, request_id: int, body: Any) -> Message:
                     _pool(item.get("pool")),
                 )
             )
-        return DescribeResult(request_id, tuple(keys))
+        audit = body.get("audit")
+        if audit is not None and not isinstance(audit, str):
+            raise KeydProtocolError("DESCRIBE_RESULT: audit must be text")
+        return DescribeResult(request_id, tuple(keys), audit)
     if kind is MessageType.SIGN:
         part = _parse_part(body, "SIGN")
         return Sign(
@@ -362,10 +380,15 @@ class Connection:
     :class:`KeydProtocolError` if a frame was cut off, and returns ``None`` at a clean end.
     """
 
-    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+    def __init__(
+        self, max_frame: int = DEFAULT_MAX_FRAME, *, scan: cborlimits.Scan = cborlimits.scan
+    ) -> None:
+        """*scan* counts a body's data items before it is decoded (``native.cbor_scan`` is
+        the fast one; keyd and the engine pass it)."""
         if not 0 < max_frame <= 0xFFFFFFFF:
             raise ValueError("max_frame must be 1..2^32-1")
         self.max_frame = max_frame
+        self._scan = scan
         self._buf = bytearray()
         self._closed = False
 
@@ -401,13 +424,15 @@ class Connection:
             return NEED_DATA
         raw = bytes(buf[HEADER.size : end])
         del buf[:end]
-        stream = io.BytesIO(raw)
         try:
-            body = cbor2.CBORDecoder(stream).decode()
-        except (cbor2.CBORDecodeError, ValueError, RecursionError) as exc:
-            raise KeydProtocolError(f"the body is not valid CBOR: {exc}") from None
-        if stream.tell() != len(raw):
-            raise KeydProtocolError("trailing bytes after the frame body")
+            body = cborlimits.decode(
+                raw,
+                scan=self._scan,
+                max_items=64 + int(len(raw) * ITEMS_PER_BYTE),
+                max_depth=MAX_DEPTH,
+            )
+        except ValueError as exc:
+            raise KeydProtocolError(f"the body is not valid CBOR for keyd: {exc}") from None
         return _parse(mtype, request_id, body)
 
     def send(self, msg: Message) -> bytes:

@@ -43,7 +43,6 @@ sending something invalid raises :class:`LocalProtocolError` and changes nothing
 from __future__ import annotations
 
 import enum
-import io
 import math
 import re
 import struct
@@ -54,6 +53,7 @@ from typing import Any, ClassVar
 import cbor2
 import zstandard
 
+from . import cborlimits
 from .codes import RETRYABLE, ErrorCode
 
 __all__ = [
@@ -71,6 +71,7 @@ __all__ = [
     "Error",
     "ErrorCode",
     "Event",
+    "Frame",
     "FrameType",
     "GoAway",
     "Hello",
@@ -91,6 +92,7 @@ __all__ = [
     "State",
     "Welcome",
     "WireProtocolError",
+    "body_item_limit",
 ]
 
 MAGIC = b"DC"
@@ -117,6 +119,13 @@ ZSTD_LEVEL = 3
 MAX_DEPTH = 16
 #: Containers nested in one DCC (its own map counts); what a client checks before sending.
 DCC_MAX_DEPTH = 12
+#: CBOR data items one SIGN_BATCH item or result may account for in a body (a DCC item holds
+#: about 40-60: every key, value and container counts). See :func:`body_item_limit`.
+ITEMS_PER_BATCH_ENTRY = 256
+#: ... and one KEYS entry (a key map holds 15).
+ITEMS_PER_KEY = 16
+#: ... and everything else in a body (HELLO, the body map, ERROR fields).
+ITEMS_BASE = 64
 
 MAX_TEXT = 256  # account, operator, agent, server
 MAX_MESSAGE = 1024  # ERROR message, result message, GOAWAY reason
@@ -212,6 +221,33 @@ class _Need:
 
 #: Returned by :meth:`Connection.next_event` when more bytes are needed.
 NEED_DATA: Any = _Need()
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """A complete frame whose header passed the connection's rules; its body is not decoded
+    yet (:meth:`Connection.next_frame`, then :meth:`Connection.decode_frame`).
+
+    ``size`` is what decoding will have to handle: the body's length, or for a compressed
+    body the decompressed size its zstd frame declares (0 when it declares none, which
+    decoding refuses). A receiver can use it to decide where to decode (a worker thread for
+    large bodies) before spending anything on it.
+    """
+
+    type: int
+    request_id: int
+    compressed: bool
+    body: bytes
+    size: int
+
+
+def body_item_limit(max_batch: int) -> int:
+    """The most CBOR data items a body may hold on a connection whose WELCOME announced
+    *max_batch* (0 before the handshake): enough for the largest legitimate SIGN_BATCH,
+    SIGN_BATCH_RESULT or KEYS body with room to spare (SPEC.md §13). Bodies are counted
+    before they are decoded (:mod:`cborlimits`), so a small frame that would expand into
+    millions of objects costs nothing but the count."""
+    return ITEMS_BASE + max(ITEMS_PER_BATCH_ENTRY * max_batch, ITEMS_PER_KEY * MAX_KEYS)
 
 
 # ----------------------------------------------------------------------------- events
@@ -892,32 +928,11 @@ def _body_of(ev: Any, check_dcc: bool) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- CBOR
 
 
-def _refuse_tag(*_args: Any) -> Any:
-    raise ValueError("CBOR tags are not allowed")
-
-
-# Every tag cbor2 would decode by itself (dates, bignums, sets, shared references, ...) is
-# refused like an unknown one: a body is plain maps, arrays, text, bytes, numbers.
-_DATES_AND_NUMBERS = (0, 1, 2, 3, 4, 5, 30, 100, 1004, 43000)
-_OTHER_TAGS = (25, 28, 29, 35, 36, 37, 52, 54, 256, 258, 260, 261, 55799)
-_NO_TAGS = {t: _refuse_tag for t in (*_DATES_AND_NUMBERS, *_OTHER_TAGS)}
-
-
-def _decode_cbor(raw: bytes) -> Any:
-    stream = io.BytesIO(raw)
+def _decode_cbor(raw: bytes, scan: cborlimits.Scan, max_items: int) -> Any:
     try:
-        value = cbor2.CBORDecoder(
-            stream,
-            tag_hook=_refuse_tag,
-            semantic_decoders=_NO_TAGS,
-            max_depth=MAX_DEPTH,
-            allow_duplicate_keys=False,
-            strict_hashable_types=True,
-        ).decode()
-    except (cbor2.CBORError, ValueError, TypeError, OverflowError, RecursionError) as exc:
+        value = cborlimits.decode(raw, scan=scan, max_items=max_items, max_depth=MAX_DEPTH)
+    except ValueError as exc:
         raise _Invalid(f"the body is not valid CBOR for this protocol: {exc}") from None
-    if stream.tell() != len(raw):
-        raise _Invalid("trailing bytes after the body's CBOR item")
     if type(value) is not dict:
         raise _Invalid("the body is not a CBOR map")
     return value
@@ -982,6 +997,7 @@ class Connection:
         *,
         max_frame: int = DEFAULT_MAX_FRAME,
         compression: tuple[str, ...] = SUPPORTED_COMPRESSION,
+        scan: cborlimits.Scan = cborlimits.scan,
     ) -> None:
         self.role = Role(role)
         if type(max_frame) is not int or not MIN_MAX_FRAME <= max_frame <= UINT32_MAX:
@@ -1008,9 +1024,12 @@ class Connection:
         self._fatal_received = False
         self._buf = bytearray()
         self._eof = False
-        self._error: RemoteProtocolError | None = None
+        self._undecoded = False  # next_frame gave a frame that decode_frame has not seen
+        # The first violation (message, code, request id): kept as data, not as the exception,
+        # whose traceback would keep the frames (and a decoded body) of the failure alive.
+        self._error: tuple[str, ErrorCode, int] | None = None
+        self._scan = scan
         self._zc: zstandard.ZstdCompressor | None = None
-        self._zd: zstandard.ZstdDecompressor | None = None
 
     # ------------------------------------------------------------------ state
 
@@ -1073,50 +1092,116 @@ class Connection:
         else:
             self._eof = True
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet taken as frames: at most one incomplete frame and the
+        start of the next (a receiver bounds what partial frames may hold in total)."""
+        return len(self._buf)
+
     def next_event(self) -> Event | Any | None:
         """The next event, :data:`NEED_DATA`, or None once the peer has closed cleanly.
+
+        The same as :meth:`next_frame` followed by :meth:`decode_frame`.
 
         Raises :class:`RemoteProtocolError` (again on every later call) if the peer broke the
         protocol.
         """
+        frame = self.next_frame()
+        if type(frame) is not Frame:
+            return frame
+        return self.decode_frame(frame)
+
+    def next_frame(self) -> Frame | Any | None:
+        """The next complete frame whose header passes the rules (frame type, direction,
+        request id order, size), with its body not yet decoded; :data:`NEED_DATA`; or None
+        once the peer has closed cleanly. Pass the frame to :meth:`decode_frame` before asking
+        for the next one: the rules for the next header depend on this frame's body.
+
+        Raises:
+            RemoteProtocolError: the peer broke the protocol (again on every later call).
+            LocalProtocolError: the previous frame has not been decoded yet.
+        """
         if self._error is not None:
-            raise self._error
+            raise RemoteProtocolError(*self._error)
+        if self._undecoded:
+            raise LocalProtocolError("next_frame: decode the previous frame first")
+        taken = self._take_frame()
+        if type(taken) is tuple:
+            raise self._failed(*taken)
+        if type(taken) is Frame:
+            self._undecoded = True
+        return taken
+
+    def decode_frame(self, frame: Frame) -> Event:
+        """The event of a frame from :meth:`next_frame`: its body decompressed, counted (no
+        more CBOR data items than :func:`body_item_limit` allows, before anything is built),
+        decoded and checked; then the connection's state advances.
+
+        Decoding a large body takes time, so this method may run in a worker thread while the
+        connection's owner goes on calling :meth:`send` (replies to earlier requests): each
+        state change it makes is a single attribute update. It must not run twice at once on
+        one connection.
+
+        Raises:
+            RemoteProtocolError: the body breaks the protocol (the connection is then in
+                state ERROR, as after :meth:`next_event`).
+        """
         try:
-            return self._next()
-        except RemoteProtocolError as exc:
-            self._error = exc
-            self._state = State.ERROR
-            raise
+            event = self._event_of(frame)
+            self._passed(event, outgoing=False)
+        except _Invalid as exc:
+            problem = (str(exc), exc.code, frame.request_id)
+        else:
+            return event
+        finally:
+            self._undecoded = False
+        # Raised outside the except block, so that the error does not carry the decoded body
+        # along as its context (a refused 1,000-item batch would outlive the connection).
+        raise self._failed(*problem)
 
-    def _fail(self, message: str, code: ErrorCode = ErrorCode.PROTOCOL, rid: int = 0) -> Any:
-        raise RemoteProtocolError(message, code, rid)
+    def _event_of(self, frame: Frame) -> Event:
+        # A function of its own: the decoded body lives in its frame only, which a failure
+        # leaves behind (decode_frame raises outside the except block).
+        raw = frame.body
+        if frame.compressed:
+            raw = self._decompress(raw)
+        body = _decode_cbor(raw, self._scan, body_item_limit(self._max_batch))
+        return _DECODE[frame.type](frame.request_id, body, self._max_batch)
 
-    def _next(self) -> Any:
+    def _failed(self, message: str, code: ErrorCode, rid: int) -> RemoteProtocolError:
+        """Enter state ERROR and return the error to raise (later calls raise a new copy)."""
+        self._error = (message, code, rid)
+        self._state = State.ERROR
+        return RemoteProtocolError(message, code, rid)
+
+    def _take_frame(self) -> Frame | tuple[str, ErrorCode, int] | Any | None:
+        """A complete frame, NEED_DATA, None at a clean end, or (message, code, request id)
+        of the first rule that the buffered bytes break."""
         buf = self._buf
         if len(buf) < HEADER_SIZE:
             if not self._eof:
                 return NEED_DATA
             if buf:
-                self._fail("the stream ended inside a frame header")
+                return "the stream ended inside a frame header", ErrorCode.PROTOCOL, 0
             if self._state is not State.ERROR:
                 self._state = State.CLOSED
             return None
         magic, version, ftype, flags, rid, length = HEADER.unpack_from(buf)
         if magic != MAGIC:
-            self._fail(f"bad magic {bytes(magic)!r}: not a dccsign wire frame")
+            return f"bad magic {bytes(magic)!r}: not a dccsign wire frame", ErrorCode.PROTOCOL, 0
         if version != VERSION:
-            self._fail(f"unsupported frame version {version}", ErrorCode.UNSUPPORTED_VERSION)
+            return f"unsupported frame version {version}", ErrorCode.UNSUPPORTED_VERSION, 0
         if flags & 0x00FFFFFF:
-            self._fail("reserved header bytes must be zero")
+            return "reserved header bytes must be zero", ErrorCode.PROTOCOL, 0
         flags >>= 24
         if flags & ~FLAG_ZSTD:
-            self._fail(f"unknown flag bits 0x{flags:02x}")
+            return f"unknown flag bits 0x{flags:02x}", ErrorCode.PROTOCOL, 0
         if ftype not in _TYPES:
-            self._fail(f"unknown frame type 0x{ftype:02x}", rid=rid)
+            return f"unknown frame type 0x{ftype:02x}", ErrorCode.PROTOCOL, rid
         if flags and self._compression is None:
-            self._fail("a compressed frame, but no compression was negotiated", rid=rid)
+            return "a compressed frame, but no compression was negotiated", ErrorCode.PROTOCOL, rid
         if length > self._max_frame:
-            self._fail(
+            return (
                 f"frame of {length} bytes exceeds max_frame {self._max_frame}",
                 ErrorCode.FRAME_TOO_LARGE,
                 rid,
@@ -1124,23 +1209,22 @@ class Connection:
         try:
             self._admit(ftype, rid, outgoing=False)
         except _Invalid as exc:
-            self._fail(str(exc), exc.code, rid)
+            return str(exc), exc.code, rid
         end = HEADER_SIZE + length
         if len(buf) < end:
             if self._eof:
-                self._fail("the stream ended inside a frame body", rid=rid)
+                return "the stream ended inside a frame body", ErrorCode.PROTOCOL, rid
             return NEED_DATA
         with memoryview(buf) as view:
             raw = bytes(view[HEADER_SIZE:end])  # one copy, then the buffer may shrink
         del buf[:end]
-        try:
-            if flags:
-                raw = self._decompress(raw)
-            event = _DECODE[ftype](rid, _decode_cbor(raw), self._max_batch)
-            self._passed(event, outgoing=False)
-        except _Invalid as exc:
-            self._fail(str(exc), exc.code, rid)
-        return event
+        size = length
+        if flags:
+            try:
+                size = max(zstandard.frame_content_size(raw), 0)
+            except zstandard.ZstdError:
+                size = 0  # decode_frame says what is wrong with it
+        return Frame(ftype, rid, bool(flags), raw, size)
 
     def _decompress(self, raw: bytes) -> bytes:
         try:
@@ -1154,9 +1238,9 @@ class Connection:
                 f"decompressed body of {size} bytes exceeds max_frame {self._max_frame}",
                 ErrorCode.FRAME_TOO_LARGE,
             )
-        if self._zd is None:
-            self._zd = zstandard.ZstdDecompressor()
-        dobj = self._zd.decompressobj()
+        # A decompressor per frame (~4 µs): one kept per connection would hold its context
+        # and window (megabytes after a large frame) for as long as the connection lives.
+        dobj = zstandard.ZstdDecompressor().decompressobj()
         try:
             out = dobj.decompress(raw)
         except zstandard.ZstdError as exc:

@@ -316,6 +316,113 @@ int dcc_cbor_skip(const uint8_t *buf, size_t len, size_t *pos, int depth, const 
     }
 }
 
+/* ---- bounded scan (protocol/cborscan.py is the reference: same order of checks) ---- */
+
+typedef struct {
+    const uint8_t *buf;
+    size_t len, pos;
+    uint64_t count, max_items;
+    int max_depth;
+} cbor_scan_state;
+
+static int scan_counted(cbor_scan_state *s, uint64_t n)
+{
+    s->count += n;
+    return s->count > s->max_items ? DCC_ERR_TOO_LARGE : DCC_OK;
+}
+
+/* 1 when the next byte is a break (consumed), 0 when it is not, <0 on truncation. */
+static int scan_at_break(cbor_scan_state *s, const char *truncated, const char **err)
+{
+    if (s->pos >= s->len) {
+        *err = truncated;
+        return -1;
+    }
+    if (s->buf[s->pos] == 0xff) {
+        s->pos++;
+        return 1;
+    }
+    return 0;
+}
+
+static int scan_skip(cbor_scan_state *s, uint64_t n, const char **err)
+{
+    if (s->len - s->pos < n) {
+        *err = "truncated CBOR string";
+        return DCC_ERR_CBOR;
+    }
+    s->pos += (size_t)n;
+    return DCC_OK;
+}
+
+static int scan_item(cbor_scan_state *s, int depth, const char **err)
+{
+    unsigned major;
+    uint64_t val;
+    int indef, rc, brk;
+    if ((rc = dcc_cbor_read_head(s->buf, s->len, &s->pos, &major, &val, &indef, err)) != DCC_OK)
+        return rc;
+    if ((rc = scan_counted(s, 1)) != DCC_OK) return rc;
+    if (major <= 1) return DCC_OK;
+    if (major <= 3) {
+        if (!indef) return scan_skip(s, val, err);
+        while ((brk = scan_at_break(s, "truncated indefinite-length string", err)) == 0) {
+            unsigned cm;
+            uint64_t cl;
+            int ci;
+            if ((rc = dcc_cbor_read_head(s->buf, s->len, &s->pos, &cm, &cl, &ci, err)) != DCC_OK)
+                return rc;
+            if (cm != major || ci) {
+                *err = "bad chunk in indefinite-length string";
+                return DCC_ERR_CBOR;
+            }
+            if ((rc = scan_counted(s, 1)) != DCC_OK) return rc;
+            if ((rc = scan_skip(s, cl, err)) != DCC_OK) return rc;
+        }
+        return brk < 0 ? DCC_ERR_CBOR : DCC_OK;
+    }
+    if (major == 7) {
+        if (indef) {
+            *err = "unexpected CBOR break";
+            return DCC_ERR_CBOR;
+        }
+        return DCC_OK;
+    }
+    if (depth + 1 > s->max_depth) return DCC_ERR_SHAPE;
+    if (major == 6) return scan_item(s, depth + 1, err);
+    uint64_t per_entry = (major == 5) ? 2 : 1;
+    if (indef) {
+        while ((brk = scan_at_break(s, "truncated indefinite-length container", err)) == 0)
+            for (uint64_t k = 0; k < per_entry; k++)
+                if ((rc = scan_item(s, depth + 1, err)) != DCC_OK) return rc;
+        return brk < 0 ? DCC_ERR_CBOR : DCC_OK;
+    }
+    /* Each member takes at least one byte: a count above the bytes left is a lie, and refusing
+     * it at the head bounds the walk for hostile input. */
+    if (val > s->len || val * per_entry > s->len - s->pos) {
+        *err = "CBOR container longer than its data";
+        return DCC_ERR_CBOR;
+    }
+    uint64_t members = val * per_entry;
+    if (s->count + members > s->max_items) return DCC_ERR_TOO_LARGE;
+    for (uint64_t k = 0; k < members; k++)
+        if ((rc = scan_item(s, depth + 1, err)) != DCC_OK) return rc;
+    return DCC_OK;
+}
+
+int dcc_cbor_scan(const uint8_t *buf, size_t len, uint64_t max_items, int max_depth,
+                  uint64_t *count, const char **err)
+{
+    cbor_scan_state s = {buf, len, 0, 0, max_items, max_depth};
+    int rc = scan_item(&s, 0, err);
+    *count = s.count;
+    if (rc == DCC_OK && s.pos != len) {
+        *err = "trailing bytes after the CBOR item";
+        return DCC_ERR_TRAILING;
+    }
+    return rc;
+}
+
 static int cbor_read_bstr(const uint8_t *buf, size_t len, size_t *pos, size_t *off, size_t *blen,
                           const char *what, const char **err)
 {

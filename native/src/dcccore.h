@@ -27,7 +27,8 @@ enum {
     DCC_ERR_SIGN = 6,         /* OpenSSL refused to sign */
     DCC_ERR_CBOR = 7,         /* malformed CBOR / COSE (message in *err) */
     DCC_ERR_TOO_LARGE = 8,    /* output would exceed the caller's limit */
-    DCC_ERR_SHAPE = 9         /* well-formed CBOR of the wrong shape (message in *err) */
+    DCC_ERR_SHAPE = 9,        /* well-formed CBOR of the wrong shape (message in *err) */
+    DCC_ERR_TRAILING = 10     /* bytes after the item (message in *err) */
 };
 
 #define DCC_ALG_ES256 (-7)
@@ -58,6 +59,16 @@ int dcc_cbor_read_head(const uint8_t *buf, size_t len, size_t *pos, unsigned *ma
                        uint64_t *val, int *indef, const char **err);
 /* Walks one well-formed CBOR data item starting at *pos; advances *pos past it. */
 int dcc_cbor_skip(const uint8_t *buf, size_t len, size_t *pos, int depth, const char **err);
+
+/* Walks one CBOR item that must span buf[0..len), counting its data items (every head: each
+ * key, value, tag and string chunk) without decoding anything. Returns DCC_OK with *count;
+ * DCC_ERR_TOO_LARGE once the count passes max_items (a definite container whose announced size
+ * alone does is refused at its head); DCC_ERR_SHAPE when containers and tags nest deeper than
+ * max_depth (the outermost item is level 1); DCC_ERR_CBOR for malformed CBOR and
+ * DCC_ERR_TRAILING for bytes after the item (message in *err). Recursion is at most max_depth
+ * deep. protocol/cborscan.py is the reference: the same checks in the same order. */
+int dcc_cbor_scan(const uint8_t *buf, size_t len, uint64_t max_items, int max_depth,
+                  uint64_t *count, const char **err);
 
 #define DCC_MAX_TAGS 4
 typedef struct {
