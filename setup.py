@@ -35,7 +35,7 @@ if mode != "0":
         )
 
 setup(
-    packages=["dccsign", "dccsign.native", "dccsign.protocol"],
+    packages=["dccsign", "dccsign.native", "dccsign.protocol", "dccsign.testing"],
     package_dir={"dccsign": "engine", "dccsign.native": "native", "dccsign.protocol": "protocol"},
     package_data={"dccsign": ["data/*.json", "py.typed"]},
     ext_modules=ext_modules,

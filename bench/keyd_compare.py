@@ -9,18 +9,29 @@ its audit records (one fsync per batch) before it answers.
 names; the same call on two threads at once is measured too (``in_process_2_threads``), and
 ``ratio_2_vs_2`` compares keyd on two connections with it: both sides on both cores.
 
+keyd validates every DCC by default (``dccsign keyd``; ``--no-validate-dcc`` turns it off).
+``--validation both`` (the default) runs a second keyd with ``--no-validate-dcc`` beside the
+default one and measures both in the same rounds: the ``*_novalidate`` cases, and
+``validation_cost_1`` / ``validation_cost_2``, the validating keyd's rate over the other's
+(1 or 2 connections). ``--validation on`` or ``off`` measures one keyd only. For every keyd
+case, ``*_cpu_us`` is keyd's CPU time (user + system, from /proc) per signature: unlike the
+rates, it hardly depends on what else the machine runs.
+
 Usage::
 
     .venv/bin/python bench/keyd_compare.py [--batch 250] [--seconds 3] [--rounds 3] [--json FILE]
+        [--validation both|on|off] [--nonce-pool N]
 
 It makes a throw-away development keystore in a temporary directory and starts a private keyd
-on it (its audit log lands there too).
+on it (its audit log lands there too; the second keyd's in another directory).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import tempfile
 import threading
@@ -77,50 +88,109 @@ def rate_two_connections(
             c.close()
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process *pid* so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _with_cpu(pid: int, case):
+    """Run *case* (returns items/s); (items/s, CPU µs of *pid* per item)."""
+    cpu, wall = _cpu_seconds(pid), time.perf_counter()
+    rate = case()
+    cpu, wall = _cpu_seconds(pid) - cpu, time.perf_counter() - wall
+    return rate, cpu / (rate * wall) * 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=250)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path, metavar="FILE")
-    parser.add_argument("--validate-dcc", action="store_true", help="run keyd with --validate-dcc")
+    parser.add_argument(
+        "--validation",
+        choices=("both", "on", "off"),
+        default="both",
+        help="keyd's DCC validation: on (keyd's default), off (--no-validate-dcc), or both "
+        "(two keyds, measured in the same rounds; default)",
+    )
+    parser.add_argument(  # the option of the days when keyd did not validate by default
+        "--validate-dcc", dest="validation", action="store_const", const="on",
+        help=argparse.SUPPRESS,
+    )
+    parser.add_argument(
+        "--nonce-pool", type=int, metavar="N", help="keyd's --nonce-pool (default: keyd's)"
+    )
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         signing = vaccination_batch(Path(tmp) / "ks", args.batch)
         store, entry, local = signing.store, signing.entry, signing.key
         protected, payloads = signing.protected, signing.payloads
         rounds = []
-        with PrivateKeyd(store.directory, validate_dcc=args.validate_dcc) as keyd:
-            client = keyd.client()
-
-            def through():
-                client.sign(entry.kid, payloads, client="bench", account="bench")
-
-            for r in range(args.rounds):
-                cases = {
-                    "in_process": lambda: _rate(
-                        lambda: local.sign(protected, payloads), len(payloads), args.seconds
-                    ),
-                    "in_process_2_threads": lambda: rate_two_threads(
-                        [lambda: local.sign(protected, payloads)] * 2, len(payloads), args.seconds
-                    ),
-                    "keyd_1_connection": lambda: _rate(through, len(payloads), args.seconds),
-                    "keyd_2_connections": lambda: rate_two_connections(
-                        keyd, entry.kid, payloads, args.seconds
-                    ),
-                }
-                order = list(cases) if r % 2 == 0 else list(reversed(cases))
-                row = {name: round(cases[name](), 1) for name in order}
-                row["ratio_1"] = round(row["keyd_1_connection"] / row["in_process"], 3)
-                row["ratio_2"] = round(row["keyd_2_connections"] / row["in_process"], 3)
-                # both sides on both cores: keyd's chunks are signed by two worker threads
-                row["ratio_2_vs_2"] = round(
-                    row["keyd_2_connections"] / row["in_process_2_threads"], 3
+        # suffix -> keyd: "" validates (unless --validation off), "_novalidate" does not
+        keyds = {}
+        for suffix, validate in (("", True), ("_novalidate", False)):
+            if args.validation == ("off" if validate else "on"):
+                continue
+            keyds["" if args.validation != "both" else suffix] = stack.enter_context(
+                PrivateKeyd(
+                    store.directory,
+                    validate_dcc=validate,
+                    nonce_pool=args.nonce_pool,
+                    audit_dir=Path(tmp) / f"audit{suffix}",
                 )
-                rounds.append(row)
-                print(f"round {r}: " + ", ".join(f"{k} {v:,}" for k, v in row.items()))
-            client.close()
+            )
+        clients = {suffix: stack.enter_context(k.client()) for suffix, k in keyds.items()}
+
+        def through(client):
+            client.sign(entry.kid, payloads, client="bench", account="bench")
+
+        for r in range(args.rounds):
+            cases = {
+                "in_process": lambda: _rate(
+                    lambda: local.sign(protected, payloads), len(payloads), args.seconds
+                ),
+                "in_process_2_threads": lambda: rate_two_threads(
+                    [lambda: local.sign(protected, payloads)] * 2, len(payloads), args.seconds
+                ),
+            }
+            for suffix, keyd in keyds.items():
+                client = clients[suffix]
+                cases[f"keyd_1_connection{suffix}"] = lambda c=client: _rate(
+                    lambda: through(c), len(payloads), args.seconds
+                )
+                cases[f"keyd_2_connections{suffix}"] = lambda k=keyd: rate_two_connections(
+                    k, entry.kid, payloads, args.seconds
+                )
+            order = list(cases) if r % 2 == 0 else list(reversed(cases))
+            row = {}
+            for name in order:
+                suffix = name.removeprefix("keyd_1_connection").removeprefix("keyd_2_connections")
+                if name.startswith("keyd_"):
+                    pid = keyds[suffix]._proc.pid  # type: ignore[union-attr]
+                    rate, cpu = _with_cpu(pid, cases[name])
+                    row[f"{name}_cpu_us"] = round(cpu, 2)
+                else:
+                    rate = cases[name]()
+                row[name] = round(rate, 1)
+            for suffix in keyds:
+                one, two = row[f"keyd_1_connection{suffix}"], row[f"keyd_2_connections{suffix}"]
+                row[f"ratio_1{suffix}"] = round(one / row["in_process"], 3)
+                row[f"ratio_2{suffix}"] = round(two / row["in_process"], 3)
+                # both sides on both cores: keyd's chunks are signed by two worker threads
+                row[f"ratio_2_vs_2{suffix}"] = round(two / row["in_process_2_threads"], 3)
+            if len(keyds) == 2:
+                for n in ("1_connection", "2_connections"):
+                    row[f"validation_cost_{n[0]}"] = round(
+                        row[f"keyd_{n}"] / row[f"keyd_{n}_novalidate"], 3
+                    )
+                    row[f"validation_cpu_us_{n[0]}"] = round(
+                        row[f"keyd_{n}_cpu_us"] - row[f"keyd_{n}_novalidate_cpu_us"], 2
+                    )
+            rounds.append(row)
+            print(f"round {r}: " + ", ".join(f"{k} {v:,}" for k, v in row.items()))
     summary = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
     print("median: " + ", ".join(f"{k} {v:,}" for k, v in summary.items()))
     best = max(summary["ratio_1"], summary["ratio_2"])
@@ -129,10 +199,26 @@ def main() -> None:
         f" (best of 1 or 2 connections: {best:.2f}); keyd on 2 connections vs in-process on 2"
         f" threads: {summary['ratio_2_vs_2']:.2f}"
     )
+    if "validation_cost_1" in summary:
+        print(
+            f"validating keyd vs --no-validate-dcc: {summary['validation_cost_1']:.2f} on one "
+            f"connection, {summary['validation_cost_2']:.2f} on two; keyd CPU per signature "
+            f"{summary['keyd_1_connection_cpu_us']:.1f} vs "
+            f"{summary['keyd_1_connection_novalidate_cpu_us']:.1f} µs on one connection, "
+            f"{summary['keyd_2_connections_cpu_us']:.1f} vs "
+            f"{summary['keyd_2_connections_novalidate_cpu_us']:.1f} µs on two"
+        )
     if args.json:
         args.json.write_text(
             json.dumps(
-                {"batch": args.batch, "seconds": args.seconds, "rounds": rounds, "median": summary},
+                {
+                    "batch": args.batch,
+                    "seconds": args.seconds,
+                    "validation": args.validation,
+                    "nonce_pool": args.nonce_pool,
+                    "rounds": rounds,
+                    "median": summary,
+                },
                 indent=2,
             )
         )

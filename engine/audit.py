@@ -11,6 +11,7 @@ Directory layout::
     DIR/audit-key.pub.pem        public half of the audit key that signs the checkpoints
     DIR/lock                     held (flock) by the one process that has the log open
     DIR/torn-000002-000123.bin   evidence set aside when a torn write was recovered (rare)
+    DIR/reopen-probe.tmp         briefly, while a writer that failed checks for room to reopen
 
 Entries
 -------
@@ -86,6 +87,8 @@ been restarted).
 
 A write or fsync that fails (``ENOSPC``, ``EIO``, ``EROFS``, ...) raises :exc:`AuditUnavailable`;
 the log then refuses every further append until it is reopened: keyd must stop signing.
+:meth:`AuditLog.reopen` reopens it in place (keyd retries that by itself, with a backoff,
+while signing is stopped); the torn tail of the failed write is set aside as below.
 
 A *torn write* (keyd killed or the machine stopping during a write) leaves, after the last
 checkpoint, entries that were never acknowledged and possibly an incomplete line. Opening the
@@ -200,6 +203,10 @@ _SEGMENT_RE = re.compile(r"segment-(\d{6,})\.log(\.zst)?")
 _ZSTD_LEVEL = 3
 #: An fsync this slow (seconds) is counted and logged (see ``AuditLog._note_fsync``).
 SLOW_FSYNC = 0.1
+#: :meth:`AuditLog.reopen` touches the log only once the directory takes this many bytes more
+#: (probe file, written, fsynced and removed): room for the recovery and the next batches.
+REOPEN_HEADROOM = 1 << 20
+PROBE_FILE = "reopen-probe.tmp"
 _RECOVER_FIELDS = (
     "seq",
     "time",
@@ -911,6 +918,8 @@ class AuditLog:
         self._compress_error: str | None = None
         #: a description of the torn write that :meth:`open` recovered, or None
         self.recovered: dict[str, Any] | None = None
+        #: How often :meth:`reopen` has replaced this log's state with what is on disk.
+        self.reopens = 0
 
     # -- opening
 
@@ -922,6 +931,7 @@ class AuditLog:
         *,
         segment_records: int = 100_000,
         clock: Callable[[], float] = time.time,
+        lock_wait: float = 0.0,
     ) -> AuditLog:
         """Open (or create) the log in *directory* for appending.
 
@@ -931,11 +941,19 @@ class AuditLog:
         continue. A torn last write is set aside and recorded (module docstring); interrupted
         rotation and compression steps are completed.
 
+        The writer holds a flock on ``DIR/lock`` and writes its pid, process start time and
+        boot id into it (emptied again on close). When another process holds it, the open
+        waits up to *lock_wait* seconds for it to go (a keyd that is stopping), logging whom
+        it waits for; the error names the holder from that record, or says that the record
+        is stale (its process is gone: the flock always has a live holder).
+
         Raises:
             AuditLogError: the log is broken (the message says where), belongs to another audit
                 key, or another process has it open.
             AuditUnavailable: the directory or its files cannot be written.
         """
+        from .process import lock_holder, record_holder
+
         if segment_records < 1:
             raise ValueError("segment_records must be at least 1")
         root = Path(directory)
@@ -944,18 +962,39 @@ class AuditLog:
             if not root.is_dir():
                 root.mkdir(mode=0o700, parents=True)
                 _fsync_dir(root.parent)
-            log._lock_fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            lock_fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise AuditUnavailable(
                 f"{root}: cannot use the audit directory: {exc.strerror}"
             ) from exc
+        try:  # until the flock is ours, the record in the file is the holder's: never touch it
+            deadline = time.monotonic() + lock_wait
+            next_note = 0.0
+            while True:
+                try:
+                    fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    now = time.monotonic()
+                    if now >= deadline:
+                        waited = f" (waited {lock_wait:g} s)" if lock_wait > 0 else ""
+                        raise AuditLogError(
+                            f"{root}: the audit log is already open for writing, "
+                            f"{lock_holder(root / LOCK_FILE)}{waited}"
+                        ) from None
+                    if now >= next_note:
+                        next_note = now + 5.0
+                        LOGGER.warning(
+                            "%s: waiting up to %.0f s more for the audit log lock, %s",
+                            root, deadline - now, lock_holder(root / LOCK_FILE),
+                        )
+                    time.sleep(0.05)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        log._lock_fd = lock_fd
+        record_holder(lock_fd)
         try:
-            try:
-                fcntl.flock(log._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise AuditLogError(
-                    f"{root}: the audit log is already open for writing (another keyd?)"
-                ) from None
             try:
                 log._start()
             except OSError as exc:
@@ -970,8 +1009,8 @@ class AuditLog:
 
     def _start(self) -> None:
         root = self.directory
-        for entry in os.scandir(root):  # leftovers of an interrupted compression
-            if entry.name.endswith(".log.zst.tmp"):
+        for entry in os.scandir(root):  # leftovers of an interrupted compression or probe
+            if entry.name.endswith(".log.zst.tmp") or entry.name == PROBE_FILE:
                 os.unlink(entry.path)
         segments = _list_segments(root)
         have_public_key = self._check_public_key()
@@ -1532,6 +1571,68 @@ class AuditLog:
         against truncation (``verify(..., witnesses=[...])``)."""
         return self._last_checkpoint
 
+    def reopen(self) -> None:
+        """Release the log and open it again from what is on disk, in place (callers keep
+        this object): after a failed write (a full disk that has been freed, say), this is
+        what makes the log usable again without restarting the process.
+
+        First the directory must take a probe of REOPEN_HEADROOM bytes (written, fsynced,
+        removed): while it cannot, nothing of the log is touched (a disk that is still full
+        gets no partial recovery attempts). Then exactly as :meth:`open` at start: a torn tail
+        left by the failed write (entries that were never acknowledged, an incomplete line)
+        is set aside and recorded (``recover`` entry, :attr:`recovered`); a segment closed but
+        not yet compressed is compressed now, before this returns (if that fails too, the log
+        stays unusable). Appends wait while this runs; the flock is released and taken again
+        (a second open in the same process would conflict with this one's lock).
+
+        Raises:
+            AuditUnavailable: the log still cannot be written (it stays unusable; call again
+                later), or it was closed.
+            AuditLogError: the log on disk is broken, or another process opened it meanwhile.
+        """
+        with self._lock:
+            if self._closed:
+                raise AuditUnavailable(f"{self.directory}: the audit log is closed")
+            self._probe()
+            self._release()
+            self._broken = self._broken or "being reopened"
+            fresh = type(self).open(
+                self.directory, self._key, segment_records=self._segment_records, clock=self._clock
+            )
+            if fresh._compressor is not None:  # finish what the fresh log queued (FIFO)
+                assert fresh._compress_queue is not None
+                fresh._compress_queue.put(None)
+                fresh._compressor.join()
+                fresh._compressor = fresh._compress_queue = None
+            # Take over the fresh log's state and descriptors; this log's lock and its
+            # counters stay. The fresh object is left inert (it owns nothing any more).
+            kept = {"_lock", "reopens", "slow_fsyncs"}
+            kept.update(k for k in vars(self) if k.startswith("_slow_"))
+            self.__dict__.update({k: v for k, v in vars(fresh).items() if k not in kept})
+            fresh._fd = fresh._lock_fd = -1
+            fresh._closed = True
+            self.reopens += 1
+            if self._compress_error is not None:
+                self._broken = self._compress_error
+                raise AuditUnavailable(f"{self.directory}: {self._compress_error}")
+
+    def _probe(self) -> None:
+        """Write, fsync and remove REOPEN_HEADROOM bytes in the log's directory."""
+        path = self.directory / PROBE_FILE
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                _write_all(fd, bytes(REOPEN_HEADROOM))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+                path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise AuditUnavailable(
+                f"{self.directory}: still cannot write {REOPEN_HEADROOM:,} bytes there "
+                f"({exc.strerror or exc})"
+            ) from exc
+
     def close(self) -> None:
         """Write a final checkpoint (``end: "close"``), wait for a pending compression and
         release the log. A log that failed earlier is released without a checkpoint."""
@@ -1560,6 +1661,10 @@ class AuditLog:
             os.close(self._fd)
             self._fd = -1
         if self._lock_fd >= 0:
+            try:
+                os.ftruncate(self._lock_fd, 0)  # no holder record outlives the holding
+            except OSError:
+                pass
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = -1
 

@@ -33,6 +33,7 @@ __all__ = [
     "Issuer",
     "SignerKey",
     "claims_prefix",
+    "max_payload",
 ]
 
 #: iat is set this far in the past, so that a verifier whose clock runs slow does not see a
@@ -83,17 +84,20 @@ def claims_prefix(iss: str, iat: int, exp: int) -> bytes:
     )
 
 
-def _max_payload(alg: int) -> int:
+def max_payload(alg: int) -> int:
     """Largest CWT payload whose HC1 string fits a QR code, whatever deflate does.
 
     Deflate never emits more than a stored block's framing over its input (zlib falls back to
     stored blocks when they are smaller), so the worst case is COSE + 11 bytes of zlib framing;
-    we keep 16.
+    we keep 16. The issuer, the engine and keyd all apply this bound.
     """
     sig = 64 if alg == -7 else 512  # RSA up to 4096 bits
     zlib_max = (MAX_HC1_CHARS - 4) // 3 * 2  # base45: 3 characters per 2 bytes
     cose_overhead = 2 + 1 + 14 + 1 + 3 + 3 + sig
     return zlib_max - 16 - cose_overhead
+
+
+_max_payload = max_payload  # the name engine/dispatch.py imports
 
 
 def _nfc(dcc: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -259,7 +263,7 @@ class Issuer:
                     f"DSC of key {key.dsc.kid.hex()} names no country; configure issuer_country"
                 )
             prefix = claims_prefix(iss, iat, exp)
-            limit = _max_payload(key.dsc.alg)
+            limit = max_payload(key.dsc.alg)
             payloads = [prefix + dumps(items[i]) for i in indices]
             for i, p in zip(indices, payloads, strict=True):
                 if len(p) > limit:

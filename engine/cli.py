@@ -271,6 +271,7 @@ def cmd_sign(args: argparse.Namespace) -> int:
     from .errors import InvalidBatchError, KeyProblem, KeystoreError
     from .keyd_client import KeydError
     from .keyd_supervisor import KeydSigner, PrivateKeyd
+    from .process import take_environ_secret
     from .qr import numbered_paths, write_qr
 
     _check_qr_path(args.qr)
@@ -281,7 +282,15 @@ def cmd_sign(args: argparse.Namespace) -> int:
     account = f"os-user:{getpass.getuser()}"
     try:
         # nonce_pool=0: a one-shot keyd would spend its idle time filling a pool nobody uses.
-        with PrivateKeyd(store.directory, nonce_pool=0) as keyd, keyd.client() as client:
+        # The passphrase variable, if set, goes to keyd through a pipe and leaves our
+        # environment (also what /proc/PID/environ shows). lock_wait: a keyd that is stopping
+        # lets go of the audit log within a second; a running engine's keyd would not.
+        with (
+            PrivateKeyd(
+                store.directory, nonce_pool=0, passphrase=take_environ_secret(), lock_wait=3
+            ) as keyd,
+            keyd.client() as client,
+        ):
             keys = [
                 SignerKey(
                     DSC.from_bytes(info.dsc),
@@ -432,6 +441,50 @@ def _nonce_pool_entries(value: str) -> int:
     if not 0 <= n <= 1 << 24:
         raise argparse.ArgumentTypeError(f"must be an integer from 0 to 16777216, not {value!r}")
     return n
+
+
+def _lock_wait(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= 3600:
+        raise argparse.ArgumentTypeError(f"must be 0 to 3600 seconds, not {value!r}")
+    return seconds
+
+
+def _socket_mode(value: str) -> int:
+    try:
+        mode = int(value, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777 or not mode & 0o600 == 0o600:
+        raise argparse.ArgumentTypeError(
+            f"must be octal permission bits that include 0600 (e.g. 0600, 0660), not {value!r}"
+        )
+    return mode
+
+
+def _group_id(value: str) -> int:
+    import grp
+
+    if value.isdigit():
+        return int(value)
+    try:
+        return grp.getgrnam(value).gr_gid
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"no such group: {value!r}") from None
+
+
+def _user_id(value: str) -> int:
+    import pwd
+
+    if value.isdigit():
+        return int(value)
+    try:
+        return pwd.getpwnam(value).pw_uid
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"no such user: {value!r}") from None
 
 
 def _nonce_pool_option(parser: argparse.ArgumentParser | Any) -> None:
@@ -613,8 +666,10 @@ def build_parser() -> argparse.ArgumentParser:
         "keyd",
         help="run the key process (the only holder of private keys)",
         description="Run keyd: load the keystore's keys, serve signing requests on a Unix "
-        "socket (mode 0600), re-check every payload, and record every signature in the audit "
-        "log before releasing it. Stops cleanly on SIGTERM. The passphrase comes from "
+        "socket (mode 0600 unless --socket-mode), re-check every payload, and record every "
+        "signature in the audit log before releasing it. Stops cleanly on SIGTERM. keyd makes "
+        "itself non-dumpable at start (no ptrace, /proc/PID/mem or core dump, even for its own "
+        "user). The passphrase comes from --supervised's first input line, "
         "DCCSIGN_KEYSTORE_PASSPHRASE, DCCSIGN_KEYSTORE_PASSPHRASE_FILE, or DIR/dev-passphrase.",
     )
     p.add_argument("--keystore", type=Path, required=True, metavar="DIR")
@@ -626,14 +681,66 @@ def build_parser() -> argparse.ArgumentParser:
         help="audit log directory (default DIR/audit of the keystore)",
     )
     p.add_argument(
-        "--validate-dcc",
-        action="store_true",
-        help="also run the full DCC validator on every payload (refusing INVALID_DCC), on top "
-        "of keyd's structural checks; the issuer validates before asking keyd, and this costs "
-        "keyd about a third of its throughput",
+        "--no-validate-dcc",
+        dest="validate_dcc",
+        action="store_false",
+        help="do not run the full DCC validator (schema, value sets, dates, UVCI) on every "
+        "payload, only keyd's structural, time, type, key and size checks. Saves ~30 us of "
+        "keyd CPU per certificate (keyd alone then signs ~1.4-1.6x as many per second: "
+        "bench/keyd_compare.py), but an engine that is compromised or wrong can then have "
+        "DCCs with any content signed (bogus codes, missing fields), which verifiers accept "
+        "as valid",
+    )
+    # The default since keyd validates by itself; accepted so that old command lines work.
+    p.add_argument(
+        "--validate-dcc", dest="validate_dcc", action="store_true", help=argparse.SUPPRESS
     )
     _nonce_pool_option(p)
-    p.set_defaults(func=_cmd_keyd)
+    p.add_argument(
+        "--supervised",
+        action="store_true",
+        help="for a supervising process (dccsign serve and sign run keyd so): keyd reads the "
+        "keystore passphrase from the first line of standard input (an empty line: found as "
+        "without this option), and stops as on SIGTERM (final audit checkpoint) when standard "
+        "input ends, i.e. when the supervisor is gone, however it ended",
+    )
+    p.add_argument(
+        "--lock-wait",
+        type=_lock_wait,
+        default=15.0,
+        metavar="S",
+        help="at start, wait up to S seconds for the audit log's lock while another process "
+        "holds it (a keyd that is stopping), logging whom it waits for; then fail with a "
+        "message that names the holder (default 15; 0: do not wait)",
+    )
+    access = p.add_argument_group(
+        "socket access (keyd under its own user, used through dccsign serve --keyd-socket)"
+    )
+    access.add_argument(
+        "--socket-mode",
+        type=_socket_mode,
+        default=0o600,
+        metavar="MODE",
+        help="permission bits of the socket, octal (default 0600; 0660 with --socket-group "
+        "lets that group connect, each connection still subject to --allow-uid)",
+    )
+    access.add_argument(
+        "--socket-group",
+        type=_group_id,
+        metavar="GROUP",
+        help="give the socket to this group, a name or gid (keyd's user must be a member of "
+        "it unless keyd runs as root)",
+    )
+    access.add_argument(
+        "--allow-uid",
+        type=_user_id,
+        action="append",
+        metavar="UID",
+        help="a uid (or user name) that may connect; repeat for more. keyd checks every "
+        "connection's peer uid (SO_PEERCRED), root's too, and closes any other at once, "
+        "unserved, with a log line (default: keyd's own uid only)",
+    )
+    p.set_defaults(func=_cmd_keyd, validate_dcc=True)
 
     p = sub.add_parser(
         "serve",
@@ -645,9 +752,27 @@ def build_parser() -> argparse.ArgumentParser:
         "quotas from --policy (re-read within a second), and /metrics and /healthz on "
         "--http. SIGTERM drains: in-flight requests finish, new ones are refused, then exit. "
         "--dev sets up the embedded default (development keystore, TLS material and a "
-        "policy for the current user and the development client certificate).",
+        "policy for the current user and the development client certificate). The "
+        "passphrase (DCCSIGN_KEYSTORE_PASSPHRASE, read once and wiped from the engine's "
+        "environment) reaches keyd through a pipe; keyd stops when the engine is gone.",
     )
-    p.add_argument("--keystore", type=Path, required=True, metavar="DIR")
+    p.add_argument(
+        "--keystore",
+        type=Path,
+        metavar="DIR",
+        help="the keystore of the engine's keyd (required unless --keyd-socket and --policy "
+        "are given)",
+    )
+    p.add_argument(
+        "--keyd-socket",
+        type=Path,
+        metavar="PATH",
+        help="use the keyd that serves this socket instead of starting one, e.g. dccsign keyd "
+        "under its own user with --socket-group and --allow-uid for the engine's user: the "
+        "engine then reads no private key and no passphrase, and reconnects with backoff when "
+        "the connection breaks (/healthz not ready meanwhile). keyd's own options (--audit-dir, "
+        "--nonce-pool, --keyd-no-validate-dcc) then go to dccsign keyd",
+    )
     p.add_argument(
         "--policy", type=Path, metavar="FILE", help="policy file (default DIR/policy.json)"
     )
@@ -662,6 +787,22 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="create what the embedded default needs when missing (development only)",
     )
+    p.add_argument(
+        "--audit-dir",
+        type=Path,
+        metavar="DIR",
+        help="keyd's audit log directory (default DIR/audit of the keystore)",
+    )
+    p.add_argument(
+        "--keyd-no-validate-dcc",
+        action="store_true",
+        help="start keyd with --no-validate-dcc: keyd then skips its own full validation of "
+        "every DCC (the engine still validates each request). Saves ~30 us of keyd CPU per "
+        "certificate (keyd alone signs ~1.4-1.6x as many per second, bench/keyd_compare.py; "
+        "the engine end to end gains less, ~10%%), but a compromised or faulty engine could then "
+        "have DCCs with any content signed (bogus codes, missing fields), and verifiers "
+        "would accept them as valid",
+    )
     from .keyd_batcher import DEFAULT_WINDOW
     from .server import Limits
 
@@ -672,15 +813,50 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive(int, 65_536),
         default=lim.max_in_flight,
         metavar="N",
-        help=f"requests in progress per connection before BUSY (default {lim.max_in_flight})",
+        help="requests in progress on one connection, or answered and not yet read, before "
+        f"BUSY (default {lim.max_in_flight})",
+    )
+    tune.add_argument(
+        "--max-connection-items",
+        type=positive(int, 10_000_000),
+        default=lim.max_connection_items,
+        metavar="N",
+        help="certificates in progress on one connection, or answered and not yet read by its "
+        f"client, before BUSY (default {lim.max_connection_items})",
+    )
+    tune.add_argument(
+        "--max-client-items",
+        type=positive(int, 10_000_000),
+        default=lim.max_client_items,
+        metavar="N",
+        help="certificates in progress for one client over all its connections, or answered "
+        f"and not yet read, before BUSY (default {lim.max_client_items})",
+    )
+    tune.add_argument(
+        "--max-connections",
+        type=positive(int, 1_000_000),
+        default=lim.max_connections,
+        metavar="N",
+        help="open connections; more are closed at once (default "
+        f"{lim.max_connections}; the open-files limit is raised to fit)",
+    )
+    tune.add_argument(
+        "--idle-timeout",
+        type=positive(float, 86_400),
+        default=lim.idle_timeout,
+        metavar="S",
+        help="close a connection that has nothing in progress and sends nothing (not even "
+        "PING) for S seconds, with GOAWAY, or whose client reads none of its replies for S "
+        f"seconds (default {lim.idle_timeout:g}; HELLO must come within "
+        f"{lim.hello_timeout:g} s, and each frame arrive whole within {lim.frame_timeout:g} s)",
     )
     tune.add_argument(
         "--max-pending-items",
         type=positive(int, 10_000_000),
         default=lim.max_pending_items,
         metavar="N",
-        help="certificates in progress in the whole engine before BUSY "
-        f"(default {lim.max_pending_items})",
+        help="certificates in progress in the whole engine, or answered and not yet read, "
+        f"before BUSY (default {lim.max_pending_items})",
     )
     tune.add_argument(
         "--max-batch",
@@ -701,9 +877,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=lim.queue_target * 1000,
         metavar="MS",
-        help="refuse new requests with BUSY while the oldest request in progress is older "
-        f"than this and more than {lim.queue_floor} certificates are in progress, in "
-        f"milliseconds; 0 turns it off (default {lim.queue_target * 1000:g})",
+        help="refuse a client's new requests with BUSY while its oldest request in progress "
+        f"is older than this and more than {lim.queue_floor} certificates are in progress in "
+        f"the engine, in milliseconds; 0 turns it off (default {lim.queue_target * 1000:g})",
     )
     tune.add_argument(
         "--batch-window",

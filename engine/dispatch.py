@@ -31,6 +31,7 @@ from typing import Any
 
 import cbor2
 import trio
+import trio.lowlevel
 
 from .chain import DEFAULT_BACKDATE, Issuer, SignerKey, _max_payload, _nfc, claims_prefix
 from .dcc import DCCValidationError, validate
@@ -48,6 +49,10 @@ from .valuesets import ValueSets
 __all__ = ["DEFAULT_VALIDITY_DAYS", "Dispatcher", "IdempotencyCache"]
 
 DEFAULT_VALIDITY_DAYS = 365
+#: Items prepared between two yields to the event loop, and requests of one client prepared
+#: at once (see Dispatcher._sign_fresh).
+PREPARE_SLICE = 32
+PREPARE_TURNS = 2
 _REFUSAL_CODES = {
     "CLIENT_UNKNOWN": ErrorCode.UNAUTHENTICATED,
     "CLIENT_DISABLED": ErrorCode.CLIENT_DISABLED,
@@ -184,6 +189,7 @@ class Dispatcher:
         self.valuesets = valuesets or ValueSets.builtin()
         self.clock = clock
         self.idempotency = IdempotencyCache()
+        self._turns: dict[str, trio.Semaphore] = {}
         self._issuer = Issuer(
             [],
             backdate=backdate,
@@ -252,23 +258,32 @@ class Dispatcher:
         self, client: str, items: Sequence[SignItem], types: list[str]
     ) -> list[ItemResult]:
         started = trio.current_time()
-        policy = self.policy.current()
-        now = self.clock()
         results: list[ItemResult | None] = [None] * len(items)
         # Per kid, per (account, operator): the items keyd signs as one part.
         groups: dict[bytes, dict[tuple[str, str | None], list[_Prepared]]] = {}
         memo: dict[tuple[str, bytes | None, int], _Signing] = {}
-        for i, item in enumerate(items):
-            outcome = self._prepare(policy, client, i, item, now, types, memo)
-            if isinstance(outcome, ItemResult):
-                results[i] = outcome
-                continue
-            refusal = self.quotas.try_reserve(policy, client, item.account, 1)
-            if refusal is not None:
-                results[i] = _refused(refusal)
-                continue
-            parts = groups.setdefault(outcome.key.dsc.kid, {})
-            parts.setdefault((item.account, item.operator), []).append(outcome)
+        turns = self._turns.get(client)
+        if turns is None:
+            turns = self._turns[client] = trio.Semaphore(PREPARE_TURNS)
+        # The event loop is shared: a portal that pipelines a hundred batches must not make
+        # every other portal's request wait for all of them. Each client prepares at most
+        # PREPARE_TURNS requests at a time, and yields every PREPARE_SLICE items.
+        async with turns:
+            policy = self.policy.current()
+            now = self.clock()
+            for i, item in enumerate(items):
+                if i and not i % PREPARE_SLICE:
+                    await trio.lowlevel.checkpoint()
+                outcome = self._prepare(policy, client, i, item, now, types, memo)
+                if isinstance(outcome, ItemResult):
+                    results[i] = outcome
+                    continue
+                refusal = self.quotas.try_reserve(policy, client, item.account, 1)
+                if refusal is not None:
+                    results[i] = _refused(refusal)
+                    continue
+                parts = groups.setdefault(outcome.key.dsc.kid, {})
+                parts.setdefault((item.account, item.operator), []).append(outcome)
 
         if self._on_stage is not None:
             self._on_stage("prepare", trio.current_time() - started)
@@ -377,7 +392,9 @@ class Dispatcher:
             retryable = code in KEYD_RETRYABLE
             out.append(
                 _failure(
-                    ErrorCode.KEYD_UNAVAILABLE if retryable else ErrorCode.KEYD_REFUSED,
+                    ErrorCode.KEYD_UNAVAILABLE if retryable
+                    else ErrorCode.TOO_LARGE_FOR_QR if code == ItemError.TOO_LARGE_FOR_QR
+                    else ErrorCode.KEYD_REFUSED,
                     f"keyd refused ({ItemError(code).name}): {reason}",
                     retry_after_s=1.0 if retryable else None,
                 )

@@ -11,18 +11,22 @@ itself rather than trusting the engine (an engine can be compromised, or simply 
   clock plus a small skew;
 * the DCC type allowed by the DSC's extended key usage;
 * the kid active, and the client allowed to use it (the key's optional ``clients`` list in the
-  keystore metadata; without one, every client may).
+  keystore metadata; without one, every client may);
+* a payload short enough for its HC1 string to fit a QR code (``chain.max_payload``, the
+  bound the issuer and the engine apply too);
+* the DCC itself: the full validator (schema, value sets, dates, UVCI), as the issuer runs it.
 
 Each refused payload gets an :class:`~dccsign.protocol.keyd.ItemError`; the others are signed.
 There is no operation that signs a digest, and none that exports a key.
 
-The content of the DCC (names, dates, codes) is the issuing side's business: the issuer
-(``chain.Issuer``) validates every DCC before it asks keyd. ``validate_dcc=True``
-(``dccsign keyd --validate-dcc``) makes keyd run the same full validator again, for
-deployments that do not trust the issuing host that far; it costs about a third of keyd's
-throughput, because the validator is Python and holds the GIL. What it cannot do is tell a
-fraudulent but valid DCC from a real one: against an abused account, the controls are
-policy and quotas in front of keyd, and this audit log.
+The full DCC validation is keyd's default: an engine is not trusted to have validated (a
+compromised one could otherwise have ``{"v":[{"ci":"x"}]}`` or bogus codes signed, and
+verifiers would call them valid). ``validate_dcc=False`` (``dccsign keyd --no-validate-dcc``)
+leaves only the structural checks above, for a deployment that trusts its issuing host with
+the DCC content; that saves the validator's cost (Python, holding the GIL: measured in
+bench/README.md). What no check can do is tell a fraudulent but valid DCC from a real one:
+against an abused account, the controls are policy and quotas in front of keyd, and this
+audit log.
 
 Nonce pools (``nonce_pool=N``, ``dccsign keyd --nonce-pool N``): every active ES256 software
 key gets a pool of N precomputed nonces (64 bytes each, mlock'ed where the memlock limit
@@ -33,7 +37,12 @@ when it stops. Token (PKCS#11) keys never have one: their nonces are the token's
 
 Audit before release: the signatures of a batch are computed, their records appended to the
 audit log with one fsync (group commit), and only then returned. If the log cannot be
-written, keyd refuses to sign (``AUDIT_UNAVAILABLE``) and says why, rather than sign unaudited.
+written, keyd refuses to sign (``AUDIT_UNAVAILABLE``) and says why, rather than sign unaudited;
+the signatures of the failed batch are dropped. While stopped, keyd reopens the log by itself
+(``AuditLog.reopen``: a torn tail is set aside as at start) when a request or a DESCRIBE
+arrives, at most every AUDIT_RETRY_FIRST .. AUDIT_RETRY_MAX seconds (doubling); once that
+works it records an ``audit-resumed`` key event and signs again. DESCRIBE reports the state
+(``DescribeResult.audit``), so the engine can say it is not ready meanwhile.
 """
 
 from __future__ import annotations
@@ -43,14 +52,15 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import native
-from .audit import AuditLog, AuditUnavailable, IssuanceBatch, KeyEvent
+from .audit import AuditError, AuditLog, AuditUnavailable, IssuanceBatch, KeyEvent
+from .chain import MAX_HC1_CHARS, max_payload
 from .dcc import DCCValidationError, validate
 from .dsc import DSC, TYPE_NAMES
 from .keystore import Keystore, _atomic_write
@@ -97,6 +107,12 @@ SIGN_CHUNK = 32
 #: second of keyd signing flat out from the pool, refilled in about 2 s of one idle core.
 DEFAULT_NONCE_POOL = 65_536
 JOURNAL_OFFSET = "key-events.offset"
+#: Connections keyd serves at once (a thread each); the engine uses --keyd-connections (2).
+MAX_CONNECTIONS = 64
+#: After an audit failure, keyd first tries to reopen the log this many seconds later, then
+#: doubles the wait after each failed attempt, up to AUDIT_RETRY_MAX.
+AUDIT_RETRY_FIRST = 0.5
+AUDIT_RETRY_MAX = 5.0
 
 
 @dataclass
@@ -126,15 +142,25 @@ def check_payloads(
     """keyd's own check of CWT payloads for *dsc*.
 
     Per payload its :class:`~dccsign.native.CwtFacts` when it may be signed, else
-    ``(ItemError, reason)``. The structural part is ``impl.cwt_facts`` (native: no GIL, ~1.5
+    ``(ItemError, reason)``. A payload too long for a QR code is refused first
+    (``TOO_LARGE_FOR_QR``); the structural part is ``impl.cwt_facts`` (native: no GIL, ~1.5
     µs); given *valuesets*, each DCC is also fully validated (``INVALID_DCC``; ~20 µs more
     per item, holding the GIL). Never raises for any payload bytes.
     """
     out: list[CwtFacts | tuple[ItemError, str]] = []
     not_before, not_after = dsc.not_before.timestamp(), dsc.not_after.timestamp()
     latest_iat = now + skew
+    limit = max_payload(dsc.alg)
     for payload, facts in zip(payloads, impl.cwt_facts(payloads), strict=True):
-        if type(facts) is str:
+        if len(payload) > limit:
+            out.append(
+                (
+                    ItemError.TOO_LARGE_FOR_QR,
+                    f"the payload is {len(payload)} bytes; at most {limit} fit a QR code "
+                    f"({MAX_HC1_CHARS} characters)",
+                )
+            )
+        elif type(facts) is str:
             out.append((ItemError.MALFORMED_CWT, facts))
         elif facts.exp > not_after:
             out.append((ItemError.EXP_AFTER_DSC, f"exp {facts.exp} is after the DSC's notAfter"))
@@ -240,7 +266,7 @@ class Keyd:
         clock: Callable[[], float] = time.time,
         skew: int = DEFAULT_SKEW,
         preloaded: dict[bytes, Any] | None = None,
-        validate_dcc: bool = False,
+        validate_dcc: bool = True,
         nonce_pool: int = 0,
     ) -> None:
         if type(nonce_pool) is not int or nonce_pool < 0:
@@ -264,7 +290,17 @@ class Keyd:
         self._keys: dict[bytes, LoadedKey] = {}
         self._meta_stamp: tuple[int, int] | None = None
         self._next_check = 0.0
+        #: Why signing is stopped (the audit log cannot commit), or None.
         self.audit_failure: str | None = None
+        self._audit_state = threading.Lock()  # audit_failure and the retry schedule below
+        self._audit_retry = threading.Lock()  # held by the one thread reopening the log
+        self._audit_down_since = 0.0
+        self._audit_cause = ""  # what stopped signing (audit_failure may say more since)
+        self._audit_retry_at = 0.0
+        self._audit_backoff = AUDIT_RETRY_FIRST
+        self._audit_next_log = 0.0
+        # Key events not yet in the log (the log failed while keyd recorded them).
+        self._unrecorded: list[KeyEvent] = []
         self._load(initial=True)
 
     # -- keys ---------------------------------------------------------------------------
@@ -328,17 +364,98 @@ class Keyd:
             self._keys = keys
             self._meta_stamp = stamp
         self._sync_pools(list(keys.values()), gone)
+        if initial:
+            changes.insert(0, KeyEvent("keyd-start", None, None, "keyd", None))
+        self._unrecorded += changes
+        reopens = self.audit.reopens
         try:
-            if initial:
-                changes.insert(0, KeyEvent("keyd-start", None, None, "keyd", None))
-            for event in changes:
-                self.audit.append_key_event(event)
-            self._ingest_journal()
+            self._record_key_events()
         except AuditUnavailable as exc:
-            self.audit_failure = f"audit log unavailable: {exc}"
-            LOGGER.error("%s; signing stopped", self.audit_failure)
             if initial:
                 raise
+            self._audit_failed(exc, reopens)
+
+    def _record_key_events(self) -> None:
+        """Append the key events not yet recorded, then the journal's new lines (the caller
+        holds ``_reload_lock``, or is ``__init__``)."""
+        while self._unrecorded:
+            self.audit.append_key_event(self._unrecorded[0])
+            del self._unrecorded[0]
+        self._ingest_journal()
+
+    # -- audit failures -----------------------------------------------------------------
+
+    def _audit_failed(self, exc: AuditError, reopens: int) -> str:
+        """Stop signing: an append (begun when the log had been reopened *reopens* times)
+        failed. A failure of a log that a retry has reopened since is not a new outage.
+        Returns the reason given to the callers."""
+        why = f"audit log unavailable: {exc}"
+        with self._audit_state:
+            if self.audit.reopens != reopens:
+                return why
+            if self.audit_failure is None:
+                now = time.monotonic()
+                self._audit_down_since, self._audit_cause = now, why
+                self._audit_backoff = AUDIT_RETRY_FIRST
+                self._audit_retry_at = now + AUDIT_RETRY_FIRST
+                self._audit_next_log = now + 30.0
+                LOGGER.error(
+                    "%s; signing stopped (keyd retries the log by itself, first in %.1f s)",
+                    why, AUDIT_RETRY_FIRST,
+                )
+            self.audit_failure = why
+        return why
+
+    def _retry_audit(self) -> None:
+        """While signing is stopped and a retry is due: reopen the audit log (in place) and,
+        once it commits again, record what it missed and resume signing. Called by requests
+        and DESCRIBE; never blocks on another thread's retry."""
+        if self.audit_failure is None or time.monotonic() < self._audit_retry_at:
+            return
+        if not self._audit_retry.acquire(blocking=False):
+            return
+        try:
+            with self._audit_state:
+                if self.audit_failure is None or time.monotonic() < self._audit_retry_at:
+                    return
+                reason, since = self._audit_cause, self._audit_down_since
+            try:
+                self.audit.reopen()
+                with self._reload_lock:
+                    stopped = time.monotonic() - since
+                    self.audit.append_key_event(
+                        KeyEvent(
+                            "audit-resumed", None, None, "keyd",
+                            f"signing was stopped for {stopped:.1f} s: {reason}",
+                        )
+                    )
+                    self._record_key_events()
+            except Exception as exc:  # AuditError above all; keyd must keep serving
+                now = time.monotonic()
+                with self._audit_state:
+                    self._audit_backoff = min(self._audit_backoff * 2, AUDIT_RETRY_MAX)
+                    self._audit_retry_at = now + self._audit_backoff
+                    why = f"audit log unavailable: {exc}"
+                    changed, self.audit_failure = why != self.audit_failure, why
+                    if changed or now >= self._audit_next_log:
+                        self._audit_next_log = now + 30.0
+                        LOGGER.error(
+                            "%s; signing still stopped after %.0f s (next attempt in %.1f s)",
+                            why, now - since, self._audit_backoff,
+                        )
+                return
+            with self._audit_state:
+                self.audit_failure = None
+            torn = self.audit.recovered
+            LOGGER.warning(
+                "audit log %s commits again: signing resumed after %.1f s stopped (%s)%s",
+                self.audit.directory, time.monotonic() - since, reason,
+                f"; a torn write of {torn['discarded_bytes']} bytes after sequence "
+                f"{torn['after_sequence']} was set aside in {torn['evidence']}"
+                if torn and torn["evidence"] else "",
+            )
+        finally:
+            self._audit_retry.release()
 
     def _sync_pools(self, keys: list[LoadedKey], gone: list[LoadedKey]) -> None:
         """Pools for the active ES256 software keys; any other key's pool is wiped."""
@@ -380,6 +497,7 @@ class Keyd:
 
     def describe(self) -> list[KeyInfo]:
         self.refresh()
+        self._retry_audit()
         with self._lock:
             keys = list(self._keys.values())
         return [
@@ -411,6 +529,7 @@ class Keyd:
         under its own client, account and operator; the signing passes and the audit commit
         (one fsync) are shared. Results run over the parts' payloads in order."""
         self.refresh()
+        self._retry_audit()
         n = sum(len(part.payloads) for part in req.parts)
         with self._lock:
             key = self._keys.get(req.kid)
@@ -502,14 +621,14 @@ class Keyd:
                     sigs,
                 )
             )
+        reopens = self.audit.reopens
         try:
             self.audit.append_batches(records)
         except AuditUnavailable as exc:
             # The signatures are dropped: nothing leaves keyd that the log does not know.
-            self.audit_failure = f"audit log unavailable: {exc}"
-            LOGGER.error("%s; signing stopped", self.audit_failure)
+            why = self._audit_failed(exc, reopens)
             for i in everyone:
-                results[i] = (ItemError.AUDIT_UNAVAILABLE, self.audit_failure)
+                results[i] = (ItemError.AUDIT_UNAVAILABLE, why)
             return SignResult(req.request_id, tuple(results))
         for i, sig in zip(everyone, signatures, strict=True):
             results[i] = sig
@@ -531,7 +650,7 @@ class Keyd:
         if isinstance(msg, SignMany):
             return self.sign_many(msg)
         if isinstance(msg, Describe):
-            return DescribeResult(msg.request_id, tuple(self.describe()))
+            return DescribeResult(msg.request_id, tuple(self.describe()), self.audit_failure)
         rid = getattr(msg, "request_id", 0)
         return Error(rid, f"keyd does not accept {type(msg).__name__} messages", False)
 
@@ -539,8 +658,15 @@ class Keyd:
 # ----------------------------------------------------------------------------- transport
 
 
+def _serve_counted(keyd: Keyd, sock: socket.socket, slots: threading.Semaphore) -> None:
+    try:
+        _serve_connection(keyd, sock)
+    finally:
+        slots.release()
+
+
 def _serve_connection(keyd: Keyd, sock: socket.socket) -> None:
-    codec = Connection()
+    codec = Connection(scan=native.cbor_scan)
     with sock:
         while True:
             try:
@@ -587,11 +713,21 @@ def serve_unix(
     *,
     ready: threading.Event | None = None,
     stop: threading.Event | None = None,
+    mode: int = 0o600,
+    group: int | None = None,
+    allow_uids: Collection[int] | None = None,
 ) -> None:
-    """Serve *keyd* on a Unix socket created with mode 0600 until *stop* is set.
+    """Serve *keyd* on a Unix socket until *stop* is set.
 
-    Each connection gets a thread; signing releases the GIL, so connections sign in parallel.
+    The socket is created with mode 0600, then given to *group* (a gid) if set, then gets
+    *mode*. Every connection's peer uid (SO_PEERCRED) must be in *allow_uids* (default: keyd's
+    own uid only; root is no exception): other connections are closed at once, unserved, and
+    logged. Each accepted connection gets a thread; signing releases the GIL, so connections
+    sign in parallel.
     """
+    import struct
+
+    allowed = frozenset({os.getuid()} if allow_uids is None else allow_uids)
     path = Path(path)
     path.unlink(missing_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -600,28 +736,79 @@ def serve_unix(
         listener.bind(str(path))
     finally:
         os.umask(old)
-    os.chmod(path, 0o600)
+    try:
+        if group is not None:
+            os.chown(path, -1, group)  # before the mode opens it to the group
+        os.chmod(path, mode)
+    except OSError as exc:
+        listener.close()
+        path.unlink(missing_ok=True)
+        what = f"group {group} and mode {mode:04o}" if group is not None else f"mode {mode:04o}"
+        raise OSError(exc.errno, f"cannot give the socket {path} {what}: {exc.strerror}") from None
     listener.listen(64)
     listener.settimeout(0.2)
     if ready is not None:
         ready.set()
+    refused = _RefusalLog()
+    open_connections = threading.Semaphore(MAX_CONNECTIONS)
     try:
         while stop is None or not stop.is_set():
             try:
                 conn, _ = listener.accept()
             except TimeoutError:
                 continue
+            raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            pid, uid, _gid = struct.unpack("3i", raw)
+            if uid not in allowed:
+                conn.close()
+                refused.note(pid, uid, allowed)
+                continue
+            if not open_connections.acquire(blocking=False):
+                conn.close()  # an engine needs a few; thousands would be thousands of threads
+                LOGGER.warning(
+                    "closing a keyd connection: %d are open (the limit)", MAX_CONNECTIONS
+                )
+                continue
             conn.settimeout(None)
-            threading.Thread(target=_serve_connection, args=(keyd, conn), daemon=True).start()
+            threading.Thread(
+                target=_serve_counted, args=(keyd, conn, open_connections), daemon=True
+            ).start()
     finally:
         listener.close()
         path.unlink(missing_ok=True)
+
+
+class _RefusalLog:
+    """Logs refused connections: each one, but at most one line a second per uid (with a
+    count of those not logged), so that a process connecting in a loop cannot flood keyd's
+    log."""
+
+    def __init__(self) -> None:
+        self._uids: dict[int, tuple[float, int]] = {}  # uid: (next line at, refused since)
+
+    def note(self, pid: int, uid: int, allowed: frozenset[int]) -> None:
+        now = time.monotonic()
+        due, quiet = self._uids.get(uid, (0.0, 0))
+        if now < due:
+            self._uids[uid] = (due, quiet + 1)
+            return
+        more = f" (and {quiet} more from it since the last line)" if quiet else ""
+        LOGGER.warning(
+            "refused a connection from uid %d (pid %d): only uid %s may connect "
+            "(--allow-uid)%s",
+            uid, pid, ", ".join(map(str, sorted(allowed))), more,
+        )
+        self._uids[uid] = (now + 1.0, 0)
 
 
 # ----------------------------------------------------------------------------- process
 
 AUDIT_KEY_FILE = "audit-key.pem"
 AUDIT_DIR = "audit"
+#: How long keyd waits at start for the audit log lock of a keyd that is stopping (seconds).
+DEFAULT_LOCK_WAIT = 15.0
+#: The longest passphrase line keyd reads from its supervisor.
+MAX_PASSPHRASE = 64 * 1024
 
 
 def run(
@@ -631,13 +818,23 @@ def run(
     *,
     ready: threading.Event | None = None,
     stop: threading.Event | None = None,
-    validate_dcc: bool = False,
+    validate_dcc: bool = True,
     nonce_pool: int = DEFAULT_NONCE_POOL,
+    passphrase: bytes | None = None,
+    lock_wait: float = 0.0,
+    socket_mode: int = 0o600,
+    socket_group: int | None = None,
+    allow_uids: Collection[int] | None = None,
 ) -> None:
-    """Run keyd until *stop* is set (the CLI sets it on SIGTERM/SIGINT).
+    """Run keyd until *stop* is set (the CLI sets it on SIGTERM/SIGINT, and with
+    ``--supervised`` when its supervisor is gone).
 
-    *validate_dcc*: also run the full DCC validator on every payload (see the module
+    *validate_dcc*: run the full DCC validator on every payload (the default; see the module
     docstring). *nonce_pool*: entries per active ES256 software key (0: no pools).
+    *passphrase*: the keystore passphrase; None: ``keystore.resolve_passphrase``.
+    *lock_wait*: seconds to wait for the audit log's lock while another process (a keyd that
+    is stopping) still holds it. *socket_mode*, *socket_group*, *allow_uids*: see
+    :func:`serve_unix`.
 
     The audit log lives in ``KEYSTORE/audit`` unless *audit_dir* is given; its checkpoint key
     is ``KEYSTORE/audit-key.pem`` (created on first start, encrypted with the keystore
@@ -652,7 +849,8 @@ def run(
 
     root = Path(keystore)
     store = Keystore.open(root)
-    passphrase = resolve_passphrase(root)
+    if passphrase is None:
+        passphrase = resolve_passphrase(root)
     # Every private key is decrypted before anything is created: a wrong passphrase must not
     # leave an audit key (or log) behind that was made with it.
     loaded = {e.kid: store.load_signing_key(e, passphrase, native) for e in store.entries}
@@ -662,7 +860,8 @@ def run(
         if key_path.exists()
         else AuditKey.create(key_path, passphrase)
     )
-    with AuditLog.open(Path(audit_dir) if audit_dir else root / AUDIT_DIR, audit_key) as log:
+    audit_root = Path(audit_dir) if audit_dir else root / AUDIT_DIR
+    with AuditLog.open(audit_root, audit_key, lock_wait=lock_wait) as log:
         keyd = Keyd(
             root,
             passphrase,
@@ -673,10 +872,40 @@ def run(
         )
         LOGGER.info("keyd serving %d keys on %s", len(keyd.describe()), socket_path)
         try:
-            serve_unix(keyd, socket_path, ready=ready, stop=stop)
+            serve_unix(
+                keyd, socket_path, ready=ready, stop=stop,
+                mode=socket_mode, group=socket_group, allow_uids=allow_uids,
+            )
         finally:
             keyd.close()
             log.append_key_event(KeyEvent("keyd-stop", None, None, "keyd", None))
+
+
+def _read_passphrase_line(fd: int = 0) -> bytes | None:
+    """The first line of *fd* without its newline (read byte by byte: nothing after it is
+    consumed); None at end of file before a newline."""
+    line = bytearray()
+    while len(line) <= MAX_PASSPHRASE:
+        byte = os.read(fd, 1)
+        if not byte:
+            return None
+        if byte == b"\n":
+            return bytes(line)
+        line += byte
+    raise ValueError(f"the passphrase line is longer than {MAX_PASSPHRASE} bytes")
+
+
+def _watch_supervisor(stop: threading.Event, fd: int = 0) -> None:
+    """Block on *fd* (a pipe whose write end the supervisor holds); at end of file (the
+    supervisor is gone, however it ended) set *stop*: keyd then stops as on SIGTERM."""
+    try:
+        while os.read(fd, 4096):
+            pass  # the supervisor sends nothing after the passphrase line; ignore it if it does
+    except OSError:
+        pass
+    if not stop.is_set():
+        LOGGER.warning("standard input closed: the supervising process is gone; stopping")
+        stop.set()
 
 
 def cmd_keyd(args) -> int:
@@ -686,11 +915,37 @@ def cmd_keyd(args) -> int:
 
     from .audit import AuditError
     from .errors import KeystoreError
+    from .process import make_non_dumpable
 
     logging.basicConfig(level=logging.INFO, format="keyd: %(levelname)s %(message)s")
+    # Before any secret enters this process: no ptrace, /proc/PID/mem or core dump of keyd.
+    problem = make_non_dumpable()
+    if problem is not None:
+        LOGGER.warning(
+            "%s: other processes of this user may read keyd's memory; run keyd under its own "
+            "user", problem,
+        )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    passphrase: bytes | None = None
+    if getattr(args, "supervised", False):
+        try:
+            line = _read_passphrase_line()
+        except (OSError, ValueError) as exc:
+            print(f"dccsign keyd: error: --supervised: standard input: {exc}", file=sys.stderr)
+            return 4
+        if line is None:
+            print(
+                "dccsign keyd: error: --supervised: standard input ended before the passphrase "
+                "line (the supervisor is gone)",
+                file=sys.stderr,
+            )
+            return 4
+        passphrase = line or None  # an empty line: find the passphrase as without a supervisor
+        threading.Thread(
+            target=_watch_supervisor, args=(stop,), name="keyd-supervisor", daemon=True
+        ).start()
     try:
         run(
             args.keystore,
@@ -699,8 +954,19 @@ def cmd_keyd(args) -> int:
             stop=stop,
             validate_dcc=args.validate_dcc,
             nonce_pool=args.nonce_pool,
+            passphrase=passphrase,
+            lock_wait=getattr(args, "lock_wait", 0.0),
+            socket_mode=getattr(args, "socket_mode", 0o600),
+            socket_group=getattr(args, "socket_group", None),
+            allow_uids=getattr(args, "allow_uid", None),
         )
     except (KeystoreError, AuditError) as exc:
         print(f"dccsign keyd: error: {exc}", file=sys.stderr)
+        return 4
+    except OSError as exc:  # the socket: its directory, group or mode
+        message = exc.strerror or str(exc)
+        if str(args.socket) not in message:
+            message = f"{args.socket}: {message}"
+        print(f"dccsign keyd: error: {message}", file=sys.stderr)
         return 4
     return 0

@@ -12,12 +12,17 @@ When a kid's pending parts are sent:
 * at once (after one scheduler checkpoint, so that whatever the event loop has already read
   joins) while keyd has a free slot -- fewer than ``max_in_flight`` micro-batches outstanding.
   At low load this adds no wait;
-* otherwise when the oldest part has waited ``window`` seconds (default 1 ms): the bound on the
-  time a request is held here;
-* or as soon as ``max_batch`` payloads are pending.
+* otherwise when the oldest part has waited ``window`` seconds (default 1 ms), or as soon as
+  ``max_batch`` payloads are pending -- as long as keyd holds fewer than ``2 * max_in_flight``
+  micro-batches. Beyond that, parts wait here for a slot.
 
 Under load the slots are busy, so parts accumulate for up to the window and keyd gets fewer,
 larger messages -- the batch size follows the load without a tuning knob.
+
+Fairness: keyd answers its micro-batches in order, so what waits at keyd is a queue every
+new part joins at the end. Bounding it (above) keeps the backlog of one busy portal here,
+where parts are picked round-robin by client: a portal that sends one certificate now and
+then goes into the next micro-batch, not behind the thousands another portal has queued.
 """
 
 from __future__ import annotations
@@ -58,6 +63,34 @@ class _Waiting:
         self.since = since
         self.done = trio.Event()
         self.outcome: list[Outcome] | KeydError | None = None
+
+
+def _fair_batch(waiting: list[_Waiting], max_batch: int) -> list[_Waiting]:
+    """Take up to *max_batch* payloads out of *waiting* (oldest first), one part of each
+    client in turn; a part alone above *max_batch* is taken alone."""
+    queues: dict[str, list[_Waiting]] = {}
+    for w in waiting:
+        queues.setdefault(w.parts[0].client, []).append(w)
+    batch: list[_Waiting] = []
+    count = 0
+    while queues:
+        for client in list(queues):
+            queue = queues[client]
+            w = queue[0]
+            if batch and count + w.count > max_batch:
+                del queues[client]  # its next part does not fit: the others may
+                continue
+            batch.append(w)
+            count += w.count
+            queue.pop(0)
+            if not queue:
+                del queues[client]
+            if count >= max_batch:
+                queues.clear()
+                break
+    taken = {id(w) for w in batch}
+    waiting[:] = [w for w in waiting if id(w) not in taken]
+    return batch
 
 
 class KeydBatcher:
@@ -174,20 +207,28 @@ class KeydBatcher:
                         while self._in_flight >= self.max_in_flight and self._size < self.max_batch:
                             self._slot = trio.Event()
                             await self._slot.wait()
+                while self._in_flight >= self.queue_limit:
+                    self._slot = trio.Event()
+                    await self._slot.wait()
                 self._flush(nursery)
 
+    @property
+    def queue_limit(self) -> int:
+        """Micro-batches keyd may hold at once (see "Fairness" in the module docstring)."""
+        return 2 * self.max_in_flight
+
     def _flush(self, nursery: trio.Nursery) -> None:
-        pending, self._pending, self._size = self._pending, {}, 0
-        for kid, parts in pending.items():
-            batch: list[_Waiting] = []
-            count = 0
-            for waiting in parts:
-                if batch and count + waiting.count > self.max_batch:
-                    self._start(nursery, kid, batch)
-                    batch, count = [], 0
-                batch.append(waiting)
-                count += waiting.count
-            self._start(nursery, kid, batch)
+        """Send micro-batches while keyd's queue has room; what is left waits for the next
+        flush. Kids in the order of their oldest part; each micro-batch filled round-robin
+        by client (an oversized part goes alone, as the only one)."""
+        for kid in sorted(self._pending, key=lambda k: self._pending[k][0].since):
+            waiting = self._pending[kid]
+            while waiting and self._in_flight < self.queue_limit:
+                batch = _fair_batch(waiting, self.max_batch)
+                self._size -= sum(w.count for w in batch)
+                self._start(nursery, kid, batch)
+            if not waiting:
+                del self._pending[kid]
 
     def _start(self, nursery: trio.Nursery, kid: bytes, batch: list[_Waiting]) -> None:
         self._in_flight += 1

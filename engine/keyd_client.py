@@ -8,6 +8,7 @@ import socket
 import threading
 from collections.abc import Sequence
 
+from . import native
 from .protocol.keyd import (
     NEED_DATA,
     Connection,
@@ -20,7 +21,19 @@ from .protocol.keyd import (
     SignResult,
 )
 
-__all__ = ["KeydClient", "KeydError", "check_reply", "keys_of", "results_of"]
+__all__ = ["KeyList", "KeydClient", "KeydError", "check_reply", "keys_of", "results_of"]
+
+
+class KeyList(list[KeyInfo]):
+    """What ``describe()`` returns: keyd's keys (a list, as before) and its audit state.
+
+    Attributes:
+        audit: None while keyd's audit log commits; else why it cannot (keyd then refuses
+            every payload with AUDIT_UNAVAILABLE until the log works again). Also None from
+            a keyd too old to report it.
+    """
+
+    audit: str | None = None
 
 
 class KeydError(Exception):
@@ -51,7 +64,7 @@ class KeydClient:
         except OSError as exc:
             self._sock.close()
             raise KeydError(f"cannot reach keyd at {path}: {exc.strerror or exc}") from None
-        self._codec = Connection()
+        self._codec = Connection(scan=native.cbor_scan)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
 
@@ -86,7 +99,7 @@ class KeydClient:
             raise KeydError("keyd answered another request", retryable=False)
         return event
 
-    def describe(self) -> list[KeyInfo]:
+    def describe(self) -> KeyList:
         return keys_of(self._call(Describe(next(self._ids))))
 
     def sign(
@@ -112,11 +125,13 @@ def check_reply(reply: object) -> None:
         raise KeydError(f"keyd: {reply.message}", reply.retryable)
 
 
-def keys_of(reply: object) -> list[KeyInfo]:
-    """The keys of a DESCRIBE reply."""
+def keys_of(reply: object) -> KeyList:
+    """The keys of a DESCRIBE reply, with keyd's audit state (:class:`KeyList`)."""
     if not isinstance(reply, DescribeResult):
         raise KeydError(f"unexpected reply {type(reply).__name__}", retryable=False)
-    return list(reply.keys)
+    keys = KeyList(reply.keys)
+    keys.audit = reply.audit
+    return keys
 
 
 def results_of(reply: object, count: int) -> list[bytes | tuple[ItemError, str]]:

@@ -2,11 +2,17 @@
 
 :class:`PrivateKeyd` runs ``dccsign keyd`` as a child process on a socket in a private
 directory (mode 0700), so that only this process's user can reach it, restarts it when it has
-died, and stops it with SIGTERM (a final audit checkpoint) when done. keyd's log lines (key
-state changes, nonce pools, a failed mlock, audit problems) are relayed to this process's
-stderr when ``relay_log`` is set, as the engine does; the last ones also give the reason when
-keyd refuses to start. :class:`KeydSigner` is the
-key object a :class:`~dccsign.chain.SignerKey` holds when the private key lives in keyd.
+died, and stops it with SIGTERM (a final audit checkpoint) when done. keyd runs with
+``--supervised``: its standard input is a pipe whose write end this object holds for keyd's
+lifetime. The first line is the keystore passphrase when this process has one (given, or
+``DCCSIGN_KEYSTORE_PASSPHRASE``, which keyd's environment never gets); when this process is
+gone, however it ended, keyd reads end of file and stops as on SIGTERM, releasing the audit
+log for the next keyd. (Not PR_SET_PDEATHSIG: it fires when the *thread* that started keyd
+exits, and :meth:`PrivateKeyd.start` may run in a worker thread that is retired while keyd
+should live on.) keyd's log lines (key state changes, nonce pools, a failed mlock, audit
+problems) are relayed to this process's stderr when ``relay_log`` is set, as the engine
+does; the last ones also give the reason when keyd refuses to start. :class:`KeydSigner` is
+the key object a :class:`~dccsign.chain.SignerKey` holds when the private key lives in keyd.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from pathlib import Path
 
 from .errors import KeyProblem, KeystoreError
 from .keyd_client import KeydClient, KeydError
+from .process import PASSPHRASE_ENV
 
 __all__ = ["KeydSigner", "PrivateKeyd"]
 
@@ -55,11 +62,24 @@ class PrivateKeyd:
         *,
         audit_dir: str | os.PathLike[str] | None = None,
         startup_timeout: float = 60.0,
-        validate_dcc: bool = False,
+        validate_dcc: bool = True,
         nonce_pool: int | None = None,
         relay_log: bool = False,
+        passphrase: bytes | None = None,
+        lock_wait: float | None = None,
     ) -> None:
         self.keystore = Path(keystore)
+        # Sent to every keyd started (a restarted one too); None: this process's
+        # DCCSIGN_KEYSTORE_PASSPHRASE if set, else keyd finds it itself (a file).
+        if passphrase is None:
+            value = os.environ.get(PASSPHRASE_ENV)
+            passphrase = os.fsencode(value) if value else None
+        if passphrase is not None and (b"\n" in passphrase or b"\r" in passphrase):
+            raise KeystoreError(
+                "the keystore passphrase contains a line break: keyd takes it as one line"
+            )
+        self._passphrase = passphrase
+        self.lock_wait = lock_wait  # keyd's --lock-wait; None: keyd's default
         self.relay_log = relay_log
         self._log_tail: collections.deque[str] = collections.deque(maxlen=20)
         self._relay: threading.Thread | None = None
@@ -97,13 +117,28 @@ class PrivateKeyd:
         ]
         if self.audit_dir is not None:
             argv += ["--audit-dir", str(self.audit_dir)]
-        if self.validate_dcc:
-            argv.append("--validate-dcc")
+        if not self.validate_dcc:
+            argv.append("--no-validate-dcc")  # keyd validates every DCC unless told not to
         if self.nonce_pool is not None:
             argv += ["--nonce-pool", str(self.nonce_pool)]
+        if self.lock_wait is not None:
+            argv += ["--lock-wait", f"{self.lock_wait:g}"]
+        argv.append("--supervised")
+        self._close_stdin()  # of a keyd that died
+        env = {k: v for k, v in os.environ.items() if k != PASSPHRASE_ENV}
         self._proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
         )
+        assert self._proc.stdin is not None
+        try:  # one short line: the pipe takes it without blocking
+            self._proc.stdin.write((self._passphrase or b"") + b"\n")
+            self._proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # keyd died at once: the loop below reports why
         self._log_tail.clear()
         self._relay = threading.Thread(
             target=_relay_lines,
@@ -145,15 +180,26 @@ class PrivateKeyd:
         assert self.socket_path is not None
         return KeydClient(self.socket_path)
 
-    def __exit__(self, *exc: object) -> None:
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+    def _close_stdin(self) -> None:
+        if self._proc is not None and self._proc.stdin is not None:
             try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                self._proc.stdin.close()  # keyd, if alive, stops at this end of file
+            except OSError:
+                pass
+
+    def __exit__(self, *exc: object) -> None:
+        proc = self._proc
+        try:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        finally:
+            self._close_stdin()
+            self._proc = None
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None

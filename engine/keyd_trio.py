@@ -17,14 +17,14 @@ from collections.abc import Sequence
 
 import trio
 
-from .keyd_client import KeydError, check_reply, keys_of, results_of
+from . import native
+from .keyd_client import KeydError, KeyList, check_reply, keys_of, results_of
 from .protocol.keyd import (
     NEED_DATA,
     Connection,
     Describe,
     ItemError,
     KeydProtocolError,
-    KeyInfo,
     Sign,
     SignMany,
     SignPart,
@@ -46,7 +46,7 @@ class _Link:
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
-        self.codec = Connection()
+        self.codec = Connection(scan=native.cbor_scan)
         self.send_lock = trio.Lock()
         self.waiting: dict[int, _Waiter] = {}
         self.broken: str | None = None
@@ -148,7 +148,8 @@ class TrioKeydClient:
         check_reply(reply)
         return reply
 
-    async def describe(self) -> list[KeyInfo]:
+    async def describe(self) -> KeyList:
+        """keyd's keys, and its audit state in ``.audit`` (:class:`KeyList`)."""
         return keys_of(await self._call(Describe(next(self._ids))))
 
     async def sign(

@@ -43,15 +43,40 @@ class Metrics:
         self.busy = Counter("dccsign_busy", "Requests refused with BUSY", ["client"], registry=r)
         self.connections = Gauge("dccsign_connections", "Open connections", registry=r)
         self.connections_refused = Counter(
-            "dccsign_connections_refused", "Connections refused (tls, identity)", ["reason"],
+            "dccsign_connections_refused",
+            "Connections refused: tls (no handshake), identity (unknown or disabled client at "
+            "HELLO), capacity (--max-connections reached)",
+            ["reason"],
             registry=r,
         )
-        self.protocol_errors = Counter(
-            "dccsign_protocol_errors", "Connections closed for malformed frames", registry=r
+        self.connections_closed = Counter(
+            "dccsign_connections_closed",
+            "Connections the engine closed: protocol (a malformed frame), hello_timeout, "
+            "frame_timeout (a frame that did not arrive whole), idle, stalled (the client "
+            "read none of its replies), failure (an unexpected error in the engine's handling "
+            "of that connection, logged with its traceback)",
+            ["reason"],
+            registry=r,
+        )
+        self.internal_errors = Counter(
+            "dccsign_internal_errors",
+            "Requests answered INTERNAL after an unexpected error in the engine (each logged "
+            "with its traceback)",
+            registry=r,
         )
         self.pending = Gauge("dccsign_pending_items", "Items in progress", registry=r)
         self.keyd_up = Gauge("dccsign_keyd_up", "1 while keyd answers", registry=r)
         self.keyd_restarts = Counter("dccsign_keyd_restarts", "keyd restarts", registry=r)
+        self.keyd_audit_ok = Gauge(
+            "dccsign_keyd_audit_ok",
+            "1 while keyd's audit log commits (keyd can sign), 0 while it cannot or keyd is "
+            "not answering (as of the last DESCRIBE poll)", registry=r,
+        )
+        self.keyd_audit_outages = Counter(
+            "dccsign_keyd_audit_outages",
+            "Times the engine saw keyd's audit log stop committing (keyd then signs nothing)",
+            registry=r,
+        )
         self.keyd_batch = Histogram(
             "dccsign_keyd_batch_payloads",
             "Payloads per micro-batch sent to keyd (SIGN_MANY), over all connections",

@@ -41,14 +41,16 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
 from .errors import DccSignError
 
 __all__ = [
+    "CN_PREFIX",
     "DEFAULT_MAX_ACCOUNTS",
+    "MAX_POLICY_BYTES",
+    "UID_PREFIX",
     "ClientPolicy",
     "Policy",
     "PolicyError",
@@ -217,10 +219,7 @@ class Policy:
                 the message names the file and, for each problem, the JSON path.
         """
         source = os.fspath(path)
-        try:
-            data = Path(source).read_bytes()
-        except OSError as exc:
-            raise PolicyError(source, [f"cannot read: {exc.strerror or exc}"]) from None
+        data, _st = _read_limited(source)
         return cls._from_bytes(data, source)
 
     @classmethod
@@ -261,8 +260,16 @@ class Policy:
         return self._clients.get(name)
 
     def resolve_uid(self, uid: int) -> str | None:
-        """The client a local peer with Unix uid *uid* is, or ``None`` (then refuse it)."""
-        return self._uids.get(uid)
+        """The client a local peer with Unix uid *uid* is, or ``None`` (then refuse it):
+        the client ``unix_uids`` maps it to, else the client named ``uid:<uid>``."""
+        name = self.unix_client(uid)
+        return name if name in self._clients else None
+
+    def unix_client(self, uid: int) -> str:
+        """The client name a local peer with Unix uid *uid* goes by, whether or not the policy
+        has such a client: ``unix_uids[uid]``, else ``uid:<uid>``. (A TLS peer goes by
+        ``cn:<common name>``; the two name spaces never meet, see docs/policy.md.)"""
+        return self._uids.get(uid) or f"uid:{uid}"
 
     def check(
         self, client: str, kid: bytes | None, dcc_type: str, dcc: Mapping[str, Any]
@@ -359,6 +366,14 @@ _KID_HEX: Final = re.compile(r"[0-9A-Fa-f]{16}")
 _COUNTRY: Final = re.compile(r"[A-Z]{2}")
 _UID: Final = re.compile(r"0|[1-9][0-9]{0,9}")
 
+#: Client names of the two transports (see :meth:`Policy.unix_client`): a TLS client
+#: certificate with common name X is client ``cn:X``; a Unix-socket peer with uid U is
+#: ``unix_uids["U"]`` (a plain name), else client ``uid:U``.
+CN_PREFIX: Final = "cn:"
+UID_PREFIX: Final = "uid:"
+#: The largest policy file read (a bigger one is refused like any invalid file).
+MAX_POLICY_BYTES: Final = 4 * 1024 * 1024
+
 _TOP_KEYS: Final = ("clients", "unix_uids", "default_account_quota")
 _CLIENT_KEYS: Final = (
     "kids",
@@ -438,6 +453,16 @@ class _Validator:
                             f"invalid client name {_show(name)} "
                             "(1 to 128 characters of A-Z a-z 0-9 . _ : @ -)",
                         )
+                        continue
+                    if name.startswith(UID_PREFIX) and not _uid_text(name[len(UID_PREFIX) :]):
+                        self.bad(
+                            "clients",
+                            f"invalid client name {_show(name)}: 'uid:' must be followed by a "
+                            f"uid (a decimal number 0 to {UID_MAX})",
+                        )
+                        continue
+                    if name == CN_PREFIX:
+                        self.bad("clients", "invalid client name 'cn:': no common name after it")
                         continue
                     clients[name] = self.client(value, f"clients.{name}")
             if "default_account_quota" in top:
@@ -574,15 +599,25 @@ class _Validator:
             if not isinstance(key, str):
                 continue  # reported by obj()
             path = f"unix_uids.{key}"
-            if not _UID.fullmatch(key) or int(key) > UID_MAX:
+            if not _uid_text(key):
                 self.bad(path, f"not a uid (a decimal number 0 to {UID_MAX})")
             elif not isinstance(name, str):
                 self.bad(path, f"expected a client name, got {_json_type(name)}")
+            elif name.startswith((CN_PREFIX, UID_PREFIX)):
+                self.bad(
+                    path,
+                    f"client {_show(name)}: a local client mapped here has a plain name (a "
+                    "'cn:' client is a TLS certificate, a 'uid:' client is that uid itself)",
+                )
             elif clients is not None and name not in clients:
                 self.bad(path, f"unknown client {_show(name)} (not in clients)")
             else:
                 out[int(key)] = name
         return out
+
+
+def _uid_text(text: str) -> bool:
+    return bool(_UID.fullmatch(text)) and int(text) <= UID_MAX
 
 
 def _join(path: str, key: str) -> str:
@@ -961,8 +996,11 @@ class PolicyFile:
     (write a temporary file, then rename it over the old one) so that a half-written file is
     never seen; if one is, it is refused like any invalid file and re-read when it changes.
 
-    The re-read happens inside :meth:`current` (a small local file; ~100 µs). A caller that
-    wants it off its thread can call :meth:`refresh` from a worker thread instead.
+    By default the re-read happens inside :meth:`current` (a small local file; ~100 µs).
+    With ``reload_inline=False``, :meth:`current` never touches the file: the caller runs
+    :meth:`refresh` every *interval_s* itself, from a worker thread (the engine does, so that
+    a large or slow file never stalls its event loop). Files over
+    :data:`MAX_POLICY_BYTES` are refused.
     """
 
     def __init__(
@@ -971,6 +1009,7 @@ class PolicyFile:
         *,
         clock: Callable[[], float] = time.monotonic,
         interval_s: float = 0.5,
+        reload_inline: bool = True,
     ) -> None:
         """Read the file now.
 
@@ -980,7 +1019,9 @@ class PolicyFile:
         """
         self.path = os.fspath(path)
         self._clock = clock
-        self._interval = interval_s
+        #: Seconds between looks at the file.
+        self.interval = interval_s
+        self._inline = reload_inline
         self._lock = threading.Lock()
         #: Why the file on disk is not the policy in force (None when it is).
         self.last_error: str | None = None
@@ -990,8 +1031,9 @@ class PolicyFile:
         self._next_check = clock() + interval_s
 
     def current(self) -> Policy:
-        """The policy in force (re-reading the file first when it is due and has changed)."""
-        if self._clock() >= self._next_check:
+        """The policy in force (re-reading the file first when it is due and has changed,
+        unless ``reload_inline=False``)."""
+        if self._inline and self._clock() >= self._next_check:
             self.refresh()
         return self._policy
 
@@ -1004,7 +1046,7 @@ class PolicyFile:
         if not self._lock.acquire(blocking=False):
             return False
         try:
-            self._next_check = self._clock() + self._interval
+            self._next_check = self._clock() + self.interval
             try:
                 stamp: _Stamp | None = _stamp(os.stat(self.path))
             except OSError:
@@ -1029,13 +1071,24 @@ class PolicyFile:
             self._lock.release()
 
     def _read(self) -> tuple[Policy, _Stamp]:
-        try:
-            with open(self.path, "rb") as f:
-                st = os.fstat(f.fileno())
-                data = f.read()
-        except OSError as exc:
-            raise PolicyError(self.path, [f"cannot read: {exc.strerror or exc}"]) from None
+        data, st = _read_limited(self.path)
         return Policy._from_bytes(data, self.path), _stamp(st)
+
+
+def _read_limited(path: str) -> tuple[bytes, os.stat_result]:
+    """The bytes of a policy file and its stat; refused beyond MAX_POLICY_BYTES (a policy of
+    thousands of clients is a few hundred KB; parsing 16 MB takes seconds)."""
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            data = f.read(MAX_POLICY_BYTES + 1)
+    except OSError as exc:
+        raise PolicyError(path, [f"cannot read: {exc.strerror or exc}"]) from None
+    if len(data) > MAX_POLICY_BYTES:
+        raise PolicyError(
+            path, [f"larger than {MAX_POLICY_BYTES // (1024 * 1024)} MiB: refused unread"]
+        )
+    return data, st
 
 
 def _log_changes(old: Policy, new: Policy) -> None:

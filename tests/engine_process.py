@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 from dccsign.devtls import DEV_CLIENT_NAME, ensure_dev_tls
 from dccsign.protocol.client import Client
@@ -19,7 +20,7 @@ def write_policy(path, **local):
     """A policy: the current uid is client "local" (with *local* settings), and the
     development client certificate is allowed."""
     doc = {
-        "clients": {"local": local or {}, DEV_CLIENT_NAME: {}},
+        "clients": {"local": local or {}, "cn:" + DEV_CLIENT_NAME: {}},
         "unix_uids": {str(UID): "local"},
     }
     path.write_text(json.dumps(doc))
@@ -50,11 +51,7 @@ class EngineProcess:
         self.log = tmp_path / "engine.log"
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(argv, stderr=log)
-        deadline = time.monotonic() + 60
-        while not _accepts(self.sock):
-            assert self.proc.poll() is None, self.log.read_text()
-            assert time.monotonic() < deadline, "engine did not start"
-            time.sleep(0.05)
+        wait_serving(self.proc, self.sock, self.log, 60)
 
     def client(self, **kw):
         return Client(f"unix:{self.sock}", **kw)
@@ -82,6 +79,17 @@ class EngineProcess:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+def wait_serving(proc, sock, log, seconds=30):
+    """Wait until *proc* accepts connections on the Unix socket *sock* (a killed process
+    leaves its socket file behind: readiness is a successful connect); fail with its *log*
+    when it exits first or takes longer than *seconds*."""
+    deadline = time.monotonic() + seconds
+    while not _accepts(sock):
+        assert proc.poll() is None, Path(log).read_text()
+        assert time.monotonic() < deadline, f"not serving in {seconds} s: {Path(log).read_text()}"
+        time.sleep(0.05)
 
 
 def _free_port():

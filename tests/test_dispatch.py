@@ -1,49 +1,12 @@
 """engine/dispatch.py: a request's items in, one result per item out (fake keyd batcher)."""
 
-import json
-
-import cbor2
 import trio
 import trio.lowlevel
 
-from dccsign.benchcore import ephemeral_certificate
-from dccsign.dispatch import Dispatcher
-from dccsign.dsc import DSC
-from dccsign.policy import PolicyFile, QuotaTracker
 from dccsign.protocol.codes import ErrorCode
 from dccsign.protocol.wire import SignItem
 from dccsign.samples import varied_samples
-
-
-class FakeBatcher:
-    """Answers every payload with "HC1:" + the UVCI inside it; records each call."""
-
-    zlib_level = 9
-
-    def __init__(self):
-        self.calls = []
-
-    async def issue(self, kid, protected, parts):
-        self.calls.append([len(p.payloads) for p in parts])
-        await trio.lowlevel.checkpoint()
-        out = []
-        for part in parts:
-            for payload in part.payloads:
-                dcc = cbor2.loads(payload)[-260][1]
-                group = next(g for g in ("v", "t", "r") if g in dcc)
-                out.append("HC1:" + dcc[group][0]["ci"])
-        return out
-
-
-def _dispatcher(tmp_path, batcher):
-    _key, cert = ephemeral_certificate()  # no EKU: signs every type
-    policy = tmp_path / "policy.json"
-    quota = {"per_hour": 10**9}
-    policy.write_text(
-        json.dumps({"clients": {"portal": {"quota": quota}}, "default_account_quota": quota})
-    )
-    return Dispatcher(batcher, [(DSC.from_certificate(cert), "active")], PolicyFile(policy),
-                      QuotaTracker())
+from fakes import FakeBatcher, dispatcher_for
 
 
 def _uvci(dcc):
@@ -54,7 +17,7 @@ def test_every_item_gets_its_own_result_in_order(tmp_path):
     """One keyd call for the request's valid items (one kid); an invalid DCC in the middle is
     refused by itself, and every other item gets the certificate of its own DCC."""
     batcher = FakeBatcher()
-    d = _dispatcher(tmp_path, batcher)
+    d = dispatcher_for(tmp_path, batcher)
     items = [SignItem(dcc, f"uzi:{i % 7}") for i, dcc in enumerate(varied_samples(100))]
     items[40] = SignItem({"ver": "1.3.0"}, "uzi:1")
     types = [""] * len(items)
@@ -75,7 +38,7 @@ def test_every_item_gets_its_own_result_in_order(tmp_path):
 
 def test_one_account_is_one_part(tmp_path):
     batcher = FakeBatcher()
-    d = _dispatcher(tmp_path, batcher)
+    d = dispatcher_for(tmp_path, batcher)
     items = [SignItem(dcc, "uzi:1") for dcc in varied_samples(32)]
 
     async def main():

@@ -149,7 +149,8 @@ def test_audit_unavailable_stops_signing(env, monkeypatch):
     results = _sign(keyd, kid, [_payload(sample("v"))] * 3)
     assert all(r[0] == ItemError.AUDIT_UNAVAILABLE and "No space" in r[1] for r in results)
     monkeypatch.undo()
-    # keyd stays stopped: it does not resume signing by itself after an audit failure.
+    # keyd stays stopped: it retries the log only AUDIT_RETRY_FIRST later (resuming is
+    # tested in test_audit_recovery.py).
     assert _sign(keyd, kid, [_payload(sample("v"))])[0][0] == ItemError.AUDIT_UNAVAILABLE
 
 

@@ -267,3 +267,32 @@ async def test_encoded_inline_or_in_a_thread_alike(count, monkeypatch):
     assert len(threads) == (count > keyd_batcher.INLINE_ENCODE)
     for payload, text in zip(payloads, outcomes, strict=True):
         _verify(keyd, text, payload)
+
+
+async def test_a_busy_portal_does_not_queue_another_behind_its_backlog(autojump_clock):
+    """keyd answers in order: a portal's backlog is held here (keyd gets at most twice
+    max_in_flight micro-batches), and micro-batches are filled round-robin by client, so one
+    certificate of another portal goes out in the next micro-batch, not after the backlog."""
+    keyd = FakeKeyd()
+    batcher = KeydBatcher(keyd, window=0.001, max_batch=8, max_in_flight=1)
+    keyd.hold = trio.Event()
+    payload = _payload(1)
+
+    def issue(client, n):
+        return lambda: batcher.issue(KID, PROTECTED, [SignPart(client, "acc", (payload,) * n)])
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(batcher.run)
+        for _ in range(40):
+            nursery.start_soon(issue("busy", 4))  # 160 payloads: 20 micro-batches
+        await _until(lambda: len(keyd.calls) >= 2)
+        await trio.sleep(0.01)
+        assert len(keyd.calls) == 2 and batcher.pending == 160 - 16  # the rest waits here
+        nursery.start_soon(issue("quiet", 1))
+        await trio.sleep(0.01)
+        keyd.hold.set()
+        await _until(lambda: not (batcher.in_flight or batcher.pending))
+        nursery.cancel_scope.cancel()
+    clients = [[p.client for p in call] for call in keyd.calls]
+    assert "quiet" in clients[2], clients[:4]  # the first micro-batch sent after it came
+    assert sum(len(p.payloads) for call in keyd.calls for p in call) == 161

@@ -121,15 +121,15 @@ def test_documented_example_is_valid_and_means_what_the_text_says():
     example = re.search(r"```json\n(.*?)```", text, re.S)
     assert example is not None
     policy = Policy.from_dict(json.loads(example.group(1)), source="docs/policy.md")
-    a = policy.client("portal-a")
-    lab = policy.client("testlab-portal.example.nl")
+    a = policy.client("cn:portal-a.example.nl")
+    lab = policy.client("cn:testlab-portal.example.nl")
     batch = policy.client("local-batch")
     assert a is not None and lab is not None and batch is not None
     assert a.quota == Quota(per_minute=5000, per_hour=100000)
     assert a.account_quota == Quota(per_hour=50, per_day=200)
     assert lab.account_quota == Quota(per_hour=50, per_day=500)
-    assert policy.check("testlab-portal.example.nl", KID, "v", sample("v")) is not None
-    assert policy.check("testlab-portal.example.nl", KID, "t", sample("t")) is None
+    assert policy.check("cn:testlab-portal.example.nl", KID, "v", sample("v")) is not None
+    assert policy.check("cn:testlab-portal.example.nl", KID, "t", sample("t")) is None
     assert policy.resolve_uid(1001) == "local-batch"
     assert batch.disabled
 
@@ -139,7 +139,9 @@ def test_documented_error_example_is_what_the_code_says():
     documented = re.search(r"```\n(/etc/dccsign/policy.json: .*?)\n```", text, re.S)
     assert documented is not None
     bad = {
-        "clients": {"portal-a": {"kid": ["d0ff3fe0ad2e2c1b"], "types": ["v", "x"]}},
+        "clients": {
+            "cn:portal-a.example.nl": {"kid": ["d0ff3fe0ad2e2c1b"], "types": ["v", "x"]}
+        },
         "unix_uids": {"1001": "local"},
     }
     with pytest.raises(PolicyError) as info:
@@ -814,3 +816,66 @@ def test_reload_keeps_quota_counts(tmp_path):
         assert tracker.try_reserve(policy, "portal-a", ACCOUNT) is None
     refusal = tracker.try_reserve(policy, "portal-a", ACCOUNT)
     assert refusal is not None and refusal.code == RefusalCode.QUOTA_ACCOUNT
+
+
+# ----------------------------------------------------------------------------- client names
+
+
+def test_the_two_transports_have_separate_client_names():
+    """A certificate is client cn:<CN>; a local peer is what unix_uids maps its uid to, else
+    uid:<uid>. A local client's plain name is never a certificate's, and the other way round."""
+    policy = Policy.from_dict(
+        {
+            "clients": {"local": {}, "uid:1002": {}, "cn:portal.example": {}},
+            "unix_uids": {"1001": "local"},
+        }
+    )
+    assert policy.unix_client(1001) == "local" and policy.resolve_uid(1001) == "local"
+    assert policy.unix_client(1002) == "uid:1002" and policy.resolve_uid(1002) == "uid:1002"
+    assert policy.unix_client(1003) == "uid:1003" and policy.resolve_uid(1003) is None
+
+
+@pytest.mark.parametrize(
+    ("document", "problem"),
+    [
+        ({"clients": {"cn:x": {}}, "unix_uids": {"7": "cn:x"}}, "unix_uids.7: client 'cn:x'"),
+        ({"clients": {"uid:8": {}}, "unix_uids": {"7": "uid:8"}}, "unix_uids.7: client 'uid:8'"),
+        ({"clients": {"uid:x": {}}}, "'uid:' must be followed by a uid"),
+        ({"clients": {"uid:007": {}}}, "'uid:' must be followed by a uid"),
+        ({"clients": {"uid:4294967296": {}}}, "'uid:' must be followed by a uid"),
+        ({"clients": {"cn:": {}}}, "no common name after it"),
+    ],
+)
+def test_client_names_that_would_mix_the_transports_are_refused(document, problem):
+    with pytest.raises(PolicyError, match=re.escape(problem)):
+        Policy.from_dict(document)
+
+
+def test_a_policy_file_over_the_size_limit_is_refused_unread(tmp_path, caplog):
+    from dccsign.policy import MAX_POLICY_BYTES
+
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps({"clients": {"a": {}}}))
+    policy = PolicyFile(path, interval_s=0)
+    # Valid JSON, but more than the limit: refused without being parsed, the old one stays.
+    big = {"clients": {f"cn:c{n:07d}": {} for n in range(MAX_POLICY_BYTES // 14)}}
+    path.write_text(json.dumps(big))
+    assert path.stat().st_size > MAX_POLICY_BYTES
+    with caplog.at_level(logging.ERROR, "dccsign.policy"):
+        assert policy.refresh() is False
+    assert "larger than 4 MiB: refused unread" in (policy.last_error or "")
+    assert list(policy.current().clients) == ["a"]
+    with pytest.raises(PolicyError, match="larger than 4 MiB"):
+        Policy.load(path)
+
+
+def test_reload_inline_false_never_reads_in_current(tmp_path):
+    """The engine reloads in a worker thread: current() must not read the file itself."""
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps({"clients": {"a": {}}}))
+    policy = PolicyFile(path, interval_s=0, reload_inline=False)
+    path.write_text(json.dumps({"clients": {"b": {}}}))
+    os.utime(path, ns=(1, 1))
+    assert list(policy.current().clients) == ["a"]
+    assert policy.refresh() is True
+    assert list(policy.current().clients) == ["b"]

@@ -1,0 +1,581 @@
+"""The engine's server against hostile clients, in process: a real Unix socket (or a memory
+stream) in front of the real Server and Dispatcher, with keyd replaced by tests/fakes.py.
+
+Each test is a failure found when the engine was attacked on loopback: nothing a client does
+may end the server, hold memory without bound, or keep it from serving everyone else.
+"""
+
+import gc
+import json
+import os
+import socket
+import struct
+import threading
+import tracemalloc
+
+import cbor2
+import pytest
+import trio
+import trio.testing
+import zstandard
+
+from dccsign import native
+from dccsign.benchcore import ephemeral_certificate
+from dccsign.dispatch import Dispatcher
+from dccsign.dsc import DSC
+from dccsign.metrics import Metrics
+from dccsign.policy import PolicyFile, QuotaTracker
+from dccsign.protocol import wire
+from dccsign.protocol.codes import ErrorCode
+from dccsign.samples import sample, varied_samples
+from dccsign.server import Limits, Peer, Server
+from fakes import FakeBatcher
+
+UID = os.getuid()
+QUOTA = {"per_hour": 10**9}
+
+
+class Engine:
+    """A Server with a real Dispatcher over a fake keyd, listening on a Unix socket."""
+
+    def __init__(self, tmp_path, policy=None, *, fault=None, scan=None, **limits):
+        self.policy_path = tmp_path / "policy.json"
+        self.write_policy(
+            policy
+            or {
+                "clients": {"portal": {"quota": QUOTA}},
+                "unix_uids": {str(UID): "portal"},
+                "default_account_quota": QUOTA,
+            }
+        )
+        self.batcher = FakeBatcher()
+        self.keys = [DSC.from_certificate(ephemeral_certificate()[1]) for _ in range(2)]
+        self.dispatcher = Dispatcher(
+            self.batcher,
+            [(dsc, "active") for dsc in self.keys],
+            PolicyFile(self.policy_path, interval_s=0),
+            QuotaTracker(),
+        )
+        if fault is not None:
+            self.dispatcher.sign = fault(self.dispatcher.sign)
+        self.metrics = Metrics()
+        self.server = Server(
+            self.dispatcher, limits=Limits(**limits), metrics=self.metrics, scan=scan
+        )
+        self.path = tmp_path / "engine.sock"
+        self.streams = []  # the tests' client sockets, closed at the end of the test
+
+    async def open(self):
+        stream = await trio.open_unix_socket(str(self.path))
+        self.streams.append(stream)
+        return stream
+
+    def write_policy(self, document):
+        self.policy_path.write_text(json.dumps(document))
+
+    async def start(self, nursery):
+        await nursery.start(self.server.serve_unix, self.path)
+
+    def metric(self, name, **labels):
+        return self.metrics.registry.get_sample_value(name, labels) or 0
+
+
+class Raw:
+    """A client that follows the protocol only as far as the test says."""
+
+    def __init__(self, stream, compression=("zstd",)):
+        self.stream = stream
+        self.codec = wire.Connection(wire.CLIENT, compression=compression)
+        self.next_id = 1
+
+    @classmethod
+    async def connect(cls, engine, **kw):
+        return cls(await engine.open(), **kw)
+
+    async def send(self, event):
+        await self.stream.send_all(self.codec.send(event))
+
+    async def event(self, within=10):
+        """The next event from the engine, or None at EOF."""
+        with trio.fail_after(within):
+            while (event := self.codec.next_event()) is wire.NEED_DATA:
+                try:
+                    data = await self.stream.receive_some(1 << 16)
+                except trio.BrokenResourceError:
+                    data = b""
+                self.codec.receive_data(data)
+            return event
+
+    async def hello(self):
+        await self.send(self.codec.make_hello())
+        welcome = await self.event()
+        assert isinstance(welcome, wire.Welcome), welcome
+        return welcome
+
+    def rid(self):
+        self.next_id += 1
+        return self.next_id
+
+    async def sign(self, items):
+        await self.send(wire.SignBatch(request_id=self.rid(), items=tuple(items)))
+        return await self.event()
+
+    async def close(self):
+        await self.stream.aclose()
+
+
+@pytest.fixture
+async def start(tmp_path, nursery):
+    """start(policy=None, **limits): an Engine serving on a Unix socket for this test."""
+    made = []
+
+    async def start(policy=None, **kw):
+        engine = Engine(tmp_path, policy, **kw)
+        await engine.start(nursery)
+        made.append(engine)
+        return engine
+
+    yield start
+    for engine in made:
+        for stream in engine.streams:
+            await trio.aclose_forcefully(stream)
+
+
+def items(n, account="uzi:1"):
+    return [wire.SignItem(d, account) for d in varied_samples(n)]
+
+
+async def served_within(engine, seconds=1.0):
+    """A legitimate client connects and gets a certificate signed within *seconds*."""
+    with trio.fail_after(seconds):
+        client = await Raw.connect(engine)
+        await client.hello()
+        reply = await client.sign(items(1))
+        await client.close()
+    assert reply.results[0].ok, reply
+
+
+async def settled(engine):
+    """Every connection closed and every ticket released (no leaked counts)."""
+    with trio.fail_after(10):
+        while engine.server._open or engine.server.pending_items:  # noqa: ASYNC110 (polling)
+            await trio.sleep(0.01)
+
+
+def linger0(stream):
+    """Make close() send a reset, as a client that crashes would."""
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+# ----------------------------------------------------------------------------- failure 1
+
+
+@pytest.mark.parametrize("what", ["list_keys", "sign_batch", "ping"])
+async def test_pipelining_without_reading_then_closing_ends_only_that_connection(start, what):
+    """Frames pipelined until the engine's queue toward the client is full, then a reset:
+    that connection ends, the server goes on (it used to exit on the broken channel)."""
+    engine = await start(max_in_flight=4, outbound_bytes=64 * 1024)
+    client = await Raw.connect(engine)
+    await client.hello()
+    batch = tuple(items(100))
+    sent = 0
+    with trio.move_on_after(2):  # until the engine stops reading us
+        while True:
+            if what == "list_keys":
+                frame = client.codec.send(wire.ListKeys(request_id=client.rid()))
+            elif what == "ping":
+                frame = client.codec.send(wire.Ping(request_id=client.rid(), data=b"x" * 64))
+            else:
+                frame = client.codec.send(wire.SignBatch(request_id=client.rid(), items=batch))
+            await client.stream.send_all(frame)
+            sent += 1
+    assert sent > 10
+    linger0(client.stream)
+    await client.close()
+    await served_within(engine)
+    await settled(engine)
+
+
+# ----------------------------------------------------------------------------- failure 2
+
+
+async def test_a_client_that_never_reads_is_stopped_being_read(start):
+    """A client sends batches and reads nothing: the engine admits only what the per-
+    connection limits allow (counting replies not yet written), then stops reading it; the
+    client's writes block. It used to read on and sign everything (3.5 GiB for one client)."""
+    engine = await start(max_in_flight=4, max_connection_items=400)
+    client = await Raw.connect(engine, compression=())
+    await client.hello()
+    batch = tuple(items(100))
+    frames = [
+        client.codec.send(wire.SignBatch(request_id=client.rid(), items=batch))
+        for _ in range(300)
+    ]
+    sent = 0
+    with trio.move_on_after(3):
+        for frame in frames:
+            await client.stream.send_all(frame)
+            sent += 1
+    assert sent < len(frames), "the engine read everything from a client that reads nothing"
+    # It has stopped: what it signed is what the limits allow plus the replies that the
+    # kernel's socket buffers took, and no more comes.
+    signed = engine.batcher.signed
+    await trio.sleep(0.5)
+    assert engine.batcher.signed == signed
+    assert engine.server.pending_items <= 400
+    # The client reads now: every request it sent is answered, signed or BUSY.
+    replies = {}
+    for _ in range(sent):
+        reply = await client.event()
+        replies[reply.request_id] = reply
+    assert sorted(replies) == list(range(2, 2 + sent))
+    for reply in replies.values():
+        if isinstance(reply, wire.Error):
+            assert reply.code == ErrorCode.BUSY and reply.retry_after_ms
+        else:
+            assert all(r.ok for r in reply.results)
+    await client.close()
+    await settled(engine)
+
+
+async def test_a_client_that_reads_nothing_for_the_idle_timeout_is_dropped(start):
+    engine = await start(idle_timeout=0.5)
+    client = await Raw.connect(engine)
+    client.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await client.hello()
+    batch = tuple(items(200))
+    with trio.move_on_after(5):
+        try:
+            while True:
+                await client.stream.send_all(
+                    client.codec.send(wire.SignBatch(request_id=client.rid(), items=batch))
+                )
+        except trio.BrokenResourceError:
+            pass  # the engine closed the connection
+    await settled(engine)  # dropped: its tickets released, the connection closed
+    assert engine.metric("dccsign_connections_closed_total", reason="stalled") == 1
+    await served_within(engine)
+
+
+async def test_one_client_cannot_take_the_whole_engine(start):
+    """Work in progress is bounded per client over all its connections: another client
+    is still served."""
+    engine = await start(
+        {
+            "clients": {"portal": {}, "uid:4242": {}},
+            "unix_uids": {str(UID): "portal"},
+        },
+        max_client_items=300,
+        max_connection_items=200,
+        max_pending_items=1000,
+        queue_target=0,
+    )
+    engine.batcher.gate = trio.Event()  # nothing finishes until the gate opens
+    first, second = await Raw.connect(engine), await Raw.connect(engine)
+    for c in (first, second):
+        await c.hello()
+    for c, n in ((first, 100), (first, 100), (second, 100)):
+        await c.send(wire.SignBatch(request_id=c.rid(), items=tuple(items(n))))
+    await c.send(wire.SignBatch(request_id=c.rid(), items=tuple(items(1))))
+    busy = await second.event()
+    assert busy.code == ErrorCode.BUSY and "of this client" in busy.message
+    assert engine.server.pending_items == 300
+    # Another client gets in (its own share), through the memory-stream door.
+    client_side, server_side = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as n:
+        n.start_soon(engine.server.serve_stream, server_side, Peer("unix", uid=4242))
+        other = Raw(client_side)
+        await other.hello()
+        await other.send(wire.SignBatch(request_id=other.rid(), items=tuple(items(2))))
+        with trio.fail_after(1):
+            while engine.server.pending_items < 302:  # noqa: ASYNC110 (polling)
+                await trio.sleep(0.01)
+        engine.batcher.gate.set()
+        assert all(r.ok for r in (await other.event()).results)
+        n.cancel_scope.cancel()
+
+
+# ----------------------------------------------------------------------------- failure 3
+
+
+def _bomb(size):
+    """A SIGN_BATCH body of *size* bytes: {"items": [{}, {}, ...]} -- one object per byte."""
+    n = size - 11
+    return b"\xa1\x65items\x9a" + n.to_bytes(4, "big") + b"\xa0" * n
+
+
+def _frame(ftype, rid, body, compressed=False):
+    flags = int(compressed) << 24
+    return wire.HEADER.pack(wire.MAGIC, wire.VERSION, ftype, flags, rid, len(body)) + body
+
+
+async def test_a_compressed_cbor_bomb_is_refused_without_decoding_it(start):
+    """A few hundred bytes of zstd that expand to millions of empty maps: refused with
+    BAD_REQUEST after a count, never built (it used to take 1.2 GiB and block the loop for
+    seconds)."""
+    engine = await start()
+    body = zstandard.ZstdCompressor(level=19).compress(_bomb(wire.DEFAULT_MAX_FRAME // 2 - 64))
+    assert len(body) < 1024
+    client = await Raw.connect(engine)
+    await client.hello()
+    tracemalloc.start()
+    try:
+        await client.stream.send_all(_frame(wire.FrameType.SIGN_BATCH, 2, body, compressed=True))
+        error = await client.event()
+        _current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert isinstance(error, wire.Error) and error.code == ErrorCode.BAD_REQUEST
+    assert "CBOR data items" in error.message
+    assert peak < 16 * 1024 * 1024, f"{peak} bytes traced"  # the 4 MiB decompressed body
+    assert await client.event() is None
+    await served_within(engine)
+
+
+async def test_large_bodies_are_decoded_in_a_worker_thread(start):
+    threads = []
+
+    def scan(data, max_items, max_depth):
+        threads.append(threading.current_thread() is threading.main_thread())
+        return native.cbor_scan(data, max_items, max_depth)
+
+    engine = await start(scan=scan)
+    client = await Raw.connect(engine, compression=())
+    await client.hello()
+    small = await client.sign(items(2))
+    large = await client.sign(items(500))
+    assert all(r.ok for r in small.results + large.results)
+    # HELLO and the small batch on the event loop's thread, the large batch off it
+    assert threads == [True, True, False]
+
+
+async def test_partial_large_frames_wait_for_a_slot_and_time_out(start):
+    """Connections in the middle of a large frame need one of a few slots to be read on;
+    a frame that does not arrive whole in time ends its connection (a slow-loris of big
+    frames cannot pin max_frame bytes on every connection)."""
+    engine = await start(large_frame=64 * 1024, large_frame_slots=1, frame_timeout=3.0)
+    header = _frame(wire.FrameType.SIGN_BATCH, 2, b"")[: wire.HEADER_SIZE - 4]
+    header += (1024 * 1024).to_bytes(4, "big")
+    clients = []
+    for _ in range(2):
+        c = await Raw.connect(engine)
+        await c.hello()
+        await c.stream.send_all(header + b"\xa1" * (180 * 1024))
+        clients.append(c)
+    conns = [s.conn for s in engine.server._slots]
+    with trio.fail_after(10):
+        while not any(c._waiting_for_slot for c in conns):  # noqa: ASYNC110 (polling)
+            await trio.sleep(0.01)
+    waiting = next(c for c in conns if c._waiting_for_slot)
+    reading = next(c for c in conns if c is not waiting)
+    assert waiting.codec.buffered <= 64 * 1024 + (1 << 16) < reading.codec.buffered
+    first = await clients[0].event(within=10)
+    assert isinstance(first, wire.Error) and "did not arrive whole" in first.message
+    second = await clients[1].event(within=10)  # it got the slot, then timed out in turn
+    assert isinstance(second, wire.Error) and "did not arrive whole" in second.message
+    await served_within(engine)
+    await settled(engine)
+
+
+# ----------------------------------------------------------------------------- identity
+
+
+async def _hello_reply(engine, peer):
+    client_side, server_side = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as n:
+        n.start_soon(engine.server.serve_stream, server_side, peer)
+        client = Raw(client_side)
+        await client.send(client.codec.make_hello())
+        reply = await client.event()
+        n.cancel_scope.cancel()
+    return reply
+
+
+async def test_unknown_and_disabled_clients_are_refused_at_hello(tmp_path):
+    engine = Engine(
+        tmp_path,
+        {
+            "clients": {"local": {}, "off": {"disabled": True}, "cn:portal.example": {}},
+            "unix_uids": {"1001": "local", "1002": "off"},
+        },
+    )
+    welcome = await _hello_reply(engine, Peer("unix", uid=1001))
+    assert isinstance(welcome, wire.Welcome)
+    tls = await _hello_reply(engine, Peer("tls", common_name="portal.example"))
+    assert isinstance(tls, wire.Welcome)
+    for peer, code in [
+        (Peer("unix", uid=1002), ErrorCode.CLIENT_DISABLED),
+        (Peer("unix", uid=1003), ErrorCode.UNAUTHENTICATED),
+        (Peer("tls", common_name="other.example"), ErrorCode.UNAUTHENTICATED),
+        (Peer("tls", common_name=None), ErrorCode.UNAUTHENTICATED),
+        # A certificate whose CN is a local client's name is not that client.
+        (Peer("tls", common_name="local"), ErrorCode.UNAUTHENTICATED),
+    ]:
+        reply = await _hello_reply(engine, peer)
+        assert isinstance(reply, wire.Error) and reply.code == code and reply.fatal, (peer, reply)
+    reply = await _hello_reply(engine, Peer("tls", common_name="local"))
+    assert "TLS clients are named 'cn:<common name>'" in reply.message
+    assert engine.metric("dccsign_connections_refused_total", reason="identity") == 6
+
+
+async def test_a_uid_client_needs_no_mapping(tmp_path):
+    engine = Engine(tmp_path, {"clients": {"uid:1001": {}}})
+    assert isinstance(await _hello_reply(engine, Peer("unix", uid=1001)), wire.Welcome)
+    reply = await _hello_reply(engine, Peer("tls", common_name="uid:1001"))
+    assert reply.code == ErrorCode.UNAUTHENTICATED
+
+
+async def test_list_keys_lists_only_what_the_client_may_use(start):
+    engine = await start()
+    allowed = engine.keys[1]
+    engine.write_policy(
+        {
+            "clients": {"portal": {"kids": [allowed.kid.hex()], "types": ["t", "r"]}},
+            "unix_uids": {str(UID): "portal"},
+        }
+    )
+    client = await Raw.connect(engine)
+    await client.hello()
+    await client.send(wire.ListKeys(request_id=client.rid()))
+    keys = await client.event()
+    assert [(k.kid, k.types) for k in keys.keys] == [(allowed.kid, "tr")]
+
+
+# ----------------------------------------------------------------------------- framing, time
+
+
+async def test_a_frame_cut_short_by_eof_gets_an_error_frame(start):
+    """SPEC.md §12.2: a connection-level ERROR before the close, even when the client has
+    shut down its side in the middle of a frame."""
+    engine = await start()
+    client = await Raw.connect(engine)
+    await client.hello()
+    ping = client.codec.send(wire.Ping(request_id=7, data=b"half of me"))
+    await client.stream.send_all(ping[:-4])
+    await client.stream.send_eof()
+    error = await client.event()
+    assert isinstance(error, wire.Error) and error.code == ErrorCode.PROTOCOL and error.fatal
+    assert "ended inside a frame body" in error.message
+    assert await client.event() is None
+
+
+async def test_no_hello_in_time_closes_the_connection(start):
+    engine = await start(hello_timeout=0.3)
+    client = await Raw.connect(engine)
+    error = await client.event(within=5)
+    assert isinstance(error, wire.Error) and "no HELLO within" in error.message
+    assert await client.event() is None
+    assert engine.metric("dccsign_connections_closed_total", reason="hello_timeout") == 1
+
+
+async def test_an_idle_connection_gets_goaway_and_a_pinging_one_stays(start):
+    engine = await start(idle_timeout=0.6)
+    idle, pinging = await Raw.connect(engine), await Raw.connect(engine)
+    await idle.hello()
+    await pinging.hello()
+    for _ in range(6):
+        await trio.sleep(0.2)
+        await pinging.send(wire.Ping(request_id=1, data=b""))
+        assert isinstance(await pinging.event(), wire.Pong)
+    goaway = await idle.event(within=5)
+    assert isinstance(goaway, wire.GoAway) and "idle" in goaway.reason
+    assert await idle.event() is None
+    assert (await pinging.sign(items(1))).results[0].ok
+
+
+async def test_at_the_connection_limit_silent_sockets_make_room(start):
+    """2,000 sockets that say nothing used to stay open until the fd limit. At the limit, a
+    new connection takes the place of the oldest one that has not said HELLO."""
+    engine = await start(max_connections=16)
+    for _ in range(40):
+        await engine.open()
+    await served_within(engine)
+    assert len(engine.server._slots) <= 16
+    assert engine.metric("dccsign_connections_closed_total", reason="evicted") >= 25
+
+
+# ----------------------------------------------------------------------------- faults
+
+
+async def test_a_fault_in_signing_is_answered_internal_and_the_engine_goes_on(start):
+    def fault(sign):
+        async def wrapped(client, its, types=None):
+            if its[0].account == "uzi:boom":
+                raise RuntimeError("a bug in the dispatcher")
+            return await sign(client, its, types)
+
+        return wrapped
+
+    engine = await start(fault=fault)
+    victim = await Raw.connect(engine)
+    await victim.hello()
+    reply = await victim.sign(items(3, "uzi:boom"))
+    assert {r.error for r in reply.results} == {ErrorCode.INTERNAL}
+    assert all(r.retry_after_ms for r in reply.results)
+    assert (await victim.sign(items(2))).results[1].ok  # the same connection goes on
+    assert engine.metric("dccsign_internal_errors_total") == 1
+    await served_within(engine)
+
+
+async def test_a_fault_in_handling_a_connection_ends_only_that_connection(start):
+    engine = await start()
+
+    def broken(client, request_id):
+        raise RuntimeError("a bug in LIST_KEYS")
+
+    engine.server.keys_for = broken
+    victim = await Raw.connect(engine)
+    await victim.hello()
+    await victim.send(wire.ListKeys(request_id=victim.rid()))
+    assert await victim.event() is None  # closed
+    await served_within(engine)
+    await settled(engine)
+    assert engine.metric("dccsign_connections_closed_total", reason="failure") == 1
+
+
+# ----------------------------------------------------------------------------- the codec
+
+
+def test_a_refused_batch_is_not_kept_alive_by_the_codec():
+    """A SIGN_BATCH whose last item is bad is refused; nothing of the decoded batch may stay
+    reachable from the codec (the stored error used to hold it through its traceback)."""
+    server = wire.Connection(wire.SERVER, max_frame=8 * 1024 * 1024)
+    client = wire.Connection(wire.CLIENT, max_frame=8 * 1024 * 1024, compression=())
+    server.receive_data(client.send(client.make_hello()))
+    assert isinstance(server.next_event(), wire.Hello)
+    welcome = server.make_welcome(max_batch=2000, max_in_flight=1, server="t")
+    client.receive_data(server.send(welcome))
+    assert isinstance(client.next_event(), wire.Welcome)
+    good = {"dcc": sample("v"), "account": "uzi:1"}
+    body = cbor2.dumps({"items": [good] * 1999 + [{"dcc": {}, "account": 7}]})
+    gc.collect()
+    gc.disable()
+    try:
+        tracemalloc.start()
+        server.receive_data(_frame(wire.FrameType.SIGN_BATCH, 1, body))
+        del body
+        with pytest.raises(wire.RemoteProtocolError, match=r"items\[1999\]"):
+            server.next_event()
+        with pytest.raises(wire.RemoteProtocolError):  # and again, from the stored error
+            server.next_event()
+        current, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    finally:
+        gc.enable()
+    assert peak > 1024 * 1024  # the batch was decoded...
+    assert current < 64 * 1024, f"{current} bytes still held"  # ...and let go
+
+
+def test_bodies_are_counted_before_they_are_decoded(impl):
+    """Every body goes through the scan first: the limit follows max_batch (SPEC.md §13)."""
+    codec = wire.Connection(wire.SERVER, scan=impl.cbor_scan)
+    hello = wire.Connection(wire.CLIENT)
+    codec.receive_data(hello.send(hello.make_hello()))
+    codec.next_event()
+    codec.send(codec.make_welcome(max_batch=10, max_in_flight=1, server="t"))
+    limit = wire.body_item_limit(10)
+    body = b"\xa1\x65items\x99" + (limit).to_bytes(2, "big") + b"\xa0" * limit
+    codec.receive_data(_frame(wire.FrameType.SIGN_BATCH, 1, body))
+    with pytest.raises(wire.RemoteProtocolError, match=f"more than {limit} CBOR data items") as e:
+        codec.next_event()
+    assert e.value.code == ErrorCode.BAD_REQUEST
