@@ -1,11 +1,17 @@
 """engine/dispatch.py: a request's items in, one result per item out (fake keyd batcher)."""
 
+import copy
+import os
+
+import cbor2
 import trio
 import trio.lowlevel
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from dccsign.protocol.codes import ErrorCode
 from dccsign.protocol.wire import SignItem
-from dccsign.samples import varied_samples
+from dccsign.samples import sample, varied_samples
 from fakes import FakeBatcher, dispatcher_for
 
 
@@ -47,3 +53,59 @@ def test_one_account_is_one_part(tmp_path):
     results = trio.run(main)
     assert batcher.calls == [[32]]
     assert [r.hc1 for r in results] == ["HC1:" + _uvci(i.dcc) for i in items]
+
+
+# Any value the wire codec can decode into a DCC (SPEC.md §4.3: no tags, text or bytes keys).
+_cbor_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**64), 2**64 - 1) | st.floats()
+    | st.text(max_size=12) | st.binary(max_size=12) | st.just(cbor2.undefined)
+    | st.sampled_from([*range(20), *range(32, 256)]).map(cbor2.CBORSimpleValue),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(max_size=6) | st.binary(max_size=4), inner, max_size=4),
+    max_leaves=30,
+)  # fmt: skip
+
+
+def _graft(dcc, path, value):
+    """*dcc* with *value* put at the place *path* leads to (a copy)."""
+    dcc = copy.deepcopy(dcc)
+    node = dcc
+    for step in path[:-1]:
+        if isinstance(node, dict) and node:
+            node = node[sorted(node, key=repr)[step % len(node)]]
+        elif isinstance(node, list) and node:
+            node = node[step % len(node)]
+    if isinstance(node, dict) and node:
+        node[sorted(node, key=repr)[path[-1] % len(node)]] = value
+    elif isinstance(node, list) and node:
+        node[path[-1] % len(node)] = value
+    return dcc
+
+
+@settings(
+    max_examples=int(os.environ.get("DCCSIGN_FUZZ_EXAMPLES", "300")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(
+    value=_cbor_values,
+    path=st.lists(st.integers(0, 50), min_size=1, max_size=4),
+    whole=st.booleans(),
+    key=st.none() | st.text(min_size=1, max_size=8),
+)
+def test_any_decodable_dcc_gets_a_result_never_an_exception(tmp_path_factory, value, path,
+                                                           whole, key):  # fmt: skip
+    """The dispatcher's contract: one result per item, whatever the item holds -- found by
+    the live fuzz campaign, where a CBOR simple value inside a DCC made the idempotency
+    fingerprint raise (and the request was answered INTERNAL)."""
+    d = dispatcher_for(tmp_path_factory.mktemp("d"), FakeBatcher())
+    base = sample("v")
+    dcc = value if whole else _graft(base, path, value)
+    items = [SignItem(dcc, "uzi:1", idempotency_key=key), SignItem(base, "uzi:2")]
+
+    async def main():
+        return await d.sign("portal", items, [""] * 2)
+
+    first, honest = trio.run(main)
+    assert honest.ok
+    assert first.ok or first.error in (ErrorCode.INVALID_DCC, ErrorCode.NO_KEY), first
