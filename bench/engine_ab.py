@@ -1,0 +1,123 @@
+"""Two engines, or two settings of one, in the same run: closed-loop throughput, interleaved.
+
+    .venv/bin/python bench/engine_ab.py --variant old:PYTHONPATH=/path/to/old/package \\
+        --variant new --variant novalidate::--keyd-no-validate-dcc [--rounds 5] [--json F]
+
+A variant is ``NAME[:ENV=VALUE,...][:EXTRA SERVE OPTIONS]``: each round starts a fresh
+``dccsign serve --dev`` per variant (its own development keystore, a Unix socket, no nonce
+pool), waits until it accepts, drives it with ``dccsign bench load --closed-loop`` (4
+connections x 2 frames of 50 by default) for --seconds, and stops it. Rounds take the
+variants in turn, so that drift of the machine (±30 % here) falls on all of them alike; the
+report gives each variant's median certificates/s, BUSY and p99, and its ratio to the first.
+
+To compare with an older checkout: ``git archive OLD engine native protocol`` into a
+directory, rename engine/ to dccsign/ and move native/ and protocol/ into it, copy a built
+``_native*.so`` in, and give that directory as the old variant's PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DCCSIGN = [sys.executable, "-m", "dccsign"]
+
+
+def _variant(text: str) -> tuple[str, dict[str, str], list[str]]:
+    name, _, rest = text.partition(":")
+    env_text, _, extra = rest.partition(":")
+    env = dict(pair.split("=", 1) for pair in env_text.split(",") if pair)
+    return name, env, extra.split()
+
+
+def _accepts(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+        return True
+
+
+def _one(work: Path, name: str, env: dict[str, str], extra: list[str], args) -> dict:
+    sock = work / f"{name}.sock"
+    full_env = {**os.environ, **env}
+    with open(work / f"{name}.log", "ab") as log:
+        proc = subprocess.Popen(
+            [*DCCSIGN, "serve", "--dev", "--keystore", str(work / f"ks-{name}"), "--unix",
+             str(sock), "--nonce-pool", "0", *extra],
+            stderr=log, env=full_env,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not _accepts(sock):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit((work / f"{name}.log").read_text())
+            time.sleep(0.1)
+        time.sleep(2)  # keyd's start-up work settles
+        out = work / f"{name}.json"
+        subprocess.run(
+            [*DCCSIGN, "bench", "load", "--server", f"unix:{sock}", "--closed-loop",
+             "--connections", str(args.connections), "--in-flight", str(args.in_flight),
+             "--batch", str(args.batch), "--duration", str(args.seconds), "--metrics", "none",
+             "--quiet", "--json", str(out)],
+            check=True, stdout=subprocess.DEVNULL, env=full_env,
+        )  # fmt: skip
+        report = json.loads(out.read_text())
+        return {k: report[k] for k in ("certs_per_s", "busy", "p50_ms", "p99_ms", "errors")}
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variant", action="append", required=True, metavar="SPEC")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--in-flight", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=50)
+    parser.add_argument("--json", type=Path, metavar="FILE")
+    args = parser.parse_args()
+    variants = [_variant(v) for v in args.variant]
+    runs: dict[str, list[dict]] = {name: [] for name, _, _ in variants}
+    with tempfile.TemporaryDirectory(prefix="dccsign-ab-") as tmp:
+        for r in range(args.rounds):
+            for name, env, extra in variants:
+                result = _one(Path(tmp), f"{name}", env, extra, args)
+                runs[name].append(result)
+                print(f"round {r}: {name} {result}", file=sys.stderr, flush=True)
+    first = statistics.median(x["certs_per_s"] for x in runs[variants[0][0]])
+    summary = {}
+    for name, results in runs.items():
+        rate = statistics.median(x["certs_per_s"] for x in results)
+        summary[name] = {
+            "certs_per_s_median": rate,
+            "ratio_to_first": round(rate / first, 3),
+            "busy_median": statistics.median(x["busy"] for x in results),
+            "p99_ms_median": statistics.median(x["p99_ms"] for x in results),
+        }
+        print(f"{name}: {rate:,.0f} certs/s (x{rate / first:.2f}), "
+              f"BUSY {summary[name]['busy_median']:,.0f}, p99 "
+              f"{summary[name]['p99_ms_median']:.0f} ms")  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps({
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "command": "python bench/engine_ab.py " + " ".join(sys.argv[1:]),
+            "variants": args.variant, "summary": summary, "rounds": runs,
+        }, indent=2) + "\n")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
