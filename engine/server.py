@@ -286,6 +286,7 @@ class Server:
             self._idle = trio.Event()
         self.metrics.connections.inc()
         try:
+            identified = None  # stays None when the handshake is evicted (slot.scope)
             with slot.scope:
                 identified = await opened(stream)
             if identified is not None and not slot.scope.cancel_called:

@@ -9,6 +9,7 @@ import gc
 import json
 import os
 import socket
+import ssl
 import struct
 import threading
 import tracemalloc
@@ -492,6 +493,39 @@ async def test_at_the_connection_limit_silent_sockets_make_room(start):
     await served_within(engine)
     assert len(engine.server._slots) <= 16
     assert engine.metric("dccsign_connections_closed_total", reason="evicted") >= 25
+
+
+async def test_tls_handshakes_that_never_come_make_room_too(tmp_path, nursery):
+    """Sockets that connect to the TLS port and never start the handshake hold a slot until
+    a new connection needs it; the TLS client that then connects is served, and none of the
+    evicted handshakes counts as an engine fault."""
+    from dccsign.devtls import DEV_CLIENT_NAME, ensure_dev_tls
+    from dccsign.serve_cli import tls_server_context
+
+    tls = ensure_dev_tls(tmp_path / "tls")
+    engine = Engine(
+        tmp_path,
+        {"clients": {f"cn:{DEV_CLIENT_NAME}": {}}, "default_account_quota": QUOTA},
+        max_connections=4,
+    )
+    context = tls_server_context(tls["server_cert"], tls["server_key"], tls["ca"])
+    host, port = await nursery.start(engine.server.serve_tcp, "127.0.0.1", 0, context)
+    silent = [await trio.open_tcp_stream(host, port) for _ in range(6)]
+    engine.streams += silent
+    client_ctx = ssl.create_default_context(cafile=str(tls["ca"]))
+    client_ctx.load_cert_chain(tls["client_cert"], tls["client_key"])
+    with trio.fail_after(5):
+        raw = await trio.open_tcp_stream(host, port)
+        stream = trio.SSLStream(raw, client_ctx, server_hostname="localhost")
+        engine.streams.append(stream)
+        client = Raw(stream)
+        await client.hello()
+        reply = await client.sign(items(1))
+    for s in engine.streams:
+        await trio.aclose_forcefully(s)
+    assert reply.results[0].ok
+    assert engine.metric("dccsign_connections_closed_total", reason="evicted") >= 3
+    assert engine.metric("dccsign_connections_closed_total", reason="failure") == 0
 
 
 # ----------------------------------------------------------------------------- faults
