@@ -293,9 +293,11 @@ class Server:
                 stream, peer = identified
                 slot.conn = _Connection(self, stream, peer, slot)
                 await slot.conn.run()
-        except Exception:
+        except* Exception:
             # A fault in the engine's own handling of this connection (a bug): the connection
-            # ends, the process and every other connection go on.
+            # ends, the process and every other connection go on. (except*: what the
+            # connection's nurseries raise comes as a group, maybe with a Cancelled of the
+            # engine stopping beside it, which goes on up.)
             self.metrics.connections_closed.labels("failure").inc()
             LOGGER.exception("a connection failed unexpectedly; it is closed")
         finally:
