@@ -52,6 +52,16 @@ class EngineProcess:
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(argv, stderr=log)
         wait_serving(self.proc, self.sock, self.log, 60)
+        if http:  # bound after the Unix socket: wait for it too before anyone reads /metrics
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", self.http), timeout=1).close()
+                    break
+                except OSError:
+                    assert self.proc.poll() is None, self.log.read_text()
+                    assert time.monotonic() < deadline, "no /metrics: " + self.log.read_text()
+                    time.sleep(0.05)
 
     def client(self, **kw):
         return Client(f"unix:{self.sock}", **kw)
