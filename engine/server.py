@@ -704,7 +704,7 @@ class _Connection:
     def _next_deadline(self) -> float:
         limits = self.limits
         if self._closing:  # only a client that reads nothing can hold it open now
-            if self._writing_since is None:
+            if self._writing_since is None or self._dropping:
                 return math.inf
             return self._writing_since + limits.idle_timeout
         now = trio.current_time()
@@ -726,7 +726,9 @@ class _Connection:
     def _check_clocks(self, now: float) -> None:
         """Act on the clocks that have run out."""
         limits = self.limits
-        if self._writing_since is not None and now - self._writing_since >= limits.idle_timeout:
+        if self._dropping:
+            pass  # dropped already (its writer may not have seen the cancellation yet)
+        elif self._writing_since is not None and now - self._writing_since >= limits.idle_timeout:
             self.metrics.connections_closed.labels("stalled").inc()
             self.abort(f"the client read none of its replies for {limits.idle_timeout:g} s")
         elif self._closing:
