@@ -856,7 +856,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=lim.max_pending_items,
         metavar="N",
         help="certificates in progress in the whole engine, or answered and not yet read, "
-        f"before BUSY (default {lim.max_pending_items})",
+        f"before BUSY (default {lim.max_pending_items}); above 3/4 of it only clients within "
+        "their weighted share (policy 'weight') are admitted",
     )
     tune.add_argument(
         "--max-batch",
@@ -878,8 +879,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=lim.queue_target * 1000,
         metavar="MS",
         help="refuse a client's new requests with BUSY while its oldest request in progress "
-        f"is older than this and more than {lim.queue_floor} certificates are in progress in "
-        f"the engine, in milliseconds; 0 turns it off (default {lim.queue_target * 1000:g})",
+        f"is older than this, more than {lim.queue_floor} certificates are in progress in "
+        "the engine and the client holds at least its weighted share of them, in "
+        f"milliseconds; 0 turns it off (default {lim.queue_target * 1000:g})",
     )
     tune.add_argument(
         "--batch-window",

@@ -41,6 +41,11 @@ class Metrics:
             buckets=_LATENCY_BUCKETS, registry=r,
         )
         self.busy = Counter("dccsign_busy", "Requests refused with BUSY", ["client"], registry=r)
+        self.busy_early = Counter(
+            "dccsign_busy_from_header",
+            "Requests refused with BUSY from their frame header, body never decoded",
+            registry=r,
+        )
         self.connections = Gauge("dccsign_connections", "Open connections", registry=r)
         self.connections_refused = Counter(
             "dccsign_connections_refused",

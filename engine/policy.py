@@ -50,6 +50,7 @@ __all__ = [
     "CN_PREFIX",
     "DEFAULT_MAX_ACCOUNTS",
     "MAX_POLICY_BYTES",
+    "MAX_WEIGHT",
     "UID_PREFIX",
     "ClientPolicy",
     "Policy",
@@ -175,6 +176,9 @@ class ClientPolicy:
     quota: Quota | None = None
     account_quota: Quota | None = None
     disabled: bool = False
+    #: The client's share of the engine under overload, relative to the other clients with
+    #: work in progress (the server refuses a client over its weighted share first).
+    weight: int = 1
 
 
 # ----------------------------------------------------------------------------- the policy
@@ -383,7 +387,10 @@ _CLIENT_KEYS: Final = (
     "quota",
     "account_quota",
     "disabled",
+    "weight",
 )
+#: The largest ``weight`` a client may have (shares are ratios of small integers).
+MAX_WEIGHT: Final = 1000
 
 
 class _JsonObject(dict[str, Any]):
@@ -518,6 +525,15 @@ class _Validator:
                 fields["disabled"] = disabled
             else:
                 self.bad(f"{path}.disabled", f"expected true or false, got {_json_type(disabled)}")
+        if "weight" in obj:
+            weight = obj["weight"]
+            if type(weight) is int and 1 <= weight <= MAX_WEIGHT:
+                fields["weight"] = weight
+            else:
+                self.bad(
+                    f"{path}.weight",
+                    f"expected an integer from 1 to {MAX_WEIGHT}, got {_json_type(weight)}",
+                )
         return fields
 
     def array(self, value: Any, path: str, item: Callable[[Any, str], Any]) -> frozenset[Any]:

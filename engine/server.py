@@ -39,6 +39,14 @@ that the backlog is shed from the clients that make it: a portal that floods the
 refused, one that sends a request now and then is not. Each request also has a deadline
 (DEADLINE_EXCEEDED).
 
+Fair share under overload: when the engine must refuse, it refuses first the clients that
+hold more than their weighted share (``weight`` in the policy file) of the certificates in
+progress: above ``FAIR_SHARE_ABOVE`` of ``max_pending_items`` only clients within their share
+are admitted, and a client behind its ``queue_target`` is refused only while it holds at least
+its share (docs/policy.md, "Fair share"). Overload is cheap: a sign request that would be
+refused even with one certificate is answered BUSY from its frame header, its body never
+decompressed or decoded (``dccsign_busy_from_header``).
+
 Identity (:class:`Peer`): the TLS client certificate's subject common name is the policy
 client ``cn:<common name>``; a Unix-socket peer is the client its uid maps to in the policy
 (``unix_uids``, else ``uid:<uid>``), so a certificate can never pass for a local client. A peer
@@ -75,6 +83,15 @@ LOGGER = logging.getLogger("dccsign.serve")
 
 #: Bytes asked of the socket per read.
 READ_SIZE = 1 << 16
+
+#: Above this share of ``max_pending_items`` in progress, only clients within their weighted
+#: share of it are admitted: the rest of the capacity is kept for the clients a burst of
+#: another would otherwise starve (the weights are in the policy file).
+FAIR_SHARE_ABOVE = 0.75
+
+#: Frame types that are sign requests: refused BUSY from their header when the engine would
+#: refuse even a single certificate now.
+_SIGN_FRAMES = frozenset({wire.FrameType.SIGN, wire.FrameType.SIGN_BATCH})
 
 
 @dataclass(frozen=True)
@@ -163,6 +180,8 @@ class Server:
         self._idle.set()
         self._decoders = trio.CapacityLimiter(self.limits.decode_threads)
         self._large_frames = trio.Semaphore(self.limits.large_frame_slots)
+        self._weights_of: Policy | None = None
+        self._weight_cache: dict[str, int] = {}
 
     # -- listeners ----------------------------------------------------------------------
 
@@ -339,7 +358,12 @@ class Server:
     # -- what a request gets ----------------------------------------------------------------
 
     def busy(self, conn: _Connection, items: int) -> str | None:
-        """Why a request of *items* certificates on *conn* is refused with BUSY now, or None."""
+        """Why a request of *items* certificates on *conn* is refused with BUSY now, or None.
+
+        Called twice for a sign request: from its frame header with *items* = 1 (the least
+        it can hold), so that a frame that is refused anyway is never decompressed or
+        decoded, and again with its real count once decoded.
+        """
         limits = self.limits
         if self.draining.is_set():
             return "the engine is shutting down"
@@ -355,23 +379,62 @@ class Server:
                 f"more than {limits.max_connection_items} certificates on this connection "
                 "would be in progress or unread"
             )
-        if self._client_items.get(conn.client, 0) + items > limits.max_client_items:
+        mine = self._client_items.get(conn.client, 0) + items
+        if mine > limits.max_client_items:
             return (
                 f"more than {limits.max_client_items} certificates of this client would be in "
                 "progress or unread"
             )
-        if self.pending_items + items > limits.max_pending_items:
+        total = self.pending_items + items
+        if total > limits.max_pending_items:
             return "the engine is at capacity"
+        soft = limits.max_pending_items * FAIR_SHARE_ABOVE
         target = limits.queue_target
         started = self._started.get(conn.client)  # type: ignore[arg-type]
-        if target and started and self.pending_items + items > limits.queue_floor:
-            age = trio.current_time() - next(iter(started.values()))
-            if age > target:
+        behind = 0.0
+        if target and started and total > limits.queue_floor:
+            behind = trio.current_time() - next(iter(started.values()))
+            if behind <= target:
+                behind = 0.0
+        if total <= soft and not behind:
+            return None
+        # The engine must refuse someone: first the clients over their weighted share.
+        weight, weights = self._weights(conn.client)
+        if total > soft:
+            fair = soft * weight / weights
+            if mine > fair:
+                return (
+                    f"the engine is near capacity and this client has {mine - items} "
+                    f"certificates in progress, over its share ({fair:.0f}, weight {weight} "
+                    f"of {weights})"
+                )
+        if behind:
+            fair = total * weight / weights
+            if mine >= fair:
                 return (
                     "the engine is behind (this client's oldest request in progress for "
-                    f"{age * 1000:.0f} ms)"
+                    f"{behind * 1000:.0f} ms, and it has {mine - items} of the "
+                    f"{total - items} certificates in progress: share {weight} of {weights})"
                 )
         return None
+
+    def _weights(self, client: str | None) -> tuple[int, int]:
+        """*client*'s policy weight, and the sum of the weights of the clients with work in
+        progress or unread, *client* included (one dict walk per refusal decision, never per
+        item; the policy is immutable, so a reload shows up as a new object)."""
+        policy = self.dispatcher.policy.current()
+        if policy is not self._weights_of:
+            self._weights_of = policy
+            self._weight_cache = {
+                name: cp.weight for name, cp in policy.clients.items() if cp.weight != 1
+            }
+        cache = self._weight_cache
+        weight = cache.get(client, 1)  # type: ignore[arg-type]
+        total = weight
+        for other in self._client_items:
+            if other != client:
+                total += cache.get(other, 1)  # type: ignore[arg-type]
+        return weight, total
 
     def busy_reply(self, request_id: int, why: str) -> wire.Error:
         code = ErrorCode.SHUTTING_DOWN if self.draining.is_set() else ErrorCode.BUSY
@@ -593,6 +656,10 @@ class _Connection:
                     if frame is None:
                         return  # the client closed cleanly; what is in progress is answered
                     self._partial(trio.current_time() if codec.buffered else None)
+                    if frame.type in _SIGN_FRAMES and self._refused_early(frame):
+                        del frame
+                        await self._wait_for_room()
+                        continue
                     if frame.size > self.limits.inline_decode:
                         event = await trio.to_thread.run_sync(
                             codec.decode_frame, frame, limiter=self.server._decoders
@@ -903,6 +970,19 @@ class _Connection:
             )
         )
         return None
+
+    def _refused_early(self, frame: wire.Frame) -> bool:
+        """Answer a sign request BUSY from its header, before its body is decompressed or
+        decoded, when even one certificate would be refused now (SPEC.md §8.2)."""
+        assert self.client is not None  # the codec admits requests only after WELCOME
+        busy = self.server.busy(self, 1)
+        if not busy:
+            return False
+        self.codec.refuse_frame(frame)
+        self.metrics.busy.labels(self.client).inc()
+        self.metrics.busy_early.inc()
+        self.send(self.server.busy_reply(frame.request_id, busy))
+        return True
 
     def _sign(self, event: Any, requests: trio.Nursery) -> None:
         assert self.client is not None

@@ -1159,6 +1159,22 @@ class Connection:
         # along as its context (a refused 1,000-item batch would outlive the connection).
         raise self._failed(*problem)
 
+    def refuse_frame(self, frame: Frame) -> None:
+        """Take a request frame from :meth:`next_frame` without decoding its body, because the
+        receiver answers it with an ERROR from its header alone (a server answering BUSY under
+        overload: SPEC.md §8.2). The connection's state advances as :meth:`decode_frame` would
+        have advanced it (the request id is taken); the body is never looked at, so nothing in
+        it can be a protocol error.
+
+        Raises:
+            LocalProtocolError: *frame* is not a request (SIGN, SIGN_BATCH, LIST_KEYS) or is
+                not the frame :meth:`next_frame` returned last.
+        """
+        if not self._undecoded or frame.type not in _REQUESTS:
+            raise LocalProtocolError("refuse_frame: only the request frame just taken")
+        self.last_request_id = frame.request_id
+        self._undecoded = False
+
     def _event_of(self, frame: Frame) -> Event:
         # A function of its own: the decoded body lives in its frame only, which a failure
         # leaves behind (decode_frame raises outside the except block).

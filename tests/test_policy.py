@@ -252,7 +252,7 @@ def test_error_message_names_the_source_and_every_problem():
         "clients.portal-a.kids[0]: not 16 hex digits: 'nothex'",
         'clients.portal-a.types[0]: not a DCC type: \'x\' (one of "v", "t", "r")',
         "clients.portal-b.colour: unknown key (allowed: kids, types, countries, issuers, "
-        "quota, account_quota, disabled)",
+        "quota, account_quota, disabled, weight)",
     )
     assert str(err) == "policy.json: 3 problems: " + "; ".join(err.problems)
 
@@ -879,3 +879,15 @@ def test_reload_inline_false_never_reads_in_current(tmp_path):
     assert list(policy.current().clients) == ["a"]
     assert policy.refresh() is True
     assert list(policy.current().clients) == ["b"]
+
+
+def test_weight_is_a_small_positive_integer():
+    policy = Policy.from_dict({"clients": {"a": {"weight": 3}, "b": {}}})
+    assert policy.client("a").weight == 3 and policy.client("b").weight == 1
+    for bad, shown in ((0, "the number 0"), (1001, "the number 1001"), (1.5, "the number 1.5"),
+                       (True, "a boolean"), ("2", "the string '2'"), (None, "null")):
+        with pytest.raises(PolicyError) as info:
+            Policy.from_dict({"clients": {"a": {"weight": bad}}}, source="p.json")
+        assert info.value.problems == (
+            f"clients.a.weight: expected an integer from 1 to 1000, got {shown}",
+        )

@@ -613,3 +613,144 @@ def test_bodies_are_counted_before_they_are_decoded(impl):
     with pytest.raises(wire.RemoteProtocolError, match=f"more than {limit} CBOR data items") as e:
         codec.next_event()
     assert e.value.code == ErrorCode.BAD_REQUEST
+
+
+# ----------------------------------------------------------------- overload (issue 14)
+
+
+async def test_a_request_refused_busy_is_refused_from_its_header(start):
+    """Under overload a sign request is refused before its body is decompressed or decoded:
+    a body that is not even zstd gets BUSY (not a protocol error) while the connection is
+    full, and the connection goes on; once there is room, the same body is a violation."""
+    engine = await start(max_in_flight=1)
+    engine.batcher.gate = trio.Event()
+    client = await Raw.connect(engine)
+    await client.hello()
+    await client.send(wire.SignBatch(request_id=client.rid(), items=tuple(items(1))))
+    junk = b"\x28\xb5\x2f\xfd not a zstd frame at all"
+    rid = client.rid()
+    await client.stream.send_all(_frame(wire.FrameType.SIGN_BATCH, rid, junk, compressed=True))
+    client.codec.note_sent(rid)
+    busy = await client.event()
+    assert isinstance(busy, wire.Error) and busy.code == ErrorCode.BUSY, busy
+    assert busy.request_id == rid and not busy.fatal
+    assert engine.metric("dccsign_busy_from_header_total") == 1
+    engine.batcher.gate.set()
+    assert (await client.event()).results[0].ok  # the first request, still answered
+    rid = client.rid()
+    await client.stream.send_all(_frame(wire.FrameType.SIGN_BATCH, rid, junk, compressed=True))
+    client.codec.note_sent(rid)
+    error = await client.event()
+    assert isinstance(error, wire.Error) and error.code == ErrorCode.PROTOCOL, error
+    await served_within(engine)
+
+
+def _two_clients(weight_b=1):
+    other = {} if weight_b == 1 else {"weight": weight_b}
+    return {"clients": {"portal": {}, "uid:4242": other}, "unix_uids": {str(UID): "portal"}}
+
+
+async def _other_client(engine, nursery):
+    client_side, server_side = trio.testing.memory_stream_pair()
+    nursery.start_soon(engine.server.serve_stream, server_side, Peer("unix", uid=4242))
+    other = Raw(client_side)
+    await other.hello()
+    return other
+
+
+async def _admitted(engine, client, batches, size=50):
+    """Send *batches* requests of *size* items (nothing finishes: the gate is shut); the
+    number admitted (each admitted one shows in pending_items), and the BUSY replies."""
+    refusals = []
+    for _ in range(batches):
+        before = engine.server.pending_items
+        await client.send(wire.SignBatch(request_id=client.rid(), items=tuple(items(size))))
+        with trio.fail_after(5):
+            while engine.server.pending_items == before:
+                if client.codec.next_event() is not wire.NEED_DATA or await _busy(client):
+                    refusals.append(True)
+                    break
+                await trio.sleep(0.005)
+    return batches - len(refusals), refusals
+
+
+async def _busy(client):
+    """Whether a reply (a BUSY) is waiting on *client*'s socket right now."""
+    with trio.move_on_after(0.005):
+        data = await client.stream.receive_some(1 << 16)
+        client.codec.receive_data(data)
+        event = client.codec.next_event()
+        assert isinstance(event, wire.Error) and event.code == ErrorCode.BUSY, event
+        return True
+    return False
+
+
+async def test_a_lone_burst_leaves_room_for_a_client_arriving_later(start):
+    """Alone, a portal may fill 3/4 of the engine's capacity; the rest is kept for clients
+    under their share, so a portal arriving during the burst is served at once."""
+    engine = await start(
+        _two_clients(), max_pending_items=400, max_client_items=1000,
+        max_connection_items=1000, queue_target=0,
+    )
+    engine.batcher.gate = trio.Event()
+    a = await Raw.connect(engine)
+    await a.hello()
+    admitted, _ = await _admitted(engine, a, 8)
+    assert admitted == 6 and engine.server.pending_items == 300
+    async with trio.open_nursery() as nursery:
+        b = await _other_client(engine, nursery)
+        assert (await _admitted(engine, b, 3))[0] == 2  # up to the hard limit, 400
+        engine.batcher.gate.set()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("weight_b", [1, 3])
+async def test_near_capacity_the_client_over_its_share_is_refused_first(start, weight_b):
+    """Portal A bursts; portal B, arriving later, gets its weighted share of the engine near
+    capacity, and A is the one refused."""
+    engine = await start(
+        _two_clients(weight_b), max_pending_items=400, max_client_items=1000,
+        max_connection_items=1000, queue_target=0,
+    )
+    engine.batcher.gate = trio.Event()
+    a = await Raw.connect(engine)
+    await a.hello()
+    assert (await _admitted(engine, a, 4))[0] == 4
+    async with trio.open_nursery() as nursery:
+        b = await _other_client(engine, nursery)
+        # Above 300 (3/4 of 400) each gets 300 * w / (1 + w): 150 for B, or 225 with weight 3
+        # (then the hard limit, 400, stops B at 200).
+        admitted_b, _ = await _admitted(engine, b, 6)
+        assert admitted_b == (3 if weight_b == 1 else 4)
+        admitted_a, refusals = await _admitted(engine, a, 1)
+        assert admitted_a == 0 and refusals  # A, with 200 in progress, is over its share
+        engine.batcher.gate.set()
+        nursery.cancel_scope.cancel()
+
+
+async def test_when_behind_the_client_under_its_share_is_still_served(start):
+    """The latency rule (queue_target) sheds the backlog from the client that makes it: a
+    portal with little in progress is admitted while the flooding one is refused."""
+    engine = await start(
+        _two_clients(), max_pending_items=10_000, queue_target=0.3, queue_floor=0,
+    )
+    engine.batcher.gate = trio.Event()
+    a = await Raw.connect(engine)
+    await a.hello()
+    assert (await _admitted(engine, a, 4))[0] == 4
+    await trio.sleep(0.35)  # A's oldest request is now older than the target
+    async with trio.open_nursery() as nursery:
+        b = await _other_client(engine, nursery)
+        assert (await _admitted(engine, b, 1))[0] == 1  # B has 50 of 250 in progress
+        await trio.sleep(0.35)  # B's oldest is behind too, but B is under its share
+        assert (await _admitted(engine, b, 1))[0] == 1
+        admitted_a, refusals = await _admitted(engine, a, 1)
+        assert admitted_a == 0 and refusals
+        assert "behind" in engine.server.busy(a_conn(engine, "portal"), 1)
+        engine.batcher.gate.set()
+        nursery.cancel_scope.cancel()
+
+
+def a_conn(engine, client):
+    """The server's connection object of *client* (one connection)."""
+    return next(s.conn for s in engine.server._slots if s.conn and s.conn.client == client)
