@@ -275,6 +275,7 @@ class Dispatcher:
         async with turns:
             policy = self.policy.current()
             now = self.clock()
+            accounts: dict[str, list[_Prepared]] = {}
             for i, item in enumerate(items):
                 if i and not i % PREPARE_SLICE:
                     await trio.lowlevel.checkpoint()
@@ -282,12 +283,26 @@ class Dispatcher:
                 if isinstance(outcome, ItemResult):
                     results[i] = outcome
                     continue
-                refusal = self.quotas.try_reserve(policy, client, item.account, 1)
+                accounts.setdefault(item.account, []).append(outcome)
+            # Quotas are charged once per distinct account of the request, not once per item;
+            # only an account that cannot have all of its items goes item by item (in order),
+            # so that it gets as many as its quota still allows.
+            for account, prepared in accounts.items():
+                admitted = prepared
+                refusal = self.quotas.try_reserve(policy, client, account, len(prepared))
                 if refusal is not None:
-                    results[i] = _refused(refusal)
-                    continue
-                parts = groups.setdefault(outcome.key.dsc.kid, {})
-                parts.setdefault((item.account, item.operator), []).append(outcome)
+                    admitted = []
+                    for n, p in enumerate(prepared):
+                        refusal = self.quotas.try_reserve(policy, client, account, 1)
+                        if refusal is not None:
+                            # Nothing frees up within one request: the rest are refused alike.
+                            for q in prepared[n:]:
+                                results[q.index] = _refused(refusal)
+                            break
+                        admitted.append(p)
+                for p in admitted:
+                    parts = groups.setdefault(p.key.dsc.kid, {})
+                    parts.setdefault((account, p.operator), []).append(p)
 
         if self._on_stage is not None:
             self._on_stage("prepare", trio.current_time() - started)

@@ -9,6 +9,8 @@ import trio.lowlevel
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dccsign.dispatch import Dispatcher
+from dccsign.policy import PolicyFile, QuotaTracker
 from dccsign.protocol.codes import ErrorCode
 from dccsign.protocol.wire import SignItem
 from dccsign.samples import sample, varied_samples
@@ -109,3 +111,36 @@ def test_any_decodable_dcc_gets_a_result_never_an_exception(tmp_path_factory, va
     first, honest = trio.run(main)
     assert honest.ok
     assert first.ok or first.error in (ErrorCode.INVALID_DCC, ErrorCode.NO_KEY), first
+
+
+def test_quotas_are_charged_per_account_and_a_short_account_gets_what_is_left(tmp_path):
+    """An account's items in one request are reserved together; an account with room for
+    only some of them gets that many (the first ones, in order) and the rest QUOTA_ACCOUNT;
+    another account of the same request is not affected. Refused items are not counted."""
+    calls = []
+
+    class Counting(QuotaTracker):
+        def try_reserve(self, policy, client, account, n=1):
+            calls.append((account, n))
+            return super().try_reserve(policy, client, account, n)
+
+    path = tmp_path / "policy.json"
+    path.write_text('{"clients": {"portal": {"account_quota": {"per_minute": 3}}}}')
+    (tmp_path / "unused").mkdir()
+    key = dispatcher_for(tmp_path / "unused", FakeBatcher()).keys[0]
+    d = Dispatcher(FakeBatcher(), [(key.dsc, "active")], PolicyFile(path), Counting())
+    dccs = varied_samples(9)
+    items = [SignItem(dcc, "uzi:short" if i % 3 else "uzi:ok") for i, dcc in enumerate(dccs)]
+    # uzi:ok holds items 0, 3, 6 (fits exactly); uzi:short holds the six others.
+
+    async def main():
+        return await d.sign("portal", items)
+
+    results = trio.run(main)
+    short = [i for i in range(9) if i % 3]
+    assert [results[i].ok for i in short] == [True, True, True, False, False, False]
+    assert all(results[i].error == ErrorCode.QUOTA_ACCOUNT for i in short[3:])
+    assert all(results[i].ok for i in (0, 3, 6))
+    # One reservation for uzi:ok; for uzi:short one of 6, then one by one until the first no.
+    assert calls == [("uzi:ok", 3), ("uzi:short", 6)] + [("uzi:short", 1)] * 4
+    assert d.quotas.usage("portal", "uzi:short") == {"per_minute": 3}
