@@ -17,7 +17,7 @@ if mode != "0":
         Extension(
             "dccsign.native._native",
             sources=["native/_native.pyx", "native/src/dcccore.c", "native/src/keydcore.c",
-                     "native/src/noncepool.c",
+                     "native/src/noncepool.c", "native/src/spantable.c",
                      "native/src/walker.c"],
             include_dirs=["native/src"],
             libraries=["crypto", "z", "deflate"],

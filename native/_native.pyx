@@ -802,3 +802,4 @@ def audit_issue_groups(heads, middles, sizes, time, alg, isses, uvcis, dcc_types
         free(lens)
         free(scratch)
 include "_walker.pxi"
+include "_spantable.pxi"

@@ -1,0 +1,82 @@
+"""Span tables (reference): the distinct strings of one field over a frame's items.
+
+:func:`span_table` serves the data plane (issue 14): quotas are charged once per distinct
+account of a frame, and keyd's columnar message names each account and operator once. The
+native twin (``_spantable.pxi`` over ``src/spantable.c``) builds no object per item: only the
+distinct strings.
+"""
+
+from __future__ import annotations
+
+from array import array
+
+__all__ = ["SPAN_ABSENT", "span_table"]
+
+#: The index of an item whose span is empty (an absent optional field).
+SPAN_ABSENT = 0xFFFFFFFF
+
+
+def _check(data: object, columns: object, nfields: int, fields: tuple[int, int],
+           rows: array, base: int = 0, absent: int = SPAN_ABSENT) -> int:
+    """The argument rules both implementations share; returns the number of items."""
+    if type(data) is not bytes or type(columns) is not bytes:
+        raise TypeError("data and columns must be bytes")
+    if not isinstance(rows, array) or rows.typecode != "I":
+        raise TypeError("rows must be an array('I')")
+    if type(nfields) is not int or nfields < 1 or len(columns) % (4 * nfields):
+        raise ValueError("columns must hold a whole number of items of nfields uint32 each")
+    off, length = fields
+    if not (type(off) is int and type(length) is int and 0 <= off < nfields
+            and 0 <= length < nfields):
+        raise ValueError("fields must be two column numbers below nfields")
+    for v in (base, absent):
+        if type(v) is not int or not 0 <= v <= SPAN_ABSENT:
+            raise ValueError("base and absent must be uint32 values")
+    if base + len(rows) > SPAN_ABSENT + 1:
+        raise ValueError("base + rows does not fit uint32")
+    count = len(columns) // (4 * nfields)
+    for r in rows:
+        if r >= count:
+            raise ValueError(f"row {r} is not an item (there are {count})")
+    return count
+
+
+def span_table(
+    data: bytes,
+    columns: bytes,
+    nfields: int,
+    fields: tuple[int, int],
+    rows: array,
+    base: int = 0,
+    absent: int = SPAN_ABSENT,
+) -> tuple[list[bytes], array]:
+    """The distinct non-empty spans of one field among the items *rows*, in order of first
+    appearance, and per row *base* + its index into them (*absent* for an empty span: e.g.
+    ``base=1, absent=0`` puts "no operator" first in a table of the caller's).
+
+    *columns* holds *nfields* native-endian uint32 per item; *fields* is (offset column, length
+    column) of the field; every span lies within *data* (the walker's BatchView guarantees it).
+
+    Raises:
+        TypeError: data or columns not bytes, rows not an ``array('I')``.
+        ValueError: a column number or a row out of range, or columns not whole items.
+    """
+    _check(data, columns, nfields, fields, rows, base, absent)
+    cols = memoryview(columns).cast("I")
+    off, length = fields
+    seen: dict[bytes, int] = {}
+    table: list[bytes] = []
+    index = array("I")
+    for r in rows:
+        n = cols[r * nfields + length]
+        if not n:
+            index.append(absent)
+            continue
+        start = cols[r * nfields + off]
+        span = data[start : start + n]
+        k = seen.get(span)
+        if k is None:
+            k = seen[span] = len(table)
+            table.append(span)
+        index.append(base + k)
+    return table, index

@@ -1,0 +1,100 @@
+"""span_table: the distinct accounts / operators of a frame, both implementations."""
+
+from __future__ import annotations
+
+from array import array
+
+import cbor2
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dccsign.native import _walker_py as W
+from dccsign.native._spantable_py import SPAN_ABSENT
+from dccsign.samples import varied_samples
+
+DCC = varied_samples(1, seed=3)[0]
+
+
+def _view(impl, accounts, operators):
+    items = []
+    for account, operator in zip(accounts, operators, strict=True):
+        item = {"dcc": DCC, "account": account}
+        if operator is not None:
+            item["operator"] = operator
+        items.append(item)
+    return impl.walk_sign_batch(cbor2.dumps({"items": items}), 1000)
+
+
+def _expected(values, rows):
+    table: list[str] = []
+    index = []
+    for r in rows:
+        v = values[r]
+        if v is None:
+            index.append(SPAN_ABSENT)
+            continue
+        if v not in table:
+            table.append(v)
+        index.append(table.index(v))
+    return [t.encode() for t in table], index
+
+
+_names = st.sampled_from(["uzi:1", "uzi:2", "uzi:10", "Zoë", "a" * 200, "uzi:1 "])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(_names, st.none() | _names), min_size=1, max_size=60), st.data())
+def test_the_table_is_the_distinct_spans_in_order_of_first_appearance(impl, pairs, data):
+    accounts = [a for a, _ in pairs]
+    operators = [o for _, o in pairs]
+    view = _view(impl, accounts, operators)
+    rows = data.draw(st.lists(st.integers(0, len(pairs) - 1), max_size=len(pairs)))
+    rows = array("I", rows)
+    for values, fields in ((accounts, (W.ACCOUNT_OFF, W.ACCOUNT_LEN)),
+                           (operators, (W.OPERATOR_OFF, W.OPERATOR_LEN))):
+        table, index = impl.span_table(view.data, view.columns, W.NFIELDS, fields, rows)
+        want_table, want_index = _expected(values, rows)
+        assert table == want_table and list(index) == want_index
+        assert isinstance(index, array) and index.typecode == "I"
+
+
+def test_many_distinct_accounts(impl):
+    """A frame of 1,000 items, every account different but for a few repeats: the hash table
+    grows with the frame, never probes forever."""
+    accounts = [f"uzi:{i % 997}" for i in range(1000)]
+    view = _view(impl, accounts, [None] * 1000)
+    table, index = impl.span_table(
+        view.data, view.columns, W.NFIELDS, (W.ACCOUNT_OFF, W.ACCOUNT_LEN),
+        array("I", range(1000)),
+    )
+    assert len(table) == 997 and [table[k].decode() for k in index] == accounts
+
+
+def test_bad_arguments_are_refused_alike(impl):
+    view = _view(impl, ["uzi:1"], [None])
+    fields = (W.ACCOUNT_OFF, W.ACCOUNT_LEN)
+    with pytest.raises(TypeError):
+        impl.span_table(view.data, view.columns, W.NFIELDS, fields, [0])
+    with pytest.raises(ValueError, match="row 1 is not an item"):
+        impl.span_table(view.data, view.columns, W.NFIELDS, fields, array("I", [1]))
+    with pytest.raises(ValueError, match="column numbers"):
+        impl.span_table(view.data, view.columns, W.NFIELDS, (W.NFIELDS, 0), array("I", [0]))
+    with pytest.raises(ValueError, match="whole number"):
+        impl.span_table(view.data, view.columns[:-4], W.NFIELDS, fields, array("I", [0]))
+    assert impl.span_table(view.data, view.columns, W.NFIELDS, fields, array("I")) == (
+        [], array("I"),
+    )
+
+
+def test_base_and_absent_place_the_table_in_a_larger_one(impl):
+    """Operators: "no operator" first (0), the distinct names after it."""
+    view = _view(impl, ["uzi:1"] * 4, [None, "op:a", None, "op:b"])
+    table, index = impl.span_table(
+        view.data, view.columns, W.NFIELDS, (W.OPERATOR_OFF, W.OPERATOR_LEN),
+        array("I", range(4)), base=1, absent=0,
+    )
+    assert table == [b"op:a", b"op:b"] and list(index) == [0, 1, 0, 2]
+    with pytest.raises(ValueError, match="uint32"):
+        impl.span_table(view.data, view.columns, W.NFIELDS, (W.OPERATOR_OFF, W.OPERATOR_LEN),
+                        array("I", range(4)), base=-1)
