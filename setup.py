@@ -17,6 +17,7 @@ if mode != "0":
         Extension(
             "dccsign.native._native",
             sources=["native/_native.pyx", "native/src/dcccore.c", "native/src/keydcore.c",
+                     "native/src/keydcols.c",
                      "native/src/noncepool.c"],
             include_dirs=["native/src"],
             libraries=["crypto", "z", "deflate"],

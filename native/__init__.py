@@ -93,3 +93,5 @@ cwt_facts = _impl.cwt_facts
 audit_issue_lines = _impl.audit_issue_lines
 audit_issue_groups = _impl.audit_issue_groups
 cbor_scan = _impl.cbor_scan
+keyd_check_columns = _impl.keyd_check_columns
+audit_issue_columns = _impl.audit_issue_columns
