@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import _load_impl
 from dccsign.chain import claims_prefix
-from dccsign.native import implementation
 from dccsign.protocol.keyd import (
     MAX_COLUMN_ITEMS,
     NEED_DATA,
@@ -249,7 +249,7 @@ def test_check_codes_in_keyds_order(impl):
 
 
 def test_check_matches_cwt_facts_and_both_implementations_agree():
-    native, python = implementation("native"), implementation("python")
+    native, python = _load_impl("native"), _load_impl("python")
     payloads = [_payload(i, kind="vtr"[i % 3]) for i in range(20)]
     payloads += [p[:-3] for p in payloads[:3]] + [b"", b"\x00", bytes(range(256))]
     a = _check(native, payloads)
@@ -328,7 +328,7 @@ def test_audit_lines_of_a_mixed_batch_equal_the_per_part_lines(impl, alg):
 
 
 def test_audit_columns_selected_subset_and_both_implementations_agree():
-    native, python = implementation("native"), implementation("python")
+    native, python = _load_impl("native"), _load_impl("python")
     parts = [SignPart(f"c{i % 3}", f"uzi:{i}", (_payload(i),), None if i % 2 else "op")
              for i in range(12)]  # fmt: skip
     out = []
