@@ -5,6 +5,7 @@ DCCSIGN_BUILD_NATIVE=0  skip it (pure-Python reference only)
 unset                   try it, and fall back to the reference if it cannot be built
 """
 
+import glob
 import os
 
 from setuptools import setup
@@ -16,9 +17,8 @@ if mode != "0":
     ext_modules = [
         Extension(
             "dccsign.native._native",
-            sources=["native/_native.pyx", "native/src/dcccore.c", "native/src/keydcore.c",
-                     "native/src/noncepool.c", "native/src/spantable.c",
-                     "native/src/walker.c"],
+            # Every C file of native/src: each part of the native core brings its own.
+            sources=["native/_native.pyx", *sorted(glob.glob("native/src/*.c"))],
             include_dirs=["native/src"],
             libraries=["crypto", "z", "deflate"],
             extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],

@@ -199,6 +199,12 @@ ES256, PS256 = -7, -37
 DCC_TYPES = ("v", "t", "r")
 CHECKPOINT_ENDS = (None, "segment", "close")
 _MAX_TEXT = 1024  # client, account, operator, ... : identifiers, not documents
+#: Entries of each of the writer's literal caches (client/account/operator JSON literals, and
+#: record heads). Sized above the working set of a busy engine (10k+ accounts) so that it does
+#: not churn; when full, the oldest entry goes (first in, first out): memory stays bounded
+#: (~16k x ~0.3 KB). keyd's columns path (:meth:`AuditLog.append_columns`) uses no cache: it
+#: builds the literals from each message's string tables, natively.
+CACHE_ENTRIES = 16_384
 _SEGMENT_RE = re.compile(r"segment-(\d{6,})\.log(\.zst)?")
 _ZSTD_LEVEL = 3
 #: An fsync this slow (seconds) is counted and logged (see ``AuditLog._note_fsync``).
@@ -1287,8 +1293,8 @@ class AuditLog:
         except UnicodeEncodeError:
             raise ValueError(f"record {index}: {what} is not valid Unicode text") from None
         literal = encode_basestring(value)
-        if len(self._texts) > 4096:
-            self._texts.clear()
+        if len(self._texts) >= CACHE_ENTRIES:
+            del self._texts[next(iter(self._texts))]  # the oldest: no clear-and-refill churn
         self._texts[value] = literal
         return literal
 
@@ -1306,8 +1312,8 @@ class AuditLog:
         account = self._text(r.account, "account", index)
         client = self._text(r.client, "client", index)
         head = f'{{"account":{account},"alg":{r.alg},"client":{client},"iss":'.encode()
-        if len(self._heads) > 4096:
-            self._heads.clear()
+        if len(self._heads) >= CACHE_ENTRIES:
+            del self._heads[next(iter(self._heads))]
         self._heads[slot] = head
         return head
 
@@ -1452,6 +1458,61 @@ class AuditLog:
             if closing:
                 self._rotate()
             return list(range(first_seq, first_seq + count))
+
+    def append_columns(
+        self,
+        kid: bytes,
+        alg: int,
+        columns: Any,
+        facts: bytes,
+        selected: Any,
+        signatures: bytes,
+        sig_ends: Any,
+    ) -> range:
+        """:meth:`append_batches` for keyd's batch in columns: one ``issue`` record per item
+        of *selected* (an ``array('I')`` of item numbers, in order), then a checkpoint; one
+        write, one fsync. *columns* is the message's ``KeydColumns`` (protocol/keyd.py: its
+        payloads, end offsets, string tables and index columns), *facts* what
+        ``native.keyd_check_columns`` read from them, and selected item k was signed with
+        ``signatures[sig_ends[k-1]:sig_ends[k]]``. The records equal those
+        :meth:`append_batches` writes for the same items grouped in parts, byte for byte
+        (``native.audit_issue_columns`` builds them in one call, without the GIL).
+
+        Returns:
+            The records' sequence numbers.
+
+        Raises:
+            ValueError, TypeError: malformed arguments (``native.audit_issue_columns`` names
+                the table entry or item); nothing is written.
+            AuditUnavailable: as :meth:`append_batches`; the signatures must not be released.
+        """
+        c = columns
+        with self._lock:
+            self._usable()
+            if not len(selected):
+                return range(self._seq, self._seq)
+            now = _format_time(self._clock())
+            blob, prev = native.audit_issue_columns(
+                now.encode(), alg, kid, c.clients, c.accounts, c.operators, c.client_ix,
+                c.account_ix, c.operator_ix, c.payloads, c.ends, facts, selected, signatures,
+                sig_ends, self._seq, self._prev,
+            )  # fmt: skip
+            first_seq = self._seq
+            count = len(selected)
+            closing = self._records_in_segment + count >= self._segment_records
+            saved = (self._seq, self._prev, self._last_checkpoint)
+            self._seq, self._prev = first_seq + count, prev
+            # the issue lines arrive joined by newlines: one element of the commit
+            lines = [blob, self._checkpoint_line(now, "segment" if closing else None)]
+            try:
+                self._commit(lines)
+            except AuditUnavailable:
+                self._seq, self._prev, self._last_checkpoint = saved
+                raise
+            self._records_in_segment += count
+            if closing:
+                self._rotate()
+            return range(first_seq, first_seq + count)
 
     def append_key_event(self, event: KeyEvent) -> int:
         """Append a key lifecycle record and a checkpoint; durable on return.

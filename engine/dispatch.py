@@ -25,8 +25,10 @@ import datetime as dt
 import hashlib
 import pickle
 import time
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import accumulate, chain, repeat
 from typing import Any
 
 import cbor2
@@ -42,7 +44,7 @@ from .keyd_client import KeydError
 from .policy import PolicyFile, QuotaTracker, Refusal
 from .protocol.codes import ErrorCode
 from .protocol.keyd import RETRYABLE as KEYD_RETRYABLE
-from .protocol.keyd import ItemError, SignPart
+from .protocol.keyd import ItemError, KeydColumns
 from .protocol.wire import ItemResult, SignItem
 from .valuesets import ValueSets
 
@@ -387,15 +389,22 @@ class Dispatcher:
         key = parts[0][0].key
         kid = key.dsc.kid
         flat = [p for group in parts for p in group]
+        payloads = [p.payload for p in flat]
+        # Columns for keyd: one client, a table entry per part for the account and operator
+        # (the operator table runs parallel to the accounts, so both use the part's number).
+        groups = array("I", chain.from_iterable(repeat(k, len(g)) for k, g in enumerate(parts)))
+        columns = KeydColumns(
+            b"".join(payloads),
+            array("I", accumulate(map(len, payloads))),
+            (client,),
+            tuple(g[0].account for g in parts),
+            tuple(g[0].operator for g in parts),
+            array("I", bytes(4 * len(flat))),
+            groups,
+            groups,
+        )
         try:
-            outcomes = await self.batcher.issue(
-                kid,
-                key.protected,
-                [
-                    SignPart(client, g[0].account, tuple(p.payload for p in g), g[0].operator)
-                    for g in parts
-                ],
-            )
+            outcomes = await self.batcher.issue(kid, key.protected, columns)
         except KeydError as exc:
             for group in parts:
                 self.quotas.release(client, group[0].account, len(group))

@@ -48,35 +48,43 @@ works it records an ``audit-resumed`` key event and signs again. DESCRIBE report
 from __future__ import annotations
 
 import logging
+import operator
 import os
+import re
 import socket
 import threading
 import time
+from array import array
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import accumulate, compress
 from pathlib import Path
 from typing import Any
 
 from . import native
-from .audit import AuditError, AuditLog, AuditUnavailable, IssuanceBatch, KeyEvent
+from .audit import AuditError, AuditLog, AuditUnavailable, KeyEvent
 from .chain import MAX_HC1_CHARS, max_payload
 from .dcc import DCCValidationError, validate
 from .dsc import DSC, TYPE_NAMES
 from .keystore import Keystore, _atomic_write
 from .lifecycle import JOURNAL, journal_events
 from .native import CwtFacts
+from .native._keydcols_py import unpack_facts
 from .protocol.keyd import (
     NEED_DATA,
+    ColumnsResult,
     Connection,
     Describe,
     DescribeResult,
     Error,
     ItemError,
+    KeydColumns,
     KeydProtocolError,
     KeyInfo,
     PoolStatus,
     Sign,
+    SignColumns,
     SignMany,
     SignPart,
     SignResult,
@@ -113,6 +121,42 @@ MAX_CONNECTIONS = 64
 #: doubles the wait after each failed attempt, up to AUDIT_RETRY_MAX.
 AUDIT_RETRY_FIRST = 0.5
 AUDIT_RETRY_MAX = 5.0
+
+
+#: Finds the refused items in a codes column (C-level scan: Python runs per refused item only).
+_REFUSED = re.compile(rb"[^\x00]")
+
+
+def _columns_result(
+    rid: int,
+    codes: bytearray,
+    signatures: list[bytes],
+    reasons: dict[int, str],
+    blob: bytes | None = None,
+    sig_ends: array | None = None,
+) -> ColumnsResult:
+    """The result columns: the signatures are those of the items whose code is 0, in order."""
+    if blob is None:
+        blob = b"".join(signatures)
+    if sig_ends is None:
+        sig_ends = array("I", accumulate(map(len, signatures)))
+    ordered = tuple(reasons[i] for i in sorted(reasons))
+    return ColumnsResult(rid, bytes(codes), blob, sig_ends, ordered)
+
+
+def _refuse_selected(
+    rid: int,
+    codes: bytearray,
+    selected: array,
+    reasons: dict[int, str],
+    code: ItemError,
+    why: str,
+) -> ColumnsResult:
+    """Every selected item (all would have been signed) refused with *code*."""
+    for i in selected:
+        codes[i] = code
+        reasons[i] = why
+    return _columns_result(rid, codes, [], reasons)
 
 
 @dataclass
@@ -516,123 +560,169 @@ class Keyd:
 
     def sign(self, req: Sign) -> SignResult:
         """Check, sign, audit, then release: see the module docstring."""
-        return self.sign_many(
-            SignMany(
-                req.request_id,
-                req.kid,
-                (SignPart(req.client, req.account, req.payloads, req.operator),),
-            )
-        )
+        part = SignPart(req.client, req.account, req.payloads, req.operator)
+        return self.sign_many(SignMany(req.request_id, req.kid, (part,)))
 
     def sign_many(self, req: SignMany) -> SignResult:
-        """:meth:`sign` for several parts at once: each part is allowed, checked and audited
-        under its own client, account and operator; the signing passes and the audit commit
-        (one fsync) are shared. Results run over the parts' payloads in order."""
+        """:meth:`sign` for several parts at once (the old form of the micro-batch): the
+        parts become columns and go through :meth:`sign_columns`."""
+        columns = KeydColumns.from_parts([p for p in req.parts if p.payloads])
+        n = sum(len(p.payloads) for p in req.parts)
+        if len(columns) != n:  # pragma: no cover - from_parts keeps every payload
+            raise AssertionError("parts and columns disagree")
+        try:
+            columns.check("SIGN_MANY")
+        except KeydProtocolError as exc:  # a name the columns refuse (empty, too long)
+            return SignResult(req.request_id, ((ItemError.INTERNAL, str(exc)),) * n)
+        done = self.sign_columns(SignColumns(req.request_id, req.kid, columns))
+        return SignResult(req.request_id, tuple(done.results()))
+
+    def sign_columns(self, req: SignColumns) -> ColumnsResult:
+        """Check, sign, audit, then release a batch in columns (SIGN_COLUMNS): each item is
+        allowed, checked and audited under its own client, account and operator; the checks
+        (``native.keyd_check_columns``), the signing passes and the audit lines
+        (``native.audit_issue_columns``) and commit (one fsync) run over the whole batch.
+        Python work per item is limited to the refused items' reasons, the DCC validation
+        (:meth:`_validate_columns`, while it is the Python validator) and handing payloads
+        to the signing key. Results are columns in item order."""
         self.refresh()
         self._retry_audit()
-        n = sum(len(part.payloads) for part in req.parts)
+        cols = req.columns
+        n = len(cols)
+        rid = req.request_id
         with self._lock:
             key = self._keys.get(req.kid)
         if key is None or key.state != "active":
             why = "unknown kid" if key is None else f"key is {key.state}"
-            return SignResult(req.request_id, ((ItemError.KID_NOT_ACTIVE, why),) * n)
+            return ColumnsResult.refuse_all(rid, n, ItemError.KID_NOT_ACTIVE, why)
         if self.audit_failure is not None:
-            return SignResult(
-                req.request_id, ((ItemError.AUDIT_UNAVAILABLE, self.audit_failure),) * n
-            )
+            return ColumnsResult.refuse_all(rid, n, ItemError.AUDIT_UNAVAILABLE,
+                                            self.audit_failure)  # fmt: skip
+        if not n:
+            return ColumnsResult(rid, b"")
+        dsc = key.dsc
         now = self.clock()
-        results: list[bytes | tuple[ItemError, str]] = [b""] * n
-        # The payloads of the parts whose client may use the kid, flat, with their positions
-        # in results and their parts: one check call per chunk whatever the number of parts.
-        flat: list[bytes] = []
-        where: list[int] = []
-        owner: list[int] = []
-        position = 0
-        for number, part in enumerate(req.parts):
-            count = len(part.payloads)
-            if key.clients is not None and part.client not in key.clients:
-                refusal = (
-                    ItemError.CLIENT_NOT_ALLOWED,
-                    f"client {part.client!r} may not use this kid",
-                )
-                results[position : position + count] = [refusal] * count
-            else:
-                flat += part.payloads
-                where += range(position, position + count)
-                owner += [number] * count
-            position += count
-        # Per part: the positions, facts and payloads of its accepted payloads.
-        taken: dict[int, tuple[list[int], list[CwtFacts], list[bytes]]] = {}
-        # Check and sign overlap: each chunk's signing goes to a worker thread (native signing
-        # and token calls release the GIL) while this thread checks the next chunk.
-        pending: list[Future[list[bytes]]] = []
-        for start in range(0, len(flat), SIGN_CHUNK):
-            chunk = flat[start : start + SIGN_CHUNK]
-            batch: list[bytes] = []
-            outcomes = check_payloads(
-                chunk, key.dsc, now, skew=self.skew, impl=self._impl, valuesets=self.valuesets
-            )
-            for i, outcome in enumerate(outcomes, start):
-                if isinstance(outcome, CwtFacts):
-                    entry = taken.get(owner[i])
-                    if entry is None:
-                        entry = taken[owner[i]] = ([], [], [])
-                    entry[0].append(where[i])
-                    entry[1].append(outcome)
-                    entry[2].append(flat[i])
-                    batch.append(flat[i])
-                else:
-                    results[where[i]] = outcome
-            if batch:
-                pending.append(self._signers.submit(key.key.sign, key.protected, batch))
-        # Signatures come back in flat order; the audit wants them by part.
-        accepted = [(req.parts[number], *taken[number]) for number in sorted(taken)]
-        if not accepted:
-            return SignResult(req.request_id, tuple(results))
-        everyone = [i for _, indexes, _, _ in accepted for i in indexes]
+        limit = max_payload(dsc.alg)
+        # Per client-table entry (a handful per message), not per item.
+        client_ok = bytes(key.clients is None or c in key.clients for c in cols.clients)
+        codes, facts, malformed = self._impl.keyd_check_columns(
+            cols.payloads, cols.ends, cols.client_ix, client_ok, limit,
+            dsc.not_before.timestamp(), dsc.not_after.timestamp(), now + self.skew,
+            "".join(t for t in "vtr" if dsc.allows(t)),
+        )  # fmt: skip
+        reasons = self._reasons(cols, codes, facts, malformed, limit)
+        # Start offsets, once: payload k of a chunk is payloads[starts[i]:ends[i]].
+        starts = array("I", [0])
+        starts += cols.ends[:-1]
+        ok = array("I", compress(range(n), map(operator.not_, codes)))
+        # Validation (Python, GIL) and signing (native, no GIL) overlap: each chunk's
+        # signing goes to a worker thread while this thread validates the next chunk.
+        pending: list[tuple[array, Future[list[bytes]]]] = []
+        for at in range(0, len(ok), SIGN_CHUNK):
+            chunk = ok[at : at + SIGN_CHUNK]
+            if self.valuesets is not None:
+                problems = self._validate_columns(cols.payloads, starts, cols.ends, chunk)
+                if problems:
+                    for i, problem in problems.items():
+                        codes[i] = ItemError.INVALID_DCC
+                        reasons[i] = problem
+                    chunk = array("I", (i for i in chunk if i not in problems))
+            if not chunk:
+                continue
+            batch = list(map(cols.payloads.__getitem__,
+                             map(slice, map(starts.__getitem__, chunk),
+                                 map(cols.ends.__getitem__, chunk))))  # fmt: skip
+            pending.append((chunk, self._signers.submit(key.key.sign, key.protected, batch)))
+        if not pending:
+            return _columns_result(rid, codes, [], reasons)
+        selected = array("I")
         signatures: list[bytes] = []
         failure: BaseException | None = None
-        for future in pending:
+        for chunk, future in pending:
             try:
                 signatures += future.result()
             except Exception as exc:  # wait for every chunk before answering
                 failure = failure or exc
+            selected += chunk
         if failure is not None:
-            LOGGER.error("signing failed for kid %s: %r", key.dsc.kid.hex(), failure)
-            for i in everyone:
-                results[i] = (ItemError.INTERNAL, f"signing failed: {type(failure).__name__}")
-            return SignResult(req.request_id, tuple(results))
-        records: list[IssuanceBatch] = []
-        done = 0
-        for part, indexes, facts, payloads in accepted:
-            sigs = signatures[done : done + len(indexes)]
-            done += len(indexes)
-            records.append(
-                IssuanceBatch(
-                    key.dsc.kid,
-                    key.dsc.alg,
-                    part.client,
-                    part.account,
-                    part.operator,
-                    "".join(f.dcc_type for f in facts),
-                    [f.uvci for f in facts],
-                    [f.iss for f in facts],
-                    payloads,
-                    sigs,
-                )
-            )
+            LOGGER.error("signing failed for kid %s: %r", dsc.kid.hex(), failure)
+            why = f"signing failed: {type(failure).__name__}"
+            return _refuse_selected(rid, codes, selected, reasons, ItemError.INTERNAL, why)
+        blob = b"".join(signatures)
+        sig_ends = array("I", accumulate(map(len, signatures)))
         reopens = self.audit.reopens
         try:
-            self.audit.append_batches(records)
+            self.audit.append_columns(dsc.kid, dsc.alg, cols, facts, selected, blob, sig_ends)
         except AuditUnavailable as exc:
             # The signatures are dropped: nothing leaves keyd that the log does not know.
             why = self._audit_failed(exc, reopens)
-            for i in everyone:
-                results[i] = (ItemError.AUDIT_UNAVAILABLE, why)
-            return SignResult(req.request_id, tuple(results))
-        for i, sig in zip(everyone, signatures, strict=True):
-            results[i] = sig
-        return SignResult(req.request_id, tuple(results))
+            return _refuse_selected(rid, codes, selected, reasons, ItemError.AUDIT_UNAVAILABLE,
+                                    why)  # fmt: skip
+        except (ValueError, TypeError) as exc:
+            # Nothing was written (the codec's rules make this unreachable from the wire).
+            LOGGER.error("the audit log refused a batch for kid %s: %s", dsc.kid.hex(), exc)
+            why = f"the audit log refused the batch: {exc}"
+            return _refuse_selected(rid, codes, selected, reasons, ItemError.INTERNAL, why)
+        return _columns_result(rid, codes, signatures, reasons, blob, sig_ends)
+
+    def _reasons(
+        self,
+        cols: KeydColumns,
+        codes: bytearray,
+        facts: bytes,
+        malformed: dict[int, str],
+        limit: int,
+    ) -> dict[int, str]:
+        """The reason of every item the structural check refused (Python per refused item
+        only: C finds them). The texts are those of :func:`check_payloads`."""
+        reasons: dict[int, str] = {}
+        ends = cols.ends
+        for match in _REFUSED.finditer(codes):
+            i = match.start()
+            code = codes[i]
+            if code == ItemError.CLIENT_NOT_ALLOWED:
+                client = cols.clients[cols.client_ix[i]]
+                reasons[i] = f"client {client!r} may not use this kid"
+            elif code == ItemError.TOO_LARGE_FOR_QR:
+                size = ends[i] - (ends[i - 1] if i else 0)
+                reasons[i] = (
+                    f"the payload is {size} bytes; at most {limit} fit a QR code "
+                    f"({MAX_HC1_CHARS} characters)"
+                )
+            elif code == ItemError.MALFORMED_CWT:
+                reasons[i] = malformed[i]
+            else:
+                _iss, dcc_type, _n, _at, exp, iat = unpack_facts(facts, i)
+                reasons[i] = (
+                    f"exp {exp} is after the DSC's notAfter" if code == ItemError.EXP_AFTER_DSC
+                    else f"iat {iat} is before the DSC's notBefore"
+                    if code == ItemError.IAT_BEFORE_DSC
+                    else "exp must be after iat" if code == ItemError.EXP_NOT_AFTER_IAT
+                    else f"iat {iat} is more than {self.skew} s in the future"
+                    if code == ItemError.IAT_IN_FUTURE
+                    else "the DSC's extended key usage does not allow a "
+                    f"{TYPE_NAMES[dcc_type]} DCC"
+                )  # fmt: skip
+        return reasons
+
+    def _validate_columns(
+        self, payloads: bytes, starts: array, ends: array, items: array
+    ) -> dict[int, str]:
+        """The full DCC validation of *items* (item numbers, ``array('I')``) of a batch whose
+        payloads are structurally checked: the item numbers that fail, with their reasons
+        (``invalid DCC: <path>: <message>``).
+
+        The one place keyd validates DCC content: today the Python validator, per item
+        (holding the GIL); the native batch validator over (buffer, offsets) replaces this
+        body with one call."""
+        problems: dict[int, str] = {}
+        valuesets = self.valuesets
+        assert valuesets is not None
+        for i in items:
+            problem = _dcc_problem(payloads[starts[i] : ends[i]], valuesets)
+            if problem is not None:
+                problems[i] = problem
+        return problems
 
     def close(self) -> None:
         """Stop the signing workers (after the requests in progress), then wipe and free
@@ -647,6 +737,8 @@ class Keyd:
         """The reply to one request message."""
         if isinstance(msg, Sign):
             return self.sign(msg)
+        if isinstance(msg, SignColumns):
+            return self.sign_columns(msg)
         if isinstance(msg, SignMany):
             return self.sign_many(msg)
         if isinstance(msg, Describe):
@@ -684,7 +776,7 @@ def _serve_connection(keyd: Keyd, sock: socket.socket) -> None:
                     # A signing reply goes out at once: the engine pipelines micro-batches, and
                     # holding finished signatures until every message of the read is handled
                     # would delay them by the others' signing. Small replies share one write.
-                    if isinstance(event, Sign | SignMany) and not _send(sock, out):
+                    if isinstance(event, Sign | SignMany | SignColumns) and not _send(sock, out):
                         return
             except KeydProtocolError as exc:
                 LOGGER.warning("closing a keyd connection: %s", exc)

@@ -1,11 +1,15 @@
 """Micro-batching toward keyd, across portal connections.
 
-Each portal request contributes, per kid, its *parts*: payloads for one client, end-user
-account and operator each. Parts that arrive close together go to keyd as one ``SIGN_MANY``, and
-the HC1 strings of the whole micro-batch are then built in one worker-thread call
-(``native.hc1_encode`` releases the GIL). keyd still checks, allows and audits each part under
-its own client and account; what is shared is the per-message cost: one frame, one pass
-through keyd's signing threads, one audit commit (one fsync), one thread hop here.
+Each portal request contributes, per kid, its items in columns
+(:class:`~dccsign.protocol.keyd.KeydColumns`: payloads, offsets, per-item client, account and
+operator indices; the old list of ``SignPart`` is accepted and converted). Requests that
+arrive close together go to keyd as one ``SIGN_COLUMNS`` -- their columns concatenated, a
+fixed number of calls per request and none per item -- and the HC1 strings of the whole
+micro-batch are then built in one worker-thread call (``native.hc1_encode`` releases the
+GIL). keyd still checks, allows and audits each item under its own client and account; what
+is shared is the per-message cost: one frame, one pass through keyd's signing threads, one
+audit commit (one fsync), one thread hop here. A keyd client without ``sign_columns`` (a
+test's fake) gets the same batch as ``SIGN_MANY`` parts.
 
 When a kid's pending parts are sent:
 
@@ -28,13 +32,16 @@ then goes into the next micro-batch, not behind the thousands another portal has
 from __future__ import annotations
 
 import math
+import operator
+from array import array
 from collections.abc import Callable, Sequence
+from itertools import compress
 
 import trio
 
 from . import native
 from .keyd_client import KeydError
-from .protocol.keyd import ItemError, SignPart
+from .protocol.keyd import ColumnsResult, ItemError, KeydColumns, SignPart
 
 __all__ = ["DEFAULT_WINDOW", "KeydBatcher", "Outcome"]
 
@@ -53,24 +60,26 @@ Outcome = str | tuple[ItemError, str]
 
 
 class _Waiting:
-    """One :meth:`KeydBatcher.issue` call: its parts, and later their outcomes."""
+    """One :meth:`KeydBatcher.issue` call: its columns, and later their outcomes."""
 
-    __slots__ = ("count", "done", "outcome", "parts", "since")
+    __slots__ = ("client", "columns", "count", "done", "outcome", "since")
 
-    def __init__(self, parts: tuple[SignPart, ...], since: float) -> None:
-        self.parts = parts
-        self.count = sum(len(p.payloads) for p in parts)
+    def __init__(self, columns: KeydColumns, since: float) -> None:
+        self.columns = columns
+        self.count = len(columns)
+        # fairness is by the first item's client (a request is one portal's)
+        self.client = columns.clients[columns.client_ix[0]] if self.count else ""
         self.since = since
         self.done = trio.Event()
         self.outcome: list[Outcome] | KeydError | None = None
 
 
 def _fair_batch(waiting: list[_Waiting], max_batch: int) -> list[_Waiting]:
-    """Take up to *max_batch* payloads out of *waiting* (oldest first), one part of each
-    client in turn; a part alone above *max_batch* is taken alone."""
+    """Take up to *max_batch* payloads out of *waiting* (oldest first), one request of each
+    client in turn; a request alone above *max_batch* is taken alone."""
     queues: dict[str, list[_Waiting]] = {}
     for w in waiting:
-        queues.setdefault(w.parts[0].client, []).append(w)
+        queues.setdefault(w.client, []).append(w)
     batch: list[_Waiting] = []
     count = 0
     while queues:
@@ -91,6 +100,13 @@ def _fair_batch(waiting: list[_Waiting], max_batch: int) -> list[_Waiting]:
     taken = {id(w) for w in batch}
     waiting[:] = [w for w in waiting if id(w) not in taken]
     return batch
+
+
+def _outcomes(codes: bytes, texts: list[str], reasons: tuple[str, ...]) -> list[Outcome]:
+    """Per item: its HC1 string (code 0, in order) or ``(ItemError, reason)``."""
+    done = iter(texts)
+    why = iter(reasons)
+    return [next(done) if not code else (ItemError(code), next(why)) for code in codes]
 
 
 class KeydBatcher:
@@ -162,18 +178,23 @@ class KeydBatcher:
         return self._in_flight
 
     async def issue(
-        self, kid: bytes, protected: bytes, parts: Sequence[SignPart]
+        self, kid: bytes, protected: bytes, parts: KeydColumns | Sequence[SignPart]
     ) -> list[Outcome]:
-        """Per payload of *parts* (in order, over the parts), its HC1 string or keyd's
-        ``(ItemError, reason)``.
+        """Per item of *parts* (columns, or ``SignPart`` whose payloads run in order over the
+        parts), its HC1 string or keyd's ``(ItemError, reason)``.
 
-        *protected* is the kid's COSE protected header (the same for every part of a kid).
+        *protected* is the kid's COSE protected header (the same for every item of a kid).
 
         Raises:
             KeydError: keyd could not answer the micro-batch this part went in (nothing of
                 it was signed, or nothing released: a retry cannot duplicate a record).
         """
-        waiting = _Waiting(tuple(p for p in parts if p.payloads), trio.current_time())
+        columns = (
+            parts
+            if isinstance(parts, KeydColumns)
+            else KeydColumns.from_parts([p for p in parts if p.payloads])
+        )
+        waiting = _Waiting(columns, trio.current_time())
         if not waiting.count:
             return []
         self._protected.setdefault(kid, protected)
@@ -230,36 +251,45 @@ class KeydBatcher:
             if not waiting:
                 del self._pending[kid]
 
+    async def _sign(self, kid: bytes, columns: KeydColumns) -> ColumnsResult:
+        """keyd's answer for *columns*: SIGN_COLUMNS, or SIGN_MANY parts for a client that
+        only speaks that (a test's fake)."""
+        sign_columns = getattr(self.keyd, "sign_columns", None)
+        if sign_columns is not None:
+            return await sign_columns(kid, columns)
+        results = await self.keyd.sign_many(kid, list(columns.parts()))  # type: ignore[attr-defined]
+        return ColumnsResult.from_results(0, results)
+
     def _start(self, nursery: trio.Nursery, kid: bytes, batch: list[_Waiting]) -> None:
         self._in_flight += 1
         nursery.start_soon(self._send, kid, batch)
 
     async def _send(self, kid: bytes, batch: list[_Waiting]) -> None:
         try:
-            parts = [part for w in batch for part in w.parts]
-            count = sum(w.count for w in batch)
+            columns = KeydColumns.concat([w.columns for w in batch])
+            count = len(columns)
             self.batches_sent += 1
             self.payloads_sent += count
             if self._on_batch is not None:
                 self._on_batch(count)
             sent = trio.current_time()
             try:
-                results = await self.keyd.sign_many(kid, parts)  # type: ignore[attr-defined]
+                result = await self._sign(kid, columns)
             except KeydError as exc:
                 for waiting in batch:
                     waiting.outcome = exc
                 return
             answered = trio.current_time()
-            ok = [i for i, r in enumerate(results) if isinstance(r, bytes)]
-            flat = [p for part in parts for p in part.payloads]
+            codes = result.codes
+            ok = list(compress(range(count), map(operator.not_, codes)))
             texts: list[str] = []
             if ok:
-                job = (
-                    self._protected[kid],
-                    [flat[i] for i in ok],
-                    [results[i] for i in ok],
-                    self.zlib_level,
-                )
+                starts = array("I", [0])
+                starts += columns.ends[:-1]
+                payloads = list(map(columns.payloads.__getitem__,
+                                    map(slice, map(starts.__getitem__, ok),
+                                        map(columns.ends.__getitem__, ok))))  # fmt: skip
+                job = (self._protected[kid], payloads, result.signature_list(), self.zlib_level)
                 if len(ok) <= INLINE_ENCODE:
                     # A thread hop costs the event loop more than encoding a few here.
                     texts = native.hc1_encode(*job)
@@ -271,9 +301,7 @@ class KeydBatcher:
                 self._on_stage("batch_wait", sent - min(w.since for w in batch))
                 self._on_stage("keyd", answered - sent)
                 self._on_stage("encode", done - answered)
-            outcomes: list[Outcome] = list(results)  # type: ignore[arg-type]
-            for i, text in zip(ok, texts, strict=True):
-                outcomes[i] = text
+            outcomes: list[Outcome] = _outcomes(codes, texts, result.reasons)
             start = 0
             for waiting in batch:
                 end = start + waiting.count

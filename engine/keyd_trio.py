@@ -21,11 +21,14 @@ from . import native
 from .keyd_client import KeydError, KeyList, check_reply, keys_of, results_of
 from .protocol.keyd import (
     NEED_DATA,
+    ColumnsResult,
     Connection,
     Describe,
     ItemError,
+    KeydColumns,
     KeydProtocolError,
     Sign,
+    SignColumns,
     SignMany,
     SignPart,
 )
@@ -129,7 +132,7 @@ class TrioKeydClient:
             link.fail("client closed")
             await link.stream.aclose()
 
-    async def _call(self, msg: Describe | Sign | SignMany) -> object:
+    async def _call(self, msg: Describe | Sign | SignMany | SignColumns) -> object:
         links = [link for link in self._links if link.broken is None]
         if not links:
             raise KeydError("no connection to keyd")
@@ -171,6 +174,14 @@ class TrioKeydClient:
         """One SIGN_MANY for *parts*: results over the parts' payloads, in order."""
         msg = SignMany(next(self._ids), kid, tuple(parts))
         return results_of(await self._call(msg), sum(len(p.payloads) for p in parts))
+
+    async def sign_columns(self, kid: bytes, columns: KeydColumns) -> ColumnsResult:
+        """One SIGN_COLUMNS for *columns*: per item, in order, its signature or refusal, as
+        columns (:class:`~dccsign.protocol.keyd.ColumnsResult`)."""
+        reply = await self._call(SignColumns(next(self._ids), kid, columns))
+        if not isinstance(reply, ColumnsResult) or len(reply) != len(columns):
+            raise KeydError("malformed reply from keyd", retryable=False)
+        return reply
 
     @property
     def connections(self) -> int:

@@ -97,3 +97,5 @@ audit_issue_groups = _impl.audit_issue_groups
 cbor_scan = _impl.cbor_scan
 walk_sign_batch = _impl.walk_sign_batch
 span_table = _impl.span_table
+keyd_check_columns = _impl.keyd_check_columns
+audit_issue_columns = _impl.audit_issue_columns

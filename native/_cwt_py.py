@@ -56,7 +56,7 @@ def _int64(reader: _Reader) -> int:
     return value if major == 0 else -1 - value
 
 
-def _entry_ci(reader: _Reader) -> str:
+def _entry_ci(reader: _Reader) -> tuple[str, int]:
     major, count, indef = reader.head()
     if major != 4 or indef or count != 1:
         raise _Shape("the certificate array (v, t or r) must hold exactly one entry")
@@ -74,16 +74,23 @@ def _entry_ci(reader: _Reader) -> str:
         if major != 3 or indef or not 1 <= size <= UVCI_MAX:
             raise _Shape(_CI)
         raw = reader.data[reader.pos : reader.pos + size]
+        at = reader.pos
         reader.pos += size
         if any(not 0x21 <= c <= 0x7E for c in raw):
             raise _Shape(_CI)
         ci = raw.decode("ascii")
     if ci is None:
         raise _Shape("the certificate entry has no ci (UVCI)")
-    return ci
+    return ci, at
 
 
 def _facts(payload: bytes) -> CwtFacts:
+    return facts_and_ci(payload)[0]
+
+
+def facts_and_ci(payload: bytes) -> tuple[CwtFacts, int]:
+    """The facts of one payload and the offset of its UVCI's bytes in it (the columns twin
+    packs it); raises CoseFormatError or _Shape with the reason."""
     reader = _Reader(payload)
     try:
         reader.skip()
@@ -118,6 +125,7 @@ def _facts(payload: bytes) -> CwtFacts:
             if (major, value) != (0, 1):
                 raise _Shape(_HCERT)
             dcc_type = uvci = None
+            ci_at = 0
             for key in _text_map(
                 reader,
                 _HCERT,
@@ -130,12 +138,13 @@ def _facts(payload: bytes) -> CwtFacts:
                 if dcc_type is not None:
                     raise _Shape(_ONE_TYPE)
                 dcc_type = key.decode("ascii")
-                uvci = _entry_ci(reader)
+                uvci, ci_at = _entry_ci(reader)
             if dcc_type is None or uvci is None:
                 raise _Shape(_ONE_TYPE)
             claims[-260] = (dcc_type, uvci)
     dcc_type, uvci = claims[-260]  # type: ignore[misc]
-    return CwtFacts(claims[1], claims[4], claims[6], dcc_type, uvci)  # type: ignore[arg-type]
+    facts = CwtFacts(claims[1], claims[4], claims[6], dcc_type, uvci)  # type: ignore[arg-type]
+    return facts, ci_at
 
 
 def cwt_facts(payloads: Sequence[bytes]) -> list[CwtFacts | str]:

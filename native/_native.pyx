@@ -803,3 +803,4 @@ def audit_issue_groups(heads, middles, sizes, time, alg, isses, uvcis, dcc_types
         free(scratch)
 include "_walker.pxi"
 include "_spantable.pxi"
+include "_keydcols.pxi"

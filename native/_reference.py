@@ -10,6 +10,7 @@ from ._base45_py import b45decode, b45encode
 from ._cose_py import protected_header, sig_structure, sign1_decode, sign1_encode
 from ._cwt_py import cwt_facts
 from ._hc1_py import hc1_encode, hc1_sign
+from ._keydcols_py import audit_issue_columns, keyd_check_columns
 from ._signing_py import SigningKey
 from ._spantable_py import span_table
 from ._walker_py import walk_sign_batch
@@ -19,6 +20,7 @@ __all__ = [
     "MAX_INFLATED",
     "MAX_UVCI_CHARS",
     "SigningKey",
+    "audit_issue_columns",
     "audit_issue_groups",
     "audit_issue_lines",
     "b45decode",
@@ -27,6 +29,7 @@ __all__ = [
     "cwt_facts",
     "hc1_encode",
     "hc1_sign",
+    "keyd_check_columns",
     "protected_header",
     "sig_structure",
     "sign1_decode",

@@ -6,6 +6,15 @@ an end-user account (``SIGN``), or several such batches for one kid at once (``S
 engine's micro-batch across its portal connections) -- and nothing else: there is no message
 that carries a digest to sign or a key to export.
 
+``SIGN_COLUMNS`` (0x23, answered by ``SIGN_COLUMNS_RESULT``, 0x24) is the engine's micro-batch
+as columns (:class:`KeydColumns`): all payloads in one byte string with an array of end
+offsets, three small string tables (clients, accounts, operators) and per item three indices
+into them, however many accounts it mixes. Decoding and encoding it cost a fixed number of
+Python operations per message (byte strings and ``array('I')``, no object per payload); keyd's
+checks and audit lines run over the columns natively. ``SIGN_MANY`` stays decodable and is
+still answered (by ``SIGN_RESULT``): the engine sends ``SIGN_COLUMNS`` since issue 14, part 4;
+an engine and keyd of one release always agree.
+
 Frame layout (all integers big-endian)::
 
     offset  size  field
@@ -25,8 +34,13 @@ unusable (the peer closes it).
 from __future__ import annotations
 
 import enum
+import operator as _op
 import struct
+import sys
+from array import array
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any, ClassVar
 
 import cbor2
@@ -36,16 +50,19 @@ from . import cborlimits
 __all__ = [
     "DEFAULT_MAX_FRAME",
     "NEED_DATA",
+    "ColumnsResult",
     "Connection",
     "Describe",
     "DescribeResult",
     "Error",
     "ItemError",
     "KeyInfo",
+    "KeydColumns",
     "KeydProtocolError",
     "MessageType",
     "PoolStatus",
     "Sign",
+    "SignColumns",
     "SignMany",
     "SignPart",
     "SignResult",
@@ -74,6 +91,8 @@ class MessageType(enum.IntEnum):
     SIGN = 0x20
     SIGN_RESULT = 0x21
     SIGN_MANY = 0x22  # answered by SIGN_RESULT: one result per payload, parts in order
+    SIGN_COLUMNS = 0x23  # answered by SIGN_COLUMNS_RESULT: one result per item, in order
+    SIGN_COLUMNS_RESULT = 0x24
     ERROR = 0x7F
 
 
@@ -213,7 +232,291 @@ class Error:
     retryable: bool
 
 
-Message = Describe | DescribeResult | Sign | SignMany | SignResult | Error
+# ----------------------------------------------------------------------------- columns
+
+#: Items one SIGN_COLUMNS (or its result) may carry. The engine's micro-batch is 512 by default;
+#: the frame limit and the CBOR item count bound a message as well.
+MAX_COLUMN_ITEMS = 65_536
+#: Longest client, account or operator name (characters): identifiers, not documents (the
+#: audit log refuses longer ones too).
+MAX_TEXT = 1024
+_U32 = "I"
+if array(_U32).itemsize != 4:  # pragma: no cover - every platform CPython supports today
+    raise ImportError("array('I') is not 32 bits on this platform")
+_SWAP = sys.byteorder != "little"  # the wire is little-endian, like every host we run on
+_NONE_TYPE = type(None)
+
+
+def _u32_from(data: bytes, what: str) -> array:
+    """A little-endian uint32 column from the wire (one call, no object per item)."""
+    if len(data) % 4:
+        raise KeydProtocolError(f"{what}: length {len(data)} is not a multiple of 4")
+    out = array(_U32)
+    out.frombytes(data)
+    if _SWAP:  # pragma: no cover - big-endian hosts
+        out.byteswap()
+    return out
+
+
+def _u32_wire(column: array) -> bytes:
+    if _SWAP:  # pragma: no cover - big-endian hosts
+        column = array(_U32, column)
+        column.byteswap()
+    return column.tobytes()
+
+
+def _monotone(column: array) -> bool:
+    """Every value >= the one before it (C-level iteration: no bytecode per item)."""
+    return all(map(_op.le, column, islice(column, 1, None)))
+
+
+def _split(buf: bytes, ends: array) -> list[bytes]:
+    """The pieces of *buf* that end at *ends* (the first starts at 0)."""
+    if not ends:
+        return []
+    return [buf[: ends[0]], *map(buf.__getitem__, map(slice, ends, islice(ends, 1, None)))]
+
+
+def _rebased(column: array, base: int) -> array:
+    return array(_U32, map(base.__add__, column)) if base else column
+
+
+@dataclass(frozen=True, slots=True)
+class KeydColumns:
+    """A batch of CWT payloads for one kid, as columns (what SIGN_COLUMNS carries).
+
+    Item i is ``payloads[ends[i-1]:ends[i]]`` (the first starts at 0), signed for
+    ``clients[client_ix[i]]`` / ``accounts[account_ix[i]]``, acting
+    ``operators[operator_ix[i]]`` (an entry may be None: no operator). The tables hold each
+    name once, however many items use it; the index columns are ``array('I')``.
+
+    Build one with :meth:`from_parts` (or directly), merge several with :meth:`concat`.
+    :meth:`check` states the rules every received batch must follow.
+    """
+
+    payloads: bytes
+    ends: array
+    clients: tuple[str, ...]
+    accounts: tuple[str, ...]
+    operators: tuple[str | None, ...]
+    client_ix: array
+    account_ix: array
+    operator_ix: array
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    @classmethod
+    def from_parts(cls, parts: Sequence[SignPart]) -> KeydColumns:
+        """The columns of *parts* (in order; each distinct name once in its table)."""
+        tables: tuple[dict[Any, int], dict[Any, int], dict[Any, int]] = ({}, {}, {})
+        ixs = (array(_U32), array(_U32), array(_U32))
+        ends = array(_U32)
+        chunks: list[bytes] = []
+        size = 0
+        for part in parts:
+            n = len(part.payloads)
+            for table, ix, name in zip(
+                tables, ixs, (part.client, part.account, part.operator), strict=True
+            ):
+                ix.extend([table.setdefault(name, len(table))] * n)
+            for payload in part.payloads:
+                size += len(payload)
+                ends.append(size)
+            chunks += part.payloads
+        return cls(
+            b"".join(chunks), ends, tuple(tables[0]), tuple(tables[1]), tuple(tables[2]), *ixs
+        )
+
+    @classmethod
+    def concat(cls, batches: Sequence[KeydColumns]) -> KeydColumns:
+        """One batch of *batches* in order: payloads and tables concatenated, offsets and
+        indices rebased (a fixed number of calls per batch, none per item)."""
+        if len(batches) == 1:
+            return batches[0]
+        ends, cix, aix, oix = array(_U32), array(_U32), array(_U32), array(_U32)
+        clients: list[str] = []
+        accounts: list[str] = []
+        operators: list[str | None] = []
+        size = 0
+        for b in batches:
+            ends += _rebased(b.ends, size)
+            cix += _rebased(b.client_ix, len(clients))
+            aix += _rebased(b.account_ix, len(accounts))
+            oix += _rebased(b.operator_ix, len(operators))
+            clients += b.clients
+            accounts += b.accounts
+            operators += b.operators
+            size += len(b.payloads)
+        return cls(
+            b"".join(b.payloads for b in batches), ends, tuple(clients), tuple(accounts),
+            tuple(operators), cix, aix, oix,
+        )
+
+    def payload_list(self) -> list[bytes]:
+        """The payloads as separate byte strings (an object per item: for callers that need
+        them so, e.g. ``hc1_encode``)."""
+        return _split(self.payloads, self.ends)
+
+    def parts(self) -> Iterator[SignPart]:
+        """The batch as :class:`SignPart` runs (consecutive items that share client, account
+        and operator): the old message's view, for peers and tests that use it."""
+        payloads = self.payload_list()
+        triples = list(zip(self.client_ix, self.account_ix, self.operator_ix, strict=True))
+        start = 0
+        while start < len(triples):
+            end = start + 1
+            while end < len(triples) and triples[end] == triples[start]:
+                end += 1
+            c, a, o = triples[start]
+            yield SignPart(
+                self.clients[c], self.accounts[a], tuple(payloads[start:end]), self.operators[o]
+            )
+            start = end
+
+    def __iter__(self) -> Iterator[SignPart]:
+        return self.parts()
+
+    def check(self, what: str = "SIGN_COLUMNS") -> None:
+        """Raise :class:`KeydProtocolError` naming the first rule this batch breaks: at most
+        MAX_COLUMN_ITEMS items; every index column as long as ``ends``; ends monotone, the
+        last one the payloads' length; every index within its table; tables no longer than
+        the item count (at least one entry allowed), clients and accounts text, operators
+        text or null, every name 1..MAX_TEXT characters. A fixed number of C-level passes:
+        no bytecode per item."""
+        n = len(self.ends)
+        if n > MAX_COLUMN_ITEMS:
+            raise KeydProtocolError(f"{what}: {n} items; at most {MAX_COLUMN_ITEMS}")
+        for name in ("client_ix", "account_ix", "operator_ix"):
+            if len(getattr(self, name)) != n:
+                raise KeydProtocolError(f"{what}: {name} has {len(getattr(self, name))} entries "
+                                        f"for {n} items")
+        if n:
+            if self.ends[-1] != len(self.payloads):
+                raise KeydProtocolError(
+                    f"{what}: the last end offset {self.ends[-1]} is not the payloads' length "
+                    f"{len(self.payloads)}"
+                )
+            if not _monotone(self.ends):
+                raise KeydProtocolError(f"{what}: end offsets must not decrease")
+        elif self.payloads:
+            raise KeydProtocolError(f"{what}: payload bytes without items")
+        for name, table, ix, kinds in (
+            ("clients", self.clients, self.client_ix, {str}),
+            ("accounts", self.accounts, self.account_ix, {str}),
+            ("operators", self.operators, self.operator_ix, {str, _NONE_TYPE}),
+        ):
+            if len(table) > max(n, 1):
+                raise KeydProtocolError(f"{what}: {len(table)} {name} for {n} items")
+            if not set(map(type, table)) <= kinds:
+                raise KeydProtocolError(f"{what}: {name} must be text" + (
+                    " or null" if _NONE_TYPE in kinds else ""))
+            texts = table if _NONE_TYPE not in kinds else [t for t in table if t is not None]
+            if texts and not (min(map(len, texts)) >= 1 and max(map(len, texts)) <= MAX_TEXT):
+                raise KeydProtocolError(
+                    f"{what}: every name in {name} must be 1 to {MAX_TEXT} characters"
+                )
+            if n and max(ix) >= len(table):
+                raise KeydProtocolError(f"{what}: an index into {name} is out of range")
+
+
+@dataclass(frozen=True, slots=True)
+class SignColumns:
+    """Sign the items of *columns* with *kid*; each under its own client, account and
+    operator, exactly as if it had come alone in a :class:`Sign`."""
+
+    TYPE: ClassVar[MessageType] = MessageType.SIGN_COLUMNS
+    request_id: int
+    kid: bytes
+    columns: KeydColumns
+
+
+#: Codes of a columns result: 0 (signed) or an ItemError.
+SIGNED = 0
+_RESULT_CODES = frozenset({SIGNED, *ItemError})
+
+
+@dataclass(frozen=True, slots=True)
+class ColumnsResult:
+    """keyd's answer to :class:`SignColumns`, as columns: per item a code (``SIGNED``, 0, or
+    an :class:`ItemError`); the signatures of the signed items concatenated in item order
+    with their end offsets; the reasons of the refused items, in item order."""
+
+    TYPE: ClassVar[MessageType] = MessageType.SIGN_COLUMNS_RESULT
+    request_id: int
+    codes: bytes
+    signatures: bytes = b""
+    sig_ends: array = field(default_factory=lambda: array(_U32))
+    reasons: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    @classmethod
+    def refuse_all(cls, request_id: int, n: int, code: ItemError, reason: str) -> ColumnsResult:
+        return cls(request_id, bytes([code]) * n, reasons=(reason,) * n)
+
+    @classmethod
+    def from_results(
+        cls, request_id: int, results: Sequence[bytes | tuple[ItemError, str]]
+    ) -> ColumnsResult:
+        """The columns of per-item results (an object per item: for tests and fakes)."""
+        codes = bytearray(len(results))
+        sigs: list[bytes] = []
+        ends = array(_U32)
+        reasons: list[str] = []
+        size = 0
+        for i, r in enumerate(results):
+            if isinstance(r, bytes):
+                sigs.append(r)
+                size += len(r)
+                ends.append(size)
+            else:
+                codes[i] = int(r[0])
+                reasons.append(r[1])
+        return cls(request_id, bytes(codes), b"".join(sigs), ends, tuple(reasons))
+
+    def signature_list(self) -> list[bytes]:
+        """The signatures of the signed items, in item order."""
+        return _split(self.signatures, self.sig_ends)
+
+    def results(self) -> list[bytes | tuple[ItemError, str]]:
+        """Per item, in order: its signature or ``(ItemError, reason)`` (an object per item)."""
+        sigs = iter(self.signature_list())
+        reasons = iter(self.reasons)
+        return [
+            next(sigs) if code == SIGNED else (ItemError(code), next(reasons))
+            for code in self.codes
+        ]
+
+    def check(self) -> None:
+        """Raise :class:`KeydProtocolError` naming the first rule this result breaks."""
+        what = "SIGN_COLUMNS_RESULT"
+        n = len(self.codes)
+        if n > MAX_COLUMN_ITEMS:
+            raise KeydProtocolError(f"{what}: {n} items; at most {MAX_COLUMN_ITEMS}")
+        if not set(self.codes) <= _RESULT_CODES:
+            raise KeydProtocolError(f"{what}: unknown item error in codes")
+        signed = self.codes.count(SIGNED)
+        if len(self.sig_ends) != signed:
+            raise KeydProtocolError(
+                f"{what}: {len(self.sig_ends)} signature ends for {signed} signed items"
+            )
+        if (self.sig_ends[-1] if signed else 0) != len(self.signatures):
+            raise KeydProtocolError(f"{what}: signature ends do not cover the signatures")
+        if not _monotone(self.sig_ends):
+            raise KeydProtocolError(f"{what}: signature end offsets must not decrease")
+        if len(self.reasons) != n - signed:
+            raise KeydProtocolError(
+                f"{what}: {len(self.reasons)} reasons for {n - signed} refused items"
+            )
+        if not set(map(type, self.reasons)) <= {str}:
+            raise KeydProtocolError(f"{what}: reasons must be text")
+
+
+Message = (
+    Describe | DescribeResult | Sign | SignMany | SignResult | Error | SignColumns | ColumnsResult
+)
 
 
 def _part_body(client: str, account: str, operator: str | None, payloads: Any) -> dict[str, Any]:
@@ -253,6 +556,26 @@ def _body(msg: Message) -> dict[str, Any]:
             "parts": [
                 _part_body(p.client, p.account, p.operator, p.payloads) for p in msg.parts
             ],
+        }
+    if isinstance(msg, SignColumns):
+        c = msg.columns
+        return {
+            "kid": msg.kid,
+            "payloads": c.payloads,
+            "ends": _u32_wire(c.ends),
+            "clients": list(c.clients),
+            "accounts": list(c.accounts),
+            "operators": list(c.operators),
+            "client_ix": _u32_wire(c.client_ix),
+            "account_ix": _u32_wire(c.account_ix),
+            "operator_ix": _u32_wire(c.operator_ix),
+        }
+    if isinstance(msg, ColumnsResult):
+        return {
+            "codes": msg.codes,
+            "sigs": msg.signatures,
+            "sig_ends": _u32_wire(msg.sig_ends),
+            "reasons": list(msg.reasons),
         }
     if isinstance(msg, SignResult):
         return {"results": [r if isinstance(r, bytes) else [int(r[0]), r[1]] for r in msg.results]}
@@ -347,6 +670,31 @@ def _parse(mtype: int, request_id: int, body: Any) -> Message:
         return SignMany(
             request_id, _kid(body, "SIGN_MANY"), tuple(_parse_part(p, "SIGN_MANY") for p in parts)
         )
+    if kind is MessageType.SIGN_COLUMNS:
+        what = "SIGN_COLUMNS"
+        columns = KeydColumns(
+            _want(body, "payloads", bytes, what),
+            _u32_from(_want(body, "ends", bytes, what), "ends"),
+            tuple(_want(body, "clients", list, what)),
+            tuple(_want(body, "accounts", list, what)),
+            tuple(_want(body, "operators", list, what)),
+            _u32_from(_want(body, "client_ix", bytes, what), "client_ix"),
+            _u32_from(_want(body, "account_ix", bytes, what), "account_ix"),
+            _u32_from(_want(body, "operator_ix", bytes, what), "operator_ix"),
+        )
+        columns.check(what)
+        return SignColumns(request_id, _kid(body, what), columns)
+    if kind is MessageType.SIGN_COLUMNS_RESULT:
+        what = "SIGN_COLUMNS_RESULT"
+        result = ColumnsResult(
+            request_id,
+            _want(body, "codes", bytes, what),
+            _want(body, "sigs", bytes, what),
+            _u32_from(_want(body, "sig_ends", bytes, what), "sig_ends"),
+            tuple(_want(body, "reasons", list, what)),
+        )
+        result.check()
+        return result
     if kind is MessageType.SIGN_RESULT:
         results: list[bytes | tuple[ItemError, str]] = []
         for r in _want(body, "results", list, "SIGN_RESULT"):
@@ -439,6 +787,10 @@ class Connection:
         """The frame for *msg*."""
         if not 0 <= msg.request_id <= 0xFFFFFFFF:
             raise KeydProtocolError("request id must fit 32 bits")
+        if isinstance(msg, SignColumns):
+            msg.columns.check()  # never send what the peer must refuse
+        elif isinstance(msg, ColumnsResult):
+            msg.check()
         body = cbor2.dumps(_body(msg))
         if len(body) > self.max_frame:
             raise KeydProtocolError(

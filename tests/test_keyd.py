@@ -142,10 +142,10 @@ def test_audit_unavailable_stops_signing(env, monkeypatch):
     store, keyd, log, _audit_dir = env
     kid = _kid(store, "v")
 
-    def broken(batches):
+    def broken(*args):
         raise AuditUnavailable("No space left on device")
 
-    monkeypatch.setattr(log, "append_batches", broken)
+    monkeypatch.setattr(log, "append_columns", broken)
     results = _sign(keyd, kid, [_payload(sample("v"))] * 3)
     assert all(r[0] == ItemError.AUDIT_UNAVAILABLE and "No space" in r[1] for r in results)
     monkeypatch.undo()
@@ -230,6 +230,8 @@ def test_no_export_and_no_digest_signing_surface():
         "SIGN",
         "SIGN_MANY",
         "SIGN_RESULT",
+        "SIGN_COLUMNS",  # CWT payloads in columns, like SIGN_MANY: never a digest
+        "SIGN_COLUMNS_RESULT",
         "ERROR",
     }
     assert not any(n in dir(Keyd) for n in ("export", "sign_digest", "private_key"))
@@ -306,15 +308,15 @@ def test_sign_many_checks_allows_and_audits_each_part_alone(env):
         SignPart("portal-a", "uzi:4", ()),
     )
     commits = []
-    real = log.append_batches
+    real = log.append_columns
 
-    def counted(batches):
-        commits.append(len(batches))
-        return real(batches)
+    def counted(kid, alg, columns, facts, selected, *rest):
+        commits.append(len(selected))
+        return real(kid, alg, columns, facts, selected, *rest)
 
-    log.append_batches = counted
+    log.append_columns = counted
     results = keyd.sign_many(SignMany(9, kid, parts)).results
-    assert len(results) == 43 and commits == [2]
+    assert len(results) == 43 and commits == [41]  # one commit for both parts' records
     assert all(isinstance(r, bytes) for r in results[:40])
     assert results[40][0] == ItemError.CLIENT_NOT_ALLOWED
     assert results[41][0] == ItemError.TYPE_NOT_ALLOWED
