@@ -35,12 +35,14 @@ import cbor2
 import trio
 import trio.lowlevel
 
+from . import dataplane, native
 from .chain import DEFAULT_BACKDATE, Issuer, SignerKey, _max_payload, _nfc, claims_prefix
 from .dcc import DCCValidationError, validate
 from .dsc import DSC
 from .errors import KeyProblem
 from .keyd_batcher import KeydBatcher
 from .keyd_client import KeydError
+from .native import _walker_py as W
 from .policy import PolicyFile, QuotaTracker, Refusal
 from .protocol.codes import ErrorCode
 from .protocol.keyd import RETRYABLE as KEYD_RETRYABLE
@@ -260,6 +262,182 @@ class Dispatcher:
             )
         return results  # type: ignore[return-value]
 
+    async def sign_view(
+        self, client: str, view: Any, types: list[str] | None = None
+    ) -> list[ItemResult]:
+        """The results of a frame walked by :func:`dccsign.native.walk_sign_batch`: the same
+        as :meth:`sign` of its items, computed per frame, per DCC type, per distinct account
+        and per kid rather than per item where the frame allows it (:mod:`.dataplane`)."""
+        cols = dataplane.columns_of(view)
+        if not dataplane.plain(view, cols):
+            return await self.sign(client, view.sign_items(), types)
+        n = view.count
+        if types is None:
+            types = [""] * n
+        results: list[ItemResult | None] = [None] * n
+        turns = self._turns.get(client)
+        if turns is None:
+            turns = self._turns[client] = trio.Semaphore(PREPARE_TURNS)
+        started = trio.current_time()
+        async with turns:
+            policy = self.policy.current()
+            now = self.clock()
+            rows = dataplane.check_rows(view, cols, self.valuesets)
+            for i, message in rows.failures.items():
+                results[i] = _failure(ErrorCode.INVALID_DCC, message)
+            types[:] = rows.types
+            cp = policy.client(client)
+            per_item_policy = cp is not None and (
+                cp.countries is not None or cp.issuers is not None
+            )
+            # Per DCC type: the key, the claims and the policy, once.
+            by_kid: dict[bytes, tuple[SignerKey, list[tuple[bytes, int, array]]]] = {}
+            for dcc_type in "vtr":
+                group = array("I", (i for i, t in enumerate(rows.types) if t == dcc_type))
+                if not group:
+                    continue
+                key, claims = self._signing(dcc_type, None, DEFAULT_VALIDITY_DAYS, now)
+                failure: ItemResult | None = None
+                if key is None or isinstance(claims, ItemResult):
+                    failure = claims  # type: ignore[assignment]
+                elif not per_item_policy:
+                    refusal = policy.check(client, key.dsc.kid, dcc_type, {})
+                    failure = None if refusal is None else _refused(refusal)
+                if failure is not None:
+                    for i in group:
+                        results[i] = failure
+                    continue
+                assert key is not None
+                if per_item_policy:
+                    kept = array("I")
+                    for i in group:
+                        refusal = policy.check(client, key.dsc.kid, dcc_type, rows.decoded[i])
+                        if refusal is None:
+                            kept.append(i)
+                        else:
+                            results[i] = _refused(refusal)
+                    group = kept
+                prefix, max_payload = claims  # type: ignore[misc]
+                too_large = max_payload - len(prefix)
+                fitting = array("I")
+                for i in group:
+                    if len(rows.dccs[i]) > too_large:  # type: ignore[arg-type]
+                        size = len(prefix) + len(rows.dccs[i])  # type: ignore[arg-type]
+                        results[i] = _failure(
+                            ErrorCode.TOO_LARGE_FOR_QR,
+                            f"the signed certificate would not fit a QR code ({size}-byte "
+                            "payload)",
+                        )
+                    else:
+                        fitting.append(i)
+                if fitting:
+                    by_kid.setdefault(key.dsc.kid, (key, []))[1].append(
+                        (prefix, max_payload, fitting)
+                    )
+            # Quotas: once per distinct account of the frame.
+            admitted = array("I", sorted(i for _k, groups in by_kid.values()
+                                         for _p, _m, g in groups for i in g))
+            refused = self._charge_accounts(policy, client, view, admitted, results)
+        if self._on_stage is not None:
+            self._on_stage("prepare", trio.current_time() - started)
+
+        async def run(key: SignerKey, groups: list[tuple[bytes, int, array]]) -> None:
+            await self._keyd_view(client, view, key, groups, refused, rows, results)
+
+        if len(by_kid) == 1:
+            await run(*next(iter(by_kid.values())))
+        elif by_kid:
+            async with trio.open_nursery() as nursery:
+                for key, groups in by_kid.values():
+                    nursery.start_soon(run, key, groups)
+        return results  # type: ignore[return-value]
+
+    def _charge_accounts(
+        self, policy: Any, client: str, view: Any, rows: array,
+        results: list[ItemResult | None],
+    ) -> set[int]:
+        """Reserve quota for *rows*, one reservation per distinct account; an account that
+        cannot have all of its rows gets them one by one, in order, until the first refusal.
+        Returns the rows refused (their results set)."""
+        refused: set[int] = set()
+        if not rows:
+            return refused
+        table, index = native.span_table(
+            view.data, view.columns, W.NFIELDS, (W.ACCOUNT_OFF, W.ACCOUNT_LEN), rows
+        )
+        counts = collections.Counter(index)
+        for k, span in enumerate(table):
+            account = span.decode()
+            refusal = self.quotas.try_reserve(policy, client, account, counts[k])
+            if refusal is None:
+                continue
+            mine = [r for r, j in zip(rows, index, strict=True) if j == k]
+            for n in range(len(mine)):
+                refusal = self.quotas.try_reserve(policy, client, account, 1)
+                if refusal is not None:
+                    for q in mine[n:]:
+                        results[q] = _refused(refusal)
+                        refused.add(q)
+                    break
+        return refused
+
+    async def _keyd_view(
+        self, client: str, view: Any, key: SignerKey, groups: list[tuple[bytes, int, array]],
+        refused: set[int], rows: dataplane.FrameRows, results: list[ItemResult | None],
+    ) -> None:
+        """Sign one kid's rows of a frame with one columnar keyd message."""
+        order = array("I")
+        payloads: list[bytes] = []
+        ends = array("I")
+        base = 0
+        for prefix, _max, group in groups:
+            if refused:
+                group = array("I", (i for i in group if i not in refused))
+            if not group:
+                continue
+            buf, group_ends = dataplane.splice(prefix, rows.dccs, group)
+            payloads.append(buf)
+            ends.extend(map(base.__add__, group_ends))
+            base += len(buf)
+            order.extend(group)
+        if not order:
+            return
+        accounts, account_ix = native.span_table(
+            view.data, view.columns, W.NFIELDS, (W.ACCOUNT_OFF, W.ACCOUNT_LEN), order
+        )
+        operators, operator_ix = native.span_table(
+            view.data, view.columns, W.NFIELDS, (W.OPERATOR_OFF, W.OPERATOR_LEN), order,
+            base=1, absent=0,
+        )
+        account_names = tuple(a.decode() for a in accounts)
+        columns = KeydColumns(
+            b"".join(payloads),
+            ends,
+            (client,),
+            account_names,
+            (None, *(o.decode() for o in operators)),
+            array("I", bytes(4 * len(order))),
+            account_ix,
+            operator_ix,
+        )
+        kid = key.dsc.kid
+        try:
+            outcomes = await self.batcher.issue(kid, key.protected, columns)
+        except KeydError as exc:
+            for k, count in collections.Counter(account_ix).items():
+                self.quotas.release(client, account_names[k], count)
+            code = ErrorCode.KEYD_UNAVAILABLE if exc.retryable else ErrorCode.INTERNAL
+            failure = _failure(code, str(exc), retry_after_s=0.5)
+            for i in order:
+                results[i] = failure
+            return
+        for i, k, outcome in zip(order, account_ix, outcomes, strict=True):
+            if isinstance(outcome, str):
+                results[i] = ItemResult(hc1=outcome, kid=kid)
+                continue
+            self.quotas.release(client, account_names[k], 1)
+            results[i] = _keyd_failure(outcome)
+
     async def _sign_fresh(
         self, client: str, items: Sequence[SignItem], types: list[str]
     ) -> list[ItemResult]:
@@ -416,15 +594,18 @@ class Dispatcher:
                 out.append(ItemResult(hc1=outcome, kid=kid))
                 continue
             self.quotas.release(client, prepared.account, 1)
-            code, reason = outcome
-            retryable = code in KEYD_RETRYABLE
-            out.append(
-                _failure(
-                    ErrorCode.KEYD_UNAVAILABLE if retryable
-                    else ErrorCode.TOO_LARGE_FOR_QR if code == ItemError.TOO_LARGE_FOR_QR
-                    else ErrorCode.KEYD_REFUSED,
-                    f"keyd refused ({ItemError(code).name}): {reason}",
-                    retry_after_s=1.0 if retryable else None,
-                )
-            )
+            out.append(_keyd_failure(outcome))
         return out
+
+
+def _keyd_failure(outcome: tuple[int, str]) -> ItemResult:
+    """The result of an item keyd refused."""
+    code, reason = outcome
+    retryable = code in KEYD_RETRYABLE
+    return _failure(
+        ErrorCode.KEYD_UNAVAILABLE if retryable
+        else ErrorCode.TOO_LARGE_FOR_QR if code == ItemError.TOO_LARGE_FOR_QR
+        else ErrorCode.KEYD_REFUSED,
+        f"keyd refused ({ItemError(code).name}): {reason}",
+        retry_after_s=1.0 if retryable else None,
+    )

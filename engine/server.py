@@ -156,12 +156,15 @@ class Server:
         metrics: Metrics | None = None,
         agent: str = "dccsign",
         scan: Callable[[bytes, int, int], int] | None = None,
+        walk: Callable[..., Any] | None = None,
     ) -> None:
         self.dispatcher = dispatcher
         self.limits = limits or Limits()
         self.metrics = metrics or Metrics()
         self.agent = agent
         self.scan = scan or native.cbor_scan
+        #: Walks a sign request's body into item spans (protocol rules included).
+        self.walk = walk or native.walk_sign_batch
         #: Certificates accepted and not yet done with (work finished and reply written), in
         #: all and by client.
         self.pending_items = 0
@@ -471,7 +474,7 @@ class Server:
         return wire.Keys(request_id=request_id, keys=tuple(listed))
 
     async def sign(
-        self, client: str, event: Any, items: list[Any], nursery: trio.Nursery,
+        self, client: str, event: Any, items: Any, nursery: trio.Nursery,
         work_done: Callable[[], None],
     ) -> Any:
         """The reply to a sign request: its results, or DEADLINE_EXCEEDED for every item when
@@ -486,14 +489,20 @@ class Server:
         start = trio.current_time()
         box: list[list[Any]] = []
         finished = trio.Event()
-        types = [""] * len(items)
+        # *items*: the decoded items, or the frame's walked view (native.BatchView).
+        walked = isinstance(items, native.BatchView)
+        count = items.count if walked else len(items)
+        types = [""] * count
         token = object()
         started = self._started.setdefault(client, {})
         started[token] = start
 
         async def work() -> None:
             try:
-                box.append(await self.dispatcher.sign(client, items, types))
+                if walked:
+                    box.append(await self.dispatcher.sign_view(client, items, types))
+                else:
+                    box.append(await self.dispatcher.sign(client, items, types))
             except Exception:
                 # The dispatcher never raises for what an item holds: this is a bug. The
                 # request is answered INTERNAL (retryable); the connection goes on.
@@ -506,7 +515,7 @@ class Server:
                             retry_after_ms=self.limits.busy_retry_ms,
                         )
                     ]
-                    * len(items)
+                    * count
                 )
             finally:
                 del started[token]
@@ -527,11 +536,19 @@ class Server:
                     message=f"not done within {self.limits.deadline} s",
                     retry_after_ms=self.limits.busy_retry_ms,
                 )
-            ] * len(items)
+            ] * count
         self.metrics.observe(client, results, types, trio.current_time() - start)
-        if isinstance(event, wire.Sign):
+        if event.type == wire.FrameType.SIGN:
             return wire.SignResult(request_id=event.request_id, result=results[0])
         return wire.SignBatchResult(request_id=event.request_id, results=tuple(results))
+
+
+@dataclass(frozen=True, slots=True)
+class _Request:
+    """What a sign request's reply needs of its frame (the frame itself is let go)."""
+
+    type: int
+    request_id: int
 
 
 class _Slot:
@@ -656,7 +673,9 @@ class _Connection:
                     if frame is None:
                         return  # the client closed cleanly; what is in progress is answered
                     self._partial(trio.current_time() if codec.buffered else None)
-                    if frame.type in _SIGN_FRAMES and self._refused_early(frame):
+                    if frame.type in _SIGN_FRAMES:
+                        if not self._refused_early(frame):
+                            await self._walk(frame, requests)
                         del frame
                         await self._wait_for_room()
                         continue
@@ -922,9 +941,7 @@ class _Connection:
     def handle(self, event: Any, requests: trio.Nursery) -> object:
         """Act on one event from the client; :data:`_STOP` to stop reading."""
         kind = type(event)
-        if kind is wire.Sign or kind is wire.SignBatch:
-            self._sign(event, requests)
-        elif kind is wire.Hello:
+        if kind is wire.Hello:
             return self._hello()
         elif kind is wire.Ping:
             self.send(wire.Pong(request_id=event.request_id, data=event.data))
@@ -941,7 +958,7 @@ class _Connection:
                 self.client, getattr(event.code, "name", event.code), event.message,
             )
             return _STOP
-        else:  # the codec lets no other frame type through from a client
+        else:  # sign requests are walked (_walk); the codec lets nothing else through
             raise AssertionError(f"unexpected {kind.__name__} from a client")
         return None
 
@@ -971,6 +988,26 @@ class _Connection:
         )
         return None
 
+    async def _walk(self, frame: wire.Frame, requests: trio.Nursery) -> None:
+        """A sign request: its body walked into item spans (no object per item), then
+        admitted or refused BUSY with its real count."""
+        walk = self.server.walk
+        if frame.size > self.limits.inline_decode:
+            view = await trio.to_thread.run_sync(
+                self.codec.decode_walked, frame, walk, limiter=self.server._decoders
+            )
+        else:
+            view = self.codec.decode_walked(frame, walk)
+        assert self.client is not None
+        busy = self.server.busy(self, view.count)
+        if busy:
+            self.metrics.busy.labels(self.client).inc()
+            self.send(self.server.busy_reply(frame.request_id, busy))
+            return
+        ticket = _Ticket(self, view.count)
+        request = _Request(frame.type, frame.request_id)
+        requests.start_soon(self._request, request, view, ticket, trio.current_time(), requests)
+
     def _refused_early(self, frame: wire.Frame) -> bool:
         """Answer a sign request BUSY from its header, before its body is decompressed or
         decoded, when even one certificate would be refused now (SPEC.md §8.2)."""
@@ -984,19 +1021,8 @@ class _Connection:
         self.send(self.server.busy_reply(frame.request_id, busy))
         return True
 
-    def _sign(self, event: Any, requests: trio.Nursery) -> None:
-        assert self.client is not None
-        items = [event.item] if type(event) is wire.Sign else list(event.items)
-        busy = self.server.busy(self, len(items))
-        if busy:
-            self.metrics.busy.labels(self.client).inc()
-            self.send(self.server.busy_reply(event.request_id, busy))
-            return
-        ticket = _Ticket(self, len(items))
-        requests.start_soon(self._request, event, items, ticket, trio.current_time(), requests)
-
     async def _request(
-        self, event: Any, items: list[Any], ticket: _Ticket, read: float, requests: trio.Nursery
+        self, event: _Request, items: Any, ticket: _Ticket, read: float, requests: trio.Nursery
     ) -> None:
         self.metrics.observe_stage("start", trio.current_time() - read)
         assert self.client is not None

@@ -1,6 +1,7 @@
 """engine/dispatch.py: a request's items in, one result per item out (fake keyd batcher)."""
 
 import copy
+import json
 import os
 
 import cbor2
@@ -9,6 +10,7 @@ import trio.lowlevel
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dccsign import native
 from dccsign.dispatch import Dispatcher
 from dccsign.policy import PolicyFile, QuotaTracker
 from dccsign.protocol.codes import ErrorCode
@@ -144,3 +146,73 @@ def test_quotas_are_charged_per_account_and_a_short_account_gets_what_is_left(tm
     # One reservation for uzi:ok; for uzi:short one of 6, then one by one until the first no.
     assert calls == [("uzi:ok", 3), ("uzi:short", 6)] + [("uzi:short", 1)] * 4
     assert d.quotas.usage("portal", "uzi:short") == {"per_minute": 3}
+
+
+# ------------------------------------------------------------- the walked path (issue 14)
+
+
+def _frame(dccs, accounts, operators):
+    items = []
+    for dcc, account, operator in zip(dccs, accounts, operators, strict=True):
+        item = {"dcc": dcc, "account": account}
+        if operator is not None:
+            item["operator"] = operator
+        items.append(item)
+    return cbor2.dumps({"items": items})
+
+
+def _twins(tmp_path, policy_doc):
+    """Two dispatchers over one key and equal policies: one for sign, one for sign_view."""
+    (tmp_path / "unused").mkdir()
+    key = dispatcher_for(tmp_path / "unused", FakeBatcher()).keys[0]
+    out = []
+    for name in ("a", "b"):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(policy_doc))
+        out.append(Dispatcher(FakeBatcher(), [(key.dsc, "active")], PolicyFile(path),
+                              QuotaTracker(clock=lambda: 1e6)))  # fmt: skip
+    return out
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    n=st.integers(1, 60),
+    seed=st.integers(0, 2**16),
+    accounts=st.integers(1, 8),
+    broken=st.sets(st.integers(0, 59), max_size=5),
+    policy=st.sampled_from(["open", "quota", "countries", "types"]),
+)
+def test_sign_view_gives_what_sign_gives(tmp_path_factory, n, seed, accounts, broken, policy):
+    """The per-frame path and the per-item path agree on every item: signed, refused as
+    invalid, by policy or by quota, with the same messages (FakeBatcher signs "HC1:<uvci>")."""
+    tmp_path = tmp_path_factory.mktemp("twins")
+    doc = {"clients": {"portal": {}}}
+    if policy == "quota":
+        doc["clients"]["portal"]["account_quota"] = {"per_minute": 5}
+    elif policy == "countries":
+        doc["clients"]["portal"]["countries"] = ["BE"]
+    elif policy == "types":
+        doc["clients"]["portal"]["types"] = ["v"]
+    per_item, per_frame = _twins(tmp_path, doc)
+    dccs = varied_samples(n, seed=seed)
+    for b in broken:
+        if b < n:
+            dccs[b] = {**dccs[b], "ver": "9.9.9"}
+    names = [f"uzi:{(i * 7 + seed) % accounts}" for i in range(n)]
+    operators = [None if i % 3 else f"op:{i % 2}" for i in range(n)]
+    body = _frame(dccs, names, operators)
+    view = native.walk_sign_batch(body, 1000)
+    decoded = view.sign_items()
+
+    async def main():
+        types_a, types_b = [""] * n, [""] * n
+        a = await per_item.sign("portal", list(decoded), types_a)
+        b = await per_frame.sign_view("portal", view, types_b)
+        return a, b, types_a, types_b
+
+    a, b, types_a, types_b = trio.run(main)
+    assert b == a
+    assert types_b == types_a
+    # keyd saw the same payloads
+    assert per_frame.batcher.signed == per_item.batcher.signed
