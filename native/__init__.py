@@ -99,3 +99,5 @@ walk_sign_batch = _impl.walk_sign_batch
 span_table = _impl.span_table
 keyd_check_columns = _impl.keyd_check_columns
 audit_issue_columns = _impl.audit_issue_columns
+splice_payloads = _impl.splice_payloads
+encode_sign_batch_result = _impl.encode_sign_batch_result

@@ -11,8 +11,10 @@ from ._cose_py import protected_header, sig_structure, sign1_decode, sign1_encod
 from ._cwt_py import cwt_facts
 from ._hc1_py import hc1_encode, hc1_sign
 from ._keydcols_py import audit_issue_columns, keyd_check_columns
+from ._reply_py import encode_sign_batch_result
 from ._signing_py import SigningKey
 from ._spantable_py import span_table
+from ._splice_py import splice_payloads
 from ._walker_py import walk_sign_batch
 from ._zlib_py import MAX_INFLATED, zlib_compress, zlib_decompress
 
@@ -27,6 +29,7 @@ __all__ = [
     "b45encode",
     "cbor_scan",
     "cwt_facts",
+    "encode_sign_batch_result",
     "hc1_encode",
     "hc1_sign",
     "keyd_check_columns",
@@ -35,6 +38,7 @@ __all__ = [
     "sign1_decode",
     "sign1_encode",
     "span_table",
+    "splice_payloads",
     "walk_sign_batch",
     "zlib_compress",
     "zlib_decompress",
