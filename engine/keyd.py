@@ -328,8 +328,9 @@ class Keyd:
         self._lock = threading.Lock()
         self._reload_lock = threading.Lock()
         # Signing workers, one per core: every connection's chunks share them.
+        self._workers = os.cpu_count() or 2
         self._signers = ThreadPoolExecutor(
-            max_workers=os.cpu_count() or 2, thread_name_prefix="keyd-sign"
+            max_workers=self._workers, thread_name_prefix="keyd-sign"
         )
         self._keys: dict[bytes, LoadedKey] = {}
         self._meta_stamp: tuple[int, int] | None = None
@@ -618,8 +619,13 @@ class Keyd:
         # Validation (Python, GIL) and signing (native, no GIL) overlap: each chunk's
         # signing goes to a worker thread while this thread validates the next chunk.
         pending: list[tuple[array, Future[list[bytes]]]] = []
-        for at in range(0, len(ok), SIGN_CHUNK):
-            chunk = ok[at : at + SIGN_CHUNK]
+        # Without the Python validation there is nothing to overlap with: one chunk per
+        # signing worker (each chunk costs a hand-off to a worker and back).
+        step = SIGN_CHUNK
+        if self.valuesets is None:
+            step = max(SIGN_CHUNK, -(-len(ok) // self._workers))
+        for at in range(0, len(ok), step):
+            chunk = ok[at : at + step]
             if self.valuesets is not None:
                 problems = self._validate_columns(cols.payloads, starts, cols.ends, chunk)
                 if problems:
