@@ -17,6 +17,15 @@ itself rather than trusting the engine (an engine can be compromised, or simply 
 * the DCC itself: the full validator (schema, value sets, dates, UVCI), as the issuer runs it.
 
 Each refused payload gets an :class:`~dccsign.protocol.keyd.ItemError`; the others are signed.
+
+The engine's micro-batch arrives as ``SIGN_COLUMNS`` (:meth:`Keyd.sign_columns`): payloads in
+one buffer with end offsets and, per item, indices into string tables of clients, accounts
+and operators. The checks above (``native.keyd_check_columns``), the audit lines
+(``native.audit_issue_columns``, built from the string tables) and the commit run once per
+message over the columns; Python runs per refused item (its reason), per item handed to the
+signing key, and in the DCC validation (:meth:`Keyd._validate_columns`, the one place to
+swap in a native batch validator). ``SIGN`` and ``SIGN_MANY`` become columns and take the
+same path.
 There is no operation that signs a digest, and none that exports a key.
 
 The full DCC validation is keyd's default: an engine is not trusted to have validated (a
