@@ -17,6 +17,15 @@ itself rather than trusting the engine (an engine can be compromised, or simply 
 * the DCC itself: the full validator (schema, value sets, dates, UVCI), as the issuer runs it.
 
 Each refused payload gets an :class:`~dccsign.protocol.keyd.ItemError`; the others are signed.
+
+The engine's micro-batch arrives as ``SIGN_COLUMNS`` (:meth:`Keyd.sign_columns`): payloads in
+one buffer with end offsets and, per item, indices into string tables of clients, accounts
+and operators. The checks above (``native.keyd_check_columns``), the audit lines
+(``native.audit_issue_columns``, built from the string tables) and the commit run once per
+message over the columns; Python runs per refused item (its reason), per item handed to the
+signing key, and in the DCC validation (:meth:`Keyd._validate_columns`, the one place to
+swap in a native batch validator). ``SIGN`` and ``SIGN_MANY`` become columns and take the
+same path.
 There is no operation that signs a digest, and none that exports a key.
 
 The full DCC validation is keyd's default: an engine is not trusted to have validated (a
@@ -328,8 +337,9 @@ class Keyd:
         self._lock = threading.Lock()
         self._reload_lock = threading.Lock()
         # Signing workers, one per core: every connection's chunks share them.
+        self._workers = os.cpu_count() or 2
         self._signers = ThreadPoolExecutor(
-            max_workers=os.cpu_count() or 2, thread_name_prefix="keyd-sign"
+            max_workers=self._workers, thread_name_prefix="keyd-sign"
         )
         self._keys: dict[bytes, LoadedKey] = {}
         self._meta_stamp: tuple[int, int] | None = None
@@ -618,8 +628,13 @@ class Keyd:
         # Validation (Python, GIL) and signing (native, no GIL) overlap: each chunk's
         # signing goes to a worker thread while this thread validates the next chunk.
         pending: list[tuple[array, Future[list[bytes]]]] = []
-        for at in range(0, len(ok), SIGN_CHUNK):
-            chunk = ok[at : at + SIGN_CHUNK]
+        # Without the Python validation there is nothing to overlap with: one chunk per
+        # signing worker (each chunk costs a hand-off to a worker and back).
+        step = SIGN_CHUNK
+        if self.valuesets is None:
+            step = max(SIGN_CHUNK, -(-len(ok) // self._workers))
+        for at in range(0, len(ok), step):
+            chunk = ok[at : at + step]
             if self.valuesets is not None:
                 problems = self._validate_columns(cols.payloads, starts, cols.ends, chunk)
                 if problems:

@@ -41,6 +41,8 @@ cdef extern from "keydcols.h" nogil:
     int KC_FACT_SIZE
 
 from ._keydcols_py import (
+    BAD_FACTS as _BAD_FACTS,
+    UVCI_MAX as _UVCI_MAX,
     ES256_LENGTH as _ES256_LENGTH,
     FACT as _FACT,
     MAX_TEXT as _KC_MAX_TEXT,
@@ -163,10 +165,19 @@ def audit_issue_columns(time, alg, kid, clients, accounts, operators, client_ix,
     cdef uint32_t i
     cdef uint32_t start
     # per selected item: it was checked, and an ES256 signature is r||s
+    cdef const uint8_t *rec
+    cdef uint32_t ci_off
     for k in range(nsel):
         i = sel[k]
-        if facts_p[i * KC_FACT_SIZE + 3] == 0 or facts_p[i * KC_FACT_SIZE + 2] not in b"vtr":
+        rec = facts_p + <size_t>i * KC_FACT_SIZE
+        if rec[3] == 0 or rec[2] not in b"vtr":
             raise ValueError(_NO_FACTS.format(i=i))
+        # facts are keyd_check_columns' output; checked anyway (they steer reads)
+        memcpy(&ci_off, rec + 4, 4)
+        start = b.ends[i - 1] if i else 0
+        if (not (65 <= rec[0] <= 90 and 65 <= rec[1] <= 90) or rec[3] > _UVCI_MAX
+                or <size_t>ci_off + rec[3] > b.ends[i] - start):
+            raise ValueError(_BAD_FACTS.format(i=i))
         start = sig_ends_p[k - 1] if k else 0
         if alg == ES256 and sig_ends_p[k] - start != 64:
             raise ValueError(_ES256_LENGTH.format(i=i))

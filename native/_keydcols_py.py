@@ -27,7 +27,7 @@ from itertools import islice
 from json.encoder import encode_basestring  # type: ignore[attr-defined]
 
 from ._audit_py import audit_issue_lines
-from ._cwt_py import _Shape, facts_and_ci
+from ._cwt_py import UVCI_MAX, _Shape, facts_and_ci
 from ._types import ES256, PS256
 from .errors import CoseFormatError
 
@@ -193,6 +193,7 @@ def unpack_facts(facts: bytes, i: int) -> tuple[str, str, int, int, int, int]:
 TEXT_INVALID = "{name}[{k}] must be a non-empty string of at most " + str(MAX_TEXT) + " characters"
 TEXT_NOT_UNICODE = "{name}[{k}] is not valid Unicode text"
 NO_FACTS = "selected item {i} has no facts (it was not checked)"
+BAD_FACTS = "selected item {i}: its facts do not describe its payload"
 ES256_LENGTH = "record {i}: an ES256 signature is 64 bytes (r||s)"
 
 
@@ -218,8 +219,8 @@ def check_audit_arguments(
     """The argument checks of :func:`audit_issue_columns` that do not look at single table
     entries or selected items, shared by both implementations (a fixed number of C-level
     passes). The per-entry and per-item rules are each implementation's own, with the
-    messages :data:`TEXT_INVALID`, :data:`TEXT_NOT_UNICODE`, :data:`NO_FACTS` and
-    :data:`ES256_LENGTH`."""
+    messages :data:`TEXT_INVALID`, :data:`TEXT_NOT_UNICODE`, :data:`NO_FACTS`,
+    :data:`BAD_FACTS` and :data:`ES256_LENGTH`."""
     if type(time) is not bytes or type(payloads) is not bytes or type(facts) is not bytes:
         raise TypeError("time, payloads and facts must be bytes")
     if type(signatures) is not bytes:
@@ -322,6 +323,12 @@ def audit_issue_columns(
     for k, i in enumerate(selected):
         if facts[i * FACT.size + 2] not in b"vtr" or not facts[i * FACT.size + 3]:
             raise ValueError(NO_FACTS.format(i=i))
+        # facts are keyd_check_columns' output; checked anyway (they steer reads)
+        iss, _t, ci_len, ci_off, _exp, _iat = unpack_facts(facts, i)
+        size = ends[i] - (ends[i - 1] if i else 0)
+        capitals = iss.isascii() and iss.isalpha() and iss.isupper()
+        if not capitals or ci_len > UVCI_MAX or ci_off + ci_len > size:
+            raise ValueError(BAD_FACTS.format(i=i))
         if alg == ES256 and (sig_ends[k] - (sig_ends[k - 1] if k else 0)) != 64:
             raise ValueError(ES256_LENGTH.format(i=i))
     kid_hex = kid.hex()

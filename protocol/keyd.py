@@ -374,9 +374,6 @@ class KeydColumns:
             )
             start = end
 
-    def __iter__(self) -> Iterator[SignPart]:
-        return self.parts()
-
     def check(self, what: str = "SIGN_COLUMNS") -> None:
         """Raise :class:`KeydProtocolError` naming the first rule this batch breaks: at most
         MAX_COLUMN_ITEMS items; every index column as long as ``ends``; ends monotone, the

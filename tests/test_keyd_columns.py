@@ -226,3 +226,69 @@ def test_result_columns_hold_signatures_in_item_order(env):
         else:
             (text,) = native.hc1_encode(protected, [payload], [outcome])
             assert verify_hc1(text, [entry.dsc]).valid
+
+
+# ----------------------------------------------------------------------------- engine side
+
+
+class ColumnsKeyd:
+    """A keyd client that speaks SIGN_COLUMNS: signs every item whose payload does not start
+    with b"X" (a fake signature naming the item's account), records each batch."""
+
+    connections = 1
+
+    def __init__(self):
+        self.calls = []
+
+    async def sign_columns(self, kid, columns):
+        from dccsign.protocol.keyd import ColumnsResult
+
+        self.calls.append(columns)
+        columns.check()
+        results = []
+        for i, payload in enumerate(columns.payload_list()):
+            account = columns.accounts[columns.account_ix[i]]
+            if payload.startswith(b"X"):
+                results.append((ItemError.MALFORMED_CWT, f"bad {account}"))
+            else:
+                results.append(account.encode().ljust(64, b"."))
+        return ColumnsResult.from_results(0, results)
+
+
+async def test_the_batcher_concatenates_requests_as_columns(monkeypatch):
+    import trio
+
+    from dccsign.keyd_batcher import KeydBatcher
+
+    keyd = ColumnsKeyd()
+    batcher = KeydBatcher(keyd, window=0.05)
+    encoded = []
+
+    def fake_encode(protected, payloads, signatures, level=9):
+        encoded.append(len(payloads))
+        return [f"HC1:{s.rstrip(b'.').decode()}:{p.decode()}" for p, s in
+                zip(payloads, signatures, strict=True)]
+
+    monkeypatch.setattr(native, "hc1_encode", fake_encode)
+    requests = {
+        "a": [SignPart("portal-a", f"a{i}", (b"pa%d" % i,)) for i in range(3)],
+        "b": [SignPart("portal-b", "b0", (b"pb0", b"X-bad", b"pb2"), "op")],
+        "c": KeydColumns.from_parts([SignPart("portal-a", "c0", (b"pc0",))]),
+    }
+    out = {}
+
+    async def one(name):
+        out[name] = await batcher.issue(b"k" * 8, b"prot", requests[name])
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(batcher.run)
+        async with trio.open_nursery() as inner:
+            for name in requests:
+                inner.start_soon(one, name)
+        nursery.cancel_scope.cancel()
+    assert len(keyd.calls) == 1 and len(keyd.calls[0]) == 7  # one SIGN_COLUMNS for all
+    assert out["a"] == [f"HC1:a{i}:pa{i}" for i in range(3)]
+    assert out["b"] == ["HC1:b0:pb0", (ItemError.MALFORMED_CWT, "bad b0"), "HC1:b0:pb2"]
+    assert out["c"] == ["HC1:c0:pc0"]
+    merged = keyd.calls[0]
+    assert {merged.operators[merged.operator_ix[i]] for i in range(7)} == {None, "op"}

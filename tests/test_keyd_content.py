@@ -222,7 +222,7 @@ def test_dispatch_reports_keyds_size_refusal_as_too_large_for_qr(tmp_path):
 
         async def issue(self, kid, protected, parts):
             codes = [ItemError.TOO_LARGE_FOR_QR, ItemError.INVALID_DCC]
-            return [(codes[i % 2], "no") for i, _ in enumerate(parts[0].payloads)]
+            return [(codes[i % 2], "no") for i in range(len(parts))]  # KeydColumns: items
 
     d = dispatcher_for(tmp_path, Refusing())
     items = [SignItem(sample("v"), "uzi:1"), SignItem(sample("v"), "uzi:1")]

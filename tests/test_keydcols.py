@@ -266,6 +266,21 @@ def test_check_matches_cwt_facts_and_both_implementations_agree():
             assert payloads[i][ci_off : ci_off + ci_len].decode() == f.uvci
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_check_of_mutated_payloads_agrees_between_implementations(data):
+    native, python = _load_impl("native"), _load_impl("python")
+    payloads = []
+    for n in range(data.draw(st.integers(1, 4))):
+        p = bytearray(_payload(n, kind=data.draw(st.sampled_from("vtr"))))
+        for _ in range(data.draw(st.integers(0, 3))):
+            p[data.draw(st.integers(0, len(p) - 1))] = data.draw(st.integers(0, 255))
+        cut = data.draw(st.integers(0, 3))
+        payloads.append(bytes(p[: len(p) - cut]))
+    allowed = data.draw(st.sampled_from(["vtr", "v", "tr", ""]))
+    assert _check(native, payloads, allowed=allowed) == _check(python, payloads, allowed=allowed)
+
+
 def test_check_argument_errors_are_shared(impl):
     buf, ends, cix = _cols([_payload(0)])
     with pytest.raises(TypeError, match="ends must be an array"):
@@ -373,6 +388,12 @@ def test_audit_columns_errors_are_shared(impl):
         call(facts=facts[:24] + bytes(24))
     with pytest.raises(ValueError, match="index into accounts is out of range"):
         call(account_ix=array("I", [0, 1]))
+    # facts that would steer reads outside the payload (or overflow the UVCI scratch)
+    for offset, value in ((4, b"\xff\xff\x00\x00"), (3, b"\xff"), (0, b"n")):
+        bad = bytearray(facts)
+        bad[24 + offset : 24 + offset + len(value)] = value
+        with pytest.raises(ValueError, match="selected item 1: its facts do not describe"):
+            call(facts=bytes(bad))
     with pytest.raises(ValueError, match="prev must be 64"):
         call(prev="x")
     with pytest.raises(TypeError, match="selected must be an array"):
