@@ -35,7 +35,7 @@ import math
 import operator
 from array import array
 from collections.abc import Callable, Sequence
-from itertools import compress
+from itertools import compress, islice
 
 import trio
 
@@ -62,16 +62,17 @@ Outcome = str | tuple[ItemError, str]
 class _Waiting:
     """One :meth:`KeydBatcher.issue` call: its columns, and later their outcomes."""
 
-    __slots__ = ("client", "columns", "count", "done", "outcome", "since")
+    __slots__ = ("client", "columns", "count", "done", "outcome", "raw", "since")
 
-    def __init__(self, columns: KeydColumns, since: float) -> None:
+    def __init__(self, columns: KeydColumns, since: float, raw: bool = False) -> None:
         self.columns = columns
+        self.raw = raw  # wants keyd's columns (signatures), not HC1 strings
         self.count = len(columns)
         # fairness is by the first item's client (a request is one portal's)
         self.client = columns.clients[columns.client_ix[0]] if self.count else ""
         self.since = since
         self.done = trio.Event()
-        self.outcome: list[Outcome] | KeydError | None = None
+        self.outcome: list[Outcome] | ColumnsResult | KeydError | None = None
 
 
 def _fair_batch(waiting: list[_Waiting], max_batch: int) -> list[_Waiting]:
@@ -107,6 +108,29 @@ def _outcomes(codes: bytes, texts: list[str], reasons: tuple[str, ...]) -> list[
     done = iter(texts)
     why = iter(reasons)
     return [next(done) if not code else (ItemError(code), next(why)) for code in codes]
+
+
+def _reasons(result: ColumnsResult, start: int, end: int) -> tuple[str, ...]:
+    """The reasons of the refused items among items start..end-1."""
+    before = start - result.codes[:start].count(0)
+    return result.reasons[before : before + (end - start) - result.codes[start:end].count(0)]
+
+
+def _slice_result(result: ColumnsResult, start: int, end: int) -> ColumnsResult:
+    """keyd's answer restricted to items start..end-1 (one waiter's), signatures rebased."""
+    codes = result.codes[start:end]
+    first = result.codes[:start].count(0)  # signed items before this waiter's
+    signed = codes.count(0)
+    ends = result.sig_ends
+    lo = ends[first - 1] if first else 0
+    hi = ends[first + signed - 1] if signed else lo
+    return ColumnsResult(
+        0,
+        codes,
+        result.signatures[lo:hi],
+        array("I", map((-lo).__add__, ends[first : first + signed])),
+        _reasons(result, start, end),
+    )
 
 
 class KeydBatcher:
@@ -210,6 +234,32 @@ class KeydBatcher:
         assert outcome is not None
         return outcome
 
+    async def issue_columns(
+        self, kid: bytes, protected: bytes, columns: KeydColumns
+    ) -> ColumnsResult:
+        """keyd's answer for *columns* as columns (codes, the signatures of the signed items,
+        the reasons of the others), without HC1 strings: for a caller that builds its reply
+        body from the signatures itself (``native.encode_sign_batch_result``).
+
+        Raises:
+            KeydError: as :meth:`issue`.
+        """
+        waiting = _Waiting(columns, trio.current_time(), raw=True)
+        if not waiting.count:
+            return ColumnsResult(0, b"")
+        self._protected.setdefault(kid, protected)
+        self._pending.setdefault(kid, []).append(waiting)
+        self._size += waiting.count
+        self._wake.set()
+        if self._size >= self.max_batch:
+            self._slot.set()
+        await waiting.done.wait()
+        outcome = waiting.outcome
+        if isinstance(outcome, KeydError):
+            raise outcome
+        assert isinstance(outcome, ColumnsResult)
+        return outcome
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The flusher; runs until cancelled (micro-batches in flight are finished first
         only if the caller's nursery waits for them)."""
@@ -281,7 +331,17 @@ class KeydBatcher:
                 return
             answered = trio.current_time()
             codes = result.codes
-            ok = list(compress(range(count), map(operator.not_, codes)))
+            if all(w.raw for w in batch):
+                ok: list[int] = []
+            elif not any(w.raw for w in batch):
+                ok = list(compress(range(count), map(operator.not_, codes)))
+            else:
+                ok, start = [], 0
+                for w in batch:
+                    end = start + w.count
+                    if not w.raw:
+                        ok += compress(range(start, end), map(operator.not_, codes[start:end]))
+                    start = end
             texts: list[str] = []
             if ok:
                 starts = array("I", [0])
@@ -301,11 +361,16 @@ class KeydBatcher:
                 self._on_stage("batch_wait", sent - min(w.since for w in batch))
                 self._on_stage("keyd", answered - sent)
                 self._on_stage("encode", done - answered)
-            outcomes: list[Outcome] = _outcomes(codes, texts, result.reasons)
             start = 0
+            done_texts = iter(texts)
             for waiting in batch:
                 end = start + waiting.count
-                waiting.outcome = outcomes[start:end]
+                if waiting.raw:
+                    waiting.outcome = _slice_result(result, start, end)
+                else:
+                    mine = codes[start:end]
+                    taken = list(islice(done_texts, mine.count(0)))
+                    waiting.outcome = _outcomes(mine, taken, _reasons(result, start, end))
                 start = end
         except BaseException as exc:
             # Cancelled (engine stopping) or a bug: no waiter may hang.

@@ -13,7 +13,7 @@ from ._hc1_py import hc1_encode, hc1_sign
 from ._keydcols_py import audit_issue_columns, keyd_check_columns
 from ._reply_py import encode_sign_batch_result
 from ._signing_py import SigningKey
-from ._spantable_py import span_table
+from ._spantable_py import fill_rows, gather_spans, span_table
 from ._splice_py import splice_payloads
 from ._walker_py import walk_sign_batch
 from ._zlib_py import MAX_INFLATED, zlib_compress, zlib_decompress
@@ -30,6 +30,8 @@ __all__ = [
     "cbor_scan",
     "cwt_facts",
     "encode_sign_batch_result",
+    "fill_rows",
+    "gather_spans",
     "hc1_encode",
     "hc1_sign",
     "keyd_check_columns",

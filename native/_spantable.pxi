@@ -37,3 +37,88 @@ def span_table(data, columns, nfields, fields, rows, base=0, absent=0xFFFFFFFF):
         r = rows_v[first_v[k]] * nf
         table.append(data[cols[r + off]:cols[r + off] + cols[r + ln]])
     return table, index
+
+
+cdef extern from "spantable.h" nogil:
+    int c_span_lengths "span_lengths"(const uint32_t *rows, const uint32_t *ends, uint32_t m,
+                                      size_t len, uint32_t n, uint32_t *lens)
+    void c_span_copy "span_copy"(const uint32_t *rows, const uint32_t *ends, uint32_t m,
+                                 const uint8_t *data, const uint32_t *offsets, uint8_t *out)
+    int c_span_fill "span_fill"(uint32_t *target, uint32_t n, const uint32_t *rows, uint32_t m,
+                                uint32_t value)
+
+from ._spantable_py import _u32_array
+
+
+def gather_spans(n, groups):
+    if type(n) is not int or not 0 <= n < 0xFFFFFFFF:
+        raise ValueError("n must be a uint32 item count")
+    cdef uint32_t count = n, m
+    cdef object offsets = _array("I", bytes(4 * (count + 1)))
+    cdef uint32_t[::1] off_v = offsets
+    cdef const uint32_t[::1] rows_v
+    cdef const uint32_t[::1] ends_v
+    cdef const uint8_t *d
+    cdef size_t dlen
+    cdef int rc
+    cdef uint64_t total = 0
+    cdef uint32_t i
+    checked = []
+    for rows, data, ends in groups:
+        _u32_array(rows, "rows")
+        _u32_array(ends, "ends")
+        if type(data) is not bytes:
+            raise TypeError("data must be bytes")
+        if len(rows) != len(ends):
+            raise ValueError("rows and ends must have the same length")
+        m = len(rows)
+        if not m:
+            continue
+        rows_v = rows
+        ends_v = ends
+        d = <const uint8_t *>PyBytes_AS_STRING(data)
+        dlen = PyBytes_GET_SIZE(data)
+        with nogil:
+            # lengths go into offsets[1..n] first, then become running sums
+            rc = c_span_lengths(&rows_v[0], &ends_v[0], m, dlen, count, &off_v[1])
+        if rc:
+            raise ValueError("a piece out of order, beyond its data, or of no item")
+        checked.append((rows, data, ends))
+    for i in range(count):
+        total += off_v[i + 1]
+        if total > 0xFFFFFFFF:
+            raise ValueError("gathered spans exceed 4 GiB")
+        off_v[i + 1] = <uint32_t>total
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>total)
+    cdef uint8_t *o = <uint8_t *>PyBytes_AS_STRING(out)
+    # An item in several groups: its pieces go in group order, so each group writes at the
+    # item's offset plus what the earlier groups wrote there.
+    cdef object cursor = _array("I", offsets)
+    cdef uint32_t[::1] cur_v = cursor
+    for rows, data, ends in checked:
+        rows_v = rows
+        ends_v = ends
+        m = len(rows)
+        d = <const uint8_t *>PyBytes_AS_STRING(data)
+        dlen = PyBytes_GET_SIZE(data)
+        with nogil:
+            c_span_copy(&rows_v[0], &ends_v[0], m, d, &cur_v[0], o)
+            c_span_lengths(&rows_v[0], &ends_v[0], m, dlen, count, &cur_v[0])
+    return out, offsets
+
+
+def fill_rows(target, rows, value):
+    _u32_array(target, "target")
+    _u32_array(rows, "rows")
+    if type(value) is not int or not 0 <= value <= 0xFFFFFFFF:
+        raise ValueError("value must be a uint32")
+    cdef uint32_t m = len(rows), n = len(target), v = value
+    if not m:
+        return
+    cdef uint32_t[::1] t = target
+    cdef const uint32_t[::1] r = rows
+    cdef int rc
+    with nogil:
+        rc = c_span_fill(&t[0], n, &r[0], m, v)
+    if rc:
+        raise ValueError("a row beyond the target")

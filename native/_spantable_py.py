@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from array import array
 
-__all__ = ["SPAN_ABSENT", "span_table"]
+__all__ = ["SPAN_ABSENT", "fill_rows", "gather_spans", "span_table"]
 
 #: The index of an item whose span is empty (an absent optional field).
 SPAN_ABSENT = 0xFFFFFFFF
@@ -80,3 +80,65 @@ def span_table(
             table.append(span)
         index.append(base + k)
     return table, index
+
+
+def _u32_array(value: object, what: str) -> array:
+    if not isinstance(value, array) or value.typecode != "I":
+        raise TypeError(f"{what} must be an array('I')")
+    return value
+
+
+def gather_spans(n: int, groups: list[tuple[array, bytes, array]]) -> tuple[bytes, array]:
+    """Pieces of several buffers put in item order: piece *j* of a group ``(rows, data,
+    ends)`` is ``data[ends[j-1]:ends[j]]`` (the first from 0) and belongs to item
+    ``rows[j]``. Returns one buffer with every item's pieces in item order, and its *n* + 1
+    offsets (item *i* is ``buf[off[i]:off[i+1]]``; empty for an item in no group). An item
+    is in a group at most once; in more than one group it gets its pieces in group order.
+    Used to lay out per-kid payloads and signatures as one frame's columns.
+
+    Raises:
+        TypeError: rows / ends not ``array('I')``, data not bytes.
+        ValueError: rows and ends of different lengths, an item >= *n*, ends that go back or
+            beyond data.
+    """
+    if type(n) is not int or not 0 <= n < SPAN_ABSENT:
+        raise ValueError("n must be a uint32 item count")
+    lens = [0] * n
+    pieces: list[list[bytes]] = [[] for _ in range(n)]
+    for rows, data, ends in groups:
+        _u32_array(rows, "rows")
+        _u32_array(ends, "ends")
+        if type(data) is not bytes:
+            raise TypeError("data must be bytes")
+        if len(rows) != len(ends):
+            raise ValueError("rows and ends must have the same length")
+        start = 0
+        for r, e in zip(rows, ends, strict=True):
+            if e < start or e > len(data) or r >= n:
+                raise ValueError("a piece out of order, beyond its data, or of no item")
+            lens[r] += e - start
+            pieces[r].append(data[start:e])
+            start = e
+    offsets = array("I", [0])
+    total = 0
+    for length in lens:
+        total += length
+        offsets.append(total)
+    return b"".join(b"".join(p) for p in pieces), offsets
+
+
+def fill_rows(target: array, rows: array, value: int) -> None:
+    """``target[r] = value`` for every *r* of *rows* (in C natively).
+
+    Raises:
+        TypeError: target or rows not ``array('I')``.
+        ValueError: a row beyond target, or value not uint32.
+    """
+    _u32_array(target, "target")
+    _u32_array(rows, "rows")
+    if type(value) is not int or not 0 <= value <= SPAN_ABSENT:
+        raise ValueError("value must be a uint32")
+    if any(r >= len(target) for r in rows):
+        raise ValueError("a row beyond the target")
+    for r in rows:
+        target[r] = value

@@ -98,3 +98,39 @@ def test_base_and_absent_place_the_table_in_a_larger_one(impl):
     with pytest.raises(ValueError, match="uint32"):
         impl.span_table(view.data, view.columns, W.NFIELDS, (W.OPERATOR_OFF, W.OPERATOR_LEN),
                         array("I", range(4)), base=-1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 40), st.data())
+def test_gather_lays_pieces_out_in_item_order(impl, n, data):
+    groups, want = [], [b""] * n
+    for _group in range(data.draw(st.integers(0, 3))):
+        rows = data.draw(st.lists(st.integers(0, max(n - 1, 0)), unique=True, max_size=n))
+        rows = rows if n else []
+        pieces = [data.draw(st.binary(max_size=9)) for _ in rows]
+        ends, size = array("I"), 0
+        for p in pieces:
+            size += len(p)
+            ends.append(size)
+        groups.append((array("I", rows), b"".join(pieces), ends))
+        for r, p in zip(rows, pieces, strict=True):
+            want[r] += p
+    buf, offsets = impl.gather_spans(n, groups)
+    assert len(offsets) == n + 1 and offsets[0] == 0
+    assert [buf[offsets[i] : offsets[i + 1]] for i in range(n)] == want
+
+
+def test_gather_and_fill_refuse_bad_columns_alike(impl):
+    with pytest.raises(ValueError, match="piece"):
+        impl.gather_spans(2, [(array("I", [2]), b"ab", array("I", [2]))])
+    with pytest.raises(ValueError, match="piece"):
+        impl.gather_spans(2, [(array("I", [0, 1]), b"ab", array("I", [2, 1]))])
+    with pytest.raises(ValueError, match="same length"):
+        impl.gather_spans(2, [(array("I", [0]), b"ab", array("I", [1, 2]))])
+    with pytest.raises(TypeError):
+        impl.gather_spans(2, [([0], b"ab", array("I", [2]))])
+    target = array("I", [7, 7, 7])
+    impl.fill_rows(target, array("I", [0, 2]), 5)
+    assert list(target) == [5, 7, 5]
+    with pytest.raises(ValueError, match="beyond"):
+        impl.fill_rows(target, array("I", [3]), 1)

@@ -57,3 +57,34 @@ int span_table(const uint8_t *data, const uint32_t *cols, uint32_t nfields, uint
     *distinct = k;
     return 0;
 }
+
+int span_lengths(const uint32_t *rows, const uint32_t *ends, uint32_t m, size_t len,
+                 uint32_t n, uint32_t *lens)
+{
+    uint32_t start = 0;
+    for (uint32_t j = 0; j < m; j++) {
+        if (ends[j] < start || ends[j] > len || rows[j] >= n) return -1;
+        lens[rows[j]] += ends[j] - start;
+        start = ends[j];
+    }
+    return 0;
+}
+
+void span_copy(const uint32_t *rows, const uint32_t *ends, uint32_t m, const uint8_t *data,
+               const uint32_t *offsets, uint8_t *out)
+{
+    uint32_t start = 0;
+    for (uint32_t j = 0; j < m; j++) {
+        memcpy(out + offsets[rows[j]], data + start, ends[j] - start);
+        start = ends[j];
+    }
+}
+
+int span_fill(uint32_t *target, uint32_t n, const uint32_t *rows, uint32_t m, uint32_t value)
+{
+    for (uint32_t j = 0; j < m; j++) {
+        if (rows[j] >= n) return -1;
+        target[rows[j]] = value;
+    }
+    return 0;
+}

@@ -20,4 +20,17 @@ int span_table(const uint8_t *data, const uint32_t *cols, uint32_t nfields, uint
                uint32_t len_field, const uint32_t *rows, uint32_t n, uint32_t base,
                uint32_t absent, uint32_t *index, uint32_t *first, uint32_t *distinct);
 
+
+
+/* Scatter pieces into item order. Piece j of a group belongs to item rows[j] (< n) and is
+ * data[start(j) .. ends[j]] (start(0) = 0, else ends[j-1]). span_lengths adds each piece's
+ * length to lens[rows[j]] (call it once per group, lens zeroed first); then offsets[0..n]
+ * are the running sums of lens; span_copy writes each piece at out + offsets[rows[j]].
+ * Returns 0, or -1 when a piece is out of order or beyond data (len), or an item beyond n. */
+int span_lengths(const uint32_t *rows, const uint32_t *ends, uint32_t m, size_t len,
+                 uint32_t n, uint32_t *lens);
+void span_copy(const uint32_t *rows, const uint32_t *ends, uint32_t m, const uint8_t *data,
+               const uint32_t *offsets, uint8_t *out);
+/* target[rows[j]] = value for each j < m; -1 when a row is >= n. */
+int span_fill(uint32_t *target, uint32_t n, const uint32_t *rows, uint32_t m, uint32_t value);
 #endif
