@@ -21,18 +21,27 @@ contracts.
 
 from __future__ import annotations
 
+import collections
+import functools
+import operator
 from array import array
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import compress
+from typing import Any
 
 import cbor2
+import trio
 
 from . import native
 from .chain import _nfc
 from .dcc import DCCValidationError, validate
 from .native import _walker_py as W
+from .native._splice_py import NO_PAYLOAD
+from .protocol.codes import ErrorCode
 from .valuesets import ValueSets
 
-__all__ = ["FrameRows", "check_rows", "columns_of", "plain", "splice"]
+__all__ = ["Frame", "FrameReply", "FrameRows", "KidRows", "check_rows", "columns_of", "plain"]
 
 
 def columns_of(view: native.BatchView) -> array:
@@ -93,17 +102,157 @@ def check_rows(view: native.BatchView, cols: array, valuesets: ValueSets) -> Fra
     return out
 
 
-def splice(prefix: bytes, dccs: list[bytes | None], rows: array) -> tuple[bytes, array]:
-    """The CWT payloads ``prefix + dcc`` of *rows*, concatenated, and their end offsets."""
-    pieces = []
-    for r in rows:
-        pieces.append(prefix)
-        pieces.append(dccs[r])  # type: ignore[arg-type]
-    payloads = b"".join(pieces)
-    ends = array("I")
-    size = 0
-    plen = len(prefix)
-    for r in rows:
-        size += plen + len(dccs[r])  # type: ignore[arg-type]
-        ends.append(size)
-    return payloads, ends
+#: Above this many signed items, a frame's reply body is encoded in a worker thread (the
+#: native encoder releases the GIL; a thread hop costs the event loop more than a few items).
+INLINE_ENCODE = 16
+
+
+@dataclass
+class KidRows:
+    """The rows of a frame that one kid signs: ``rows`` (item numbers, ascending) and the
+    claims prefix of each, their spliced payloads (``spliced``; ``ends``: each row's end in
+    ``spliced.data``), and after keyd the rows it signed and its answer."""
+
+    key: Any
+    max_payload: int
+    groups: list[tuple[int, array]] = field(default_factory=list)  # (prefix index, rows)
+    rows: array = field(default_factory=lambda: array("I"))
+    spliced: Any = None
+    ends: array = field(default_factory=lambda: array("I"))
+    signed_rows: array = field(default_factory=lambda: array("I"))
+    result: Any = None
+
+
+@dataclass
+class FrameReply:
+    """A plain frame's answer: its encoded SIGN_BATCH_RESULT (or SIGN_RESULT) body, and per
+    (kid hex, DCC type, outcome) how many items had it (for the metrics)."""
+
+    body: bytes
+    count: int
+    outcomes: dict[tuple[str, str, str], int]
+    single: bool = False  # a SIGN_RESULT body (one item), not SIGN_BATCH_RESULT
+
+
+class Frame:
+    """One plain frame on its way through the data plane (see the module docstring): what is
+    refused so far, and per kid what goes to keyd. Methods are called once per frame, per
+    DCC type or per kid; the per-item loops run in native calls."""
+
+    def __init__(self, view: native.BatchView, rows: FrameRows) -> None:
+        self.view = view
+        self.rows = rows
+        self.count = view.count
+        #: item -> (error code, message, retry_after_ms or None)
+        self.refusals: dict[int, tuple[int, str, int | None]] = {}
+        self.kids: list[KidRows] = []
+        self._kid_index: dict[bytes, int] = {}
+        self.prefixes: list[bytes] = []
+        self._types = "".join(t or "-" for t in rows.types).encode()
+
+    def rows_of(self, dcc_type: str) -> array:
+        """The items whose DCC is valid and of *dcc_type*, ascending."""
+        ch = ord(dcc_type)
+        return array("I", compress(range(self.count), map(ch.__eq__, self._types)))
+
+    def refuse(self, i: int, code: int, message: str, retry_ms: int | None = None) -> None:
+        self.refusals[i] = (int(code), message, retry_ms)
+
+    def refuse_result(self, rows: Iterable[int], result: Any) -> None:
+        """Refuse *rows* with the failed :class:`~dccsign.protocol.wire.ItemResult`
+        *result* (one per frame and reason: the same tuple for every row)."""
+        entry = (int(result.error), result.message, result.retry_after_ms)
+        self.refusals.update(dict.fromkeys(rows, entry))
+
+    def add(self, key: Any, prefix: bytes, max_payload: int, rows: array) -> None:
+        """*rows* go to keyd under *key* with the claims *prefix*."""
+        if not rows:
+            return
+        k = self._kid_index.get(key.dsc.kid)
+        if k is None:
+            k = self._kid_index[key.dsc.kid] = len(self.kids)
+            self.kids.append(KidRows(key, max_payload))
+        self.prefixes.append(prefix)
+        self.kids[k].groups.append((len(self.prefixes) - 1, rows))
+
+    def splice(self, drop: set[int] | None = None) -> None:
+        """Build each kid's payloads (one native splice per kid), leaving out the refused
+        rows; a row whose payload would not fit a QR code is refused TOO_LARGE_FOR_QR. With
+        *drop*, only the kids that had one of those rows are spliced again."""
+        for kid in self.kids:
+            if drop is not None and not drop.intersection(kid.rows):
+                continue
+            while not self._splice(kid):
+                pass  # cold: a certificate too large for a QR code was refused; again
+
+    def _splice(self, kid: KidRows) -> bool:
+        prefix_of = array("I", b"\xff" * (4 * self.count))
+        for p, rows in kid.groups:
+            native.fill_rows(prefix_of, rows, p)
+        if self.refusals:
+            native.fill_rows(prefix_of, array("I", self.refusals), NO_PAYLOAD)
+        spliced = native.splice_payloads(self.view, self.prefixes, prefix_of)
+        off = array("I")
+        off.frombytes(spliced.offsets)
+        lengths = array("I", map(operator.sub, off[1:], off[:-1]))
+        if lengths and max(lengths) > kid.max_payload:
+            for i, n in enumerate(lengths):
+                if n > kid.max_payload:
+                    self.refuse(
+                        i, ErrorCode.TOO_LARGE_FOR_QR,
+                        f"the signed certificate would not fit a QR code ({n}-byte payload)",
+                    )
+            return False
+        kid.rows = array("I", compress(range(self.count), lengths))
+        kid.spliced = spliced
+        kid.ends = array("I", map(off.__getitem__, map((1).__add__, kid.rows)))
+        return True
+
+    def bound_rows(self) -> array:
+        """Every row on its way to keyd, ascending."""
+        rows = array("I")
+        for kid in self.kids:
+            rows.extend(kid.rows)
+        return array("I", sorted(rows)) if len(self.kids) > 1 else rows
+
+    def signed(self, k: int, rows: array, result: Any) -> None:
+        self.kids[k].signed_rows = rows
+        self.kids[k].result = result
+
+    async def encode(self, level: int, single: bool = False) -> FrameReply:
+        """The reply body (``native.encode_sign_batch_result``), in a worker thread when it
+        holds many certificates."""
+        n = self.count
+        kids = [k for k in self.kids if k.signed_rows]
+        protected_of = array("I", b"\xff" * (4 * n))
+        for k, kid in enumerate(kids):
+            native.fill_rows(protected_of, kid.signed_rows, k)
+        if len(kids) == 1:
+            payloads, payload_offsets = kids[0].spliced.data, kids[0].spliced.offsets
+        else:
+            payloads, payload_offsets = native.gather_spans(
+                n, [(k.rows, k.spliced.data, k.ends) for k in kids]
+            )
+        signatures, signature_offsets = native.gather_spans(
+            n, [(k.signed_rows, k.result.signatures, k.result.sig_ends) for k in kids]
+        )
+        job = (
+            [k.key.protected for k in kids], [k.key.dsc.kid for k in kids], protected_of,
+            payloads, payload_offsets, signatures, signature_offsets, self.refusals, level,
+        )
+        signed = sum(len(k.signed_rows) for k in kids)
+        if signed > INLINE_ENCODE:
+            body = await trio.to_thread.run_sync(
+                functools.partial(native.encode_sign_batch_result, *job, single=single)
+            )
+        else:
+            body = native.encode_sign_batch_result(*job, single=single)
+        outcomes: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        types = self.rows.types
+        for kid in kids:
+            kid_hex = kid.key.dsc.kid.hex()
+            for t, c in collections.Counter(map(types.__getitem__, kid.signed_rows)).items():
+                outcomes[kid_hex, t, "ok"] += c
+        for i, (code, _message, _retry) in self.refusals.items():
+            outcomes["", types[i], ErrorCode(code).name] += 1
+        return FrameReply(body, n, dict(outcomes), single)

@@ -23,12 +23,13 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import hashlib
+import operator
 import pickle
 import time
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from itertools import accumulate, chain, repeat
+from itertools import accumulate, chain, compress, repeat
 from typing import Any
 
 import cbor2
@@ -263,105 +264,89 @@ class Dispatcher:
         return results  # type: ignore[return-value]
 
     async def sign_view(
-        self, client: str, view: Any, types: list[str] | None = None
-    ) -> list[ItemResult]:
-        """The results of a frame walked by :func:`dccsign.native.walk_sign_batch`: the same
-        as :meth:`sign` of its items, computed per frame, per DCC type, per distinct account
-        and per kid rather than per item where the frame allows it (:mod:`.dataplane`)."""
+        self, client: str, view: Any, types: list[str] | None = None, *, single: bool = False
+    ) -> list[ItemResult] | dataplane.FrameReply:
+        """The reply to a frame walked by :func:`dccsign.native.walk_sign_batch`.
+
+        A plain frame (:func:`dataplane.plain`) is handled per frame, per DCC type, per
+        distinct account and per kid, and answered with its encoded reply body
+        (:class:`dataplane.FrameReply`, built by ``native.encode_sign_batch_result``). Any
+        other frame goes item by item (:meth:`sign`) and gets one :class:`ItemResult` per
+        item. Both give the same result for every item. *single*: the frame is a SIGN (its
+        reply a SIGN_RESULT). Never raises for anything an item holds.
+        """
         cols = dataplane.columns_of(view)
         if not dataplane.plain(view, cols):
             return await self.sign(client, view.sign_items(), types)
-        n = view.count
-        if types is None:
-            types = [""] * n
-        results: list[ItemResult | None] = [None] * n
         turns = self._turns.get(client)
         if turns is None:
             turns = self._turns[client] = trio.Semaphore(PREPARE_TURNS)
         started = trio.current_time()
         async with turns:
-            policy = self.policy.current()
-            now = self.clock()
-            rows = dataplane.check_rows(view, cols, self.valuesets)
-            for i, message in rows.failures.items():
-                results[i] = _failure(ErrorCode.INVALID_DCC, message)
-            types[:] = rows.types
-            cp = policy.client(client)
-            per_item_policy = cp is not None and (
-                cp.countries is not None or cp.issuers is not None
-            )
-            # Per DCC type: the key, the claims and the policy, once.
-            by_kid: dict[bytes, tuple[SignerKey, list[tuple[bytes, int, array]]]] = {}
-            for dcc_type in "vtr":
-                group = array("I", (i for i, t in enumerate(rows.types) if t == dcc_type))
-                if not group:
-                    continue
-                key, claims = self._signing(dcc_type, None, DEFAULT_VALIDITY_DAYS, now)
-                failure: ItemResult | None = None
-                if key is None or isinstance(claims, ItemResult):
-                    failure = claims  # type: ignore[assignment]
-                elif not per_item_policy:
-                    refusal = policy.check(client, key.dsc.kid, dcc_type, {})
-                    failure = None if refusal is None else _refused(refusal)
-                if failure is not None:
-                    for i in group:
-                        results[i] = failure
-                    continue
-                assert key is not None
-                if per_item_policy:
-                    kept = array("I")
-                    for i in group:
-                        refusal = policy.check(client, key.dsc.kid, dcc_type, rows.decoded[i])
-                        if refusal is None:
-                            kept.append(i)
-                        else:
-                            results[i] = _refused(refusal)
-                    group = kept
-                prefix, max_payload = claims  # type: ignore[misc]
-                too_large = max_payload - len(prefix)
-                fitting = array("I")
-                for i in group:
-                    if len(rows.dccs[i]) > too_large:  # type: ignore[arg-type]
-                        size = len(prefix) + len(rows.dccs[i])  # type: ignore[arg-type]
-                        results[i] = _failure(
-                            ErrorCode.TOO_LARGE_FOR_QR,
-                            f"the signed certificate would not fit a QR code ({size}-byte "
-                            "payload)",
-                        )
-                    else:
-                        fitting.append(i)
-                if fitting:
-                    by_kid.setdefault(key.dsc.kid, (key, []))[1].append(
-                        (prefix, max_payload, fitting)
-                    )
-            # Quotas: once per distinct account of the frame.
-            admitted = array("I", sorted(i for _k, groups in by_kid.values()
-                                         for _p, _m, g in groups for i in g))
-            refused = self._charge_accounts(policy, client, view, admitted, results)
+            frame = self._prepare_frame(client, view, cols)
         if self._on_stage is not None:
             self._on_stage("prepare", trio.current_time() - started)
-
-        async def run(key: SignerKey, groups: list[tuple[bytes, int, array]]) -> None:
-            await self._keyd_view(client, view, key, groups, refused, rows, results)
-
-        if len(by_kid) == 1:
-            await run(*next(iter(by_kid.values())))
-        elif by_kid:
+        if len(frame.kids) == 1:
+            await self._keyd_frame(client, frame, 0)
+        elif frame.kids:
             async with trio.open_nursery() as nursery:
-                for key, groups in by_kid.values():
-                    nursery.start_soon(run, key, groups)
-        return results  # type: ignore[return-value]
+                for k in range(len(frame.kids)):
+                    nursery.start_soon(self._keyd_frame, client, frame, k)
+        reply = await frame.encode(self.batcher.zlib_level, single)
+        if types is not None:
+            types[:] = frame.rows.types
+        return reply
 
-    def _charge_accounts(
-        self, policy: Any, client: str, view: Any, rows: array,
-        results: list[ItemResult | None],
-    ) -> set[int]:
-        """Reserve quota for *rows*, one reservation per distinct account; an account that
-        cannot have all of its rows gets them one by one, in order, until the first refusal.
-        Returns the rows refused (their results set)."""
+    def _prepare_frame(self, client: str, view: Any, cols: array) -> dataplane.Frame:
+        """Everything before keyd: validation, key, claims, policy, size and quotas."""
+        policy = self.policy.current()
+        now = self.clock()
+        frame = dataplane.Frame(view, dataplane.check_rows(view, cols, self.valuesets))
+        for i, message in frame.rows.failures.items():
+            frame.refuse(i, ErrorCode.INVALID_DCC, message)
+        cp = policy.client(client)
+        per_item_policy = cp is not None and (cp.countries is not None or cp.issuers is not None)
+        for dcc_type in "vtr":
+            group = frame.rows_of(dcc_type)
+            if not group:
+                continue
+            key, claims = self._signing(dcc_type, None, DEFAULT_VALIDITY_DAYS, now)
+            failure: ItemResult | None = None
+            if key is None or isinstance(claims, ItemResult):
+                failure = claims  # type: ignore[assignment]
+            elif not per_item_policy:
+                refusal = policy.check(client, key.dsc.kid, dcc_type, {})
+                failure = None if refusal is None else _refused(refusal)
+            if failure is not None:
+                frame.refuse_result(group, failure)
+                continue
+            assert key is not None
+            if per_item_policy:
+                kept = array("I")
+                for i in group:
+                    refusal = policy.check(client, key.dsc.kid, dcc_type, frame.rows.decoded[i])
+                    if refusal is None:
+                        kept.append(i)
+                    else:
+                        frame.refuse_result(array("I", [i]), _refused(refusal))
+                group = kept
+            prefix, max_payload = claims  # type: ignore[misc]
+            frame.add(key, prefix, max_payload, group)
+        frame.splice()
+        refused = self._charge_accounts(policy, client, frame)
+        if refused:
+            frame.splice(drop=refused)
+        return frame
+
+    def _charge_accounts(self, policy: Any, client: str, frame: dataplane.Frame) -> set[int]:
+        """Reserve quota for the frame's rows bound for keyd, one reservation per distinct
+        account; an account that cannot have all of its rows gets them one by one, in
+        order, until the first refusal. Returns the rows refused (their results set)."""
+        rows = frame.bound_rows()
         refused: set[int] = set()
         if not rows:
             return refused
+        view = frame.view
         table, index = native.span_table(
             view.data, view.columns, W.NFIELDS, (W.ACCOUNT_OFF, W.ACCOUNT_LEN), rows
         )
@@ -371,72 +356,53 @@ class Dispatcher:
             refusal = self.quotas.try_reserve(policy, client, account, counts[k])
             if refusal is None:
                 continue
-            mine = [r for r, j in zip(rows, index, strict=True) if j == k]
+            mine = array("I", (r for r, j in zip(rows, index, strict=True) if j == k))
             for n in range(len(mine)):
                 refusal = self.quotas.try_reserve(policy, client, account, 1)
                 if refusal is not None:
-                    for q in mine[n:]:
-                        results[q] = _refused(refusal)
-                        refused.add(q)
+                    frame.refuse_result(mine[n:], _refused(refusal))
+                    refused.update(mine[n:])
                     break
         return refused
 
-    async def _keyd_view(
-        self, client: str, view: Any, key: SignerKey, groups: list[tuple[bytes, int, array]],
-        refused: set[int], rows: dataplane.FrameRows, results: list[ItemResult | None],
-    ) -> None:
-        """Sign one kid's rows of a frame with one columnar keyd message."""
-        order = array("I")
-        payloads: list[bytes] = []
-        ends = array("I")
-        base = 0
-        for prefix, _max, group in groups:
-            if refused:
-                group = array("I", (i for i in group if i not in refused))
-            if not group:
-                continue
-            buf, group_ends = dataplane.splice(prefix, rows.dccs, group)
-            payloads.append(buf)
-            ends.extend(map(base.__add__, group_ends))
-            base += len(buf)
-            order.extend(group)
-        if not order:
+    async def _keyd_frame(self, client: str, frame: dataplane.Frame, k: int) -> None:
+        """Sign the frame's rows of its *k*-th kid with one columnar keyd message."""
+        kid_rows = frame.kids[k]
+        rows, payloads, ends = kid_rows.rows, kid_rows.spliced.data, kid_rows.ends
+        if not rows:
             return
+        view = frame.view
         accounts, account_ix = native.span_table(
-            view.data, view.columns, W.NFIELDS, (W.ACCOUNT_OFF, W.ACCOUNT_LEN), order
+            view.data, view.columns, W.NFIELDS, (W.ACCOUNT_OFF, W.ACCOUNT_LEN), rows
         )
         operators, operator_ix = native.span_table(
-            view.data, view.columns, W.NFIELDS, (W.OPERATOR_OFF, W.OPERATOR_LEN), order,
+            view.data, view.columns, W.NFIELDS, (W.OPERATOR_OFF, W.OPERATOR_LEN), rows,
             base=1, absent=0,
         )
-        account_names = tuple(a.decode() for a in accounts)
+        names = tuple(a.decode() for a in accounts)
         columns = KeydColumns(
-            b"".join(payloads),
-            ends,
-            (client,),
-            account_names,
-            (None, *(o.decode() for o in operators)),
-            array("I", bytes(4 * len(order))),
-            account_ix,
-            operator_ix,
+            payloads, ends, (client,), names, (None, *(o.decode() for o in operators)),
+            array("I", bytes(4 * len(rows))), account_ix, operator_ix,
         )
-        kid = key.dsc.kid
+        key = kid_rows.key
         try:
-            outcomes = await self.batcher.issue(kid, key.protected, columns)
+            result = await self.batcher.issue_columns(key.dsc.kid, key.protected, columns)
         except KeydError as exc:
-            for k, count in collections.Counter(account_ix).items():
-                self.quotas.release(client, account_names[k], count)
+            for j, count in collections.Counter(account_ix).items():
+                self.quotas.release(client, names[j], count)
             code = ErrorCode.KEYD_UNAVAILABLE if exc.retryable else ErrorCode.INTERNAL
-            failure = _failure(code, str(exc), retry_after_s=0.5)
-            for i in order:
-                results[i] = failure
+            frame.refuse_result(rows, _failure(code, str(exc), retry_after_s=0.5))
             return
-        for i, k, outcome in zip(order, account_ix, outcomes, strict=True):
-            if isinstance(outcome, str):
-                results[i] = ItemResult(hc1=outcome, kid=kid)
-                continue
-            self.quotas.release(client, account_names[k], 1)
-            results[i] = _keyd_failure(outcome)
+        codes = result.codes
+        if codes.count(0) != len(codes):  # keyd refused some: their quota units go back
+            reasons = iter(result.reasons)
+            for i, j, code in zip(rows, account_ix, codes, strict=True):
+                if code:
+                    self.quotas.release(client, names[j], 1)
+                    frame.refuse_result(
+                        array("I", [i]), _keyd_failure((code, next(reasons)))
+                    )
+        frame.signed(k, array("I", compress(rows, map(operator.not_, codes))), result)
 
     async def _sign_fresh(
         self, client: str, items: Sequence[SignItem], types: list[str]

@@ -31,6 +31,7 @@ then goes into the next micro-batch, not behind the thousands another portal has
 
 from __future__ import annotations
 
+import logging
 import math
 import operator
 from array import array
@@ -57,6 +58,9 @@ INLINE_ENCODE = 4
 
 #: Per payload: the HC1 string, or keyd's refusal.
 Outcome = str | tuple[ItemError, str]
+
+
+LOGGER = logging.getLogger("dccsign.serve")
 
 
 class _Waiting:
@@ -331,16 +335,21 @@ class KeydBatcher:
                 return
             answered = trio.current_time()
             codes = result.codes
-            if all(w.raw for w in batch):
-                ok: list[int] = []
-            elif not any(w.raw for w in batch):
+            # HC1 strings only for the waiters that want them (issue); the others (issue_columns)
+            # get keyd's columns. Signatures follow the signed items in order, so the
+            # signatures of the string-waiters are taken waiter by waiter.
+            ok: list[int] = []
+            signatures: list[bytes] = []
+            if not any(w.raw for w in batch):
                 ok = list(compress(range(count), map(operator.not_, codes)))
-            else:
-                ok, start = [], 0
+                signatures = result.signature_list()
+            elif not all(w.raw for w in batch):
+                start = 0
                 for w in batch:
                     end = start + w.count
                     if not w.raw:
                         ok += compress(range(start, end), map(operator.not_, codes[start:end]))
+                        signatures += _slice_result(result, start, end).signature_list()
                     start = end
             texts: list[str] = []
             if ok:
@@ -349,7 +358,7 @@ class KeydBatcher:
                 payloads = list(map(columns.payloads.__getitem__,
                                     map(slice, map(starts.__getitem__, ok),
                                         map(columns.ends.__getitem__, ok))))  # fmt: skip
-                job = (self._protected[kid], payloads, result.signature_list(), self.zlib_level)
+                job = (self._protected[kid], payloads, signatures, self.zlib_level)
                 if len(ok) <= INLINE_ENCODE:
                     # A thread hop costs the event loop more than encoding a few here.
                     texts = native.hc1_encode(*job)
@@ -372,8 +381,16 @@ class KeydBatcher:
                     taken = list(islice(done_texts, mine.count(0)))
                     waiting.outcome = _outcomes(mine, taken, _reasons(result, start, end))
                 start = end
+        except Exception as exc:
+            # A bug in the engine's handling of one micro-batch: its waiters get an error
+            # (INTERNAL for their items), and the batcher -- the engine -- goes on.
+            LOGGER.exception("a micro-batch of %d requests for kid %s failed", len(batch),
+                             kid.hex())
+            for waiting in batch:
+                if waiting.outcome is None:
+                    waiting.outcome = KeydError(f"engine failed: {exc!r}", retryable=False)
         except BaseException as exc:
-            # Cancelled (engine stopping) or a bug: no waiter may hang.
+            # Cancelled (engine stopping): no waiter may hang.
             for waiting in batch:
                 if waiting.outcome is None:
                     waiting.outcome = KeydError(

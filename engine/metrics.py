@@ -130,6 +130,16 @@ class Metrics:
             self.items.labels(client, kid, dcc_type, outcome).inc(n)
 
 
+    def observe_counts(
+        self, client: str, outcomes: dict[tuple[str, str, str], int], seconds: float
+    ) -> None:
+        """One answered request, counted already per (kid hex, DCC type, outcome)."""
+        self.requests.labels(client).inc()
+        self.latency.observe(seconds)
+        for (kid, dcc_type, outcome), n in outcomes.items():
+            self.items.labels(client, kid, dcc_type, outcome).inc(n)
+
+
 class NoncePoolCollector:
     """keyd's nonce pools as the engine last saw them (DESCRIBE, every KEYD_POLL seconds).
 

@@ -71,6 +71,7 @@ from typing import Any
 import trio
 
 from . import native
+from .dataplane import FrameReply
 from .dispatch import Dispatcher
 from .metrics import Metrics
 from .policy import Policy
@@ -500,7 +501,11 @@ class Server:
         async def work() -> None:
             try:
                 if walked:
-                    box.append(await self.dispatcher.sign_view(client, items, types))
+                    box.append(
+                        await self.dispatcher.sign_view(
+                            client, items, types, single=event.type == wire.FrameType.SIGN
+                        )
+                    )
                 else:
                     box.append(await self.dispatcher.sign(client, items, types))
             except Exception:
@@ -537,10 +542,21 @@ class Server:
                     retry_after_ms=self.limits.busy_retry_ms,
                 )
             ] * count
+        if isinstance(results, FrameReply):
+            self.metrics.observe_counts(client, results.outcomes, trio.current_time() - start)
+            return _Encoded(event.request_id, results)
         self.metrics.observe(client, results, types, trio.current_time() - start)
         if event.type == wire.FrameType.SIGN:
             return wire.SignResult(request_id=event.request_id, result=results[0])
         return wire.SignBatchResult(request_id=event.request_id, results=tuple(results))
+
+
+@dataclass(frozen=True, slots=True)
+class _Encoded:
+    """A sign request's reply whose body is encoded already (:class:`FrameReply`)."""
+
+    request_id: int
+    reply: FrameReply
 
 
 @dataclass(frozen=True, slots=True)
@@ -901,7 +917,13 @@ class _Connection:
         """Queue the frame of *event*; dropped (its ticket released) when the connection can
         no longer carry it."""
         try:
-            frame = self.codec.send(event)
+            if type(event) is _Encoded:
+                r = event.reply
+                frame = self.codec.send_encoded_result(
+                    event.request_id, r.body, r.count, single=r.single
+                )
+            else:
+                frame = self.codec.send(event)
         except wire.LocalProtocolError as exc:
             frame = self._unsendable(event, exc)
         if frame is None:

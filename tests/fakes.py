@@ -1,16 +1,19 @@
 """Stand-ins for keyd in tests of the engine's own code (dispatcher, server)."""
 
+import hashlib
 import json
+from array import array
 
 import cbor2
 import trio
 import trio.lowlevel
 
+from dccsign import native
 from dccsign.benchcore import ephemeral_certificate
 from dccsign.dispatch import Dispatcher
 from dccsign.dsc import DSC
 from dccsign.policy import PolicyFile, QuotaTracker
-from dccsign.protocol.keyd import KeydColumns
+from dccsign.protocol.keyd import ColumnsResult, KeydColumns
 
 
 class FakeBatcher:
@@ -38,6 +41,19 @@ class FakeBatcher:
                 out.append("HC1:" + dcc[group][0]["ci"])
         return out
 
+    async def issue_columns(self, kid, protected, columns):
+        """keyd's columns for *columns*: every payload "signed" with a fake 64-byte signature
+        (the SHA-256 of the payload, twice), so that a reply body built from it decodes to
+        the payload that was sent (see :func:`uvci_of_hc1`)."""
+        payloads = columns.payload_list()
+        self.calls.append([len(p.payloads) for p in columns.parts()])
+        await trio.lowlevel.checkpoint()
+        if self.gate is not None:
+            await self.gate.wait()
+        sigs = [hashlib.sha256(p).digest() * 2 for p in payloads]
+        ends = array("I", range(64, 64 * len(sigs) + 1, 64))
+        return ColumnsResult(0, bytes(len(sigs)), b"".join(sigs), ends, ())
+
     @property
     def signed(self):
         """Payloads answered so far."""
@@ -55,3 +71,12 @@ def dispatcher_for(tmp_path, batcher):
     )
     return Dispatcher(batcher, [(DSC.from_certificate(cert), "active")], PolicyFile(policy),
                       QuotaTracker())  # fmt: skip
+
+
+def uvci_of_hc1(hc1):
+    """"HC1:" + the UVCI of the DCC inside a real HC1 string (whatever its signature): what
+    FakeBatcher.issue answers, so that both paths' results compare equal."""
+    payload = native.sign1_decode(native.zlib_decompress(native.b45decode(hc1[4:]))).payload
+    dcc = cbor2.loads(payload)[-260][1]
+    group = next(g for g in ("v", "t", "r") if g in dcc)
+    return "HC1:" + dcc[group][0]["ci"]

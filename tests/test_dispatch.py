@@ -1,5 +1,6 @@
 """engine/dispatch.py: a request's items in, one result per item out (fake keyd batcher)."""
 
+import collections
 import copy
 import json
 import os
@@ -13,10 +14,11 @@ from hypothesis import strategies as st
 from dccsign import native
 from dccsign.dispatch import Dispatcher
 from dccsign.policy import PolicyFile, QuotaTracker
+from dccsign.protocol import wire
 from dccsign.protocol.codes import ErrorCode
-from dccsign.protocol.wire import SignItem
+from dccsign.protocol.wire import ItemResult, SignItem
 from dccsign.samples import sample, varied_samples
-from fakes import FakeBatcher, dispatcher_for
+from fakes import FakeBatcher, dispatcher_for, uvci_of_hc1
 
 
 def _uvci(dcc):
@@ -211,8 +213,15 @@ def test_sign_view_gives_what_sign_gives(tmp_path_factory, n, seed, accounts, br
         b = await per_frame.sign_view("portal", view, types_b)
         return a, b, types_a, types_b
 
-    a, b, types_a, types_b = trio.run(main)
+    a, reply, types_a, types_b = trio.run(main)
+    assert reply.count == n
+    b = wire._dec_sign_batch_result(0, cbor2.loads(reply.body), 1000).results
+    b = [ItemResult(hc1=uvci_of_hc1(r.hc1), kid=r.kid) if r.ok else r for r in b]
     assert b == a
+    outcomes = collections.Counter()
+    for r, t in zip(a, types_a, strict=True):
+        outcomes[(r.kid.hex(), t, "ok") if r.ok else ("", t, r.error.name)] += 1
+    assert reply.outcomes == dict(outcomes)
     assert types_b == types_a
     # keyd saw the same payloads
     assert per_frame.batcher.signed == per_item.batcher.signed

@@ -2,8 +2,11 @@
 the hold time is bounded by the window, results go back to the right part, failures reach
 every part of the micro-batch, and nothing waits forever."""
 
+import hashlib
 import time
+from array import array
 
+import cbor2
 import pytest
 import trio
 import trio.testing
@@ -11,11 +14,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from dccsign import native
+from dccsign.benchcore import ephemeral_certificate
 from dccsign.chain import claims_prefix
+from dccsign.dsc import DSC
 from dccsign.keyd_batcher import KeydBatcher
 from dccsign.keyd_client import KeydError
-from dccsign.protocol.keyd import ItemError, SignPart
-from dccsign.samples import sample
+from dccsign.protocol.keyd import ColumnsResult, ItemError, KeydColumns, SignPart
+from dccsign.samples import sample, varied_samples
 from dccsign.verify import loads_exact
 
 KID = bytes(range(8))
@@ -296,3 +301,56 @@ async def test_a_busy_portal_does_not_queue_another_behind_its_backlog(autojump_
     clients = [[p.client for p in call] for call in keyd.calls]
     assert "quiet" in clients[2], clients[:4]  # the first micro-batch sent after it came
     assert sum(len(p.payloads) for call in keyd.calls for p in call) == 161
+
+
+def test_mixed_waiters_get_strings_or_columns_of_their_own_items():
+    """One micro-batch with a request that wants HC1 strings (issue) and one that wants
+    keyd's columns (issue_columns): each gets its own items' answers (a mixed batch once
+    handed every signature of the batch to the string encoder, and a bug in a micro-batch
+    ended the engine)."""
+    class Keyd:
+        connections = 1
+
+        async def sign_columns(self, kid, columns):
+            payloads = columns.payload_list()
+            codes = bytes(ItemError.MALFORMED_CWT if p.startswith(b"x") else 0 for p in payloads)
+            sigs = [hashlib.sha256(p).digest() * 2 for p, c in zip(payloads, codes, strict=True)
+                    if not c]
+            ends = array("I", range(64, 64 * len(sigs) + 1, 64))
+            reasons = tuple("refused" for c in codes if c)
+            return ColumnsResult(0, codes, b"".join(sigs), ends, reasons)
+
+    _key, cert = ephemeral_certificate()
+    dsc = DSC.from_certificate(cert)
+    protected = native.protected_header(dsc.alg, dsc.kid)
+    payloads = [cbor2.dumps({1: "NL", -260: {1: d}}) for d in varied_samples(4)]
+    mine = KeydColumns.from_parts([SignPart("a", "uzi:1", (b"x1", payloads[0], payloads[1]))])
+    theirs = KeydColumns.from_parts([SignPart("b", "uzi:2", (payloads[2], b"x2", payloads[3]))])
+
+    async def main():
+        batcher = KeydBatcher(Keyd(), window=0.01)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(batcher.run)
+            out = {}
+
+            async def strings():
+                out["strings"] = await batcher.issue(dsc.kid, protected, mine)
+
+            async def columns():
+                out["columns"] = await batcher.issue_columns(dsc.kid, protected, theirs)
+
+            nursery.start_soon(strings)
+            nursery.start_soon(columns)
+            await trio.sleep(0.2)
+            nursery.cancel_scope.cancel()
+        return out
+
+    out = trio.run(main)
+    strings, cols = out["strings"], out["columns"]
+    assert strings[0][0] == ItemError.MALFORMED_CWT
+    for text, payload in zip(strings[1:], payloads[:2], strict=True):
+        parts = native.sign1_decode(native.zlib_decompress(native.b45decode(text[4:])))
+        assert parts.payload == payload
+        assert parts.signature == hashlib.sha256(payload).digest() * 2
+    assert cols.codes == bytes([0, ItemError.MALFORMED_CWT, 0]) and cols.reasons == ("refused",)
+    assert cols.signature_list() == [hashlib.sha256(p).digest() * 2 for p in payloads[2:]]

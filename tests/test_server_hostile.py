@@ -542,10 +542,10 @@ async def test_tls_handshakes_that_never_come_make_room_too(tmp_path, nursery):
 
 async def test_a_fault_in_signing_is_answered_internal_and_the_engine_goes_on(start):
     def fault(sign):
-        async def wrapped(client, view, types=None):
+        async def wrapped(client, view, types=None, **kw):
             if view.values(0)[1] == "uzi:boom":
                 raise RuntimeError("a bug in the dispatcher")
-            return await sign(client, view, types)
+            return await sign(client, view, types, **kw)
 
         return wrapped
 
