@@ -23,6 +23,7 @@ from ._types import ES256, PS256, CwtFacts, NoncePoolInfo, Sign1Parts
 from .errors import (
     Base45DecodeError,
     CoseFormatError,
+    DCCDecodeError,
     KeyLoadError,
     NativeError,
     SigningError,
@@ -37,6 +38,7 @@ __all__ = [
     "Base45DecodeError",
     "CoseFormatError",
     "CwtFacts",
+    "DCCDecodeError",
     "KeyLoadError",
     "NativeError",
     "NoncePoolInfo",
@@ -93,3 +95,8 @@ cwt_facts = _impl.cwt_facts
 audit_issue_lines = _impl.audit_issue_lines
 audit_issue_groups = _impl.audit_issue_groups
 cbor_scan = _impl.cbor_scan
+DccRules = _impl.DccRules
+validate_dcc_cbor = _impl.validate_dcc_cbor
+validate_dcc_batch = _impl.validate_dcc_batch
+validate_cwt_batch = _impl.validate_cwt_batch
+dcc_validator_stats = _impl.dcc_validator_stats
