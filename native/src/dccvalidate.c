@@ -8,7 +8,6 @@
  *     item well formed, text valid UTF-8, map keys distinct, no tags), issues in the order the
  *     Python validator appends them. */
 #include "dccvalidate.h"
-#include "dcccore.h"
 
 #include <stdio.h>
 #include <string.h>
@@ -84,7 +83,7 @@ typedef struct {
 /* Reads the head at pos. -1: truncated, reserved info, or an indefinite length where none is
  * allowed, or a two-byte simple value below 32 (cbor2 refuses those). A lone break (0xff)
  * comes back as major 7 with indef set. */
-static int read_head(const uint8_t *b, size_t len, size_t pos, head_t *h)
+static inline int read_head(const uint8_t *b, size_t len, size_t pos, head_t *h)
 {
     if (pos >= len)
         return -1;
@@ -96,6 +95,8 @@ static int read_head(const uint8_t *b, size_t len, size_t pos, head_t *h)
     pos++;
     if (h->info < 24) {
         h->arg = (uint64_t)h->info;
+        h->data = pos;
+        return 0;
     } else if (h->info == 31) {
         if (h->major == 0 || h->major == 1 || h->major == 6)
             return -1;
@@ -119,12 +120,43 @@ static int read_head(const uint8_t *b, size_t len, size_t pos, head_t *h)
     return 0;
 }
 
+/* The head at pos of bytes pass 1 has checked (no bounds checks, never fails). */
+static inline void rd(const uint8_t *b, size_t pos, head_t *h)
+{
+    uint8_t ib = b[pos];
+    h->start = pos;
+    h->major = ib >> 5;
+    h->info = ib & 0x1f;
+    h->indef = h->info == 31;
+    h->arg = h->info < 24 ? (uint64_t)h->info : 0;
+    pos++;
+    if (h->info >= 24 && h->info <= 27) {
+        size_t size = (size_t)1 << (h->info - 24);
+        uint64_t v = 0;
+        for (size_t i = 0; i < size; i++)
+            v = (v << 8) | b[pos + i];
+        pos += size;
+        h->arg = v;
+    }
+    h->data = pos;
+}
+
 /* Strict UTF-8 (what Python's and Rust's decoders accept): no overlongs, no surrogates, at
  * most U+10FFFF. */
 static int utf8_ok(const uint8_t *s, size_t n)
 {
     size_t i = 0;
     while (i < n) {
+        /* ASCII runs, eight bytes at a time */
+        while (i + 8 <= n) {
+            uint64_t w;
+            memcpy(&w, s + i, 8);
+            if (w & 0x8080808080808080ULL)
+                break;
+            i += 8;
+        }
+        if (i >= n)
+            break;
         uint8_t c = s[i];
         if (c < 0x80) {
             i++;
@@ -164,6 +196,7 @@ static int utf8_ok(const uint8_t *s, size_t n)
 #define PW_KEYD_DEPTH 32 /* so are deeper ones in keyd mode (strict mode is bounded by scan) */
 
 enum { PW_OK = 0, PW_UNDECODABLE = 1, PW_PUNT = 2 };
+#define PW_ENDS 16
 
 typedef struct {
     const uint8_t *b;
@@ -171,15 +204,73 @@ typedef struct {
     size_t pos;
     int strict;
     int int_keys; /* keyd mode: integer map keys are modelled (as unknown fields / CWT claims) */
+    uint64_t items; /* heads seen (strict mode: cborlimits.scan's count) */
+    /* where the first PW_ENDS containers end, so that pass 2 skips them without a walk */
+    int nends;
+    size_t cstart[PW_ENDS], cend[PW_ENDS];
 } pw_t;
 
 typedef struct {
     int major;
-    uint64_t arg;         /* integers */
-    const uint8_t *p;     /* strings */
+    uint64_t arg;     /* integers: the value; strings: the joined length */
+    const uint8_t *p; /* definite strings: the content */
+    size_t pos;       /* chunked strings: the head */
+    int indef;
+    uint64_t packed; /* definite strings of at most 8 bytes: the content, zero-padded */
 } pw_key;
 
+#define KEY_JOIN 256 /* chunked keys longer than this are left to the Python twin */
+
+/* The content of a string item at pos, its chunks joined into out (at most cap bytes).
+ * Returns the joined length, or (size_t)-1 when it does not fit. */
+static size_t join_str(const uint8_t *b, size_t len, size_t pos, uint8_t *out, size_t cap)
+{
+    head_t h;
+    (void)len;
+    rd(b, pos, &h);
+    if (!h.indef) {
+        if (h.arg > cap)
+            return (size_t)-1;
+        memcpy(out, b + h.data, (size_t)h.arg);
+        return (size_t)h.arg;
+    }
+    size_t n = 0;
+    pos = h.data;
+    while (b[pos] != 0xff) {
+        head_t k;
+        rd(b, pos, &k);
+        if (k.arg > cap - n)
+            return (size_t)-1;
+        memcpy(out + n, b + k.data, (size_t)k.arg);
+        n += (size_t)k.arg;
+        pos = k.data + (size_t)k.arg;
+    }
+    return n;
+}
+
+/* Whether two text/bytes keys of the same major type are equal (decoded, chunks joined);
+ * -1 when a chunked key is too long to tell here. */
+static int keys_equal(const pw_t *w, const pw_key *a, const pw_key *k)
+{
+    uint8_t ba[KEY_JOIN], bk[KEY_JOIN];
+    const uint8_t *pa = a->p, *pk = k->p;
+    if (a->arg != k->arg)
+        return 0;
+    if (a->indef) {
+        if (join_str(w->b, w->len, a->pos, ba, sizeof ba) == (size_t)-1)
+            return -1;
+        pa = ba;
+    }
+    if (k->indef) {
+        if (join_str(w->b, w->len, k->pos, bk, sizeof bk) == (size_t)-1)
+            return -1;
+        pk = bk;
+    }
+    return memcmp(pa, pk, (size_t)a->arg) == 0;
+}
+
 static int pre_item(pw_t *w, int depth);
+static int pre_array(pw_t *w, const head_t *hp, int depth);
 
 static int pre_string(pw_t *w, const head_t *h)
 {
@@ -201,6 +292,8 @@ static int pre_string(pw_t *w, const head_t *h)
         }
         head_t c;
         if (read_head(w->b, w->len, w->pos, &c) < 0 || c.major != h->major || c.indef)
+            return PW_UNDECODABLE;
+        if (++w->items > DV_STRICT_MAX_ITEMS && w->strict)
             return PW_UNDECODABLE;
         if (w->len - c.data < c.arg)
             return PW_UNDECODABLE;
@@ -245,27 +338,50 @@ static int pre_map(pw_t *w, const head_t *h, int depth)
              * 1.0 == True), containers become tuples/frozendicts; leave all that to Python. */
             return PW_PUNT;
         }
-        if (k.indef)
-            return PW_PUNT; /* chunked key: equality on the joined text; rare, left to Python */
+        size_t kpos = w->pos;
         rc = pre_item(w, depth + 1);
         if (rc != PW_OK)
             return rc;
         if (nkeys == PW_MAX_KEYS)
             return PW_PUNT;
+        pw_key *nk = &keys[nkeys];
+        nk->major = k.major;
+        nk->arg = k.arg;
+        nk->p = w->b + k.data;
+        nk->pos = kpos;
+        nk->indef = k.indef;
+        nk->packed = 0;
+        if (!k.indef && k.major >= 2 && k.arg <= 8)
+            memcpy(&nk->packed, nk->p, (size_t)k.arg);
+        if (k.indef) {
+            /* the joined length (the chunks are valid: pre_item checked them) */
+            uint64_t total = 0;
+            size_t q = k.data;
+            while (w->b[q] != 0xff) {
+                head_t c;
+                rd(w->b, q, &c);
+                total += c.arg;
+                q = c.data + (size_t)c.arg;
+            }
+            nk->arg = total;
+            if (total > KEY_JOIN)
+                return PW_PUNT;
+        }
         for (int j = 0; j < nkeys; j++) {
-            if (keys[j].major != k.major && !(keys[j].major <= 1 && k.major <= 1))
-                continue;
             int same;
-            if (k.major <= 1)
+            if (k.major <= 1 || keys[j].major <= 1)
                 same = keys[j].major == k.major && keys[j].arg == k.arg;
+            else if (keys[j].major != k.major || keys[j].arg != nk->arg)
+                same = 0;
+            else if (!nk->indef && !keys[j].indef && nk->arg <= 8)
+                same = keys[j].packed == nk->packed;
             else
-                same = keys[j].arg == k.arg && memcmp(keys[j].p, w->b + k.data, (size_t)k.arg) == 0;
+                same = keys_equal(w, &keys[j], nk);
+            if (same < 0)
+                return PW_PUNT;
             if (same)
                 return w->strict ? PW_UNDECODABLE : PW_PUNT; /* keyd: the last one wins */
         }
-        keys[nkeys].major = k.major;
-        keys[nkeys].arg = k.arg;
-        keys[nkeys].p = w->b + k.data;
         nkeys++;
         rc = pre_item(w, depth + 1);
         if (rc != PW_OK)
@@ -278,6 +394,13 @@ static int pre_item(pw_t *w, int depth)
 {
     head_t h;
     if (read_head(w->b, w->len, w->pos, &h) < 0)
+        return PW_UNDECODABLE;
+    /* cborlimits.scan's limits, counted the same way (every head; the outermost item at
+     * depth 0, a container or tag at depth d nests its contents at d + 1) */
+    if (++w->items > DV_STRICT_MAX_ITEMS && w->strict)
+        return PW_UNDECODABLE;
+    if (w->strict && h.major >= 4 && h.major <= 6 &&
+        depth + 1 > DV_STRICT_MAX_DEPTH)
         return PW_UNDECODABLE;
     switch (h.major) {
     case 0:
@@ -301,9 +424,17 @@ static int pre_item(pw_t *w, int depth)
     }
     if (!w->strict && depth + 1 > PW_KEYD_DEPTH)
         return PW_PUNT;
-    if (h.major == 5)
-        return pre_map(w, &h, depth);
-    /* array */
+    int rc = h.major == 5 ? pre_map(w, &h, depth) : pre_array(w, &h, depth);
+    if (rc == PW_OK && w->nends < PW_ENDS) {
+        w->cstart[w->nends] = h.start;
+        w->cend[w->nends++] = w->pos;
+    }
+    return rc;
+}
+
+static int pre_array(pw_t *w, const head_t *hp, int depth)
+{
+    head_t h = *hp;
     w->pos = h.data;
     if (!h.indef && h.arg > w->len - w->pos)
         return PW_UNDECODABLE;
@@ -357,21 +488,20 @@ typedef struct {
     int nissues;
     int punt;
     const prof_t *pf;
+    const pw_t *ends; /* pass 1's container ends (positions relative to b + ... see skip) */
     uint8_t scratch[SCRATCH];
 } vctx;
 
 typedef struct {
     const uint8_t *p;
-    size_t n;   /* bytes */
-    size_t cps; /* code points */
+    size_t n; /* bytes */
 } str_t;
 
 enum { K_INT, K_STR, K_BYTES, K_LIST, K_MAP, K_OTHER };
 
-static void hd(const vctx *c, size_t pos, head_t *h)
+static inline void hd(const vctx *c, size_t pos, head_t *h)
 {
-    /* pass 1 has checked every head */
-    (void)read_head(c->b, c->len, pos, h);
+    rd(c->b, pos, h); /* pass 1 has checked every head */
 }
 
 static int kind_at(const vctx *c, size_t pos)
@@ -416,6 +546,12 @@ static size_t skip(const vctx *c, size_t pos)
         }
         return pos + 1;
     default: {
+        const pw_t *e = c->ends;
+        if (e) {
+            for (int i = 0; i < e->nends; i++)
+                if (e->cstart[i] == pos + c->base)
+                    return e->cend[i] - c->base;
+        }
         uint64_t per = h.major == 5 ? 2 : 1;
         pos = h.data;
         if (h.indef) {
@@ -428,6 +564,14 @@ static size_t skip(const vctx *c, size_t pos)
         return pos;
     }
     }
+}
+
+static size_t count_cps(const uint8_t *p, size_t n);
+
+/* More than limit code points? (A text of at most limit bytes never is: no counting.) */
+static int too_long(const str_t *s, size_t limit)
+{
+    return s->n > limit && count_cps(s->p, s->n) > limit;
 }
 
 static size_t count_cps(const uint8_t *p, size_t n)
@@ -463,7 +607,6 @@ static void get_str(vctx *c, size_t pos, str_t *s)
         s->p = c->scratch;
         s->n = n;
     }
-    s->cps = count_cps(s->p, s->n);
 }
 
 static void add(vctx *c, int rule, const char *path, size_t key_pos)
@@ -479,12 +622,16 @@ static void add(vctx *c, int rule, const char *path, size_t key_pos)
     dv_issue *i = &o->items[o->n++];
     i->rule = (uint8_t)rule;
     i->key_off = key_pos ? (uint32_t)(key_pos + c->base) : 0;
-    snprintf(i->path, DV_PATH_MAX, "%s", path);
+    size_t n = strlen(path);
+    if (n >= DV_PATH_MAX)
+        n = DV_PATH_MAX - 1; /* never in practice: keys past 40 characters go by reference */
+    memcpy(i->path, path, n);
+    i->path[n] = '\0';
 }
 
 static void add2(vctx *c, int rule, const char *prefix, const char *key)
 {
-    char path[DV_PATH_MAX];
+    char path[2 * DV_PATH_MAX]; /* add() keeps what fits */
     snprintf(path, sizeof path, "%s.%s", prefix, key);
     add(c, rule, path, 0);
 }
@@ -503,6 +650,14 @@ static int ident_key(const str_t *k)
     return 1;
 }
 
+static inline uint32_t pack3(const uint8_t *p, size_t n)
+{
+    uint32_t v = (uint32_t)n << 24;
+    for (size_t i = 0; i < n; i++)
+        v |= (uint32_t)p[i] << (8 * i);
+    return v;
+}
+
 /* Collects the values of the named fields of the map at mpos (0 = absent) and reports every
  * other key as unknown-field, in map order (dcc._unknown_fields). nallowed: how many of names
  * are allowed (a name past it is reported, never looked up). */
@@ -512,8 +667,11 @@ static void fields(vctx *c, size_t mpos, const char *const *names, int nallowed,
     head_t h;
     hd(c, mpos, &h);
     size_t pos = h.data;
-    for (int i = 0; i < nallowed; i++)
+    uint32_t packed[16]; /* names are 1-3 bytes: compare them as length + bytes in one word */
+    for (int i = 0; i < nallowed; i++) {
         vals[i] = 0;
+        packed[i] = pack3((const uint8_t *)names[i], strlen(names[i]));
+    }
     for (uint64_t i = 0;; i++) {
         if (h.indef ? c->b[pos] == 0xff : i == h.arg)
             break;
@@ -523,16 +681,21 @@ static void fields(vctx *c, size_t mpos, const char *const *names, int nallowed,
         size_t vpos = skip(c, kpos);
         int known = 0;
         if (k.major == 3) {
-            str_t ks = {c->b + k.data, (size_t)k.arg, 0};
-            for (int j = 0; j < nallowed; j++) {
-                if (strlen(names[j]) == ks.n && memcmp(names[j], ks.p, ks.n) == 0) {
+            uint8_t joined[KEY_JOIN]; /* pass 1 left longer chunked keys to Python */
+            str_t ks = {c->b + k.data, (size_t)k.arg};
+            if (k.indef) {
+                ks.n = join_str(c->b, c->len, kpos, joined, sizeof joined);
+                ks.p = joined;
+            }
+            uint32_t kp = ks.n <= 3 ? pack3(ks.p, ks.n) : 0;
+            for (int j = 0; ks.n <= 3 && j < nallowed; j++) {
+                if (packed[j] == kp) {
                     vals[j] = vpos;
                     known = 1;
                     break;
                 }
             }
             if (!known) {
-                ks.cps = count_cps(ks.p, ks.n);
                 if (ident_key(&ks)) {
                     char path[DV_PATH_MAX];
                     snprintf(path, sizeof path, "%s.%.*s", prefix, (int)ks.n, (const char *)ks.p);
@@ -563,11 +726,11 @@ static int check_text(vctx *c, size_t vpos, const char *prefix, const char *key,
     }
     str_t s;
     get_str(c, vpos, &s);
-    if (s.cps > (size_t)c->pf->max_len) {
+    if (too_long(&s, (size_t)c->pf->max_len)) {
         add2(c, DV_RULE_MAX_LENGTH, prefix, key);
         return 0;
     }
-    if (s.cps == 0 && nonempty) {
+    if (s.n == 0 && nonempty) {
         add2(c, DV_RULE_EMPTY, prefix, key);
         return 0;
     }
@@ -771,7 +934,7 @@ static void check_ci(vctx *c, size_t vpos, const char *prefix)
     }
     str_t s;
     get_str(c, vpos, &s);
-    if (s.cps > (size_t)c->pf->max_len) {
+    if (too_long(&s, (size_t)c->pf->max_len)) {
         add2(c, DV_RULE_MAX_LENGTH, prefix, "ci");
         return;
     }
@@ -828,7 +991,7 @@ static void check_nam(vctx *c, size_t pos)
             str_t s;
             get_str(c, at[i], &s);
             nonempty[i] = s.n > 0;
-            if (s.cps <= (size_t)c->pf->max_len && translit_chars(&s)) {
+            if (!too_long(&s, (size_t)c->pf->max_len) && translit_chars(&s)) {
                 ok[i] = 1;
                 continue;
             }
@@ -1061,9 +1224,10 @@ static int check_dcc(vctx *c)
 }
 
 static int run(const dv_rules *rules, const uint8_t *buf, size_t len, size_t base,
-               const char *today, dv_issues *issues)
+               const char *today, dv_issues *issues, const pw_t *ends)
 {
     vctx c;
+    c.ends = ends;
     c.rules = rules;
     c.b = buf;
     c.len = len;
@@ -1084,15 +1248,8 @@ int dv_validate(const dv_rules *rules, const uint8_t *buf, size_t len, const cha
         issues->n = 0;
         issues->overflow = 0;
     }
-    if (strict) {
-        /* cborlimits.decode counts first, with the same limits as the Python twin */
-        uint64_t count;
-        const char *err;
-        if (dcc_cbor_scan(buf, len, DV_STRICT_MAX_ITEMS, DV_STRICT_MAX_DEPTH, &count, &err) !=
-            DCC_OK)
-            return DV_UNDECODABLE;
-    }
-    pw_t w = {buf, len, 0, strict, !strict};
+    /* strict: pass 1 also enforces cborlimits.scan's limits, as the Python twin's decode does */
+    pw_t w = {buf, len, 0, strict, !strict, 0, 0, {0}, {0}};
     int rc = pre_item(&w, 0);
     if (rc == PW_UNDECODABLE)
         return DV_UNDECODABLE;
@@ -1100,7 +1257,7 @@ int dv_validate(const dv_rules *rules, const uint8_t *buf, size_t len, const cha
         return DV_PUNT;
     if (w.pos != len)
         return DV_UNDECODABLE; /* trailing bytes */
-    return run(rules, buf, len, 0, today, issues);
+    return run(rules, buf, len, 0, today, issues, &w);
 }
 
 int dv_validate_cwt(const dv_rules *rules, const uint8_t *buf, size_t len, const char *today,
@@ -1110,7 +1267,7 @@ int dv_validate_cwt(const dv_rules *rules, const uint8_t *buf, size_t len, const
         issues->n = 0;
         issues->overflow = 0;
     }
-    pw_t w = {buf, len, 0, 0, 1};
+    pw_t w = {buf, len, 0, 0, 1, 0, 0, {0}, {0}};
     int rc = pre_item(&w, 0);
     if (rc == PW_UNDECODABLE)
         return DV_UNDECODABLE;
@@ -1122,6 +1279,8 @@ int dv_validate_cwt(const dv_rules *rules, const uint8_t *buf, size_t len, const
     vctx c;
     c.b = buf;
     c.len = len;
+    c.base = 0;
+    c.ends = &w;
     head_t h;
     hd(&c, 0, &h);
     if (h.major != 5)
@@ -1149,5 +1308,5 @@ int dv_validate_cwt(const dv_rules *rules, const uint8_t *buf, size_t len, const
     if (!dcc)
         return DV_PUNT;
     size_t end = skip(&c, dcc);
-    return run(rules, buf + dcc, end - dcc, dcc, today, issues);
+    return run(rules, buf + dcc, end - dcc, dcc, today, issues, &w);
 }
