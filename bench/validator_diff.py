@@ -58,22 +58,106 @@ TODAY = date(2025, 1, 15)
 VERSIONS = ["1.0.0", "1.0.1", "1.1.0", "1.2.0", "1.2.1", "1.3.0", "1.3.1", "1.3.2", "1.3.3"]
 ODD_VERSIONS = ["1.3.7", "1.0.4", "1.4.0", "1.03.0", "2.0.0", "", "1.3"]
 VS = ValueSets.builtin()
-CODES = {s: sorted(VS.codes(s)) for s in (
-    "disease-agent-targeted", "vaccine-prophylaxis", "vaccine-medicinal-product",
-    "vaccine-mah-manf", "test-type", "test-result", "country-2-codes")}
+CODES = {
+    s: sorted(VS.codes(s))
+    for s in (
+        "disease-agent-targeted",
+        "vaccine-prophylaxis",
+        "vaccine-medicinal-product",
+        "vaccine-mah-manf",
+        "test-type",
+        "test-result",
+        "country-2-codes",
+    )
+}
 UPPER = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 TEXT_POOL = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 -'.çéøÅßŁЖ中😀"
-KEYS = ["ver", "nam", "dob", "v", "t", "r", "fn", "fnt", "gn", "gnt", "tg", "vp", "mp", "ma",
-        "dn", "sd", "dt", "co", "is", "ci", "tt", "nm", "sc", "dr", "tr", "tc", "fr", "df", "du",
-        "x", "a b", "é", "zz" * 25]
+KEYS = [
+    "ver",
+    "nam",
+    "dob",
+    "v",
+    "t",
+    "r",
+    "fn",
+    "fnt",
+    "gn",
+    "gnt",
+    "tg",
+    "vp",
+    "mp",
+    "ma",
+    "dn",
+    "sd",
+    "dt",
+    "co",
+    "is",
+    "ci",
+    "tt",
+    "nm",
+    "sc",
+    "dr",
+    "tr",
+    "tc",
+    "fr",
+    "df",
+    "du",
+    "x",
+    "a b",
+    "é",
+    "zz" * 25,
+]
 NEAR_MISS: list[Any] = [
-    "", "1979", "1979-02", "1899", "2021-02-29", "2020-02-29", "0000-01-01", "2021-13-01",
-    "2021-07-01T09:30:00Z", "2021-07-01T09:30:00+0200", "2021-07-01T24:00:00Z",
-    "2021-07-01T09:30:00.1234567890Z", "LP217198-3", "J07BX03", "EU/1/20/1528",
-    "ORG-100030215", "260373001", "XY", "NL", "nl", "URN:UVCI:01:NL:187/37512422923#Y",
-    "URN:UVCI:01:NL:187/37512422923#Z", "urn:uvci:01:nl:abc", "ABC<DEF", "abc", 0, 1, 9, 10,
-    99, 100, -1, 2**64 - 1, -(2**64), 1.0, 2.5, float("nan"), True, False, None, [], {}, [1],
-    {"a": 1}, b"NL", "A" * 50, "A" * 51, "é" * 80, "é" * 81, "<" * 81,
+    "",
+    "1979",
+    "1979-02",
+    "1899",
+    "2021-02-29",
+    "2020-02-29",
+    "0000-01-01",
+    "2021-13-01",
+    "2021-07-01T09:30:00Z",
+    "2021-07-01T09:30:00+0200",
+    "2021-07-01T24:00:00Z",
+    "2021-07-01T09:30:00.1234567890Z",
+    "LP217198-3",
+    "J07BX03",
+    "EU/1/20/1528",
+    "ORG-100030215",
+    "260373001",
+    "XY",
+    "NL",
+    "nl",
+    "URN:UVCI:01:NL:187/37512422923#Y",
+    "URN:UVCI:01:NL:187/37512422923#Z",
+    "urn:uvci:01:nl:abc",
+    "ABC<DEF",
+    "abc",
+    0,
+    1,
+    9,
+    10,
+    99,
+    100,
+    -1,
+    2**64 - 1,
+    -(2**64),
+    1.0,
+    2.5,
+    float("nan"),
+    True,
+    False,
+    None,
+    [],
+    {},
+    [1],
+    {"a": 1},
+    b"NL",
+    "A" * 50,
+    "A" * 51,
+    "é" * 80,
+    "é" * 81,
+    "<" * 81,
 ]
 
 
@@ -95,8 +179,10 @@ def _datetime(rnd: random.Random) -> str:
     frac = rnd.choice(["", ".5", ".123", ".123456789"])
     off = rnd.choice(["Z", "z", "+00:00", f"-{rnd.randint(0, 23):02d}:{rnd.randint(0, 59):02d}"])
     sep = rnd.choice("Tt")
-    return (f"{d}{sep}{rnd.randint(0, 23):02d}:{rnd.randint(0, 59):02d}:"
-            f"{rnd.randint(0, 59):02d}{frac}{off}")
+    return (
+        f"{d}{sep}{rnd.randint(0, 23):02d}:{rnd.randint(0, 59):02d}:"
+        f"{rnd.randint(0, 59):02d}{frac}{off}"
+    )
 
 
 def _uvci(rnd: random.Random, limit: int) -> str:
@@ -120,14 +206,20 @@ def valid_dcc(rnd: random.Random, ver: str | None = None, kind: str | None = Non
     }
     if kind == "v":
         top = 9 if ver < "1.3.0" else DOSE_MAX
-        entry.update(vp=rnd.choice(CODES["vaccine-prophylaxis"]),
-                     mp=rnd.choice(CODES["vaccine-medicinal-product"]),
-                     ma=rnd.choice(CODES["vaccine-mah-manf"]),
-                     dn=rnd.randint(1, top), sd=rnd.randint(1, top),
-                     dt=_date(rnd, 2020, 2030).isoformat())
+        entry.update(
+            vp=rnd.choice(CODES["vaccine-prophylaxis"]),
+            mp=rnd.choice(CODES["vaccine-medicinal-product"]),
+            ma=rnd.choice(CODES["vaccine-mah-manf"]),
+            dn=rnd.randint(1, top),
+            sd=rnd.randint(1, top),
+            dt=_date(rnd, 2020, 2030).isoformat(),
+        )
     elif kind == "t":
-        entry.update(tt=_text(rnd, 1, limit) if ver == "1.0.0" else rnd.choice(CODES["test-type"]),
-                     sc=_datetime(rnd), tr=rnd.choice(CODES["test-result"]))
+        entry.update(
+            tt=_text(rnd, 1, limit) if ver == "1.0.0" else rnd.choice(CODES["test-type"]),
+            sc=_datetime(rnd),
+            tr=rnd.choice(CODES["test-result"]),
+        )
         for key in ("nm", "ma", "tc", "dr"):
             if key == "dr" and ver > "1.1.0":
                 continue
@@ -135,8 +227,11 @@ def valid_dcc(rnd: random.Random, ver: str | None = None, kind: str | None = Non
                 entry[key] = _datetime(rnd) if key == "dr" else _text(rnd, 1, limit)
     else:
         df = _date(rnd, 2020, 2030)
-        entry.update(fr=_date(rnd, 2020, 2030).isoformat(), df=df.isoformat(),
-                     du=(df + timedelta(days=rnd.randint(0, 400))).isoformat())
+        entry.update(
+            fr=_date(rnd, 2020, 2030).isoformat(),
+            df=df.isoformat(),
+            du=(df + timedelta(days=rnd.randint(0, 400))).isoformat(),
+        )
     icao = UPPER + "<"
     nam: dict[str, str] = {"fnt": _text(rnd, 1, limit, icao)}
     if rnd.random() < 0.7:
@@ -193,7 +288,8 @@ def mutated_dcc(rnd: random.Random) -> dict:
         elif action == "entry":
             kind = next((k for k in "vtr" if isinstance(dcc.get(k), list)), None)
             if kind is not None:
-                dcc[kind] = [*dcc[kind], dict(dcc[kind][0]) if dcc[kind] else {}]
+                first = dcc[kind][0] if dcc[kind] else {}
+                dcc[kind] = [*dcc[kind], dict(first) if isinstance(first, dict) else first]
     return dcc
 
 
@@ -249,12 +345,26 @@ def encode(obj: Any, rnd: random.Random | None = None) -> bytes:
 
 
 ODDITIES: list[Any] = [
-    cbor2.CBORTag(0, "2021-07-01T09:30:00Z"), cbor2.CBORTag(1, 1625131800),
-    cbor2.CBORTag(2, b"\x02"), cbor2.CBORTag(3, b"\x01"), cbor2.CBORTag(55799, 2),
-    cbor2.CBORTag(55799, "NL"), cbor2.CBORTag(258, [1, 2]), cbor2.CBORTag(4, [0, 1]),
-    cbor2.CBORTag(1004, "1979-04-01"), cbor2.CBORTag(100, 3000), cbor2.CBORTag(99999, "x"),
-    cbor2.CBORTag(28, [1]), cbor2.undefined, cbor2.CBORSimpleValue(16),
-    cbor2.CBORSimpleValue(255), 2**70, -(2**70), 1.5, float("inf"), b"840539006",
+    cbor2.CBORTag(0, "2021-07-01T09:30:00Z"),
+    cbor2.CBORTag(1, 1625131800),
+    cbor2.CBORTag(2, b"\x02"),
+    cbor2.CBORTag(3, b"\x01"),
+    cbor2.CBORTag(55799, 2),
+    cbor2.CBORTag(55799, "NL"),
+    cbor2.CBORTag(258, [1, 2]),
+    cbor2.CBORTag(4, [0, 1]),
+    cbor2.CBORTag(1004, "1979-04-01"),
+    cbor2.CBORTag(100, 3000),
+    cbor2.CBORTag(99999, "x"),
+    cbor2.CBORTag(28, [1]),
+    cbor2.undefined,
+    cbor2.CBORSimpleValue(16),
+    cbor2.CBORSimpleValue(255),
+    2**70,
+    -(2**70),
+    1.5,
+    float("inf"),
+    b"840539006",
 ]
 ODD_KEYS: list[Any] = [1, -260, 0, 1.0, True, None, b"ver", b"x", (1,)]
 
@@ -273,8 +383,12 @@ def odd_dcc(rnd: random.Random) -> tuple[bytes, bool]:
     if what >= 0.8:  # a duplicate key: one more entry in the top-level map
         if 0xA1 <= data[0] <= 0xB6:
             extra_key = rnd.choice(["ver", "dob", "nam", "x"])
-            data = bytes([data[0] + 1]) + data[1:] + encode(extra_key) + encode(
-                rnd.choice(["1.3.0", "1979", {}, 1, "1.0.0"]))
+            data = (
+                bytes([data[0] + 1])
+                + data[1:]
+                + encode(extra_key)
+                + encode(rnd.choice(["1.3.0", "1979", {}, 1, "1.0.0"]))
+            )
         elif data[0] == 0xBF:
             data = data[:-1] + encode("ver") + encode("1.2.1") + b"\xff"
     return data, rnd.random() < 0.5
@@ -371,8 +485,9 @@ def run_chunk(impl: Any, rules: Any, items: list[tuple[bytes, bool]], cwt: bool)
         offsets = [0]
         for i in idx:
             offsets.append(offsets[-1] + len(items[i][0]))
-        for i, r in zip(idx, impl.validate_dcc_batch(rules, buf, offsets, TODAY, strict=strict),
-                        strict=True):
+        for i, r in zip(
+            idx, impl.validate_dcc_batch(rules, buf, offsets, TODAY, strict=strict), strict=True
+        ):
             out[i] = r
     return out
 
@@ -384,8 +499,7 @@ def differential(impl: Any, n: int, seed: int, chunk: int, examples: int) -> dic
     cats = list(CATEGORIES)
     weights = [CATEGORIES[c] for c in cats]
     per: dict[str, dict[str, int]] = {
-        c: {"items": 0, "ok": 0, "invalid": 0, "undecodable": 0, "disagreements": 0}
-        for c in cats
+        c: {"items": 0, "ok": 0, "invalid": 0, "undecodable": 0, "disagreements": 0} for c in cats
     }
     bad: list[dict] = []
     done = 0
@@ -408,18 +522,31 @@ def differential(impl: Any, n: int, seed: int, chunk: int, examples: int) -> dic
                 if mine != want:
                     p["disagreements"] += 1
                     if len(bad) < examples:
-                        bad.append({"category": c, "strict": strict, "hex": data.hex(),
-                                    "native": repr(mine)[:500], "python": repr(want)[:500]})
+                        bad.append(
+                            {
+                                "category": c,
+                                "strict": strict,
+                                "hex": data.hex(),
+                                "native": repr(mine)[:500],
+                                "python": repr(want)[:500],
+                            }
+                        )
         done += size
         if done % (chunk * 25) == 0 or done == n:
             rate = done / (time.monotonic() - t0)
-            print(f"  {done:,} items, {sum(p['disagreements'] for p in per.values())} "
-                  f"disagreements ({rate:,.0f} items/s)", file=sys.stderr)
+            print(
+                f"  {done:,} items, {sum(p['disagreements'] for p in per.values())} "
+                f"disagreements ({rate:,.0f} items/s)",
+                file=sys.stderr,
+            )
     stats1 = impl.dcc_validator_stats()
     counters = {k: stats1[k] - stats0[k] for k in stats1}
-    return {"per_category": per, "native_counters": counters, "examples": bad,
-            "disagreements": sum(p["disagreements"] for p in per.values())
-            + counters["disagreements"]}
+    return {
+        "per_category": per,
+        "native_counters": counters,
+        "examples": bad,
+        "disagreements": sum(p["disagreements"] for p in per.values()) + counters["disagreements"],
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,9 +600,13 @@ def main() -> int:
     ap.add_argument("--examples", type=int, default=20, help="disagreements kept in the JSON")
     ap.add_argument("--speed-items", type=int, default=20000)
     ap.add_argument("--speed-rounds", type=int, default=7)
-    ap.add_argument("--json", type=Path,
-                    default=Path(__file__).parent / "results"
-                    / f"validator_diff-{datetime.now(UTC):%Y-%m-%d}.json")
+    ap.add_argument(
+        "--json",
+        type=Path,
+        default=Path(__file__).parent
+        / "results"
+        / f"validator_diff-{datetime.now(UTC):%Y-%m-%d}.json",
+    )
     args = ap.parse_args()
     impl = native.implementation("native")
     started = datetime.now(UTC).isoformat(timespec="seconds")
@@ -497,12 +628,19 @@ def main() -> int:
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1) + "\n", "utf-8")
-    print(json.dumps({"items": args.items, "disagreements": result["disagreements"],
-                      "native_counters": diff["native_counters"],
-                      "speed_us": spd["us_per_item_median"],
-                      "ratio_twin": round(spd["ratio_python_twin_over_native"], 1),
-                      "ratio_validate_only": round(spd["ratio_validate_only_over_native"], 1)},
-                     indent=1))
+    print(
+        json.dumps(
+            {
+                "items": args.items,
+                "disagreements": result["disagreements"],
+                "native_counters": diff["native_counters"],
+                "speed_us": spd["us_per_item_median"],
+                "ratio_twin": round(spd["ratio_python_twin_over_native"], 1),
+                "ratio_validate_only": round(spd["ratio_validate_only_over_native"], 1),
+            },
+            indent=1,
+        )
+    )
     print(f"wrote {args.json}", file=sys.stderr)
     return 0 if result["disagreements"] == 0 else 1
 

@@ -27,6 +27,7 @@ The modules this needs are imported on first use: :mod:`dccsign.verify` imports
 from __future__ import annotations
 
 import io
+import itertools
 import threading
 from collections.abc import Sequence
 from datetime import date
@@ -135,8 +136,9 @@ def _verdict(obj_of: Any, arg: Any, rules: Any, today: date | None) -> Any:
         return exc
 
 
-def validate_dcc_cbor(rules: DccRules, data: bytes, today: date | None = None, *,
-                      strict: bool = True) -> str:
+def validate_dcc_cbor(
+    rules: DccRules, data: bytes, today: date | None = None, *, strict: bool = True
+) -> str:
     """Validate one DCC given as CBOR (the map under CWT claim -260/1).
 
     Args:
@@ -170,7 +172,7 @@ def _spans(size: int, offsets: Sequence[int], ends: Sequence[int] | None) -> lis
     if ends is None:
         if not offs:
             raise ValueError("offsets must hold N+1 boundaries (at least one)")
-        pairs = list(zip(offs, offs[1:], strict=False))
+        pairs = list(itertools.pairwise(offs))
     else:
         stops = [int(e) for e in ends]
         if len(stops) != len(offs):
