@@ -24,6 +24,7 @@ from ._walker_py import BatchView
 from .errors import (
     Base45DecodeError,
     CoseFormatError,
+    DCCDecodeError,
     KeyLoadError,
     NativeError,
     SigningError,
@@ -39,6 +40,7 @@ __all__ = [
     "BatchView",
     "CoseFormatError",
     "CwtFacts",
+    "DCCDecodeError",
     "KeyLoadError",
     "NativeError",
     "NoncePoolInfo",
@@ -103,3 +105,8 @@ keyd_check_columns = _impl.keyd_check_columns
 audit_issue_columns = _impl.audit_issue_columns
 splice_payloads = _impl.splice_payloads
 encode_sign_batch_result = _impl.encode_sign_batch_result
+DccRules = _impl.DccRules
+validate_dcc_cbor = _impl.validate_dcc_cbor
+validate_dcc_batch = _impl.validate_dcc_batch
+validate_cwt_batch = _impl.validate_cwt_batch
+dcc_validator_stats = _impl.dcc_validator_stats

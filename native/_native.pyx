@@ -804,3 +804,4 @@ def audit_issue_groups(heads, middles, sizes, time, alg, isses, uvcis, dcc_types
 include "_walker.pxi"
 include "_spantable.pxi"
 include "_keydcols.pxi"
+include "_dccvalidate.pxi"

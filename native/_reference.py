@@ -9,6 +9,13 @@ from ._audit_py import MAX_UVCI_CHARS, audit_issue_groups, audit_issue_lines
 from ._base45_py import b45decode, b45encode
 from ._cose_py import protected_header, sig_structure, sign1_decode, sign1_encode
 from ._cwt_py import cwt_facts
+from ._dccvalidate_py import (
+    DccRules,
+    dcc_validator_stats,
+    validate_cwt_batch,
+    validate_dcc_batch,
+    validate_dcc_cbor,
+)
 from ._hc1_py import hc1_encode, hc1_sign
 from ._keydcols_py import audit_issue_columns, keyd_check_columns
 from ._reply_py import encode_sign_batch_result
@@ -21,6 +28,7 @@ from ._zlib_py import MAX_INFLATED, zlib_compress, zlib_decompress
 __all__ = [
     "MAX_INFLATED",
     "MAX_UVCI_CHARS",
+    "DccRules",
     "SigningKey",
     "audit_issue_columns",
     "audit_issue_groups",
@@ -29,6 +37,7 @@ __all__ = [
     "b45encode",
     "cbor_scan",
     "cwt_facts",
+    "dcc_validator_stats",
     "encode_sign_batch_result",
     "fill_rows",
     "gather_spans",
@@ -41,6 +50,9 @@ __all__ = [
     "sign1_encode",
     "span_table",
     "splice_payloads",
+    "validate_cwt_batch",
+    "validate_dcc_batch",
+    "validate_dcc_cbor",
     "walk_sign_batch",
     "zlib_compress",
     "zlib_decompress",

@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "Base45DecodeError",
     "CoseFormatError",
+    "DCCDecodeError",
     "KeyLoadError",
     "NativeError",
     "SigningError",
@@ -47,3 +48,10 @@ class KeyLoadError(NativeError, ValueError):
 
 class SigningError(NativeError, RuntimeError):
     """The crypto library failed while signing (should not happen with a loaded key)."""
+
+
+class DCCDecodeError(NativeError, ValueError):
+    """The bytes given as a DCC (or as a CWT payload) are not what the decoder in use accepts:
+    not one well-formed CBOR item, text that is not UTF-8, or (strict decoding, the engine's)
+    a tag, a duplicate map key or a map key that is not text or bytes. The message is the
+    decoder's. Validation rules are :class:`dccsign.dcc.DCCValidationError`'s business."""
