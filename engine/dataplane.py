@@ -35,11 +35,10 @@ import trio
 
 from . import native
 from .chain import _nfc
-from .dcc import DCCValidationError, validate
+from .dcc import DCCValidationError
 from .native import _walker_py as W
 from .native._splice_py import NO_PAYLOAD
 from .protocol.codes import ErrorCode
-from .valuesets import ValueSets
 
 __all__ = ["Frame", "FrameReply", "FrameRows", "KidRows", "check_rows", "columns_of", "plain"]
 
@@ -68,37 +67,44 @@ def plain(view: native.BatchView, cols: array) -> bool:
 class FrameRows:
     """What :func:`check_rows` finds: ``types[i]`` is ``"v"``, ``"t"``, ``"r"`` or ``""``
     (refused: ``failures[i]`` says why, as the dispatcher's INVALID_DCC message);
-    ``dccs[i]`` the DCC's canonical CBOR (``None`` for a refused row); ``decoded`` the
-    decoded DCCs of the rows, kept for the policy's country and issuer lists."""
+    ``decoded`` the decoded DCCs of the valid rows when asked for (the policy's country and
+    issuer lists need them), else ``None``s."""
 
     types: list[str]
     failures: dict[int, str] = field(default_factory=dict)
-    dccs: list[bytes | None] = field(default_factory=list)
     decoded: list[object] = field(default_factory=list)
 
 
-def check_rows(view: native.BatchView, cols: array, valuesets: ValueSets) -> FrameRows:
-    """Validate every DCC of the frame (the dispatcher's rules: NFC names, then
-    :func:`dccsign.dcc.validate`)."""
-    data = view.data
+def check_rows(
+    view: native.BatchView, cols: array, rules: Any, *, decode: bool = False
+) -> FrameRows:
+    """Validate every DCC of the frame in one native batch call (the dispatcher's rules:
+    names NFC-normalised, then :func:`dccsign.dcc.validate`'s verdict, issues and messages).
+    With *decode* (a client whose policy lists countries or issuers), the valid DCCs are
+    also decoded, for :meth:`dccsign.policy.Policy.check`."""
     nf = W.NFIELDS
-    out = FrameRows(types=[""] * view.count, dccs=[None] * view.count, decoded=[None] * view.count)
-    for i in range(view.count):
-        off, length = cols[i * nf + W.DCC_OFF], cols[i * nf + W.DCC_LEN]
-        span = data[off : off + length]
-        dcc = cbor2.loads(span)
-        if isinstance(dcc, dict):
-            dcc = _nfc(dcc)
-        try:
-            out.types[i] = validate(dcc, valuesets=valuesets)
-        except DCCValidationError as exc:
-            first = exc.issues[0]
-            more = f" (and {len(exc.issues) - 1} more)" if len(exc.issues) > 1 else ""
+    offs = cols[W.DCC_OFF :: nf]
+    ends = array("I", map(operator.add, offs, cols[W.DCC_LEN :: nf]))
+    verdicts = native.validate_dcc_batch(
+        rules, view.data, offs, ends=ends, strict=True, nfc_names=True
+    )
+    out = FrameRows(types=[""] * view.count, decoded=[None] * view.count)
+    for i, verdict in enumerate(verdicts):
+        if type(verdict) is str:
+            out.types[i] = verdict
+        elif isinstance(verdict, DCCValidationError):
+            first = verdict.issues[0]
+            n = len(verdict.issues)
+            more = f" (and {n - 1} more)" if n > 1 else ""
             out.failures[i] = f"{first.path} [{first.rule}] {first.message}{more}"
-            continue
-        canonical = cbor2.dumps(dcc)
-        out.dccs[i] = span if canonical == span else canonical
-        out.decoded[i] = dcc
+        else:  # the request decoded, so its DCC does: a bug, refused all the same
+            out.failures[i] = f"the DCC cannot be decoded: {verdict}"
+    if decode:
+        data = view.data
+        for i, t in enumerate(out.types):
+            if t:
+                dcc = cbor2.loads(data[offs[i] : ends[i]])
+                out.decoded[i] = _nfc(dcc) if isinstance(dcc, dict) else dcc
     return out
 
 

@@ -196,6 +196,7 @@ class Dispatcher:
         self.policy = policy
         self.quotas = quotas
         self.valuesets = valuesets or ValueSets.builtin()
+        self._rules = native.DccRules(self.valuesets)  # the native validator's tables
         self.clock = clock
         self.idempotency = IdempotencyCache()
         self._turns: dict[str, trio.Semaphore] = {}
@@ -301,11 +302,13 @@ class Dispatcher:
         """Everything before keyd: validation, key, claims, policy, size and quotas."""
         policy = self.policy.current()
         now = self.clock()
-        frame = dataplane.Frame(view, dataplane.check_rows(view, cols, self.valuesets))
-        for i, message in frame.rows.failures.items():
-            frame.refuse(i, ErrorCode.INVALID_DCC, message)
         cp = policy.client(client)
         per_item_policy = cp is not None and (cp.countries is not None or cp.issuers is not None)
+        frame = dataplane.Frame(
+            view, dataplane.check_rows(view, cols, self._rules, decode=per_item_policy)
+        )
+        for i, message in frame.rows.failures.items():
+            frame.refuse(i, ErrorCode.INVALID_DCC, message)
         for dcc_type in "vtr":
             group = frame.rows_of(dcc_type)
             if not group:
