@@ -93,3 +93,4 @@ cwt_facts = _impl.cwt_facts
 audit_issue_lines = _impl.audit_issue_lines
 audit_issue_groups = _impl.audit_issue_groups
 cbor_scan = _impl.cbor_scan
+scan_results = _impl.scan_results

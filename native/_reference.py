@@ -10,6 +10,7 @@ from ._base45_py import b45decode, b45encode
 from ._cose_py import protected_header, sig_structure, sign1_decode, sign1_encode
 from ._cwt_py import cwt_facts
 from ._hc1_py import hc1_encode, hc1_sign
+from ._loadgen_py import scan_results
 from ._signing_py import SigningKey
 from ._zlib_py import MAX_INFLATED, zlib_compress, zlib_decompress
 
@@ -26,6 +27,7 @@ __all__ = [
     "hc1_encode",
     "hc1_sign",
     "protected_header",
+    "scan_results",
     "sig_structure",
     "sign1_decode",
     "sign1_encode",
