@@ -92,7 +92,7 @@ from typing import Any
 import trio
 import zstandard
 
-from . import native
+from . import cpustat, native
 from .latency import LatencyHistogram
 from .loadpool import PoolSampler, PoolSeries
 from .loadprofile import Profile
@@ -172,9 +172,9 @@ class LoadConfig:
     #: Decode every reply with the codec (per-item objects) instead of counting it: the
     #: generator's old path, kept to measure what counting saves.
     full_decode: bool = False
-    #: Processes whose CPU is read from /proc at the start and end of the run (besides the
-    #: generator's own), with their children (an engine's keyd): ``cpustat`` in the result.
-    cpu_pids: tuple[int, ...] = ()
+    #: Processes (role, pid) whose CPU is read from /proc at the start and end of the run,
+    #: besides the generator's own, with their children (an engine's keyd): ``result.cpu``.
+    cpu_pids: tuple[tuple[str, int], ...] = ()
 
 
 # ----------------------------------------------------------------------------- payloads
@@ -390,6 +390,9 @@ class LoadResult:
     phase_ok: list[int] = field(default_factory=list)
     #: The nonce pool's samples (None: not sampled, no metrics_url).
     nonce_pool: PoolSeries | None = None
+    #: CPU per process and thread over the run, per certificate signed OK
+    #: (:func:`dccsign.cpustat.delta`; None off Linux).
+    cpu: dict[str, Any] | None = None
 
     @property
     def errors(self) -> int:
@@ -580,6 +583,8 @@ class _Run:
         self.keys: list[wire.KeyInfo] = []
         self.sample_candidates = 0
         self.result: LoadResult | None = None
+        self.cpu_before: cpustat.Snapshot | None = None
+        self.cpu_after: cpustat.Snapshot | None = None
         #: Each phase's end, seconds from t0 (for phase_ok).
         self.phase_ends = list(itertools.accumulate(p.duration for p in self.profile.phases))
         self.sampler = (
@@ -1241,6 +1246,7 @@ class _Run:
         sampler = self.sampler
         if sampler is not None:
             await sampler.sample()  # the level before the first request
+        self.cpu_before = cpustat.snapshot(dict(config.cpu_pids))
         cpu0 = time.process_time()
         self.t0 = trio.current_time() + 0.05
         self.end = self.t0 + duration
@@ -1267,6 +1273,7 @@ class _Run:
             nursery.cancel_scope.cancel()
         r = self.result
         r.cpu_s = time.process_time() - cpu0
+        self.cpu_after = cpustat.snapshot(dict(config.cpu_pids))
         end_bucket = self._bucket(trio.current_time())
         while True:  # requests the engine never let us send
             try:
@@ -1366,6 +1373,9 @@ async def run_load(
         # Each failed sample was counted as signed: it was a wrong answer instead.
         result.ok -= failed
         result.errors_by_code["bad_signature"] = failed
+    if run.cpu_before is not None and run.cpu_after is not None:
+        # Per certificate signed OK (after verification): what the run was for.
+        result.cpu = cpustat.delta(run.cpu_before, run.cpu_after, result.ok)
     result.verify = {
         "share": config.verify_sample,
         "candidates": run.sample_candidates,

@@ -32,8 +32,13 @@ _KID_SIZE = 8
 
 # Field slots of one result map, by key.
 _HC1, _KID, _ERROR, _MESSAGE, _RETRY = range(5)
-_FIELDS = {b"hc1": _HC1, b"kid": _KID, b"error": _ERROR, b"message": _MESSAGE,
-           b"retry_after_ms": _RETRY}
+_FIELDS = {
+    b"hc1": _HC1,
+    b"kid": _KID,
+    b"error": _ERROR,
+    b"message": _MESSAGE,
+    b"retry_after_ms": _RETRY,
+}
 _NAMES = ("hc1", "kid", "error", "message", "retry_after_ms")
 
 # What a field's value is, as far as the rules need to know: (kind, a, b) with kind one of
