@@ -257,8 +257,9 @@ def cpu_per_cert(cpu: dict | None) -> dict | None:
             entry = threads.setdefault(t["name"], {"us_per_cert": 0.0, "threads": 0})
             entry["us_per_cert"] = round(entry["us_per_cert"] + (t["us_per_cert"] or 0.0), 3)
             entry["threads"] += 1
-        out[role] = {"us_per_cert": p["us_per_cert"], "cpu_share": p["cpu_share"],
-                     "threads": threads}
+        out[role] = {"us_per_cert": p["us_per_cert"],
+                     "us_per_sent_cert": p.get("us_per_sent_cert"),
+                     "cpu_share": p["cpu_share"], "threads": threads}
     return out
 
 
@@ -273,8 +274,11 @@ def cpu_line(cpu: dict) -> str:
             f"{name}{'x' + str(t['threads']) if t['threads'] > 1 else ''} {t['us_per_cert']:.2f}"
             for name, t in sorted(p["threads"].items(), key=lambda kv: -kv[1]["us_per_cert"])[:4]
         )
-        total = p["us_per_cert"]
-        parts.append(f"{role} {total if total is not None else float('nan'):.2f} ({threads})")
+        total, sent = p["us_per_cert"], p.get("us_per_sent_cert")
+        parts.append(
+            f"{role} {total if total is not None else float('nan'):.2f}"
+            + (f" [{sent:.2f}/sent]" if sent is not None else "") + f" ({threads})"
+        )
     return "; ".join(parts)
 
 

@@ -133,14 +133,19 @@ def snapshot(named: dict[str, int], *, include_self: str | None = "generator") -
     return Snapshot(at, out)
 
 
-def delta(before: Snapshot, after: Snapshot, certs: int) -> dict[str, Any]:
+def delta(
+    before: Snapshot, after: Snapshot, certs: int, *, sent: int | None = None
+) -> dict[str, Any]:
     """The CPU each process and thread used between two snapshots, in seconds and in
-    microseconds per certificate (*certs*: the certificates of that interval; 0 gives None
-    per certificate). A process in only one snapshot is reported as missing there."""
+    microseconds per certificate (*certs*: the certificates signed in that interval; 0 gives
+    None per certificate). With *sent* (the certificates sent, BUSY or refused ones
+    included), each process also gets ``us_per_sent_cert``: under overload a generator and
+    an engine spend CPU on frames that sign nothing. A process in only one snapshot is
+    reported as missing there."""
     wall = after.at - before.at
 
-    def per_cert(seconds: float) -> float | None:
-        return round(seconds / certs * 1e6, 3) if certs > 0 else None
+    def per_cert(seconds: float, n: int | None = certs) -> float | None:
+        return round(seconds / n * 1e6, 3) if n else None
 
     processes: dict[str, Any] = {}
     for role, end in after.processes.items():
@@ -178,6 +183,7 @@ def delta(before: Snapshot, after: Snapshot, certs: int) -> dict[str, Any]:
             "cpu_s": round(total, 3),
             "cpu_share": round(total / wall, 3) if wall > 0 else None,
             "us_per_cert": per_cert(total),
+            "us_per_sent_cert": per_cert(total, sent),
             "threads": threads,
         }
     return {
@@ -185,6 +191,7 @@ def delta(before: Snapshot, after: Snapshot, certs: int) -> dict[str, Any]:
         "clk_tck": CLK_TCK,
         "wall_s": round(wall, 3),
         "certs": certs,
+        "certs_sent": sent,
         "processes": processes,
     }
 
@@ -193,7 +200,12 @@ def summary_lines(cpu: dict[str, Any] | None) -> list[str]:
     """Printable lines of a :func:`delta` report: one per process, its busiest threads."""
     if not cpu:
         return []
-    lines = [f"  CPU per certificate ({cpu['certs']:,} certificates, {cpu['wall_s']:.1f} s):"]
+    sent = cpu.get("certs_sent")
+    lines = [
+        f"  CPU per certificate signed ({cpu['certs']:,} signed"
+        + (f", {sent:,} sent" if sent is not None else "")
+        + f", {cpu['wall_s']:.1f} s):"
+    ]
     for role, p in cpu["processes"].items():
         if "missing" in p:
             lines.append(f"    {role:<14} missing ({p['missing']})")
@@ -203,8 +215,10 @@ def summary_lines(cpu: dict[str, Any] | None) -> list[str]:
         top = ", ".join(
             f"{t['name']} {t['us_per_cert']:.2f}" for t in busy[:4] if t["us_per_cert"] is not None
         )
+        per_sent = p.get("us_per_sent_cert")
         lines.append(
             f"    {role:<14} {us if us is not None else float('nan'):8.2f} us/cert "
-            f"({p['cpu_share']:.0%} of a core; threads: {top or '-'})"
+            + (f"({per_sent:.2f} per sent) " if per_sent is not None else "")
+            + f"({p['cpu_share']:.0%} of a core; threads: {top or '-'})"
         )
     return lines

@@ -96,7 +96,7 @@ from . import cpustat, native
 from .latency import LatencyHistogram
 from .loadpool import PoolSampler, PoolSeries
 from .loadprofile import Profile
-from .protocol import wire
+from .protocol import cborlimits, wire
 from .protocol.codes import ErrorCode
 
 __all__ = [
@@ -509,9 +509,15 @@ class _Conn:
 
 
 async def _handshake(
-    stream: trio.abc.Stream, compression: bool, wait_s: float
+    stream: trio.abc.Stream, compression: bool, wait_s: float, full_decode: bool = False
 ) -> tuple[wire.Connection, wire.Welcome]:
-    codec = wire.Connection(wire.CLIENT, compression=("zstd",) if compression else ())
+    # The codec decodes what is not counted (ERROR -- BUSY under overload --, GOAWAY, KEYS)
+    # and counts each body first: natively, except on the old path, which is kept as it was.
+    codec = wire.Connection(
+        wire.CLIENT,
+        compression=("zstd",) if compression else (),
+        scan=cborlimits.scan if full_decode else native.cbor_scan,
+    )
     with trio.move_on_after(wait_s) as scope:
         await stream.send_all(codec.send(codec.make_hello(AGENT)))
         while True:
@@ -644,7 +650,9 @@ class _Run:
         if scope.cancelled_caught:
             raise LoadError(f"cannot connect to {config.server}: timed out")
         try:
-            codec, welcome = await _handshake(stream, config.compression, config.connect_timeout)
+            codec, welcome = await _handshake(
+                stream, config.compression, config.connect_timeout, config.full_decode
+            )
         except (trio.BrokenResourceError, trio.ClosedResourceError, wire.WireProtocolError) as exc:
             await trio.aclose_forcefully(stream)
             raise LoadError(f"handshake with {config.server} failed: {exc}") from None
@@ -1375,7 +1383,7 @@ async def run_load(
         result.errors_by_code["bad_signature"] = failed
     if run.cpu_before is not None and run.cpu_after is not None:
         # Per certificate signed OK (after verification): what the run was for.
-        result.cpu = cpustat.delta(run.cpu_before, run.cpu_after, result.ok)
+        result.cpu = cpustat.delta(run.cpu_before, run.cpu_after, result.ok, sent=result.sent)
     result.verify = {
         "share": config.verify_sample,
         "candidates": run.sample_candidates,
