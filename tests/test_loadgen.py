@@ -839,8 +839,10 @@ def _random_result(rng: random.Random) -> dict:
     if rng.random() < 0.7:
         out: dict = {"hc1": "HC1:" + "6BF" * rng.randint(1, 300), "kid": rng.randbytes(8)}
     else:
-        out = {"error": rng.choice([1, 2, 5, 7, 9, 12, 1000, 2**32 - 1]),
-               "message": rng.choice(["", "refused", "ungültig: dob", "x" * 1024])}
+        out = {
+            "error": rng.choice([1, 2, 5, 7, 9, 12, 1000, 2**32 - 1]),
+            "message": rng.choice(["", "refused", "ungültig: dob", "x" * 1024]),
+        }
         if rng.random() < 0.5:
             out["retry_after_ms"] = rng.choice([0, 250, 2**32 - 1])
     if rng.random() < 0.1:  # keys a reader must skip, of any shape
@@ -897,11 +899,12 @@ def test_counted_replies_of_the_wire_codec_and_the_fake(impl):
             if rng.random() < 0.8:
                 results.append(wire.ItemResult(hc1=CANNED_HC1, kid=CANNED_KID))
             else:
-                results.append(wire.ItemResult(error=wire.ErrorCode.BUSY, message="busy",
-                                               retry_after_ms=100))
+                results.append(
+                    wire.ItemResult(error=wire.ErrorCode.BUSY, message="busy", retry_after_ms=100)
+                )
         server.last_request_id = rid
         frame = server.send(wire.SignBatchResult(rid, tuple(results)))
-        body = frame[wire.HEADER_SIZE:]
+        body = frame[wire.HEADER_SIZE :]
         if frame[4] & wire.FLAG_ZSTD:
             import zstandard
 
@@ -1105,3 +1108,46 @@ def test_cpu_per_process_and_thread_from_proc():
     assert "missing" in gone["processes"]["sleeper"]
     assert cpustat._ticks("1 (a) b) (c) S " + "0 " * 10 + "7 5 0") == ("a) b) (c", 12)
     assert cpustat.summary_lines(report)[1].split()[0] == "generator"
+
+
+class _BrokenResultFake(FakeEngine):
+    """Answers every SIGN_BATCH with a result body that breaks the protocol (a kid of 5
+    bytes) behind a valid header."""
+
+    def _reply(self, codec, event, in_flight):
+        from dccsign.protocol import wire
+
+        if not isinstance(event, wire.SignBatch):
+            return super()._reply(codec, event, in_flight)
+        import cbor2
+
+        body = cbor2.dumps({"results": [{"hc1": "HC1:AB", "kid": b"short"}] * len(event.items)})
+        head = wire.HEADER.pack(
+            wire.MAGIC,
+            wire.VERSION,
+            wire.FrameType.SIGN_BATCH_RESULT,
+            0,
+            event.request_id,
+            len(body),
+        )
+        return head + body, None
+
+
+@pytest.mark.parametrize("full_decode", [False, True])
+@pytest.mark.trio
+async def test_a_broken_result_body_ends_the_connection_as_a_protocol_error(tmp_path, full_decode):
+    async with trio.open_nursery() as nursery:
+        r = await _against_fake(
+            nursery,
+            tmp_path,
+            _BrokenResultFake(),
+            profile=_constant(200, 0.3),
+            batch=5,
+            full_decode=full_decode,
+            drain_timeout=0.5,
+        )
+    assert r.ok == 0 and r.connection_losses
+    assert all(
+        "protocol error from the engine" in why and "results[0].kid: must be a byte string" in why
+        for why in r.connection_losses
+    ), r.connection_losses
