@@ -60,11 +60,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="per case (default 10)")
     parser.add_argument(
-        "--json", type=Path,
+        "--json",
+        type=Path,
         help="write every case's figures here (default bench/results/loadgen_ceiling-<date>.json)",
     )
     parser.add_argument(
-        "--modes", default="counted,full",
+        "--modes",
+        default="counted,full",
         help="comma-separated: counted (replies counted), full (replies decoded, the old path) "
         "(default both)",
     )
@@ -92,9 +94,14 @@ def main() -> int:
                 )
                 for mode in modes:
                     config = LoadConfig(
-                        profile=profile, server=f"unix:{sock}", batch=batch, verify_sample=0.0,
-                        closed_loop=rate is None, in_flight=2 if rate is None else None,
-                        full_decode=mode == "full", cpu_pids=(("fake", fake.pid),),
+                        profile=profile,
+                        server=f"unix:{sock}",
+                        batch=batch,
+                        verify_sample=0.0,
+                        closed_loop=rate is None,
+                        in_flight=2 if rate is None else None,
+                        full_decode=mode == "full",
+                        cpu_pids=(("fake", fake.pid),),
                     )
                     r = trio.run(run_load, config, payloads)
                     rows.append(_row(r, batch, rate, mode))
@@ -133,8 +140,8 @@ def _row(r, batch: int, rate: int | None, mode: str) -> dict:
         "generator_cpu_us_per_cert": _us(r.cpu, "generator"),
         "fake_cpu_us_per_cert": _us(r.cpu, "fake"),
     }
-    row["within_ceiling"] = (
-        rate is None or (r.certs_per_s >= 0.99 * rate and row["schedule_lag_p99_ms"] < 5)
+    row["within_ceiling"] = rate is None or (
+        r.certs_per_s >= 0.99 * rate and row["schedule_lag_p99_ms"] < 5
     )
     offered = "closed loop" if rate is None else f"offered {rate:>8,}/s"
     gen = row["generator_cpu_us_per_cert"]
