@@ -30,7 +30,12 @@ def scan_results(body, batch, max_results, want=()):
     cdef size_t n = view.shape[0]
     cdef int is_batch = 1 if batch else 0
     cdef uint32_t limit = max_results if max_results < 0xFFFFFFFF else 0xFFFFFFFF
-    cdef uint32_t cap = limit if is_batch else 1
+    # Each result takes at least one byte: no more than that many can fail.
+    cdef uint32_t cap = 1
+    if is_batch:
+        cap = limit if <size_t> limit < n else <uint32_t> n
+        if cap == 0:
+            cap = 1
     cdef tuple wanted = tuple(want)
     cdef size_t n_wants = len(wanted), j
     cdef uint32_t count = 0, n_errs = 0, err_index = 0, i
