@@ -47,6 +47,11 @@ other frame (ERROR, GOAWAY, KEYS, PING) goes through the sans-IO codec as before
 decodes and checks it in full. ``full_decode`` keeps the old path (every reply decoded by
 the codec into per-item objects), to measure the difference.
 
+**CPU is accounted per process and thread** (:mod:`.cpustat`): ``/proc`` is read for this
+process, and for the processes of ``cpu_pids`` and their children (an engine and its keyd),
+just before the clock starts and after the last reply; ``LoadResult.cpu`` gives each one's
+microseconds per certificate signed and per certificate sent.
+
 **Wrong answers never count.** Every signed item can be sampled (``verify_sample``); after
 the run each sample is verified with :func:`dccsign.verify.verify_hc1` against the DSCs from
 LIST_KEYS, and its DCC compared with the one sent. A failure moves the certificate from "ok"
@@ -130,7 +135,7 @@ _INVALID_KINDS = ("uvci-check-character", "unknown-country", "impossible-date", 
 _HEADER = wire.HEADER
 _MAGIC = wire.MAGIC
 _VERSION = wire.VERSION
-HEADER_SIZE = wire.HEADER_SIZE
+_HEADER_SIZE = wire.HEADER_SIZE
 _RESULT_TYPES = frozenset({wire.FrameType.SIGN_RESULT, wire.FrameType.SIGN_BATCH_RESULT})
 _scan_results = native.scan_results
 
@@ -814,9 +819,9 @@ class _Run:
                 why = self._to_codec(conn, bytes(buf), end=True)
                 return why or "the engine closed the connection"
             buf += data
-            while len(buf) >= HEADER_SIZE:
+            while len(buf) >= _HEADER_SIZE:
                 magic, version, ftype, flags, rid, length = unpack_header(buf)
-                end = HEADER_SIZE + length
+                end = _HEADER_SIZE + length
                 if (
                     ftype not in results
                     or magic != _MAGIC
@@ -840,7 +845,7 @@ class _Run:
                     continue
                 if len(buf) < end:
                     break
-                body = bytes(buf[HEADER_SIZE:end])
+                body = bytes(buf[_HEADER_SIZE:end])
                 del buf[:end]
                 why = self._counted(conn, ftype, rid, flags, body)
                 if why:
