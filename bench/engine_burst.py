@@ -11,6 +11,12 @@ the pool's low point; 1 % of the signed certificates are verified against the DS
 
 The target of issue 6 compares the pooled burst's rate with ``openssl_2p`` of the same round.
 The generator shares the two cores with the engine and keyd, as in bench/engine_targets.py.
+
+Each burst also reports the CPU microseconds per certificate of the generator, the engine
+(each thread) and keyd (each thread), read from ``/proc`` by ``bench load --cpu-pid`` from
+the start of the run's clock (after the wait for a full pool) to its last reply, per
+certificate signed OK (see bench/engine_targets.py). The result goes to
+``bench/results/engine_burst-<date>.json`` unless ``--json`` says otherwise.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from engine_targets import RESULTS, cpu_line, cpu_per_cert
 
 from benchsetup import DCCSIGN, dev_engine
 from dccsign.benchcompare import openssl_sign_rate
@@ -38,6 +46,7 @@ def burst(rate: float, batch: int, connections: int, pool: int | None) -> dict:
     with dev_engine(work, extra) as engine:
         cmd = [
             *DCCSIGN, "bench", "load", "--quiet", "--json", str(report), *profile,
+            "--cpu-pid", f"engine={engine.proc.pid}",
             "--rate", f"{rate:.0f}", *engine.load_args(),
             "--batch", str(batch), "--connections", str(connections), "--verify-sample", "0.01",
         ]
@@ -55,6 +64,8 @@ def burst(rate: float, batch: int, connections: int, pool: int | None) -> dict:
         "pool_min": summary.get("min"),
         "pool_misses": summary.get("misses"),
         "pool_wait_s": (doc.get("pool_wait") or {}).get("waited_s"),
+        "cpu_us_per_cert": cpu_per_cert(doc.get("cpu")),
+        "cpu": doc.get("cpu"),
     }
 
 
@@ -64,8 +75,13 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=50)
     p.add_argument("--connections", type=int, default=4)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--json", type=Path)
+    p.add_argument(
+        "--json", type=Path,
+        help="write every figure here (default bench/results/engine_burst-<date>.json)",
+    )
     args = p.parse_args()
+    if args.json is None:
+        args.json = RESULTS / f"engine_burst-{time.strftime('%Y-%m-%dT%H%M')}.json"
     openssl = shutil.which("openssl")
     if openssl is None:
         raise SystemExit("openssl not found on PATH")
@@ -79,7 +95,10 @@ def main() -> None:
         row: dict = {}
         for name in list(cases) if r % 2 == 0 else list(reversed(cases)):
             row[name] = cases[name]()
-            print(f"round {r} {name}: {row[name]}", flush=True)
+            shown = {k: v for k, v in row[name].items() if k not in ("cpu", "cpu_us_per_cert")}
+            print(f"round {r} {name}: {shown}", flush=True)
+            if row[name].get("cpu_us_per_cert"):
+                print(f"  CPU us/cert: {cpu_line(row[name]['cpu_us_per_cert'])}", flush=True)
         bar = row["openssl_2p"]["rate"]
         row["pool/openssl_2p"] = round(row["engine_pool"]["burst_certs_per_s"] / bar, 3)
         row["no_pool/openssl_2p"] = round(row["engine_no_pool"]["burst_certs_per_s"] / bar, 3)
@@ -96,10 +115,11 @@ def main() -> None:
     print(f"target (pooled burst >= openssl -multi 2, same round): {'PASS' if ok else 'FAIL'}")
     print(f"target (p99 <= 50 ms during the pooled burst): {'PASS' if p99 <= 50 else 'FAIL'} "
           f"({p99:.1f} ms)")
-    if args.json:
-        args.json.write_text(json.dumps(
-            {"date": time.strftime("%Y-%m-%d %H:%M"), "rate": args.rate, "batch": args.batch,
-             "rounds": rounds, "median": med}, indent=2))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(
+        {"date": time.strftime("%Y-%m-%d %H:%M"), "rate": args.rate, "batch": args.batch,
+         "rounds": rounds, "median": med}, indent=2))
+    print(f"written: {args.json}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,18 @@ Steps, all on this machine, one after the other:
 The generator runs on the same two cores as the engine and keyd: what it costs is part of the
 measurement, as it would be for a portal backend on the same host. Absolute rates drift with
 the VM; the ratio to step 1 is taken minutes apart in the same run.
+
+**CPU per certificate, per process and thread** (issue 14's targets: engine <= 20 us, keyd
+<= 12 us plus signing, generator <= 3 us): for each load step, ``dccsign bench load
+--cpu-pid engine=PID`` reads ``/proc/<pid>/task/*/stat`` (utime + stime) of the generator
+(itself, a child of this script), the engine and the engine's children (keyd) when its
+clock starts and when its last reply is in, and divides by the certificates signed OK in
+between (:mod:`dccsign.cpustat`). Payload preparation, connecting and the verification of
+the samples are outside that window. The JSON has every thread (``cpu``); the summary
+prints each process and its busiest threads.
+
+The result goes to ``bench/results/engine_targets-<date>.json`` unless ``--json`` says
+otherwise.
 """
 
 from __future__ import annotations
@@ -35,6 +47,8 @@ import time
 from pathlib import Path
 
 from benchsetup import DCCSIGN, dev_engine
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _rss_kib(pid: int) -> int | None:
@@ -80,9 +94,10 @@ def bench_core(seconds: float) -> float:
     return float(json.loads(out.stdout)["certs_per_s"])
 
 
-def load(args: list[str], tag: str, workdir: Path) -> dict:
+def load(args: list[str], tag: str, workdir: Path, engine_pid: int | None = None) -> dict:
     report = workdir / f"{tag}.json"
-    cmd = [*DCCSIGN, "bench", "load", "--quiet", "--json", str(report), *args]
+    cpu = ["--cpu-pid", f"engine={engine_pid}"] if engine_pid else []
+    cmd = [*DCCSIGN, "bench", "load", "--quiet", "--json", str(report), *cpu, *args]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode not in (0,) or not report.exists():
         raise SystemExit(f"bench load ({tag}) failed ({done.returncode}):\n{done.stderr}")
@@ -99,8 +114,13 @@ def main(argv: list[str] | None = None) -> int:
         help="closed loop: requests per connection (default 2: enough to keep the engine busy "
         "without tripping its queue target)",
     )
-    p.add_argument("--json", type=Path, help="write every figure as JSON")
+    p.add_argument(
+        "--json", type=Path,
+        help="write every figure as JSON here (default bench/results/engine_targets-<date>.json)",
+    )
     args = p.parse_args(argv)
+    if args.json is None:
+        args.json = RESULTS / f"engine_targets-{time.strftime('%Y-%m-%dT%H%M')}.json"
 
     result: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "batch": args.batch}
     print("1. bench core --threads 2 ...", flush=True)
@@ -120,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         closed = load(
             [*common, "--closed-loop", "--in-flight", str(args.in_flight),
              "--duration", str(args.seconds)],
-            "closed", work,
+            "closed", work, engine.pid,
         )
         sustained = closed["certs_per_s"]
         result["closed"] = _summary(closed)
@@ -128,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"4. open loop at half ({half:,.0f}/s) ...", flush=True)
         result["half"] = _summary(
             load([*common, "--rate", f"{half:.0f}", "--duration", str(args.seconds)],
-                 "half", work)
+                 "half", work, engine.pid)
         )
         double = sustained * 2
         print(f"5. open loop at twice ({double:,.0f}/s) ...", flush=True)
@@ -136,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         sampler.start()
         over = load(
             [*common, "--rate", f"{double:.0f}", "--duration", str(args.seconds)],
-            "double", work,
+            "double", work, engine.pid,
         )
         sampler.stop.set()
         sampler.join()
@@ -153,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     growth = None
     if r["rss_kib"]["first_third_median"]:
         growth = r["rss_kib"]["last_third_median"] / r["rss_kib"]["first_third_median"] - 1
+    gen = (r["closed"].get("cpu_us_per_cert") or {}).get("generator") or {}
+    eng = (r["closed"].get("cpu_us_per_cert") or {}).get("engine") or {}
     r["verdicts"] = {
         "sustained >= 0.85 x bench core 2t": r["closed"]["certs_per_s"] / core >= 0.85,
         "p99 at half rate <= 20 ms": r["half"]["p99_ms"] <= 20,
@@ -160,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         "BUSY at 2x": r["double"]["busy"] > 0,
         "RSS flat at 2x (last third within 10 % of first)": growth is not None
         and abs(growth) <= 0.10,
+        "closed loop: generator <= 3 us CPU per certificate": gen.get("us_per_cert") is not None
+        and gen["us_per_cert"] <= 3.0,
+        "closed loop: engine <= 20 us CPU per certificate": eng.get("us_per_cert") is not None
+        and eng["us_per_cert"] <= 20.0,
     }
     print()
     print(f"bench core --threads 2           {core:>10,.0f} certs/s   1.00")
@@ -179,14 +205,19 @@ def main(argv: list[str] | None = None) -> int:
         if stages:
             print(f"  {name} stages (mean ms): "
                   + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
+    for name in ("closed", "half", "double"):
+        cpu = r[name].get("cpu_us_per_cert")
+        if cpu:
+            print(f"  {name} CPU us/cert: " + cpu_line(cpu))
     if growth is not None:
         print(f"RSS engine+keyd at 2x: first third {r['rss_kib']['first_third_median'] / 1024:.0f}"
               f" MiB, last third {r['rss_kib']['last_third_median'] / 1024:.0f} MiB"
               f" ({growth:+.1%})")
     for name, ok in r["verdicts"].items():
         print(f"  {'PASS' if ok else 'FAIL'}  {name}")
-    if args.json:
-        args.json.write_text(json.dumps(r, indent=2) + "\n")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(r, indent=2) + "\n")
+    print(f"written: {args.json}")
     shutil.rmtree(work, ignore_errors=True)
     return 0
 
@@ -203,7 +234,52 @@ def _summary(report: dict) -> dict:
     )
     # Where a request's time went inside the engine (its dccsign_stage_seconds).
     out["engine_stage_mean_ms"] = (report.get("engine_metrics") or {}).get("stage_mean_ms")
+    out["cpu_us_per_cert"] = cpu_per_cert(report.get("cpu"))
+    out["cpu"] = report.get("cpu")
     return out
+
+
+def cpu_per_cert(cpu: dict | None) -> dict | None:
+    """The CPU section of a ``bench load`` report, condensed: us per certificate of each
+    process, and of each of its threads that used any (by name; several threads of one name,
+    such as a pool's workers, are summed and counted)."""
+    if not cpu:
+        return None
+    out: dict = {}
+    for role, p in cpu["processes"].items():
+        if "missing" in p:
+            out[role] = None
+            continue
+        threads: dict = {}
+        for t in p["threads"]:
+            if not t["cpu_s"]:
+                continue
+            entry = threads.setdefault(t["name"], {"us_per_cert": 0.0, "threads": 0})
+            entry["us_per_cert"] = round(entry["us_per_cert"] + (t["us_per_cert"] or 0.0), 3)
+            entry["threads"] += 1
+        out[role] = {"us_per_cert": p["us_per_cert"],
+                     "us_per_sent_cert": p.get("us_per_sent_cert"),
+                     "cpu_share": p["cpu_share"], "threads": threads}
+    return out
+
+
+def cpu_line(cpu: dict) -> str:
+    """One printable line of :func:`cpu_per_cert`'s result."""
+    parts = []
+    for role, p in cpu.items():
+        if p is None:
+            parts.append(f"{role} missing")
+            continue
+        threads = ", ".join(
+            f"{name}{'x' + str(t['threads']) if t['threads'] > 1 else ''} {t['us_per_cert']:.2f}"
+            for name, t in sorted(p["threads"].items(), key=lambda kv: -kv[1]["us_per_cert"])[:4]
+        )
+        total, sent = p["us_per_cert"], p.get("us_per_sent_cert")
+        parts.append(
+            f"{role} {total if total is not None else float('nan'):.2f}"
+            + (f" [{sent:.2f}/sent]" if sent is not None else "") + f" ({threads})"
+        )
+    return "; ".join(parts)
 
 
 if __name__ == "__main__":

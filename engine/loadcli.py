@@ -44,6 +44,13 @@ def _share(value: str) -> float:
     return x
 
 
+def _role_pid(value: str) -> tuple[str, int]:
+    role, sep, pid = value.partition("=")
+    if not sep or not role or not pid.isdigit() or int(pid) < 1:
+        raise argparse.ArgumentTypeError(f"expected ROLE=PID (e.g. engine=1234), not {value!r}")
+    return role, int(pid)
+
+
 def add_load_parser(bsub: Any) -> argparse.ArgumentParser:
     """Add ``load`` to the ``bench`` subcommands *bsub*; returns its parser."""
     from .loadprofile import PRESETS, parse_profile
@@ -268,6 +275,22 @@ def add_load_parser(bsub: Any) -> argparse.ArgumentParser:
         metavar="N",
         help="verify at most N samples (a uniform reservoir of all sampled) (default 20000)",
     )
+    g.add_argument(
+        "--full-decode",
+        action="store_true",
+        help="decode every reply into per-item objects, as before replies were counted "
+        "(costs the generator CPU; to measure the difference)",
+    )
+    g.add_argument(
+        "--cpu-pid",
+        action="append",
+        default=[],
+        type=_role_pid,
+        metavar="ROLE=PID",
+        help="also report the CPU per certificate of process PID (and its children, e.g. "
+        "an engine's keyd) and each of its threads over the run, read from /proc, under "
+        "ROLE (e.g. engine=1234); repeatable. The generator's own is always reported",
+    )
 
     g = p.add_argument_group("output")
     g.add_argument(
@@ -439,6 +462,8 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
         compression=not args.no_compression,
         seed=args.seed,
         metrics_url=metrics_url,
+        full_decode=args.full_decode,
+        cpu_pids=tuple(args.cpu_pid),
     )
     print(
         f"dccsign bench load: preparing {max(args.accounts, 4096):,} payloads "

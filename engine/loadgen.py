@@ -35,6 +35,23 @@ and (for SIGN_BATCH) zstd-compressed by the protocol codec itself. Sending a req
 16-byte header and a write. Items carry no idempotency key: the pool is cycled, and a key
 would make the engine answer repeats from its idempotency cache instead of signing.
 
+**Replies are counted, not decoded.** A SIGN_RESULT / SIGN_BATCH_RESULT frame is taken
+from the stream by its header (the codec's header rules: magic, version, flags, size, a
+request id that was sent), its body decompressed and walked once by
+:func:`dccsign.native.scan_results` (C, GIL released; a pure-Python twin): the number of
+results, and the position and error code of each one not signed -- no object per
+certificate. Which items were invalid DCCs is known per frame from the pool
+(``Frame.invalid_positions``), so an invalid DCC that comes back signed is still found
+without decoding it. Only sampled certificates have their HC1 taken out of the body. Every
+other frame (ERROR, GOAWAY, KEYS, PING) goes through the sans-IO codec as before, which
+decodes and checks it in full. ``full_decode`` keeps the old path (every reply decoded by
+the codec into per-item objects), to measure the difference.
+
+**CPU is accounted per process and thread** (:mod:`.cpustat`): ``/proc`` is read for this
+process, and for the processes of ``cpu_pids`` and their children (an engine and its keyd),
+just before the clock starts and after the last reply; ``LoadResult.cpu`` gives each one's
+microseconds per certificate signed and per certificate sent.
+
 **Wrong answers never count.** Every signed item can be sampled (``verify_sample``); after
 the run each sample is verified with :func:`dccsign.verify.verify_hc1` against the DSCs from
 LIST_KEYS, and its DCC compared with the one sent. A failure moves the certificate from "ok"
@@ -80,10 +97,11 @@ from typing import Any
 import trio
 import zstandard
 
+from . import cpustat, native
 from .latency import LatencyHistogram
 from .loadpool import PoolSampler, PoolSeries
 from .loadprofile import Profile
-from .protocol import wire
+from .protocol import cborlimits, wire
 from .protocol.codes import ErrorCode
 
 __all__ = [
@@ -117,6 +135,9 @@ _INVALID_KINDS = ("uvci-check-character", "unknown-country", "impossible-date", 
 _HEADER = wire.HEADER
 _MAGIC = wire.MAGIC
 _VERSION = wire.VERSION
+_HEADER_SIZE = wire.HEADER_SIZE
+_RESULT_TYPES = frozenset({wire.FrameType.SIGN_RESULT, wire.FrameType.SIGN_BATCH_RESULT})
+_scan_results = native.scan_results
 
 
 class LoadError(Exception):
@@ -153,6 +174,12 @@ class LoadConfig:
     #: The engine's /metrics, to sample the nonce pool during the run (None: not sampled).
     metrics_url: str | None = None
     pool_sample_interval: float = 1.0
+    #: Decode every reply with the codec (per-item objects) instead of counting it: the
+    #: generator's old path, kept to measure what counting saves.
+    full_decode: bool = False
+    #: Processes (role, pid) whose CPU is read from /proc at the start and end of the run,
+    #: besides the generator's own, with their children (an engine's keyd): ``result.cpu``.
+    cpu_pids: tuple[tuple[str, int], ...] = ()
 
 
 # ----------------------------------------------------------------------------- payloads
@@ -169,6 +196,8 @@ class Frame:
     packed_flags: int
     items: tuple[int, ...]
     invalid: int  # how many of its items are invalid DCCs
+    #: Positions (in the frame) of its invalid items: a signed result there is SIGNED_INVALID.
+    invalid_positions: tuple[int, ...] = ()
 
 
 @dataclass
@@ -300,7 +329,8 @@ def build_payloads(
         ftype, flags = data[3], data[4]
         body = data[wire.HEADER_SIZE :]
         raw = unpack.decompress(body) if flags & wire.FLAG_ZSTD else body
-        frames.append(Frame(ftype, raw, body, flags, idx, sum(invalid[i] for i in idx)))
+        bad_at = tuple(pos for pos, i in enumerate(idx) if invalid[i])
+        frames.append(Frame(ftype, raw, body, flags, idx, len(bad_at), bad_at))
     return Payloads(
         batch, dccs, invalid, kinds, names, frames, seconds=time.perf_counter() - started
     )
@@ -365,6 +395,9 @@ class LoadResult:
     phase_ok: list[int] = field(default_factory=list)
     #: The nonce pool's samples (None: not sampled, no metrics_url).
     nonce_pool: PoolSeries | None = None
+    #: CPU per process and thread over the run, per certificate signed OK
+    #: (:func:`dccsign.cpustat.delta`; None off Linux).
+    cpu: dict[str, Any] | None = None
 
     @property
     def errors(self) -> int:
@@ -481,9 +514,15 @@ class _Conn:
 
 
 async def _handshake(
-    stream: trio.abc.Stream, compression: bool, wait_s: float
+    stream: trio.abc.Stream, compression: bool, wait_s: float, full_decode: bool = False
 ) -> tuple[wire.Connection, wire.Welcome]:
-    codec = wire.Connection(wire.CLIENT, compression=("zstd",) if compression else ())
+    # The codec decodes what is not counted (ERROR -- BUSY under overload --, GOAWAY, KEYS)
+    # and counts each body first: natively, except on the old path, which is kept as it was.
+    codec = wire.Connection(
+        wire.CLIENT,
+        compression=("zstd",) if compression else (),
+        scan=cborlimits.scan if full_decode else native.cbor_scan,
+    )
     with trio.move_on_after(wait_s) as scope:
         await stream.send_all(codec.send(codec.make_hello(AGENT)))
         while True:
@@ -555,6 +594,8 @@ class _Run:
         self.keys: list[wire.KeyInfo] = []
         self.sample_candidates = 0
         self.result: LoadResult | None = None
+        self.cpu_before: cpustat.Snapshot | None = None
+        self.cpu_after: cpustat.Snapshot | None = None
         #: Each phase's end, seconds from t0 (for phase_ok).
         self.phase_ends = list(itertools.accumulate(p.duration for p in self.profile.phases))
         self.sampler = (
@@ -562,6 +603,9 @@ class _Run:
             if config.metrics_url
             else None
         )
+        # One decompressor for the run's reply bodies (the codec makes one per frame so that
+        # a long-lived connection does not keep its window; a run is short).
+        self._unzstd = zstandard.ZstdDecompressor()
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -611,7 +655,9 @@ class _Run:
         if scope.cancelled_caught:
             raise LoadError(f"cannot connect to {config.server}: timed out")
         try:
-            codec, welcome = await _handshake(stream, config.compression, config.connect_timeout)
+            codec, welcome = await _handshake(
+                stream, config.compression, config.connect_timeout, config.full_decode
+            )
         except (trio.BrokenResourceError, trio.ClosedResourceError, wire.WireProtocolError) as exc:
             await trio.aclose_forcefully(stream)
             raise LoadError(f"handshake with {config.server} failed: {exc}") from None
@@ -722,6 +768,8 @@ class _Run:
 
     async def _receiver(self, conn: _Conn) -> str:
         """Read replies until the connection ends; returns why it ended."""
+        if not self.config.full_decode:
+            return await self._counting_receiver(conn)
         codec = conn.codec
         stream = conn.stream
         while True:
@@ -746,6 +794,195 @@ class _Run:
                         return "GOAWAY"  # all it will answer is answered
             except wire.RemoteProtocolError as exc:
                 return f"protocol error from the engine: {exc}"
+
+    async def _counting_receiver(self, conn: _Conn) -> str:
+        """:meth:`_receiver` with result frames counted (see the module docstring): the
+        codec sees every other frame, one whole frame at a time, and the bytes of any frame
+        whose header it must judge."""
+        codec = conn.codec
+        stream = conn.stream
+        buf = bytearray()
+        unpack_header = _HEADER.unpack_from
+        results = _RESULT_TYPES
+        if codec.buffered:  # came with the handshake's or LIST_KEYS' reply
+            why = self._to_codec(conn, b"", end=False)
+            if why:
+                return why
+        while True:
+            try:
+                data = await stream.receive_some(1 << 18)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                return f"connection broken: {exc.__cause__ or exc}"
+            if not data:
+                # What is left (a partial frame, or nothing) and the end: the codec says
+                # whether that is a clean close.
+                why = self._to_codec(conn, bytes(buf), end=True)
+                return why or "the engine closed the connection"
+            buf += data
+            while len(buf) >= _HEADER_SIZE:
+                magic, version, ftype, flags, rid, length = unpack_header(buf)
+                end = _HEADER_SIZE + length
+                if (
+                    ftype not in results
+                    or magic != _MAGIC
+                    or version != _VERSION
+                    or flags & 0x00FFFFFF
+                    or length > codec.max_frame
+                    or not 0 < rid <= codec.last_request_id
+                    or (flags and (flags >> 24 != wire.FLAG_ZSTD or codec.compression is None))
+                ):
+                    # Not a result, or a header the codec must judge: a whole frame (or, for
+                    # a header it will refuse, everything) goes to the codec.
+                    ok_header = magic == _MAGIC and version == _VERSION
+                    if ok_header and length <= codec.max_frame and len(buf) < end:
+                        break
+                    cut = end if ok_header and length <= codec.max_frame else len(buf)
+                    chunk = bytes(buf[:cut])
+                    del buf[:cut]
+                    why = self._to_codec(conn, chunk, end=False)
+                    if why:
+                        return why
+                    continue
+                if len(buf) < end:
+                    break
+                body = bytes(buf[_HEADER_SIZE:end])
+                del buf[:end]
+                why = self._counted(conn, ftype, rid, flags, body)
+                if why:
+                    return why
+            if conn.goaway is not None and not conn.pending:
+                return "GOAWAY"  # all it will answer is answered
+
+    def _to_codec(self, conn: _Conn, data: bytes, *, end: bool) -> str | None:
+        """Hand *data* (whole frames, or bytes the codec will refuse) and possibly the end
+        of the stream to the codec and act on its events; why the connection ends, if it
+        does."""
+        codec = conn.codec
+        if data:
+            codec.receive_data(data)
+        if end:
+            codec.receive_data(b"")
+        try:
+            while True:
+                event = codec.next_event()
+                if event is wire.NEED_DATA:
+                    return None
+                if event is None:
+                    if conn.goaway is not None and not conn.pending:
+                        return "GOAWAY"
+                    return "the engine closed the connection"
+                why = self._on_event(conn, event)
+                if why:
+                    return why
+                if conn.goaway is not None and not conn.pending:
+                    return "GOAWAY"
+        except wire.RemoteProtocolError as exc:
+            return f"protocol error from the engine: {exc}"
+
+    def _counted(self, conn: _Conn, ftype: int, rid: int, flags: int, body: bytes) -> str | None:
+        """A SIGN_RESULT / SIGN_BATCH_RESULT whose header passed: counted without decoding
+        (:func:`dccsign.native.scan_results`). Returns why the connection must end (a body
+        that breaks the protocol), else None."""
+        max_frame = conn.codec.max_frame
+        try:
+            if flags:
+                size = zstandard.frame_content_size(body)
+                if not 0 <= size <= max_frame:
+                    raise ValueError(
+                        "the zstd frame does not declare its content size"
+                        if size < 0
+                        else f"decompressed body of {size} bytes exceeds max_frame {max_frame}"
+                    )
+                body = self._unzstd.decompress(body)
+                if len(body) != size:
+                    raise ValueError("the compressed body is not exactly one zstd frame")
+            batch = ftype == wire.FrameType.SIGN_BATCH_RESULT
+            n, errors, _ = _scan_results(body, batch, conn.welcome.max_batch if batch else 1)
+        except (ValueError, zstandard.ZstdError) as exc:
+            return f"protocol error from the engine: {exc}"
+        entry = conn.pending.pop(rid, None)
+        now = trio.current_time()
+        self.last_reply = now
+        bucket = self._bucket(now)
+        if entry is None:  # the header check knows ids were sent, not that they are open
+            self._error(bucket, "DUPLICATE_REPLY", n)
+            return None
+        conn.slots.release()
+        self._finished_one()
+        due, sent, fi = entry
+        r = self.r
+        frame = self.payloads.frames[fi]
+        size = len(frame.items)
+        if n != size:
+            self._error(bucket, "WRONG_RESULT_COUNT", size)
+            return None
+        bad: frozenset[int] | tuple[()] = ()
+        n_ok = n
+        if errors or frame.invalid:
+            failed = {pos: code for pos, code in errors}
+            bad = frozenset(failed)
+            for pos in frame.invalid_positions:
+                if pos not in failed:  # an invalid DCC was signed
+                    self._error(bucket, "SIGNED_INVALID", 1)
+            bad = bad.union(frame.invalid_positions)
+            n_ok = n - len(bad)
+            invalid = self.payloads.invalid
+            for pos, code in errors:
+                if code == ErrorCode.INVALID_DCC and invalid[frame.items[pos]]:
+                    r.rejected_as_expected += 1
+                    bucket.rejected += 1
+                elif code == ErrorCode.BUSY:
+                    r.busy_replies += 1
+                    r.busy_certs += 1
+                    bucket.busy += 1
+                else:
+                    self._error(bucket, _code_name(code), 1)
+        if n_ok:
+            latency = now - due
+            r.ok += n_ok
+            r.ok_frames += 1
+            bucket.ok += n_ok
+            r.latency.record(latency, n_ok)
+            r.service_latency.record(now - sent, n_ok)
+            bucket.hist.record(latency, n_ok)
+            r.phase_ok[bisect.bisect_right(self.phase_ends, now - self.t0)] += n_ok
+            picks = self._sample_picks(n_ok)
+            if picks:
+                if bad:
+                    ok_positions = [p for p in range(n) if p not in bad]
+                    positions = [ok_positions[k] for k in picks]
+                else:
+                    positions = picks
+                _n, _e, got = _scan_results(body, batch, n, positions)
+                for pos, hc1_kid in zip(positions, got, strict=True):
+                    assert hc1_kid is not None  # a signed result, by construction
+                    self._keep_sample((hc1_kid[0], hc1_kid[1], frame.items[pos]))
+        return None
+
+    def _sample_picks(self, n_ok: int) -> list[int]:
+        """Which of the next *n_ok* signed certificates are sampled (their ranks among
+        them); the geometric gaps carry over from frame to frame."""
+        gap = self.sample_gap
+        if gap >= n_ok:
+            self.sample_gap = gap - n_ok
+            return []
+        picks = []
+        k = int(gap)
+        while k < n_ok:
+            picks.append(k)
+            k += 1 + self._gap()
+        self.sample_gap = k - n_ok
+        return picks
+
+    def _keep_sample(self, sample: tuple[str, bytes, int]) -> None:
+        self.sample_candidates += 1
+        cap = self.config.verify_max
+        if len(self.samples) < cap:
+            self.samples.append(sample)
+        else:  # reservoir: every candidate has the same chance to be verified
+            j = self.rng.randrange(self.sample_candidates)
+            if j < cap:
+                self.samples[j] = sample
 
     def _on_event(self, conn: _Conn, event: Any) -> str | None:
         t = type(event)
@@ -825,26 +1062,15 @@ class _Run:
         ok_positions: Iterable[int],
         n_ok: int,
     ) -> None:
-        gap = self.sample_gap
-        if gap >= n_ok:
-            self.sample_gap = gap - n_ok
+        picks = self._sample_picks(n_ok)
+        if not picks:
             return
         positions = list(ok_positions)
-        k = int(gap)
-        cap = self.config.verify_max
-        while k < n_ok:
+        for k in picks:
             pos = positions[k]
             res = results[pos]
-            sample = (res.hc1, res.kid, frame.items[pos])
-            self.sample_candidates += 1
-            if len(self.samples) < cap:
-                self.samples.append(sample)
-            else:  # reservoir: every candidate has the same chance to be verified
-                j = self.rng.randrange(self.sample_candidates)
-                if j < cap:
-                    self.samples[j] = sample
-            k += 1 + self._gap()
-        self.sample_gap = k - n_ok
+            assert res.hc1 is not None and res.kid is not None
+            self._keep_sample((res.hc1, res.kid, frame.items[pos]))
 
     def _refused(self, conn: _Conn, event: wire.Error) -> None:
         entry = conn.pending.pop(event.request_id, None)
@@ -1033,6 +1259,7 @@ class _Run:
         sampler = self.sampler
         if sampler is not None:
             await sampler.sample()  # the level before the first request
+        self.cpu_before = cpustat.snapshot(dict(config.cpu_pids))
         cpu0 = time.process_time()
         self.t0 = trio.current_time() + 0.05
         self.end = self.t0 + duration
@@ -1059,6 +1286,7 @@ class _Run:
             nursery.cancel_scope.cancel()
         r = self.result
         r.cpu_s = time.process_time() - cpu0
+        self.cpu_after = cpustat.snapshot(dict(config.cpu_pids))
         end_bucket = self._bucket(trio.current_time())
         while True:  # requests the engine never let us send
             try:
@@ -1158,6 +1386,9 @@ async def run_load(
         # Each failed sample was counted as signed: it was a wrong answer instead.
         result.ok -= failed
         result.errors_by_code["bad_signature"] = failed
+    if run.cpu_before is not None and run.cpu_after is not None:
+        # Per certificate signed OK (after verification): what the run was for.
+        result.cpu = cpustat.delta(run.cpu_before, run.cpu_after, result.ok, sent=result.sent)
     result.verify = {
         "share": config.verify_sample,
         "candidates": run.sample_candidates,

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .cpustat import summary_lines
 from .latency import PERCENTILES
 from .loadgen import ERROR_NAMES, LoadResult
 from .loadpool import PoolWait
@@ -302,6 +303,7 @@ def to_json(
             "connection_losses": result.connection_losses[:20],
         },
         "verify": result.verify,
+        "cpu": result.cpu,
         "phases": phases(result),
         "burst": window,
         "pool_wait": pool_wait.as_json() if pool_wait is not None else None,
@@ -389,6 +391,7 @@ def text_report(doc: dict[str, Any]) -> str:
             f"{_n(v['failed'])} failed" + (f" ({v['reasons'][0]})" if v["reasons"] else "")
         )
     lines += _pool_lines(doc.get("nonce_pool"))
+    lines += summary_lines(doc.get("cpu"))
     lines += [
         "",
         f"  generator: schedule lag p99 {lag['p99']:.2f} ms, max {lag['max']:.2f} ms; waited "

@@ -110,3 +110,4 @@ validate_dcc_cbor = _impl.validate_dcc_cbor
 validate_dcc_batch = _impl.validate_dcc_batch
 validate_cwt_batch = _impl.validate_cwt_batch
 dcc_validator_stats = _impl.dcc_validator_stats
+scan_results = _impl.scan_results

@@ -18,6 +18,7 @@ from ._dccvalidate_py import (
 )
 from ._hc1_py import hc1_encode, hc1_sign
 from ._keydcols_py import audit_issue_columns, keyd_check_columns
+from ._loadgen_py import scan_results
 from ._reply_py import encode_sign_batch_result
 from ._signing_py import SigningKey
 from ._spantable_py import fill_rows, gather_spans, span_table
@@ -45,6 +46,7 @@ __all__ = [
     "hc1_sign",
     "keyd_check_columns",
     "protected_header",
+    "scan_results",
     "sig_structure",
     "sign1_decode",
     "sign1_encode",

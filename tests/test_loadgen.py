@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import socket
 import struct
@@ -52,12 +53,12 @@ def _constant(rate: float, seconds: float, arrivals: str = "uniform"):
     return load_profile("constant").scaled(rate=rate, duration=seconds, arrivals=arrivals)
 
 
-async def _against_fake(nursery, tmp_path, fake: FakeEngine, **config):
+async def _against_fake(nursery, tmp_path, fake: FakeEngine, payloads=None, **config):
     path = str(tmp_path / "fake.sock")
     await nursery.start(fake.serve_unix, path)
     config.setdefault("verify_sample", 0.0)
     config.setdefault("accounts", 100)
-    result = await run_load(LoadConfig(server=f"unix:{path}", **config))
+    result = await run_load(LoadConfig(server=f"unix:{path}", **config), payloads)
     nursery.cancel_scope.cancel()
     return result
 
@@ -799,3 +800,355 @@ def test_against_the_real_engine_every_sample_verifies(engine):
         assert r.verify["keys"] >= 1 and r.verify["verified"] > 50
         assert r.verify["failed"] == 0, r.verify["reasons"]
         assert r.rejected_as_expected > 0
+
+
+# ----------------------------------------------------------------------------- counted replies
+
+
+def _codec_pair():
+    """A client and a server codec in state OPEN (zstd negotiated), through a handshake."""
+    from dccsign.protocol import wire
+
+    client = wire.Connection(wire.CLIENT)
+    server = wire.Connection(wire.SERVER)
+    server.receive_data(client.send(client.make_hello()))
+    server.next_event()
+    server_welcome = server.make_welcome(max_batch=100, max_in_flight=4, server="test")
+    client.receive_data(server.send(server_welcome))
+    client.next_event()
+    return client, server
+
+
+def _full_decode(body: bytes, batch: bool, rid: int = 1):
+    """What the codec makes of *body* as a result frame: the results, or its error."""
+    from dccsign.protocol import wire
+
+    client, _server = _codec_pair()
+    client.note_sent(rid)
+    ftype = wire.FrameType.SIGN_BATCH_RESULT if batch else wire.FrameType.SIGN_RESULT
+    client.receive_data(wire.HEADER.pack(wire.MAGIC, wire.VERSION, ftype, 0, rid, len(body)))
+    client.receive_data(body)
+    try:
+        event = client.next_event()
+    except wire.RemoteProtocolError as exc:
+        return str(exc)
+    return event.results if batch else (event.result,)
+
+
+def _random_result(rng: random.Random) -> dict:
+    if rng.random() < 0.7:
+        out: dict = {"hc1": "HC1:" + "6BF" * rng.randint(1, 300), "kid": rng.randbytes(8)}
+    else:
+        out = {
+            "error": rng.choice([1, 2, 5, 7, 9, 12, 1000, 2**32 - 1]),
+            "message": rng.choice(["", "refused", "ungültig: dob", "x" * 1024]),
+        }
+        if rng.random() < 0.5:
+            out["retry_after_ms"] = rng.choice([0, 250, 2**32 - 1])
+    if rng.random() < 0.1:  # keys a reader must skip, of any shape
+        out["x-extra"] = rng.choice([None, [1, {"a": b"b"}], 3.5, -7, "t", {"hc1": 1}])
+    if rng.random() < 0.05:  # an absent field spelled null
+        out["retry_after_ms" if "hc1" in out else "kid"] = None
+    return out
+
+
+def _random_body(rng: random.Random, batch: bool) -> bytes:
+    import cbor2
+
+    if not batch:
+        return cbor2.dumps(_random_result(rng))
+    body: dict = {"results": [_random_result(rng) for _ in range(rng.randint(1, 60))]}
+    if rng.random() < 0.1:
+        body = {"x": [1, 2], **body, "y": {"z": None}}
+    return cbor2.dumps(body)
+
+
+def _counts_of(results) -> tuple[int, tuple[tuple[int, int], ...]]:
+    return len(results), tuple((i, int(r.error)) for i, r in enumerate(results) if r.error)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_counted_replies_equal_a_full_decode(impl, seed):
+    """Generated SIGN_RESULT / SIGN_BATCH_RESULT bodies: the counter's number of results,
+    failed positions and codes, and the sampled HC1s are exactly what the codec decodes."""
+    rng = random.Random(seed)
+    for _ in range(150):
+        batch = rng.random() < 0.85
+        body = _random_body(rng, batch)
+        results = _full_decode(body, batch)
+        assert not isinstance(results, str), results
+        want = sorted(rng.sample(range(len(results)), min(3, len(results))))
+        n, errors, picked = impl.scan_results(body, batch, 100, want)
+        assert (n, errors) == _counts_of(results)
+        assert picked == tuple(
+            (results[p].hc1, results[p].kid) if results[p].ok else None for p in want
+        )
+
+
+def test_counted_replies_of_the_wire_codec_and_the_fake(impl):
+    """Bodies as the codec itself encodes them (the engine's encoder), compressed or not."""
+    from dccsign.loadfake import CANNED_HC1
+    from dccsign.protocol import wire
+
+    rng = random.Random(7)
+    _client, server = _codec_pair()
+    server.receive_data(b"")  # only its encoder is used; it needs a request to answer
+    for rid in range(1, 20):
+        results = []
+        for _ in range(rng.randint(1, 100)):
+            if rng.random() < 0.8:
+                results.append(wire.ItemResult(hc1=CANNED_HC1, kid=CANNED_KID))
+            else:
+                results.append(
+                    wire.ItemResult(error=wire.ErrorCode.BUSY, message="busy", retry_after_ms=100)
+                )
+        server.last_request_id = rid
+        frame = server.send(wire.SignBatchResult(rid, tuple(results)))
+        body = frame[wire.HEADER_SIZE :]
+        if frame[4] & wire.FLAG_ZSTD:
+            import zstandard
+
+            body = zstandard.ZstdDecompressor().decompress(body)
+        n, errors, picked = impl.scan_results(body, True, 100, (0,))
+        assert (n, errors) == _counts_of(results)
+        assert picked == ((CANNED_HC1, CANNED_KID) if results[0].ok else None,)
+
+
+def _mutate(rng: random.Random, body: bytes) -> bytes:
+    b = bytearray(body)
+    for _ in range(rng.randint(1, 4)):
+        what = rng.random()
+        i = rng.randrange(len(b))
+        if what < 0.6:
+            b[i] = rng.randrange(256)
+        elif what < 0.8:
+            del b[i : i + rng.randint(1, 8)]
+        else:
+            b[i:i] = rng.randbytes(rng.randint(1, 4))
+        if not b:
+            break
+    return bytes(b)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_counted_replies_on_mutated_bodies(seed):
+    """Fuzzed bodies: the native counter and its Python twin agree exactly (results or error
+    message); where the counter accepts a body the codec decodes it too, with the same
+    counts; where the codec accepts one, so does the counter."""
+    from dccsign import native
+
+    try:
+        fast = native.implementation("native").scan_results
+    except ImportError:
+        fast = None
+    twin = native.implementation("python").scan_results
+    rng = random.Random(1000 + seed)
+
+    def call(f, *args):
+        try:
+            return f(*args)
+        except ValueError as exc:
+            return f"error: {exc}"
+
+    accepted = refused = 0
+    for _ in range(600):
+        batch = rng.random() < 0.85
+        body = _mutate(rng, _random_body(rng, batch))
+        got = call(twin, body, batch, 100, (0, 1))
+        if fast is not None:
+            assert call(fast, body, batch, 100, (0, 1)) == got, body.hex()
+        decoded = _full_decode(body, batch)
+        if isinstance(got, str):
+            refused += 1
+            assert isinstance(decoded, str), (got, body.hex())
+        else:
+            accepted += 1
+            assert not isinstance(decoded, str), (decoded, body.hex())
+            assert got[:2] == _counts_of(decoded)
+    assert accepted > 20 and refused > 200  # the fuzzing reaches both sides
+
+
+def test_counted_replies_refuse_clearly(impl):
+    import cbor2
+
+    ok = {"hc1": "HC1:ABC", "kid": b"12345678"}
+    cases = [
+        (cbor2.dumps({"results": []}), "SIGN_BATCH_RESULT.results: must be an array of 1..3"),
+        (cbor2.dumps({"results": [ok] * 4}), "must be an array of 1..3 results"),
+        (cbor2.dumps([ok]), "the body is not a CBOR map"),
+        (cbor2.dumps({"results": [ok, 5]}), "SIGN_BATCH_RESULT.results[1] is not a map"),
+        (cbor2.dumps({"results": [{"hc1": "HC1:ABC"}]}), "results[0].kid: must be a byte"),
+        (cbor2.dumps({"results": [{"error": 0, "message": ""}]}), "results[0].error: must be"),
+        (cbor2.dumps({"results": [{"kid": b"12345678"}]}), "has neither hc1 nor error"),
+        (cbor2.dumps({"results": [ok]}) + b"\x00", "trailing bytes after the CBOR item"),
+        (cbor2.dumps({"results": [ok]})[:-3], "CBOR at byte 27: truncated"),
+        (b"\xa1\x67results\x81\xc1\x00", "CBOR at byte 10: tags are not allowed"),
+    ]
+    for body, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            impl.scan_results(body, True, 3)
+    with pytest.raises(ValueError, match=re.escape("SIGN_RESULT.hc1: must be text")):
+        impl.scan_results(cbor2.dumps({"hc1": "HC2:x", "kid": b"12345678"}), False, 1)
+    with pytest.raises(ValueError, match="max_results must be a positive int"):
+        impl.scan_results(cbor2.dumps(ok), False, 0)
+
+
+# ----------------------------------------------------------------------------- pre-encoded frames
+
+
+def test_pre_encoded_frames_decode_to_their_items():
+    """Every prepared frame's body, as sent (compressed or not), decodes with the server's
+    codec to exactly the pool items it claims, and knows which of them are invalid."""
+    from dccsign.protocol import wire
+
+    payloads = build_payloads(batch=7, invalid_share=0.2, accounts=30, pool_items=210)
+    seen = []
+    for frame in payloads.frames:
+        for flags, body in ((frame.packed_flags, frame.packed), (0, frame.raw)):
+            _client, server = _codec_pair()
+            server.receive_data(
+                wire.HEADER.pack(wire.MAGIC, wire.VERSION, frame.ftype, flags << 24, 1, len(body))
+                + body
+            )
+            event = server.next_event()
+            assert [it.dcc for it in event.items] == [payloads.dccs[i] for i in frame.items]
+            assert [it.account for it in event.items] == [payloads.accounts[i] for i in frame.items]
+        assert frame.invalid_positions == tuple(
+            p for p, i in enumerate(frame.items) if payloads.invalid[i]
+        )
+        seen += frame.items
+    assert sorted(seen) == list(range(210))  # every pool item in exactly one frame
+
+
+@pytest.mark.parametrize("full_decode", [False, True])
+@pytest.mark.trio
+async def test_request_ids_are_unique_and_invalid_signed_items_are_found(tmp_path, full_decode):
+    """Against a fake that signs everything: the fake's codec accepted every request id
+    (each must rise above the last), and every invalid DCC that came back signed is the
+    error SIGNED_INVALID, never ok -- whether replies are counted or decoded."""
+    payloads = build_payloads(batch=10, invalid_share=0.1, accounts=50, pool_items=500)
+    fake = FakeEngine()
+    async with trio.open_nursery() as nursery:
+        r = await _against_fake(
+            nursery,
+            tmp_path,
+            fake,
+            profile=_constant(4000, 0.5),
+            batch=10,
+            invalid_share=0.1,
+            full_decode=full_decode,
+            payloads=payloads,
+        )
+    assert r.sent == 2000  # the pool of 500 four times: 50 invalid DCCs each time
+    assert r.connection_losses == [] and fake.requests == r.sent_frames == 200
+    assert r.errors_by_code == {"SIGNED_INVALID": 200}
+    assert r.ok == 1800 and r.wrong_answers == 200
+
+
+@pytest.mark.trio
+async def test_counted_and_decoded_replies_give_the_same_counts(tmp_path):
+    """The same run against a validating fake, replies counted or decoded: the same ok,
+    expected rejections, errors and latency counts."""
+    payloads = build_payloads(batch=10, invalid_share=0.2, accounts=50, pool_items=500)
+    runs = []
+    for full_decode in (False, True):
+        async with trio.open_nursery() as nursery:
+            runs.append(
+                await _against_fake(
+                    nursery,
+                    tmp_path,
+                    FakeEngine(validate=True),
+                    profile=_constant(2000, 0.5),
+                    batch=10,
+                    invalid_share=0.2,
+                    full_decode=full_decode,
+                    verify_sample=1.0,
+                    payloads=payloads,
+                )
+            )
+        (tmp_path / "fake.sock").unlink()
+    counted, decoded = runs
+    for r in runs:
+        # Every signed certificate sampled, and the fake's HC1 verifies against nothing.
+        assert r.sent == r.offered == 1000 and r.ok == 0
+        assert r.rejected_as_expected == 200
+        assert r.errors_by_code == {"bad_signature": 800}
+        assert r.verify["verified"] == r.verify["failed"] == 800
+        assert r.latency.count == 800  # recorded before verification
+    assert counted.busy_certs == decoded.busy_certs == 0
+
+
+# ----------------------------------------------------------------------------- CPU accounting
+
+
+def test_cpu_per_process_and_thread_from_proc():
+    from dccsign import cpustat
+
+    if not os.path.exists("/proc/self/task"):
+        pytest.skip("no /proc")
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        before = cpustat.snapshot({"sleeper": child.pid})
+        t = time.process_time()
+        while time.process_time() - t < 0.3:  # burn 0.3 s in this thread
+            pass
+        after = cpustat.snapshot({"sleeper": child.pid})
+    finally:
+        child.kill()
+        child.wait()
+    report = cpustat.delta(before, after, 1000)
+    gen = report["processes"]["generator"]
+    assert gen["pid"] == os.getpid()
+    assert 0.25 <= gen["cpu_s"] <= 1.0
+    main_thread = next(t for t in gen["threads"] if t["name"] == "main")
+    assert main_thread["cpu_s"] >= 0.25
+    assert gen["us_per_cert"] == pytest.approx(gen["cpu_s"] / 1000 * 1e6, abs=0.01)
+    assert report["processes"]["sleeper"]["cpu_s"] <= 0.05
+    gone = cpustat.delta(before, cpustat.snapshot({"sleeper": child.pid}), 0)
+    assert "missing" in gone["processes"]["sleeper"]
+    assert cpustat._ticks("1 (a) b) (c) S " + "0 " * 10 + "7 5 0") == ("a) b) (c", 12)
+    assert cpustat.summary_lines(report)[1].split()[0] == "generator"
+
+
+class _BrokenResultFake(FakeEngine):
+    """Answers every SIGN_BATCH with a result body that breaks the protocol (a kid of 5
+    bytes) behind a valid header."""
+
+    def _reply(self, codec, event, in_flight):
+        from dccsign.protocol import wire
+
+        if not isinstance(event, wire.SignBatch):
+            return super()._reply(codec, event, in_flight)
+        import cbor2
+
+        body = cbor2.dumps({"results": [{"hc1": "HC1:AB", "kid": b"short"}] * len(event.items)})
+        head = wire.HEADER.pack(
+            wire.MAGIC,
+            wire.VERSION,
+            wire.FrameType.SIGN_BATCH_RESULT,
+            0,
+            event.request_id,
+            len(body),
+        )
+        return head + body, None
+
+
+@pytest.mark.parametrize("full_decode", [False, True])
+@pytest.mark.trio
+async def test_a_broken_result_body_ends_the_connection_as_a_protocol_error(tmp_path, full_decode):
+    async with trio.open_nursery() as nursery:
+        r = await _against_fake(
+            nursery,
+            tmp_path,
+            _BrokenResultFake(),
+            profile=_constant(200, 0.3),
+            batch=5,
+            full_decode=full_decode,
+            drain_timeout=10.0,  # ends as soon as every request is lost (not a wait)
+        )
+    assert r.ok == 0 and r.connection_losses, (r.errors_by_code, r.connection_losses)
+    assert set(r.errors_by_code) <= {"CONNECTION_LOST", "NO_REPLY"}
+    assert all(
+        "protocol error from the engine" in why and "results[0].kid: must be a byte string" in why
+        for why in r.connection_losses
+    ), r.connection_losses
