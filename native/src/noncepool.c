@@ -147,7 +147,11 @@ dcc_pool *dcc_pool_new(EVP_PKEY *pkey, size_t capacity, char *err, size_t errlen
     long page = sysconf(_SC_PAGESIZE);
     if (page <= 0) page = 4096;
     p->map_len = (capacity * DCC_POOL_ENTRY_SIZE + (size_t)page - 1) / (size_t)page * (size_t)page;
-    void *mem = mmap(NULL, p->map_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    /* MAP_POPULATE: the pool's memory is committed now, locked or not (mlock commits it too),
+     * so keyd's resident size does not creep up while the pool first fills during traffic;
+     * a full pool is its normal state anyway. */
+    void *mem = mmap(NULL, p->map_len, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
     if (mem == MAP_FAILED) {
         p->mem = NULL;
         goto nomem;
