@@ -14,6 +14,12 @@ measures both sides in one run:
     Sig_structure, ``EVP_PKEY_sign``, DER to ``r || s``, low S), with a key that has no pool;
   - ``evp_pkey_sign``: only the ``EVP_PKEY_sign`` inside it (OpenSSL's ECDSA sign on a digest);
   - ``pool_sign``: ``dcc_pool_sign``, the online part of a pooled signature;
+  - ``ec_mul_named`` / ``ec_mul_generic``: ``EC_POINT_mul`` of the generator by a secret
+    scalar (called as the refill calls it, here through ctypes: callgrind sees libffi's
+    ``ffi_call``, so the count is the difference between runs of 2N and N calls) on the named
+    P-256 group, and on the same curve built from its parameters, which OpenSSL gives its
+    generic Montgomery-ladder method: the named group must be the cheaper one, or the refill
+    is not getting the precomputed generator table (nistz256 on x86_64);
   - ``openssl_speed``: ``openssl speed -seconds 1 ecdsap256`` itself, collecting inside
     ``EVP_PKEY_sign`` and divided by the signatures it reports (``-mr``).
 
@@ -25,8 +31,9 @@ measures both sides in one run:
   entry / plain signature and / openssl's signature. Absolute times drift ±30 % on the
   shared VMs; read the ratios.
 
-* **Sizing**: ``openssl speed -seconds 1 -multi 2 ecdsap256`` once; the entries a 10-second
-  burst needs at 0.75x and 1.0x that rate if every signature goes through one key; how many
+* **Sizing**: ``openssl speed -seconds 1 -multi 2 ecdsap256`` once (the bar: that, or twice
+  the single-process rate above if higher, as on a loaded machine); the entries a 10-second
+  burst needs at 0.75x and 1.0x the bar if every signature goes through one key; how many
   seconds the default pool (``DEFAULT_NONCE_POOL``) carries at each; how long one idle core
   takes to fill it at the measured cost; its memory.
 
@@ -63,6 +70,8 @@ CASES = {
     "sign_plain": "dcc_sign_tbs",
     "evp_pkey_sign": "EVP_PKEY_sign",
     "pool_sign": "dcc_pool_sign",
+    "ec_mul_named": "ffi_call",
+    "ec_mul_generic": "ffi_call",
 }
 _TOTALS = re.compile(r"^totals:\s+(\d+)", re.M)
 _SPEED_SIGN = re.compile(r"^\+R5:(\d+):256:([\d.]+)", re.M)  # openssl speed -mr: count, s
@@ -82,8 +91,45 @@ def _key():
     return _native.SigningKey.load_pem(pem, None), _native
 
 
+def _ec_mul(n: int, generic: bool) -> None:
+    """n fixed-base multiplications kG with libcrypto's EC_POINT_mul, called through ctypes."""
+    import ctypes
+    import ctypes.util
+
+    lib = ctypes.CDLL(ctypes.util.find_library("crypto"))
+    vp = ctypes.c_void_p
+    for name, args in {
+        "EC_GROUP_new_by_curve_name": [ctypes.c_int], "BN_CTX_new": [], "BN_new": [],
+        "EC_GROUP_get_curve": [vp] * 5, "EC_GROUP_new_curve_GFp": [vp] * 4,
+        "EC_GROUP_set_generator": [vp] * 4, "EC_GROUP_get0_generator": [vp],
+        "EC_GROUP_get0_order": [vp], "BN_value_one": [], "BN_rand_range": [vp, vp],
+        "BN_set_flags": [vp, ctypes.c_int], "EC_POINT_new": [vp], "EC_POINT_mul": [vp] * 6,
+    }.items():
+        getattr(lib, name).argtypes = args
+        getattr(lib, name).restype = None if name == "BN_set_flags" else vp
+    named = lib.EC_GROUP_new_by_curve_name(415)  # NID_X9_62_prime256v1
+    ctx = lib.BN_CTX_new()
+    group = named
+    if generic:
+        p, a, b = lib.BN_new(), lib.BN_new(), lib.BN_new()
+        lib.EC_GROUP_get_curve(named, p, a, b, ctx)
+        group = lib.EC_GROUP_new_curve_GFp(p, a, b, ctx)
+        lib.EC_GROUP_set_generator(group, lib.EC_GROUP_get0_generator(named),
+                                   lib.EC_GROUP_get0_order(named), lib.BN_value_one())
+    k = lib.BN_new()
+    lib.BN_rand_range(k, lib.EC_GROUP_get0_order(named))
+    lib.BN_set_flags(k, 0x04)  # BN_FLG_CONSTTIME, as for the refill's nonces
+    point = lib.EC_POINT_new(group)
+    for _ in range(n):
+        if not lib.EC_POINT_mul(group, point, k, None, None, ctx):
+            raise SystemExit("EC_POINT_mul failed")
+
+
 def child(case: str, n: int) -> None:
     """One callgrind case (run under valgrind by :func:`callgrind`): do its work once."""
+    if case.startswith("ec_mul_"):
+        _ec_mul(n, generic=case == "ec_mul_generic")
+        return
     key, native = _key()
     protected = native.protected_header(-7, KID)
     payloads = [b"payload %d" % i for i in range(n)]
@@ -135,7 +181,12 @@ def callgrind(n: int, n_sign: int, python: str = sys.executable) -> dict:
     out = {}
     for case, function in CASES.items():
         count = n if case in ("refill", "background") else n_sign
-        total, _ = _valgrind([python, __file__, "--_child", case, str(count)], function)
+        cmd = [python, __file__, "--_child", case]
+        if function == "ffi_call":  # every ctypes call counts: keep only the extra N calls
+            total = _valgrind([*cmd, str(2 * count)], function)[0]
+            total -= _valgrind([*cmd, str(count)], function)[0]
+        else:
+            total = _valgrind([*cmd, str(count)], function)[0]
         out[case] = round(total / count)
         print(f"  callgrind {case:<14} {out[case]:>9,} instructions each", flush=True)
     openssl = shutil.which("openssl")
@@ -205,18 +256,28 @@ def paired(n: int, rounds: int) -> list[dict]:
     return rows
 
 
-def sizing(refill_us: float, seconds: float = 10.0) -> dict:
+def sizing(refill_us: float, openssl_us: float | None, seconds: float = 10.0) -> dict:
+    """The sizing rule applied to this run: entries = rate through one key x seconds.
+
+    The bar is ``openssl speed -multi 2`` of this run, or twice the single-process rate of
+    the paired rounds (CPU time) if that is higher: on a loaded machine ``-multi 2`` gets
+    less than two cores and would understate what a quiet one needs.
+    """
     from dccsign.benchcompare import openssl_sign_rate
     from dccsign.keyd import DEFAULT_NONCE_POOL
 
     openssl = shutil.which("openssl")
-    bar = openssl_sign_rate(openssl, 2) if openssl else None
+    multi = openssl_sign_rate(openssl, 2) if openssl else None
+    from_cpu = round(2e6 / openssl_us) if openssl_us else None
+    bar = max((r for r in (multi, from_cpu) if r), default=None)
     out: dict = {
         "default_pool": DEFAULT_NONCE_POOL,
         "default_pool_mib": DEFAULT_NONCE_POOL * 64 / 2**20,
         "fill_s_one_core": round(DEFAULT_NONCE_POOL * refill_us / 1e6, 1),
         "burst_s": seconds,
-        "openssl_2p": bar,
+        "openssl_2p": multi,
+        "openssl_2x1p_cpu": from_cpu,
+        "bar": bar,
     }
     if bar:
         for share in (0.75, 1.0):
@@ -249,6 +310,9 @@ def main() -> None:
         counts = callgrind(min(args.entries, 2048), 512)
         counts["refill/sign_plain"] = round(counts["refill"] / counts["sign_plain"], 3)
         counts["background/sign_plain"] = round(counts["background"] / counts["sign_plain"], 3)
+        counts["ec_mul_named/generic"] = round(
+            counts["ec_mul_named"] / counts["ec_mul_generic"], 3
+        )
         if "openssl_speed" in counts:
             counts["refill/openssl_speed"] = round(counts["refill"] / counts["openssl_speed"], 3)
         if args.compare_python:
@@ -265,7 +329,8 @@ def main() -> None:
     doc["paired"] = rows
     doc["paired_median"] = {k: round(statistics.median(r[k] for r in rows), 3)
                             for k in rows[0]}
-    doc["sizing"] = sizing(doc["paired_median"]["refill_us"])
+    doc["sizing"] = sizing(doc["paired_median"]["refill_us"],
+                           doc["paired_median"].get("openssl_us"))
     print("medians:", json.dumps(doc["paired_median"]))
     print("sizing:", json.dumps(doc["sizing"]))
     path = args.json or HERE / "results" / f"pool_refill-{time.strftime('%Y-%m-%d')}.json"
