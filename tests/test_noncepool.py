@@ -469,7 +469,9 @@ def test_unlocked_pool_still_signs_correctly(ec_private, tmp_path):
     code = """
 import json, resource, sys
 from dccsign.native import _native as native
-resource.setrlimit(resource.RLIMIT_MEMLOCK, (65536, 65536))
+hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)[1]
+limit = 65536 if hard == resource.RLIM_INFINITY else min(65536, hard)
+resource.setrlimit(resource.RLIMIT_MEMLOCK, (limit, limit))
 key = native.SigningKey.load_pem(open(sys.argv[1], "rb").read(), None)
 info = key.enable_nonce_pool(100_000)  # 6.4 MB: beyond the limit
 added = key.refill_nonce_pool(300)
