@@ -9,7 +9,10 @@ offers ``--rate`` certificates/s for 10 s); and the same with ``--nonce-pool 0``
 reports the rate signed during the burst, the p99 of the accepted requests, BUSY answers and
 the pool's low point; 1 % of the signed certificates are verified against the DSCs.
 
-The target of issue 6 compares the pooled burst's rate with ``openssl_2p`` of the same round.
+The target (issue 6, restated by issue 14) compares the pooled burst's rate with
+``openssl_2p`` of the same round: at least 0.75 (aim 1.0), with no pool misses (the engine's
+default pools, 2^20 entries per key, are sized for that: bench/README.md, "Refill cost and
+pool sizing").
 The generator shares the two cores with the engine and keyd, as in bench/engine_targets.py.
 
 Each burst also reports the CPU microseconds per certificate of the generator, the engine
@@ -110,9 +113,13 @@ def main() -> None:
                                                                   "no_pool/openssl_2p",
                                                                   "pool/no_pool")}
     print("medians:", ", ".join(f"{k} {v:.3f}" for k, v in med.items()))
-    ok = med["pool/openssl_2p"] >= 1.0
+    ok = med["pool/openssl_2p"] >= 0.75
     p99 = statistics.median(r["engine_pool"]["p99_ms"] for r in rounds)
-    print(f"target (pooled burst >= openssl -multi 2, same round): {'PASS' if ok else 'FAIL'}")
+    misses = [r["engine_pool"]["pool_misses"] for r in rounds]
+    print(f"target (pooled burst >= 0.75 x openssl -multi 2, same round; aim 1.0): "
+          f"{'PASS' if ok else 'FAIL'}")
+    print(f"target (no pool misses during the pooled burst): "
+          f"{'PASS' if all(m == 0 for m in misses) else 'FAIL'} (misses per round: {misses})")
     print(f"target (p99 <= 50 ms during the pooled burst): {'PASS' if p99 <= 50 else 'FAIL'} "
           f"({p99:.1f} ms)")
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,10 @@ payloads, each burst exactly one pool's worth (so that a "full pool" case never 
 * ``keyd_dry``: a keyd whose pool (1 % of the burst) runs dry at once: the burst is signed
   the ordinary way while the refill thread tries to keep up, against ``keyd_plain``.
 
+The pooled cases also report their pool misses per burst (``in_process_pool_misses``,
+``keyd_pool_misses``): signatures made the ordinary way because the pool was empty. A full
+pool the size of the burst must show 0.
+
 Every signature of every case is verified (``cryptography``) before its rate counts, and the
 r values of each pooled burst must all differ. The end-to-end burst (engine, TLS, load
 generator) is ``dccsign bench load --profile burst``; see bench/README.md.
@@ -135,18 +139,31 @@ def main() -> None:
                     entry.kid, batch, client="bench", account="bench"
                 )
 
+            misses: dict[str, int] = {}  # pool misses of the last burst of each pooled case
+
             def in_process_pool():
                 while local.refill_nonce_pool(1 << 20):  # full, off the clock
                     pass
-                return burst_two_threads(lambda i, b: local.sign(protected, b), batches)
+                before = local.nonce_pool_info().misses
+                out = burst_two_threads(lambda i, b: local.sign(protected, b), batches)
+                misses["in_process_pool"] = local.nonce_pool_info().misses - before
+                return out
 
             def in_process_plain():
                 local.clear_nonce_pool()  # empty: every signature the ordinary way
                 return burst_two_threads(lambda i, b: local.sign(protected, b), batches)
 
+            def keyd_misses() -> int:
+                return next(
+                    k.pool for k in pooled_clients[0].describe() if k.kid == entry.kid
+                ).misses
+
             def keyd_pool():
                 wait_pool_full(pooled_clients[0], entry.kid)
-                return burst_two_threads(through(pooled_clients), batches)
+                before = keyd_misses()
+                out = burst_two_threads(through(pooled_clients), batches)
+                misses["keyd_pool"] = keyd_misses() - before
+                return out
 
             cases = {
                 "openssl_2p": None,
@@ -175,6 +192,8 @@ def main() -> None:
                     rate, sigs = cases[name]()
                     check(public, protected, batches, sigs, pooled=name.endswith("_pool"))
                     row[name] = round(rate, 1)
+                    if name in misses:  # a full pool of the burst's size: must be 0
+                        row[f"{name}_misses"] = misses.pop(name)
                 for name, base in (
                     ("in_process_pool", "openssl_2p"),
                     ("keyd_pool", "openssl_2p"),
@@ -193,7 +212,8 @@ def main() -> None:
     summary = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
     print(f"bursts of {n:,} signatures (batches of {args.batch}), medians of {len(rounds)} rounds:")
     for k, v in summary.items():
-        print(f"  {k:<28} {v:>12,.3f}" if "/" in k else f"  {k:<28} {v:>12,.0f} sign/s")
+        unit = "" if "/" in k else " misses" if k.endswith("_misses") else " sign/s"
+        print(f"  {k:<28} {v:>12,.3f}" if "/" in k else f"  {k:<28} {v:>12,.0f}{unit}")
     print(f"  keyd pool after the run: {pool_info}")
     if args.json:
         args.json.write_text(

@@ -430,7 +430,7 @@ def cmd_bench_core(args: argparse.Namespace) -> int:
 
 #: keyd's default (engine/keyd.py DEFAULT_NONCE_POOL; a test keeps the two equal): not imported
 #: here, so that building the parser does not load keyd.
-NONCE_POOL_DEFAULT = 65_536
+NONCE_POOL_DEFAULT = 1 << 20
 
 
 def _nonce_pool_entries(value: str) -> int:
@@ -498,7 +498,8 @@ def _nonce_pool_option(parser: argparse.ArgumentParser | Any) -> None:
         "spent by signing, so that a burst signs at "
         f"about 1 us per signature until the pool runs dry (default {NONCE_POOL_DEFAULT:,} = "
         f"{NONCE_POOL_DEFAULT * 64 // 1024 // 1024} MiB per key; 0: no pools; never for token "
-        "keys)",
+        "keys). Size it as signatures/s through one key during a burst x the burst's seconds: "
+        "the pool is not refilled while the cores are busy signing",
     )
 
 

@@ -40,8 +40,8 @@ audit log.
 Nonce pools (``nonce_pool=N``, ``dccsign keyd --nonce-pool N``): every active ES256 software
 key gets a pool of N precomputed nonces (64 bytes each, mlock'ed where the memlock limit
 allows, logged otherwise), kept full by its own native refill thread at SCHED_IDLE, and
-spent by signing (see native/src/noncepool.h for
-the rules). A key that stops being active has its pool wiped at once; keyd wipes them all
+spent by signing (see native/src/noncepool.h for the rules; DEFAULT_NONCE_POOL for the
+sizing rule). A key that stops being active has its pool wiped at once; keyd wipes them all
 when it stops. Token (PKCS#11) keys never have one: their nonces are the token's.
 
 Audit before release: the signatures of a batch are computed, their records appended to the
@@ -120,9 +120,16 @@ RELOAD_INTERVAL = 0.5
 #: Payloads per signing task: small enough that checking the next chunk overlaps signing this
 #: one, large enough that the per-call cost of the native batch stays negligible.
 SIGN_CHUNK = 32
-#: Nonce pool entries per active ES256 software key: 65,536 x 64 bytes = 4 MiB, about a
-#: second of keyd signing flat out from the pool, refilled in about 2 s of one idle core.
-DEFAULT_NONCE_POOL = 65_536
+#: Nonce pool entries per active ES256 software key: 2^20 x 64 bytes = 64 MiB. The sizing
+#: rule: entries = signatures/s through the key during a burst x the burst's seconds, since the
+#: refill adds next to nothing meanwhile (it yields to live signing, at idle priority, and a
+#: burst leaves no core idle). The burst target on the 2-vCPU machines this was sized on is 10 s
+#: at 0.75-1.0 x `openssl speed -multi 2 ecdsap256` (~110-120 k/s): 0.8-1.2 M signatures, all of
+#: them through one key when one DCC type dominates. This covers 10 s at up to ~105 k/s. An
+#: entry costs ~8 us of one core to make (bench/pool_refill.py), so a pool fills in ~9 s of
+#: one idle core. mlock of 64 MiB needs CAP_IPC_LOCK or a memlock limit above the default
+#: 8 MiB; without either the pool works unlocked and keyd says so (_log_pool).
+DEFAULT_NONCE_POOL = 1 << 20
 JOURNAL_OFFSET = "key-events.offset"
 #: Connections keyd serves at once (a thread each); the engine uses --keyd-connections (2).
 MAX_CONNECTIONS = 64

@@ -21,6 +21,7 @@ from ._keydcols_py import audit_issue_columns, keyd_check_columns
 from ._loadgen_py import scan_results
 from ._reply_py import encode_sign_batch_result
 from ._signing_py import SigningKey
+from ._signing_py import _nonce_batch_inverse as _nonce_batch_inverse  # test support
 from ._spantable_py import fill_rows, gather_spans, span_table
 from ._splice_py import splice_payloads
 from ._walker_py import walk_sign_batch

@@ -6,15 +6,18 @@ matches the key's algorithm -- never a caller's digest.
 
 An ES256 key may hold a **nonce pool** (DESIGN.md, "Nonce pool"): entries (k^-1, r) computed
 ahead, so that a signature costs s = k^-1 (z + r d) mod n. This module is the readable twin of
-native/src/noncepool.c, entry layout and all; what it cannot do is lock or wipe memory for
-real: its bytearray slots are zeroed when spent, but the Python ints of the arithmetic are
-left to the garbage collector. keyd uses the native pool.
+native/src/noncepool.c, entry layout and all, and it refills in chunks the same way: the k^-1
+of a chunk come from one blinded batch inversion (:func:`_batch_inverse`). What it cannot do
+is lock or wipe memory for real, or keep time constant: its bytearray slots are zeroed when
+spent, but the Python ints of the arithmetic are left to the garbage collector. keyd uses the
+native pool.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import threading
 from collections.abc import Sequence
 
@@ -30,12 +33,18 @@ from .errors import KeyLoadError, SigningError
 __all__ = ["SigningKey"]
 
 _P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+#: The prime of P-256's field (the native refill batch-inverts Z^2 modulo it).
+_P256_P = 0xFFFFFFFF00000001000000000000000000000000FFFFFFFFFFFFFFFFFFFFFFFF
 #: The Montgomery radix of the native pool's arithmetic: entries hold k^-1 * R mod n.
 _R = 1 << 256
 _R_INV = pow(_R, -1, _P256_N)
 #: Bytes per pool entry: k^-1 * R mod n, then r, 32 bytes each, big-endian.
 POOL_ENTRY_SIZE = 64
 POOL_MAX_ENTRIES = 1 << 24
+#: Entries computed together (one batch inversion) and inserted under one taking of the lock;
+#: the background thread refills one chunk at a time (noncepool.h DCC_POOL_REFILL_CHUNK and
+#: DCC_POOL_BACKGROUND_CHUNK).
+POOL_REFILL_CHUNK = 64
 # RFC 8230 §2: MGF1-SHA-256 and a 32-byte salt. PSS.MAX_LENGTH (222 bytes for RSA-2048) is
 # what cryptography suggests, and what DCC verifiers reject.
 _PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
@@ -268,7 +277,7 @@ class _Pool:
                     self._room.wait()
                 if self._stopping:
                     return
-            self.refill(16)
+            self.refill(POOL_REFILL_CHUNK)
 
     def _orphaned(self) -> bool:
         # A forked child never spends its parent's entries: it wipes its copy instead.
@@ -283,16 +292,23 @@ class _Pool:
         return True
 
     @staticmethod
-    def _entry() -> bytes:
+    def _chunk(count: int) -> bytes:
+        """*count* entries, packed (fewer only if some r was 0: probability ~2^-256 each)."""
         # k and kG from OpenSSL through cryptography: a fresh key pair is exactly a nonce and
-        # its point (k uniform in [1, n-1]).
-        nonce = ec.generate_private_key(ec.SECP256R1())
-        k = nonce.private_numbers().private_value
-        r = nonce.public_key().public_numbers().x % _P256_N
-        if r == 0:  # probability ~2^-256
-            raise SigningError("r = 0")
-        kinv_mont = pow(k, -1, _P256_N) * _R % _P256_N
-        return kinv_mont.to_bytes(32, "big") + r.to_bytes(32, "big")
+        # its point (k uniform in [1, n-1]). The native refill reads kG before its affine
+        # conversion and batch-inverts the Z too; cryptography only gives the affine x.
+        ks, rs = [], []
+        for _ in range(count):
+            nonce = ec.generate_private_key(ec.SECP256R1())
+            ks.append(nonce.private_numbers().private_value)
+            rs.append(nonce.public_key().public_numbers().x % _P256_N)
+        out = bytearray()
+        for kinv, r in zip(_batch_inverse(ks, _P256_N), rs, strict=True):
+            if kinv is None or r == 0:  # never, for k in [1, n-1]; ~2^-256 for r
+                continue
+            kinv_mont = kinv * _R % _P256_N
+            out += kinv_mont.to_bytes(32, "big") + r.to_bytes(32, "big")
+        return bytes(out)
 
     def refill(self, max_new: int) -> int:
         added = 0
@@ -300,20 +316,25 @@ class _Pool:
             return 0
         while added < max_new:
             with self._lock:
-                want = min(64, max_new - added, self._capacity - self._level)
+                want = min(POOL_REFILL_CHUNK, max_new - added, self._capacity - self._level)
             if want <= 0:
                 break
-            chunk = b"".join(self._entry() for _ in range(want))
+            chunk = self._chunk(want)
+            made = len(chunk) // POOL_ENTRY_SIZE
+            if made == 0:  # every r of a chunk 0: something is broken
+                if added:
+                    break
+                raise SigningError("OpenSSL failed to compute nonce pool entries")
             with self._lock:
                 if self._orphaned():
                     break
-                put = min(want, self._capacity - self._level)
+                put = min(made, self._capacity - self._level)
                 at = self._level * POOL_ENTRY_SIZE
                 self._mem[at : at + put * POOL_ENTRY_SIZE] = chunk[: put * POOL_ENTRY_SIZE]
                 self._level += put
                 self._counts["refilled"] += put
             added += put
-            if put < want:
+            if put < made:
                 break
         return added
 
@@ -370,6 +391,55 @@ class _Pool:
             False, "the pure-Python reference cannot lock memory", False, False, orphan,
             self._policy if self._thread is not None else None,
         )
+
+
+def _batch_inverse(values: Sequence[int], m: int) -> list[int | None]:
+    """Montgomery's trick: the inverse mod the prime *m* of every value, with one modular
+    inversion for all of them (None for a value that is 0 mod m: it is left out of the product,
+    so it cannot spoil the others).
+
+    With running products c_i = v_0 ... v_i: 1/v_i = c_(i-1) / c_i, and 1/c_(i-1) = v_i / c_i,
+    from the last to the first. The product is blinded: the inversion sees c * b for a fresh
+    random b in [1, m-1], uniform and independent of the values (the native code inverts in
+    constant time as well; Python's pow does not).
+    """
+    running = []
+    c = 1
+    for v in values:
+        if v % m:
+            c = c * v % m
+        running.append(c)
+    b = secrets.randbelow(m - 1) + 1
+    inv = pow(c * b % m, m - 2, m) * b % m  # 1 / c
+    out: list[int | None] = [None] * len(running)
+    for i in range(len(running) - 1, -1, -1):
+        if values[i] % m == 0:
+            continue
+        out[i] = inv * (running[i - 1] if i else 1) % m
+        inv = inv * values[i] % m
+    return out
+
+
+def _nonce_batch_inverse(values: Sequence[int], *, field: bool = False) -> list[int | None]:
+    """Test support: the batch inversion of a nonce pool refill chunk, on the caller's values.
+
+    Returns the inverse of each value modulo P-256's group order n (or its field prime p when
+    *field*), None for a value of 0 (no inverse; the others are still right).
+
+    Raises:
+        TypeError: a value is not an int.
+        ValueError: not 1 to 64 values, or a value not in [0, modulus).
+    """
+    items = tuple(values)
+    m = _P256_P if field else _P256_N
+    if not 1 <= len(items) <= POOL_REFILL_CHUNK:
+        raise ValueError(f"_nonce_batch_inverse takes 1 to {POOL_REFILL_CHUNK} values")
+    for i, v in enumerate(items):
+        if type(v) is not int:
+            raise TypeError(f"value {i} must be an int, not {type(v).__name__}")
+        if not 0 <= v < m:
+            raise ValueError(f"value {i} is not in [0, {'p' if field else 'n'})")
+    return _batch_inverse(items, m)
 
 
 def _check_payloads(payloads: Sequence[bytes]) -> tuple[bytes, ...]:

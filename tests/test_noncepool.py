@@ -26,6 +26,9 @@ KID = bytes.fromhex("a1b2c3d4e5f60718")
 
 # Payload counts: the pure-Python reference computes each entry in Python.
 MANY = {"native": 20_000, "python": 600}
+#: Entries per refill chunk, and per chunk of the background thread (noncepool.h).
+CHUNK = 64
+P = 0xFFFFFFFF00000001000000000000000000000000FFFFFFFFFFFFFFFFFFFFFFFF
 
 
 @pytest.fixture(scope="module")
@@ -231,17 +234,21 @@ def test_background_refill_yields_to_live_signing(impl, ec_private):
             target=lambda: (key.sign(protected, _payloads(n)), done.set()), daemon=True
         )
         worker.start()
-        refilled = []  # the refill count from the moment the batch drained the pool
+        seen = []  # (misses, refilled) from the moment the batch drained the pool
         while not done.is_set():
             info = key.nonce_pool_info()
             if info.spent >= capacity:  # drained: from here on only misses, no refill
-                refilled.append(info.refilled)
+                seen.append((info.misses, info.refilled))
             time.sleep(0.002)
         worker.join()
-        assert len(refilled) >= 3, "the batch ended before it drained the pool"
+        # Only what was seen before the batch's last miss was seen while it was signing: once
+        # it leaves, the refill starts at once, while sign() still builds its result list.
+        last_miss = key.nonce_pool_info().misses
+        during = [refilled for misses, refilled in seen if misses < last_miss]
+        assert len(during) >= 3, "the batch ended before it drained the pool"
         # Nothing added while the batch went on (entries would be spent at once, so the
-        # level alone could not tell), except one chunk of 16 already under way.
-        assert refilled[-1] - capacity <= 16, refilled
+        # level alone could not tell), except one chunk already under way.
+        assert during[-1] - capacity <= CHUNK, during
         _wait_full(key, capacity, deadline)  # and refilled once signing stopped
     finally:
         key.close_nonce_pool()
@@ -332,3 +339,169 @@ def test_pool_refusals(impl, ec_private):
     )
     with pytest.raises(ValueError, match="ES256"):
         impl.SigningKey.load_pem(pem, None).enable_nonce_pool(2)
+
+
+# ----------------------------------------------------------------------------- batch refill
+
+
+@pytest.mark.parametrize(
+    ("capacity", "asked"),
+    [
+        (1, 1),  # a chunk of one
+        (2, 2),
+        (37, 37),  # odd
+        (CHUNK, CHUNK),  # one full chunk
+        (CHUNK + 37, CHUNK + 37),  # a full chunk, then a partial one
+        (3 * CHUNK, 3 * CHUNK),
+        (CHUNK + 5, 500),  # the pool's room cuts the last chunk short
+    ],
+)
+def test_batch_refilled_entries_sign_verify_and_differ(impl, ec_private, capacity, asked):
+    """Each refill chunk shares one inversion mod n (and natively one mod p): every entry of
+    every chunk shape must still carry its own correct k^-1 and r = x(kG)."""
+    key = _key(impl, ec_private)
+    key.enable_nonce_pool(capacity)
+    assert key.refill_nonce_pool(asked) == capacity
+    assert key._nonce_pool_residue() == 0
+    protected = impl.protected_header(-7, KID)
+    payloads = _payloads(capacity, f"chunk {capacity}")
+    sigs = key.sign(protected, payloads)
+    info = key.nonce_pool_info()
+    assert (info.level, info.refilled, info.spent, info.misses) == (0, capacity, capacity, 0)
+    assert len({_r(s) for s in sigs}) == capacity  # no entry twice, no nonce twice
+    # Both verifiers on every signature: cryptography (OpenSSL), and python-ecdsa (its own
+    # curve arithmetic, none shared with the refill) on a sample of up to 200.
+    _verify_all(impl, ec_private, protected, payloads, sigs)
+
+
+def test_refills_of_one_entry_at_a_time_differ(impl, ec_private):
+    """Chunks of one, one after another (each its own randomness and its own inversion)."""
+    key = _key(impl, ec_private)
+    key.enable_nonce_pool(12)
+    assert [key.refill_nonce_pool(1) for _ in range(12)] == [1] * 12
+    protected = impl.protected_header(-7, KID)
+    sigs = key.sign(protected, [b"same"] * 12)
+    assert key.nonce_pool_info().misses == 0
+    assert len({_r(s) for s in sigs}) == 12
+    _verify_all(impl, ec_private, protected, [b"same"] * 12, sigs)
+
+
+@pytest.mark.parametrize("field", [False, True], ids=["mod n", "mod p"])
+@pytest.mark.parametrize("count", [1, 2, 3, 33, CHUNK - 1, CHUNK])
+def test_batch_inverse_matches_pow(impl, field, count):
+    m = P if field else N
+    values = [int.from_bytes(os.urandom(32), "big") % (m - 1) + 1 for _ in range(count)]
+    values[0] = 1
+    values[-1] = m - 1  # (m - 1)^-1 = m - 1
+    out = impl._nonce_batch_inverse(values, field=field)
+    assert out == [pow(v, -1, m) for v in values]
+
+
+@pytest.mark.parametrize("field", [False, True], ids=["mod n", "mod p"])
+def test_batch_inverse_a_zero_cannot_poison_the_chunk(impl, field):
+    """A value with no inverse (0) is left out of the running product: it gets None and every
+    other value still gets its inverse, wherever the zero is and however many there are. (The
+    refill never makes one: k is in [1, n-1] by construction; this is its fallback.)"""
+    m = P if field else N
+    base = [int.from_bytes(os.urandom(32), "big") % (m - 1) + 1 for _ in range(9)]
+    for zeros in ({0}, {4}, {8}, {0, 8}, {1, 2, 3}, set(range(9))):
+        values = [0 if i in zeros else v for i, v in enumerate(base)]
+        out = impl._nonce_batch_inverse(values, field=field)
+        assert out == [None if v == 0 else pow(v, -1, m) for v in values], zeros
+    assert impl._nonce_batch_inverse([0], field=field) == [None]
+
+
+def test_batch_inverse_refusals(impl):
+    with pytest.raises(ValueError, match="1 to 64 values"):
+        impl._nonce_batch_inverse([])
+    with pytest.raises(ValueError, match="1 to 64 values"):
+        impl._nonce_batch_inverse([1] * (CHUNK + 1))
+    with pytest.raises(ValueError, match=r"value 1 is not in \[0, n\)"):
+        impl._nonce_batch_inverse([1, N])
+    with pytest.raises(ValueError, match=r"value 0 is not in \[0, p\)"):
+        impl._nonce_batch_inverse([-1], field=True)
+    assert impl._nonce_batch_inverse([N], field=True) == [pow(N, -1, P)]  # N < p
+    with pytest.raises(TypeError, match="value 0 must be an int"):
+        impl._nonce_batch_inverse([1.0])
+
+
+def test_reference_refill_drops_an_entry_without_inverse_and_keeps_going(ec_private, monkeypatch):
+    """The refill's fallback, where it can be reached: the reference's refill calls the same
+    batch inversion as the test above; when it reports an entry without an inverse, that
+    entry is dropped, the rest of its chunk is kept, and the refill makes up the count."""
+    from conftest import _load_impl
+    from dccsign.native import _signing_py
+
+    reference = _load_impl("python")
+    real = _signing_py._batch_inverse
+    calls = []
+
+    def with_a_hole(values, m):
+        out = real(values, m)
+        calls.append(len(values))
+        if len(out) > 2:
+            out[2] = None  # as if the third k had been 0
+        return out
+
+    monkeypatch.setattr(_signing_py, "_batch_inverse", with_a_hole)
+    key = _key(reference, ec_private)
+    key.enable_nonce_pool(10)
+    assert key.refill_nonce_pool(10) == 10
+    assert calls == [10, 1]  # the chunk gave 9, a chunk of one made up the tenth
+    protected = reference.protected_header(-7, KID)
+    sigs = key.sign(protected, _payloads(10))
+    assert key.nonce_pool_info().misses == 0
+    _verify_all(reference, ec_private, protected, _payloads(10), sigs)
+
+
+def test_unlocked_pool_still_signs_correctly(ec_private, tmp_path):
+    """mlock may fail (RLIMIT_MEMLOCK, by default 8 MiB on current kernels, against 64 MiB for
+    a pool of a million entries). Then the pool says so (keyd logs it with the limit to set)
+    and works the same: refills, signs, wipes; it is still kept out of core dumps and zeroed
+    in a forked child. Run in a child process without CAP_IPC_LOCK and with a 64 KiB limit."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import _load_impl
+
+    _load_impl("native")  # skips (or fails where the build is mandatory) as impl
+    pem = ec_private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    (tmp_path / "key.pem").write_bytes(pem)
+    code = """
+import json, resource, sys
+from dccsign.native import _native as native
+hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)[1]
+limit = 65536 if hard == resource.RLIM_INFINITY else min(65536, hard)
+resource.setrlimit(resource.RLIMIT_MEMLOCK, (limit, limit))
+key = native.SigningKey.load_pem(open(sys.argv[1], "rb").read(), None)
+info = key.enable_nonce_pool(100_000)  # 6.4 MB: beyond the limit
+added = key.refill_nonce_pool(300)
+protected = native.protected_header(-7, bytes.fromhex(sys.argv[2]))
+sigs = key.sign(protected, [b"p %d" % i for i in range(300)])
+after = key.nonce_pool_info()
+key.clear_nonce_pool()
+print(json.dumps({"locked": info.locked, "lock_error": info.lock_error,
+                  "dontdump": info.dontdump, "wipeonfork": info.wipeonfork, "added": added,
+                  "spent": after.spent, "misses": after.misses,
+                  "residue": key._nonce_pool_residue(), "sigs": [s.hex() for s in sigs]}))
+"""
+    cmd = [sys.executable, "-c", code, str(tmp_path / "key.pem"), KID.hex()]
+    if os.geteuid() == 0:  # root locks whatever the limit: take CAP_IPC_LOCK away first
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root without setpriv: cannot drop CAP_IPC_LOCK")
+        cmd = [setpriv, "--inh-caps=-ipc_lock", "--bounding-set=-ipc_lock", *cmd]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    child = json.loads(done.stdout)
+    assert child["locked"] is False and child["lock_error"], child
+    assert child["dontdump"] and child["wipeonfork"]
+    assert (child["added"], child["spent"], child["misses"], child["residue"]) == (300, 300, 0, 0)
+    sigs = [bytes.fromhex(h) for h in child["sigs"]]
+    assert len({_r(s) for s in sigs}) == 300
+    payloads = [b"p %d" % i for i in range(300)]
+    _verify_all(_load_impl("native"), ec_private, _load_impl("native").protected_header(-7, KID),
+                payloads, sigs)
