@@ -17,8 +17,10 @@ stall from every percentile. The same run also keeps the latency from the write 
 latency") so that the two can be compared.
 
 **Closed loop** (``closed_loop``): each connection keeps ``in_flight`` requests outstanding
-and sends the next as soon as one is answered; latency is from the write. It finds the
-maximum throughput, and it is what open loop must not be mistaken for.
+and sends the next as soon as one is answered; latency is from the write. A BUSY answer's
+``retry_after_ms`` is honoured: that connection sends nothing more until it has passed, as a
+compliant client does (resending at once would make the closed loop a busy loop of refusals).
+It finds the maximum throughput, and it is what open loop must not be mistaken for.
 
 **The generator's own limits are reported, never hidden.** The scheduler records how late it
 released each request (``schedule_lag``: the generator's event loop was busy); the senders
@@ -481,6 +483,7 @@ class _Conn:
         "codec",
         "frames",
         "goaway",
+        "hold_until",
         "index",
         "next_rid",
         "pending",
@@ -499,6 +502,9 @@ class _Conn:
         cap: int,
     ) -> None:
         self.index = index
+        # Closed loop: a BUSY asks the client to wait retry_after_ms; no new request on this
+        # connection before then (a compliant client does not hammer a busy engine).
+        self.hold_until = 0.0
         self.stream = stream
         self.codec = codec
         self.welcome = welcome
@@ -747,6 +753,8 @@ class _Run:
         slots = conn.slots
         while True:
             await slots.acquire()
+            if conn.hold_until > trio.current_time():
+                await trio.sleep_until(min(conn.hold_until, self.end))
             now = trio.current_time()
             if now >= self.end or self.stopping:
                 slots.release()
@@ -1084,6 +1092,8 @@ class _Run:
         conn.slots.release()
         self._finished_one()
         if event.code == ErrorCode.BUSY:
+            if self.config.closed_loop and event.retry_after_ms:
+                conn.hold_until = max(conn.hold_until, now + event.retry_after_ms / 1000)
             self.r.busy_replies += 1
             self.r.busy_certs += n
             bucket.busy += n
