@@ -84,7 +84,7 @@ class Metrics:
         )
         self.keyd_batch = Histogram(
             "dccsign_keyd_batch_payloads",
-            "Payloads per micro-batch sent to keyd (SIGN_MANY), over all connections",
+            "Payloads per micro-batch sent to keyd (SIGN_COLUMNS), over all connections",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r,
         )
         self.stage = Histogram(

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from itertools import islice
 from json.encoder import encode_basestring  # type: ignore[attr-defined]
 
-from ._audit_py import audit_issue_lines
+from ._audit_py import audit_issue_groups
 from ._cwt_py import UVCI_MAX, _Shape, facts_and_ci
 from ._types import ES256, PS256
 from .errors import CoseFormatError
@@ -331,28 +331,31 @@ def audit_issue_columns(
             raise ValueError(BAD_FACTS.format(i=i))
         if alg == ES256 and (sig_ends[k] - (sig_ends[k - 1] if k else 0)) != 64:
             raise ValueError(ES256_LENGTH.format(i=i))
-    kid_hex = kid.hex()
-    lines: list[bytes] = []
-    sig_start = 0
-    for k, i in enumerate(selected):
+    if not selected:
+        return b"", prev
+    kid_hex = kid.hex().encode()
+    heads: list[bytes] = []
+    middles: list[bytes] = []
+    isses: list[str] = []
+    uvcis: list[str] = []
+    types: list[str] = []
+    chosen: list[bytes] = []
+    for i in selected:
         iss, dcc_type, ci_len, ci_off, _exp, _iat = unpack_facts(facts, i)
         payload = payloads[ends[i - 1] if i else 0 : ends[i]]
-        head = b'{"account":%s,"alg":%d,"client":%s,"iss":' % (
-            al[account_ix[i]], alg, cl[client_ix[i]])
-        middle = b',"kid":"%s","operator":%s,"payload_sha256":"' % (
-            kid_hex.encode(), ol[operator_ix[i]])
-        signature = signatures[sig_start : sig_ends[k]]
-        sig_start = sig_ends[k]
-        more, prev = _line(head, middle, time, alg, iss,
-                           payload[ci_off : ci_off + ci_len].decode("ascii"), dcc_type,
-                           payload, signature, seq + k, prev)  # fmt: skip
-        lines += more
-    return b"\n".join(lines), prev
-
-
-def _line(head, middle, time, alg, iss, uvci, dcc_type, payload, signature, seq, prev):
-    """One line, by the reference of the per-group audit lines (same format, one source)."""
-    return audit_issue_lines(
-        head, middle, time, alg, [iss], [uvci], dcc_type, [payload], [signature], seq, prev
+        heads.append(b'{"account":%s,"alg":%d,"client":%s,"iss":' % (
+            al[account_ix[i]], alg, cl[client_ix[i]]))
+        middles.append(b',"kid":"%s","operator":%s,"payload_sha256":"' % (
+            kid_hex, ol[operator_ix[i]]))
+        isses.append(iss)
+        uvcis.append(payload[ci_off : ci_off + ci_len].decode("ascii"))
+        types.append(dcc_type)
+        chosen.append(payload)
+    signatures_list = [signatures[a:b] for a, b in zip([0, *sig_ends[:-1]], sig_ends,
+                                                        strict=True)]  # fmt: skip
+    # one group per item: the per-group lines are the format's one source (_audit_py)
+    lines, prev = audit_issue_groups(
+        heads, middles, [1] * len(heads), time, alg, isses, uvcis, "".join(types), chosen,
+        signatures_list, seq, prev,
     )
-
+    return b"\n".join(lines), prev

@@ -15,6 +15,21 @@ checks and audit lines run over the columns natively. ``SIGN_MANY`` stays decoda
 still answered (by ``SIGN_RESULT``): the engine sends ``SIGN_COLUMNS`` since issue 14, part 4;
 an engine and keyd of one release always agree.
 
+Bodies of the columns messages (N items; "u32[]" is a byte string of little-endian uint32)::
+
+    SIGN_COLUMNS          kid bstr(8); payloads bstr (all N concatenated); ends u32[N] (end
+                          offset of each payload: never decreasing, the last = len(payloads));
+                          clients [tstr], accounts [tstr], operators [tstr / null] (each at
+                          most max(N, 1) entries, names 1..1024 characters); client_ix,
+                          account_ix, operator_ix u32[N] (indices into those tables)
+    SIGN_COLUMNS_RESULT   codes bstr(N) (0: signed, else the ItemError); sigs bstr (the signed
+                          items' signatures, in item order); sig_ends u32[signed]; reasons
+                          [tstr] (one per refused item, in item order)
+
+At most MAX_COLUMN_ITEMS items; a body that breaks any of these rules is refused with a
+:class:`KeydProtocolError` naming the field and the rule (:meth:`KeydColumns.check`,
+:meth:`ColumnsResult.check`), as is every other malformed frame.
+
 Frame layout (all integers big-endian)::
 
     offset  size  field
