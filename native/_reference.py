@@ -11,11 +11,13 @@ from ._cose_py import protected_header, sig_structure, sign1_decode, sign1_encod
 from ._cwt_py import cwt_facts
 from ._hc1_py import hc1_encode, hc1_sign
 from ._signing_py import SigningKey
+from ._smalldeflate_py import SMALL_DEFLATE_MAX, small_deflate
 from ._zlib_py import MAX_INFLATED, zlib_compress, zlib_decompress
 
 __all__ = [
     "MAX_INFLATED",
     "MAX_UVCI_CHARS",
+    "SMALL_DEFLATE_MAX",
     "SigningKey",
     "audit_issue_groups",
     "audit_issue_lines",
@@ -29,6 +31,7 @@ __all__ = [
     "sig_structure",
     "sign1_decode",
     "sign1_encode",
+    "small_deflate",
     "zlib_compress",
     "zlib_decompress",
 ]
