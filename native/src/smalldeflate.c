@@ -16,7 +16,6 @@
 #define MAX_MATCH 258
 #define MAX_CHAIN 32
 #define NICE_LEN 32
-#define UNUSED_COST 12
 #define NLIT 286
 #define NDIST 30
 #define NCL 19
@@ -38,12 +37,18 @@ static uint8_t len_sym[MAX_MATCH + 1];
 static uint8_t dist_sym[SD_MAX + 1];
 static uint8_t fixed_lit_len[288], fixed_dist_len[NDIST];
 static uint16_t fixed_lit_code[288], fixed_dist_code[NDIST];
+static uint8_t rev8[256]; /* bit-reversed bytes, for the LSB-first codes */
 static pthread_once_t tables_once = PTHREAD_ONCE_INIT;
 
 static void canonical_codes(const uint8_t *lengths, int nsym, uint16_t *codes);
 
 static void tables_init(void)
 {
+    for (int b = 0; b < 256; b++) {
+        int r = 0;
+        for (int t = 0; t < 8; t++) r |= ((b >> t) & 1) << (7 - t);
+        rev8[b] = (uint8_t)r;
+    }
     for (int c = 0; c < 29; c++)
         for (int l = LEN_BASE[c]; l < LEN_BASE[c] + (1 << LEN_EXTRA[c]) && l <= MAX_MATCH; l++)
             len_sym[l] = (uint8_t)c;
@@ -58,14 +63,12 @@ static void tables_init(void)
     canonical_codes(fixed_dist_len, NDIST, fixed_dist_code);
 }
 
-/* Per-thread scratch: about 60 KB, allocated on a thread's first call. Nothing here is
+/* Per-thread scratch: about 40 KB, allocated on a thread's first call. Nothing here is
  * cleared per call except the hash heads actually used (2^bits entries, sized to the input). */
 typedef struct {
     int16_t head[1 << 12];
     int16_t prev[SD_MAX];
     uint16_t mlen[SD_MAX], mdist[SD_MAX];
-    uint32_t cost[SD_MAX + 1];
-    uint16_t choice[SD_MAX];
     uint16_t item_a[SD_MAX], item_d[SD_MAX]; /* (length, distance) or (position, 0) */
 } sd_scratch;
 
@@ -125,77 +128,45 @@ static void find_matches(const uint8_t *in, int n, sd_scratch *s)
     }
 }
 
-/* Counts symbols of the lazy parse (the first parse is only needed for its statistics). */
-static void lazy_counts(const uint8_t *in, int n, const sd_scratch *s, uint32_t *lit,
-                        uint32_t *dist)
+/* Lazy matching with one step of look-ahead; leaves the items in s->item_*, counts their
+ * symbols, and returns their number. */
+static int lazy_parse(const uint8_t *in, int n, sd_scratch *s, uint32_t *lit, uint32_t *dist,
+                      uint64_t *fixed_bits)
 {
     memset(lit, 0, NLIT * sizeof *lit);
     memset(dist, 0, NDIST * sizeof *dist);
-    int i = 0;
+    /* The fixed code's symbol bits, counted on the way (RFC 1951 3.2.6): 8 bits per literal
+     * or length symbol, +1 for literals 144..255, -1 for symbols 256..279 (EOB and lengths
+     * under 115), and 5 bits per distance. */
+    int nitems = 0, i = 0, nmatch = 0, high = 0, short_len = 0;
     while (i < n) {
         int m = s->mlen[i];
         if (m >= MIN_MATCH && !(i + 1 < n && s->mlen[i + 1] > m)) {
+            nmatch++;
+            short_len += m < 115;
             lit[257 + len_sym[m]]++;
             dist[dist_sym[s->mdist[i]]]++;
+            s->item_a[nitems] = (uint16_t)m;
+            s->item_d[nitems++] = s->mdist[i];
             i += m;
         } else {
             lit[in[i]]++;
-            i++;
-        }
-    }
-    lit[256] = 1;
-}
-
-/* Shortest path over the input; leaves the items in s->item_* and returns their number. */
-static int optimal_parse(const uint8_t *in, int n, sd_scratch *s, const uint8_t *lit_len,
-                         const uint8_t *dist_len)
-{
-    uint32_t lc[NLIT], dc[NDIST], len_cost[MAX_MATCH + 1];
-    for (int k = 0; k < NLIT; k++) lc[k] = lit_len[k] ? lit_len[k] : UNUSED_COST;
-    for (int k = 0; k < NDIST; k++) dc[k] = dist_len[k] ? dist_len[k] : UNUSED_COST;
-    for (int l = MIN_MATCH; l <= MAX_MATCH; l++) {
-        int sy = len_sym[l];
-        len_cost[l] = lc[257 + sy] + LEN_EXTRA[sy];
-    }
-    uint32_t *cost = s->cost;
-    cost[n] = 0;
-    for (int i = n - 1; i >= 0; i--) {
-        uint32_t best = lc[in[i]] + cost[i + 1];
-        int pick = 0, m = s->mlen[i];
-        if (m >= MIN_MATCH) {
-            int ds = dist_sym[s->mdist[i]];
-            uint32_t dbits = dc[ds] + DIST_EXTRA[ds];
-            for (int l = m >= NICE_LEN ? m : MIN_MATCH; l <= m; l++) {
-                uint32_t c = len_cost[l] + dbits + cost[i + l];
-                if (c < best) {
-                    best = c;
-                    pick = l;
-                }
-            }
-        }
-        cost[i] = best;
-        s->choice[i] = (uint16_t)pick;
-    }
-    int nitems = 0, i = 0;
-    while (i < n) {
-        int p = s->choice[i];
-        if (p) {
-            s->item_a[nitems] = (uint16_t)p;
-            s->item_d[nitems++] = s->mdist[i];
-            i += p;
-        } else {
+            high += in[i] >= 144;
             s->item_a[nitems] = (uint16_t)i;
             s->item_d[nitems++] = 0;
             i++;
         }
     }
+    lit[256] = 1;
+    *fixed_bits = 8 * (uint64_t)(nitems + 1) + (uint64_t)high - (uint64_t)(short_len + 1) +
+                  5 * (uint64_t)nmatch;
     return nitems;
 }
 
 /* ---------------------------------------------------------------- Huffman codes */
 
 /* Length-limited code lengths; see code_lengths() in the Python file for the rules. */
-static void code_lengths(const uint32_t *freqs, int nsym, int limit, uint8_t *lengths)
+static uint64_t code_lengths(const uint32_t *freqs, int nsym, int limit, uint8_t *lengths)
 {
     uint32_t key[NLIT]; /* frequency << 9 | symbol: sorting keys sorts by (frequency, symbol) */
     int m = 0;
@@ -203,14 +174,29 @@ static void code_lengths(const uint32_t *freqs, int nsym, int limit, uint8_t *le
         if (freqs[s]) key[m++] = freqs[s] << 9 | (uint32_t)s;
     for (int s = 0; m < 2; s++) /* at least two codes: pad with the lowest unused symbols */
         if (!freqs[s]) key[m++] = (uint32_t)s;
-    for (int a = 1; a < m; a++) { /* insertion sort: m is small and often nearly sorted */
-        uint32_t k = key[a];
-        int b = a - 1;
-        while (b >= 0 && key[b] > k) {
-            key[b + 1] = key[b];
-            b--;
+    /* Stable counting sort on the frequency: the keys were collected in ascending symbol
+     * order (the zero-frequency padding last, but it sorts first anyway), so this sorts by
+     * (frequency, symbol). One pass over maxf + 1 buckets while the frequencies are small
+     * (HC1 inputs), else LSD radix passes of 8 bits. An insertion sort cost more than the rest
+     * of the encoder together. */
+    uint32_t maxf = 0, tmp[NLIT];
+    for (int a = 0; a < m; a++)
+        if ((key[a] >> 9) > maxf) maxf = key[a] >> 9;
+    int pos[257];
+    if (maxf < 256) {
+        memset(pos, 0, (maxf + 2) * sizeof pos[0]);
+        for (int a = 0; a < m; a++) pos[(key[a] >> 9) + 1]++;
+        for (uint32_t b = 1; b <= maxf; b++) pos[b] += pos[b - 1];
+        for (int a = 0; a < m; a++) tmp[pos[key[a] >> 9]++] = key[a];
+        memcpy(key, tmp, (size_t)m * sizeof key[0]);
+    } else {
+        for (int shift = 9; shift < 32 && (maxf << 9) >> shift; shift += 8) {
+            memset(pos, 0, sizeof pos);
+            for (int a = 0; a < m; a++) pos[((key[a] >> shift) & 255) + 1]++;
+            for (int b = 1; b <= 256; b++) pos[b] += pos[b - 1];
+            for (int a = 0; a < m; a++) tmp[pos[(key[a] >> shift) & 255]++] = key[a];
+            memcpy(key, tmp, (size_t)m * sizeof key[0]);
         }
-        key[b + 1] = k;
     }
     uint32_t iw[NLIT];
     int16_t iparent[NLIT], parent_leaf[NLIT];
@@ -259,9 +245,14 @@ static void code_lengths(const uint32_t *freqs, int nsym, int limit, uint8_t *le
         maxd = limit;
     }
     memset(lengths, 0, (size_t)nsym);
+    uint64_t bits = 0; /* what the symbols cost under the code, returned for the block choice */
     int k = 0;
     for (int d = maxd; d >= 1; d--)
-        for (int c = 0; c < count[d]; c++) lengths[key[k++] & 511] = (uint8_t)d;
+        for (int c = 0; c < count[d]; c++, k++) {
+            lengths[key[k] & 511] = (uint8_t)d;
+            bits += (uint64_t)(key[k] >> 9) * (uint64_t)d;
+        }
+    return bits;
 }
 
 int dcc_sd_code_lengths(const uint32_t *freqs, int nsym, int limit, uint8_t *lengths)
@@ -270,7 +261,7 @@ int dcc_sd_code_lengths(const uint32_t *freqs, int nsym, int limit, uint8_t *len
     if (nsym < 2 || nsym > NLIT || limit < 5 || limit > 15) return -1;
     for (int s = 0; s < nsym; s++)
         if (freqs[s] > (1u << 22)) return -1; /* keeps frequency << 9 | symbol in 32 bits */
-    code_lengths(freqs, nsym, limit, lengths);
+    (void)code_lengths(freqs, nsym, limit, lengths);
     return 0;
 }
 
@@ -289,11 +280,8 @@ static void canonical_codes(const uint8_t *lengths, int nsym, uint16_t *codes)
         int len = lengths[s];
         codes[s] = 0;
         if (!len) continue;
-        uint32_t c = next_code[len]++, r = 0;
-        for (int t = 0; t < len; t++) {
-            r = r << 1 | (c & 1);
-            c >>= 1;
-        }
+        uint32_t c = next_code[len]++;
+        uint32_t r = ((uint32_t)rev8[c & 255] << 8 | rev8[c >> 8]) >> (16 - len);
         codes[s] = (uint16_t)r;
     }
 }
@@ -345,24 +333,38 @@ typedef struct {
     int n;
 } bitw;
 
+/* Adds up to 16 bits; stores 32 bits at a time (all of them final, so nothing is written past
+ * the stream's end), which matters because put() runs once per symbol. */
 static inline void put(bitw *w, uint32_t value, int nbits)
 {
     w->acc |= (uint64_t)value << w->n;
     w->n += nbits;
-    while (w->n >= 8) {
+    if (w->n >= 32) {
+        uint32_t lo = (uint32_t)w->acc;
+        w->p[0] = (uint8_t)lo;
+        w->p[1] = (uint8_t)(lo >> 8);
+        w->p[2] = (uint8_t)(lo >> 16);
+        w->p[3] = (uint8_t)(lo >> 24);
+        w->p += 4;
+        w->acc >>= 32;
+        w->n -= 32;
+    }
+}
+
+static void flush(bitw *w)
+{
+    while (w->n > 0) {
         *w->p++ = (uint8_t)w->acc;
         w->acc >>= 8;
         w->n -= 8;
     }
 }
 
-static uint64_t data_bits(const uint32_t *lit, const uint32_t *dist, const uint8_t *ll,
-                          const uint8_t *dl)
+static uint64_t extra_bits(const uint32_t *lit, const uint32_t *dist)
 {
     uint64_t bits = 0;
-    for (int s = 0; s < NLIT; s++) bits += (uint64_t)lit[s] * ll[s];
     for (int s = 0; s < 29; s++) bits += (uint64_t)lit[257 + s] * LEN_EXTRA[s];
-    for (int s = 0; s < NDIST; s++) bits += (uint64_t)dist[s] * (dl[s] + DIST_EXTRA[s]);
+    for (int s = 0; s < NDIST; s++) bits += (uint64_t)dist[s] * DIST_EXTRA[s];
     return bits;
 }
 
@@ -437,23 +439,9 @@ int dcc_small_deflate(const uint8_t *in, size_t nbytes, int level, uint8_t *out,
             return DCC_ERR_ZLIB;
         }
         find_matches(in, n, s);
-        lazy_counts(in, n, s, lit, dist);
-        code_lengths(lit, NLIT, 15, ll);
-        code_lengths(dist, NDIST, 15, dl);
-        nitems = optimal_parse(in, n, s, ll, dl);
-        memset(lit, 0, sizeof lit);
-        memset(dist, 0, sizeof dist);
-        for (int k = 0; k < nitems; k++) {
-            if (s->item_d[k] == 0) {
-                lit[in[s->item_a[k]]]++;
-            } else {
-                lit[257 + len_sym[s->item_a[k]]]++;
-                dist[dist_sym[s->item_d[k]]]++;
-            }
-        }
-        lit[256] = 1;
-        code_lengths(lit, NLIT, 15, ll);
-        code_lengths(dist, NDIST, 15, dl);
+        uint64_t fixed_sym_bits;
+        nitems = lazy_parse(in, n, s, lit, dist, &fixed_sym_bits);
+        uint64_t dyn_sym_bits = code_lengths(lit, NLIT, 15, ll) + code_lengths(dist, NDIST, 15, dl);
         for (hlit = NLIT; ll[hlit - 1] == 0; hlit--) {}
         if (hlit < 257) hlit = 257;
         for (hdist = NDIST; hdist > 1 && dl[hdist - 1] == 0; hdist--) {}
@@ -462,12 +450,13 @@ int dcc_small_deflate(const uint8_t *in, size_t nbytes, int level, uint8_t *out,
         ncl = cl_items(seq, hlit + hdist, cls, clx);
         uint32_t clf[NCL] = {0};
         for (int k = 0; k < ncl; k++) clf[cls[k]]++;
-        code_lengths(clf, NCL, 7, cll);
+        (void)code_lengths(clf, NCL, 7, cll);
         for (hclen = NCL; hclen > 4 && cll[CL_ORDER[hclen - 1]] == 0; hclen--) {}
         uint64_t dyn_bits = 3 + 14 + 3 * (uint64_t)hclen;
         for (int k = 0; k < ncl; k++) dyn_bits += cll[cls[k]] + CL_EXTRA[cls[k]];
-        dyn_bits += data_bits(lit, dist, ll, dl);
-        uint64_t fixed_bits = 3 + data_bits(lit, dist, fixed_lit_len, fixed_dist_len);
+        uint64_t extra = extra_bits(lit, dist);
+        dyn_bits += extra + dyn_sym_bits;
+        uint64_t fixed_bits = 3 + extra + fixed_sym_bits;
         uint64_t dyn_bytes = (dyn_bits + 7) >> 3, fixed_bytes = (fixed_bits + 7) >> 3;
         uint64_t best = dyn_bytes < fixed_bytes ? dyn_bytes : fixed_bytes;
         stored = (uint64_t)n + 5 < best;
@@ -508,7 +497,7 @@ int dcc_small_deflate(const uint8_t *in, size_t nbytes, int level, uint8_t *out,
         write_items(&w, in, s, nitems, fixed_lit_code, fixed_lit_len, fixed_dist_code,
                     fixed_dist_len);
     }
-    if (w.n) *w.p++ = (uint8_t)w.acc;
+    flush(&w);
     put_be32(w.p, adler);
     *outlen = (size_t)(w.p + 4 - out);
     return DCC_OK;
