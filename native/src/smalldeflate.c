@@ -63,7 +63,7 @@ static void tables_init(void)
     canonical_codes(fixed_dist_len, NDIST, fixed_dist_code);
 }
 
-/* Per-thread scratch: about 40 KB, allocated on a thread's first call. Nothing here is
+/* Per-thread scratch: 48 KB, allocated on a thread's first call. Nothing here is
  * cleared per call except the hash heads actually used (2^bits entries, sized to the input). */
 typedef struct {
     int16_t head[1 << 12];
@@ -102,12 +102,17 @@ static void find_matches(const uint8_t *in, int n, sd_scratch *s)
     if (bits > 12) bits = 12;
     int shift = 32 - bits;
     memset(s->head, 0xFF, sizeof(int16_t) << bits);
+    uint32_t v = (uint32_t)in[0] << 8 | (uint32_t)in[1] << 16;
     for (int i = 0; i <= n - MIN_MATCH; i++) {
-        uint32_t v = (uint32_t)in[i] | (uint32_t)in[i + 1] << 8 | (uint32_t)in[i + 2] << 16;
+        v = v >> 8 | (uint32_t)in[i + 2] << 16; /* in[i] | in[i+1] << 8 | in[i+2] << 16 */
         uint32_t h = (v * 0x9E3779B1u) >> shift;
+        int j = s->head[h];
+        s->prev[i] = (int16_t)j;
+        s->head[h] = (int16_t)i;
+        if (j < 0) continue; /* the common case on HC1 inputs: nothing to compare */
         int limit = n - i < MAX_MATCH ? n - i : MAX_MATCH;
         int best = 0, bestd = 0, chain = MAX_CHAIN;
-        for (int j = s->head[h]; j >= 0 && chain > 0; j = s->prev[j]) {
+        for (; j >= 0 && chain > 0; j = s->prev[j]) {
             chain--;
             if (in[j + best] != in[i + best]) continue; /* cannot beat the best */
             const uint8_t *a = in + j, *b = in + i;
@@ -123,8 +128,6 @@ static void find_matches(const uint8_t *in, int n, sd_scratch *s)
             s->mlen[i] = (uint16_t)best;
             s->mdist[i] = (uint16_t)bestd;
         }
-        s->prev[i] = s->head[h];
-        s->head[h] = (int16_t)i;
     }
 }
 
