@@ -63,8 +63,8 @@ static void tables_init(void)
     canonical_codes(fixed_dist_len, NDIST, fixed_dist_code);
 }
 
-/* Per-thread scratch: 48 KB, allocated on a thread's first call. Nothing here is
- * cleared per call except the hash heads actually used (2^bits entries, sized to the input). */
+/* Per-thread scratch: 48 KB, allocated on a thread's first call. Per call, only what the input
+ * uses is cleared: 2^bits hash heads (sized to the input) and n match lengths. */
 typedef struct {
     int16_t head[1 << 12];
     int16_t prev[SD_MAX];
