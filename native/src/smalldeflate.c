@@ -141,7 +141,7 @@ static int lazy_parse(const uint8_t *in, int n, sd_scratch *s, uint32_t *lit, ui
     /* The fixed code's symbol bits, counted on the way (RFC 1951 3.2.6): 8 bits per literal
      * or length symbol, +1 for literals 144..255, -1 for symbols 256..279 (EOB and lengths
      * under 115), and 5 bits per distance. */
-    int nitems = 0, i = 0, nmatch = 0, high = 0, short_len = 0;
+    int nitems = 0, i = 0, nmatch = 0, short_len = 0;
     while (i < n) {
         int m = s->mlen[i];
         if (m >= MIN_MATCH && !(i + 1 < n && s->mlen[i + 1] > m)) {
@@ -154,13 +154,14 @@ static int lazy_parse(const uint8_t *in, int n, sd_scratch *s, uint32_t *lit, ui
             i += m;
         } else {
             lit[in[i]]++;
-            high += in[i] >= 144;
             s->item_a[nitems] = (uint16_t)i;
             s->item_d[nitems++] = 0;
             i++;
         }
     }
     lit[256] = 1;
+    uint32_t high = 0;
+    for (int b = 144; b < 256; b++) high += lit[b];
     *fixed_bits = 8 * (uint64_t)(nitems + 1) + (uint64_t)high - (uint64_t)(short_len + 1) +
                   5 * (uint64_t)nmatch;
     return nitems;
@@ -290,7 +291,8 @@ static void canonical_codes(const uint8_t *lengths, int nsym, uint16_t *codes)
 }
 
 /* Run-length codes a code-length sequence into (symbol, extra value) items. */
-static int cl_items(const uint8_t *seq, int n, uint8_t *sym, uint8_t *extra)
+static int cl_items(const uint8_t *seq, int n, uint8_t *sym, uint8_t *extra, uint32_t *freq,
+                    uint64_t *extra_bits_total)
 {
     int k = 0, i = 0;
     while (i < n) {
@@ -325,6 +327,12 @@ static int cl_items(const uint8_t *seq, int n, uint8_t *sym, uint8_t *extra)
             extra[k++] = 0;
         }
     }
+    uint64_t xb = 0;
+    for (int t = 0; t < k; t++) {
+        freq[sym[t]]++;
+        xb += CL_EXTRA[sym[t]];
+    }
+    *extra_bits_total = xb;
     return k;
 }
 
@@ -450,13 +458,12 @@ int dcc_small_deflate(const uint8_t *in, size_t nbytes, int level, uint8_t *out,
         for (hdist = NDIST; hdist > 1 && dl[hdist - 1] == 0; hdist--) {}
         memcpy(seq, ll, (size_t)hlit);
         memcpy(seq + hlit, dl, (size_t)hdist);
-        ncl = cl_items(seq, hlit + hdist, cls, clx);
         uint32_t clf[NCL] = {0};
-        for (int k = 0; k < ncl; k++) clf[cls[k]]++;
-        (void)code_lengths(clf, NCL, 7, cll);
+        uint64_t cl_extra;
+        ncl = cl_items(seq, hlit + hdist, cls, clx, clf, &cl_extra);
+        uint64_t cl_bits = code_lengths(clf, NCL, 7, cll);
         for (hclen = NCL; hclen > 4 && cll[CL_ORDER[hclen - 1]] == 0; hclen--) {}
-        uint64_t dyn_bits = 3 + 14 + 3 * (uint64_t)hclen;
-        for (int k = 0; k < ncl; k++) dyn_bits += cll[cls[k]] + CL_EXTRA[cls[k]];
+        uint64_t dyn_bits = 3 + 14 + 3 * (uint64_t)hclen + cl_bits + cl_extra;
         uint64_t extra = extra_bits(lit, dist);
         dyn_bits += extra + dyn_sym_bits;
         uint64_t fixed_bits = 3 + extra + fixed_sym_bits;
