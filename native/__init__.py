@@ -90,6 +90,7 @@ sign1_encode = _impl.sign1_encode
 sign1_decode = _impl.sign1_decode
 zlib_compress = _impl.zlib_compress
 zlib_decompress = _impl.zlib_decompress
+small_deflate = _impl.small_deflate
 SigningKey = _impl.SigningKey
 hc1_encode = _impl.hc1_encode
 hc1_sign = _impl.hc1_sign

@@ -22,6 +22,7 @@ from ._loadgen_py import scan_results
 from ._reply_py import encode_sign_batch_result
 from ._signing_py import SigningKey
 from ._signing_py import _nonce_batch_inverse as _nonce_batch_inverse  # test support
+from ._smalldeflate_py import SMALL_DEFLATE_MAX, small_deflate
 from ._spantable_py import fill_rows, gather_spans, span_table
 from ._splice_py import splice_payloads
 from ._walker_py import walk_sign_batch
@@ -30,6 +31,7 @@ from ._zlib_py import MAX_INFLATED, zlib_compress, zlib_decompress
 __all__ = [
     "MAX_INFLATED",
     "MAX_UVCI_CHARS",
+    "SMALL_DEFLATE_MAX",
     "DccRules",
     "SigningKey",
     "audit_issue_columns",
@@ -51,6 +53,7 @@ __all__ = [
     "sig_structure",
     "sign1_decode",
     "sign1_encode",
+    "small_deflate",
     "span_table",
     "splice_payloads",
     "validate_cwt_batch",

@@ -2,6 +2,7 @@
  * dcccore.c: see dcccore.h for the contracts.
  */
 #include "dcccore.h"
+#include "smalldeflate.h"
 
 #include <pthread.h>
 #include <stdlib.h>
@@ -508,15 +509,23 @@ int dcc_sign1_split(const uint8_t *buf, size_t len, dcc_sign1_parts *p, const ch
 
 /* ======================================================================== zlib */
 
-/* One compressor per thread and level, created on first use and reused afterwards.
+/* Inputs under DCC_SMALL_DEFLATE_MAX (4 KiB) -- every HC1 COSE_Sign1 -- go to smalldeflate.c;
+ * larger ones to libdeflate, with one compressor per thread and level, created on first use
+ * and reused afterwards.
  *
- * Why libdeflate and not zlib's deflate(): on DCC-sized inputs (~350 bytes) zlib spends
- * 21-23 us per stream at every level 1-9 and even Huffman-only, with a reused z_stream
- * (deflateReset) -- fixed per-stream work, not matching effort -- while libdeflate's one-shot
- * compressor produces an equally small standard zlib stream (RFC 1950, 32 KiB window, CMF
- * 0x78) in ~10.5 us in a C loop and 13 us per call from Python (bench/README.md). A fresh
- * compressor per call would repeat the allocation that glibc hands back to the kernel (performance-baseline.md §4.2), so each thread keeps its own;
- * the pthread key's destructor frees them when the thread exits. */
+ * Why not zlib's deflate(): on DCC-sized inputs (~350 bytes) zlib spends 21-23 us per stream
+ * at every level 1-9 and even Huffman-only, with a reused z_stream (deflateReset) -- fixed
+ * per-stream work, not matching effort. libdeflate's one-shot compressor writes an equally
+ * small standard zlib stream (RFC 1950, CMF 0x78) but still costs 7-9 us per call at every
+ * level on these inputs, again mostly fixed per-call work for state sized for large inputs.
+ * smalldeflate.c sizes everything to the input and writes one block: on real COSE_Sign1s its
+ * output is as small as libdeflate level 9 on average, for a fraction of the instructions
+ * (bench/deflate_small.py, bench/README.md). libdeflate stays for inputs of 4 KiB and more,
+ * where its matchfinders and block splitting pay off.
+ *
+ * A fresh libdeflate compressor per call would repeat the allocation that glibc hands back to
+ * the kernel (performance-baseline.md §4.2), so each thread keeps its own; the pthread key's
+ * destructor frees them when the thread exits. */
 typedef struct {
     struct libdeflate_compressor *c[10];
 } deflate_tls;
@@ -565,11 +574,18 @@ size_t dcc_zlib_bound(size_t n)
 int dcc_deflate(const uint8_t *in, size_t n, int level, uint8_t *out, size_t cap, size_t *outlen,
                 const char **err)
 {
-    if (level < 0) level = 6; /* Z_DEFAULT_COMPRESSION */
-    if (level > 9) {
+    if (n < DCC_SMALL_DEFLATE_MAX) return dcc_small_deflate(in, n, level, out, cap, outlen, err);
+    return dcc_deflate_libdeflate(in, n, level, out, cap, outlen, err);
+}
+
+int dcc_deflate_libdeflate(const uint8_t *in, size_t n, int level, uint8_t *out, size_t cap,
+                           size_t *outlen, const char **err)
+{
+    if (level < -1 || level > 9) {
         *err = "zlib level must be -1..9";
         return DCC_ERR_ZLIB;
     }
+    if (level < 0) level = 6; /* Z_DEFAULT_COMPRESSION */
     struct libdeflate_compressor *c = deflate_compressor(level, err);
     if (c == NULL) return DCC_ERR_ZLIB;
     size_t got = libdeflate_zlib_compress(c, in, n, out, cap);

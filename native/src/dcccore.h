@@ -83,9 +83,13 @@ int dcc_sign1_split(const uint8_t *buf, size_t len, dcc_sign1_parts *parts, cons
 
 /* ---- zlib (RFC 1950) ---- */
 size_t dcc_zlib_bound(size_t n);
-/* Deflates (zlib format) with this thread's reused compressor for `level` (0..9, -1 = 6). */
+/* Deflates (zlib format) at `level` (0..9, -1 = 6): inputs under 4 KiB with dcc_small_deflate
+ * (smalldeflate.h), larger ones with this thread's reused libdeflate compressor. */
 int dcc_deflate(const uint8_t *in, size_t n, int level, uint8_t *out, size_t cap, size_t *outlen,
                 const char **err);
+/* libdeflate whatever the size (dcc_deflate's path for 4 KiB and more; benchmarks compare). */
+int dcc_deflate_libdeflate(const uint8_t *in, size_t n, int level, uint8_t *out, size_t cap,
+                           size_t *outlen, const char **err);
 /* Inflates one complete stream; fails on truncation, trailing data or more than cap bytes. */
 int dcc_inflate(const uint8_t *in, size_t n, uint8_t *out, size_t cap, size_t *outlen,
                 const char **err);
