@@ -18,10 +18,12 @@ simple values), byte flips and truncations, and the official test vectors.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import random
 import struct
+import unicodedata
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -41,7 +43,7 @@ from test_dcc_validation import (
 )
 
 from conftest import shared_path
-from dccsign.chain import claims_prefix
+from dccsign.chain import _nfc, claims_prefix
 from dccsign.dcc import DOSE_MAX, DCCValidationError, validate
 from dccsign.native import DCCDecodeError
 from dccsign.protocol import cborlimits
@@ -61,8 +63,11 @@ def rules_of(impl: Any, valuesets: ValueSets | None = None) -> Any:
     return _RULES[key]
 
 
-def oracle(data: bytes, strict: bool, valuesets: ValueSets | None, today: date) -> Any:
-    """What the Python validator says about the object the mode's decoder makes of data."""
+def oracle(
+    data: bytes, strict: bool, valuesets: ValueSets | None, today: date, nfc: bool = False
+) -> Any:
+    """What the Python validator says about the object the mode's decoder makes of data (with
+    nfc, after the engine's NFC normalisation of the names)."""
     try:
         if strict:
             obj = cborlimits.decode(data, scan=cborlimits.scan, **STRICT_LIMITS)
@@ -70,6 +75,8 @@ def oracle(data: bytes, strict: bool, valuesets: ValueSets | None, today: date) 
             obj = loads_exact(data)
     except (cbor2.CBORError, ValueError) as exc:
         return ("undecodable", str(exc))
+    if nfc and isinstance(obj, dict):
+        obj = _nfc(obj)
     try:
         return ("ok", validate(obj, valuesets=valuesets, today=today))
     except DCCValidationError as exc:
@@ -92,14 +99,16 @@ def agree(
     strict: bool = True,
     valuesets: ValueSets | None = None,
     today: date = TODAY,
+    nfc: bool = False,
 ) -> Any:
     """Check impl against the oracle on data; return the (kind, detail) outcome."""
     before = impl.dcc_validator_stats()["disagreements"]
+    rules = rules_of(impl, valuesets)
     try:
-        got = _shape(impl.validate_dcc_cbor(rules_of(impl, valuesets), data, today, strict=strict))
+        got = _shape(impl.validate_dcc_cbor(rules, data, today, strict=strict, nfc_names=nfc))
     except (DCCValidationError, DCCDecodeError) as exc:
         got = _shape(exc)
-    want = oracle(data, strict, valuesets, today)
+    want = oracle(data, strict, valuesets, today, nfc)
     assert impl.dcc_validator_stats()["disagreements"] == before, (data.hex(), got, want)
     if want[0] == "undecodable":
         # The decoder's own words are wrapped; the verdict is what must agree.
@@ -345,6 +354,63 @@ def test_names(impl) -> None:
             dcc = base("r", ver)
             dcc["nam"] = nam
             agree(impl, encode(dcc))
+
+
+NAMES = [
+    "Bakker",
+    "Çelik",
+    "Zoë",
+    "e\u0301" * 41,
+    "é" * 80,
+    "e\u0301",
+    "\u212b",
+    "Ωμέγα",
+    "Ω\u0301",
+    "Жанна",
+    "Й",
+    "И\u0306",
+    "中村",
+    "\u1100\u1161",
+    "\u1100",
+    "😀",
+    "a\u0308o",
+    "ñ" * 81,
+    "\u0958",
+    "\u0915\u093c",
+    "\u00c5" * 3,
+    "A\u030a",
+]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_names_the_engine_normalises(impl, name: str) -> None:
+    for ver in ("1.2.1", "1.3.2"):
+        for where in ("fn", "gn"):
+            dcc = base("v", ver)
+            dcc["nam"][where] = name
+            for nfc in (True, False):
+                agree(impl, encode(dcc), nfc=nfc)
+    # 41 decomposed é: 82 code points, 41 once normalised, so valid only in the engine's view
+    dcc = base("v", "1.2.1")
+    dcc["nam"]["fn"] = "e\u0301" * 41
+    assert agree(impl, encode(dcc), nfc=True) == ("ok", "v")
+    assert agree(impl, encode(dcc), nfc=False)[0] == "invalid"
+
+
+@functools.cache
+def _inert_chars() -> list[str]:
+    from dccsign.native._dccvalidate_py import _nfc_inert_bitmap
+
+    bits = _nfc_inert_bitmap()
+    return [chr(c) for c in range(len(bits) * 8) if bits[c >> 3] >> (c & 7) & 1]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_texts_of_nfc_inert_characters_are_nfc(data: st.DataObject) -> None:
+    # The table the native side uses to skip normalisation must never be wrong.
+    text = data.draw(st.text(alphabet=st.sampled_from(_inert_chars()), max_size=20))
+    assert unicodedata.is_normalized("NFC", text)
 
 
 def test_groups_and_entries(impl) -> None:
