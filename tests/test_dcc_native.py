@@ -35,6 +35,7 @@ from hypothesis import strategies as st
 from test_dcc_validation import (
     TODAY,
     VERSIONS,
+    _schema_for,
     _vector,
     base,
     junk,
@@ -639,6 +640,18 @@ def test_generated_valid_dccs(impl, dcc: dict, rnd: random.Random) -> None:
 @given(mutated_dcc(), st.randoms(use_true_random=False), st.booleans())
 def test_mutated_dccs(impl, dcc: dict, rnd: random.Random, strict: bool) -> None:
     agree(impl, encode(dcc, rnd), strict=strict)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(valid_dcc(), mutated_dcc()))
+def test_whatever_the_native_side_accepts_the_official_schema_accepts(impl, dcc: dict) -> None:
+    # The soundness property of test_dcc_validation.py, asked of the bytes validator.
+    try:
+        impl.validate_dcc_cbor(rules_of(impl), cbor2.dumps(dcc), TODAY)
+    except (DCCValidationError, DCCDecodeError):  # (cbor2 writes ints past 64 bits as tags)
+        return
+    errors = [e.message for e in _schema_for(dcc).iter_errors(dcc)]
+    assert errors == [], f"accepted, but the official schema says: {errors}"
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
