@@ -1,5 +1,6 @@
-"""The native core: base45, COSE, zlib, signing and batch HC1 assembly, and keyd's per-item
-work (the structural CWT check and the audit log's issue lines).
+"""The native core: base45, COSE, zlib, signing and batch HC1 assembly, keyd's per-item work
+(the structural CWT check and the audit log's issue lines), and DCC validation on CBOR bytes
+(``DccRules``, ``validate_dcc_cbor``, ``validate_dcc_batch``, ``validate_cwt_batch``).
 
 Two implementations share one API and one set of exceptions (:mod:`dccsign.native.errors`):
 

@@ -18,6 +18,9 @@ cdef extern from "dccvalidate.h" nogil:
         DV_NSETS
         DV_STRICT_MAX_ITEMS
         DV_STRICT_MAX_DEPTH
+        DV_STRICT
+        DV_NFC
+        DV_NFC_LIMIT
     ctypedef struct dv_issue:
         uint8_t rule
         uint32_t key_off
@@ -32,11 +35,12 @@ cdef extern from "dccvalidate.h" nogil:
     ctypedef struct dv_rules:
         dv_set sets[8]
         int has_test_manf
+        const uint8_t *nfc_inert
     uint32_t dv_set_slots(uint32_t n)
     void dv_set_build(dv_set *set, const uint8_t *blob, const uint32_t *lens, uint32_t n,
                       uint32_t *slot, uint32_t *off, uint32_t *len)
     int dv_validate(const dv_rules *rules, const uint8_t *buf, size_t len, const char *today,
-                    int strict, dv_issues *issues)
+                    int flags, dv_issues *issues)
     int dv_validate_cwt(const dv_rules *rules, const uint8_t *buf, size_t len,
                         const char *today, dv_issues *issues)
 
@@ -67,10 +71,14 @@ cdef class DccRules:
     cdef uint32_t *mem
     cdef readonly object valuesets
     cdef list _blobs
+    cdef bytes _nfc
 
     def __cinit__(self, valuesets=None):
         self.mem = NULL
         self.valuesets = _dvpy._valuesets(valuesets)
+        self._nfc = _dvpy._nfc_inert_bitmap()
+        assert len(self._nfc) * 8 == DV_NFC_LIMIT
+        self.c.nfc_inert = <const uint8_t *>PyBytes_AS_STRING(self._nfc)
         lk = self.valuesets._lookup
         tables = (lk.tg, lk.vp, lk.mp, lk.vma, lk.tt, lk.tr, lk.co,
                   lk.test_manf if lk.test_manf is not None else frozenset())
@@ -123,7 +131,7 @@ cdef bytes _dv_today(today):
 
 
 cdef object _dv_slow(DccRules rules, int outcome, const uint8_t *p, size_t n, size_t base,
-                     bytes whole, const char *today, int strict, int cwt, object today_obj,
+                     bytes whole, const char *today, int flags, int cwt, object today_obj,
                      object item):
     """The slow path of one item: C's issues, the reference's answer, _settle."""
     cdef dv_issue store[_DV_ISSUE_CAP]
@@ -137,7 +145,7 @@ cdef object _dv_slow(DccRules rules, int outcome, const uint8_t *p, size_t n, si
         if cwt:
             dv_validate_cwt(&rules.c, p, n, today, &iss)
         else:
-            dv_validate(&rules.c, p, n, today, strict, &iss)
+            dv_validate(&rules.c, p, n, today, flags, &iss)
         if not iss.overflow:
             c_issues = []
             for k in range(iss.n):
@@ -148,17 +156,19 @@ cdef object _dv_slow(DccRules rules, int outcome, const uint8_t *p, size_t n, si
     if cwt:
         reference = _dvpy._verdict(_dvpy._cwt_dcc, item, rules, today_obj)
     else:
-        reference = _dvpy._verdict(lambda d: _dvpy._decode(d, strict), item, rules, today_obj)
+        strict, nfc = bool(flags & DV_STRICT), bool(flags & DV_NFC)
+        reference = _dvpy._verdict(lambda d: _dvpy._decode(d, strict, nfc), item, rules,
+                                   today_obj)
     return _dvpy._settle(_dv_stats, outcome, c_issues, reference)
 
 
-def validate_dcc_cbor(DccRules rules, data, today=None, *, strict=True):
+def validate_dcc_cbor(DccRules rules, data, today=None, *, strict=True, nfc_names=False):
     cdef bytes t = _dv_today(today)
     cdef const char *tc = t
     cdef bytes raw = bytes(data)
     cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(raw)
     cdef size_t n = PyBytes_GET_SIZE(raw)
-    cdef int s = 1 if strict else 0
+    cdef int s = (DV_STRICT if strict else 0) | (DV_NFC if nfc_names else 0)
     cdef int rc
     with nogil:
         rc = dv_validate(&rules.c, p, n, tc, s, NULL)
@@ -172,14 +182,16 @@ def validate_dcc_cbor(DccRules rules, data, today=None, *, strict=True):
     return result
 
 
-def validate_dcc_batch(DccRules rules, buf, offsets, today=None, *, ends=None, strict=True):
+def validate_dcc_batch(DccRules rules, buf, offsets, today=None, *, ends=None, strict=True,
+                       nfc_names=False):
     cdef bytes t = _dv_today(today)
     cdef const char *tc = t
     cdef Py_buffer view
     PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
     try:
         return _dv_batch(rules, buf, <const uint8_t *>view.buf, <size_t>view.len, offsets,
-                         ends, tc, 1 if strict else 0, today)
+                         ends, tc, (DV_STRICT if strict else 0) | (DV_NFC if nfc_names else 0),
+                         today)
     finally:
         PyBuffer_Release(&view)
 
@@ -192,7 +204,7 @@ cdef const int64_t[::1] _dv_int64s(seq):
 
 
 cdef list _dv_batch(DccRules rules, object buf, const uint8_t *base, size_t size, offsets,
-                    ends, const char *tc, int strict, object today):
+                    ends, const char *tc, int flags, object today):
     cdef const int64_t[::1] starts = _dv_int64s(offsets)
     cdef const int64_t[::1] stops
     cdef Py_ssize_t n, i, step
@@ -217,7 +229,7 @@ cdef list _dv_batch(DccRules rules, object buf, const uint8_t *base, size_t size
         with nogil:
             for i in range(n):
                 rcs[i] = dv_validate(&rules.c, base + starts[i], <size_t>(stops[i] - starts[i]),
-                                     tc, strict, NULL)
+                                     tc, flags, NULL)
                 if rcs[i] < DV_INVALID:
                     fast += 1
         out = [None] * n
@@ -230,7 +242,7 @@ cdef list _dv_batch(DccRules rules, object buf, const uint8_t *base, size_t size
                 whole = bytes(buf)
             item = whole[starts[i]:stops[i]]
             out[i] = _dv_slow(rules, rcs[i], base + starts[i], <size_t>(stops[i] - starts[i]),
-                              0, item, tc, strict, 0, today, item)
+                              0, item, tc, flags, 0, today, item)
         _dv_stats.count(n, fast)
         return out
     finally:

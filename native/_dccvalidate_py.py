@@ -95,8 +95,15 @@ def _check_today(today: object) -> None:
         raise TypeError(f"today must be a datetime.date, not {type(today).__name__}")
 
 
-def _decode(data: bytes, strict: bool) -> Any:
-    """The decoder of the engine (strict) or of keyd; DCCDecodeError when it refuses."""
+def _decode(data: bytes, strict: bool, nfc_names: bool = False) -> Any:
+    """The decoder of the engine (strict) or of keyd; DCCDecodeError when it refuses. With
+    nfc_names, fn and gn come out NFC-normalised, as the engine validates them
+    (chain._nfc)."""
+    if nfc_names:
+        from ..chain import _nfc
+
+        obj = _decode(data, strict)
+        return _nfc(obj) if isinstance(obj, dict) else obj
     try:
         if strict:
             return cborlimits.decode(
@@ -137,7 +144,12 @@ def _verdict(obj_of: Any, arg: Any, rules: Any, today: date | None) -> Any:
 
 
 def validate_dcc_cbor(
-    rules: DccRules, data: bytes, today: date | None = None, *, strict: bool = True
+    rules: DccRules,
+    data: bytes,
+    today: date | None = None,
+    *,
+    strict: bool = True,
+    nfc_names: bool = False,
 ) -> str:
     """Validate one DCC given as CBOR (the map under CWT claim -260/1).
 
@@ -146,6 +158,10 @@ def validate_dcc_cbor(
         data: exactly one CBOR item (bytes-like).
         today: the date ``dob`` must not be after; default today in UTC.
         strict: decode as the engine does (True) or as keyd does (False); see the module.
+        nfc_names: validate ``nam.fn``/``nam.gn`` NFC-normalised, as the engine does before
+            it signs (:func:`dccsign.chain._nfc`). The native implementation hands a name
+            it cannot prove NFC (a code point past U+2FFF or one NFC may change) to this
+            reference.
 
     Returns:
         ``"v"``, ``"t"`` or ``"r"``.
@@ -159,7 +175,7 @@ def validate_dcc_cbor(
         raise TypeError(f"rules must be a DccRules, not {type(rules).__name__}")
     _check_today(today)
     data = bytes(data)
-    result = _verdict(lambda d: _decode(d, strict), data, rules, today)
+    result = _verdict(lambda d: _decode(d, strict, nfc_names), data, rules, today)
     _STATS.count(1, 0)
     if isinstance(result, Exception):
         raise result
@@ -192,13 +208,15 @@ def validate_dcc_batch(
     *,
     ends: Sequence[int] | None = None,
     strict: bool = True,
+    nfc_names: bool = False,
 ) -> list[Any]:
     """Validate many DCCs held in one buffer; one result per DCC, in order.
 
     Item ``i`` is ``buf[offsets[i]:offsets[i + 1]]`` (``offsets`` has N+1 boundaries), or,
     when ``ends`` is given, ``buf[offsets[i]:ends[i]]`` (N starts, N ends: spans inside a
     request body). Each result is ``"v"``/``"t"``/``"r"``, a DCCValidationError or a
-    DCCDecodeError (returned, not raised). Nothing per item is raised.
+    DCCDecodeError (returned, not raised). Nothing per item is raised. ``strict`` and
+    ``nfc_names`` as for :func:`validate_dcc_cbor` (the engine's call: both True).
 
     Raises:
         TypeError, ValueError: bad arguments (spans outside the buffer, ...).
@@ -209,7 +227,7 @@ def validate_dcc_batch(
     data = bytes(buf)
     pairs = _spans(len(data), offsets, ends)
     out = [
-        _verdict(lambda d: _decode(d, strict), data[start:end], rules, today)
+        _verdict(lambda d: _decode(d, strict, nfc_names), data[start:end], rules, today)
         for start, end in pairs
     ]
     _STATS.count(len(out), 0)
@@ -275,6 +293,43 @@ def dcc_validator_stats() -> dict[str, int]:
     ``punted``: items C left to the reference (rare CBOR, see dccvalidate.h);
     ``disagreements``: items where the two differed (refused; must stay 0)."""
     return _STATS.snapshot()
+
+
+_NFC_INERT: bytes | None = None
+
+
+def _nfc_inert_bitmap() -> bytes:
+    """Bit c set when code point c (below U+3000) is NFC-inert: canonical combining class 0,
+    NFC of itself, and never the second character of a canonical composition (so it neither
+    changes nor combines with what precedes it). A text of such characters is NFC. Built
+    once per process from this Python's unicodedata (the one chain._nfc uses)."""
+    global _NFC_INERT
+    if _NFC_INERT is None:
+        import unicodedata
+
+        limit = 0x3000
+        seconds = set()
+        for cp in range(0x110000):
+            d = unicodedata.decomposition(chr(cp))
+            if d and not d.startswith("<"):
+                parts = d.split()
+                if len(parts) == 2:
+                    seconds.add(int(parts[1], 16))
+        # Hangul vowel and trailing jamo compose with what precedes them algorithmically.
+        seconds.update(range(0x1161, 0x1176), range(0x11A8, 0x11C3))
+        bits = bytearray(limit // 8)
+        for cp in range(limit):
+            ch = chr(cp)
+            if (
+                0xD800 <= cp < 0xE000
+                or cp in seconds
+                or unicodedata.combining(ch)
+                or unicodedata.normalize("NFC", ch) != ch
+            ):
+                continue
+            bits[cp >> 3] |= 1 << (cp & 7)
+        _NFC_INERT = bytes(bits)
+    return _NFC_INERT
 
 
 def _render(prefix: str, buf: bytes, key_off: int) -> str:

@@ -18,10 +18,12 @@ simple values), byte flips and truncations, and the official test vectors.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import random
 import struct
+import unicodedata
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ from hypothesis import strategies as st
 from test_dcc_validation import (
     TODAY,
     VERSIONS,
+    _schema_for,
     _vector,
     base,
     junk,
@@ -41,7 +44,7 @@ from test_dcc_validation import (
 )
 
 from conftest import shared_path
-from dccsign.chain import claims_prefix
+from dccsign.chain import _nfc, claims_prefix
 from dccsign.dcc import DOSE_MAX, DCCValidationError, validate
 from dccsign.native import DCCDecodeError
 from dccsign.protocol import cborlimits
@@ -61,8 +64,11 @@ def rules_of(impl: Any, valuesets: ValueSets | None = None) -> Any:
     return _RULES[key]
 
 
-def oracle(data: bytes, strict: bool, valuesets: ValueSets | None, today: date) -> Any:
-    """What the Python validator says about the object the mode's decoder makes of data."""
+def oracle(
+    data: bytes, strict: bool, valuesets: ValueSets | None, today: date, nfc: bool = False
+) -> Any:
+    """What the Python validator says about the object the mode's decoder makes of data (with
+    nfc, after the engine's NFC normalisation of the names)."""
     try:
         if strict:
             obj = cborlimits.decode(data, scan=cborlimits.scan, **STRICT_LIMITS)
@@ -70,6 +76,8 @@ def oracle(data: bytes, strict: bool, valuesets: ValueSets | None, today: date) 
             obj = loads_exact(data)
     except (cbor2.CBORError, ValueError) as exc:
         return ("undecodable", str(exc))
+    if nfc and isinstance(obj, dict):
+        obj = _nfc(obj)
     try:
         return ("ok", validate(obj, valuesets=valuesets, today=today))
     except DCCValidationError as exc:
@@ -92,14 +100,16 @@ def agree(
     strict: bool = True,
     valuesets: ValueSets | None = None,
     today: date = TODAY,
+    nfc: bool = False,
 ) -> Any:
     """Check impl against the oracle on data; return the (kind, detail) outcome."""
     before = impl.dcc_validator_stats()["disagreements"]
+    rules = rules_of(impl, valuesets)
     try:
-        got = _shape(impl.validate_dcc_cbor(rules_of(impl, valuesets), data, today, strict=strict))
+        got = _shape(impl.validate_dcc_cbor(rules, data, today, strict=strict, nfc_names=nfc))
     except (DCCValidationError, DCCDecodeError) as exc:
         got = _shape(exc)
-    want = oracle(data, strict, valuesets, today)
+    want = oracle(data, strict, valuesets, today, nfc)
     assert impl.dcc_validator_stats()["disagreements"] == before, (data.hex(), got, want)
     if want[0] == "undecodable":
         # The decoder's own words are wrapped; the verdict is what must agree.
@@ -347,6 +357,63 @@ def test_names(impl) -> None:
             agree(impl, encode(dcc))
 
 
+NAMES = [
+    "Bakker",
+    "Çelik",
+    "Zoë",
+    "e\u0301" * 41,
+    "é" * 80,
+    "e\u0301",
+    "\u212b",
+    "Ωμέγα",
+    "Ω\u0301",
+    "Жанна",
+    "Й",
+    "И\u0306",
+    "中村",
+    "\u1100\u1161",
+    "\u1100",
+    "😀",
+    "a\u0308o",
+    "ñ" * 81,
+    "\u0958",
+    "\u0915\u093c",
+    "\u00c5" * 3,
+    "A\u030a",
+]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_names_the_engine_normalises(impl, name: str) -> None:
+    for ver in ("1.2.1", "1.3.2"):
+        for where in ("fn", "gn"):
+            dcc = base("v", ver)
+            dcc["nam"][where] = name
+            for nfc in (True, False):
+                agree(impl, encode(dcc), nfc=nfc)
+    # 41 decomposed é: 82 code points, 41 once normalised, so valid only in the engine's view
+    dcc = base("v", "1.2.1")
+    dcc["nam"]["fn"] = "e\u0301" * 41
+    assert agree(impl, encode(dcc), nfc=True) == ("ok", "v")
+    assert agree(impl, encode(dcc), nfc=False)[0] == "invalid"
+
+
+@functools.cache
+def _inert_chars() -> list[str]:
+    from dccsign.native._dccvalidate_py import _nfc_inert_bitmap
+
+    bits = _nfc_inert_bitmap()
+    return [chr(c) for c in range(len(bits) * 8) if bits[c >> 3] >> (c & 7) & 1]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_texts_of_nfc_inert_characters_are_nfc(data: st.DataObject) -> None:
+    # The table the native side uses to skip normalisation must never be wrong.
+    text = data.draw(st.text(alphabet=st.sampled_from(_inert_chars()), max_size=20))
+    assert unicodedata.is_normalized("NFC", text)
+
+
 def test_groups_and_entries(impl) -> None:
     entry = base("v")["v"][0]
     for groups in (
@@ -573,6 +640,18 @@ def test_generated_valid_dccs(impl, dcc: dict, rnd: random.Random) -> None:
 @given(mutated_dcc(), st.randoms(use_true_random=False), st.booleans())
 def test_mutated_dccs(impl, dcc: dict, rnd: random.Random, strict: bool) -> None:
     agree(impl, encode(dcc, rnd), strict=strict)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(valid_dcc(), mutated_dcc()))
+def test_whatever_the_native_side_accepts_the_official_schema_accepts(impl, dcc: dict) -> None:
+    # The soundness property of test_dcc_validation.py, asked of the bytes validator.
+    try:
+        impl.validate_dcc_cbor(rules_of(impl), cbor2.dumps(dcc), TODAY)
+    except (DCCValidationError, DCCDecodeError):  # (cbor2 writes ints past 64 bits as tags)
+        return
+    errors = [e.message for e in _schema_for(dcc).iter_errors(dcc)]
+    assert errors == [], f"accepted, but the official schema says: {errors}"
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -488,6 +488,7 @@ typedef struct {
     int nissues;
     int punt;
     const prof_t *pf;
+    int nfc;           /* DV_NFC */
     const pw_t *ends; /* pass 1's container ends (positions relative to b + ... see skip) */
     uint8_t scratch[SCRATCH];
 } vctx;
@@ -967,6 +968,34 @@ static int check_translit(vctx *c, size_t vpos, const char *key)
 
 static const char *const NAM_KEYS[] = {"fn", "fnt", "gn", "gnt"};
 
+/* Whether NFC leaves the text as it is, provably: every code point in the inert table. */
+static int nfc_inert(const vctx *c, const str_t *s)
+{
+    const uint8_t *bits = c->rules->nfc_inert;
+    size_t i = 0;
+    while (i < s->n) {
+        uint8_t b = s->p[i];
+        uint32_t cp;
+        if (b < 0x80) {
+            i++;
+            continue; /* ASCII is inert */
+        }
+        if (b < 0xe0) {
+            cp = (uint32_t)(b & 0x1f) << 6 | (s->p[i + 1] & 0x3f);
+            i += 2;
+        } else if (b < 0xf0) {
+            cp = (uint32_t)(b & 0x0f) << 12 | (uint32_t)(s->p[i + 1] & 0x3f) << 6 |
+                 (s->p[i + 2] & 0x3f);
+            i += 3;
+        } else {
+            return 0; /* beyond the table */
+        }
+        if (bits == NULL || cp >= DV_NFC_LIMIT || !(bits[cp >> 3] & (1u << (cp & 7))))
+            return 0;
+    }
+    return 1;
+}
+
 /* dcc._check_nam */
 static void check_nam(vctx *c, size_t pos)
 {
@@ -976,6 +1005,14 @@ static void check_nam(vctx *c, size_t pos)
     }
     size_t v[4];
     fields(c, pos, NAM_KEYS, 4, v, "$.nam");
+    for (int i = 0; c->nfc && i < 4; i += 2) {
+        if (v[i] && kind_at(c, v[i]) == K_STR) {
+            str_t s;
+            get_str(c, v[i], &s);
+            if (!nfc_inert(c, &s))
+                c->punt = 1; /* chain._nfc might change it: the Python twin decides */
+        }
+    }
     if (v[0]) /* fn and gn are optional: checked when present */
         check_text(c, v[0], "$.nam", "fn", 1, 0);
     if (v[2])
@@ -1224,10 +1261,11 @@ static int check_dcc(vctx *c)
 }
 
 static int run(const dv_rules *rules, const uint8_t *buf, size_t len, size_t base,
-               const char *today, dv_issues *issues, const pw_t *ends)
+               const char *today, dv_issues *issues, const pw_t *ends, int nfc)
 {
     vctx c;
     c.ends = ends;
+    c.nfc = nfc;
     c.rules = rules;
     c.b = buf;
     c.len = len;
@@ -1242,8 +1280,9 @@ static int run(const dv_rules *rules, const uint8_t *buf, size_t len, size_t bas
 }
 
 int dv_validate(const dv_rules *rules, const uint8_t *buf, size_t len, const char *today,
-                int strict, dv_issues *issues)
+                int flags, dv_issues *issues)
 {
+    int strict = (flags & DV_STRICT) != 0;
     if (issues) {
         issues->n = 0;
         issues->overflow = 0;
@@ -1257,7 +1296,7 @@ int dv_validate(const dv_rules *rules, const uint8_t *buf, size_t len, const cha
         return DV_PUNT;
     if (w.pos != len)
         return DV_UNDECODABLE; /* trailing bytes */
-    return run(rules, buf, len, 0, today, issues, &w);
+    return run(rules, buf, len, 0, today, issues, &w, (flags & DV_NFC) != 0);
 }
 
 int dv_validate_cwt(const dv_rules *rules, const uint8_t *buf, size_t len, const char *today,
@@ -1308,5 +1347,5 @@ int dv_validate_cwt(const dv_rules *rules, const uint8_t *buf, size_t len, const
     if (!dcc)
         return DV_PUNT;
     size_t end = skip(&c, dcc);
-    return run(rules, buf + dcc, end - dcc, dcc, today, issues, &w);
+    return run(rules, buf + dcc, end - dcc, dcc, today, issues, &w, 0);
 }

@@ -78,10 +78,22 @@ typedef struct {
 enum { DV_SET_TG = 0, DV_SET_VP, DV_SET_MP, DV_SET_VMA, DV_SET_TT, DV_SET_TR, DV_SET_CO,
        DV_SET_TEST_MANF, DV_NSETS };
 
+/* Code points below DV_NFC_LIMIT that no NFC normalisation ever changes or combines with a
+ * neighbour (canonical combining class 0, NFC of itself, never the second character of a
+ * canonical composition): a text of only these is NFC. Built from Python's unicodedata by
+ * DccRules, so the C side and engine/chain._nfc use the same Unicode version. */
+#define DV_NFC_LIMIT 0x3000
+
 typedef struct {
     dv_set sets[DV_NSETS];
     int has_test_manf; /* 0: no RAT device list loaded, a test's ma is free text */
+    const uint8_t *nfc_inert; /* bitmap, DV_NFC_LIMIT bits */
 } dv_rules;
+
+/* dv_validate flags */
+#define DV_STRICT 1 /* the engine's decoder (else keyd's) */
+#define DV_NFC 2    /* the engine's view: fn and gn NFC-normalised first (chain._nfc); a name C
+                     * cannot prove NFC is punted */
 
 /* Builds set `which` over n codes stored back to back in blob (lengths in lens). slot must
  * have room for dv_set_slots(n) entries, off and len for n; all stay owned by the caller. */
@@ -90,10 +102,10 @@ void dv_set_build(dv_set *set, const uint8_t *blob, const uint32_t *lens, uint32
                   uint32_t *slot, uint32_t *off, uint32_t *len);
 int dv_set_contains(const dv_set *set, const uint8_t *s, size_t n);
 
-/* Validates the CBOR item buf[0..len) (exactly one item). today: "YYYY-MM-DD". strict: 1 for
- * the engine's decoder, 0 for keyd's. issues may be NULL (then only the outcome). */
+/* Validates the CBOR item buf[0..len) (exactly one item). today: "YYYY-MM-DD". flags: DV_STRICT
+ * and/or DV_NFC. issues may be NULL (then only the outcome). */
 int dv_validate(const dv_rules *rules, const uint8_t *buf, size_t len, const char *today,
-                int strict, dv_issues *issues);
+                int flags, dv_issues *issues);
 
 /* keyd's form: buf[0..len) is a whole CWT payload, decoded the keyd way; the DCC under claim
  * -260/1 is validated. DV_PUNT when the payload is not plainly a map of integer claims with
