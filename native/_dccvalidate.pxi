@@ -197,10 +197,16 @@ def validate_dcc_batch(DccRules rules, buf, offsets, today=None, *, ends=None, s
 
 
 cdef const int64_t[::1] _dv_int64s(seq):
+    # A buffer of 64-bit signed integers is used in place; any other sequence (an
+    # array('I') of the walker's spans, a list) is converted: its memory must never be
+    # reinterpreted as int64.
     try:
-        return memoryview(seq).cast("B").cast("q")
-    except (TypeError, ValueError):
+        view = memoryview(seq)
+    except TypeError:
         return _array("q", seq)
+    if view.ndim == 1 and view.itemsize == 8 and view.format in ("q", "l", "=q", "<q", "@q"):
+        return view.cast("B").cast("q")
+    return _array("q", seq)
 
 
 cdef list _dv_batch(DccRules rules, object buf, const uint8_t *base, size_t size, offsets,

@@ -766,3 +766,22 @@ def test_value_sets_from_a_directory(impl, tmp_path: Path) -> None:
             dcc["t"][0]["co"] = co
             dcc["t"][0]["tt"] = tt
             agree(impl, encode(dcc), valuesets=vs)
+
+
+def test_batch_spans_may_come_as_uint32_arrays(impl):
+    """The engine passes the walker's spans as array('I'): they are converted, never read
+    as int64 memory (which once turned two spans into one absurd one)."""
+    from array import array
+
+    import cbor2
+
+    from dccsign.samples import varied_samples
+
+    dccs = [cbor2.dumps(d) for d in varied_samples(3)]
+    buf = b"".join(dccs)
+    starts = array("I", [0, len(dccs[0]), len(dccs[0]) + len(dccs[1])])
+    ends = array("I", [s + len(d) for s, d in zip(starts, dccs, strict=True)])
+    rules = impl.DccRules()
+    assert impl.validate_dcc_batch(rules, buf, starts, ends=ends) == ["v", "t", "r"]
+    bounds = array("I", [*starts, len(buf)])
+    assert impl.validate_dcc_batch(rules, buf, bounds) == ["v", "t", "r"]
