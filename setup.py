@@ -17,7 +17,8 @@ if mode != "0":
         Extension(
             "dccsign.native._native",
             sources=["native/_native.pyx", "native/src/dcccore.c", "native/src/keydcore.c",
-                     "native/src/noncepool.c"],
+                     "native/src/noncepool.c",
+                     "native/src/walker.c"],
             include_dirs=["native/src"],
             libraries=["crypto", "z", "deflate"],
             extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],

@@ -20,6 +20,7 @@ import os
 from types import ModuleType
 
 from ._types import ES256, PS256, CwtFacts, NoncePoolInfo, Sign1Parts
+from ._walker_py import BatchView
 from .errors import (
     Base45DecodeError,
     CoseFormatError,
@@ -35,6 +36,7 @@ __all__ = [
     "PS256",
     "PURE_PYTHON_FORCED",
     "Base45DecodeError",
+    "BatchView",
     "CoseFormatError",
     "CwtFacts",
     "KeyLoadError",
@@ -93,3 +95,4 @@ cwt_facts = _impl.cwt_facts
 audit_issue_lines = _impl.audit_issue_lines
 audit_issue_groups = _impl.audit_issue_groups
 cbor_scan = _impl.cbor_scan
+walk_sign_batch = _impl.walk_sign_batch

@@ -801,3 +801,4 @@ def audit_issue_groups(heads, middles, sizes, time, alg, isses, uvcis, dcc_types
         free(arena)
         free(lens)
         free(scratch)
+include "_walker.pxi"

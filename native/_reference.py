@@ -11,6 +11,7 @@ from ._cose_py import protected_header, sig_structure, sign1_decode, sign1_encod
 from ._cwt_py import cwt_facts
 from ._hc1_py import hc1_encode, hc1_sign
 from ._signing_py import SigningKey
+from ._walker_py import walk_sign_batch
 from ._zlib_py import MAX_INFLATED, zlib_compress, zlib_decompress
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "sig_structure",
     "sign1_decode",
     "sign1_encode",
+    "walk_sign_batch",
     "zlib_compress",
     "zlib_decompress",
 ]

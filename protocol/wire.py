@@ -67,6 +67,7 @@ __all__ = [
     "SERVER",
     "SUPPORTED_COMPRESSION",
     "SUPPORTED_VERSIONS",
+    "BodyError",
     "Connection",
     "Error",
     "ErrorCode",
@@ -172,6 +173,13 @@ class _Invalid(Exception):
     def __init__(self, message: str, code: ErrorCode = ErrorCode.BAD_REQUEST) -> None:
         super().__init__(message)
         self.code = code
+
+
+class BodyError(_Invalid):
+    """A request body broke a framing rule, found by a body walker that reads the bytes
+    without decoding them (``dccsign.native.walk_sign_batch``): the same message and
+    :class:`ErrorCode` (``code``) as :meth:`Connection.decode_frame` would give, without the
+    request id. :meth:`Connection.decode_walked` turns it into the RemoteProtocolError."""
 
 
 def _bad(where: str, what: str) -> _Invalid:
@@ -1174,6 +1182,36 @@ class Connection:
             raise LocalProtocolError("refuse_frame: only the request frame just taken")
         self.last_request_id = frame.request_id
         self._undecoded = False
+
+    def decode_walked(self, frame: Frame, walk: Callable[..., Any]) -> Any:
+        """Like :meth:`decode_frame` for a SIGN or SIGN_BATCH frame, but the body goes to a
+        body walker instead of the decoder: ``walk(body, max_batch, single=...)`` (e.g.
+        ``dccsign.native.walk_sign_batch``), which applies the same rules without building
+        per-item objects and raises :class:`BodyError` with the decoder's message and code.
+        Returns what *walk* returns; the connection's state advances as after
+        :meth:`decode_frame`.
+
+        Raises:
+            RemoteProtocolError: the body breaks the protocol (state ERROR, as after
+                :meth:`decode_frame`).
+            LocalProtocolError: *frame* is neither SIGN nor SIGN_BATCH (use
+                :meth:`decode_frame`; nothing changed).
+        """
+        if frame.type != FrameType.SIGN and frame.type != FrameType.SIGN_BATCH:
+            raise LocalProtocolError(f"decode_walked: {_name(frame.type)} is not a sign request")
+        try:
+            raw = frame.body
+            if frame.compressed:
+                raw = self._decompress(raw)
+            view = walk(raw, self._max_batch, single=frame.type == FrameType.SIGN)
+            self.last_request_id = frame.request_id  # what _passed does for Sign / SignBatch
+        except _Invalid as exc:
+            problem = (str(exc), exc.code, frame.request_id)
+        else:
+            return view
+        finally:
+            self._undecoded = False
+        raise self._failed(*problem)
 
     def _event_of(self, frame: Frame) -> Event:
         # A function of its own: the decoded body lives in its frame only, which a failure

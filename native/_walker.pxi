@@ -1,0 +1,61 @@
+# ----------------------------------------------------------------------------- request walker
+# (included by _native.pyx; the reference and the contract: _walker_py.py)
+
+from libc.stdint cimport uint32_t
+
+cdef extern from "walker.h" nogil:
+    int WALK_OK, WALK_REFUSED, WALK_NEED_EXTRA, WALK_NOMEM, WALK_NFIELDS
+    int walk_check(const uint8_t *buf, size_t len, uint64_t max_items, int max_depth)
+    int walk_locate(const uint8_t *buf, size_t len, int single, size_t *items_off,
+                    uint32_t *count)
+    int walk_items(const uint8_t *buf, size_t len, size_t items_off, uint32_t count, int single,
+                   uint32_t *out, uint8_t *extra, size_t *extra_len)
+
+from ..protocol.wire import MAX_DEPTH as _WIRE_MAX_DEPTH, body_item_limit as _body_item_limit
+from ._walker_py import BatchView, check_walk_arguments as _check_walk_arguments
+from ._walker_py import walk_sign_batch as _walk_reference
+
+
+cdef object _walk_refused(bytes body, max_batch, bint single):
+    # The cold path: the twin names the rule with the codec's message and code. A twin that
+    # accepts what C refused is a bug in one of them, never a reason to go on.
+    _walk_reference(body, max_batch, single=single)
+    raise RuntimeError("walk_sign_batch: the native walker refused a body the reference accepts")
+
+
+def walk_sign_batch(body, max_batch, *, single=False) -> BatchView:
+    _check_walk_arguments(body, max_batch)
+    cdef bint one = bool(single)
+    cdef const uint8_t *buf = <const uint8_t *>PyBytes_AS_STRING(body)
+    cdef size_t n = PyBytes_GET_SIZE(body)
+    cdef uint64_t limit = _body_item_limit(max_batch)
+    cdef int depth = _WIRE_MAX_DEPTH, rc
+    cdef uint32_t batch = max_batch, count = 0
+    cdef size_t items_off = 0, extra_len = 0
+    with nogil:
+        rc = walk_check(buf, n, limit, depth)
+        if rc == WALK_OK:
+            rc = walk_locate(buf, n, one, &items_off, &count)
+    if rc == WALK_NOMEM:
+        raise MemoryError()
+    if rc != WALK_OK or count > batch:
+        _walk_refused(body, max_batch, one)
+    cdef bytes columns = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>count * WALK_NFIELDS * 4)
+    cdef uint32_t *out = <uint32_t *>PyBytes_AS_STRING(columns)
+    cdef bytes data = body
+    cdef object extra_obj
+    cdef uint8_t *extra
+    with nogil:
+        rc = walk_items(buf, n, items_off, count, one, out, NULL, &extra_len)
+    if rc == WALK_NEED_EXTRA:
+        # Some field string came in chunks: join them after a copy of the body (rare).
+        extra_obj = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>(2 * n))
+        extra = <uint8_t *>PyBytes_AS_STRING(extra_obj)
+        memcpy(extra, buf, n)
+        with nogil:
+            rc = walk_items(buf, n, items_off, count, one, out, extra + n, &extra_len)
+        if rc == WALK_OK:
+            data = extra_obj[:n + extra_len]
+    if rc != WALK_OK:
+        _walk_refused(body, max_batch, one)
+    return BatchView(data, n, count, columns)

@@ -1,0 +1,527 @@
+/* Request walker: see walker.h. The body has passed dcc_cbor_scan before anything here reads
+ * it, so every head and string is known to lie inside the buffer; the reads below still stop
+ * at the buffer's end rather than trust that. */
+#include "walker.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "dcccore.h"
+
+/* ---------------------------------------------------------------- heads and strings */
+
+typedef struct {
+    const uint8_t *buf;
+    size_t len;
+    size_t pos;
+} rd_t;
+
+/* The head at r->pos (well-formed: scanned). Returns 0 at the buffer's end. */
+static int head(rd_t *r, unsigned *major, uint64_t *arg, int *indef, unsigned *info)
+{
+    if (r->pos >= r->len) return 0;
+    uint8_t ib = r->buf[r->pos++];
+    *major = ib >> 5;
+    *info = ib & 0x1f;
+    *indef = 0;
+    *arg = 0;
+    if (*info < 24) {
+        *arg = *info;
+    } else if (*info == 31) {
+        *indef = 1;
+    } else {
+        size_t size = (size_t)1 << (*info - 24);
+        if (r->len - r->pos < size) return 0;
+        for (size_t i = 0; i < size; i++) *arg = (*arg << 8) | r->buf[r->pos + i];
+        r->pos += size;
+    }
+    return 1;
+}
+
+static int at_break(rd_t *r)
+{
+    if (r->pos < r->len && r->buf[r->pos] == 0xff) {
+        r->pos++;
+        return 1;
+    }
+    return 0;
+}
+
+/* A string value: its content is buf[off, off + len) when definite; when indefinite, chunks
+ * start at off (heads included) and total len content bytes. */
+typedef struct {
+    unsigned major;
+    int indef;
+    size_t off;
+    size_t len;
+} str_t;
+
+/* Strict UTF-8 (what a strict decoder accepts: no overlongs, no surrogates, <= U+10FFFF). */
+static int utf8_ok(const uint8_t *s, size_t n)
+{
+    size_t i = 0;
+    while (i < n) {
+        uint8_t c = s[i];
+        if (c < 0x80) {
+            i++;
+            continue;
+        }
+        size_t need;
+        uint8_t lo = 0x80, hi = 0xbf;
+        if (c >= 0xc2 && c <= 0xdf) {
+            need = 1;
+        } else if (c >= 0xe0 && c <= 0xef) {
+            need = 2;
+            if (c == 0xe0) lo = 0xa0;
+            if (c == 0xed) hi = 0x9f;
+        } else if (c >= 0xf0 && c <= 0xf4) {
+            need = 3;
+            if (c == 0xf0) lo = 0x90;
+            if (c == 0xf4) hi = 0x8f;
+        } else {
+            return 0;
+        }
+        if (n - i - 1 < need) return 0;
+        if (s[i + 1] < lo || s[i + 1] > hi) return 0;
+        for (size_t k = 2; k <= need; k++)
+            if ((s[i + k] & 0xc0) != 0x80) return 0;
+        i += need + 1;
+    }
+    return 1;
+}
+
+/* Reads a string whose head (major 2 or 3) was just read; validates text chunk by chunk (a
+ * code point split over two chunks is invalid, as in the strict decoder). */
+static int read_str(rd_t *r, unsigned major, uint64_t arg, int indef, str_t *s)
+{
+    s->major = major;
+    s->indef = indef;
+    s->off = r->pos;
+    if (!indef) {
+        if (r->len - r->pos < arg) return 0;
+        if (major == 3 && !utf8_ok(r->buf + r->pos, (size_t)arg)) return 0;
+        s->len = (size_t)arg;
+        r->pos += (size_t)arg;
+        return 1;
+    }
+    s->len = 0;
+    while (!at_break(r)) {
+        unsigned m, info;
+        uint64_t a;
+        int ind;
+        if (!head(r, &m, &a, &ind, &info) || m != major || ind) return 0;
+        if (r->len - r->pos < a) return 0;
+        if (major == 3 && !utf8_ok(r->buf + r->pos, (size_t)a)) return 0;
+        s->len += (size_t)a;
+        r->pos += (size_t)a;
+    }
+    return 1;
+}
+
+/* Chunk iteration over a string's content. */
+typedef struct {
+    const uint8_t *buf;
+    size_t pos;       /* next chunk head (indefinite) */
+    const uint8_t *p; /* current chunk bytes left */
+    size_t left;
+    int indef;
+} chunks_t;
+
+static void chunks_init(chunks_t *c, const uint8_t *buf, const str_t *s)
+{
+    c->buf = buf;
+    c->indef = s->indef;
+    c->pos = s->off;
+    c->p = buf + s->off;
+    c->left = s->indef ? 0 : s->len;
+}
+
+/* Next content byte into *b; 0 at the end. */
+static int chunks_byte(chunks_t *c, uint8_t *b)
+{
+    while (c->left == 0) {
+        if (!c->indef || c->buf[c->pos] == 0xff) return 0;
+        uint8_t ib = c->buf[c->pos++];
+        unsigned info = ib & 0x1f;
+        uint64_t a = info;
+        if (info >= 24) {
+            size_t size = (size_t)1 << (info - 24);
+            a = 0;
+            for (size_t i = 0; i < size; i++) a = (a << 8) | c->buf[c->pos + i];
+            c->pos += size;
+        }
+        c->p = c->buf + c->pos;
+        c->left = (size_t)a;
+        c->pos += (size_t)a;
+    }
+    *b = *c->p++;
+    c->left--;
+    return 1;
+}
+
+/* Order of keys: major type, then length, then bytes (any total order finds duplicates). */
+static int str_cmp(const uint8_t *buf, const str_t *a, const str_t *b)
+{
+    if (a->major != b->major) return a->major < b->major ? -1 : 1;
+    if (a->len != b->len) return a->len < b->len ? -1 : 1;
+    if (!a->indef && !b->indef) return memcmp(buf + a->off, buf + b->off, a->len);
+    chunks_t ca, cb;
+    chunks_init(&ca, buf, a);
+    chunks_init(&cb, buf, b);
+    uint8_t x, y;
+    while (chunks_byte(&ca, &x) && chunks_byte(&cb, &y))
+        if (x != y) return x < y ? -1 : 1;
+    return 0;
+}
+
+static int str_is(const uint8_t *buf, const str_t *s, const char *lit)
+{
+    size_t n = strlen(lit);
+    if (s->major != 3 || s->len != n) return 0;
+    if (!s->indef) return memcmp(buf + s->off, lit, n) == 0;
+    chunks_t c;
+    chunks_init(&c, buf, s);
+    uint8_t x;
+    for (size_t i = 0; chunks_byte(&c, &x); i++)
+        if (x != (uint8_t)lit[i]) return 0;
+    return 1;
+}
+
+/* ---------------------------------------------------------------- pass 2: the strict rules */
+
+/* qsort has no context argument: the buffer being walked, per thread (walks run GIL-free). */
+static __thread const uint8_t *tls_sort_buf;
+
+static int key_qcmp(const void *a, const void *b)
+{
+    return str_cmp(tls_sort_buf, (const str_t *)a, (const str_t *)b);
+}
+
+#define SMALL_MAP 16
+
+static int check_item(rd_t *r, int depth);
+
+static int check_map(rd_t *r, uint64_t arg, int indef, int depth)
+{
+    str_t small[SMALL_MAP];
+    str_t *keys = small;
+    size_t cap = SMALL_MAP, n = 0;
+    int ok = 1;
+    for (uint64_t k = 0; indef || k < arg; k++) {
+        if (indef && at_break(r)) break;
+        unsigned m, info;
+        uint64_t a;
+        int ind;
+        if (!head(r, &m, &a, &ind, &info) || (m != 2 && m != 3)) {
+            ok = 0;
+            break;
+        }
+        if (n == cap) {
+            size_t ncap = cap * 4;
+            str_t *grown = malloc(ncap * sizeof(str_t));
+            if (grown == NULL) {
+                ok = -1;
+                break;
+            }
+            memcpy(grown, keys, n * sizeof(str_t));
+            if (keys != small) free(keys);
+            keys = grown;
+            cap = ncap;
+        }
+        if (!read_str(r, m, a, ind, &keys[n])) {
+            ok = 0;
+            break;
+        }
+        int rc = check_item(r, depth + 1);
+        if (rc != 1) {
+            ok = rc;
+            break;
+        }
+        n++;
+    }
+    if (ok == 1 && n > 1) {
+        if (n <= SMALL_MAP) {
+            for (size_t i = 1; i < n && ok; i++)
+                for (size_t j = 0; j < i; j++)
+                    if (str_cmp(r->buf, &keys[i], &keys[j]) == 0) {
+                        ok = 0;
+                        break;
+                    }
+        } else {
+            tls_sort_buf = r->buf;
+            qsort(keys, n, sizeof(str_t), key_qcmp);
+            for (size_t i = 1; i < n; i++)
+                if (str_cmp(r->buf, &keys[i], &keys[i - 1]) == 0) {
+                    ok = 0;
+                    break;
+                }
+        }
+    }
+    if (keys != small) free(keys);
+    return ok;
+}
+
+/* 1: acceptable; 0: refused; -1: out of memory. */
+static int check_item(rd_t *r, int depth)
+{
+    unsigned major, info;
+    uint64_t arg;
+    int indef;
+    str_t s;
+    if (depth > 64 || !head(r, &major, &arg, &indef, &info)) return 0;
+    switch (major) {
+    case 0:
+    case 1:
+        return 1;
+    case 2:
+    case 3:
+        return read_str(r, major, arg, indef, &s);
+    case 4:
+        for (uint64_t k = 0; indef || k < arg; k++) {
+            if (indef && at_break(r)) break;
+            int rc = check_item(r, depth + 1);
+            if (rc != 1) return rc;
+        }
+        return 1;
+    case 5:
+        return check_map(r, arg, indef, depth);
+    case 6:
+        return 0; /* no tags anywhere (SPEC.md 4.3 rule 3) */
+    default:
+        /* A two-byte simple value below 32 is not well-formed (RFC 8949 3.3). */
+        return !(info == 24 && arg < 32);
+    }
+}
+
+int walk_check(const uint8_t *buf, size_t len, uint64_t max_items, int max_depth)
+{
+    uint64_t count;
+    const char *err = NULL;
+    if (dcc_cbor_scan(buf, len, max_items, max_depth, &count, &err) != DCC_OK) return WALK_REFUSED;
+    rd_t r = {buf, len, 0};
+    int rc = check_item(&r, 0);
+    if (rc < 0) return WALK_NOMEM;
+    return rc == 1 ? WALK_OK : WALK_REFUSED;
+}
+
+/* ---------------------------------------------------------------- pass 3: the items */
+
+static void skip_item(rd_t *r)
+{
+    unsigned major, info;
+    uint64_t arg;
+    int indef;
+    str_t s;
+    if (!head(r, &major, &arg, &indef, &info)) return;
+    switch (major) {
+    case 2:
+    case 3:
+        read_str(r, major, arg, indef, &s);
+        return;
+    case 4:
+    case 5: {
+        uint64_t per = major == 5 ? 2 : 1;
+        for (uint64_t k = 0; indef || k < arg * per; k++) {
+            if (indef && at_break(r)) break;
+            skip_item(r);
+        }
+        return;
+    }
+    case 6:
+        skip_item(r);
+        return;
+    default:
+        return;
+    }
+}
+
+int walk_locate(const uint8_t *buf, size_t len, int single, size_t *items_off, uint32_t *count)
+{
+    rd_t r = {buf, len, 0};
+    unsigned major, info;
+    uint64_t arg;
+    int indef;
+    if (!head(&r, &major, &arg, &indef, &info) || major != 5) return WALK_REFUSED;
+    if (single) {
+        *items_off = 0;
+        *count = 1;
+        return WALK_OK;
+    }
+    for (uint64_t k = 0; indef || k < arg; k++) {
+        if (indef && at_break(&r)) break;
+        unsigned m;
+        uint64_t a;
+        int ind;
+        str_t key;
+        if (!head(&r, &m, &a, &ind, &info) || !read_str(&r, m, a, ind, &key)) return WALK_REFUSED;
+        if (!str_is(buf, &key, "items")) {
+            skip_item(&r);
+            continue;
+        }
+        size_t at = r.pos;
+        if (!head(&r, &m, &a, &ind, &info) || m != 4) return WALK_REFUSED;
+        uint64_t n = 0;
+        if (ind) {
+            while (!at_break(&r)) {
+                skip_item(&r);
+                n++;
+            }
+        } else {
+            n = a;
+        }
+        if (n == 0 || n > 0xffffffffu) return WALK_REFUSED;
+        *items_off = at;
+        *count = (uint32_t)n;
+        return WALK_OK;
+    }
+    return WALK_REFUSED; /* no items */
+}
+
+/* A text's length in characters (the content is valid UTF-8: count the non-continuations). */
+static size_t str_chars(const uint8_t *buf, const str_t *s, int *non_ascii)
+{
+    chunks_t c;
+    uint8_t x;
+    size_t n = 0;
+    *non_ascii = 0;
+    chunks_init(&c, buf, s);
+    while (chunks_byte(&c, &x)) {
+        if (x >= 0x80) *non_ascii = 1;
+        if ((x & 0xc0) != 0x80) n++;
+    }
+    return n;
+}
+
+/* Where a field string's content is: in the body, or joined into extra. */
+static int place(const uint8_t *buf, size_t len, const str_t *s, uint8_t *extra, size_t *extra_len,
+                 uint32_t *off)
+{
+    if (!s->indef) {
+        *off = (uint32_t)s->off;
+        return WALK_OK;
+    }
+    if (extra == NULL) return WALK_NEED_EXTRA;
+    chunks_t c;
+    uint8_t x;
+    *off = (uint32_t)(len + *extra_len);
+    chunks_init(&c, buf, s);
+    while (chunks_byte(&c, &x)) extra[(*extra_len)++] = x;
+    return WALK_OK;
+}
+
+#define MAX_TEXT 256
+#define KID_SIZE 8
+#define MAX_VALIDITY_DAYS 3650
+#define MAX_IDEMPOTENCY_KEY 64
+
+enum { F_DCC, F_ACCOUNT, F_OPERATOR, F_KID, F_VD, F_KEY, F_N };
+static const char *const FIELD_NAMES[F_N] = {"dcc",  "account",       "operator",
+                                             "kid",  "validity_days", "idempotency_key"};
+
+static int walk_item(rd_t *r, size_t len, uint32_t *o, uint8_t *extra, size_t *extra_len)
+{
+    const uint8_t *buf = r->buf;
+    unsigned major, info;
+    uint64_t arg;
+    int indef;
+    size_t at[F_N];
+    int have[F_N] = {0};
+    if (!head(r, &major, &arg, &indef, &info) || major != 5) return WALK_REFUSED;
+    for (uint64_t k = 0; indef || k < arg; k++) {
+        if (indef && at_break(r)) break;
+        unsigned m;
+        uint64_t a;
+        int ind;
+        str_t key;
+        if (!head(r, &m, &a, &ind, &info) || !read_str(r, m, a, ind, &key)) return WALK_REFUSED;
+        int f = -1;
+        if (key.major == 3 && key.len <= 15)
+            for (int i = 0; i < F_N; i++)
+                if (str_is(buf, &key, FIELD_NAMES[i])) {
+                    f = i;
+                    break;
+                }
+        if (f >= 0) { /* no duplicates: pass 2 saw to it */
+            have[f] = 1;
+            at[f] = r->pos;
+        }
+        skip_item(r);
+    }
+    memset(o, 0, WALK_NFIELDS * sizeof(uint32_t));
+    /* Absent and null are the same for an optional field (SPEC.md 4.3 rule 8). */
+    for (int f = F_OPERATOR; f < F_N; f++)
+        if (have[f] && buf[at[f]] == 0xf6) have[f] = 0;
+    rd_t v = {buf, len, 0};
+    str_t s;
+    int non_ascii, rc;
+    size_t chars;
+
+    if (!have[F_DCC]) return WALK_REFUSED;
+    v.pos = at[F_DCC];
+    if ((buf[v.pos] >> 5) != 5) return WALK_REFUSED;
+    skip_item(&v);
+    o[WALK_DCC_OFF] = (uint32_t)at[F_DCC];
+    o[WALK_DCC_LEN] = (uint32_t)(v.pos - at[F_DCC]);
+
+    if (!have[F_ACCOUNT]) return WALK_REFUSED;
+    v.pos = at[F_ACCOUNT];
+    if (!head(&v, &major, &arg, &indef, &info) || major != 3) return WALK_REFUSED;
+    read_str(&v, major, arg, indef, &s);
+    chars = str_chars(buf, &s, &non_ascii);
+    if (chars < 1 || chars > MAX_TEXT) return WALK_REFUSED;
+    if ((rc = place(buf, len, &s, extra, extra_len, &o[WALK_ACCOUNT_OFF])) != WALK_OK) return rc;
+    o[WALK_ACCOUNT_LEN] = (uint32_t)s.len;
+    if (non_ascii) o[WALK_FLAGS] |= WALK_FLAG_ACCOUNT_NON_ASCII;
+
+    if (have[F_OPERATOR]) {
+        v.pos = at[F_OPERATOR];
+        if (!head(&v, &major, &arg, &indef, &info) || major != 3) return WALK_REFUSED;
+        read_str(&v, major, arg, indef, &s);
+        chars = str_chars(buf, &s, &non_ascii);
+        if (chars < 1 || chars > MAX_TEXT) return WALK_REFUSED;
+        if ((rc = place(buf, len, &s, extra, extra_len, &o[WALK_OPERATOR_OFF])) != WALK_OK)
+            return rc;
+        o[WALK_OPERATOR_LEN] = (uint32_t)s.len;
+        if (non_ascii) o[WALK_FLAGS] |= WALK_FLAG_OPERATOR_NON_ASCII;
+    }
+    if (have[F_KID]) {
+        v.pos = at[F_KID];
+        if (!head(&v, &major, &arg, &indef, &info) || major != 2) return WALK_REFUSED;
+        read_str(&v, major, arg, indef, &s);
+        if (s.len != KID_SIZE) return WALK_REFUSED;
+        if ((rc = place(buf, len, &s, extra, extra_len, &o[WALK_KID_OFF])) != WALK_OK) return rc;
+    }
+    if (have[F_VD]) {
+        v.pos = at[F_VD];
+        if (!head(&v, &major, &arg, &indef, &info) || major != 0) return WALK_REFUSED;
+        if (arg < 1 || arg > MAX_VALIDITY_DAYS) return WALK_REFUSED;
+        o[WALK_VALIDITY] = (uint32_t)arg;
+    }
+    if (have[F_KEY]) {
+        v.pos = at[F_KEY];
+        if (!head(&v, &major, &arg, &indef, &info) || (major != 2 && major != 3))
+            return WALK_REFUSED;
+        read_str(&v, major, arg, indef, &s);
+        if (s.len < 1 || s.len > MAX_IDEMPOTENCY_KEY) return WALK_REFUSED;
+        if ((rc = place(buf, len, &s, extra, extra_len, &o[WALK_KEY_OFF])) != WALK_OK) return rc;
+        o[WALK_KEY_LEN] = (uint32_t)s.len;
+        if (major == 3) o[WALK_FLAGS] |= WALK_FLAG_KEY_TEXT;
+    }
+    return WALK_OK;
+}
+
+int walk_items(const uint8_t *buf, size_t len, size_t items_off, uint32_t count, int single,
+               uint32_t *out, uint8_t *extra, size_t *extra_len)
+{
+    rd_t r = {buf, len, items_off};
+    unsigned major, info;
+    uint64_t arg;
+    int indef;
+    *extra_len = 0;
+    if (!single && !head(&r, &major, &arg, &indef, &info)) return WALK_REFUSED;
+    for (uint32_t i = 0; i < count; i++) {
+        int rc = walk_item(&r, len, out + (size_t)i * WALK_NFIELDS, extra, extra_len);
+        if (rc != WALK_OK) return rc;
+    }
+    return WALK_OK;
+}

@@ -1,0 +1,58 @@
+/* Request walker: a SIGN / SIGN_BATCH body (after zstd) to flat item spans, no objects.
+ *
+ * The Python twin is native/_walker_py.py; protocol/SPEC.md sections 4.3 and 6.4 are the rules.
+ * The C side only decides accept or refuse: on refusal the caller asks the twin, which names
+ * the rule broken with the codec's own message and code (a refusal is the cold path, and the
+ * connection ends with it).
+ */
+#ifndef DCCSIGN_WALKER_H
+#define DCCSIGN_WALKER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+enum {
+    WALK_OK = 0,
+    WALK_REFUSED = 1,    /* a framing rule is broken: the twin says which */
+    WALK_NEED_EXTRA = 2, /* an item's field string is indefinite-length: call again with extra */
+    WALK_NOMEM = 3,
+};
+
+/* Per-item columns (uint32 each; WALK_NFIELDS per item). Offsets index the view's data: the
+ * body itself, followed by the joined chunks of any indefinite-length field strings. */
+enum {
+    WALK_DCC_OFF = 0, /* the DCC map's encoded bytes (head included) */
+    WALK_DCC_LEN,
+    WALK_ACCOUNT_OFF, /* UTF-8 content */
+    WALK_ACCOUNT_LEN,
+    WALK_OPERATOR_OFF,
+    WALK_OPERATOR_LEN, /* 0: absent (an operator has at least one character) */
+    WALK_KID_OFF,      /* 8 bytes; 0: absent (offset 0 is the body's head, never a kid) */
+    WALK_VALIDITY,     /* validity_days; 0: absent */
+    WALK_KEY_OFF,
+    WALK_KEY_LEN, /* idempotency_key content; 0: absent */
+    WALK_FLAGS,
+    WALK_NFIELDS
+};
+
+#define WALK_FLAG_KEY_TEXT 0x1u         /* the idempotency key is text (else bytes) */
+#define WALK_FLAG_ACCOUNT_NON_ASCII 0x2u
+#define WALK_FLAG_OPERATOR_NON_ASCII 0x4u
+
+/* Pass 1 and 2: exactly one well-formed CBOR item within the limits (dcc_cbor_scan), then
+ * every rule the codec's strict decoder applies: no tags, valid UTF-8 in every text chunk, no
+ * two-byte simple values below 32, map keys text or bytes only, no duplicate keys. */
+int walk_check(const uint8_t *buf, size_t len, uint64_t max_items, int max_depth);
+
+/* Where the items are: for a batch (single = 0) the body map's "items" array (its offset and
+ * entry count; refused unless a non-empty array); for SIGN (single = 1) the body map itself,
+ * count 1. Only after walk_check accepted buf. */
+int walk_locate(const uint8_t *buf, size_t len, int single, size_t *items_off, uint32_t *count);
+
+/* Pass 3: every item's fields (SPEC.md 6.4) into out[count * WALK_NFIELDS]. extra may be NULL
+ * until WALK_NEED_EXTRA asks for it (capacity len bytes: joined content never exceeds its
+ * encoding); *extra_len is how much of it was used. Only after walk_locate. */
+int walk_items(const uint8_t *buf, size_t len, size_t items_off, uint32_t count, int single,
+               uint32_t *out, uint8_t *extra, size_t *extra_len);
+
+#endif
