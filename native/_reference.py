@@ -11,6 +11,7 @@ from ._cose_py import protected_header, sig_structure, sign1_decode, sign1_encod
 from ._cwt_py import cwt_facts
 from ._hc1_py import hc1_encode, hc1_sign
 from ._signing_py import SigningKey
+from ._splice_py import splice_payloads
 from ._walker_py import walk_sign_batch
 from ._zlib_py import MAX_INFLATED, zlib_compress, zlib_decompress
 
@@ -30,6 +31,7 @@ __all__ = [
     "sig_structure",
     "sign1_decode",
     "sign1_encode",
+    "splice_payloads",
     "walk_sign_batch",
     "zlib_compress",
     "zlib_decompress",

@@ -59,3 +59,77 @@ def walk_sign_batch(body, max_batch, *, single=False) -> BatchView:
     if rc != WALK_OK:
         _walk_refused(body, max_batch, one)
     return BatchView(data, n, count, columns)
+
+
+# ----------------------------------------------------------------------------- claims splice
+# (the reference and the contract: _splice_py.py)
+
+cdef extern from "walker.h" nogil:
+    uint32_t SPLICE_NONE
+    int splice_canonical(const uint8_t *buf, size_t len)
+    size_t splice_size(uint32_t count, const uint32_t *prefix_of, const size_t *prefix_len,
+                       const size_t *srclen)
+    void splice_assemble(uint32_t count, const uint32_t *prefix_of,
+                         const uint8_t *const *prefix, const size_t *prefix_len,
+                         const uint8_t *const *src, const size_t *srclen, uint8_t *out,
+                         uint32_t *offsets)
+
+from ._splice_py import SplicedPayloads, check_splice_arguments as _check_splice_arguments
+from ._splice_py import reencode as _reencode
+
+
+def splice_payloads(view, prefixes, prefix_of) -> SplicedPayloads:
+    cdef tuple pre
+    pre, idx_view = _check_splice_arguments(view, prefixes, prefix_of)
+    cdef const uint32_t[::1] idx = idx_view
+    cdef const uint32_t[::1] cols = memoryview(view.columns).cast("I")
+    cdef bytes data = view.data
+    cdef const uint8_t *base = <const uint8_t *>PyBytes_AS_STRING(data)
+    cdef uint32_t count = view.count, i
+    cdef Py_ssize_t npre = len(pre), k
+    cdef const uint8_t **src = <const uint8_t **>malloc(max(count, 1) * sizeof(uint8_t *))
+    cdef size_t *srclen = <size_t *>malloc(max(count, 1) * sizeof(size_t))
+    cdef const uint8_t **ppre = <const uint8_t **>malloc(max(npre, 1) * sizeof(uint8_t *))
+    cdef size_t *plen = <size_t *>malloc(max(npre, 1) * sizeof(size_t))
+    cdef uint8_t *canon = <uint8_t *>malloc(max(count, 1))
+    cdef list slow = []
+    cdef size_t total
+    cdef bytes out, offsets
+    cdef uint8_t *outp
+    cdef uint32_t *offp
+    try:
+        if src == NULL or srclen == NULL or ppre == NULL or plen == NULL or canon == NULL:
+            raise MemoryError()
+        for k in range(npre):
+            ppre[k] = <const uint8_t *>PyBytes_AS_STRING(pre[k])
+            plen[k] = PyBytes_GET_SIZE(pre[k])
+        with nogil:
+            for i in range(count):
+                src[i] = base + cols[i * WALK_NFIELDS + 0]
+                srclen[i] = cols[i * WALK_NFIELDS + 1]
+                canon[i] = 1
+                if idx[i] != SPLICE_NONE:
+                    canon[i] = splice_canonical(src[i], srclen[i])
+        for i in range(count):
+            if not canon[i]:  # the slow path: decode, NFC, re-encode (module doc)
+                again = _reencode(data[src[i] - base:src[i] - base + srclen[i]])
+                slow.append(again)
+                src[i] = <const uint8_t *>PyBytes_AS_STRING(again)
+                srclen[i] = PyBytes_GET_SIZE(again)
+        total = splice_size(count, &idx[0] if count else NULL, plen, srclen)
+        if total > 0xFFFFFFFF:
+            raise ValueError("the payloads of one frame exceed 4 GiB")
+        out = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>total)
+        offsets = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>(4 * (count + 1)))
+        outp = <uint8_t *>PyBytes_AS_STRING(out)
+        offp = <uint32_t *>PyBytes_AS_STRING(offsets)
+        with nogil:
+            splice_assemble(count, &idx[0] if count else NULL, ppre, plen, src, srclen, outp,
+                            offp)
+        return SplicedPayloads(out, offsets, len(slow))
+    finally:
+        free(src)
+        free(srclen)
+        free(ppre)
+        free(plen)
+        free(canon)

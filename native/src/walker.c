@@ -525,3 +525,134 @@ int walk_items(const uint8_t *buf, size_t len, size_t items_off, uint32_t count,
     }
     return WALK_OK;
 }
+
+/* ---------------------------------------------------------------- claims splice */
+
+/* The head's encoding is the shortest for its argument, definite. */
+static int shortest(unsigned info, uint64_t arg, int indef)
+{
+    if (indef) return 0;
+    if (arg < 24) return info == arg;
+    if (arg <= 0xff) return info == 24;
+    if (arg <= 0xffff) return info == 25;
+    if (arg <= 0xffffffffu) return info == 26;
+    return info == 27;
+}
+
+#include "nfc_table.h"
+
+/* Every code point of a (valid UTF-8) text is NFC-stable (scripts/gen_nfc_table.py): then the
+ * text is NFC whatever the order of its code points, and normalising it changes nothing. */
+static int nfc_stable(const uint8_t *s, size_t n)
+{
+    size_t i = 0;
+    while (i < n) {
+        uint32_t cp = s[i];
+        if (cp < 0x80) {
+            i++;
+            continue;
+        }
+        size_t k = cp >= 0xf0 ? 3 : cp >= 0xe0 ? 2 : 1;
+        cp &= 0x3f >> k;
+        for (size_t j = 1; j <= k && i + j < n; j++) cp = (cp << 6) | (s[i + j] & 0x3f);
+        i += k + 1;
+        if (cp < NFC_UNSTABLE[0][0]) continue;
+        size_t lo = 0, hi = NFC_UNSTABLE_N;
+        while (lo < hi) { /* the first range whose end is >= cp */
+            size_t mid = (lo + hi) / 2;
+            if (NFC_UNSTABLE[mid][1] < cp)
+                lo = mid + 1;
+            else
+                hi = mid;
+        }
+        if (lo < NFC_UNSTABLE_N && NFC_UNSTABLE[lo][0] <= cp) return 0;
+    }
+    return 1;
+}
+
+/* nam: this item is the map under the DCC's "nam"; name: this item is nam.fn or nam.gn. */
+static int canonical_item(rd_t *r, int depth, int nam, int name)
+{
+    unsigned major, info;
+    uint64_t arg;
+    int indef;
+    if (depth > 64 || !head(r, &major, &arg, &indef, &info)) return 0;
+    switch (major) {
+    case 0:
+    case 1:
+        return shortest(info, arg, indef);
+    case 2:
+    case 3:
+        if (!shortest(info, arg, indef) || r->len - r->pos < arg) return 0;
+        if (name && major == 3 && !nfc_stable(r->buf + r->pos, (size_t)arg)) return 0;
+        r->pos += (size_t)arg;
+        return 1;
+    case 4:
+        if (!shortest(info, arg, indef)) return 0;
+        for (uint64_t k = 0; k < arg; k++)
+            if (!canonical_item(r, depth + 1, 0, 0)) return 0;
+        return 1;
+    case 5:
+        if (!shortest(info, arg, indef)) return 0;
+        for (uint64_t k = 0; k < arg; k++) {
+            size_t key_at = r->pos;
+            if (!canonical_item(r, depth + 1, 0, 0)) return 0;
+            const uint8_t *key = r->buf + key_at;
+            size_t key_len = r->pos - key_at;
+            /* Keys are text or bytes (walk_check) and canonical here: compare encodings. */
+            int is_nam = depth == 0 && key_len == 4 && memcmp(key, "\x63nam", 4) == 0;
+            int is_name = nam && key_len == 3 &&
+                          (memcmp(key, "\x62" "fn", 3) == 0 || memcmp(key, "\x62" "gn", 3) == 0);
+            if (!canonical_item(r, depth + 1, is_nam && (r->buf[r->pos] >> 5) == 5, is_name))
+                return 0;
+        }
+        return 1;
+    case 6:
+        return 0;
+    default:
+        if (info < 24) return 1; /* false, true, null, undefined, simple 0..19: one byte */
+        if (info == 24) return 1; /* simple 32..255 (walk_check refused those below 32) */
+        if (info == 25) {
+            /* Half precision: only NaN (7e00) and the infinities, as the encoder writes
+             * them; any other half is widened to a double by the encoder. */
+            uint16_t h = (uint16_t)arg;
+            return h == 0x7e00 || h == 0x7c00 || h == 0xfc00;
+        }
+        if (info == 26) return 0; /* single precision: written as a double */
+        /* A finite double stays; a non-finite one is written as a half. */
+        return ((arg >> 52) & 0x7ff) != 0x7ff;
+    }
+}
+
+int splice_canonical(const uint8_t *buf, size_t len)
+{
+    rd_t r = {buf, len, 0};
+    if (len == 0 || (buf[0] >> 5) != 5) return 0;
+    return canonical_item(&r, 0, 0, 0) && r.pos == len;
+}
+
+size_t splice_size(uint32_t count, const uint32_t *prefix_of, const size_t *prefix_len,
+                   const size_t *srclen)
+{
+    size_t total = 0;
+    for (uint32_t i = 0; i < count; i++)
+        if (prefix_of[i] != SPLICE_NONE) total += prefix_len[prefix_of[i]] + srclen[i];
+    return total;
+}
+
+void splice_assemble(uint32_t count, const uint32_t *prefix_of, const uint8_t *const *prefix,
+                     const size_t *prefix_len, const uint8_t *const *src, const size_t *srclen,
+                     uint8_t *out, uint32_t *offsets)
+{
+    size_t at = 0;
+    for (uint32_t i = 0; i < count; i++) {
+        offsets[i] = (uint32_t)at;
+        uint32_t p = prefix_of[i];
+        if (p == SPLICE_NONE) continue;
+        memcpy(out + at, prefix[p], prefix_len[p]);
+        at += prefix_len[p];
+        memcpy(out + at, src[i], srclen[i]);
+        at += srclen[i];
+    }
+    offsets[count] = (uint32_t)at;
+}

@@ -56,3 +56,21 @@ int walk_items(const uint8_t *buf, size_t len, size_t items_off, uint32_t count,
                uint32_t *out, uint8_t *extra, size_t *extra_len);
 
 #endif
+
+/* ---- claims splice ---- */
+
+/* 1 if the DCC map encoded at buf[0, len) is byte for byte what the engine's encoder
+ * (cbor2.dumps of the decoded value) gives for it, and no name in it may change under NFC
+ * normalisation (nam.fn / nam.gn with a code point from U+0300 up: such names go to the
+ * slow path, which normalises them); 0 otherwise. buf has passed walk_check. */
+int splice_canonical(const uint8_t *buf, size_t len);
+
+/* Payload i = prefixes[prefix_of[i]] + its DCC bytes (src[i], srclen[i]) into out at
+ * offsets[i]; prefix_of[i] == SPLICE_NONE gives an empty payload. offsets has count + 1
+ * entries, offsets[count] the total; out has room for it (splice_size). */
+#define SPLICE_NONE 0xffffffffu
+size_t splice_size(uint32_t count, const uint32_t *prefix_of, const size_t *prefix_len,
+                   const size_t *srclen);
+void splice_assemble(uint32_t count, const uint32_t *prefix_of, const uint8_t *const *prefix,
+                     const size_t *prefix_len, const uint8_t *const *src, const size_t *srclen,
+                     uint8_t *out, uint32_t *offsets);
