@@ -97,3 +97,4 @@ audit_issue_groups = _impl.audit_issue_groups
 cbor_scan = _impl.cbor_scan
 walk_sign_batch = _impl.walk_sign_batch
 splice_payloads = _impl.splice_payloads
+encode_sign_batch_result = _impl.encode_sign_batch_result

@@ -10,6 +10,7 @@ from ._base45_py import b45decode, b45encode
 from ._cose_py import protected_header, sig_structure, sign1_decode, sign1_encode
 from ._cwt_py import cwt_facts
 from ._hc1_py import hc1_encode, hc1_sign
+from ._reply_py import encode_sign_batch_result
 from ._signing_py import SigningKey
 from ._splice_py import splice_payloads
 from ._walker_py import walk_sign_batch
@@ -25,6 +26,7 @@ __all__ = [
     "b45encode",
     "cbor_scan",
     "cwt_facts",
+    "encode_sign_batch_result",
     "hc1_encode",
     "hc1_sign",
     "protected_header",

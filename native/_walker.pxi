@@ -133,3 +133,107 @@ def splice_payloads(view, prefixes, prefix_of) -> SplicedPayloads:
         free(ppre)
         free(plen)
         free(canon)
+
+
+# ----------------------------------------------------------------------------- reply body
+# (the reference and the contract: _reply_py.py)
+
+cdef extern from "walker.h" nogil:
+    uint32_t REPLY_NONE
+    size_t reply_max_len(uint32_t count, const uint32_t *prot_of, const size_t *prot_len,
+                         const uint32_t *pay_off, const uint32_t *sig_off,
+                         const size_t *refusal_len)
+    int reply_encode(uint32_t count, int single, const uint32_t *prot_of,
+                     const uint8_t *const *prot, const size_t *prot_len,
+                     const uint8_t *const *kid, const uint8_t *pay, const uint32_t *pay_off,
+                     const uint8_t *sig, const uint32_t *sig_off,
+                     const uint8_t *const *refusal, const size_t *refusal_len, int level,
+                     uint8_t *scratch, char *hc1, uint8_t *out, size_t *outlen, uint32_t *bad,
+                     const char **err)
+
+import cbor2 as _cbor2
+
+from ._reply_py import check_reply_arguments as _check_reply_arguments
+from ._reply_py import first_bad_refusal as _first_bad_refusal
+from ._reply_py import hc1_too_long as _hc1_too_long
+from ._reply_py import refusal_map as _refusal_map
+from ..protocol.wire import BodyError as _BodyError
+
+
+def encode_sign_batch_result(protected, kids, protected_of, payloads, payload_offsets,
+                             signatures, signature_offsets, refusals, level=9, *,
+                             single=False) -> bytes:
+    cdef tuple pre, kidt
+    pre, kidt, idx_v, pay_v, sig_v = _check_reply_arguments(
+        protected, kids, protected_of, payloads, payload_offsets, signatures,
+        signature_offsets, refusals, level, single)
+    cdef const uint32_t[::1] idx = idx_v
+    cdef const uint32_t[::1] pay_off = pay_v
+    cdef const uint32_t[::1] sig_off = sig_v
+    cdef uint32_t count = len(idx_v), i, bad = 0
+    cdef int lvl = level, one = bool(single), rc
+    bad_refusal = _first_bad_refusal(refusals, one)
+    cdef Py_ssize_t npre = len(pre), k
+    cdef const uint8_t **ppre = <const uint8_t **>malloc(max(npre, 1) * sizeof(uint8_t *))
+    cdef size_t *plen = <size_t *>malloc(max(npre, 1) * sizeof(size_t))
+    cdef const uint8_t **pkid = <const uint8_t **>malloc(max(npre, 1) * sizeof(uint8_t *))
+    cdef const uint8_t **ref = <const uint8_t **>malloc(count * sizeof(uint8_t *))
+    cdef size_t *reflen = <size_t *>malloc(count * sizeof(size_t))
+    cdef uint8_t *scratch = NULL
+    cdef char *hc1 = NULL
+    cdef uint8_t *out = NULL
+    cdef size_t maxplen = 0, maxpay = 0, maxsig = 0, cap, outlen = 0
+    cdef const char *err = NULL
+    cdef list encoded = []
+    cdef const uint8_t *payp = <const uint8_t *>PyBytes_AS_STRING(payloads)
+    cdef const uint8_t *sigp = <const uint8_t *>PyBytes_AS_STRING(signatures)
+    try:
+        if ppre == NULL or plen == NULL or pkid == NULL or ref == NULL or reflen == NULL:
+            raise MemoryError()
+        for k in range(npre):
+            ppre[k] = <const uint8_t *>PyBytes_AS_STRING(pre[k])
+            plen[k] = PyBytes_GET_SIZE(pre[k])
+            pkid[k] = <const uint8_t *>PyBytes_AS_STRING(kidt[k])
+            if plen[k] > maxplen:
+                maxplen = plen[k]
+        for i in range(count):
+            ref[i] = NULL
+            reflen[i] = 0
+            if idx[i] == REPLY_NONE:
+                if bad_refusal is not None and i >= bad_refusal[0]:
+                    continue  # not encoded: the body is refused at or before it
+                m = _cbor2.dumps(_refusal_map(refusals[i]))  # refused items only
+                encoded.append(m)
+                ref[i] = <const uint8_t *>PyBytes_AS_STRING(m)
+                reflen[i] = PyBytes_GET_SIZE(m)
+            else:
+                maxpay = max(maxpay, pay_off[i + 1] - pay_off[i])
+                maxsig = max(maxsig, sig_off[i + 1] - sig_off[i])
+        if bad_refusal is not None:
+            count = bad_refusal[0]  # encode up to it: an earlier long HC1 is named first
+        cap = reply_max_len(count, &idx[0], plen, &pay_off[0], &sig_off[0], reflen)
+        scratch = <uint8_t *>malloc(dcc_hc1_scratch_len(maxplen, maxpay, maxsig))
+        hc1 = <char *>malloc(dcc_hc1_max_len(maxplen, maxpay, maxsig))
+        out = <uint8_t *>malloc(cap)
+        if scratch == NULL or hc1 == NULL or out == NULL:
+            raise MemoryError()
+        with nogil:
+            rc = reply_encode(count, one, &idx[0], ppre, plen, pkid, payp, &pay_off[0], sigp,
+                              &sig_off[0], ref, reflen, lvl, scratch, hc1, out, &outlen, &bad,
+                              &err)
+        if rc == WALK_REFUSED:
+            raise _BodyError(_hc1_too_long(bad, one))
+        if rc != DCC_OK:
+            raise ZlibError(err.decode("ascii") if err != NULL else "zlib failed")
+        if bad_refusal is not None:
+            raise _BodyError(bad_refusal[1])
+        return PyBytes_FromStringAndSize(<char *>out, outlen)
+    finally:
+        free(ppre)
+        free(plen)
+        free(pkid)
+        free(ref)
+        free(reflen)
+        free(scratch)
+        free(hc1)
+        free(out)

@@ -1364,6 +1364,51 @@ class Connection:
                 raw, flags = packed, FLAG_ZSTD
         return HEADER.pack(MAGIC, VERSION, ftype, flags << 24, rid, len(raw)) + raw
 
+    def send_encoded_result(
+        self, request_id: int, body: bytes, count: int, *, single: bool = False
+    ) -> bytes:
+        """The frame for a SIGN_BATCH_RESULT body of *count* results (with *single*: a
+        SIGN_RESULT body) encoded already, by ``dccsign.native.encode_sign_batch_result``,
+        which applies :meth:`send`'s checks to each result; the body is not decoded again.
+        Every rule :meth:`send` applies to the frame applies here (state, direction, request
+        id, 1..max_batch results, max_frame, compression), with its errors.
+
+        Raises:
+            LocalProtocolError: as :meth:`send` (nothing is sent).
+        """
+        if self._state is State.ERROR or self._fatal_sent:
+            raise LocalProtocolError("the connection has failed; nothing more may be sent")
+        ftype = FrameType.SIGN_RESULT if single else FrameType.SIGN_BATCH_RESULT
+        if type(request_id) is not int or type(body) is not bytes or type(count) is not int:
+            raise LocalProtocolError(
+                "send_encoded_result: request_id, body, count: int, bytes, int"
+            )
+        rid = request_id
+        try:
+            if not 0 <= rid <= UINT32_MAX:
+                raise _Invalid(f"request id {rid} does not fit 32 bits", ErrorCode.PROTOCOL)
+            self._admit(ftype, rid, outgoing=True)
+            limit = self._max_batch
+            if single and count != 1:
+                raise _Invalid("SIGN_RESULT carries exactly one result")
+            if not single and not 0 < count <= limit:
+                raise _bad("SIGN_BATCH_RESULT.results", f"must be an array of 1..{limit} results")
+            if len(body) > self._max_frame:
+                raise _Invalid(
+                    f"body of {len(body)} bytes exceeds max_frame {self._max_frame}",
+                    ErrorCode.FRAME_TOO_LARGE,
+                )
+        except _Invalid as exc:
+            raise LocalProtocolError(str(exc), exc.code, rid) from None
+        raw, flags = body, 0
+        if self._compression is not None and not single and len(raw) > COMPRESS_THRESHOLD:
+            if self._zc is None:
+                self._zc = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+            packed = self._zc.compress(raw)
+            if len(packed) < len(raw):
+                raw, flags = packed, FLAG_ZSTD
+        return HEADER.pack(MAGIC, VERSION, ftype, flags << 24, rid, len(raw)) + raw
+
     def error_frame(self, exc: BaseException) -> bytes | None:
         """A last, fatal connection-level ERROR frame (request id 0) reporting *exc*, to send
         before closing; None if a fatal ERROR was already produced. Afterwards nothing more

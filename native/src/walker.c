@@ -656,3 +656,66 @@ void splice_assemble(uint32_t count, const uint32_t *prefix_of, const uint8_t *c
     }
     offsets[count] = (uint32_t)at;
 }
+
+/* ---------------------------------------------------------------- reply body */
+
+size_t reply_max_len(uint32_t count, const uint32_t *prot_of, const size_t *prot_len,
+                     const uint32_t *pay_off, const uint32_t *sig_off, const size_t *refusal_len)
+{
+    size_t total = 1 + 8 + 9; /* {"results": array head} */
+    for (uint32_t i = 0; i < count; i++) {
+        if (prot_of[i] == REPLY_NONE) {
+            total += refusal_len[i];
+            continue;
+        }
+        size_t paylen = pay_off[i + 1] - pay_off[i], siglen = sig_off[i + 1] - sig_off[i];
+        /* a2 63"hc1" text-head HC1 63"kid" 48 kid */
+        total += 1 + 4 + 9 + dcc_hc1_max_len(prot_len[prot_of[i]], paylen, siglen) + 4 + 1 + 8;
+    }
+    return total;
+}
+
+int reply_encode(uint32_t count, int single, const uint32_t *prot_of, const uint8_t *const *prot,
+                 const size_t *prot_len, const uint8_t *const *kid, const uint8_t *pay,
+                 const uint32_t *pay_off, const uint8_t *sig, const uint32_t *sig_off,
+                 const uint8_t *const *refusal, const size_t *refusal_len, int level,
+                 uint8_t *scratch, char *hc1, uint8_t *out, size_t *outlen, uint32_t *bad,
+                 const char **err)
+{
+    size_t at = 0;
+    if (!single) {
+        out[at++] = 0xa1;
+        memcpy(out + at, "\x67results", 8);
+        at += 8;
+        at += dcc_cbor_head(out + at, 4, count);
+    }
+    for (uint32_t i = 0; i < count; i++) {
+        uint32_t p = prot_of[i];
+        if (p == REPLY_NONE) {
+            memcpy(out + at, refusal[i], refusal_len[i]);
+            at += refusal_len[i];
+            continue;
+        }
+        size_t n = 0;
+        int rc = dcc_hc1_encode_one(prot[p], prot_len[p], pay + pay_off[i],
+                                    pay_off[i + 1] - pay_off[i], sig + sig_off[i],
+                                    sig_off[i + 1] - sig_off[i], level, scratch, hc1, &n, err);
+        if (rc != DCC_OK) return rc;
+        if (n > REPLY_MAX_HC1) { /* ASCII: characters are bytes */
+            *bad = i;
+            return WALK_REFUSED;
+        }
+        out[at++] = 0xa2;
+        memcpy(out + at, "\x63hc1", 4);
+        at += 4;
+        at += dcc_cbor_head(out + at, 3, n);
+        memcpy(out + at, hc1, n);
+        at += n;
+        memcpy(out + at, "\x63kid\x48", 5);
+        at += 5;
+        memcpy(out + at, kid[p], 8);
+        at += 8;
+    }
+    *outlen = at;
+    return DCC_OK;
+}

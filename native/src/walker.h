@@ -74,3 +74,28 @@ size_t splice_size(uint32_t count, const uint32_t *prefix_of, const size_t *pref
 void splice_assemble(uint32_t count, const uint32_t *prefix_of, const uint8_t *const *prefix,
                      const size_t *prefix_len, const uint8_t *const *src, const size_t *srclen,
                      uint8_t *out, uint32_t *offsets);
+
+/* ---- reply body (SIGN_BATCH_RESULT / SIGN_RESULT) ---- */
+
+#define REPLY_NONE 0xffffffffu
+#define REPLY_MAX_HC1 8192 /* characters (SPEC.md 6.6) */
+
+/* Room reply_encode needs: for each signed item (prot_of[i] != REPLY_NONE) its result map
+ * around an HC1 of at most dcc_hc1_max_len characters; for each refused one its pre-encoded
+ * map (refusal_len[i]). */
+size_t reply_max_len(uint32_t count, const uint32_t *prot_of, const size_t *prot_len,
+                     const uint32_t *pay_off, const uint32_t *sig_off, const size_t *refusal_len);
+
+/* The CBOR result body, as the codec encodes it: {"results": [result map, ...]} (or, with
+ * single, the one result map). A signed item i is {"hc1": HC1 of COSE_Sign1(prot[p],
+ * payload i, signature i), "kid": kid[p]} with p = prot_of[i] (payload i =
+ * pay[pay_off[i], pay_off[i + 1]), likewise the signature); a refused item is copied from
+ * refusal[i]. scratch holds dcc_hc1_scratch_len and hc1 dcc_hc1_max_len bytes for the
+ * largest item. Returns DCC_OK with *outlen; WALK_REFUSED with *bad the first item whose HC1
+ * would pass REPLY_MAX_HC1 characters; or a deflate failure (DCC_ERR_ZLIB, message in err). */
+int reply_encode(uint32_t count, int single, const uint32_t *prot_of, const uint8_t *const *prot,
+                 const size_t *prot_len, const uint8_t *const *kid, const uint8_t *pay,
+                 const uint32_t *pay_off, const uint8_t *sig, const uint32_t *sig_off,
+                 const uint8_t *const *refusal, const size_t *refusal_len, int level,
+                 uint8_t *scratch, char *hc1, uint8_t *out, size_t *outlen, uint32_t *bad,
+                 const char **err);
