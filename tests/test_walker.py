@@ -362,3 +362,33 @@ def test_connection_decode_walked(impl):
     )
     with pytest.raises(wire.LocalProtocolError):
         c.decode_walked(c.next_frame(), impl.walk_sign_batch)
+
+
+def test_item_count_and_depth_limits(impl):
+    # max_batch 1: at most body_item_limit(1) = 320 data items, 16 levels. Each case runs
+    # from just under the limit to just over it.
+    limit = wire.body_item_limit(1)
+    base = cborlimits.scan(_batch([_item(0, dcc=dict(DCCS[0], pad=[]))]), limit, 16)
+    verdicts = []
+    for extra in range(limit - base - 3, limit - base + 3):
+        dcc = dict(DCCS[0], pad=[0] * extra)
+        verdicts.append(type(check(impl, _batch([_item(0, dcc=dcc)]), max_batch=1)[0]))
+    assert verdicts == [wire.SignItem] * 4 + [str] * 2
+    verdicts = []
+    for depth in (12, 13):
+        nested: object = 1
+        for _ in range(depth):
+            nested = [nested]
+        dcc = dict(DCCS[0], deep=nested)
+        verdicts.append(type(check(impl, _batch([_item(0, dcc=dcc)]), max_batch=1)[0]))
+    assert verdicts == [wire.SignItem, str]
+    # Chunked strings count one item per chunk, as the scan counts them.
+    dcc = cbor2.dumps(DCCS[0])
+    verdicts = []
+    for chunks in range(limit - base - 2, limit - base + 3):
+        key = b"\x7f" + cbor2.dumps("k") * chunks + b"\xff"
+        inner = _map([(cbor2.dumps("dcc"), dcc), (cbor2.dumps("account"), cbor2.dumps("a")),
+                      (key, b"\x01")])  # fmt: skip
+        body = _map([(cbor2.dumps("items"), b"\x81" + inner)])
+        verdicts.append(type(check(impl, body, max_batch=1)[0]))
+    assert str in verdicts and wire.SignItem in verdicts

@@ -14,10 +14,14 @@ typedef struct {
     const uint8_t *buf;
     size_t len;
     size_t pos;
+    uint64_t count; /* data items read (walk_check's count; every head and string chunk) */
+    uint64_t max_items;
+    int max_depth;
 } rd_t;
 
-/* The head at r->pos (well-formed: scanned). Returns 0 at the buffer's end. */
-static int head(rd_t *r, unsigned *major, uint64_t *arg, int *indef, unsigned *info)
+/* The head at r->pos (well-formed: scanned). Returns 0 at the buffer's end. Inlined: the
+ * walk is mostly heads. */
+static inline __attribute__((always_inline)) int head(rd_t *r, unsigned *major, uint64_t *arg, int *indef, unsigned *info)
 {
     if (r->pos >= r->len) return 0;
     uint8_t ib = r->buf[r->pos++];
@@ -25,10 +29,16 @@ static int head(rd_t *r, unsigned *major, uint64_t *arg, int *indef, unsigned *i
     *info = ib & 0x1f;
     *indef = 0;
     *arg = 0;
+    r->count++;
     if (*info < 24) {
         *arg = *info;
     } else if (*info == 31) {
+        /* indefinite length: strings and containers only; a break (major 7) is for the
+         * callers that expect one (at_break), anywhere else it is malformed */
+        if (*major <= 1 || *major >= 6) return 0;
         *indef = 1;
+    } else if (*info > 27) {
+        return 0; /* reserved additional information */
     } else {
         size_t size = (size_t)1 << (*info - 24);
         if (r->len - r->pos < size) return 0;
@@ -38,7 +48,7 @@ static int head(rd_t *r, unsigned *major, uint64_t *arg, int *indef, unsigned *i
     return 1;
 }
 
-static int at_break(rd_t *r)
+static inline __attribute__((always_inline)) int at_break(rd_t *r)
 {
     if (r->pos < r->len && r->buf[r->pos] == 0xff) {
         r->pos++;
@@ -63,7 +73,14 @@ static int utf8_ok(const uint8_t *s, size_t n)
     while (i < n) {
         uint8_t c = s[i];
         if (c < 0x80) {
-            i++;
+            /* ASCII runs (nearly all of a DCC) eight bytes at a time */
+            uint64_t w;
+            while (n - i >= 8) {
+                memcpy(&w, s + i, 8);
+                if (w & 0x8080808080808080ull) break;
+                i += 8;
+            }
+            if (i < n && s[i] < 0x80) i++;
             continue;
         }
         size_t need;
@@ -92,14 +109,14 @@ static int utf8_ok(const uint8_t *s, size_t n)
 
 /* Reads a string whose head (major 2 or 3) was just read; validates text chunk by chunk (a
  * code point split over two chunks is invalid, as in the strict decoder). */
-static int read_str(rd_t *r, unsigned major, uint64_t arg, int indef, str_t *s)
+static inline __attribute__((always_inline)) int read_str_v(rd_t *r, unsigned major, uint64_t arg, int indef, str_t *s, int validate)
 {
     s->major = major;
     s->indef = indef;
     s->off = r->pos;
     if (!indef) {
         if (r->len - r->pos < arg) return 0;
-        if (major == 3 && !utf8_ok(r->buf + r->pos, (size_t)arg)) return 0;
+        if (validate && major == 3 && !utf8_ok(r->buf + r->pos, (size_t)arg)) return 0;
         s->len = (size_t)arg;
         r->pos += (size_t)arg;
         return 1;
@@ -111,11 +128,22 @@ static int read_str(rd_t *r, unsigned major, uint64_t arg, int indef, str_t *s)
         int ind;
         if (!head(r, &m, &a, &ind, &info) || m != major || ind) return 0;
         if (r->len - r->pos < a) return 0;
-        if (major == 3 && !utf8_ok(r->buf + r->pos, (size_t)a)) return 0;
+        if (validate && major == 3 && !utf8_ok(r->buf + r->pos, (size_t)a)) return 0;
         s->len += (size_t)a;
         r->pos += (size_t)a;
     }
     return 1;
+}
+
+static int read_str(rd_t *r, unsigned major, uint64_t arg, int indef, str_t *s)
+{
+    return read_str_v(r, major, arg, indef, s, 1);
+}
+
+/* The same once walk_check has validated every text: no second UTF-8 pass. */
+static int read_str_known(rd_t *r, unsigned major, uint64_t arg, int indef, str_t *s)
+{
+    return read_str_v(r, major, arg, indef, s, 0);
 }
 
 /* Chunk iteration over a string's content. */
@@ -199,11 +227,27 @@ static int key_qcmp(const void *a, const void *b)
 
 #define SMALL_MAP 16
 
+/* Major type, length and up to the first five content bytes: equal keys have equal sigs. */
+static inline uint64_t key_sig(const uint8_t *buf, const str_t *k)
+{
+    uint64_t sig = ((uint64_t)k->major << 61) ^ ((uint64_t)(k->len & 0xffff) << 40);
+    if (!k->indef) {
+        for (size_t i = 0; i < k->len && i < 5; i++) sig ^= (uint64_t)buf[k->off + i] << (8 * i);
+        return sig;
+    }
+    chunks_t c; /* the same bytes, however the key is chunked */
+    uint8_t x;
+    chunks_init(&c, buf, k);
+    for (size_t i = 0; i < 5 && chunks_byte(&c, &x); i++) sig ^= (uint64_t)x << (8 * i);
+    return sig;
+}
+
 static int check_item(rd_t *r, int depth);
 
 static int check_map(rd_t *r, uint64_t arg, int indef, int depth)
 {
     str_t small[SMALL_MAP];
+    uint64_t sig[SMALL_MAP]; /* of small maps' keys: most pairs differ here already */
     str_t *keys = small;
     size_t cap = SMALL_MAP, n = 0;
     int ok = 1;
@@ -212,7 +256,7 @@ static int check_map(rd_t *r, uint64_t arg, int indef, int depth)
         unsigned m, info;
         uint64_t a;
         int ind;
-        if (!head(r, &m, &a, &ind, &info) || (m != 2 && m != 3)) {
+        if (!head(r, &m, &a, &ind, &info) || (m != 2 && m != 3) || r->count > r->max_items) {
             ok = 0;
             break;
         }
@@ -228,10 +272,11 @@ static int check_map(rd_t *r, uint64_t arg, int indef, int depth)
             keys = grown;
             cap = ncap;
         }
-        if (!read_str(r, m, a, ind, &keys[n])) {
+        if (!read_str(r, m, a, ind, &keys[n]) || r->count > r->max_items) {
             ok = 0;
             break;
         }
+        sig[n < SMALL_MAP ? n : 0] = key_sig(r->buf, &keys[n]);
         int rc = check_item(r, depth + 1);
         if (rc != 1) {
             ok = rc;
@@ -243,7 +288,7 @@ static int check_map(rd_t *r, uint64_t arg, int indef, int depth)
         if (n <= SMALL_MAP) {
             for (size_t i = 1; i < n && ok; i++)
                 for (size_t j = 0; j < i; j++)
-                    if (str_cmp(r->buf, &keys[i], &keys[j]) == 0) {
+                    if (sig[i] == sig[j] && str_cmp(r->buf, &keys[i], &keys[j]) == 0) {
                         ok = 0;
                         break;
                     }
@@ -268,14 +313,15 @@ static int check_item(rd_t *r, int depth)
     uint64_t arg;
     int indef;
     str_t s;
-    if (depth > 64 || !head(r, &major, &arg, &indef, &info)) return 0;
+    if (!head(r, &major, &arg, &indef, &info) || r->count > r->max_items) return 0;
+    if ((major == 4 || major == 5) && depth + 1 > r->max_depth) return 0;
     switch (major) {
     case 0:
     case 1:
         return 1;
     case 2:
     case 3:
-        return read_str(r, major, arg, indef, &s);
+        return read_str(r, major, arg, indef, &s) && r->count <= r->max_items;
     case 4:
         for (uint64_t k = 0; indef || k < arg; k++) {
             if (indef && at_break(r)) break;
@@ -288,20 +334,20 @@ static int check_item(rd_t *r, int depth)
     case 6:
         return 0; /* no tags anywhere (SPEC.md 4.3 rule 3) */
     default:
-        /* A two-byte simple value below 32 is not well-formed (RFC 8949 3.3). */
-        return !(info == 24 && arg < 32);
+        /* A break outside an indefinite-length item is malformed; a two-byte simple value
+         * below 32 is not well-formed (RFC 8949 3.3). */
+        return !indef && !(info == 24 && arg < 32);
     }
 }
 
 int walk_check(const uint8_t *buf, size_t len, uint64_t max_items, int max_depth)
 {
-    uint64_t count;
-    const char *err = NULL;
-    if (dcc_cbor_scan(buf, len, max_items, max_depth, &count, &err) != DCC_OK) return WALK_REFUSED;
-    rd_t r = {buf, len, 0};
+    /* One pass for what dcc_cbor_scan and the strict decoder check: this side only decides
+     * accept or refuse (the twin names the rule), and both refuse the same bodies. */
+    rd_t r = {buf, len, 0, 0, max_items, max_depth};
     int rc = check_item(&r, 0);
     if (rc < 0) return WALK_NOMEM;
-    return rc == 1 ? WALK_OK : WALK_REFUSED;
+    return rc == 1 && r.pos == len ? WALK_OK : WALK_REFUSED;
 }
 
 /* ---------------------------------------------------------------- pass 3: the items */
@@ -316,7 +362,7 @@ static void skip_item(rd_t *r)
     switch (major) {
     case 2:
     case 3:
-        read_str(r, major, arg, indef, &s);
+        read_str_known(r, major, arg, indef, &s);
         return;
     case 4:
     case 5: {
@@ -337,7 +383,7 @@ static void skip_item(rd_t *r)
 
 int walk_locate(const uint8_t *buf, size_t len, int single, size_t *items_off, uint32_t *count)
 {
-    rd_t r = {buf, len, 0};
+    rd_t r = {buf, len, 0, 0, 0, 0};
     unsigned major, info;
     uint64_t arg;
     int indef;
@@ -353,7 +399,7 @@ int walk_locate(const uint8_t *buf, size_t len, int single, size_t *items_off, u
         uint64_t a;
         int ind;
         str_t key;
-        if (!head(&r, &m, &a, &ind, &info) || !read_str(&r, m, a, ind, &key)) return WALK_REFUSED;
+        if (!head(&r, &m, &a, &ind, &info) || !read_str_known(&r, m, a, ind, &key)) return WALK_REFUSED;
         if (!str_is(buf, &key, "items")) {
             skip_item(&r);
             continue;
@@ -424,7 +470,7 @@ static int walk_item(rd_t *r, size_t len, uint32_t *o, uint8_t *extra, size_t *e
     unsigned major, info;
     uint64_t arg;
     int indef;
-    size_t at[F_N];
+    size_t at[F_N], end[F_N];
     int have[F_N] = {0};
     if (!head(r, &major, &arg, &indef, &info) || major != 5) return WALK_REFUSED;
     for (uint64_t k = 0; indef || k < arg; k++) {
@@ -433,7 +479,7 @@ static int walk_item(rd_t *r, size_t len, uint32_t *o, uint8_t *extra, size_t *e
         uint64_t a;
         int ind;
         str_t key;
-        if (!head(r, &m, &a, &ind, &info) || !read_str(r, m, a, ind, &key)) return WALK_REFUSED;
+        if (!head(r, &m, &a, &ind, &info) || !read_str_known(r, m, a, ind, &key)) return WALK_REFUSED;
         int f = -1;
         if (key.major == 3 && key.len <= 15)
             for (int i = 0; i < F_N; i++)
@@ -441,32 +487,32 @@ static int walk_item(rd_t *r, size_t len, uint32_t *o, uint8_t *extra, size_t *e
                     f = i;
                     break;
                 }
+        size_t value_at = r->pos;
+        skip_item(r);
         if (f >= 0) { /* no duplicates: pass 2 saw to it */
             have[f] = 1;
-            at[f] = r->pos;
+            at[f] = value_at;
+            end[f] = r->pos;
         }
-        skip_item(r);
     }
     memset(o, 0, WALK_NFIELDS * sizeof(uint32_t));
     /* Absent and null are the same for an optional field (SPEC.md 4.3 rule 8). */
     for (int f = F_OPERATOR; f < F_N; f++)
         if (have[f] && buf[at[f]] == 0xf6) have[f] = 0;
-    rd_t v = {buf, len, 0};
+    rd_t v = {buf, len, 0, 0, 0, 0};
     str_t s;
     int non_ascii, rc;
     size_t chars;
 
     if (!have[F_DCC]) return WALK_REFUSED;
-    v.pos = at[F_DCC];
-    if ((buf[v.pos] >> 5) != 5) return WALK_REFUSED;
-    skip_item(&v);
+    if ((buf[at[F_DCC]] >> 5) != 5) return WALK_REFUSED;
     o[WALK_DCC_OFF] = (uint32_t)at[F_DCC];
-    o[WALK_DCC_LEN] = (uint32_t)(v.pos - at[F_DCC]);
+    o[WALK_DCC_LEN] = (uint32_t)(end[F_DCC] - at[F_DCC]);
 
     if (!have[F_ACCOUNT]) return WALK_REFUSED;
     v.pos = at[F_ACCOUNT];
     if (!head(&v, &major, &arg, &indef, &info) || major != 3) return WALK_REFUSED;
-    read_str(&v, major, arg, indef, &s);
+    read_str_known(&v, major, arg, indef, &s);
     chars = str_chars(buf, &s, &non_ascii);
     if (chars < 1 || chars > MAX_TEXT) return WALK_REFUSED;
     if ((rc = place(buf, len, &s, extra, extra_len, &o[WALK_ACCOUNT_OFF])) != WALK_OK) return rc;
@@ -476,7 +522,7 @@ static int walk_item(rd_t *r, size_t len, uint32_t *o, uint8_t *extra, size_t *e
     if (have[F_OPERATOR]) {
         v.pos = at[F_OPERATOR];
         if (!head(&v, &major, &arg, &indef, &info) || major != 3) return WALK_REFUSED;
-        read_str(&v, major, arg, indef, &s);
+        read_str_known(&v, major, arg, indef, &s);
         chars = str_chars(buf, &s, &non_ascii);
         if (chars < 1 || chars > MAX_TEXT) return WALK_REFUSED;
         if ((rc = place(buf, len, &s, extra, extra_len, &o[WALK_OPERATOR_OFF])) != WALK_OK)
@@ -487,7 +533,7 @@ static int walk_item(rd_t *r, size_t len, uint32_t *o, uint8_t *extra, size_t *e
     if (have[F_KID]) {
         v.pos = at[F_KID];
         if (!head(&v, &major, &arg, &indef, &info) || major != 2) return WALK_REFUSED;
-        read_str(&v, major, arg, indef, &s);
+        read_str_known(&v, major, arg, indef, &s);
         if (s.len != KID_SIZE) return WALK_REFUSED;
         if ((rc = place(buf, len, &s, extra, extra_len, &o[WALK_KID_OFF])) != WALK_OK) return rc;
     }
@@ -501,7 +547,7 @@ static int walk_item(rd_t *r, size_t len, uint32_t *o, uint8_t *extra, size_t *e
         v.pos = at[F_KEY];
         if (!head(&v, &major, &arg, &indef, &info) || (major != 2 && major != 3))
             return WALK_REFUSED;
-        read_str(&v, major, arg, indef, &s);
+        read_str_known(&v, major, arg, indef, &s);
         if (s.len < 1 || s.len > MAX_IDEMPOTENCY_KEY) return WALK_REFUSED;
         if ((rc = place(buf, len, &s, extra, extra_len, &o[WALK_KEY_OFF])) != WALK_OK) return rc;
         o[WALK_KEY_LEN] = (uint32_t)s.len;
@@ -513,7 +559,7 @@ static int walk_item(rd_t *r, size_t len, uint32_t *o, uint8_t *extra, size_t *e
 int walk_items(const uint8_t *buf, size_t len, size_t items_off, uint32_t count, int single,
                uint32_t *out, uint8_t *extra, size_t *extra_len)
 {
-    rd_t r = {buf, len, items_off};
+    rd_t r = {buf, len, items_off, 0, 0, 0};
     unsigned major, info;
     uint64_t arg;
     int indef;
@@ -626,7 +672,7 @@ static int canonical_item(rd_t *r, int depth, int nam, int name)
 
 int splice_canonical(const uint8_t *buf, size_t len)
 {
-    rd_t r = {buf, len, 0};
+    rd_t r = {buf, len, 0, 0, 0, 0};
     if (len == 0 || (buf[0] >> 5) != 5) return 0;
     return canonical_item(&r, 0, 0, 0) && r.pos == len;
 }
