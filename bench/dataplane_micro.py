@@ -73,11 +73,12 @@ class Frame:
         self.sig_off = array.array("I", range(0, 64 * n + 1, 64)).tobytes()
         self.prot_of = array.array("I", [i % 2 for i in range(n)])
         self.server = _open_server(self.max_batch)
+        self.plain_server = _open_server(self.max_batch, compression=())
 
 
-def _open_server(max_batch: int) -> wire.Connection:
+def _open_server(max_batch: int, compression: tuple[str, ...] = ("zstd",)) -> wire.Connection:
     client = wire.Connection(wire.CLIENT)
-    server = wire.Connection(wire.SERVER)
+    server = wire.Connection(wire.SERVER, compression=compression)
     server.receive_data(client.send(client.make_hello()))
     server.next_event()
     welcome = server.make_welcome(max_batch=max_batch, max_in_flight=4, server="bench")
@@ -114,7 +115,7 @@ def splice_native(f: Frame) -> object:
     return native.implementation("native").splice_payloads(f.view, f.prefixes, f.prefix_of)
 
 
-def reply_today(f: Frame) -> object:
+def reply_today(f: Frame, plain: bool = False) -> object:
     nat = native.implementation("native")
     results: list = [None] * f.n
     for k in (0, 1):  # one hc1_encode call per kid, as the dispatcher makes them
@@ -124,14 +125,25 @@ def reply_today(f: Frame) -> object:
         )
         for i, h in zip(idx, hc1s, strict=True):
             results[i] = wire.ItemResult(hc1=h, kid=KIDS[k])
-    return f.server.send(wire.SignBatchResult(1, tuple(results)))
+    server = f.plain_server if plain else f.server
+    return server.send(wire.SignBatchResult(1, tuple(results)))
 
 
-def reply_native(f: Frame) -> object:
+def reply_native(f: Frame, plain: bool = False) -> object:
     body = native.implementation("native").encode_sign_batch_result(
         f.protected, KIDS, f.prot_of, f.payload_buf, f.payload_off, f.sig_buf, f.sig_off, {}
     )
-    return f.server.send_encoded_result(1, body, f.n)
+    server = f.plain_server if plain else f.server
+    return server.send_encoded_result(1, body, f.n)
+
+
+def reply_today_plain(f: Frame) -> object:
+    """The same without zstd on the connection: what is left is the body's own cost."""
+    return reply_today(f, plain=True)
+
+
+def reply_native_plain(f: Frame) -> object:
+    return reply_native(f, plain=True)
 
 
 def hc1_only(f: Frame) -> object:
@@ -154,6 +166,8 @@ CONTENDERS = {
     "splice_native": splice_native,
     "reply_today": reply_today,
     "reply_native": reply_native,
+    "reply_today_plain": reply_today_plain,
+    "reply_native_plain": reply_native_plain,
     "hc1_encode_only": hc1_only,
 }
 RATIOS = {
@@ -163,6 +177,10 @@ RATIOS = {
     "reply minus hc1_encode: today / native": (
         ("reply_today", "hc1_encode_only"),
         ("reply_native", "hc1_encode_only"),
+    ),
+    "reply, no zstd, minus hc1_encode: today / native": (
+        ("reply_today_plain", "hc1_encode_only"),
+        ("reply_native_plain", "hc1_encode_only"),
     ),
 }
 
@@ -175,6 +193,7 @@ def _check(f: Frame) -> None:
     spliced = splice_native(f)
     assert [spliced.payload(i) for i in range(f.n)] == payloads_today(f)
     assert reply_today(f) == reply_native(f)
+    assert reply_today_plain(f) == reply_native_plain(f)
 
 
 def _per_item_ns(fn, f: Frame, frames: int) -> float:
@@ -222,10 +241,10 @@ def _instructions(name: str, n: int, frames: int) -> int:
     return int(_COLLECTED.search(out.stderr).group(1))
 
 
-def run_instructions(n: int, frames: int) -> dict:
+def run_instructions(n: int, frames: int, only: list[str] | None = None) -> dict:
     per_item = {}
     for name in CONTENDERS:
-        if name == "walk_python":
+        if name == "walk_python" or (only and name not in only):
             continue  # the reference: readable, not fast
         a = _instructions(name, n, frames)
         b = _instructions(name, n, 2 * frames)
@@ -237,7 +256,12 @@ def run_instructions(n: int, frames: int) -> dict:
             return per_item[spec[0]] - per_item[spec[1]]
         return per_item[spec]
 
-    ratios = {label: value(a) / value(b) for label, (a, b) in RATIOS.items()}
+    ratios = {}
+    for label, (a, b) in RATIOS.items():
+        try:
+            ratios[label] = value(a) / value(b)
+        except KeyError:
+            pass  # a contender left out (--only)
     return {"per_item": per_item, "ratios": ratios, "frames": [frames, 2 * frames]}
 
 
@@ -262,7 +286,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--seconds", type=float, default=0.4, help="per sample")
     ap.add_argument("--instructions", action="store_true", help="also count with callgrind")
-    ap.add_argument("--frames", type=int, default=20, help="frames per callgrind run")
+    ap.add_argument("--frames", type=int, default=10, help="frames per callgrind run")
+    ap.add_argument("--only", help="callgrind only these contenders (comma-separated)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--run", help=argparse.SUPPRESS)  # a callgrind child: run one contender
     args = ap.parse_args()
@@ -283,7 +308,8 @@ def main() -> int:
     print(json.dumps({k: v for k, v in result["cpu"].items() if k != "samples_ns"}, indent=1))
     print("splice slow path:", result["splice_slow_path"])
     if args.instructions:
-        result["instructions"] = run_instructions(args.items, args.frames)
+        only = args.only.split(",") if args.only else None
+        result["instructions"] = run_instructions(args.items, args.frames, only)
         print(json.dumps(result["instructions"]["ratios"], indent=1))
     out = args.json or ROOT / "bench" / "results" / f"dataplane_micro-{time.strftime('%F')}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")

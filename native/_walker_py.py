@@ -8,20 +8,28 @@ is the readable twin: it decodes the body with the codec's own decoder (so every
 the codec's message and code by construction), then reads the spans with a small CBOR reader.
 
 How the engine's dispatch is meant to chain the data plane for one frame (the integration is
-the lead's; each step is one call per frame, C per certificate, GIL released)::
+the lead's; every step is one call per frame, C per certificate with the GIL released, and
+Python only per frame, per distinct account or key, and per refused item)::
 
-    view = walk_sign_batch(body, max_batch)                 # framing rules, spans
-    verdicts = validate_dcc_spans(view.data, dcc columns)   # native DCC validator (issue 14.2)
-    policy: per-client compiled tables over (kid, type, co, is) columns; quotas charged once
-            per distinct account of the frame (Python, per account, not per item);
-            idempotency lookups only for items with KEY_LEN != 0
-    prefixes: one claims prefix per distinct (kid, validity_days) of the frame (claims_prefix)
-    payloads, offsets = splice_payloads(view, item prefixes)  # the DCC's own bytes, re-encoded
-                                                            # only where not canonical
-    keyd: one columnar message (payloads buffer + offsets + account/operator spans)
-    body = encode_sign_batch_result(protected, payloads, signatures, refusals)  # COSE + deflate
-                                                            # + base45 + the CBOR result body
-    conn.send_encoded_result(request_id, body)              # no re-decoding
+    frame = conn.next_frame()                       # header rules; BUSY may refuse here
+    view = conn.decode_walked(frame, walk_sign_batch)
+        # zstd, then the framing rules (SPEC.md §4.3/§6.4) with the decoder's messages:
+        # a broken body is the RemoteProtocolError decode_frame would raise (BodyError inside)
+    verdicts = <native DCC validator>(view.data, DCC_OFF/DCC_LEN columns)   # issue 14.2
+        # -> per item: DCC type or INVALID_DCC message (refused items leave the pipeline)
+    policy: per-client tables over (kid, type, co, is) columns; quotas charged once per
+        distinct account of the frame (view.values(i)[1] only for the distinct accounts;
+        ACCOUNT_OFF/LEN spans are enough to group them); idempotency lookups only for items
+        with KEY_LEN != 0
+    prefixes: claims_prefix(iss, iat, exp) once per distinct (kid, validity_days); prefix_of:
+        per item its index (NO_PAYLOAD for refused items)
+    spliced = splice_payloads(view, prefixes, prefix_of)
+        # payload buffer + offsets; max_payload per kid checked over the offsets
+    keyd: one columnar message per kid group (spliced.data + offsets + account/operator
+        spans of view.data); signatures come back as one buffer + offsets
+    body = encode_sign_batch_result(protected_headers, kids, protected_of,
+        spliced.data, spliced.offsets, signatures, signature_offsets, refusals)
+    out = conn.send_encoded_result(frame.request_id, body, view.count)   # no re-decoding
 
 Contract of the view (both implementations give equal views for equal input):
 
