@@ -45,6 +45,7 @@ Contract of the view (both implementations give equal views for equal input):
 from __future__ import annotations
 
 import array
+import io
 from dataclasses import dataclass
 from typing import Any
 
@@ -180,11 +181,13 @@ _FIELDS = ("dcc", "account", "operator", "kid", "validity_days", "idempotency_ke
 class _Reader:
     """Heads and strings of a body already known to be strict, well-formed CBOR."""
 
-    __slots__ = ("buf", "pos")
+    __slots__ = ("_dec", "_fp", "buf", "pos")
 
     def __init__(self, buf: bytes, pos: int = 0) -> None:
         self.buf = buf
         self.pos = pos
+        self._fp: io.BytesIO | None = None
+        self._dec: Any = None
 
     def head(self) -> tuple[int, int, bool]:
         b = self.buf[self.pos]
@@ -219,20 +222,13 @@ class _Reader:
         return start, b"".join(parts), True
 
     def skip(self) -> None:
-        major, arg, indefinite = self.head()
-        if major in (2, 3):
-            self.string(arg, indefinite)
-        elif major in (4, 5):
-            per = 2 if major == 5 else 1
-            if indefinite:
-                while not self.at_break():
-                    for _ in range(per):
-                        self.skip()
-            else:
-                for _ in range(arg * per):
-                    self.skip()
-        elif major == 6:
-            self.skip()
+        """Past one data item: cbor2 finds where it ends (the body is strict CBOR already)."""
+        if self._fp is None:
+            self._fp = io.BytesIO(self.buf)
+            self._dec = cbor2.CBORDecoder(self._fp)
+        self._fp.seek(self.pos)
+        self._dec.decode()
+        self.pos = self._fp.tell()
 
     def entries(self, arg: int, indefinite: bool):  # type: ignore[no-untyped-def]
         """Yield (key content, key is text, position of the value) of a map; the caller
@@ -274,17 +270,18 @@ def _spans(body: bytes, single: bool) -> BatchView:
 def _item(r: _Reader, body: bytes, extra: bytearray) -> list[int]:
     _, arg, indefinite = r.head()
     at: dict[str, int] = {}
+    dcc_end = 0
     for key, text, pos in r.entries(arg, indefinite):
+        r.skip()
         if text and key.decode() in _FIELDS:
             at[key.decode()] = pos
-        r.skip()
+            if key == b"dcc":
+                dcc_end = r.pos
     for name in _FIELDS[2:]:
         if name in at and body[at[name]] == 0xF6:  # null is "not given" (SPEC.md §4.3 rule 8)
             del at[name]
     o = [0] * NFIELDS
-    v = _Reader(body, at["dcc"])
-    v.skip()
-    o[DCC_OFF], o[DCC_LEN] = at["dcc"], v.pos - at["dcc"]
+    o[DCC_OFF], o[DCC_LEN] = at["dcc"], dcc_end - at["dcc"]
 
     def place(pos: int) -> tuple[int, bytes]:
         v = _Reader(body, pos)
