@@ -10,7 +10,7 @@ Two measures, both written to the JSON result:
   numbers; the ratios hold better.
 * ``instructions`` (``--instructions``, needs valgrind): instructions per item counted by
   callgrind over N and 2N frames of each contender in a child process (the difference, so
-  start-up cancels); repeatable under load.
+  start-up cancels; the set-up's objects frozen out of the GC); repeatable under load.
 
 Also the share of items that take the splice's slow path, for the sample generator's DCCs
 encoded by the protocol's own client.
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import array
+import gc
 import json
 import os
 import re
@@ -294,6 +295,12 @@ def main() -> int:
     f = Frame(args.items)
     if args.run:
         fn = CONTENDERS[args.run]
+        fn(f)  # warm: lazy imports, caches
+        # The set-up's objects (samples, frames) are not what is measured: frozen, the
+        # collections that the contender's own allocations trigger do not walk them, so N
+        # and 2N frames differ by the contender's work (GC included) and not by chance.
+        gc.collect()
+        gc.freeze()
         for _ in range(args.frames):
             fn(f)
         return 0
