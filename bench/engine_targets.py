@@ -118,6 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         "--json", type=Path,
         help="write every figure as JSON here (default bench/results/engine_targets-<date>.json)",
     )
+    p.add_argument(
+        "--nonce-pool", type=int, default=None, metavar="N",
+        help="the engine's keyd nonce pool per key (default: serve's default). 0 measures "
+        "sustained signing without precomputed nonces: with the default pool of 2^20 entries "
+        "per key a run of 20 s is served from the pool, a burst rather than a steady state",
+    )
     args = p.parse_args(argv)
     if args.json is None:
         args.json = RESULTS / f"engine_targets-{time.strftime('%Y-%m-%dT%H%M')}.json"
@@ -128,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     result["bench_core_2t"] = core
 
     work = Path(tempfile.mkdtemp(prefix="dccsign-targets-"))
-    with dev_engine(work) as running:
+    extra = [] if args.nonce_pool is None else ["--nonce-pool", str(args.nonce_pool)]
+    result["nonce_pool"] = args.nonce_pool
+    with dev_engine(work, extra) as running:
         engine = running.proc
         common = [
             *running.load_args(), "--batch", str(args.batch),

@@ -55,9 +55,12 @@ def check_reply_arguments(
     refusals: Any,
     level: Any,
     single: bool,
+    per_item: bool = True,
 ) -> tuple[tuple[bytes, ...], tuple[bytes, ...], memoryview, memoryview, memoryview]:
     """The argument rules both implementations share (TypeError / ValueError); returns the
-    protected headers, kids and the three uint32 columns."""
+    protected headers, kids and the three uint32 columns. With *per_item* false the per-item
+    rules are left to the caller (the native loop checks them without Python and calls this
+    again, per item, to name the first offender)."""
     check_level(level)
     protected = tuple(protected)
     kids = tuple(kids)
@@ -81,9 +84,13 @@ def check_reply_arguments(
     for name, off, buf in (("payload", pay_off, payloads), ("signature", sig_off, signatures)):
         if len(off) != count + 1:
             raise ValueError(f"{name}_offsets must hold {count + 1} entries")
-        if off[0] != 0 or off[count] > len(buf) or any(off[i] > off[i + 1] for i in range(count)):
+        rising = all(off[i] <= off[i + 1] for i in range(count if per_item else 0))
+        if off[0] != 0 or off[count] > len(buf) or not rising:
             raise ValueError(f"{name}_offsets must rise from 0 to at most the buffer's length")
-    for i in range(count):
+    for i in refusals:
+        if type(i) is not int or not 0 <= i < count:
+            raise ValueError(f"refusal for item {i!r}, which does not exist")
+    for i in range(count if per_item else 0):
         if idx[i] == NO_RESULT:
             if i not in refusals:
                 raise ValueError(f"item {i} is neither signed nor refused")
@@ -91,9 +98,6 @@ def check_reply_arguments(
             raise ValueError(f"protected_of[{i}] = {idx[i]} names no protected header")
         elif i in refusals:
             raise ValueError(f"item {i} is both signed and refused")
-    for i in refusals:
-        if type(i) is not int or not 0 <= i < count:
-            raise ValueError(f"refusal for item {i!r}, which does not exist")
     return protected, kids, idx, pay_off, sig_off
 
 

@@ -66,9 +66,11 @@ class SplicedPayloads:
 
 
 def check_splice_arguments(
-    view: Any, prefixes: Any, prefix_of: Any
+    view: Any, prefixes: Any, prefix_of: Any, per_item: bool = True
 ) -> tuple[tuple[bytes, ...], memoryview]:
     """The argument rules both implementations share; returns (prefixes, prefix_of as uint32).
+    With *per_item* false the per-item rule is left to the caller (the native loop checks it
+    without Python and calls this again, per item, to name the first offender).
 
     Raises:
         TypeError: *view* is not a BatchView, a prefix is not bytes, *prefix_of* is not a
@@ -87,7 +89,7 @@ def check_splice_arguments(
         raise TypeError("prefix_of must be a buffer of uint32 (array('I'))") from None
     if len(idx) != view.count:
         raise ValueError(f"prefix_of has {len(idx)} entries for {view.count} items")
-    for i, p in enumerate(idx):
+    for i, p in enumerate(idx if per_item else ()):
         if p != NO_PAYLOAD and p >= len(prefixes):
             raise ValueError(f"prefix_of[{i}] = {p} names no prefix ({len(prefixes)} given)")
     return prefixes, idx

@@ -80,7 +80,7 @@ from ._splice_py import reencode as _reencode
 
 def splice_payloads(view, prefixes, prefix_of) -> SplicedPayloads:
     cdef tuple pre
-    pre, idx_view = _check_splice_arguments(view, prefixes, prefix_of)
+    pre, idx_view = _check_splice_arguments(view, prefixes, prefix_of, False)
     cdef const uint32_t[::1] idx = idx_view
     cdef const uint32_t[::1] cols = memoryview(view.columns).cast("I")
     cdef bytes data = view.data
@@ -103,6 +103,9 @@ def splice_payloads(view, prefixes, prefix_of) -> SplicedPayloads:
         for k in range(npre):
             ppre[k] = <const uint8_t *>PyBytes_AS_STRING(pre[k])
             plen[k] = PyBytes_GET_SIZE(pre[k])
+        for i in range(count):  # the per-item rule, in C; the reference names the offender
+            if idx[i] != SPLICE_NONE and idx[i] >= <uint32_t>npre:
+                _check_splice_arguments(view, prefixes, prefix_of)
         with nogil:
             for i in range(count):
                 src[i] = base + cols[i * WALK_NFIELDS + 0]
@@ -166,13 +169,13 @@ def encode_sign_batch_result(protected, kids, protected_of, payloads, payload_of
     cdef tuple pre, kidt
     pre, kidt, idx_v, pay_v, sig_v = _check_reply_arguments(
         protected, kids, protected_of, payloads, payload_offsets, signatures,
-        signature_offsets, refusals, level, single)
+        signature_offsets, refusals, level, single, False)
     cdef const uint32_t[::1] idx = idx_v
     cdef const uint32_t[::1] pay_off = pay_v
     cdef const uint32_t[::1] sig_off = sig_v
     cdef uint32_t count = len(idx_v), i, bad = 0
     cdef int lvl = level, one = bool(single), rc
-    bad_refusal = _first_bad_refusal(refusals, one)
+    bad_refusal = None
     cdef Py_ssize_t npre = len(pre), k
     cdef const uint8_t **ppre = <const uint8_t **>malloc(max(npre, 1) * sizeof(uint8_t *))
     cdef size_t *plen = <size_t *>malloc(max(npre, 1) * sizeof(size_t))
@@ -187,7 +190,29 @@ def encode_sign_batch_result(protected, kids, protected_of, payloads, payload_of
     cdef list encoded = []
     cdef const uint8_t *payp = <const uint8_t *>PyBytes_AS_STRING(payloads)
     cdef const uint8_t *sigp = <const uint8_t *>PyBytes_AS_STRING(signatures)
+    cdef Py_ssize_t unsigned_items = 0
+    cdef bint bad_columns = False
     try:
+        for i in range(count):  # the per-item rules, in C; the reference names the offender
+            if pay_off[i] > pay_off[i + 1] or sig_off[i] > sig_off[i + 1]:
+                bad_columns = True
+            if idx[i] == REPLY_NONE:
+                unsigned_items += 1
+            elif idx[i] >= <uint32_t>npre:
+                bad_columns = True
+        # Refusal keys are distinct items in range (checked): they are exactly the unsigned
+        # items when their numbers agree and each refusal's item is unsigned.
+        if unsigned_items != len(refusals):
+            bad_columns = True
+        else:
+            for r in refusals:
+                if idx[<uint32_t>r] != REPLY_NONE:
+                    bad_columns = True
+        if bad_columns:
+            _check_reply_arguments(protected, kids, protected_of, payloads, payload_offsets,
+                                   signatures, signature_offsets, refusals, level, single)
+            raise AssertionError("unreachable: the reference names the inconsistency")
+        bad_refusal = _first_bad_refusal(refusals, one)
         if ppre == NULL or plen == NULL or pkid == NULL or ref == NULL or reflen == NULL:
             raise MemoryError()
         for k in range(npre):

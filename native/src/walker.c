@@ -1,6 +1,9 @@
-/* Request walker: see walker.h. The body has passed dcc_cbor_scan before anything here reads
- * it, so every head and string is known to lie inside the buffer; the reads below still stop
- * at the buffer's end rather than trust that. */
+/* Request walker, claims splice and reply body: see walker.h.
+ *
+ * walk_check is the one pass over untrusted bytes: it checks everything (well-formedness,
+ * the data item and depth limits of dcc_cbor_scan, the strict decoder's rules), reading
+ * nothing past the buffer's end. Everything after it (pass 3, the splice's canonical check)
+ * reads a body walk_check accepted, and still stops at the buffer's end. */
 #include "walker.h"
 
 #include <stdlib.h>
@@ -19,9 +22,11 @@ typedef struct {
     int max_depth;
 } rd_t;
 
-/* The head at r->pos (well-formed: scanned). Returns 0 at the buffer's end. Inlined: the
- * walk is mostly heads. */
-static inline __attribute__((always_inline)) int head(rd_t *r, unsigned *major, uint64_t *arg, int *indef, unsigned *info)
+/* The head at r->pos, counted. Returns 0 if it is truncated or not well-formed (reserved
+ * additional information, an indefinite integer or tag, a stray break). Inlined: the walk is
+ * mostly heads. */
+static inline __attribute__((always_inline)) int head(rd_t *r, unsigned *major, uint64_t *arg,
+                                                      int *indef, unsigned *info)
 {
     if (r->pos >= r->len) return 0;
     uint8_t ib = r->buf[r->pos++];

@@ -39,9 +39,11 @@ enum {
 #define WALK_FLAG_ACCOUNT_NON_ASCII 0x2u
 #define WALK_FLAG_OPERATOR_NON_ASCII 0x4u
 
-/* Pass 1 and 2: exactly one well-formed CBOR item within the limits (dcc_cbor_scan), then
- * every rule the codec's strict decoder applies: no tags, valid UTF-8 in every text chunk, no
- * two-byte simple values below 32, map keys text or bytes only, no duplicate keys. */
+/* In one pass: exactly one well-formed CBOR item within the limits (what dcc_cbor_scan
+ * refuses: more than max_items data items, more than max_depth levels, malformed, trailing
+ * bytes) and every rule the codec's strict decoder applies: no tags, valid UTF-8 in every
+ * text chunk, no two-byte simple values below 32, map keys text or bytes only, no duplicate
+ * keys. */
 int walk_check(const uint8_t *buf, size_t len, uint64_t max_items, int max_depth);
 
 /* Where the items are: for a batch (single = 0) the body map's "items" array (its offset and
