@@ -39,8 +39,18 @@ from .dcc import DCCValidationError
 from .native import _walker_py as W
 from .native._splice_py import NO_PAYLOAD
 from .protocol.codes import ErrorCode
+from .protocol.wire import ItemResult
 
-__all__ = ["Frame", "FrameReply", "FrameRows", "KidRows", "check_rows", "columns_of", "plain"]
+__all__ = [
+    "Frame",
+    "FrameReply",
+    "FrameRows",
+    "KidRows",
+    "check_rows",
+    "columns_of",
+    "keyed_rows",
+    "plain",
+]
 
 
 def columns_of(view: native.BatchView) -> array:
@@ -52,15 +62,16 @@ def columns_of(view: native.BatchView) -> array:
 
 
 def plain(view: native.BatchView, cols: array) -> bool:
-    """Whether no item of the frame has an idempotency key, a kid or a validity of its own:
-    then every item is signed alike but for its DCC, account and operator."""
+    """Whether no item of the frame asks for a kid or a validity of its own: then every item
+    is signed alike but for its DCC, account and operator (and idempotency key)."""
     n = view.count
     nf = W.NFIELDS
-    return (
-        cols[W.KEY_LEN :: nf].count(0) == n
-        and cols[W.KID_OFF :: nf].count(0) == n
-        and cols[W.VALIDITY :: nf].count(0) == n
-    )
+    return cols[W.KID_OFF :: nf].count(0) == n and cols[W.VALIDITY :: nf].count(0) == n
+
+
+def keyed_rows(view: native.BatchView, cols: array) -> array:
+    """The items that carry an idempotency key, ascending."""
+    return array("I", compress(range(view.count), cols[W.KEY_LEN :: W.NFIELDS]))
 
 
 @dataclass
@@ -156,6 +167,10 @@ class Frame:
         self.prefixes: list[bytes] = []
         self._types = "".join(t or "-" for t in rows.types).encode()
 
+    def retype(self) -> None:
+        """Take changes to ``rows.types`` into account (rows left out of the frame)."""
+        self._types = "".join(t or "-" for t in self.rows.types).encode()
+
     def rows_of(self, dcc_type: str) -> array:
         """The items whose DCC is valid and of *dcc_type*, ascending."""
         ch = ord(dcc_type)
@@ -224,6 +239,31 @@ class Frame:
     def signed(self, k: int, rows: array, result: Any) -> None:
         self.kids[k].signed_rows = rows
         self.kids[k].result = result
+
+    async def results(self, level: int) -> list[Any]:
+        """One :class:`~dccsign.protocol.wire.ItemResult` per item (for a frame whose reply
+        cannot be encoded from columns alone: some items are answered from the idempotency
+        cache). The HC1 strings are made per kid in one native call each."""
+        out: list[Any] = [None] * self.count
+        for kid in self.kids:
+            if not kid.signed_rows:
+                continue
+            result = kid.result
+            starts = array("I", [0])
+            starts += kid.ends[:-1]
+            at = {r: j for j, r in enumerate(kid.rows)}
+            data = kid.spliced.data
+            payloads = [data[starts[at[r]] : kid.ends[at[r]]] for r in kid.signed_rows]
+            job = (kid.key.protected, payloads, result.signature_list(), level)
+            if len(payloads) > INLINE_ENCODE:
+                texts = await trio.to_thread.run_sync(native.hc1_encode, *job)
+            else:
+                texts = native.hc1_encode(*job)
+            for r, text in zip(kid.signed_rows, texts, strict=True):
+                out[r] = ItemResult(hc1=text, kid=kid.key.dsc.kid)
+        for i, (code, message, retry) in self.refusals.items():
+            out[i] = ItemResult(error=ErrorCode(code), message=message, retry_after_ms=retry)
+        return out
 
     async def encode(self, level: int, single: bool = False) -> FrameReply:
         """The reply body (``native.encode_sign_batch_result``), in a worker thread when it

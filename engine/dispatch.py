@@ -269,22 +269,75 @@ class Dispatcher:
     ) -> list[ItemResult] | dataplane.FrameReply:
         """The reply to a frame walked by :func:`dccsign.native.walk_sign_batch`.
 
-        A plain frame (:func:`dataplane.plain`) is handled per frame, per DCC type, per
-        distinct account and per kid, and answered with its encoded reply body
-        (:class:`dataplane.FrameReply`, built by ``native.encode_sign_batch_result``). Any
-        other frame goes item by item (:meth:`sign`) and gets one :class:`ItemResult` per
-        item. Both give the same result for every item. *single*: the frame is a SIGN (its
-        reply a SIGN_RESULT). Never raises for anything an item holds.
+        A plain frame (:func:`dataplane.plain`: no item asks for a kid or validity of its own)
+        is handled per frame, per DCC type, per distinct account and per kid. Without
+        idempotency keys it is answered with its encoded reply body
+        (:class:`dataplane.FrameReply`, built by ``native.encode_sign_batch_result``); with
+        keys, each keyed item is looked up in the idempotency cache first (Python per keyed
+        item: repeats are answered from the cache, conflicts refused, the new ones signed with
+        the rest) and the reply is one :class:`ItemResult` per item. Any other frame goes
+        item by item (:meth:`sign`). Both give the same result for every item. *single*: the
+        frame is a SIGN (its reply a SIGN_RESULT). Never raises for anything an item holds.
         """
         cols = dataplane.columns_of(view)
         if not dataplane.plain(view, cols):
             return await self.sign(client, view.sign_items(), types)
+        keyed = dataplane.keyed_rows(view, cols)
+        answered: dict[int, ItemResult] = {}  # from the cache, or refused as a conflict
+        waits: list[tuple[int, trio.Event, SignItem]] = []
+        fresh: dict[int, SignItem] = {}
+        for i in keyed:
+            item = _item_of(view, i)
+            state, value = self.idempotency.lookup(client, item)
+            if state == "new":
+                fresh[i] = item
+            elif state == "done":
+                answered[i] = value
+            elif state == "wait":
+                waits.append((i, value, item))
+            else:
+                answered[i] = _failure(
+                    ErrorCode.IDEMPOTENCY_CONFLICT,
+                    "this idempotency key was used for a different request",
+                )
+        try:
+            skip = set(answered).union(i for i, _e, _it in waits)
+            frame = await self._frame(client, view, cols, skip)
+            if not keyed:
+                reply = await frame.encode(self.batcher.zlib_level, single)
+                if types is not None:
+                    types[:] = frame.rows.types
+                return reply
+            results = await frame.results(self.batcher.zlib_level)
+        except BaseException:
+            # No key may stay "in progress" for ever: its retries would wait for nothing.
+            failed = _failure(ErrorCode.INTERNAL, "internal error", retry_after_s=0.1)
+            for item in fresh.values():
+                self.idempotency.finish(client, item, failed)
+            raise
+        for i, item in fresh.items():
+            self.idempotency.finish(client, item, results[i])
+        for i, result in answered.items():
+            results[i] = result
+        for i, event, item in waits:
+            await event.wait()
+            first = self.idempotency.result(client, item)
+            results[i] = first or _failure(
+                ErrorCode.INTERNAL, "the first attempt failed; retry", retry_after_s=0.1
+            )
+        if types is not None:
+            types[:] = frame.rows.types
+        return results
+
+    async def _frame(self, client: str, view: Any, cols: array, skip: set[int]) -> Any:
+        """A plain frame prepared and signed (everything but its reply); *skip*: items
+        answered otherwise (from the idempotency cache), which are not signed."""
         turns = self._turns.get(client)
         if turns is None:
             turns = self._turns[client] = trio.Semaphore(PREPARE_TURNS)
         started = trio.current_time()
         async with turns:
-            frame = self._prepare_frame(client, view, cols)
+            frame = self._prepare_frame(client, view, cols, skip)
         if self._on_stage is not None:
             self._on_stage("prepare", trio.current_time() - started)
         if len(frame.kids) == 1:
@@ -293,13 +346,13 @@ class Dispatcher:
             async with trio.open_nursery() as nursery:
                 for k in range(len(frame.kids)):
                     nursery.start_soon(self._keyd_frame, client, frame, k)
-        reply = await frame.encode(self.batcher.zlib_level, single)
-        if types is not None:
-            types[:] = frame.rows.types
-        return reply
+        return frame
 
-    def _prepare_frame(self, client: str, view: Any, cols: array) -> dataplane.Frame:
-        """Everything before keyd: validation, key, claims, policy, size and quotas."""
+    def _prepare_frame(
+        self, client: str, view: Any, cols: array, skip: set[int]
+    ) -> dataplane.Frame:
+        """Everything before keyd: validation, key, claims, policy, size and quotas. The
+        rows in *skip* are left out (held as refusals until their answers replace them)."""
         policy = self.policy.current()
         now = self.clock()
         cp = policy.client(client)
@@ -307,6 +360,11 @@ class Dispatcher:
         frame = dataplane.Frame(
             view, dataplane.check_rows(view, cols, self._rules, decode=per_item_policy)
         )
+        for i in skip:
+            frame.rows.failures.pop(i, None)
+            frame.rows.types[i] = ""
+            frame.refuse(i, ErrorCode.INTERNAL, "answered from the idempotency cache")
+        frame.retype()
         for i, message in frame.rows.failures.items():
             frame.refuse(i, ErrorCode.INVALID_DCC, message)
         for dcc_type in "vtr":
@@ -565,6 +623,13 @@ class Dispatcher:
             self.quotas.release(client, prepared.account, 1)
             out.append(_keyd_failure(outcome))
         return out
+
+
+def _item_of(view: Any, i: int) -> SignItem:
+    """Item *i* of a walked frame as the codec would have decoded it (a keyed item: the
+    idempotency cache compares what it asks for)."""
+    dcc, account, operator, kid, validity, key = view.values(i)
+    return SignItem(cbor2.loads(dcc), account, operator, kid, validity, key)
 
 
 def _keyd_failure(outcome: tuple[int, str]) -> ItemResult:
