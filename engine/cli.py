@@ -498,8 +498,9 @@ def _nonce_pool_option(parser: argparse.ArgumentParser | Any) -> None:
         "spent by signing, so that a burst signs at "
         f"about 1 us per signature until the pool runs dry (default {NONCE_POOL_DEFAULT:,} = "
         f"{NONCE_POOL_DEFAULT * 64 // 1024 // 1024} MiB per key; 0: no pools; never for token "
-        "keys). Size it as signatures/s through one key during a burst x the burst's seconds: "
-        "the pool is not refilled while the cores are busy signing",
+        "keys; at most 65,536 with DCCSIGN_PUREPYTHON=1). Size it as signatures/s through one "
+        "key during a burst x the burst's seconds: the pool is not refilled while the cores "
+        "are busy signing",
     )
 
 

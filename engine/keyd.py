@@ -130,6 +130,11 @@ SIGN_CHUNK = 32
 #: one idle core. mlock of 64 MiB needs CAP_IPC_LOCK or a memlock limit above the default
 #: 8 MiB; without either the pool works unlocked and keyd says so (_log_pool).
 DEFAULT_NONCE_POOL = 1 << 20
+#: The largest pool keyd gives a key when it runs on the pure-Python reference (the size the
+#: default was before the native refill got cheap; see Keyd._pool_size).
+PURE_PYTHON_NONCE_POOL = 1 << 16
+#: The most entries a pool may have (native/src/noncepool.c and its twin refuse more).
+POOL_MAX_ENTRIES = 1 << 24
 JOURNAL_OFFSET = "key-events.offset"
 #: Connections keyd serves at once (a thread each); the engine uses --keyd-connections (2).
 MAX_CONNECTIONS = 64
@@ -531,7 +536,7 @@ class Keyd:
                 _close_pool(loaded, f"is {loaded.state}")
             elif self.nonce_pool and loaded.key.nonce_pool_info() is None:
                 try:
-                    info = loaded.key.enable_nonce_pool(self.nonce_pool, background=True)
+                    info = loaded.key.enable_nonce_pool(self._pool_size(), background=True)
                 except (native.SigningError, ValueError, OSError) as exc:
                     # The pool only makes bursts faster: without it the key signs as before.
                     LOGGER.warning(
@@ -540,6 +545,17 @@ class Keyd:
                     )
                     continue
                 _log_pool(loaded, info)
+
+    def _pool_size(self) -> int:
+        """Entries per pool: ``nonce_pool``, at most PURE_PYTHON_NONCE_POOL with the pure-Python
+        reference (its refill thread runs Python holding the GIL: preempted at idle priority,
+        it would stall keyd's other threads, for minutes with a pool sized for the native
+        burst)."""
+        size = self.nonce_pool
+        # (A size the pool refuses anyway is passed on, so that keyd says why.)
+        if self._impl.__name__ == "dccsign.native._reference" and size <= POOL_MAX_ENTRIES:
+            return min(size, PURE_PYTHON_NONCE_POOL)
+        return size
 
     def refresh(self) -> None:
         """Pick up key state changes (activate, retire, disable) from the keystore metadata."""

@@ -445,3 +445,21 @@ def test_a_pool_that_cannot_be_made_does_not_stop_keyd(dev_keystore_copy, tmp_pa
     finally:
         keyd.close()
         log.close()
+
+
+def test_the_pure_python_reference_gets_a_smaller_pool(dev_keystore_copy, tmp_path):
+    """Its refill runs Python holding the GIL: keyd caps its pools (a pool sized for the
+    native burst kept keyd's other threads waiting for seconds under load)."""
+    from dccsign import keyd as keyd_module
+    from dccsign.native import implementation
+
+    store = Keystore.open(dev_keystore_copy)
+    pw = resolve_passphrase(store.directory)
+    log = AuditLog.open(tmp_path / "audit", AuditKey.create(tmp_path / "audit-key.pem", pw))
+    keyd = Keyd(store.directory, pw, log, nonce_pool=1 << 20, impl=implementation("python"))
+    try:
+        sizes = {k.pool.capacity for k in keyd.describe() if k.pool is not None}
+        assert sizes == {keyd_module.PURE_PYTHON_NONCE_POOL}
+    finally:
+        keyd.close()
+        log.close()
