@@ -553,7 +553,11 @@ class Keyd:
         burst)."""
         size = self.nonce_pool
         # (A size the pool refuses anyway is passed on, so that keyd says why.)
-        if self._impl.__name__ == "dccsign.native._reference" and size <= POOL_MAX_ENTRIES:
+        # impl is the dccsign.native facade (IMPLEMENTATION says which it bound) or a module.
+        python = getattr(self._impl, "IMPLEMENTATION", None) == "python" or (
+            self._impl.__name__ == "dccsign.native._reference"
+        )
+        if python and size <= POOL_MAX_ENTRIES:
             return min(size, PURE_PYTHON_NONCE_POOL)
         return size
 

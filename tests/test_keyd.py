@@ -463,3 +463,21 @@ def test_the_pure_python_reference_gets_a_smaller_pool(dev_keystore_copy, tmp_pa
     finally:
         keyd.close()
         log.close()
+
+
+def test_keyd_on_the_facade_caps_its_pools_when_the_reference_is_selected(monkeypatch):
+    """keyd's default impl is the dccsign.native facade: the cap follows what it bound."""
+    from dccsign import keyd as keyd_module
+    from dccsign import native
+
+    class Facade:
+        __name__ = "dccsign.native"
+        IMPLEMENTATION = "python"
+
+    k = object.__new__(Keyd)
+    k._impl, k.nonce_pool = Facade(), 1 << 20
+    assert k._pool_size() == keyd_module.PURE_PYTHON_NONCE_POOL
+    k._impl = native
+    assert k._pool_size() == (
+        keyd_module.PURE_PYTHON_NONCE_POOL if native.IMPLEMENTATION == "python" else 1 << 20
+    )
