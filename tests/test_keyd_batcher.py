@@ -299,7 +299,9 @@ async def test_a_busy_portal_does_not_queue_another_behind_its_backlog(autojump_
         await _until(lambda: not (batcher.in_flight or batcher.pending))
         nursery.cancel_scope.cancel()
     clients = [[p.client for p in call] for call in keyd.calls]
-    assert "quiet" in clients[2], clients[:4]  # the first micro-batch sent after it came
+    # In the first flush after it came: that flush forms two micro-batches at once (two
+    # slots free together), and trio may start their sends in either order.
+    assert any("quiet" in c for c in clients[2:4]), clients[:5]
     assert sum(len(p.payloads) for call in keyd.calls for p in call) == 161
 
 
