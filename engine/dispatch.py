@@ -412,18 +412,16 @@ class Dispatcher:
             view.data, view.columns, W.NFIELDS, (W.ACCOUNT_OFF, W.ACCOUNT_LEN), rows
         )
         counts = collections.Counter(index)
-        for k, span in enumerate(table):
-            account = span.decode()
-            refusal = self.quotas.try_reserve(policy, client, account, counts[k])
+        verdicts = self.quotas.try_reserve_many(
+            policy, client, [span.decode() for span in table],
+            [counts[k] for k in range(len(table))],
+        )  # fmt: skip
+        for k, (granted, refusal) in enumerate(verdicts):
             if refusal is None:
                 continue
             mine = array("I", (r for r, j in zip(rows, index, strict=True) if j == k))
-            for n in range(len(mine)):
-                refusal = self.quotas.try_reserve(policy, client, account, 1)
-                if refusal is not None:
-                    frame.refuse_result(mine[n:], _refused(refusal))
-                    refused.update(mine[n:])
-                    break
+            frame.refuse_result(mine[granted:], _refused(refusal))
+            refused.update(mine[granted:])
         return refused
 
     async def _keyd_frame(self, client: str, frame: dataplane.Frame, k: int) -> None:

@@ -12,6 +12,8 @@ import re
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dccsign.errors import DccSignError
 from dccsign.policy import (
@@ -891,3 +893,83 @@ def test_weight_is_a_small_positive_integer():
         assert info.value.problems == (
             f"clients.a.weight: expected an integer from 1 to 1000, got {shown}",
         )
+
+
+# ------------------------------------------------ reservations of a whole frame (issue 14)
+
+
+def _reserve_one_by_one(tracker, policy, client, accounts, counts):
+    """What try_reserve_many must equal: the engine's old loop of single calls."""
+    out = []
+    for account, n in zip(accounts, counts, strict=True):
+        refusal = tracker.try_reserve(policy, client, account, n)
+        granted = n
+        if refusal is not None:
+            for granted in range(n):  # noqa: B007 - granted is the result
+                refusal = tracker.try_reserve(policy, client, account, 1)
+                if refusal is not None:
+                    break
+            else:
+                granted, refusal = n, None
+        out.append((granted, refusal))
+    return out
+
+
+def _state(tracker, client, names):
+    return (
+        tracker.usage(client),
+        {a: tracker.usage(client, a) for a in names},
+        len(tracker),
+        tracker.evicted_live,
+    )
+
+
+_limits = st.one_of(st.none(), st.fixed_dictionaries(
+    {}, optional={"per_minute": st.integers(1, 12), "per_hour": st.integers(1, 30)}
+).filter(bool))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    quota=_limits,
+    account_quota=_limits,
+    max_accounts=st.integers(1, 8),
+    frames=st.lists(
+        st.tuples(
+            st.floats(0, 90),  # seconds since the frame before
+            st.lists(st.tuples(st.integers(0, 9), st.integers(1, 7)), max_size=8,
+                     unique_by=lambda t: t[0]),
+        ),
+        min_size=1, max_size=6,
+    ),
+    client=st.sampled_from(["portal-a", "portal-b", "portal-x"]),
+)
+def test_try_reserve_many_is_the_single_calls_in_order(
+    quota, account_quota, max_accounts, frames, client
+):
+    """Same grants, same refusals (code, message, retry_after) and the same state as the
+    single calls -- through client and account limits, refusals in the middle of a frame,
+    new accounts, evictions from a small account table, windows expiring between frames."""
+    policy = quota_policy(quota, account_quota)
+    clocks = FakeClock(), FakeClock()
+    batch = QuotaTracker(clocks[0], max_accounts=max_accounts)
+    single = QuotaTracker(clocks[1], max_accounts=max_accounts)
+    for gap, items in frames:
+        for clock in clocks:
+            clock.t += gap
+        names = [f"uzi:{a}" for a, _ in items]
+        counts = [n for _, n in items]
+        got = batch.try_reserve_many(policy, client, names, counts)
+        want = _reserve_one_by_one(single, policy, client, names, counts)
+        assert got == want
+        everyone = [f"uzi:{a}" for a in range(10)]
+        assert _state(batch, client, everyone) == _state(single, client, everyone)
+
+
+def test_try_reserve_many_checks_its_arguments():
+    tracker = QuotaTracker(FakeClock())
+    with pytest.raises(ValueError, match="differ in length"):
+        tracker.try_reserve_many(quota_policy(), "portal-a", ["a"], [1, 2])
+    with pytest.raises(ValueError, match="at least 1"):
+        tracker.try_reserve_many(quota_policy(), "portal-a", ["a", "b"], [1, 0])
+    assert tracker.try_reserve_many(quota_policy(), "portal-a", [], []) == []
