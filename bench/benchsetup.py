@@ -36,6 +36,9 @@ class DevEngine:
     http: int
     store: Path
 
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.http}/metrics"
+
     def load_args(self) -> list[str]:
         """The ``dccsign bench load`` options that reach it: TLS with the development client
         certificate, and its metrics endpoint."""
@@ -43,7 +46,7 @@ class DevEngine:
         return [
             "--server", f"127.0.0.1:{self.port}", "--cert", str(tls / "client-cert.pem"),
             "--key", str(tls / "client-key.pem"), "--ca", str(tls / "ca.pem"),
-            "--metrics", f"http://127.0.0.1:{self.http}/metrics",
+            "--metrics", self.metrics_url(),
         ]
 
 

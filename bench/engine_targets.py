@@ -7,7 +7,9 @@ Steps, all on this machine, one after the other:
 1. ``dccsign bench core --threads 2``: the in-process product path on both cores, the
    reference the engine is held to (target: the engine sustains >= 85 % of it).
 2. A fresh engine (``dccsign serve --dev`` in a temporary directory: development keystore,
-   supervised keyd, TLS with the development client certificate) on loopback TCP.
+   supervised keyd, TLS with the development client certificate) on loopback TCP; with nonce
+   pools (the default), the steps below start once every pool is full (``pool_wait_s``): a
+   fresh keyd spends tens of seconds of idle-priority CPU filling them, once.
 3. ``dccsign bench load --closed-loop``: the most the engine sustains (connections x requests
    in flight, batch frames of ``--batch``).
 4. ``dccsign bench load`` open loop at half that rate: p99 (target <= 20 ms).
@@ -94,6 +96,15 @@ def bench_core(seconds: float) -> float:
     return float(json.loads(out.stdout)["certs_per_s"])
 
 
+def wait_pools(url: str, timeout: float = 600.0) -> float:
+    """Seconds until every nonce pool of the engine at *url* (its metrics) is full."""
+    import trio
+
+    from dccsign.loadpool import wait_for_full_pool
+
+    return trio.run(lambda: wait_for_full_pool(url, timeout)).waited_s
+
+
 def load(args: list[str], tag: str, workdir: Path, engine_pid: int | None = None) -> dict:
     report = workdir / f"{tag}.json"
     cpu = ["--cpu-pid", f"engine={engine_pid}"] if engine_pid else []
@@ -142,6 +153,12 @@ def main(argv: list[str] | None = None) -> int:
             *running.load_args(), "--batch", str(args.batch),
             "--connections", str(args.connections), "--verify-sample", "0.01",
         ]
+        if args.nonce_pool != 0:
+            # A fresh keyd fills its pools at idle priority (tens of seconds of CPU for the
+            # default 2^20 entries per key): measured during that fill, the run would mostly
+            # show the fill competing for the cores, which a serving engine does only once.
+            print("   waiting for full nonce pools ...", flush=True)
+            result["pool_wait_s"] = wait_pools(running.metrics_url())
         print("2. warm-up ...", flush=True)
         load([*common, "--closed-loop", "--duration", "3"], "warmup", work)
         print("3. closed loop (the maximum) ...", flush=True)
