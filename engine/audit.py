@@ -1486,33 +1486,58 @@ class AuditLog:
                 the table entry or item); nothing is written.
             AuditUnavailable: as :meth:`append_batches`; the signatures must not be released.
         """
-        c = columns
+        return self.append_columns_many(
+            [(kid, alg, columns, facts, selected, signatures, sig_ends)]
+        )[0]
+
+    def append_columns_many(self, batches: Sequence[tuple[Any, ...]]) -> list[range]:
+        """:meth:`append_columns` for several batches (keyd's SIGN_KIDS: one per kid), each
+        a tuple of that method's arguments: their records in order, one checkpoint, one
+        write, one fsync -- all of them durable, or none written.
+
+        Returns:
+            Per batch, its records' sequence numbers.
+
+        Raises:
+            ValueError, TypeError, AuditUnavailable: as :meth:`append_columns`, for all of
+                them (nothing is written).
+        """
         with self._lock:
             self._usable()
-            if not len(selected):
-                return range(self._seq, self._seq)
-            now = _format_time(self._clock())
-            blob, prev = native.audit_issue_columns(
-                now.encode(), alg, kid, c.clients, c.accounts, c.operators, c.client_ix,
-                c.account_ix, c.operator_ix, c.payloads, c.ends, facts, selected, signatures,
-                sig_ends, self._seq, self._prev,
-            )  # fmt: skip
             first_seq = self._seq
-            count = len(selected)
-            closing = self._records_in_segment + count >= self._segment_records
             saved = (self._seq, self._prev, self._last_checkpoint)
-            self._seq, self._prev = first_seq + count, prev
-            # the issue lines arrive joined by newlines: one element of the commit
-            lines = [blob, self._checkpoint_line(now, "segment" if closing else None)]
+            now = _format_time(self._clock())
+            stamp = now.encode()
+            blobs: list[bytes] = []
+            spans: list[range] = []
+            seq, prev = self._seq, self._prev
+            for kid, alg, c, facts, selected, signatures, sig_ends in batches:
+                if not len(selected):
+                    spans.append(range(seq, seq))
+                    continue
+                blob, prev = native.audit_issue_columns(
+                    stamp, alg, kid, c.clients, c.accounts, c.operators, c.client_ix,
+                    c.account_ix, c.operator_ix, c.payloads, c.ends, facts, selected,
+                    signatures, sig_ends, seq, prev,
+                )  # fmt: skip
+                blobs.append(blob)
+                spans.append(range(seq, seq + len(selected)))
+                seq += len(selected)
+            count = seq - first_seq
+            if not count:
+                return spans
+            closing = self._records_in_segment + count >= self._segment_records
+            self._seq, self._prev = seq, prev
+            # each batch's issue lines arrive joined by newlines: one element of the commit
             try:
-                self._commit(lines)
+                self._commit([*blobs, self._checkpoint_line(now, "segment" if closing else None)])
             except AuditUnavailable:
                 self._seq, self._prev, self._last_checkpoint = saved
                 raise
             self._records_in_segment += count
             if closing:
                 self._rotate()
-            return range(first_seq, first_seq + count)
+            return spans
 
     def append_key_event(self, event: KeyEvent) -> int:
         """Append a key lifecycle record and a checkpoint; durable on return.

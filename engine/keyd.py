@@ -66,7 +66,7 @@ import time
 from array import array
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import accumulate, compress
 from pathlib import Path
 from typing import Any
@@ -91,9 +91,11 @@ from .protocol.keyd import (
     KeydColumns,
     KeydProtocolError,
     KeyInfo,
+    KidsResult,
     PoolStatus,
     Sign,
     SignColumns,
+    SignKids,
     SignMany,
     SignPart,
     SignResult,
@@ -117,8 +119,9 @@ DEFAULT_SKEW = 60
 #: How often keyd looks at the keystore metadata for state changes (emergency disable must
 #: take effect within a second).
 RELOAD_INTERVAL = 0.5
-#: Payloads per signing task: small enough that checking the next chunk overlaps signing this
-#: one, large enough that the per-call cost of the native batch stays negligible.
+#: The fewest payloads per signing task: a batch is split over the signing workers (one
+#: chunk each), but not into chunks smaller than this, whose hand-off would cost more than
+#: the parallel signing saves.
 SIGN_CHUNK = 32
 #: Nonce pool entries per active ES256 software key: 2^20 x 64 bytes = 64 MiB. The sizing
 #: rule: entries = signatures/s through the key during a burst x the burst's seconds, since the
@@ -178,6 +181,29 @@ def _refuse_selected(
         codes[i] = code
         reasons[i] = why
     return _columns_result(rid, codes, [], reasons)
+
+
+@dataclass(eq=False)
+class _Batch:
+    """One kid's batch inside :meth:`Keyd.sign_columns` / :meth:`Keyd.sign_kids`: checked,
+    then signing (``pending``), then signed and waiting for the audit commit; ``result``
+    once it is answered."""
+
+    rid: int
+    cols: KeydColumns
+    result: ColumnsResult | None
+    dsc: Any = None
+    codes: bytearray = field(default_factory=bytearray)
+    facts: bytes = b""
+    reasons: dict[int, str] = field(default_factory=dict)
+    pending: list[tuple[array, Future[list[bytes]]]] = field(default_factory=list)
+    selected: array = field(default_factory=lambda: array("I"))
+    signatures: list[bytes] = field(default_factory=list)
+    blob: bytes = b""
+    sig_ends: array = field(default_factory=lambda: array("I"))
+
+    def refuse_selected(self, code: ItemError, why: str) -> ColumnsResult:
+        return _refuse_selected(self.rid, self.codes, self.selected, self.reasons, code, why)
 
 
 @dataclass
@@ -619,26 +645,44 @@ class Keyd:
     def sign_columns(self, req: SignColumns) -> ColumnsResult:
         """Check, sign, audit, then release a batch in columns (SIGN_COLUMNS): each item is
         allowed, checked and audited under its own client, account and operator; the checks
-        (``native.keyd_check_columns``), the signing passes and the audit lines
-        (``native.audit_issue_columns``) and commit (one fsync) run over the whole batch.
-        Python work per item is limited to the refused items' reasons, the DCC validation
-        (:meth:`_validate_columns`, while it is the Python validator) and handing payloads
-        to the signing key. Results are columns in item order."""
+        (``native.keyd_check_columns``), the DCC validation (``native.validate_cwt_batch``),
+        the signing passes and the audit lines (``native.audit_issue_columns``) and commit
+        (one fsync) run over the whole batch. Python work per item is limited to the refused
+        items' reasons and handing payloads to the signing key. Results are columns in item
+        order."""
         self.refresh()
         self._retry_audit()
-        cols = req.columns
+        batch = self._start(req.request_id, req.kid, req.columns)
+        self._finish([batch])
+        assert batch.result is not None
+        return batch.result
+
+    def sign_kids(self, req: SignKids) -> KidsResult:
+        """:meth:`sign_columns` for several kids' batches at once (SIGN_KIDS): each batch is
+        answered as it would be alone, the signing of all of them overlaps, and their audit
+        records are made durable in one commit (one fsync, one checkpoint) before any
+        signature leaves. If that commit fails, no batch's signatures leave."""
+        self.refresh()
+        self._retry_audit()
+        batches = [self._start(0, b.kid, b.columns) for b in req.batches]
+        self._finish(batches)
+        return KidsResult(req.request_id, tuple(b.result for b in batches))  # type: ignore[misc]
+
+    def _start(self, rid: int, kid: bytes, cols: KeydColumns) -> _Batch:
+        """A batch checked, validated and handed to the signing workers (or already answered:
+        ``result`` set)."""
         n = len(cols)
-        rid = req.request_id
         with self._lock:
-            key = self._keys.get(req.kid)
+            key = self._keys.get(kid)
         if key is None or key.state != "active":
             why = "unknown kid" if key is None else f"key is {key.state}"
-            return ColumnsResult.refuse_all(rid, n, ItemError.KID_NOT_ACTIVE, why)
+            return _Batch(rid, cols, ColumnsResult.refuse_all(rid, n, ItemError.KID_NOT_ACTIVE,
+                                                              why))  # fmt: skip
         if self.audit_failure is not None:
-            return ColumnsResult.refuse_all(rid, n, ItemError.AUDIT_UNAVAILABLE,
-                                            self.audit_failure)  # fmt: skip
+            return _Batch(rid, cols, ColumnsResult.refuse_all(
+                rid, n, ItemError.AUDIT_UNAVAILABLE, self.audit_failure))  # fmt: skip
         if not n:
-            return ColumnsResult(rid, b"")
+            return _Batch(rid, cols, ColumnsResult(rid, b""))
         dsc = key.dsc
         now = self.clock()
         limit = max_payload(dsc.alg)
@@ -649,65 +693,82 @@ class Keyd:
             dsc.not_before.timestamp(), dsc.not_after.timestamp(), now + self.skew,
             "".join(t for t in "vtr" if dsc.allows(t)),
         )  # fmt: skip
-        reasons = self._reasons(cols, codes, facts, malformed, limit)
+        batch = _Batch(rid, cols, None, dsc, codes, facts)
+        batch.reasons = self._reasons(cols, codes, facts, malformed, limit)
         # Start offsets, once: payload k of a chunk is payloads[starts[i]:ends[i]].
         starts = array("I", [0])
         starts += cols.ends[:-1]
         ok = array("I", compress(range(n), map(operator.not_, codes)))
-        # Validation (Python, GIL) and signing (native, no GIL) overlap: each chunk's
-        # signing goes to a worker thread while this thread validates the next chunk.
-        pending: list[tuple[array, Future[list[bytes]]]] = []
-        # Without the Python validation there is nothing to overlap with: one chunk per
-        # signing worker (each chunk costs a hand-off to a worker and back).
-        step = SIGN_CHUNK
-        if self.valuesets is None:
-            step = max(SIGN_CHUNK, -(-len(ok) // self._workers))
+        if self.valuesets is not None and ok:
+            problems = self._validate_columns(cols.payloads, starts, cols.ends, ok)
+            if problems:
+                for i, problem in problems.items():
+                    codes[i] = ItemError.INVALID_DCC
+                    batch.reasons[i] = problem
+                ok = array("I", (i for i in ok if i not in problems))
+        # One chunk per signing worker: each chunk costs a hand-off to a worker and back.
+        step = max(SIGN_CHUNK, -(-len(ok) // self._workers))
         for at in range(0, len(ok), step):
             chunk = ok[at : at + step]
-            if self.valuesets is not None:
-                problems = self._validate_columns(cols.payloads, starts, cols.ends, chunk)
-                if problems:
-                    for i, problem in problems.items():
-                        codes[i] = ItemError.INVALID_DCC
-                        reasons[i] = problem
-                    chunk = array("I", (i for i in chunk if i not in problems))
-            if not chunk:
+            payloads = list(map(cols.payloads.__getitem__,
+                                map(slice, map(starts.__getitem__, chunk),
+                                    map(cols.ends.__getitem__, chunk))))  # fmt: skip
+            future = self._signers.submit(key.key.sign, key.protected, payloads)
+            batch.pending.append((chunk, future))
+        if not batch.pending:
+            batch.result = _columns_result(rid, codes, [], batch.reasons)
+        return batch
+
+    def _finish(self, batches: list[_Batch]) -> None:
+        """Wait for the batches' signatures, make their audit records durable in one commit,
+        and set every batch's ``result``: the signatures only once the commit succeeded."""
+        signed: list[_Batch] = []
+        for b in batches:
+            if b.result is not None:
                 continue
-            batch = list(map(cols.payloads.__getitem__,
-                             map(slice, map(starts.__getitem__, chunk),
-                                 map(cols.ends.__getitem__, chunk))))  # fmt: skip
-            pending.append((chunk, self._signers.submit(key.key.sign, key.protected, batch)))
-        if not pending:
-            return _columns_result(rid, codes, [], reasons)
-        selected = array("I")
-        signatures: list[bytes] = []
-        failure: BaseException | None = None
-        for chunk, future in pending:
-            try:
-                signatures += future.result()
-            except Exception as exc:  # wait for every chunk before answering
-                failure = failure or exc
-            selected += chunk
-        if failure is not None:
-            LOGGER.error("signing failed for kid %s: %r", dsc.kid.hex(), failure)
-            why = f"signing failed: {type(failure).__name__}"
-            return _refuse_selected(rid, codes, selected, reasons, ItemError.INTERNAL, why)
-        blob = b"".join(signatures)
-        sig_ends = array("I", accumulate(map(len, signatures)))
+            failure: BaseException | None = None
+            signatures: list[bytes] = []
+            for chunk, future in b.pending:
+                try:
+                    signatures += future.result()
+                except Exception as exc:  # wait for every chunk before answering
+                    failure = failure or exc
+                b.selected += chunk
+            b.pending.clear()
+            if failure is not None:
+                LOGGER.error("signing failed for kid %s: %r", b.dsc.kid.hex(), failure)
+                why = f"signing failed: {type(failure).__name__}"
+                b.result = b.refuse_selected(ItemError.INTERNAL, why)
+                continue
+            b.signatures = signatures
+            b.blob = b"".join(signatures)
+            b.sig_ends = array("I", accumulate(map(len, signatures)))
+            signed.append(b)
+        if not signed:
+            return
         reopens = self.audit.reopens
         try:
-            self.audit.append_columns(dsc.kid, dsc.alg, cols, facts, selected, blob, sig_ends)
+            self.audit.append_columns_many([
+                (b.dsc.kid, b.dsc.alg, b.cols, b.facts, b.selected, b.blob, b.sig_ends)
+                for b in signed
+            ])  # fmt: skip
         except AuditUnavailable as exc:
             # The signatures are dropped: nothing leaves keyd that the log does not know.
             why = self._audit_failed(exc, reopens)
-            return _refuse_selected(rid, codes, selected, reasons, ItemError.AUDIT_UNAVAILABLE,
-                                    why)  # fmt: skip
+            for b in signed:
+                b.result = b.refuse_selected(ItemError.AUDIT_UNAVAILABLE, why)
+            return
         except (ValueError, TypeError) as exc:
             # Nothing was written (the codec's rules make this unreachable from the wire).
-            LOGGER.error("the audit log refused a batch for kid %s: %s", dsc.kid.hex(), exc)
+            kids = ", ".join(b.dsc.kid.hex() for b in signed)
+            LOGGER.error("the audit log refused a batch for kid %s: %s", kids, exc)
             why = f"the audit log refused the batch: {exc}"
-            return _refuse_selected(rid, codes, selected, reasons, ItemError.INTERNAL, why)
-        return _columns_result(rid, codes, signatures, reasons, blob, sig_ends)
+            for b in signed:
+                b.result = b.refuse_selected(ItemError.INTERNAL, why)
+            return
+        for b in signed:
+            b.result = _columns_result(b.rid, b.codes, b.signatures, b.reasons, b.blob,
+                                       b.sig_ends)  # fmt: skip
 
     def _reasons(
         self,
@@ -789,6 +850,8 @@ class Keyd:
             return self.sign(msg)
         if isinstance(msg, SignColumns):
             return self.sign_columns(msg)
+        if isinstance(msg, SignKids):
+            return self.sign_kids(msg)
         if isinstance(msg, SignMany):
             return self.sign_many(msg)
         if isinstance(msg, Describe):
@@ -826,7 +889,8 @@ def _serve_connection(keyd: Keyd, sock: socket.socket) -> None:
                     # A signing reply goes out at once: the engine pipelines micro-batches, and
                     # holding finished signatures until every message of the read is handled
                     # would delay them by the others' signing. Small replies share one write.
-                    if isinstance(event, Sign | SignMany | SignColumns) and not _send(sock, out):
+                    signing = isinstance(event, Sign | SignMany | SignColumns | SignKids)
+                    if signing and not _send(sock, out):
                         return
             except KeydProtocolError as exc:
                 LOGGER.warning("closing a keyd connection: %s", exc)

@@ -3,13 +3,15 @@
 Each portal request contributes, per kid, its items in columns
 (:class:`~dccsign.protocol.keyd.KeydColumns`: payloads, offsets, per-item client, account and
 operator indices; the old list of ``SignPart`` is accepted and converted). Requests that
-arrive close together go to keyd as one ``SIGN_COLUMNS`` -- their columns concatenated, a
-fixed number of calls per request and none per item -- and the HC1 strings of the whole
-micro-batch are then built in one worker-thread call (``native.hc1_encode`` releases the
-GIL). keyd still checks, allows and audits each item under its own client and account; what
-is shared is the per-message cost: one frame, one pass through keyd's signing threads, one
-audit commit (one fsync), one thread hop here. A keyd client without ``sign_columns`` (a
-test's fake) gets the same batch as ``SIGN_MANY`` parts.
+arrive close together go to keyd as one message -- their columns concatenated per kid, a
+fixed number of calls per request and none per item: ``SIGN_KIDS`` with one batch per kid
+(a frame mixing DCC types has one kid per type), or ``SIGN_COLUMNS`` when one kid is
+pending -- and the HC1 strings a waiter wants are then built per kid in one worker-thread
+call (``native.hc1_encode`` releases the GIL). keyd still checks, allows and audits each
+item under its own client and account; what is shared is the per-message cost: one frame,
+one pass through keyd's signing threads, one audit commit (one fsync), one round trip here.
+A keyd client without ``sign_kids`` (a test's fake) gets one ``SIGN_COLUMNS`` per kid, and
+one without ``sign_columns`` the same batches as ``SIGN_MANY`` parts.
 
 When a kid's pending parts are sent:
 
@@ -48,7 +50,7 @@ __all__ = ["DEFAULT_WINDOW", "KeydBatcher", "Outcome"]
 
 #: The longest a part waits here for company (seconds).
 DEFAULT_WINDOW = 0.001
-#: Payloads per SIGN_MANY: beyond this, larger messages only add latency.
+#: Payloads per keyd message: beyond this, larger messages only add latency.
 DEFAULT_MAX_BATCH = 512
 
 #: Micro-batches of at most this many certificates are HC1-encoded on the event loop
@@ -294,111 +296,144 @@ class KeydBatcher:
 
     def _flush(self, nursery: trio.Nursery) -> None:
         """Send micro-batches while keyd's queue has room; what is left waits for the next
-        flush. Kids in the order of their oldest part; each micro-batch filled round-robin
-        by client (an oversized part goes alone, as the only one)."""
+        flush. Kids in the order of their oldest part; each kid's batch filled round-robin
+        by client (an oversized part goes alone, as the only one). A keyd client that speaks
+        SIGN_KIDS gets every kid's batch in one message (one keyd round, one audit commit):
+        up to ``max_batch`` payloads over all kids, plus at most one oversized part per kid."""
+        if getattr(self.keyd, "sign_kids", None) is not None:
+            while self._pending and self._in_flight < self.queue_limit:
+                room = self.max_batch
+                kids: list[tuple[bytes, list[_Waiting]]] = []
+                for kid in sorted(self._pending, key=lambda k: self._pending[k][0].since):
+                    if room <= 0:
+                        break
+                    waiting = self._pending[kid]
+                    batch = _fair_batch(waiting, room)
+                    count = sum(w.count for w in batch)
+                    room -= count
+                    self._size -= count
+                    kids.append((kid, batch))
+                    if not waiting:
+                        del self._pending[kid]
+                self._start(nursery, kids)
+            return
         for kid in sorted(self._pending, key=lambda k: self._pending[k][0].since):
             waiting = self._pending[kid]
             while waiting and self._in_flight < self.queue_limit:
                 batch = _fair_batch(waiting, self.max_batch)
                 self._size -= sum(w.count for w in batch)
-                self._start(nursery, kid, batch)
+                self._start(nursery, [(kid, batch)])
             if not waiting:
                 del self._pending[kid]
 
-    async def _sign(self, kid: bytes, columns: KeydColumns) -> ColumnsResult:
-        """keyd's answer for *columns*: SIGN_COLUMNS, or SIGN_MANY parts for a client that
-        only speaks that (a test's fake)."""
+    async def _sign(self, batches: list[tuple[bytes, KeydColumns]]) -> list[ColumnsResult]:
+        """keyd's answers for *batches* (``(kid, columns)``, kids distinct): one SIGN_KIDS
+        for several kids, SIGN_COLUMNS for one, or SIGN_MANY parts for a client that only
+        speaks that (a test's fake)."""
+        if len(batches) > 1:
+            return await self.keyd.sign_kids(batches)  # type: ignore[attr-defined,no-any-return]
+        kid, columns = batches[0]
         sign_columns = getattr(self.keyd, "sign_columns", None)
         if sign_columns is not None:
-            return await sign_columns(kid, columns)
+            return [await sign_columns(kid, columns)]
         results = await self.keyd.sign_many(kid, list(columns.parts()))  # type: ignore[attr-defined]
-        return ColumnsResult.from_results(0, results)
+        return [ColumnsResult.from_results(0, results)]
 
-    def _start(self, nursery: trio.Nursery, kid: bytes, batch: list[_Waiting]) -> None:
+    def _start(self, nursery: trio.Nursery, kids: list[tuple[bytes, list[_Waiting]]]) -> None:
         self._in_flight += 1
-        nursery.start_soon(self._send, kid, batch)
+        nursery.start_soon(self._send, kids)
 
-    async def _send(self, kid: bytes, batch: list[_Waiting]) -> None:
+    async def _send(self, kids: list[tuple[bytes, list[_Waiting]]]) -> None:
+        """One keyd round for the waiters of one or more kids, and their outcomes."""
+        everyone = [w for _kid, batch in kids for w in batch]
         try:
-            columns = KeydColumns.concat([w.columns for w in batch])
-            count = len(columns)
+            batches = [(kid, KeydColumns.concat([w.columns for w in batch])) for kid, batch in kids]
+            count = sum(len(columns) for _kid, columns in batches)
             self.batches_sent += 1
             self.payloads_sent += count
             if self._on_batch is not None:
                 self._on_batch(count)
             sent = trio.current_time()
             try:
-                result = await self._sign(kid, columns)
+                results = await self._sign(batches)
             except KeydError as exc:
-                for waiting in batch:
+                for waiting in everyone:
                     waiting.outcome = exc
                 return
             answered = trio.current_time()
-            codes = result.codes
-            # HC1 strings only for the waiters that want them (issue); the others (issue_columns)
-            # get keyd's columns. Signatures follow the signed items in order, so the
-            # signatures of the string-waiters are taken waiter by waiter.
-            ok: list[int] = []
-            signatures: list[bytes] = []
-            if not any(w.raw for w in batch):
-                ok = list(compress(range(count), map(operator.not_, codes)))
-                signatures = result.signature_list()
-            elif not all(w.raw for w in batch):
-                start = 0
-                for w in batch:
-                    end = start + w.count
-                    if not w.raw:
-                        ok += compress(range(start, end), map(operator.not_, codes[start:end]))
-                        signatures += _slice_result(result, start, end).signature_list()
-                    start = end
-            texts: list[str] = []
-            if ok:
-                starts = array("I", [0])
-                starts += columns.ends[:-1]
-                payloads = list(map(columns.payloads.__getitem__,
-                                    map(slice, map(starts.__getitem__, ok),
-                                        map(columns.ends.__getitem__, ok))))  # fmt: skip
-                job = (self._protected[kid], payloads, signatures, self.zlib_level)
-                if len(ok) <= INLINE_ENCODE:
-                    # A thread hop costs the event loop more than encoding a few here.
-                    texts = native.hc1_encode(*job)
-                else:
-                    texts = await trio.to_thread.run_sync(native.hc1_encode, *job)
+            for (kid, batch), (_kid, columns), result in zip(kids, batches, results, strict=True):
+                await self._deliver(kid, batch, columns, result)
             if self._on_stage is not None:
                 # Per micro-batch, not per item: three observations whatever its size.
                 done = trio.current_time()
-                self._on_stage("batch_wait", sent - min(w.since for w in batch))
+                self._on_stage("batch_wait", sent - min(w.since for w in everyone))
                 self._on_stage("keyd", answered - sent)
                 self._on_stage("encode", done - answered)
-            start = 0
-            done_texts = iter(texts)
-            for waiting in batch:
-                end = start + waiting.count
-                if waiting.raw:
-                    waiting.outcome = _slice_result(result, start, end)
-                else:
-                    mine = codes[start:end]
-                    taken = list(islice(done_texts, mine.count(0)))
-                    waiting.outcome = _outcomes(mine, taken, _reasons(result, start, end))
-                start = end
         except Exception as exc:
             # A bug in the engine's handling of one micro-batch: its waiters get an error
             # (INTERNAL for their items), and the batcher -- the engine -- goes on.
-            LOGGER.exception("a micro-batch of %d requests for kid %s failed", len(batch),
-                             kid.hex())
-            for waiting in batch:
+            LOGGER.exception("a micro-batch of %d requests for kid(s) %s failed", len(everyone),
+                             ", ".join(kid.hex() for kid, _batch in kids))  # fmt: skip
+            for waiting in everyone:
                 if waiting.outcome is None:
                     waiting.outcome = KeydError(f"engine failed: {exc!r}", retryable=False)
         except BaseException as exc:
             # Cancelled (engine stopping): no waiter may hang.
-            for waiting in batch:
+            for waiting in everyone:
                 if waiting.outcome is None:
                     waiting.outcome = KeydError(
                         f"engine stopping or failed: {exc!r}", retryable=False
                     )
             raise
         finally:
-            for waiting in batch:
+            for waiting in everyone:
                 waiting.done.set()
             self._in_flight -= 1
             self._slot.set()
+
+    async def _deliver(
+        self, kid: bytes, batch: list[_Waiting], columns: KeydColumns, result: ColumnsResult
+    ) -> None:
+        """Each waiter of *batch* (one kid's) its outcome from keyd's *result*."""
+        count = len(columns)
+        codes = result.codes
+        # HC1 strings only for the waiters that want them (issue); the others (issue_columns)
+        # get keyd's columns. Signatures follow the signed items in order, so the
+        # signatures of the string-waiters are taken waiter by waiter.
+        ok: list[int] = []
+        signatures: list[bytes] = []
+        if not any(w.raw for w in batch):
+            ok = list(compress(range(count), map(operator.not_, codes)))
+            signatures = result.signature_list()
+        elif not all(w.raw for w in batch):
+            start = 0
+            for w in batch:
+                end = start + w.count
+                if not w.raw:
+                    ok += compress(range(start, end), map(operator.not_, codes[start:end]))
+                    signatures += _slice_result(result, start, end).signature_list()
+                start = end
+        texts: list[str] = []
+        if ok:
+            starts = array("I", [0])
+            starts += columns.ends[:-1]
+            payloads = list(map(columns.payloads.__getitem__,
+                                map(slice, map(starts.__getitem__, ok),
+                                    map(columns.ends.__getitem__, ok))))  # fmt: skip
+            job = (self._protected[kid], payloads, signatures, self.zlib_level)
+            if len(ok) <= INLINE_ENCODE:
+                # A thread hop costs the event loop more than encoding a few here.
+                texts = native.hc1_encode(*job)
+            else:
+                texts = await trio.to_thread.run_sync(native.hc1_encode, *job)
+        start = 0
+        done_texts = iter(texts)
+        for waiting in batch:
+            end = start + waiting.count
+            if waiting.raw:
+                waiting.outcome = _slice_result(result, start, end)
+            else:
+                mine = codes[start:end]
+                taken = list(islice(done_texts, mine.count(0)))
+                waiting.outcome = _outcomes(mine, taken, _reasons(result, start, end))
+            start = end

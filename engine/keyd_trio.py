@@ -27,8 +27,10 @@ from .protocol.keyd import (
     ItemError,
     KeydColumns,
     KeydProtocolError,
+    KidsResult,
     Sign,
     SignColumns,
+    SignKids,
     SignMany,
     SignPart,
 )
@@ -132,7 +134,7 @@ class TrioKeydClient:
             link.fail("client closed")
             await link.stream.aclose()
 
-    async def _call(self, msg: Describe | Sign | SignMany | SignColumns) -> object:
+    async def _call(self, msg: Describe | Sign | SignMany | SignColumns | SignKids) -> object:
         links = [link for link in self._links if link.broken is None]
         if not links:
             raise KeydError("no connection to keyd")
@@ -182,6 +184,22 @@ class TrioKeydClient:
         if not isinstance(reply, ColumnsResult) or len(reply) != len(columns):
             raise KeydError("malformed reply from keyd", retryable=False)
         return reply
+
+    async def sign_kids(
+        self, batches: Sequence[tuple[bytes, KeydColumns]]
+    ) -> list[ColumnsResult]:
+        """One SIGN_KIDS for several kids' batches (``(kid, columns)``, kids distinct): per
+        batch, keyd's answer as :meth:`sign_columns` gives it, in order; keyd commits their
+        audit records at once."""
+        msg = SignKids(next(self._ids), tuple(SignColumns(0, k, c) for k, c in batches))
+        reply = await self._call(msg)
+        if (
+            not isinstance(reply, KidsResult)
+            or len(reply.results) != len(batches)
+            or any(len(r) != len(c) for r, (_k, c) in zip(reply.results, batches, strict=True))
+        ):
+            raise KeydError("malformed reply from keyd", retryable=False)
+        return list(reply.results)
 
     @property
     def connections(self) -> int:

@@ -30,6 +30,17 @@ At most MAX_COLUMN_ITEMS items; a body that breaks any of these rules is refused
 :class:`KeydProtocolError` naming the field and the rule (:meth:`KeydColumns.check`,
 :meth:`ColumnsResult.check`), as is every other malformed frame.
 
+``SIGN_KIDS`` (0x25, answered by ``SIGN_KIDS_RESULT``, 0x26) carries several such batches,
+each for another kid, so that a micro-batch mixing DCC types (one kid each) costs keyd one
+message and one audit commit rather than one per kid::
+
+    SIGN_KIDS             batches [map] (1..MAX_KID_BATCHES maps, each the body of a
+                          SIGN_COLUMNS; kids distinct; at most MAX_COLUMN_ITEMS items in all)
+    SIGN_KIDS_RESULT      results [map] (one SIGN_COLUMNS_RESULT body per batch, in order)
+
+keyd answers each batch as it would answer it alone in a SIGN_COLUMNS; the audit records of
+all of them become durable in one commit before any signature leaves.
+
 Frame layout (all integers big-endian)::
 
     offset  size  field
@@ -74,10 +85,12 @@ __all__ = [
     "KeyInfo",
     "KeydColumns",
     "KeydProtocolError",
+    "KidsResult",
     "MessageType",
     "PoolStatus",
     "Sign",
     "SignColumns",
+    "SignKids",
     "SignMany",
     "SignPart",
     "SignResult",
@@ -108,6 +121,8 @@ class MessageType(enum.IntEnum):
     SIGN_MANY = 0x22  # answered by SIGN_RESULT: one result per payload, parts in order
     SIGN_COLUMNS = 0x23  # answered by SIGN_COLUMNS_RESULT: one result per item, in order
     SIGN_COLUMNS_RESULT = 0x24
+    SIGN_KIDS = 0x25  # answered by SIGN_KIDS_RESULT: one SIGN_COLUMNS batch per kid, in order
+    SIGN_KIDS_RESULT = 0x26
     ERROR = 0x7F
 
 
@@ -255,6 +270,8 @@ MAX_COLUMN_ITEMS = 65_536
 #: Longest client, account or operator name (characters): identifiers, not documents (the
 #: audit log refuses longer ones too).
 MAX_TEXT = 1024
+#: Batches (kids) one SIGN_KIDS may carry: a keystore has a key or two per DCC type.
+MAX_KID_BATCHES = 64
 _U32 = "I"
 if array(_U32).itemsize != 4:  # pragma: no cover - every platform CPython supports today
     raise ImportError("array('I') is not 32 bits on this platform")
@@ -526,9 +543,85 @@ class ColumnsResult:
             raise KeydProtocolError(f"{what}: reasons must be text")
 
 
+@dataclass(frozen=True, slots=True)
+class SignKids:
+    """Several :class:`SignColumns` batches in one message, each for another kid (their own
+    request ids are not sent: 0). keyd answers with :class:`KidsResult`."""
+
+    TYPE: ClassVar[MessageType] = MessageType.SIGN_KIDS
+    request_id: int
+    batches: tuple[SignColumns, ...]
+
+    def __len__(self) -> int:
+        """Items over all batches."""
+        return sum(len(b.columns) for b in self.batches)
+
+    def check(self) -> None:
+        """Raise :class:`KeydProtocolError` naming the first rule this message breaks: 1 to
+        MAX_KID_BATCHES batches, distinct kids of 8 bytes, at most MAX_COLUMN_ITEMS items in
+        all, and every batch's own rules (:meth:`KeydColumns.check`)."""
+        what = "SIGN_KIDS"
+        if not 1 <= len(self.batches) <= MAX_KID_BATCHES:
+            raise KeydProtocolError(f"{what}: {len(self.batches)} batches; 1 to {MAX_KID_BATCHES}")
+        kids = [b.kid for b in self.batches]
+        if not all(type(k) is bytes and len(k) == 8 for k in kids):
+            raise KeydProtocolError(f"{what}: kid must be 8 bytes")
+        if len(set(kids)) != len(kids):
+            raise KeydProtocolError(f"{what}: a kid appears in two batches")
+        if len(self) > MAX_COLUMN_ITEMS:
+            raise KeydProtocolError(f"{what}: {len(self)} items; at most {MAX_COLUMN_ITEMS}")
+        for b in self.batches:
+            b.columns.check(what)
+
+
+@dataclass(frozen=True, slots=True)
+class KidsResult:
+    """keyd's answer to :class:`SignKids`: one :class:`ColumnsResult` per batch, in order
+    (their own request ids are 0)."""
+
+    TYPE: ClassVar[MessageType] = MessageType.SIGN_KIDS_RESULT
+    request_id: int
+    results: tuple[ColumnsResult, ...]
+
+    def check(self) -> None:
+        """Raise :class:`KeydProtocolError` naming the first rule this result breaks."""
+        if not 1 <= len(self.results) <= MAX_KID_BATCHES:
+            raise KeydProtocolError(
+                f"SIGN_KIDS_RESULT: {len(self.results)} results; 1 to {MAX_KID_BATCHES}"
+            )
+        if sum(map(len, self.results)) > MAX_COLUMN_ITEMS:
+            raise KeydProtocolError(f"SIGN_KIDS_RESULT: more than {MAX_COLUMN_ITEMS} items")
+        for r in self.results:
+            r.check()
+
+
 Message = (
     Describe | DescribeResult | Sign | SignMany | SignResult | Error | SignColumns | ColumnsResult
+    | SignKids | KidsResult
 )
+
+
+def _columns_body(kid: bytes, c: KeydColumns) -> dict[str, Any]:
+    return {
+        "kid": kid,
+        "payloads": c.payloads,
+        "ends": _u32_wire(c.ends),
+        "clients": list(c.clients),
+        "accounts": list(c.accounts),
+        "operators": list(c.operators),
+        "client_ix": _u32_wire(c.client_ix),
+        "account_ix": _u32_wire(c.account_ix),
+        "operator_ix": _u32_wire(c.operator_ix),
+    }
+
+
+def _result_body(r: ColumnsResult) -> dict[str, Any]:
+    return {
+        "codes": r.codes,
+        "sigs": r.signatures,
+        "sig_ends": _u32_wire(r.sig_ends),
+        "reasons": list(r.reasons),
+    }
 
 
 def _part_body(client: str, account: str, operator: str | None, payloads: Any) -> dict[str, Any]:
@@ -570,25 +663,13 @@ def _body(msg: Message) -> dict[str, Any]:
             ],
         }
     if isinstance(msg, SignColumns):
-        c = msg.columns
-        return {
-            "kid": msg.kid,
-            "payloads": c.payloads,
-            "ends": _u32_wire(c.ends),
-            "clients": list(c.clients),
-            "accounts": list(c.accounts),
-            "operators": list(c.operators),
-            "client_ix": _u32_wire(c.client_ix),
-            "account_ix": _u32_wire(c.account_ix),
-            "operator_ix": _u32_wire(c.operator_ix),
-        }
+        return _columns_body(msg.kid, msg.columns)
     if isinstance(msg, ColumnsResult):
-        return {
-            "codes": msg.codes,
-            "sigs": msg.signatures,
-            "sig_ends": _u32_wire(msg.sig_ends),
-            "reasons": list(msg.reasons),
-        }
+        return _result_body(msg)
+    if isinstance(msg, SignKids):
+        return {"batches": [_columns_body(b.kid, b.columns) for b in msg.batches]}
+    if isinstance(msg, KidsResult):
+        return {"results": [_result_body(r) for r in msg.results]}
     if isinstance(msg, SignResult):
         return {"results": [r if isinstance(r, bytes) else [int(r[0]), r[1]] for r in msg.results]}
     if isinstance(msg, Error):
@@ -622,6 +703,31 @@ def _parse_part(body: dict[str, Any], what: str) -> SignPart:
         _want(body, "account", str, what),
         tuple(payloads),
         operator,
+    )
+
+
+def _parse_columns(body: dict[str, Any], what: str) -> KeydColumns:
+    """The columns of a SIGN_COLUMNS body (not yet checked: the caller runs ``check``)."""
+    return KeydColumns(
+        _want(body, "payloads", bytes, what),
+        _u32_from(_want(body, "ends", bytes, what), "ends"),
+        tuple(_want(body, "clients", list, what)),
+        tuple(_want(body, "accounts", list, what)),
+        tuple(_want(body, "operators", list, what)),
+        _u32_from(_want(body, "client_ix", bytes, what), "client_ix"),
+        _u32_from(_want(body, "account_ix", bytes, what), "account_ix"),
+        _u32_from(_want(body, "operator_ix", bytes, what), "operator_ix"),
+    )
+
+
+def _parse_result(request_id: int, body: dict[str, Any], what: str) -> ColumnsResult:
+    """A SIGN_COLUMNS_RESULT body (not yet checked)."""
+    return ColumnsResult(
+        request_id,
+        _want(body, "codes", bytes, what),
+        _want(body, "sigs", bytes, what),
+        _u32_from(_want(body, "sig_ends", bytes, what), "sig_ends"),
+        tuple(_want(body, "reasons", list, what)),
     )
 
 
@@ -683,30 +789,31 @@ def _parse(mtype: int, request_id: int, body: Any) -> Message:
             request_id, _kid(body, "SIGN_MANY"), tuple(_parse_part(p, "SIGN_MANY") for p in parts)
         )
     if kind is MessageType.SIGN_COLUMNS:
-        what = "SIGN_COLUMNS"
-        columns = KeydColumns(
-            _want(body, "payloads", bytes, what),
-            _u32_from(_want(body, "ends", bytes, what), "ends"),
-            tuple(_want(body, "clients", list, what)),
-            tuple(_want(body, "accounts", list, what)),
-            tuple(_want(body, "operators", list, what)),
-            _u32_from(_want(body, "client_ix", bytes, what), "client_ix"),
-            _u32_from(_want(body, "account_ix", bytes, what), "account_ix"),
-            _u32_from(_want(body, "operator_ix", bytes, what), "operator_ix"),
-        )
-        columns.check(what)
-        return SignColumns(request_id, _kid(body, what), columns)
+        columns = _parse_columns(body, "SIGN_COLUMNS")
+        columns.check("SIGN_COLUMNS")
+        return SignColumns(request_id, _kid(body, "SIGN_COLUMNS"), columns)
     if kind is MessageType.SIGN_COLUMNS_RESULT:
-        what = "SIGN_COLUMNS_RESULT"
-        result = ColumnsResult(
-            request_id,
-            _want(body, "codes", bytes, what),
-            _want(body, "sigs", bytes, what),
-            _u32_from(_want(body, "sig_ends", bytes, what), "sig_ends"),
-            tuple(_want(body, "reasons", list, what)),
-        )
+        result = _parse_result(request_id, body, "SIGN_COLUMNS_RESULT")
         result.check()
         return result
+    if kind is MessageType.SIGN_KIDS:
+        batches = _want(body, "batches", list, "SIGN_KIDS")
+        if not all(isinstance(b, dict) for b in batches):
+            raise KeydProtocolError("SIGN_KIDS: a batch is not a map")
+        kids = SignKids(request_id, tuple(
+            SignColumns(0, _kid(b, "SIGN_KIDS"), _parse_columns(b, "SIGN_KIDS")) for b in batches
+        ))  # fmt: skip
+        kids.check()
+        return kids
+    if kind is MessageType.SIGN_KIDS_RESULT:
+        results = _want(body, "results", list, "SIGN_KIDS_RESULT")
+        if not all(isinstance(r, dict) for r in results):
+            raise KeydProtocolError("SIGN_KIDS_RESULT: a result is not a map")
+        answer = KidsResult(
+            request_id, tuple(_parse_result(0, r, "SIGN_KIDS_RESULT") for r in results)
+        )
+        answer.check()
+        return answer
     if kind is MessageType.SIGN_RESULT:
         results: list[bytes | tuple[ItemError, str]] = []
         for r in _want(body, "results", list, "SIGN_RESULT"):
@@ -801,7 +908,7 @@ class Connection:
             raise KeydProtocolError("request id must fit 32 bits")
         if isinstance(msg, SignColumns):
             msg.columns.check()  # never send what the peer must refuse
-        elif isinstance(msg, ColumnsResult):
+        elif isinstance(msg, ColumnsResult | SignKids | KidsResult):
             msg.check()
         body = cbor2.dumps(_body(msg))
         if len(body) > self.max_frame:

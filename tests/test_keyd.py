@@ -145,7 +145,7 @@ def test_audit_unavailable_stops_signing(env, monkeypatch):
     def broken(*args):
         raise AuditUnavailable("No space left on device")
 
-    monkeypatch.setattr(log, "append_columns", broken)
+    monkeypatch.setattr(log, "append_columns_many", broken)
     results = _sign(keyd, kid, [_payload(sample("v"))] * 3)
     assert all(r[0] == ItemError.AUDIT_UNAVAILABLE and "No space" in r[1] for r in results)
     monkeypatch.undo()
@@ -232,6 +232,8 @@ def test_no_export_and_no_digest_signing_surface():
         "SIGN_RESULT",
         "SIGN_COLUMNS",  # CWT payloads in columns, like SIGN_MANY: never a digest
         "SIGN_COLUMNS_RESULT",
+        "SIGN_KIDS",  # several SIGN_COLUMNS bodies, one per kid: never a digest
+        "SIGN_KIDS_RESULT",
         "ERROR",
     }
     assert not any(n in dir(Keyd) for n in ("export", "sign_digest", "private_key"))
@@ -308,13 +310,13 @@ def test_sign_many_checks_allows_and_audits_each_part_alone(env):
         SignPart("portal-a", "uzi:4", ()),
     )
     commits = []
-    real = log.append_columns
+    real = log.append_columns_many
 
-    def counted(kid, alg, columns, facts, selected, *rest):
-        commits.append(len(selected))
-        return real(kid, alg, columns, facts, selected, *rest)
+    def counted(batches):
+        commits.extend(len(selected) for _kid, _alg, _cols, _facts, selected, *_ in batches)
+        return real(batches)
 
-    log.append_columns = counted
+    log.append_columns_many = counted
     results = keyd.sign_many(SignMany(9, kid, parts)).results
     assert len(results) == 43 and commits == [41]  # one commit for both parts' records
     assert all(isinstance(r, bytes) for r in results[:40])

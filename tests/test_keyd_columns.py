@@ -18,7 +18,9 @@ from dccsign.keystore import Keystore, resolve_passphrase
 from dccsign.protocol.keyd import (
     ItemError,
     KeydColumns,
+    KidsResult,
     SignColumns,
+    SignKids,
     SignMany,
     SignPart,
 )
@@ -75,15 +77,15 @@ def test_a_batch_of_many_accounts_is_one_commit_with_a_record_per_item(env):
     parts[10] = SignPart("portal-a", "uzi:10", (_payload({**sample("v"), "dob": "1999-02-30"}),))
     cols = KeydColumns.from_parts(parts)
     commits = []
-    real = log.append_columns
+    real = log.append_columns_many
 
-    def counted(*args):
-        commits.append(len(args[4]))
-        return real(*args)
+    def counted(batches):
+        commits.append([len(b[4]) for b in batches])
+        return real(batches)
 
-    log.append_columns = counted
+    log.append_columns_many = counted
     result = keyd.sign_columns(SignColumns(3, kid, cols))
-    assert commits == [296] and len(result) == 300
+    assert commits == [[296]] and len(result) == 300
     codes = list(result.codes)
     assert codes[7:11] == [ItemError.CLIENT_NOT_ALLOWED, ItemError.TYPE_NOT_ALLOWED,
                            ItemError.MALFORMED_CWT, ItemError.INVALID_DCC]
@@ -170,7 +172,7 @@ def test_audit_unavailable_releases_nothing(env, monkeypatch):
     def broken(*args):
         raise AuditUnavailable("No space left on device")
 
-    monkeypatch.setattr(log, "append_columns", broken)
+    monkeypatch.setattr(log, "append_columns_many", broken)
     cols = KeydColumns.from_parts([SignPart("p", f"u{i}", (_payload(sample("v"), i), b"\xa0"))
                                    for i in range(5)])
     result = keyd.sign_columns(SignColumns(1, kid, cols))
@@ -226,6 +228,98 @@ def test_result_columns_hold_signatures_in_item_order(env):
         else:
             (text,) = native.hc1_encode(protected, [payload], [outcome])
             assert verify_hc1(text, [entry.dsc]).valid
+
+
+# ----------------------------------------------------------------- SIGN_KIDS (several kids)
+
+
+def _kid_batch(kind, n, start=0, bad=()):
+    """Items of one DCC type under a few accounts; the items in *bad* are not CWTs."""
+    return KeydColumns.from_parts([
+        SignPart("portal-a", f"uzi:{kind}{i % 3}",
+                 (b"\xa0" if i in bad else _payload(sample(kind), start + i),))
+        for i in range(n)
+    ])  # fmt: skip
+
+
+def test_sign_kids_answers_each_batch_as_alone_in_one_commit(env):
+    """Each kid's batch gets what SIGN_COLUMNS would give it (codes, reasons, valid
+    signatures), an unknown kid's batch is refused alone, and the records of all of them are
+    one commit; the log verifies."""
+    store, keyd, log, audit_dir = env
+    v, t = _kid(store, "v"), _kid(store, "t")
+    batches = (
+        SignColumns(0, v, _kid_batch("v", 7, bad={2})),
+        SignColumns(0, b"\x00" * 8, _kid_batch("v", 2, 100)),
+        SignColumns(0, t, _kid_batch("t", 5, 200)),
+    )
+    commits = []
+    real = log.append_columns_many
+
+    def counted(many):
+        commits.append([len(b[4]) for b in many])
+        return real(many)
+
+    log.append_columns_many = counted
+    answer = keyd.sign_kids(SignKids(4, batches))
+    assert isinstance(answer, KidsResult) and answer.request_id == 4
+    assert commits == [[6, 5]]
+    r_v, r_unknown, r_t = answer.results
+    assert [c for c in r_v.codes] == [0, 0, ItemError.MALFORMED_CWT, 0, 0, 0, 0]
+    assert r_unknown.results() == [(ItemError.KID_NOT_ACTIVE, "unknown kid")] * 2
+    assert r_t.codes == bytes(5)
+    for kid, batch, result in ((v, batches[0], r_v), (t, batches[2], r_t)):
+        entry = next(e for e in store.entries if e.kid == kid)
+        payloads = [p for p, c in zip(batch.columns.payload_list(), result.codes,
+                                      strict=True) if c == 0]  # fmt: skip
+        texts = native.hc1_encode(native.protected_header(-7, kid), payloads,
+                                  result.signature_list())  # fmt: skip
+        assert all(verify_hc1(x, [entry.dsc]).valid for x in texts)
+    # the same batch alone: the same codes and reasons
+    alone = keyd.sign_columns(SignColumns(5, v, batches[0].columns))
+    assert (alone.codes, alone.reasons) == (r_v.codes, r_v.reasons)
+    records = list(search(audit_dir))
+    assert len(records) == 11 + 6 and verify(audit_dir).ok
+    assert sorted({r["kid"] for r in records}) == sorted({v.hex(), t.hex()})
+
+
+def test_sign_kids_releases_nothing_when_the_commit_fails(env, monkeypatch):
+    store, keyd, log, audit_dir = env
+
+    def broken(many):
+        raise AuditUnavailable("No space left on device")
+
+    monkeypatch.setattr(log, "append_columns_many", broken)
+    answer = keyd.sign_kids(SignKids(1, (
+        SignColumns(0, _kid(store, "v"), _kid_batch("v", 3, bad={1})),
+        SignColumns(0, _kid(store, "t"), _kid_batch("t", 2)),
+    )))  # fmt: skip
+    r_v, r_t = answer.results
+    assert not r_v.signatures and not r_t.signatures
+    assert list(r_v.codes) == [ItemError.AUDIT_UNAVAILABLE, ItemError.MALFORMED_CWT,
+                               ItemError.AUDIT_UNAVAILABLE]
+    assert set(r_t.codes) == {ItemError.AUDIT_UNAVAILABLE}
+    assert "No space" in r_t.reasons[0]
+    assert not list(search(audit_dir))
+
+
+def test_a_kids_audit_batch_that_fails_its_checks_writes_nothing(env, tmp_path):
+    """append_columns_many refuses a malformed batch before writing any of them."""
+    store, keyd, log, audit_dir = env
+    v = _kid(store, "v")
+    good = keyd.sign_columns(SignColumns(1, v, _kid_batch("v", 2)))
+    before = len(list(search(audit_dir)))
+    cols = _kid_batch("v", 2, 50)
+    facts = native.keyd_check_columns(cols.payloads, cols.ends, cols.client_ix, b"\x01", 10_000,
+                                      0, 2**40, 2**40, "vtr")[1]  # fmt: skip
+    ok = (v, -7, cols, facts, array("I", [0, 1]), good.signatures, good.sig_ends)
+    broken = (v, -7, cols, facts, array("I", [0, 1]), good.signatures[:-1], good.sig_ends)
+    with pytest.raises(ValueError):
+        log.append_columns_many([ok, broken])
+    assert len(list(search(audit_dir))) == before and verify(audit_dir).ok
+    first, second = log.append_columns_many([ok, ok])
+    assert len(first) == len(second) == 2 and first.stop == second.start
+    assert len(list(search(audit_dir))) == before + 4 and verify(audit_dir).ok
 
 
 # ----------------------------------------------------------------------------- engine side
@@ -292,3 +386,83 @@ async def test_the_batcher_concatenates_requests_as_columns(monkeypatch):
     assert out["c"] == ["HC1:c0:pc0"]
     merged = keyd.calls[0]
     assert {merged.operators[merged.operator_ix[i]] for i in range(7)} == {None, "op"}
+
+
+class KidsKeyd(ColumnsKeyd):
+    """ColumnsKeyd that also speaks SIGN_KIDS (records each message's kids)."""
+
+    def __init__(self):
+        super().__init__()
+        self.kids_calls = []
+
+    async def sign_kids(self, batches):
+        self.kids_calls.append([(kid, len(cols)) for kid, cols in batches])
+        return [await self.sign_columns(kid, cols) for kid, cols in batches]
+
+
+async def test_the_batcher_sends_every_pending_kid_in_one_sign_kids(monkeypatch):
+    import trio
+
+    from dccsign.keyd_batcher import KeydBatcher
+
+    keyd = KidsKeyd()
+    batcher = KeydBatcher(keyd, window=0.05)
+    monkeypatch.setattr(native, "hc1_encode", lambda prot, payloads, sigs, level=9: [
+        f"{prot.decode()}:{s.rstrip(b'.').decode()}:{p.decode()}"
+        for p, s in zip(payloads, sigs, strict=True)
+    ])
+    out = {}
+
+    async def one(name, kid, parts, raw=False):
+        cols = KeydColumns.from_parts(parts)
+        if raw:
+            out[name] = await batcher.issue_columns(kid, b"P" + kid[:1], cols)
+        else:
+            out[name] = await batcher.issue(kid, b"P" + kid[:1], cols)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(batcher.run)
+        async with trio.open_nursery() as inner:
+            inner.start_soon(one, "v1", b"v" * 8, [SignPart("p", "a", (b"v1", b"X1"))])
+            inner.start_soon(one, "t1", b"t" * 8, [SignPart("p", "b", (b"t1",))], True)
+            inner.start_soon(one, "v2", b"v" * 8, [SignPart("q", "c", (b"v2",))], True)
+            inner.start_soon(one, "r1", b"r" * 8, [SignPart("q", "d", (b"r1",))])
+        nursery.cancel_scope.cancel()
+    # one message: three kids (in the order their first request came: trio's), each kid's
+    # requests concatenated
+    (kids,) = keyd.kids_calls
+    assert sorted(kids) == [(b"r" * 8, 1), (b"t" * 8, 1), (b"v" * 8, 3)]
+    assert out["v1"] == ["Pv:a:v1", (ItemError.MALFORMED_CWT, "bad a")]
+    assert out["r1"] == ["Pr:d:r1"]
+    assert out["t1"].signature_list() == [b"b".ljust(64, b".")]
+    assert out["v2"].codes == b"\x00" and out["v2"].signature_list() == [b"c".ljust(64, b".")]
+    assert batcher.batches_sent == 1 and batcher.payloads_sent == 5
+
+
+async def test_a_failed_sign_kids_fails_every_waiter_of_every_kid():
+    import trio
+
+    from dccsign.keyd_batcher import KeydBatcher
+    from dccsign.keyd_client import KeydError
+
+    class Broken(KidsKeyd):
+        async def sign_kids(self, batches):
+            raise KeydError("keyd connection failed: gone")
+
+    batcher = KeydBatcher(Broken(), window=0.05)
+    errors = []
+
+    async def one(kid):
+        try:
+            await batcher.issue_columns(kid, b"P", KeydColumns.from_parts(
+                [SignPart("p", "a", (b"x",))]))  # fmt: skip
+        except KeydError as exc:
+            errors.append(str(exc))
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(batcher.run)
+        async with trio.open_nursery() as inner:
+            for kid in (b"v" * 8, b"t" * 8):
+                inner.start_soon(one, kid)
+        nursery.cancel_scope.cancel()
+    assert errors == ["keyd connection failed: gone"] * 2

@@ -15,14 +15,17 @@ from conftest import _load_impl
 from dccsign.chain import claims_prefix
 from dccsign.protocol.keyd import (
     MAX_COLUMN_ITEMS,
+    MAX_KID_BATCHES,
     NEED_DATA,
     ColumnsResult,
     Connection,
     ItemError,
     KeydColumns,
     KeydProtocolError,
+    KidsResult,
     MessageType,
     SignColumns,
+    SignKids,
     SignPart,
 )
 from dccsign.samples import sample
@@ -206,6 +209,60 @@ def test_fuzz_mutated_columns_never_crash(data):
     if msg is not NEED_DATA:
         assert isinstance(msg, SignColumns)
         msg.columns.check()
+
+
+# ----------------------------------------------------------------- SIGN_KIDS (one per kid)
+
+KID2 = bytes(range(8, 16))
+
+
+def test_kids_round_trip():
+    a = KeydColumns.from_parts(_mixed_parts(3, 2))
+    b = KeydColumns.from_parts(_mixed_parts(2, 1))
+    msg = SignKids(11, (SignColumns(0, KID, a), SignColumns(0, KID2, b)))
+    wire, back = _roundtrip(msg)
+    assert wire[2] == MessageType.SIGN_KIDS and back == msg and len(back) == 8
+    results = (
+        ColumnsResult.from_results(0, [b"s" * 64, (ItemError.INVALID_DCC, "bad")]),
+        ColumnsResult.refuse_all(0, 3, ItemError.KID_NOT_ACTIVE, "retired"),
+    )
+    wire, back = _roundtrip(KidsResult(11, results))
+    assert wire[2] == MessageType.SIGN_KIDS_RESULT and back == KidsResult(11, results)
+
+
+def test_hostile_kids_get_precise_errors():
+    cols = KeydColumns.from_parts(_mixed_parts(3, 2))
+    good = _body(cols)
+    k = MessageType.SIGN_KIDS
+    _refused({"batches": []}, "0 batches; 1 to 64", k)
+    _refused({"batches": [good, good]}, "a kid appears in two batches", k)
+    _refused({"batches": [good, 7]}, "a batch is not a map", k)
+    _refused({"batches": good}, "'batches' missing or of the wrong type", k)
+    _refused({"batches": [good, {**good, "kid": b"short"}]}, "kid must be 8 bytes", k)
+    _refused({"batches": [good, _body(cols, kid=KID2, ends=[1, 2, 3])]},
+             "SIGN_KIDS: client_ix has 6 entries for 3 items", k)  # fmt: skip
+    many = [_body(cols, kid=i.to_bytes(8, "big")) for i in range(MAX_KID_BATCHES + 1)]
+    _refused({"batches": many}, "65 batches; 1 to 64", k)
+    r = MessageType.SIGN_KIDS_RESULT
+    _refused({"results": []}, "0 results; 1 to 64", r)
+    _refused({"results": [{"codes": bytes([0])}]}, "'sigs' missing or of the wrong type", r)
+    _refused({"results": [7]}, "a result is not a map", r)
+    # and the sender never writes what the peer must refuse
+    with pytest.raises(KeydProtocolError, match="a kid appears in two batches"):
+        Connection().send(SignKids(1, (SignColumns(0, KID, cols),) * 2))
+    with pytest.raises(KeydProtocolError, match="0 batches"):
+        Connection().send(SignKids(1, ()))
+
+
+def test_kids_item_count_is_bounded_over_all_batches():
+    half = MAX_COLUMN_ITEMS // 2 + 1
+    cols = KeydColumns(b"", array("I", [0]) * half, ("c",), ("a",), (None,),
+                       array("I", [0]) * half, array("I", [0]) * half, array("I", [0]) * half)
+    msg = SignKids(1, (SignColumns(0, KID, cols), SignColumns(0, KID2, cols)))
+    with pytest.raises(KeydProtocolError, match="65538 items; at most 65536"):
+        Connection(1 << 24).send(msg)
+    _refused({"batches": [_body(cols), _body(cols, kid=KID2)]}, "at most 65536",
+             MessageType.SIGN_KIDS)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- checks
