@@ -31,13 +31,13 @@ from itertools import compress
 from typing import Any
 
 import cbor2
-import trio
 
 from . import native
 from .chain import _nfc
 from .dcc import DCCValidationError
 from .native import _walker_py as W
 from .native._splice_py import NO_PAYLOAD
+from .offload import run_native
 from .protocol.codes import ErrorCode
 from .protocol.wire import ItemResult
 
@@ -256,7 +256,7 @@ class Frame:
             payloads = [data[starts[at[r]] : kid.ends[at[r]]] for r in kid.signed_rows]
             job = (kid.key.protected, payloads, result.signature_list(), level)
             if len(payloads) > INLINE_ENCODE:
-                texts = await trio.to_thread.run_sync(native.hc1_encode, *job)
+                texts = await run_native(native.hc1_encode, *job)
             else:
                 texts = native.hc1_encode(*job)
             for r, text in zip(kid.signed_rows, texts, strict=True):
@@ -288,7 +288,7 @@ class Frame:
         )
         signed = sum(len(k.signed_rows) for k in kids)
         if signed > INLINE_ENCODE:
-            body = await trio.to_thread.run_sync(
+            body = await run_native(
                 functools.partial(native.encode_sign_batch_result, *job, single=single)
             )
         else:

@@ -340,12 +340,8 @@ class Dispatcher:
             frame = self._prepare_frame(client, view, cols, skip)
         if self._on_stage is not None:
             self._on_stage("prepare", trio.current_time() - started)
-        if len(frame.kids) == 1:
-            await self._keyd_frame(client, frame, 0)
-        elif frame.kids:
-            async with trio.open_nursery() as nursery:
-                for k in range(len(frame.kids)):
-                    nursery.start_soon(self._keyd_frame, client, frame, k)
+        if frame.kids:
+            await self._keyd_frame(client, frame)
         return frame
 
     def _prepare_frame(
@@ -424,44 +420,50 @@ class Dispatcher:
             refused.update(mine[granted:])
         return refused
 
-    async def _keyd_frame(self, client: str, frame: dataplane.Frame, k: int) -> None:
-        """Sign the frame's rows of its *k*-th kid with one columnar keyd message."""
-        kid_rows = frame.kids[k]
-        rows, payloads, ends = kid_rows.rows, kid_rows.spliced.data, kid_rows.ends
-        if not rows:
-            return
+    async def _keyd_frame(self, client: str, frame: dataplane.Frame) -> None:
+        """Sign the frame's rows: one columnar batch per kid, all queued at once (they go to
+        keyd together, in one SIGN_KIDS when the batcher sends them so)."""
         view = frame.view
-        accounts, account_ix = native.span_table(
-            view.data, view.columns, W.NFIELDS, (W.ACCOUNT_OFF, W.ACCOUNT_LEN), rows
-        )
-        operators, operator_ix = native.span_table(
-            view.data, view.columns, W.NFIELDS, (W.OPERATOR_OFF, W.OPERATOR_LEN), rows,
-            base=1, absent=0,
-        )
-        names = tuple(a.decode() for a in accounts)
-        columns = KeydColumns(
-            payloads, ends, (client,), names, (None, *(o.decode() for o in operators)),
-            array("I", bytes(4 * len(rows))), account_ix, operator_ix,
-        )
-        key = kid_rows.key
-        try:
-            result = await self.batcher.issue_columns(key.dsc.kid, key.protected, columns)
-        except KeydError as exc:
-            for j, count in collections.Counter(account_ix).items():
-                self.quotas.release(client, names[j], count)
-            code = ErrorCode.KEYD_UNAVAILABLE if exc.retryable else ErrorCode.INTERNAL
-            frame.refuse_result(rows, _failure(code, str(exc), retry_after_s=0.5))
-            return
-        codes = result.codes
-        if codes.count(0) != len(codes):  # keyd refused some: their quota units go back
-            reasons = iter(result.reasons)
-            for i, j, code in zip(rows, account_ix, codes, strict=True):
-                if code:
-                    self.quotas.release(client, names[j], 1)
-                    frame.refuse_result(
-                        array("I", [i]), _keyd_failure((code, next(reasons)))
-                    )
-        frame.signed(k, array("I", compress(rows, map(operator.not_, codes))), result)
+        batches = []
+        names_of = []
+        for kid_rows in frame.kids:
+            rows = kid_rows.rows
+            accounts, account_ix = native.span_table(
+                view.data, view.columns, W.NFIELDS, (W.ACCOUNT_OFF, W.ACCOUNT_LEN), rows
+            )
+            operators, operator_ix = native.span_table(
+                view.data, view.columns, W.NFIELDS, (W.OPERATOR_OFF, W.OPERATOR_LEN), rows,
+                base=1, absent=0,
+            )
+            names = tuple(a.decode() for a in accounts)
+            columns = KeydColumns(
+                kid_rows.spliced.data, kid_rows.ends, (client,), names,
+                (None, *(o.decode() for o in operators)), array("I", bytes(4 * len(rows))),
+                account_ix, operator_ix,
+            )
+            batches.append((kid_rows.key.dsc.kid, kid_rows.key.protected, columns))
+            names_of.append(names)
+        outcomes = await self.batcher.issue_columns_many(batches)
+        for k, (kid_rows, result) in enumerate(zip(frame.kids, outcomes, strict=True)):
+            rows, names, account_ix = kid_rows.rows, names_of[k], batches[k][2].account_ix
+            if not rows:
+                continue
+            if isinstance(result, KeydError):
+                for j, count in collections.Counter(account_ix).items():
+                    self.quotas.release(client, names[j], count)
+                code = ErrorCode.KEYD_UNAVAILABLE if result.retryable else ErrorCode.INTERNAL
+                frame.refuse_result(rows, _failure(code, str(result), retry_after_s=0.5))
+                continue
+            codes = result.codes
+            if codes.count(0) != len(codes):  # keyd refused some: their quota units go back
+                reasons = iter(result.reasons)
+                for i, j, code in zip(rows, account_ix, codes, strict=True):
+                    if code:
+                        self.quotas.release(client, names[j], 1)
+                        frame.refuse_result(
+                            array("I", [i]), _keyd_failure((code, next(reasons)))
+                        )
+            frame.signed(k, array("I", compress(rows, map(operator.not_, codes))), result)
 
     async def _sign_fresh(
         self, client: str, items: Sequence[SignItem], types: list[str]

@@ -44,6 +44,7 @@ import trio
 
 from . import native
 from .keyd_client import KeydError
+from .offload import run_native
 from .protocol.keyd import ColumnsResult, ItemError, KeydColumns, SignPart
 
 __all__ = ["DEFAULT_WINDOW", "KeydBatcher", "Outcome"]
@@ -250,21 +251,42 @@ class KeydBatcher:
         Raises:
             KeydError: as :meth:`issue`.
         """
-        waiting = _Waiting(columns, trio.current_time(), raw=True)
-        if not waiting.count:
-            return ColumnsResult(0, b"")
-        self._protected.setdefault(kid, protected)
-        self._pending.setdefault(kid, []).append(waiting)
-        self._size += waiting.count
-        self._wake.set()
-        if self._size >= self.max_batch:
-            self._slot.set()
-        await waiting.done.wait()
-        outcome = waiting.outcome
+        (outcome,) = await self.issue_columns_many([(kid, protected, columns)])
         if isinstance(outcome, KeydError):
             raise outcome
-        assert isinstance(outcome, ColumnsResult)
         return outcome
+
+    async def issue_columns_many(
+        self, batches: Sequence[tuple[bytes, bytes, KeydColumns]]
+    ) -> list[ColumnsResult | KeydError]:
+        """:meth:`issue_columns` for several ``(kid, protected, columns)`` at once (one
+        frame's kids): all are queued before this waits, so they share a micro-batch
+        without a task per kid. Per batch, keyd's answer or the :class:`KeydError` of the
+        micro-batch it went in."""
+        now = trio.current_time()
+        waiters: list[_Waiting | None] = []
+        for kid, protected, columns in batches:
+            waiting = _Waiting(columns, now, raw=True)
+            if not waiting.count:
+                waiters.append(None)
+                continue
+            self._protected.setdefault(kid, protected)
+            self._pending.setdefault(kid, []).append(waiting)
+            self._size += waiting.count
+            waiters.append(waiting)
+        if any(waiters):
+            self._wake.set()
+            if self._size >= self.max_batch:
+                self._slot.set()
+        out: list[ColumnsResult | KeydError] = []
+        for waiting in waiters:
+            if waiting is None:
+                out.append(ColumnsResult(0, b""))
+                continue
+            await waiting.done.wait()
+            assert isinstance(waiting.outcome, ColumnsResult | KeydError)
+            out.append(waiting.outcome)
+        return out
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The flusher; runs until cancelled (micro-batches in flight are finished first
@@ -425,7 +447,7 @@ class KeydBatcher:
                 # A thread hop costs the event loop more than encoding a few here.
                 texts = native.hc1_encode(*job)
             else:
-                texts = await trio.to_thread.run_sync(native.hc1_encode, *job)
+                texts = await run_native(native.hc1_encode, *job)
         start = 0
         done_texts = iter(texts)
         for waiting in batch:

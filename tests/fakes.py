@@ -54,6 +54,19 @@ class FakeBatcher:
         ends = array("I", range(64, 64 * len(sigs) + 1, 64))
         return ColumnsResult(0, bytes(len(sigs)), b"".join(sigs), ends, ())
 
+    async def issue_columns_many(self, batches):
+        """issue_columns for each ``(kid, protected, columns)``, in turn; a KeydError is
+        returned in its batch's place, as the real batcher does."""
+        from dccsign.keyd_client import KeydError
+
+        out = []
+        for kid, protected, columns in batches:
+            try:
+                out.append(await self.issue_columns(kid, protected, columns))
+            except KeydError as exc:
+                out.append(exc)
+        return out
+
     @property
     def signed(self):
         """Payloads answered so far."""

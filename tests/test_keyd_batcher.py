@@ -255,13 +255,13 @@ async def test_encoded_inline_or_in_a_thread_alike(count, monkeypatch):
     from dccsign import keyd_batcher
 
     threads = []
-    real = trio.to_thread.run_sync
+    real = keyd_batcher.run_native
 
-    async def counted(*args, **kw):
+    async def counted(*args):
         threads.append(args[0])
-        return await real(*args, **kw)
+        return await real(*args)
 
-    monkeypatch.setattr(keyd_batcher.trio.to_thread, "run_sync", counted)
+    monkeypatch.setattr(keyd_batcher, "run_native", counted)
     keyd = FakeKeyd()
     batcher = KeydBatcher(keyd)
     payloads = tuple(_payload(n) for n in range(count))

@@ -1,0 +1,70 @@
+"""dccsign.offload.run_native: a worker thread per call (bounded), results and exceptions
+handed back, and no cancellation halfway through."""
+
+import threading
+
+import pytest
+import trio
+import trio.testing
+
+from dccsign import offload
+
+
+async def test_runs_in_a_worker_thread_and_returns_its_result():
+    main = threading.get_ident()
+    where = await offload.run_native(threading.get_ident)
+    assert where != main
+    assert await offload.run_native(divmod, 17, 5) == (3, 2)
+    assert offload._in_flight == 0
+
+
+async def test_exceptions_are_raised_in_the_caller():
+    with pytest.raises(ZeroDivisionError):
+        await offload.run_native(divmod, 1, 0)
+    assert offload._in_flight == 0
+
+
+async def test_past_max_threads_the_call_runs_inline(monkeypatch):
+    monkeypatch.setattr(offload, "MAX_THREADS", 0)
+    assert await offload.run_native(threading.get_ident) == threading.get_ident()
+
+
+async def test_many_at_once_use_at_most_max_threads(monkeypatch):
+    monkeypatch.setattr(offload, "MAX_THREADS", 3)
+    gate = threading.Event()
+    seen: set[int] = set()
+    peak = []
+
+    def work():
+        seen.add(threading.get_ident())
+        gate.wait(5)
+        return 1
+
+    results = []
+
+    async def one():
+        results.append(await offload.run_native(work))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(one)
+        await trio.testing.wait_all_tasks_blocked()
+        peak.append(offload._in_flight)
+        gate.set()
+    assert peak == [3] and results == [1, 1, 1] and offload._in_flight == 0
+
+
+async def test_a_cancelled_caller_still_waits_for_the_call():
+    gate = threading.Event()
+    finished = []
+
+    def work():
+        gate.wait(5)
+        finished.append(True)
+        return "done"
+
+    with trio.move_on_after(0.01) as scope:
+        threading.Timer(0.1, gate.set).start()
+        await offload.run_native(work)
+        await trio.lowlevel.checkpoint()  # the deferred cancellation lands here
+    assert scope.cancelled_caught and finished == [True] and offload._in_flight == 0
