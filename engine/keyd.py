@@ -186,8 +186,8 @@ def _refuse_selected(
 @dataclass(eq=False)
 class _Batch:
     """One kid's batch inside :meth:`Keyd.sign_columns` / :meth:`Keyd.sign_kids`: checked,
-    then signing (``pending``), then signed and waiting for the audit commit; ``result``
-    once it is answered."""
+    its signing ``jobs`` (chunk, key, payloads), then signing (``pending``), then signed and
+    waiting for the audit commit; ``result`` once it is answered."""
 
     rid: int
     cols: KeydColumns
@@ -196,6 +196,7 @@ class _Batch:
     codes: bytearray = field(default_factory=bytearray)
     facts: bytes = b""
     reasons: dict[int, str] = field(default_factory=dict)
+    jobs: list[tuple[array, Any, list[bytes]]] = field(default_factory=list)
     pending: list[tuple[array, Future[list[bytes]]]] = field(default_factory=list)
     selected: array = field(default_factory=lambda: array("I"))
     signatures: list[bytes] = field(default_factory=list)
@@ -653,6 +654,7 @@ class Keyd:
         self.refresh()
         self._retry_audit()
         batch = self._start(req.request_id, req.kid, req.columns)
+        self._sign([batch])
         self._finish([batch])
         assert batch.result is not None
         return batch.result
@@ -665,12 +667,13 @@ class Keyd:
         self.refresh()
         self._retry_audit()
         batches = [self._start(0, b.kid, b.columns) for b in req.batches]
+        self._sign(batches)
         self._finish(batches)
         return KidsResult(req.request_id, tuple(b.result for b in batches))  # type: ignore[misc]
 
     def _start(self, rid: int, kid: bytes, cols: KeydColumns) -> _Batch:
-        """A batch checked, validated and handed to the signing workers (or already answered:
-        ``result`` set)."""
+        """A batch checked and validated, its signing jobs ready (:meth:`_sign` runs them),
+        or already answered (``result`` set)."""
         n = len(cols)
         with self._lock:
             key = self._keys.get(kid)
@@ -706,18 +709,36 @@ class Keyd:
                     codes[i] = ItemError.INVALID_DCC
                     batch.reasons[i] = problem
                 ok = array("I", (i for i in ok if i not in problems))
-        # One chunk per signing worker: each chunk costs a hand-off to a worker and back.
+        # One chunk per signing thread: each chunk costs a hand-off to a worker and back.
         step = max(SIGN_CHUNK, -(-len(ok) // self._workers))
         for at in range(0, len(ok), step):
             chunk = ok[at : at + step]
             payloads = list(map(cols.payloads.__getitem__,
                                 map(slice, map(starts.__getitem__, chunk),
                                     map(cols.ends.__getitem__, chunk))))  # fmt: skip
-            future = self._signers.submit(key.key.sign, key.protected, payloads)
-            batch.pending.append((chunk, future))
-        if not batch.pending:
+            batch.jobs.append((chunk, key, payloads))
+        if not batch.jobs:
             batch.result = _columns_result(rid, codes, [], batch.reasons)
         return batch
+
+    def _sign(self, batches: list[_Batch]) -> None:
+        """Run the signing jobs of *batches*: all but the last in the signing workers, the
+        last in this thread (which would otherwise only wait; one hand-off fewer). Each
+        job's outcome lands in its batch's ``pending`` as a done or pending future."""
+        jobs = [(b, chunk, key, payloads) for b in batches for chunk, key, payloads in b.jobs]
+        for b, chunk, key, payloads in jobs[:-1]:
+            b.pending.append((chunk, self._signers.submit(key.key.sign, key.protected,
+                                                          payloads)))  # fmt: skip
+        if jobs:
+            b, chunk, key, payloads = jobs[-1]
+            here: Future[list[bytes]] = Future()
+            try:
+                here.set_result(key.key.sign(key.protected, payloads))
+            except Exception as exc:  # as a worker's failure: answered INTERNAL
+                here.set_exception(exc)
+            b.pending.append((chunk, here))
+        for b in batches:
+            b.jobs.clear()
 
     def _finish(self, batches: list[_Batch]) -> None:
         """Wait for the batches' signatures, make their audit records durable in one commit,

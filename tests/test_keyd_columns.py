@@ -466,3 +466,26 @@ async def test_a_failed_sign_kids_fails_every_waiter_of_every_kid():
                 inner.start_soon(one, kid)
         nursery.cancel_scope.cancel()
     assert errors == ["keyd connection failed: gone"] * 2
+
+
+@pytest.mark.parametrize("broken_first", [True, False])
+def test_a_kid_whose_signing_fails_is_refused_and_the_others_are_signed(env, broken_first):
+    """A signing failure (in a worker or in keyd's own thread: the last job runs there)
+    refuses that kid's items INTERNAL and audits none of them; the message's other kids
+    are signed and audited."""
+    store, keyd, _log, audit_dir = env
+    v, t = _kid(store, "v"), _kid(store, "t")
+
+    class Broken:
+        def sign(self, protected, payloads):
+            raise RuntimeError("token removed")
+
+    keyd._keys[v].key = Broken()
+    batches = [SignColumns(0, v, _kid_batch("v", 3)), SignColumns(0, t, _kid_batch("t", 2))]
+    if not broken_first:
+        batches.reverse()
+    answer = keyd.sign_kids(SignKids(1, tuple(batches)))
+    by_kid = {b.kid: r for b, r in zip(batches, answer.results, strict=True)}
+    assert by_kid[v].results() == [(ItemError.INTERNAL, "signing failed: RuntimeError")] * 3
+    assert by_kid[t].codes == bytes(2)
+    assert {r["kid"] for r in search(audit_dir)} == {t.hex()}
