@@ -56,6 +56,7 @@ works it records an ``audit-resumed`` key event and signs again. DESCRIBE report
 
 from __future__ import annotations
 
+import gc
 import logging
 import operator
 import os
@@ -1052,6 +1053,7 @@ def run(
     socket_mode: int = 0o600,
     socket_group: int | None = None,
     allow_uids: Collection[int] | None = None,
+    freeze_gc: bool = False,
 ) -> None:
     """Run keyd until *stop* is set (the CLI sets it on SIGTERM/SIGINT, and with
     ``--supervised`` when its supervisor is gone).
@@ -1061,7 +1063,10 @@ def run(
     *passphrase*: the keystore passphrase; None: ``keystore.resolve_passphrase``.
     *lock_wait*: seconds to wait for the audit log's lock while another process (a keyd that
     is stopping) still holds it. *socket_mode*, *socket_group*, *allow_uids*: see
-    :func:`serve_unix`.
+    :func:`serve_unix`. *freeze_gc*: once loaded, take everything built so far out of the
+    cyclic GC (``gc.freeze``: the keys, tables and validator live as long as the process;
+    a full collection then pauses the signing threads less). For a process that is keyd
+    only: ``dccsign keyd`` sets it.
 
     The audit log lives in ``KEYSTORE/audit`` unless *audit_dir* is given; its checkpoint key
     is ``KEYSTORE/audit-key.pem`` (created on first start, encrypted with the keystore
@@ -1098,6 +1103,8 @@ def run(
             nonce_pool=nonce_pool,
         )
         LOGGER.info("keyd serving %d keys on %s", len(keyd.describe()), socket_path)
+        if freeze_gc:
+            gc.freeze()
         try:
             serve_unix(
                 keyd, socket_path, ready=ready, stop=stop,
@@ -1186,6 +1193,7 @@ def cmd_keyd(args) -> int:
             socket_mode=getattr(args, "socket_mode", 0o600),
             socket_group=getattr(args, "socket_group", None),
             allow_uids=getattr(args, "allow_uid", None),
+            freeze_gc=True,
         )
     except (KeystoreError, AuditError) as exc:
         print(f"dccsign keyd: error: {exc}", file=sys.stderr)
