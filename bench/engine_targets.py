@@ -64,11 +64,15 @@ def _rss_kib(pid: int) -> int | None:
 
 
 def _children(pid: int) -> list[int]:
-    try:
-        out = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return []
-    return [int(p) for p in out]
+    """The child processes of *pid*, whichever of its threads started them (the engine
+    starts keyd from a worker thread: the main thread's ``children`` file lacks it)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += map(int, (task / "children").read_text().split())
+        except OSError:
+            continue
+    return out
 
 
 class Sampler(threading.Thread):
