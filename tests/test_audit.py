@@ -687,6 +687,41 @@ def test_interrupted_compression_is_completed(tmp_path, key):
     assert audit.verify(directory).ok
 
 
+def test_a_discarded_plain_segment_left_behind_is_ignored_and_removed(tmp_path, key):
+    """A crash while the plain copy of a compressed segment is shrunk (renamed .log.del
+    first): verify ignores the leftover, half-shrunk or not, and open removes it."""
+    directory = tmp_path / "log"
+    make_log(directory, key, batches=(4, 4), segment_records=4)
+    packed = directory / "segment-000001.log.zst"
+    leftover = directory / "segment-000001.log.del"
+    lines = read_lines(packed)
+    write_lines(leftover, lines[: len(lines) // 2])  # shrunk halfway, then the crash
+    assert audit.verify(directory).ok
+    with AuditLog.open(directory, key, segment_records=4):
+        pass
+    assert not leftover.exists() and packed.exists()
+    assert audit.verify(directory).ok
+
+
+def test_compression_writes_and_discards_in_steps(tmp_path, key, monkeypatch):
+    """With steps smaller than a segment, the closed segments are compressed and the plain
+    copies removed as in one go: the same records, a log that verifies, no .del left."""
+    monkeypatch.setattr(audit, "FLUSH_STEP", 64)
+    monkeypatch.setattr(audit, "SHRINK_STEP", 100)
+    synced = []
+    real = os.fdatasync
+    monkeypatch.setattr(audit.os, "fdatasync", lambda fd: (synced.append(fd), real(fd))[1])
+    directory = tmp_path / "log"
+    make_log(directory, key, batches=(4, 4, 4), segment_records=4)
+    names = sorted(p.name for p in directory.iterdir())
+    assert "segment-000001.log.zst" in names and "segment-000002.log.zst" in names
+    assert not [n for n in names if n.endswith((".del", ".tmp"))]
+    assert len(synced) > 4  # stepped: many flushes per segment
+    report = audit.verify(directory)
+    assert report.ok, report.first_break
+    assert len(list(audit.search(directory))) == 12
+
+
 # ----------------------------------------------------------------------------- unavailable
 
 
