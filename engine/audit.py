@@ -173,6 +173,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from . import native
 from .errors import DccSignError, KeystoreError
+from .process import name_this_thread
 
 __all__ = [
     "FORMAT",
@@ -1655,6 +1656,7 @@ class AuditLog:
         self._compress_queue.put(plain)
 
     def _compress_worker(self) -> None:
+        name_this_thread("audit-zstd")
         assert self._compress_queue is not None
         while True:
             plain = self._compress_queue.get()

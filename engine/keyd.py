@@ -81,6 +81,7 @@ from .keystore import Keystore, _atomic_write
 from .lifecycle import JOURNAL, journal_events
 from .native import CwtFacts
 from .native._keydcols_py import unpack_facts
+from .process import name_this_thread
 from .protocol.keyd import (
     NEED_DATA,
     ColumnsResult,
@@ -381,7 +382,8 @@ class Keyd:
         # Signing workers, one per core: every connection's chunks share them.
         self._workers = os.cpu_count() or 2
         self._signers = ThreadPoolExecutor(
-            max_workers=self._workers, thread_name_prefix="keyd-sign"
+            max_workers=self._workers, thread_name_prefix="keyd-sign",
+            initializer=name_this_thread, initargs=("keyd-sign",),
         )
         self._keys: dict[bytes, LoadedKey] = {}
         self._meta_stamp: tuple[int, int] | None = None
@@ -886,6 +888,7 @@ class Keyd:
 
 
 def _serve_counted(keyd: Keyd, sock: socket.socket, slots: threading.Semaphore) -> None:
+    name_this_thread("keyd-conn")
     try:
         _serve_connection(keyd, sock)
     finally:

@@ -8,6 +8,8 @@
 * :func:`take_environ_secret`: read a variable once and wipe it from this process, including
   the original environment block that ``/proc/PID/environ`` shows (``del os.environ[NAME]``
   alone leaves it there).
+* :func:`name_this_thread`: the OS name of the calling thread (``/proc/PID/task/TID/comm``),
+  so that per-thread CPU figures (``dccsign.cpustat``, ``top -H``) say which thread is which.
 * :func:`record_holder` / :func:`lock_holder`: a lock file that says who holds it. The flock is
   the lock; the record (pid, process start time, boot id) only describes the holder, and is
   believed only while a process with that pid and start time is running.
@@ -27,6 +29,7 @@ __all__ = [
     "dumpable",
     "lock_holder",
     "make_non_dumpable",
+    "name_this_thread",
     "process_start",
     "record_holder",
     "take_environ_secret",
@@ -36,6 +39,7 @@ __all__ = [
 PASSPHRASE_ENV = "DCCSIGN_KEYSTORE_PASSPHRASE"
 PR_SET_DUMPABLE = 4
 PR_GET_DUMPABLE = 3
+PR_SET_NAME = 15
 
 
 def _libc() -> ctypes.CDLL:
@@ -61,6 +65,13 @@ def dumpable() -> int | None:
     if not sys.platform.startswith("linux"):
         return None
     return int(_libc().prctl(PR_GET_DUMPABLE, 0, 0, 0, 0))
+
+
+def name_this_thread(name: str) -> None:
+    """Give the calling thread the OS name *name* (cut to 15 bytes, the kernel's limit);
+    nothing off Linux or when prctl fails (a name is a diagnostic, never a requirement)."""
+    if sys.platform.startswith("linux"):
+        _libc().prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
 
 
 def take_environ_secret(name: str = PASSPHRASE_ENV) -> bytes | None:

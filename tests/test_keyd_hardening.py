@@ -383,3 +383,48 @@ def test_keyd_under_its_own_uid_serves_only_the_engine_uid(dev_keystore):
                 proc.wait()
         shutil.rmtree(base)
     assert all(_state(p.pid) is None for p in procs)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread names are read from /proc")
+def test_threads_are_named_for_per_thread_cpu_figures(dev_keystore_copy, tmp_path):
+    """keyd's signing workers and the nonce pool's refill thread carry OS names, so that
+    dccsign.cpustat and `top -H` tell them apart; name_this_thread cuts to 15 bytes."""
+    import threading
+
+    from dccsign import native
+    from dccsign.audit import AuditKey, AuditLog
+    from dccsign.keyd import Keyd
+    from dccsign.keystore import resolve_passphrase
+    from dccsign.process import name_this_thread
+    from dccsign.protocol.keyd import KeydColumns, SignColumns, SignPart
+
+    def names():
+        out = set()
+        for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+            try:
+                out.add((task / "comm").read_text().strip())
+            except OSError:
+                pass
+        return out
+
+    seen = []
+    t = threading.Thread(target=lambda: (name_this_thread("a-very-long-thread-name"),
+                                         seen.append(names())))  # fmt: skip
+    t.start()
+    t.join()
+    assert "a-very-long-thr" in seen[0]
+    pw = resolve_passphrase(dev_keystore_copy)
+    with AuditLog.open(tmp_path / "audit", AuditKey.create(tmp_path / "k.pem", pw)) as log:
+        keyd = Keyd(dev_keystore_copy, pw, log, nonce_pool=4096 if native.IMPLEMENTATION ==
+                    "native" else 0)  # fmt: skip
+        try:
+            kid = next(iter(keyd._keys))
+            cols = KeydColumns.from_parts([SignPart("p", "a", (b"\xa0",) * 80)])
+            keyd.sign_columns(SignColumns(1, kid, cols))  # starts no worker: all refused
+            keyd._signers.submit(int).result()  # a worker exists now
+            present = names()
+        finally:
+            keyd.close()
+    assert "keyd-sign" in present
+    if native.IMPLEMENTATION == "native":
+        assert "nonce-refill" in present

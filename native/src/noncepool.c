@@ -554,6 +554,10 @@ done:
 static void *refill_main(void *arg)
 {
     dcc_pool *p = arg;
+#ifdef __linux__
+    /* A name for per-thread CPU figures (/proc/PID/task/TID/comm, top -H). */
+    pthread_setname_np(pthread_self(), "nonce-refill");
+#endif
     pthread_mutex_lock(&p->lock); /* dcc_pool_start_refill has set the policy, or tried */
     if (p->refill_policy != DCC_REFILL_IDLE)
         p->refill_policy = setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 19) == 0
