@@ -1,6 +1,6 @@
 """The end-to-end burst of issue 6, with and without nonce pools, against ``openssl speed``.
 
-    python bench/engine_burst.py [--rate 20000] [--rounds 2] [--batch 50] [--json FILE]
+    python bench/engine_burst.py [--rate 30000] [--rounds 2] [--batch 50] [--json FILE]
 
 Each round, in alternating order: ``openssl speed -seconds 1 -multi 2 ecdsap256`` (the bar);
 a fresh engine (``dccsign serve --dev``: TLS, supervised keyd) with the default nonce pools,
@@ -8,6 +8,9 @@ driven by ``dccsign bench load --profile burst`` (it waits until every pool is f
 offers ``--rate`` certificates/s for 10 s); and the same with ``--nonce-pool 0``. Each burst
 reports the rate signed during the burst, the p99 of the accepted requests, BUSY answers and
 the pool's low point; 1 % of the signed certificates are verified against the DSCs.
+The offered rate must exceed what the engine takes, or the burst measures the offer: the
+default, 30,000/s, is above the ~24,000/s the engine signed on this machine on 2026-12-03
+(the earlier default, 20,000/s, was below it); what it does not take is answered BUSY.
 
 The target (issue 6, restated by issue 14) compares the pooled burst's rate with
 ``openssl_2p`` of the same round: at least 0.75 (aim 1.0), with no pool misses (the engine's
@@ -74,7 +77,10 @@ def burst(rate: float, batch: int, connections: int, pool: int | None) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rate", type=float, default=20_000, help="offered certificates/s")
+    p.add_argument(
+        "--rate", type=float, default=30_000,
+        help="offered certificates/s: above what the engine takes (default 30,000)",
+    )
     p.add_argument("--batch", type=int, default=50)
     p.add_argument("--connections", type=int, default=4)
     p.add_argument("--rounds", type=int, default=2)
