@@ -424,9 +424,11 @@ class Dispatcher:
         """Sign the frame's rows: one columnar batch per kid, all queued at once (they go to
         keyd together, in one SIGN_KIDS when the batcher sends them so)."""
         view = frame.view
+        live = [k for k, kid_rows in enumerate(frame.kids) if kid_rows.rows]  # rows left
         batches = []
         names_of = []
-        for kid_rows in frame.kids:
+        for k in live:
+            kid_rows = frame.kids[k]
             rows = kid_rows.rows
             accounts, account_ix = native.span_table(
                 view.data, view.columns, W.NFIELDS, (W.ACCOUNT_OFF, W.ACCOUNT_LEN), rows
@@ -443,11 +445,11 @@ class Dispatcher:
             )
             batches.append((kid_rows.key.dsc.kid, kid_rows.key.protected, columns))
             names_of.append(names)
+        if not batches:
+            return
         outcomes = await self.batcher.issue_columns_many(batches)
-        for k, (kid_rows, result) in enumerate(zip(frame.kids, outcomes, strict=True)):
-            rows, names, account_ix = kid_rows.rows, names_of[k], batches[k][2].account_ix
-            if not rows:
-                continue
+        for at, (k, result) in enumerate(zip(live, outcomes, strict=True)):
+            rows, names, account_ix = frame.kids[k].rows, names_of[at], batches[at][2].account_ix
             if isinstance(result, KeydError):
                 for j, count in collections.Counter(account_ix).items():
                     self.quotas.release(client, names[j], count)

@@ -288,3 +288,43 @@ def test_keyed_items_take_the_frame_path_and_answer_as_sign_does(
         assert _normalised(b) == a
         assert types_b == types_a
     assert per_frame.batcher.signed == per_item.batcher.signed
+
+
+def test_a_frame_of_several_kids_goes_to_keyd_in_one_call_without_empty_kids(
+    tmp_path, dev_keystore
+):
+    """With one key per DCC type (the development keystore), a frame mixing types is one
+    issue_columns_many call with a batch per kid; a kid whose rows were all refused (here by
+    an account's quota) is not in it, and the other kids are signed."""
+    from dccsign.keystore import Keystore
+
+    class Recording(FakeBatcher):
+        def __init__(self):
+            super().__init__()
+            self.many = []
+
+        async def issue_columns_many(self, batches):
+            self.many.append([(kid, len(columns)) for kid, _protected, columns in batches])
+            return await super().issue_columns_many(batches)
+
+    store = Keystore.open(dev_keystore)
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps({"clients": {"portal": {"account_quota": {"per_minute": 2}}}}))
+    batcher = Recording()
+    d = Dispatcher(batcher, [(e.dsc, "active") for e in store.entries], PolicyFile(path),
+                   QuotaTracker(clock=lambda: 1e6))  # fmt: skip
+    kid_of = {t: next(e.kid for e in store.entries if e.dsc.usages == frozenset(t)) for t in "vt"}
+    dccs = [sample("v"), sample("t"), sample("v"), sample("t")]
+
+    def run(accounts):
+        view = native.walk_sign_batch(_frame(dccs, accounts, [None] * 4), 1000)
+        return _normalised(trio.run(d.sign_view, "portal", view))
+
+    first = run(["uzi:a", "uzi:t", "uzi:b", "uzi:t"])
+    assert all(r.ok for r in first)
+    assert sorted(batcher.many[0]) == sorted([(kid_of["v"], 2), (kid_of["t"], 2)])
+    # uzi:t has used its 2 per minute: the t kid has no row left and is not sent
+    second = run(["uzi:c", "uzi:t", "uzi:d", "uzi:t"])
+    assert [r.ok for r in second] == [True, False, True, False]
+    assert {second[1].error, second[3].error} == {ErrorCode.QUOTA_ACCOUNT}
+    assert batcher.many[1] == [(kid_of["v"], 2)]
