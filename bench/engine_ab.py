@@ -4,11 +4,15 @@
         --variant new --variant novalidate::--keyd-no-validate-dcc [--rounds 5] [--json F]
 
 A variant is ``NAME[:ENV=VALUE,...][:EXTRA SERVE OPTIONS]``: each round starts a fresh
-``dccsign serve --dev`` per variant (its own development keystore, a Unix socket, no nonce
-pool), waits until it accepts, drives it with ``dccsign bench load --closed-loop`` (4
-connections x 2 frames of 50 by default) for --seconds, and stops it. Rounds take the
-variants in turn, so that drift of the machine (±30 % here) falls on all of them alike; the
-report gives each variant's median certificates/s, BUSY and p99, and its ratio to the first.
+``dccsign serve --dev`` per variant (its own development keystore, a Unix socket -- or
+loopback TLS with ``--tcp`` --, no nonce pool unless ``--nonce-pool N``, and then only once
+every pool is full), waits until it accepts, drives it with
+``dccsign bench load --closed-loop`` (4 connections x 2 frames of 50 by default; the load
+generator runs with the variant's environment too) for --seconds, and stops it. Rounds take
+the variants in turn, so that drift of the machine (±30 % here) falls on all of them alike;
+the report gives each variant's median certificates/s, BUSY, p99 and CPU per certificate of
+the engine process (keyd, its child, not included) and of the generator, and its
+throughput ratio to the first.
 
 To compare with an older checkout: ``git archive OLD engine native protocol`` into a
 directory, rename engine/ to dccsign/ and move native/ and protocol/ into it, copy a built
@@ -48,32 +52,72 @@ def _accepts(path: Path) -> bool:
         return True
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _accepts_tcp(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
 def _one(work: Path, name: str, env: dict[str, str], extra: list[str], args) -> dict:
     sock = work / f"{name}.sock"
+    store = work / f"ks-{name}"
     full_env = {**os.environ, **env}
+    if args.tcp:
+        port = _free_port()
+        listen = ["--tcp", f"127.0.0.1:{port}"]
+        tls = store / "dev-tls"
+        server = ["--server", f"127.0.0.1:{port}", "--cert", str(tls / "client-cert.pem"),
+                  "--key", str(tls / "client-key.pem"), "--ca", str(tls / "ca.pem")]  # fmt: skip
+
+        def ready() -> bool:
+            return _accepts_tcp(port)
+    else:
+        listen = ["--unix", str(sock)]
+        server = ["--server", f"unix:{sock}"]
+
+        def ready() -> bool:
+            return _accepts(sock)
+
+    http = _free_port()
     with open(work / f"{name}.log", "ab") as log:
         proc = subprocess.Popen(
-            [*DCCSIGN, "serve", "--dev", "--keystore", str(work / f"ks-{name}"), "--unix",
-             str(sock), "--nonce-pool", "0", *extra],
+            [*DCCSIGN, "serve", "--dev", "--keystore", str(store), *listen, "--nonce-pool",
+             str(args.nonce_pool), "--http", f"127.0.0.1:{http}", *extra],
             stderr=log, env=full_env,
         )  # fmt: skip
     try:
         deadline = time.monotonic() + 60
-        while not _accepts(sock):
+        while not ready():
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit((work / f"{name}.log").read_text())
             time.sleep(0.1)
         time.sleep(2)  # keyd's start-up work settles
+        if args.nonce_pool:
+            from engine_targets import wait_pools
+
+            wait_pools(f"http://127.0.0.1:{http}/metrics")
         out = work / f"{name}.json"
         subprocess.run(
-            [*DCCSIGN, "bench", "load", "--server", f"unix:{sock}", "--closed-loop",
+            [*DCCSIGN, "bench", "load", *server, "--closed-loop",
              "--connections", str(args.connections), "--in-flight", str(args.in_flight),
              "--batch", str(args.batch), "--duration", str(args.seconds), "--metrics", "none",
-             "--quiet", "--json", str(out)],
+             "--cpu-pid", f"engine={proc.pid}", "--quiet", "--json", str(out)],
             check=True, stdout=subprocess.DEVNULL, env=full_env,
         )  # fmt: skip
         report = json.loads(out.read_text())
-        return {k: report[k] for k in ("certs_per_s", "busy", "p50_ms", "p99_ms", "errors")}
+        result = {k: report[k] for k in ("certs_per_s", "busy", "p50_ms", "p99_ms", "errors")}
+        processes = (report.get("cpu") or {}).get("processes", {})
+        for role in ("engine", "generator"):
+            result[f"{role}_us_per_cert"] = processes.get(role, {}).get("us_per_cert")
+        return result
     finally:
         proc.terminate()
         proc.wait(60)
@@ -87,6 +131,12 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--in-flight", type=int, default=2)
     parser.add_argument("--batch", type=int, default=50)
+    parser.add_argument("--nonce-pool", type=int, default=0, metavar="N",
+                        help="the engines' --nonce-pool (default 0: none); measured once the "
+                        "pools are full")  # fmt: skip
+    parser.add_argument("--tcp", action="store_true",
+                        help="loopback TCP with TLS (the development certificates) instead "
+                        "of a Unix socket")  # fmt: skip
     parser.add_argument("--json", type=Path, metavar="FILE")
     args = parser.parse_args()
     variants = [_variant(v) for v in args.variant]
@@ -107,9 +157,15 @@ def main() -> int:
             "busy_median": statistics.median(x["busy"] for x in results),
             "p99_ms_median": statistics.median(x["p99_ms"] for x in results),
         }
+        cpu = ""
+        for role in ("engine", "generator"):
+            values = [x[f"{role}_us_per_cert"] for x in results if x.get(f"{role}_us_per_cert")]
+            if values:
+                summary[name][f"{role}_us_per_cert_median"] = statistics.median(values)
+                cpu += f", {role} {statistics.median(values):.1f} us/cert"
         print(f"{name}: {rate:,.0f} certs/s (x{rate / first:.2f}), "
               f"BUSY {summary[name]['busy_median']:,.0f}, p99 "
-              f"{summary[name]['p99_ms_median']:.0f} ms")  # fmt: skip
+              f"{summary[name]['p99_ms_median']:.0f} ms{cpu}")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps({
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

@@ -22,7 +22,6 @@ contracts.
 from __future__ import annotations
 
 import collections
-import functools
 import operator
 from array import array
 from collections.abc import Iterable
@@ -37,7 +36,7 @@ from .chain import _nfc
 from .dcc import DCCValidationError
 from .native import _walker_py as W
 from .native._splice_py import NO_PAYLOAD
-from .offload import run_native
+from .offload import encode_reply, run_native
 from .protocol.codes import ErrorCode
 from .protocol.wire import ItemResult
 
@@ -288,9 +287,7 @@ class Frame:
         )
         signed = sum(len(k.signed_rows) for k in kids)
         if signed > INLINE_ENCODE:
-            body = await run_native(
-                functools.partial(native.encode_sign_batch_result, *job, single=single)
-            )
+            body = await encode_reply(*job, single=single)
         else:
             body = native.encode_sign_batch_result(*job, single=single)
         outcomes: collections.Counter[tuple[str, str, str]] = collections.Counter()

@@ -188,8 +188,8 @@ def _refuse_selected(
 @dataclass(eq=False)
 class _Batch:
     """One kid's batch inside :meth:`Keyd.sign_columns` / :meth:`Keyd.sign_kids`: checked,
-    its signing ``jobs`` (chunk, key, payloads), then signing (``pending``), then signed and
-    waiting for the audit commit; ``result`` once it is answered."""
+    its signing ``jobs`` (chunk, key, payloads, pooled), then signing (``pending``), then
+    signed and waiting for the audit commit; ``result`` once it is answered."""
 
     rid: int
     cols: KeydColumns
@@ -198,7 +198,7 @@ class _Batch:
     codes: bytearray = field(default_factory=bytearray)
     facts: bytes = b""
     reasons: dict[int, str] = field(default_factory=dict)
-    jobs: list[tuple[array, Any, list[bytes]]] = field(default_factory=list)
+    jobs: list[tuple[array, Any, list[bytes], bool]] = field(default_factory=list)
     pending: list[tuple[array, Future[list[bytes]]]] = field(default_factory=list)
     selected: array = field(default_factory=lambda: array("I"))
     signatures: list[bytes] = field(default_factory=list)
@@ -713,33 +713,41 @@ class Keyd:
                     batch.reasons[i] = problem
                 ok = array("I", (i for i in ok if i not in problems))
         # One chunk per signing thread: each chunk costs a hand-off to a worker and back.
-        step = max(SIGN_CHUNK, -(-len(ok) // self._workers))
+        # Unless the key's nonce pool holds a nonce for every item: then signing costs ~1 us
+        # each, less than the hand-off, and the whole batch is signed in this thread.
+        info = key.key.nonce_pool_info() if ok and _poolable(key.key) else None
+        pooled = info is not None and info.level >= len(ok)
+        step = len(ok) if pooled else max(SIGN_CHUNK, -(-len(ok) // self._workers))
         for at in range(0, len(ok), step):
             chunk = ok[at : at + step]
             payloads = list(map(cols.payloads.__getitem__,
                                 map(slice, map(starts.__getitem__, chunk),
                                     map(cols.ends.__getitem__, chunk))))  # fmt: skip
-            batch.jobs.append((chunk, key, payloads))
+            batch.jobs.append((chunk, key, payloads, pooled))
         if not batch.jobs:
             batch.result = _columns_result(rid, codes, [], batch.reasons)
         return batch
 
     def _sign(self, batches: list[_Batch]) -> None:
-        """Run the signing jobs of *batches*: all but the last in the signing workers, the
-        last in this thread (which would otherwise only wait; one hand-off fewer). Each
-        job's outcome lands in its batch's ``pending`` as a done or pending future."""
-        jobs = [(b, chunk, key, payloads) for b in batches for chunk, key, payloads in b.jobs]
-        for b, chunk, key, payloads in jobs[:-1]:
+        """Run the signing jobs of *batches*: the pooled ones (cheaper than a hand-off) and
+        the last of the others in this thread (which would otherwise only wait), the rest in
+        the signing workers. Each job's outcome lands in its batch's ``pending`` as a done or
+        pending future."""
+        jobs = [(b, job) for b in batches for job in b.jobs]
+        slow = [(b, job) for b, job in jobs if not job[3]]
+        for b, (chunk, key, payloads, _pooled) in slow[:-1]:
             b.pending.append((chunk, self._signers.submit(key.key.sign, key.protected,
                                                           payloads)))  # fmt: skip
-        if jobs:
-            b, chunk, key, payloads = jobs[-1]
-            here: Future[list[bytes]] = Future()
-            try:
-                here.set_result(key.key.sign(key.protected, payloads))
-            except Exception as exc:  # as a worker's failure: answered INTERNAL
-                here.set_exception(exc)
-            b.pending.append((chunk, here))
+        last = slow[-1][1] if slow else None
+        for b, job in jobs:
+            chunk, key, payloads, pooled = job
+            if pooled or job is last:
+                here: Future[list[bytes]] = Future()
+                try:
+                    here.set_result(key.key.sign(key.protected, payloads))
+                except Exception as exc:  # as a worker's failure: answered INTERNAL
+                    here.set_exception(exc)
+                b.pending.append((chunk, here))
         for b in batches:
             b.jobs.clear()
 

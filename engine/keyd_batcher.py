@@ -283,7 +283,10 @@ class KeydBatcher:
             if waiting is None:
                 out.append(ColumnsResult(0, b""))
                 continue
-            await waiting.done.wait()
+            # Usually all went in one micro-batch: once the first is answered, the others
+            # are too, and waiting on a set Event would cost a pass of the scheduler each.
+            if not waiting.done.is_set():
+                await waiting.done.wait()
             assert isinstance(waiting.outcome, ColumnsResult | KeydError)
             out.append(waiting.outcome)
         return out

@@ -105,6 +105,7 @@ from .loadpool import PoolSampler, PoolSeries
 from .loadprofile import Profile
 from .protocol import cborlimits, wire
 from .protocol.codes import ErrorCode
+from .protocol.tls_stream import open_tls_over_tcp
 
 __all__ = [
     "DEFAULT_SERVER",
@@ -467,9 +468,7 @@ async def open_engine_stream(
         if ssl_context is None:
             raise LoadError("a HOST:PORT server needs TLS settings")
         host, port = where
-        stream = await trio.open_ssl_over_tcp_stream(host, port, ssl_context=ssl_context)
-        await stream.do_handshake()
-        return stream
+        return await open_tls_over_tcp(host, port, ssl_context)
     except (OSError, trio.BrokenResourceError) as exc:
         cause = exc.__cause__ or exc
         raise LoadError(f"cannot connect to {address}: {cause}") from None

@@ -77,6 +77,7 @@ from .metrics import Metrics
 from .policy import Policy
 from .protocol import wire
 from .protocol.codes import ErrorCode
+from .protocol.tls_stream import TLSStream
 
 __all__ = ["Limits", "Peer", "Server"]
 
@@ -231,14 +232,24 @@ class Server:
         listeners = await trio.open_tcp_listeners(port, host=host)
 
         async def opened(stream: trio.SocketStream) -> tuple[Any, Peer] | None:
-            tls = trio.SSLStream(stream, ssl_context, server_side=True)
+            try:
+                tls = TLSStream.wrap(stream, ssl_context, server_side=True)
+            except (ssl.SSLError, OSError) as exc:  # e.g. the peer reset before the wrap
+                self.metrics.connections_refused.labels("tls").inc()
+                LOGGER.info("TLS setup failed: %s", exc)
+                return None
+            # From here the socket is *tls*'s: it is closed here unless it is handed on.
             try:
                 with trio.fail_after(self.limits.hello_timeout):
                     await tls.do_handshake()
             except (trio.BrokenResourceError, trio.TooSlowError) as exc:
                 self.metrics.connections_refused.labels("tls").inc()
                 LOGGER.info("TLS handshake failed: %s", exc)
+                await trio.aclose_forcefully(tls)
                 return None
+            except BaseException:  # evicted or stopped during the handshake
+                await trio.aclose_forcefully(tls)
+                raise
             cert = tls.getpeercert()
             return tls, Peer("tls", common_name=_common_name(cert) if cert else None)
 
@@ -475,21 +486,21 @@ class Server:
         return wire.Keys(request_id=request_id, keys=tuple(listed))
 
     async def sign(
-        self, client: str, event: Any, items: Any, nursery: trio.Nursery,
-        work_done: Callable[[], None],
-    ) -> Any:
-        """The reply to a sign request: its results, or DEADLINE_EXCEEDED for every item when
-        they take longer than the deadline. *work_done* is called once the work has finished.
+        self, client: str, event: Any, items: Any
+    ) -> tuple[list[Any] | FrameReply, list[str], float]:
+        """A sign request's results (a :class:`FrameReply`, or an ``ItemResult`` per item),
+        the DCC type of each item ("" where not examined) and when the work started: what
+        :meth:`reply` makes the reply of.
 
-        The work itself is not cancelled at the deadline: items already handed to keyd may be
-        signed and audited, and cancelling would lose those results (and leave quota units
-        and idempotency entries half done). It runs on in *nursery*; its results land in the
-        idempotency cache, so a retry with the same key gets the first signature, never a
-        second one.
+        It runs to the end whatever its deadline: items already handed to keyd may be signed
+        and audited, and stopping half way would lose those results (and leave quota units
+        and idempotency entries half done). The connection answers DEADLINE_EXCEEDED in its
+        place at the deadline (:meth:`deadline_reply`, from its watchdog); the late results
+        land in the idempotency cache, so a retry with the same key gets the first
+        signature, never a second one. Never raises for what an item holds: an unexpected
+        failure is answered INTERNAL (retryable) for every item.
         """
         start = trio.current_time()
-        box: list[list[Any]] = []
-        finished = trio.Event()
         # *items*: the decoded items, or the frame's walked view (native.BatchView).
         walked = isinstance(items, native.BatchView)
         count = items.count if walked else len(items)
@@ -497,55 +508,58 @@ class Server:
         token = object()
         started = self._started.setdefault(client, {})
         started[token] = start
-
-        async def work() -> None:
-            try:
-                if walked:
-                    box.append(
-                        await self.dispatcher.sign_view(
-                            client, items, types, single=event.type == wire.FrameType.SIGN
-                        )
-                    )
-                else:
-                    box.append(await self.dispatcher.sign(client, items, types))
-            except Exception:
-                # The dispatcher never raises for what an item holds: this is a bug. The
-                # request is answered INTERNAL (retryable); the connection goes on.
-                LOGGER.exception("signing a request of client %s failed unexpectedly", client)
-                self.metrics.internal_errors.inc()
-                box.append(
-                    [
-                        wire.ItemResult(
-                            error=ErrorCode.INTERNAL, message="internal error",
-                            retry_after_ms=self.limits.busy_retry_ms,
-                        )
-                    ]
-                    * count
+        results: Any
+        try:
+            if walked:
+                results = await self.dispatcher.sign_view(
+                    client, items, types, single=event.type == wire.FrameType.SIGN
                 )
-            finally:
-                del started[token]
-                if not started:
-                    del self._started[client]
-                finished.set()
-                work_done()
-
-        nursery.start_soon(work)
-        with trio.move_on_after(self.limits.deadline):
-            await finished.wait()
-        if box:
-            results = box[0]
-        else:
+            else:
+                results = await self.dispatcher.sign(client, items, types)
+        except Exception:
+            # The dispatcher never raises for what an item holds: this is a bug. The
+            # request is answered INTERNAL (retryable); the connection goes on.
+            LOGGER.exception("signing a request of client %s failed unexpectedly", client)
+            self.metrics.internal_errors.inc()
             results = [
                 wire.ItemResult(
-                    error=ErrorCode.DEADLINE_EXCEEDED,
-                    message=f"not done within {self.limits.deadline} s",
+                    error=ErrorCode.INTERNAL, message="internal error",
                     retry_after_ms=self.limits.busy_retry_ms,
                 )
-            ] * count
+            ] * count  # fmt: skip
+        finally:
+            del started[token]
+            if not started:
+                del self._started[client]
+        return results, types, start
+
+    def reply(
+        self, client: str, event: Any, results: list[Any] | FrameReply, types: list[str],
+        start: float,
+    ) -> Any:  # fmt: skip
+        """The reply to sign request *event* from :meth:`sign`'s result, counted in the
+        metrics (only the reply that is sent is counted: not a late one after the
+        deadline's)."""
         if isinstance(results, FrameReply):
             self.metrics.observe_counts(client, results.outcomes, trio.current_time() - start)
             return _Encoded(event.request_id, results)
         self.metrics.observe(client, results, types, trio.current_time() - start)
+        return self._reply(event, results)
+
+    def deadline_reply(self, client: str, event: Any, count: int, start: float) -> Any:
+        """DEADLINE_EXCEEDED for every item of a sign request taken in at *start*."""
+        results = [
+            wire.ItemResult(
+                error=ErrorCode.DEADLINE_EXCEEDED,
+                message=f"not done within {self.limits.deadline} s",
+                retry_after_ms=self.limits.busy_retry_ms,
+            )
+        ] * count
+        self.metrics.observe(client, results, [""] * count, trio.current_time() - start)
+        return self._reply(event, results)
+
+    @staticmethod
+    def _reply(event: Any, results: list[Any]) -> Any:
         if event.type == wire.FrameType.SIGN:
             return wire.SignResult(request_id=event.request_id, result=results[0])
         return wire.SignBatchResult(request_id=event.request_id, results=tuple(results))
@@ -559,12 +573,24 @@ class _Encoded:
     reply: FrameReply
 
 
-@dataclass(frozen=True, slots=True)
 class _Request:
-    """What a sign request's reply needs of its frame (the frame itself is let go)."""
+    """A sign request in progress: what its reply needs of its frame (the frame itself is
+    let go), its ticket, and whether it has been answered -- by its work, or with
+    DEADLINE_EXCEEDED by the connection's watchdog at ``deadline``."""
 
-    type: int
-    request_id: int
+    __slots__ = ("answered", "count", "deadline", "request_id", "start", "ticket", "type")
+
+    def __init__(
+        self, type: int, request_id: int, count: int, ticket: _Ticket, start: float,
+        deadline: float,
+    ) -> None:  # fmt: skip
+        self.type = type
+        self.request_id = request_id
+        self.count = count
+        self.ticket = ticket
+        self.start = start
+        self.deadline = deadline
+        self.answered = False
 
 
 class _Slot:
@@ -652,6 +678,9 @@ class _Connection:
         self.last_heard = slot.since
         self._writing_since: float | None = None
         self._partial_since: float | None = None
+        #: Sign requests whose work is in progress, by id, in order of acceptance (and so
+        #: of deadline: every request has the same time).
+        self._in_progress: dict[int, _Request] = {}
         self._waiting_for_slot = False
         self._holds_slot = False
         self._watch: trio.CancelScope | None = None  # the watchdog's sleep
@@ -801,9 +830,17 @@ class _Connection:
             with trio.CancelScope(deadline=self._next_deadline()) as self._watch:
                 await trio.sleep_forever()
             self._watch = None
-            self._check_clocks(trio.current_time())
+            now = trio.current_time()
+            self._answer_overdue(now)
+            self._check_clocks(now)
 
     def _next_deadline(self) -> float:
+        clocks = self._clocks()
+        if self._in_progress:
+            return min(clocks, next(iter(self._in_progress.values())).deadline)
+        return clocks
+
+    def _clocks(self) -> float:
         limits = self.limits
         if self._closing:  # only a client that reads nothing can hold it open now
             if self._writing_since is None or self._dropping:
@@ -1026,9 +1063,15 @@ class _Connection:
             self.metrics.busy.labels(self.client).inc()
             self.send(self.server.busy_reply(frame.request_id, busy))
             return
-        ticket = _Ticket(self, view.count)
-        request = _Request(frame.type, frame.request_id)
-        requests.start_soon(self._request, request, view, ticket, trio.current_time(), requests)
+        now = trio.current_time()
+        request = _Request(
+            frame.type, frame.request_id, view.count, _Ticket(self, view.count), now,
+            now + self.limits.deadline,
+        )  # fmt: skip
+        if not self._in_progress:  # deadlines come in order: only the oldest one is timed
+            self._clock_started(request.deadline)
+        self._in_progress[request.request_id] = request
+        requests.start_soon(self._request, request, view)
 
     def _refused_early(self, frame: wire.Frame) -> bool:
         """Answer a sign request BUSY from its header, before its body is decompressed or
@@ -1043,18 +1086,45 @@ class _Connection:
         self.send(self.server.busy_reply(frame.request_id, busy))
         return True
 
-    async def _request(
-        self, event: _Request, items: Any, ticket: _Ticket, read: float, requests: trio.Nursery
-    ) -> None:
-        self.metrics.observe_stage("start", trio.current_time() - read)
+    async def _request(self, request: _Request, items: Any) -> None:
+        """Sign *request* and answer it, unless its deadline answered it first."""
+        self.metrics.observe_stage("start", trio.current_time() - request.start)
         assert self.client is not None
+        ticket = request.ticket
         try:
-            reply = await self.server.sign(self.client, event, items, requests, ticket.release)
+            signed = await self.server.sign(self.client, request, items)
         except BaseException:
-            ticket.release()  # the reply's hold: there will be no reply
+            self._done(request)
+            if not request.answered:
+                request.answered = True
+                ticket.release()  # the reply's hold: there will be no reply
             raise
-        del items, event
-        self.send(reply, ticket)
+        del items
+        self._done(request)
+        if request.answered:
+            return  # DEADLINE_EXCEEDED went out in its place, with the reply's hold
+        request.answered = True
+        self.send(self.server.reply(self.client, request, *signed), ticket)
+
+    def _done(self, request: _Request) -> None:
+        """*request*'s work has finished: its hold on the limits and its deadline end."""
+        request.ticket.release()
+        self._in_progress.pop(request.request_id, None)
+
+    def _answer_overdue(self, now: float) -> None:
+        """DEADLINE_EXCEEDED for every request in progress past its deadline; their work
+        goes on (:meth:`Server.sign`), its results are dropped when it ends."""
+        for request in list(self._in_progress.values()):
+            if request.deadline > now:
+                break  # in order of acceptance: the rest are later
+            del self._in_progress[request.request_id]
+            if not request.answered:
+                request.answered = True
+                assert self.client is not None  # requests are accepted after WELCOME only
+                self.send(
+                    self.server.deadline_reply(self.client, request, request.count, request.start),
+                    request.ticket,
+                )
 
 
 def _refusal(peer: Peer, name: str | None, policy: Policy) -> str:

@@ -107,6 +107,7 @@ keyd_check_columns = _impl.keyd_check_columns
 audit_issue_columns = _impl.audit_issue_columns
 splice_payloads = _impl.splice_payloads
 encode_sign_batch_result = _impl.encode_sign_batch_result
+ReplyPool = _impl.ReplyPool
 DccRules = _impl.DccRules
 validate_dcc_cbor = _impl.validate_dcc_cbor
 validate_dcc_batch = _impl.validate_dcc_batch

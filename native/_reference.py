@@ -17,6 +17,7 @@ from ._dccvalidate_py import (
     validate_dcc_cbor,
 )
 from ._hc1_py import hc1_encode, hc1_sign
+from ._jobpool_py import ReplyPool
 from ._keydcols_py import audit_issue_columns, keyd_check_columns
 from ._loadgen_py import scan_results
 from ._reply_py import encode_sign_batch_result
@@ -33,6 +34,7 @@ __all__ = [
     "MAX_UVCI_CHARS",
     "SMALL_DEFLATE_MAX",
     "DccRules",
+    "ReplyPool",
     "SigningKey",
     "audit_issue_columns",
     "audit_issue_groups",

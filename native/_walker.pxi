@@ -154,6 +154,20 @@ cdef extern from "walker.h" nogil:
                      uint8_t *scratch, char *hc1, uint8_t *out, size_t *outlen, uint32_t *bad,
                      const char **err)
 
+cdef extern from "jobpool.h" nogil:
+    ctypedef struct dcc_job:
+        void (*run)(dcc_job *job) noexcept nogil
+        dcc_job *next
+        void *owner
+    ctypedef struct dcc_jobpool:
+        pass
+    dcc_jobpool *dcc_jobpool_new(int threads, const char *name, int *err)
+    int dcc_jobpool_fd(const dcc_jobpool *pool)
+    void dcc_jobpool_submit(dcc_jobpool *pool, dcc_job *job)
+    dcc_job *dcc_jobpool_collect(dcc_jobpool *pool)
+    void dcc_jobpool_stop(dcc_jobpool *pool)
+    void dcc_jobpool_free(dcc_jobpool *pool)
+
 import cbor2 as _cbor2
 
 from ._reply_py import check_reply_arguments as _check_reply_arguments
@@ -166,99 +180,244 @@ from ..protocol.wire import BodyError as _BodyError
 def encode_sign_batch_result(protected, kids, protected_of, payloads, payload_offsets,
                              signatures, signature_offsets, refusals, level=9, *,
                              single=False) -> bytes:
+    cdef ReplyJob job = _reply_job(protected, kids, protected_of, payloads, payload_offsets,
+                                   signatures, signature_offsets, refusals, level, single)
+    with nogil:
+        _reply_run(&job.a.job)
+    return job.result()
+
+
+cdef struct reply_args:
+    dcc_job job  # first member: the pool's dcc_job * is this struct's address
+    uint32_t count
+    int single
+    int level
+    const uint32_t *idx
+    const uint8_t **ppre
+    size_t *plen
+    const uint8_t **pkid
+    const uint8_t *payp
+    const uint32_t *pay_off
+    const uint8_t *sigp
+    const uint32_t *sig_off
+    const uint8_t **ref
+    size_t *reflen
+    uint8_t *scratch
+    char *hc1
+    uint8_t *out
+    size_t outlen
+    uint32_t bad
+    const char *err
+    int rc
+    int ran
+
+
+cdef void _reply_run(dcc_job *job) noexcept nogil:
+    cdef reply_args *a = <reply_args *>job
+    a.rc = reply_encode(a.count, a.single, a.idx, a.ppre, a.plen, a.pkid, a.payp, a.pay_off,
+                        a.sigp, a.sig_off, a.ref, a.reflen, a.level, a.scratch, a.hc1, a.out,
+                        &a.outlen, &a.bad, &a.err)
+    a.ran = 1
+
+
+cdef class ReplyJob:
+    """One reply body being encoded (:meth:`ReplyPool.submit_encode`): its inputs held
+    (their buffers are read without the GIL), its C buffers owned."""
+
+    cdef reply_args a
+    cdef tuple keep  # the bytes objects the pointers of `a` point into
+    cdef const uint32_t[::1] idx_v, pay_v, sig_v  # buffer exports: the arrays cannot resize
+    cdef object bad_refusal
+
+    def __dealloc__(self):
+        free(self.a.ppre)
+        free(self.a.plen)
+        free(self.a.pkid)
+        free(self.a.ref)
+        free(self.a.reflen)
+        free(self.a.scratch)
+        free(self.a.hc1)
+        free(self.a.out)
+
+    def result(self) -> bytes:
+        """The body, or the error :func:`encode_sign_batch_result` raises for these
+        arguments (BodyError, ZlibError)."""
+        if not self.a.ran:
+            raise RuntimeError("the reply has not been encoded yet")
+        if self.a.rc == WALK_REFUSED:
+            raise _BodyError(_hc1_too_long(self.a.bad, self.a.single))
+        if self.a.rc != DCC_OK:
+            raise ZlibError(self.a.err.decode("ascii") if self.a.err != NULL else "zlib failed")
+        if self.bad_refusal is not None:
+            raise _BodyError(self.bad_refusal[1])
+        return PyBytes_FromStringAndSize(<char *>self.a.out, self.a.outlen)
+
+
+cdef ReplyJob _reply_job(protected, kids, protected_of, payloads, payload_offsets, signatures,
+                         signature_offsets, refusals, level, single):
+    """The arguments checked (TypeError / ValueError as the reference) and turned into a job
+    whose encoding needs no Python."""
     cdef tuple pre, kidt
     pre, kidt, idx_v, pay_v, sig_v = _check_reply_arguments(
         protected, kids, protected_of, payloads, payload_offsets, signatures,
         signature_offsets, refusals, level, single, False)
-    cdef const uint32_t[::1] idx = idx_v
-    cdef const uint32_t[::1] pay_off = pay_v
-    cdef const uint32_t[::1] sig_off = sig_v
-    cdef uint32_t count = len(idx_v), i, bad = 0
-    cdef int lvl = level, one = bool(single), rc
-    bad_refusal = None
+    cdef ReplyJob job = ReplyJob.__new__(ReplyJob)
+    job.idx_v = idx_v
+    job.pay_v = pay_v
+    job.sig_v = sig_v
+    cdef const uint32_t[::1] idx = job.idx_v
+    cdef const uint32_t[::1] pay_off = job.pay_v
+    cdef const uint32_t[::1] sig_off = job.sig_v
+    cdef uint32_t count = len(idx_v), i
     cdef Py_ssize_t npre = len(pre), k
-    cdef const uint8_t **ppre = <const uint8_t **>malloc(max(npre, 1) * sizeof(uint8_t *))
-    cdef size_t *plen = <size_t *>malloc(max(npre, 1) * sizeof(size_t))
-    cdef const uint8_t **pkid = <const uint8_t **>malloc(max(npre, 1) * sizeof(uint8_t *))
-    cdef const uint8_t **ref = <const uint8_t **>malloc(count * sizeof(uint8_t *))
-    cdef size_t *reflen = <size_t *>malloc(count * sizeof(size_t))
-    cdef uint8_t *scratch = NULL
-    cdef char *hc1 = NULL
-    cdef uint8_t *out = NULL
-    cdef size_t maxplen = 0, maxpay = 0, maxsig = 0, cap, outlen = 0
-    cdef const char *err = NULL
+    cdef reply_args *a = &job.a
+    a.count = count
+    a.single = bool(single)
+    a.level = level
+    a.ppre = <const uint8_t **>malloc(max(npre, 1) * sizeof(uint8_t *))
+    a.plen = <size_t *>malloc(max(npre, 1) * sizeof(size_t))
+    a.pkid = <const uint8_t **>malloc(max(npre, 1) * sizeof(uint8_t *))
+    a.ref = <const uint8_t **>malloc(max(count, 1) * sizeof(uint8_t *))
+    a.reflen = <size_t *>malloc(max(count, 1) * sizeof(size_t))
+    cdef size_t maxplen = 0, maxpay = 0, maxsig = 0, cap
     cdef list encoded = []
-    cdef const uint8_t *payp = <const uint8_t *>PyBytes_AS_STRING(payloads)
-    cdef const uint8_t *sigp = <const uint8_t *>PyBytes_AS_STRING(signatures)
     cdef Py_ssize_t unsigned_items = 0
     cdef bint bad_columns = False
-    try:
-        for i in range(count):  # the per-item rules, in C; the reference names the offender
-            if pay_off[i] > pay_off[i + 1] or sig_off[i] > sig_off[i + 1]:
-                bad_columns = True
-            if idx[i] == REPLY_NONE:
-                unsigned_items += 1
-            elif idx[i] >= <uint32_t>npre:
-                bad_columns = True
-        # Refusal keys are distinct items in range (checked): they are exactly the unsigned
-        # items when their numbers agree and each refusal's item is unsigned.
-        if unsigned_items != len(refusals):
+    for i in range(count):  # the per-item rules, in C; the reference names the offender
+        if pay_off[i] > pay_off[i + 1] or sig_off[i] > sig_off[i + 1]:
             bad_columns = True
+        if idx[i] == REPLY_NONE:
+            unsigned_items += 1
+        elif idx[i] >= <uint32_t>npre:
+            bad_columns = True
+    # Refusal keys are distinct items in range (checked): they are exactly the unsigned
+    # items when their numbers agree and each refusal's item is unsigned.
+    if unsigned_items != len(refusals):
+        bad_columns = True
+    else:
+        for r in refusals:
+            if idx[<uint32_t>r] != REPLY_NONE:
+                bad_columns = True
+    if bad_columns:
+        _check_reply_arguments(protected, kids, protected_of, payloads, payload_offsets,
+                               signatures, signature_offsets, refusals, level, single)
+        raise AssertionError("unreachable: the reference names the inconsistency")
+    job.bad_refusal = _first_bad_refusal(refusals, a.single)
+    if (a.ppre == NULL or a.plen == NULL or a.pkid == NULL or a.ref == NULL
+            or a.reflen == NULL):
+        raise MemoryError()
+    for k in range(npre):
+        a.ppre[k] = <const uint8_t *>PyBytes_AS_STRING(pre[k])
+        a.plen[k] = PyBytes_GET_SIZE(pre[k])
+        a.pkid[k] = <const uint8_t *>PyBytes_AS_STRING(kidt[k])
+        if a.plen[k] > maxplen:
+            maxplen = a.plen[k]
+    for i in range(count):
+        a.ref[i] = NULL
+        a.reflen[i] = 0
+        if idx[i] == REPLY_NONE:
+            if job.bad_refusal is not None and i >= job.bad_refusal[0]:
+                continue  # not encoded: the body is refused at or before it
+            m = _cbor2.dumps(_refusal_map(refusals[i]))  # refused items only
+            encoded.append(m)
+            a.ref[i] = <const uint8_t *>PyBytes_AS_STRING(m)
+            a.reflen[i] = PyBytes_GET_SIZE(m)
         else:
-            for r in refusals:
-                if idx[<uint32_t>r] != REPLY_NONE:
-                    bad_columns = True
-        if bad_columns:
-            _check_reply_arguments(protected, kids, protected_of, payloads, payload_offsets,
-                                   signatures, signature_offsets, refusals, level, single)
-            raise AssertionError("unreachable: the reference names the inconsistency")
-        bad_refusal = _first_bad_refusal(refusals, one)
-        if ppre == NULL or plen == NULL or pkid == NULL or ref == NULL or reflen == NULL:
-            raise MemoryError()
-        for k in range(npre):
-            ppre[k] = <const uint8_t *>PyBytes_AS_STRING(pre[k])
-            plen[k] = PyBytes_GET_SIZE(pre[k])
-            pkid[k] = <const uint8_t *>PyBytes_AS_STRING(kidt[k])
-            if plen[k] > maxplen:
-                maxplen = plen[k]
-        for i in range(count):
-            ref[i] = NULL
-            reflen[i] = 0
-            if idx[i] == REPLY_NONE:
-                if bad_refusal is not None and i >= bad_refusal[0]:
-                    continue  # not encoded: the body is refused at or before it
-                m = _cbor2.dumps(_refusal_map(refusals[i]))  # refused items only
-                encoded.append(m)
-                ref[i] = <const uint8_t *>PyBytes_AS_STRING(m)
-                reflen[i] = PyBytes_GET_SIZE(m)
-            else:
-                maxpay = max(maxpay, pay_off[i + 1] - pay_off[i])
-                maxsig = max(maxsig, sig_off[i + 1] - sig_off[i])
-        if bad_refusal is not None:
-            count = bad_refusal[0]  # encode up to it: an earlier long HC1 is named first
-        cap = reply_max_len(count, &idx[0], plen, &pay_off[0], &sig_off[0], reflen)
-        scratch = <uint8_t *>malloc(dcc_hc1_scratch_len(maxplen, maxpay, maxsig))
-        hc1 = <char *>malloc(dcc_hc1_max_len(maxplen, maxpay, maxsig))
-        out = <uint8_t *>malloc(cap)
-        if scratch == NULL or hc1 == NULL or out == NULL:
-            raise MemoryError()
+            maxpay = max(maxpay, pay_off[i + 1] - pay_off[i])
+            maxsig = max(maxsig, sig_off[i + 1] - sig_off[i])
+    if job.bad_refusal is not None:
+        a.count = count = job.bad_refusal[0]  # an earlier long HC1 is named first
+    a.idx = &idx[0]
+    a.pay_off = &pay_off[0]
+    a.sig_off = &sig_off[0]
+    a.payp = <const uint8_t *>PyBytes_AS_STRING(payloads)
+    a.sigp = <const uint8_t *>PyBytes_AS_STRING(signatures)
+    job.keep = (pre, kidt, payloads, signatures, encoded)
+    cap = reply_max_len(count, a.idx, a.plen, a.pay_off, a.sig_off, a.reflen)
+    a.scratch = <uint8_t *>malloc(dcc_hc1_scratch_len(maxplen, maxpay, maxsig))
+    a.hc1 = <char *>malloc(dcc_hc1_max_len(maxplen, maxpay, maxsig))
+    a.out = <uint8_t *>malloc(cap)
+    if a.scratch == NULL or a.hc1 == NULL or a.out == NULL:
+        raise MemoryError()
+    return job
+
+
+from cpython.ref cimport Py_INCREF, Py_DECREF, PyObject
+from ._jobpool_py import check_threads as _check_threads
+
+
+cdef class ReplyPool:
+    """Reply bodies encoded in C threads that never take the GIL (the reference and the
+    contract: ``_jobpool_py.ReplyPool``)."""
+
+    cdef dcc_jobpool *pool
+    cdef readonly int threads
+    cdef Py_ssize_t in_flight
+
+    def __cinit__(self, threads=2):
+        _check_threads(threads)
+        cdef int err = 0
+        self.pool = dcc_jobpool_new(threads, b"reply-encode", &err)
+        if self.pool == NULL:
+            raise OSError(err, _os.strerror(err))
+        self.threads = threads
+
+    def fileno(self) -> int:
+        if self.pool == NULL:
+            raise ValueError("the pool is closed")
+        return dcc_jobpool_fd(self.pool)
+
+    @property
+    def pending(self) -> int:
+        """Jobs submitted and not yet collected."""
+        return self.in_flight
+
+    def submit_encode(self, protected, kids, protected_of, payloads, payload_offsets,
+                      signatures, signature_offsets, refusals, level=9, *, single=False):
+        if self.pool == NULL:
+            raise ValueError("the pool is closed")
+        cdef ReplyJob job = _reply_job(protected, kids, protected_of, payloads,
+                                       payload_offsets, signatures, signature_offsets,
+                                       refusals, level, single)
+        job.a.job.run = _reply_run
+        job.a.job.owner = <void *>job
+        Py_INCREF(job)  # the pool's reference, given back by collect
+        self.in_flight += 1
+        dcc_jobpool_submit(self.pool, &job.a.job)
+        return job
+
+    def collect(self) -> list:
+        if self.pool == NULL:
+            raise ValueError("the pool is closed")
+        return self._take(dcc_jobpool_collect(self.pool))
+
+    cdef list _take(self, dcc_job *done):
+        cdef list out = []
+        cdef dcc_job *nxt
+        while done != NULL:
+            nxt = done.next
+            job = <object>done.owner
+            done.owner = NULL
+            out.append(job)
+            Py_DECREF(job)  # the pool's reference; `out` holds one now
+            self.in_flight -= 1
+            done = nxt
+        return out
+
+    def close(self) -> None:
+        """Let the submitted jobs finish, stop the threads; jobs not collected are dropped."""
+        if self.pool == NULL:
+            return
         with nogil:
-            rc = reply_encode(count, one, &idx[0], ppre, plen, pkid, payp, &pay_off[0], sigp,
-                              &sig_off[0], ref, reflen, lvl, scratch, hc1, out, &outlen, &bad,
-                              &err)
-        if rc == WALK_REFUSED:
-            raise _BodyError(_hc1_too_long(bad, one))
-        if rc != DCC_OK:
-            raise ZlibError(err.decode("ascii") if err != NULL else "zlib failed")
-        if bad_refusal is not None:
-            raise _BodyError(bad_refusal[1])
-        return PyBytes_FromStringAndSize(<char *>out, outlen)
-    finally:
-        free(ppre)
-        free(plen)
-        free(pkid)
-        free(ref)
-        free(reflen)
-        free(scratch)
-        free(hc1)
-        free(out)
+            dcc_jobpool_stop(self.pool)
+        self._take(dcc_jobpool_collect(self.pool))
+        dcc_jobpool_free(self.pool)
+        self.pool = NULL
+
+    def __dealloc__(self):
+        if self.pool != NULL:
+            with nogil:
+                dcc_jobpool_stop(self.pool)
+            self._take(dcc_jobpool_collect(self.pool))
+            dcc_jobpool_free(self.pool)
+            self.pool = NULL

@@ -38,6 +38,7 @@ from .coalesce import (
     retry_single,
     with_idempotency_keys,
 )
+from .tls_stream import open_tls_over_tcp
 from .wire import (
     CLIENT,
     NEED_DATA,
@@ -350,10 +351,6 @@ async def _connect(
         ctx = ssl.create_default_context(cafile=os.fspath(ca) if ca else None)
         if cert is not None:
             ctx.load_cert_chain(os.fspath(cert), os.fspath(key) if key else None)
-        stream = await trio.open_ssl_over_tcp_stream(
-            host.strip("[]"), int(port), ssl_context=ctx, https_compatible=False
-        )
-        await stream.do_handshake()
-        return stream
+        return await open_tls_over_tcp(host.strip("[]"), int(port), ctx)
     except (OSError, ssl.SSLError, trio.BrokenResourceError) as exc:
         raise ClientError(f"cannot connect to {address}: {exc}") from None

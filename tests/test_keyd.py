@@ -483,3 +483,28 @@ def test_keyd_on_the_facade_caps_its_pools_when_the_reference_is_selected(monkey
     assert k._pool_size() == (
         keyd_module.PURE_PYTHON_NONCE_POOL if native.IMPLEMENTATION == "python" else 1 << 20
     )
+
+
+def test_a_pooled_batch_is_signed_in_keyds_own_thread(pooled, monkeypatch):
+    """With a nonce for every item in the pool, signing costs ~1 us each: the batch is not
+    split over the signing workers (a hand-off costs more). Without enough, it is."""
+    store, keyd, _ = pooled
+    kid = _kid(store, "v")
+    _wait_full(keyd, kid)
+    handed: list[int] = []
+    submit = keyd._signers.submit
+
+    def counting(fn, protected, payloads):
+        handed.append(len(payloads))
+        return submit(fn, protected, payloads)
+
+    monkeypatch.setattr(keyd._signers, "submit", counting)
+    payloads = [_payload(sample("v")) for _ in range(200)]
+    first = _sign(keyd, kid, payloads)
+    assert handed == [] and len(first) == 200
+    entry = next(e for e in store.entries if e.kid == kid)
+    texts = native.hc1_encode(native.protected_header(-7, kid), payloads, first)
+    assert all(verify_hc1(t, [entry.dsc]).valid for t in texts)
+    # 400 items against a pool of at most 300: split over the workers as without a pool.
+    results = _sign(keyd, kid, [_payload(sample("v")) for _ in range(400)])
+    assert handed and sum(handed) < 400 and all(isinstance(r, bytes) for r in results)

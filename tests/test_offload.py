@@ -1,13 +1,15 @@
 """dccsign.offload.run_native: a worker thread per call (bounded), results and exceptions
 handed back, and no cancellation halfway through."""
 
+import random
 import threading
 
 import pytest
 import trio
 import trio.testing
+from test_reply import KIDS, _frame, _protected
 
-from dccsign import offload
+from dccsign import native, offload
 
 
 async def test_runs_in_a_worker_thread_and_returns_its_result():
@@ -68,3 +70,41 @@ async def test_a_cancelled_caller_still_waits_for_the_call():
         await offload.run_native(work)
         await trio.lowlevel.checkpoint()  # the deferred cancellation lands here
     assert scope.cancelled_caught and finished == [True] and offload._in_flight == 0
+
+
+async def test_encode_reply_matches_the_direct_call_from_many_tasks():
+    """offload.encode_reply: the native pool's bodies, each back to its own task."""
+    rng = random.Random(8)
+    protected = _protected(native)
+    frames = [_frame(rng, rng.randrange(1, 80)) for _ in range(40)]
+    want = [native.encode_sign_batch_result(protected, KIDS, *cols) for cols in frames]
+    got: dict[int, bytes] = {}
+
+    async def one(i):
+        await trio.sleep(rng.random() / 100)
+        got[i] = await offload.encode_reply(protected, KIDS, *frames[i])
+
+    async with trio.open_nursery() as nursery:
+        for i in range(len(frames)):
+            nursery.start_soon(one, i)
+    assert [got[i] for i in range(len(frames))] == want
+    with pytest.raises(ValueError):  # argument errors reach the caller
+        await offload.encode_reply(protected, KIDS[:1], *frames[0])
+
+
+async def test_encode_reply_is_not_cancelled_half_way():
+    protected = _protected(native)
+    cols = _frame(random.Random(9), 60)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        body = await offload.encode_reply(protected, KIDS, *cols)  # cancelled: still done
+    assert body == native.encode_sign_batch_result(protected, KIDS, *cols)
+
+
+def test_encode_reply_in_successive_runs():
+    """A pool per trio run: each run's pool is closed with it and the next makes its own."""
+    protected = _protected(native)
+    cols = _frame(random.Random(10), 20)
+    want = native.encode_sign_batch_result(protected, KIDS, *cols)
+    for _ in range(3):
+        assert trio.run(offload.encode_reply, protected, KIDS, *cols) == want

@@ -763,3 +763,44 @@ async def test_when_behind_the_client_under_its_share_is_still_served(start):
 def a_conn(engine, client):
     """The server's connection object of *client* (one connection)."""
     return next(s.conn for s in engine.server._slots if s.conn and s.conn.client == client)
+
+
+async def test_the_deadline_answers_while_the_work_goes_on_and_its_result_is_dropped(start):
+    """A request whose work outlives its deadline is answered DEADLINE_EXCEEDED by the
+    connection's watchdog; the work is not cancelled, its late result is not sent as a
+    second reply, and its hold on the limits ends only when the work ends."""
+    engine = await start(deadline=0.3)
+    engine.batcher.gate = trio.Event()  # keyd "takes" until the test opens the gate
+    client = await Raw.connect(engine)
+    await client.hello()
+    started = trio.current_time()
+    reply = await client.sign(items(3))
+    waited = trio.current_time() - started
+    assert isinstance(reply, wire.SignBatchResult), reply
+    assert {r.error for r in reply.results} == {ErrorCode.DEADLINE_EXCEEDED}
+    assert all(r.retry_after_ms for r in reply.results)
+    assert 0.25 <= waited < 3, waited
+    # The work is still in progress: its certificates still count against the limits.
+    assert engine.server.pending_items == 3
+    assert engine.metric(
+        "dccsign_items_total", client="portal", kid="", type="", result="DEADLINE_EXCEEDED"
+    ) == 3  # fmt: skip
+    engine.batcher.gate.set()
+    with trio.fail_after(5):
+        while engine.server.pending_items:  # noqa: ASYNC110 (polling)
+            await trio.sleep(0.01)
+    # Nothing more came for that request: the next frame is the answer to a PING.
+    await client.send(wire.Ping(request_id=client.rid(), data=b"after"))
+    pong = await client.event()
+    assert isinstance(pong, wire.Pong) and pong.data == b"after"
+    # A request that ends in time is answered with its results, not at its deadline.
+    engine.batcher.gate = None
+    ok = await client.sign(items(2))
+    assert all(r.ok for r in ok.results), ok
+    with trio.move_on_after(0.5):  # past that request's deadline: no second answer
+        extra = await client.event(within=1)
+        raise AssertionError(f"a second answer came: {extra}")
+    # Counted once each: the late results of the first request are not counted as well.
+    assert engine.metric("dccsign_requests_total", client="portal") == 2
+    await client.close()
+    await settled(engine)
