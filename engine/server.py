@@ -3,7 +3,8 @@ socket, and send frames of the wire protocol (protocol/SPEC.md).
 
 Per connection (:class:`_Connection`): one reader (the sans-IO codec turns bytes into events),
 one task per request, one writer that coalesces every frame ready into one socket write, and a
-watchdog for the connection's clocks.
+watchdog for the connection's clocks (the requests' deadlines among them). TCP connections
+speak TLS through :class:`~dccsign.protocol.tls_stream.TLSStream` (OpenSSL on the socket).
 
 **Every peer is treated as hostile.** Nothing a client sends or fails to do ends the process:
 a connection's failure -- a protocol violation, a reset, a client that stops reading, even an
@@ -36,8 +37,9 @@ new requests get BUSY unless little is in progress in the engine (``queue_floor`
 counts alone cannot bound latency, the age of the oldest request measures it directly, so
 accepted requests keep their latency and the excess is refused. It is judged per client, so
 that the backlog is shed from the clients that make it: a portal that floods the engine is
-refused, one that sends a request now and then is not. Each request also has a deadline
-(DEADLINE_EXCEEDED).
+refused, one that sends a request now and then is not. Each request also has a deadline: the
+connection's watchdog answers DEADLINE_EXCEEDED when it passes, while the work goes on to its
+end (its late result is dropped; its certificates count against the limits until then).
 
 Fair share under overload: when the engine must refuse, it refuses first the clients that
 hold more than their weighted share (``weight`` in the policy file) of the certificates in
