@@ -13,6 +13,13 @@ What it gives up, on purpose: the call cannot be cancelled or abandoned (neither
 thread (the functions it is meant for are native and read none). Threads are bounded: with
 ``MAX_THREADS`` calls in flight, the next one runs inline on the event loop, so a flood of
 frames cannot grow the thread count without limit.
+
+The reply body of a plain frame goes further (:func:`encode_reply`): a Python worker thread
+still takes the GIL to start the call and to deliver it, and on two cores that hand-over
+cost the event loop more than the encoding it moved. ``native.ReplyPool`` encodes in C
+threads that never take the GIL and signals an eventfd; one system task per trio run hands
+each finished body back to its waiting task. Its queue is first come, first served; it holds
+only what keyd has signed, and encoding runs ~10x faster than keyd signs, so it stays short.
 """
 
 from __future__ import annotations

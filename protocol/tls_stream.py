@@ -83,6 +83,7 @@ class TLSStream(trio.abc.Stream):
     ) -> TLSStream:
         """TLS over *stream*'s socket, which from now on belongs to the returned stream
         (*stream* is left without a socket: close the returned stream, not *stream*).
+        Sets ``OP_NO_RENEGOTIATION`` on *context* (see the module docstring).
 
         Raises:
             ssl.SSLError, OSError, ValueError: *context* cannot wrap the socket.
