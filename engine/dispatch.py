@@ -30,6 +30,7 @@ from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate, chain, compress, repeat
+from operator import itemgetter
 from typing import Any
 
 import cbor2
@@ -408,12 +409,15 @@ class Dispatcher:
         )
         counts = collections.Counter(index)
         verdicts = self.quotas.try_reserve_many(
-            policy, client, [span.decode() for span in table],
-            [counts[k] for k in range(len(table))],
+            policy, client, list(map(bytes.decode, table)),
+            list(map(counts.__getitem__, range(len(table)))),
         )  # fmt: skip
-        for k, (granted, refusal) in enumerate(verdicts):
-            if refusal is None:
-                continue
+        # Only the accounts refused something are visited (found in C: no interpreter per
+        # account of the frame).
+        for k in compress(
+            range(len(verdicts)), map(operator.is_not, map(itemgetter(1), verdicts), repeat(None))
+        ):
+            granted, refusal = verdicts[k]
             mine = array("I", (r for r, j in zip(rows, index, strict=True) if j == k))
             frame.refuse_result(mine[granted:], _refused(refusal))
             refused.update(mine[granted:])
@@ -436,10 +440,10 @@ class Dispatcher:
                 view.data, view.columns, W.NFIELDS, (W.OPERATOR_OFF, W.OPERATOR_LEN), rows,
                 base=1, absent=0,
             )
-            names = tuple(a.decode() for a in accounts)
+            names = tuple(map(bytes.decode, accounts))
             columns = KeydColumns(
                 kid_rows.spliced.data, kid_rows.ends, (client,), names,
-                (None, *(o.decode() for o in operators)), array("I", bytes(4 * len(rows))),
+                (None, *map(bytes.decode, operators)), array("I", bytes(4 * len(rows))),
                 account_ix, operator_ix,
             )
             batches.append((kid_rows.key.dsc.kid, kid_rows.key.protected, columns))

@@ -68,7 +68,7 @@ from array import array
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from itertools import accumulate, compress
+from itertools import accumulate, compress, repeat
 from pathlib import Path
 from typing import Any
 
@@ -856,10 +856,13 @@ class Keyd:
                          map(slice, map(starts.__getitem__, items),
                              map(ends.__getitem__, items))))  # fmt: skip
         verdicts = self._impl.validate_cwt_batch(self._rules, batch)
+        if len(verdicts) != len(items):
+            raise AssertionError("one verdict per payload")  # pragma: no cover
         problems: dict[int, str] = {}
-        for i, verdict in zip(items, verdicts, strict=True):
-            if type(verdict) is str:
-                continue
+        # Only the refused items are visited (found in C: no interpreter per item).
+        refused = map(operator.is_not, map(type, verdicts), repeat(str))
+        for k in compress(range(len(items)), refused):
+            i, verdict = items[k], verdicts[k]
             if isinstance(verdict, DCCValidationError):
                 first = verdict.issues[0]
                 problems[i] = f"invalid DCC: {first.path}: {first.message}"

@@ -9,18 +9,130 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Callable, Mapping, Sequence
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import trio
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.utils import floatToGoString
 
-__all__ = ["Metrics", "NoncePoolCollector", "serve_http"]
+__all__ = ["HotCounter", "HotHistogram", "Metrics", "NoncePoolCollector", "serve_http"]
 
 LOGGER = logging.getLogger("dccsign.metrics")
 _LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+class _HotSeries:
+    __slots__ = ("counts", "created", "sum")
+
+    def __init__(self, size: int) -> None:
+        self.counts = [0] * size
+        self.sum = 0.0
+        self.created = time.time()
+
+
+class HotHistogram:
+    """A histogram for the signing path, exported exactly as prometheus_client's
+    ``Histogram`` (``_bucket{le=...}``, ``_count``, ``_sum`` and ``_created`` per label set).
+
+    An observation costs a bisect and two additions: ``Histogram.observe`` takes a lock and
+    walks its buckets in the interpreter, and the engine observes several times per frame.
+    Not thread-safe: observe and scrape from the event loop only (the engine does both).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str] = (),
+        *,
+        buckets: Sequence[float],
+        registry: CollectorRegistry,
+    ) -> None:
+        self._name = name
+        self._doc = documentation
+        self._labelnames = tuple(labelnames)
+        self._bounds = tuple(float(b) for b in buckets)
+        if list(self._bounds) != sorted(set(self._bounds)) or not self._bounds:
+            raise ValueError("buckets must be distinct and ascending")
+        self._series: dict[tuple[str, ...], _HotSeries] = {}
+        if not self._labelnames:  # exported from the start, as prometheus_client does
+            self._series[()] = _HotSeries(len(self._bounds) + 1)
+        registry.register(self)
+
+    def observe(self, value: float, labels: tuple[str, ...] = ()) -> None:
+        """One observation of *value* in the series of *labels* (as many values as
+        label names)."""
+        series = self._series.get(labels)
+        if series is None:
+            if len(labels) != len(self._labelnames):
+                raise ValueError(f"{self._name}: expected labels {self._labelnames}")
+            series = self._series[labels] = _HotSeries(len(self._bounds) + 1)
+        series.counts[bisect_left(self._bounds, value)] += 1  # le: value <= bound
+        series.sum += value
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self._name, self._doc, labels=self._labelnames)
+        edges = [*map(floatToGoString, self._bounds), "+Inf"]
+        for labels, series in self._series.items():
+            total = 0
+            buckets = []
+            for edge, count in zip(edges, series.counts, strict=True):
+                total += count
+                buckets.append((edge, total))
+            family.add_metric(list(labels), buckets, series.sum)
+            family.add_sample(
+                self._name + "_created", dict(zip(self._labelnames, labels, strict=True)),
+                series.created,
+            )  # fmt: skip
+        yield family
+
+
+class HotCounter:
+    """A labelled counter for the signing path, exported exactly as prometheus_client's
+    ``Counter`` (``_total`` and ``_created`` per label set); an increment is one dict
+    update. Not thread-safe, like :class:`HotHistogram`."""
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: Sequence[str],
+        *, registry: CollectorRegistry,
+    ) -> None:  # fmt: skip
+        self._name = name
+        self._doc = documentation
+        self._labelnames = tuple(labelnames)
+        self._values: dict[tuple[str, ...], float] = {}
+        self._created: dict[tuple[str, ...], float] = {}
+        registry.register(self)
+
+    def inc(self, labels: tuple[str, ...], amount: float = 1) -> None:
+        """Add *amount* (>= 0) to the series of *labels*."""
+        if amount < 0:
+            raise ValueError("counters only go up")
+        value = self._values.get(labels)
+        if value is None:
+            if len(labels) != len(self._labelnames):
+                raise ValueError(f"{self._name}: expected labels {self._labelnames}")
+            self._created[labels] = time.time()
+            value = 0.0
+        self._values[labels] = value + amount
+
+    def value(self, labels: tuple[str, ...]) -> float:
+        return self._values.get(labels, 0.0)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self._name, self._doc, labels=self._labelnames)
+        for labels, value in self._values.items():
+            family.add_metric(list(labels), value, created=self._created[labels])
+        yield family
 
 
 class Metrics:
@@ -29,14 +141,15 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.items = Counter(
+        # Observed on every request: the hot kinds (HotCounter, HotHistogram).
+        self.items = HotCounter(
             "dccsign_items", "Signing items by client, kid, DCC type and result",
             ["client", "kid", "type", "result"], registry=r,
         )
-        self.requests = Counter(
+        self.requests = HotCounter(
             "dccsign_requests", "Signing requests by client", ["client"], registry=r
         )
-        self.latency = Histogram(
+        self.latency = HotHistogram(
             "dccsign_request_seconds", "Time from a request's arrival to its reply",
             buckets=_LATENCY_BUCKETS, registry=r,
         )
@@ -69,6 +182,7 @@ class Metrics:
             "with its traceback)",
             registry=r,
         )
+        #: Items in progress: Server sets its function (read at scrape time, not per request).
         self.pending = Gauge("dccsign_pending_items", "Items in progress", registry=r)
         self.keyd_up = Gauge("dccsign_keyd_up", "1 while keyd answers", registry=r)
         self.keyd_restarts = Counter("dccsign_keyd_restarts", "keyd restarts", registry=r)
@@ -82,12 +196,12 @@ class Metrics:
             "Times the engine saw keyd's audit log stop committing (keyd then signs nothing)",
             registry=r,
         )
-        self.keyd_batch = Histogram(
+        self.keyd_batch = HotHistogram(
             "dccsign_keyd_batch_payloads",
             "Payloads per micro-batch sent to keyd (SIGN_COLUMNS), over all connections",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r,
         )
-        self.stage = Histogram(
+        self.stage = HotHistogram(
             "dccsign_stage_seconds",
             "Time in each stage of the signing path: start (a request read until its task "
             "runs: the event loop's backlog), prepare (a request's validation, policy, quotas "
@@ -96,7 +210,6 @@ class Metrics:
             "encode (a micro-batch's HC1 strings); per request or per micro-batch",
             ["stage"], buckets=_LATENCY_BUCKETS, registry=r,
         )
-        self._stages: dict[str, Any] = {}
         self.keyd_in_flight = Gauge(
             "dccsign_keyd_in_flight", "Micro-batches sent to keyd and not yet answered",
             registry=r,
@@ -106,20 +219,16 @@ class Metrics:
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         """One duration of *stage* (see ``dccsign_stage_seconds``)."""
-        child = self._stages.get(stage)
-        if child is None:
-            child = self._stages[stage] = self.stage.labels(stage)
-        child.observe(seconds)
+        self.stage.observe(seconds, (stage,))
 
     def observe(
         self, client: str, results: Sequence[Any], types: Sequence[str], seconds: float
     ) -> None:
         """One answered request: its latency, and per item its kid, DCC type ("" when not
         examined) and result (``ok`` or the error code's name)."""
-        self.requests.labels(client).inc()
+        self.requests.inc((client,))
         self.latency.observe(seconds)
-        # One labelled increment per distinct (kid, type, result) of the request, not per
-        # item: labels() takes a lock and a lookup, and a batch repeats the same few.
+        # One increment per distinct (kid, type, result) of the request, not per item.
         counts: collections.Counter[tuple[str, str, str]] = collections.Counter()
         for result, dcc_type in zip(results, types, strict=True):
             if result.ok:
@@ -127,17 +236,17 @@ class Metrics:
             else:
                 counts["", dcc_type, getattr(result.error, "name", str(result.error))] += 1
         for (kid, dcc_type, outcome), n in counts.items():
-            self.items.labels(client, kid, dcc_type, outcome).inc(n)
+            self.items.inc((client, kid, dcc_type, outcome), n)
 
 
     def observe_counts(
         self, client: str, outcomes: dict[tuple[str, str, str], int], seconds: float
     ) -> None:
         """One answered request, counted already per (kid hex, DCC type, outcome)."""
-        self.requests.labels(client).inc()
+        self.requests.inc((client,))
         self.latency.observe(seconds)
         for (kid, dcc_type, outcome), n in outcomes.items():
-            self.items.labels(client, kid, dcc_type, outcome).inc(n)
+            self.items.inc((client, kid, dcc_type, outcome), n)
 
 
 class NoncePoolCollector:

@@ -42,10 +42,16 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from itertools import repeat
 from types import MappingProxyType
 from typing import Any, Final
 
 from .errors import DccSignError
+from .native import quota_add as _add
+from .native import quota_charge_known as _charge_known
+from .native import quota_expire as _expire
+from .native import quota_remove_newest as _remove_newest
+from .native import quota_take_back as _take_back
 
 __all__ = [
     "CN_PREFIX",
@@ -649,7 +655,9 @@ def _join(path: str, key: str) -> str:
 # an account that signs a few certificates costs a few list slots, and a busy one at most
 # _SPAN[kind] pairs. Invariant: no stored bucket holds 0 units, so ``total == 0`` exactly when
 # no bucket is stored. One flat list per window rather than objects: this is the per-account
-# memory, and there may be DEFAULT_MAX_ACCOUNTS of them.
+# memory, and there may be DEFAULT_MAX_ACCOUNTS of them. The arithmetic on these lists
+# (_add, _take_back, _expire, _remove_newest and the per-account loop of try_reserve_many) is
+# dccsign.native's quota_* functions: native/_quota_py.py is the readable reference.
 
 _Window = list[int]
 _Usage = list["_Window | None"]  # one slot per window kind: minute, hour, day
@@ -663,29 +671,6 @@ def _buckets(now: float) -> tuple[int, int, int]:
     """The current bucket number of each window kind."""
     sec = math.floor(now)
     return sec, sec // 60, sec // 3600
-
-
-def _expire(w: _Window, cutoff: int) -> None:
-    """Drop the buckets numbered <= *cutoff* (they have left the window)."""
-    i = 1
-    end = len(w)
-    freed = 0
-    while i < end and w[i] <= cutoff:
-        freed += w[i + 1]
-        i += 2
-    del w[1:i]
-    w[0] -= freed
-
-
-def _remove_newest(w: _Window, n: int) -> None:
-    """Take back up to *n* units, newest bucket first (the ones just reserved)."""
-    while n > 0 and w[0]:
-        take = min(n, w[-1])
-        w[-1] -= take
-        w[0] -= take
-        n -= take
-        if w[-1] == 0:
-            del w[-2:]
 
 
 def _retry_after(w: _Window, kind: int, excess: int, now: float) -> float:
@@ -725,38 +710,6 @@ def _violation(
             if worst is None or wait > worst[0]:
                 worst = (wait, kind, limit)
     return worst
-
-
-def _add(
-    usage: _Usage, limits: tuple[tuple[int, int, int], ...], buckets: tuple[int, int, int], n: int
-) -> bool:
-    """Add *n* units to every window of *limits* (expiring old buckets first); True when all
-    stay within their limits. On False the caller takes them back with :func:`_take_back`
-    (optimistic: one pass on the hot path, two only when refusing)."""
-    ok = True
-    for kind, limit, span in limits:
-        w = usage[kind]
-        b = buckets[kind]
-        if w is None:
-            w = usage[kind] = [n, b, n]
-        else:
-            if w[0] and w[1] <= b - span:
-                _expire(w, b - span)
-            if w[0] and w[-2] >= b:  # same bucket (>=: a clock that went back adds here too)
-                w[-1] += n
-            else:
-                w.append(b)
-                w.append(n)
-            w[0] += n
-        if w[0] > limit:
-            ok = False
-    return ok
-
-
-def _take_back(usage: _Usage, limits: tuple[tuple[int, int, int], ...], n: int) -> None:
-    """Undo :func:`_add` exactly (it put *n* units in the newest bucket of each window)."""
-    for kind, _limit, _span in limits:
-        _remove_newest(usage[kind], n)  # type: ignore[arg-type]
 
 
 def _idle(usage: _Usage, buckets: tuple[int, int, int]) -> bool:
@@ -886,7 +839,7 @@ class QuotaTracker:
             return [(0, refusal)] * len(accounts)
         cq = cp.quota
         aq = cp.account_quota
-        out: list[tuple[int, Refusal | None]] = [(n, None) for n in counts]
+        out: list[tuple[int, Refusal | None]] = list(zip(counts, repeat(None)))
         if cq is None and aq is None:
             return out
         now = self._clock()
@@ -911,25 +864,26 @@ class QuotaTracker:
         # sake and an account's refused units are given back to the client at once.
         table = self._accounts
         limits = aq.limits
-        for k, account in enumerate(accounts):
+        k = 0
+        while True:
+            # Accounts the table knows and whose units fit: natively, without the
+            # interpreter (most of a busy frame's accounts). It stops at the first other one.
+            k, refused = _charge_known(table, client, accounts, counts, limits, buckets, k)
+            if k == len(accounts):
+                return out
             n = counts[k]
-            key = (client, account)
-            au = table.get(key)
-            if au is None:
+            account = accounts[k]
+            if not refused:  # a new account
                 if _violation(None, limits, buckets, now, n) is None:
-                    au = self._insert(key, buckets)
+                    au = self._insert((client, account), buckets)
                     if _add(au, limits, buckets, n):
+                        k += 1
                         continue
                     _take_back(au, limits, n)  # pragma: no cover - _violation said it fits
-            else:
-                table.move_to_end(key)
-                if _add(au, limits, buckets, n):
-                    continue
-                _take_back(au, limits, n)
             if cu is not None:
                 _take_back(cu, cq.limits, n)  # type: ignore[union-attr]
             out[k] = self._reserve_upto(cp, client, account, n, now, buckets, whole=False)
-        return out
+            k += 1
 
     def _reserve_upto(
         self,

@@ -172,6 +172,8 @@ class Server:
         #: Certificates accepted and not yet done with (work finished and reply written), in
         #: all and by client.
         self.pending_items = 0
+        # Read when scraped: setting a gauge on every request cost a lock each time.
+        self.metrics.pending.set_function(lambda: self.pending_items)
         self._client_items: dict[str | None, int] = {}
         # Start times of each client's requests in progress, oldest first (dicts keep
         # insertion order).
@@ -622,7 +624,6 @@ class _Ticket:
         conn.items += items
         server.pending_items += items
         server._client_items[conn.client] = server._client_items.get(conn.client, 0) + items
-        server.metrics.pending.set(server.pending_items)
 
     def release(self) -> None:
         self.holds -= 1
@@ -637,7 +638,6 @@ class _Ticket:
             server._client_items[conn.client] = left
         else:
             del server._client_items[conn.client]
-        server.metrics.pending.set(server.pending_items)
 
 
 #: What :meth:`_Connection.handle` tells the reader: stop reading this connection.

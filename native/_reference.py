@@ -20,6 +20,13 @@ from ._hc1_py import hc1_encode, hc1_sign
 from ._jobpool_py import ReplyPool
 from ._keydcols_py import audit_issue_columns, keyd_check_columns
 from ._loadgen_py import scan_results
+from ._quota_py import (
+    quota_add,
+    quota_charge_known,
+    quota_expire,
+    quota_remove_newest,
+    quota_take_back,
+)
 from ._reply_py import encode_sign_batch_result
 from ._signing_py import SigningKey
 from ._signing_py import _nonce_batch_inverse as _nonce_batch_inverse  # test support
@@ -51,6 +58,11 @@ __all__ = [
     "hc1_sign",
     "keyd_check_columns",
     "protected_header",
+    "quota_add",
+    "quota_charge_known",
+    "quota_expire",
+    "quota_remove_newest",
+    "quota_take_back",
     "scan_results",
     "sig_structure",
     "sign1_decode",

@@ -13,8 +13,47 @@ from array import array as _array
 from ._spantable_py import _check as _span_check
 
 
+cdef inline bint _is_u32_array(object value):
+    return isinstance(value, _array) and value.typecode == "I"
+
+
+cdef int _span_fast_check(object data, object columns, object nfields, object fields,
+                          object rows, object base, object absent) except -1:
+    """The reference's argument rules, checked without calling into Python (the data plane
+    calls span_table several times per frame); 1 when they hold, 0 when the reference must
+    name what is wrong."""
+    if type(data) is not bytes or type(columns) is not bytes or not _is_u32_array(rows):
+        return 0
+    if type(nfields) is not int or not 1 <= nfields <= 0xFFFF:
+        return 0
+    cdef Py_ssize_t nf = nfields, clen = PyBytes_GET_SIZE(columns)
+    if clen % (4 * nf):
+        return 0
+    if type(fields) is not tuple or len(<tuple>fields) != 2:
+        return 0
+    off, length = <tuple>fields
+    if type(off) is not int or type(length) is not int or not (0 <= off < nf and 0 <= length < nf):
+        return 0
+    if type(base) is not int or type(absent) is not int:
+        return 0
+    if not (0 <= base <= 0xFFFFFFFF and 0 <= absent <= 0xFFFFFFFF):
+        return 0
+    cdef Py_ssize_t m = len(rows), i
+    if base + m > 0x100000000:
+        return 0
+    cdef uint64_t count = clen // (4 * nf)
+    cdef const uint32_t[::1] r
+    if m:
+        r = rows
+        for i in range(m):
+            if r[i] >= count:
+                return 0
+    return 1
+
+
 def span_table(data, columns, nfields, fields, rows, base=0, absent=0xFFFFFFFF):
-    _span_check(data, columns, nfields, fields, rows, base, absent)
+    if not _span_fast_check(data, columns, nfields, fields, rows, base, absent):
+        _span_check(data, columns, nfields, fields, rows, base, absent)  # names the problem
     cdef uint32_t n = len(rows)
     cdef object index = _array("I", bytes(4 * n))
     cdef object first = _array("I", bytes(4 * n))
@@ -47,7 +86,13 @@ cdef extern from "spantable.h" nogil:
     int c_span_fill "span_fill"(uint32_t *target, uint32_t n, const uint32_t *rows, uint32_t m,
                                 uint32_t value)
 
-from ._spantable_py import _u32_array
+from ._spantable_py import _u32_array as _u32_array_py
+
+
+cdef inline int _u32_array(object value, str what) except -1:
+    if not _is_u32_array(value):
+        _u32_array_py(value, what)  # raises the reference's TypeError
+    return 0
 
 
 def gather_spans(n, groups):
