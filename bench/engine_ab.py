@@ -11,8 +11,8 @@ every pool is full), waits until it accepts, drives it with
 generator runs with the variant's environment too) for --seconds, and stops it. Rounds take
 the variants in turn, so that drift of the machine (±30 % here) falls on all of them alike;
 the report gives each variant's median certificates/s, BUSY, p99 and CPU per certificate of
-the engine process (keyd, its child, not included) and of the generator, and its
-throughput ratio to the first.
+the engine process (keyd, its child, not included), of its main thread (the event loop) and
+of the generator, and its throughput ratio to the first.
 
 To compare with an older checkout: ``git archive OLD engine native protocol`` into a
 directory, rename engine/ to dccsign/ and move native/ and protocol/ into it, copy a built
@@ -117,6 +117,9 @@ def _one(work: Path, name: str, env: dict[str, str], extra: list[str], args) -> 
         processes = (report.get("cpu") or {}).get("processes", {})
         for role in ("engine", "generator"):
             result[f"{role}_us_per_cert"] = processes.get(role, {}).get("us_per_cert")
+        # The event loop's own share: the engine's main thread.
+        main = [t for t in processes.get("engine", {}).get("threads", []) if t["name"] == "main"]
+        result["engine_main_us_per_cert"] = main[0]["us_per_cert"] if main else None
         return result
     finally:
         proc.terminate()
@@ -158,7 +161,7 @@ def main() -> int:
             "p99_ms_median": statistics.median(x["p99_ms"] for x in results),
         }
         cpu = ""
-        for role in ("engine", "generator"):
+        for role in ("engine", "engine_main", "generator"):
             values = [x[f"{role}_us_per_cert"] for x in results if x.get(f"{role}_us_per_cert")]
             if values:
                 summary[name][f"{role}_us_per_cert_median"] = statistics.median(values)

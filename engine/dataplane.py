@@ -223,20 +223,20 @@ class Frame:
         if self.refusals:
             native.fill_rows(prefix_of, array("I", self.refusals), NO_PAYLOAD)
         spliced = native.splice_payloads(self.view, self.prefixes, prefix_of)
-        off = array("I")
-        off.frombytes(spliced.offsets)
-        lengths = array("I", map(operator.sub, off[1:], off[:-1]))
-        if lengths and max(lengths) > kid.max_payload:
-            for i, n in enumerate(lengths):
+        if spliced.longest > kid.max_payload:
+            off = array("I")
+            off.frombytes(spliced.offsets)
+            for i in spliced.rows:
+                n = off[i + 1] - off[i]
                 if n > kid.max_payload:
                     self.refuse(
                         i, ErrorCode.TOO_LARGE_FOR_QR,
                         f"the signed certificate would not fit a QR code ({n}-byte payload)",
                     )
             return False
-        kid.rows = array("I", compress(range(self.count), lengths))
+        kid.rows = spliced.rows
         kid.spliced = spliced
-        kid.ends = array("I", map(off.__getitem__, map((1).__add__, kid.rows)))
+        kid.ends = spliced.ends
         return True
 
     def bound_rows(self) -> array:

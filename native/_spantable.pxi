@@ -13,10 +13,6 @@ from array import array as _array
 from ._spantable_py import _check as _span_check
 
 
-cdef inline bint _is_u32_array(object value):
-    return isinstance(value, _array) and value.typecode == "I"
-
-
 cdef int _span_fast_check(object data, object columns, object nfields, object fields,
                           object rows, object base, object absent) except -1:
     """The reference's argument rules, checked without calling into Python (the data plane

@@ -54,11 +54,18 @@ NO_PAYLOAD = 0xFFFFFFFF
 @dataclass(frozen=True, slots=True)
 class SplicedPayloads:
     """Payload *i* is ``data[offsets[i]:offsets[i + 1]]`` (``offsets``: count + 1 native
-    ``uint32``); empty for an item without a prefix. ``slow``: items re-encoded in Python."""
+    ``uint32``); empty for an item without a prefix. ``slow``: items re-encoded in Python.
+
+    The same, as keyd's columns want it: ``rows`` are the items with a payload, ascending
+    (``array('I')``), ``ends`` the end of each one's payload in ``data`` (``array('I')``,
+    parallel to ``rows``), and ``longest`` the largest payload's length (0 without any)."""
 
     data: bytes
     offsets: bytes
     slow: int
+    rows: array.array
+    ends: array.array
+    longest: int
 
     def payload(self, i: int) -> bytes:
         off = memoryview(self.offsets).cast("I")
@@ -112,6 +119,9 @@ def splice_payloads(view: BatchView, prefixes: Sequence[bytes], prefix_of: Any) 
     cols = memoryview(view.columns).cast("I")
     out = bytearray()
     offsets = array.array("I")
+    rows = array.array("I")
+    ends = array.array("I")
+    longest = 0
     slow = 0
     for i in range(view.count):
         offsets.append(len(out))
@@ -124,8 +134,11 @@ def splice_payloads(view: BatchView, prefixes: Sequence[bytes], prefix_of: Any) 
             slow += 1
         out += prefixes[idx[i]]
         out += dcc
+        rows.append(i)
+        ends.append(len(out))
+        longest = max(longest, len(prefixes[idx[i]]) + len(dcc))
     offsets.append(len(out))
-    return SplicedPayloads(bytes(out), offsets.tobytes(), slow)
+    return SplicedPayloads(bytes(out), offsets.tobytes(), slow, rows, ends, longest)
 
 
 def reencode(dcc: bytes) -> bytes:

@@ -78,9 +78,35 @@ from ._splice_py import SplicedPayloads, check_splice_arguments as _check_splice
 from ._splice_py import reencode as _reencode
 
 
+from array import array as _u32_array_type
+
+
+cdef inline bint _is_u32_array(object value):
+    return isinstance(value, _u32_array_type) and value.typecode == "I"
+
+
+cdef tuple _splice_fast_arguments(object view, object prefixes, object prefix_of):
+    """(prefixes, prefix_of) when the reference's per-call rules hold at a glance (bytes
+    prefixes, an ``array('I')`` of one entry per item), else None: the reference then checks
+    and names the problem. The data plane splices once per kid of every frame."""
+    if type(view) is not BatchView or not _is_u32_array(prefix_of):
+        return None
+    cdef tuple pre = tuple(prefixes)
+    for p in pre:
+        if type(p) is not bytes:
+            return None
+    if len(prefix_of) != view.count:
+        return None
+    return pre, prefix_of
+
+
 def splice_payloads(view, prefixes, prefix_of) -> SplicedPayloads:
     cdef tuple pre
-    pre, idx_view = _check_splice_arguments(view, prefixes, prefix_of, False)
+    fast = _splice_fast_arguments(view, prefixes, prefix_of)
+    if fast is None:
+        pre, idx_view = _check_splice_arguments(view, prefixes, prefix_of, False)
+    else:
+        pre, idx_view = fast
     cdef const uint32_t[::1] idx = idx_view
     cdef const uint32_t[::1] cols = memoryview(view.columns).cast("I")
     cdef bytes data = view.data
@@ -97,6 +123,8 @@ def splice_payloads(view, prefixes, prefix_of) -> SplicedPayloads:
     cdef bytes out, offsets
     cdef uint8_t *outp
     cdef uint32_t *offp
+    cdef uint32_t npay, at, longest
+    cdef uint32_t[::1] rows_v, ends_v
     try:
         if src == NULL or srclen == NULL or ppre == NULL or plen == NULL or canon == NULL:
             raise MemoryError()
@@ -129,7 +157,27 @@ def splice_payloads(view, prefixes, prefix_of) -> SplicedPayloads:
         with nogil:
             splice_assemble(count, &idx[0] if count else NULL, ppre, plen, src, srclen, outp,
                             offp)
-        return SplicedPayloads(out, offsets, len(slow))
+        # keyd's view of the same: the rows with a payload, their ends, the longest
+        npay = 0
+        for i in range(count):
+            if idx[i] != SPLICE_NONE:
+                npay += 1
+        rows = _u32_array_type("I", bytes(4 * npay))
+        ends = _u32_array_type("I", bytes(4 * npay))
+        longest = 0
+        if npay:
+            rows_v = rows
+            ends_v = ends
+            with nogil:
+                at = 0
+                for i in range(count):
+                    if idx[i] != SPLICE_NONE:
+                        rows_v[at] = i
+                        ends_v[at] = offp[i + 1]
+                        if offp[i + 1] - offp[i] > longest:
+                            longest = offp[i + 1] - offp[i]
+                        at += 1
+        return SplicedPayloads(out, offsets, len(slow), rows, ends, longest)
     finally:
         free(src)
         free(srclen)
@@ -253,14 +301,60 @@ cdef class ReplyJob:
         return PyBytes_FromStringAndSize(<char *>self.a.out, self.a.outlen)
 
 
+cdef tuple _reply_fast_arguments(protected, kids, protected_of, payloads, payload_offsets,
+                                 signatures, signature_offsets, refusals, level, single):
+    """The reference's per-call rules (``check_reply_arguments`` without the per-item ones)
+    checked without calling into Python, for the usual arguments (lists or tuples of bytes,
+    ``array('I')`` columns, a dict of refusals); None when anything is unusual or wrong: the
+    reference then checks and names the problem. Returns what the reference returns."""
+    if type(level) is not int or not -1 <= level <= 9:
+        return None
+    if type(payloads) is not bytes or type(signatures) is not bytes or type(refusals) is not dict:
+        return None
+    if not (_is_u32_array(protected_of) and _is_u32_array(payload_offsets)
+            and _is_u32_array(signature_offsets)):
+        return None
+    cdef tuple pre = tuple(protected), kidt = tuple(kids)
+    if len(pre) != len(kidt):
+        return None
+    for p in pre:
+        if type(p) is not bytes:
+            return None
+    for k in kidt:
+        if type(k) is not bytes or len(<bytes>k) != 8:
+            return None
+    cdef Py_ssize_t count = len(protected_of)
+    if count < 1 or (single and count != 1):
+        return None
+    cdef const uint32_t[::1] pay = payload_offsets
+    cdef const uint32_t[::1] sig = signature_offsets
+    if len(payload_offsets) != count + 1 or len(signature_offsets) != count + 1:
+        return None
+    if pay[0] != 0 or pay[count] > PyBytes_GET_SIZE(payloads):
+        return None
+    if sig[0] != 0 or sig[count] > PyBytes_GET_SIZE(signatures):
+        return None
+    for i in refusals:
+        if type(i) is not int or not 0 <= i < count:
+            return None
+    return (pre, kidt, memoryview(protected_of).cast("B").cast("I"),
+            memoryview(payload_offsets).cast("B").cast("I"),
+            memoryview(signature_offsets).cast("B").cast("I"))
+
+
 cdef ReplyJob _reply_job(protected, kids, protected_of, payloads, payload_offsets, signatures,
                          signature_offsets, refusals, level, single):
     """The arguments checked (TypeError / ValueError as the reference) and turned into a job
     whose encoding needs no Python."""
     cdef tuple pre, kidt
-    pre, kidt, idx_v, pay_v, sig_v = _check_reply_arguments(
-        protected, kids, protected_of, payloads, payload_offsets, signatures,
-        signature_offsets, refusals, level, single, False)
+    fast = _reply_fast_arguments(protected, kids, protected_of, payloads, payload_offsets,
+                                 signatures, signature_offsets, refusals, level, single)
+    if fast is None:
+        pre, kidt, idx_v, pay_v, sig_v = _check_reply_arguments(
+            protected, kids, protected_of, payloads, payload_offsets, signatures,
+            signature_offsets, refusals, level, single, False)
+    else:
+        pre, kidt, idx_v, pay_v, sig_v = fast
     cdef ReplyJob job = ReplyJob.__new__(ReplyJob)
     job.idx_v = idx_v
     job.pay_v = pay_v
