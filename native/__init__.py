@@ -1,6 +1,8 @@
 """The native core: base45, COSE, zlib, signing and batch HC1 assembly, keyd's per-item work
 (the structural CWT check and the audit log's issue lines), and DCC validation on CBOR bytes
-(``DccRules``, ``validate_dcc_cbor``, ``validate_dcc_batch``, ``validate_cwt_batch``).
+(``DccRules``, ``validate_dcc_cbor``, ``validate_dcc_batch``, ``validate_cwt_batch``), the
+data plane's frame functions (request walk, spans, splice, reply bodies and their pool), and
+the quota tracker's window arithmetic (``quota_*``).
 
 Two implementations share one API and one set of exceptions (:mod:`dccsign.native.errors`):
 
