@@ -64,6 +64,7 @@ cdef extern from "dcccore.h" nogil:
         size_t maxsig
     int dcc_signer_open(dcc_signer *s, EVP_PKEY *pkey, int alg)
     void dcc_signer_close(dcc_signer *s)
+    int dcc_sha256(const uint8_t *data, size_t n, uint8_t *out)
     int dcc_sign_tbs(dcc_signer *s, const uint8_t *tbs, size_t tbslen, uint8_t *sig,
                      size_t *siglen)
     int dcc_sign_digest(dcc_signer *s, const uint8_t *digest, uint8_t *sig, size_t *siglen)
@@ -73,8 +74,6 @@ cdef extern from "dcccore.h" nogil:
                            const uint8_t *sig, size_t siglen, int level, uint8_t *scratch,
                            char *out, size_t *outlen, const char **err)
 
-cdef extern from "openssl/sha.h" nogil:
-    unsigned char *SHA256(const unsigned char *d, size_t n, unsigned char *md)
 
 cdef extern from "noncepool.h" nogil:
     ctypedef struct dcc_pool:
@@ -447,7 +446,9 @@ cdef class SigningKey:
                     tbslen = dcc_sig_structure(prot, plen, batch.ptrs[i], batch.lens[i], tbs)
                     pooled = 0
                     if pool != NULL:
-                        SHA256(tbs, tbslen, digest)
+                        if not dcc_sha256(tbs, tbslen, digest):
+                            rc = DCC_ERR_SIGN
+                            break
                         pooled = dcc_pool_sign(pool, work, digest, sigs + i * maxsig)
                         if pooled < 0:
                             rc = DCC_ERR_SIGN

@@ -110,6 +110,9 @@ typedef struct {
 } dcc_signer;
 int dcc_signer_open(dcc_signer *s, EVP_PKEY *pkey, int alg);
 void dcc_signer_close(dcc_signer *s);
+/* SHA-256 of data into out (fetched once, a context per thread); 1 on success, 0 when
+ * OpenSSL cannot provide it. */
+int dcc_sha256(const uint8_t *data, size_t n, uint8_t out[32]);
 /* SHA-256 over tbs, then sign. ES256: 64-byte r||s, each half left-padded, low-S. */
 int dcc_sign_tbs(dcc_signer *s, const uint8_t *tbs, size_t tbslen, uint8_t *sig, size_t *siglen);
 /* The same from the SHA-256 of a Sig_structure this module built (the nonce pool's miss path

@@ -2,6 +2,7 @@
  * keydcore.c: see keydcore.h for the contracts.
  */
 #include "keydcore.h"
+#include "dcccore.h"
 
 #include <pthread.h>
 #include <string.h>
@@ -185,18 +186,8 @@ int dcc_cwt_facts_read(const uint8_t *buf, size_t len, dcc_cwt_facts *f, const c
 /* ======================================================================== audit lines */
 
 static const char HEX[] = "0123456789abcdef";
-static EVP_MD *sha256_md;
-static pthread_once_t sha256_once = PTHREAD_ONCE_INIT;
-
-/* Fetched once: an implicit fetch per digest (SHA256(), EVP_sha256()) costs a lookup and
- * locks in OpenSSL 3. */
-static void sha256_fetch(void) { sha256_md = EVP_MD_fetch(NULL, "SHA2-256", NULL); }
-
-static int sha256(const uint8_t *data, size_t n, uint8_t out[32])
-{
-    pthread_once(&sha256_once, sha256_fetch);
-    return sha256_md != NULL && EVP_Digest(data, n, out, NULL, sha256_md, NULL) == 1;
-}
+/* SHA-256: dcccore.c's dcc_sha256 (fetched once, a context per thread). */
+static int sha256(const uint8_t *data, size_t n, uint8_t out[32]) { return dcc_sha256(data, n, out); }
 
 static char *put(char *o, const void *src, size_t n)
 {
