@@ -214,6 +214,8 @@ class Dispatcher:
     def set_keys(self, keys: Sequence[tuple[DSC, str]]) -> None:
         """Replace the known keys (kid, DSC, state), e.g. after keyd reported a change."""
         self._issuer.keys = [SignerKey(dsc, None, state) for dsc, state in keys]
+        # worked out from the old keys: forget it
+        self._frame_signing: tuple[int | None, dict[str, _Signing]] = (None, {})
 
     @property
     def keys(self) -> list[SignerKey]:
@@ -367,7 +369,7 @@ class Dispatcher:
             group = frame.rows_of(dcc_type)
             if not group:
                 continue
-            key, claims = self._signing(dcc_type, None, DEFAULT_VALIDITY_DAYS, now)
+            key, claims = self._plain_signing(dcc_type, now)
             failure: ItemResult | None = None
             if key is None or isinstance(claims, ItemResult):
                 failure = claims  # type: ignore[assignment]
@@ -574,6 +576,23 @@ class Dispatcher:
                 f"the signed certificate would not fit a QR code ({len(payload)}-byte payload)",
             )
         return _Prepared(index, key, payload, item.account, item.operator)
+
+    def _plain_signing(self, dcc_type: str, now: float) -> _Signing:
+        """:meth:`_signing` for a plain frame's items of *dcc_type* (no kid asked for, the
+        default validity), kept for the rest of the clock's second: everything it depends
+        on besides the keys (which :meth:`set_keys` replaces, dropping it) changes at most
+        once a second -- ``iat`` and ``exp`` are whole seconds of *now*."""
+        second = int(now)
+        at, known = self._frame_signing
+        if at != second:
+            known = {}
+            self._frame_signing = (second, known)
+        signing = known.get(dcc_type)
+        if signing is None:
+            signing = known[dcc_type] = self._signing(
+                dcc_type, None, DEFAULT_VALIDITY_DAYS, now
+            )
+        return signing
 
     def _signing(self, dcc_type: str, kid: bytes | None, days: int, now: float) -> _Signing:
         """For a DCC of *dcc_type* asking for *kid* and *days* of validity: the key and either

@@ -82,6 +82,20 @@ class _Waiting:
         self.outcome: list[Outcome] | ColumnsResult | KeydError | None = None
 
 
+class _Flight:
+    """One micro-batch sent with ``submit_kids`` and not yet answered: its waiters by kid,
+    the columns sent and when."""
+
+    __slots__ = ("batches", "everyone", "finished", "kids", "sent")
+
+    def __init__(self, kids: list[tuple[bytes, list[_Waiting]]]) -> None:
+        self.kids = kids
+        self.everyone = [w for _kid, batch in kids for w in batch]
+        self.batches: list[tuple[bytes, KeydColumns]] = []
+        self.sent = 0.0
+        self.finished = False
+
+
 def _fair_batch(waiting: list[_Waiting], max_batch: int) -> list[_Waiting]:
     """Take up to *max_batch* payloads out of *waiting* (oldest first), one request of each
     client in turn; a request alone above *max_batch* is taken alone."""
@@ -185,6 +199,7 @@ class KeydBatcher:
         self._protected: dict[bytes, bytes] = {}
         self._size = 0  # payloads pending over all kids
         self._in_flight = 0
+        self._flights: set[_Flight] = set()  # sent with submit_kids, not yet answered
         self._wake = trio.Event()  # something is pending
         self._slot = trio.Event()  # a slot freed, or max_batch reached
         self._nursery: trio.Nursery | None = None
@@ -294,24 +309,42 @@ class KeydBatcher:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The flusher; runs until cancelled (micro-batches in flight are finished first
         only if the caller's nursery waits for them)."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            task_status.started()
-            while True:
-                if not self._pending:
-                    self._wake = trio.Event()
-                    await self._wake.wait()
-                # One checkpoint: tasks that are already runnable (frames already read) join.
-                await trio.lowlevel.checkpoint()
-                if self._in_flight >= self.max_in_flight:
-                    oldest = min(w[0].since for w in self._pending.values())
-                    with trio.move_on_at(oldest + self.window):
-                        while self._in_flight >= self.max_in_flight and self._size < self.max_batch:
-                            self._slot = trio.Event()
-                            await self._slot.wait()
-                while self._in_flight >= self.queue_limit:
-                    self._slot = trio.Event()
-                    await self._slot.wait()
+        submit = getattr(self.keyd, "submit_kids", None)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await self._flusher(nursery, submit)
+        finally:
+            # Stopped (cancelled, or failed): no waiter of a micro-batch keyd has not
+            # answered may wait for ever.
+            for flight in list(self._flights):
+                self._fail(flight, KeydError("engine stopping", retryable=False))
+
+    async def _flusher(self, nursery: trio.Nursery, submit: object) -> None:
+        """Wait for parts and send them (see the module docstring for when): through
+        ``submit_kids`` when the keyd client has it (no task per micro-batch: keyd's answer
+        is handed over from the client's reader, :meth:`_answered`), else one task per
+        micro-batch (:meth:`_flush`)."""
+        while True:
+            if not self._pending:
+                self._wake = trio.Event()
+                await self._wake.wait()
+            # One checkpoint: tasks that are already runnable (frames already read) join.
+            await trio.lowlevel.checkpoint()
+            if self._in_flight >= self.max_in_flight:
+                oldest = min(w[0].since for w in self._pending.values())
+                with trio.move_on_at(oldest + self.window):
+                    while self._in_flight >= self.max_in_flight and self._size < self.max_batch:
+                        self._slot = trio.Event()
+                        await self._slot.wait()
+            while self._in_flight >= self.queue_limit:
+                self._slot = trio.Event()
+                await self._slot.wait()
+            if submit is not None:
+                while self._pending and self._in_flight < self.queue_limit:
+                    await self._submit(self._take_kids())
+            else:
                 self._flush(nursery)
 
     @property
@@ -327,20 +360,7 @@ class KeydBatcher:
         up to ``max_batch`` payloads over all kids, plus at most one oversized part per kid."""
         if getattr(self.keyd, "sign_kids", None) is not None:
             while self._pending and self._in_flight < self.queue_limit:
-                room = self.max_batch
-                kids: list[tuple[bytes, list[_Waiting]]] = []
-                for kid in sorted(self._pending, key=lambda k: self._pending[k][0].since):
-                    if room <= 0:
-                        break
-                    waiting = self._pending[kid]
-                    batch = _fair_batch(waiting, room)
-                    count = sum(w.count for w in batch)
-                    room -= count
-                    self._size -= count
-                    kids.append((kid, batch))
-                    if not waiting:
-                        del self._pending[kid]
-                self._start(nursery, kids)
+                self._start(nursery, self._take_kids())
             return
         for kid in sorted(self._pending, key=lambda k: self._pending[k][0].since):
             waiting = self._pending[kid]
@@ -350,6 +370,121 @@ class KeydBatcher:
                 self._start(nursery, [(kid, batch)])
             if not waiting:
                 del self._pending[kid]
+
+    def _take_kids(self) -> list[tuple[bytes, list[_Waiting]]]:
+        """The next SIGN_KIDS micro-batch, taken out of the pending parts: kids in the
+        order of their oldest part, each kid's batch filled round-robin by client, up to
+        ``max_batch`` payloads over all kids (plus at most one oversized part per kid)."""
+        room = self.max_batch
+        kids: list[tuple[bytes, list[_Waiting]]] = []
+        for kid in sorted(self._pending, key=lambda k: self._pending[k][0].since):
+            if room <= 0:
+                break
+            waiting = self._pending[kid]
+            batch = _fair_batch(waiting, room)
+            count = sum(w.count for w in batch)
+            room -= count
+            self._size -= count
+            kids.append((kid, batch))
+            if not waiting:
+                del self._pending[kid]
+        return kids
+
+    async def _submit(self, kids: list[tuple[bytes, list[_Waiting]]]) -> None:
+        """Send one micro-batch with the keyd client's ``submit_kids``: its answer arrives
+        in :meth:`_answered`, from the client's reader task (no task of ours waits)."""
+        flight = _Flight(kids)
+        self._in_flight += 1
+        self._flights.add(flight)
+        try:
+            batches = [(kid, KeydColumns.concat([w.columns for w in batch])) for kid, batch in kids]
+            count = sum(len(columns) for _kid, columns in batches)
+            self.batches_sent += 1
+            self.payloads_sent += count
+            if self._on_batch is not None:
+                self._on_batch(count)
+            flight.batches = batches
+            flight.sent = trio.current_time()
+            await self.keyd.submit_kids(  # type: ignore[attr-defined]
+                batches, lambda answer: self._answered(flight, answer)
+            )
+        except KeydError as exc:  # no connection to keyd: nothing was sent
+            self._fail(flight, exc)
+        except Exception as exc:
+            LOGGER.exception("a micro-batch of %d requests failed", len(flight.everyone))
+            self._fail(flight, KeydError(f"engine failed: {exc!r}", retryable=False))
+
+    def _answered(self, flight: _Flight, answer: list[ColumnsResult] | KeydError) -> None:
+        """keyd's answer to *flight* (or the KeydError that ended it): every waiter its
+        outcome. Runs in the keyd client's reader task, so it never waits: waiters that
+        want HC1 strings (the per-item path) are served by a task of their own."""
+        if flight.finished:
+            return  # failed already (the engine is stopping)
+        if isinstance(answer, KeydError):
+            self._fail(flight, answer)
+            return
+        if not all(w.raw for w in flight.everyone):
+            try:
+                self._nursery.start_soon(  # type: ignore[union-attr]
+                    self._answered_with_strings, flight, answer
+                )
+            except RuntimeError:  # the batcher has stopped: its nursery takes no task
+                self._fail(flight, KeydError("engine stopping", retryable=False))
+            return
+        try:
+            answered = trio.current_time()
+            if len(answer) != len(flight.kids):  # the client checks this; a bug otherwise
+                raise ValueError(f"{len(answer)} answers for {len(flight.kids)} kids")
+            for (_kid, batch), result in zip(flight.kids, answer, strict=True):
+                _assign(batch, result, [])
+            self._stages(flight, answered)
+        except Exception as exc:
+            LOGGER.exception("a micro-batch of %d requests failed", len(flight.everyone))
+            self._fail(flight, KeydError(f"engine failed: {exc!r}", retryable=False))
+            return
+        self._finish(flight)
+
+    async def _answered_with_strings(self, flight: _Flight, answer: list[ColumnsResult]) -> None:
+        try:
+            answered = trio.current_time()
+            for (kid, batch), (_kid, columns), result in zip(
+                flight.kids, flight.batches, answer, strict=True
+            ):
+                await self._deliver(kid, batch, columns, result)
+            self._stages(flight, answered)
+        except Exception as exc:
+            LOGGER.exception("a micro-batch of %d requests failed", len(flight.everyone))
+            self._fail(flight, KeydError(f"engine failed: {exc!r}", retryable=False))
+            return
+        except BaseException as exc:
+            self._fail(flight, KeydError(f"engine stopping or failed: {exc!r}", retryable=False))
+            raise
+        self._finish(flight)
+
+    def _stages(self, flight: _Flight, answered: float) -> None:
+        if self._on_stage is not None:
+            # Per micro-batch, not per item: three observations whatever its size.
+            done = trio.current_time()
+            self._on_stage("batch_wait", flight.sent - min(w.since for w in flight.everyone))
+            self._on_stage("keyd", answered - flight.sent)
+            self._on_stage("encode", done - answered)
+
+    def _fail(self, flight: _Flight, exc: KeydError) -> None:
+        """*flight*'s waiters that have no outcome yet get *exc*; the flight ends."""
+        if flight.finished:
+            return
+        for waiting in flight.everyone:
+            if waiting.outcome is None:
+                waiting.outcome = exc
+        self._finish(flight)
+
+    def _finish(self, flight: _Flight) -> None:
+        flight.finished = True
+        self._flights.discard(flight)
+        for waiting in flight.everyone:
+            waiting.done.set()
+        self._in_flight -= 1
+        self._slot.set()
 
     async def _sign(self, batches: list[tuple[bytes, KeydColumns]]) -> list[ColumnsResult]:
         """keyd's answers for *batches* (``(kid, columns)``, kids distinct): one SIGN_KIDS
@@ -451,14 +586,22 @@ class KeydBatcher:
                 texts = native.hc1_encode(*job)
             else:
                 texts = await run_native(native.hc1_encode, *job)
-        start = 0
-        done_texts = iter(texts)
-        for waiting in batch:
-            end = start + waiting.count
-            if waiting.raw:
-                waiting.outcome = _slice_result(result, start, end)
-            else:
-                mine = codes[start:end]
-                taken = list(islice(done_texts, mine.count(0)))
-                waiting.outcome = _outcomes(mine, taken, _reasons(result, start, end))
-            start = end
+        _assign(batch, result, texts)
+
+
+def _assign(batch: list[_Waiting], result: ColumnsResult, texts: list[str]) -> None:
+    """Each waiter of *batch* (one kid's, in order) its outcome from keyd's *result*: its
+    slice of the columns, or (a waiter that wants strings) its HC1 strings from *texts* (the
+    signed items' strings of the waiters that want them, in order) and refusals."""
+    codes = result.codes
+    start = 0
+    done_texts = iter(texts)
+    for waiting in batch:
+        end = start + waiting.count
+        if waiting.raw:
+            waiting.outcome = _slice_result(result, start, end)
+        else:
+            mine = codes[start:end]
+            taken = list(islice(done_texts, mine.count(0)))
+            waiting.outcome = _outcomes(mine, taken, _reasons(result, start, end))
+        start = end

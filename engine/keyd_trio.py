@@ -12,8 +12,9 @@ requests, so a retry cannot produce a certificate the audit log lacks.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import trio
 
@@ -37,6 +38,8 @@ from .protocol.keyd import (
 
 __all__ = ["TrioKeydClient"]
 
+LOGGER = logging.getLogger("dccsign.serve")
+
 
 class _Waiter:
     __slots__ = ("done", "reply")
@@ -53,7 +56,9 @@ class _Link:
         self.stream = stream
         self.codec = Connection(scan=native.cbor_scan)
         self.send_lock = trio.Lock()
-        self.waiting: dict[int, _Waiter] = {}
+        # Per request id: a task waiting for the reply (_Waiter), or a function the reader
+        # calls with it (TrioKeydClient.submit_kids).
+        self.waiting: dict[int, _Waiter | Callable[[object], None]] = {}
         self.broken: str | None = None
 
     async def reader(self) -> None:
@@ -71,8 +76,7 @@ class _Link:
                 waiter = self.waiting.pop(getattr(event, "request_id", 0), None)
                 if waiter is None:
                     raise KeydError("keyd answered a request nobody asked", retryable=False)
-                waiter.reply = event
-                waiter.done.set()
+                _resolve(waiter, event)
         except (KeydError, KeydProtocolError, trio.BrokenResourceError, OSError) as exc:
             self.fail(f"keyd connection failed: {exc}")
         except trio.ClosedResourceError:
@@ -80,10 +84,23 @@ class _Link:
 
     def fail(self, why: str) -> None:
         self.broken = why
-        for waiter in self.waiting.values():
-            waiter.reply = KeydError(why)
-            waiter.done.set()
+        waiting = list(self.waiting.values())
         self.waiting.clear()
+        for waiter in waiting:
+            _resolve(waiter, KeydError(why))
+
+
+def _resolve(waiter: _Waiter | Callable[[object], None], reply: object) -> None:
+    """Hand *reply* (an event, or a KeydError) to whoever waits for it. A callback that
+    raises is a bug of its own: logged, and the connection goes on serving the others."""
+    if type(waiter) is _Waiter:
+        waiter.reply = reply
+        waiter.done.set()
+        return
+    try:
+        waiter(reply)  # type: ignore[operator]
+    except Exception:
+        LOGGER.exception("handling a keyd reply failed")
 
 
 class TrioKeydClient:
@@ -134,18 +151,31 @@ class TrioKeydClient:
             link.fail("client closed")
             await link.stream.aclose()
 
-    async def _call(self, msg: Describe | Sign | SignMany | SignColumns | SignKids) -> object:
+    async def _send(
+        self,
+        msg: Describe | Sign | SignMany | SignColumns | SignKids,
+        waiter: _Waiter | Callable[[object], None],
+    ) -> None:
+        """Send *msg* on the next usable connection; its reply (or the KeydError of a
+        connection that breaks first) goes to *waiter*.
+
+        Raises:
+            KeydError: no connection to keyd (then *waiter* is not called).
+        """
         links = [link for link in self._links if link.broken is None]
         if not links:
             raise KeydError("no connection to keyd")
         link = links[next(self._next) % len(links)]
-        waiter = _Waiter()
         link.waiting[msg.request_id] = waiter
         try:
             async with link.send_lock:
                 await link.stream.send_all(link.codec.send(msg))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             link.fail(f"keyd connection failed: {exc}")
+
+    async def _call(self, msg: Describe | Sign | SignMany | SignColumns | SignKids) -> object:
+        waiter = _Waiter()
+        await self._send(msg, waiter)
         await waiter.done.wait()
         reply = waiter.reply
         if isinstance(reply, KeydError):
@@ -192,16 +222,56 @@ class TrioKeydClient:
         batch, keyd's answer as :meth:`sign_columns` gives it, in order; keyd commits their
         audit records at once."""
         msg = SignKids(next(self._ids), tuple(SignColumns(0, k, c) for k, c in batches))
-        reply = await self._call(msg)
-        if (
-            not isinstance(reply, KidsResult)
-            or len(reply.results) != len(batches)
-            or any(len(r) != len(c) for r, (_k, c) in zip(reply.results, batches, strict=True))
-        ):
-            raise KeydError("malformed reply from keyd", retryable=False)
-        return list(reply.results)
+        return _kids_results(await self._call(msg), batches)
+
+    async def submit_kids(
+        self,
+        batches: Sequence[tuple[bytes, KeydColumns]],
+        deliver: Callable[[list[ColumnsResult] | KeydError], None],
+    ) -> None:
+        """:meth:`sign_kids` without a task waiting for the answer: returns once the
+        message is sent, and *deliver* is called later -- from the connection's reader task,
+        so it must not block -- with what :meth:`sign_kids` would return, or the
+        :class:`KeydError` it would raise (a connection that breaks first included). A
+        *deliver* that raises is logged; the connection goes on.
+
+        Raises:
+            KeydError: no connection to keyd (*deliver* is not called).
+        """
+        msg = SignKids(next(self._ids), tuple(SignColumns(0, k, c) for k, c in batches))
+
+        def on_reply(reply: object) -> None:
+            if isinstance(reply, KeydError):
+                deliver(reply)
+                return
+            try:
+                check_reply(reply)
+                results = _kids_results(reply, batches)
+            except KeydError as exc:
+                deliver(exc)
+                return
+            deliver(results)
+
+        await self._send(msg, on_reply)
 
     @property
     def connections(self) -> int:
         """How many connections are usable now."""
         return sum(link.broken is None for link in self._links)
+
+
+def _kids_results(
+    reply: object, batches: Sequence[tuple[bytes, KeydColumns]]
+) -> list[ColumnsResult]:
+    """keyd's answer to a SIGN_KIDS of *batches*, one ColumnsResult per batch.
+
+    Raises:
+        KeydError: the answer does not fit the request.
+    """
+    if (
+        not isinstance(reply, KidsResult)
+        or len(reply.results) != len(batches)
+        or any(len(r) != len(c) for r, (_k, c) in zip(reply.results, batches, strict=True))
+    ):
+        raise KeydError("malformed reply from keyd", retryable=False)
+    return list(reply.results)

@@ -668,6 +668,11 @@ class _Connection:
         self._out: deque[tuple[bytes, _Ticket | None]] = deque()
         self._out_bytes = 0
         self._out_wake = trio.Event()
+        # A frame goes out at once, without the writer task, when nothing is queued before
+        # it and the socket takes it all (TLSStream.send_nowait); one the socket did not
+        # take is owed: the writer sends it first, alone and whole.
+        self._send_now = getattr(stream, "send_nowait", None)
+        self._owed: bytes | None = None
         self._room = trio.Event()
         self._out_closed = False  # no frame will be added any more
         self._dropping = False  # replies are dropped: the client is gone or the link failed
@@ -801,8 +806,12 @@ class _Connection:
                             return
                         self._out_wake = trio.Event()
                         await self._out_wake.wait()
-                    batch = list(self._out)
-                    self._out.clear()
+                    if self._owed is not None:
+                        batch = [self._out.popleft()]  # it is first: nothing was queued
+                        self._owed = None
+                    else:
+                        batch = list(self._out)
+                        self._out.clear()
                     data = b"".join(frame for frame, _ in batch)
                     self._writing_since = trio.current_time()
                     self._clock_started(self._writing_since + self.limits.idle_timeout)
@@ -817,9 +826,12 @@ class _Connection:
         finally:
             self._writer_done.set()
 
-    def _release(self, batch: list[tuple[bytes, _Ticket | None]]) -> None:
+    def _release(self, batch: list[tuple[bytes, _Ticket | None]], *, queued: bool = True) -> None:
+        """Frames written or dropped: their tickets released, and their bytes taken off
+        ``_out_bytes`` if they were *queued* (counted there)."""
         for frame, ticket in batch:
-            self._out_bytes -= len(frame)
+            if queued:
+                self._out_bytes -= len(frame)
             if ticket is not None:
                 ticket.release()
         self._room.set()  # the reader looks again
@@ -941,6 +953,7 @@ class _Connection:
         self._out_closed = True
         batch = list(self._out)
         self._out.clear()
+        self._owed = None
         self._release(batch)
         self._room.set()
         self.finish()
@@ -993,6 +1006,11 @@ class _Connection:
             if ticket is not None:
                 ticket.release()
             return
+        if self._send_now is not None and not self._out and self._writing_since is None:
+            if self._send_now(frame):
+                self._release([(frame, ticket)], queued=False)
+                return
+            self._owed = frame
         self._out.append((frame, ticket))
         self._out_bytes += len(frame)
         self._out_wake.set()

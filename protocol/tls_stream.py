@@ -301,6 +301,31 @@ class TLSStream(trio.abc.Stream):
         finally:
             self._sending = False
 
+    def send_nowait(self, data: bytes | bytearray | memoryview) -> bool:
+        """Send all of *data* now if the socket takes it without waiting: ``True`` when it
+        all went out. ``False`` when it did not (the socket is full, another task is
+        sending, the handshake has not run, the stream failed): then *data* is **owed** --
+        the next send on this stream must be ``send_all`` of exactly these bytes, because
+        OpenSSL may have written part of it already and holds the rest of a record.
+
+        Not a checkpoint, and never waits: it lets an event loop answer without waking a
+        writer task when the socket has room, which it usually has. Errors are not raised
+        here; the owed ``send_all`` raises them.
+        """
+        if self._sending or self._state is not _State.OPEN or not self._handshook:
+            return False
+        sock = self._sock
+        view = memoryview(data).cast("B")
+        try:
+            while view:
+                view = view[sock.send(view) :]
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            return False
+        except (ssl.SSLError, OSError) as exc:
+            self._broken(exc)
+            return False
+        return True
+
     async def wait_send_all_might_not_block(self) -> None:
         if self._sending:
             raise trio.BusyResourceError("another task is sending on this stream")

@@ -328,3 +328,43 @@ def test_a_frame_of_several_kids_goes_to_keyd_in_one_call_without_empty_kids(
     assert [r.ok for r in second] == [True, False, True, False]
     assert {second[1].error, second[3].error} == {ErrorCode.QUOTA_ACCOUNT}
     assert batcher.many[1] == [(kid_of["v"], 2)]
+
+
+def test_a_plain_frame_claims_follow_the_clock_and_a_key_change_at_once(tmp_path):
+    """A plain frame's claims (iat/exp) and key are worked out once per clock second: the
+    next second's frame gets the next second's iat, and a key disabled by set_keys refuses
+    the very next frame, within the same second."""
+    import time
+
+    class Recording(FakeBatcher):
+        def __init__(self):
+            super().__init__()
+            self.payloads = []
+
+        async def issue_columns(self, kid, protected, columns):
+            self.payloads += columns.payload_list()
+            return await super().issue_columns(kid, protected, columns)
+
+    second = float(int(time.time()))
+    clock = [second]
+    batcher = Recording()
+    base = dispatcher_for(tmp_path, FakeBatcher())
+    d = Dispatcher(batcher, [(k.dsc, "active") for k in base.keys], base.policy,
+                   QuotaTracker(), clock=lambda: clock[0])  # fmt: skip
+    body = _frame([sample("v")], ["uzi:1"], [None])
+
+    def iat_at(now):
+        clock[0] = now
+        before = len(batcher.payloads)
+        (result,) = _normalised(trio.run(d.sign_view, "portal", native.walk_sign_batch(body, 10)))
+        if not result.ok:
+            return result
+        (payload,) = batcher.payloads[before:]
+        return cbor2.loads(payload)[6]
+
+    backdate = d._issuer.backdate
+    assert iat_at(second + 0.25) == int(second) - backdate
+    assert iat_at(second + 0.75) == int(second) - backdate
+    assert iat_at(second + 1.0) == int(second) + 1 - backdate
+    d.set_keys([(k.dsc, "disabled") for k in base.keys])
+    assert iat_at(second + 1.5).error == ErrorCode.NO_KEY

@@ -804,3 +804,73 @@ async def test_the_deadline_answers_while_the_work_goes_on_and_its_result_is_dro
     assert engine.metric("dccsign_requests_total", client="portal") == 2
     await client.close()
     await settled(engine)
+
+
+async def test_over_tls_replies_that_fill_the_socket_arrive_whole_and_in_order(
+    tmp_path, nursery, monkeypatch
+):
+    """Over TLS a reply goes out at once when the socket takes it (no writer task); one the
+    socket does not take whole is owed and finished by the writer before anything else. A
+    client that pipelines many batches with a small receive buffer and reads only later
+    gets every reply once, whole and decodable, each answering its own request."""
+    from dccsign.devtls import DEV_CLIENT_NAME, ensure_dev_tls
+    from dccsign.protocol.tls_stream import TLSStream, open_tls_over_tcp
+    from dccsign.serve_cli import tls_server_context
+
+    outcomes = []
+    send_nowait = TLSStream.send_nowait
+
+    def recorded(self, data):
+        outcomes.append(send_nowait(self, data))
+        return outcomes[-1]
+
+    monkeypatch.setattr(TLSStream, "send_nowait", recorded)
+    tls = ensure_dev_tls(tmp_path / "tls")
+    engine = Engine(
+        tmp_path,
+        {"clients": {f"cn:{DEV_CLIENT_NAME}": {"quota": QUOTA}}, "default_account_quota": QUOTA},
+        max_in_flight=8,
+    )
+    context = tls_server_context(tls["server_cert"], tls["server_key"], tls["ca"])
+    host, port = await nursery.start(engine.server.serve_tcp, "127.0.0.1", 0, context)
+    client_ctx = ssl.create_default_context(cafile=str(tls["ca"]))
+    client_ctx.load_cert_chain(tls["client_cert"], tls["client_key"])
+    stream = await open_tls_over_tcp(host, port, client_ctx, server_hostname="localhost")
+    stream._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
+    engine.streams.append(stream)
+    client = Raw(stream, compression=())  # uncompressed: each reply is ~30 KB
+    await client.hello()
+    sent = {}
+    batches = 24
+
+    async def send_all_batches():
+        for _ in range(batches):
+            rid = client.rid()
+            batch = tuple(items(50, f"uzi:{rid}"))
+            sent[rid] = [it.dcc for it in batch]
+            await client.send(wire.SignBatch(request_id=rid, items=batch))
+
+    nursery.start_soon(send_all_batches)  # it blocks once the engine stops reading us
+    await trio.sleep(1)  # the engine signs what it admits; its replies fill the socket
+    answered = {}
+    while len(answered) < batches:
+        reply = await client.event()
+        assert reply is not None and reply.request_id not in answered
+        answered[reply.request_id] = reply
+    signed = 0
+    for rid, reply in answered.items():
+        if isinstance(reply, wire.Error):
+            assert reply.code == ErrorCode.BUSY, reply
+            continue
+        assert len(reply.results) == 50 and all(r.ok for r in reply.results)
+        for result, dcc in zip(reply.results, sent[rid], strict=True):
+            payload = native.sign1_decode(
+                native.zlib_decompress(native.b45decode(result.hc1[4:]))
+            ).payload
+            assert cbor2.loads(payload)[-260][1] == dcc
+        signed += 1
+    assert signed >= 2  # (the rest BUSY: the connection had max_in_flight in progress)
+    # Both ways were taken: replies sent at once, and replies owed to the writer.
+    assert True in outcomes and False in outcomes
+    await trio.aclose_forcefully(stream)
+    await settled(engine)

@@ -296,3 +296,46 @@ async def test_the_implicit_handshake_of_the_first_call(tls_files: dict[str, Pat
         assert await client.receive_some() == b""
         await client.aclose()
     await listener.aclose()
+
+
+async def test_send_nowait_sends_what_the_socket_takes_and_owes_the_rest(pair: Pair) -> None:
+    """send_nowait: True and delivered when the socket has room; with a peer that does not
+    read it fills the socket and says False -- and then the same bytes through send_all
+    complete it: the peer reads every byte once, in order (OpenSSL's half-written record
+    is continued, not repeated or dropped)."""
+    small = os.urandom(3000)
+    assert pair.server.send_nowait(small)
+    assert await receive_exactly(pair.client, len(small)) == small
+    chunk = os.urandom(256 * 1024)
+    sent = []
+    while pair.server.send_nowait(chunk):  # nobody reads: the socket fills up
+        sent.append(chunk)
+        assert len(sent) < 400, "a loopback socket never filled up"
+    expected = b"".join(sent) + chunk  # the owed chunk goes next, whole
+
+    async def read_all() -> bytes:
+        return await receive_exactly(pair.client, len(expected))
+
+    async with trio.open_nursery() as nursery:
+        got: list[bytes] = []
+
+        async def reader() -> None:
+            got.append(await read_all())
+
+        nursery.start_soon(reader)
+        await pair.server.send_all(chunk)
+    assert got == [expected]
+
+
+async def test_send_nowait_never_sends_beside_a_send_in_progress_or_after_close(
+    pair: Pair,
+) -> None:
+    data = os.urandom(1000)
+    async with trio.open_nursery() as nursery:
+        blocker = os.urandom(16 << 20)  # far more than the socket holds: send_all waits
+        nursery.start_soon(pair.server.send_all, blocker)
+        await trio.testing.wait_all_tasks_blocked()
+        assert pair.server.send_nowait(data) is False  # nothing sent: send_all owns it
+        assert await receive_exactly(pair.client, len(blocker)) == blocker
+    await pair.server.aclose()
+    assert pair.server.send_nowait(data) is False
