@@ -2,6 +2,7 @@
 # the pure-Python twin native/_keydcols_py.py (contracts, exceptions, messages).
 
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
+from libc.math cimport ceil, floor
 from libc.stdint cimport uint32_t
 from libc.string cimport memset
 
@@ -65,15 +66,133 @@ cdef const uint32_t *_u32_ptr(object column, Py_ssize_t *n) except? NULL:
     return <const uint32_t *>&view[0]
 
 
+cdef inline bint _exact_u32(object value):
+    # the reference's rule: an array('I') itself, not a subclass
+    return type(value) is _u32_array_type and value.typecode == "I"
+
+
+cdef bint _u32_monotone(const uint32_t *v, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(1, n):
+        if v[i] < v[i - 1]:
+            return False
+    return True
+
+
+cdef bint _u32_below(const uint32_t *v, Py_ssize_t n, Py_ssize_t bound) noexcept nogil:
+    """Every value < *bound* (true for no values)."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        if v[i] >= bound:
+            return False
+    return True
+
+
+# Bounds the fast paths below handle in C; beyond them the reference computes (and clamps).
+cdef double _TIME_FAST = 4.0e18
+_VTR_SUBSETS = frozenset(("", "v", "t", "r", "vt", "tv", "vr", "rv", "tr", "rt", "vtr", "vrt",
+                          "tvr", "trv", "rvt", "rtv"))
+
+
+cdef tuple _kc_columns_fast(payloads, ends, client_ix, client_ok, max_payload, not_before,
+                            not_after, latest_iat, allowed):
+    """What check_columns_arguments returns, computed in C, when its rules hold for the
+    usual arguments (floats for the times, within +-4e18); None for anything else, which
+    the reference then checks, computes or names (keyd calls this per message and kid)."""
+    if type(payloads) is not bytes or type(client_ok) is not bytes:
+        return None
+    if not (_exact_u32(ends) and _exact_u32(client_ix)):
+        return None
+    if type(allowed) is not str or allowed not in _VTR_SUBSETS:
+        return None
+    if type(max_payload) is not int or not 0 <= max_payload < (1 << 62):
+        return None
+    if type(not_before) is not float or type(not_after) is not float:
+        return None
+    if type(latest_iat) is not float:
+        return None
+    cdef double nb = not_before, na = not_after, li = latest_iat
+    if not (-_TIME_FAST < nb < _TIME_FAST and -_TIME_FAST < na < _TIME_FAST
+            and -_TIME_FAST < li < _TIME_FAST):
+        return None  # (NaN fails these too)
+    cdef Py_ssize_t n, m
+    cdef const uint32_t *e = _u32_ptr(ends, &n)
+    cdef const uint32_t *c = _u32_ptr(client_ix, &m)
+    if m != n:
+        return None
+    if n and (e[n - 1] != <size_t>PyBytes_GET_SIZE(payloads) or not _u32_monotone(e, n)
+              or not _u32_below(c, n, PyBytes_GET_SIZE(client_ok))):
+        return None
+    return (max_payload, <int64_t>ceil(nb), <int64_t>floor(na), <int64_t>floor(li))
+
+
+cdef bint _kc_audit_fast(time, alg, kid, clients, accounts, operators, client_ix, account_ix,
+                         operator_ix, payloads, ends, facts, selected, signatures, sig_ends,
+                         seq, prev):
+    """True when check_audit_arguments' rules hold, checked in C for the usual arguments;
+    False for anything else (the reference then checks and names the problem)."""
+    if type(time) is not bytes or type(payloads) is not bytes or type(facts) is not bytes:
+        return False
+    if type(signatures) is not bytes or type(kid) is not bytes or len(kid) != 8:
+        return False
+    if not (_exact_u32(client_ix) and _exact_u32(account_ix) and _exact_u32(operator_ix)
+            and _exact_u32(ends) and _exact_u32(selected) and _exact_u32(sig_ends)):
+        return False
+    if type(clients) is not tuple or type(accounts) is not tuple or type(operators) is not tuple:
+        return False
+    if not (<bytes>time).isascii():
+        return False
+    if type(alg) is not int or (alg != ES256 and alg != PS256):
+        return False
+    if type(seq) is not int or not 0 <= seq < (1 << 63):
+        return False
+    if type(prev) is not str or len(prev) != 64 or not _is_lower_hex(prev):
+        return False
+    cdef Py_ssize_t n, a, b, c, nsel, nse
+    cdef const uint32_t *e = _u32_ptr(ends, &n)
+    cdef const uint32_t *ci = _u32_ptr(client_ix, &a)
+    cdef const uint32_t *ai = _u32_ptr(account_ix, &b)
+    cdef const uint32_t *oi = _u32_ptr(operator_ix, &c)
+    cdef const uint32_t *sel = _u32_ptr(selected, &nsel)
+    cdef const uint32_t *se = _u32_ptr(sig_ends, &nse)
+    if not (a == n and b == n and c == n) or PyBytes_GET_SIZE(facts) != n * KC_FACT_SIZE:
+        return False
+    if (e[n - 1] if n else 0) != <size_t>PyBytes_GET_SIZE(payloads) or not _u32_monotone(e, n):
+        return False
+    if nse != nsel:
+        return False
+    if (se[nse - 1] if nse else 0) != <size_t>PyBytes_GET_SIZE(signatures):
+        return False
+    if not _u32_monotone(se, nse) or not _u32_below(sel, nsel, n):
+        return False
+    if n and not (_u32_below(ci, n, len(clients)) and _u32_below(ai, n, len(accounts))
+                  and _u32_below(oi, n, len(operators))):
+        return False
+    return True
+
+
+cdef bint _is_lower_hex(str text):
+    cdef Py_UCS4 ch
+    for ch in text:
+        if not ("0" <= ch <= "9" or "a" <= ch <= "f"):
+            return False
+    return True
+
+
 def keyd_check_columns(payloads, ends, client_ix, client_ok, max_payload, not_before,
                        not_after, latest_iat, allowed) -> tuple:
-    limit, nb, na, latest = _check_kc_columns(payloads, ends, client_ix, client_ok, max_payload,
-                                              not_before, not_after, latest_iat, allowed)
+    fast = _kc_columns_fast(payloads, ends, client_ix, client_ok, max_payload, not_before,
+                            not_after, latest_iat, allowed)
+    if fast is None:
+        fast = _check_kc_columns(payloads, ends, client_ix, client_ok, max_payload,
+                                 not_before, not_after, latest_iat, allowed)
+    limit, nb, na, latest = fast
     cdef Py_ssize_t n, n2, i
     cdef const uint32_t *ends_p = _u32_ptr(ends, &n)
     cdef const uint32_t *cix_p = _u32_ptr(client_ix, &n2)
     cdef kc_limits lim
-    lim.max_payload = limit
+    # a bound beyond any payload's length decides nothing: clamped (a Python int may not fit)
+    lim.max_payload = limit if limit < (1 << 62) else (1 << 62)
     lim.not_before = nb
     lim.not_after = na
     lim.latest_iat = latest
@@ -149,9 +268,12 @@ cdef list _kc_literals(str name, tuple table, char **arena_out, kc_text **texts_
 def audit_issue_columns(time, alg, kid, clients, accounts, operators, client_ix, account_ix,
                         operator_ix, payloads, ends, facts, selected, signatures, sig_ends, seq,
                         prev) -> tuple:
-    _check_kc_audit(time, alg, kid, clients, accounts, operators, client_ix, account_ix,
-                    operator_ix, payloads, ends, facts, selected, signatures, sig_ends, seq,
-                    prev)
+    if not _kc_audit_fast(time, alg, kid, clients, accounts, operators, client_ix, account_ix,
+                          operator_ix, payloads, ends, facts, selected, signatures, sig_ends,
+                          seq, prev):
+        _check_kc_audit(time, alg, kid, clients, accounts, operators, client_ix, account_ix,
+                        operator_ix, payloads, ends, facts, selected, signatures, sig_ends, seq,
+                        prev)
     cdef Py_ssize_t n, m, nsel, k, x
     cdef kc_audit_batch b
     memset(&b, 0, sizeof(b))

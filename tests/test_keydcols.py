@@ -455,3 +455,91 @@ def test_audit_columns_errors_are_shared(impl):
         call(prev="x")
     with pytest.raises(TypeError, match="selected must be an array"):
         call(selected=[0, 1])
+
+
+# ----------------------------------------------------------------------------- fast checks
+#
+# The native functions check the usual arguments in C and call the reference's checks only
+# for anything unusual (to name the problem); these draw arguments around the usual ones and
+# require the same answer from both implementations: the same result, or the same error.
+
+
+class _Sub(array):
+    """An array('I') subclass: the reference refuses it, so must the fast path."""
+
+
+def _outcome(fn, *args):
+    try:
+        return ("ok", fn(*args))
+    except (TypeError, ValueError, OverflowError) as exc:
+        return (type(exc).__name__, str(exc))
+
+
+_CHECK_OVERRIDES = {
+    "ends": lambda a: [list(a["ends"]), _Sub("I", a["ends"]), array("l", a["ends"]),
+                       a["ends"][:-1], array("I", reversed(a["ends"]))],
+    "client_ix": lambda a: [array("I", [5] * len(a["ends"])), a["client_ix"][:-1],
+                            _Sub("I", a["client_ix"])],
+    "payloads": lambda a: [a["payloads"] + b"x", bytearray(a["payloads"])],
+    "client_ok": lambda a: [b"", bytearray(b"\x01")],
+    "max_payload": lambda a: [-1, True, 2**62, 2**70, 10.0, 0],
+    "not_before": lambda a: [float("nan"), float("inf"), 5e18, -5e18, NOW - 1000, 1.5, -1.5],
+    "not_after": lambda a: [float("-inf"), 4.5e18, NOW + 10**6, 1e300],
+    "latest_iat": lambda a: [float("nan"), NOW + 60, -4e18, 3.9e18, 2**70],
+    "allowed": lambda a: ["", "v", "rt", "vv", "x", "vtrv", b"v", None, "tvr"],
+}
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_check_columns_fast_path_agrees_with_the_reference(data):
+    native, python = _load_impl("native"), _load_impl("python")
+    n = data.draw(st.integers(0, 4))
+    buf, ends, cix = _cols([_payload(i) for i in range(n)])
+    args = dict(payloads=buf, ends=ends, client_ix=cix, client_ok=b"\x01", max_payload=10**4,
+                not_before=NOW - 1000.0, not_after=NOW + 10.0**6, latest_iat=NOW + 60.0,
+                allowed="vtr")  # fmt: skip
+    for name in data.draw(st.sets(st.sampled_from(sorted(_CHECK_OVERRIDES)), max_size=3)):
+        args[name] = data.draw(st.sampled_from(_CHECK_OVERRIDES[name](args)))
+    got = _outcome(native.keyd_check_columns, *args.values())
+    assert got == _outcome(python.keyd_check_columns, *args.values())
+
+
+_AUDIT_OVERRIDES = {
+    "time": lambda a: ["x", b"t\xc3\xa9", b""],
+    "alg": lambda a: [-37, True, -7.0, 0],
+    "kid": lambda a: [KID[:7], bytearray(KID), "k" * 8],
+    "clients": lambda a: [list(a["clients"]), ()],
+    "accounts": lambda a: [("",), a["accounts"] * 2],
+    "operators": lambda a: [(None,) * 3, ()],
+    "client_ix": lambda a: [array("I", [9] * len(a["ends"])), _Sub("I", a["client_ix"])],
+    "account_ix": lambda a: [a["account_ix"][:-1], list(a["account_ix"])],
+    "operator_ix": lambda a: [array("I", [7] * len(a["ends"]))],
+    "payloads": lambda a: [a["payloads"][:-1], bytearray(a["payloads"])],
+    "ends": lambda a: [array("I", reversed(a["ends"])), _Sub("I", a["ends"])],
+    "facts": lambda a: [a["facts"][:-1], bytearray(a["facts"])],
+    "selected": lambda a: [array("I", [len(a["ends"])]), array("I"), _Sub("I", a["selected"])],
+    "signatures": lambda a: [a["signatures"] + b"s", b""],
+    "sig_ends": lambda a: [array("I", reversed(a["sig_ends"])), a["sig_ends"][:-1]],
+    "seq": lambda a: [-1, 2**63, 2**63 - 1, True, 1.0],
+    "prev": lambda a: ["CD" * 32, "cd" * 31, "gg" * 32, b"cd" * 32],
+}
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_audit_columns_fast_path_agrees_with_the_reference(data):
+    native, python = _load_impl("native"), _load_impl("python")
+    n = data.draw(st.integers(1, 4))
+    parts = [SignPart(f"c{i % 2}", f"uzi:{i}", (_payload(i),), None if i % 2 else "op")
+             for i in range(n)]  # fmt: skip
+    cols, facts, selected, sigs, sig_ends = _audit_case(native, parts)
+    args = dict(time=TIME, alg=-7, kid=KID, clients=cols.clients, accounts=cols.accounts,
+                operators=cols.operators, client_ix=cols.client_ix, account_ix=cols.account_ix,
+                operator_ix=cols.operator_ix, payloads=cols.payloads, ends=cols.ends,
+                facts=facts, selected=selected, signatures=b"".join(sigs), sig_ends=sig_ends,
+                seq=1, prev=PREV)  # fmt: skip
+    for name in data.draw(st.sets(st.sampled_from(sorted(_AUDIT_OVERRIDES)), max_size=3)):
+        args[name] = data.draw(st.sampled_from(_AUDIT_OVERRIDES[name](args)))
+    got = _outcome(native.audit_issue_columns, *args.values())
+    assert got == _outcome(python.audit_issue_columns, *args.values())
