@@ -10,8 +10,11 @@ pending -- and the HC1 strings a waiter wants are then built per kid in one work
 call (``native.hc1_encode`` releases the GIL). keyd still checks, allows and audits each
 item under its own client and account; what is shared is the per-message cost: one frame,
 one pass through keyd's signing threads, one audit commit (one fsync), one round trip here.
-A keyd client without ``sign_kids`` (a test's fake) gets one ``SIGN_COLUMNS`` per kid, and
-one without ``sign_columns`` the same batches as ``SIGN_MANY`` parts.
+The engine's client (:class:`~dccsign.keyd_trio.TrioKeydClient`) also has ``submit_kids``:
+then no task waits for keyd's answer -- the flusher sends, and the client's reader hands the
+answer over (:meth:`KeydBatcher._answered`): no task is spawned, and none woken, per
+micro-batch. A keyd client without ``sign_kids`` (a test's fake) gets one ``SIGN_COLUMNS``
+per kid, and one without ``sign_columns`` the same batches as ``SIGN_MANY`` parts.
 
 When a kid's pending parts are sent:
 
