@@ -276,8 +276,18 @@ class Frame:
         return out
 
     async def encode(self, level: int, single: bool = False) -> FrameReply:
-        """The reply body (``native.encode_sign_batch_result``), in a worker thread when it
-        holds many certificates."""
+        """The reply body (``native.encode_sign_batch_result``), in the native reply pool
+        when it holds many certificates."""
+        job, signed = self.encode_job(level)
+        if signed > INLINE_ENCODE:
+            body = await encode_reply(*job, single=single)
+        else:
+            body = native.encode_sign_batch_result(*job, single=single)
+        return self.reply(body, single)
+
+    def encode_job(self, level: int) -> tuple[tuple[Any, ...], int]:
+        """The arguments of ``native.encode_sign_batch_result`` for this frame's reply (all
+        but *single*), and how many certificates it signs."""
         n = self.count
         kids = [k for k in self.kids if k.signed_rows]
         protected_of = array("I", b"\xff" * (4 * n))
@@ -296,17 +306,18 @@ class Frame:
             [k.key.protected for k in kids], [k.key.dsc.kid for k in kids], protected_of,
             payloads, payload_offsets, signatures, signature_offsets, self.refusals, level,
         )
-        signed = sum(len(k.signed_rows) for k in kids)
-        if signed > INLINE_ENCODE:
-            body = await encode_reply(*job, single=single)
-        else:
-            body = native.encode_sign_batch_result(*job, single=single)
+        return job, sum(len(k.signed_rows) for k in kids)
+
+    def reply(self, body: bytes, single: bool = False) -> FrameReply:
+        """The :class:`FrameReply` of encoded *body*, with per (kid, type, outcome) counts."""
         outcomes: collections.Counter[tuple[str, str, str]] = collections.Counter()
         types = self.rows.types
-        for kid in kids:
+        for kid in self.kids:
+            if not kid.signed_rows:
+                continue
             kid_hex = kid.key.dsc.kid.hex()
             for t, c in collections.Counter(map(types.__getitem__, kid.signed_rows)).items():
                 outcomes[kid_hex, t, "ok"] += c
         for i, (code, _message, _retry) in self.refusals.items():
             outcomes["", types[i], ErrorCode(code).name] += 1
-        return FrameReply(body, n, dict(outcomes), single)
+        return FrameReply(body, self.count, dict(outcomes), single)

@@ -45,6 +45,7 @@ from .errors import KeyProblem
 from .keyd_batcher import KeydBatcher
 from .keyd_client import KeydError
 from .native import _walker_py as W
+from .offload import encode_reply_soon
 from .policy import PolicyFile, QuotaTracker, Refusal
 from .protocol.codes import ErrorCode
 from .protocol.keyd import RETRYABLE as KEYD_RETRYABLE
@@ -332,6 +333,78 @@ class Dispatcher:
             types[:] = frame.rows.types
         return results
 
+    def sign_frame_soon(
+        self,
+        client: str,
+        view: Any,
+        single: bool,
+        done: Callable[[dataplane.FrameReply | Exception], None],
+    ) -> bool:
+        """:meth:`sign_view` for a plain frame without idempotency keys, with no task
+        waiting: False (nothing done) for any other frame; else True, and ``done(reply)``
+        runs once on the event loop's thread with the frame's :class:`dataplane.FrameReply`
+        -- from keyd's answer and the reply pool, or inside this call when nothing goes to
+        keyd or the reply is small -- or ``done(exception)`` for an unexpected failure (a
+        bug: the caller answers INTERNAL). *done* must not raise.
+
+        Same results, same quota and keyd effects as :meth:`sign_view`; what it saves is
+        the request's task: its spawn and its three wake-ups (keyd's answer, the reply
+        body, the end) per frame.
+        """
+        cols = dataplane.columns_of(view)
+        if not dataplane.plain(view, cols) or len(dataplane.keyed_rows(view, cols)):
+            return False
+        try:
+            started = trio.current_time()
+            frame = self._prepare_frame(client, view, cols, set())
+            if self._on_stage is not None:
+                self._on_stage("prepare", trio.current_time() - started)
+            live, batches, names_of = self._keyd_batches(client, frame)
+        except Exception as exc:
+            done(exc)
+            return True
+        if not batches:
+            self._encode_soon(frame, single, done)
+            return True
+
+        def answered(outcomes: list[Any]) -> None:
+            try:
+                self._keyd_answered(client, frame, live, batches, names_of, outcomes)
+            except Exception as exc:
+                done(exc)
+                return
+            self._encode_soon(frame, single, done)
+
+        self.batcher.submit_columns(batches, answered)
+        return True
+
+    def _encode_soon(
+        self,
+        frame: dataplane.Frame,
+        single: bool,
+        done: Callable[[dataplane.FrameReply | Exception], None],
+    ) -> None:
+        """*frame*'s reply to ``done``: encoded here when it signs few certificates, else
+        in the native reply pool (``done`` then runs from its collector)."""
+
+        def encoded(body: bytes | Exception) -> None:
+            if not isinstance(body, Exception):
+                try:
+                    body = frame.reply(body, single)  # type: ignore[assignment]
+                except Exception as exc:
+                    body = exc
+            done(body)  # type: ignore[arg-type]
+
+        try:
+            job, signed = frame.encode_job(self.batcher.zlib_level)
+            if signed > dataplane.INLINE_ENCODE:
+                encode_reply_soon(job, single, encoded)
+                return
+            body: bytes | Exception = native.encode_sign_batch_result(*job, single=single)
+        except Exception as exc:
+            body = exc
+        encoded(body)
+
     async def _frame(self, client: str, view: Any, cols: array, skip: set[int]) -> Any:
         """A plain frame prepared and signed (everything but its reply); *skip*: items
         answered otherwise (from the idempotency cache), which are not signed."""
@@ -428,6 +501,16 @@ class Dispatcher:
     async def _keyd_frame(self, client: str, frame: dataplane.Frame) -> None:
         """Sign the frame's rows: one columnar batch per kid, all queued at once (they go to
         keyd together, in one SIGN_KIDS when the batcher sends them so)."""
+        live, batches, names_of = self._keyd_batches(client, frame)
+        if batches:
+            outcomes = await self.batcher.issue_columns_many(batches)
+            self._keyd_answered(client, frame, live, batches, names_of, outcomes)
+
+    def _keyd_batches(
+        self, client: str, frame: dataplane.Frame
+    ) -> tuple[list[int], list[tuple[bytes, bytes, KeydColumns]], list[tuple[str, ...]]]:
+        """The frame's keyd batches, one per kid with rows left: the kids' numbers, the
+        ``(kid, protected, columns)`` batches and each batch's account names."""
         view = frame.view
         live = [k for k, kid_rows in enumerate(frame.kids) if kid_rows.rows]  # rows left
         batches = []
@@ -450,9 +533,19 @@ class Dispatcher:
             )
             batches.append((kid_rows.key.dsc.kid, kid_rows.key.protected, columns))
             names_of.append(names)
-        if not batches:
-            return
-        outcomes = await self.batcher.issue_columns_many(batches)
+        return live, batches, names_of
+
+    def _keyd_answered(
+        self,
+        client: str,
+        frame: dataplane.Frame,
+        live: list[int],
+        batches: list[tuple[bytes, bytes, KeydColumns]],
+        names_of: list[tuple[str, ...]],
+        outcomes: Sequence[Any],
+    ) -> None:
+        """keyd's *outcomes* (per batch: its answer or a KeydError) into the frame: signed
+        rows recorded, refused ones given their result and their quota units back."""
         for at, (k, result) in enumerate(zip(live, outcomes, strict=True)):
             rows, names, account_ix = frame.kids[k].rows, names_of[at], batches[at][2].account_ix
             if isinstance(result, KeydError):

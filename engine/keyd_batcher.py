@@ -70,19 +70,71 @@ LOGGER = logging.getLogger("dccsign.serve")
 
 
 class _Waiting:
-    """One :meth:`KeydBatcher.issue` call: its columns, and later their outcomes."""
+    """One :meth:`KeydBatcher.issue` call (or one kid of an ``issue_columns_many`` or
+    :meth:`~KeydBatcher.submit_columns` call): its columns, and later their outcomes.
+    Settled (:meth:`settle`) once its outcome is set: the task waiting on ``done`` wakes, or
+    the callback of its :class:`_Group` runs once the group's last member is settled."""
 
-    __slots__ = ("client", "columns", "count", "done", "outcome", "raw", "since")
+    __slots__ = ("client", "columns", "count", "done", "group", "outcome", "raw", "since")
 
-    def __init__(self, columns: KeydColumns, since: float, raw: bool = False) -> None:
+    def __init__(
+        self, columns: KeydColumns, since: float, raw: bool = False,
+        group: _Group | None = None,
+    ) -> None:  # fmt: skip
         self.columns = columns
         self.raw = raw  # wants keyd's columns (signatures), not HC1 strings
         self.count = len(columns)
         # fairness is by the first item's client (a request is one portal's)
         self.client = columns.clients[columns.client_ix[0]] if self.count else ""
         self.since = since
-        self.done = trio.Event()
+        self.group = group
+        self.done = trio.Event() if group is None else None
         self.outcome: list[Outcome] | ColumnsResult | KeydError | None = None
+
+    def settle(self) -> None:
+        """The outcome is set: wake whoever waits for it (at most once per group member;
+        a second call, e.g. from a stopping batcher, changes nothing)."""
+        if self.group is None:
+            self.done.set()  # type: ignore[union-attr]
+        else:
+            self.group.settled(self)
+
+
+class _Group:
+    """The waiters of one :meth:`KeydBatcher.submit_columns` call (one frame: one per kid)
+    and its callback, run once with every member's outcome when the last one settles."""
+
+    __slots__ = ("deliver", "left", "members", "settled_ids")
+
+    def __init__(self, deliver: Callable[[list[ColumnsResult | KeydError]], None]) -> None:
+        self.deliver = deliver
+        self.members: list[_Waiting | None] = []
+        self.left = 0
+        self.settled_ids: set[int] = set()
+
+    def settled(self, waiting: _Waiting) -> None:
+        if id(waiting) in self.settled_ids:
+            return
+        self.settled_ids.add(id(waiting))
+        self.left -= 1
+        if not self.left:
+            self.finish()
+
+    def finish(self) -> None:
+        """Every member has its outcome: run the callback with them."""
+        out: list[ColumnsResult | KeydError] = []
+        for member in self.members:
+            if member is None:
+                out.append(ColumnsResult(0, b""))
+            else:
+                assert isinstance(member.outcome, ColumnsResult | KeydError)
+                out.append(member.outcome)
+        try:
+            self.deliver(out)
+        except Exception:
+            # The callback answers its own failures (the dispatcher's INTERNAL); one that
+            # escapes is a bug, and must not stop the batcher or keyd's reader.
+            LOGGER.exception("handing keyd's answer to a frame failed")
 
 
 class _Flight:
@@ -309,6 +361,35 @@ class KeydBatcher:
             out.append(waiting.outcome)
         return out
 
+    def submit_columns(
+        self,
+        batches: Sequence[tuple[bytes, bytes, KeydColumns]],
+        deliver: Callable[[list[ColumnsResult | KeydError]], None],
+    ) -> None:
+        """:meth:`issue_columns_many` without a task waiting: *batches* are queued now and
+        ``deliver(outcomes)`` runs once, on the event loop's thread, when all are answered
+        (from the flusher, keyd's reader, or a stopping batcher: never inside this call
+        unless nothing was queued). Per batch: keyd's answer, or the :class:`KeydError` of
+        the micro-batch it went in. *deliver* must not raise (what escapes is logged)."""
+        group = _Group(deliver)
+        now = trio.current_time()
+        for kid, protected, columns in batches:
+            waiting = _Waiting(columns, now, raw=True, group=group)
+            if not waiting.count:
+                group.members.append(None)
+                continue
+            self._protected.setdefault(kid, protected)
+            self._pending.setdefault(kid, []).append(waiting)
+            self._size += waiting.count
+            group.members.append(waiting)
+            group.left += 1
+        if not group.left:  # nothing to sign: answered at once
+            group.finish()
+            return
+        self._wake.set()
+        if self._size >= self.max_batch:
+            self._slot.set()
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The flusher; runs until cancelled (micro-batches in flight are finished first
         only if the caller's nursery waits for them)."""
@@ -321,8 +402,17 @@ class KeydBatcher:
         finally:
             # Stopped (cancelled, or failed): no waiter of a micro-batch keyd has not
             # answered may wait for ever.
+            stopping = KeydError("engine stopping", retryable=False)
             for flight in list(self._flights):
-                self._fail(flight, KeydError("engine stopping", retryable=False))
+                self._fail(flight, stopping)
+            # Parts never sent: their waiters get the same (a task waiting on one may
+            # outlive this batcher; a frame's callback must run for its reply to go out).
+            pending = [w for waiting in self._pending.values() for w in waiting]
+            self._pending.clear()
+            self._size = 0
+            for waiting in pending:
+                waiting.outcome = stopping
+                waiting.settle()
 
     async def _flusher(self, nursery: trio.Nursery, submit: object) -> None:
         """Wait for parts and send them (see the module docstring for when): through
@@ -485,7 +575,7 @@ class KeydBatcher:
         flight.finished = True
         self._flights.discard(flight)
         for waiting in flight.everyone:
-            waiting.done.set()
+            waiting.settle()
         self._in_flight -= 1
         self._slot.set()
 
@@ -550,7 +640,7 @@ class KeydBatcher:
             raise
         finally:
             for waiting in everyone:
-                waiting.done.set()
+                waiting.settle()
             self._in_flight -= 1
             self._slot.set()
 

@@ -18,12 +18,14 @@ The reply body of a plain frame goes further (:func:`encode_reply`): a Python wo
 still takes the GIL to start the call and to deliver it, and on two cores that hand-over
 cost the event loop more than the encoding it moved. ``native.ReplyPool`` encodes in C
 threads that never take the GIL and signals an eventfd; one system task per trio run hands
-each finished body back to its waiting task. Its queue is first come, first served; it holds
+each finished body back to its waiting task, or to its callback
+(:func:`encode_reply_soon`: a frame signed without a task of its own). Its queue is first come, first served; it holds
 only what keyd has signed, and encoding runs ~10x faster than keyd signs, so it stays short.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -33,7 +35,9 @@ import trio
 
 from . import native
 
-__all__ = ["MAX_THREADS", "REPLY_THREADS", "encode_reply", "run_native"]
+__all__ = ["MAX_THREADS", "REPLY_THREADS", "encode_reply", "encode_reply_soon", "run_native"]
+
+LOGGER = logging.getLogger("dccsign.serve")
 
 T = TypeVar("T")
 
@@ -81,13 +85,23 @@ class _ReplyService:
     def __init__(self) -> None:
         self.pool = native.ReplyPool(REPLY_THREADS)
         self.waiting: dict[Any, trio.lowlevel.Task] = {}
+        self.callbacks: dict[Any, Callable[[Any], None]] = {}
 
     async def collect(self) -> None:
         try:
             while True:
                 await trio.lowlevel.wait_readable(self.pool)
                 for job in self.pool.collect():
-                    trio.lowlevel.reschedule(self.waiting.pop(job), outcome.Value(job))
+                    task = self.waiting.pop(job, None)
+                    if task is not None:
+                        trio.lowlevel.reschedule(task, outcome.Value(job))
+                        continue
+                    try:
+                        self.callbacks.pop(job)(job)
+                    except Exception:
+                        # A callback answers its own failures; one that escapes is a bug,
+                        # and must not end the collector (every later reply would hang).
+                        LOGGER.exception("handing an encoded reply body over failed")
         finally:
             # The run is ending: every waiter has been answered (they cannot be cancelled,
             # so no task of the run is left waiting), the threads have nothing left to do.
@@ -102,6 +116,36 @@ class _ReplyService:
         return done.result()  # type: ignore[no-any-return]
 
 
+def encode_reply_soon(
+    args: tuple[Any, ...], single: bool, then: Callable[[bytes | Exception], None]
+) -> None:
+    """:func:`encode_reply` without a task waiting: ``then(body)`` runs on the event loop's
+    thread once the body is encoded, or ``then(exception)`` if encoding failed (an
+    argument error raises here instead). Must be called from within a trio run; *then* must
+    not raise (what escapes is logged)."""
+    service = _service()
+    job = service.pool.submit_encode(*args, single=single)
+
+    def done(job: Any) -> None:
+        try:
+            body = job.result()
+        except Exception as exc:
+            then(exc)
+            return
+        then(body)
+
+    service.callbacks[job] = done
+
+
+def _service() -> _ReplyService:
+    service = _REPLY_SERVICE.get()
+    if service is None:
+        service = _ReplyService()
+        _REPLY_SERVICE.set(service)
+        trio.lowlevel.spawn_system_task(service.collect, name="dccsign reply pool")
+    return service
+
+
 async def encode_reply(*args: Any, single: bool = False) -> bytes:
     """``native.encode_sign_batch_result(*args, single=single)`` in the native reply pool:
     its threads never take the GIL (``src/jobpool.c``), so unlike :func:`run_native` the
@@ -111,9 +155,4 @@ async def encode_reply(*args: Any, single: bool = False) -> bytes:
 
     Raises what ``encode_sign_batch_result`` raises for these arguments.
     """
-    service = _REPLY_SERVICE.get()
-    if service is None:
-        service = _ReplyService()
-        _REPLY_SERVICE.set(service)
-        trio.lowlevel.spawn_system_task(service.collect, name="dccsign reply pool")
-    return await service.encode(args, single)
+    return await _service().encode(args, single)

@@ -2,8 +2,12 @@
 socket, and send frames of the wire protocol (protocol/SPEC.md).
 
 Per connection (:class:`_Connection`): one reader (the sans-IO codec turns bytes into events),
-one task per request, one writer that coalesces every frame ready into one socket write, and a
-watchdog for the connection's clocks (the requests' deadlines among them). TCP connections
+one writer that coalesces every frame ready into one socket write, and a watchdog for the
+connection's clocks (the requests' deadlines among them). A plain sign frame without
+idempotency keys -- what portals send all day -- runs without a task of its own: the reader
+prepares it and queues it for keyd, keyd's answer and the reply pool carry it on by callback
+(:meth:`Server.sign_soon`), and its reply is written at once when the socket takes it. Any
+other sign request gets a task. TCP connections
 speak TLS through :class:`~dccsign.protocol.tls_stream.TLSStream` (OpenSSL on the socket).
 
 **Every peer is treated as hostile.** Nothing a client sends or fails to do ends the process:
@@ -537,6 +541,58 @@ class Server:
                 del self._started[client]
         return results, types, start
 
+    def sign_soon(self, conn: _Connection, request: _Request, view: Any) -> bool:
+        """:meth:`sign` and :meth:`reply` for a plain walked frame without idempotency keys
+        (``Dispatcher.sign_frame_soon``), with no task: False (nothing done) for any other
+        frame; else True, and ``conn.signed(request, reply)`` runs once the reply is
+        encoded -- perhaps inside this call. The same guarantees as :meth:`sign`: the work
+        runs to its end whatever the deadline, and an unexpected failure is answered
+        INTERNAL (retryable) for every item."""
+        client = conn.client
+        assert client is not None  # requests are accepted after WELCOME only
+        start = request.start
+        token = object()
+        started = self._started.setdefault(client, {})
+        started[token] = start
+
+        def done(result: FrameReply | Exception) -> None:
+            del started[token]
+            if not started:
+                del self._started[client]
+            conn.signed(request, lambda: reply_of(result))
+
+        def reply_of(result: FrameReply | Exception) -> Any:
+            # Only the reply that is sent is counted (not one after DEADLINE_EXCEEDED).
+            if isinstance(result, Exception):
+                # The dispatcher never fails for what an item holds: this is a bug. The
+                # request is answered INTERNAL (retryable); the connection goes on.
+                LOGGER.error(
+                    "signing a request of client %s failed unexpectedly", client,
+                    exc_info=result,
+                )  # fmt: skip
+                self.metrics.internal_errors.inc()
+                failed = wire.ItemResult(
+                    error=ErrorCode.INTERNAL, message="internal error",
+                    retry_after_ms=self.limits.busy_retry_ms,
+                )  # fmt: skip
+                return self.reply(
+                    client, request, [failed] * request.count, [""] * request.count, start
+                )
+            return self.reply(client, request, result, [], start)
+
+        conn.signing_soon += 1
+        waited = trio.current_time() - start  # the "start" stage: no task to wait for
+        if self.dispatcher.sign_frame_soon(
+            client, view, request.type == wire.FrameType.SIGN, done
+        ):
+            self.metrics.observe_stage("start", waited)
+            return True
+        conn.signing_soon -= 1
+        del started[token]
+        if not started:
+            del self._started[client]
+        return False
+
     def reply(
         self, client: str, event: Any, results: list[Any] | FrameReply, types: list[str],
         start: float,
@@ -692,6 +748,10 @@ class _Connection:
         self._holds_slot = False
         self._watch: trio.CancelScope | None = None  # the watchdog's sleep
         self._closing = False  # reading has stopped (finish)
+        #: Sign requests whose work runs without a task (Server.sign_soon) and has not
+        #: ended; the connection does not end before they have.
+        self.signing_soon = 0
+        self._signing_ended: trio.Event | None = None
 
     # -- the tasks ----------------------------------------------------------------------------
 
@@ -706,6 +766,7 @@ class _Connection:
                 async with trio.open_nursery() as requests:
                     with self._reader:
                         await self._read(requests)
+                await self._signing_soon_ended()
                 if self.server.draining.is_set():
                     # Requests up to the last id received were accepted and have been answered.
                     self.goaway("the engine is shutting down")
@@ -1091,7 +1152,8 @@ class _Connection:
         if not self._in_progress:  # deadlines come in order: only the oldest one is timed
             self._clock_started(request.deadline)
         self._in_progress[request.request_id] = request
-        requests.start_soon(self._request, request, view)
+        if not self.server.sign_soon(self, request, view):
+            requests.start_soon(self._request, request, view)
 
     def _refused_early(self, frame: wire.Frame) -> bool:
         """Answer a sign request BUSY from its header, before its body is decompressed or
@@ -1125,6 +1187,25 @@ class _Connection:
             return  # DEADLINE_EXCEEDED went out in its place, with the reply's hold
         request.answered = True
         self.send(self.server.reply(self.client, request, *signed), ticket)
+
+    def signed(self, request: _Request, reply: Callable[[], Any]) -> None:
+        """*request*'s work, run without a task (:meth:`Server.sign_soon`), has ended:
+        ``reply()`` is made and sent, unless its deadline answered it first."""
+        self._done(request)
+        self.signing_soon -= 1
+        if not self.signing_soon and self._signing_ended is not None:
+            self._signing_ended.set()
+        if request.answered:
+            return  # DEADLINE_EXCEEDED went out in its place, with the reply's hold
+        request.answered = True
+        self.send(reply(), request.ticket)
+
+    async def _signing_soon_ended(self) -> None:
+        """Wait until no request runs without a task (:meth:`Server.sign_soon`)."""
+        while self.signing_soon:
+            self._signing_ended = trio.Event()
+            await self._signing_ended.wait()
+        self._signing_ended = None
 
     def _done(self, request: _Request) -> None:
         """*request*'s work has finished: its hold on the limits and its deadline end."""

@@ -67,6 +67,15 @@ class FakeBatcher:
                 out.append(exc)
         return out
 
+    def submit_columns(self, batches, deliver):
+        """issue_columns_many with no task of the caller's waiting: the outcomes go to
+        ``deliver`` later, from a task of the fake's own, as the real batcher's do."""
+
+        async def answer():
+            deliver(await self.issue_columns_many(batches))
+
+        trio.lowlevel.spawn_system_task(answer, name="fake batcher")
+
     @property
     def signed(self):
         """Payloads answered so far."""

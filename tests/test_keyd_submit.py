@@ -286,3 +286,109 @@ async def test_a_callback_that_raises_is_logged_and_the_connection_goes_on(keyd_
         after = await _submitted(client, batches)  # answered in order, after the first
     assert "handling a keyd reply failed" in caplog.text
     assert [r.codes for r in after] == [b"\x00"] and client.connections == 1
+
+
+# ----------------------------------------------------------------- submit_columns (no task)
+
+
+def _frame_batches(kids=(V, T), account="acc"):
+    return [(kid, b"P", _cols(f"{account}-{kid[:1].decode()}", b"x" + kid[:1])) for kid in kids]
+
+
+async def test_submit_columns_delivers_once_with_what_issue_columns_many_gives(nursery):
+    """One frame's kids without a waiting task: the callback runs once, later (never
+    inside the call), with the same outcomes the awaiting method gives; a frame that
+    queues nothing is answered at once."""
+    keyd = SubmitKeyd(nursery)
+    batcher = KeydBatcher(keyd, window=0.05)
+    delivered = []
+    async with trio.open_nursery() as inner:
+        await inner.start(batcher.run)
+        batcher.submit_columns(_frame_batches(), delivered.append)
+        assert delivered == []  # queued, not answered inside the call
+        awaited = await _run_one_frame(batcher)
+        await trio.testing.wait_all_tasks_blocked()
+        batcher.submit_columns([(R, b"P", _cols("x"))], delivered.append)  # nothing to sign
+        inner.cancel_scope.cancel()
+    first, empty = delivered
+    assert [(r.codes, r.signature_list()) for r in first] == [
+        (r.codes, r.signature_list()) for r in awaited
+    ]
+    assert len(empty) == 1 and empty[0].codes == b""
+    assert batcher.in_flight == 0 and batcher.pending == 0
+
+
+async def test_submit_columns_waits_for_every_micro_batch_its_kids_went_in(nursery):
+    """max_batch 1: the frame's two kids go in two micro-batches; the callback runs once,
+    after the second answer, with both."""
+    keyd = SubmitKeyd(nursery)
+    keyd.hold = trio.Event()
+    batcher = KeydBatcher(keyd, window=0.05, max_batch=1, max_in_flight=4)
+    delivered = []
+    async with trio.open_nursery() as inner:
+        await inner.start(batcher.run)
+        batcher.submit_columns(_frame_batches(), delivered.append)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(keyd.submitted) == 2 and batcher.in_flight == 2
+        (deliver, answer), second = keyd.late
+        deliver(answer)
+        assert delivered == []  # one kid answered: not yet
+        second[0](second[1])
+        inner.cancel_scope.cancel()
+    ((v, t),) = delivered
+    assert v.codes == t.codes == b"\x00" and batcher.in_flight == 0
+
+
+async def test_submit_columns_failures_reach_the_callback(nursery):
+    keyd = SubmitKeyd(nursery)
+    batcher = KeydBatcher(keyd, window=0.05)
+    delivered = []
+    async with trio.open_nursery() as inner:
+        await inner.start(batcher.run)
+        keyd.answer_with = KeydError("keyd connection failed: gone")
+        batcher.submit_columns(_frame_batches(), delivered.append)
+        await trio.testing.wait_all_tasks_blocked()
+        keyd.answer_with, keyd.refuse = None, KeydError("no connection to keyd")
+        batcher.submit_columns(_frame_batches(), delivered.append)
+        await trio.testing.wait_all_tasks_blocked()
+        inner.cancel_scope.cancel()
+    assert [[str(e) for e in out] for out in delivered] == [
+        ["keyd connection failed: gone"] * 2, ["no connection to keyd"] * 2
+    ]
+
+
+async def test_a_stopping_batcher_answers_parts_it_never_sent(nursery):
+    """Parts still pending (keyd's queue is full) when the batcher stops: their callbacks
+    get "engine stopping" -- a frame without a task must not wait for ever."""
+    keyd = SubmitKeyd(nursery)
+    keyd.hold = trio.Event()
+    batcher = KeydBatcher(keyd, window=0, max_in_flight=1)  # keyd holds 2 at most
+    delivered = []
+    async with trio.open_nursery() as inner:
+        await inner.start(batcher.run)
+        for account in "abc":
+            batcher.submit_columns(_frame_batches((V,), account), delivered.append)
+            await trio.testing.wait_all_tasks_blocked()
+        assert batcher.in_flight == 2 and batcher.pending == 1
+        inner.cancel_scope.cancel()
+    assert len(delivered) == 3
+    assert all(str(e) == "engine stopping" and not e.retryable for (e,) in delivered)
+    assert batcher.pending == 0 and batcher.in_flight == 0
+
+
+async def test_a_callback_that_raises_is_logged_and_the_batcher_goes_on(nursery, caplog):
+    keyd = SubmitKeyd(nursery)
+    batcher = KeydBatcher(keyd, window=0.05)
+
+    def broken(outcomes):
+        raise RuntimeError("a bug in the frame's callback")
+
+    with caplog.at_level(logging.ERROR, logger="dccsign.serve"):
+        async with trio.open_nursery() as inner:
+            await inner.start(batcher.run)
+            batcher.submit_columns(_frame_batches(), broken)
+            await trio.testing.wait_all_tasks_blocked()
+            ok = await _run_one_frame(batcher)
+            inner.cancel_scope.cancel()
+    assert "handing keyd's answer to a frame failed" in caplog.text
+    assert all(isinstance(r, ColumnsResult) for r in ok) and batcher.in_flight == 0

@@ -1,6 +1,8 @@
-"""dccsign.offload.run_native: a worker thread per call (bounded), results and exceptions
-handed back, and no cancellation halfway through."""
+"""dccsign.offload: run_native (a worker thread per call, bounded; results and exceptions
+handed back; no cancellation halfway through) and the native reply pool, to a waiting task
+(encode_reply) or to a callback (encode_reply_soon)."""
 
+import logging
 import random
 import threading
 
@@ -108,3 +110,48 @@ def test_encode_reply_in_successive_runs():
     want = native.encode_sign_batch_result(protected, KIDS, *cols)
     for _ in range(3):
         assert trio.run(offload.encode_reply, protected, KIDS, *cols) == want
+
+
+async def test_encode_reply_soon_hands_each_body_to_its_callback():
+    """offload.encode_reply_soon: the same bodies, each to its own callback, from the
+    pool's collector (never inside the call); argument errors raise in the call."""
+    rng = random.Random(11)
+    protected = _protected(native)
+    frames = [_frame(rng, rng.randrange(1, 80)) for _ in range(20)]
+    want = [native.encode_sign_batch_result(protected, KIDS, *cols) for cols in frames]
+    got: dict[int, bytes] = {}
+    done = trio.Event()
+
+    def then(i):
+        def deliver(body):
+            got[i] = body
+            if len(got) == len(frames):
+                done.set()
+
+        return deliver
+
+    for i, cols in enumerate(frames):
+        offload.encode_reply_soon((protected, KIDS, *cols), False, then(i))
+    assert got == {}
+    with trio.fail_after(10):
+        await done.wait()
+    assert [got[i] for i in range(len(frames))] == want
+    with pytest.raises(ValueError):
+        offload.encode_reply_soon((protected, KIDS[:1], *frames[0]), False, then(0))
+
+
+async def test_a_raising_reply_callback_is_logged_and_the_collector_goes_on(caplog):
+    protected = _protected(native)
+    cols = _frame(random.Random(12), 10)
+
+    def broken(body):
+        raise RuntimeError("a bug in the callback")
+
+    with caplog.at_level(logging.ERROR, logger="dccsign.serve"):
+        offload.encode_reply_soon((protected, KIDS, *cols), False, broken)
+        with trio.fail_after(10):
+            body = await offload.encode_reply(protected, KIDS, *cols)
+            while "handing an encoded reply body over failed" not in caplog.text:  # noqa: ASYNC110
+                await trio.sleep(0.01)  # the two jobs may finish in either order
+    assert body == native.encode_sign_batch_result(protected, KIDS, *cols)
+    assert "handing an encoded reply body over failed" in caplog.text

@@ -5,6 +5,7 @@ Each test is a failure found when the engine was attacked on loopback: nothing a
 may end the server, hold memory without bound, or keep it from serving everyone else.
 """
 
+import dataclasses
 import gc
 import json
 import os
@@ -39,7 +40,7 @@ QUOTA = {"per_hour": 10**9}
 class Engine:
     """A Server with a real Dispatcher over a fake keyd, listening on a Unix socket."""
 
-    def __init__(self, tmp_path, policy=None, *, fault=None, scan=None, walk=None, **limits):
+    def __init__(self, tmp_path, policy=None, *, scan=None, walk=None, **limits):
         self.policy_path = tmp_path / "policy.json"
         self.write_policy(
             policy
@@ -57,8 +58,6 @@ class Engine:
             PolicyFile(self.policy_path, interval_s=0),
             QuotaTracker(),
         )
-        if fault is not None:
-            self.dispatcher.sign_view = fault(self.dispatcher.sign_view)
         self.metrics = Metrics()
         self.server = Server(
             self.dispatcher, limits=Limits(**limits), metrics=self.metrics, scan=scan,
@@ -540,24 +539,104 @@ async def test_tls_handshakes_that_never_come_make_room_too(tmp_path, nursery):
 # ----------------------------------------------------------------------------- faults
 
 
-async def test_a_fault_in_signing_is_answered_internal_and_the_engine_goes_on(start):
-    def fault(sign):
-        async def wrapped(client, view, types=None, **kw):
-            if view.values(0)[1] == "uzi:boom":
-                raise RuntimeError("a bug in the dispatcher")
-            return await sign(client, view, types, **kw)
+@pytest.mark.parametrize("keyed", [False, True], ids=["no task", "task"])
+async def test_work_in_progress_is_answered_after_the_client_half_closes_or_a_drain(
+    start, keyed
+):
+    """Requests in progress when reading stops -- the client sent EOF, or the engine
+    drains -- are still answered, before GOAWAY, whether they run in a task (idempotency
+    keys) or without one (a plain frame)."""
+    engine = await start()
+    engine.batcher.gate = trio.Event()  # keyd "works" until the test opens the gate
+    sent = items(3)
+    if keyed:
+        sent = [dataclasses.replace(item, idempotency_key=f"h{i}") for i, item in enumerate(sent)]
+    half, drained = await Raw.connect(engine), await Raw.connect(engine)
+    for c in (half, drained):
+        await c.hello()
+        await c.send(wire.SignBatch(request_id=c.rid(), items=tuple(sent)))
+    await half.stream.send_eof()
+    with trio.fail_after(5):
+        while engine.server.pending_items < 6:  # noqa: ASYNC110 (polling)
+            await trio.sleep(0.01)
+    async with trio.open_nursery() as n:
+        n.start_soon(engine.server.drain)
+        await trio.testing.wait_all_tasks_blocked()
+        engine.batcher.gate.set()
+        for c in (half, drained):
+            reply = await c.event()
+            assert isinstance(reply, wire.SignBatchResult), reply
+            assert [r.ok for r in reply.results] == [True] * 3
+        goaway = await drained.event()
+        assert isinstance(goaway, wire.GoAway) and goaway.last_request_id == drained.next_id
+        assert await drained.event() is None
+    await settled(engine)
 
-        return wrapped
 
-    engine = await start(fault=fault)
+def _boom(view):
+    return view.values(0)[1] == "uzi:boom"
+
+
+def _fault_in_sign_view(dispatcher):
+    # The task path: a frame with idempotency keys goes through Dispatcher.sign_view.
+    sign = dispatcher.sign_view
+
+    async def wrapped(client, view, types=None, **kw):
+        if _boom(view):
+            raise RuntimeError("a bug in the dispatcher")
+        return await sign(client, view, types, **kw)
+
+    dispatcher.sign_view = wrapped
+
+
+def _fault_in_prepare(dispatcher):
+    # The path without a task (Dispatcher.sign_frame_soon), failing before keyd.
+    prepare = dispatcher._prepare_frame
+
+    def wrapped(client, view, cols, skip):
+        if _boom(view):
+            raise RuntimeError("a bug in the dispatcher")
+        return prepare(client, view, cols, skip)
+
+    dispatcher._prepare_frame = wrapped
+
+
+def _fault_in_keyd_answer(dispatcher):
+    # The path without a task, failing in the callback that takes keyd's answer (after the
+    # quota was charged and keyd signed: the reply is still INTERNAL, never lost).
+    answered = dispatcher._keyd_answered
+
+    def wrapped(client, frame, *args):
+        if _boom(frame.view):
+            raise RuntimeError("a bug in the dispatcher")
+        return answered(client, frame, *args)
+
+    dispatcher._keyd_answered = wrapped
+
+
+@pytest.mark.parametrize(
+    ("fault", "keyed"),
+    [(_fault_in_sign_view, True), (_fault_in_prepare, False), (_fault_in_keyd_answer, False)],
+    ids=["task path", "no task, before keyd", "no task, keyd's answer"],
+)
+async def test_a_fault_in_signing_is_answered_internal_and_the_engine_goes_on(
+    start, fault, keyed
+):
+    engine = await start()
+    fault(engine.dispatcher)
     victim = await Raw.connect(engine)
     await victim.hello()
-    reply = await victim.sign(items(3, "uzi:boom"))
+    sent = items(3, "uzi:boom")
+    if keyed:
+        sent = [dataclasses.replace(item, idempotency_key=f"k{i}") for i, item in enumerate(sent)]
+    reply = await victim.sign(sent)
     assert {r.error for r in reply.results} == {ErrorCode.INTERNAL}
     assert all(r.retry_after_ms for r in reply.results)
     assert (await victim.sign(items(2))).results[1].ok  # the same connection goes on
     assert engine.metric("dccsign_internal_errors_total") == 1
     await served_within(engine)
+    await victim.close()
+    await settled(engine)  # no ticket, count or connection left behind
 
 
 async def test_a_fault_in_handling_a_connection_ends_only_that_connection(start):
