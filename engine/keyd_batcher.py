@@ -40,8 +40,9 @@ import logging
 import math
 import operator
 from array import array
+from bisect import bisect_right
 from collections.abc import Callable, Sequence
-from itertools import compress, islice
+from itertools import accumulate, compress, islice
 
 import trio
 
@@ -151,9 +152,21 @@ class _Flight:
         self.finished = False
 
 
+_CLIENT = operator.attrgetter("client")
+_COUNT = operator.attrgetter("count")
+
+
 def _fair_batch(waiting: list[_Waiting], max_batch: int) -> list[_Waiting]:
     """Take up to *max_batch* payloads out of *waiting* (oldest first), one request of each
     client in turn; a request alone above *max_batch* is taken alone."""
+    if len(set(map(_CLIENT, waiting))) <= 1:
+        # One client (a quiet engine, or one busy portal): round-robin is arrival order --
+        # the longest prefix that fits (every part holds at least one payload), found
+        # without bytecode per part.
+        end = max(1, bisect_right(list(accumulate(map(_COUNT, waiting))), max_batch))
+        batch = waiting[:end]
+        del waiting[:end]
+        return batch
     queues: dict[str, list[_Waiting]] = {}
     for w in waiting:
         queues.setdefault(w.client, []).append(w)

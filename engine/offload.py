@@ -18,8 +18,8 @@ The reply body of a plain frame goes further (:func:`encode_reply`): a Python wo
 still takes the GIL to start the call and to deliver it, and on two cores that hand-over
 cost the event loop more than the encoding it moved. ``native.ReplyPool`` encodes in C
 threads that never take the GIL and signals an eventfd; one system task per trio run hands
-each finished body back to its waiting task, or to its callback
-(:func:`encode_reply_soon`: a frame signed without a task of its own). Its queue is first come, first served; it holds
+each finished body back to its waiting task, or to its callback (:func:`encode_reply_soon`:
+a frame signed without a task of its own). Its queue is first come, first served; it holds
 only what keyd has signed, and encoding runs ~10x faster than keyd signs, so it stays short.
 """
 

@@ -866,9 +866,12 @@ class QuotaTracker:
         limits = aq.limits
         k = 0
         while True:
-            # Accounts the table knows and whose units fit: natively, without the
-            # interpreter (most of a busy frame's accounts). It stops at the first other one.
-            k, refused = _charge_known(table, client, accounts, counts, limits, buckets, k)
+            # Accounts whose units fit, known or new (taken in while the table has room, as
+            # _insert would): natively, without the interpreter. It stops at the first
+            # other one.
+            k, refused = _charge_known(
+                table, client, accounts, counts, limits, buckets, k, (_SPAN, self.max_accounts)
+            )
             if k == len(accounts):
                 return out
             n = counts[k]

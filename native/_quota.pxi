@@ -135,23 +135,66 @@ def quota_take_back(list usage, tuple limits, n) -> None:
     _q_take_back(usage, limits, n)
 
 
+cdef int _q_idle(list usage, tuple buckets, tuple spans) except -1:
+    """1 when every unit of *usage* has expired (old buckets expired on the way)."""
+    cdef Py_ssize_t kind
+    for kind in range(3):
+        cur = usage[kind]
+        if cur is not None and <int64_t>(<list>cur)[0]:
+            _q_expire(<list>cur, <int64_t>buckets[kind] - <int64_t>spans[kind])
+            if <int64_t>(<list>cur)[0]:
+                return 0
+    return 1
+
+
 def quota_charge_known(table, str client, accounts, counts, tuple limits, tuple buckets,
-                       Py_ssize_t start):
-    cdef Py_ssize_t k, count = len(accounts)
+                       Py_ssize_t start, insert=None):
+    cdef Py_ssize_t k, count = len(accounts), max_accounts = 0
     cdef int64_t n
+    cdef tuple spans = None
+    cdef bint fits
     if start < 0:
         raise ValueError("start must be at least 0")
     _q_check(limits, buckets)
+    if insert is not None:
+        if type(insert) is not tuple or len(<tuple>insert) != 2:
+            raise ValueError("insert must be (spans, max_accounts)")
+        spans_obj, max_accounts_obj = <tuple>insert
+        if type(spans_obj) is not tuple or len(<tuple>spans_obj) != 3:
+            raise ValueError("spans must hold one span per window kind (3)")
+        spans = <tuple>spans_obj
+        max_accounts = max_accounts_obj
     get = table.get
     move = table.move_to_end
     for k in range(start, count):
         key = (client, accounts[k])
         usage = get(key)
+        n = counts[k]
         if usage is None:
-            return k, False
+            if spans is None or len(table) >= max_accounts:
+                return k, False
+            fits = True
+            for entry in limits:
+                if n > _q_int((<tuple>entry)[1]):
+                    fits = False
+                    break
+            if not fits:
+                return k, False
+            for _ in range(2):  # lazily drop idle accounts from the old end
+                if not table:
+                    break
+                oldest = next(iter(table))
+                old = table[oldest]
+                _q_usage(old)
+                if not _q_idle(<list>old, buckets, spans):
+                    break
+                del table[oldest]
+            usage = [None, None, None]
+            table[key] = usage
+            _q_add(<list>usage, limits, buckets, n)  # fits: n is within every limit
+            continue
         _q_usage(usage)
         move(key)
-        n = counts[k]
         if _q_add(<list>usage, limits, buckets, n):
             continue
         _q_take_back(<list>usage, limits, n)

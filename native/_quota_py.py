@@ -128,35 +128,82 @@ def quota_charge_known(
     limits: Limits,
     buckets: tuple[int, int, int],
     start: int,
+    insert: tuple[tuple[int, int, int], int] | None = None,
 ) -> tuple[int, bool]:
     """The common case of charging a frame's accounts: from ``accounts[start]`` on, each
     account of *client* that *table* holds has ``counts[k]`` units added
     (:func:`quota_add`) and moves to the table's recent end.
 
-    Stops at the first account that is not in the table, or whose units do not fit: returns
-    ``(k, False)`` for the first (untouched), ``(k, True)`` for the second (moved to the
-    recent end, its units taken back: the caller goes unit by unit), and
-    ``(len(accounts), False)`` when every account was charged.
+    With *insert* = ``(spans, max_accounts)``, an account the table does not hold is taken
+    in as well when its units fit every limit and the table holds fewer than
+    *max_accounts*: first up to two accounts at the table's old end are dropped if idle
+    (every window empty once buckets older than ``spans[kind]`` are expired, in order,
+    stopping at the first that is not), then a fresh usage goes in at the recent end with
+    the units added -- what ``QuotaTracker`` does for a new account, so a frame of new
+    accounts needs no interpreter either. A full table is the caller's (it evicts and
+    warns).
+
+    Stops at the first account that is not in the table (and is not taken in), or whose
+    units do not fit: returns ``(k, False)`` for the first (untouched), ``(k, True)`` for
+    the second (moved to the recent end, its units taken back: the caller goes unit by
+    unit), and ``(len(accounts), False)`` when every account was charged.
 
     Raises:
-        ValueError: *start* < 0, or *limits* / *buckets* not shaped as above.
+        ValueError: *start* < 0, or *limits* / *buckets* / *spans* not shaped as above.
         TypeError: a table entry that is not a usage list.
     """
     if start < 0:
         raise ValueError("start must be at least 0")
     check_shapes(limits, buckets)
+    spans, max_accounts = _insert_args(insert)
     get = table.get
     for k in range(start, len(accounts)):
         key = (client, accounts[k])
         usage = get(key)
+        n = counts[k]
         if usage is None:
-            return k, False
+            if (
+                insert is None
+                or len(table) >= max_accounts
+                or any(n > limit for _kind, limit, _span in limits)
+            ):
+                return k, False
+            for _ in range(2):  # lazily drop idle accounts from the old end
+                if not table:
+                    break
+                oldest = next(iter(table))
+                if not _idle(table[oldest], buckets, spans):
+                    break
+                del table[oldest]
+            usage = table[key] = [None, None, None]
+            _add(usage, limits, buckets, n)  # fits: n is within every limit
+            continue
         check_usage(usage)
         table.move_to_end(key)
-        n = counts[k]
         if _add(usage, limits, buckets, n):
             continue
         _take_back(usage, limits, n)
         return k, True
     return len(accounts), False
 
+
+def _insert_args(insert: object) -> tuple[tuple[int, int, int], int]:
+    if insert is None:
+        return (0, 0, 0), 0
+    if type(insert) is not tuple or len(insert) != 2:  # type: ignore[arg-type]
+        raise ValueError("insert must be (spans, max_accounts)")
+    spans, max_accounts = insert  # type: ignore[misc]
+    if type(spans) is not tuple or len(spans) != 3:
+        raise ValueError("spans must hold one span per window kind (3)")
+    return spans, max_accounts
+
+
+def _idle(usage: Usage, buckets: tuple[int, int, int], spans: tuple[int, int, int]) -> bool:
+    """True when every unit of *usage* has expired (expiring old buckets on the way)."""
+    check_usage(usage)
+    for kind, w in enumerate(usage):
+        if w is not None and w[0]:
+            quota_expire(w, buckets[kind] - spans[kind])
+            if w[0]:
+                return False
+    return True

@@ -12,12 +12,14 @@ import trio
 import trio.testing
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from dccsign import native
 from dccsign.benchcore import ephemeral_certificate
 from dccsign.chain import claims_prefix
 from dccsign.dsc import DSC
-from dccsign.keyd_batcher import KeydBatcher
+from dccsign.keyd_batcher import KeydBatcher, _fair_batch
 from dccsign.keyd_client import KeydError
 from dccsign.protocol.keyd import ColumnsResult, ItemError, KeydColumns, SignPart
 from dccsign.samples import sample, varied_samples
@@ -356,3 +358,55 @@ def test_mixed_waiters_get_strings_or_columns_of_their_own_items():
         assert parts.signature == hashlib.sha256(payload).digest() * 2
     assert cols.codes == bytes([0, ItemError.MALFORMED_CWT, 0]) and cols.reasons == ("refused",)
     assert cols.signature_list() == [hashlib.sha256(p).digest() * 2 for p in payloads[2:]]
+
+
+# ------------------------------------------------------------------ the fair micro-batch
+
+
+def _fair_model(waiting, max_batch):
+    """What _fair_batch promises, written plainly: clients in order of their oldest part,
+    one part of each in turn; a client whose next part does not fit drops out of this
+    batch; the first part is always taken; stop at max_batch payloads."""
+    queues = {}
+    for w in waiting:
+        queues.setdefault(w.client, []).append(w)
+    batch, count = [], 0
+    while queues and count < max_batch:
+        for client in list(queues):
+            w = queues[client][0]
+            if batch and count + w.count > max_batch:
+                del queues[client]
+                continue
+            batch.append(w)
+            count += w.count
+            queues[client].pop(0)
+            if not queues[client]:
+                del queues[client]
+            if count >= max_batch:
+                break
+    return batch, [w for w in waiting if w not in batch]
+
+
+@given(
+    parts=st.lists(
+        st.tuples(st.sampled_from("abc"), st.integers(1, 12)), min_size=1, max_size=30
+    ),
+    max_batch=st.integers(1, 120),
+    one_client=st.booleans(),
+)
+@example(parts=[("a", 2), ("a", 3), ("a", 1)], max_batch=5, one_client=True)  # fills exactly
+@example(parts=[("a", 9), ("a", 1)], max_batch=5, one_client=True)  # the first alone, oversized
+@example(parts=[("a", 2), ("b", 4), ("a", 2), ("c", 1)], max_batch=5, one_client=False)
+def test_fair_batch_takes_what_the_round_robin_rule_says(parts, max_batch, one_client):
+    """Both ways through _fair_batch (one client: a prefix found without a loop; several:
+    round-robin) against the plain statement of the rule."""
+
+    class Part:
+        def __init__(self, client, count):
+            self.client, self.count = client, count
+
+    waiting = [Part("a" if one_client else c, n) for c, n in parts]
+    want_batch, want_left = _fair_model(list(waiting), max_batch)
+    left = list(waiting)
+    assert _fair_batch(left, max_batch) == want_batch
+    assert left == want_left

@@ -77,6 +77,47 @@ def test_charge_known_stops_at_new_and_at_refused_accounts(impl):
     )
 
 
+def test_charge_known_takes_in_new_accounts_while_the_table_has_room(impl):
+    """insert=(spans, max_accounts): a new account whose units fit goes in at the recent
+    end (up to two idle accounts at the old end dropped first); one whose units exceed a
+    limit, or a full table, stops the call untouched (the caller's slow path)."""
+    spans = (61, 61, 25)
+    table: OrderedDict = OrderedDict()
+    table["p", "idle"] = [[2, 3, 2], None, None]  # its units are in bucket 3: long expired
+    table["p", "idle2"] = [[0], None, None]
+    table["p", "busy"] = [[1, 100, 1], None, None]
+    buckets = (100, 1, 0)
+    insert = (spans, 4)
+    got = impl.quota_charge_known(table, "p", ["n1"], [2], PER_MINUTE, buckets, 0, insert)
+    assert got == (1, False)
+    assert list(table) == [("p", "busy"), ("p", "n1")]  # "idle" and "idle2" were dropped
+    got = impl.quota_charge_known(
+        table, "p", ["n1", "busy", "n2"], [0, 1, 3], PER_MINUTE, buckets, 1, insert
+    )
+    assert got == (3, False)
+    # "busy" is not idle: nothing was dropped for n2.
+    assert list(table) == [("p", "n1"), ("p", "busy"), ("p", "n2")]
+    assert table["p", "n1"] == [[2, 100, 2], None, None]
+    assert table["p", "n2"] == [[3, 100, 3], None, None]
+    assert table["p", "busy"] == [[2, 100, 2], None, None]
+    # Over the limit (PER_MINUTE allows 5): untouched, for the caller to refuse.
+    assert impl.quota_charge_known(table, "p", ["big"], [11], PER_MINUTE, buckets, 0, insert) == (
+        0, False,
+    )  # fmt: skip
+    assert ("p", "big") not in table
+    # A full table (4 accounts): the caller evicts and warns; nothing is done here.
+    table["p", "x"] = [None, None, None]
+    assert impl.quota_charge_known(table, "p", ["n3"], [1], PER_MINUTE, buckets, 0, insert) == (
+        0, False,
+    )  # fmt: skip
+    assert len(table) == 4 and ("p", "n3") not in table
+    with pytest.raises(ValueError, match="spans"):
+        impl.quota_charge_known(table, "p", ["n3"], [1], PER_MINUTE, buckets, 0, ((1, 2), 9))
+    with pytest.raises(ValueError, match="insert"):
+        impl.quota_charge_known(table, "p", ["n3"], [1], PER_MINUTE, buckets, 0, (spans,))
+
+
+
 @pytest.mark.parametrize(
     ("call", "error", "message"),
     [
@@ -109,7 +150,7 @@ def test_both_refuse_malformed_arguments_alike(call, error, message):
 
 _ops = st.lists(
     st.tuples(
-        st.sampled_from(["add", "take_back", "charge"]),
+        st.sampled_from(["add", "take_back", "charge", "charge_new"]),
         st.integers(0, 5),  # account
         st.integers(1, 6),  # units
         st.integers(0, 4),  # clock steps forward (seconds, scaled per kind below)
@@ -130,11 +171,12 @@ def test_both_implementations_change_the_state_alike(ops, limits):
             now += step * 37  # crosses minute buckets, hour buckets now and then
             buckets = (now, now // 60, now // 3600)
             key = ("p", f"acct{account}")
-            if op == "charge":
+            if op in ("charge", "charge_new"):
                 names = [f"acct{(account + j) % 6}" for j in range(3)]
                 counts = [n, 1, n]
+                insert = ((61, 61, 25), 4) if op == "charge_new" else None
                 answers.append(
-                    impl.quota_charge_known(table, "p", names, counts, limits, buckets, 0)
+                    impl.quota_charge_known(table, "p", names, counts, limits, buckets, 0, insert)
                 )
                 continue
             usage = table.setdefault(key, [None, None, None])
