@@ -60,6 +60,8 @@ DEFAULT_VALIDITY_DAYS = 365
 #: at once (see Dispatcher._sign_fresh).
 PREPARE_SLICE = 32
 PREPARE_TURNS = 2
+#: Policy verdicts kept per policy object (Dispatcher._plain_allowed), at most.
+_ALLOWED_MEMO = 4096
 _REFUSAL_CODES = {
     "CLIENT_UNKNOWN": ErrorCode.UNAUTHENTICATED,
     "CLIENT_DISABLED": ErrorCode.CLIENT_DISABLED,
@@ -217,6 +219,9 @@ class Dispatcher:
         self._issuer.keys = [SignerKey(dsc, None, state) for dsc, state in keys]
         # worked out from the old keys: forget it
         self._frame_signing: tuple[int | None, dict[str, _Signing]] = (None, {})
+        self._allowed: tuple[object, dict[tuple[str, bytes, str], ItemResult | None]] = (
+            None, {},
+        )  # fmt: skip
 
     @property
     def keys(self) -> list[SignerKey]:
@@ -447,8 +452,7 @@ class Dispatcher:
             if key is None or isinstance(claims, ItemResult):
                 failure = claims  # type: ignore[assignment]
             elif not per_item_policy:
-                refusal = policy.check(client, key.dsc.kid, dcc_type, {})
-                failure = None if refusal is None else _refused(refusal)
+                failure = self._plain_allowed(policy, client, key.dsc.kid, dcc_type)
             if failure is not None:
                 frame.refuse_result(group, failure)
                 continue
@@ -686,6 +690,27 @@ class Dispatcher:
                 dcc_type, None, DEFAULT_VALIDITY_DAYS, now
             )
         return signing
+
+    def _plain_allowed(
+        self, policy: Any, client: str, kid: bytes, dcc_type: str
+    ) -> ItemResult | None:
+        """``policy.check`` without the DCC (a client without country or issuer lists), as
+        the failure its items get, or None: kept while *policy* is the current one (a policy
+        is immutable: a reload, a kill switch included, is a new object)."""
+        memo_of, memo = self._allowed
+        if memo_of is not policy:
+            memo = {}
+            self._allowed = (policy, memo)
+        at = (client, kid, dcc_type)
+        try:
+            return memo[at]
+        except KeyError:
+            pass
+        refusal = policy.check(client, kid, dcc_type, {})
+        failure = None if refusal is None else _refused(refusal)
+        if len(memo) < _ALLOWED_MEMO:  # clients x kids x types of one policy: bounded anyway
+            memo[at] = failure
+        return failure
 
     def _signing(self, dcc_type: str, kid: bytes | None, days: int, now: float) -> _Signing:
         """For a DCC of *dcc_type* asking for *kid* and *days* of validity: the key and either

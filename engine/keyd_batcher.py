@@ -207,6 +207,8 @@ def _reasons(result: ColumnsResult, start: int, end: int) -> tuple[str, ...]:
 
 def _slice_result(result: ColumnsResult, start: int, end: int) -> ColumnsResult:
     """keyd's answer restricted to items start..end-1 (one waiter's), signatures rebased."""
+    if not start and end == len(result.codes):
+        return result  # the waiter had the micro-batch to itself (for its kid)
     codes = result.codes[start:end]
     first = result.codes[:start].count(0)  # signed items before this waiter's
     signed = codes.count(0)

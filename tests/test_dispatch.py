@@ -4,6 +4,7 @@ import collections
 import copy
 import json
 import os
+import time
 
 import cbor2
 import trio
@@ -12,7 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dccsign import native
+from dccsign.benchcore import ephemeral_certificate
 from dccsign.dispatch import Dispatcher
+from dccsign.dsc import DSC
 from dccsign.policy import PolicyFile, QuotaTracker
 from dccsign.protocol import wire
 from dccsign.protocol.codes import ErrorCode
@@ -368,3 +371,34 @@ def test_a_plain_frame_claims_follow_the_clock_and_a_key_change_at_once(tmp_path
     assert iat_at(second + 1.0) == int(second) + 1 - backdate
     d.set_keys([(k.dsc, "disabled") for k in base.keys])
     assert iat_at(second + 1.5).error == ErrorCode.NO_KEY
+
+
+def test_a_plain_frame_follows_a_policy_reload_at_once(tmp_path):
+    """The policy's verdict for a plain frame (client, kid, type) is kept per policy object:
+    a reload that restricts the client's types, then one that disables it (the kill
+    switch), refuses the very next frame."""
+    _key, cert = ephemeral_certificate()
+    path = tmp_path / "policy.json"
+    quota = {"per_hour": 10**9}
+
+    def write(portal):
+        path.write_text(json.dumps({"clients": {"portal": {"quota": quota, **portal}},
+                                    "default_account_quota": quota}))  # fmt: skip
+        os.utime(path, ns=(time.time_ns(), time.time_ns() + len(json.dumps(portal))))
+
+    write({})
+    d = Dispatcher(FakeBatcher(), [(DSC.from_certificate(cert), "active")],
+                   PolicyFile(path, interval_s=0), QuotaTracker())  # fmt: skip
+    body = _frame([sample("v")], ["uzi:1"], [None])
+
+    def sign():
+        (result,) = _normalised(trio.run(d.sign_view, "portal", native.walk_sign_batch(body, 10)))
+        return result
+
+    assert sign().ok and sign().ok
+    write({"types": ["t"]})
+    assert sign().error == ErrorCode.TYPE_NOT_ALLOWED
+    write({"disabled": True})
+    assert sign().error == ErrorCode.CLIENT_DISABLED
+    write({})
+    assert sign().ok
