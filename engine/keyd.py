@@ -79,7 +79,7 @@ from .dcc import DCCValidationError, validate
 from .dsc import DSC, TYPE_NAMES
 from .keystore import Keystore, _atomic_write
 from .lifecycle import JOURNAL, journal_events
-from .native import CwtFacts
+from .native import CwtFacts, Spans
 from .native._keydcols_py import unpack_facts
 from .process import name_this_thread
 from .protocol.keyd import (
@@ -720,9 +720,8 @@ class Keyd:
         step = len(ok) if pooled else max(SIGN_CHUNK, -(-len(ok) // self._workers))
         for at in range(0, len(ok), step):
             chunk = ok[at : at + step]
-            payloads = list(map(cols.payloads.__getitem__,
-                                map(slice, map(starts.__getitem__, chunk),
-                                    map(cols.ends.__getitem__, chunk))))  # fmt: skip
+            # The payloads read in place by the signer: no bytes object per item.
+            payloads = Spans(cols.payloads, starts, cols.ends, chunk)
             batch.jobs.append((chunk, key, payloads, pooled))
         if not batch.jobs:
             batch.result = _columns_result(rid, codes, [], batch.reasons)
@@ -852,10 +851,7 @@ class Keyd:
         One native batch call (``native.validate_cwt_batch``: the DCC decoded the keyd way,
         the verdicts and messages of :func:`dccsign.dcc.validate`); Python runs per refused
         item only."""
-        batch = list(map(payloads.__getitem__,
-                         map(slice, map(starts.__getitem__, items),
-                             map(ends.__getitem__, items))))  # fmt: skip
-        verdicts = self._impl.validate_cwt_batch(self._rules, batch)
+        verdicts = self._impl.validate_cwt_batch(self._rules, Spans(payloads, starts, ends, items))
         if len(verdicts) != len(items):
             raise AssertionError("one verdict per payload")  # pragma: no cover
         problems: dict[int, str] = {}

@@ -22,7 +22,7 @@ import importlib
 import os
 from types import ModuleType
 
-from ._types import ES256, PS256, CwtFacts, NoncePoolInfo, Sign1Parts
+from ._types import ES256, PS256, CwtFacts, NoncePoolInfo, Sign1Parts, Spans
 from ._walker_py import BatchView
 from .errors import (
     Base45DecodeError,
@@ -49,6 +49,7 @@ __all__ = [
     "NoncePoolInfo",
     "Sign1Parts",
     "SigningError",
+    "Spans",
     "ZlibError",
     "implementation",
 ]

@@ -258,8 +258,7 @@ cdef list _dv_batch(DccRules rules, object buf, const uint8_t *base, size_t size
 def validate_cwt_batch(DccRules rules, payloads, today=None):
     cdef bytes t = _dv_today(today)
     cdef const char *tc = t
-    cdef tuple items = _bytes_items(payloads, "payload")
-    cdef _Batch b = _Batch(items)
+    cdef _Batch b = _payload_batch(payloads, "payload")
     cdef Py_ssize_t n = b.n, i, fast = 0
     cdef int *rcs = <int *>malloc(max(n, 1) * sizeof(int))
     if rcs == NULL:
@@ -275,8 +274,9 @@ def validate_cwt_batch(DccRules rules, payloads, today=None):
             if rcs[i] < DV_INVALID:
                 out[i] = _DV_KINDS[rcs[i]]
             else:
-                out[i] = _dv_slow(rules, rcs[i], b.ptrs[i], b.lens[i], 0, items[i], tc, 0, 1,
-                                  today, items[i])
+                item = PyBytes_FromStringAndSize(<const char *>b.ptrs[i], b.lens[i])
+                out[i] = _dv_slow(rules, rcs[i], b.ptrs[i], b.lens[i], 0, item, tc, 0, 1,
+                                  today, item)
         _dv_stats.count(n, fast)
         return out
     finally:

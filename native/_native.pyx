@@ -14,7 +14,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.unicode cimport PyUnicode_DecodeASCII
 
 from .errors import Base45DecodeError, CoseFormatError, KeyLoadError, SigningError, ZlibError
-from ._types import ES256, PS256, CwtFacts, NoncePoolInfo, Sign1Parts
+from ._types import ES256, PS256, CwtFacts, NoncePoolInfo, Sign1Parts, Spans
 
 cdef extern from "openssl/evp.h" nogil:
     ctypedef struct EVP_PKEY:
@@ -296,6 +296,8 @@ def cbor_scan(data, max_items, max_depth) -> int:
 # ----------------------------------------------------------------------------- signing
 
 cdef tuple _bytes_items(seq, str what):
+    if type(seq) is Spans:
+        return tuple(seq)  # the reference's reading: every span checked, as bytes
     cdef tuple items = tuple(seq)
     for i, item in enumerate(items):
         if type(item) is not bytes:
@@ -304,30 +306,72 @@ cdef tuple _bytes_items(seq, str what):
 
 
 cdef class _Batch:
-    """C views of a tuple of bytes objects (kept alive by this object) for nogil loops."""
+    """C views of a tuple of bytes objects, or of the spans of a :class:`Spans` (kept alive
+    by this object), for nogil loops."""
     cdef tuple items
     cdef Py_ssize_t n
     cdef const uint8_t **ptrs
     cdef size_t *lens
     cdef size_t maxlen
 
-    def __cinit__(self, tuple items):
-        self.items = items
-        self.n = len(items)
+    def __cinit__(self, tuple items, spans=None):
+        cdef const unsigned int[::1] starts, ends, rows
+        cdef const uint8_t *base
+        cdef size_t size, start, end
+        cdef Py_ssize_t i, count
+        cdef unsigned int row
+        if spans is not None:
+            data = (<object>spans).data
+            self.items = (data,)
+            starts = (<object>spans).starts
+            ends = (<object>spans).ends
+            rows = (<object>spans).rows
+            self.n = rows.shape[0]
+        else:
+            self.items = items
+            self.n = len(items)
         self.ptrs = <const uint8_t **>malloc(max(self.n, 1) * sizeof(uint8_t *))
         self.lens = <size_t *>malloc(max(self.n, 1) * sizeof(size_t))
         if self.ptrs == NULL or self.lens == NULL:
             raise MemoryError()
         self.maxlen = 0
+        if spans is not None:
+            # The same checks, in the same order, as the reference's reading (_types.Spans)
+            base = <const uint8_t *>PyBytes_AS_STRING(data)
+            size = PyBytes_GET_SIZE(data)
+            count = starts.shape[0]
+            for i in range(self.n):
+                row = rows[i]
+                if row >= count:
+                    raise ValueError(f"row {row} is out of range ({count} spans)")
+                start = starts[row]
+                end = ends[row]
+                if not start <= end <= size:
+                    raise ValueError(
+                        f"span {start}:{end} is not inside the {size}-byte buffer"
+                    )
+                self.ptrs[i] = base + start
+                self.lens[i] = end - start
+                if self.lens[i] > self.maxlen:
+                    self.maxlen = self.lens[i]
+            return
         for i in range(self.n):
             self.ptrs[i] = <const uint8_t *>PyBytes_AS_STRING(items[i])
             self.lens[i] = PyBytes_GET_SIZE(items[i])
             if self.lens[i] > self.maxlen:
                 self.maxlen = self.lens[i]
 
+
     def __dealloc__(self):
         free(self.ptrs)
         free(self.lens)
+
+
+cdef _Batch _payload_batch(payloads, str what):
+    """The C views of *payloads*: a :class:`Spans` read in place, else a sequence of bytes."""
+    if type(payloads) is Spans:
+        return _Batch((), payloads)
+    return _Batch(_bytes_items(payloads, what))
 
 
 cdef class SigningKey:
@@ -414,7 +458,7 @@ cdef class SigningKey:
 
     def sign(self, protected, payloads) -> list:
         check_protected(self.alg, protected)
-        cdef _Batch batch = _Batch(_bytes_items(payloads, "payload"))
+        cdef _Batch batch = _payload_batch(payloads, "payload")
         cdef const uint8_t *prot = <const uint8_t *>PyBytes_AS_STRING(protected)
         cdef size_t plen = len(protected)
         cdef size_t maxsig = dcc_signature_max_len(self._pkey, self.alg)
