@@ -79,9 +79,13 @@ class Spans(Sequence[bytes]):
     def __init__(self, data: bytes, starts: array, ends: array, rows: array) -> None:
         if type(data) is not bytes:
             raise TypeError(f"data must be bytes, not {type(data).__name__}")
-        for name, column in (("starts", starts), ("ends", ends), ("rows", rows)):
-            if type(column) is not array or column.typecode != "I":
-                raise TypeError(f"{name} must be an array('I')")
+        if not (
+            type(starts) is array and type(ends) is array and type(rows) is array
+            and starts.typecode == ends.typecode == rows.typecode == "I"
+        ):  # fmt: skip
+            for name, column in (("starts", starts), ("ends", ends), ("rows", rows)):
+                if type(column) is not array or column.typecode != "I":
+                    raise TypeError(f"{name} must be an array('I')")
         if len(starts) != len(ends):
             raise ValueError(f"starts has {len(starts)} entries, ends {len(ends)}")
         self.data = data
