@@ -36,10 +36,11 @@ class LatencyHistogram:
     timeline (a tenth of the memory, percentiles within 1 %).
     """
 
-    __slots__ = ("_h", "clamped", "count", "max_s", "min_s", "sum_s")
+    __slots__ = ("_h", "_index", "clamped", "count", "max_s", "min_s", "sum_s")
 
     def __init__(self, significant_digits: int = 3) -> None:
         self._h = HdrHistogram(1, _HIGHEST_US, significant_digits)
+        self._index = _bucket_formula(self._h)
         self.count = 0
         self.max_s = 0.0
         self.min_s = float("inf")
@@ -57,7 +58,21 @@ class LatencyHistogram:
         if us > _HIGHEST_US:
             us = _HIGHEST_US
             self.clamped += count
-        self._h.record_value(us, count)
+        h = self._h
+        if self._index is None:
+            h.record_value(us, count)
+        else:
+            # HdrHistogram.record_value's steps, with its bucket index as one expression
+            # (the load generator records ~4 values per frame; hdrh's method calls cost
+            # ~30 lines of Python each). _bucket_formula checked it against hdrh's own.
+            k, mask, unit, half_magnitude, half = self._index
+            bucket = (us | mask).bit_length() - k
+            h.counts[((bucket + 1) << half_magnitude) + (us >> (bucket + unit)) - half] += count
+            h.total_count += count
+            if us < h.min_value:
+                h.min_value = us
+            if us > h.max_value:
+                h.max_value = us
         self.count += count
         self.sum_s += seconds * count
         if seconds > self.max_s:
@@ -114,3 +129,34 @@ class LatencyHistogram:
             return ""
         data = self._h.encode()
         return data.decode("ascii") if isinstance(data, bytes) else str(data)
+
+
+def _bucket_formula(h: HdrHistogram) -> tuple[int, int, int, int, int] | None:
+    """The constants of *h*'s counts index, ``((b + 1) << half_magnitude) + (v >> (b +
+    unit)) - half`` with ``b = (v | mask).bit_length() - k`` (hdrh's ``_counts_index_for``
+    written out), or None -- then :meth:`LatencyHistogram.record` calls ``record_value`` --
+    if this hdrh version does not store what it needs or computes a different index for
+    any probe value across the range."""
+    try:
+        k = h.unit_magnitude + h.sub_bucket_half_count_magnitude + 1
+        index = (k, h.sub_bucket_mask, h.unit_magnitude, h.sub_bucket_half_count_magnitude,
+                 h.sub_bucket_half_count)  # fmt: skip
+        h.counts[h.counts_len - 1]  # the counts are an indexable array
+        if not all(isinstance(getattr(h, a), int) for a in ("total_count", "min_value",
+                                                             "max_value")):  # fmt: skip
+            return None
+        for v in _PROBES:
+            b = (v | index[1]).bit_length() - k
+            if ((b + 1) << index[3]) + (v >> (b + index[2])) - index[4] != h._counts_index_for(v):
+                return None
+    except (AttributeError, TypeError, IndexError):
+        return None
+    return index
+
+
+#: Values the index formula is checked on: every power of two and its neighbours up to the
+#: range's top, and the top itself.
+_PROBES: tuple[int, ...] = tuple(
+    sorted({v for e in range(33) for v in (2**e - 1, 2**e, 2**e + 1) if 0 <= v <= _HIGHEST_US}
+           | {_HIGHEST_US})
+)  # fmt: skip

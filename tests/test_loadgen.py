@@ -322,6 +322,49 @@ def test_histogram_percentiles_are_within_hdr_precision(seed):
     assert h.percentiles([50.0, 99.0]) == {50.0: h.percentile(50), 99.0: h.percentile(99)}
 
 
+@pytest.mark.parametrize("digits", [2, 3])
+def test_histogram_records_exactly_what_hdr_record_value_does(digits):
+    """LatencyHistogram.record's written-out bucket index against hdrh's own record_value:
+    the same counts (the encoded histograms are equal), total, minimum and maximum, over
+    the whole range -- zero, every power of two's neighbourhood, random values, the clamp."""
+    from hdrh.histogram import HdrHistogram
+
+    from dccsign import latency
+
+    rng = random.Random(digits)
+    values_us = [0, 1, 2, 3, latency._HIGHEST_US, latency._HIGHEST_US - 1]
+    values_us += [v for e in range(32) for v in (2**e - 1, 2**e, 2**e + 1)
+                  if v <= latency._HIGHEST_US]  # fmt: skip
+    values_us += [rng.randrange(0, latency._HIGHEST_US + 1) for _ in range(3000)]
+    values_us += [int(rng.lognormvariate(math.log(3000), 1.5)) % latency._HIGHEST_US
+                  for _ in range(3000)]  # fmt: skip
+    ours = LatencyHistogram(digits)
+    assert ours._index is not None  # the fast path is the one under test
+    theirs = HdrHistogram(1, latency._HIGHEST_US, digits)
+    for i, us in enumerate(values_us):
+        ours.record(us / 1e6, 1 + i % 3)
+        theirs.record_value(us, 1 + i % 3)
+    ours.record(7200.0)  # clamped to the top
+    theirs.record_value(latency._HIGHEST_US)
+    h = ours._h
+    assert (h.total_count, h.min_value, h.max_value) == (
+        theirs.total_count, theirs.min_value, theirs.max_value
+    )
+    assert list(h.counts) == list(theirs.counts)
+    assert h.encode() == theirs.encode()
+
+
+def test_histogram_falls_back_to_record_value_when_hdrh_differs(monkeypatch):
+    """An hdrh whose index differs from the formula (a future version): record_value."""
+    from hdrh.histogram import HdrHistogram
+
+    monkeypatch.setattr(HdrHistogram, "_counts_index_for", lambda self, v: 0)
+    h = LatencyHistogram()
+    assert h._index is None
+    h.record(0.004)
+    assert h.count == 1 and h._h.total_count == 1 and h._h.counts[0] == 1  # by the patched hdrh
+
+
 def test_histogram_counts_merge_and_clamp():
     a, b = LatencyHistogram(), LatencyHistogram()
     a.record(0.010, 99)
