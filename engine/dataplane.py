@@ -1,7 +1,8 @@
 """The data plane of one sign frame: walked item spans in, per-row verdicts and CWT payload
 columns out (issue 14; DESIGN.md, "Data plane and control plane").
 
-:meth:`dccsign.dispatch.Dispatcher.sign_view` runs a frame that the request walker
+:meth:`dccsign.dispatch.Dispatcher.sign_view` (or, for a frame without idempotency keys,
+``sign_frame_soon``, which needs no task) runs a frame that the request walker
 (:func:`dccsign.native.walk_sign_batch`) turned into a :class:`~dccsign.native.BatchView`:
 
 1. :func:`plain` -- does the frame take this path? Items with an idempotency key, a ``kid`` or
@@ -13,10 +14,10 @@ columns out (issue 14; DESIGN.md, "Data plane and control plane").
 5. per distinct account: the quota, once (``native.span_table`` finds the accounts);
 6. one :class:`~dccsign.protocol.keyd.KeydColumns` per kid to the batcher.
 
-Each step is one call per frame. :func:`check_rows` and :func:`splice` are still Python per
-certificate (decoding each DCC with cbor2 to validate it and to see whether its encoding is the
-canonical one): the native validator and splice of issue 14 replace their bodies, not their
-contracts.
+Each step is one call per frame, per DCC type or per kid; the per-certificate work runs in
+native batch calls (``validate_dcc_batch``, ``splice_payloads``, ``span_table``, and for the
+reply ``encode_sign_batch_result``), with Python per refused row only -- and per row for a
+client whose policy lists countries or issuers (those rules read the decoded DCC).
 """
 
 from __future__ import annotations

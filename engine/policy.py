@@ -50,6 +50,7 @@ from .errors import DccSignError
 from .native import quota_add as _add
 from .native import quota_charge_known as _charge_known
 from .native import quota_expire as _expire
+from .native import quota_idle as _quota_idle
 from .native import quota_remove_newest as _remove_newest
 from .native import quota_take_back as _take_back
 
@@ -714,12 +715,7 @@ def _violation(
 
 def _idle(usage: _Usage, buckets: tuple[int, int, int]) -> bool:
     """True when every unit of *usage* has expired."""
-    for kind, w in enumerate(usage):
-        if w is not None and w[0]:
-            _expire(w, buckets[kind] - _SPAN[kind])
-            if w[0]:
-                return False
-    return True
+    return _quota_idle(usage, buckets, _SPAN)
 
 
 class QuotaTracker:

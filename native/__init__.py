@@ -120,5 +120,6 @@ scan_results = _impl.scan_results
 quota_add = _impl.quota_add
 quota_take_back = _impl.quota_take_back
 quota_expire = _impl.quota_expire
+quota_idle = _impl.quota_idle
 quota_remove_newest = _impl.quota_remove_newest
 quota_charge_known = _impl.quota_charge_known

@@ -147,6 +147,13 @@ cdef int _q_idle(list usage, tuple buckets, tuple spans) except -1:
     return 1
 
 
+def quota_idle(usage, tuple buckets, tuple spans) -> bool:
+    _q_usage(usage)
+    if len(buckets) != 3 or len(spans) != 3:  # the loop indexes without bounds checks
+        raise ValueError("buckets and spans must hold one entry per window kind (3)")
+    return _q_idle(<list>usage, buckets, spans) == 1
+
+
 def quota_charge_known(table, str client, accounts, counts, tuple limits, tuple buckets,
                        Py_ssize_t start, insert=None):
     cdef Py_ssize_t k, count = len(accounts), max_accounts = 0

@@ -24,6 +24,7 @@ __all__ = [
     "quota_add",
     "quota_charge_known",
     "quota_expire",
+    "quota_idle",
     "quota_remove_newest",
     "quota_take_back",
 ]
@@ -172,7 +173,7 @@ def quota_charge_known(
                 if not table:
                     break
                 oldest = next(iter(table))
-                if not _idle(table[oldest], buckets, spans):
+                if not quota_idle(table[oldest], buckets, spans):
                     break
                 del table[oldest]
             usage = table[key] = [None, None, None]
@@ -198,9 +199,17 @@ def _insert_args(insert: object) -> tuple[tuple[int, int, int], int]:
     return spans, max_accounts
 
 
-def _idle(usage: Usage, buckets: tuple[int, int, int], spans: tuple[int, int, int]) -> bool:
-    """True when every unit of *usage* has expired (expiring old buckets on the way)."""
+def quota_idle(usage: Usage, buckets: tuple[int, int, int], spans: tuple[int, int, int]) -> bool:
+    """True when every unit of *usage* has expired: each window's buckets numbered
+    ``<= buckets[kind] - spans[kind]`` are expired on the way (what counts for the rest).
+
+    Raises:
+        TypeError: *usage* is not a usage list.
+        ValueError: *buckets* or *spans* do not hold three entries.
+    """
     check_usage(usage)
+    if len(buckets) != 3 or len(spans) != 3:
+        raise ValueError("buckets and spans must hold one entry per window kind (3)")
     for kind, w in enumerate(usage):
         if w is not None and w[0]:
             quota_expire(w, buckets[kind] - spans[kind])

@@ -24,6 +24,7 @@ from ._quota_py import (
     quota_add,
     quota_charge_known,
     quota_expire,
+    quota_idle,
     quota_remove_newest,
     quota_take_back,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "quota_add",
     "quota_charge_known",
     "quota_expire",
+    "quota_idle",
     "quota_remove_newest",
     "quota_take_back",
     "scan_results",

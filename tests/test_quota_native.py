@@ -188,3 +188,18 @@ def test_both_implementations_change_the_state_alike(ops, limits):
                 impl.quota_take_back(usage, limits, n)
         states.append((answers, list(table.items()), copy.deepcopy(dict(table))))
     assert states[0] == states[1]
+
+
+def test_quota_idle_expires_what_has_left_every_window(impl):
+    spans = (61, 61, 25)
+    usage = [[3, 10, 1, 70, 2], None, [4, 2, 4]]
+    assert impl.quota_idle(usage, (100, 0, 20), spans) is False  # minute 70 still counts
+    assert usage[0] == [2, 70, 2]  # bucket 10 expired on the way
+    assert impl.quota_idle(usage, (200, 0, 20), spans) is False  # the day window still counts
+    assert impl.quota_idle(usage, (200, 0, 30), spans) is True
+    assert usage[0] == [0] and usage[2] == [0]
+    assert impl.quota_idle([None, None, None], (0, 0, 0), spans) is True
+    with pytest.raises(TypeError, match="three"):
+        impl.quota_idle([None], (0, 0, 0), spans)
+    with pytest.raises(ValueError, match="one entry per window kind"):
+        impl.quota_idle([None, None, None], (0, 0), spans)
