@@ -556,6 +556,8 @@ class Server:
         started[token] = start
 
         def done(result: FrameReply | Exception) -> None:
+            if token not in started:
+                return  # a second call (a bug in the dispatcher) changes nothing
             del started[token]
             if not started:
                 del self._started[client]
@@ -582,9 +584,16 @@ class Server:
 
         conn.signing_soon += 1
         waited = trio.current_time() - start  # the "start" stage: no task to wait for
-        if self.dispatcher.sign_frame_soon(
-            client, view, request.type == wire.FrameType.SIGN, done
-        ):
+        try:
+            taken = self.dispatcher.sign_frame_soon(
+                client, view, request.type == wire.FrameType.SIGN, done
+            )
+        except Exception as exc:
+            # A bug that escaped the dispatcher's own handling: answered INTERNAL like any
+            # other, so that the request's holds on the limits and its clock are released.
+            done(exc)
+            return True
+        if taken:
             self.metrics.observe_stage("start", waited)
             return True
         conn.signing_soon -= 1

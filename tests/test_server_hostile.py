@@ -614,11 +614,25 @@ def _fault_in_keyd_answer(dispatcher):
     dispatcher._keyd_answered = wrapped
 
 
+def _fault_escaping_the_dispatcher(dispatcher):
+    # The path without a task, a bug raised out of Dispatcher.sign_frame_soon itself.
+    soon = dispatcher.sign_frame_soon
+
+    def wrapped(client, view, single, done):
+        if _boom(view):
+            raise RuntimeError("a bug in the dispatcher")
+        return soon(client, view, single, done)
+
+    dispatcher.sign_frame_soon = wrapped
+
+
 @pytest.mark.parametrize(
     ("fault", "keyed"),
-    [(_fault_in_sign_view, True), (_fault_in_prepare, False), (_fault_in_keyd_answer, False)],
-    ids=["task path", "no task, before keyd", "no task, keyd's answer"],
-)
+    [(_fault_in_sign_view, True), (_fault_in_prepare, False), (_fault_in_keyd_answer, False),
+     (_fault_escaping_the_dispatcher, False)],
+    ids=["task path", "no task, before keyd", "no task, keyd's answer",
+         "no task, escaping the dispatcher"],
+)  # fmt: skip
 async def test_a_fault_in_signing_is_answered_internal_and_the_engine_goes_on(
     start, fault, keyed
 ):
