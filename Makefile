@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q 'Cython>=3.0'
-	$(PIP) install -q --no-build-isolation -e '.[test]'
+	$(PIP) install -q --no-build-isolation -e '.[test,bench]'
 	@touch $@
 
 venv: $(VENV)/.installed
@@ -43,7 +43,7 @@ demo: build
 # The embedded default: development keystore, TLS material and policy (created when missing),
 # Unix socket var/dccsign.sock, TLS on 127.0.0.1:8443, metrics on 127.0.0.1:9464.
 serve: build
-	@echo "in a second terminal: .venv/bin/python -m dccsign.samples > samples.jsonl &&"
+	@echo "in a second terminal: .venv/bin/python -m dccsign.testing.samples > samples.jsonl &&"
 	@echo "  .venv/bin/dccsign sign --server unix:var/dccsign.sock samples.jsonl"
 	$(DCCSIGN) serve --dev --keystore $(DEV_KEYSTORE) --unix var/dccsign.sock \
 		--tcp 127.0.0.1:8443 --http 127.0.0.1:9464

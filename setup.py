@@ -35,9 +35,25 @@ if mode != "0":
                                  "wraparound": False, "initializedcheck": False},
         )
 
+# The engine's rooms are folders of engine/; the native core, the protocol and the benchmark
+# drivers live in folders of their own (see README, Layout).
+ENGINE_ROOMS = ["server", "keyd", "keys", "dcc", "audit", "cli", "testing"]
+
 setup(
-    packages=["dccsign", "dccsign.native", "dccsign.protocol", "dccsign.testing"],
-    package_dir={"dccsign": "engine", "dccsign.native": "native", "dccsign.protocol": "protocol"},
-    package_data={"dccsign": ["data/*.json", "py.typed"]},
+    packages=[
+        "dccsign",
+        *(f"dccsign.{room}" for room in ENGINE_ROOMS),
+        "dccsign.native",
+        "dccsign.protocol",
+        "dccsign.protocol.clients",
+        "dccsign.bench",
+    ],
+    package_dir={
+        "dccsign": "engine",
+        "dccsign.native": "native",
+        "dccsign.protocol": "protocol",
+        "dccsign.bench": "bench/drivers",
+    },
+    package_data={"dccsign": ["py.typed"], "dccsign.dcc": ["data/*.json"]},
     ext_modules=ext_modules,
 )

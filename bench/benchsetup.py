@@ -91,7 +91,7 @@ class Signing:
     """The vaccination key of a development keystore, loaded in this process, and a batch of
     CWT payloads it may sign (see :func:`vaccination_batch`)."""
 
-    store: Any  # dccsign.keystore.Keystore
+    store: Any  # dccsign.keys.keystore.Keystore
     entry: Any  # its KeyEntry
     key: Any  # native SigningKey
     protected: bytes
@@ -100,7 +100,7 @@ class Signing:
     def load_key(self) -> Any:
         """Another in-process copy of the key (one without a nonce pool, say)."""
         from dccsign import native
-        from dccsign.keystore import Keystore, resolve_passphrase
+        from dccsign.keys.keystore import Keystore, resolve_passphrase
 
         directory = self.store.directory
         return Keystore.open(directory).load_signing_key(
@@ -114,9 +114,9 @@ def vaccination_batch(directory: Path, batch: int) -> Signing:
     import cbor2
 
     from dccsign import native
-    from dccsign.chain import claims_prefix
-    from dccsign.keystore import init_dev
-    from dccsign.samples import varied_samples
+    from dccsign.dcc.issuer import claims_prefix
+    from dccsign.keys.keystore import init_dev
+    from dccsign.testing.samples import varied_samples
 
     store = init_dev(directory)
     entry = next(e for e in store.entries if e.dsc.usages == frozenset("v"))

@@ -5,7 +5,7 @@
 
 The measuring (openssl speed, the naive pipeline of bench/naive.py, the product's python and
 native cores, interleaved rounds, ratios within each round, the CPU other processes used
-meanwhile) lives in :mod:`dccsign.benchcompare`; this script runs it with ``--threads 2``
+meanwhile) lives in :mod:`dccsign.bench.compare`; this script runs it with ``--threads 2``
 and judges the results against the targets below. ``--wait-quiet S`` waits (up to S seconds)
 for a free second core before each two-worker sample; the two-worker target is judged on
 quiet rounds only (other processes below 0.25 cores).
@@ -19,7 +19,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from dccsign.benchcompare import CompareError, compare, print_table
+from dccsign.bench.compare import CompareError, compare, print_table
 
 TARGET_NATIVE_1T = 15_000.0
 TARGET_NATIVE_OVER_NAIVE = 3.0

@@ -37,10 +37,10 @@ from pathlib import Path
 import cbor2
 
 from dccsign import native
-from dccsign.chain import _nfc, claims_prefix
+from dccsign.dcc.issuer import _nfc, claims_prefix
 from dccsign.native import _reference
 from dccsign.protocol import wire
-from dccsign.samples import varied_samples
+from dccsign.testing.samples import varied_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 KIDS = [b"kid-one!", b"kid-two!"]

@@ -3,12 +3,12 @@
 Issue 14 item 6: HC1 deflates one ~350-450-byte COSE_Sign1 per certificate. libdeflate costs
 7-9 us there at every level; native/src/smalldeflate.c replaces it below 4 KiB and must stay on
 average within 1 % of libdeflate level 9 in size. This script measures, on real COSE_Sign1s
-(varied DCCs from ``dccsign.samples`` as CWT payloads, signed with an ephemeral ES256 key and,
-for ``--ps256-share`` of them, an ephemeral PS256 key):
+(varied DCCs from ``dccsign.testing.samples`` as CWT payloads, signed with an ephemeral
+ES256 key and, for ``--ps256-share`` of them, an ephemeral PS256 key):
 
 * ``sizes``: bytes per certificate of both, the mean / worst / best ratio ours : libdeflate,
   and the share of certificates whose QR code (``HC1:`` + base45, alphanumeric, ECC Q as
-  ``dccsign.qr``) changes version, either way;
+  ``dccsign.dcc.qr``) changes version, either way;
 * ``paired_timing``: ns per call from Python, both compressors alternated over the same inputs
   in the same process (``--rounds`` rounds; the median of each and the median of the per-round
   ratios). Includes the Python call overhead, which ``empty_call_ns`` estimates;
@@ -42,9 +42,9 @@ import cbor2
 import segno
 
 from dccsign import native
-from dccsign.benchcore import ephemeral_key
-from dccsign.chain import claims_prefix
-from dccsign.samples import varied_samples
+from dccsign.bench.core import ephemeral_key
+from dccsign.dcc.issuer import claims_prefix
+from dccsign.testing.samples import varied_samples
 
 HERE = Path(__file__).resolve().parent
 
@@ -82,7 +82,7 @@ _VERSION_BY_LEN: dict[int, int] = {}
 
 
 def qr_version(hc1_len: int) -> int:
-    """QR version of an ``HC1:`` text of this length (alphanumeric, ECC Q, as dccsign.qr)."""
+    """QR version of an ``HC1:`` text of this length (alphanumeric, ECC Q, as dccsign.dcc.qr)."""
     v = _VERSION_BY_LEN.get(hc1_len)
     if v is None:
         v = segno.make_qr("A" * hc1_len, error="q", mode="alphanumeric", boost_error=False).version

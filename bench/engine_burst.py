@@ -39,7 +39,7 @@ from pathlib import Path
 from engine_targets import RESULTS, cpu_line, cpu_per_cert
 
 from benchsetup import DCCSIGN, dev_engine
-from dccsign.benchcompare import openssl_sign_rate
+from dccsign.bench.compare import openssl_sign_rate
 
 
 def burst(rate: float, batch: int, connections: int, pool: int | None) -> dict:

@@ -45,14 +45,14 @@ import zstandard
 from dataplane_micro import KIDS, Frame
 
 from dccsign import native
-from dccsign.benchcore import ephemeral_key
-from dccsign.chain import Issuer
-from dccsign.dataplane import columns_of
-from dccsign.devtls import ensure_dev_tls
+from dccsign.bench.core import ephemeral_key
+from dccsign.dcc.issuer import Issuer
+from dccsign.dcc.valuesets import ValueSets
 from dccsign.native import _walker_py as W
 from dccsign.protocol import wire
-from dccsign.samples import varied_samples
-from dccsign.valuesets import ValueSets
+from dccsign.server.dataplane import columns_of
+from dccsign.server.devtls import ensure_dev_tls
+from dccsign.testing.samples import varied_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 #: DESIGN.md's engine budget and the ``bench core`` cost per certificate it was set against.

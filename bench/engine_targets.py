@@ -26,7 +26,7 @@ the VM; the ratio to step 1 is taken minutes apart in the same run.
 --cpu-pid engine=PID`` reads ``/proc/<pid>/task/*/stat`` (utime + stime) of the generator
 (itself, a child of this script), the engine and the engine's children (keyd) when its
 clock starts and when its last reply is in, and divides by the certificates signed OK in
-between (:mod:`dccsign.cpustat`). Payload preparation, connecting and the verification of
+between (:mod:`dccsign.bench.cpustat`). Payload preparation, connecting and the verification of
 the samples are outside that window. The JSON has every thread (``cpu``); the summary
 prints each process and its busiest threads.
 
@@ -104,7 +104,7 @@ def wait_pools(url: str, timeout: float = 600.0) -> float:
     """Seconds until every nonce pool of the engine at *url* (its metrics) is full."""
     import trio
 
-    from dccsign.loadpool import wait_for_full_pool
+    from dccsign.bench.loadpool import wait_for_full_pool
 
     return trio.run(lambda: wait_for_full_pool(url, timeout)).waited_s
 

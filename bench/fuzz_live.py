@@ -32,8 +32,8 @@ import urllib.request
 from pathlib import Path
 
 from benchsetup import dev_engine
-from dccsign.protocol.client import Client
-from dccsign.samples import sample
+from dccsign.protocol.clients.blocking import Client
+from dccsign.testing.samples import sample
 from dccsign.testing.wirefuzz import SessionFuzzer, run_session
 
 RESULTS = Path(__file__).parent / "results"

@@ -42,7 +42,7 @@ _RUN = r"""
 import pickle, sys, tempfile
 from pathlib import Path
 from dccsign import native
-from dccsign.keystore import Keystore, resolve_passphrase
+from dccsign.keys.keystore import Keystore, resolve_passphrase
 case, n, data = sys.argv[1], int(sys.argv[2]), pickle.load(open(sys.argv[3], "rb"))
 ks = Path(data["keystore"])
 pw = resolve_passphrase(ks)
@@ -54,8 +54,8 @@ if case == "sign":
     for _ in range(n):
         key.sign(protected, data["payloads"])
     sys.exit(0)
-from dccsign.audit import AuditKey, AuditLog
-from dccsign.keyd import Keyd
+from dccsign.audit.log import AuditKey, AuditLog
+from dccsign.keyd.service import Keyd
 from dccsign.protocol.keyd import Connection
 tmp = Path(tempfile.mkdtemp())
 log = AuditLog.open(tmp / "audit", AuditKey.create(tmp / "audit-key.pem", pw))

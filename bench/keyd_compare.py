@@ -53,7 +53,7 @@ import time
 from pathlib import Path
 
 from benchsetup import vaccination_batch
-from dccsign.keyd_supervisor import PrivateKeyd
+from dccsign.keyd.supervisor import PrivateKeyd
 from dccsign.protocol.keyd import NEED_DATA
 
 

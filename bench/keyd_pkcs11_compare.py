@@ -27,11 +27,11 @@ from pathlib import Path
 import cbor2
 from keyd_compare import rate_two_connections  # bench/ is this script's directory
 
-from dccsign.chain import claims_prefix
-from dccsign.keyd_supervisor import PrivateKeyd
-from dccsign.keystore import init_dev, resolve_passphrase
-from dccsign.lifecycle import issue_with_dev_csca
-from dccsign.samples import varied_samples
+from dccsign.dcc.issuer import claims_prefix
+from dccsign.keyd.supervisor import PrivateKeyd
+from dccsign.keys.keystore import init_dev, resolve_passphrase
+from dccsign.keys.lifecycle import issue_with_dev_csca
+from dccsign.testing.samples import varied_samples
 
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 PIN = "135790"

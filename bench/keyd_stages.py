@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from benchsetup import vaccination_batch
-from dccsign import keyd as keyd_module
 from dccsign import native
-from dccsign.audit import AuditKey, AuditLog
-from dccsign.keystore import resolve_passphrase
+from dccsign.audit.log import AuditKey, AuditLog
+from dccsign.keyd import service as keyd_module
+from dccsign.keys.keystore import resolve_passphrase
 from dccsign.protocol import keyd as kp
 
 WARM_UP = 50
@@ -102,7 +102,7 @@ def main() -> int:
             )
             audit._commit = _timed(acc, "audit._commit", audit._commit)
             native_lines = native.audit_issue_columns
-            sys.modules["dccsign.audit"].native = _LinesTimed(acc, native_lines)
+            sys.modules["dccsign.audit.log"].native = _LinesTimed(acc, native_lines)
             _wait_for_pools(keyd, args.pool)
             codec = kp.Connection(scan=native.cbor_scan)
 

@@ -1,6 +1,6 @@
 """The load generator's own ceiling: how many certificates/s ``dccsign bench load`` can offer.
 
-The engine is replaced by ``python -m dccsign.loadfake --fast`` in its own process (it
+The engine is replaced by ``python -m dccsign.bench.loadfake --fast`` in its own process (it
 answers repeats of the generator's pool from a cache, so it costs little and sits on the
 other core); this process is the generator. For each case (batch size, rate) it runs an
 open-loop constant profile with uniform arrivals and reports what was achieved, the
@@ -12,7 +12,7 @@ process reads ~100 % from about 5,000 frames/s on while still keeping up far bey
 
 **CPU per certificate** (issue 14's target for the generator: <= 3 us): each case reports
 the generator's CPU microseconds per certificate signed (``/proc/self/task/*/stat``,
-utime + stime, from the run's clock start to its last reply: :mod:`dccsign.cpustat`), and
+utime + stime, from the run's clock start to its last reply: :mod:`dccsign.bench.cpustat`), and
 the fake's. Each case runs twice in a row, with replies counted (``counted``, what ``bench
 load`` does) and with every reply decoded into per-item objects by the codec (``full``, the
 old path, ``--full-decode``), so that the saving is measured in the same run. The first case
@@ -38,8 +38,8 @@ from pathlib import Path
 
 import trio
 
-from dccsign.loadgen import LoadConfig, build_payloads, run_load
-from dccsign.loadprofile import load_profile
+from dccsign.bench.loadgen import LoadConfig, build_payloads, run_load
+from dccsign.bench.loadprofile import load_profile
 
 #: (batch, rate); rate None: closed loop.
 CASES: list[tuple[int, int | None]] = [
@@ -81,7 +81,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         sock = f"{tmp}/fake.sock"
         fake = subprocess.Popen(
-            [sys.executable, "-m", "dccsign.loadfake", "--fast", "--unix", sock],
+            [sys.executable, "-m", "dccsign.bench.loadfake", "--fast", "--unix", sock],
             stderr=subprocess.DEVNULL,
         )
         try:

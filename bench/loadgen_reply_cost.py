@@ -24,7 +24,7 @@ import sys
 import zstandard
 
 from dccsign import native
-from dccsign.loadfake import CANNED_HC1, CANNED_KID
+from dccsign.bench.loadfake import CANNED_HC1, CANNED_KID
 from dccsign.protocol import wire
 
 

@@ -56,7 +56,7 @@ def snap(*_):
         json.dump({"steps": steps, "spent": spent, "io": io[0]}, f)
 signal.signal(signal.SIGUSR1, snap)
 sys.argv = ["dccsign", *sys.argv[1:]]
-from dccsign.cli import main
+from dccsign.cli.main import main
 sys.exit(main())
 """
 

@@ -23,8 +23,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from dccsign.benchcore import ephemeral_certificate
-from dccsign.dsc import DSC
+from dccsign.bench.core import ephemeral_certificate
+from dccsign.dcc.dsc import DSC
 
 __all__ = ["NaiveSigner", "naive_hc1", "naive_signer", "naive_times"]
 

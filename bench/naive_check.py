@@ -3,7 +3,7 @@
     python bench/naive_check.py [--seconds N] [--rounds R]
 
 Times, interleaved on the same DCCs and the same key, (a) the naive row exactly as
-``dccsign bench compare`` measures it (bench/naive.py driven by dccsign.benchcompare.Naive)
+``dccsign bench compare`` measures it (bench/naive.py driven by dccsign.bench.compare.Naive)
 and (b) the plain loop below, written the obvious way from the library docs with no help from
 dccsign. The baseline is fair when (a) / (b) stays within 15% of 1 (exit 1 otherwise).
 Both outputs are decoded and verified first.
@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from dccsign.benchcompare import Naive, check_hc1, load_naive
+from dccsign.bench.compare import Naive, check_hc1, load_naive
 
 TOLERANCE = 0.15
 

@@ -19,8 +19,8 @@ import time
 import tracemalloc
 from pathlib import Path
 
-from dccsign.policy import Policy, PolicyFile, QuotaTracker
-from dccsign.samples import sample
+from dccsign.server.policy import Policy, PolicyFile, QuotaTracker
+from dccsign.testing.samples import sample
 
 KID = bytes.fromhex("d0ff3fe0ad2e2c1b")
 POLICY = {

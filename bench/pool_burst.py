@@ -47,8 +47,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from benchsetup import vaccination_batch
 from dccsign import native
-from dccsign.benchcompare import openssl_sign_rate
-from dccsign.keyd_supervisor import PrivateKeyd
+from dccsign.bench.compare import openssl_sign_rate
+from dccsign.keyd.supervisor import PrivateKeyd
 
 
 def burst_two_threads(sign_batch, batches: list[list[bytes]]) -> tuple[float, list[bytes]]:

@@ -208,7 +208,7 @@ def paired(n: int, rounds: int) -> list[dict]:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-    from dccsign.benchcompare import openssl_sign_rate
+    from dccsign.bench.compare import openssl_sign_rate
 
     openssl = shutil.which("openssl")
     pooled, native = _key()
@@ -263,8 +263,8 @@ def sizing(refill_us: float, openssl_us: float | None, seconds: float = 10.0) ->
     the paired rounds (CPU time) if that is higher: on a loaded machine ``-multi 2`` gets
     less than two cores and would understate what a quiet one needs.
     """
-    from dccsign.benchcompare import openssl_sign_rate
-    from dccsign.keyd import DEFAULT_NONCE_POOL
+    from dccsign.bench.compare import openssl_sign_rate
+    from dccsign.keyd.service import DEFAULT_NONCE_POOL
 
     openssl = shutil.which("openssl")
     multi = openssl_sign_rate(openssl, 2) if openssl else None

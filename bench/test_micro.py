@@ -7,7 +7,7 @@ Run them by naming this directory (the main suite only collects ``tests/``)::
 Contenders in every group: ``native`` (the Cython extension), ``python`` (the pure-Python
 reference of the same API) and, where one exists, the library a developer would use instead
 (marked as the group's baseline). Every contender handles the same batch of BATCH distinct,
-real certificates per timed call (built from :func:`dccsign.samples.varied_samples`), and
+real certificates per timed call (built from :func:`dccsign.testing.samples.varied_samples`), and
 every contender's output is checked before it is timed: a wrong answer is not a benchmark.
 """
 
@@ -33,10 +33,10 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 from naive import naive_hc1, naive_signer, naive_times
 
 from dccsign import native
-from dccsign.chain import Issuer, SignerKey, claims_prefix
-from dccsign.dcc import validate
-from dccsign.samples import varied_samples
-from dccsign.verify import verify_hc1
+from dccsign.dcc.issuer import Issuer, SignerKey, claims_prefix
+from dccsign.dcc.validate import validate
+from dccsign.dcc.verify import verify_hc1
+from dccsign.testing.samples import varied_samples
 
 BATCH = 64
 SHARED = Path(os.environ.get("DCCSIGN_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))

@@ -1,5 +1,5 @@
 """TLS between two trio tasks on loopback: ``trio.SSLStream`` against
-``dccsign.protocol.tls_stream.TLSStream``, CPU per round trip (both ends).
+``dccsign.protocol.clients.tls_stream.TLSStream``, CPU per round trip (both ends).
 
     .venv/bin/python bench/tls_stream_micro.py [--rounds 5] [--trips 3000] [--json FILE]
 
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import trio
 
-from dccsign.devtls import ensure_dev_tls
-from dccsign.protocol.tls_stream import TLSStream
+from dccsign.protocol.clients.tls_stream import TLSStream
+from dccsign.server.devtls import ensure_dev_tls
 
 
 def _contexts(tls: dict[str, Path]) -> tuple[ssl.SSLContext, ssl.SSLContext]:

@@ -1,6 +1,6 @@
 """Would a trained zstd dictionary pay for itself on the portal <-> engine wire?
 
-Trains a dictionary on item bodies built from :func:`dccsign.samples.varied_samples` (one
+Trains a dictionary on item bodies built from :func:`dccsign.testing.samples.varied_samples` (one
 seed), then measures, on a 100-item SIGN_BATCH and its SIGN_BATCH_RESULT (real HC1 strings
 from an ephemeral key; other seeds), the body size and the compress / decompress time per
 item: plain CBOR, zstd as the codec sends it, and zstd with the dictionary.
@@ -23,10 +23,10 @@ import cbor2
 import zstandard
 
 from dccsign import native
-from dccsign.benchcore import ephemeral_key
-from dccsign.chain import Issuer
+from dccsign.bench.core import ephemeral_key
+from dccsign.dcc.issuer import Issuer
 from dccsign.protocol import wire
-from dccsign.samples import varied_samples
+from dccsign.testing.samples import varied_samples
 
 
 def item_bodies(n: int, seed: int) -> list[dict[str, Any]]:

@@ -9,7 +9,7 @@ Each item is CBOR bytes made from a generated DCC (seeded, reproducible: ``--see
 the categories below. All items of a chunk go through the native batch call
 (``validate_dcc_batch``, or ``validate_cwt_batch`` for CWT payloads) in one buffer, and each
 item through the oracle: the decoder of its mode (the engine's strict
-``cborlimits.decode`` or keyd's ``loads_exact``) followed by ``dccsign.dcc.validate``. A
+``cborlimits.decode`` or keyd's ``loads_exact``) followed by ``dccsign.dcc.validate.validate``. A
 disagreement is any difference in the type, the error class, or the issues (path, rule,
 message), or a disagreement the native slow path counted itself. There must be none.
 
@@ -46,13 +46,13 @@ from typing import Any
 import cbor2
 
 from dccsign import native
-from dccsign.chain import _nfc, claims_prefix
-from dccsign.dcc import DOSE_MAX, DCCValidationError, validate
+from dccsign.dcc.issuer import _nfc, claims_prefix
+from dccsign.dcc.uvci import make_uvci
+from dccsign.dcc.validate import DOSE_MAX, DCCValidationError, validate
+from dccsign.dcc.valuesets import ValueSets
+from dccsign.dcc.verify import loads_exact
 from dccsign.native import DCCDecodeError
 from dccsign.protocol import cborlimits
-from dccsign.uvci import make_uvci
-from dccsign.valuesets import ValueSets
-from dccsign.verify import loads_exact
 
 TODAY = date(2025, 1, 15)
 VERSIONS = ["1.0.0", "1.0.1", "1.1.0", "1.2.0", "1.2.1", "1.3.0", "1.3.1", "1.3.2", "1.3.3"]

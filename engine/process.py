@@ -9,7 +9,7 @@
   the original environment block that ``/proc/PID/environ`` shows (``del os.environ[NAME]``
   alone leaves it there).
 * :func:`name_this_thread`: the OS name of the calling thread (``/proc/PID/task/TID/comm``),
-  so that per-thread CPU figures (``dccsign.cpustat``, ``top -H``) say which thread is which.
+  so that per-thread CPU figures (``dccsign.bench.cpustat``, ``top -H``) say which thread is which.
 * :func:`record_holder` / :func:`lock_holder`: a lock file that says who holds it. The flock is
   the lock; the record (pid, process start time, boot id) only describes the holder, and is
   believed only while a process with that pid and start time is running.

@@ -1,9 +1,9 @@
 """keyd's structural check of CWT payloads, pure-Python reference of the native implementation.
 
-keyd re-checks every payload before it signs (engine/keyd.py). This is the part of that check
-that reads bytes: is the payload one well-formed CBOR item shaped like a DCC CWT, and what are
-its issuer, times, DCC type and UVCI. The comparisons against the DSC and the clock are plain
-integer work and stay in keyd.
+keyd re-checks every payload before it signs (engine/keyd/service.py). This is the part of that
+check that reads bytes: is the payload one well-formed CBOR item shaped like a DCC CWT, and
+what are its issuer, times, DCC type and UVCI. The comparisons against the DSC and the clock
+are plain integer work and stay in keyd.
 """
 
 from __future__ import annotations

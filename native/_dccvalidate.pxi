@@ -124,7 +124,7 @@ cdef class DccRules:
 
 cdef bytes _dv_today(today):
     if today is None:
-        from ..dcc import _utc_today_iso
+        from ..dcc.validate import _utc_today_iso
         return _utc_today_iso().encode("ascii")
     _dvpy._check_today(today)
     return f"{today.year:04d}-{today.month:02d}-{today.day:02d}".encode("ascii")

@@ -1,17 +1,18 @@
 """DCC validation on CBOR bytes: the pure-Python reference of the native validator.
 
 The native validator (``native/src/dccvalidate.c``) decides on the bytes what
-:func:`dccsign.dcc.validate` decides on the object a decoder makes of them. This module is that
-definition, written out: decode, then validate. Two decoders, as in the product:
+:func:`dccsign.dcc.validate.validate` decides on the object a decoder makes of them. This
+module is that definition, written out: decode, then validate. Two decoders, as in the product:
 
 * ``strict=True`` (the engine): :func:`dccsign.protocol.cborlimits.decode` with
   :data:`STRICT_MAX_ITEMS` and :data:`STRICT_MAX_DEPTH`: no tags, no duplicate map keys, map
   keys text or bytes only. A DCC cut out of a request body that decoded always fits.
-* ``strict=False`` (keyd): :func:`dccsign.verify.loads_exact`, cbor2 with its defaults (tags
+* ``strict=False`` (keyd): :func:`dccsign.dcc.verify.loads_exact`, cbor2 with its defaults (tags
   become dates, bignums, sets...; a repeated key keeps its last value).
 
-Results per item: the type (``"v"``, ``"t"``, ``"r"``); a :class:`~dccsign.dcc.DCCValidationError`
-(the DCC breaks rules; exactly the issues of :func:`~dccsign.dcc.validate`); or a
+Results per item: the type (``"v"``, ``"t"``, ``"r"``); a
+:class:`~dccsign.dcc.validate.DCCValidationError` (the DCC breaks rules; exactly the issues of
+:func:`~dccsign.dcc.validate.validate`); or a
 :class:`~dccsign.native.errors.DCCDecodeError` (the decoder refuses the bytes; its message).
 
 The native implementation answers the valid case in C. Every other item takes the slow path
@@ -20,7 +21,7 @@ are the Python ones by construction, and checks that C found the same issues (pa
 in order). If the two ever disagree the item is refused and the disagreement counted
 (:func:`dcc_validator_stats`); the tests and ``bench/validator_diff.py`` assert they never do.
 
-The modules this needs are imported on first use: :mod:`dccsign.verify` imports
+The modules this needs are imported on first use: :mod:`dccsign.dcc.verify` imports
 :mod:`dccsign.native`, which imports this module.
 """
 
@@ -68,7 +69,7 @@ class DccRules:
         valuesets: the code tables; default :meth:`ValueSets.builtin`.
 
     Raises:
-        TypeError: ``valuesets`` is not a :class:`~dccsign.valuesets.ValueSets`.
+        TypeError: ``valuesets`` is not a :class:`~dccsign.dcc.valuesets.ValueSets`.
     """
 
     __slots__ = ("valuesets",)
@@ -81,7 +82,7 @@ class DccRules:
 
 
 def _valuesets(valuesets: Any) -> Any:
-    from ..valuesets import ValueSets
+    from ..dcc.valuesets import ValueSets
 
     if valuesets is None:
         return ValueSets.builtin()
@@ -100,7 +101,7 @@ def _decode(data: bytes, strict: bool, nfc_names: bool = False) -> Any:
     nfc_names, fn and gn come out NFC-normalised, as the engine validates them
     (chain._nfc)."""
     if nfc_names:
-        from ..chain import _nfc
+        from ..dcc.issuer import _nfc
 
         obj = _decode(data, strict)
         return _nfc(obj) if isinstance(obj, dict) else obj
@@ -112,7 +113,7 @@ def _decode(data: bytes, strict: bool, nfc_names: bool = False) -> Any:
                 max_items=STRICT_MAX_ITEMS,
                 max_depth=STRICT_MAX_DEPTH,
             )
-        from ..verify import loads_exact
+        from ..dcc.verify import loads_exact
 
         return loads_exact(data)
     except _DECODE_ERRORS as exc:
@@ -122,7 +123,7 @@ def _decode(data: bytes, strict: bool, nfc_names: bool = False) -> Any:
 def _cwt_dcc(payload: bytes) -> Any:
     """``loads_exact(payload)[-260][1]``, keyd's way to the DCC, or DCCDecodeError."""
     try:
-        from ..verify import loads_exact
+        from ..dcc.verify import loads_exact
 
         claims = loads_exact(payload)
     except _DECODE_ERRORS as exc:
@@ -135,7 +136,7 @@ def _cwt_dcc(payload: bytes) -> Any:
 
 def _verdict(obj_of: Any, arg: Any, rules: Any, today: date | None) -> Any:
     """The reference answer for one item: a type, or the exception (returned, not raised)."""
-    from ..dcc import DCCValidationError, validate
+    from ..dcc.validate import DCCValidationError, validate
 
     try:
         return validate(obj_of(arg), valuesets=rules.valuesets, today=today)
@@ -159,7 +160,7 @@ def validate_dcc_cbor(
         today: the date ``dob`` must not be after; default today in UTC.
         strict: decode as the engine does (True) or as keyd does (False); see the module.
         nfc_names: validate ``nam.fn``/``nam.gn`` NFC-normalised, as the engine does before
-            it signs (:func:`dccsign.chain._nfc`). The native implementation hands a name
+            it signs (:func:`dccsign.dcc.issuer._nfc`). The native implementation hands a name
             it cannot prove NFC (a code point past U+2FFF or one NFC may change) to this
             reference.
 
@@ -167,7 +168,8 @@ def validate_dcc_cbor(
         ``"v"``, ``"t"`` or ``"r"``.
 
     Raises:
-        DCCValidationError: the DCC breaks rules (all issues, as :func:`dccsign.dcc.validate`).
+        DCCValidationError: the DCC breaks rules (all issues, as
+            :func:`dccsign.dcc.validate.validate`).
         DCCDecodeError: the decoder refuses the bytes.
         TypeError: a wrong argument type (a caller bug).
     """
@@ -334,7 +336,7 @@ def _nfc_inert_bitmap() -> bytes:
 
 def _render(prefix: str, buf: bytes, key_off: int) -> str:
     """dcc._child of the map key whose CBOR item starts at key_off (slow path only)."""
-    from ..dcc import _child
+    from ..dcc.validate import _child
 
     key = cbor2.CBORDecoder(io.BytesIO(buf[key_off:])).decode(immutable=True)
     return _child(prefix, key)
@@ -349,7 +351,7 @@ def _settle(
     """The result of an item C did not find valid. outcome: 3 invalid (c_issues: its (path,
     rule) list, None when it overflowed), 4 undecodable, 5 punted. reference: this module's
     answer for the item. Refuses (and counts) when the two disagree."""
-    from ..dcc import DCCValidationError, Issue
+    from ..dcc.validate import DCCValidationError, Issue
 
     if outcome == 5:
         stats.bump("punted")

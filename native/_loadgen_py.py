@@ -1,7 +1,7 @@
 """Counting SIGN_RESULT / SIGN_BATCH_RESULT bodies without decoding them (pure-Python
 reference of the native ``scan_results``).
 
-The load generator (:mod:`dccsign.loadgen`) receives tens of thousands of results a second
+The load generator (:mod:`dccsign.bench.loadgen`) receives tens of thousands of results a second
 on the same cores as the engine it measures. Decoding each result into Python objects (the
 codec's ``cbor2`` decode, ~30 objects and an :class:`~dccsign.protocol.wire.ItemResult` per
 certificate) costs it more CPU than the target allows, and it needs almost none of it: how

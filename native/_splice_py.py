@@ -1,7 +1,7 @@
 """Claims by splicing: CWT payloads built around the DCC's own CBOR bytes (reference).
 
 Today the engine signs ``claims_prefix(iss, iat, exp) + cbor2.dumps(_nfc(dcc))`` where
-``dcc`` is the decoded request map (``dccsign.chain``). :func:`splice_payloads` gives the
+``dcc`` is the decoded request map (``dccsign.dcc.issuer``). :func:`splice_payloads` gives the
 same bytes without decoding: for each item of a :class:`~dccsign.native.BatchView`, its claims
 prefix followed by the DCC map exactly as the client encoded it -- when that encoding is the
 one ``cbor2.dumps`` would write again. The check (:func:`is_canonical`) is per byte:
@@ -21,7 +21,7 @@ one ``cbor2.dumps`` would write again. The check (:func:`is_canonical`) is per b
 
 Items failing the check take the slow path: decoded, normalised and re-encoded in Python
 (the same result by definition). Their number is reported (``slow``) so the share can be
-measured: 0 for every body a cbor2-based client (``protocol/client.py``) sends for the
+measured: 0 for every body a cbor2-based client (``protocol/clients/blocking.py``) sends for the
 engine's sample generator, unless a name holds combining marks.
 """
 
@@ -108,7 +108,7 @@ def splice_payloads(view: BatchView, prefixes: Sequence[bytes], prefix_of: Any) 
     Args:
         view: the frame's items (:func:`~dccsign.native.walk_sign_batch`).
         prefixes: the distinct claims prefixes of the frame (one per (kid, validity), built
-            once per frame with ``dccsign.chain.claims_prefix``).
+            once per frame with ``dccsign.dcc.issuer.claims_prefix``).
         prefix_of: per item, the index of its prefix, or :data:`NO_PAYLOAD`.
 
     Returns:
@@ -147,7 +147,7 @@ def reencode(dcc: bytes) -> bytes:
 
 
 def nfc_names(dcc: Any) -> Any:
-    """``nam.fn`` and ``nam.gn`` in NFC (the engine's ``dccsign.chain._nfc`` rule)."""
+    """``nam.fn`` and ``nam.gn`` in NFC (the engine's ``dccsign.dcc.issuer._nfc`` rule)."""
     nam = dcc.get("nam") if isinstance(dcc, dict) else None
     if not isinstance(nam, dict):
         return dcc

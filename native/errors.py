@@ -54,4 +54,4 @@ class DCCDecodeError(NativeError, ValueError):
     """The bytes given as a DCC (or as a CWT payload) are not what the decoder in use accepts:
     not one well-formed CBOR item, text that is not UTF-8, or (strict decoding, the engine's)
     a tag, a duplicate map key or a map key that is not text or bytes. The message is the
-    decoder's. Validation rules are :class:`dccsign.dcc.DCCValidationError`'s business."""
+    decoder's. Validation rules are :class:`dccsign.dcc.validate.DCCValidationError`'s business."""

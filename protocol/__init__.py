@@ -3,5 +3,5 @@
 * :mod:`~dccsign.protocol.wire` -- portal backends <-> engine (specified in SPEC.md), with its
   error-code registry :mod:`~dccsign.protocol.codes`;
 * :mod:`~dccsign.protocol.keyd` -- engine <-> keyd;
-* :mod:`~dccsign.protocol.client` -- the blocking client portal backends use.
+* :mod:`~dccsign.protocol.clients.blocking` -- the blocking client portal backends use.
 """

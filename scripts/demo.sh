@@ -9,7 +9,7 @@ if [ ! -f "$keystore/keystore.json" ]; then
     echo
 fi
 mkdir -p "$out"
-"$py" -m dccsign.samples > "$out/samples.jsonl"
+"$py" -m dccsign.testing.samples > "$out/samples.jsonl"
 ps256=$("$dccsign" keys list --keystore "$keystore" --json |
         "$py" -c 'import json,sys; print(next(k["kid"] for k in json.load(sys.stdin) if k["alg"]=="PS256" and k["state"]=="active"))')
 "$dccsign" sign --keystore "$keystore" --qr "$out/qr.png" "$out/samples.jsonl" > "$out/hc1.txt"

@@ -55,7 +55,7 @@ def impl(request):
 @pytest.fixture(scope="session")
 def dev_keystore(tmp_path_factory):
     """A development keystore created once per session (read-only use)."""
-    from dccsign.keystore import init_dev
+    from dccsign.keys.keystore import init_dev
 
     return init_dev(tmp_path_factory.mktemp("ks") / "dev").directory
 

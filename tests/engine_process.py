@@ -10,8 +10,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from dccsign.devtls import DEV_CLIENT_NAME, ensure_dev_tls
-from dccsign.protocol.client import Client
+from dccsign.protocol.clients.blocking import Client
+from dccsign.server.devtls import DEV_CLIENT_NAME, ensure_dev_tls
 
 UID = os.getuid()
 

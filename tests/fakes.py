@@ -9,11 +9,11 @@ import trio
 import trio.lowlevel
 
 from dccsign import native
-from dccsign.benchcore import ephemeral_certificate
-from dccsign.dispatch import Dispatcher
-from dccsign.dsc import DSC
-from dccsign.policy import PolicyFile, QuotaTracker
+from dccsign.bench.core import ephemeral_certificate
+from dccsign.dcc.dsc import DSC
 from dccsign.protocol.keyd import ColumnsResult, KeydColumns
+from dccsign.server.dispatch import Dispatcher
+from dccsign.server.policy import PolicyFile, QuotaTracker
 
 
 class FakeBatcher:
@@ -57,7 +57,7 @@ class FakeBatcher:
     async def issue_columns_many(self, batches):
         """issue_columns for each ``(kid, protected, columns)``, in turn; a KeydError is
         returned in its batch's place, as the real batcher does."""
-        from dccsign.keyd_client import KeydError
+        from dccsign.keyd.client import KeydError
 
         out = []
         for kid, protected, columns in batches:

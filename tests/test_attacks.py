@@ -27,7 +27,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from dccsign.protocol import wire
 from dccsign.protocol.codes import ErrorCode
-from dccsign.samples import sample, varied_samples
+from dccsign.testing.samples import sample, varied_samples
 from dccsign.testing.wirefuzz import SessionFuzzer, run_session
 from engine_process import UID, EngineProcess
 

@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from dccsign import audit
-from dccsign.audit import (
+from dccsign.audit import log as audit
+from dccsign.audit.log import (
     AuditKey,
     AuditKeyError,
     AuditLog,
@@ -30,7 +30,7 @@ from dccsign.audit import (
     IssuanceRecord,
     KeyEvent,
 )
-from dccsign.audit_cli import add_audit_commands
+from dccsign.cli.audit import add_audit_commands
 
 PASSPHRASE = b"audit passphrase for tests"
 KID = bytes.fromhex("d0ff3fe0ad2e2c1b")
@@ -571,7 +571,7 @@ def test_torn_write_is_recovered_and_recorded(tmp_path, key, monkeypatch):
 
 _WRITER = """
 import sys
-from dccsign.audit import AuditKey, AuditLog, IssuanceRecord
+from dccsign.audit.log import AuditKey, AuditLog, IssuanceRecord
 key = AuditKey.load(sys.argv[1], sys.argv[2].encode())
 log = AuditLog.open(sys.argv[3], key, segment_records=300)
 i = 0

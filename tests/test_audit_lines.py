@@ -1,6 +1,6 @@
 """The audit log's issue lines (``audit_issue_lines``) against both implementations.
 
-The format is specified in engine/audit.py; these tests recompute every field with hashlib
+The format is specified in engine/audit/log.py; these tests recompute every field with hashlib
 and json rather than trusting either implementation.
 """
 
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dccsign.audit import revocation_hashes
+from dccsign.audit.log import revocation_hashes
 from dccsign.native import implementation
 
 HEAD = '{"account":"uzi:9000é","alg":-7,"client":"portal-a","iss":'.encode()

@@ -22,14 +22,14 @@ import pytest
 import zstandard
 from test_keyd_process import kid_for, payload, start_keyd
 
-from dccsign.audit import search, verify
-from dccsign.keyd_client import KeydClient
-from dccsign.keystore import Keystore
+from dccsign.audit.log import search, verify
+from dccsign.dcc.verify import decode_hc1
+from dccsign.keyd.client import KeydClient
+from dccsign.keys.keystore import Keystore
 from dccsign.protocol.codes import ErrorCode
 from dccsign.protocol.keyd import Connection, DescribeResult, ItemError, KeydProtocolError
 from dccsign.protocol.wire import SignItem
-from dccsign.samples import sample
-from dccsign.verify import decode_hc1
+from dccsign.testing.samples import sample
 from engine_process import EngineProcess, wait_serving
 
 FSIZE = resource.RLIMIT_FSIZE
@@ -193,9 +193,9 @@ def test_concurrent_signers_across_repeated_outages(dev_keystore_copy, tmp_path)
 _KEYD = """
 import signal, sys, threading
 from pathlib import Path
-from dccsign.audit import AuditKey, AuditLog
-from dccsign.keyd import Keyd, serve_unix
-from dccsign.keystore import resolve_passphrase
+from dccsign.audit.log import AuditKey, AuditLog
+from dccsign.keyd.service import Keyd, serve_unix
+from dccsign.keys.keystore import resolve_passphrase
 
 keystore, audit, sock, records = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
 passphrase = resolve_passphrase(keystore)

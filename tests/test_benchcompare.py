@@ -10,7 +10,7 @@ import pytest
 
 from conftest import IN_CI
 from dccsign import native
-from dccsign.cli import main
+from dccsign.cli.main import main
 from engine_process import EngineProcess
 
 FAST = ["bench", "compare", "--seconds", "0.2", "--rounds", "1", "--threads", "2"]

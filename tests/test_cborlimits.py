@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dccsign.protocol import cborlimits
-from dccsign.samples import varied_samples
+from dccsign.testing.samples import varied_samples
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -7,11 +7,11 @@ import cbor2
 import pytest
 
 from dccsign import native
-from dccsign.chain import Issuer, SignerKey, claims_prefix
+from dccsign.dcc.issuer import Issuer, SignerKey, claims_prefix
+from dccsign.dcc.verify import verify_hc1
 from dccsign.errors import InvalidBatchError, KeyProblem
-from dccsign.keystore import Keystore, resolve_passphrase
-from dccsign.samples import sample, varied_samples
-from dccsign.verify import verify_hc1
+from dccsign.keys.keystore import Keystore, resolve_passphrase
+from dccsign.testing.samples import sample, varied_samples
 
 NOW = 1_800_000_000.0
 

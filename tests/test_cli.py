@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from dccsign.cli import main
-from dccsign.qr import make_qr
-from dccsign.samples import sample
+from dccsign.cli.main import main
+from dccsign.dcc.qr import make_qr
+from dccsign.testing.samples import sample
 
 
 def run(capsysbinary, *argv, stdin=None, monkeypatch=None):
@@ -69,7 +69,7 @@ def test_sign_input_forms_and_verify(ks, tmp_path, capsysbinary, form):
     lines = out.decode().splitlines()
     assert len(lines) == (1 if form == "object" else 3)
     # Signed through a private keyd: every certificate is in the keystore's audit log.
-    from dccsign.audit import search, verify
+    from dccsign.audit.log import search, verify
 
     records = list(search(ks / "audit"))
     assert len(records) == len(lines) and verify(ks / "audit").ok

@@ -10,10 +10,10 @@ import time
 import pytest
 import trio
 
-from dccsign.protocol.client import Client, ClientError
-from dccsign.protocol.coalesce import Coalescer
+from dccsign.protocol.clients.blocking import Client, ClientError
+from dccsign.protocol.clients.coalesce import Coalescer
+from dccsign.protocol.clients.trio_client import open_client
 from dccsign.protocol.codes import ErrorCode
-from dccsign.protocol.trio_client import open_client
 from dccsign.protocol.wire import (
     NEED_DATA,
     SERVER,

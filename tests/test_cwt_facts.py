@@ -5,9 +5,9 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from dccsign.chain import claims_prefix
+from dccsign.dcc.issuer import claims_prefix
 from dccsign.native import CwtFacts, implementation
-from dccsign.samples import sample, varied_samples
+from dccsign.testing.samples import sample, varied_samples
 
 NOW = 1_790_000_000
 INT64_MAX = 2**63 - 1

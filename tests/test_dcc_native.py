@@ -1,11 +1,11 @@
 """The DCC validator on CBOR bytes (dccsign.native validate_dcc_*): both implementations
-against the Python validator (dccsign.dcc.validate on the decoded object), differentially.
+against the Python validator (dccsign.dcc.validate.validate on the decoded object), differentially.
 
 Every check goes through :func:`agree`, which asks three parties about the same bytes:
 
 * the implementation under test (``impl``: native or the pure-Python twin),
 * the oracle: the decoder the mode names (the engine's strict ``cborlimits.decode`` or keyd's
-  ``loads_exact``) followed by :func:`dccsign.dcc.validate`, written out here again,
+  ``loads_exact``) followed by :func:`dccsign.dcc.validate.validate`, written out here again,
 
 and requires the same result: the same type, or the same error class with the same issues
 (path, rule and message) or the same decoder message; and for the native implementation, no
@@ -44,12 +44,12 @@ from test_dcc_validation import (
 )
 
 from conftest import shared_path
-from dccsign.chain import _nfc, claims_prefix
-from dccsign.dcc import DOSE_MAX, DCCValidationError, validate
+from dccsign.dcc.issuer import _nfc, claims_prefix
+from dccsign.dcc.validate import DOSE_MAX, DCCValidationError, validate
+from dccsign.dcc.valuesets import ValueSets
+from dccsign.dcc.verify import loads_exact
 from dccsign.native import DCCDecodeError
 from dccsign.protocol import cborlimits
-from dccsign.valuesets import ValueSets
-from dccsign.verify import loads_exact
 
 STRICT_LIMITS = {"max_items": 65536, "max_depth": 16}
 _RULES: dict[tuple[str, int], Any] = {}
@@ -775,7 +775,7 @@ def test_batch_spans_may_come_as_uint32_arrays(impl):
 
     import cbor2
 
-    from dccsign.samples import varied_samples
+    from dccsign.testing.samples import varied_samples
 
     dccs = [cbor2.dumps(d) for d in varied_samples(3)]
     buf = b"".join(dccs)

@@ -1,4 +1,4 @@
-"""The DCC validator (dccsign.dcc): every rule, every version boundary, robustness, and a
+"""The DCC validator (dccsign.dcc.validate): every rule, every version boundary, robustness, and a
 cross-check against the official JSON schemas and the official test vectors.
 
 Three kinds of evidence:
@@ -30,9 +30,9 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator, FormatChecker
 
 from conftest import shared_path
-from dccsign.dcc import DOSE_MAX, RULES, DCCValidationError, Issue, validate
-from dccsign.uvci import make_uvci
-from dccsign.valuesets import ValueSets
+from dccsign.dcc.uvci import make_uvci
+from dccsign.dcc.validate import DOSE_MAX, RULES, DCCValidationError, Issue, validate
+from dccsign.dcc.valuesets import ValueSets
 
 VERSIONS = ["1.0.0", "1.0.1", "1.1.0", "1.2.0", "1.2.1", "1.3.0", "1.3.1", "1.3.2", "1.3.3"]
 TODAY = date(2025, 1, 15)  # fixed, so that "dob not in the future" is deterministic

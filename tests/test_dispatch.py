@@ -1,4 +1,4 @@
-"""engine/dispatch.py: a request's items in, one result per item out (fake keyd batcher)."""
+"""engine/server/dispatch.py: a request's items in, one result per item out (fake keyd batcher)."""
 
 import collections
 import copy
@@ -13,14 +13,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dccsign import native
-from dccsign.benchcore import ephemeral_certificate
-from dccsign.dispatch import Dispatcher
-from dccsign.dsc import DSC
-from dccsign.policy import PolicyFile, QuotaTracker
+from dccsign.bench.core import ephemeral_certificate
+from dccsign.dcc.dsc import DSC
 from dccsign.protocol import wire
 from dccsign.protocol.codes import ErrorCode
 from dccsign.protocol.wire import ItemResult, SignItem
-from dccsign.samples import sample, varied_samples
+from dccsign.server.dispatch import Dispatcher
+from dccsign.server.policy import PolicyFile, QuotaTracker
+from dccsign.testing.samples import sample, varied_samples
 from fakes import FakeBatcher, dispatcher_for, uvci_of_hc1
 
 
@@ -299,7 +299,7 @@ def test_a_frame_of_several_kids_goes_to_keyd_in_one_call_without_empty_kids(
     """With one key per DCC type (the development keystore), a frame mixing types is one
     issue_columns_many call with a batch per kid; a kid whose rows were all refused (here by
     an account's quota) is not in it, and the other kids are signed."""
-    from dccsign.keystore import Keystore
+    from dccsign.keys.keystore import Keystore
 
     class Recording(FakeBatcher):
         def __init__(self):

@@ -10,9 +10,9 @@ import os
 import pytest
 
 from conftest import IN_CI
-from dccsign.chain import Issuer, SignerKey
-from dccsign.keystore import Keystore, resolve_passphrase
-from dccsign.samples import varied_samples
+from dccsign.dcc.issuer import Issuer, SignerKey
+from dccsign.keys.keystore import Keystore, resolve_passphrase
+from dccsign.testing.samples import varied_samples
 from independent import node_available, verify_node, verify_pycose
 
 COUNT = 2400

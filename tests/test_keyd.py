@@ -10,14 +10,14 @@ import cbor2
 import pytest
 
 from dccsign import native
-from dccsign.audit import AuditKey, AuditLog, AuditUnavailable, search, verify
-from dccsign.chain import claims_prefix
-from dccsign.keyd import Keyd, serve_unix
-from dccsign.keyd_client import KeydClient
-from dccsign.keystore import Keystore, resolve_passphrase
+from dccsign.audit.log import AuditKey, AuditLog, AuditUnavailable, search, verify
+from dccsign.dcc.issuer import claims_prefix
+from dccsign.dcc.verify import verify_hc1
+from dccsign.keyd.client import KeydClient
+from dccsign.keyd.service import Keyd, serve_unix
+from dccsign.keys.keystore import Keystore, resolve_passphrase
 from dccsign.protocol.keyd import ItemError, Sign
-from dccsign.samples import sample
-from dccsign.verify import verify_hc1
+from dccsign.testing.samples import sample
 
 
 @pytest.fixture
@@ -263,7 +263,7 @@ def test_disable_applies_even_when_the_audit_log_fails(env, monkeypatch):
 
 
 def test_batches_across_chunks_keep_order(env):
-    from dccsign.keyd import SIGN_CHUNK
+    from dccsign.keyd.service import SIGN_CHUNK
 
     store, keyd, _, audit_dir = env
     kid = _kid(store, "v")
@@ -409,7 +409,7 @@ def test_no_pools_when_disabled(env):
 
 
 def test_mlock_failure_is_logged_not_fatal(caplog):
-    from dccsign.keyd import _log_pool
+    from dccsign.keyd.service import _log_pool
 
     info = native.NoncePoolInfo(
         65536, 0, 0, 0, 0, 0, False, "Cannot allocate memory", True, True, False, "SCHED_IDLE"
@@ -428,7 +428,8 @@ def test_mlock_failure_is_logged_not_fatal(caplog):
 
 
 def test_cli_default_nonce_pool_matches_keyd():
-    from dccsign import cli, keyd
+    from dccsign.cli import main as cli
+    from dccsign.keyd import service as keyd
 
     assert cli.NONCE_POOL_DEFAULT == keyd.DEFAULT_NONCE_POOL
 
@@ -452,7 +453,7 @@ def test_a_pool_that_cannot_be_made_does_not_stop_keyd(dev_keystore_copy, tmp_pa
 def test_the_pure_python_reference_gets_a_smaller_pool(dev_keystore_copy, tmp_path):
     """Its refill runs Python holding the GIL: keyd caps its pools (a pool sized for the
     native burst kept keyd's other threads waiting for seconds under load)."""
-    from dccsign import keyd as keyd_module
+    from dccsign.keyd import service as keyd_module
     from dccsign.native import implementation
 
     store = Keystore.open(dev_keystore_copy)
@@ -469,8 +470,8 @@ def test_the_pure_python_reference_gets_a_smaller_pool(dev_keystore_copy, tmp_pa
 
 def test_keyd_on_the_facade_caps_its_pools_when_the_reference_is_selected(monkeypatch):
     """keyd's default impl is the dccsign.native facade: the cap follows what it bound."""
-    from dccsign import keyd as keyd_module
     from dccsign import native
+    from dccsign.keyd import service as keyd_module
 
     class Facade:
         __name__ = "dccsign.native"

@@ -16,14 +16,14 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from dccsign import native
-from dccsign.benchcore import ephemeral_certificate
-from dccsign.chain import claims_prefix
-from dccsign.dsc import DSC
-from dccsign.keyd_batcher import KeydBatcher, _fair_batch
-from dccsign.keyd_client import KeydError
+from dccsign.bench.core import ephemeral_certificate
+from dccsign.dcc.dsc import DSC
+from dccsign.dcc.issuer import claims_prefix
+from dccsign.dcc.verify import loads_exact
+from dccsign.keyd.client import KeydError
 from dccsign.protocol.keyd import ColumnsResult, ItemError, KeydColumns, SignPart
-from dccsign.samples import sample, varied_samples
-from dccsign.verify import loads_exact
+from dccsign.server.batcher import KeydBatcher, _fair_batch
+from dccsign.testing.samples import sample, varied_samples
 
 KID = bytes(range(8))
 PROTECTED = native.protected_header(-7, KID)
@@ -254,7 +254,7 @@ async def test_one_issue_with_several_parts_gets_flat_outcomes_in_order():
 async def test_encoded_inline_or_in_a_thread_alike(count, monkeypatch):
     """Up to INLINE_ENCODE certificates are encoded on the event loop, more in a worker
     thread: the outcomes are the same either way."""
-    from dccsign import keyd_batcher
+    from dccsign.server import batcher as keyd_batcher
 
     threads = []
     real = keyd_batcher.run_native

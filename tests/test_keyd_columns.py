@@ -11,10 +11,11 @@ import cbor2
 import pytest
 
 from dccsign import native
-from dccsign.audit import CACHE_ENTRIES, AuditKey, AuditLog, AuditUnavailable, search, verify
-from dccsign.chain import claims_prefix
-from dccsign.keyd import Keyd
-from dccsign.keystore import Keystore, resolve_passphrase
+from dccsign.audit.log import CACHE_ENTRIES, AuditKey, AuditLog, AuditUnavailable, search, verify
+from dccsign.dcc.issuer import claims_prefix
+from dccsign.dcc.verify import verify_hc1
+from dccsign.keyd.service import Keyd
+from dccsign.keys.keystore import Keystore, resolve_passphrase
 from dccsign.protocol.keyd import (
     ItemError,
     KeydColumns,
@@ -24,8 +25,7 @@ from dccsign.protocol.keyd import (
     SignMany,
     SignPart,
 )
-from dccsign.samples import sample
-from dccsign.verify import verify_hc1
+from dccsign.testing.samples import sample
 
 
 @pytest.fixture
@@ -112,7 +112,7 @@ def test_columns_and_parts_audit_the_same_records(dev_keystore_copy, tmp_path):
     """The same items through SIGN_COLUMNS (native audit lines from the string tables) and
     through the per-part audit path (``append_batches``): the same records, field for field
     except the chain and the time."""
-    from dccsign.audit import IssuanceBatch
+    from dccsign.audit.log import IssuanceBatch
 
     store = Keystore.open(dev_keystore_copy)
     pw = resolve_passphrase(store.directory)
@@ -352,7 +352,7 @@ class ColumnsKeyd:
 async def test_the_batcher_concatenates_requests_as_columns(monkeypatch):
     import trio
 
-    from dccsign.keyd_batcher import KeydBatcher
+    from dccsign.server.batcher import KeydBatcher
 
     keyd = ColumnsKeyd()
     batcher = KeydBatcher(keyd, window=0.05)
@@ -403,7 +403,7 @@ class KidsKeyd(ColumnsKeyd):
 async def test_the_batcher_sends_every_pending_kid_in_one_sign_kids(monkeypatch):
     import trio
 
-    from dccsign.keyd_batcher import KeydBatcher
+    from dccsign.server.batcher import KeydBatcher
 
     keyd = KidsKeyd()
     batcher = KeydBatcher(keyd, window=0.05)
@@ -442,8 +442,8 @@ async def test_the_batcher_sends_every_pending_kid_in_one_sign_kids(monkeypatch)
 async def test_a_failed_sign_kids_fails_every_waiter_of_every_kid():
     import trio
 
-    from dccsign.keyd_batcher import KeydBatcher
-    from dccsign.keyd_client import KeydError
+    from dccsign.keyd.client import KeydError
+    from dccsign.server.batcher import KeydBatcher
 
     class Broken(KidsKeyd):
         async def sign_kids(self, batches):

@@ -12,17 +12,17 @@ import cbor2
 import pytest
 import trio
 
-from dccsign.audit import AuditKey, AuditLog, search, verify
-from dccsign.chain import MAX_HC1_CHARS, claims_prefix, max_payload
-from dccsign.cli import build_parser
-from dccsign.keyd import Keyd
-from dccsign.keyd_client import KeydClient
-from dccsign.keyd_supervisor import PrivateKeyd
-from dccsign.keystore import Keystore, resolve_passphrase
+from dccsign.audit.log import AuditKey, AuditLog, search, verify
+from dccsign.cli.main import build_parser
+from dccsign.dcc.issuer import MAX_HC1_CHARS, claims_prefix, max_payload
+from dccsign.keyd.client import KeydClient
+from dccsign.keyd.service import Keyd
+from dccsign.keyd.supervisor import PrivateKeyd
+from dccsign.keys.keystore import Keystore, resolve_passphrase
 from dccsign.protocol.codes import ErrorCode
 from dccsign.protocol.keyd import ItemError, Sign
 from dccsign.protocol.wire import SignItem
-from dccsign.samples import sample
+from dccsign.testing.samples import sample
 from engine_process import EngineProcess, wait_serving
 
 

@@ -20,11 +20,11 @@ import pytest
 from test_keyd_lifecycle import _children, _state
 
 from conftest import IN_CI
-from dccsign.audit import search, verify
-from dccsign.keyd_client import KeydClient, KeydError
-from dccsign.protocol.client import Client
+from dccsign.audit.log import search, verify
+from dccsign.keyd.client import KeydClient, KeydError
+from dccsign.protocol.clients.blocking import Client
 from dccsign.protocol.codes import ErrorCode
-from dccsign.samples import sample
+from dccsign.testing.samples import sample
 from engine_process import EngineProcess, _free_port, wait_serving, write_policy
 
 DCCSIGN = [sys.executable, "-m", "dccsign"]
@@ -208,13 +208,15 @@ AS_USER = textwrap.dedent("""
     uid, gid = int(sys.argv[1]), int(sys.argv[2])
     groups = [int(g) for g in sys.argv[3].split(",") if g]
     import _strptime, encodings.idna, grp, json, pwd, resource, signal, socket, struct
-    import dccsign.audit, dccsign.cli, dccsign.devtls, dccsign.dispatch, dccsign.keyd
-    import dccsign.keyd_batcher, dccsign.keyd_client, dccsign.keyd_trio, dccsign.keystore
-    import dccsign.metrics, dccsign.policy, dccsign.process, dccsign.serve_cli, dccsign.server
+    import dccsign.audit.log, dccsign.cli.main, dccsign.cli.serve, dccsign.process
+    import dccsign.keyd.client, dccsign.keyd.service, dccsign.keyd.trio_client
+    import dccsign.keys.keystore, dccsign.server.batcher, dccsign.server.devtls
+    import dccsign.server.dispatch, dccsign.server.metrics, dccsign.server.policy
+    import dccsign.server.server
     import dccsign.protocol.keyd
-    from dccsign.valuesets import ValueSets
+    from dccsign.dcc.valuesets import ValueSets
     ValueSets.builtin()
-    dccsign.cli.build_parser()
+    dccsign.cli.main.build_parser()
     os.setgroups(groups)
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
@@ -222,7 +224,7 @@ AS_USER = textwrap.dedent("""
     if sys.argv[4] == "-c":
         exec(sys.argv[5])
     else:
-        sys.exit(dccsign.cli.main(sys.argv[4:]))
+        sys.exit(dccsign.cli.main.main(sys.argv[4:]))
 """)
 
 
@@ -231,7 +233,7 @@ def _as_user(uid, gid, groups, args, *, cwd, **kw):
     interpreter is reachable for it, else through AS_USER."""
     try:
         direct = subprocess.run(
-            [sys.executable, "-c", "import dccsign.keyd"], user=uid, group=gid,
+            [sys.executable, "-c", "import dccsign.keyd.service"], user=uid, group=gid,
             extra_groups=groups, capture_output=True, cwd=cwd, timeout=60,
         ).returncode == 0
     except PermissionError:
@@ -388,13 +390,13 @@ def test_keyd_under_its_own_uid_serves_only_the_engine_uid(dev_keystore):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread names are read from /proc")
 def test_threads_are_named_for_per_thread_cpu_figures(dev_keystore_copy, tmp_path):
     """keyd's signing workers and the nonce pool's refill thread carry OS names, so that
-    dccsign.cpustat and `top -H` tell them apart; name_this_thread cuts to 15 bytes."""
+    dccsign.bench.cpustat and `top -H` tell them apart; name_this_thread cuts to 15 bytes."""
     import threading
 
     from dccsign import native
-    from dccsign.audit import AuditKey, AuditLog
-    from dccsign.keyd import Keyd
-    from dccsign.keystore import resolve_passphrase
+    from dccsign.audit.log import AuditKey, AuditLog
+    from dccsign.keyd.service import Keyd
+    from dccsign.keys.keystore import resolve_passphrase
     from dccsign.process import name_this_thread
     from dccsign.protocol.keyd import KeydColumns, SignColumns, SignPart
 

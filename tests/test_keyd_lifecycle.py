@@ -16,14 +16,14 @@ import cbor2
 import pytest
 from test_keyd_process import kid_for, payload, start_keyd
 
-from dccsign.audit import LOCK_FILE, AuditKey, AuditLog, AuditLogError, _entries, search, verify
-from dccsign.keyd_client import KeydClient
-from dccsign.keyd_supervisor import _accepts
-from dccsign.keystore import Keystore
+from dccsign.audit.log import LOCK_FILE, AuditKey, AuditLog, AuditLogError, _entries, search, verify
+from dccsign.dcc.verify import decode_hc1
+from dccsign.keyd.client import KeydClient
+from dccsign.keyd.supervisor import _accepts
+from dccsign.keys.keystore import Keystore
 from dccsign.process import process_start
 from dccsign.protocol.wire import SignItem
-from dccsign.samples import sample
-from dccsign.verify import decode_hc1
+from dccsign.testing.samples import sample
 from engine_process import EngineProcess, write_policy
 
 DCCSIGN = [sys.executable, "-m", "dccsign"]
@@ -123,7 +123,7 @@ def test_supervised_keyd_takes_its_passphrase_from_the_first_line(dev_keystore_c
 
 SUPERVISOR = textwrap.dedent("""
     import sys, threading, time
-    from dccsign.keyd_supervisor import PrivateKeyd
+    from dccsign.keyd.supervisor import PrivateKeyd
     keyd = PrivateKeyd(sys.argv[1], nonce_pool=0)
     # Started from a thread that then ends (as trio's worker threads do): keyd must outlive
     # the thread (PR_SET_PDEATHSIG would kill it here) and die only with this process.

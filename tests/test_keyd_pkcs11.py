@@ -2,7 +2,7 @@
 DSC, activate, sign through keyd, verify.
 
 Every token operation runs in a child process: a process holds one token session
-(dccsign.pkcs11), and this test process may already hold one (tests/test_pkcs11.py).
+(dccsign.keys.pkcs11), and this test process may already hold one (tests/test_pkcs11.py).
 """
 
 import os
@@ -17,15 +17,15 @@ from cryptography import x509
 
 from conftest import IN_CI
 from dccsign import native
-from dccsign.audit import search, verify
-from dccsign.chain import claims_prefix
-from dccsign.cli import main
-from dccsign.dsc import DSC
-from dccsign.keyd_supervisor import PrivateKeyd
-from dccsign.keystore import resolve_passphrase
-from dccsign.lifecycle import issue_with_dev_csca
-from dccsign.samples import sample
-from dccsign.verify import verify_hc1
+from dccsign.audit.log import search, verify
+from dccsign.cli.main import main
+from dccsign.dcc.dsc import DSC
+from dccsign.dcc.issuer import claims_prefix
+from dccsign.dcc.verify import verify_hc1
+from dccsign.keyd.supervisor import PrivateKeyd
+from dccsign.keys.keystore import resolve_passphrase
+from dccsign.keys.lifecycle import issue_with_dev_csca
+from dccsign.testing.samples import sample
 
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 

@@ -13,12 +13,12 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from dccsign.audit import search, verify
-from dccsign.chain import claims_prefix
-from dccsign.keyd_client import KeydClient, KeydError
-from dccsign.keyd_supervisor import _accepts
-from dccsign.keystore import Keystore, resolve_passphrase
-from dccsign.samples import sample
+from dccsign.audit.log import search, verify
+from dccsign.dcc.issuer import claims_prefix
+from dccsign.keyd.client import KeydClient, KeydError
+from dccsign.keyd.supervisor import _accepts
+from dccsign.keys.keystore import Keystore, resolve_passphrase
+from dccsign.testing.samples import sample
 
 
 def start_keyd(keystore, sock, env=None):
@@ -41,7 +41,7 @@ def start_keyd(keystore, sock, env=None):
         )
     deadline = time.monotonic() + 20
     # A killed keyd leaves its socket file behind: readiness is a successful connect.
-    while not _accepts(sock):  # dccsign.keyd_supervisor._accepts
+    while not _accepts(sock):  # dccsign.keyd.supervisor._accepts
         if proc.poll() is not None:
             raise AssertionError(f"keyd exited {proc.returncode}: {log_path.read_text()}")
         if time.monotonic() > deadline:
@@ -144,9 +144,9 @@ def test_sigkill_under_load_loses_no_issued_certificate(dev_keystore_copy, tmp_p
 
 ENGINE = textwrap.dedent("""
     import sys, time, cbor2
-    from dccsign.keyd_client import KeydClient
-    from dccsign.chain import claims_prefix
-    from dccsign.samples import sample
+    from dccsign.keyd.client import KeydClient
+    from dccsign.dcc.issuer import claims_prefix
+    from dccsign.testing.samples import sample
     now = int(time.time())
     with KeydClient(sys.argv[1]) as c:
         kids = [k.kid for k in c.describe()]

@@ -14,9 +14,8 @@ import trio.testing
 from test_keyd_columns import KidsKeyd
 
 from dccsign import native
-from dccsign.keyd_batcher import KeydBatcher
-from dccsign.keyd_client import KeydError
-from dccsign.keyd_trio import TrioKeydClient
+from dccsign.keyd.client import KeydError
+from dccsign.keyd.trio_client import TrioKeydClient
 from dccsign.protocol.keyd import (
     NEED_DATA,
     ColumnsResult,
@@ -28,6 +27,7 @@ from dccsign.protocol.keyd import (
     SignKids,
     SignPart,
 )
+from dccsign.server.batcher import KeydBatcher
 
 V, T, R = b"v" * 8, b"t" * 8, b"r" * 8
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import _load_impl
-from dccsign.chain import claims_prefix
+from dccsign.dcc.issuer import claims_prefix
 from dccsign.protocol.keyd import (
     MAX_COLUMN_ITEMS,
     MAX_KID_BATCHES,
@@ -28,7 +28,7 @@ from dccsign.protocol.keyd import (
     SignKids,
     SignPart,
 )
-from dccsign.samples import sample
+from dccsign.testing.samples import sample
 
 KID = bytes(range(8))
 TIME = b"2026-11-23T09:12:44.021730Z"

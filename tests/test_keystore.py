@@ -8,7 +8,7 @@ import pytest
 
 from dccsign import native
 from dccsign.errors import KeystoreError
-from dccsign.keystore import Keystore, init_dev, resolve_passphrase
+from dccsign.keys.keystore import Keystore, init_dev, resolve_passphrase
 
 
 @pytest.fixture

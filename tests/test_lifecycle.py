@@ -9,14 +9,14 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from dccsign.audit import search
-from dccsign.chain import claims_prefix
-from dccsign.cli import main
-from dccsign.keyd_supervisor import PrivateKeyd
-from dccsign.keystore import Keystore, resolve_passphrase
-from dccsign.lifecycle import issue_with_dev_csca, key_warnings
+from dccsign.audit.log import search
+from dccsign.cli.main import main
+from dccsign.dcc.issuer import claims_prefix
+from dccsign.keyd.supervisor import PrivateKeyd
+from dccsign.keys.keystore import Keystore, resolve_passphrase
+from dccsign.keys.lifecycle import issue_with_dev_csca, key_warnings
 from dccsign.protocol.keyd import ItemError
-from dccsign.samples import sample
+from dccsign.testing.samples import sample
 
 
 def run(capsys, *argv):
@@ -128,8 +128,8 @@ def test_transitions(dev_keystore_copy, capsys, start, verb, ok):
 
 
 def test_warnings():
-    from dccsign.benchcore import ephemeral_certificate
-    from dccsign.dsc import DSC
+    from dccsign.bench.core import ephemeral_certificate
+    from dccsign.dcc.dsc import DSC
 
     dsc = DSC.from_certificate(ephemeral_certificate()[1])  # notBefore yesterday, 30 days valid
     assert key_warnings(dsc) == [
@@ -169,7 +169,7 @@ def test_generate_and_csr_errors(dev_keystore_copy, capsys):
 def test_hand_built_csr_is_valid_pkcs10(kind):
     from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
-    from dccsign.csr import ECDSA_SHA256, RSA_SHA256, build_csr
+    from dccsign.keys.csr import ECDSA_SHA256, RSA_SHA256, build_csr
 
     if kind == "ec":
         key = ec.generate_private_key(ec.SECP256R1())

@@ -23,26 +23,20 @@ import time
 import pytest
 import trio
 
-from dccsign.cli import main
-from dccsign.latency import LatencyHistogram
-from dccsign.loadfake import CANNED_KID, FakeEngine, FakePool
-from dccsign.loadgen import LoadConfig, LoadError, build_payloads, run_load
-from dccsign.loadpool import (
+from dccsign.bench.latency import LatencyHistogram
+from dccsign.bench.loadfake import CANNED_KID, FakeEngine, FakePool
+from dccsign.bench.loadgen import LoadConfig, LoadError, build_payloads, run_load
+from dccsign.bench.loadpool import (
     PoolTimeout,
     PoolUnavailable,
     pool_levels,
     summarize,
     wait_for_full_pool,
 )
-from dccsign.loadprofile import PRESETS, ProfileError, load_profile, parse_profile
-from dccsign.loadreport import (
-    metrics_delta,
-    parse_prometheus,
-    plot,
-    scrape_metrics,
-    text_report,
-    to_json,
-)
+from dccsign.bench.loadprofile import PRESETS, ProfileError, load_profile, parse_profile
+from dccsign.bench.loadreport import plot, text_report, to_json
+from dccsign.bench.scrape import metrics_delta, parse_prometheus, scrape_metrics
+from dccsign.cli.main import main
 from engine_process import EngineProcess
 
 IN_CI = os.environ.get("CI") == "true"
@@ -329,7 +323,7 @@ def test_histogram_records_exactly_what_hdr_record_value_does(digits):
     the whole range -- zero, every power of two's neighbourhood, random values, the clamp."""
     from hdrh.histogram import HdrHistogram
 
-    from dccsign import latency
+    from dccsign.bench import latency
 
     rng = random.Random(digits)
     values_us = [0, 1, 2, 3, latency._HIGHEST_US, latency._HIGHEST_US - 1]
@@ -394,7 +388,7 @@ def test_prometheus_parsing_and_delta():
         'dccsign_busy_total{client="a"} 3.0\ndccsign_request_seconds_count 14.0\n'
         "dccsign_request_seconds_sum 1.4\n"
     )
-    from dccsign.loadreport import MetricsSnapshot
+    from dccsign.bench.scrape import MetricsSnapshot
 
     d = metrics_delta(MetricsSnapshot("u", before, None), MetricsSnapshot("u", after, None))
     assert d["items_by_result"] == {"INVALID_DCC": 5, "ok": 100}
@@ -405,7 +399,7 @@ def test_prometheus_parsing_and_delta():
 def test_stage_means_come_in_path_order_from_the_run_only():
     """dccsign_stage_seconds: the run's share (after minus before) of each stage's sum and
     count gives its mean, listed in the order of the signing path; unknown stages last."""
-    from dccsign.loadreport import MetricsSnapshot
+    from dccsign.bench.scrape import MetricsSnapshot
 
     def snap(scale):
         lines = [
@@ -439,7 +433,7 @@ def fake_process(tmp_path):
     """The fake engine in its own process, for the command line (which runs its own trio)."""
     path = tmp_path / "f.sock"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dccsign.loadfake", "--unix", str(path)],
+        [sys.executable, "-m", "dccsign.bench.loadfake", "--unix", str(path)],
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 30
@@ -505,7 +499,7 @@ def test_cli_usage_errors(tmp_path, capsys):
 
 
 def test_to_json_of_an_empty_run_is_complete():
-    from dccsign.loadgen import LoadResult
+    from dccsign.bench.loadgen import LoadResult
 
     config = LoadConfig(profile=_constant(10, 1.0))
     r = LoadResult(config, config.profile, "open-loop", {"server": "x"}, 0, 0.0, 0.0, 1.0, 1.0)
@@ -764,8 +758,8 @@ def _png_height(path) -> int:
 def test_plot_gets_a_pool_panel_when_there_are_samples(tmp_path):
     if not _plot_available():
         pytest.skip("matplotlib is not installed (pip install matplotlib, or the [test] extra)")
-    from dccsign.loadgen import LoadResult
-    from dccsign.loadpool import PoolLevel, PoolSeries
+    from dccsign.bench.loadgen import LoadResult
+    from dccsign.bench.loadpool import PoolLevel, PoolSeries
 
     config = LoadConfig(profile=_constant(10, 2.0))
     r = LoadResult(config, config.profile, "open-loop", {"server": "x"}, 0, 0.0, 0.0, 2.0, 2.0)
@@ -930,7 +924,7 @@ def test_counted_replies_equal_a_full_decode(impl, seed):
 
 def test_counted_replies_of_the_wire_codec_and_the_fake(impl):
     """Bodies as the codec itself encodes them (the engine's encoder), compressed or not."""
-    from dccsign.loadfake import CANNED_HC1
+    from dccsign.bench.loadfake import CANNED_HC1
     from dccsign.protocol import wire
 
     rng = random.Random(7)
@@ -1125,7 +1119,7 @@ async def test_counted_and_decoded_replies_give_the_same_counts(tmp_path):
 
 
 def test_cpu_per_process_and_thread_from_proc():
-    from dccsign import cpustat
+    from dccsign.bench import cpustat
 
     if not os.path.exists("/proc/self/task"):
         pytest.skip("no /proc")

@@ -9,7 +9,7 @@ import re
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from dccsign.metrics import HotCounter, HotHistogram, Metrics
+from dccsign.server.metrics import HotCounter, HotHistogram, Metrics
 
 BUCKETS = (0.001, 0.01, 0.1, 1.0, 10.0)
 VALUES = (0.0, 0.001, 0.0010001, 0.05, 0.1, 0.7, 3.0, 10.0, 11.0, 1e9)

@@ -1,4 +1,4 @@
-"""dccsign.offload: run_native (a worker thread per call, bounded; results and exceptions
+"""dccsign.server.offload: run_native (a worker thread per call, bounded; results and exceptions
 handed back; no cancellation halfway through) and the native reply pool, to a waiting task
 (encode_reply) or to a callback (encode_reply_soon)."""
 
@@ -11,7 +11,8 @@ import trio
 import trio.testing
 from test_reply import KIDS, _frame, _protected
 
-from dccsign import native, offload
+from dccsign import native
+from dccsign.server import offload
 
 
 async def test_runs_in_a_worker_thread_and_returns_its_result():

@@ -37,10 +37,10 @@ from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 
 from conftest import IN_CI
 from dccsign import native
-from dccsign.dsc import DSC
-from dccsign.pkcs11 import Pkcs11Error, Pkcs11SigningKey, Pkcs11Token, read_pin
-from dccsign.samples import varied_samples
-from dccsign.verify import verify_hc1
+from dccsign.dcc.dsc import DSC
+from dccsign.dcc.verify import verify_hc1
+from dccsign.keys.pkcs11 import Pkcs11Error, Pkcs11SigningKey, Pkcs11Token, read_pin
+from dccsign.testing.samples import varied_samples
 
 N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 PIN = b"8152-dcc-user"

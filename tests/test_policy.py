@@ -1,4 +1,4 @@
-"""Per-client policy and quotas (dccsign.policy): the file format, the static rules, the
+"""Per-client policy and quotas (dccsign.server.policy): the file format, the static rules, the
 quota windows, the bounded account table and reloading."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dccsign.errors import DccSignError
-from dccsign.policy import (
+from dccsign.server.policy import (
     DEFAULT_MAX_ACCOUNTS,
     ClientPolicy,
     Policy,
@@ -27,7 +27,7 @@ from dccsign.policy import (
     Refusal,
     RefusalCode,
 )
-from dccsign.samples import sample
+from dccsign.testing.samples import sample
 
 REPO = Path(__file__).resolve().parents[1]
 KID = bytes.fromhex("d0ff3fe0ad2e2c1b")
@@ -854,7 +854,7 @@ def test_client_names_that_would_mix_the_transports_are_refused(document, proble
 
 
 def test_a_policy_file_over_the_size_limit_is_refused_unread(tmp_path, caplog):
-    from dccsign.policy import MAX_POLICY_BYTES
+    from dccsign.server.policy import MAX_POLICY_BYTES
 
     path = tmp_path / "policy.json"
     path.write_text(json.dumps({"clients": {"a": {}}}))
@@ -863,7 +863,7 @@ def test_a_policy_file_over_the_size_limit_is_refused_unread(tmp_path, caplog):
     big = {"clients": {f"cn:c{n:07d}": {} for n in range(MAX_POLICY_BYTES // 14)}}
     path.write_text(json.dumps(big))
     assert path.stat().st_size > MAX_POLICY_BYTES
-    with caplog.at_level(logging.ERROR, "dccsign.policy"):
+    with caplog.at_level(logging.ERROR, "dccsign.server.policy"):
         assert policy.refresh() is False
     assert "larger than 4 MiB: refused unread" in (policy.last_error or "")
     assert list(policy.current().clients) == ["a"]

@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 from conftest import IN_CI
-from dccsign.qr import make_qr, numbered_paths, write_qr
+from dccsign.dcc.qr import make_qr, numbered_paths, write_qr
 
 ZBARIMG = shutil.which("zbarimg")
 

@@ -14,12 +14,12 @@ import time
 
 import pytest
 
-from dccsign.audit import search
-from dccsign.keystore import Keystore
-from dccsign.protocol.client import ClientError
+from dccsign.audit.log import search
+from dccsign.keys.keystore import Keystore
+from dccsign.protocol.clients.blocking import ClientError
 from dccsign.protocol.codes import ErrorCode
 from dccsign.protocol.wire import SignItem
-from dccsign.samples import sample, varied_samples
+from dccsign.testing.samples import sample, varied_samples
 from engine_process import EngineProcess, write_policy
 from independent import node_available, verify_node, verify_pycose
 

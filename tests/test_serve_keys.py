@@ -4,9 +4,9 @@ dispatcher at once."""
 
 from __future__ import annotations
 
-from dccsign import serve_cli
-from dccsign.dsc import DSC
-from dccsign.keystore import Keystore
+from dccsign.cli import serve as serve_cli
+from dccsign.dcc.dsc import DSC
+from dccsign.keys.keystore import Keystore
 from dccsign.protocol.keyd import KeyInfo
 from engine_process import write_policy
 

@@ -22,15 +22,15 @@ import trio.testing
 import zstandard
 
 from dccsign import native
-from dccsign.benchcore import ephemeral_certificate
-from dccsign.dispatch import Dispatcher
-from dccsign.dsc import DSC
-from dccsign.metrics import Metrics
-from dccsign.policy import PolicyFile, QuotaTracker
+from dccsign.bench.core import ephemeral_certificate
+from dccsign.dcc.dsc import DSC
 from dccsign.protocol import wire
 from dccsign.protocol.codes import ErrorCode
-from dccsign.samples import sample, varied_samples
-from dccsign.server import Limits, Peer, Server
+from dccsign.server.dispatch import Dispatcher
+from dccsign.server.metrics import Metrics
+from dccsign.server.policy import PolicyFile, QuotaTracker
+from dccsign.server.server import Limits, Peer, Server
+from dccsign.testing.samples import sample, varied_samples
 from fakes import FakeBatcher
 
 UID = os.getuid()
@@ -507,8 +507,8 @@ async def test_tls_handshakes_that_never_come_make_room_too(tmp_path, nursery):
     """Sockets that connect to the TLS port and never start the handshake hold a slot until
     a new connection needs it; the TLS client that then connects is served, and none of the
     evicted handshakes counts as an engine fault."""
-    from dccsign.devtls import DEV_CLIENT_NAME, ensure_dev_tls
-    from dccsign.serve_cli import tls_server_context
+    from dccsign.cli.serve import tls_server_context
+    from dccsign.server.devtls import DEV_CLIENT_NAME, ensure_dev_tls
 
     tls = ensure_dev_tls(tmp_path / "tls")
     engine = Engine(
@@ -906,9 +906,9 @@ async def test_over_tls_replies_that_fill_the_socket_arrive_whole_and_in_order(
     socket does not take whole is owed and finished by the writer before anything else. A
     client that pipelines many batches with a small receive buffer and reads only later
     gets every reply once, whole and decodable, each answering its own request."""
-    from dccsign.devtls import DEV_CLIENT_NAME, ensure_dev_tls
-    from dccsign.protocol.tls_stream import TLSStream, open_tls_over_tcp
-    from dccsign.serve_cli import tls_server_context
+    from dccsign.cli.serve import tls_server_context
+    from dccsign.protocol.clients.tls_stream import TLSStream, open_tls_over_tcp
+    from dccsign.server.devtls import DEV_CLIENT_NAME, ensure_dev_tls
 
     outcomes = []
     send_nowait = TLSStream.send_nowait

@@ -63,9 +63,9 @@ def coses():
     import cbor2
 
     from dccsign import native
-    from dccsign.benchcore import ephemeral_key
-    from dccsign.chain import claims_prefix
-    from dccsign.samples import varied_samples
+    from dccsign.bench.core import ephemeral_key
+    from dccsign.dcc.issuer import claims_prefix
+    from dccsign.testing.samples import varied_samples
 
     key = ephemeral_key(native.IMPLEMENTATION)
     prefix = claims_prefix("NL", 1_700_000_000, 1_731_536_000)
@@ -206,9 +206,9 @@ def test_independent_verifiers_read_its_output(dev_keystore):
     # tests/test_independent_signing.py verifies 2,400 certificates per implementation; this
     # keeps a small, fast check next to the encoder: every block type it writes must pass.
     from conftest import IN_CI
-    from dccsign.chain import Issuer, SignerKey
-    from dccsign.keystore import Keystore, resolve_passphrase
-    from dccsign.samples import varied_samples
+    from dccsign.dcc.issuer import Issuer, SignerKey
+    from dccsign.keys.keystore import Keystore, resolve_passphrase
+    from dccsign.testing.samples import varied_samples
     from independent import node_available, verify_node, verify_pycose
 
     nat = _native()

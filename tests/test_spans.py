@@ -12,9 +12,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from test_signing import PASS, _pem, _verify
 
-from dccsign.chain import claims_prefix
+from dccsign.dcc.issuer import claims_prefix
 from dccsign.native import Spans
-from dccsign.samples import varied_samples
+from dccsign.testing.samples import varied_samples
 
 
 def _buffer(payloads: list[bytes]) -> tuple[bytes, array, array]:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from dccsign.native import _walker_py as W
 from dccsign.native._spantable_py import SPAN_ABSENT
-from dccsign.samples import varied_samples
+from dccsign.testing.samples import varied_samples
 
 DCC = varied_samples(1, seed=3)[0]
 

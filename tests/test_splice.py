@@ -12,10 +12,10 @@ import struct
 import cbor2
 import pytest
 
-from dccsign.chain import _nfc, claims_prefix
+from dccsign.dcc.issuer import _nfc, claims_prefix
 from dccsign.native import _splice_py as S
 from dccsign.protocol import wire
-from dccsign.samples import varied_samples
+from dccsign.testing.samples import varied_samples
 
 PREFIXES = [claims_prefix("NL", 1_700_000_000, 1_731_536_000), claims_prefix("DE", 5, 2**33)]
 

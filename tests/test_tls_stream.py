@@ -1,4 +1,4 @@
-"""protocol/tls_stream.py: TLS with OpenSSL on the socket, under trio's stream contract.
+"""protocol/clients/tls_stream.py: TLS with OpenSSL on the socket, under trio's stream contract.
 
 Every test runs a real loopback TCP connection with the development TLS material (a CA, a
 server certificate for 127.0.0.1, a client certificate); the peer is this module's stream,
@@ -17,8 +17,8 @@ import pytest
 import trio
 import trio.testing
 
-from dccsign.devtls import DEV_CLIENT_NAME, ensure_dev_tls
-from dccsign.protocol.tls_stream import TLSStream, open_tls_over_tcp
+from dccsign.protocol.clients.tls_stream import TLSStream, open_tls_over_tcp
+from dccsign.server.devtls import DEV_CLIENT_NAME, ensure_dev_tls
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""UVCI grammar, Luhn mod-38 check character and construction (dccsign.uvci)."""
+"""UVCI grammar, Luhn mod-38 check character and construction (dccsign.dcc.uvci)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dccsign.uvci import (
+from dccsign.dcc.uvci import (
     LUHN_ALPHABET,
     UVCI_MAX_LENGTH,
     check_uvci,

@@ -11,9 +11,9 @@ import pytest
 
 import dccsign
 from conftest import shared_path
-from dccsign.dcc import DCCValidationError, validate
-from dccsign.samples import sample
-from dccsign.valuesets import FIELD_SETS, OFFICIAL_IDS, ValueSets
+from dccsign.dcc.validate import DCCValidationError, validate
+from dccsign.dcc.valuesets import FIELD_SETS, OFFICIAL_IDS, ValueSets
+from dccsign.testing.samples import sample
 
 # The sets the validator uses, as file names of the official value-set repository.
 OFFICIAL_FILES = [
@@ -123,11 +123,13 @@ def test_field_sets_cover_every_coded_field() -> None:
 
 def test_product_code_does_not_read_shared_data() -> None:
     # The product must run without ../shared: no module of ours may mention it.
-    root = Path(dccsign.__file__).parent
-    for name in ("dcc.py", "valuesets.py", "uvci.py"):
-        source = (root / name).read_text(encoding="utf-8")
+    root = Path(dccsign.__file__).parent / "dcc"
+    modules = sorted(root.glob("*.py"))
+    assert {"validate.py", "valuesets.py", "uvci.py"} <= {m.name for m in modules}
+    for module in modules:
+        source = module.read_text(encoding="utf-8")
         for needle in ("shared/", "testdata", "DCCSIGN_SHARED_DIR"):
-            assert needle not in source, (name, needle)
+            assert needle not in source, (module.name, needle)
     table = json.loads((root / "data" / "valuesets.json").read_text(encoding="utf-8"))
     assert table["format"] == 1
     assert set(OFFICIAL_FILES) <= set(table["sets"])

@@ -1,6 +1,6 @@
 """Every official test vector (../shared/testdata/dgc) through our decoder and verifier.
 
-The flags of EXPECTEDRESULTS map onto the steps of :func:`dccsign.verify.verify_hc1`:
+The flags of EXPECTEDRESULTS map onto the steps of :func:`dccsign.dcc.verify.verify_hc1`:
 UNPREFIX -> prefix, B45DECODE -> base45, COMPRESSION -> zlib, DECODE -> cose/header/cwt,
 VERIFY -> the signature, EXPIRATIONCHECK -> time_valid at VALIDATIONCLOCK, KEYUSAGE ->
 usage_valid. SCHEMAVALIDATION is the validator's business (tests/test_dcc_validation.py).
@@ -16,8 +16,8 @@ import re
 import pytest
 
 from conftest import shared_path
-from dccsign.dsc import DSC
-from dccsign.verify import verify_hc1
+from dccsign.dcc.dsc import DSC
+from dccsign.dcc.verify import verify_hc1
 
 # vector -> reason. Empty: we agree with every flag we check.
 DISAGREE: dict[str, str] = {}

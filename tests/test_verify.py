@@ -10,10 +10,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from dccsign import native
-from dccsign.benchcore import ephemeral_certificate
-from dccsign.dsc import DSC
-from dccsign.samples import sample
-from dccsign.verify import verify_hc1
+from dccsign.bench.core import ephemeral_certificate
+from dccsign.dcc.dsc import DSC
+from dccsign.dcc.verify import verify_hc1
+from dccsign.testing.samples import sample
 
 NOW = dt.datetime.now(dt.UTC)
 

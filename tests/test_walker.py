@@ -17,7 +17,7 @@ import pytest
 from dccsign.native import _walker_py as W
 from dccsign.protocol import cborlimits, wire
 from dccsign.protocol.codes import ErrorCode
-from dccsign.samples import varied_samples
+from dccsign.testing.samples import varied_samples
 
 MAX_BATCH = 8
 DCCS = varied_samples(12, seed=14)

@@ -28,7 +28,7 @@ from dccsign.protocol.wire import (
     SignResult,
     State,
 )
-from dccsign.samples import varied_samples
+from dccsign.testing.samples import varied_samples
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 KID = bytes(range(8))

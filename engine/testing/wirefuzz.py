@@ -25,7 +25,7 @@ import zstandard
 
 from ..protocol import wire
 from ..protocol.codes import ErrorCode
-from ..samples import varied_samples
+from .samples import varied_samples
 
 __all__ = ["SessionFuzzer", "SessionResult", "run_session"]
 

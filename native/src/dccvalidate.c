@@ -1,4 +1,4 @@
-/* The native DCC validator (see dccvalidate.h). The readable reference is engine/dcc.py; the
+/* The native DCC validator (see dccvalidate.h). The readable reference is engine/dcc/validate.py; the
  * comments name the Python function each part mirrors. Two passes over the bytes:
  *
  *  1. decodability (pre_item): would the decoder accept the bytes, and does this walker model

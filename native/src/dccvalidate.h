@@ -1,7 +1,7 @@
-/* The native DCC validator: the twin of engine/dcc.py + uvci.py + value sets, on CBOR bytes.
+/* The native DCC validator: the twin of engine/dcc/validate.py + uvci.py + value sets, on CBOR bytes.
  *
  * dv_validate() reads one DCC map in CBOR (the value under CWT claim -260/1) and decides what
- * engine/dcc.py's validate() decides about the object a given decoder makes of those bytes:
+ * engine/dcc/validate.py's validate() decides about the object a given decoder makes of those bytes:
  *
  *   strict (the engine):  protocol/cborlimits.decode() with DV_STRICT_MAX_ITEMS and
  *                         DV_STRICT_MAX_DEPTH: no tags, no duplicate keys, text/bytes keys;

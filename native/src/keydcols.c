@@ -48,7 +48,7 @@ void kc_check(const uint8_t *buf, const uint32_t *ends, size_t n, const uint32_t
             cbor_error[i] = rc != DCC_ERR_SHAPE;
             continue;
         }
-        /* the order of keyd's rules (engine/keyd.py, check_payloads) */
+        /* the order of keyd's rules (engine/keyd/service.py, check_payloads) */
         if (f.exp > lim->not_after)
             codes[i] = KC_EXP_AFTER_DSC;
         else if (f.iat < lim->not_before)
