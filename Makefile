@@ -55,9 +55,11 @@ test: build tests/interop/node_modules/.package-lock.json
 	$(PY) -m pytest -q
 	DCCSIGN_PUREPYTHON=1 $(PY) -m pytest -q -m "not slow"
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 lint: venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: build
 	$(PY) -m pytest bench/ -q --benchmark-only --benchmark-columns=mean,median,ops

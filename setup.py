@@ -31,8 +31,12 @@ if mode != "0":
         ext_modules = cythonize(
             ext_modules,
             language_level=3,
-            compiler_directives={"embedsignature": True, "boundscheck": False,
-                                 "wraparound": False, "initializedcheck": False},
+            compiler_directives={
+                "embedsignature": True,
+                "boundscheck": False,
+                "wraparound": False,
+                "initializedcheck": False,
+            },
         )
 
 # The engine's rooms are folders of engine/; the native core, the protocol and the benchmark
@@ -54,6 +58,10 @@ setup(
         "dccsign.protocol": "protocol",
         "dccsign.bench": "bench/drivers",
     },
-    package_data={"dccsign": ["py.typed"], "dccsign.dcc": ["data/*.json"]},
+    package_data={
+        "dccsign": ["py.typed"],
+        "dccsign.dcc": ["data/*.json"],
+        "dccsign.native": ["_native.pyi"],
+    },
     ext_modules=ext_modules,
 )

@@ -44,9 +44,16 @@ class DevEngine:
         certificate, and its metrics endpoint."""
         tls = self.store / "dev-tls"
         return [
-            "--server", f"127.0.0.1:{self.port}", "--cert", str(tls / "client-cert.pem"),
-            "--key", str(tls / "client-key.pem"), "--ca", str(tls / "ca.pem"),
-            "--metrics", self.metrics_url(),
+            "--server",
+            f"127.0.0.1:{self.port}",
+            "--cert",
+            str(tls / "client-cert.pem"),
+            "--key",
+            str(tls / "client-key.pem"),
+            "--ca",
+            str(tls / "ca.pem"),
+            "--metrics",
+            self.metrics_url(),
         ]
 
 
@@ -63,8 +70,18 @@ def dev_engine(work: Path, extra: Sequence[str] = ()) -> Iterator[DevEngine]:
     store = work / "keystore"
     with open(work / "engine.log", "wb") as log:
         proc = subprocess.Popen(
-            [*DCCSIGN, "serve", "--dev", "--keystore", str(store), "--tcp",
-             f"127.0.0.1:{port}", "--http", f"127.0.0.1:{http}", *extra],
+            [
+                *DCCSIGN,
+                "serve",
+                "--dev",
+                "--keystore",
+                str(store),
+                "--tcp",
+                f"127.0.0.1:{port}",
+                "--http",
+                f"127.0.0.1:{http}",
+                *extra,
+            ],
             stderr=log,
         )
     try:
@@ -124,7 +141,10 @@ def vaccination_batch(directory: Path, batch: int) -> Signing:
     prefix = claims_prefix("NL", now - 3600, now + 86400)
     dccs = [d for d in varied_samples(batch * 3) if "v" in d][:batch]
     signing = Signing(
-        store, entry, None, native.protected_header(-7, entry.kid),
+        store,
+        entry,
+        None,
+        native.protected_header(-7, entry.kid),
         [prefix + cbor2.dumps(d) for d in dccs],
     )
     signing.key = signing.load_key()

@@ -31,42 +31,63 @@ def checks(doc: dict) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     if "rate" in rows["native"]:
         ok = rows["native"]["rate"]["median"] >= TARGET_NATIVE_1T
-        out.append(("PASS" if ok else "FAIL",
-                    f"native >= {TARGET_NATIVE_1T:,.0f} certs/s on one core (median)"))
+        out.append(
+            (
+                "PASS" if ok else "FAIL",
+                f"native >= {TARGET_NATIVE_1T:,.0f} certs/s on one core (median)",
+            )
+        )
     if "vs_naive" in rows["native"]:
         ok = rows["native"]["vs_naive"]["median"] >= TARGET_NATIVE_OVER_NAIVE
-        out.append(("PASS" if ok else "FAIL",
-                    f"native / naive >= {TARGET_NATIVE_OVER_NAIVE:g} (median of all rounds)"))
+        out.append(
+            (
+                "PASS" if ok else "FAIL",
+                f"native / naive >= {TARGET_NATIVE_OVER_NAIVE:g} (median of all rounds)",
+            )
+        )
     quiet = doc["scaling"]["native-all/native"]["quiet_rounds"]
     text = f"native 2 threads / 1 thread >= {TARGET_2T_OVER_1T:g} (median of quiet rounds)"
     if doc["scaling"]["native-all/native"]["all_rounds"]:
         if not quiet:
             out.append(("UNKNOWN", f"{text}: no quiet round, the second core was busy"))
         else:
-            out.append(("PASS" if statistics.median(quiet) >= TARGET_2T_OVER_1T else "FAIL",
-                        text))
+            out.append(("PASS" if statistics.median(quiet) >= TARGET_2T_OVER_1T else "FAIL", text))
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0].strip("`"))
-    parser.add_argument("--seconds", type=float, default=2.0,
-                        help="seconds per product/naive sample (default 2)")
-    parser.add_argument("--rounds", type=int, default=5,
-                        help="interleaved rounds; each runs every case once (default 5)")
+    parser.add_argument(
+        "--seconds", type=float, default=2.0, help="seconds per product/naive sample (default 2)"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="interleaved rounds; each runs every case once (default 5)",
+    )
     parser.add_argument("--json", metavar="FILE", help="also write all samples as JSON")
-    parser.add_argument("--check", action="store_true",
-                        help="exit 1 unless every target is met")
-    parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
-                        help="before each two-worker sample, wait up to S seconds for other "
-                        "processes to leave the second core (default 0: do not wait)")
+    parser.add_argument("--check", action="store_true", help="exit 1 unless every target is met")
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="before each two-worker sample, wait up to S seconds for other "
+        "processes to leave the second core (default 0: do not wait)",
+    )
     args = parser.parse_args(argv)
     if args.seconds <= 0 or args.rounds < 1:
         parser.error("--seconds must be > 0 and --rounds >= 1")
     try:
-        doc = compare(seconds=args.seconds, rounds=args.rounds, threads=2,
-                      naive_path=Path(__file__).with_name("naive.py"),
-                      wait_quiet=args.wait_quiet, log=lambda s: print(s, flush=True))
+        doc = compare(
+            seconds=args.seconds,
+            rounds=args.rounds,
+            threads=2,
+            naive_path=Path(__file__).with_name("naive.py"),
+            wait_quiet=args.wait_quiet,
+            log=lambda s: print(s, flush=True),
+        )
     except CompareError as exc:
         raise SystemExit(str(exc)) from None
     print_table(doc)

@@ -168,10 +168,19 @@ def _callgrind_ir(pkl: str, which: str, count: int) -> int:
         out = Path(tmp) / "cg.out"
         subprocess.run(
             [
-                "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-                f"--toggle-collect={func}", sys.executable, "-c", _CHILD, pkl, which, str(count),
+                "valgrind",
+                "--tool=callgrind",
+                f"--callgrind-out-file={out}",
+                f"--toggle-collect={func}",
+                sys.executable,
+                "-c",
+                _CHILD,
+                pkl,
+                which,
+                str(count),
             ],
-            check=True, capture_output=True,
+            check=True,
+            capture_output=True,
         )
         for line in out.read_text().splitlines():
             if line.startswith(("summary:", "totals:")):

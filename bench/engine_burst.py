@@ -51,10 +51,24 @@ def burst(rate: float, batch: int, connections: int, pool: int | None) -> dict:
     report = work / "load.json"
     with dev_engine(work, extra) as engine:
         cmd = [
-            *DCCSIGN, "bench", "load", "--quiet", "--json", str(report), *profile,
-            "--cpu-pid", f"engine={engine.proc.pid}",
-            "--rate", f"{rate:.0f}", *engine.load_args(),
-            "--batch", str(batch), "--connections", str(connections), "--verify-sample", "0.01",
+            *DCCSIGN,
+            "bench",
+            "load",
+            "--quiet",
+            "--json",
+            str(report),
+            *profile,
+            "--cpu-pid",
+            f"engine={engine.proc.pid}",
+            "--rate",
+            f"{rate:.0f}",
+            *engine.load_args(),
+            "--batch",
+            str(batch),
+            "--connections",
+            str(connections),
+            "--verify-sample",
+            "0.01",
         ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0 or not report.exists():
@@ -78,14 +92,17 @@ def burst(rate: float, batch: int, connections: int, pool: int | None) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
-        "--rate", type=float, default=30_000,
+        "--rate",
+        type=float,
+        default=30_000,
         help="offered certificates/s: above what the engine takes (default 30,000)",
     )
     p.add_argument("--batch", type=int, default=50)
     p.add_argument("--connections", type=int, default=4)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument(
-        "--json", type=Path,
+        "--json",
+        type=Path,
         help="write every figure here (default bench/results/engine_burst-<date>.json)",
     )
     args = p.parse_args()
@@ -115,23 +132,39 @@ def main() -> None:
             row["engine_pool"]["burst_certs_per_s"] / row["engine_no_pool"]["burst_certs_per_s"], 3
         )
         rounds.append(row)
-    med = {k: statistics.median(r[k] for r in rounds) for k in ("pool/openssl_2p",
-                                                                  "no_pool/openssl_2p",
-                                                                  "pool/no_pool")}
+    med = {
+        k: statistics.median(r[k] for r in rounds)
+        for k in ("pool/openssl_2p", "no_pool/openssl_2p", "pool/no_pool")
+    }
     print("medians:", ", ".join(f"{k} {v:.3f}" for k, v in med.items()))
     ok = med["pool/openssl_2p"] >= 0.75
     p99 = statistics.median(r["engine_pool"]["p99_ms"] for r in rounds)
     misses = [r["engine_pool"]["pool_misses"] for r in rounds]
-    print(f"target (pooled burst >= 0.75 x openssl -multi 2, same round; aim 1.0): "
-          f"{'PASS' if ok else 'FAIL'}")
-    print(f"target (no pool misses during the pooled burst): "
-          f"{'PASS' if all(m == 0 for m in misses) else 'FAIL'} (misses per round: {misses})")
-    print(f"target (p99 <= 50 ms during the pooled burst): {'PASS' if p99 <= 50 else 'FAIL'} "
-          f"({p99:.1f} ms)")
+    print(
+        f"target (pooled burst >= 0.75 x openssl -multi 2, same round; aim 1.0): "
+        f"{'PASS' if ok else 'FAIL'}"
+    )
+    print(
+        f"target (no pool misses during the pooled burst): "
+        f"{'PASS' if all(m == 0 for m in misses) else 'FAIL'} (misses per round: {misses})"
+    )
+    print(
+        f"target (p99 <= 50 ms during the pooled burst): {'PASS' if p99 <= 50 else 'FAIL'} "
+        f"({p99:.1f} ms)"
+    )
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(
-        {"date": time.strftime("%Y-%m-%d %H:%M"), "rate": args.rate, "batch": args.batch,
-         "rounds": rounds, "median": med}, indent=2))
+    args.json.write_text(
+        json.dumps(
+            {
+                "date": time.strftime("%Y-%m-%d %H:%M"),
+                "rate": args.rate,
+                "batch": args.batch,
+                "rounds": rounds,
+                "median": med,
+            },
+            indent=2,
+        )
+    )
     print(f"written: {args.json}")
 
 

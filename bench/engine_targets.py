@@ -95,7 +95,9 @@ class Sampler(threading.Thread):
 def bench_core(seconds: float) -> float:
     out = subprocess.run(
         [*DCCSIGN, "bench", "core", "--threads", "2", "--seconds", str(seconds), "--json"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return float(json.loads(out.stdout)["certs_per_s"])
 
@@ -125,16 +127,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=50, help="certificates per frame (default 50)")
     p.add_argument("--connections", type=int, default=4, help="connections (default 4)")
     p.add_argument(
-        "--in-flight", type=int, default=2,
+        "--in-flight",
+        type=int,
+        default=2,
         help="closed loop: requests per connection (default 2: enough to keep the engine busy "
         "without tripping its queue target)",
     )
     p.add_argument(
-        "--json", type=Path,
+        "--json",
+        type=Path,
         help="write every figure as JSON here (default bench/results/engine_targets-<date>.json)",
     )
     p.add_argument(
-        "--nonce-pool", type=int, default=None, metavar="N",
+        "--nonce-pool",
+        type=int,
+        default=None,
+        metavar="N",
         help="the engine's keyd nonce pool per key (default: serve's default). 0 measures "
         "sustained signing without precomputed nonces: with the default pool of 2^20 entries "
         "per key a run of 20 s is served from the pool, a burst rather than a steady state",
@@ -154,8 +162,13 @@ def main(argv: list[str] | None = None) -> int:
     with dev_engine(work, extra) as running:
         engine = running.proc
         common = [
-            *running.load_args(), "--batch", str(args.batch),
-            "--connections", str(args.connections), "--verify-sample", "0.01",
+            *running.load_args(),
+            "--batch",
+            str(args.batch),
+            "--connections",
+            str(args.connections),
+            "--verify-sample",
+            "0.01",
         ]
         if args.nonce_pool != 0:
             # A fresh keyd fills its pools at idle priority (tens of seconds of CPU for the
@@ -167,17 +180,29 @@ def main(argv: list[str] | None = None) -> int:
         load([*common, "--closed-loop", "--duration", "3"], "warmup", work)
         print("3. closed loop (the maximum) ...", flush=True)
         closed = load(
-            [*common, "--closed-loop", "--in-flight", str(args.in_flight),
-             "--duration", str(args.seconds)],
-            "closed", work, engine.pid,
+            [
+                *common,
+                "--closed-loop",
+                "--in-flight",
+                str(args.in_flight),
+                "--duration",
+                str(args.seconds),
+            ],
+            "closed",
+            work,
+            engine.pid,
         )
         sustained = closed["certs_per_s"]
         result["closed"] = _summary(closed)
         half = sustained / 2
         print(f"4. open loop at half ({half:,.0f}/s) ...", flush=True)
         result["half"] = _summary(
-            load([*common, "--rate", f"{half:.0f}", "--duration", str(args.seconds)],
-                 "half", work, engine.pid)
+            load(
+                [*common, "--rate", f"{half:.0f}", "--duration", str(args.seconds)],
+                "half",
+                work,
+                engine.pid,
+            )
         )
         double = sustained * 2
         print(f"5. open loop at twice ({double:,.0f}/s) ...", flush=True)
@@ -185,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         sampler.start()
         over = load(
             [*common, "--rate", f"{double:.0f}", "--duration", str(args.seconds)],
-            "double", work, engine.pid,
+            "double",
+            work,
+            engine.pid,
         )
         sampler.stop.set()
         sampler.join()
@@ -232,16 +259,20 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("closed", "half", "double"):
         stages = r[name].get("engine_stage_mean_ms")
         if stages:
-            print(f"  {name} stages (mean ms): "
-                  + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
+            print(
+                f"  {name} stages (mean ms): "
+                + ", ".join(f"{k} {v:.1f}" for k, v in stages.items())
+            )
     for name in ("closed", "half", "double"):
         cpu = r[name].get("cpu_us_per_cert")
         if cpu:
             print(f"  {name} CPU us/cert: " + cpu_line(cpu))
     if growth is not None:
-        print(f"RSS engine+keyd at 2x: first third {r['rss_kib']['first_third_median'] / 1024:.0f}"
-              f" MiB, last third {r['rss_kib']['last_third_median'] / 1024:.0f} MiB"
-              f" ({growth:+.1%})")
+        print(
+            f"RSS engine+keyd at 2x: first third {r['rss_kib']['first_third_median'] / 1024:.0f}"
+            f" MiB, last third {r['rss_kib']['last_third_median'] / 1024:.0f} MiB"
+            f" ({growth:+.1%})"
+        )
     for name, ok in r["verdicts"].items():
         print(f"  {'PASS' if ok else 'FAIL'}  {name}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -258,9 +289,7 @@ def _summary(report: dict) -> dict:
     out["busy_certs"] = report.get("counts", {}).get("busy_certs", 0)
     out["errors_by_code"] = report.get("errors_by_code", {})
     out["generator_cpu_share"] = report.get("generator", {}).get("cpu_share")
-    out["schedule_lag_p99_ms"] = (
-        report.get("generator", {}).get("schedule_lag_ms", {}).get("p99")
-    )
+    out["schedule_lag_p99_ms"] = report.get("generator", {}).get("schedule_lag_ms", {}).get("p99")
     # Where a request's time went inside the engine (its dccsign_stage_seconds).
     out["engine_stage_mean_ms"] = (report.get("engine_metrics") or {}).get("stage_mean_ms")
     out["cpu_us_per_cert"] = cpu_per_cert(report.get("cpu"))
@@ -286,9 +315,12 @@ def cpu_per_cert(cpu: dict | None) -> dict | None:
             entry = threads.setdefault(t["name"], {"us_per_cert": 0.0, "threads": 0})
             entry["us_per_cert"] = round(entry["us_per_cert"] + (t["us_per_cert"] or 0.0), 3)
             entry["threads"] += 1
-        out[role] = {"us_per_cert": p["us_per_cert"],
-                     "us_per_sent_cert": p.get("us_per_sent_cert"),
-                     "cpu_share": p["cpu_share"], "threads": threads}
+        out[role] = {
+            "us_per_cert": p["us_per_cert"],
+            "us_per_sent_cert": p.get("us_per_sent_cert"),
+            "cpu_share": p["cpu_share"],
+            "threads": threads,
+        }
     return out
 
 
@@ -306,7 +338,8 @@ def cpu_line(cpu: dict) -> str:
         total, sent = p["us_per_cert"], p.get("us_per_sent_cert")
         parts.append(
             f"{role} {total if total is not None else float('nan'):.2f}"
-            + (f" [{sent:.2f}/sent]" if sent is not None else "") + f" ({threads})"
+            + (f" [{sent:.2f}/sent]" if sent is not None else "")
+            + f" ({threads})"
         )
     return "; ".join(parts)
 

@@ -41,7 +41,7 @@ _HERE = Path(__file__).resolve().parent
 
 # Run as ``python _tracer.py OUT -m dccsign ...``, or imported as sitecustomize in keyd (the
 # engine starts keyd itself): count line events per code object, write them at exit.
-_TRACER = '''
+_TRACER = """
 import atexit, collections, json, os, runpy, sys, threading
 def _install(out):
     lines = collections.Counter()
@@ -76,7 +76,7 @@ else:
         _argv = open("/proc/self/cmdline", "rb").read().split(b"\\0")
         if b"keyd" in _argv and b"serve" not in _argv:
             _install(f"{_out}.{os.getpid()}")
-'''
+"""
 
 
 def _short(key: str) -> str:

@@ -142,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
                     last_report = elapsed
                     print(
                         f"{elapsed:6.0f} s  {sent['frames']:>9,} frames  "
-                        f"rss {peak[0] / 2**20:.0f} MiB peak", file=sys.stderr, flush=True
+                        f"rss {peak[0] / 2**20:.0f} MiB peak",
+                        file=sys.stderr,
+                        flush=True,
                     )
             seconds = time.monotonic() - started
             time.sleep(2)  # the last sessions settle
@@ -188,7 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: v for k, v in report.items() if k != "rss_series_mib"}, indent=2))
     ok = (
-        alive and not faults and not internal and not failures and not slow
+        alive
+        and not faults
+        and not internal
+        and not failures
+        and not slow
         and peak[0] <= args.rss_bound * 2**20
     )
     print(f"{'PASS' if ok else 'FAIL'}: written to {out}", file=sys.stderr)

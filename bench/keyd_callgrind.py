@@ -75,9 +75,20 @@ log.close()
 
 def _collected(python: str, case: str, n: int, data: Path, out: Path) -> int:
     proc = subprocess.run(
-        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", python, "-c", _RUN,
-         case, str(n), str(data)],
-        capture_output=True, text=True, check=False,
+        [
+            "valgrind",
+            "--tool=callgrind",
+            f"--callgrind-out-file={out}",
+            python,
+            "-c",
+            _RUN,
+            case,
+            str(n),
+            str(data),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     match = re.search(r"Collected : (\d+)", proc.stderr)
     if proc.returncode or not match:
@@ -107,30 +118,73 @@ def main() -> None:
             pairs = zip(accounts, payloads, strict=True)
             parts = tuple(kp.SignPart("bench", a, (p,)) for a, p in pairs)
             wires["many"].append(conn.send(kp.SignMany(r + 1, kid, parts)))
-            columns = kp.KeydColumns(b"".join(payloads), ends, ("bench",), tuple(accounts),
-                                     (None,), zeros, array("I", range(args.batch)), zeros)
+            columns = kp.KeydColumns(
+                b"".join(payloads),
+                ends,
+                ("bench",),
+                tuple(accounts),
+                (None,),
+                zeros,
+                array("I", range(args.batch)),
+                zeros,
+            )
             wires["columns"].append(conn.send(kp.SignColumns(r + 1, kid, columns)))
         data = Path(tmp) / "frames.pkl"
-        data.write_bytes(pickle.dumps({"keystore": str(signing.store.directory), "kid": kid,
-                                       "payloads": payloads, "wires": wires}))
-        probe = subprocess.run([args.python, "-c", "import dccsign.protocol.keyd as k; "
-                                "print(hasattr(k, 'SignColumns'))"],
-                               capture_output=True, text=True, check=True)
+        data.write_bytes(
+            pickle.dumps(
+                {
+                    "keystore": str(signing.store.directory),
+                    "kid": kid,
+                    "payloads": payloads,
+                    "wires": wires,
+                }
+            )
+        )
+        probe = subprocess.run(
+            [
+                args.python,
+                "-c",
+                "import dccsign.protocol.keyd as k; print(hasattr(k, 'SignColumns'))",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         cases = ["sign", "many"] + (["columns"] if probe.stdout.strip() == "True" else [])
-        code = subprocess.run([args.python, "-c", "import dccsign, pathlib; print(pathlib."
-                               "Path(dccsign.__file__).resolve().parent.parent)"],
-                              capture_output=True, text=True, check=True).stdout.strip()
-        commit = subprocess.run(["git", "-C", code, "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True, check=False).stdout.strip()
-        result: dict[str, object] = {"batch": args.batch, "accounts": args.accounts,
-                                     "code": {"checkout": code, "commit": commit}}
+        code = subprocess.run(
+            [
+                args.python,
+                "-c",
+                "import dccsign, pathlib; print(pathlib."
+                "Path(dccsign.__file__).resolve().parent.parent)",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", code, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+        result: dict[str, object] = {
+            "batch": args.batch,
+            "accounts": args.accounts,
+            "code": {"checkout": code, "commit": commit},
+        }
         per_cert: dict[str, float] = {}
         for case in cases:
-            counts = {n: _collected(args.python, case, n, data, Path(tmp) / f"cg.{case}.{n}")
-                      for n in (2, 8)}
+            counts = {
+                n: _collected(args.python, case, n, data, Path(tmp) / f"cg.{case}.{n}")
+                for n in (2, 8)
+            }
             per_cert[case] = (counts[8] - counts[2]) / (6 * args.batch)
-            result[case] = {"instructions_2": counts[2], "instructions_8": counts[8],
-                            "per_certificate": round(per_cert[case])}
+            result[case] = {
+                "instructions_2": counts[2],
+                "instructions_8": counts[8],
+                "per_certificate": round(per_cert[case]),
+            }
             print(f"{case}: {per_cert[case]:,.0f} instructions per certificate", flush=True)
         for case in cases[1:]:
             own = per_cert[case] - per_cert["sign"]

@@ -91,10 +91,7 @@ def rate_two_connections(
     clients = [keyd.client(), keyd.client()]
     try:
         return rate_two_threads(
-            [
-                lambda c=c: c.sign(kid, payloads, client="bench", account="bench")
-                for c in clients
-            ],
+            [lambda c=c: c.sign(kid, payloads, client="bench", account="bench") for c in clients],
             len(payloads),
             seconds,
         )
@@ -199,8 +196,9 @@ def accounts_case(client, pid: int, kid: bytes, payloads: list[bytes], n_account
     return {
         "rate": round(done / wall, 1),
         "cpu_us": round(total / done * 1e6, 2),
-        "threads_us": [[name, round(cpu / done * 1e6, 2)] for name, cpu in threads
-                       if cpu / done * 1e6 >= 0.05],
+        "threads_us": [
+            [name, round(cpu / done * 1e6, 2)] for name, cpu in threads if cpu / done * 1e6 >= 0.05
+        ],
         "sender_encode_us": round(encode / done * 1e6, 2),
         "sender_decode_us": round(decode / done * 1e6, 2),
     }
@@ -215,7 +213,9 @@ def _code() -> dict[str, str]:
     where = Path(dccsign.__file__).resolve().parent.parent
     commit = subprocess.run(
         ["git", "-C", str(where), "rev-parse", "--short", "HEAD"],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     ).stdout.strip()
     return {"checkout": str(where), "commit": commit}
 
@@ -234,19 +234,23 @@ def main() -> None:
         "(two keyds, measured in the same rounds; default)",
     )
     parser.add_argument(  # the option of the days when keyd did not validate by default
-        "--validate-dcc", dest="validation", action="store_const", const="on",
+        "--validate-dcc",
+        dest="validation",
+        action="store_const",
+        const="on",
         help=argparse.SUPPRESS,
     )
     parser.add_argument(
         "--nonce-pool", type=int, metavar="N", help="keyd's --nonce-pool (default: keyd's)"
     )
     parser.add_argument(
-        "--accounts", type=int, default=0, metavar="N",
+        "--accounts",
+        type=int,
+        default=0,
+        metavar="N",
         help="add the many-accounts cases: every item of a batch another of N accounts",
     )
-    parser.add_argument(
-        "--only-accounts", action="store_true", help="only the many-accounts cases"
-    )
+    parser.add_argument("--only-accounts", action="store_true", help="only the many-accounts cases")
     args = parser.parse_args()
     from dccsign.protocol import keyd as kp
 

@@ -64,8 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     hc1 = sign_hc1(s.private_key, s.kid, s.iss, naive.iat, naive.exp, dccs[0])
     check_hc1(hc1, s.dsc, dccs[0], "hand-written loop")
     check_hc1(naive.one(dccs[0]), s.dsc, dccs[0], "bench/naive.py")
-    print(f"{args.rounds} rounds, {args.seconds:g} s per sample, {len(dccs)} DCCs, both "
-          "outputs verified", flush=True)
+    print(
+        f"{args.rounds} rounds, {args.seconds:g} s per sample, {len(dccs)} DCCs, both "
+        "outputs verified",
+        flush=True,
+    )
 
     ratios = []
     for r in range(args.rounds):
@@ -78,12 +81,17 @@ def main(argv: list[str] | None = None) -> int:
                     s.private_key, s.kid, s.iss, naive.iat, naive.exp, dccs, args.seconds
                 )
         ratios.append(rates["naive"] / rates["hand"])
-        print(f"  round {r + 1}: bench/naive.py {rates['naive']:,.0f} certs/s, hand-written "
-              f"{rates['hand']:,.0f} certs/s, ratio {ratios[-1]:.3f}", flush=True)
+        print(
+            f"  round {r + 1}: bench/naive.py {rates['naive']:,.0f} certs/s, hand-written "
+            f"{rates['hand']:,.0f} certs/s, ratio {ratios[-1]:.3f}",
+            flush=True,
+        )
     median = statistics.median(ratios)
     ok = abs(median - 1.0) <= TOLERANCE
-    print(f"bench/naive.py / hand-written: median {median:.3f} (min {min(ratios):.3f}, max "
-          f"{max(ratios):.3f}); {'PASS' if ok else 'FAIL'}: within {TOLERANCE:.0%} of 1")
+    print(
+        f"bench/naive.py / hand-written: median {median:.3f} (min {min(ratios):.3f}, max "
+        f"{max(ratios):.3f}); {'PASS' if ok else 'FAIL'}: within {TOLERANCE:.0%} of 1"
+    )
     return 0 if ok else 1
 
 

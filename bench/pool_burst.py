@@ -105,7 +105,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path, metavar="FILE")
     parser.add_argument(
-        "--only", metavar="CASE,...",
+        "--only",
+        metavar="CASE,...",
         help="run these cases only (e.g. keyd_plain,keyd_dry for more rounds of one pair)",
     )
     args = parser.parse_args()
@@ -219,7 +220,10 @@ def main() -> None:
         args.json.write_text(
             json.dumps(
                 {
-                    "entries": n, "batch": args.batch, "rounds": rounds, "median": summary,
+                    "entries": n,
+                    "batch": args.batch,
+                    "rounds": rounds,
+                    "median": summary,
                     "date": time.strftime("%Y-%m-%d %H:%M"),
                 },
                 indent=2,

@@ -85,7 +85,8 @@ def _key():
     from dccsign.native import _native
 
     pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
     return _native.SigningKey.load_pem(pem, None), _native
@@ -99,11 +100,19 @@ def _ec_mul(n: int, generic: bool) -> None:
     lib = ctypes.CDLL(ctypes.util.find_library("crypto"))
     vp = ctypes.c_void_p
     for name, args in {
-        "EC_GROUP_new_by_curve_name": [ctypes.c_int], "BN_CTX_new": [], "BN_new": [],
-        "EC_GROUP_get_curve": [vp] * 5, "EC_GROUP_new_curve_GFp": [vp] * 4,
-        "EC_GROUP_set_generator": [vp] * 4, "EC_GROUP_get0_generator": [vp],
-        "EC_GROUP_get0_order": [vp], "BN_value_one": [], "BN_rand_range": [vp, vp],
-        "BN_set_flags": [vp, ctypes.c_int], "EC_POINT_new": [vp], "EC_POINT_mul": [vp] * 6,
+        "EC_GROUP_new_by_curve_name": [ctypes.c_int],
+        "BN_CTX_new": [],
+        "BN_new": [],
+        "EC_GROUP_get_curve": [vp] * 5,
+        "EC_GROUP_new_curve_GFp": [vp] * 4,
+        "EC_GROUP_set_generator": [vp] * 4,
+        "EC_GROUP_get0_generator": [vp],
+        "EC_GROUP_get0_order": [vp],
+        "BN_value_one": [],
+        "BN_rand_range": [vp, vp],
+        "BN_set_flags": [vp, ctypes.c_int],
+        "EC_POINT_new": [vp],
+        "EC_POINT_mul": [vp] * 6,
     }.items():
         getattr(lib, name).argtypes = args
         getattr(lib, name).restype = None if name == "BN_set_flags" else vp
@@ -114,8 +123,12 @@ def _ec_mul(n: int, generic: bool) -> None:
         p, a, b = lib.BN_new(), lib.BN_new(), lib.BN_new()
         lib.EC_GROUP_get_curve(named, p, a, b, ctx)
         group = lib.EC_GROUP_new_curve_GFp(p, a, b, ctx)
-        lib.EC_GROUP_set_generator(group, lib.EC_GROUP_get0_generator(named),
-                                   lib.EC_GROUP_get0_order(named), lib.BN_value_one())
+        lib.EC_GROUP_set_generator(
+            group,
+            lib.EC_GROUP_get0_generator(named),
+            lib.EC_GROUP_get0_order(named),
+            lib.BN_value_one(),
+        )
     k = lib.BN_new()
     lib.BN_rand_range(k, lib.EC_GROUP_get0_order(named))
     lib.BN_set_flags(k, 0x04)  # BN_FLG_CONSTTIME, as for the refill's nonces
@@ -161,9 +174,15 @@ def _valgrind(cmd: list[str], function: str) -> tuple[int, subprocess.CompletedP
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "cg.out"
         run = subprocess.run(
-            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-             f"--toggle-collect={function}", *cmd],
-            capture_output=True, text=True,
+            [
+                "valgrind",
+                "--tool=callgrind",
+                f"--callgrind-out-file={out}",
+                f"--toggle-collect={function}",
+                *cmd,
+            ],
+            capture_output=True,
+            text=True,
         )
         if run.returncode != 0:
             raise SystemExit(f"callgrind failed on {cmd}:\n{run.stderr[-2000:]}")
@@ -191,13 +210,17 @@ def callgrind(n: int, n_sign: int, python: str = sys.executable) -> dict:
         print(f"  callgrind {case:<14} {out[case]:>9,} instructions each", flush=True)
     openssl = shutil.which("openssl")
     if openssl:
-        total, run = _valgrind([openssl, "speed", "-seconds", "1", "-mr", "ecdsap256"],
-                               "EVP_PKEY_sign")
+        total, run = _valgrind(
+            [openssl, "speed", "-seconds", "1", "-mr", "ecdsap256"], "EVP_PKEY_sign"
+        )
         match = _SPEED_SIGN.search(run.stdout + run.stderr)
         if match is not None:
             out["openssl_speed"] = round(total / int(match.group(1)))
-            print(f"  callgrind {'openssl_speed':<14} {out['openssl_speed']:>9,} instructions "
-                  f"each ({match.group(1)} signatures)", flush=True)
+            print(
+                f"  callgrind {'openssl_speed':<14} {out['openssl_speed']:>9,} instructions "
+                f"each ({match.group(1)} signatures)",
+                flush=True,
+            )
     return out
 
 
@@ -224,7 +247,8 @@ def paired(n: int, rounds: int) -> list[dict]:
     for p, s in zip(payloads, sigs, strict=True):
         public.verify(
             encode_dss_signature(int.from_bytes(s[:32], "big"), int.from_bytes(s[32:], "big")),
-            native.sig_structure(protected, p), ec.ECDSA(hashes.SHA256()),
+            native.sig_structure(protected, p),
+            ec.ECDSA(hashes.SHA256()),
         )
     if len({s[:32] for s in sigs}) != n or pooled.nonce_pool_info().misses:
         raise SystemExit("pooled signatures repeated an r or missed the pool")
@@ -250,8 +274,7 @@ def paired(n: int, rounds: int) -> list[dict]:
         if "openssl_us" in row:
             row["refill/openssl"] = row["refill_us"] / row["openssl_us"]
         rows.append({k: round(v, 3) for k, v in row.items()})
-        print(f"  round {r}: " + ", ".join(f"{k} {v:.3f}" for k, v in rows[-1].items()),
-              flush=True)
+        print(f"  round {r}: " + ", ".join(f"{k} {v:.3f}" for k, v in rows[-1].items()), flush=True)
     pooled.close_nonce_pool()
     return rows
 
@@ -292,10 +315,17 @@ def main() -> None:
     parser.add_argument("--entries", type=int, default=4096, help="entries per refill measured")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-callgrind", action="store_true")
-    parser.add_argument("--compare-python", metavar="PYTHON",
-                        help="also count `refill` with this interpreter (another checkout)")
-    parser.add_argument("--json", type=Path, metavar="FILE",
-                        help="default: bench/results/pool_refill-YYYY-MM-DD.json")
+    parser.add_argument(
+        "--compare-python",
+        metavar="PYTHON",
+        help="also count `refill` with this interpreter (another checkout)",
+    )
+    parser.add_argument(
+        "--json",
+        type=Path,
+        metavar="FILE",
+        help="default: bench/results/pool_refill-YYYY-MM-DD.json",
+    )
     parser.add_argument("--_child", nargs=2, metavar=("CASE", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._child:
@@ -310,9 +340,7 @@ def main() -> None:
         counts = callgrind(min(args.entries, 2048), 512)
         counts["refill/sign_plain"] = round(counts["refill"] / counts["sign_plain"], 3)
         counts["background/sign_plain"] = round(counts["background"] / counts["sign_plain"], 3)
-        counts["ec_mul_named/generic"] = round(
-            counts["ec_mul_named"] / counts["ec_mul_generic"], 3
-        )
+        counts["ec_mul_named/generic"] = round(counts["ec_mul_named"] / counts["ec_mul_generic"], 3)
         if "openssl_speed" in counts:
             counts["refill/openssl_speed"] = round(counts["refill"] / counts["openssl_speed"], 3)
         if args.compare_python:
@@ -321,16 +349,18 @@ def main() -> None:
             )
             counts["compare_refill"] = round(total / 2048)
             counts["refill/compare_refill"] = round(counts["refill"] / counts["compare_refill"], 3)
-            print(f"  callgrind refill with {args.compare_python}: {counts['compare_refill']:,}",
-                  flush=True)
+            print(
+                f"  callgrind refill with {args.compare_python}: {counts['compare_refill']:,}",
+                flush=True,
+            )
         doc["callgrind"] = counts
     print(f"paired CPU time ({args.entries:,} entries and signatures per round):", flush=True)
     rows = paired(args.entries, args.rounds)
     doc["paired"] = rows
-    doc["paired_median"] = {k: round(statistics.median(r[k] for r in rows), 3)
-                            for k in rows[0]}
-    doc["sizing"] = sizing(doc["paired_median"]["refill_us"],
-                           doc["paired_median"].get("openssl_us"))
+    doc["paired_median"] = {k: round(statistics.median(r[k] for r in rows), 3) for k in rows[0]}
+    doc["sizing"] = sizing(
+        doc["paired_median"]["refill_us"], doc["paired_median"].get("openssl_us")
+    )
     print("medians:", json.dumps(doc["paired_median"]))
     print("sizing:", json.dumps(doc["sizing"]))
     path = args.json or HERE / "results" / f"pool_refill-{time.strftime('%Y-%m-%d')}.json"

@@ -83,8 +83,10 @@ def check_arguments(
             raise TypeError(f"signature {index} must be bytes, not {type(signature).__name__}")
         # isascii + isalpha + isupper: exactly A-Z (a generator over the characters costs
         # several times more, per record, on keyd's audit path)
-        if type(iss) is not str or len(iss) != 2 or not (
-            iss.isascii() and iss.isalpha() and iss.isupper()
+        if (
+            type(iss) is not str
+            or len(iss) != 2
+            or not (iss.isascii() and iss.isalpha() and iss.isupper())
         ):
             raise ValueError(f"record {index}: iss must be two ASCII capitals")
         if dcc_types[i] not in ("v", "t", "r"):
@@ -133,8 +135,19 @@ def audit_issue_lines(
     """
     payloads = tuple(payloads)
     return audit_issue_groups(
-        (head,), (middle,), (len(payloads),), time, alg, isses, uvcis, dcc_types, payloads,
-        signatures, seq, prev, first_index,
+        (head,),
+        (middle,),
+        (len(payloads),),
+        time,
+        alg,
+        isses,
+        uvcis,
+        dcc_types,
+        payloads,
+        signatures,
+        seq,
+        prev,
+        first_index,
     )
 
 

@@ -144,7 +144,14 @@ def keyd_check_columns(
             the payloads' length, a client index beyond client_ok, a bad bound or *allowed*.
     """
     limit, nb, na, latest = check_columns_arguments(
-        payloads, ends, client_ix, client_ok, max_payload, not_before, not_after, latest_iat,
+        payloads,
+        ends,
+        client_ix,
+        client_ok,
+        max_payload,
+        not_before,
+        not_after,
+        latest_iat,
         allowed,
     )
     n = len(ends)
@@ -175,8 +182,12 @@ def keyd_check_columns(
                     else OK
                 )  # fmt: skip
                 facts += FACT.pack(
-                    f.iss.encode("ascii"), f.dcc_type.encode("ascii"), len(f.uvci), ci_at,
-                    f.exp, f.iat,
+                    f.iss.encode("ascii"),
+                    f.dcc_type.encode("ascii"),
+                    len(f.uvci),
+                    ci_at,
+                    f.exp,
+                    f.iat,
                 )
                 continue
         facts += _ZERO_FACT
@@ -315,11 +326,28 @@ def audit_issue_columns(
             selected item without facts; an ES256 signature not 64 bytes.
     """
     check_audit_arguments(
-        time, alg, kid, clients, accounts, operators, client_ix, account_ix, operator_ix,
-        payloads, ends, facts, selected, signatures, sig_ends, seq, prev,
+        time,
+        alg,
+        kid,
+        clients,
+        accounts,
+        operators,
+        client_ix,
+        account_ix,
+        operator_ix,
+        payloads,
+        ends,
+        facts,
+        selected,
+        signatures,
+        sig_ends,
+        seq,
+        prev,
     )
-    cl, al, ol = (_literals(name, table) for name, table in
-                  (("clients", clients), ("accounts", accounts), ("operators", operators)))
+    cl, al, ol = (
+        _literals(name, table)
+        for name, table in (("clients", clients), ("accounts", accounts), ("operators", operators))
+    )
     for k, i in enumerate(selected):
         if facts[i * FACT.size + 2] not in b"vtr" or not facts[i * FACT.size + 3]:
             raise ValueError(NO_FACTS.format(i=i))
@@ -343,10 +371,13 @@ def audit_issue_columns(
     for i in selected:
         iss, dcc_type, ci_len, ci_off, _exp, _iat = unpack_facts(facts, i)
         payload = payloads[ends[i - 1] if i else 0 : ends[i]]
-        heads.append(b'{"account":%s,"alg":%d,"client":%s,"iss":' % (
-            al[account_ix[i]], alg, cl[client_ix[i]]))
-        middles.append(b',"kid":"%s","operator":%s,"payload_sha256":"' % (
-            kid_hex, ol[operator_ix[i]]))
+        heads.append(
+            b'{"account":%s,"alg":%d,"client":%s,"iss":'
+            % (al[account_ix[i]], alg, cl[client_ix[i]])
+        )
+        middles.append(
+            b',"kid":"%s","operator":%s,"payload_sha256":"' % (kid_hex, ol[operator_ix[i]])
+        )
         isses.append(iss)
         uvcis.append(payload[ci_off : ci_off + ci_len].decode("ascii"))
         types.append(dcc_type)
@@ -355,7 +386,17 @@ def audit_issue_columns(
                                                         strict=True)]  # fmt: skip
     # one group per item: the per-group lines are the format's one source (_audit_py)
     lines, prev = audit_issue_groups(
-        heads, middles, [1] * len(heads), time, alg, isses, uvcis, "".join(types), chosen,
-        signatures_list, seq, prev,
+        heads,
+        middles,
+        [1] * len(heads),
+        time,
+        alg,
+        isses,
+        uvcis,
+        "".join(types),
+        chosen,
+        signatures_list,
+        seq,
+        prev,
     )
     return b"\n".join(lines), prev

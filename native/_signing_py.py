@@ -142,7 +142,6 @@ class SigningKey:
             s = _P256_N - s  # low-S: (r, n - s) verifies too and removes malleability
         return r.to_bytes(32, "big") + s.to_bytes(32, "big")
 
-
     # -- the nonce pool (ES256 only) -------------------------------------------------------
 
     def enable_nonce_pool(self, capacity: int, *, background: bool = False) -> NoncePoolInfo:
@@ -271,9 +270,7 @@ class _Pool:
             self._policy = policy
         while True:
             with self._lock:
-                while not self._stopping and (
-                    self._level == self._capacity or self._signing > 0
-                ):
+                while not self._stopping and (self._level == self._capacity or self._signing > 0):
                     self._room.wait()
                 if self._stopping:
                     return
@@ -387,8 +384,17 @@ class _Pool:
         orphan = self._orphaned()
         c = self._counts
         return NoncePoolInfo(
-            self._capacity, self._level, c["refilled"], c["spent"], c["misses"], c["discarded"],
-            False, "the pure-Python reference cannot lock memory", False, False, orphan,
+            self._capacity,
+            self._level,
+            c["refilled"],
+            c["spent"],
+            c["misses"],
+            c["discarded"],
+            False,
+            "the pure-Python reference cannot lock memory",
+            False,
+            False,
+            orphan,
             self._policy if self._thread is not None else None,
         )
 

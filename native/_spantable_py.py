@@ -16,8 +16,15 @@ __all__ = ["SPAN_ABSENT", "fill_rows", "gather_spans", "span_table"]
 SPAN_ABSENT = 0xFFFFFFFF
 
 
-def _check(data: object, columns: object, nfields: int, fields: tuple[int, int],
-           rows: array, base: int = 0, absent: int = SPAN_ABSENT) -> int:
+def _check(
+    data: object,
+    columns: object,
+    nfields: int,
+    fields: tuple[int, int],
+    rows: array,
+    base: int = 0,
+    absent: int = SPAN_ABSENT,
+) -> int:
     """The argument rules both implementations share; returns the number of items."""
     if type(data) is not bytes or type(columns) is not bytes:
         raise TypeError("data and columns must be bytes")
@@ -26,8 +33,9 @@ def _check(data: object, columns: object, nfields: int, fields: tuple[int, int],
     if type(nfields) is not int or nfields < 1 or len(columns) % (4 * nfields):
         raise ValueError("columns must hold a whole number of items of nfields uint32 each")
     off, length = fields
-    if not (type(off) is int and type(length) is int and 0 <= off < nfields
-            and 0 <= length < nfields):
+    if not (
+        type(off) is int and type(length) is int and 0 <= off < nfields and 0 <= length < nfields
+    ):
         raise ValueError("fields must be two column numbers below nfields")
     for v in (base, absent):
         if type(v) is not int or not 0 <= v <= SPAN_ABSENT:

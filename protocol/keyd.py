@@ -381,8 +381,14 @@ class KeydColumns:
             operators += b.operators
             size += len(b.payloads)
         return cls(
-            b"".join(b.payloads for b in batches), ends, tuple(clients), tuple(accounts),
-            tuple(operators), cix, aix, oix,
+            b"".join(b.payloads for b in batches),
+            ends,
+            tuple(clients),
+            tuple(accounts),
+            tuple(operators),
+            cix,
+            aix,
+            oix,
         )
 
     def payload_list(self) -> list[bytes]:
@@ -418,8 +424,9 @@ class KeydColumns:
             raise KeydProtocolError(f"{what}: {n} items; at most {MAX_COLUMN_ITEMS}")
         for name in ("client_ix", "account_ix", "operator_ix"):
             if len(getattr(self, name)) != n:
-                raise KeydProtocolError(f"{what}: {name} has {len(getattr(self, name))} entries "
-                                        f"for {n} items")
+                raise KeydProtocolError(
+                    f"{what}: {name} has {len(getattr(self, name))} entries for {n} items"
+                )
         if n:
             if self.ends[-1] != len(self.payloads):
                 raise KeydProtocolError(
@@ -438,8 +445,9 @@ class KeydColumns:
             if len(table) > max(n, 1):
                 raise KeydProtocolError(f"{what}: {len(table)} {name} for {n} items")
             if not set(map(type, table)) <= kinds:
-                raise KeydProtocolError(f"{what}: {name} must be text" + (
-                    " or null" if _NONE_TYPE in kinds else ""))
+                raise KeydProtocolError(
+                    f"{what}: {name} must be text" + (" or null" if _NONE_TYPE in kinds else "")
+                )
             texts = table if _NONE_TYPE not in kinds else [t for t in table if t is not None]
             if texts and not (min(map(len, texts)) >= 1 and max(map(len, texts)) <= MAX_TEXT):
                 raise KeydProtocolError(
@@ -596,8 +604,16 @@ class KidsResult:
 
 
 Message = (
-    Describe | DescribeResult | Sign | SignMany | SignResult | Error | SignColumns | ColumnsResult
-    | SignKids | KidsResult
+    Describe
+    | DescribeResult
+    | Sign
+    | SignMany
+    | SignResult
+    | Error
+    | SignColumns
+    | ColumnsResult
+    | SignKids
+    | KidsResult
 )
 
 
@@ -658,9 +674,7 @@ def _body(msg: Message) -> dict[str, Any]:
     if isinstance(msg, SignMany):
         return {
             "kid": msg.kid,
-            "parts": [
-                _part_body(p.client, p.account, p.operator, p.payloads) for p in msg.parts
-            ],
+            "parts": [_part_body(p.client, p.account, p.operator, p.payloads) for p in msg.parts],
         }
     if isinstance(msg, SignColumns):
         return _columns_body(msg.kid, msg.columns)

@@ -96,7 +96,7 @@ def dispatcher_for(tmp_path, batcher):
 
 
 def uvci_of_hc1(hc1):
-    """"HC1:" + the UVCI of the DCC inside a real HC1 string (whatever its signature): what
+    """ "HC1:" + the UVCI of the DCC inside a real HC1 string (whatever its signature): what
     FakeBatcher.issue answers, so that both paths' results compare equal."""
     payload = native.sign1_decode(native.zlib_decompress(native.b45decode(hc1[4:]))).payload
     dcc = cbor2.loads(payload)[-260][1]

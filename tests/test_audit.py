@@ -30,7 +30,7 @@ from dccsign.audit.log import (
     IssuanceRecord,
     KeyEvent,
 )
-from dccsign.cli.audit import add_audit_commands
+from dccsign.cli.audit import add_commands as add_audit_commands
 
 PASSPHRASE = b"audit passphrase for tests"
 KID = bytes.fromhex("d0ff3fe0ad2e2c1b")
@@ -240,9 +240,7 @@ def test_group_commit_is_one_write_and_one_fsync_per_batch(tmp_path, key, monkey
         assert calls == {"write": 4, "fsync": 4}
 
 
-def test_slow_fsyncs_are_counted_and_logged_at_most_every_10_s(
-    tmp_path, key, monkeypatch, caplog
-):
+def test_slow_fsyncs_are_counted_and_logged_at_most_every_10_s(tmp_path, key, monkeypatch, caplog):
     """Every signature of a batch waits for its commit's fsync: slow ones are counted and
     reported in the log (rate-limited), so a stalling disk is visible to operators."""
     with AuditLog.open(tmp_path / "log", key) as log:
@@ -288,14 +286,34 @@ def test_batches_of_many_parts_and_algs_in_one_commit(tmp_path, key):
     agree is refused by index and nothing is written."""
     records = [*batch(0, 4), *batch(4, 3, alg=-37), *batch(7, 2)]
     parts = [
-        IssuanceBatch(r.kid, r.alg, r.client, r.account, r.operator, r.dcc_type, [r.uvci],
-                      [r.iss], [r.payload], [r.signature])
+        IssuanceBatch(
+            r.kid,
+            r.alg,
+            r.client,
+            r.account,
+            r.operator,
+            r.dcc_type,
+            [r.uvci],
+            [r.iss],
+            [r.payload],
+            [r.signature],
+        )
         for r in records
     ]
     with AuditLog.open(tmp_path / "log", key) as log:
         head = log.head
-        short = IssuanceBatch(KID, -7, "portal-a", "uzi:1", None, "vv", [uvci(98)], ["NL"],
-                              [b"p", b"q"], [bytes(64)] * 2)
+        short = IssuanceBatch(
+            KID,
+            -7,
+            "portal-a",
+            "uzi:1",
+            None,
+            "vv",
+            [uvci(98)],
+            ["NL"],
+            [b"p", b"q"],
+            [bytes(64)] * 2,
+        )
         with pytest.raises(ValueError, match=r"record 2: .* differ in length"):
             log.append_batches([parts[0], parts[1], short, parts[2]])
         assert log.head == head

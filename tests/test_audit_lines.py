@@ -1,6 +1,6 @@
 """The audit log's issue lines (``audit_issue_lines``) against both implementations.
 
-The format is specified in engine/audit/log.py; these tests recompute every field with hashlib
+The format is specified in docs/audit-format.md; these tests recompute every field with hashlib
 and json rather than trusting either implementation.
 """
 
@@ -175,9 +175,17 @@ def test_groups_equal_one_call_per_group(impl, sizes):
     for head, middle, size in zip(args["heads"], args["middles"], sizes, strict=True):
         end = start + size
         group, prev = implementation("python").audit_issue_lines(
-            head, middle, args["time"], args["alg"], args["isses"][start:end],
-            args["uvcis"][start:end], args["dcc_types"][start:end],
-            args["payloads"][start:end], args["signatures"][start:end], seq, prev,
+            head,
+            middle,
+            args["time"],
+            args["alg"],
+            args["isses"][start:end],
+            args["uvcis"][start:end],
+            args["dcc_types"][start:end],
+            args["payloads"][start:end],
+            args["signatures"][start:end],
+            seq,
+            prev,
         )
         expected += group
         seq += size

@@ -97,8 +97,16 @@ def test_help_lists_the_options(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "compare", "--help"])
     text = capsys.readouterr().out
-    for option in ("--seconds", "--rounds", "--threads", "--naive", "--server", "--json",
-                   "--plot", "Exit codes"):
+    for option in (
+        "--seconds",
+        "--rounds",
+        "--threads",
+        "--naive",
+        "--server",
+        "--json",
+        "--plot",
+        "Exit codes",
+    ):
         assert option in text
 
 

@@ -194,9 +194,7 @@ def test_blocking_client_lone_sign_does_not_wait_for_the_window(threaded_engine)
 
 
 @pytest.mark.parametrize("busy_items", [False, True], ids=["busy-frame", "busy-items"])
-def test_blocking_client_retries_busy_after_the_hint_with_the_same_key(
-    threaded_engine, busy_items
-):
+def test_blocking_client_retries_busy_after_the_hint_with_the_same_key(threaded_engine, busy_items):
     engine, address = threaded_engine(busy=2, busy_items=busy_items)
     with Client(address) as client:
         result = client.sign(DCC, account="a", idempotency_key=b"first-try")
@@ -272,9 +270,7 @@ async def test_trio_client_batch_is_split_pipelined_and_retried(trio_engine):
     items = [SignItem(DCC, f"acct-{n}", idempotency_key=f"k{n}") for n in range(20)]
     async with open_client(address) as client:
         results = await client.sign_batch(items)
-    assert [r.hc1 for r in results] == [
-        f"HC1:acct-{n}:{f'k{n}'.encode().hex()}" for n in range(20)
-    ]
+    assert [r.hc1 for r in results] == [f"HC1:acct-{n}:{f'k{n}'.encode().hex()}" for n in range(20)]
     # 20 items in frames of at most 8; the first frame was BUSY and its items retried.
     assert all(len(items) <= MAX_BATCH for _, items in engine.frames)
     assert sum(len(items) for _, items in engine.frames) == 20 + len(engine.frames[0][1])

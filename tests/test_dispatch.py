@@ -179,8 +179,9 @@ def _twins(tmp_path, policy_doc):
     return out
 
 
-@settings(max_examples=25, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     n=st.integers(1, 60),
     seed=st.integers(0, 2**16),
@@ -239,8 +240,9 @@ def _normalised(reply):
     return [ItemResult(hc1=uvci_of_hc1(r.hc1), kid=r.kid) if r.ok else r for r in results]
 
 
-@settings(max_examples=20, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     n=st.integers(1, 30),
     seed=st.integers(0, 2**16),

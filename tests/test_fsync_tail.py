@@ -16,9 +16,12 @@ def _module():
 
 def test_measures_fsyncs_and_leaves_nothing_behind(tmp_path, capsys):
     out = tmp_path / "r.json"
-    assert _module().main(
-        ["--dir", str(tmp_path), "--seconds", "0.3", "--bytes", "512", "--json", str(out)]
-    ) == 0
+    assert (
+        _module().main(
+            ["--dir", str(tmp_path), "--seconds", "0.3", "--bytes", "512", "--json", str(out)]
+        )
+        == 0
+    )
     doc = json.loads(out.read_text())
     assert doc["fsyncs"] > 0 and doc["bytes_per_write"] == 512
     assert 0 < doc["p50_ms"] <= doc["p99_ms"] <= doc["p999_ms"] <= doc["max_ms"]

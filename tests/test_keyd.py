@@ -428,7 +428,7 @@ def test_mlock_failure_is_logged_not_fatal(caplog):
 
 
 def test_cli_default_nonce_pool_matches_keyd():
-    from dccsign.cli import main as cli
+    from dccsign.cli import keyd as cli
     from dccsign.keyd import service as keyd
 
     assert cli.NONCE_POOL_DEFAULT == keyd.DEFAULT_NONCE_POOL

@@ -312,14 +312,18 @@ def test_mixed_waiters_get_strings_or_columns_of_their_own_items():
     keyd's columns (issue_columns): each gets its own items' answers (a mixed batch once
     handed every signature of the batch to the string encoder, and a bug in a micro-batch
     ended the engine)."""
+
     class Keyd:
         connections = 1
 
         async def sign_columns(self, kid, columns):
             payloads = columns.payload_list()
             codes = bytes(ItemError.MALFORMED_CWT if p.startswith(b"x") else 0 for p in payloads)
-            sigs = [hashlib.sha256(p).digest() * 2 for p, c in zip(payloads, codes, strict=True)
-                    if not c]
+            sigs = [
+                hashlib.sha256(p).digest() * 2
+                for p, c in zip(payloads, codes, strict=True)
+                if not c
+            ]
             ends = array("I", range(64, 64 * len(sigs) + 1, 64))
             reasons = tuple("refused" for c in codes if c)
             return ColumnsResult(0, codes, b"".join(sigs), ends, reasons)
@@ -388,9 +392,7 @@ def _fair_model(waiting, max_batch):
 
 
 @given(
-    parts=st.lists(
-        st.tuples(st.sampled_from("abc"), st.integers(1, 12)), min_size=1, max_size=30
-    ),
+    parts=st.lists(st.tuples(st.sampled_from("abc"), st.integers(1, 12)), min_size=1, max_size=30),
     max_batch=st.integers(1, 120),
     one_client=st.booleans(),
 )

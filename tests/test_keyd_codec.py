@@ -144,7 +144,11 @@ def test_describe_pool_is_counts_only_and_checked():
     frame = Connection().send(DescribeResult(1, (info,)))
     body = cbor2.loads(frame[12:])
     assert body["keys"][0]["pool"] == {
-        "capacity": 8, "level": 7, "refilled": 6, "spent": 5, "misses": 4
+        "capacity": 8,
+        "level": 7,
+        "refilled": 6,
+        "spent": 5,
+        "misses": 4,
     }
     for bad, message in (
         ([1, 2], "pool must be a map"),

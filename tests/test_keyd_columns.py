@@ -67,8 +67,12 @@ def test_a_batch_of_many_accounts_is_one_commit_with_a_record_per_item(env):
     kid = _kid(store, "v")
     _allow(store, keyd, kid, ["portal-a", "portal-c"])
     parts = [
-        SignPart("portal-a" if i % 5 else "portal-c", f"uzi:{i}", (_payload(sample("v"), i),),
-                 None if i % 3 else f"op:{i}")
+        SignPart(
+            "portal-a" if i % 5 else "portal-c",
+            f"uzi:{i}",
+            (_payload(sample("v"), i),),
+            None if i % 3 else f"op:{i}",
+        )
         for i in range(300)
     ]
     parts[7] = SignPart("portal-b", "uzi:7", (_payload(sample("v"), 7),))  # not allowed
@@ -87,8 +91,12 @@ def test_a_batch_of_many_accounts_is_one_commit_with_a_record_per_item(env):
     result = keyd.sign_columns(SignColumns(3, kid, cols))
     assert commits == [[296]] and len(result) == 300
     codes = list(result.codes)
-    assert codes[7:11] == [ItemError.CLIENT_NOT_ALLOWED, ItemError.TYPE_NOT_ALLOWED,
-                           ItemError.MALFORMED_CWT, ItemError.INVALID_DCC]
+    assert codes[7:11] == [
+        ItemError.CLIENT_NOT_ALLOWED,
+        ItemError.TYPE_NOT_ALLOWED,
+        ItemError.MALFORMED_CWT,
+        ItemError.INVALID_DCC,
+    ]
     assert codes.count(0) == 296 and len(result.reasons) == 4
     assert result.reasons[0] == "client 'portal-b' may not use this kid"
     assert "dob" in result.reasons[3]
@@ -102,8 +110,7 @@ def test_a_batch_of_many_accounts_is_one_commit_with_a_record_per_item(env):
     records = list(search(audit_dir))
     assert len(records) == 296 and verify(audit_dir).ok
     expected = {
-        (p.client, p.account, p.operator)
-        for i, p in enumerate(parts) if i not in (7, 8, 9, 10)
+        (p.client, p.account, p.operator) for i, p in enumerate(parts) if i not in (7, 8, 9, 10)
     }
     assert {(r["client"], r["account"], r["operator"]) for r in records} == expected
 
@@ -134,17 +141,28 @@ def test_columns_and_parts_audit_the_same_records(dev_keystore_copy, tmp_path):
     batches = []
     for part in parts:
         facts = native.cwt_facts(part.payloads)
-        batches.append(IssuanceBatch(
-            kid, dsc.alg, part.client, part.account, part.operator,
-            "".join(f.dcc_type for f in facts), [f.uvci for f in facts],
-            [f.iss for f in facts], part.payloads, [next(sigs) for _ in part.payloads],
-        ))
+        batches.append(
+            IssuanceBatch(
+                kid,
+                dsc.alg,
+                part.client,
+                part.account,
+                part.operator,
+                "".join(f.dcc_type for f in facts),
+                [f.uvci for f in facts],
+                [f.iss for f in facts],
+                part.payloads,
+                [next(sigs) for _ in part.payloads],
+            )
+        )
     with AuditLog.open(tmp_path / "parts", key) as log:
         log.append_batches(batches)
 
     def records(name):
-        return [{k: v for k, v in r.items() if k not in ("prev", "seq", "time")}
-                for r in search(tmp_path / name)]
+        return [
+            {k: v for k, v in r.items() if k not in ("prev", "seq", "time")}
+            for r in search(tmp_path / name)
+        ]
 
     assert records("cols") == records("parts") and len(records("cols")) == 4
 
@@ -173,8 +191,9 @@ def test_audit_unavailable_releases_nothing(env, monkeypatch):
         raise AuditUnavailable("No space left on device")
 
     monkeypatch.setattr(log, "append_columns_many", broken)
-    cols = KeydColumns.from_parts([SignPart("p", f"u{i}", (_payload(sample("v"), i), b"\xa0"))
-                                   for i in range(5)])
+    cols = KeydColumns.from_parts(
+        [SignPart("p", f"u{i}", (_payload(sample("v"), i), b"\xa0")) for i in range(5)]
+    )
     result = keyd.sign_columns(SignColumns(1, kid, cols))
     assert not result.signatures and result.codes.count(0) == 0
     assert set(result.codes) == {ItemError.AUDIT_UNAVAILABLE, ItemError.MALFORMED_CWT}
@@ -185,8 +204,16 @@ def test_hostile_columns_that_bypass_the_codec_are_refused_not_crashed(env):
     store, keyd, _log, audit_dir = env
     kid = _kid(store, "v")
     good = KeydColumns.from_parts([SignPart("p", "u", (_payload(sample("v")),))])
-    bad = KeydColumns(good.payloads, good.ends, good.clients, ("x" * 2000,), good.operators,
-                      good.client_ix, good.account_ix, good.operator_ix)
+    bad = KeydColumns(
+        good.payloads,
+        good.ends,
+        good.clients,
+        ("x" * 2000,),
+        good.operators,
+        good.client_ix,
+        good.account_ix,
+        good.operator_ix,
+    )
     result = keyd.sign_columns(SignColumns(1, kid, bad))
     assert result.results()[0][0] == ItemError.INTERNAL
     assert "accounts[0] must be a non-empty string" in result.reasons[0]
@@ -296,8 +323,11 @@ def test_sign_kids_releases_nothing_when_the_commit_fails(env, monkeypatch):
     )))  # fmt: skip
     r_v, r_t = answer.results
     assert not r_v.signatures and not r_t.signatures
-    assert list(r_v.codes) == [ItemError.AUDIT_UNAVAILABLE, ItemError.MALFORMED_CWT,
-                               ItemError.AUDIT_UNAVAILABLE]
+    assert list(r_v.codes) == [
+        ItemError.AUDIT_UNAVAILABLE,
+        ItemError.MALFORMED_CWT,
+        ItemError.AUDIT_UNAVAILABLE,
+    ]
     assert set(r_t.codes) == {ItemError.AUDIT_UNAVAILABLE}
     assert "No space" in r_t.reasons[0]
     assert not list(search(audit_dir))
@@ -360,8 +390,10 @@ async def test_the_batcher_concatenates_requests_as_columns(monkeypatch):
 
     def fake_encode(protected, payloads, signatures, level=9):
         encoded.append(len(payloads))
-        return [f"HC1:{s.rstrip(b'.').decode()}:{p.decode()}" for p, s in
-                zip(payloads, signatures, strict=True)]
+        return [
+            f"HC1:{s.rstrip(b'.').decode()}:{p.decode()}"
+            for p, s in zip(payloads, signatures, strict=True)
+        ]
 
     monkeypatch.setattr(native, "hc1_encode", fake_encode)
     requests = {
@@ -407,10 +439,14 @@ async def test_the_batcher_sends_every_pending_kid_in_one_sign_kids(monkeypatch)
 
     keyd = KidsKeyd()
     batcher = KeydBatcher(keyd, window=0.05)
-    monkeypatch.setattr(native, "hc1_encode", lambda prot, payloads, sigs, level=9: [
-        f"{prot.decode()}:{s.rstrip(b'.').decode()}:{p.decode()}"
-        for p, s in zip(payloads, sigs, strict=True)
-    ])
+    monkeypatch.setattr(
+        native,
+        "hc1_encode",
+        lambda prot, payloads, sigs, level=9: [
+            f"{prot.decode()}:{s.rstrip(b'.').decode()}:{p.decode()}"
+            for p, s in zip(payloads, sigs, strict=True)
+        ],
+    )
     out = {}
 
     async def one(name, kid, parts, raw=False):

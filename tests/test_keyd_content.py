@@ -100,8 +100,11 @@ def test_a_compromised_engine_gets_only_the_honest_payload_signed(dev_keystore_c
     finally:
         _stop(proc)
     assert isinstance(out[1], bytes)
-    signed = [name for name, r in zip(("(i)", "", "(ii)", "(iii)"), out, strict=True)
-              if name and isinstance(r, bytes)]
+    signed = [
+        name
+        for name, r in zip(("(i)", "", "(ii)", "(iii)"), out, strict=True)
+        if name and isinstance(r, bytes)
+    ]
     assert not signed, f"keyd signed {signed}"
     (c0, m0), (c2, m2), (c3, m3) = out[0], out[2], out[3]
     assert c0 == ItemError.INVALID_DCC and "$.ver" in m0

@@ -112,8 +112,17 @@ def test_engine_and_keyd_environ_hold_no_passphrase_and_a_restarted_keyd_gets_it
 def _start_keyd(keystore, sock, *extra, log):
     with open(log, "ab") as err:
         proc = subprocess.Popen(
-            [*DCCSIGN, "keyd", "--keystore", str(keystore), "--socket", str(sock),
-             "--nonce-pool", "0", *extra],
+            [
+                *DCCSIGN,
+                "keyd",
+                "--keystore",
+                str(keystore),
+                "--socket",
+                str(sock),
+                "--nonce-pool",
+                "0",
+                *extra,
+            ],
             stderr=err,
         )
     _wait_socket(sock, proc, log)
@@ -125,8 +134,15 @@ def test_keyd_closes_connections_of_uids_not_allowed_root_included(dev_keystore_
     sock, log = tmp_path / "keyd.sock", tmp_path / "keyd.log"
     group = os.getgid() if os.getuid() else 64001
     proc = _start_keyd(
-        dev_keystore_copy, sock, "--allow-uid", "64002", "--socket-mode", "0660",
-        "--socket-group", str(group), log=log,
+        dev_keystore_copy,
+        sock,
+        "--allow-uid",
+        "64002",
+        "--socket-mode",
+        "0660",
+        "--socket-group",
+        str(group),
+        log=log,
     )
     try:
         st = sock.stat()
@@ -159,8 +175,18 @@ def test_engine_on_an_external_keyd_reconnects_after_keyd_restarts(dev_keystore_
     esock, elog, port = tmp_path / "engine.sock", tmp_path / "engine.log", _free_port()
     with open(elog, "wb") as err:
         engine = subprocess.Popen(
-            [*DCCSIGN, "serve", "--keyd-socket", str(ksock), "--policy", str(policy),
-             "--unix", str(esock), "--http", f"127.0.0.1:{port}"],
+            [
+                *DCCSIGN,
+                "serve",
+                "--keyd-socket",
+                str(ksock),
+                "--policy",
+                str(policy),
+                "--unix",
+                str(esock),
+                "--http",
+                f"127.0.0.1:{port}",
+            ],
             stderr=err,
         )
     try:
@@ -232,17 +258,23 @@ def _as_user(uid, gid, groups, args, *, cwd, **kw):
     """Popen of ``dccsign ARGS`` (or ``-c CODE``) as *uid*: exec'd as that user when the
     interpreter is reachable for it, else through AS_USER."""
     try:
-        direct = subprocess.run(
-            [sys.executable, "-c", "import dccsign.keyd.service"], user=uid, group=gid,
-            extra_groups=groups, capture_output=True, cwd=cwd, timeout=60,
-        ).returncode == 0
+        direct = (
+            subprocess.run(
+                [sys.executable, "-c", "import dccsign.keyd.service"],
+                user=uid,
+                group=gid,
+                extra_groups=groups,
+                capture_output=True,
+                cwd=cwd,
+                timeout=60,
+            ).returncode
+            == 0
+        )
     except PermissionError:
         direct = False
     if direct:
         argv = [sys.executable, *args] if args[0] == "-c" else [*DCCSIGN, *args]
-        return subprocess.Popen(
-            argv, user=uid, group=gid, extra_groups=groups, cwd=cwd, **kw
-        )
+        return subprocess.Popen(argv, user=uid, group=gid, extra_groups=groups, cwd=cwd, **kw)
     argv = [sys.executable, "-c", AS_USER, str(uid), str(gid), ",".join(map(str, groups))]
     return subprocess.Popen([*argv, *args], cwd=cwd, **kw)
 
@@ -307,11 +339,26 @@ def test_keyd_under_its_own_uid_serves_only_the_engine_uid(dev_keystore):
 
         with open(klog, "wb") as err:
             keyd = _as_user(
-                KEYD_UID, KEYD_UID, [SOCKET_GID],
-                ["keyd", "--keystore", str(home / "ks"), "--socket", str(ksock),
-                 "--nonce-pool", "0", "--socket-mode", "0660",
-                 "--socket-group", str(SOCKET_GID), "--allow-uid", str(ENGINE_UID)],
-                cwd=home, stderr=err,
+                KEYD_UID,
+                KEYD_UID,
+                [SOCKET_GID],
+                [
+                    "keyd",
+                    "--keystore",
+                    str(home / "ks"),
+                    "--socket",
+                    str(ksock),
+                    "--nonce-pool",
+                    "0",
+                    "--socket-mode",
+                    "0660",
+                    "--socket-group",
+                    str(SOCKET_GID),
+                    "--allow-uid",
+                    str(ENGINE_UID),
+                ],
+                cwd=home,
+                stderr=err,
             )
         procs.append(keyd)
         deadline = time.monotonic() + 30
@@ -323,10 +370,20 @@ def test_keyd_under_its_own_uid_serves_only_the_engine_uid(dev_keystore):
 
         with open(elog, "wb") as err:
             engine = _as_user(
-                ENGINE_UID, ENGINE_UID, [SOCKET_GID],
-                ["serve", "--keyd-socket", str(ksock), "--policy", str(policy),
-                 "--unix", str(esock)],
-                cwd=engine_dir, stderr=err,
+                ENGINE_UID,
+                ENGINE_UID,
+                [SOCKET_GID],
+                [
+                    "serve",
+                    "--keyd-socket",
+                    str(ksock),
+                    "--policy",
+                    str(policy),
+                    "--unix",
+                    str(esock),
+                ],
+                cwd=engine_dir,
+                stderr=err,
             )
         procs.append(engine)
         _wait_socket(esock, engine, elog)
@@ -336,8 +393,11 @@ def test_keyd_under_its_own_uid_serves_only_the_engine_uid(dev_keystore):
         assert len(list(search(home / "ks" / "audit", account="uzi:uid"))) == 1
 
         uids = {
-            pid: next(line.split()[1] for line in Path(f"/proc/{pid}/status").read_text()
-                      .splitlines() if line.startswith("Uid:"))
+            pid: next(
+                line.split()[1]
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                if line.startswith("Uid:")
+            )
             for pid in (keyd.pid, engine.pid)
         }
         assert uids == {keyd.pid: str(KEYD_UID), engine.pid: str(ENGINE_UID)}
@@ -358,8 +418,13 @@ def test_keyd_under_its_own_uid_serves_only_the_engine_uid(dev_keystore):
 
         # Another uid with the socket's group may connect, and is closed unserved; so is root.
         probe = _as_user(
-            OTHER_UID, OTHER_UID, [SOCKET_GID], ["-c", PROBE, str(ksock)],
-            cwd="/", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            OTHER_UID,
+            OTHER_UID,
+            [SOCKET_GID],
+            ["-c", PROBE, str(ksock)],
+            cwd="/",
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
         out, err = probe.communicate(timeout=60)
         assert probe.returncode == 0, err.decode()

@@ -65,8 +65,18 @@ def _start_supervised(keystore, sock, line=b"\n", env=None, extra=()):
     log = sock.with_suffix(".log")
     with open(log, "ab") as err:
         proc = subprocess.Popen(
-            [*DCCSIGN, "keyd", "--keystore", str(keystore), "--socket", str(sock),
-             "--supervised", "--nonce-pool", "0", *extra],
+            [
+                *DCCSIGN,
+                "keyd",
+                "--keystore",
+                str(keystore),
+                "--socket",
+                str(sock),
+                "--supervised",
+                "--nonce-pool",
+                "0",
+                *extra,
+            ],
             stdin=subprocess.PIPE,
             stderr=err,
             env=env,
@@ -171,7 +181,10 @@ def test_sign_cli_passes_the_passphrase_variable_through_the_pipe(dev_keystore_c
     env = {**os.environ, "DCCSIGN_KEYSTORE_PASSPHRASE": passphrase}
     out = subprocess.run(
         [*DCCSIGN, "sign", "--keystore", str(dev_keystore_copy), str(dcc)],
-        capture_output=True, text=True, env=env, timeout=60,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("HC1:")
@@ -253,13 +266,28 @@ def test_keyd_waits_for_the_lock_then_fails_with_a_clear_message(dev_keystore_co
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         os.ftruncate(lock, 0)
-        os.write(lock, f"pid={os.getpid()} start={process_start(os.getpid())} boot=".encode()
-                 + Path("/proc/sys/kernel/random/boot_id").read_bytes().strip())
+        os.write(
+            lock,
+            f"pid={os.getpid()} start={process_start(os.getpid())} boot=".encode()
+            + Path("/proc/sys/kernel/random/boot_id").read_bytes().strip(),
+        )
         began = time.monotonic()
         out = subprocess.run(
-            [*DCCSIGN, "keyd", "--keystore", str(dev_keystore_copy), "--socket", str(sock),
-             "--nonce-pool", "0", "--lock-wait", "1.5"],
-            capture_output=True, text=True, timeout=60,
+            [
+                *DCCSIGN,
+                "keyd",
+                "--keystore",
+                str(dev_keystore_copy),
+                "--socket",
+                str(sock),
+                "--nonce-pool",
+                "0",
+                "--lock-wait",
+                "1.5",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         took = time.monotonic() - began
     finally:
@@ -276,9 +304,20 @@ def test_serve_reports_a_keyd_that_cannot_start_without_a_traceback(dev_keystore
     write_policy(dev_keystore_copy / "policy.json")
     env = {**os.environ, "DCCSIGN_KEYSTORE_PASSPHRASE": "wrong"}
     out = subprocess.run(
-        [*DCCSIGN, "serve", "--keystore", str(dev_keystore_copy),
-         "--unix", str(tmp_path / "e.sock"), "--nonce-pool", "0"],
-        capture_output=True, text=True, env=env, timeout=60,
+        [
+            *DCCSIGN,
+            "serve",
+            "--keystore",
+            str(dev_keystore_copy),
+            "--unix",
+            str(tmp_path / "e.sock"),
+            "--nonce-pool",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
     )
     assert out.returncode == 4, out.stderr
     assert "dccsign serve: error: " in out.stderr and "passphrase" in out.stderr
@@ -297,8 +336,11 @@ def test_engine_sigkilled_under_load_a_new_engine_serves_within_10_s(dev_keystor
     (tmp_path / "first").mkdir()
     (tmp_path / "second").mkdir()
     first = EngineProcess(dev_keystore_copy, tmp_path / "first", tcp=False)
-    keyd = [pid for pid in _children(first.proc.pid) if b"keyd" in Path(f"/proc/{pid}/cmdline")
-            .read_bytes()]
+    keyd = [
+        pid
+        for pid in _children(first.proc.pid)
+        if b"keyd" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
     assert len(keyd) == 1
     received: list[str] = []
     ended: list[BaseException] = []
@@ -342,7 +384,9 @@ def test_engine_sigkilled_under_load_a_new_engine_serves_within_10_s(dev_keystor
             assert second.stop() == 0, (tmp_path / "second" / "engine.log").read_text()
     out = subprocess.run(
         [*DCCSIGN, "audit", "verify", str(dev_keystore_copy / "audit")],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     records = search(dev_keystore_copy / "audit", account="uzi:load")

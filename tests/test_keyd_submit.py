@@ -133,9 +133,7 @@ async def test_a_failed_answer_or_no_connection_reaches_every_waiter(nursery):
     assert batcher.in_flight == 0
 
 
-async def test_an_answer_that_cannot_be_handled_fails_its_waiters_not_the_batcher(
-    nursery, caplog
-):
+async def test_an_answer_that_cannot_be_handled_fails_its_waiters_not_the_batcher(nursery, caplog):
     """keyd's answer does not fit the micro-batch (one result for two kids): its waiters
     get a non-retryable error, it is logged, and the next micro-batch is served."""
     keyd = SubmitKeyd(nursery)
@@ -353,7 +351,8 @@ async def test_submit_columns_failures_reach_the_callback(nursery):
         await trio.testing.wait_all_tasks_blocked()
         inner.cancel_scope.cancel()
     assert [[str(e) for e in out] for out in delivered] == [
-        ["keyd connection failed: gone"] * 2, ["no connection to keyd"] * 2
+        ["keyd connection failed: gone"] * 2,
+        ["no connection to keyd"] * 2,
     ]
 
 

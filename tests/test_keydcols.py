@@ -57,8 +57,12 @@ def _roundtrip(msg, max_frame=1 << 22):
 
 def _mixed_parts(n_accounts=5, per=3):
     return [
-        SignPart(f"portal-{a % 2}", f"uzi:{a}", tuple(_payload(a * 10 + i) for i in range(per)),
-                 None if a % 3 else f"op:{a}")
+        SignPart(
+            f"portal-{a % 2}",
+            f"uzi:{a}",
+            tuple(_payload(a * 10 + i) for i in range(per)),
+            None if a % 3 else f"op:{a}",
+        )
         for a in range(n_accounts)
     ]
 
@@ -256,8 +260,16 @@ def test_hostile_kids_get_precise_errors():
 
 def test_kids_item_count_is_bounded_over_all_batches():
     half = MAX_COLUMN_ITEMS // 2 + 1
-    cols = KeydColumns(b"", array("I", [0]) * half, ("c",), ("a",), (None,),
-                       array("I", [0]) * half, array("I", [0]) * half, array("I", [0]) * half)
+    cols = KeydColumns(
+        b"",
+        array("I", [0]) * half,
+        ("c",),
+        ("a",),
+        (None,),
+        array("I", [0]) * half,
+        array("I", [0]) * half,
+        array("I", [0]) * half,
+    )
     msg = SignKids(1, (SignColumns(0, KID, cols), SignColumns(0, KID2, cols)))
     with pytest.raises(KeydProtocolError, match="65538 items; at most 65536"):
         Connection(1 << 24).send(msg)
@@ -354,8 +366,15 @@ def test_check_argument_errors_are_shared(impl):
 def _audit_case(impl, parts, alg=-7):
     cols = KeydColumns.from_parts(parts)
     codes, facts, _ = impl.keyd_check_columns(
-        cols.payloads, cols.ends, cols.client_ix, b"\x01" * len(cols.clients), 10**4,
-        NOW - 1000, NOW + 10**6, NOW + 60, "vtr",
+        cols.payloads,
+        cols.ends,
+        cols.client_ix,
+        b"\x01" * len(cols.clients),
+        10**4,
+        NOW - 1000,
+        NOW + 10**6,
+        NOW + 60,
+        "vtr",
     )
     assert not any(codes)
     selected = array("I", range(len(cols)))
@@ -374,9 +393,23 @@ def test_audit_lines_of_a_mixed_batch_equal_the_per_part_lines(impl, alg):
     ]
     cols, facts, selected, sigs, sig_ends = _audit_case(impl, parts, alg)
     blob, last = impl.audit_issue_columns(
-        TIME, alg, KID, cols.clients, cols.accounts, cols.operators, cols.client_ix,
-        cols.account_ix, cols.operator_ix, cols.payloads, cols.ends, facts, selected,
-        b"".join(sigs), sig_ends, 17, PREV,
+        TIME,
+        alg,
+        KID,
+        cols.clients,
+        cols.accounts,
+        cols.operators,
+        cols.client_ix,
+        cols.account_ix,
+        cols.operator_ix,
+        cols.payloads,
+        cols.ends,
+        facts,
+        selected,
+        b"".join(sigs),
+        sig_ends,
+        17,
+        PREV,
     )
     # the same lines as the per-part function, one group per part
     heads, middles, sizes, isses, uvcis, types = [], [], [], [], [], ""
@@ -392,7 +425,17 @@ def test_audit_lines_of_a_mixed_batch_equal_the_per_part_lines(impl, alg):
             uvcis.append(f.uvci)
             types += f.dcc_type
     lines, prev = impl.audit_issue_groups(
-        heads, middles, sizes, TIME, alg, isses, uvcis, types, cols.payload_list(), sigs, 17,
+        heads,
+        middles,
+        sizes,
+        TIME,
+        alg,
+        isses,
+        uvcis,
+        types,
+        cols.payload_list(),
+        sigs,
+        17,
         PREV,
     )
     assert blob.split(b"\n") == lines and last == prev
@@ -476,10 +519,18 @@ def _outcome(fn, *args):
 
 
 _CHECK_OVERRIDES = {
-    "ends": lambda a: [list(a["ends"]), _Sub("I", a["ends"]), array("l", a["ends"]),
-                       a["ends"][:-1], array("I", reversed(a["ends"]))],
-    "client_ix": lambda a: [array("I", [5] * len(a["ends"])), a["client_ix"][:-1],
-                            _Sub("I", a["client_ix"])],
+    "ends": lambda a: [
+        list(a["ends"]),
+        _Sub("I", a["ends"]),
+        array("l", a["ends"]),
+        a["ends"][:-1],
+        array("I", reversed(a["ends"])),
+    ],
+    "client_ix": lambda a: [
+        array("I", [5] * len(a["ends"])),
+        a["client_ix"][:-1],
+        _Sub("I", a["client_ix"]),
+    ],
     "payloads": lambda a: [a["payloads"] + b"x", bytearray(a["payloads"])],
     "client_ok": lambda a: [b"", bytearray(b"\x01")],
     "max_payload": lambda a: [-1, True, 2**62, 2**70, 10.0, 0],

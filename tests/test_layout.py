@@ -60,17 +60,13 @@ GRAPH = {name: _imports(name, path, set(MODULES)) for name, path in MODULES.item
 
 def test_the_tree_is_read() -> None:
     # Guards the two tests below against passing on an empty or misread tree.
-    assert {"dccsign.server.server", "dccsign.keyd.service", "dccsign.bench.loadgen"} <= set(
-        GRAPH
-    )
+    assert {"dccsign.server.server", "dccsign.keyd.service", "dccsign.bench.loadgen"} <= set(GRAPH)
     assert "dccsign.server.dispatch" in GRAPH["dccsign.server.server"]
 
 
 def test_the_product_imports_nothing_from_the_benchmark_drivers() -> None:
     product = [n for n in GRAPH if not n.startswith("dccsign.bench")]
-    offenders = {
-        n: sorted(m for m in GRAPH[n] if m.startswith("dccsign.bench")) for n in product
-    }
+    offenders = {n: sorted(m for m in GRAPH[n] if m.startswith("dccsign.bench")) for n in product}
     assert {n: m for n, m in offenders.items() if m} == {}
 
 

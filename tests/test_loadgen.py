@@ -342,7 +342,9 @@ def test_histogram_records_exactly_what_hdr_record_value_does(digits):
     theirs.record_value(latency._HIGHEST_US)
     h = ours._h
     assert (h.total_count, h.min_value, h.max_value) == (
-        theirs.total_count, theirs.min_value, theirs.max_value
+        theirs.total_count,
+        theirs.min_value,
+        theirs.max_value,
     )
     assert list(h.counts) == list(theirs.counts)
     assert h.encode() == theirs.encode()

@@ -503,5 +503,10 @@ print(json.dumps({"locked": info.locked, "lock_error": info.lock_error,
     sigs = [bytes.fromhex(h) for h in child["sigs"]]
     assert len({_r(s) for s in sigs}) == 300
     payloads = [b"p %d" % i for i in range(300)]
-    _verify_all(_load_impl("native"), ec_private, _load_impl("native").protected_header(-7, KID),
-                payloads, sigs)
+    _verify_all(
+        _load_impl("native"),
+        ec_private,
+        _load_impl("native").protected_header(-7, KID),
+        payloads,
+        sigs,
+    )

@@ -141,9 +141,7 @@ def test_documented_error_example_is_what_the_code_says():
     documented = re.search(r"```\n(/etc/dccsign/policy.json: .*?)\n```", text, re.S)
     assert documented is not None
     bad = {
-        "clients": {
-            "cn:portal-a.example.nl": {"kid": ["d0ff3fe0ad2e2c1b"], "types": ["v", "x"]}
-        },
+        "clients": {"cn:portal-a.example.nl": {"kid": ["d0ff3fe0ad2e2c1b"], "types": ["v", "x"]}},
         "unix_uids": {"1001": "local"},
     }
     with pytest.raises(PolicyError) as info:
@@ -886,8 +884,14 @@ def test_reload_inline_false_never_reads_in_current(tmp_path):
 def test_weight_is_a_small_positive_integer():
     policy = Policy.from_dict({"clients": {"a": {"weight": 3}, "b": {}}})
     assert policy.client("a").weight == 3 and policy.client("b").weight == 1
-    for bad, shown in ((0, "the number 0"), (1001, "the number 1001"), (1.5, "the number 1.5"),
-                       (True, "a boolean"), ("2", "the string '2'"), (None, "null")):
+    for bad, shown in (
+        (0, "the number 0"),
+        (1001, "the number 1001"),
+        (1.5, "the number 1.5"),
+        (True, "a boolean"),
+        ("2", "the string '2'"),
+        (None, "null"),
+    ):
         with pytest.raises(PolicyError) as info:
             Policy.from_dict({"clients": {"a": {"weight": bad}}}, source="p.json")
         assert info.value.problems == (
@@ -924,9 +928,12 @@ def _state(tracker, client, names):
     )
 
 
-_limits = st.one_of(st.none(), st.fixed_dictionaries(
-    {}, optional={"per_minute": st.integers(1, 12), "per_hour": st.integers(1, 30)}
-).filter(bool))
+_limits = st.one_of(
+    st.none(),
+    st.fixed_dictionaries(
+        {}, optional={"per_minute": st.integers(1, 12), "per_hour": st.integers(1, 30)}
+    ).filter(bool),
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -937,10 +944,14 @@ _limits = st.one_of(st.none(), st.fixed_dictionaries(
     frames=st.lists(
         st.tuples(
             st.floats(0, 90),  # seconds since the frame before
-            st.lists(st.tuples(st.integers(0, 9), st.integers(1, 7)), max_size=8,
-                     unique_by=lambda t: t[0]),
+            st.lists(
+                st.tuples(st.integers(0, 9), st.integers(1, 7)),
+                max_size=8,
+                unique_by=lambda t: t[0],
+            ),
         ),
-        min_size=1, max_size=6,
+        min_size=1,
+        max_size=6,
     ),
     client=st.sampled_from(["portal-a", "portal-b", "portal-x"]),
 )

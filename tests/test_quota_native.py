@@ -117,7 +117,6 @@ def test_charge_known_takes_in_new_accounts_while_the_table_has_room(impl):
         impl.quota_charge_known(table, "p", ["n3"], [1], PER_MINUTE, buckets, 0, (spans,))
 
 
-
 @pytest.mark.parametrize(
     ("call", "error", "message"),
     [
@@ -128,15 +127,21 @@ def test_charge_known_takes_in_new_accounts_while_the_table_has_room(impl):
         (lambda q: q.quota_take_back([None] * 2, PER_MINUTE, 1), TypeError, "three"),
         (
             lambda q: q.quota_charge_known(
-                OrderedDict({("p", "a"): (None, None, None)}), "p", ["a"], [1], PER_MINUTE,
-                (0, 0, 0), 0,
+                OrderedDict({("p", "a"): (None, None, None)}),
+                "p",
+                ["a"],
+                [1],
+                PER_MINUTE,
+                (0, 0, 0),
+                0,
             ),
             TypeError,
             "three",
         ),
         (
-            lambda q: q.quota_charge_known(OrderedDict(), "p", ["a"], [1], PER_MINUTE,
-                                           (0, 0, 0), -1),
+            lambda q: q.quota_charge_known(
+                OrderedDict(), "p", ["a"], [1], PER_MINUTE, (0, 0, 0), -1
+            ),
             ValueError,
             "start",
         ),

@@ -114,7 +114,9 @@ def test_keyd_killed_is_restarted(engine):
         assert c.sign(sample("v"), account="uzi:1").ok
         keyd = subprocess.run(
             ["pgrep", "-f", "-P", str(engine.proc.pid), "dccsign keyd"],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.split()
         os.kill(int(keyd[0]), signal.SIGKILL)
         deadline = time.monotonic() + 30
@@ -124,7 +126,8 @@ def test_keyd_killed_is_restarted(engine):
             time.sleep(0.2)
     out = subprocess.run(
         [sys.executable, "-m", "dccsign", "audit", "verify", str(engine.keystore / "audit")],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 0, out.stdout + out.stderr
 
@@ -193,9 +196,7 @@ def test_busy_under_overload_signs_nothing_it_refuses(dev_keystore_copy, tmp_pat
     """More certificates in progress than --max-pending-items: the excess gets BUSY at once
     with a retry-after hint, nothing refused is signed or audited, and a client that honours
     the hint gets everything signed afterwards."""
-    e = EngineProcess(
-        dev_keystore_copy, tmp_path, tcp=False, extra=["--max-pending-items", "30"]
-    )
+    e = EngineProcess(dev_keystore_copy, tmp_path, tcp=False, extra=["--max-pending-items", "30"])
     try:
         dccs = varied_samples(10)
         with e.client(retries=0) as c:
@@ -224,7 +225,10 @@ def test_requests_from_many_connections_share_keyd_rounds(dev_keystore_copy, tmp
     """Single requests from 16 connections reach keyd in fewer SIGN_MANY micro-batches than
     requests, and each certificate is still audited under its own account."""
     e = EngineProcess(
-        dev_keystore_copy, tmp_path, tcp=False, http=True,
+        dev_keystore_copy,
+        tmp_path,
+        tcp=False,
+        http=True,
         extra=["--keyd-connections", "1", "--batch-window", "5"],
     )
     try:
@@ -245,7 +249,10 @@ def test_requests_from_many_connections_share_keyd_rounds(dev_keystore_copy, tmp
             for name in ("start", "prepare", "batch_wait", "keyd", "encode")
         }
         assert stage == {
-            "start": 160, "prepare": 160, "batch_wait": batches, "keyd": batches,
+            "start": 160,
+            "prepare": 160,
+            "batch_wait": batches,
+            "keyd": batches,
             "encode": batches,
         }
         for i in range(16):

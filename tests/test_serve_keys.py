@@ -1,13 +1,13 @@
-"""The engine's view of keyd's keys (``serve_cli.Engine._take_keys``): DESCRIBE runs four
-times a second, so an unchanged key list must cost nothing, and a change must still reach the
-dispatcher at once."""
+"""The engine's view of keyd's keys (``dccsign.server.engine.Engine._take_keys``): DESCRIBE
+runs four times a second, so an unchanged key list must cost nothing, and a change must still
+reach the dispatcher at once."""
 
 from __future__ import annotations
 
-from dccsign.cli import serve as serve_cli
 from dccsign.dcc.dsc import DSC
 from dccsign.keys.keystore import Keystore
 from dccsign.protocol.keyd import KeyInfo
+from dccsign.server import engine as serve_cli
 from engine_process import write_policy
 
 

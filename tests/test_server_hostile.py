@@ -60,7 +60,10 @@ class Engine:
         )
         self.metrics = Metrics()
         self.server = Server(
-            self.dispatcher, limits=Limits(**limits), metrics=self.metrics, scan=scan,
+            self.dispatcher,
+            limits=Limits(**limits),
+            metrics=self.metrics,
+            scan=scan,
             walk=walk,
         )
         self.path = tmp_path / "engine.sock"
@@ -213,8 +216,7 @@ async def test_a_client_that_never_reads_is_stopped_being_read(start):
     await client.hello()
     batch = tuple(items(100))
     frames = [
-        client.codec.send(wire.SignBatch(request_id=client.rid(), items=batch))
-        for _ in range(300)
+        client.codec.send(wire.SignBatch(request_id=client.rid(), items=batch)) for _ in range(300)
     ]
     sent = 0
     with trio.move_on_after(3):
@@ -507,8 +509,8 @@ async def test_tls_handshakes_that_never_come_make_room_too(tmp_path, nursery):
     """Sockets that connect to the TLS port and never start the handshake hold a slot until
     a new connection needs it; the TLS client that then connects is served, and none of the
     evicted handshakes counts as an engine fault."""
-    from dccsign.cli.serve import tls_server_context
     from dccsign.server.devtls import DEV_CLIENT_NAME, ensure_dev_tls
+    from dccsign.server.engine import tls_server_context
 
     tls = ensure_dev_tls(tmp_path / "tls")
     engine = Engine(
@@ -540,9 +542,7 @@ async def test_tls_handshakes_that_never_come_make_room_too(tmp_path, nursery):
 
 
 @pytest.mark.parametrize("keyed", [False, True], ids=["no task", "task"])
-async def test_work_in_progress_is_answered_after_the_client_half_closes_or_a_drain(
-    start, keyed
-):
+async def test_work_in_progress_is_answered_after_the_client_half_closes_or_a_drain(start, keyed):
     """Requests in progress when reading stops -- the client sent EOF, or the engine
     drains -- are still answered, before GOAWAY, whether they run in a task (idempotency
     keys) or without one (a plain frame)."""
@@ -633,9 +633,7 @@ def _fault_escaping_the_dispatcher(dispatcher):
     ids=["task path", "no task, before keyd", "no task, keyd's answer",
          "no task, escaping the dispatcher"],
 )  # fmt: skip
-async def test_a_fault_in_signing_is_answered_internal_and_the_engine_goes_on(
-    start, fault, keyed
-):
+async def test_a_fault_in_signing_is_answered_internal_and_the_engine_goes_on(start, fault, keyed):
     engine = await start()
     fault(engine.dispatcher)
     victim = await Raw.connect(engine)
@@ -791,8 +789,11 @@ async def test_a_lone_burst_leaves_room_for_a_client_arriving_later(start):
     """Alone, a portal may fill 3/4 of the engine's capacity; the rest is kept for clients
     under their share, so a portal arriving during the burst is served at once."""
     engine = await start(
-        _two_clients(), max_pending_items=400, max_client_items=1000,
-        max_connection_items=1000, queue_target=0,
+        _two_clients(),
+        max_pending_items=400,
+        max_client_items=1000,
+        max_connection_items=1000,
+        queue_target=0,
     )
     engine.batcher.gate = trio.Event()
     a = await Raw.connect(engine)
@@ -811,8 +812,11 @@ async def test_near_capacity_the_client_over_its_share_is_refused_first(start, w
     """Portal A bursts; portal B, arriving later, gets its weighted share of the engine near
     capacity, and A is the one refused."""
     engine = await start(
-        _two_clients(weight_b), max_pending_items=400, max_client_items=1000,
-        max_connection_items=1000, queue_target=0,
+        _two_clients(weight_b),
+        max_pending_items=400,
+        max_client_items=1000,
+        max_connection_items=1000,
+        queue_target=0,
     )
     engine.batcher.gate = trio.Event()
     a = await Raw.connect(engine)
@@ -834,7 +838,10 @@ async def test_when_behind_the_client_under_its_share_is_still_served(start):
     """The latency rule (queue_target) sheds the backlog from the client that makes it: a
     portal with little in progress is admitted while the flooding one is refused."""
     engine = await start(
-        _two_clients(), max_pending_items=10_000, queue_target=0.3, queue_floor=0,
+        _two_clients(),
+        max_pending_items=10_000,
+        queue_target=0.3,
+        queue_floor=0,
     )
     engine.batcher.gate = trio.Event()
     a = await Raw.connect(engine)
@@ -906,9 +913,9 @@ async def test_over_tls_replies_that_fill_the_socket_arrive_whole_and_in_order(
     socket does not take whole is owed and finished by the writer before anything else. A
     client that pipelines many batches with a small receive buffer and reads only later
     gets every reply once, whole and decodable, each answering its own request."""
-    from dccsign.cli.serve import tls_server_context
     from dccsign.protocol.clients.tls_stream import TLSStream, open_tls_over_tcp
     from dccsign.server.devtls import DEV_CLIENT_NAME, ensure_dev_tls
+    from dccsign.server.engine import tls_server_context
 
     outcomes = []
     send_nowait = TLSStream.send_nowait

@@ -25,9 +25,9 @@ MAX = ref.SMALL_DEFLATE_MAX
 # Inputs that exercise different parts of the encoder: no matches (random), long runs,
 # short periods (every position matches), skewed byte frequencies (deep Huffman trees).
 _random = st.binary(max_size=MAX - 1)
-_runs = st.lists(
-    st.tuples(st.integers(0, 255), st.integers(1, 300)), max_size=40
-).map(lambda rs: bytes(b for v, k in rs for b in [v] * k)[: MAX - 1])
+_runs = st.lists(st.tuples(st.integers(0, 255), st.integers(1, 300)), max_size=40).map(
+    lambda rs: bytes(b for v, k in rs for b in [v] * k)[: MAX - 1]
+)
 _periodic = st.tuples(st.binary(min_size=1, max_size=40), st.integers(0, MAX - 1)).map(
     lambda t: (t[0] * (t[1] // len(t[0]) + 1))[: t[1]]
 )

@@ -51,8 +51,10 @@ def test_the_table_is_the_distinct_spans_in_order_of_first_appearance(impl, pair
     view = _view(impl, accounts, operators)
     rows = data.draw(st.lists(st.integers(0, len(pairs) - 1), max_size=len(pairs)))
     rows = array("I", rows)
-    for values, fields in ((accounts, (W.ACCOUNT_OFF, W.ACCOUNT_LEN)),
-                           (operators, (W.OPERATOR_OFF, W.OPERATOR_LEN))):
+    for values, fields in (
+        (accounts, (W.ACCOUNT_OFF, W.ACCOUNT_LEN)),
+        (operators, (W.OPERATOR_OFF, W.OPERATOR_LEN)),
+    ):
         table, index = impl.span_table(view.data, view.columns, W.NFIELDS, fields, rows)
         want_table, want_index = _expected(values, rows)
         assert table == want_table and list(index) == want_index
@@ -65,7 +67,10 @@ def test_many_distinct_accounts(impl):
     accounts = [f"uzi:{i % 997}" for i in range(1000)]
     view = _view(impl, accounts, [None] * 1000)
     table, index = impl.span_table(
-        view.data, view.columns, W.NFIELDS, (W.ACCOUNT_OFF, W.ACCOUNT_LEN),
+        view.data,
+        view.columns,
+        W.NFIELDS,
+        (W.ACCOUNT_OFF, W.ACCOUNT_LEN),
         array("I", range(1000)),
     )
     assert len(table) == 997 and [table[k].decode() for k in index] == accounts
@@ -83,7 +88,8 @@ def test_bad_arguments_are_refused_alike(impl):
     with pytest.raises(ValueError, match="whole number"):
         impl.span_table(view.data, view.columns[:-4], W.NFIELDS, fields, array("I", [0]))
     assert impl.span_table(view.data, view.columns, W.NFIELDS, fields, array("I")) == (
-        [], array("I"),
+        [],
+        array("I"),
     )
 
 
@@ -91,13 +97,24 @@ def test_base_and_absent_place_the_table_in_a_larger_one(impl):
     """Operators: "no operator" first (0), the distinct names after it."""
     view = _view(impl, ["uzi:1"] * 4, [None, "op:a", None, "op:b"])
     table, index = impl.span_table(
-        view.data, view.columns, W.NFIELDS, (W.OPERATOR_OFF, W.OPERATOR_LEN),
-        array("I", range(4)), base=1, absent=0,
+        view.data,
+        view.columns,
+        W.NFIELDS,
+        (W.OPERATOR_OFF, W.OPERATOR_LEN),
+        array("I", range(4)),
+        base=1,
+        absent=0,
     )
     assert table == [b"op:a", b"op:b"] and list(index) == [0, 1, 0, 2]
     with pytest.raises(ValueError, match="uint32"):
-        impl.span_table(view.data, view.columns, W.NFIELDS, (W.OPERATOR_OFF, W.OPERATOR_LEN),
-                        array("I", range(4)), base=-1)
+        impl.span_table(
+            view.data,
+            view.columns,
+            W.NFIELDS,
+            (W.OPERATOR_OFF, W.OPERATOR_LEN),
+            array("I", range(4)),
+            base=-1,
+        )
 
 
 @settings(max_examples=200, deadline=None)

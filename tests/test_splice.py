@@ -41,7 +41,7 @@ def check(impl, body: bytes, prefix_of=None, max_batch: int = 64):
     # keyd's view: the rows with a payload, where each ends in data, and the longest
     rows = [i for i, p in enumerate(want) if p]
     assert list(got.rows) == rows and got.rows.typecode == got.ends.typecode == "I"
-    assert [got.data[: e] for e in got.ends] == [b"".join(want[: i + 1]) for i in rows]
+    assert [got.data[:e] for e in got.ends] == [b"".join(want[: i + 1]) for i in rows]
     assert got.longest == max(map(len, want), default=0)
     ref = S.splice_payloads(view, PREFIXES, prefix_of)
     assert got == ref

@@ -26,8 +26,12 @@ def signer():
 
 def _claims(iat=None, exp=None, dcc=None):
     t = int(NOW.timestamp())
-    return {1: "NL", 4: t + 3600 if exp is None else exp, 6: t - 60 if iat is None else iat,
-            -260: {1: dcc or sample("v")}}
+    return {
+        1: "NL",
+        4: t + 3600 if exp is None else exp,
+        6: t - 60 if iat is None else iat,
+        -260: {1: dcc or sample("v")},
+    }
 
 
 def _hc1(key, protected, unprotected, payload, tags=(18,), sig=None):
@@ -54,8 +58,12 @@ def test_accepts_what_verifiers_must_accept(signer):
         "alg and kid unprotected": _hc1(key, b"", {1: -7, 4: dsc.kid}, payload),
         "protected kid wins": _hc1(key, canonical, {4: b"wrongkid"}, payload),
         "content type": _hc1(key, cbor2.dumps({1: -7, 4: dsc.kid, 3: 61}), {}, payload),
-        "float times": _hc1(key, canonical, {}, cbor2.dumps(_claims(
-            iat=NOW.timestamp() - 60.0, exp=NOW.timestamp() + 3600.0))),
+        "float times": _hc1(
+            key,
+            canonical,
+            {},
+            cbor2.dumps(_claims(iat=NOW.timestamp() - 60.0, exp=NOW.timestamp() + 3600.0)),
+        ),
         "trailing CR LF": _hc1(key, canonical, {}, payload) + "\r\n",
     }
     for name, text in variants.items():
@@ -69,12 +77,27 @@ def test_accepts_what_verifiers_must_accept(signer):
     [
         (lambda k, d, p: "HC2:" + _hc1(k, native.protected_header(-7, d.kid), {}, p)[4:], "prefix"),
         (lambda k, d, p: _hc1(k, native.protected_header(-7, d.kid), {}, p).lower(), "prefix"),
-        (lambda k, d, p: "HC1:" + _hc1(k, native.protected_header(-7, d.kid), {}, p)[4:].lower(),
-         "base45"),
+        (
+            lambda k, d, p: "HC1:" + _hc1(k, native.protected_header(-7, d.kid), {}, p)[4:].lower(),
+            "base45",
+        ),
         (lambda k, d, p: "HC1:" + native.b45encode(b"\x78\x9c" + b"junk"), "zlib"),
-        (lambda k, d, p: "HC1:" + native.b45encode(zlib.compress(cbor2.dumps(
-            cbor2.CBORTag(18, [native.protected_header(-7, d.kid), {}, p, b"s" * 64]))) + b"x"),
-         "zlib"),
+        (
+            lambda k, d, p: (
+                "HC1:"
+                + native.b45encode(
+                    zlib.compress(
+                        cbor2.dumps(
+                            cbor2.CBORTag(
+                                18, [native.protected_header(-7, d.kid), {}, p, b"s" * 64]
+                            )
+                        )
+                    )
+                    + b"x"
+                )
+            ),
+            "zlib",
+        ),
         (lambda k, d, p: _hc1(k, native.protected_header(-7, d.kid), {}, p, tags=(61,)), "cose"),
         (lambda k, d, p: _hc1(k, native.protected_header(-7, d.kid), {}, p, tags=(18, 18)), "cose"),
         (lambda k, d, p: _hc1(k, cbor2.dumps({1: -8, 4: d.kid}), {}, p), "header"),
@@ -82,14 +105,27 @@ def test_accepts_what_verifiers_must_accept(signer):
         (lambda k, d, p: _hc1(k, cbor2.dumps({1: -7}), {}, p), "header"),
         (lambda k, d, p: _hc1(k, native.protected_header(-7, d.kid), {}, p + b"\x00"), "cwt"),
         (lambda k, d, p: _hc1(k, native.protected_header(-7, d.kid), {}, cbor2.dumps([1])), "cwt"),
-        (lambda k, d, p: _hc1(k, native.protected_header(-7, d.kid), {}, cbor2.dumps(
-            {1: "NL", 4: 1, 6: 0, -260: {"1": {}}})), "cwt"),
+        (
+            lambda k, d, p: _hc1(
+                k,
+                native.protected_header(-7, d.kid),
+                {},
+                cbor2.dumps({1: "NL", 4: 1, 6: 0, -260: {"1": {}}}),
+            ),
+            "cwt",
+        ),
         (lambda k, d, p: _hc1(k, native.protected_header(-7, b"12345678"), {}, p), "key"),
-        (lambda k, d, p: _hc1(k, native.protected_header(-7, d.kid), {}, p, sig=b"s" * 63),
-         "signature"),
+        (
+            lambda k, d, p: _hc1(k, native.protected_header(-7, d.kid), {}, p, sig=b"s" * 63),
+            "signature",
+        ),
         (lambda k, d, p: _hc1(k, native.protected_header(-37, d.kid), {}, p), "signature"),
-        (lambda k, d, p: _hc1(ec.generate_private_key(ec.SECP256R1()),
-                              native.protected_header(-7, d.kid), {}, p), "signature"),
+        (
+            lambda k, d, p: _hc1(
+                ec.generate_private_key(ec.SECP256R1()), native.protected_header(-7, d.kid), {}, p
+            ),
+            "signature",
+        ),
     ],
 )
 def test_refuses(signer, mutate, step):
@@ -105,8 +141,9 @@ def test_tagged_date_time_is_accepted_and_rendered_as_text(signer):
     dcc = sample("t")
     tagged = {**dcc, "t": [{**dcc["t"][0], "sc": cbor2.CBORTag(0, "2021-07-01T09:30:00Z")}]}
     claims = {**_claims(), -260: {1: tagged}}
-    result = verify_hc1(_hc1(key, native.protected_header(-7, dsc.kid), {}, cbor2.dumps(claims)),
-                        [dsc])
+    result = verify_hc1(
+        _hc1(key, native.protected_header(-7, dsc.kid), {}, cbor2.dumps(claims)), [dsc]
+    )
     assert result.valid and result.dcc == dcc
     import json
 
@@ -116,8 +153,12 @@ def test_tagged_date_time_is_accepted_and_rendered_as_text(signer):
 def test_time_and_usage_are_separate_from_the_signature(signer):
     key, dsc = signer
     t = int(NOW.timestamp())
-    text = _hc1(key, native.protected_header(-7, dsc.kid), {}, cbor2.dumps(
-        _claims(iat=t - 7200, exp=t - 3600)))
+    text = _hc1(
+        key,
+        native.protected_header(-7, dsc.kid),
+        {},
+        cbor2.dumps(_claims(iat=t - 7200, exp=t - 3600)),
+    )
     result = verify_hc1(text, [dsc])
     assert result.valid and result.time_valid is False
     assert [e["step"] for e in result.errors] == ["time"]

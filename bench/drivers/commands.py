@@ -28,8 +28,10 @@ def cmd_bench_core(args: argparse.Namespace) -> int:
     try:
         result = core.run(impl, args.threads, args.seconds, args.batch, args.zlib_level)
     except ImportError as exc:
-        print(f"dccsign bench core: error: implementation {args.impl!r} is not available: {exc}",
-              file=sys.stderr)
+        print(
+            f"dccsign bench core: error: implementation {args.impl!r} is not available: {exc}",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     if args.json:
         print(json.dumps(result))

@@ -74,9 +74,7 @@ NAIVE_HOME = "it lives in the source checkout, never in the product"
 ROWS = ("openssl", "openssl-all", "naive", "python", "native", "native-all", "engine")
 MULTI = {"openssl-all", "native-all", "engine"}
 
-_OPENSSL_RE = re.compile(
-    r"256 bits ecdsa \(nistp256\)\s+[\d.]+s\s+[\d.]+s\s+([\d.]+)\s+([\d.]+)"
-)
+_OPENSSL_RE = re.compile(r"256 bits ecdsa \(nistp256\)\s+[\d.]+s\s+[\d.]+s\s+([\d.]+)\s+([\d.]+)")
 
 
 class CompareError(Exception):
@@ -455,9 +453,7 @@ def compare(
         log(f"  round {r + 1}: " + ", ".join(parts))
 
     rates = {n: summary([s[n] for s in samples if n in s]) for n in order if n not in errors}
-    foreign = {
-        n: summary([v for ld in loads if (v := ld.get(n)) is not None]) for n in rates
-    }
+    foreign = {n: summary([v for ld in loads if (v := ld.get(n)) is not None]) for n in rates}
     skipped.update(errors)
     labels = row_labels(threads)
     rows: dict[str, dict[str, Any]] = {}
@@ -578,29 +574,59 @@ def add_compare_parser(bsub: Any) -> argparse.ArgumentParser:
         "matplotlib missing for --plot); 4 --server given but the engine row could not be "
         'measured. See bench/README.md, section "dccsign bench compare".',
     )
-    p.add_argument("--seconds", type=positive(float, 3600), default=2.0, metavar="N",
-                   help="seconds per sample of each row (openssl: always 1 s) (default 2)")
-    p.add_argument("--rounds", type=positive(int, 1000), default=3, metavar="R",
-                   help="interleaved rounds; each measures every row once (default 3)")
-    p.add_argument("--threads", type=positive(int, 256), default=os.cpu_count() or 1,
-                   metavar="N", help="workers of the 'all cores' rows: openssl -multi N and "
-                   f"the native core with N threads (default: all cores, {os.cpu_count()})")
-    p.add_argument("--naive", type=Path, metavar="PATH",
-                   help="the naive pipeline file (default: bench/naive.py under the current "
-                   "directory or the source checkout; without it the naive row is not "
-                   "measured and its ratios are omitted)")
+    p.add_argument(
+        "--seconds",
+        type=positive(float, 3600),
+        default=2.0,
+        metavar="N",
+        help="seconds per sample of each row (openssl: always 1 s) (default 2)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=positive(int, 1000),
+        default=3,
+        metavar="R",
+        help="interleaved rounds; each measures every row once (default 3)",
+    )
+    p.add_argument(
+        "--threads",
+        type=positive(int, 256),
+        default=os.cpu_count() or 1,
+        metavar="N",
+        help="workers of the 'all cores' rows: openssl -multi N and "
+        f"the native core with N threads (default: all cores, {os.cpu_count()})",
+    )
+    p.add_argument(
+        "--naive",
+        type=Path,
+        metavar="PATH",
+        help="the naive pipeline file (default: bench/naive.py under the current "
+        "directory or the source checkout; without it the naive row is not "
+        "measured and its ratios are omitted)",
+    )
     g = p.add_argument_group("engine (optional)")
-    g.add_argument("--server", metavar="ADDR",
-                   help="also measure a running engine end to end: unix:PATH or HOST:PORT, "
-                   "passed to `dccsign bench load` with --cert/--key/--ca")
+    g.add_argument(
+        "--server",
+        metavar="ADDR",
+        help="also measure a running engine end to end: unix:PATH or HOST:PORT, "
+        "passed to `dccsign bench load` with --cert/--key/--ca",
+    )
     g.add_argument("--cert", type=Path, metavar="PEM", help="TLS client certificate")
     g.add_argument("--key", type=Path, metavar="PEM", help="TLS client key")
     g.add_argument("--ca", type=Path, metavar="PEM", help="CA of the engine's certificate")
     g = p.add_argument_group("output")
-    g.add_argument("--json", type=Path, metavar="FILE",
-                   help="write every row, round, ratio and the environment as JSON")
-    g.add_argument("--plot", type=Path, metavar="FILE.png",
-                   help="draw a bar chart of the rates (needs matplotlib)")
+    g.add_argument(
+        "--json",
+        type=Path,
+        metavar="FILE",
+        help="write every row, round, ratio and the environment as JSON",
+    )
+    g.add_argument(
+        "--plot",
+        type=Path,
+        metavar="FILE.png",
+        help="draw a bar chart of the rates (needs matplotlib)",
+    )
     p.set_defaults(func=cmd_bench_compare)
     return p
 
@@ -613,8 +639,9 @@ def cmd_bench_compare(args: argparse.Namespace) -> int:
         return code
 
     if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
-        return fail(EXIT_USAGE, "--plot needs matplotlib: install matplotlib "
-                    "(pip install 'dccsign[bench]')")
+        return fail(
+            EXIT_USAGE, "--plot needs matplotlib: install matplotlib (pip install 'dccsign[bench]')"
+        )
     engine = Engine(args.server, args.cert, args.key, args.ca) if args.server else None
     try:
         doc = compare(

@@ -437,8 +437,7 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
         except ImportError:
             return _fail(
                 EXIT_USAGE,
-                "--plot needs matplotlib: install matplotlib "
-                "(pip install 'dccsign[bench]')",
+                "--plot needs matplotlib: install matplotlib (pip install 'dccsign[bench]')",
             )
     to_stdout = args.json == "-"
     human = sys.stderr if to_stdout else sys.stdout

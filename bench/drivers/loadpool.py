@@ -22,7 +22,7 @@ event loop that releases and times the load:
   in its own task, plus one before the first request and one shortly after the last reply.
   Its :class:`PoolSeries` goes into the JSON report as ``nonce_pool``.
 
-The engine mirrors keyd's counts every 0.25 s (``KEYD_POLL`` in :mod:`dccsign.cli.serve`),
+The engine mirrors keyd's counts every 0.25 s (``KEYD_POLL`` in :mod:`dccsign.server.engine`),
 so a sample may be that much behind keyd.
 """
 

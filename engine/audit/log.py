@@ -1,146 +1,13 @@
 """The issuance audit log: one append-only, tamper-evident record per signature.
 
-keyd is the only writer (:class:`AuditLog`); security staff read the log with :func:`verify`,
-:func:`search` and :func:`revocations` (``dccsign audit ...``). The log holds no clear personal
-data: no names, no dates of birth, no UVCI (only hashes of it).
+keyd is the only writer (:class:`AuditLog`: entries and a signed checkpoint per batch, one
+``write`` and one ``fsync``, torn writes recovered on open); security staff read the log with
+:func:`verify`, :func:`search` and :func:`revocations` (``dccsign audit ...``). The log holds
+no clear personal data: no names, no dates of birth, no UVCI (only hashes of it).
 
-Directory layout::
-
-    DIR/segment-000001.log.zst   closed segments, zstandard (one frame, content size, checksum)
-    DIR/segment-000002.log       the open segment (plain JSON lines, appended by keyd)
-    DIR/audit-key.pub.pem        public half of the audit key that signs the checkpoints
-    DIR/lock                     held (flock) by the one process that has the log open
-    DIR/torn-000002-000123.bin   evidence set aside when a torn write was recovered (rare)
-    DIR/reopen-probe.tmp         briefly, while a writer that failed checks for room to reopen
-
-Entries
--------
-Every line of a segment is one *entry*: a compact JSON object (UTF-8, keys sorted, separators
-``,`` and ``:``, no whitespace: ``json.dumps(obj, sort_keys=True, separators=(",", ":"),
-ensure_ascii=False)``), ending in ``\\n``. Every entry has
-
-    ``t``     the entry type (below)
-    ``seq``   its sequence number: 1, 2, 3, ... over the whole log, without gaps, across segments
-    ``prev``  SHA-256 (hex) of the exact bytes of the previous entry's line (without its ``\\n``);
-              64 zeros for entry 1.
-
-So the entries form one hash chain over the exact stored bytes. Entry types:
-
-``header`` (first entry of every segment)
-    ``format`` = ``"dccsign-audit/1"``, ``log`` (random id of the log, the same in every
-    segment), ``segment`` (its number), ``audit_key`` (SHA-256 of the audit public key's DER
-    SubjectPublicKeyInfo, hex), ``time``.
-``issue`` (one per signature)
-    ``time``, ``kid`` (hex), ``alg`` (-7 ES256, -37 PS256), ``client`` (portal backend),
-    ``account`` (end-user account, pseudonymous, stored as given), ``operator`` (who acted under
-    the account's mandate, or null), ``type`` (``v``/``t``/``r``), ``iss`` (CWT issuer
-    country, two capitals), ``uvci_hash`` = SHA-256(UVCI), ``payload_sha256`` =
-    SHA-256(signed CWT payload), and ``rev``,
-    the EU DCC revocation hashes (hex, first 128 bits of SHA-256)::
-
-        UCI             SHA-256(UVCI)[:16]
-        COUNTRYCODEUCI  SHA-256(iss + UVCI)[:16]
-        SIGNATURE       SHA-256(r)[:16] for ES256 (the first 32 bytes of r||s),
-                        SHA-256(signature)[:16] for PS256
-
-    Strings are hashed as UTF-8. Example (hashes shortened)::
-
-        {"account":"uzi:900012345","alg":-7,"client":"portal-a","iss":"NL","kid":"d0ff3fe0ad2e2c1b",
-         "operator":"uzi:900067890","payload_sha256":"9f2c...","prev":"41b0...","rev":{
-         "COUNTRYCODEUCI":"0c51...","SIGNATURE":"7a3e...","UCI":"e4d1..."},"seq":1043,"t":"issue",
-         "time":"2024-05-01T09:12:44.021730Z","type":"v","uvci_hash":"e4d1..."}
-
-``key`` (key lifecycle operations)
-    ``time``, ``action``, ``kid`` (hex or null), ``key_id``, ``actor``, ``reason``.
-``recover`` (written when the log is reopened after a torn write, see below)
-    ``time``, ``torn_segment``, ``after_sequence`` (the last entry kept), ``discarded_bytes``,
-    ``discarded_entries``, ``discarded_sha256``, ``evidence`` (the file the discarded bytes were
-    moved to, or null when there were none).
-``checkpoint``
-    ``time``, ``segment``, ``end`` (null; ``"segment"`` when it closes its segment; ``"close"``
-    when the log was closed cleanly) and ``sig``: the audit key's signature (hex; Ed25519, or
-    ECDSA P-256/SHA-256 DER) over the UTF-8 bytes of::
-
-        dccsign-audit/1 checkpoint\\nseq=<seq>\\nsegment=<segment>\\nhead=<prev>\\n
-        time=<time>\\nend=<end or ->\\n
-
-    ``head`` is the checkpoint's ``prev``, the hash of everything before it: a checkpoint
-    signs the whole history up to itself.
-
-Times are UTC, ``YYYY-MM-DDTHH:MM:SS.ffffffZ`` (fixed width, so text order is time order); all
-entries of one batch share the time of its commit.
-
-Writing
--------
-Each call of :meth:`AuditLog.append_issuance` (a batch) and :meth:`AuditLog.append_key_event`
-appends its entries *and a checkpoint* with one ``write`` and one ``fsync`` (group commit); it
-returns only after the ``fsync``. Every durable state of a segment therefore ends with a signed
-checkpoint. A segment is closed after the batch that brings it to ``segment_records`` records
-(issue and key entries; a batch is never split, so a segment may hold up to one batch more):
-that batch's checkpoint has ``end: "segment"``; the next segment is created (header and
-checkpoint, file and directory fsynced); then, in a background thread, the closed segment is
-compressed to ``.log.zst.tmp``, checked by decompressing, written and flushed a mebibyte at a
-time, fsynced, renamed to ``.log.zst``, the directory fsynced, the plain file renamed to
-``.log.del`` (directory fsynced), shrunk a few mebibytes at a time, unlinked, and the
-directory fsynced again. The steps keep the flushes of tens of megabytes from stalling the
-commits' fsyncs meanwhile (one 15 MB flush, or unlinking a 57 MB file, held a concurrent
-small fsync for 15-20 ms on ext4; in steps, ~3 ms). A crash at any step leaves a state that
-:meth:`AuditLog.open` completes and :func:`verify` accepts (a ``.log.del`` left behind is a
-copy of a compressed segment on its way out: open removes it, verify ignores it), except the
-window between closing a segment and creating the next, which verify reports until keyd has
-been restarted.
-
-A write or fsync that fails (``ENOSPC``, ``EIO``, ``EROFS``, ...) raises :exc:`AuditUnavailable`;
-the log then refuses every further append until it is reopened: keyd must stop signing.
-:meth:`AuditLog.reopen` reopens it in place (keyd retries that by itself, with a backoff,
-while signing is stopped); the torn tail of the failed write is set aside as below.
-
-A *torn write* (keyd killed or the machine stopping during a write) leaves, after the last
-checkpoint, entries that were never acknowledged and possibly an incomplete line. Opening the
-log accepts such a tail only if every complete entry in it continues the chain; it moves the
-bytes to ``torn-SSSSSS-QQQQQQ.bin`` (segment, first sequence number), truncates the segment to
-its last checkpoint, and appends a ``recover`` entry and a checkpoint; :attr:`AuditLog.recovered`
-and :func:`verify` report it. Anything else that is wrong makes :meth:`AuditLog.open` raise
-:exc:`AuditLogError` naming the file, segment and sequence number.
-
-What verify detects
--------------------
-:func:`verify` reads every segment (plain and ``.zst``) in order and reports the first break
-(segment, sequence number, problem). It detects:
-
-- an edited entry anywhere (its hash no longer matches its successor's ``prev``; rewriting the
-  following hashes as well does not help, because the next checkpoint's signature covers them);
-- a removed entry, a duplicated or reordered entry (sequence numbers and chain);
-- a truncated segment: a closed segment must end with its closing checkpoint, the open one
-  with a checkpoint; an incomplete last line or entries after the last checkpoint are a break
-  (also a truncated tail after the last batch); a damaged ``.zst`` fails its frame checks;
-- a deleted segment: numbers must run 1, 2, 3, ... and each header's ``prev`` must be the hash
-  of the previous segment's closing checkpoint; the newest segment deleted is detected too,
-  because the segment before it ends with a signed ``end: "segment"`` checkpoint;
-- a forged checkpoint, an entry from another log, a checkpoint signed by another key;
-  checkpoint lines must also be byte-for-byte canonical, so even the newest line (which no
-  successor's ``prev`` pins) cannot be rewritten.
-
-What it cannot detect
----------------------
-- Rolling the log back to an earlier checkpoint that did not close a segment: deleting whole
-  batches (entries *and* their checkpoints) from the end of the newest segment, with any later
-  segments. The directory alone cannot tell such a log from one that simply stopped there.
-  What protects against it: a witness. :attr:`AuditLog.last_checkpoint` is the newest signed
-  checkpoint line; keyd can publish it outside this host (syslog, a remote collector), and
-  ``verify(..., witnesses=[line, ...])`` (``--witness FILE``) then requires each witnessed
-  checkpoint to be present, unchanged, at its sequence number. Sequence numbers handed out by
-  :meth:`AuditLog.append_issuance` and later missing also give it away. A clean shutdown ends
-  with an ``end: "close"`` checkpoint, which verify reports (``closed_cleanly``).
-- Deleting the whole directory, or replacing it with a log built from scratch with another
-  audit key. Against the latter, pin the public key: ``public_key_pem=`` (``--audit-pubkey``);
-  without it, verify trusts ``DIR/audit-key.pub.pem`` beside the log, which whoever can rewrite
-  the log can also replace.
-- Entries written by someone who holds the audit private key (it signs checkpoints; keep it
-  apart from the logs).
-- Entries that were written and fsynced but whose fsync then failed (``EIO``) may be present
-  although keyd released no signature for them: the log may hold more than was issued, never
-  less.
+The format (segments, entries and their hash chain, checkpoints), the order of the steps that
+make a write durable, and what :func:`verify` can and cannot detect are specified in
+``docs/audit-format.md``; this module implements that page.
 """
 
 from __future__ import annotations
@@ -265,7 +132,7 @@ class AuditUnavailable(AuditError):
 @dataclass(frozen=True, slots=True)
 class IssuanceRecord:
     """What keyd hands over per signature; the log stores only the fields derived from it
-    (see the module docstring): ``uvci`` and ``payload`` are stored as hashes only."""
+    (see docs/audit-format.md): ``uvci`` and ``payload`` are stored as hashes only."""
 
     kid: bytes
     alg: int
@@ -990,7 +857,7 @@ class AuditLog:
         A new directory is created with mode 0700 and gets segment 1. An existing log is
         checked: the newest segment completely (chain, sequence, checkpoint signatures) and its
         link to the closing checkpoint of the segment before; then the sequence and the chain
-        continue. A torn last write is set aside and recorded (module docstring); interrupted
+        continue. A torn last write is set aside and recorded (docs/audit-format.md); interrupted
         rotation and compression steps are completed.
 
         The writer holds a flock on ``DIR/lock`` and writes its pid, process start time and
@@ -1038,7 +905,9 @@ class AuditLog:
                         next_note = now + 5.0
                         LOGGER.warning(
                             "%s: waiting up to %.0f s more for the audit log lock, %s",
-                            root, deadline - now, lock_holder(root / LOCK_FILE),
+                            root,
+                            deadline - now,
+                            lock_holder(root / LOCK_FILE),
                         )
                     time.sleep(0.05)
         except BaseException:
@@ -1308,7 +1177,10 @@ class AuditLog:
             LOGGER.warning(
                 "audit log %s: %d fsync(s) over %.0f ms since the last report, the slowest "
                 "%.0f ms: signatures wait for them (the disk, not keyd)",
-                self.directory, self._slow_pending, SLOW_FSYNC * 1000, self._slow_worst * 1000,
+                self.directory,
+                self._slow_pending,
+                SLOW_FSYNC * 1000,
+                self._slow_worst * 1000,
             )
             self._slow_pending, self._slow_worst = 0, 0.0
             self._slow_next_log = now + 10.0
@@ -2007,7 +1879,7 @@ def search(
     kinds: Sequence[str] = ("issue",),
 ) -> Iterator[dict[str, Any]]:
     """The stored entries that match every given filter, in log order (dicts as stored; see
-    the module docstring).
+    docs/audit-format.md).
 
     ``since`` is inclusive and ``until`` exclusive (naive datetimes are UTC). ``kinds`` picks
     entry types: ``"issue"`` (default), ``"key"``; a filter on a field an entry lacks (client,

@@ -1,11 +1,14 @@
-"""argparse value types shared by the ``dccsign`` command groups."""
+"""What the ``dccsign`` command groups share in their arguments: value types, and the
+``--keystore`` option (declared by :func:`keystore_arg`, opened by :func:`open_keystore`)."""
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+from pathlib import Path
+from typing import Any
 
-__all__ = ["iso_time", "kid", "positive"]
+__all__ = ["host_port", "iso_time", "keystore_arg", "kid", "open_keystore", "positive"]
 
 
 def kid(value: str) -> bytes:
@@ -52,3 +55,20 @@ def host_port(value: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, not {value!r}")
     return host.strip("[]"), int(port)
+
+
+def keystore_arg(parser: Any, *, required: bool = True, help: str | None = None) -> None:
+    """Declare ``--keystore DIR`` on *parser* (a parser or an argument group)."""
+    parser.add_argument("--keystore", type=Path, required=required, metavar="DIR", help=help)
+
+
+def open_keystore(directory: Path) -> Any:
+    """The keystore in *directory*; a missing or broken one stops the command (exit 4)."""
+    from ..errors import KeystoreError
+    from ..keys.keystore import Keystore
+    from .exits import EXIT_KEY, fail
+
+    try:
+        return Keystore.open(directory)
+    except KeystoreError as exc:
+        fail(EXIT_KEY, str(exc))

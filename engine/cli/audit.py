@@ -19,7 +19,7 @@ from typing import Any
 
 from .args import iso_time, kid
 
-__all__ = ["add_audit_commands"]
+__all__ = ["add_commands"]
 
 EXIT_OK = 0
 EXIT_BROKEN = 1
@@ -193,7 +193,7 @@ def cmd_audit_revocations(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- parser
 
 
-def add_audit_commands(subparsers: Any) -> None:
+def add_commands(subparsers: Any) -> None:
     """Add the ``audit`` command group to the CLI's subparsers (``parser.add_subparsers()``)."""
     audit = subparsers.add_parser(
         "audit",

@@ -1,11 +1,6 @@
-"""``dccsign serve``: the engine process -- keyd supervision, listeners, metrics, drain.
-
-The engine starts keyd as its child (``PrivateKeyd``: a private socket directory, audit log in
-the keystore's ``audit`` directory), talks to it over a few pipelined connections, and
-restarts it when it dies: requests in flight then fail with KEYD_UNAVAILABLE (retryable), and
-since keyd releases a signature only after its audit record is durable, no client holds a
-certificate the log lacks.
-"""
+"""``dccsign serve``: the command that runs the engine (:mod:`dccsign.server.engine`) --
+its options, the embedded default (``--dev``), and the process around it (logging, signals,
+file descriptors)."""
 
 from __future__ import annotations
 
@@ -14,295 +9,20 @@ import logging
 import signal
 import ssl
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from ..dcc.dsc import DSC
-from ..keyd.client import KeydError, KeyList
-from ..keyd.supervisor import PrivateKeyd
-from ..keyd.trio_client import TrioKeydClient
-from ..server.batcher import DEFAULT_WINDOW, KeydBatcher
-from ..server.dispatch import Dispatcher
-from ..server.metrics import Metrics, serve_http
-from ..server.policy import PolicyFile, QuotaTracker
-from ..server.server import Limits, Server
+from ..server.batcher import DEFAULT_WINDOW
+from ..server.engine import Engine, tls_server_context
+from ..server.server import Limits
+from .args import host_port, keystore_arg, positive
+from .keyd import nonce_pool_option
 
-__all__ = ["Engine", "cmd_serve", "tls_server_context"]
+__all__ = ["add_commands", "cmd_serve"]
 
 LOGGER = logging.getLogger("dccsign.serve")
-#: How often the engine checks that keyd is alive and its key states are current.
-KEYD_POLL = 0.25
-#: With --keyd-socket: how long the engine waits at start for keyd, and the longest pause
-#: between two attempts to reach it (the pause doubles from KEYD_POLL after each failure).
-KEYD_STARTUP = 60.0
-KEYD_BACKOFF_MAX = 5.0
-
-
-def tls_server_context(cert: Path, key: Path, client_ca: Path) -> ssl.SSLContext:
-    """TLS 1.2+ server context that requires a client certificate issued by *client_ca*."""
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(client_ca))
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.load_cert_chain(str(cert), str(key))
-    return ctx
-
-
-class Engine:
-    """keyd (supervised), the dispatcher and the server, wired together."""
-
-    def __init__(
-        self,
-        keystore: Path | None,
-        policy_path: Path,
-        *,
-        limits: Limits | None = None,
-        keyd_connections: int = 2,
-        batch_window: float = DEFAULT_WINDOW,
-        zlib_level: int = 9,
-        nonce_pool: int | None = None,
-        audit_dir: Path | None = None,
-        keyd_validate_dcc: bool = True,
-        passphrase: bytes | None = None,
-        keyd_socket: Path | None = None,
-    ) -> None:
-        if keystore is None and keyd_socket is None:
-            raise ValueError("the engine needs a keystore (its own keyd) or keyd_socket")
-        self.keystore = keystore
-        #: kept for every keyd this engine starts (a restarted one too); sent over a pipe
-        self.passphrase = passphrase
-        #: an external keyd's socket (``--keyd-socket``): no keyd child, reconnect only
-        self.keyd_socket = keyd_socket
-        self.nonce_pool = nonce_pool
-        self.audit_dir = audit_dir
-        self.keyd_validate_dcc = keyd_validate_dcc
-        # Re-read by _watch_policy in a worker thread, never on the event loop; a broken
-        # policy file stops the start, with its message.
-        self.policy = PolicyFile(policy_path, reload_inline=False)
-        self.metrics = Metrics()
-        self.limits = limits or Limits()
-        self.keyd_connections = keyd_connections
-        self.batch_window = batch_window
-        self.zlib_level = zlib_level
-        self.keyd: PrivateKeyd | None = None
-        self.client: TrioKeydClient | None = None
-        self.server: Server | None = None
-        self.keyd_problem: str | None = "keyd is starting"
-        #: keyd's keys as last handed to the dispatcher ((DSC DER, state) each), and their
-        #: parsed DSCs by DER (_take_keys)
-        self._keys_seen: tuple[tuple[bytes, str], ...] | None = None
-        self._dscs: dict[bytes, DSC] = {}
-        #: Why keyd's audit log cannot commit (keyd signs nothing meanwhile), or None.
-        self.keyd_audit: str | None = None
-        self.metrics.keyd_audit_ok.set_function(
-            lambda: float(self.keyd_problem is None and self.keyd_audit is None)
-        )
-
-    def health(self) -> str | None:
-        if self.server is not None and self.server.draining.is_set():
-            return "draining"
-        if self.keyd_problem is None and self.keyd_audit is not None:
-            return f"audit log cannot commit: {self.keyd_audit}"
-        return self.keyd_problem
-
-    def _take_keys(self, dispatcher: Dispatcher, keys: Sequence[Any]) -> None:
-        """Hand keyd's keys (a DESCRIBE reply) to *dispatcher* when they changed.
-
-        DESCRIBE runs four times a second: parsing every DSC each time, and replacing the
-        dispatcher's key objects, cost the event loop ~5 % of its time under load, for a
-        list that changes a few times a year. A DSC is parsed once per DER.
-        """
-        seen = tuple((k.dsc, k.state) for k in keys)
-        if seen == self._keys_seen:
-            return
-        parsed = {der: self._dscs.get(der) or DSC.from_bytes(der) for der, _state in seen}
-        dispatcher.set_keys([(parsed[der], state) for der, state in seen])
-        self._dscs = parsed  # only the current keys' DSCs are kept
-        self._keys_seen = seen
-
-    def _note_audit(self, audit: str | None) -> None:
-        """Take keyd's audit state from a DESCRIBE reply (log and count the changes)."""
-        if audit is not None and self.keyd_audit is None:
-            self.metrics.keyd_audit_outages.inc()
-            LOGGER.error("keyd cannot sign: %s (it retries by itself)", audit)
-        elif audit is None and self.keyd_audit is not None:
-            LOGGER.warning("keyd's audit log commits again: signing resumed")
-        self.keyd_audit = audit
-
-    async def run(
-        self,
-        *,
-        unix: Path | None = None,
-        tcp: tuple[str, int] | None = None,
-        ssl_context: ssl.SSLContext | None = None,
-        http: tuple[str, int] | None = None,
-        task_status: Any = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        """Run until :meth:`drain` finishes. Reports a dict of bound addresses when ready."""
-        keyd = None
-        if self.keyd_socket is None:
-            assert self.keystore is not None
-            keyd = PrivateKeyd(
-                self.keystore, nonce_pool=self.nonce_pool, relay_log=True,
-                audit_dir=self.audit_dir, validate_dcc=self.keyd_validate_dcc,
-                passphrase=self.passphrase,
-            )
-            await trio.to_thread.run_sync(keyd.__enter__)
-            self.keyd = keyd
-        try:
-            async with trio.open_nursery() as nursery:
-                if keyd is None:
-                    assert self.keyd_socket is not None
-                    self.client = TrioKeydClient(self.keyd_socket, self.keyd_connections)
-                    keys = await self._reach_keyd(nursery)
-                else:
-                    assert keyd.socket_path is not None
-                    self.client = TrioKeydClient(keyd.socket_path, self.keyd_connections)
-                    await self.client.connect(nursery)
-                    keys = await self.client.describe()
-                self.metrics.nonce_pools.update(keys)
-                batcher = KeydBatcher(
-                    self.client,
-                    zlib_level=self.zlib_level,
-                    window=self.batch_window,
-                    on_batch=self.metrics.keyd_batch.observe,
-                    on_stage=self.metrics.observe_stage,
-                )
-                self.metrics.keyd_in_flight.set_function(lambda: batcher.in_flight)
-                await nursery.start(batcher.run)
-                dispatcher = Dispatcher(
-                    batcher,
-                    [(DSC.from_bytes(k.dsc), k.state) for k in keys],
-                    self.policy,
-                    QuotaTracker(),
-                    on_stage=self.metrics.observe_stage,
-                )
-                self.server = Server(dispatcher, limits=self.limits, metrics=self.metrics)
-                self.keyd_problem = None
-                self.metrics.keyd_up.set(1)
-                bound: dict[str, Any] = {}
-                if unix is not None:
-                    bound["unix"] = await nursery.start(self.server.serve_unix, unix)
-                if tcp is not None:
-                    if ssl_context is None:
-                        raise ValueError("TCP needs TLS: give a server certificate and client CA")
-                    bound["tcp"] = await nursery.start(
-                        self.server.serve_tcp, tcp[0], tcp[1], ssl_context
-                    )
-                if http is not None:
-                    bound["http"] = await nursery.start(
-                        serve_http, self.metrics.registry, self.health, http[0], http[1]
-                    )
-                supervisor = trio.CancelScope()
-                nursery.start_soon(self._supervise, dispatcher, supervisor)
-                nursery.start_soon(self._watch_policy)
-                task_status.started(bound)
-                await self.server.draining.wait()
-                await self.server.drain()
-                supervisor.cancel()
-                nursery.cancel_scope.cancel()
-        finally:
-            if self.client is not None:
-                with trio.CancelScope(shield=True):
-                    await self.client.aclose()
-            if keyd is not None:
-                await trio.to_thread.run_sync(keyd.__exit__, None, None, None)
-
-    async def _reach_keyd(self, nursery: trio.Nursery) -> KeyList:
-        """Connect to the external keyd (``--keyd-socket``) and DESCRIBE, retrying with
-        backoff for up to KEYD_STARTUP seconds (keyd may be starting too)."""
-        assert self.client is not None
-        deadline = trio.current_time() + KEYD_STARTUP
-        delay, said = KEYD_POLL, None
-        while True:
-            try:
-                await self.client.connect(nursery)
-                return await self.client.describe()
-            except KeydError as exc:
-                await self.client.aclose()
-                if trio.current_time() + delay > deadline:
-                    raise KeydError(
-                        f"no usable keyd at {self.keyd_socket} after {KEYD_STARTUP:g} s: {exc}",
-                        retryable=False,
-                    ) from None
-                if str(exc) != said:
-                    said = str(exc)
-                    LOGGER.warning("waiting for keyd at %s: %s", self.keyd_socket, exc)
-                await trio.sleep(delay)
-                delay = min(delay * 2, KEYD_BACKOFF_MAX)
-
-    async def _reconnect_external(self) -> None:
-        """--keyd-socket: every connection to keyd broke. Reconnect (and DESCRIBE, so that a
-        keyd that accepts and closes counts as a failure) with backoff until that works;
-        /healthz reports why meanwhile and requests fail with KEYD_UNAVAILABLE."""
-        assert self.client is not None
-        self.metrics.keyd_up.set(0)
-        self.keyd_problem = f"keyd at {self.keyd_socket} unreachable; reconnecting"
-        LOGGER.error("lost the connection to keyd at %s; reconnecting", self.keyd_socket)
-        delay, said = KEYD_POLL, None
-        while True:
-            try:
-                await self.client.reconnect()
-                await self.client.describe()
-                break
-            except KeydError as exc:
-                self.keyd_problem = f"keyd at {self.keyd_socket} unreachable ({exc}); reconnecting"
-                if str(exc) != said:
-                    said = str(exc)
-                    LOGGER.warning("keyd at %s: %s; retrying", self.keyd_socket, exc)
-                await trio.sleep(delay)
-                delay = min(delay * 2, KEYD_BACKOFF_MAX)
-        LOGGER.warning("reconnected to keyd at %s", self.keyd_socket)
-        self.metrics.keyd_up.set(1)
-        self.keyd_problem = None
-
-    async def drain(self) -> None:
-        """Begin a graceful stop (SIGTERM): the run returns once in-flight work is done."""
-        if self.server is not None:
-            self.server.draining.set()
-
-    async def _watch_policy(self) -> None:
-        """Re-read the policy file when it changes, in a worker thread: a large file must not
-        stall the event loop (PolicyFile refuses files over MAX_POLICY_BYTES)."""
-        while True:
-            await trio.sleep(self.policy.interval)
-            await trio.to_thread.run_sync(self.policy.refresh)
-
-    async def _supervise(self, dispatcher: Dispatcher, scope: trio.CancelScope) -> None:
-        assert self.client is not None
-        with scope:
-            while True:
-                await trio.sleep(KEYD_POLL)
-                if (self.keyd is None or self.keyd.running) and not self.client.broken:
-                    try:
-                        keys = await self.client.describe()
-                    except KeydError as exc:
-                        self.keyd_problem = f"keyd: {exc}"
-                        continue
-                    self._take_keys(dispatcher, keys)
-                    self.metrics.nonce_pools.update(keys)
-                    self._note_audit(keys.audit)
-                    self.keyd_problem = None  # it answers again (after a failed DESCRIBE)
-                    continue
-                if self.keyd is None:  # --keyd-socket: keyd is not ours to restart
-                    await self._reconnect_external()
-                    continue
-                self.keyd_problem = "keyd died; restarting it"
-                self.metrics.keyd_up.set(0)
-                LOGGER.error("keyd is gone (exit %s); restarting it", self.keyd.exit_code)
-                try:
-                    await trio.to_thread.run_sync(self.keyd.ensure_running)
-                    await self.client.reconnect()
-                except Exception as exc:  # keep trying: the engine must not die with keyd
-                    self.keyd_problem = f"keyd cannot be restarted: {exc}"
-                    LOGGER.error("%s", self.keyd_problem)
-                    await trio.sleep(1.0)
-                    continue
-                self.metrics.keyd_restarts.inc()
-                self.metrics.keyd_up.set(1)
-                self.keyd_problem = None
 
 
 def cmd_serve(args: Any) -> int:
@@ -393,7 +113,10 @@ def cmd_serve(args: Any) -> int:
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(
                 lambda task_status: engine.run(
-                    unix=args.unix, tcp=args.tcp, ssl_context=ssl_context, http=args.http,
+                    unix=args.unix,
+                    tcp=args.tcp,
+                    ssl_context=ssl_context,
+                    http=args.http,
                     task_status=task_status,
                 )
             )
@@ -438,8 +161,9 @@ def _raise_fd_limit(connections: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
         if new < wanted:
             LOGGER.warning(
-                "the open-files limit is %d (hard): fewer than --max-connections %d can be "
-                "served", hard, connections,
+                "the open-files limit is %d (hard): fewer than --max-connections %d can be served",
+                hard,
+                connections,
             )
 
 
@@ -469,3 +193,182 @@ def _dev_setup(keystore: Path, policy: Path) -> None:
         }
         policy.write_text(json.dumps(document, indent=2) + "\n")
         LOGGER.info("created a development policy in %s", policy)
+
+
+def add_commands(sub: Any) -> None:
+    """Add ``serve`` to the ``dccsign`` parser's sub-commands *sub*."""
+    p = _add_serve(sub)
+    _add_limits(p)
+    p.set_defaults(func=cmd_serve)
+
+
+def _add_serve(sub: Any) -> Any:
+    p = sub.add_parser(
+        "serve",
+        help="run the engine: portal backends sign over TLS or a Unix socket",
+        description="Run the signing engine: a supervised keyd for the keystore (restarted if "
+        "it dies), the wire protocol (protocol/SPEC.md) on a Unix socket (client identity: "
+        "the peer's uid, mapped by the policy file) and/or TCP with TLS and client "
+        "certificates (identity: the certificate's common name), per-client policy and "
+        "quotas from --policy (re-read within a second), and /metrics and /healthz on "
+        "--http. SIGTERM drains: in-flight requests finish, new ones are refused, then exit. "
+        "--dev sets up the embedded default (development keystore, TLS material and a "
+        "policy for the current user and the development client certificate). The "
+        "passphrase (DCCSIGN_KEYSTORE_PASSPHRASE, read once and wiped from the engine's "
+        "environment) reaches keyd through a pipe; keyd stops when the engine is gone.",
+    )
+    keystore_arg(
+        p,
+        required=False,
+        help="the keystore of the engine's keyd (required unless --keyd-socket and --policy "
+        "are given)",
+    )
+    p.add_argument(
+        "--keyd-socket",
+        type=Path,
+        metavar="PATH",
+        help="use the keyd that serves this socket instead of starting one, e.g. dccsign keyd "
+        "under its own user with --socket-group and --allow-uid for the engine's user: the "
+        "engine then reads no private key and no passphrase, and reconnects with backoff when "
+        "the connection breaks (/healthz not ready meanwhile). keyd's own options (--audit-dir, "
+        "--nonce-pool, --keyd-no-validate-dcc) then go to dccsign keyd",
+    )
+    p.add_argument(
+        "--policy", type=Path, metavar="FILE", help="policy file (default DIR/policy.json)"
+    )
+    p.add_argument("--unix", type=Path, metavar="PATH", help="listen on this Unix socket")
+    p.add_argument("--tcp", type=host_port, metavar="HOST:PORT", help="listen on TCP with TLS")
+    p.add_argument("--tls-cert", type=Path, metavar="PEM", help="server certificate (--tcp)")
+    p.add_argument("--tls-key", type=Path, metavar="PEM", help="server key (--tcp)")
+    p.add_argument("--client-ca", type=Path, metavar="PEM", help="CA of client certificates")
+    p.add_argument("--http", type=host_port, metavar="HOST:PORT", help="/metrics and /healthz")
+    p.add_argument(
+        "--dev",
+        action="store_true",
+        help="create what the embedded default needs when missing (development only)",
+    )
+    p.add_argument(
+        "--audit-dir",
+        type=Path,
+        metavar="DIR",
+        help="keyd's audit log directory (default DIR/audit of the keystore)",
+    )
+    p.add_argument(
+        "--keyd-no-validate-dcc",
+        action="store_true",
+        help="start keyd with --no-validate-dcc: keyd then skips its own full validation of "
+        "every DCC (the engine still validates each request). Saves ~2-4 us of keyd CPU per "
+        "certificate since the validator is native, but a compromised or faulty engine could then "
+        "have DCCs with any content signed (bogus codes, missing fields), and verifiers "
+        "would accept them as valid",
+    )
+    return p
+
+
+def _add_limits(p: Any) -> None:
+    lim = Limits()
+    tune = p.add_argument_group("capacity and batching")
+    tune.add_argument(
+        "--max-in-flight",
+        type=positive(int, 65_536),
+        default=lim.max_in_flight,
+        metavar="N",
+        help="requests in progress on one connection, or answered and not yet read, before "
+        f"BUSY (default {lim.max_in_flight})",
+    )
+    tune.add_argument(
+        "--max-connection-items",
+        type=positive(int, 10_000_000),
+        default=lim.max_connection_items,
+        metavar="N",
+        help="certificates in progress on one connection, or answered and not yet read by its "
+        f"client, before BUSY (default {lim.max_connection_items})",
+    )
+    tune.add_argument(
+        "--max-client-items",
+        type=positive(int, 10_000_000),
+        default=lim.max_client_items,
+        metavar="N",
+        help="certificates in progress for one client over all its connections, or answered "
+        f"and not yet read, before BUSY (default {lim.max_client_items})",
+    )
+    tune.add_argument(
+        "--max-connections",
+        type=positive(int, 1_000_000),
+        default=lim.max_connections,
+        metavar="N",
+        help="open connections; more are closed at once (default "
+        f"{lim.max_connections}; the open-files limit is raised to fit)",
+    )
+    tune.add_argument(
+        "--idle-timeout",
+        type=positive(float, 86_400),
+        default=lim.idle_timeout,
+        metavar="S",
+        help="close a connection that has nothing in progress and sends nothing (not even "
+        "PING) for S seconds, with GOAWAY, or whose client reads none of its replies for S "
+        f"seconds (default {lim.idle_timeout:g}; HELLO must come within "
+        f"{lim.hello_timeout:g} s, and each frame arrive whole within {lim.frame_timeout:g} s)",
+    )
+    _add_batching(tune, lim)
+
+
+def _add_batching(tune: Any, lim: Limits) -> None:
+    tune.add_argument(
+        "--max-pending-items",
+        type=positive(int, 10_000_000),
+        default=lim.max_pending_items,
+        metavar="N",
+        help="certificates in progress in the whole engine, or answered and not yet read, "
+        f"before BUSY (default {lim.max_pending_items}); above 3/4 of it only clients within "
+        "their weighted share (policy 'weight') are admitted",
+    )
+    tune.add_argument(
+        "--max-batch",
+        type=positive(int, 100_000),
+        default=lim.max_batch,
+        metavar="N",
+        help=f"items per SIGN_BATCH frame, announced in WELCOME (default {lim.max_batch})",
+    )
+    tune.add_argument(
+        "--deadline",
+        type=positive(float, 3600),
+        default=lim.deadline,
+        metavar="S",
+        help=f"seconds a request may take before DEADLINE_EXCEEDED (default {lim.deadline:g})",
+    )
+    tune.add_argument(
+        "--queue-target",
+        type=float,
+        default=lim.queue_target * 1000,
+        metavar="MS",
+        help="refuse a client's new requests with BUSY while its oldest request in progress "
+        f"is older than this, more than {lim.queue_floor} certificates are in progress in "
+        "the engine and the client holds at least its weighted share of them, in "
+        f"milliseconds; 0 turns it off (default {lim.queue_target * 1000:g})",
+    )
+    tune.add_argument(
+        "--batch-window",
+        type=float,
+        default=DEFAULT_WINDOW * 1000,
+        metavar="MS",
+        help="longest a request waits to share a keyd round with others, in milliseconds "
+        f"(0..100; default {DEFAULT_WINDOW * 1000:g})",
+    )
+    nonce_pool_option(tune)
+    tune.add_argument(
+        "--keyd-connections",
+        type=positive(int, 64),
+        default=2,
+        metavar="N",
+        help="pipelined connections to keyd (keyd serves each on its own thread; default 2)",
+    )
+    tune.add_argument(
+        "--zlib-level",
+        type=int,
+        choices=range(1, 10),
+        default=9,
+        metavar="L",
+        help="deflate level of the HC1 strings, 1..9 (default 9; every level is a standard "
+        "zlib stream)",
+    )

@@ -382,8 +382,10 @@ class Keyd:
         # Signing workers, one per core: every connection's chunks share them.
         self._workers = os.cpu_count() or 2
         self._signers = ThreadPoolExecutor(
-            max_workers=self._workers, thread_name_prefix="keyd-sign",
-            initializer=name_this_thread, initargs=("keyd-sign",),
+            max_workers=self._workers,
+            thread_name_prefix="keyd-sign",
+            initializer=name_this_thread,
+            initargs=("keyd-sign",),
         )
         self._keys: dict[bytes, LoadedKey] = {}
         self._meta_stamp: tuple[int, int] | None = None
@@ -499,7 +501,8 @@ class Keyd:
                 self._audit_next_log = now + 30.0
                 LOGGER.error(
                     "%s; signing stopped (keyd retries the log by itself, first in %.1f s)",
-                    why, AUDIT_RETRY_FIRST,
+                    why,
+                    AUDIT_RETRY_FIRST,
                 )
             self.audit_failure = why
         return why
@@ -523,7 +526,10 @@ class Keyd:
                     stopped = time.monotonic() - since
                     self.audit.append_key_event(
                         KeyEvent(
-                            "audit-resumed", None, None, "keyd",
+                            "audit-resumed",
+                            None,
+                            None,
+                            "keyd",
                             f"signing was stopped for {stopped:.1f} s: {reason}",
                         )
                     )
@@ -539,7 +545,9 @@ class Keyd:
                         self._audit_next_log = now + 30.0
                         LOGGER.error(
                             "%s; signing still stopped after %.0f s (next attempt in %.1f s)",
-                            why, now - since, self._audit_backoff,
+                            why,
+                            now - since,
+                            self._audit_backoff,
                         )
                 return
             with self._audit_state:
@@ -547,10 +555,13 @@ class Keyd:
             torn = self.audit.recovered
             LOGGER.warning(
                 "audit log %s commits again: signing resumed after %.1f s stopped (%s)%s",
-                self.audit.directory, time.monotonic() - since, reason,
+                self.audit.directory,
+                time.monotonic() - since,
+                reason,
                 f"; a torn write of {torn['discarded_bytes']} bytes after sequence "
                 f"{torn['after_sequence']} was set aside in {torn['evidence']}"
-                if torn and torn["evidence"] else "",
+                if torn and torn["evidence"]
+                else "",
             )
         finally:
             self._audit_retry.release()
@@ -571,7 +582,9 @@ class Keyd:
                     # The pool only makes bursts faster: without it the key signs as before.
                     LOGGER.warning(
                         "key %s (%s): no nonce pool (%s); signing without one",
-                        loaded.dsc.kid.hex(), loaded.name, exc,
+                        loaded.dsc.kid.hex(),
+                        loaded.name,
+                        exc,
                     )
                     continue
                 _log_pool(loaded, info)
@@ -1032,9 +1045,11 @@ class _RefusalLog:
             return
         more = f" (and {quiet} more from it since the last line)" if quiet else ""
         LOGGER.warning(
-            "refused a connection from uid %d (pid %d): only uid %s may connect "
-            "(--allow-uid)%s",
-            uid, pid, ", ".join(map(str, sorted(allowed))), more,
+            "refused a connection from uid %d (pid %d): only uid %s may connect (--allow-uid)%s",
+            uid,
+            pid,
+            ", ".join(map(str, sorted(allowed))),
+            more,
         )
         self._uids[uid] = (now + 1.0, 0)
 
@@ -1117,8 +1132,13 @@ def run(
             gc.freeze()
         try:
             serve_unix(
-                keyd, socket_path, ready=ready, stop=stop,
-                mode=socket_mode, group=socket_group, allow_uids=allow_uids,
+                keyd,
+                socket_path,
+                ready=ready,
+                stop=stop,
+                mode=socket_mode,
+                group=socket_group,
+                allow_uids=allow_uids,
             )
         finally:
             keyd.close()
@@ -1166,8 +1186,8 @@ def cmd_keyd(args) -> int:
     problem = make_non_dumpable()
     if problem is not None:
         LOGGER.warning(
-            "%s: other processes of this user may read keyd's memory; run keyd under its own "
-            "user", problem,
+            "%s: other processes of this user may read keyd's memory; run keyd under its own user",
+            problem,
         )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -215,9 +215,7 @@ class TrioKeydClient:
             raise KeydError("malformed reply from keyd", retryable=False)
         return reply
 
-    async def sign_kids(
-        self, batches: Sequence[tuple[bytes, KeydColumns]]
-    ) -> list[ColumnsResult]:
+    async def sign_kids(self, batches: Sequence[tuple[bytes, KeydColumns]]) -> list[ColumnsResult]:
         """One SIGN_KIDS for several kids' batches (``(kid, columns)``, kids distinct): per
         batch, keyd's answer as :meth:`sign_columns` gives it, in order; keyd commits their
         audit records at once."""

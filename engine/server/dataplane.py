@@ -232,7 +232,8 @@ class Frame:
                 n = off[i + 1] - off[i]
                 if n > kid.max_payload:
                     self.refuse(
-                        i, ErrorCode.TOO_LARGE_FOR_QR,
+                        i,
+                        ErrorCode.TOO_LARGE_FOR_QR,
                         f"the signed certificate would not fit a QR code ({n}-byte payload)",
                     )
             return False
@@ -305,8 +306,15 @@ class Frame:
             n, [(k.signed_rows, k.result.signatures, k.result.sig_ends) for k in kids]
         )
         job = (
-            [k.key.protected for k in kids], [k.key.dsc.kid for k in kids], protected_of,
-            payloads, payload_offsets, signatures, signature_offsets, self.refusals, level,
+            [k.key.protected for k in kids],
+            [k.key.dsc.kid for k in kids],
+            protected_of,
+            payloads,
+            payload_offsets,
+            signatures,
+            signature_offsets,
+            self.refusals,
+            level,
         )
         return job, sum(len(k.signed_rows) for k in kids)
 

@@ -527,14 +527,24 @@ class Dispatcher:
                 view.data, view.columns, W.NFIELDS, (W.ACCOUNT_OFF, W.ACCOUNT_LEN), rows
             )
             operators, operator_ix = native.span_table(
-                view.data, view.columns, W.NFIELDS, (W.OPERATOR_OFF, W.OPERATOR_LEN), rows,
-                base=1, absent=0,
+                view.data,
+                view.columns,
+                W.NFIELDS,
+                (W.OPERATOR_OFF, W.OPERATOR_LEN),
+                rows,
+                base=1,
+                absent=0,
             )
             names = tuple(map(bytes.decode, accounts))
             columns = KeydColumns(
-                kid_rows.spliced.data, kid_rows.ends, (client,), names,
-                (None, *map(bytes.decode, operators)), array("I", bytes(4 * len(rows))),
-                account_ix, operator_ix,
+                kid_rows.spliced.data,
+                kid_rows.ends,
+                (client,),
+                names,
+                (None, *map(bytes.decode, operators)),
+                array("I", bytes(4 * len(rows))),
+                account_ix,
+                operator_ix,
             )
             batches.append((kid_rows.key.dsc.kid, kid_rows.key.protected, columns))
             names_of.append(names)
@@ -565,9 +575,7 @@ class Dispatcher:
                 for i, j, code in zip(rows, account_ix, codes, strict=True):
                     if code:
                         self.quotas.release(client, names[j], 1)
-                        frame.refuse_result(
-                            array("I", [i]), _keyd_failure((code, next(reasons)))
-                        )
+                        frame.refuse_result(array("I", [i]), _keyd_failure((code, next(reasons))))
             frame.signed(k, array("I", compress(rows, map(operator.not_, codes))), result)
 
     async def _sign_fresh(
@@ -687,9 +695,7 @@ class Dispatcher:
             self._frame_signing = (second, known)
         signing = known.get(dcc_type)
         if signing is None:
-            signing = known[dcc_type] = self._signing(
-                dcc_type, None, DEFAULT_VALIDITY_DAYS, now
-            )
+            signing = known[dcc_type] = self._signing(dcc_type, None, DEFAULT_VALIDITY_DAYS, now)
         return signing
 
     def _plain_allowed(
@@ -780,8 +786,10 @@ def _keyd_failure(outcome: tuple[int, str]) -> ItemResult:
     code, reason = outcome
     retryable = code in KEYD_RETRYABLE
     return _failure(
-        ErrorCode.KEYD_UNAVAILABLE if retryable
-        else ErrorCode.TOO_LARGE_FOR_QR if code == ItemError.TOO_LARGE_FOR_QR
+        ErrorCode.KEYD_UNAVAILABLE
+        if retryable
+        else ErrorCode.TOO_LARGE_FOR_QR
+        if code == ItemError.TOO_LARGE_FOR_QR
         else ErrorCode.KEYD_REFUSED,
         f"keyd refused ({ItemError(code).name}): {reason}",
         retry_after_s=1.0 if retryable else None,

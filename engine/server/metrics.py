@@ -143,15 +143,19 @@ class Metrics:
         r = self.registry
         # Observed on every request: the hot kinds (HotCounter, HotHistogram).
         self.items = HotCounter(
-            "dccsign_items", "Signing items by client, kid, DCC type and result",
-            ["client", "kid", "type", "result"], registry=r,
+            "dccsign_items",
+            "Signing items by client, kid, DCC type and result",
+            ["client", "kid", "type", "result"],
+            registry=r,
         )
         self.requests = HotCounter(
             "dccsign_requests", "Signing requests by client", ["client"], registry=r
         )
         self.latency = HotHistogram(
-            "dccsign_request_seconds", "Time from a request's arrival to its reply",
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "dccsign_request_seconds",
+            "Time from a request's arrival to its reply",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.busy = Counter("dccsign_busy", "Requests refused with BUSY", ["client"], registry=r)
         self.busy_early = Counter(
@@ -189,7 +193,8 @@ class Metrics:
         self.keyd_audit_ok = Gauge(
             "dccsign_keyd_audit_ok",
             "1 while keyd's audit log commits (keyd can sign), 0 while it cannot or keyd is "
-            "not answering (as of the last DESCRIBE poll)", registry=r,
+            "not answering (as of the last DESCRIBE poll)",
+            registry=r,
         )
         self.keyd_audit_outages = Counter(
             "dccsign_keyd_audit_outages",
@@ -199,7 +204,8 @@ class Metrics:
         self.keyd_batch = HotHistogram(
             "dccsign_keyd_batch_payloads",
             "Payloads per micro-batch sent to keyd (SIGN_COLUMNS), over all connections",
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=r,
         )
         self.stage = HotHistogram(
             "dccsign_stage_seconds",
@@ -208,10 +214,13 @@ class Metrics:
             "and claims), batch_wait (a micro-batch's oldest part waiting to be sent to keyd), "
             "keyd (a micro-batch's round trip: keyd's queue, checks, signing, audit commit), "
             "encode (a micro-batch's HC1 strings); per request or per micro-batch",
-            ["stage"], buckets=_LATENCY_BUCKETS, registry=r,
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.keyd_in_flight = Gauge(
-            "dccsign_keyd_in_flight", "Micro-batches sent to keyd and not yet answered",
+            "dccsign_keyd_in_flight",
+            "Micro-batches sent to keyd and not yet answered",
             registry=r,
         )
         self.nonce_pools = NoncePoolCollector()
@@ -237,7 +246,6 @@ class Metrics:
                 counts["", dcc_type, getattr(result.error, "name", str(result.error))] += 1
         for (kid, dcc_type, outcome), n in counts.items():
             self.items.inc((client, kid, dcc_type, outcome), n)
-
 
     def observe_counts(
         self, client: str, outcomes: dict[tuple[str, str, str], int], seconds: float

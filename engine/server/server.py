@@ -280,9 +280,7 @@ class Server:
         async with trio.open_nursery() as nursery:
             with scope:
                 task_status.started(
-                    listeners[0].socket.getsockname()
-                    if hasattr(listeners[0], "socket")
-                    else None
+                    listeners[0].socket.getsockname() if hasattr(listeners[0], "socket") else None
                 )
                 await trio.serve_listeners(handler, listeners, handler_nursery=nursery)
             for listener in listeners:
@@ -462,7 +460,9 @@ class Server:
     def busy_reply(self, request_id: int, why: str) -> wire.Error:
         code = ErrorCode.SHUTTING_DOWN if self.draining.is_set() else ErrorCode.BUSY
         return wire.Error(
-            request_id=request_id, code=code, message=why,
+            request_id=request_id,
+            code=code,
+            message=why,
             retry_after_ms=self.limits.busy_retry_ms,
         )
 
@@ -721,9 +721,7 @@ class _Connection:
         self.metrics = server.metrics
         self.stream = stream
         self.peer = peer
-        self.codec = wire.Connection(
-            wire.SERVER, max_frame=self.limits.max_frame, scan=server.scan
-        )
+        self.codec = wire.Connection(wire.SERVER, max_frame=self.limits.max_frame, scan=server.scan)
         #: The policy client, once HELLO has been accepted.
         self.client: str | None = None
         #: Sign requests (and their certificates) accepted and not yet done with (_Ticket).
@@ -823,9 +821,7 @@ class _Connection:
                 return
             self.last_heard = trio.current_time()
             codec.receive_data(data)  # b"": the client closed its side
-            self._partial(
-                (self._partial_since or self.last_heard) if codec.buffered else None
-            )
+            self._partial((self._partial_since or self.last_heard) if codec.buffered else None)
 
     async def _wait_for_room(self) -> None:
         """Stop reading a client that does not read: while more than outbound_bytes wait to
@@ -958,9 +954,7 @@ class _Connection:
             pass  # stopping already: the other clocks no longer matter
         elif self.client is None and now - self._opened >= limits.hello_timeout:
             self.metrics.connections_closed.labels("hello_timeout").inc()
-            self.fail(
-                wire.RemoteProtocolError(f"no HELLO within {limits.hello_timeout:g} s"), None
-            )
+            self.fail(wire.RemoteProtocolError(f"no HELLO within {limits.hello_timeout:g} s"), None)
         elif (
             self._partial_since is not None
             and not self._waiting_for_slot
@@ -1063,7 +1057,9 @@ class _Connection:
             return None
         LOGGER.error("a %s could not be encoded: %s", type(event).__name__, exc)
         internal = wire.Error(
-            request_id=rid, code=ErrorCode.INTERNAL, message="internal error",
+            request_id=rid,
+            code=ErrorCode.INTERNAL,
+            message="internal error",
             retry_after_ms=self.limits.busy_retry_ms,
         )
         try:
@@ -1104,7 +1100,9 @@ class _Connection:
             # Requests in progress still finish (audited); their replies have nowhere to go.
             LOGGER.info(
                 "client %s ended the connection: %s %s",
-                self.client, getattr(event.code, "name", event.code), event.message,
+                self.client,
+                getattr(event.code, "name", event.code),
+                event.message,
             )
             return _STOP
         else:  # sign requests are walked (_walk); the codec lets nothing else through

@@ -119,8 +119,9 @@ class SessionFuzzer:
             return [self._cbor_value(depth + 1) for _ in range(r.randrange(0, 6))]
         if kind in (8, 9):
             return {
-                self.rng.choice(["items", "dcc", "account", "kid", "ver", "v", "nam", "x"]):
-                self._cbor_value(depth + 1)
+                self.rng.choice(
+                    ["items", "dcc", "account", "kid", "ver", "v", "nam", "x"]
+                ): self._cbor_value(depth + 1)
                 for _ in range(r.randrange(0, 6))
             }
         if kind == 10:

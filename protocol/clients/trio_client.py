@@ -324,9 +324,7 @@ async def open_client(
             with trio.move_on_after(request_timeout):
                 await client._welcomed.wait()
             if client.welcome is None:
-                raise ClientError(
-                    f"no WELCOME from {address}: {client._closed or 'timed out'}"
-                )
+                raise ClientError(f"no WELCOME from {address}: {client._closed or 'timed out'}")
             if coalesce_window is not None:
                 client._coalescer = Coalescer(coalesce_window, client.welcome.max_batch)
                 nursery.start_soon(client._flusher)
