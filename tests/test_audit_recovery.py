@@ -194,7 +194,8 @@ _KEYD = """
 import signal, sys, threading
 from pathlib import Path
 from dccsign.audit.log import AuditKey, AuditLog
-from dccsign.keyd.service import Keyd, serve_unix
+from dccsign.keyd.service import Keyd
+from dccsign.keyd.transport import serve_unix
 from dccsign.keys.keystore import resolve_passphrase
 
 keystore, audit, sock, records = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])

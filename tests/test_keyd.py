@@ -14,7 +14,8 @@ from dccsign.audit.log import AuditKey, AuditLog, AuditUnavailable, search, veri
 from dccsign.dcc.issuer import claims_prefix
 from dccsign.dcc.verify import verify_hc1
 from dccsign.keyd.client import KeydClient
-from dccsign.keyd.service import Keyd, serve_unix
+from dccsign.keyd.service import Keyd
+from dccsign.keyd.transport import serve_unix
 from dccsign.keys.keystore import Keystore, resolve_passphrase
 from dccsign.protocol.keyd import ItemError, Sign
 from dccsign.testing.samples import sample

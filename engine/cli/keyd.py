@@ -1,25 +1,90 @@
-"""``dccsign keyd``: the options of the key process. keyd itself is
-:mod:`dccsign.keyd.service`, loaded only when the command runs."""
+"""``dccsign keyd``: the key process as a command -- its options, and what the process does
+before keyd runs (non-dumpable, signals, the supervisor's passphrase line). keyd itself
+(:mod:`dccsign.keyd.bootstrap`) is loaded only when the command runs."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import threading
 from pathlib import Path
 from typing import Any
 
 from .args import keystore_arg
 
-__all__ = ["NONCE_POOL_DEFAULT", "add_commands", "nonce_pool_option"]
+__all__ = ["NONCE_POOL_DEFAULT", "add_commands", "cmd_keyd", "nonce_pool_option"]
+
+LOGGER = logging.getLogger("dccsign.keyd")
 
 #: keyd's default (engine/keyd/service.py DEFAULT_NONCE_POOL; a test keeps the two equal):
 #: not imported here, so that building the parser does not load keyd.
 NONCE_POOL_DEFAULT = 1 << 20
 
 
-def _cmd_keyd(args: argparse.Namespace) -> int:
-    from ..keyd.service import cmd_keyd
+def cmd_keyd(args: argparse.Namespace) -> int:
+    """``dccsign keyd``: returns the exit code (0 after a clean stop, 4 on key problems)."""
+    import signal
+    import sys
 
-    return cmd_keyd(args)
+    from ..audit.log import AuditError
+    from ..errors import KeystoreError
+    from ..keyd.bootstrap import read_passphrase_line, run, watch_supervisor
+    from ..process import make_non_dumpable
+
+    logging.basicConfig(level=logging.INFO, format="keyd: %(levelname)s %(message)s")
+    # Before any secret enters this process: no ptrace, /proc/PID/mem or core dump of keyd.
+    problem = make_non_dumpable()
+    if problem is not None:
+        LOGGER.warning(
+            "%s: other processes of this user may read keyd's memory; run keyd under its own user",
+            problem,
+        )
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    passphrase: bytes | None = None
+    if getattr(args, "supervised", False):
+        try:
+            line = read_passphrase_line()
+        except (OSError, ValueError) as exc:
+            print(f"dccsign keyd: error: --supervised: standard input: {exc}", file=sys.stderr)
+            return 4
+        if line is None:
+            print(
+                "dccsign keyd: error: --supervised: standard input ended before the passphrase "
+                "line (the supervisor is gone)",
+                file=sys.stderr,
+            )
+            return 4
+        passphrase = line or None  # an empty line: find the passphrase as without a supervisor
+        threading.Thread(
+            target=watch_supervisor, args=(stop,), name="keyd-supervisor", daemon=True
+        ).start()
+    try:
+        run(
+            args.keystore,
+            args.socket,
+            args.audit_dir,
+            stop=stop,
+            validate_dcc=args.validate_dcc,
+            nonce_pool=args.nonce_pool,
+            passphrase=passphrase,
+            lock_wait=getattr(args, "lock_wait", 0.0),
+            socket_mode=getattr(args, "socket_mode", 0o600),
+            socket_group=getattr(args, "socket_group", None),
+            allow_uids=getattr(args, "allow_uid", None),
+            freeze_gc=True,
+        )
+    except (KeystoreError, AuditError) as exc:
+        print(f"dccsign keyd: error: {exc}", file=sys.stderr)
+        return 4
+    except OSError as exc:  # the socket: its directory, group or mode
+        message = exc.strerror or str(exc)
+        if str(args.socket) not in message:
+            message = f"{args.socket}: {message}"
+        print(f"dccsign keyd: error: {message}", file=sys.stderr)
+        return 4
+    return 0
 
 
 def _nonce_pool_entries(value: str) -> int:
@@ -177,4 +242,4 @@ def _add_access(p: Any) -> None:
         "connection's peer uid (SO_PEERCRED), root's too, and closes any other at once, "
         "unserved, with a log line (default: keyd's own uid only)",
     )
-    p.set_defaults(func=_cmd_keyd, validate_dcc=True)
+    p.set_defaults(func=cmd_keyd, validate_dcc=True)

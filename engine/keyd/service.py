@@ -56,16 +56,14 @@ works it records an ``audit-resumed`` key event and signs again. DESCRIBE report
 
 from __future__ import annotations
 
-import gc
 import logging
 import operator
 import os
 import re
-import socket
 import threading
 import time
 from array import array
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import accumulate, compress, repeat
@@ -85,9 +83,7 @@ from ..native import CwtFacts, Spans
 from ..native._keydcols_py import unpack_facts
 from ..process import name_this_thread
 from ..protocol.keyd import (
-    NEED_DATA,
     ColumnsResult,
-    Connection,
     Describe,
     DescribeResult,
     Error,
@@ -111,7 +107,6 @@ __all__ = [
     "Keyd",
     "LoadedKey",
     "check_payloads",
-    "serve_unix",
 ]
 
 LOGGER = logging.getLogger("dccsign.keyd")
@@ -141,8 +136,6 @@ PURE_PYTHON_NONCE_POOL = 1 << 16
 #: The most entries a pool may have (native/src/noncepool.c and its twin refuse more).
 POOL_MAX_ENTRIES = 1 << 24
 JOURNAL_OFFSET = "key-events.offset"
-#: Connections keyd serves at once (a thread each); the engine uses --keyd-connections (2).
-MAX_CONNECTIONS = 64
 #: After an audit failure, keyd first tries to reopen the log this many seconds later, then
 #: doubles the wait after each failed attempt, up to AUDIT_RETRY_MAX.
 AUDIT_RETRY_FIRST = 0.5
@@ -902,336 +895,3 @@ class Keyd:
             return DescribeResult(msg.request_id, tuple(self.describe()), self.audit_failure)
         rid = getattr(msg, "request_id", 0)
         return Error(rid, f"keyd does not accept {type(msg).__name__} messages", False)
-
-
-# ----------------------------------------------------------------------------- transport
-
-
-def _serve_counted(keyd: Keyd, sock: socket.socket, slots: threading.Semaphore) -> None:
-    name_this_thread("keyd-conn")
-    try:
-        _serve_connection(keyd, sock)
-    finally:
-        slots.release()
-
-
-def _serve_connection(keyd: Keyd, sock: socket.socket) -> None:
-    codec = Connection(scan=native.cbor_scan)
-    with sock:
-        while True:
-            try:
-                data = sock.recv(1 << 16)
-            except OSError:
-                return
-            out: list[bytes] = []
-            try:
-                codec.receive_data(data)
-                while True:
-                    event = codec.next_event()
-                    if event is NEED_DATA or event is None:
-                        break
-                    out.append(codec.send(keyd.handle(event)))
-                    # A signing reply goes out at once: the engine pipelines micro-batches, and
-                    # holding finished signatures until every message of the read is handled
-                    # would delay them by the others' signing. Small replies share one write.
-                    signing = isinstance(event, Sign | SignMany | SignColumns | SignKids)
-                    if signing and not _send(sock, out):
-                        return
-            except KeydProtocolError as exc:
-                LOGGER.warning("closing a keyd connection: %s", exc)
-                out.append(codec.send(Error(0, f"protocol error: {exc}", False)))
-                _send(sock, out)
-                return
-            if not _send(sock, out) or not data:
-                return
-
-
-def _send(sock: socket.socket, out: list[bytes]) -> bool:
-    """Write and clear *out* (one write); False when the peer is gone."""
-    if not out:
-        return True
-    try:
-        sock.sendall(b"".join(out))
-    except OSError:
-        return False
-    out.clear()
-    return True
-
-
-def serve_unix(
-    keyd: Keyd,
-    path: str | os.PathLike[str],
-    *,
-    ready: threading.Event | None = None,
-    stop: threading.Event | None = None,
-    mode: int = 0o600,
-    group: int | None = None,
-    allow_uids: Collection[int] | None = None,
-) -> None:
-    """Serve *keyd* on a Unix socket until *stop* is set.
-
-    The socket is created with mode 0600, then given to *group* (a gid) if set, then gets
-    *mode*. Every connection's peer uid (SO_PEERCRED) must be in *allow_uids* (default: keyd's
-    own uid only; root is no exception): other connections are closed at once, unserved, and
-    logged. Each accepted connection gets a thread; signing releases the GIL, so connections
-    sign in parallel.
-    """
-    import struct
-
-    allowed = frozenset({os.getuid()} if allow_uids is None else allow_uids)
-    path = Path(path)
-    path.unlink(missing_ok=True)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)  # the socket exists with mode 0600 from its first instant
-    try:
-        listener.bind(str(path))
-    finally:
-        os.umask(old)
-    try:
-        if group is not None:
-            os.chown(path, -1, group)  # before the mode opens it to the group
-        os.chmod(path, mode)
-    except OSError as exc:
-        listener.close()
-        path.unlink(missing_ok=True)
-        what = f"group {group} and mode {mode:04o}" if group is not None else f"mode {mode:04o}"
-        raise OSError(exc.errno, f"cannot give the socket {path} {what}: {exc.strerror}") from None
-    listener.listen(64)
-    listener.settimeout(0.2)
-    if ready is not None:
-        ready.set()
-    refused = _RefusalLog()
-    open_connections = threading.Semaphore(MAX_CONNECTIONS)
-    try:
-        while stop is None or not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            pid, uid, _gid = struct.unpack("3i", raw)
-            if uid not in allowed:
-                conn.close()
-                refused.note(pid, uid, allowed)
-                continue
-            if not open_connections.acquire(blocking=False):
-                conn.close()  # an engine needs a few; thousands would be thousands of threads
-                LOGGER.warning(
-                    "closing a keyd connection: %d are open (the limit)", MAX_CONNECTIONS
-                )
-                continue
-            conn.settimeout(None)
-            threading.Thread(
-                target=_serve_counted, args=(keyd, conn, open_connections), daemon=True
-            ).start()
-    finally:
-        listener.close()
-        path.unlink(missing_ok=True)
-
-
-class _RefusalLog:
-    """Logs refused connections: each one, but at most one line a second per uid (with a
-    count of those not logged), so that a process connecting in a loop cannot flood keyd's
-    log."""
-
-    def __init__(self) -> None:
-        self._uids: dict[int, tuple[float, int]] = {}  # uid: (next line at, refused since)
-
-    def note(self, pid: int, uid: int, allowed: frozenset[int]) -> None:
-        now = time.monotonic()
-        due, quiet = self._uids.get(uid, (0.0, 0))
-        if now < due:
-            self._uids[uid] = (due, quiet + 1)
-            return
-        more = f" (and {quiet} more from it since the last line)" if quiet else ""
-        LOGGER.warning(
-            "refused a connection from uid %d (pid %d): only uid %s may connect (--allow-uid)%s",
-            uid,
-            pid,
-            ", ".join(map(str, sorted(allowed))),
-            more,
-        )
-        self._uids[uid] = (now + 1.0, 0)
-
-
-# ----------------------------------------------------------------------------- process
-
-AUDIT_KEY_FILE = "audit-key.pem"
-AUDIT_DIR = "audit"
-#: How long keyd waits at start for the audit log lock of a keyd that is stopping (seconds).
-DEFAULT_LOCK_WAIT = 15.0
-#: The longest passphrase line keyd reads from its supervisor.
-MAX_PASSPHRASE = 64 * 1024
-
-
-def run(
-    keystore: str | os.PathLike[str],
-    socket_path: str | os.PathLike[str],
-    audit_dir: str | os.PathLike[str] | None = None,
-    *,
-    ready: threading.Event | None = None,
-    stop: threading.Event | None = None,
-    validate_dcc: bool = True,
-    nonce_pool: int = DEFAULT_NONCE_POOL,
-    passphrase: bytes | None = None,
-    lock_wait: float = 0.0,
-    socket_mode: int = 0o600,
-    socket_group: int | None = None,
-    allow_uids: Collection[int] | None = None,
-    freeze_gc: bool = False,
-) -> None:
-    """Run keyd until *stop* is set (the CLI sets it on SIGTERM/SIGINT, and with
-    ``--supervised`` when its supervisor is gone).
-
-    *validate_dcc*: run the full DCC validator on every payload (the default; see the module
-    docstring). *nonce_pool*: entries per active ES256 software key (0: no pools).
-    *passphrase*: the keystore passphrase; None: ``keystore.resolve_passphrase``.
-    *lock_wait*: seconds to wait for the audit log's lock while another process (a keyd that
-    is stopping) still holds it. *socket_mode*, *socket_group*, *allow_uids*: see
-    :func:`serve_unix`. *freeze_gc*: once loaded, take everything built so far out of the
-    cyclic GC (``gc.freeze``: the keys, tables and validator live as long as the process;
-    a full collection then pauses the signing threads less). For a process that is keyd
-    only: ``dccsign keyd`` sets it.
-
-    The audit log lives in ``KEYSTORE/audit`` unless *audit_dir* is given; its checkpoint key
-    is ``KEYSTORE/audit-key.pem`` (created on first start, encrypted with the keystore
-    passphrase).
-
-    Raises:
-        KeystoreError: keystore, passphrase or audit key unusable (nothing was started).
-        AuditLogError, AuditUnavailable: the audit log is broken or cannot be written.
-    """
-    from ..audit.log import AuditKey
-    from ..keys.keystore import resolve_passphrase
-
-    root = Path(keystore)
-    store = Keystore.open(root)
-    if passphrase is None:
-        passphrase = resolve_passphrase(root)
-    # Every private key is decrypted before anything is created: a wrong passphrase must not
-    # leave an audit key (or log) behind that was made with it.
-    loaded = {e.kid: store.load_signing_key(e, passphrase, native) for e in store.entries}
-    key_path = root / AUDIT_KEY_FILE
-    audit_key = (
-        AuditKey.load(key_path, passphrase)
-        if key_path.exists()
-        else AuditKey.create(key_path, passphrase)
-    )
-    audit_root = Path(audit_dir) if audit_dir else root / AUDIT_DIR
-    with AuditLog.open(audit_root, audit_key, lock_wait=lock_wait) as log:
-        keyd = Keyd(
-            root,
-            passphrase,
-            log,
-            preloaded=loaded,
-            validate_dcc=validate_dcc,
-            nonce_pool=nonce_pool,
-        )
-        LOGGER.info("keyd serving %d keys on %s", len(keyd.describe()), socket_path)
-        if freeze_gc:
-            gc.freeze()
-        try:
-            serve_unix(
-                keyd,
-                socket_path,
-                ready=ready,
-                stop=stop,
-                mode=socket_mode,
-                group=socket_group,
-                allow_uids=allow_uids,
-            )
-        finally:
-            keyd.close()
-            log.append_key_event(KeyEvent("keyd-stop", None, None, "keyd", None))
-
-
-def _read_passphrase_line(fd: int = 0) -> bytes | None:
-    """The first line of *fd* without its newline (read byte by byte: nothing after it is
-    consumed); None at end of file before a newline."""
-    line = bytearray()
-    while len(line) <= MAX_PASSPHRASE:
-        byte = os.read(fd, 1)
-        if not byte:
-            return None
-        if byte == b"\n":
-            return bytes(line)
-        line += byte
-    raise ValueError(f"the passphrase line is longer than {MAX_PASSPHRASE} bytes")
-
-
-def _watch_supervisor(stop: threading.Event, fd: int = 0) -> None:
-    """Block on *fd* (a pipe whose write end the supervisor holds); at end of file (the
-    supervisor is gone, however it ended) set *stop*: keyd then stops as on SIGTERM."""
-    try:
-        while os.read(fd, 4096):
-            pass  # the supervisor sends nothing after the passphrase line; ignore it if it does
-    except OSError:
-        pass
-    if not stop.is_set():
-        LOGGER.warning("standard input closed: the supervising process is gone; stopping")
-        stop.set()
-
-
-def cmd_keyd(args) -> int:
-    """``dccsign keyd``: returns the exit code (0 after a clean stop, 4 on key problems)."""
-    import signal
-    import sys
-
-    from ..audit.log import AuditError
-    from ..errors import KeystoreError
-    from ..process import make_non_dumpable
-
-    logging.basicConfig(level=logging.INFO, format="keyd: %(levelname)s %(message)s")
-    # Before any secret enters this process: no ptrace, /proc/PID/mem or core dump of keyd.
-    problem = make_non_dumpable()
-    if problem is not None:
-        LOGGER.warning(
-            "%s: other processes of this user may read keyd's memory; run keyd under its own user",
-            problem,
-        )
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    passphrase: bytes | None = None
-    if getattr(args, "supervised", False):
-        try:
-            line = _read_passphrase_line()
-        except (OSError, ValueError) as exc:
-            print(f"dccsign keyd: error: --supervised: standard input: {exc}", file=sys.stderr)
-            return 4
-        if line is None:
-            print(
-                "dccsign keyd: error: --supervised: standard input ended before the passphrase "
-                "line (the supervisor is gone)",
-                file=sys.stderr,
-            )
-            return 4
-        passphrase = line or None  # an empty line: find the passphrase as without a supervisor
-        threading.Thread(
-            target=_watch_supervisor, args=(stop,), name="keyd-supervisor", daemon=True
-        ).start()
-    try:
-        run(
-            args.keystore,
-            args.socket,
-            args.audit_dir,
-            stop=stop,
-            validate_dcc=args.validate_dcc,
-            nonce_pool=args.nonce_pool,
-            passphrase=passphrase,
-            lock_wait=getattr(args, "lock_wait", 0.0),
-            socket_mode=getattr(args, "socket_mode", 0o600),
-            socket_group=getattr(args, "socket_group", None),
-            allow_uids=getattr(args, "allow_uid", None),
-            freeze_gc=True,
-        )
-    except (KeystoreError, AuditError) as exc:
-        print(f"dccsign keyd: error: {exc}", file=sys.stderr)
-        return 4
-    except OSError as exc:  # the socket: its directory, group or mode
-        message = exc.strerror or str(exc)
-        if str(args.socket) not in message:
-            message = f"{args.socket}: {message}"
-        print(f"dccsign keyd: error: {message}", file=sys.stderr)
-        return 4
-    return 0
