@@ -37,7 +37,7 @@ from pathlib import Path
 import cbor2
 
 from dccsign import native
-from dccsign.dcc.issuer import _nfc, claims_prefix
+from dccsign.dcc.issuer import claims_prefix, nfc_names
 from dccsign.native import _reference
 from dccsign.protocol import wire
 from dccsign.testing.samples import varied_samples
@@ -109,7 +109,7 @@ def walk_python(f: Frame) -> object:
 
 def payloads_today(f: Frame) -> object:
     dumps = cbor2.dumps
-    return [f.prefixes[i % 2] + dumps(_nfc(it.dcc)) for i, it in enumerate(f.items)]
+    return [f.prefixes[i % 2] + dumps(nfc_names(it.dcc)) for i, it in enumerate(f.items)]
 
 
 def splice_native(f: Frame) -> object:

@@ -46,7 +46,7 @@ from typing import Any
 import cbor2
 
 from dccsign import native
-from dccsign.dcc.issuer import _nfc, claims_prefix
+from dccsign.dcc.issuer import claims_prefix, nfc_names
 from dccsign.dcc.uvci import make_uvci
 from dccsign.dcc.validate import DOSE_MAX, DCCValidationError, validate
 from dccsign.dcc.valuesets import ValueSets
@@ -475,7 +475,7 @@ def oracle(data: bytes, strict: bool, nfc: bool, cwt: bool) -> tuple:
     except (cbor2.CBORError, ValueError):
         return ("undecodable",)
     if nfc and isinstance(obj, dict):
-        obj = _nfc(obj)
+        obj = nfc_names(obj)
     try:
         return ("ok", validate(obj, today=TODAY))
     except DCCValidationError as exc:

@@ -99,12 +99,12 @@ def _check_today(today: object) -> None:
 def _decode(data: bytes, strict: bool, nfc_names: bool = False) -> Any:
     """The decoder of the engine (strict) or of keyd; DCCDecodeError when it refuses. With
     nfc_names, fn and gn come out NFC-normalised, as the engine validates them
-    (chain._nfc)."""
+    (:func:`dccsign.dcc.issuer.nfc_names`)."""
     if nfc_names:
-        from ..dcc.issuer import _nfc
+        from ..dcc.issuer import nfc_names as normalised
 
         obj = _decode(data, strict)
-        return _nfc(obj) if isinstance(obj, dict) else obj
+        return normalised(obj) if isinstance(obj, dict) else obj
     try:
         if strict:
             return cborlimits.decode(
@@ -160,7 +160,7 @@ def validate_dcc_cbor(
         today: the date ``dob`` must not be after; default today in UTC.
         strict: decode as the engine does (True) or as keyd does (False); see the module.
         nfc_names: validate ``nam.fn``/``nam.gn`` NFC-normalised, as the engine does before
-            it signs (:func:`dccsign.dcc.issuer._nfc`). The native implementation hands a name
+            it signs (:func:`dccsign.dcc.issuer.nfc_names`). The native implementation hands a name
             it cannot prove NFC (a code point past U+2FFF or one NFC may change) to this
             reference.
 
@@ -304,7 +304,7 @@ def _nfc_inert_bitmap() -> bytes:
     """Bit c set when code point c (below U+3000) is NFC-inert: canonical combining class 0,
     NFC of itself, and never the second character of a canonical composition (so it neither
     changes nor combines with what precedes it). A text of such characters is NFC. Built
-    once per process from this Python's unicodedata (the one chain._nfc uses)."""
+    once per process from this Python's unicodedata (the one dccsign.dcc.issuer.nfc_names uses)."""
     global _NFC_INERT
     if _NFC_INERT is None:
         import unicodedata

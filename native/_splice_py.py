@@ -1,6 +1,6 @@
 """Claims by splicing: CWT payloads built around the DCC's own CBOR bytes (reference).
 
-Today the engine signs ``claims_prefix(iss, iat, exp) + cbor2.dumps(_nfc(dcc))`` where
+Today the engine signs ``claims_prefix(iss, iat, exp) + cbor2.dumps(nfc_names(dcc))`` where
 ``dcc`` is the decoded request map (``dccsign.dcc.issuer``). :func:`splice_payloads` gives the
 same bytes without decoding: for each item of a :class:`~dccsign.native.BatchView`, its claims
 prefix followed by the DCC map exactly as the client encoded it -- when that encoding is the
@@ -113,7 +113,7 @@ def splice_payloads(view: BatchView, prefixes: Sequence[bytes], prefix_of: Any) 
 
     Returns:
         One buffer and its offsets; payload *i* equals
-        ``prefix + cbor2.dumps(_nfc(cbor2.loads(dcc_bytes(i))))`` byte for byte.
+        ``prefix + cbor2.dumps(nfc_names(cbor2.loads(dcc_bytes(i))))`` byte for byte.
     """
     prefixes, idx = check_splice_arguments(view, prefixes, prefix_of)
     cols = memoryview(view.columns).cast("I")
@@ -147,7 +147,7 @@ def reencode(dcc: bytes) -> bytes:
 
 
 def nfc_names(dcc: Any) -> Any:
-    """``nam.fn`` and ``nam.gn`` in NFC (the engine's ``dccsign.dcc.issuer._nfc`` rule)."""
+    """``nam.fn`` and ``nam.gn`` in NFC (the engine's ``dccsign.dcc.issuer.nfc_names`` rule)."""
     nam = dcc.get("nam") if isinstance(dcc, dict) else None
     if not isinstance(nam, dict):
         return dcc

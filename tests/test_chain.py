@@ -167,3 +167,41 @@ def test_many_varied_in_order(keys, impl):
     texts = _issuer(keys, impl).issue(dccs)
     for dcc, text in zip(dccs, texts, strict=True):
         assert _claims(text)[1][-260][1] == dcc
+
+
+def test_claims_are_the_engines_too(keys, impl):
+    # dccsign sign and the engine build the claims with one Claims object each: the same key
+    # choice, times and size bound for the same request.
+    from dccsign.dcc.issuer import Claims, max_payload
+    from dccsign.server.dispatch import Dispatcher
+
+    claims = _issuer(keys, impl, issuer_country="BE").claims
+    assert isinstance(claims, Claims)
+    key = claims.key_for("t")
+    prefix, limit = claims.claims_for(key, dt.timedelta(days=2), NOW)
+    iat = int(NOW) - 3600
+    assert prefix == claims_prefix("BE", iat, iat + 2 * 86400)
+    assert limit == max_payload(key.dsc.alg)
+
+    class _Batcher:
+        zlib_level = 9
+
+    engine = Dispatcher(
+        _Batcher(), [(k.dsc, k.state) for k in keys], None, None, issuer_country="BE"
+    )
+    assert engine._signing("t", None, 2, NOW) == (engine.keys[keys.index(key)], (prefix, limit))
+
+
+def test_claims_without_a_country(keys, impl):
+    import dataclasses
+
+    from dccsign.dcc.issuer import Claims
+
+    key = next(k for k in keys if k.state == "active")
+    nameless = SignerKey(dataclasses.replace(key.dsc, country=None), key.key, "active")
+    with pytest.raises(KeyProblem, match="names no country; configure issuer_country"):
+        Claims([nameless]).claims_for(nameless, dt.timedelta(days=1), NOW)
+    prefix, _ = Claims([nameless], issuer_country="NL").claims_for(
+        nameless, dt.timedelta(days=1), NOW
+    )
+    assert cbor2.loads(prefix + cbor2.dumps({}))[1] == "NL"

@@ -44,7 +44,7 @@ from test_dcc_validation import (
 )
 
 from conftest import shared_path
-from dccsign.dcc.issuer import _nfc, claims_prefix
+from dccsign.dcc.issuer import claims_prefix, nfc_names
 from dccsign.dcc.validate import DOSE_MAX, DCCValidationError, validate
 from dccsign.dcc.valuesets import ValueSets
 from dccsign.dcc.verify import loads_exact
@@ -77,7 +77,7 @@ def oracle(
     except (cbor2.CBORError, ValueError) as exc:
         return ("undecodable", str(exc))
     if nfc and isinstance(obj, dict):
-        obj = _nfc(obj)
+        obj = nfc_names(obj)
     try:
         return ("ok", validate(obj, valuesets=valuesets, today=today))
     except DCCValidationError as exc:

@@ -367,7 +367,7 @@ def test_a_plain_frame_claims_follow_the_clock_and_a_key_change_at_once(tmp_path
         (payload,) = batcher.payloads[before:]
         return cbor2.loads(payload)[6]
 
-    backdate = d._issuer.backdate
+    backdate = d._claims.backdate
     assert iat_at(second + 0.25) == int(second) - backdate
     assert iat_at(second + 0.75) == int(second) - backdate
     assert iat_at(second + 1.0) == int(second) + 1 - backdate

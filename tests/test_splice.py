@@ -1,5 +1,5 @@
 """Claims by splicing (``splice_payloads``): every payload equals what the engine signs today,
-``claims_prefix(...) + cbor2.dumps(_nfc(dcc))``, for canonical and non-canonical request
+``claims_prefix(...) + cbor2.dumps(nfc_names(dcc))``, for canonical and non-canonical request
 encodings, in both implementations, with the same slow-path count."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import struct
 import cbor2
 import pytest
 
-from dccsign.dcc.issuer import _nfc, claims_prefix
+from dccsign.dcc.issuer import claims_prefix, nfc_names
 from dccsign.native import _splice_py as S
 from dccsign.protocol import wire
 from dccsign.testing.samples import varied_samples
@@ -27,7 +27,7 @@ def _expected(view, prefixes, prefix_of) -> list[bytes]:
             out.append(b"")
             continue
         dcc = cbor2.loads(view.dcc_bytes(i))
-        out.append(prefixes[prefix_of[i]] + cbor2.dumps(_nfc(dcc)))
+        out.append(prefixes[prefix_of[i]] + cbor2.dumps(nfc_names(dcc)))
     return out
 
 

@@ -97,11 +97,9 @@ def max_payload(alg: int) -> int:
     return zlib_max - 16 - cose_overhead
 
 
-_max_payload = max_payload  # the name engine/server/dispatch.py imports
-
-
-def _nfc(dcc: Mapping[str, Any]) -> Mapping[str, Any]:
-    """NFC-normalise the names (hcert spec §3.3.7) without copying in the common case."""
+def nfc_names(dcc: Mapping[str, Any]) -> Mapping[str, Any]:
+    """*dcc* with ``nam.fn`` and ``nam.gn`` NFC-normalised (hcert spec §3.3.7): what is signed.
+    The same object when they already are (the common case), a shallow copy otherwise."""
     nam = dcc.get("nam")
     if not isinstance(nam, dict):
         return dcc
@@ -115,41 +113,28 @@ def _nfc(dcc: Mapping[str, Any]) -> Mapping[str, Any]:
     return {**dcc, "nam": {**nam, **changed}}
 
 
-class Issuer:
-    """Turns DCCs into signed ``HC1:`` strings with a set of loaded keys.
+class Claims:
+    """What goes around a DCC in its CWT, for the issuer and the engine alike: which key signs
+    it, ``iss``, ``iat`` and ``exp``, and how large the payload may be.
 
     Args:
-        keys: the keys this issuer may use; only ``active`` ones sign.
-        impl: the native implementation module (default: the one selected for the process).
+        keys: the keys that may sign; only ``active`` ones do. Replace the list to change them.
         backdate: how far before now ``iat`` is set.
-        zlib_level: deflate level, -1..9; every level gives a standard zlib stream.
         issuer_country: the ``iss`` claim; by default the DSC subject's country.
-        valuesets: value sets for validation (default: the built-in tables).
-        clock: returns the current time in seconds since the epoch.
     """
 
     def __init__(
         self,
         keys: Sequence[SignerKey],
         *,
-        impl: ModuleType | None = None,
         backdate: dt.timedelta = DEFAULT_BACKDATE,
-        zlib_level: int = 9,
         issuer_country: str | None = None,
-        valuesets: ValueSets | None = None,
-        clock: Callable[[], float] = time.time,
     ) -> None:
-        if not -1 <= zlib_level <= 9:
-            raise ValueError("zlib_level must be -1..9")
         if backdate < dt.timedelta(0):
             raise ValueError("backdate must not be negative")
         self.keys = list(keys)
-        self.impl = impl or _native
         self.backdate = int(backdate.total_seconds())
-        self.zlib_level = zlib_level
         self.issuer_country = issuer_country
-        self.valuesets = valuesets or ValueSets.builtin()
-        self.clock = clock
 
     # -- key choice -------------------------------------------------------------------
 
@@ -211,6 +196,74 @@ class Issuer:
             raise KeyProblem(f"no validity left: exp {exp} is not after iat {iat}")
         return iat, exp
 
+    def claims_for(self, key: SignerKey, validity: dt.timedelta, now: float) -> tuple[bytes, int]:
+        """``(prefix, max_payload)`` for a certificate signed now with *key*: the CBOR of the
+        claims up to the DCC (:func:`claims_prefix`), and the largest payload whose HC1 string
+        fits a QR code (:func:`max_payload`). The payload is ``prefix + cbor(dcc)``.
+
+        Raises:
+            KeyProblem: as :meth:`times_for`, or the DSC names no country and no
+                ``issuer_country`` is configured.
+        """
+        iat, exp = self.times_for(key.dsc, validity, now)
+        iss = self.issuer_country or key.dsc.country
+        if iss is None:
+            raise KeyProblem(
+                f"DSC of key {key.dsc.kid.hex()} names no country; configure issuer_country"
+            )
+        return claims_prefix(iss, iat, exp), max_payload(key.dsc.alg)
+
+
+class Issuer:
+    """Turns DCCs into signed ``HC1:`` strings with a set of loaded keys (``dccsign sign``; the
+    engine does the same steps per frame, with the same :class:`Claims`).
+
+    Args:
+        keys: the keys this issuer may use; only ``active`` ones sign.
+        impl: the native implementation module (default: the one selected for the process).
+        backdate: how far before now ``iat`` is set.
+        zlib_level: deflate level, -1..9; every level gives a standard zlib stream.
+        issuer_country: the ``iss`` claim; by default the DSC subject's country.
+        valuesets: value sets for validation (default: the built-in tables).
+        clock: returns the current time in seconds since the epoch.
+    """
+
+    def __init__(
+        self,
+        keys: Sequence[SignerKey],
+        *,
+        impl: ModuleType | None = None,
+        backdate: dt.timedelta = DEFAULT_BACKDATE,
+        zlib_level: int = 9,
+        issuer_country: str | None = None,
+        valuesets: ValueSets | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not -1 <= zlib_level <= 9:
+            raise ValueError("zlib_level must be -1..9")
+        self.claims = Claims(keys, backdate=backdate, issuer_country=issuer_country)
+        self.impl = impl or _native
+        self.zlib_level = zlib_level
+        self.valuesets = valuesets or ValueSets.builtin()
+        self.clock = clock
+
+    @property
+    def keys(self) -> list[SignerKey]:
+        """The keys this issuer may use (those of its :class:`Claims`)."""
+        return self.claims.keys
+
+    @keys.setter
+    def keys(self, keys: Sequence[SignerKey]) -> None:
+        self.claims.keys = list(keys)
+
+    def key_for(self, dcc_type: str, kid: bytes | None = None) -> SignerKey:
+        """:meth:`Claims.key_for`."""
+        return self.claims.key_for(dcc_type, kid)
+
+    def times_for(self, dsc: DSC, validity: dt.timedelta, now: float) -> tuple[int, int]:
+        """:meth:`Claims.times_for`."""
+        return self.claims.times_for(dsc, validity, now)
+
     # -- issuing ----------------------------------------------------------------------
 
     def issue(
@@ -232,7 +285,7 @@ class Issuer:
             raise ValueError("validity must be positive")
         errors: dict[int, list[dict[str, str]]] = {}
         groups: dict[bytes, tuple[SignerKey, list[int]]] = {}
-        items = [_nfc(d) if isinstance(d, dict) else d for d in dccs]
+        items = [nfc_names(d) if isinstance(d, dict) else d for d in dccs]
         chosen: dict[str, SignerKey] = {}
         for i, dcc in enumerate(items):
             try:
@@ -256,14 +309,7 @@ class Issuer:
         encoded: list[tuple[SignerKey, list[int], list[bytes]]] = []
         dumps = cbor2.dumps
         for key, indices in groups.values():
-            iat, exp = self.times_for(key.dsc, validity, now)
-            iss = self.issuer_country or key.dsc.country
-            if iss is None:
-                raise KeyProblem(
-                    f"DSC of key {key.dsc.kid.hex()} names no country; configure issuer_country"
-                )
-            prefix = claims_prefix(iss, iat, exp)
-            limit = max_payload(key.dsc.alg)
+            prefix, limit = self.claims.claims_for(key, validity, now)
             payloads = [prefix + dumps(items[i]) for i in indices]
             for i, p in zip(indices, payloads, strict=True):
                 if len(p) > limit:

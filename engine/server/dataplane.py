@@ -33,7 +33,7 @@ from typing import Any
 import cbor2
 
 from .. import native
-from ..dcc.issuer import _nfc
+from ..dcc.issuer import nfc_names
 from ..dcc.validate import DCCValidationError
 from ..native import _walker_py as W
 from ..native._splice_py import NO_PAYLOAD
@@ -119,7 +119,7 @@ def check_rows(
         for i, t in enumerate(out.types):
             if t:
                 dcc = cbor2.loads(data[offs[i] : ends[i]])
-                out.decoded[i] = _nfc(dcc) if isinstance(dcc, dict) else dcc
+                out.decoded[i] = nfc_names(dcc) if isinstance(dcc, dict) else dcc
     return out
 
 

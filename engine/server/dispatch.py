@@ -39,7 +39,7 @@ import trio.lowlevel
 
 from .. import native
 from ..dcc.dsc import DSC
-from ..dcc.issuer import DEFAULT_BACKDATE, Issuer, SignerKey, _max_payload, _nfc, claims_prefix
+from ..dcc.issuer import DEFAULT_BACKDATE, Claims, SignerKey, nfc_names
 from ..dcc.validate import DCCValidationError, validate
 from ..dcc.valuesets import ValueSets
 from ..errors import KeyProblem
@@ -205,19 +205,13 @@ class Dispatcher:
         self.clock = clock
         self.idempotency = IdempotencyCache()
         self._turns: dict[str, trio.Semaphore] = {}
-        self._issuer = Issuer(
-            [],
-            backdate=backdate,
-            zlib_level=batcher.zlib_level,
-            issuer_country=issuer_country,
-            valuesets=self.valuesets,
-            clock=clock,
-        )
+        # The claims around each DCC: the same rules as ``dccsign sign`` (dcc.issuer.Claims).
+        self._claims = Claims([], backdate=backdate, issuer_country=issuer_country)
         self.set_keys(keys)
 
     def set_keys(self, keys: Sequence[tuple[DSC, str]]) -> None:
         """Replace the known keys (kid, DSC, state), e.g. after keyd reported a change."""
-        self._issuer.keys = [SignerKey(dsc, None, state) for dsc, state in keys]
+        self._claims.keys = [SignerKey(dsc, None, state) for dsc, state in keys]
         # worked out from the old keys: forget it
         self._frame_signing: tuple[int | None, dict[str, _Signing]] = (None, {})
         self._allowed: tuple[object, dict[tuple[str, bytes, str], ItemResult | None]] = (
@@ -226,7 +220,7 @@ class Dispatcher:
 
     @property
     def keys(self) -> list[SignerKey]:
-        return list(self._issuer.keys)
+        return list(self._claims.keys)
 
     async def sign(
         self, client: str, items: Sequence[SignItem], types: list[str] | None = None
@@ -650,7 +644,7 @@ class Dispatcher:
         types: list[str],
         memo: dict[tuple[str, bytes | None, int], _Signing],
     ) -> _Prepared | ItemResult:
-        dcc = _nfc(item.dcc) if isinstance(item.dcc, dict) else item.dcc
+        dcc = nfc_names(item.dcc) if isinstance(item.dcc, dict) else item.dcc
         try:
             dcc_type = types[index] = validate(dcc, valuesets=self.valuesets)
         except DCCValidationError as exc:
@@ -725,17 +719,13 @@ class Dispatcher:
         (None, failure) when no key may sign it. The policy is checked between the two (a
         client that may not use the key learns that first)."""
         try:
-            key = self._issuer.key_for(dcc_type, kid)
+            key = self._claims.key_for(dcc_type, kid)
         except KeyProblem as exc:
             return None, _failure(ErrorCode.NO_KEY, str(exc))
         try:
-            iat, exp = self._issuer.times_for(key.dsc, dt.timedelta(days=days), now)
+            return key, self._claims.claims_for(key, dt.timedelta(days=days), now)
         except KeyProblem as exc:
             return key, _failure(ErrorCode.NO_KEY, str(exc))
-        iss = self._issuer.issuer_country or key.dsc.country
-        if iss is None:
-            return key, _failure(ErrorCode.NO_KEY, "the DSC names no country; configure one")
-        return key, (claims_prefix(iss, iat, exp), _max_payload(key.dsc.alg))
 
     async def _keyd_parts(self, client: str, parts: list[list[_Prepared]]) -> list[ItemResult]:
         """Sign the items of one kid, grouped in parts by (account, operator); results in
