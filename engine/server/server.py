@@ -806,7 +806,7 @@ class _Connection:
                     else:
                         event = codec.decode_frame(frame)
                     del frame
-                    if self.handle(event, requests) is _STOP:
+                    if self.handle(event) is _STOP:
                         return
                     del event
                     await self._wait_for_room()
@@ -1083,31 +1083,37 @@ class _Connection:
 
     # -- frames in ------------------------------------------------------------------------
 
-    def handle(self, event: Any, requests: trio.Nursery) -> object:
-        """Act on one event from the client; :data:`_STOP` to stop reading."""
-        kind = type(event)
-        if kind is wire.Hello:
-            return self._hello()
-        elif kind is wire.Ping:
-            self.send(wire.Pong(request_id=event.request_id, data=event.data))
-        elif kind is wire.ListKeys:
-            assert self.client is not None  # the codec admits requests only after WELCOME
-            self.send(self.server.keys_for(self.client, event.request_id))
-        elif kind is wire.Pong:
-            pass  # SPEC.md §6.3: either side may ping; ours need no answer
-        elif kind is wire.Error:
-            # The codec lets a client send only a connection-level ERROR (id 0): it is leaving.
-            # Requests in progress still finish (audited); their replies have nowhere to go.
-            LOGGER.info(
-                "client %s ended the connection: %s %s",
-                self.client,
-                getattr(event.code, "name", event.code),
-                event.message,
-            )
-            return _STOP
-        else:  # sign requests are walked (_walk); the codec lets nothing else through
-            raise AssertionError(f"unexpected {kind.__name__} from a client")
-        return None
+    def handle(self, event: Any) -> object:
+        """Act on one event from the client (a frame other than a sign request, which
+        :meth:`_walk` takes); :data:`_STOP` to stop reading."""
+        handler = _HANDLERS.get(type(event))
+        if handler is None:  # the codec lets nothing else through
+            raise AssertionError(f"unexpected {type(event).__name__} from a client")
+        return handler(self, event)
+
+    def _on_hello(self, event: wire.Hello) -> object:
+        return self._hello()
+
+    def _on_ping(self, event: wire.Ping) -> None:
+        self.send(wire.Pong(request_id=event.request_id, data=event.data))
+
+    def _on_list_keys(self, event: wire.ListKeys) -> None:
+        assert self.client is not None  # the codec admits requests only after WELCOME
+        self.send(self.server.keys_for(self.client, event.request_id))
+
+    def _on_pong(self, event: wire.Pong) -> None:
+        pass  # SPEC.md §6.3: either side may ping; ours need no answer
+
+    def _on_error(self, event: wire.Error) -> object:
+        # The codec lets a client send only a connection-level ERROR (id 0): it is leaving.
+        # Requests in progress still finish (audited); their replies have nowhere to go.
+        LOGGER.info(
+            "client %s ended the connection: %s %s",
+            self.client,
+            getattr(event.code, "name", event.code),
+            event.message,
+        )
+        return _STOP
 
     def _hello(self) -> object:
         """WELCOME, or the refusal SPEC.md §3 asks for when the policy does not know the
@@ -1233,6 +1239,16 @@ class _Connection:
                     self.server.deadline_reply(self.client, request, request.count, request.start),
                     request.ticket,
                 )
+
+
+#: What a connection does with each event a client may send besides sign requests.
+_HANDLERS: dict[type, Callable[[_Connection, Any], object]] = {
+    wire.Hello: _Connection._on_hello,
+    wire.Ping: _Connection._on_ping,
+    wire.ListKeys: _Connection._on_list_keys,
+    wire.Pong: _Connection._on_pong,
+    wire.Error: _Connection._on_error,
+}
 
 
 def _refusal(peer: Peer, name: str | None, policy: Policy) -> str:
