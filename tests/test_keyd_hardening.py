@@ -233,13 +233,16 @@ AS_USER = textwrap.dedent("""
     import ctypes, os, sys
     uid, gid = int(sys.argv[1]), int(sys.argv[2])
     groups = [int(g) for g in sys.argv[3].split(",") if g]
-    import _strptime, encodings.idna, grp, json, pwd, resource, signal, socket, struct
-    import dccsign.audit.log, dccsign.cli.main, dccsign.cli.serve, dccsign.process
-    import dccsign.keyd.client, dccsign.keyd.service, dccsign.keyd.trio_client
-    import dccsign.keys.keystore, dccsign.server.batcher, dccsign.server.devtls
-    import dccsign.server.dispatch, dccsign.server.metrics, dccsign.server.policy
-    import dccsign.server.server
-    import dccsign.protocol.keyd
+    import _strptime, encodings.idna, grp, importlib, json, pkgutil, pwd, resource, signal
+    import socket, struct
+    import dccsign, dccsign.cli.main, dccsign.native, dccsign.protocol
+    # Every module of the product, whatever the layout (not the benchmark drivers, and no
+    # __main__, which would run): after the uid change they could not be read any more.
+    for package in (dccsign, dccsign.native, dccsign.protocol):
+        for module in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+            name = module.name
+            if not name.startswith("dccsign.bench") and not name.endswith("__main__"):
+                importlib.import_module(name)
     from dccsign.dcc.valuesets import ValueSets
     ValueSets.builtin()
     dccsign.cli.main.build_parser()

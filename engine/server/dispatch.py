@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
+import enum
 import hashlib
 import operator
 import pickle
@@ -46,13 +47,13 @@ from ..errors import KeyProblem
 from ..keyd.client import KeydError
 from ..native import _walker_py as W
 from ..protocol.codes import ErrorCode
-from ..protocol.keyd import RETRYABLE as KEYD_RETRYABLE
-from ..protocol.keyd import ItemError, KeydColumns
+from ..protocol.keyd import KeydColumns
 from ..protocol.wire import ItemResult, SignItem
 from . import dataplane
 from .batcher import KeydBatcher
 from .offload import encode_reply_soon
-from .policy import PolicyFile, QuotaTracker, Refusal
+from .outcomes import failure, keyd_failure, refused
+from .policy import PolicyFile, QuotaTracker
 
 __all__ = ["DEFAULT_VALIDITY_DAYS", "Dispatcher", "IdempotencyCache"]
 
@@ -63,25 +64,15 @@ PREPARE_SLICE = 32
 PREPARE_TURNS = 2
 #: Policy verdicts kept per policy object (Dispatcher._plain_allowed), at most.
 _ALLOWED_MEMO = 4096
-_REFUSAL_CODES = {
-    "CLIENT_UNKNOWN": ErrorCode.UNAUTHENTICATED,
-    "CLIENT_DISABLED": ErrorCode.CLIENT_DISABLED,
-    "KID_NOT_ALLOWED": ErrorCode.KID_NOT_ALLOWED,
-    "TYPE_NOT_ALLOWED": ErrorCode.TYPE_NOT_ALLOWED,
-    "COUNTRY_NOT_ALLOWED": ErrorCode.COUNTRY_NOT_ALLOWED,
-    "ISSUER_NOT_ALLOWED": ErrorCode.ISSUER_NOT_ALLOWED,
-    "QUOTA_CLIENT": ErrorCode.QUOTA_CLIENT,
-    "QUOTA_ACCOUNT": ErrorCode.QUOTA_ACCOUNT,
-}
 
 
-def _failure(code: ErrorCode, message: str, retry_after_s: float | None = None) -> ItemResult:
-    retry = None if retry_after_s is None else max(1, int(retry_after_s * 1000))
-    return ItemResult(error=code, message=message, retry_after_ms=retry)
+class Seen(enum.Enum):
+    """What :meth:`IdempotencyCache.lookup` found for an item's idempotency key."""
 
-
-def _refused(refusal: Refusal) -> ItemResult:
-    return _failure(_REFUSAL_CODES[refusal.code], refusal.message, refusal.retry_after_s)
+    NEW = "new"
+    DONE = "done"
+    IN_PROGRESS = "in progress"
+    CONFLICT = "conflict"
 
 
 class IdempotencyCache:
@@ -115,9 +106,11 @@ class IdempotencyCache:
             body = repr(asked).encode()
         return hashlib.sha256(body).digest()
 
-    def lookup(self, client: str, item: SignItem) -> tuple[str, Any]:
-        """("new", None) -- the caller must :meth:`finish`; ("done", result);
-        ("wait", event); or ("conflict", None)."""
+    def lookup(self, client: str, item: SignItem) -> tuple[Seen, Any]:
+        """What a keyed item is to the cache: ``(Seen.NEW, None)`` -- the caller signs it and
+        must :meth:`finish`; ``(Seen.DONE, result)``; ``(Seen.IN_PROGRESS, event)`` -- set
+        when the first attempt ends; or ``(Seen.CONFLICT, None)``: the key was used for a
+        different item."""
         key = (client, item.account, _key_bytes(item.idempotency_key))
         entry = self._entries.get(key)
         now = self.clock()
@@ -128,12 +121,12 @@ class IdempotencyCache:
             self._entries[key] = [self.fingerprint(item), None, trio.Event(), now]
             while len(self._entries) > self.capacity:
                 self._entries.popitem(last=False)
-            return "new", None
+            return Seen.NEW, None
         if entry[0] != self.fingerprint(item):
-            return "conflict", None
+            return Seen.CONFLICT, None
         if entry[1] is not None:
-            return "done", entry[1]
-        return "wait", entry[2]
+            return Seen.DONE, entry[1]
+        return Seen.IN_PROGRESS, entry[2]
 
     def finish(self, client: str, item: SignItem, result: ItemResult) -> None:
         key = (client, item.account, _key_bytes(item.idempotency_key))
@@ -241,14 +234,14 @@ class Dispatcher:
                 fresh.append(i)
                 continue
             state, value = self.idempotency.lookup(client, item)
-            if state == "new":
+            if state is Seen.NEW:
                 fresh.append(i)
-            elif state == "done":
+            elif state is Seen.DONE:
                 results[i] = value
-            elif state == "wait":
+            elif state is Seen.IN_PROGRESS:
                 waits.append((i, value))
             else:
-                results[i] = _failure(
+                results[i] = failure(
                     ErrorCode.IDEMPOTENCY_CONFLICT,
                     "this idempotency key was used for a different request",
                 )
@@ -263,7 +256,7 @@ class Dispatcher:
         for i, event in waits:
             await event.wait()
             first = self.idempotency.result(client, items[i])
-            results[i] = first or _failure(
+            results[i] = first or failure(
                 ErrorCode.INTERNAL, "the first attempt failed; retry", retry_after_s=0.1
             )
         return results  # type: ignore[return-value]
@@ -293,14 +286,14 @@ class Dispatcher:
         for i in keyed:
             item = _item_of(view, i)
             state, value = self.idempotency.lookup(client, item)
-            if state == "new":
+            if state is Seen.NEW:
                 fresh[i] = item
-            elif state == "done":
+            elif state is Seen.DONE:
                 answered[i] = value
-            elif state == "wait":
+            elif state is Seen.IN_PROGRESS:
                 waits.append((i, value, item))
             else:
-                answered[i] = _failure(
+                answered[i] = failure(
                     ErrorCode.IDEMPOTENCY_CONFLICT,
                     "this idempotency key was used for a different request",
                 )
@@ -315,7 +308,7 @@ class Dispatcher:
             results = await frame.results(self.batcher.zlib_level)
         except BaseException:
             # No key may stay "in progress" for ever: its retries would wait for nothing.
-            failed = _failure(ErrorCode.INTERNAL, "internal error", retry_after_s=0.1)
+            failed = failure(ErrorCode.INTERNAL, "internal error", retry_after_s=0.1)
             for item in fresh.values():
                 self.idempotency.finish(client, item, failed)
             raise
@@ -326,7 +319,7 @@ class Dispatcher:
         for i, event, item in waits:
             await event.wait()
             first = self.idempotency.result(client, item)
-            results[i] = first or _failure(
+            results[i] = first or failure(
                 ErrorCode.INTERNAL, "the first attempt failed; retry", retry_after_s=0.1
             )
         if types is not None:
@@ -459,14 +452,14 @@ class Dispatcher:
                     if refusal is None:
                         kept.append(i)
                     else:
-                        frame.refuse_result(array("I", [i]), _refused(refusal))
+                        frame.refuse_result(array("I", [i]), refused(refusal))
                 group = kept
             prefix, max_payload = claims  # type: ignore[misc]
             frame.add(key, prefix, max_payload, group)
         frame.splice()
-        refused = self._charge_accounts(policy, client, frame)
-        if refused:
-            frame.splice(drop=refused)
+        dropped = self._charge_accounts(policy, client, frame)
+        if dropped:
+            frame.splice(drop=dropped)
         return frame
 
     def _charge_accounts(self, policy: Any, client: str, frame: dataplane.Frame) -> set[int]:
@@ -474,9 +467,9 @@ class Dispatcher:
         account; an account that cannot have all of its rows gets them one by one, in
         order, until the first refusal. Returns the rows refused (their results set)."""
         rows = frame.bound_rows()
-        refused: set[int] = set()
+        dropped: set[int] = set()
         if not rows:
-            return refused
+            return dropped
         view = frame.view
         table, index = native.span_table(
             view.data, view.columns, W.NFIELDS, (W.ACCOUNT_OFF, W.ACCOUNT_LEN), rows
@@ -493,9 +486,9 @@ class Dispatcher:
         ):
             granted, refusal = verdicts[k]
             mine = array("I", (r for r, j in zip(rows, index, strict=True) if j == k))
-            frame.refuse_result(mine[granted:], _refused(refusal))
-            refused.update(mine[granted:])
-        return refused
+            frame.refuse_result(mine[granted:], refused(refusal))
+            dropped.update(mine[granted:])
+        return dropped
 
     async def _keyd_frame(self, client: str, frame: dataplane.Frame) -> None:
         """Sign the frame's rows: one columnar batch per kid, all queued at once (they go to
@@ -561,7 +554,7 @@ class Dispatcher:
                 for j, count in collections.Counter(account_ix).items():
                     self.quotas.release(client, names[j], count)
                 code = ErrorCode.KEYD_UNAVAILABLE if result.retryable else ErrorCode.INTERNAL
-                frame.refuse_result(rows, _failure(code, str(result), retry_after_s=0.5))
+                frame.refuse_result(rows, failure(code, str(result), retry_after_s=0.5))
                 continue
             codes = result.codes
             if codes.count(0) != len(codes):  # keyd refused some: their quota units go back
@@ -569,7 +562,7 @@ class Dispatcher:
                 for i, j, code in zip(rows, account_ix, codes, strict=True):
                     if code:
                         self.quotas.release(client, names[j], 1)
-                        frame.refuse_result(array("I", [i]), _keyd_failure((code, next(reasons))))
+                        frame.refuse_result(array("I", [i]), keyd_failure((code, next(reasons))))
             frame.signed(k, array("I", compress(rows, map(operator.not_, codes))), result)
 
     async def _sign_fresh(
@@ -611,7 +604,7 @@ class Dispatcher:
                         if refusal is not None:
                             # Nothing frees up within one request: the rest are refused alike.
                             for q in prepared[n:]:
-                                results[q.index] = _refused(refusal)
+                                results[q.index] = refused(refusal)
                             break
                         admitted.append(p)
                 for p in admitted:
@@ -650,7 +643,7 @@ class Dispatcher:
         except DCCValidationError as exc:
             first = exc.issues[0]
             more = f" (and {len(exc.issues) - 1} more)" if len(exc.issues) > 1 else ""
-            return _failure(
+            return failure(
                 ErrorCode.INVALID_DCC, f"{first.path} [{first.rule}] {first.message}{more}"
             )
         # The key, the claims prefix and the size limit depend only on (type, kid, days) and
@@ -665,13 +658,13 @@ class Dispatcher:
             return claims  # type: ignore[return-value]
         refusal = policy.check(client, key.dsc.kid, dcc_type, dcc)
         if refusal is not None:
-            return _refused(refusal)
+            return refused(refusal)
         if isinstance(claims, ItemResult):
             return claims
         prefix, max_payload = claims
         payload = prefix + cbor2.dumps(dcc)
         if len(payload) > max_payload:
-            return _failure(
+            return failure(
                 ErrorCode.TOO_LARGE_FOR_QR,
                 f"the signed certificate would not fit a QR code ({len(payload)}-byte payload)",
             )
@@ -708,7 +701,7 @@ class Dispatcher:
         except KeyError:
             pass
         refusal = policy.check(client, kid, dcc_type, {})
-        failure = None if refusal is None else _refused(refusal)
+        failure = None if refusal is None else refused(refusal)
         if len(memo) < _ALLOWED_MEMO:  # clients x kids x types of one policy: bounded anyway
             memo[at] = failure
         return failure
@@ -721,11 +714,11 @@ class Dispatcher:
         try:
             key = self._claims.key_for(dcc_type, kid)
         except KeyProblem as exc:
-            return None, _failure(ErrorCode.NO_KEY, str(exc))
+            return None, failure(ErrorCode.NO_KEY, str(exc))
         try:
             return key, self._claims.claims_for(key, dt.timedelta(days=days), now)
         except KeyProblem as exc:
-            return key, _failure(ErrorCode.NO_KEY, str(exc))
+            return key, failure(ErrorCode.NO_KEY, str(exc))
 
     async def _keyd_parts(self, client: str, parts: list[list[_Prepared]]) -> list[ItemResult]:
         """Sign the items of one kid, grouped in parts by (account, operator); results in
@@ -753,14 +746,14 @@ class Dispatcher:
             for group in parts:
                 self.quotas.release(client, group[0].account, len(group))
             code = ErrorCode.KEYD_UNAVAILABLE if exc.retryable else ErrorCode.INTERNAL
-            return [_failure(code, str(exc), retry_after_s=0.5)] * len(flat)
+            return [failure(code, str(exc), retry_after_s=0.5)] * len(flat)
         out: list[ItemResult] = []
         for prepared, outcome in zip(flat, outcomes, strict=True):
             if isinstance(outcome, str):
                 out.append(ItemResult(hc1=outcome, kid=kid))
                 continue
             self.quotas.release(client, prepared.account, 1)
-            out.append(_keyd_failure(outcome))
+            out.append(keyd_failure(outcome))
         return out
 
 
@@ -769,18 +762,3 @@ def _item_of(view: Any, i: int) -> SignItem:
     idempotency cache compares what it asks for)."""
     dcc, account, operator, kid, validity, key = view.values(i)
     return SignItem(cbor2.loads(dcc), account, operator, kid, validity, key)
-
-
-def _keyd_failure(outcome: tuple[int, str]) -> ItemResult:
-    """The result of an item keyd refused."""
-    code, reason = outcome
-    retryable = code in KEYD_RETRYABLE
-    return _failure(
-        ErrorCode.KEYD_UNAVAILABLE
-        if retryable
-        else ErrorCode.TOO_LARGE_FOR_QR
-        if code == ItemError.TOO_LARGE_FOR_QR
-        else ErrorCode.KEYD_REFUSED,
-        f"keyd refused ({ItemError(code).name}): {reason}",
-        retry_after_s=1.0 if retryable else None,
-    )
