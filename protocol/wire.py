@@ -115,9 +115,9 @@ DEFAULT_MAX_FRAME = 8 * 1024 * 1024
 UINT32_MAX = 0xFFFFFFFF
 #: SIGN_BATCH / SIGN_BATCH_RESULT bodies longer than this are sent compressed (if negotiated).
 COMPRESS_THRESHOLD = 1024
-#: zstd level of compressed bodies. Level 1: on a SIGN_BATCH_RESULT of 50 HC1s (28 KB) it
-#: gives 14.8 KB against level 3's 14.7 KB at 0.6 of the CPU (1.2 against 2.0 µs per
-#: certificate), and the engine compresses every reply on its event loop.
+#: zstd level of compressed bodies. Level 1: on a SIGN_BATCH_RESULT of 50 HC1s it is within
+#: 1 % of level 3's size at about 0.6 of its CPU (bench/README.md), and the engine
+#: compresses every reply on its event loop.
 ZSTD_LEVEL = 1
 #: Containers nested in one body (the body map counts); deeper bodies are refused.
 MAX_DEPTH = 16
@@ -1295,7 +1295,7 @@ class Connection:
                 f"decompressed body of {size} bytes exceeds max_frame {self._max_frame}",
                 ErrorCode.FRAME_TOO_LARGE,
             )
-        # A decompressor per frame (~4 µs): one kept per connection would hold its context
+        # A decompressor per frame (a few µs): one kept per connection would hold its context
         # and window (megabytes after a large frame) for as long as the connection lives.
         dobj = zstandard.ZstdDecompressor().decompressobj()
         try:

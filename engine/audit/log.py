@@ -79,10 +79,9 @@ _MAX_TEXT = 1024  # client, account, operator, ... : identifiers, not documents
 #: builds the literals from each message's string tables, natively.
 CACHE_ENTRIES = 16_384
 _SEGMENT_RE = re.compile(r"segment-(\d{6,})\.log(\.zst)?")
-#: zstd level of closed segments. On keyd's segments (~100k issue records, 57 MB) level 1
-#: is both smaller and faster than 3: 0.263 of the size at 1.2 us per record against 0.296 at
-#: 2.9 us (zstandard 0.25, measured 2026-12-03); the compression thread's CPU comes out of the
-#: cores that sign.
+#: zstd level of closed segments. On keyd's segments level 1 is both smaller and faster than
+#: 3 (measured on a full segment: bench/README.md); the compression thread's CPU comes out of
+#: the cores that sign.
 _ZSTD_LEVEL = 1
 #: An fsync this slow (seconds) is counted and logged (see ``AuditLog._note_fsync``).
 SLOW_FSYNC = 0.1
@@ -1309,7 +1308,7 @@ class AuditLog:
             lines: list[bytes] = []
             # Hashing and formatting in one native call for each run of batches that share an
             # alg (keyd's micro-batch is one run whatever its number of parts), without the GIL
-            # when native: a call per part cost ~12 µs per part.
+            # when native: a call per part cost more than the part's own lines.
             for alg, same_alg in itertools.groupby(batches, key=lambda b: b.alg):
                 run = list(same_alg)
                 heads: list[bytes] = []

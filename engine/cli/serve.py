@@ -124,7 +124,7 @@ def cmd_serve(args: Any) -> int:
                 LOGGER.info("listening (%s) on %s", name, where)
             # What start-up built (code, tables, the keyd link, the dispatcher) lives as long
             # as the process: out of the cyclic GC's full collections, which then pause the
-            # event loop ~4 ms instead of ~17 (measured under load, 2026-12-03).
+            # event loop about a quarter as long (measured under load: bench/README.md).
             gc.freeze()
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for _ in signals:

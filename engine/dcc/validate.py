@@ -287,8 +287,8 @@ def _profile_for(ver: str) -> _Profile | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Shapes and fast predicates. Regular expressions are comparatively slow here (~0.3 µs per
-# fullmatch on the target machine), so the hot path prefers str methods where they are exact.
+# Shapes and fast predicates. A regular expression's fullmatch costs several times a str
+# method's test, so the hot path prefers str methods where they are exact.
 
 # fnt/gnt alphabet: `not s.strip(_TRANSLIT_CHARS)` is true exactly when every character of s
 # is in the set (strip removes them from both ends until it meets any other character).

@@ -126,9 +126,10 @@ SIGN_CHUNK = 32
 #: burst leaves no core idle). The burst target on the 2-vCPU machines this was sized on is 10 s
 #: at 0.75-1.0 x `openssl speed -multi 2 ecdsap256` (~110-120 k/s): 0.8-1.2 M signatures, all of
 #: them through one key when one DCC type dominates. This covers 10 s at up to ~105 k/s. An
-#: entry costs ~8 us of one core to make (bench/pool_refill.py), so a pool fills in ~9 s of
-#: one idle core. mlock of 64 MiB needs CAP_IPC_LOCK or a memlock limit above the default
-#: 8 MiB; without either the pool works unlocked and keyd says so (_log_pool).
+#: entry costs a fraction of a signature to make (bench/pool_refill.py and its results), so
+#: a pool fills in seconds of one idle core. mlock of 64 MiB needs CAP_IPC_LOCK or a memlock
+#: limit above the default 8 MiB; without either the pool works unlocked and keyd says so
+#: (_log_pool).
 DEFAULT_NONCE_POOL = 1 << 20
 #: The largest pool keyd gives a key when it runs on the pure-Python reference (the size the
 #: default was before the native refill got cheap; see Keyd._pool_size).
@@ -719,8 +720,8 @@ class Keyd:
                     batch.reasons[i] = problem
                 ok = array("I", (i for i in ok if i not in problems))
         # One chunk per signing thread: each chunk costs a hand-off to a worker and back.
-        # Unless the key's nonce pool holds a nonce for every item: then signing costs ~1 us
-        # each, less than the hand-off, and the whole batch is signed in this thread.
+        # Unless the key's nonce pool holds a nonce for every item: then a signature costs
+        # less than the hand-off, and the whole batch is signed in this thread.
         info = key.key.nonce_pool_info() if ok and _poolable(key.key) else None
         pooled = info is not None and info.level >= len(ok)
         step = len(ok) if pooled else max(SIGN_CHUNK, -(-len(ok) // self._workers))

@@ -58,9 +58,9 @@ DEFAULT_WINDOW = 0.001
 #: Payloads per keyd message: beyond this, larger messages only add latency.
 DEFAULT_MAX_BATCH = 512
 
-#: Micro-batches of at most this many certificates are HC1-encoded on the event loop
-#: (~14 µs each); larger ones in a worker thread, where the GIL is released (measured with
-#: single-certificate requests: the thread hop cost the loop more than the encoding).
+#: Micro-batches of at most this many certificates are HC1-encoded on the event loop; larger
+#: ones in a worker thread, where the GIL is released: with single-certificate requests the
+#: thread hop cost the loop more than the encoding (bench/README.md).
 INLINE_ENCODE = 4
 
 #: Per payload: the HC1 string, or keyd's refusal.

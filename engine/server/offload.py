@@ -151,7 +151,8 @@ async def encode_reply(*args: Any, single: bool = False) -> bytes:
     its threads never take the GIL (``src/jobpool.c``), so unlike :func:`run_native` the
     hand-off costs the event loop no GIL hand-over -- one submit, and one wake-up for
     however many jobs finish together. Its inputs must not change until it returns. Not
-    cancellable: a cancelled caller still waits for the body (~0.5 ms for 50 certificates).
+    cancellable: a cancelled caller still waits for the body (a fraction of a millisecond
+    for a frame of 50 certificates).
 
     Raises what ``encode_sign_batch_result`` raises for these arguments.
     """

@@ -1084,7 +1084,7 @@ class PolicyFile:
     (write a temporary file, then rename it over the old one) so that a half-written file is
     never seen; if one is, it is refused like any invalid file and re-read when it changes.
 
-    By default the re-read happens inside :meth:`current` (a small local file; ~100 µs).
+    By default the re-read happens inside :meth:`current` (a small local file).
     With ``reload_inline=False``, :meth:`current` never touches the file: the caller runs
     :meth:`refresh` every *interval_s* itself, from a worker thread (the engine does, so that
     a large or slow file never stalls its event loop). Files over
