@@ -1,4 +1,15 @@
-"""Engine exceptions. The CLI maps them to exit codes (3 invalid DCC, 4 key problem)."""
+"""The base of the engine's exceptions, and those that more than one room raises. The CLI maps
+them to exit codes (3 invalid DCC, 4 key problem).
+
+Every exception the ``dccsign`` package raises on purpose derives from :class:`DccSignError`
+(``tests/test_errors.py``); each room's own live beside its code, named for who caused it:
+the request (:class:`InvalidBatchError`, ``dcc.validate.DCCValidationError``, the policy's
+``PolicyError`` for its file), the keys (:class:`KeystoreError`, :class:`KeyProblem`,
+``keys.pkcs11.Pkcs11Error``), keyd (``keyd.client.KeydError``) or the audit log
+(``audit.log.AuditError``). The sans-IO protocol and the native core, which import nothing of
+the engine, have their own bases (``protocol.wire.WireProtocolError``,
+``native.errors.NativeError``).
+"""
 
 from __future__ import annotations
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import NoReturn
 
+from ..errors import DccSignError
+
 __all__ = [
     "EXIT_INVALID_DCC",
     "EXIT_INVALID_SIGNATURE",
@@ -29,7 +31,7 @@ EXIT_INVALID_DCC = 3
 EXIT_KEY = 4
 
 
-class CommandFailed(Exception):
+class CommandFailed(DccSignError):
     """A command stops with exit *code*; :func:`dccsign.cli.main.main` prints *message*."""
 
     def __init__(self, code: int, message: str = "") -> None:

@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Final
 
+from ..errors import DccSignError
 from .uvci import check_uvci
 from .valuesets import ValueSets, _Lookup
 
@@ -107,7 +108,7 @@ class Issue:
         return {"path": self.path, "rule": self.rule, "message": self.message}
 
 
-class DCCValidationError(ValueError):
+class DCCValidationError(DccSignError, ValueError):
     """A DCC was rejected. ``issues`` lists every problem found, in document order."""
 
     issues: tuple[Issue, ...]

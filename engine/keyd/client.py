@@ -9,6 +9,7 @@ import threading
 from collections.abc import Sequence
 
 from .. import native
+from ..errors import DccSignError
 from ..protocol.keyd import (
     NEED_DATA,
     Connection,
@@ -36,7 +37,7 @@ class KeyList(list[KeyInfo]):
     audit: str | None = None
 
 
-class KeydError(Exception):
+class KeydError(DccSignError):
     """keyd could not answer (connection lost, keyd stopping, protocol error).
 
     Attributes:

@@ -104,6 +104,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass, TokenFlag
 
 from .. import native
+from ..errors import DccSignError
 from ..native._cose_py import check_protected
 
 __all__ = [
@@ -130,7 +131,7 @@ _PIN_MAX: Final = 4096
 _SELF_TEST_PAYLOAD: Final = b"dccsign pkcs11 key self-test: not a CWT"
 
 
-class Pkcs11Error(Exception):
+class Pkcs11Error(DccSignError):
     """The token, the module or the PIN source cannot be used, or a key is refused.
 
     The message says why in words a security officer can act on. It never contains the PIN.
