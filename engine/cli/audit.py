@@ -204,7 +204,12 @@ def add_commands(subparsers: Any) -> None:
         epilog="Exit codes: 0 ok, 1 the log is broken, 2 usage, 4 file or key problem.",
     )
     asub = audit.add_subparsers(dest="audit_command", required=True, metavar="AUDIT_COMMAND")
+    _add_verify(asub)
+    _add_search(asub)
+    _add_revocations(asub)
 
+
+def _add_verify(asub: Any) -> None:
     p = asub.add_parser(
         "verify",
         help="check the hash chain and the signed checkpoints, report the first break",
@@ -237,6 +242,8 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_audit_verify)
 
+
+def _add_search(asub: Any) -> None:
     p = asub.add_parser(
         "search",
         help="list issuance records matching all given filters",
@@ -264,6 +271,8 @@ def add_commands(subparsers: Any) -> None:
     )
     p.set_defaults(func=cmd_audit_search)
 
+
+def _add_revocations(asub: Any) -> None:
     p = asub.add_parser(
         "revocations",
         help="the EU revocation hashes of everything one account issued",

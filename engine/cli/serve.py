@@ -25,6 +25,10 @@ __all__ = ["add_commands", "cmd_serve"]
 LOGGER = logging.getLogger("dccsign.serve")
 
 
+class _Usage(Exception):
+    """A combination of options ``dccsign serve`` cannot run with (exit 2)."""
+
+
 def cmd_serve(args: Any) -> int:
     """``dccsign serve``; returns the exit code."""
     from ..process import take_environ_secret
@@ -35,62 +39,21 @@ def cmd_serve(args: Any) -> int:
     passphrase = take_environ_secret()
     logging.basicConfig(level=logging.INFO, format="dccsign serve: %(levelname)s %(message)s")
     from ..errors import DccSignError
-    from ..keyd.client import KeydError
-    from ..server.devtls import ensure_dev_tls
 
     keyd_socket = getattr(args, "keyd_socket", None)
-    if args.keystore is None and (keyd_socket is None or args.policy is None or args.dev):
-        print(
-            "dccsign serve: error: give --keystore DIR (or --keyd-socket PATH and --policy FILE)",
-            file=sys.stderr,
-        )
-        return 2
-    if keyd_socket is not None and passphrase is not None:
-        LOGGER.warning(
-            "DCCSIGN_KEYSTORE_PASSPHRASE is not used with --keyd-socket (keyd has its own); "
-            "it was removed from this process's environment"
-        )
-        passphrase = None
-    policy = args.policy or args.keystore / "policy.json"
-    if args.unix is None and args.tcp is None:
-        print("dccsign serve: error: give --unix PATH and/or --tcp HOST:PORT", file=sys.stderr)
-        return 2
     try:
+        _check_options(args, keyd_socket)
+        if keyd_socket is not None and passphrase is not None:
+            LOGGER.warning(
+                "DCCSIGN_KEYSTORE_PASSPHRASE is not used with --keyd-socket (keyd has its own); "
+                "it was removed from this process's environment"
+            )
+            passphrase = None
+        policy = args.policy or args.keystore / "policy.json"
         if args.dev:
             _dev_setup(args.keystore, policy)
-        ssl_context = None
-        if args.tcp is not None:
-            if args.tls_cert is None and args.dev:
-                paths = ensure_dev_tls(args.keystore / "dev-tls")
-                cert, key, ca = paths["server_cert"], paths["server_key"], paths["ca"]
-                LOGGER.info("TLS: development CA and certificates in %s", paths["ca"].parent)
-            elif None in (args.tls_cert, args.tls_key, args.client_ca):
-                print(
-                    "dccsign serve: error: --tcp needs --tls-cert, --tls-key and --client-ca "
-                    "(or --dev)",
-                    file=sys.stderr,
-                )
-                return 2
-            else:
-                cert, key, ca = args.tls_cert, args.tls_key, args.client_ca
-            ssl_context = tls_server_context(cert, key, ca)
-        if not 0 <= args.batch_window <= 100:
-            print("dccsign serve: error: --batch-window must be 0..100 ms", file=sys.stderr)
-            return 2
-        if not 0 <= args.queue_target <= 60_000:
-            print("dccsign serve: error: --queue-target must be 0..60000 ms", file=sys.stderr)
-            return 2
-        limits = Limits(
-            max_batch=args.max_batch,
-            max_in_flight=args.max_in_flight,
-            max_connection_items=args.max_connection_items,
-            max_client_items=args.max_client_items,
-            max_pending_items=args.max_pending_items,
-            max_connections=args.max_connections,
-            deadline=args.deadline,
-            queue_target=args.queue_target / 1000,
-            idle_timeout=args.idle_timeout,
-        )
+        ssl_context = _tls_context(args)
+        limits = _limits(args)
         _raise_fd_limit(limits.max_connections)
         engine = Engine(
             args.keystore,
@@ -105,9 +68,67 @@ def cmd_serve(args: Any) -> int:
             passphrase=passphrase,
             keyd_socket=keyd_socket,
         )
+    except _Usage as exc:
+        print(f"dccsign serve: error: {exc}", file=sys.stderr)
+        return 2
     except (DccSignError, OSError, ssl.SSLError) as exc:
         print(f"dccsign serve: error: {exc}", file=sys.stderr)
         return 4
+    return _run(engine, args, ssl_context)
+
+
+def _check_options(args: Any, keyd_socket: Path | None) -> None:
+    """Raise :class:`_Usage` for options that cannot work together, before anything is
+    created."""
+    if args.keystore is None and (keyd_socket is None or args.policy is None or args.dev):
+        raise _Usage("give --keystore DIR (or --keyd-socket PATH and --policy FILE)")
+    if args.unix is None and args.tcp is None:
+        raise _Usage("give --unix PATH and/or --tcp HOST:PORT")
+    if (
+        args.tcp is not None
+        and not args.dev
+        and None in (args.tls_cert, args.tls_key, args.client_ca)
+    ):
+        raise _Usage("--tcp needs --tls-cert, --tls-key and --client-ca (or --dev)")
+    if not 0 <= args.batch_window <= 100:
+        raise _Usage("--batch-window must be 0..100 ms")
+    if not 0 <= args.queue_target <= 60_000:
+        raise _Usage("--queue-target must be 0..60000 ms")
+
+
+def _tls_context(args: Any) -> ssl.SSLContext | None:
+    """The server's TLS context for ``--tcp`` (the development material with ``--dev`` and
+    no ``--tls-cert``); None without ``--tcp``."""
+    from ..server.devtls import ensure_dev_tls
+
+    if args.tcp is None:
+        return None
+    if args.tls_cert is None and args.dev:
+        paths = ensure_dev_tls(args.keystore / "dev-tls")
+        LOGGER.info("TLS: development CA and certificates in %s", paths["ca"].parent)
+        return tls_server_context(paths["server_cert"], paths["server_key"], paths["ca"])
+    if None in (args.tls_cert, args.tls_key, args.client_ca):
+        raise _Usage("--tcp needs --tls-cert, --tls-key and --client-ca (or --dev)")
+    return tls_server_context(args.tls_cert, args.tls_key, args.client_ca)
+
+
+def _limits(args: Any) -> Limits:
+    return Limits(
+        max_batch=args.max_batch,
+        max_in_flight=args.max_in_flight,
+        max_connection_items=args.max_connection_items,
+        max_client_items=args.max_client_items,
+        max_pending_items=args.max_pending_items,
+        max_connections=args.max_connections,
+        deadline=args.deadline,
+        queue_target=args.queue_target / 1000,
+        idle_timeout=args.idle_timeout,
+    )
+
+
+def _run(engine: Engine, args: Any, ssl_context: ssl.SSLContext | None) -> int:
+    """Run *engine* until SIGTERM or SIGINT, then drain; the exit code."""
+    from ..errors import DccSignError
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -134,11 +155,11 @@ def cmd_serve(args: Any) -> int:
 
     try:
         trio.run(main)
-    except (DccSignError, KeydError) as exc:
+    except DccSignError as exc:  # KeydError among them
         print(f"dccsign serve: error: {exc}", file=sys.stderr)
         return 4
     except BaseExceptionGroup as group:  # trio's nurseries wrap what keyd's start raised
-        known, other = group.split((DccSignError, KeydError))
+        known, other = group.split(DccSignError)
         if known is None or other is not None:
             raise
         while isinstance(known, BaseExceptionGroup):
