@@ -72,6 +72,7 @@ from typing import Any, ClassVar
 import cbor2
 
 from . import cborlimits
+from .sentinels import NEED_DATA, NeedData
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
@@ -145,15 +146,6 @@ class ItemError(enum.IntEnum):
 
 #: Item errors a caller may retry unchanged (the condition is keyd's, not the request's).
 RETRYABLE = frozenset({ItemError.AUDIT_UNAVAILABLE, ItemError.INTERNAL})
-
-
-class _Need:
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-#: Returned by :meth:`Connection.next_event` when more bytes are needed.
-NEED_DATA: Any = _Need()
 
 
 # ----------------------------------------------------------------------------- messages
@@ -880,7 +872,7 @@ class Connection:
             self._closed = True
         self._buf += data
 
-    def next_event(self) -> Message | Any | None:
+    def next_event(self) -> Message | NeedData | None:
         buf = self._buf
         if len(buf) < HEADER.size:
             if self._closed:

@@ -55,6 +55,7 @@ import zstandard
 
 from . import cborlimits
 from .codes import RETRYABLE, ErrorCode
+from .sentinels import NEED_DATA, NeedData
 
 __all__ = [
     "CLIENT",
@@ -223,15 +224,6 @@ class State(enum.Enum):
     OPEN = "open"  # handshake done
     CLOSED = "closed"  # the peer ended the stream cleanly (we may still send)
     ERROR = "error"  # the peer broke the protocol, or a fatal ERROR was produced
-
-
-class _Need:
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-#: Returned by :meth:`Connection.next_event` when more bytes are needed.
-NEED_DATA: Any = _Need()
 
 
 @dataclass(frozen=True, slots=True)
@@ -1109,7 +1101,7 @@ class Connection:
         start of the next (a receiver bounds what partial frames may hold in total)."""
         return len(self._buf)
 
-    def next_event(self) -> Event | Any | None:
+    def next_event(self) -> Event | NeedData | None:
         """The next event, :data:`NEED_DATA`, or None once the peer has closed cleanly.
 
         The same as :meth:`next_frame` followed by :meth:`decode_frame`.
@@ -1122,7 +1114,7 @@ class Connection:
             return frame
         return self.decode_frame(frame)
 
-    def next_frame(self) -> Frame | Any | None:
+    def next_frame(self) -> Frame | NeedData | None:
         """The next complete frame whose header passes the rules (frame type, direction,
         request id order, size), with its body not yet decoded; :data:`NEED_DATA`; or None
         once the peer has closed cleanly. Pass the frame to :meth:`decode_frame` before asking
