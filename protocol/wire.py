@@ -855,77 +855,119 @@ def _key_body(k: KeyInfo) -> dict[str, Any]:
     }
 
 
+def _write_hello(ev: Hello, check_dcc: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "versions": list(ev.versions),
+        "max_frame": ev.max_frame,
+        "compression": list(ev.compression),
+    }
+    if ev.agent is not None:
+        body["agent"] = ev.agent
+    return body
+
+
+def _write_welcome(ev: Welcome, check_dcc: bool) -> dict[str, Any]:
+    return {
+        "version": ev.version,
+        "max_frame": ev.max_frame,
+        "max_batch": ev.max_batch,
+        "max_in_flight": ev.max_in_flight,
+        "compression": ev.compression,
+        "server": ev.server,
+    }
+
+
+def _write_ping(ev: Ping | Pong, check_dcc: bool) -> dict[str, Any]:
+    return {"data": ev.data}
+
+
+def _write_sign(ev: Sign, check_dcc: bool) -> dict[str, Any]:
+    try:
+        return _item_body(ev.item, check_dcc)
+    except _Invalid as exc:
+        raise _located(exc, "SIGN") from None
+
+
+def _write_sign_batch(ev: SignBatch, check_dcc: bool) -> dict[str, Any]:
+    items = list(ev.items)
+    try:
+        return {"items": [_item_body(it, check_dcc) for it in items]}
+    except _Invalid:
+        for i, it in enumerate(items):  # the fast path failed: find the item to name
+            try:
+                _item_body(it, check_dcc)
+            except _Invalid as exc:
+                raise _located(exc, f"SIGN_BATCH.items[{i}]") from None
+        raise  # pragma: no cover
+
+
+def _write_sign_result(ev: SignResult, check_dcc: bool) -> dict[str, Any]:
+    try:
+        return _result_body(ev.result)
+    except _Invalid as exc:
+        raise _located(exc, "SIGN_RESULT") from None
+
+
+def _write_sign_batch_result(ev: SignBatchResult, check_dcc: bool) -> dict[str, Any]:
+    results = list(ev.results)
+    for i, r in enumerate(results):
+        try:
+            results[i] = _result_body(r)
+        except _Invalid as exc:
+            raise _located(exc, f"SIGN_BATCH_RESULT.results[{i}]") from None
+    return {"results": results}
+
+
+def _write_list_keys(ev: ListKeys, check_dcc: bool) -> dict[str, Any]:
+    return {}
+
+
+def _write_keys(ev: Keys, check_dcc: bool) -> dict[str, Any]:
+    keys = list(ev.keys)
+    for i, k in enumerate(keys):
+        try:
+            keys[i] = _key_body(k)
+        except _Invalid as exc:
+            raise _located(exc, f"KEYS.keys[{i}]") from None
+    return {"keys": keys}
+
+
+def _write_goaway(ev: GoAway, check_dcc: bool) -> dict[str, Any]:
+    return {"last_request_id": ev.last_request_id, "reason": ev.reason}
+
+
+def _write_error(ev: Error, check_dcc: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {"code": _code_out(ev.code), "message": ev.message}
+    if ev.retry_after_ms is not None:
+        body["retry_after_ms"] = ev.retry_after_ms
+    if ev.fatal is not False:
+        body["fatal"] = ev.fatal
+    return body
+
+
+#: The body of each event type as sent: the writers that pair with the readers of _DECODE.
+_WRITE: dict[type, Callable[[Any, bool], dict[str, Any]]] = {
+    Hello: _write_hello,
+    Welcome: _write_welcome,
+    Ping: _write_ping,
+    Pong: _write_ping,
+    Sign: _write_sign,
+    SignBatch: _write_sign_batch,
+    SignResult: _write_sign_result,
+    SignBatchResult: _write_sign_batch_result,
+    ListKeys: _write_list_keys,
+    Keys: _write_keys,
+    GoAway: _write_goaway,
+    Error: _write_error,
+}
+
+
 def _body_of(ev: Any, check_dcc: bool) -> dict[str, Any]:
-    t = type(ev)
-    if t is Hello:
-        body: dict[str, Any] = {
-            "versions": list(ev.versions),
-            "max_frame": ev.max_frame,
-            "compression": list(ev.compression),
-        }
-        if ev.agent is not None:
-            body["agent"] = ev.agent
-        return body
-    if t is Welcome:
-        return {
-            "version": ev.version,
-            "max_frame": ev.max_frame,
-            "max_batch": ev.max_batch,
-            "max_in_flight": ev.max_in_flight,
-            "compression": ev.compression,
-            "server": ev.server,
-        }
-    if t is Ping or t is Pong:
-        return {"data": ev.data}
-    if t is Sign:
-        try:
-            return _item_body(ev.item, check_dcc)
-        except _Invalid as exc:
-            raise _located(exc, "SIGN") from None
-    if t is SignBatch:
-        items = list(ev.items)
-        try:
-            return {"items": [_item_body(it, check_dcc) for it in items]}
-        except _Invalid:
-            for i, it in enumerate(items):
-                try:
-                    _item_body(it, check_dcc)
-                except _Invalid as exc:
-                    raise _located(exc, f"SIGN_BATCH.items[{i}]") from None
-            raise  # pragma: no cover
-    if t is SignResult:
-        try:
-            return _result_body(ev.result)
-        except _Invalid as exc:
-            raise _located(exc, "SIGN_RESULT") from None
-    if t is SignBatchResult:
-        results = list(ev.results)
-        for i, r in enumerate(results):
-            try:
-                results[i] = _result_body(r)
-            except _Invalid as exc:
-                raise _located(exc, f"SIGN_BATCH_RESULT.results[{i}]") from None
-        return {"results": results}
-    if t is ListKeys:
-        return {}
-    if t is Keys:
-        keys = list(ev.keys)
-        for i, k in enumerate(keys):
-            try:
-                keys[i] = _key_body(k)
-            except _Invalid as exc:
-                raise _located(exc, f"KEYS.keys[{i}]") from None
-        return {"keys": keys}
-    if t is GoAway:
-        return {"last_request_id": ev.last_request_id, "reason": ev.reason}
-    if t is Error:
-        body = {"code": _code_out(ev.code), "message": ev.message}
-        if ev.retry_after_ms is not None:
-            body["retry_after_ms"] = ev.retry_after_ms
-        if ev.fatal is not False:
-            body["fatal"] = ev.fatal
-        return body
-    raise _Invalid(f"not a wire event: {t.__name__}", ErrorCode.PROTOCOL)
+    """The CBOR body of event *ev* (*check_dcc*: a client checks the DCCs it sends)."""
+    write = _WRITE.get(type(ev))
+    if write is None:
+        raise _Invalid(f"not a wire event: {type(ev).__name__}", ErrorCode.PROTOCOL)
+    return write(ev, check_dcc)
 
 
 # ----------------------------------------------------------------------------- CBOR
