@@ -154,10 +154,14 @@ KID_SIZE = 8
 class WireProtocolError(Exception):
     """The exchange broke the protocol. ``code`` is the :class:`ErrorCode` to report.
 
-    ``request_id`` is the id of the frame concerned when there is one (else 0).
+    ``request_id`` is the id of the frame concerned when there is one (else 0). Only its two
+    kinds are raised, which say who broke it (as in h11): :class:`LocalProtocolError` (we) and
+    :class:`RemoteProtocolError` (the peer); catch this class to handle both.
     """
 
     def __init__(self, message: str, code: ErrorCode = ErrorCode.PROTOCOL, request_id: int = 0):
+        if type(self) is WireProtocolError:
+            raise TypeError("raise LocalProtocolError or RemoteProtocolError, not the base")
         super().__init__(message)
         self.code = code
         self.request_id = request_id

@@ -1312,3 +1312,12 @@ def test_note_sent_records_pre_encoded_requests():
         client.note_sent(4)
     with pytest.raises(LocalProtocolError):
         server.note_sent(9)
+
+
+def test_a_protocol_error_says_who_broke_the_protocol():
+    with pytest.raises(TypeError, match="LocalProtocolError or RemoteProtocolError"):
+        wire.WireProtocolError("bare")
+    for kind in (wire.LocalProtocolError, wire.RemoteProtocolError):
+        exc = kind("why", ErrorCode.BAD_REQUEST, 7)
+        assert isinstance(exc, wire.WireProtocolError)
+        assert (str(exc), exc.code, exc.request_id) == ("why", ErrorCode.BAD_REQUEST, 7)
