@@ -96,6 +96,7 @@ zlib_compress = _impl.zlib_compress
 zlib_decompress = _impl.zlib_decompress
 small_deflate = _impl.small_deflate
 SigningKey = _impl.SigningKey
+check_protected = _impl.check_protected
 hc1_encode = _impl.hc1_encode
 hc1_sign = _impl.hc1_sign
 cwt_facts = _impl.cwt_facts

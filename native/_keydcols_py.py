@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import operator
-import struct
 from array import array
 from collections.abc import Sequence
 from itertools import islice
@@ -30,6 +29,7 @@ from ._audit_py import audit_issue_groups
 from ._cwt_py import UVCI_MAX, _Shape, facts_and_ci
 from ._types import ES256, PS256
 from .errors import CoseFormatError
+from .layout import FACT, unpack_facts
 
 __all__ = [
     "FACT",
@@ -40,9 +40,6 @@ __all__ = [
     "unpack_facts",
 ]
 
-#: One item's packed facts (native byte order, no padding): iss, type, len(ci), offset of ci
-#: in the payload, exp, iat. An item refused before its payload was read has all zeros.
-FACT = struct.Struct("=2scBIqq")
 _ZERO_FACT = bytes(FACT.size)
 MAX_TEXT = 1024
 
@@ -192,12 +189,6 @@ def keyd_check_columns(
                 continue
         facts += _ZERO_FACT
     return codes, bytes(facts), malformed
-
-
-def unpack_facts(facts: bytes, i: int) -> tuple[str, str, int, int, int, int]:
-    """Item *i*'s facts: (iss, type, len(ci), offset of ci, exp, iat)."""
-    iss, t, ci_len, ci_off, exp, iat = FACT.unpack_from(facts, i * FACT.size)
-    return iss.decode("latin-1"), t.decode("latin-1"), ci_len, ci_off, exp, iat
 
 
 #: The messages of a bad table entry (both implementations format these).

@@ -7,7 +7,13 @@ implements too, with the same exceptions.
 from ..protocol.cborlimits import scan as cbor_scan
 from ._audit_py import MAX_UVCI_CHARS, audit_issue_groups, audit_issue_lines
 from ._base45_py import b45decode, b45encode
-from ._cose_py import protected_header, sig_structure, sign1_decode, sign1_encode
+from ._cose_py import (
+    check_protected,
+    protected_header,
+    sig_structure,
+    sign1_decode,
+    sign1_encode,
+)
 from ._cwt_py import cwt_facts
 from ._dccvalidate_py import (
     DccRules,
@@ -50,6 +56,7 @@ __all__ = [
     "b45decode",
     "b45encode",
     "cbor_scan",
+    "check_protected",
     "cwt_facts",
     "dcc_validator_stats",
     "encode_sign_batch_result",

@@ -37,7 +37,8 @@ from typing import Any
 import cbor2
 
 from ._nfc_table import UNSTABLE
-from ._walker_py import DCC_LEN, DCC_OFF, NFIELDS, BatchView
+from ._walker_py import BatchView
+from .layout import DCC_LEN, DCC_OFF, NFIELDS, NO_PAYLOAD
 
 __all__ = [
     "NO_PAYLOAD",
@@ -46,9 +47,6 @@ __all__ = [
     "is_canonical",
     "splice_payloads",
 ]
-
-#: ``prefix_of`` value of an item that gets no payload (refused before signing).
-NO_PAYLOAD = 0xFFFFFFFF
 
 
 @dataclass(frozen=True, slots=True)

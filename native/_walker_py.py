@@ -52,6 +52,23 @@ from typing import Any
 import cbor2
 
 from ..protocol import cborlimits, wire
+from .layout import (  # the column layout (walker.h), named here for the walker's readers
+    ACCOUNT_LEN,
+    ACCOUNT_OFF,
+    DCC_LEN,
+    DCC_OFF,
+    FLAG_ACCOUNT_NON_ASCII,
+    FLAG_KEY_TEXT,
+    FLAG_OPERATOR_NON_ASCII,
+    FLAGS,
+    KEY_LEN,
+    KEY_OFF,
+    KID_OFF,
+    NFIELDS,
+    OPERATOR_LEN,
+    OPERATOR_OFF,
+    VALIDITY,
+)
 
 __all__ = [
     "ACCOUNT_LEN",
@@ -73,19 +90,6 @@ __all__ = [
     "check_walk_arguments",
     "walk_sign_batch",
 ]
-
-# The column layout: the same numbers as walker.h.
-DCC_OFF, DCC_LEN = 0, 1
-ACCOUNT_OFF, ACCOUNT_LEN = 2, 3
-OPERATOR_OFF, OPERATOR_LEN = 4, 5
-KID_OFF = 6
-VALIDITY = 7
-KEY_OFF, KEY_LEN = 8, 9
-FLAGS = 10
-NFIELDS = 11
-FLAG_KEY_TEXT = 0x1
-FLAG_ACCOUNT_NON_ASCII = 0x2
-FLAG_OPERATOR_NON_ASCII = 0x4
 
 #: Offsets are uint32 and the view may hold up to twice the body: bodies stay below this.
 MAX_BODY = 0x7FFFFFFF

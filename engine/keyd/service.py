@@ -80,7 +80,7 @@ from ..dcc.verify import loads_exact
 from ..keys.keystore import Keystore
 from ..keys.storage import JOURNAL, atomic_write, journal_events
 from ..native import CwtFacts, Spans
-from ..native._keydcols_py import unpack_facts
+from ..native.layout import unpack_facts
 from ..process import name_this_thread
 from ..protocol.keyd import (
     ColumnsResult,

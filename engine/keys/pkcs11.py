@@ -105,7 +105,6 @@ from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass, To
 
 from .. import native
 from ..errors import DccSignError
-from ..native._cose_py import check_protected
 
 __all__ = [
     "Pkcs11Error",
@@ -868,7 +867,7 @@ class Pkcs11SigningKey:
             TypeError: a payload is not ``bytes``.
             Pkcs11Error: the token is closed, was opened in another process, or failed.
         """
-        check_protected(self.alg, protected)
+        native.check_protected(self.alg, protected)
         items = tuple(payloads)
         for i, p in enumerate(items):
             if type(p) is not bytes:

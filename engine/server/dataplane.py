@@ -35,8 +35,8 @@ import cbor2
 from .. import native
 from ..dcc.issuer import nfc_names
 from ..dcc.validate import DCCValidationError
-from ..native import _walker_py as W
-from ..native._splice_py import NO_PAYLOAD
+from ..native import layout as W
+from ..native.layout import NO_PAYLOAD
 from ..protocol.codes import ErrorCode
 from ..protocol.wire import ItemResult
 from .offload import encode_reply, run_native

@@ -45,7 +45,7 @@ from ..dcc.validate import DCCValidationError, validate
 from ..dcc.valuesets import ValueSets
 from ..errors import KeyProblem
 from ..keyd.client import KeydError
-from ..native import _walker_py as W
+from ..native import layout as W
 from ..protocol.codes import ErrorCode
 from ..protocol.keyd import KeydColumns
 from ..protocol.wire import ItemResult, SignItem
