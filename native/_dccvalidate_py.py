@@ -335,11 +335,12 @@ def _nfc_inert_bitmap() -> bytes:
 
 
 def _render(prefix: str, buf: bytes, key_off: int) -> str:
-    """dcc._child of the map key whose CBOR item starts at key_off (slow path only)."""
-    from ..dcc.validate import _child
+    """:func:`dccsign.dcc.validate.child_path` of the map key whose CBOR item starts at key_off
+    (slow path only)."""
+    from ..dcc.validate import child_path
 
     key = cbor2.CBORDecoder(io.BytesIO(buf[key_off:])).decode(immutable=True)
-    return _child(prefix, key)
+    return child_path(prefix, key)
 
 
 def _settle(

@@ -161,3 +161,35 @@ def test_every_product_module_imports_without_the_bench_extra() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["imported", str(len(product))]
+
+
+def _room(name: str) -> str:
+    parts = name.split(".")
+    return ".".join(parts[:2]) if len(parts) > 1 else name
+
+
+def test_no_room_reaches_into_another_rooms_private_names() -> None:
+    """A room uses another's public names only: no ``_module`` and no ``_name`` across
+    rooms (a room being a package under dccsign, or a top-level module of it)."""
+    offenders = []
+    for name, path in MODULES.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.ImportFrom) or node.module == "__future__":
+                continue
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1])
+                base = f"{base}.{node.module}" if node.module else base
+            else:
+                base = node.module or ""
+            if not base.startswith("dccsign"):
+                continue
+            for alias in node.names:
+                target = f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base
+                if _room(target) == _room(name):
+                    continue
+                private_module = any(p.startswith("_") for p in target.split(".")[1:])
+                if private_module or alias.name.startswith("_"):
+                    offenders.append(f"{name}: from {base} import {alias.name}")
+    assert offenders == []

@@ -57,7 +57,7 @@ from ..errors import DccSignError
 from .uvci import check_uvci
 from .valuesets import ValueSets, _Lookup
 
-__all__ = ["DOSE_MAX", "RULES", "DCCValidationError", "Issue", "validate"]
+__all__ = ["DOSE_MAX", "RULES", "DCCValidationError", "Issue", "child_path", "validate"]
 
 #: Every rule id an :class:`Issue` can carry.
 RULES: Final = frozenset(
@@ -350,7 +350,7 @@ def _kind(value: object) -> str:
     return f"Python {type(value).__name__}"
 
 
-def _child(prefix: str, key: object) -> str:
+def child_path(prefix: str, key: object) -> str:
     """JSON path of ``key`` below ``prefix``: dotted for short identifiers, else a bracket form
     (truncated, so that a huge key cannot make a huge issue)."""
     if isinstance(key, str) and len(key) <= 40 and _IDENT_RE.fullmatch(key):
@@ -395,7 +395,7 @@ def _unknown_fields(
             message = "dr (test result time) exists only in schemas 1.0.x and 1.1.x"
         else:
             message = f"unknown field {_short(key)}: a {where} object may only hold {names}"
-        issues.append(Issue(_child(prefix, key), "unknown-field", message))
+        issues.append(Issue(child_path(prefix, key), "unknown-field", message))
 
 
 def _text(
