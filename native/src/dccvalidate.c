@@ -637,7 +637,8 @@ static void add2(vctx *c, int rule, const char *prefix, const char *key)
     add(c, rule, path, 0);
 }
 
-/* Identifier keys of at most 40 characters print as .key (dcc._child); others by reference. */
+/* Identifier keys of at most 40 characters print as .key (dcc.validate.child_path); others
+ * by reference. */
 static int ident_key(const str_t *k)
 {
     if (k->n == 0 || k->n > 40)

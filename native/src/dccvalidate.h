@@ -54,7 +54,7 @@ typedef struct {
     uint8_t rule;
     /* key_off != 0: the path is `path` followed by the child of the map key whose CBOR item
      * starts at key_off (a key that is not a short identifier: the caller renders it the way
-     * dcc._child does); otherwise `path` is the whole JSON path. */
+     * dcc.validate.child_path does); otherwise `path` is the whole JSON path. */
     uint32_t key_off;
     char path[DV_PATH_MAX];
 } dv_issue;
