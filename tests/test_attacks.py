@@ -15,6 +15,9 @@ import shutil
 import socket
 import ssl
 import struct
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 import urllib.request
@@ -49,9 +52,33 @@ def _rss(pid):
     raise RuntimeError("no VmRSS")
 
 
+#: The legitimate client of :class:`Watch`, in a process of its own (as a portal is): in the
+#: test process it would share the GIL with the attacking threads and measure them, not the
+#: engine. Signs every 0.2 s until its standard input closes; prints [latency, failure]s.
+LEGIT_CLIENT = textwrap.dedent("""
+    import json, select, sys, time
+    from dccsign.protocol.clients.blocking import Client
+    from dccsign.testing.samples import sample
+    out, n = [], 0
+    while not select.select([sys.stdin], [], [], 0)[0]:
+        n += 1
+        started, failure = time.monotonic(), None
+        try:
+            with Client(sys.argv[1], retries=0, timeout=10) as c:
+                r = c.sign(sample("vtr"[n % 3]), account=f"uzi:legit{n % 50}")
+            if not r.ok:
+                failure = f"{r.error!r}: {r.message}"
+        except Exception as exc:
+            failure = repr(exc)
+        out.append([time.monotonic() - started, failure])
+        time.sleep(0.2)
+    json.dump(out, sys.stdout)
+""")
+
+
 class Watch:
-    """While an attack runs: the engine's peak RSS, and a legitimate client signing every
-    0.2 s (each request's latency and outcome)."""
+    """While an attack runs: the engine's peak RSS, and a legitimate client (another process)
+    signing every 0.2 s (each request's latency and outcome)."""
 
     def __init__(self, engine):
         self.engine = engine
@@ -59,40 +86,31 @@ class Watch:
         self.latencies = []
         self.failures = []
         self._stop = threading.Event()
-        self._threads = [
-            threading.Thread(target=self._sample, daemon=True),
-            threading.Thread(target=self._legit, daemon=True),
-        ]
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._legit = None
 
     def _sample(self):
         while not self._stop.is_set():
             self.peak = max(self.peak, _rss(self.engine.proc.pid))
             time.sleep(0.05)
 
-    def _legit(self):
-        n = 0
-        while not self._stop.is_set():
-            n += 1
-            started = time.monotonic()
-            try:
-                with self.engine.client(retries=0, timeout=10) as c:
-                    r = c.sign(sample("vtr"[n % 3]), account=f"uzi:legit{n % 50}")
-                if not r.ok:
-                    self.failures.append(f"{r.error!r}: {r.message}")
-            except Exception as exc:  # reported by check()
-                self.failures.append(repr(exc))
-            self.latencies.append(time.monotonic() - started)
-            time.sleep(0.2)
-
     def __enter__(self):
-        for t in self._threads:
-            t.start()
+        self._legit = subprocess.Popen(
+            [sys.executable, "-c", LEGIT_CLIENT, f"unix:{self.engine.sock}"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        self._sampler.start()
         return self
 
     def __exit__(self, *exc):
         self._stop.set()
-        for t in self._threads:
-            t.join(30)
+        self._sampler.join(30)
+        out, _ = self._legit.communicate(b"stop", timeout=60)
+        for latency, failure in json.loads(out):
+            self.latencies.append(latency)
+            if failure is not None:
+                self.failures.append(failure)
 
     def check(self):
         # For the record (pytest -rP, or -s): what docs/security.md quotes.
