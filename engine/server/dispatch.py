@@ -21,6 +21,7 @@ An idempotency key makes a retry return the first result instead of a second sig
 from __future__ import annotations
 
 import collections
+import dataclasses
 import datetime as dt
 import enum
 import hashlib
@@ -75,6 +76,16 @@ class Seen(enum.Enum):
     CONFLICT = "conflict"
 
 
+@dataclasses.dataclass(slots=True)
+class _Entry:
+    """One idempotency key's first attempt."""
+
+    fingerprint: bytes  # of the item it was used for (IdempotencyCache.fingerprint)
+    result: ItemResult | None  # its success, once there is one
+    ended: trio.Event  # set when the first attempt ends, however
+    since: float  # when the key was first seen (the clock's time)
+
+
 class IdempotencyCache:
     """First results by (client, idempotency key), bounded in size and age.
 
@@ -88,7 +99,7 @@ class IdempotencyCache:
         self.capacity = capacity
         self.ttl = ttl
         self.clock = clock
-        self._entries: collections.OrderedDict[tuple[str, str, bytes], list[Any]] = (
+        self._entries: collections.OrderedDict[tuple[str, str, bytes], _Entry] = (
             collections.OrderedDict()
         )
 
@@ -115,19 +126,19 @@ class IdempotencyCache:
         key = (client, item.account, _key_bytes(item.idempotency_key))
         entry = self._entries.get(key)
         now = self.clock()
-        if entry is not None and now - entry[3] > self.ttl:
+        if entry is not None and now - entry.since > self.ttl:
             del self._entries[key]
             entry = None
         if entry is None:
-            self._entries[key] = [self.fingerprint(item), None, trio.Event(), now]
+            self._entries[key] = _Entry(self.fingerprint(item), None, trio.Event(), now)
             while len(self._entries) > self.capacity:
                 self._entries.popitem(last=False)
             return Seen.NEW, None
-        if entry[0] != self.fingerprint(item):
+        if entry.fingerprint != self.fingerprint(item):
             return Seen.CONFLICT, None
-        if entry[1] is not None:
-            return Seen.DONE, entry[1]
-        return Seen.IN_PROGRESS, entry[2]
+        if entry.result is not None:
+            return Seen.DONE, entry.result
+        return Seen.IN_PROGRESS, entry.ended
 
     def finish(self, client: str, item: SignItem, result: ItemResult) -> None:
         key = (client, item.account, _key_bytes(item.idempotency_key))
@@ -135,14 +146,14 @@ class IdempotencyCache:
         if entry is None:
             return
         if result.ok:
-            entry[1] = result
+            entry.result = result
         else:
             del self._entries[key]
-        entry[2].set()
+        entry.ended.set()
 
     def result(self, client: str, item: SignItem) -> ItemResult | None:
         entry = self._entries.get((client, item.account, _key_bytes(item.idempotency_key)))
-        return None if entry is None else entry[1]
+        return None if entry is None else entry.result
 
 
 def _key_bytes(key: bytes | str | None) -> bytes:
