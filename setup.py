@@ -50,6 +50,7 @@ setup(
         "dccsign.native",
         "dccsign.protocol",
         "dccsign.protocol.clients",
+        "dccsign.protocol.wire",
         "dccsign.bench",
     ],
     package_dir={

@@ -58,7 +58,7 @@ class Frame:
             wire.SignItem(d, f"uzi:9000{i % 7}", kid=KIDS[i % 2], validity_days=365)
             for i, d in enumerate(dccs)
         )
-        self.body = cbor2.dumps(wire._body_of(wire.SignBatch(1, items), check_dcc=True))
+        self.body = cbor2.dumps(wire.bodies.body_of(wire.SignBatch(1, items), check_dcc=True))
         self.max_batch = max(n, 100)
         self.limit = wire.body_item_limit(self.max_batch)
         self.items = items
@@ -95,8 +95,8 @@ def _open_server(max_batch: int, compression: tuple[str, ...] = ("zstd",)) -> wi
 
 
 def decode_today(f: Frame) -> object:
-    value = wire._decode_cbor(f.body, native.cbor_scan, f.limit)
-    return wire._dec_sign_batch(1, value, f.max_batch)
+    value = wire.bodies.decode_cbor(f.body, native.cbor_scan, f.limit)
+    return wire.bodies.read_sign_batch(1, value, f.max_batch)
 
 
 def walk_native(f: Frame) -> object:
@@ -286,7 +286,7 @@ def slow_share(count: int, batch: int) -> dict:
     for start in range(0, count, batch):
         part = dccs[start : start + batch]
         items = tuple(wire.SignItem(d, "uzi:1") for d in part)
-        body = cbor2.dumps(wire._body_of(wire.SignBatch(1, items), check_dcc=True))
+        body = cbor2.dumps(wire.bodies.body_of(wire.SignBatch(1, items), check_dcc=True))
         view = nat.walk_sign_batch(body, batch)
         spliced = nat.splice_payloads(view, [b"\xa0"], array.array("I", [0] * view.count))
         slow += spliced.slow

@@ -104,7 +104,7 @@ def check_reply_arguments(
 def refusal_map(refusal: Any) -> dict[str, Any]:
     """The result map of a refused item, as ``send`` builds it (wire ``_result_body``)."""
     code, message, retry = refusal
-    body: dict[str, Any] = {"error": wire._code_out(code), "message": message}
+    body: dict[str, Any] = {"error": wire.bodies.code_out(code), "message": message}
     if retry is not None:
         body["retry_after_ms"] = retry
     return body
@@ -114,10 +114,10 @@ def first_bad_refusal(refusals: Mapping[int, Any], single: bool) -> tuple[int, s
     """(index, send's message) of the first refused item ``send`` would refuse to send."""
     for i in sorted(refusals):
         try:
-            wire._result(refusal_map(refusals[i]))
-        except wire._Invalid as exc:
+            wire.bodies.read_result(refusal_map(refusals[i]))
+        except wire.errors.Invalid as exc:
             where = "SIGN_RESULT" if single else f"SIGN_BATCH_RESULT.results[{i}]"
-            return i, str(wire._located(exc, where))
+            return i, str(wire.bodies.located(exc, where))
     return None
 
 

@@ -167,12 +167,12 @@ def walk_sign_batch(body: bytes, max_batch: int, *, single: bool = False) -> Bat
     """
     check_walk_arguments(body, max_batch)
     try:
-        value = wire._decode_cbor(body, cborlimits.scan, wire.body_item_limit(max_batch))
+        value = wire.bodies.decode_cbor(body, cborlimits.scan, wire.body_item_limit(max_batch))
         if single:
-            wire._dec_sign(0, value, max_batch)
+            wire.bodies.read_sign(0, value, max_batch)
         else:
-            wire._dec_sign_batch(0, value, max_batch)
-    except wire._Invalid as exc:
+            wire.bodies.read_sign_batch(0, value, max_batch)
+    except wire.errors.Invalid as exc:
         raise wire.BodyError(str(exc), exc.code) from None
     return _spans(body, single)
 

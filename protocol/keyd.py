@@ -64,10 +64,10 @@ import operator as _op
 import struct
 import sys
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import cbor2
 
@@ -639,48 +639,59 @@ def _part_body(client: str, account: str, operator: str | None, payloads: Any) -
     return body
 
 
-def _body(msg: Message) -> dict[str, Any]:
-    if isinstance(msg, Describe):
-        return {}
-    if isinstance(msg, DescribeResult):
-        return {
-            "keys": [
-                {
-                    "kid": k.kid,
-                    "alg": k.alg,
-                    "usages": list(k.usages),
-                    "state": k.state,
-                    "dsc": k.dsc,
-                    **(
-                        {"pool": {f: getattr(k.pool, f) for f in _POOL_FIELDS}}
-                        if k.pool is not None
-                        else {}
-                    ),
-                }
-                for k in msg.keys
-            ],
-            **({"audit": msg.audit} if msg.audit is not None else {}),
-        }
-    if isinstance(msg, Sign):
-        return {"kid": msg.kid, **_part_body(msg.client, msg.account, msg.operator, msg.payloads)}
-    if isinstance(msg, SignMany):
-        return {
-            "kid": msg.kid,
-            "parts": [_part_body(p.client, p.account, p.operator, p.payloads) for p in msg.parts],
-        }
-    if isinstance(msg, SignColumns):
-        return _columns_body(msg.kid, msg.columns)
-    if isinstance(msg, ColumnsResult):
-        return _result_body(msg)
-    if isinstance(msg, SignKids):
-        return {"batches": [_columns_body(b.kid, b.columns) for b in msg.batches]}
-    if isinstance(msg, KidsResult):
-        return {"results": [_result_body(r) for r in msg.results]}
-    if isinstance(msg, SignResult):
-        return {"results": [r if isinstance(r, bytes) else [int(r[0]), r[1]] for r in msg.results]}
-    if isinstance(msg, Error):
-        return {"message": msg.message, "retryable": msg.retryable}
-    raise KeydProtocolError(f"not a keyd message: {type(msg).__name__}")
+def _write_describe(msg: Describe) -> dict[str, Any]:
+    return {}
+
+
+def _key_body(k: KeyInfo) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "kid": k.kid,
+        "alg": k.alg,
+        "usages": list(k.usages),
+        "state": k.state,
+        "dsc": k.dsc,
+    }
+    if k.pool is not None:
+        body["pool"] = {f: getattr(k.pool, f) for f in _POOL_FIELDS}
+    return body
+
+
+def _write_describe_result(msg: DescribeResult) -> dict[str, Any]:
+    body: dict[str, Any] = {"keys": [_key_body(k) for k in msg.keys]}
+    if msg.audit is not None:
+        body["audit"] = msg.audit
+    return body
+
+
+def _write_sign(msg: Sign) -> dict[str, Any]:
+    return {"kid": msg.kid, **_part_body(msg.client, msg.account, msg.operator, msg.payloads)}
+
+
+def _write_sign_many(msg: SignMany) -> dict[str, Any]:
+    return {
+        "kid": msg.kid,
+        "parts": [_part_body(p.client, p.account, p.operator, p.payloads) for p in msg.parts],
+    }
+
+
+def _write_sign_columns(msg: SignColumns) -> dict[str, Any]:
+    return _columns_body(msg.kid, msg.columns)
+
+
+def _write_sign_kids(msg: SignKids) -> dict[str, Any]:
+    return {"batches": [_columns_body(b.kid, b.columns) for b in msg.batches]}
+
+
+def _write_kids_result(msg: KidsResult) -> dict[str, Any]:
+    return {"results": [_result_body(r) for r in msg.results]}
+
+
+def _write_sign_result(msg: SignResult) -> dict[str, Any]:
+    return {"results": [r if isinstance(r, bytes) else [int(r[0]), r[1]] for r in msg.results]}
+
+
+def _write_error(msg: Error) -> dict[str, Any]:
+    return {"message": msg.message, "retryable": msg.retryable}
 
 
 def _want(body: dict[str, Any], key: str, kind: type | tuple[type, ...], what: str) -> Any:
@@ -751,6 +762,139 @@ def _pool(body: Any) -> PoolStatus | None:
     return PoolStatus(*counts)
 
 
+def _read_describe(request_id: int, body: dict[str, Any]) -> Describe:
+    return Describe(request_id)
+
+
+def _read_key(item: Any) -> KeyInfo:
+    if not isinstance(item, dict):
+        raise KeydProtocolError("DESCRIBE_RESULT: a key entry is not a map")
+    usages = _want(item, "usages", list, "key")
+    if not all(isinstance(u, str) for u in usages):
+        raise KeydProtocolError("key: usages must be text")
+    return KeyInfo(
+        _want(item, "kid", bytes, "key"),
+        _want(item, "alg", int, "key"),
+        tuple(usages),
+        _want(item, "state", str, "key"),
+        _want(item, "dsc", bytes, "key"),
+        _pool(item.get("pool")),
+    )
+
+
+def _read_describe_result(request_id: int, body: dict[str, Any]) -> DescribeResult:
+    keys = tuple(_read_key(item) for item in _want(body, "keys", list, "DESCRIBE_RESULT"))
+    audit = body.get("audit")
+    if audit is not None and not isinstance(audit, str):
+        raise KeydProtocolError("DESCRIBE_RESULT: audit must be text")
+    return DescribeResult(request_id, keys, audit)
+
+
+def _read_sign(request_id: int, body: dict[str, Any]) -> Sign:
+    part = _parse_part(body, "SIGN")
+    return Sign(
+        request_id, _kid(body, "SIGN"), part.client, part.account, part.payloads, part.operator
+    )
+
+
+def _maps(body: dict[str, Any], key: str, what: str, entry: str) -> list[dict[str, Any]]:
+    """The list of maps in field *key* (each an *entry*, for the error message)."""
+    values = _want(body, key, list, what)
+    if not all(isinstance(v, dict) for v in values):
+        raise KeydProtocolError(f"{what}: a {entry} is not a map")
+    return values  # type: ignore[no-any-return]
+
+
+def _read_sign_many(request_id: int, body: dict[str, Any]) -> SignMany:
+    parts = _maps(body, "parts", "SIGN_MANY", "part")
+    return SignMany(
+        request_id, _kid(body, "SIGN_MANY"), tuple(_parse_part(p, "SIGN_MANY") for p in parts)
+    )
+
+
+def _read_sign_columns(request_id: int, body: dict[str, Any]) -> SignColumns:
+    columns = _parse_columns(body, "SIGN_COLUMNS")
+    columns.check("SIGN_COLUMNS")
+    return SignColumns(request_id, _kid(body, "SIGN_COLUMNS"), columns)
+
+
+def _read_columns_result(request_id: int, body: dict[str, Any]) -> ColumnsResult:
+    result = _parse_result(request_id, body, "SIGN_COLUMNS_RESULT")
+    result.check()
+    return result
+
+
+def _read_sign_kids(request_id: int, body: dict[str, Any]) -> SignKids:
+    batches = _maps(body, "batches", "SIGN_KIDS", "batch")
+    kids = SignKids(request_id, tuple(
+        SignColumns(0, _kid(b, "SIGN_KIDS"), _parse_columns(b, "SIGN_KIDS")) for b in batches
+    ))  # fmt: skip
+    kids.check()
+    return kids
+
+
+def _read_kids_result(request_id: int, body: dict[str, Any]) -> KidsResult:
+    results = _maps(body, "results", "SIGN_KIDS_RESULT", "result")
+    answer = KidsResult(request_id, tuple(_parse_result(0, r, "SIGN_KIDS_RESULT") for r in results))
+    answer.check()
+    return answer
+
+
+def _read_one_result(r: Any) -> bytes | tuple[ItemError, str]:
+    if isinstance(r, bytes):
+        return r
+    if isinstance(r, list) and len(r) == 2 and isinstance(r[0], int) and isinstance(r[1], str):
+        try:
+            return ItemError(r[0]), r[1]
+        except ValueError:
+            raise KeydProtocolError(f"SIGN_RESULT: unknown item error {r[0]}") from None
+    raise KeydProtocolError("SIGN_RESULT: a result is neither a signature nor an error")
+
+
+def _read_sign_result(request_id: int, body: dict[str, Any]) -> SignResult:
+    results = _want(body, "results", list, "SIGN_RESULT")
+    return SignResult(request_id, tuple(_read_one_result(r) for r in results))
+
+
+def _read_error(request_id: int, body: dict[str, Any]) -> Error:
+    return Error(
+        request_id, _want(body, "message", str, "ERROR"), _want(body, "retryable", bool, "ERROR")
+    )
+
+
+class _Body(NamedTuple):
+    """How one message type's body is read and written."""
+
+    message: type
+    read: Callable[[int, dict[str, Any]], Message]
+    write: Callable[[Any], dict[str, Any]]
+
+
+#: Every message type's body: its class, its reader and its writer, side by side.
+_BODIES: dict[MessageType, _Body] = {
+    MessageType.DESCRIBE: _Body(Describe, _read_describe, _write_describe),
+    MessageType.DESCRIBE_RESULT: _Body(
+        DescribeResult, _read_describe_result, _write_describe_result
+    ),
+    MessageType.SIGN: _Body(Sign, _read_sign, _write_sign),
+    MessageType.SIGN_RESULT: _Body(SignResult, _read_sign_result, _write_sign_result),
+    MessageType.SIGN_MANY: _Body(SignMany, _read_sign_many, _write_sign_many),
+    MessageType.SIGN_COLUMNS: _Body(SignColumns, _read_sign_columns, _write_sign_columns),
+    MessageType.SIGN_COLUMNS_RESULT: _Body(ColumnsResult, _read_columns_result, _result_body),
+    MessageType.SIGN_KIDS: _Body(SignKids, _read_sign_kids, _write_sign_kids),
+    MessageType.SIGN_KIDS_RESULT: _Body(KidsResult, _read_kids_result, _write_kids_result),
+    MessageType.ERROR: _Body(Error, _read_error, _write_error),
+}
+_WRITERS = {body.message: body.write for body in _BODIES.values()}
+
+
+def _body(msg: Message) -> dict[str, Any]:
+    write = _WRITERS.get(type(msg))
+    if write is None:
+        raise KeydProtocolError(f"not a keyd message: {type(msg).__name__}")
+    return write(msg)
+
+
 def _parse(mtype: int, request_id: int, body: Any) -> Message:
     if not isinstance(body, dict):
         raise KeydProtocolError("the body is not a CBOR map")
@@ -758,89 +902,7 @@ def _parse(mtype: int, request_id: int, body: Any) -> Message:
         kind = MessageType(mtype)
     except ValueError:
         raise KeydProtocolError(f"unknown message type 0x{mtype:02x}") from None
-    if kind is MessageType.DESCRIBE:
-        return Describe(request_id)
-    if kind is MessageType.DESCRIBE_RESULT:
-        keys = []
-        for item in _want(body, "keys", list, "DESCRIBE_RESULT"):
-            if not isinstance(item, dict):
-                raise KeydProtocolError("DESCRIBE_RESULT: a key entry is not a map")
-            usages = _want(item, "usages", list, "key")
-            if not all(isinstance(u, str) for u in usages):
-                raise KeydProtocolError("key: usages must be text")
-            keys.append(
-                KeyInfo(
-                    _want(item, "kid", bytes, "key"),
-                    _want(item, "alg", int, "key"),
-                    tuple(usages),
-                    _want(item, "state", str, "key"),
-                    _want(item, "dsc", bytes, "key"),
-                    _pool(item.get("pool")),
-                )
-            )
-        audit = body.get("audit")
-        if audit is not None and not isinstance(audit, str):
-            raise KeydProtocolError("DESCRIBE_RESULT: audit must be text")
-        return DescribeResult(request_id, tuple(keys), audit)
-    if kind is MessageType.SIGN:
-        part = _parse_part(body, "SIGN")
-        return Sign(
-            request_id, _kid(body, "SIGN"), part.client, part.account, part.payloads, part.operator
-        )
-    if kind is MessageType.SIGN_MANY:
-        parts = _want(body, "parts", list, "SIGN_MANY")
-        if not all(isinstance(p, dict) for p in parts):
-            raise KeydProtocolError("SIGN_MANY: a part is not a map")
-        return SignMany(
-            request_id, _kid(body, "SIGN_MANY"), tuple(_parse_part(p, "SIGN_MANY") for p in parts)
-        )
-    if kind is MessageType.SIGN_COLUMNS:
-        columns = _parse_columns(body, "SIGN_COLUMNS")
-        columns.check("SIGN_COLUMNS")
-        return SignColumns(request_id, _kid(body, "SIGN_COLUMNS"), columns)
-    if kind is MessageType.SIGN_COLUMNS_RESULT:
-        result = _parse_result(request_id, body, "SIGN_COLUMNS_RESULT")
-        result.check()
-        return result
-    if kind is MessageType.SIGN_KIDS:
-        batches = _want(body, "batches", list, "SIGN_KIDS")
-        if not all(isinstance(b, dict) for b in batches):
-            raise KeydProtocolError("SIGN_KIDS: a batch is not a map")
-        kids = SignKids(request_id, tuple(
-            SignColumns(0, _kid(b, "SIGN_KIDS"), _parse_columns(b, "SIGN_KIDS")) for b in batches
-        ))  # fmt: skip
-        kids.check()
-        return kids
-    if kind is MessageType.SIGN_KIDS_RESULT:
-        results = _want(body, "results", list, "SIGN_KIDS_RESULT")
-        if not all(isinstance(r, dict) for r in results):
-            raise KeydProtocolError("SIGN_KIDS_RESULT: a result is not a map")
-        answer = KidsResult(
-            request_id, tuple(_parse_result(0, r, "SIGN_KIDS_RESULT") for r in results)
-        )
-        answer.check()
-        return answer
-    if kind is MessageType.SIGN_RESULT:
-        results: list[bytes | tuple[ItemError, str]] = []
-        for r in _want(body, "results", list, "SIGN_RESULT"):
-            if isinstance(r, bytes):
-                results.append(r)
-            elif (
-                isinstance(r, list)
-                and len(r) == 2
-                and isinstance(r[0], int)
-                and isinstance(r[1], str)
-            ):
-                try:
-                    results.append((ItemError(r[0]), r[1]))
-                except ValueError:
-                    raise KeydProtocolError(f"SIGN_RESULT: unknown item error {r[0]}") from None
-            else:
-                raise KeydProtocolError("SIGN_RESULT: a result is neither a signature nor an error")
-        return SignResult(request_id, tuple(results))
-    return Error(
-        request_id, _want(body, "message", str, "ERROR"), _want(body, "retryable", bool, "ERROR")
-    )
+    return _BODIES[kind].read(request_id, body)
 
 
 # ----------------------------------------------------------------------------- connection

@@ -219,7 +219,7 @@ def test_sign_view_gives_what_sign_gives(tmp_path_factory, n, seed, accounts, br
 
     a, reply, types_a, types_b = trio.run(main)
     assert reply.count == n
-    b = wire._dec_sign_batch_result(0, cbor2.loads(reply.body), 1000).results
+    b = wire.bodies.read_sign_batch_result(0, cbor2.loads(reply.body), 1000).results
     b = [ItemResult(hc1=uvci_of_hc1(r.hc1), kid=r.kid) if r.ok else r for r in b]
     assert b == a
     outcomes = collections.Counter()
@@ -236,7 +236,7 @@ def _normalised(reply):
     if isinstance(reply, list):
         results = reply
     else:
-        results = wire._dec_sign_batch_result(0, cbor2.loads(reply.body), 1000).results
+        results = wire.bodies.read_sign_batch_result(0, cbor2.loads(reply.body), 1000).results
     return [ItemResult(hc1=uvci_of_hc1(r.hc1), kid=r.kid) if r.ok else r for r in results]
 
 

@@ -2,6 +2,7 @@
 process -- the handshake, pipelining, BUSY, GOAWAY and malformed frames, as SPEC.md §7-§8
 state them (the real Server and Dispatcher; keyd replaced by tests/fakes.py)."""
 
+import cbor2
 import trio
 import trio.testing
 
@@ -174,7 +175,7 @@ async def _raw_error(client: Raw) -> wire.Error:
             assert chunk, f"EOF before a whole frame: {data!r}"
             data += chunk
     assert ftype == wire.FrameType.ERROR, ftype
-    body = wire.cbor2.loads(data[wire.HEADER.size : wire.HEADER.size + size])
+    body = cbor2.loads(data[wire.HEADER.size : wire.HEADER.size + size])
     return wire.Error(
         request_id=rid,
         code=ErrorCode(body["code"]),

@@ -51,7 +51,7 @@ def check(impl, body: bytes, prefix_of=None, max_batch: int = 64):
 def _client_body(dccs) -> bytes:
     """A SIGN_BATCH body as the protocol's own client encodes it (cbor2)."""
     items = tuple(wire.SignItem(d, f"uzi:{i}") for i, d in enumerate(dccs))
-    return cbor2.dumps(wire._body_of(wire.SignBatch(1, items), check_dcc=True))
+    return cbor2.dumps(wire.bodies.body_of(wire.SignBatch(1, items), check_dcc=True))
 
 
 def test_samples_take_the_fast_path(impl):

@@ -1,6 +1,6 @@
 """The request walker (``walk_sign_batch``): both implementations against the codec.
 
-Every input goes three ways: the codec's decoder (``wire._decode_cbor`` + the SIGN_BATCH /
+Every input goes three ways: the codec's decoder (``wire.bodies.decode_cbor`` + the SIGN_BATCH /
 SIGN body check, what ``Connection.decode_frame`` runs), the reference walker and the native
 one. They must agree: same accept or refuse, same message and code, and on acceptance the
 same items (the view's spans decode to the codec's values; both views are equal).
@@ -26,11 +26,11 @@ DCCS = varied_samples(12, seed=14)
 def _codec(body: bytes, max_batch: int, single: bool):
     """What the codec says: its items, or (message, code)."""
     try:
-        value = wire._decode_cbor(body, cborlimits.scan, wire.body_item_limit(max_batch))
+        value = wire.bodies.decode_cbor(body, cborlimits.scan, wire.body_item_limit(max_batch))
         if single:
-            return (wire._dec_sign(0, value, max_batch).item,)
-        return wire._dec_sign_batch(0, value, max_batch).items
-    except wire._Invalid as exc:
+            return (wire.bodies.read_sign(0, value, max_batch).item,)
+        return wire.bodies.read_sign_batch(0, value, max_batch).items
+    except wire.errors.Invalid as exc:
         return str(exc), exc.code
 
 
