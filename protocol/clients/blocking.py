@@ -45,9 +45,12 @@ from .coalesce import (
     Waiter,
     check_pong,
     connection_error,
+    fail_waiters,
     keys_of,
     outcomes_for,
     retry_single,
+    tcp_target,
+    tls_context,
     with_idempotency_keys,
 )
 
@@ -169,9 +172,7 @@ class Client:
     def _fail(self, why: str, code: Any = None) -> None:
         if self._closed is None:
             self._closed = why
-        for waiter in list(self._pending.values()):
-            waiter.resolve(ClientError(why, code))
-        self._pending.clear()
+        fail_waiters(self._pending, why, code)
         self._welcome.set()
         with self._flush_cond:
             self._flush_cond.notify_all()
@@ -349,13 +350,9 @@ def _connect(
             sock.settimeout(timeout)
             sock.connect(address[5:])
             return sock
-        host, _, port = address.rpartition(":")
-        if not host or not port.isdigit():
-            raise ClientError(f"address must be unix:PATH or HOST:PORT, not {address!r}")
-        ctx = ssl.create_default_context(cafile=os.fspath(ca) if ca else None)
-        if cert is not None:
-            ctx.load_cert_chain(os.fspath(cert), os.fspath(key) if key else None)
-        raw = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
-        return ctx.wrap_socket(raw, server_hostname=host.strip("[]"))
+        host, port = tcp_target(address)
+        ctx = tls_context(cert, key, ca)
+        raw = socket.create_connection((host, port), timeout=timeout)
+        return ctx.wrap_socket(raw, server_hostname=host)
     except (OSError, ssl.SSLError) as exc:
         raise ClientError(f"cannot connect to {address}: {exc}") from None

@@ -1,5 +1,6 @@
-"""What both clients share, without I/O: coalescing single requests into batch frames, and
-turning replies into per-item results for the retry loop.
+"""What both clients share, without sockets: coalescing single requests into batch frames,
+turning replies into per-item results for the retry loop, and reading the address and TLS
+files they connect with.
 
 Coalescing rule (the same as the engine's micro-batcher toward keyd): queued single requests
 go out as one SIGN_BATCH frame
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import ssl
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import replace
@@ -35,12 +37,15 @@ __all__ = [
     "Waiter",
     "check_pong",
     "connection_error",
+    "fail_waiters",
     "keys_of",
     "outcomes_for",
     "results_for",
     "retry_delay",
     "retry_single",
     "retryable",
+    "tcp_target",
+    "tls_context",
     "with_idempotency_keys",
 ]
 
@@ -266,3 +271,41 @@ def keys_of(reply: object) -> list[KeyInfo]:
     if not isinstance(reply, Keys):
         raise ClientError(f"unexpected {type(reply).__name__}")
     return list(reply.keys)
+
+
+def fail_waiters(pending: dict[int, Waiter], why: str, code: Any = None) -> None:
+    """Resolve every request still waiting for a reply with ``ClientError(why, code)``: the
+    connection is gone, so no reply will come."""
+    for waiter in list(pending.values()):
+        waiter.resolve(ClientError(why, code))
+    pending.clear()
+
+
+def tcp_target(address: str) -> tuple[str, int]:
+    """The host and port of a ``HOST:PORT`` address (``[v6]:PORT`` too).
+
+    Raises:
+        ClientError: the address is not of that form.
+    """
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClientError(f"address must be unix:PATH or HOST:PORT, not {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def tls_context(
+    cert: str | os.PathLike[str] | None,
+    key: str | os.PathLike[str] | None,
+    ca: str | os.PathLike[str] | None,
+) -> ssl.SSLContext:
+    """The client's TLS context: the engine's certificate checked against *ca* (the system's
+    roots when None), and a client certificate when *cert* is given (*key*: its private key,
+    when not in the same file).
+
+    Raises:
+        OSError, ssl.SSLError: a file cannot be read or used.
+    """
+    ctx = ssl.create_default_context(cafile=os.fspath(ca) if ca else None)
+    if cert is not None:
+        ctx.load_cert_chain(os.fspath(cert), os.fspath(key) if key else None)
+    return ctx

@@ -171,6 +171,16 @@ class TLSStream(trio.abc.Stream):
 
     # -- receiving -------------------------------------------------------------------------
 
+    async def _ready(self) -> None:
+        """A checkpoint, then the checks every receive and send make: the stream is usable,
+        and the handshake is done (the first caller does it; the other side waits for it)."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self._check()
+        if not self._handshook:
+            async with self._handshake_lock:
+                if not self._handshook:
+                    await self._handshake()
+
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """Up to *max_bytes* (default :data:`DEFAULT_RECEIVE_SIZE`) bytes of what the peer
         sent, at least one; ``b""`` once it has closed with ``close_notify``. Everything
@@ -189,12 +199,7 @@ class TLSStream(trio.abc.Stream):
             raise ValueError("max_bytes must be at least 1")
         self._receiving = True
         try:
-            await trio.lowlevel.checkpoint_if_cancelled()
-            self._check()
-            if not self._handshook:
-                async with self._handshake_lock:
-                    if not self._handshook:
-                        await self._handshake()
+            await self._ready()
             sock = self._sock
             waited = False
             while True:
@@ -261,12 +266,7 @@ class TLSStream(trio.abc.Stream):
             raise trio.BusyResourceError("another task is sending on this stream")
         self._sending = True
         try:
-            await trio.lowlevel.checkpoint_if_cancelled()
-            self._check()
-            if not self._handshook:
-                async with self._handshake_lock:
-                    if not self._handshook:
-                        await self._handshake()
+            await self._ready()
             sock = self._sock
             view = memoryview(data).cast("B")
             waited = False

@@ -46,9 +46,12 @@ from .coalesce import (
     Waiter,
     check_pong,
     connection_error,
+    fail_waiters,
     keys_of,
     outcomes_for,
     retry_single,
+    tcp_target,
+    tls_context,
     with_idempotency_keys,
 )
 from .tls_stream import open_tls_over_tcp
@@ -133,9 +136,7 @@ class TrioClient:
     def _fail(self, why: str, code: Any = None) -> None:
         if self._closed is None:
             self._closed = why
-        for waiter in list(self._pending.values()):
-            waiter.resolve(ClientError(why, code))
-        self._pending.clear()
+        fail_waiters(self._pending, why, code)
         self._welcomed.set()
         self._wake.set()
 
@@ -343,12 +344,8 @@ async def _connect(
     try:
         if address.startswith("unix:"):
             return await trio.open_unix_socket(address[5:])
-        host, _, port = address.rpartition(":")
-        if not host or not port.isdigit():
-            raise ClientError(f"address must be unix:PATH or HOST:PORT, not {address!r}")
-        ctx = ssl.create_default_context(cafile=os.fspath(ca) if ca else None)
-        if cert is not None:
-            ctx.load_cert_chain(os.fspath(cert), os.fspath(key) if key else None)
-        return await open_tls_over_tcp(host.strip("[]"), int(port), ctx)
+        host, port = tcp_target(address)
+        ctx = tls_context(cert, key, ca)
+        return await open_tls_over_tcp(host, port, ctx)
     except (OSError, ssl.SSLError, trio.BrokenResourceError) as exc:
         raise ClientError(f"cannot connect to {address}: {exc}") from None
