@@ -498,6 +498,19 @@ class KeydBatcher:
                 del self._pending[kid]
         return kids
 
+    def _columns_of(
+        self, kids: list[tuple[bytes, list[_Waiting]]]
+    ) -> list[tuple[bytes, KeydColumns]]:
+        """One column set per kid (its waiters' columns, concatenated), counted as one batch
+        sent: what every keyd round sends."""
+        batches = [(kid, KeydColumns.concat([w.columns for w in batch])) for kid, batch in kids]
+        count = sum(len(columns) for _kid, columns in batches)
+        self.batches_sent += 1
+        self.payloads_sent += count
+        if self._on_batch is not None:
+            self._on_batch(count)
+        return batches
+
     async def _submit(self, kids: list[tuple[bytes, list[_Waiting]]]) -> None:
         """Send one micro-batch with the keyd client's ``submit_kids``: its answer arrives
         in :meth:`_answered`, from the client's reader task (no task of ours waits)."""
@@ -505,12 +518,7 @@ class KeydBatcher:
         self._in_flight += 1
         self._flights.add(flight)
         try:
-            batches = [(kid, KeydColumns.concat([w.columns for w in batch])) for kid, batch in kids]
-            count = sum(len(columns) for _kid, columns in batches)
-            self.batches_sent += 1
-            self.payloads_sent += count
-            if self._on_batch is not None:
-                self._on_batch(count)
+            batches = self._columns_of(kids)
             flight.batches = batches
             flight.sent = trio.current_time()
             await self.keyd.submit_kids(  # type: ignore[attr-defined]
@@ -615,12 +623,7 @@ class KeydBatcher:
         """One keyd round for the waiters of one or more kids, and their outcomes."""
         everyone = [w for _kid, batch in kids for w in batch]
         try:
-            batches = [(kid, KeydColumns.concat([w.columns for w in batch])) for kid, batch in kids]
-            count = sum(len(columns) for _kid, columns in batches)
-            self.batches_sent += 1
-            self.payloads_sent += count
-            if self._on_batch is not None:
-                self._on_batch(count)
+            batches = self._columns_of(kids)
             sent = trio.current_time()
             try:
                 results = await self._sign(batches)
