@@ -8,8 +8,8 @@ certificate) costs it more CPU than the target allows, and it needs almost none 
 many results, which failed and with which code, and the HC1 of the few sampled for
 verification. :func:`scan_results` walks the body once and returns exactly that.
 
-The rules are those of the codec's decode (``protocol/wire.py`` ``_result`` and
-``_dec_sign_batch_result``, SPEC.md §6.5) with the same messages, so that a body the codec
+The rules are those of the codec's decode (``protocol/wire/bodies.py`` ``read_result`` and
+``read_sign_batch_result``, SPEC.md §6.5) with the same messages, so that a body the codec
 refuses is refused here too and a body both accept gives the same counts and codes. Known
 differences, all about bodies a conforming engine never sends (its encoder writes definite
 lengths and never repeats a key): indefinite-length strings are refused (the codec accepts
