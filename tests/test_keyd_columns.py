@@ -11,7 +11,11 @@ import cbor2
 import pytest
 
 from dccsign import native
-from dccsign.audit.log import CACHE_ENTRIES, AuditKey, AuditLog, AuditUnavailable, search, verify
+from dccsign.audit.errors import AuditUnavailable
+from dccsign.audit.key import AuditKey
+from dccsign.audit.search import search
+from dccsign.audit.verify import verify
+from dccsign.audit.writer import CACHE_ENTRIES, AuditLog
 from dccsign.dcc.issuer import claims_prefix
 from dccsign.dcc.verify import verify_hc1
 from dccsign.keyd.service import Keyd
@@ -119,7 +123,7 @@ def test_columns_and_parts_audit_the_same_records(dev_keystore_copy, tmp_path):
     """The same items through SIGN_COLUMNS (native audit lines from the string tables) and
     through the per-part audit path (``append_batches``): the same records, field for field
     except the chain and the time."""
-    from dccsign.audit.log import IssuanceBatch
+    from dccsign.audit.records import IssuanceBatch
 
     store = Keystore.open(dev_keystore_copy)
     pw = resolve_passphrase(store.directory)
