@@ -22,6 +22,7 @@ __all__ = [
     "IssuanceBatch",
     "IssuanceRecord",
     "KeyEvent",
+    "batches_of",
     "canonical",
     "checkpoint_message",
     "format_time",
@@ -81,6 +82,42 @@ class KeyEvent:
     key_id: str | None
     actor: str
     reason: str | None
+
+
+def batches_of(records: Sequence[IssuanceRecord]) -> list[IssuanceBatch]:
+    """*records* in columns: each run of records that share kid, alg, client, account and
+    operator is one batch (a DCC type other than v, t, r becomes ``?``)."""
+    batches: list[IssuanceBatch] = []
+    start = 0
+    while start < len(records):
+        first = records[start]
+        shared = (first.kid, first.alg, first.client, first.account, first.operator)
+        end = start + 1
+        while (
+            end < len(records)
+            and (
+                (r := records[end]).kid,
+                r.alg,
+                r.client,
+                r.account,
+                r.operator,
+            )
+            == shared
+        ):
+            end += 1
+        run = records[start:end]
+        batches.append(
+            IssuanceBatch(
+                *shared,
+                "".join(r.dcc_type if r.dcc_type in DCC_TYPES else "?" for r in run),
+                [r.uvci for r in run],
+                [r.iss for r in run],
+                [r.payload for r in run],
+                [r.signature for r in run],
+            )
+        )
+        start = end
+    return batches
 
 
 def revocation_hashes(uvci: str, iss: str, signature: bytes, alg: int) -> dict[str, str]:

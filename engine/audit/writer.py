@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import itertools
 import logging
 import os
 import queue
@@ -16,7 +15,6 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
-from json.encoder import encode_basestring  # type: ignore[attr-defined]
 from pathlib import Path
 from typing import Any
 
@@ -25,34 +23,26 @@ from ..process import lock_holder, name_this_thread, record_holder
 from .chain import BreakFound, Chain, ChainState, Tail
 from .durable import create_file, fsync_dir, write_all
 from .errors import AuditLogError, AuditUnavailable
+from .issue_lines import IssueLines
 from .key import PUBKEY_FILE, AuditKey, PublicKey
 from .records import (
-    DCC_TYPES,
-    ES256,
     FORMAT,
     GENESIS,
-    PS256,
     IssuanceBatch,
     IssuanceRecord,
     KeyEvent,
+    batches_of,
     canonical,
     checkpoint_message,
     format_time,
 )
 from .segments import Raced, compress, decompress, list_segments, read_segment, segment_name
 
-__all__ = ["CACHE_ENTRIES", "LOCK_FILE", "REOPEN_HEADROOM", "SLOW_FSYNC", "AuditLog"]
+__all__ = ["LOCK_FILE", "REOPEN_HEADROOM", "SLOW_FSYNC", "AuditLog"]
 
 LOGGER = logging.getLogger("dccsign.audit")
 
 LOCK_FILE = "lock"
-_MAX_TEXT = 1024  # client, account, operator, ... : identifiers, not documents
-#: Entries of each of the writer's literal caches (client/account/operator JSON literals, and
-#: record heads). Sized above the working set of a busy engine (10k+ accounts) so that it does
-#: not churn; when full, the oldest entry goes (first in, first out): memory stays bounded
-#: (~16k x ~0.3 KB). keyd's columns path (:meth:`AuditLog.append_columns`) uses no cache: it
-#: builds the literals from each message's string tables, natively.
-CACHE_ENTRIES = 16_384
 #: An fsync this slow (seconds) is counted and logged (see ``AuditLog._note_fsync``).
 SLOW_FSYNC = 0.1
 #: :meth:`AuditLog.reopen` touches the log only once the directory takes this many bytes more
@@ -129,14 +119,12 @@ class AuditLog:
         self._last_checkpoint = b""
         self._broken: str | None = None
         self._closed = False
-        self._texts: dict[str, str] = {}
-        self._heads: dict[tuple[object, ...], bytes] = {}
+        self._issue_lines = IssueLines()
         #: Commits whose fsync took SLOW_FSYNC seconds or more, since the log was opened.
         self.slow_fsyncs = 0
         self._slow_pending = 0
         self._slow_worst = 0.0
         self._slow_next_log = 0.0
-        self._kids: dict[bytes, str] = {}
         self._compress_queue: queue.SimpleQueue[Path | None] | None = None
         self._compressor: threading.Thread | None = None
         self._compress_error: str | None = None
@@ -494,55 +482,6 @@ class AuditLog:
             self._broken = self._compress_error
             raise AuditUnavailable(f"{self.directory}: {self._compress_error}")
 
-    def _text(self, value: object, what: str, index: int) -> str:
-        """JSON string literal of an identifier (cached: clients and accounts repeat)."""
-        cached = self._texts.get(value)  # type: ignore[arg-type]
-        if cached is not None:
-            return cached
-        if not isinstance(value, str) or not value or len(value) > _MAX_TEXT:
-            raise ValueError(
-                f"record {index}: {what} must be a non-empty string of at most "
-                f"{_MAX_TEXT} characters"
-            )
-        try:
-            value.encode()
-        except UnicodeEncodeError:
-            raise ValueError(f"record {index}: {what} is not valid Unicode text") from None
-        literal = encode_basestring(value)
-        if len(self._texts) >= CACHE_ENTRIES:
-            del self._texts[next(iter(self._texts))]  # the oldest: no clear-and-refill churn
-        self._texts[value] = literal
-        return literal
-
-    def _head(self, r: IssuanceBatch, index: int) -> bytes:
-        """``{"account":A,"alg":N,"client":C,"iss":`` of a batch (cached like :meth:`_text`)."""
-        slot = (r.account, r.alg, type(r.alg), r.client)
-        try:
-            cached = self._heads.get(slot)
-        except TypeError:  # an unhashable field: _text names it below
-            cached = None
-        if cached is not None:
-            return cached
-        if type(r.alg) is not int or r.alg not in (ES256, PS256):
-            raise ValueError(f"record {index}: alg must be -7 (ES256) or -37 (PS256)")
-        account = self._text(r.account, "account", index)
-        client = self._text(r.client, "client", index)
-        head = f'{{"account":{account},"alg":{r.alg},"client":{client},"iss":'.encode()
-        if len(self._heads) >= CACHE_ENTRIES:
-            del self._heads[next(iter(self._heads))]
-        self._heads[slot] = head
-        return head
-
-    def _middle(self, r: IssuanceBatch, index: int) -> bytes:
-        """``,"kid":"K","operator":O,"payload_sha256":"`` of a batch."""
-        kid = self._kids.get(r.kid)
-        if kid is None:
-            if not isinstance(r.kid, bytes) or len(r.kid) != 8:
-                raise ValueError(f"record {index}: kid must be 8 bytes")
-            kid = self._kids[r.kid] = r.kid.hex()
-        operator = "null" if r.operator is None else self._text(r.operator, "operator", index)
-        return f',"kid":"{kid}","operator":{operator},"payload_sha256":"'.encode()
-
     def append_issuance(self, records: Sequence[IssuanceRecord]) -> list[int]:
         """Append one record per signature, then a checkpoint: one write, one fsync.
 
@@ -556,38 +495,7 @@ class AuditLog:
             AuditUnavailable: the log cannot be written durably; it refuses further appends
                 until reopened. The signatures of this batch must not be released.
         """
-        # Each run of records that share kid, alg, client, account and operator is one batch.
-        batches: list[IssuanceBatch] = []
-        start = 0
-        while start < len(records):
-            first = records[start]
-            shared = (first.kid, first.alg, first.client, first.account, first.operator)
-            end = start + 1
-            while (
-                end < len(records)
-                and (
-                    (r := records[end]).kid,
-                    r.alg,
-                    r.client,
-                    r.account,
-                    r.operator,
-                )
-                == shared
-            ):
-                end += 1
-            run = records[start:end]
-            batches.append(
-                IssuanceBatch(
-                    *shared,
-                    "".join(r.dcc_type if r.dcc_type in DCC_TYPES else "?" for r in run),
-                    [r.uvci for r in run],
-                    [r.iss for r in run],
-                    [r.payload for r in run],
-                    [r.signature for r in run],
-                )
-            )
-            start = end
-        return self.append_batches(batches)
+        return self.append_batches(batches_of(records))
 
     def append_batch(self, batch: IssuanceBatch) -> list[int]:
         """:meth:`append_issuance` for records given in columns (keyd's form: no object per
@@ -602,67 +510,11 @@ class AuditLog:
             if not any(b.payloads for b in batches):
                 return []
             now = format_time(self._clock())
-            when = now.encode()
-            seq, prev = self._seq, self._prev
-            lines: list[bytes] = []
-            # Hashing and formatting in one native call for each run of batches that share an
-            # alg (keyd's micro-batch is one run whatever its number of parts), without the GIL
-            # when native: a call per part cost more than the part's own lines.
-            for alg, same_alg in itertools.groupby(batches, key=lambda b: b.alg):
-                run = list(same_alg)
-                heads: list[bytes] = []
-                middles: list[bytes] = []
-                sizes: list[int] = []
-                isses: list[str] = []
-                uvcis: list[str] = []
-                payloads: list[bytes] = []
-                signatures: list[bytes] = []
-                index = len(lines)
-                for b in run:
-                    # Each batch's columns must agree on their own: concatenated, a short one
-                    # would shift records into the next batch's group.
-                    if type(b.dcc_types) is not str:
-                        raise TypeError("dcc_types must be a str")
-                    n = len(b.payloads)
-                    if not (
-                        len(b.isses) == n
-                        and len(b.uvcis) == n
-                        and len(b.dcc_types) == n
-                        and len(b.signatures) == n
-                    ):
-                        raise ValueError(
-                            f"record {index}: isses, uvcis, dcc_types, payloads and signatures "
-                            "of a batch differ in length"
-                        )
-                    heads.append(self._head(b, index))
-                    middles.append(self._middle(b, index))
-                    sizes.append(n)
-                    index += n
-                    isses += b.isses
-                    uvcis += b.uvcis
-                    payloads += b.payloads
-                    signatures += b.signatures
-                group, prev = native.audit_issue_groups(
-                    heads,
-                    middles,
-                    sizes,
-                    when,
-                    alg,
-                    isses,
-                    uvcis,
-                    "".join(b.dcc_types for b in run),
-                    payloads,
-                    signatures,
-                    seq,
-                    prev,
-                    len(lines),
-                )
-                lines += group
-                seq += len(group)
+            lines, prev = self._issue_lines.build(batches, now.encode(), self._seq, self._prev)
             first_seq = self._seq
             count = len(lines)
             saved = self._chain_position()
-            self._seq, self._prev = seq, prev
+            self._seq, self._prev = first_seq + count, prev
             self._commit_records(lines, count, now, saved)
             return list(range(first_seq, first_seq + count))
 
