@@ -98,7 +98,7 @@ def search(
     ``since`` is inclusive and ``until`` exclusive (naive datetimes are UTC). ``kinds`` picks
     entry types: ``"issue"`` (default), ``"key"``; a filter on a field an entry lacks (client,
     account, operator on key events) excludes it. Reading does not verify the log: run
-    :func:`verify` for that.
+    :func:`.verify.verify` for that.
 
     Raises:
         AuditLogError: no such directory, or an unreadable segment.

@@ -83,7 +83,7 @@ def verify(
         public_key_pem: the audit public key to trust. None uses ``DIR/audit-key.pub.pem``,
             which proves little: whoever can rewrite the log can replace it
             (:attr:`VerifyReport.key_pinned` is then False).
-        witnesses: checkpoint lines kept outside the log (:attr:`AuditLog.last_checkpoint`);
+        witnesses: checkpoint lines kept outside the log (:attr:`.writer.AuditLog.last_checkpoint`);
             each must appear unchanged at its sequence number (detects a rollback).
 
     Raises:
