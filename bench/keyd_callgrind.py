@@ -54,7 +54,8 @@ if case == "sign":
     for _ in range(n):
         key.sign(protected, data["payloads"])
     sys.exit(0)
-from dccsign.audit.log import AuditKey, AuditLog
+from dccsign.audit.key import AuditKey
+from dccsign.audit.writer import AuditLog
 from dccsign.keyd.service import Keyd
 from dccsign.protocol.keyd import Connection
 tmp = Path(tempfile.mkdtemp())

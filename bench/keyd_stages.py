@@ -31,7 +31,8 @@ from typing import Any
 
 from benchsetup import vaccination_batch
 from dccsign import native
-from dccsign.audit.log import AuditKey, AuditLog
+from dccsign.audit.key import AuditKey
+from dccsign.audit.writer import AuditLog
 from dccsign.keyd import service as keyd_module
 from dccsign.keys.keystore import resolve_passphrase
 from dccsign.protocol import keyd as kp
@@ -102,7 +103,7 @@ def main() -> int:
             )
             audit._commit = _timed(acc, "audit._commit", audit._commit)
             native_lines = native.audit_issue_columns
-            sys.modules["dccsign.audit.log"].native = _LinesTimed(acc, native_lines)
+            sys.modules["dccsign.audit.writer"].native = _LinesTimed(acc, native_lines)
             _wait_for_pools(keyd, args.pool)
             codec = kp.Connection(scan=native.cbor_scan)
 

@@ -6,7 +6,7 @@ Every exception the ``dccsign`` package raises on purpose derives from :class:`D
 the request (:class:`InvalidBatchError`, ``dcc.validate.DCCValidationError``, the policy's
 ``PolicyError`` for its file), the keys (:class:`KeystoreError`, :class:`KeyProblem`,
 ``keys.pkcs11.Pkcs11Error``), keyd (``keyd.client.KeydError``) or the audit log
-(``audit.log.AuditError``). The sans-IO protocol and the native core, which import nothing of
+(``audit.errors.AuditError``). The sans-IO protocol and the native core, which import nothing of
 the engine, have their own bases (``protocol.wire.WireProtocolError``,
 ``native.errors.NativeError``).
 """

@@ -19,17 +19,14 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from dccsign.audit import log as audit
-from dccsign.audit.log import (
-    AuditKey,
-    AuditKeyError,
-    AuditLog,
-    AuditLogError,
-    AuditUnavailable,
-    IssuanceBatch,
-    IssuanceRecord,
-    KeyEvent,
-)
+from dccsign.audit import segments
+from dccsign.audit.chain import Break
+from dccsign.audit.errors import AuditKeyError, AuditLogError, AuditUnavailable
+from dccsign.audit.key import AuditKey
+from dccsign.audit.records import IssuanceBatch, IssuanceRecord, KeyEvent, canonical
+from dccsign.audit.search import revocations, search
+from dccsign.audit.verify import verify
+from dccsign.audit.writer import SLOW_FSYNC, AuditLog
 from dccsign.cli.audit import add_commands as add_audit_commands
 
 PASSPHRASE = b"audit passphrase for tests"
@@ -125,8 +122,8 @@ def seq_of(line: bytes) -> int:
     return json.loads(line)["seq"]
 
 
-def assert_break(directory: Path, segment: int, sequence: int, *words: str) -> audit.Break:
-    report = audit.verify(directory)
+def assert_break(directory: Path, segment: int, sequence: int, *words: str) -> Break:
+    report = verify(directory)
     assert not report.ok
     brk = report.first_break
     assert brk is not None
@@ -162,7 +159,7 @@ def test_round_trip(tmp_path, key):
     assert event_seq == 9 and head[0] == 10
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700
 
-    found = list(audit.search(directory))
+    found = list(search(directory))
     assert [e["seq"] for e in found] == seqs
     for rec, entry in zip(records, found, strict=True):
         assert entry["kid"] == KID.hex() and entry["alg"] == rec.alg
@@ -172,7 +169,7 @@ def test_round_trip(tmp_path, key):
         assert entry["uvci_hash"] == hashlib.sha256(rec.uvci.encode()).hexdigest()
         assert entry["payload_sha256"] == hashlib.sha256(rec.payload).hexdigest()
         assert entry["time"].endswith("Z") and len(entry["time"]) == 27
-    events = list(audit.search(directory, kid=KID, kinds=("key",)))
+    events = list(search(directory, kid=KID, kinds=("key",)))
     assert [(e["action"], e["actor"], e["reason"]) for e in events] == [
         ("disable", "alice", "abuse")
     ]
@@ -182,37 +179,37 @@ def test_round_trip(tmp_path, key):
     prev = "0" * 64
     for line in lines:
         entry = json.loads(line)
-        assert audit._canonical(entry) == line
+        assert canonical(entry) == line
         assert entry["prev"] == prev
         prev = hashlib.sha256(line).hexdigest()
         if entry["seq"] == head[0]:
             assert prev == head[1]
     assert json.loads(lines[-1])["end"] == "close" and seq_of(lines[-1]) == head[0] + 1
 
-    report = audit.verify(directory)
+    report = verify(directory)
     assert report.ok and report.first_break is None
     assert (report.records, report.segments, report.closed_cleanly) == (6, 1, True)
     assert report.key_pinned is False
-    assert audit.verify(directory, key.public_key_pem()).key_pinned is True
+    assert verify(directory, key.public_key_pem()).key_pinned is True
 
 
 def test_search_filters(tmp_path, key):
     directory = tmp_path / "log"
     make_log(directory, key, batches=(6, 6))
-    everything = list(audit.search(directory))
+    everything = list(search(directory))
     assert len(everything) == 12
-    assert {e["client"] for e in audit.search(directory, client="portal-a")} == {"portal-a"}
-    mine = list(audit.search(directory, account="uzi:900000001", client="portal-a"))
+    assert {e["client"] for e in search(directory, client="portal-a")} == {"portal-a"}
+    mine = list(search(directory, account="uzi:900000001", client="portal-a"))
     assert mine and all(e["account"] == "uzi:900000001" for e in mine)
-    assert list(audit.search(directory, operator="uzi:assistant-7"))
-    assert len(list(audit.search(directory, kid=KID.hex()))) == 12
-    assert list(audit.search(directory, kid=bytes(8))) == []
+    assert list(search(directory, operator="uzi:assistant-7"))
+    assert len(list(search(directory, kid=KID.hex()))) == 12
+    assert list(search(directory, kid=bytes(8))) == []
     # the two batches were committed at different (fake) times
     first, second = everything[0]["time"], everything[6]["time"]
     assert first < second
-    assert len(list(audit.search(directory, since=second))) == 6
-    assert len(list(audit.search(directory, until=second))) == 6
-    assert list(audit.search(directory, since="2030-01-01T00:00:00")) == []
+    assert len(list(search(directory, since=second))) == 6
+    assert len(list(search(directory, until=second))) == 6
+    assert list(search(directory, since="2030-01-01T00:00:00")) == []
 
 
 def test_group_commit_is_one_write_and_one_fsync_per_batch(tmp_path, key, monkeypatch):
@@ -252,7 +249,7 @@ def test_slow_fsyncs_are_counted_and_logged_at_most_every_10_s(tmp_path, key, mo
             if slow["on"]:
                 import time
 
-                time.sleep(audit.SLOW_FSYNC)
+                time.sleep(SLOW_FSYNC)
 
         monkeypatch.setattr(os, "fsync", fsync)
         log.append_issuance(batch(0, 2))
@@ -277,7 +274,7 @@ def test_invalid_record_writes_nothing(tmp_path, key):
             log.append_issuance([record(0, account="")])
         assert log.head == head
         assert log.append_issuance(batch(0, 1)) == [head[0] + 1]
-    assert audit.verify(tmp_path / "log").ok
+    assert verify(tmp_path / "log").ok
 
 
 def test_batches_of_many_parts_and_algs_in_one_commit(tmp_path, key):
@@ -319,9 +316,9 @@ def test_batches_of_many_parts_and_algs_in_one_commit(tmp_path, key):
         assert log.head == head
         seqs = log.append_batches(parts)
         assert seqs == list(range(head[0] + 1, head[0] + 1 + len(records)))
-    result = audit.verify(tmp_path / "log")
+    result = verify(tmp_path / "log")
     assert result.ok
-    found = audit.search(tmp_path / "log")
+    found = search(tmp_path / "log")
     issued = [e for e in found if e.get("t") == "issue"]
     assert [(e["account"], e["client"], e["alg"], e["operator"]) for e in issued] == [
         (r.account, r.client, r.alg, r.operator) for r in records
@@ -351,10 +348,10 @@ def test_rotation_compresses_and_verifies_across_segments(tmp_path, key):
         json.loads(read_lines(directory / names[1])[0])["prev"]
         == hashlib.sha256(first[-1]).hexdigest()
     )
-    report = audit.verify(directory, key.public_key_pem())
+    report = verify(directory, key.public_key_pem())
     assert report.ok, report.first_break
     assert (report.records, report.segments) == (57, 6)
-    found = [e["seq"] for e in audit.search(directory)]
+    found = [e["seq"] for e in search(directory)]
     assert len(found) == 57 and found[:45] == seqs
 
 
@@ -368,7 +365,7 @@ def test_reopen_continues_the_chain(tmp_path, key):
     assert again[0] == first[-1] + 3
     with AuditLog.open(directory, key, segment_records=4, clock=Clock()) as log:
         log.append_key_event(KeyEvent("keyd-start", None, None, "keyd", None))
-    report = audit.verify(directory)
+    report = verify(directory)
     assert report.ok, report.first_break
     assert (report.records, report.segments) == (7, 2)
 
@@ -390,7 +387,7 @@ def test_second_writer_and_other_audit_key_are_refused(tmp_path, key):
         pass
     assert stored.read_bytes() == key.public_key_pem()
     # pinning the other key makes verify refuse the log at its first entry
-    brk = audit.verify(directory, other.public_key_pem()).first_break
+    brk = verify(directory, other.public_key_pem()).first_break
     assert brk is not None and (brk.segment, brk.sequence) == (1, 1) and "audit key" in brk.problem
 
 
@@ -431,7 +428,7 @@ def test_edited_record_with_rewritten_chain_is_detected(tmp_path, key):
     for j in range(i + 1, len(lines)):  # recompute every later prev: the signature still fails
         entry = json.loads(lines[j])
         entry["prev"] = hashlib.sha256(lines[j - 1]).hexdigest()
-        lines[j] = audit._canonical(entry)
+        lines[j] = canonical(entry)
     write_lines(path, lines)
     next_checkpoint = next(
         seq_of(line) for line in lines[i:] if json.loads(line)["t"] == "checkpoint"
@@ -496,22 +493,22 @@ def test_rollback_to_an_earlier_checkpoint_needs_a_witness(tmp_path, key):
         earlier = log.last_checkpoint
         log.append_issuance(batch(5, 5))
         witness = log.last_checkpoint  # published outside the host
-    assert audit.verify(directory, witnesses=[witness]).ok
+    assert verify(directory, witnesses=[witness]).ok
     path = segment_files(directory)[0]
     lines = read_lines(path)
     keep = lines.index(earlier)
     write_lines(path, lines[: keep + 1])  # rolled back: ends one batch earlier
-    assert audit.verify(directory).ok  # undetectable from the directory alone
-    brk = audit.verify(directory, witnesses=[b"syslog: " + witness]).first_break
+    assert verify(directory).ok  # undetectable from the directory alone
+    brk = verify(directory, witnesses=[b"syslog: " + witness]).first_break
     assert brk is not None and "witnessed checkpoint" in brk.problem
     with pytest.raises(ValueError, match="not validly signed"):
-        audit.verify(directory, witnesses=[witness.replace(b'"sig":"', b'"sig":"00')])
+        verify(directory, witnesses=[witness.replace(b'"sig":"', b'"sig":"00')])
 
 
 def test_deleted_segment_is_detected(tmp_path, key):
     directory = tmp_path / "log"
     make_log(directory, key, batches=(4, 4, 4, 4), segment_records=4)
-    assert audit.verify(directory).ok
+    assert verify(directory).ok
     (directory / "segment-000002.log.zst").unlink()
     brk = assert_break(directory, 2, 1 + len(read_lines(directory / "segment-000001.log.zst")))
     assert "segment 2 missing (deleted)" in brk.problem
@@ -580,16 +577,18 @@ def test_torn_write_is_recovered_and_recorded(tmp_path, key, monkeypatch):
     evidence = directory / info["evidence"]
     assert evidence.read_bytes().count(b"\n") == info["discarded_entries"]
     assert stat.S_IMODE(evidence.stat().st_mode) == 0o600
-    report = audit.verify(directory)
+    report = verify(directory)
     assert report.ok, report.first_break
     assert [r["after_sequence"] for r in report.recoveries] == [6]
     assert seqs[0] == 9  # 7 recover entry, 8 its checkpoint
-    assert [e["seq"] for e in audit.search(directory)] == [3, 4, 5, *seqs]
+    assert [e["seq"] for e in search(directory)] == [3, 4, 5, *seqs]
 
 
 _WRITER = """
 import sys
-from dccsign.audit.log import AuditKey, AuditLog, IssuanceRecord
+from dccsign.audit.key import AuditKey
+from dccsign.audit.records import IssuanceRecord
+from dccsign.audit.writer import AuditLog
 key = AuditKey.load(sys.argv[1], sys.argv[2].encode())
 log = AuditLog.open(sys.argv[3], key, segment_records=300)
 i = 0
@@ -622,10 +621,10 @@ def test_sigkill_under_load_loses_nothing_acknowledged(tmp_path, key_file):
     key = AuditKey.load(key_file, PASSPHRASE)
     with AuditLog.open(directory, key, segment_records=300) as log:
         assert log.head[0] >= acknowledged[-1]
-    report = audit.verify(directory)
+    report = verify(directory)
     assert report.ok, report.first_break
     assert report.segments >= 6
-    stored = {e["seq"] for e in audit.search(directory)}
+    stored = {e["seq"] for e in search(directory)}
     assert set(acknowledged) <= stored
 
 
@@ -649,7 +648,7 @@ def test_crash_between_closing_and_creating_a_segment(tmp_path, key, monkeypatch
     assert_break(directory, 2, 9, "segment 2 is missing")
     with AuditLog.open(directory, key, segment_records=5) as log:
         assert log.segment == 2 and log.recovered is None
-    assert audit.verify(directory).ok
+    assert verify(directory).ok
     assert [p.name for p in segment_files(directory)] == [
         "segment-000001.log.zst",
         "segment-000002.log",
@@ -660,7 +659,7 @@ def test_torn_bytes_after_a_closing_checkpoint(tmp_path, key, monkeypatch):
     """Nothing may follow a segment's closing checkpoint: the recovery goes to the next one."""
     directory = tmp_path / "log"
     log = AuditLog.open(directory, key, segment_records=5)
-    monkeypatch.setattr(audit.AuditLog, "_new_segment", _fail_new_segment)
+    monkeypatch.setattr(AuditLog, "_new_segment", _fail_new_segment)
     log.append_issuance(batch(0, 5))
     log.close()
     monkeypatch.undo()
@@ -670,7 +669,7 @@ def test_torn_bytes_after_a_closing_checkpoint(tmp_path, key, monkeypatch):
         assert log.recovered is not None and log.recovered["torn_segment"] == 1
         assert log.segment == 2
         log.append_issuance(batch(5, 1))
-    report = audit.verify(directory)
+    report = verify(directory)
     assert report.ok, report.first_break
     assert report.recoveries[0]["discarded_bytes"] == 22
     assert json.loads(read_lines(directory / "segment-000001.log.zst")[-1])["end"] == "segment"
@@ -697,12 +696,12 @@ def test_interrupted_compression_is_completed(tmp_path, key):
     plain = directory / "segment-000001.log"
     write_lines(plain, read_lines(packed))  # stopped between the rename and the unlink
     (directory / "segment-000002.log.zst.tmp").write_bytes(b"partial")
-    assert audit.verify(directory).ok
+    assert verify(directory).ok
     with AuditLog.open(directory, key, segment_records=4):
         pass
     assert not plain.exists() and packed.exists()
     assert not (directory / "segment-000002.log.zst.tmp").exists()
-    assert audit.verify(directory).ok
+    assert verify(directory).ok
 
 
 def test_a_discarded_plain_segment_left_behind_is_ignored_and_removed(tmp_path, key):
@@ -714,30 +713,30 @@ def test_a_discarded_plain_segment_left_behind_is_ignored_and_removed(tmp_path, 
     leftover = directory / "segment-000001.log.del"
     lines = read_lines(packed)
     write_lines(leftover, lines[: len(lines) // 2])  # shrunk halfway, then the crash
-    assert audit.verify(directory).ok
+    assert verify(directory).ok
     with AuditLog.open(directory, key, segment_records=4):
         pass
     assert not leftover.exists() and packed.exists()
-    assert audit.verify(directory).ok
+    assert verify(directory).ok
 
 
 def test_compression_writes_and_discards_in_steps(tmp_path, key, monkeypatch):
     """With steps smaller than a segment, the closed segments are compressed and the plain
     copies removed as in one go: the same records, a log that verifies, no .del left."""
-    monkeypatch.setattr(audit, "FLUSH_STEP", 64)
-    monkeypatch.setattr(audit, "SHRINK_STEP", 100)
+    monkeypatch.setattr(segments, "FLUSH_STEP", 64)
+    monkeypatch.setattr(segments, "SHRINK_STEP", 100)
     synced = []
     real = os.fdatasync
-    monkeypatch.setattr(audit.os, "fdatasync", lambda fd: (synced.append(fd), real(fd))[1])
+    monkeypatch.setattr(segments.os, "fdatasync", lambda fd: (synced.append(fd), real(fd))[1])
     directory = tmp_path / "log"
     make_log(directory, key, batches=(4, 4, 4), segment_records=4)
     names = sorted(p.name for p in directory.iterdir())
     assert "segment-000001.log.zst" in names and "segment-000002.log.zst" in names
     assert not [n for n in names if n.endswith((".del", ".tmp"))]
     assert len(synced) > 4  # stepped: many flushes per segment
-    report = audit.verify(directory)
+    report = verify(directory)
     assert report.ok, report.first_break
-    assert len(list(audit.search(directory))) == 12
+    assert len(list(search(directory))) == 12
 
 
 # ----------------------------------------------------------------------------- unavailable
@@ -767,7 +766,7 @@ def test_write_failure_stops_the_log(tmp_path, key, monkeypatch, call, code):
     log.close()
     with AuditLog.open(directory, key) as log:
         assert log.append_issuance(batch(2, 1))[0] > seqs[-1]
-    assert audit.verify(directory).ok
+    assert verify(directory).ok
 
 
 def test_unwritable_directory_is_unavailable(tmp_path, key, monkeypatch):
@@ -819,7 +818,7 @@ def test_audit_key_file(tmp_path, key_file):
     p256 = AuditKey.create(tmp_path / "p256.key", PASSPHRASE, algorithm="P-256")
     assert AuditKey.load(tmp_path / "p256.key", PASSPHRASE).fingerprint == p256.fingerprint
     make_log(tmp_path / "log", p256, batches=(2,))
-    assert audit.verify(tmp_path / "log", p256.public_key_pem()).ok
+    assert verify(tmp_path / "log", p256.public_key_pem()).ok
 
 
 # ----------------------------------------------------------------------------- privacy, revocation
@@ -851,7 +850,7 @@ def test_revocation_hashes_match_an_independent_computation(tmp_path, key):
             hashlib.sha256(signed).digest()[:16].hex(),
         )
 
-    got = audit.revocations(directory, account)
+    got = revocations(directory, account)
     assert [(r.uci, r.countrycodeuci, r.signature) for r in got] == [
         expected(records[0], es256[:32]),  # ES256: the r half only
         expected(records[1], ps256),  # PS256: the whole signature

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dccsign.audit.log import revocation_hashes
+from dccsign.audit.records import revocation_hashes
 from dccsign.native import implementation
 
 HEAD = '{"account":"uzi:9000é","alg":-7,"client":"portal-a","iss":'.encode()

@@ -22,7 +22,8 @@ import pytest
 import zstandard
 from test_keyd_process import kid_for, payload, start_keyd
 
-from dccsign.audit.log import search, verify
+from dccsign.audit.search import search
+from dccsign.audit.verify import verify
 from dccsign.dcc.verify import decode_hc1
 from dccsign.keyd.client import KeydClient
 from dccsign.keys.keystore import Keystore
@@ -64,7 +65,7 @@ def _signature_hashes(signatures):
     return {sha256(s[:32]).hexdigest()[:32] for s in signatures}
 
 
-def _entries(directory):
+def entries(directory):
     """Every entry of every segment (plain or compressed), as text lines."""
     lines = []
     for path in sorted(Path(directory).glob("segment-*")):
@@ -118,7 +119,7 @@ def test_keyd_resumes_by_itself_when_the_log_can_be_written_again(dev_keystore_c
     assert len(report.recoveries) == 1 and report.recoveries[0]["discarded_bytes"] == 300
     logged = {r["rev"]["SIGNATURE"] for r in search(audit, account="fsize")}
     assert _signature_hashes(received) <= logged
-    assert sum('"action":"audit-resumed"' in line for line in _entries(audit)) == 1
+    assert sum('"action":"audit-resumed"' in line for line in entries(audit)) == 1
     log = sock.with_suffix(".log").read_text()
     assert "signing stopped" in log and "signing resumed after" in log
 
@@ -183,17 +184,18 @@ def test_concurrent_signers_across_repeated_outages(dev_keystore_copy, tmp_path)
     assert code == 0
     report = verify(audit)
     assert report.ok, report.first_break
-    assert sum('"action":"audit-resumed"' in line for line in _entries(audit)) == 3
+    assert sum('"action":"audit-resumed"' in line for line in entries(audit)) == 3
     assert len(report.recoveries) <= 3
     logged = {r["rev"]["SIGNATURE"] for r in search(audit)}
     assert _signature_hashes(received) <= logged
-    assert sum('"action":"audit-resumed"' in line for line in _entries(audit)) == 3
+    assert sum('"action":"audit-resumed"' in line for line in entries(audit)) == 3
 
 
 _KEYD = """
 import signal, sys, threading
 from pathlib import Path
-from dccsign.audit.log import AuditKey, AuditLog
+from dccsign.audit.key import AuditKey
+from dccsign.audit.writer import AuditLog
 from dccsign.keyd.service import Keyd
 from dccsign.keyd.transport import serve_unix
 from dccsign.keys.keystore import resolve_passphrase

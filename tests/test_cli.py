@@ -69,7 +69,8 @@ def test_sign_input_forms_and_verify(ks, tmp_path, capsysbinary, form):
     lines = out.decode().splitlines()
     assert len(lines) == (1 if form == "object" else 3)
     # Signed through a private keyd: every certificate is in the keystore's audit log.
-    from dccsign.audit.log import search, verify
+    from dccsign.audit.search import search
+    from dccsign.audit.verify import verify
 
     records = list(search(ks / "audit"))
     assert len(records) == len(lines) and verify(ks / "audit").ok

@@ -10,7 +10,11 @@ import cbor2
 import pytest
 
 from dccsign import native
-from dccsign.audit.log import AuditKey, AuditLog, AuditUnavailable, search, verify
+from dccsign.audit.errors import AuditUnavailable
+from dccsign.audit.key import AuditKey
+from dccsign.audit.search import search
+from dccsign.audit.verify import verify
+from dccsign.audit.writer import AuditLog
 from dccsign.dcc.issuer import claims_prefix
 from dccsign.dcc.verify import verify_hc1
 from dccsign.keyd.client import KeydClient

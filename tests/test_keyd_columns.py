@@ -11,7 +11,12 @@ import cbor2
 import pytest
 
 from dccsign import native
-from dccsign.audit.log import CACHE_ENTRIES, AuditKey, AuditLog, AuditUnavailable, search, verify
+from dccsign.audit.errors import AuditUnavailable
+from dccsign.audit.issue_lines import CACHE_ENTRIES
+from dccsign.audit.key import AuditKey
+from dccsign.audit.search import search
+from dccsign.audit.verify import verify
+from dccsign.audit.writer import AuditLog
 from dccsign.dcc.issuer import claims_prefix
 from dccsign.dcc.verify import verify_hc1
 from dccsign.keyd.service import Keyd
@@ -119,7 +124,7 @@ def test_columns_and_parts_audit_the_same_records(dev_keystore_copy, tmp_path):
     """The same items through SIGN_COLUMNS (native audit lines from the string tables) and
     through the per-part audit path (``append_batches``): the same records, field for field
     except the chain and the time."""
-    from dccsign.audit.log import IssuanceBatch
+    from dccsign.audit.records import IssuanceBatch
 
     store = Keystore.open(dev_keystore_copy)
     pw = resolve_passphrase(store.directory)
@@ -233,9 +238,12 @@ def test_the_audit_caches_stay_bounded_and_keep_recent_entries(tmp_path, dev_key
     pw = resolve_passphrase(dev_keystore_copy)
     with AuditLog.open(tmp_path / "a", AuditKey.create(tmp_path / "k.pem", pw)) as log:
         for i in range(CACHE_ENTRIES + 500):
-            log._text(f"uzi:{i}", "account", 0)
-        assert len(log._texts) == CACHE_ENTRIES
-        assert f"uzi:{CACHE_ENTRIES + 499}" in log._texts and "uzi:0" not in log._texts
+            log._issue_lines.text(f"uzi:{i}", "account", 0)
+        assert len(log._issue_lines.texts) == CACHE_ENTRIES
+        assert (
+            f"uzi:{CACHE_ENTRIES + 499}" in log._issue_lines.texts
+            and "uzi:0" not in log._issue_lines.texts
+        )
 
 
 def test_result_columns_hold_signatures_in_item_order(env):

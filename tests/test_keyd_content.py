@@ -12,7 +12,10 @@ import cbor2
 import pytest
 import trio
 
-from dccsign.audit.log import AuditKey, AuditLog, search, verify
+from dccsign.audit.key import AuditKey
+from dccsign.audit.search import search
+from dccsign.audit.verify import verify
+from dccsign.audit.writer import AuditLog
 from dccsign.cli.main import build_parser
 from dccsign.dcc.issuer import MAX_HC1_CHARS, claims_prefix, max_payload
 from dccsign.keyd.client import KeydClient

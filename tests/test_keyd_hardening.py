@@ -20,7 +20,8 @@ import pytest
 from test_keyd_lifecycle import _children, _state
 
 from conftest import IN_CI
-from dccsign.audit.log import search, verify
+from dccsign.audit.search import search
+from dccsign.audit.verify import verify
 from dccsign.keyd.client import KeydClient, KeydError
 from dccsign.protocol.clients.blocking import Client
 from dccsign.protocol.codes import ErrorCode
@@ -462,7 +463,8 @@ def test_threads_are_named_for_per_thread_cpu_figures(dev_keystore_copy, tmp_pat
     import threading
 
     from dccsign import native
-    from dccsign.audit.log import AuditKey, AuditLog
+    from dccsign.audit.key import AuditKey
+    from dccsign.audit.writer import AuditLog
     from dccsign.keyd.service import Keyd
     from dccsign.keys.keystore import resolve_passphrase
     from dccsign.process import name_this_thread

@@ -16,7 +16,11 @@ import cbor2
 import pytest
 from test_keyd_process import kid_for, payload, start_keyd
 
-from dccsign.audit.log import LOCK_FILE, AuditKey, AuditLog, AuditLogError, _entries, search, verify
+from dccsign.audit.errors import AuditLogError
+from dccsign.audit.key import AuditKey
+from dccsign.audit.search import read_entries, search
+from dccsign.audit.verify import verify
+from dccsign.audit.writer import LOCK_FILE, AuditLog
 from dccsign.dcc.verify import decode_hc1
 from dccsign.keyd.client import KeydClient
 from dccsign.keyd.supervisor import _accepts
@@ -395,6 +399,6 @@ def test_engine_sigkilled_under_load_a_new_engine_serves_within_10_s(dev_keystor
     assert {sha256(_signature(h)[:32]).hexdigest()[:32] for h in held} <= logged
     # The orphan stopped gracefully (stdin closed): its keyd-stop event and final checkpoint
     # are in the log, so the new keyd had no torn tail to set aside.
-    entries = list(_entries(dev_keystore_copy / "audit"))
+    entries = list(read_entries(dev_keystore_copy / "audit"))
     assert [e["t"] for e in entries if e["t"] == "recover"] == []
     assert sum(e.get("action") == "keyd-stop" for e in entries) == 2

@@ -17,7 +17,8 @@ from cryptography import x509
 
 from conftest import IN_CI
 from dccsign import native
-from dccsign.audit.log import search, verify
+from dccsign.audit.search import search
+from dccsign.audit.verify import verify
 from dccsign.cli.main import main
 from dccsign.dcc.dsc import DSC
 from dccsign.dcc.issuer import claims_prefix

@@ -13,7 +13,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from dccsign.audit.log import search, verify
+from dccsign.audit.search import search
+from dccsign.audit.verify import verify
 from dccsign.dcc.issuer import claims_prefix
 from dccsign.keyd.client import KeydClient, KeydError
 from dccsign.keyd.supervisor import _accepts

@@ -9,7 +9,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from dccsign.audit.log import search
+from dccsign.audit.search import search
 from dccsign.cli.main import main
 from dccsign.dcc.issuer import claims_prefix
 from dccsign.keyd.supervisor import PrivateKeyd

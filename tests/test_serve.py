@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from dccsign.audit.log import search
+from dccsign.audit.search import search
 from dccsign.keys.keystore import Keystore
 from dccsign.protocol.clients.blocking import ClientError
 from dccsign.protocol.codes import ErrorCode

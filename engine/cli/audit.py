@@ -1,4 +1,4 @@
-"""``dccsign audit``: verify and search the issuance audit log (see :mod:`dccsign.audit.log`).
+"""``dccsign audit``: verify and search the issuance audit log (see :mod:`dccsign.audit`).
 
 Exit codes, as for the rest of the CLI:
     0  success (``verify``: the log is intact)
@@ -44,7 +44,8 @@ def _read_file(path: Path, what: str) -> bytes | None:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from ..audit.log import AuditError, verify
+    from ..audit.errors import AuditError
+    from ..audit.verify import verify
 
     pem = None
     if args.audit_pubkey is not None:
@@ -116,7 +117,8 @@ def _row(entry: dict[str, Any]) -> str:
 
 
 def cmd_audit_search(args: argparse.Namespace) -> int:
-    from ..audit.log import AuditLogError, search
+    from ..audit.errors import AuditLogError
+    from ..audit.search import search
 
     if not args.directory.is_dir():
         return _error(EXIT_FILE, f"{args.directory}: no such audit log directory")
@@ -155,7 +157,8 @@ def cmd_audit_search(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_revocations(args: argparse.Namespace) -> int:
-    from ..audit.log import AuditLogError, revocations
+    from ..audit.errors import AuditLogError
+    from ..audit.search import revocations
 
     if not args.directory.is_dir():
         return _error(EXIT_FILE, f"{args.directory}: no such audit log directory")

@@ -26,7 +26,7 @@ def cmd_keyd(args: argparse.Namespace) -> int:
     import signal
     import sys
 
-    from ..audit.log import AuditError
+    from ..audit.errors import AuditError
     from ..errors import KeystoreError
     from ..keyd.bootstrap import read_passphrase_line, run, watch_supervisor
     from ..process import make_non_dumpable

@@ -12,7 +12,8 @@ from collections.abc import Collection
 from pathlib import Path
 
 from .. import native
-from ..audit.log import AuditLog, KeyEvent
+from ..audit.records import KeyEvent
+from ..audit.writer import AuditLog
 from ..keys.keystore import Keystore
 from .service import DEFAULT_NONCE_POOL, Keyd
 from .transport import serve_unix
@@ -73,7 +74,7 @@ def run(
         KeystoreError: keystore, passphrase or audit key unusable (nothing was started).
         AuditLogError, AuditUnavailable: the audit log is broken or cannot be written.
     """
-    from ..audit.log import AuditKey
+    from ..audit.key import AuditKey
     from ..keys.keystore import resolve_passphrase
 
     root = Path(keystore)

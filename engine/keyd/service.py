@@ -71,7 +71,9 @@ from pathlib import Path
 from typing import Any
 
 from .. import native
-from ..audit.log import AuditError, AuditLog, AuditUnavailable, KeyEvent
+from ..audit.errors import AuditError, AuditUnavailable
+from ..audit.records import KeyEvent
+from ..audit.writer import AuditLog
 from ..dcc.dsc import DSC, TYPE_NAMES
 from ..dcc.issuer import MAX_HC1_CHARS, max_payload
 from ..dcc.validate import DCCValidationError, validate
