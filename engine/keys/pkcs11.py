@@ -309,6 +309,13 @@ class _Transient(Exception):
     re-initialising do not help."""
 
 
+def _login_failure(exc: p11e.PKCS11Error, what: str) -> Exception:
+    """The error for a PKCS#11 failure while opening a session: a general error may be
+    another process's concurrent login (retried as _Transient), any other one is final."""
+    kind = _Transient if isinstance(exc, p11e.GeneralError) else Pkcs11Error
+    return kind(f"{what}: {_why(exc)}")
+
+
 def _login(
     state: _Module, module: str, token_label: str, pin_text: str, read_only: bool
 ) -> tuple[Any, Any]:
@@ -332,10 +339,8 @@ def _login(
         ) from None
     except p11e.MultipleTokensReturned:
         raise Pkcs11Error(f"more than one token is labelled {token_label!r} in {module}") from None
-    except p11e.GeneralError as exc:
-        raise _Transient(f"cannot list the tokens of {module}: {_why(exc)}") from None
     except p11e.PKCS11Error as exc:
-        raise Pkcs11Error(f"cannot list the tokens of {module}: {_why(exc)}") from None
+        raise _login_failure(exc, f"cannot list the tokens of {module}") from None
     if token.serial in state.open_serials:
         raise Pkcs11Error(
             f"token {token_label!r} is already open in this process: share that "
@@ -367,10 +372,8 @@ def _login(
         ) from None
     except p11e.UserPinNotInitialized:
         raise _Transient(f"token {token_label!r} has no user PIN set") from None
-    except p11e.GeneralError as exc:
-        raise _Transient(f"cannot log in to token {token_label!r}: {_why(exc)}") from None
     except p11e.PKCS11Error as exc:
-        raise Pkcs11Error(f"cannot log in to token {token_label!r}: {_why(exc)}") from None
+        raise _login_failure(exc, f"cannot log in to token {token_label!r}") from None
     state.open_serials.add(token.serial)
     return token, session
 
