@@ -189,72 +189,25 @@ _V_KEYS: Final = frozenset({"tg", "vp", "mp", "ma", "dn", "sd", "dt", "co", "is"
 _TEST_KEYS: Final = frozenset({"tg", "tt", "nm", "ma", "sc", "tr", "tc", "co", "is", "ci"})
 _R_KEYS: Final = frozenset({"tg", "fr", "co", "is", "df", "du", "ci"})
 
-_P100 = _Profile(
-    "1.0.0",
-    max_len=50,
-    dose_max=9,
-    dob_partial=False,
-    dob_empty=False,
-    tt_coded=False,
-    has_dr=True,
-    tc_required=True,
-    fnt_required=True,
-)
-_P101 = _Profile(
-    "1.0.1 to 1.0.x",
-    max_len=50,
-    dose_max=9,
-    dob_partial=False,
-    dob_empty=False,
-    tt_coded=True,
-    has_dr=True,
-    tc_required=True,
-    fnt_required=True,
-)
-_P110 = _Profile(
-    "1.1.x",
-    max_len=50,
-    dose_max=9,
-    dob_partial=True,
-    dob_empty=False,
-    tt_coded=True,
-    has_dr=True,
-    tc_required=True,
-    fnt_required=True,
-)
-_P120 = _Profile(
-    "1.2.x",
-    max_len=50,
-    dose_max=9,
-    dob_partial=True,
-    dob_empty=False,
-    tt_coded=True,
-    has_dr=False,
-    tc_required=True,
-    fnt_required=True,
-)
-_P130 = _Profile(
-    "1.3.0 to 1.3.1",
-    max_len=80,
-    dose_max=DOSE_MAX,
-    dob_partial=True,
-    dob_empty=True,
-    tt_coded=True,
-    has_dr=False,
-    tc_required=False,
-    fnt_required=True,
-)
-_P132 = _Profile(
-    "1.3.2 and later",
-    max_len=80,
-    dose_max=DOSE_MAX,
-    dob_partial=True,
-    dob_empty=True,
-    tt_coded=True,
-    has_dr=False,
-    tc_required=False,
-    fnt_required=False,
-)
+# The rules that changed between schema releases, one row per profile (the "Schema versions
+# compared" table of the spec notes): the release text for messages, then _Profile's keyword
+# arguments in the order of _PROFILE_COLUMNS.
+_PROFILE_COLUMNS: Final = (
+    "max_len", "dose_max", "dob_partial", "dob_empty", "tt_coded", "has_dr", "tc_required",
+    "fnt_required",
+)  # fmt: skip
+_P100, _P101, _P110, _P120, _P130, _P132 = (
+    _Profile(release, **dict(zip(_PROFILE_COLUMNS, rules, strict=True)))
+    for release, *rules in (
+        # release           max_len dose_max  partial dob_empty tt_coded has_dr tc_req fnt_req
+        ("1.0.0",            50,    9,        False,  False,    False,   True,  True,  True),
+        ("1.0.1 to 1.0.x",   50,    9,        False,  False,    True,    True,  True,  True),
+        ("1.1.x",            50,    9,        True,   False,    True,    True,  True,  True),
+        ("1.2.x",            50,    9,        True,   False,    True,    False, True,  True),
+        ("1.3.0 to 1.3.1",   80,    DOSE_MAX, True,   True,     True,    False, False, True),
+        ("1.3.2 and later",  80,    DOSE_MAX, True,   True,     True,    False, False, False),
+    )
+)  # fmt: skip
 
 # The known releases, looked up by exact string on the hot path.
 _PROFILES: Final = {
@@ -547,7 +500,8 @@ def _uvci(value: object, prefix: str, prof: _Profile, issues: list[Issue]) -> No
     else:
         problem = check_uvci(str(value))
         if problem is not None:
-            issues.append(Issue(path, problem[0], problem[1]))
+            rule, message = problem
+            issues.append(Issue(path, rule, message))
 
 
 def _translit(value: object, key: str, prof: _Profile, issues: list[Issue]) -> bool:
