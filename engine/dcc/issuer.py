@@ -300,7 +300,8 @@ class Issuer:
             if group is None:
                 groups[key.dsc.kid] = (key, [i])
             else:
-                group[1].append(i)
+                _key, indices = group
+                indices.append(i)
         if errors:
             raise InvalidBatchError(errors)
 

@@ -189,72 +189,25 @@ _V_KEYS: Final = frozenset({"tg", "vp", "mp", "ma", "dn", "sd", "dt", "co", "is"
 _TEST_KEYS: Final = frozenset({"tg", "tt", "nm", "ma", "sc", "tr", "tc", "co", "is", "ci"})
 _R_KEYS: Final = frozenset({"tg", "fr", "co", "is", "df", "du", "ci"})
 
-_P100 = _Profile(
-    "1.0.0",
-    max_len=50,
-    dose_max=9,
-    dob_partial=False,
-    dob_empty=False,
-    tt_coded=False,
-    has_dr=True,
-    tc_required=True,
-    fnt_required=True,
-)
-_P101 = _Profile(
-    "1.0.1 to 1.0.x",
-    max_len=50,
-    dose_max=9,
-    dob_partial=False,
-    dob_empty=False,
-    tt_coded=True,
-    has_dr=True,
-    tc_required=True,
-    fnt_required=True,
-)
-_P110 = _Profile(
-    "1.1.x",
-    max_len=50,
-    dose_max=9,
-    dob_partial=True,
-    dob_empty=False,
-    tt_coded=True,
-    has_dr=True,
-    tc_required=True,
-    fnt_required=True,
-)
-_P120 = _Profile(
-    "1.2.x",
-    max_len=50,
-    dose_max=9,
-    dob_partial=True,
-    dob_empty=False,
-    tt_coded=True,
-    has_dr=False,
-    tc_required=True,
-    fnt_required=True,
-)
-_P130 = _Profile(
-    "1.3.0 to 1.3.1",
-    max_len=80,
-    dose_max=DOSE_MAX,
-    dob_partial=True,
-    dob_empty=True,
-    tt_coded=True,
-    has_dr=False,
-    tc_required=False,
-    fnt_required=True,
-)
-_P132 = _Profile(
-    "1.3.2 and later",
-    max_len=80,
-    dose_max=DOSE_MAX,
-    dob_partial=True,
-    dob_empty=True,
-    tt_coded=True,
-    has_dr=False,
-    tc_required=False,
-    fnt_required=False,
-)
+# The rules that changed between schema releases, one row per profile (the "Schema versions
+# compared" table of the spec notes): the release text for messages, then _Profile's keyword
+# arguments in the order of _PROFILE_COLUMNS.
+_PROFILE_COLUMNS: Final = (
+    "max_len", "dose_max", "dob_partial", "dob_empty", "tt_coded", "has_dr", "tc_required",
+    "fnt_required",
+)  # fmt: skip
+_P100, _P101, _P110, _P120, _P130, _P132 = (
+    _Profile(release, **dict(zip(_PROFILE_COLUMNS, rules, strict=True)))
+    for release, *rules in (
+        # release           max_len dose_max  partial dob_empty tt_coded has_dr tc_req fnt_req
+        ("1.0.0",            50,    9,        False,  False,    False,   True,  True,  True),
+        ("1.0.1 to 1.0.x",   50,    9,        False,  False,    True,    True,  True,  True),
+        ("1.1.x",            50,    9,        True,   False,    True,    True,  True,  True),
+        ("1.2.x",            50,    9,        True,   False,    True,    False, True,  True),
+        ("1.3.0 to 1.3.1",   80,    DOSE_MAX, True,   True,     True,    False, False, True),
+        ("1.3.2 and later",  80,    DOSE_MAX, True,   True,     True,    False, False, False),
+    )
+)  # fmt: skip
 
 # The known releases, looked up by exact string on the hot path.
 _PROFILES: Final = {
@@ -547,7 +500,8 @@ def _uvci(value: object, prefix: str, prof: _Profile, issues: list[Issue]) -> No
     else:
         problem = check_uvci(str(value))
         if problem is not None:
-            issues.append(Issue(path, problem[0], problem[1]))
+            rule, message = problem
+            issues.append(Issue(path, rule, message))
 
 
 def _translit(value: object, key: str, prof: _Profile, issues: list[Issue]) -> bool:
@@ -639,6 +593,11 @@ def _check_nam(nam: object, prof: _Profile, issues: list[Issue]) -> None:
         issues.append(Issue("$.nam", "empty", "at least one of fnt and gnt must be non-empty"))
 
 
+def _text_ok(x: object, max_len: int) -> bool:
+    """The valid case of a non-empty free-text field, quickly (:func:`_text` says why not)."""
+    return x.__class__ is str and 0 < len(x) <= max_len and (x.isascii() or _utf8(x))
+
+
 def _check_co_is(
     get: Callable[[str, object], object], p: str, prof: _Profile, lk: _Lookup, issues: list[Issue]
 ) -> None:
@@ -647,7 +606,7 @@ def _check_co_is(
     if x.__class__ is not str or x not in lk.co:
         _code(x, lk.co, p, "co", "country-2-codes", issues)
     x = get("is", _MISSING)
-    if x.__class__ is not str or not 0 < len(x) <= prof.max_len or not (x.isascii() or _utf8(x)):
+    if not _text_ok(x, prof.max_len):
         _text(x, p, "is", prof, issues, nonempty=True)
 
 
@@ -660,65 +619,93 @@ def _check_ci(
         _uvci(x, p, prof, issues)
 
 
-def _check_v(e: object, p: str, prof: _Profile, lk: _Lookup, issues: list[Issue]) -> None:
+# The entry fields checked the same way in every entry type, as rows
+# (key, kind, attribute of _Lookup holding the codes, value-set name), in the order of their
+# issues. Kinds: a code from a value set, a dose number (dn/sd), a complete calendar date.
+_CODE: Final = 0
+_DOSE: Final = 1
+_DATE: Final = 2
+_FieldRow = tuple[str, int, str, str]
+_TG: Final[_FieldRow] = ("tg", _CODE, "tg", "disease-agent-targeted")
+_V_FIELDS: Final[tuple[_FieldRow, ...]] = (
+    _TG,
+    ("vp", _CODE, "vp", "vaccine-prophylaxis"),
+    ("mp", _CODE, "mp", "vaccine-medicinal-product"),
+    ("ma", _CODE, "vma", "vaccine-mah-manf"),
+    ("dn", _DOSE, "", ""),
+    ("sd", _DOSE, "", ""),
+    ("dt", _DATE, "", ""),
+)
+_T_HEAD_FIELDS: Final[tuple[_FieldRow, ...]] = (_TG,)
+_T_RESULT_FIELDS: Final[tuple[_FieldRow, ...]] = (("tr", _CODE, "tr", "test-result"),)
+_R_FIELDS: Final[tuple[_FieldRow, ...]] = (_TG, ("fr", _DATE, "", ""))
+
+
+def _check_fields(
+    get: Callable[[str, object], object],
+    p: str,
+    rows: tuple[_FieldRow, ...],
+    prof: _Profile,
+    lk: _Lookup,
+    issues: list[Issue],
+) -> None:
+    """Check the fields of *rows* (see :data:`_V_FIELDS`) of the entry at *p*, in order:
+    a quick test of the valid case, the reasons only when it fails."""
+    for key, kind, codes, set_name in rows:
+        x = get(key, _MISSING)
+        if kind is _CODE:
+            table = getattr(lk, codes)
+            if x.__class__ is not str or x not in table:
+                _code(x, table, p, key, set_name, issues)
+        elif kind is _DOSE:
+            if x.__class__ is not int or not 1 <= x <= prof.dose_max:
+                _dose(x, p, key, prof, issues)
+        elif x.__class__ is not str or not _is_date(x):
+            _date(x, p, key, issues)
+
+
+def _entry_getter(
+    e: object, p: str, allowed: frozenset[str], what: str, issues: list[Issue]
+) -> Callable[[str, object], object] | None:
+    """The field getter of the *what* entry *e* (after reporting fields outside *allowed*),
+    or None when *e* is not an object."""
     if not isinstance(e, dict):
-        issues.append(_type_issue(p, "a vaccination entry object", e))
+        issues.append(_type_issue(p, f"a {what} entry object", e))
+        return None
+    if not e.keys() <= allowed:
+        _unknown_fields(e, allowed, p, issues, what)
+    return e.get
+
+
+def _check_v(e: object, p: str, prof: _Profile, lk: _Lookup, issues: list[Issue]) -> None:
+    get = _entry_getter(e, p, _V_KEYS, "vaccination", issues)
+    if get is None:
         return
-    if not e.keys() <= _V_KEYS:
-        _unknown_fields(e, _V_KEYS, p, issues, "vaccination")
-    get = e.get
-    x = get("tg", _MISSING)
-    if x.__class__ is not str or x not in lk.tg:
-        _code(x, lk.tg, p, "tg", "disease-agent-targeted", issues)
-    x = get("vp", _MISSING)
-    if x.__class__ is not str or x not in lk.vp:
-        _code(x, lk.vp, p, "vp", "vaccine-prophylaxis", issues)
-    x = get("mp", _MISSING)
-    if x.__class__ is not str or x not in lk.mp:
-        _code(x, lk.mp, p, "mp", "vaccine-medicinal-product", issues)
-    x = get("ma", _MISSING)
-    if x.__class__ is not str or x not in lk.vma:
-        _code(x, lk.vma, p, "ma", "vaccine-mah-manf", issues)
-    x = get("dn", _MISSING)
-    if x.__class__ is not int or not 1 <= x <= prof.dose_max:
-        _dose(x, p, "dn", prof, issues)
-    x = get("sd", _MISSING)
-    if x.__class__ is not int or not 1 <= x <= prof.dose_max:
-        _dose(x, p, "sd", prof, issues)
-    x = get("dt", _MISSING)
-    if x.__class__ is not str or not _is_date(x):
-        _date(x, p, "dt", issues)
+    _check_fields(get, p, _V_FIELDS, prof, lk, issues)
     _check_co_is(get, p, prof, lk, issues)
     _check_ci(get, p, prof, issues)
 
 
 def _check_t(e: object, p: str, prof: _Profile, lk: _Lookup, issues: list[Issue]) -> None:
-    if not isinstance(e, dict):
-        issues.append(_type_issue(p, "a test entry object", e))
+    get = _entry_getter(e, p, prof.test_keys, "test", issues)
+    if get is None:
         return
-    if not e.keys() <= prof.test_keys:
-        _unknown_fields(e, prof.test_keys, p, issues, "test")
-    get = e.get
     ml = prof.max_len
-    x = get("tg", _MISSING)
-    if x.__class__ is not str or x not in lk.tg:
-        _code(x, lk.tg, p, "tg", "disease-agent-targeted", issues)
+    _check_fields(get, p, _T_HEAD_FIELDS, prof, lk, issues)
     x = get("tt", _MISSING)
     if not prof.tt_coded:  # schema 1.0.0: free text
         _text(x, p, "tt", prof, issues, nonempty=True)
     elif x.__class__ is not str or x not in lk.tt:
         _code(x, lk.tt, p, "tt", "test-type", issues)
     x = get("nm", _MISSING)
-    if x is not _MISSING and (
-        x.__class__ is not str or not 0 < len(x) <= ml or not (x.isascii() or _utf8(x))
-    ):
+    if x is not _MISSING and not _text_ok(x, ml):
         _text(x, p, "nm", prof, issues, nonempty=True)
     x = get("ma", _MISSING)
     if x is not _MISSING:
         if lk.test_manf is not None:
             if x.__class__ is not str or x not in lk.test_manf:
                 _code(x, lk.test_manf, p, "ma", "test-manf", issues)
-        elif x.__class__ is not str or not 0 < len(x) <= ml or not (x.isascii() or _utf8(x)):
+        elif not _text_ok(x, ml):
             # No authoritative RAT device list loaded: any non-empty text.
             _text(x, p, "ma", prof, issues, nonempty=True)
     x = get("sc", _MISSING)
@@ -734,38 +721,30 @@ def _check_t(e: object, p: str, prof: _Profile, lk: _Lookup, issues: list[Issue]
         x = get("dr", _MISSING)
         if x is not _MISSING:
             _datetime(x, p, "dr", issues)
-    x = get("tr", _MISSING)
-    if x.__class__ is not str or x not in lk.tr:
-        _code(x, lk.tr, p, "tr", "test-result", issues)
+    _check_fields(get, p, _T_RESULT_FIELDS, prof, lk, issues)
     x = get("tc", _MISSING)
-    if (x is not _MISSING or prof.tc_required) and (
-        x.__class__ is not str or not 0 < len(x) <= ml or not (x.isascii() or _utf8(x))
-    ):
+    if (x is not _MISSING or prof.tc_required) and not _text_ok(x, ml):
         _text(x, p, "tc", prof, issues, nonempty=True)
     _check_co_is(get, p, prof, lk, issues)
     _check_ci(get, p, prof, issues)
 
 
+def _date_field(get: Callable[[str, object], object], p: str, key: str, issues: list[Issue]):
+    """The complete date in field *key*, or None after reporting why it is not one."""
+    x = get(key, _MISSING)
+    if x.__class__ is str and _is_date(x):
+        return x
+    return _date(x, p, key, issues)
+
+
 def _check_r(e: object, p: str, prof: _Profile, lk: _Lookup, issues: list[Issue]) -> None:
-    if not isinstance(e, dict):
-        issues.append(_type_issue(p, "a recovery entry object", e))
+    get = _entry_getter(e, p, _R_KEYS, "recovery", issues)
+    if get is None:
         return
-    if not e.keys() <= _R_KEYS:
-        _unknown_fields(e, _R_KEYS, p, issues, "recovery")
-    get = e.get
-    x = get("tg", _MISSING)
-    if x.__class__ is not str or x not in lk.tg:
-        _code(x, lk.tg, p, "tg", "disease-agent-targeted", issues)
-    x = get("fr", _MISSING)
-    if x.__class__ is not str or not _is_date(x):
-        _date(x, p, "fr", issues)
+    _check_fields(get, p, _R_FIELDS, prof, lk, issues)
     _check_co_is(get, p, prof, lk, issues)
-    df = get("df", _MISSING)
-    if df.__class__ is not str or not _is_date(df):
-        df = _date(df, p, "df", issues)
-    du = get("du", _MISSING)
-    if du.__class__ is not str or not _is_date(du):
-        du = _date(du, p, "du", issues)
+    df = _date_field(get, p, "df", issues)
+    du = _date_field(get, p, "du", issues)
     if df is not None and du is not None and du < df:
         issues.append(
             Issue(

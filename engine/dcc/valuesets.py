@@ -223,20 +223,21 @@ class ValueSets:
         codes = self._sets.get(set_id)
         return codes is not None and isinstance(code, str) and code in codes
 
-    def display(self, set_id: str, code: str) -> str | None:
-        """The display text of ``code`` in ``set_id``, or ``None`` if unknown or absent."""
+    def _entry(self, set_id: str, code: str) -> _Entry | None:
+        """The entry of ``code`` in ``set_id``; ``None`` when either is unknown."""
         codes = self._sets.get(set_id)
         if codes is None or not isinstance(code, str):
             return None
-        entry = codes.get(code)
+        return codes.get(code)
+
+    def display(self, set_id: str, code: str) -> str | None:
+        """The display text of ``code`` in ``set_id``, or ``None`` if unknown or absent."""
+        entry = self._entry(set_id, code)
         return None if entry is None else entry.display
 
     def is_active(self, set_id: str, code: str) -> bool | None:
         """The ``active`` flag of ``code`` in ``set_id``; ``None`` when the code is unknown."""
-        codes = self._sets.get(set_id)
-        if codes is None or not isinstance(code, str):
-            return None
-        entry = codes.get(code)
+        entry = self._entry(set_id, code)
         return None if entry is None else entry.active
 
     def codes(self, set_id: str) -> frozenset[str]:

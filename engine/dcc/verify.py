@@ -165,68 +165,18 @@ def verify_hc1(text: str, dscs: Sequence[DSC], *, at: dt.datetime | None = None)
     at = at or dt.datetime.now(dt.UTC)
     if at.tzinfo is None:
         at = at.replace(tzinfo=dt.UTC)
-    text = text.rstrip("\r\n")
-    if not text.startswith(HC1_PREFIX):
-        return result.fail("prefix", "the text does not start with 'HC1:'")
-    try:
-        compressed = native.b45decode(text[len(HC1_PREFIX) :])
-    except native.Base45DecodeError as exc:
-        return result.fail("base45", str(exc))
-    try:
-        cose = native.zlib_decompress(compressed)
-    except native.ZlibError as exc:
-        return result.fail("zlib", str(exc))
-    try:
-        parts = native.sign1_decode(cose)
-    except native.CoseFormatError as exc:
-        return result.fail("cose", str(exc))
-    if parts.tags not in _ACCEPTED_TAGS:
-        return result.fail("cose", f"unexpected CBOR tags {list(parts.tags)} around COSE_Sign1")
-    try:
-        protected = _header_map(parts.protected, "protected")
-        unprotected = _header_map(parts.unprotected, "unprotected")
-    except (ValueError, cbor2.CBORDecodeError) as exc:
-        return result.fail("header", f"malformed header: {exc}")
-    # The protected bucket wins where both hold a label (hcert spec §3.3.3).
-    alg = protected.get(1, unprotected.get(1))
-    kid = protected.get(4, unprotected.get(4))
-    if alg not in _ALG_NAMES:
-        return result.fail("header", f"algorithm {alg!r} is not ES256 (-7) or PS256 (-37)")
-    result.alg = _ALG_NAMES[alg]
-    if not isinstance(kid, bytes) or len(kid) != 8:
-        return result.fail("header", "kid must be an 8-byte string")
-    result.kid = kid.hex()
-    try:
-        claims = _plain(loads_exact(parts.payload))
-    except (ValueError, cbor2.CBORDecodeError) as exc:
-        return result.fail("cwt", f"payload is not CBOR: {exc}")
-    if not isinstance(claims, dict):
-        return result.fail("cwt", "the CWT payload is not a map")
-    iss, iat, exp = claims.get(1), claims.get(6), claims.get(4)
-    result.iss = iss if isinstance(iss, str) else None
-    # Floats occur in the wild (spec notes §4.5): tolerate them, report integers.
-    for name, value in (("iat", iat), ("exp", exp)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            return result.fail("cwt", f"{name} must be a NumericDate")
-    result.iat = int(iat) if iat is not None else None
-    result.exp = int(exp) if exp is not None else None
-    hcert = claims.get(-260)
-    dcc = hcert.get(1) if isinstance(hcert, dict) else None
-    if not isinstance(dcc, dict):
-        return result.fail("cwt", "no DCC under claim -260 / key 1")
-    result.dcc = dcc
-    groups = [t for t in ("v", "t", "r") if t in dcc]
-    result.type = groups[0] if len(groups) == 1 else None
-
+    parts = _decode_sign1(result, text)
+    if parts is None:
+        return result
+    header = _read_header(result, parts)
+    if header is None:
+        return result
+    alg, kid = header
+    times = _read_claims(result, parts)
+    if times is None:
+        return result
     # Time validity does not depend on the signature: it is reported either way.
-    now = at.timestamp()
-    time_errors = []
-    if result.iat is not None and now < iat:
-        time_errors.append(f"not yet valid: iat {result.iat} is after the check time")
-    if result.exp is None:
-        time_errors.append("no exp claim")
-    elif now > exp:
-        time_errors.append(f"expired: exp {result.exp} is before the check time")
+    time_errors = _time_errors(result, *times, at.timestamp())
     result.time_valid = not time_errors
 
     matched = _find_signer(result, dscs, kid, alg, parts)
@@ -240,6 +190,104 @@ def verify_hc1(text: str, dscs: Sequence[DSC], *, at: dt.datetime | None = None)
                 f"the DSC's extended key usage does not allow a {TYPE_NAMES[result.type]} DCC",
             )
     return result
+
+
+def _decode_sign1(result: VerifyResult, text: str) -> native.Sign1Parts | None:
+    """The COSE_Sign1 of *text* (prefix, base45, zlib, COSE, tags), or None after recording
+    the failing step in *result*."""
+    text = text.rstrip("\r\n")
+    if not text.startswith(HC1_PREFIX):
+        result.fail("prefix", "the text does not start with 'HC1:'")
+        return None
+    try:
+        compressed = native.b45decode(text[len(HC1_PREFIX) :])
+    except native.Base45DecodeError as exc:
+        result.fail("base45", str(exc))
+        return None
+    try:
+        cose = native.zlib_decompress(compressed)
+    except native.ZlibError as exc:
+        result.fail("zlib", str(exc))
+        return None
+    try:
+        parts = native.sign1_decode(cose)
+    except native.CoseFormatError as exc:
+        result.fail("cose", str(exc))
+        return None
+    if parts.tags not in _ACCEPTED_TAGS:
+        result.fail("cose", f"unexpected CBOR tags {list(parts.tags)} around COSE_Sign1")
+        return None
+    return parts
+
+
+def _read_header(result: VerifyResult, parts: native.Sign1Parts) -> tuple[int, bytes] | None:
+    """(alg, kid) from the headers, also recorded in *result*; None after recording the
+    failure."""
+    try:
+        protected = _header_map(parts.protected, "protected")
+        unprotected = _header_map(parts.unprotected, "unprotected")
+    except (ValueError, cbor2.CBORDecodeError) as exc:
+        result.fail("header", f"malformed header: {exc}")
+        return None
+    # The protected bucket wins where both hold a label (hcert spec §3.3.3).
+    alg = protected.get(1, unprotected.get(1))
+    kid = protected.get(4, unprotected.get(4))
+    if alg not in _ALG_NAMES:
+        result.fail("header", f"algorithm {alg!r} is not ES256 (-7) or PS256 (-37)")
+        return None
+    result.alg = _ALG_NAMES[alg]
+    if not isinstance(kid, bytes) or len(kid) != 8:
+        result.fail("header", "kid must be an 8-byte string")
+        return None
+    result.kid = kid.hex()
+    return alg, kid
+
+
+def _read_claims(result: VerifyResult, parts: native.Sign1Parts) -> tuple[Any, Any] | None:
+    """Record the CWT's iss, iat, exp, DCC and type in *result*; return the raw (iat, exp)
+    (each None, int or float), or None after recording the failure."""
+    try:
+        claims = _plain(loads_exact(parts.payload))
+    except (ValueError, cbor2.CBORDecodeError) as exc:
+        result.fail("cwt", f"payload is not CBOR: {exc}")
+        return None
+    if not isinstance(claims, dict):
+        result.fail("cwt", "the CWT payload is not a map")
+        return None
+    iss, iat, exp = claims.get(1), claims.get(6), claims.get(4)
+    result.iss = iss if isinstance(iss, str) else None
+    # Floats occur in the wild (spec notes §4.5): tolerate them, report integers.
+    for name, value in (("iat", iat), ("exp", exp)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            result.fail("cwt", f"{name} must be a NumericDate")
+            return None
+    result.iat = int(iat) if iat is not None else None
+    result.exp = int(exp) if exp is not None else None
+    hcert = claims.get(-260)
+    dcc = hcert.get(1) if isinstance(hcert, dict) else None
+    if not isinstance(dcc, dict):
+        result.fail("cwt", "no DCC under claim -260 / key 1")
+        return None
+    result.dcc = dcc
+    groups = [t for t in ("v", "t", "r") if t in dcc]
+    result.type = groups[0] if len(groups) == 1 else None
+    return iat, exp
+
+
+def _time_errors(result: VerifyResult, iat: Any, exp: Any, now: float) -> list[str]:
+    """Why the check time *now* (POSIX seconds) is outside [iat, exp]; empty when inside.
+
+    The raw claims are compared (a float iat stays a float); the messages name the integers
+    recorded in *result*.
+    """
+    time_errors = []
+    if result.iat is not None and now < iat:
+        time_errors.append(f"not yet valid: iat {result.iat} is after the check time")
+    if result.exp is None:
+        time_errors.append("no exp claim")
+    elif now > exp:
+        time_errors.append(f"expired: exp {result.exp} is before the check time")
+    return time_errors
 
 
 def _find_signer(

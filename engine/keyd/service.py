@@ -68,7 +68,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import accumulate, compress, repeat
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .. import native
 from ..audit.errors import AuditError, AuditUnavailable
@@ -181,6 +181,16 @@ def _refuse_selected(
     return _columns_result(rid, codes, [], reasons)
 
 
+class _SignJob(NamedTuple):
+    """One chunk of a batch for one signing call: its item numbers, the key, the payloads
+    (read in place) and whether the key's nonce pool covers every one of them."""
+
+    chunk: array
+    key: LoadedKey
+    payloads: Spans
+    pooled: bool
+
+
 @dataclass(eq=False)
 class _Batch:
     """One kid's batch inside :meth:`Keyd.sign_columns` / :meth:`Keyd.sign_kids`: checked,
@@ -194,7 +204,7 @@ class _Batch:
     codes: bytearray = field(default_factory=bytearray)
     facts: bytes = b""
     reasons: dict[int, str] = field(default_factory=dict)
-    jobs: list[tuple[array, Any, list[bytes], bool]] = field(default_factory=list)
+    jobs: list[_SignJob] = field(default_factory=list)
     pending: list[tuple[array, Future[list[bytes]]]] = field(default_factory=list)
     selected: array = field(default_factory=lambda: array("I"))
     signatures: list[bytes] = field(default_factory=list)
@@ -731,7 +741,7 @@ class Keyd:
             chunk = ok[at : at + step]
             # The payloads read in place by the signer: no bytes object per item.
             payloads = Spans(cols.payloads, starts, cols.ends, chunk)
-            batch.jobs.append((chunk, key, payloads, pooled))
+            batch.jobs.append(_SignJob(chunk, key, payloads, pooled))
         if not batch.jobs:
             batch.result = _columns_result(rid, codes, [], batch.reasons)
         return batch
@@ -742,20 +752,19 @@ class Keyd:
         the signing workers. Each job's outcome lands in its batch's ``pending`` as a done or
         pending future."""
         jobs = [(b, job) for b in batches for job in b.jobs]
-        slow = [(b, job) for b, job in jobs if not job[3]]
-        for b, (chunk, key, payloads, _pooled) in slow[:-1]:
-            b.pending.append((chunk, self._signers.submit(key.key.sign, key.protected,
-                                                          payloads)))  # fmt: skip
-        last = slow[-1][1] if slow else None
+        slow = [(b, job) for b, job in jobs if not job.pooled]
+        for b, job in slow[:-1]:
+            b.pending.append((job.chunk, self._signers.submit(job.key.key.sign, job.key.protected,
+                                                              job.payloads)))  # fmt: skip
+        _, last = slow[-1] if slow else (None, None)
         for b, job in jobs:
-            chunk, key, payloads, pooled = job
-            if pooled or job is last:
+            if job.pooled or job is last:
                 here: Future[list[bytes]] = Future()
                 try:
-                    here.set_result(key.key.sign(key.protected, payloads))
+                    here.set_result(job.key.key.sign(job.key.protected, job.payloads))
                 except Exception as exc:  # as a worker's failure: answered INTERNAL
                     here.set_exception(exc)
-                b.pending.append((chunk, here))
+                b.pending.append((job.chunk, here))
         for b in batches:
             b.jobs.clear()
 

@@ -118,54 +118,17 @@ class Keystore:
         """
         root = Path(directory)
         meta_path = root / METADATA
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise KeystoreError(
-                f"{meta_path}: not a keystore (create one with 'dccsign keys init-dev')"
-            ) from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise KeystoreError(f"{meta_path}: unreadable keystore metadata: {exc}") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise KeystoreError(f"{meta_path}: unsupported keystore format (expected {FORMAT})")
+        meta = _read_metadata(meta_path)
         keys = meta.get("keys")
         if not isinstance(keys, list):
             raise KeystoreError(f"{meta_path}: 'keys' must be a list")
         country = meta.get("issuer_country")
-        if country is not None and not (
-            isinstance(country, str)
-            and len(country) == 2
-            and country.isascii()
-            and country.isupper()
-        ):
-            raise KeystoreError(f"{meta_path}: 'issuer_country' must be an ISO 3166-1 alpha-2 code")
+        _check_issuer_country(meta_path, country)
         entries: list[KeyEntry] = []
         seen: dict[bytes, str] = {}
         pending: list[str] = []
         for i, item in enumerate(keys):
-            if not isinstance(item, dict) or not all(
-                isinstance(item.get(k), str) for k in ("name", "state")
-            ):
-                raise KeystoreError(f"{meta_path}: keys[{i}] needs string fields name, state")
-            token = item.get("pkcs11")
-            if token is not None:
-                if not (
-                    isinstance(token, dict)
-                    and all(
-                        isinstance(token.get(k), str)
-                        for k in ("module", "token_label", "key_id", "pin_file")
-                    )
-                ):
-                    raise KeystoreError(
-                        f"{meta_path}: keys[{i}].pkcs11 needs module, token_label, key_id, pin_file"
-                    )
-            elif not isinstance(item.get("private_key"), str):
-                raise KeystoreError(f"{meta_path}: keys[{i}] needs private_key or pkcs11")
-            if item["state"] not in KEY_STATES:
-                raise KeystoreError(
-                    f"{meta_path}: keys[{i}] has state {item['state']!r}; expected one of "
-                    f"{', '.join(KEY_STATES)}"
-                )
+            _check_key_item(meta_path, i, item)
             if item.get("certificate") is None:
                 # Generated, waiting for its DSC: not usable for anything until import-cert.
                 if item["state"] != "pending":
@@ -174,39 +137,7 @@ class Keystore:
                     )
                 pending.append(item["name"])
                 continue
-            if not isinstance(item["certificate"], str) or item["state"] == "pending":
-                raise KeystoreError(f"{meta_path}: keys[{i}]: a pending key has no certificate")
-            cert_path = root / item["certificate"]
-            try:
-                dsc = DSC.from_bytes(cert_path.read_bytes())
-            except OSError as exc:
-                raise KeystoreError(f"{cert_path}: cannot read the DSC: {exc.strerror}") from None
-            except ValueError as exc:
-                raise KeystoreError(f"{cert_path}: not a valid certificate: {exc}") from None
-            if dsc.kid in seen:
-                # Truncated kids can collide (spec notes §4.28); a signer must not create
-                # that ambiguity itself.
-                raise KeystoreError(
-                    f"{cert_path}: kid {dsc.kid.hex()} collides with key {seen[dsc.kid]!r}"
-                )
-            seen[dsc.kid] = item["name"]
-            clients = item.get("clients")
-            if clients is not None and not (
-                isinstance(clients, list) and all(isinstance(c, str) for c in clients)
-            ):
-                raise KeystoreError(f"{meta_path}: keys[{i}].clients must be a list of strings")
-            key_path = root / item["private_key"] if token is None else None
-            entries.append(
-                KeyEntry(
-                    item["name"],
-                    item["state"],
-                    key_path,
-                    cert_path,
-                    dsc,
-                    token,
-                    frozenset(clients) if clients is not None else None,
-                )
-            )
+            entries.append(_certified_entry(root, meta_path, i, item, seen))
         store = cls(root, entries, country)
         store.pending = pending
         return store
@@ -269,6 +200,108 @@ class Keystore:
             raise KeystoreError(f"{where}: {exc}") from None
 
 
+# ----------------------------------------------------------------------------- reading
+
+
+def _read_metadata(meta_path: Path) -> dict:
+    """The parsed metadata file, checked for its format.
+
+    Raises:
+        KeystoreError: the file is missing, unreadable, not JSON, or of another format.
+    """
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise KeystoreError(
+            f"{meta_path}: not a keystore (create one with 'dccsign keys init-dev')"
+        ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise KeystoreError(f"{meta_path}: unreadable keystore metadata: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise KeystoreError(f"{meta_path}: unsupported keystore format (expected {FORMAT})")
+    return meta
+
+
+def _check_issuer_country(meta_path: Path, country: object) -> None:
+    """Raises KeystoreError unless *country* is None or an ISO 3166-1 alpha-2 code."""
+    if country is not None and not (
+        isinstance(country, str) and len(country) == 2 and country.isascii() and country.isupper()
+    ):
+        raise KeystoreError(f"{meta_path}: 'issuer_country' must be an ISO 3166-1 alpha-2 code")
+
+
+def _check_key_item(meta_path: Path, i: int, item: object) -> None:
+    """Check the fields of ``keys[i]`` every key has: name, state, and where its key lives.
+
+    Raises:
+        KeystoreError: a missing or mistyped field, or an unknown state.
+    """
+    if not isinstance(item, dict) or not all(
+        isinstance(item.get(k), str) for k in ("name", "state")
+    ):
+        raise KeystoreError(f"{meta_path}: keys[{i}] needs string fields name, state")
+    token = item.get("pkcs11")
+    if token is not None:
+        if not (
+            isinstance(token, dict)
+            and all(
+                isinstance(token.get(k), str)
+                for k in ("module", "token_label", "key_id", "pin_file")
+            )
+        ):
+            raise KeystoreError(
+                f"{meta_path}: keys[{i}].pkcs11 needs module, token_label, key_id, pin_file"
+            )
+    elif not isinstance(item.get("private_key"), str):
+        raise KeystoreError(f"{meta_path}: keys[{i}] needs private_key or pkcs11")
+    if item["state"] not in KEY_STATES:
+        raise KeystoreError(
+            f"{meta_path}: keys[{i}] has state {item['state']!r}; expected one of "
+            f"{', '.join(KEY_STATES)}"
+        )
+
+
+def _certified_entry(
+    root: Path, meta_path: Path, i: int, item: dict, seen: dict[bytes, str]
+) -> KeyEntry:
+    """The entry of ``keys[i]``, a key that has its DSC; records its kid in *seen*.
+
+    Raises:
+        KeystoreError: a pending key with a certificate, an unreadable or invalid DSC, a kid
+            already in *seen*, or a malformed client list.
+    """
+    if not isinstance(item["certificate"], str) or item["state"] == "pending":
+        raise KeystoreError(f"{meta_path}: keys[{i}]: a pending key has no certificate")
+    cert_path = root / item["certificate"]
+    try:
+        dsc = DSC.from_bytes(cert_path.read_bytes())
+    except OSError as exc:
+        raise KeystoreError(f"{cert_path}: cannot read the DSC: {exc.strerror}") from None
+    except ValueError as exc:
+        raise KeystoreError(f"{cert_path}: not a valid certificate: {exc}") from None
+    if dsc.kid in seen:
+        # Truncated kids can collide (spec notes §4.28); a signer must not create
+        # that ambiguity itself.
+        raise KeystoreError(f"{cert_path}: kid {dsc.kid.hex()} collides with key {seen[dsc.kid]!r}")
+    seen[dsc.kid] = item["name"]
+    clients = item.get("clients")
+    if clients is not None and not (
+        isinstance(clients, list) and all(isinstance(c, str) for c in clients)
+    ):
+        raise KeystoreError(f"{meta_path}: keys[{i}].clients must be a list of strings")
+    token = item.get("pkcs11")
+    key_path = root / item["private_key"] if token is None else None
+    return KeyEntry(
+        item["name"],
+        item["state"],
+        key_path,
+        cert_path,
+        dsc,
+        token,
+        frozenset(clients) if clients is not None else None,
+    )
+
+
 # ----------------------------------------------------------------------------- creation
 
 
@@ -296,29 +329,10 @@ DEV_KEYS = (
 )
 
 
-def init_dev(
-    directory: str | os.PathLike[str], country: str = "NL", *, now: dt.datetime | None = None
-) -> Keystore:
-    """Create a development keystore: a CSCA and four DSCs (see :data:`DEV_KEYS`).
-
-    Every subject says DEVELOPMENT. DSCs are valid from one day ago for two years, so an
-    ``iat`` backdated by the default hour is inside their validity.
-
-    Raises:
-        KeystoreError: *directory* already holds a keystore or other files (nothing is
-            overwritten), or *country* is not two upper-case letters.
-    """
-    root = Path(directory)
-    if not (len(country) == 2 and country.isascii() and country.isalpha() and country.isupper()):
-        raise KeystoreError(f"--country must be an ISO 3166-1 alpha-2 code, not {country!r}")
-    if root.exists() and any(root.iterdir()):
-        raise KeystoreError(f"{root}: directory is not empty; refusing to overwrite it")
-    root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(root, 0o700)
-    now = now or dt.datetime.now(dt.UTC)
-    passphrase = secrets.token_urlsafe(32).encode()
-    encryption = serialization.BestAvailableEncryption(passphrase)
-
+def _dev_csca(
+    country: str, now: dt.datetime
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Name, x509.Certificate]:
+    """A fresh development CSCA for *country*: its key, its name and its certificate."""
     csca_key = ec.generate_private_key(ec.SECP256R1())
     csca_name = _name(country, f"dccsign DEVELOPMENT CSCA {country}")
     csca = (
@@ -337,59 +351,86 @@ def init_dev(
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(csca_key.public_key()), False)
         .sign(csca_key, hashes.SHA256())
     )
-    files: dict[str, tuple[bytes, int]] = {
-        "certs/csca.crt.pem": (csca.public_bytes(serialization.Encoding.PEM), 0o644),
-        "keys/csca.key.pem": (
-            csca_key.private_bytes(
+    return csca_key, csca_name, csca
+
+
+def _dev_dsc(
+    country: str,
+    alg: str,
+    types: str,
+    csca_key: ec.EllipticCurvePrivateKey,
+    csca_name: x509.Name,
+    now: dt.datetime,
+) -> tuple[ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, x509.Certificate]:
+    """A fresh development signing key of *alg* and its DSC, issued by the CSCA.
+
+    The DSC's EKU limits it to the DCC *types* ("" = no EKU, all types).
+    """
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+    key = (
+        ec.generate_private_key(ec.SECP256R1())
+        if alg == "ES256"
+        else (rsa.generate_private_key(65537, 2048))
+    )
+    label = {"v": "vaccination", "t": "test", "r": "recovery"}.get(types, "all types")
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(country, f"dccsign DEVELOPMENT DSC {alg} {label}"))
+        .issuer_name(csca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=2 * 365))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, False, False, False, False),
+            critical=True,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(csca_key.public_key()), False
+        )
+    )
+    if types:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(_eku_for(types)), critical=False)
+    return key, builder.sign(csca_key, hashes.SHA256())
+
+
+def _pem_files(
+    name: str,
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey,
+    cert: x509.Certificate,
+    encryption: serialization.KeySerializationEncryption,
+) -> dict[str, tuple[bytes, int]]:
+    """The certificate and encrypted key files of *name*: relative path -> (bytes, mode)."""
+    return {
+        f"certs/{name}.crt.pem": (cert.public_bytes(serialization.Encoding.PEM), 0o644),
+        f"keys/{name}.key.pem": (
+            key.private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
             ),
             0o600,
         ),
     }
-    meta_keys = []
-    for name, alg, types in DEV_KEYS:
-        key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
-        key = (
-            ec.generate_private_key(ec.SECP256R1())
-            if alg == "ES256"
-            else (rsa.generate_private_key(65537, 2048))
-        )
-        label = {"v": "vaccination", "t": "test", "r": "recovery"}.get(types, "all types")
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(_name(country, f"dccsign DEVELOPMENT DSC {alg} {label}"))
-            .issuer_name(csca_name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(days=1))
-            .not_valid_after(now + dt.timedelta(days=2 * 365))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(True, False, False, False, False, False, False, False, False),
-                critical=True,
-            )
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(csca_key.public_key()), False
-            )
-        )
-        if types:
-            builder = builder.add_extension(x509.ExtendedKeyUsage(_eku_for(types)), critical=False)
-        cert = builder.sign(csca_key, hashes.SHA256())
-        files[f"certs/{name}.crt.pem"] = (cert.public_bytes(serialization.Encoding.PEM), 0o644)
-        files[f"keys/{name}.key.pem"] = (
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
-            ),
-            0o600,
-        )
-        meta_keys.append(
-            {
-                "name": name,
-                "private_key": f"keys/{name}.key.pem",
-                "certificate": f"certs/{name}.crt.pem",
-                "state": "active",
-            }
-        )
+
+
+def _prepare_new_directory(root: Path, country: str) -> None:
+    """Create *root* (mode 0700) for a new keystore.
+
+    Raises:
+        KeystoreError: *country* is not two upper-case letters, or *root* is not empty.
+    """
+    if not (len(country) == 2 and country.isascii() and country.isalpha() and country.isupper()):
+        raise KeystoreError(f"--country must be an ISO 3166-1 alpha-2 code, not {country!r}")
+    if root.exists() and any(root.iterdir()):
+        raise KeystoreError(f"{root}: directory is not empty; refusing to overwrite it")
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(root, 0o700)
+
+
+def _write_dev_keystore(
+    root: Path, files: dict[str, tuple[bytes, int]], passphrase: bytes, meta_keys: list[dict]
+) -> None:
+    """Write the key and certificate *files*, the passphrase, and last the metadata."""
     (root / "keys").mkdir(mode=0o700)
     (root / "certs").mkdir(mode=0o755)
     for rel, (data, mode) in files.items():
@@ -403,6 +444,41 @@ def init_dev(
     }
     # The metadata is written last: a keystore interrupted half-way is not openable.
     atomic_write(root / METADATA, (json.dumps(meta, indent=2) + "\n").encode(), 0o644)
+
+
+def init_dev(
+    directory: str | os.PathLike[str], country: str = "NL", *, now: dt.datetime | None = None
+) -> Keystore:
+    """Create a development keystore: a CSCA and four DSCs (see :data:`DEV_KEYS`).
+
+    Every subject says DEVELOPMENT. DSCs are valid from one day ago for two years, so an
+    ``iat`` backdated by the default hour is inside their validity.
+
+    Raises:
+        KeystoreError: *directory* already holds a keystore or other files (nothing is
+            overwritten), or *country* is not two upper-case letters.
+    """
+    root = Path(directory)
+    _prepare_new_directory(root, country)
+    now = now or dt.datetime.now(dt.UTC)
+    passphrase = secrets.token_urlsafe(32).encode()
+    encryption = serialization.BestAvailableEncryption(passphrase)
+
+    csca_key, csca_name, csca = _dev_csca(country, now)
+    files = _pem_files("csca", csca_key, csca, encryption)
+    meta_keys = []
+    for name, alg, types in DEV_KEYS:
+        key, cert = _dev_dsc(country, alg, types, csca_key, csca_name, now)
+        files.update(_pem_files(name, key, cert, encryption))
+        meta_keys.append(
+            {
+                "name": name,
+                "private_key": f"keys/{name}.key.pem",
+                "certificate": f"certs/{name}.crt.pem",
+                "state": "active",
+            }
+        )
+    _write_dev_keystore(root, files, passphrase, meta_keys)
     store = Keystore.open(root)
     # Key operations reach the audit log through the journal (dccsign.keys.lifecycle), these too.
 

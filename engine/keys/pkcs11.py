@@ -93,7 +93,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 import pkcs11
 import pkcs11.exceptions as p11e
@@ -309,6 +309,13 @@ class _Transient(Exception):
     re-initialising do not help."""
 
 
+def _login_failure(exc: p11e.PKCS11Error, what: str) -> Exception:
+    """The error for a PKCS#11 failure while opening a session: a general error may be
+    another process's concurrent login (retried as _Transient), any other one is final."""
+    kind = _Transient if isinstance(exc, p11e.GeneralError) else Pkcs11Error
+    return kind(f"{what}: {_why(exc)}")
+
+
 def _login(
     state: _Module, module: str, token_label: str, pin_text: str, read_only: bool
 ) -> tuple[Any, Any]:
@@ -332,10 +339,8 @@ def _login(
         ) from None
     except p11e.MultipleTokensReturned:
         raise Pkcs11Error(f"more than one token is labelled {token_label!r} in {module}") from None
-    except p11e.GeneralError as exc:
-        raise _Transient(f"cannot list the tokens of {module}: {_why(exc)}") from None
     except p11e.PKCS11Error as exc:
-        raise Pkcs11Error(f"cannot list the tokens of {module}: {_why(exc)}") from None
+        raise _login_failure(exc, f"cannot list the tokens of {module}") from None
     if token.serial in state.open_serials:
         raise Pkcs11Error(
             f"token {token_label!r} is already open in this process: share that "
@@ -367,15 +372,31 @@ def _login(
         ) from None
     except p11e.UserPinNotInitialized:
         raise _Transient(f"token {token_label!r} has no user PIN set") from None
-    except p11e.GeneralError as exc:
-        raise _Transient(f"cannot log in to token {token_label!r}: {_why(exc)}") from None
     except p11e.PKCS11Error as exc:
-        raise Pkcs11Error(f"cannot log in to token {token_label!r}: {_why(exc)}") from None
+        raise _login_failure(exc, f"cannot log in to token {token_label!r}") from None
     state.open_serials.add(token.serial)
     return token, session
 
 
-class Pkcs11Token:
+class _SessionHandle:
+    """Base of the objects that hold this process's token session.
+
+    They are made by a factory (never by their constructor) and cannot be pickled: a session
+    handle means nothing in another process.
+    """
+
+    __slots__ = ()
+    _USE_INSTEAD: ClassVar[str]  # the factory, named in the constructor's TypeError
+    _NOT_PICKLABLE: ClassVar[str]  # the TypeError message of a pickling attempt
+
+    def __init__(self) -> None:
+        raise TypeError(f"use {self._USE_INSTEAD}")
+
+    def __reduce__(self) -> Any:
+        raise TypeError(self._NOT_PICKLABLE)
+
+
+class Pkcs11Token(_SessionHandle):
     """A logged-in session to one token of a PKCS#11 module (one per token and process).
 
     Create it with :meth:`open`; end it with :meth:`close` (or use it as a context manager).
@@ -384,12 +405,8 @@ class Pkcs11Token:
     """
 
     __slots__ = ("_closed", "_label", "_module", "_pid", "_read_only", "_serial", "_session")
-
-    def __init__(self) -> None:
-        raise TypeError("use Pkcs11Token.open()")
-
-    def __reduce__(self) -> Any:
-        raise TypeError("a Pkcs11Token is a session of this process and cannot be pickled")
+    _USE_INSTEAD = "Pkcs11Token.open()"
+    _NOT_PICKLABLE = "a Pkcs11Token is a session of this process and cannot be pickled"
 
     @classmethod
     def open(
@@ -514,34 +531,7 @@ class Pkcs11Token:
             raise Pkcs11Error("a key label is required")
         if self._read_only:
             raise Pkcs11Error(f"token {self._label!r} is open read-only: cannot generate keys")
-        common: dict[Any, Any] = {Attribute.TOKEN: True, Attribute.DERIVE: False}
-        public: dict[Any, Any] = {
-            **common,
-            Attribute.PRIVATE: False,
-            Attribute.VERIFY: True,
-            Attribute.VERIFY_RECOVER: False,
-            Attribute.ENCRYPT: False,
-            Attribute.WRAP: False,
-        }
-        private: dict[Any, Any] = {
-            **common,
-            Attribute.PRIVATE: True,
-            Attribute.SENSITIVE: True,
-            Attribute.EXTRACTABLE: False,
-            Attribute.SIGN: True,
-            Attribute.SIGN_RECOVER: False,
-            Attribute.DECRYPT: False,
-            Attribute.UNWRAP: False,
-            # Not modifiable: nobody can later switch on CKA_DECRYPT or relabel the key.
-            # Not copyable: C_CopyObject cannot make a twin with other usages.
-            Attribute.MODIFIABLE: False,
-            Attribute.COPYABLE: False,
-        }
-        if alg == "ES256":
-            key_type, bits = KeyType.EC, None
-            public[Attribute.EC_PARAMS] = _P256_PARAMS
-        else:
-            key_type, bits = KeyType.RSA, _RSA_BITS
+        key_type, bits, public, private = _keypair_templates(alg)
         state = self._module
         with state.lock:
             self._check_usable()
@@ -563,21 +553,31 @@ class Pkcs11Token:
                 raise Pkcs11Error(
                     f"token {self._label!r} refused to generate a {alg} key: {_why(exc)}"
                 ) from None
-            try:
-                problem = _protection_problem(priv)
-            except p11e.PKCS11Error as exc:
-                problem = f"its attributes cannot be read ({_why(exc)})"
-            if problem:
-                for obj in (priv, pub):
-                    try:
-                        obj.destroy()
-                    except p11e.PKCS11Error:
-                        pass
-                raise Pkcs11Error(
-                    f"token {self._label!r} did not honour the key template ({problem}); "
-                    "the new key was destroyed"
-                )
+            self._destroy_unless_protected(pub, priv)
         return key_id.hex()
+
+    def _destroy_unless_protected(self, pub: Any, priv: Any) -> None:
+        """Read a new pair's attributes back; destroy the pair if the token did not honour
+        the template. Caller holds the lock.
+
+        Raises:
+            Pkcs11Error: the pair was not protected as asked (or its attributes cannot be
+                read), and has been destroyed.
+        """
+        try:
+            problem = _protection_problem(priv)
+        except p11e.PKCS11Error as exc:
+            problem = f"its attributes cannot be read ({_why(exc)})"
+        if problem:
+            for obj in (priv, pub):
+                try:
+                    obj.destroy()
+                except p11e.PKCS11Error:
+                    pass
+            raise Pkcs11Error(
+                f"token {self._label!r} did not honour the key template ({problem}); "
+                "the new key was destroyed"
+            )
 
     def public_key_der(self, key_id: str) -> bytes:
         """The public key of key *key_id* as DER SubjectPublicKeyInfo (for a CSR or a match).
@@ -718,6 +718,43 @@ class Pkcs11Token:
         return found[0]
 
 
+def _keypair_templates(
+    alg: str,
+) -> tuple[KeyType, int | None, dict[Any, Any], dict[Any, Any]]:
+    """Key type, RSA bits (None for EC), public and private templates of a new *alg* pair.
+
+    The private key is a token object that is private, sensitive, not extractable, not
+    modifiable or copyable, and may sign but not decrypt, unwrap, derive or sign-recover.
+    """
+    common: dict[Any, Any] = {Attribute.TOKEN: True, Attribute.DERIVE: False}
+    public: dict[Any, Any] = {
+        **common,
+        Attribute.PRIVATE: False,
+        Attribute.VERIFY: True,
+        Attribute.VERIFY_RECOVER: False,
+        Attribute.ENCRYPT: False,
+        Attribute.WRAP: False,
+    }
+    private: dict[Any, Any] = {
+        **common,
+        Attribute.PRIVATE: True,
+        Attribute.SENSITIVE: True,
+        Attribute.EXTRACTABLE: False,
+        Attribute.SIGN: True,
+        Attribute.SIGN_RECOVER: False,
+        Attribute.DECRYPT: False,
+        Attribute.UNWRAP: False,
+        # Not modifiable: nobody can later switch on CKA_DECRYPT or relabel the key.
+        # Not copyable: C_CopyObject cannot make a twin with other usages.
+        Attribute.MODIFIABLE: False,
+        Attribute.COPYABLE: False,
+    }
+    if alg == "ES256":
+        public[Attribute.EC_PARAMS] = _P256_PARAMS
+        return KeyType.EC, None, public, private
+    return KeyType.RSA, _RSA_BITS, public, private
+
+
 def _parse_key_id(key_id: str) -> bytes:
     try:
         cka_id = bytes.fromhex(key_id)
@@ -811,7 +848,7 @@ def _spki(pub: Any) -> bytes:
 # Signing key
 
 
-class Pkcs11SigningKey:
+class Pkcs11SigningKey(_SessionHandle):
     """A token-held ES256 or PS256 key with the interface of :class:`dccsign.native.SigningKey`.
 
     Obtained from :meth:`Pkcs11Token.signing_key` (which checked its protection and its DSC).
@@ -823,12 +860,8 @@ class Pkcs11SigningKey:
     """
 
     __slots__ = ("_buffer", "_key", "_mechanism", "_param", "_spki", "_token", "alg")
-
-    def __init__(self) -> None:
-        raise TypeError("use Pkcs11Token.signing_key()")
-
-    def __reduce__(self) -> Any:
-        raise TypeError("a Pkcs11SigningKey is a token session handle and cannot be pickled")
+    _USE_INSTEAD = "Pkcs11Token.signing_key()"
+    _NOT_PICKLABLE = "a Pkcs11SigningKey is a token session handle and cannot be pickled"
 
     @classmethod
     def _make(

@@ -138,63 +138,16 @@ class Engine:
         task_status: Any = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Run until :meth:`drain` finishes. Reports a dict of bound addresses when ready."""
-        keyd = None
-        if self.keyd_socket is None:
-            assert self.keystore is not None
-            keyd = PrivateKeyd(
-                self.keystore,
-                nonce_pool=self.nonce_pool,
-                relay_log=True,
-                audit_dir=self.audit_dir,
-                validate_dcc=self.keyd_validate_dcc,
-                passphrase=self.passphrase,
-            )
-            await trio.to_thread.run_sync(keyd.__enter__)
-            self.keyd = keyd
+        keyd = await self._start_own_keyd()
         try:
             async with trio.open_nursery() as nursery:
-                if keyd is None:
-                    assert self.keyd_socket is not None
-                    self.client = TrioKeydClient(self.keyd_socket, self.keyd_connections)
-                    keys = await self._reach_keyd(nursery)
-                else:
-                    assert keyd.socket_path is not None
-                    self.client = TrioKeydClient(keyd.socket_path, self.keyd_connections)
-                    await self.client.connect(nursery)
-                    keys = await self.client.describe()
+                keys = await self._connect_keyd(nursery, keyd)
                 self.metrics.nonce_pools.update(keys)
-                batcher = KeydBatcher(
-                    self.client,
-                    zlib_level=self.zlib_level,
-                    window=self.batch_window,
-                    on_batch=self.metrics.keyd_batch.observe,
-                    on_stage=self.metrics.observe_stage,
-                )
-                self.metrics.keyd_in_flight.set_function(lambda: batcher.in_flight)
-                await nursery.start(batcher.run)
-                dispatcher = Dispatcher(
-                    batcher,
-                    [(DSC.from_bytes(k.dsc), k.state) for k in keys],
-                    self.policy,
-                    QuotaTracker(),
-                    on_stage=self.metrics.observe_stage,
-                )
+                dispatcher = await self._start_dispatcher(nursery, keys)
                 self.server = Server(dispatcher, limits=self.limits, metrics=self.metrics)
                 self.keyd_problem = None
                 self.metrics.keyd_up.set(1)
-                bound: dict[str, Any] = {}
-                if unix is not None:
-                    bound["unix"] = await nursery.start(self.server.serve_unix, unix)
-                if tcp is not None:
-                    if ssl_context is None:
-                        raise ValueError("TCP needs TLS: give a server certificate and client CA")
-                    bound["tcp"] = await nursery.start(
-                        self.server.serve_tcp, tcp[0], tcp[1], ssl_context
-                    )
-                if http is not None:
-                    bound["http"] = await nursery.start(
-                        serve_http, self.metrics.registry, self.health, http[0], http[1]
-                    )
+                bound = await self._listen(nursery, unix, tcp, ssl_context, http)
                 supervisor = trio.CancelScope()
                 nursery.start_soon(self._supervise, dispatcher, supervisor)
                 nursery.start_soon(self._watch_policy)
@@ -209,6 +162,82 @@ class Engine:
                     await self.client.aclose()
             if keyd is not None:
                 await trio.to_thread.run_sync(keyd.__exit__, None, None, None)
+
+    async def _start_own_keyd(self) -> PrivateKeyd | None:
+        """Start this engine's keyd child, or None with ``--keyd-socket`` (an external one)."""
+        if self.keyd_socket is not None:
+            return None
+        assert self.keystore is not None
+        keyd = PrivateKeyd(
+            self.keystore,
+            nonce_pool=self.nonce_pool,
+            relay_log=True,
+            audit_dir=self.audit_dir,
+            validate_dcc=self.keyd_validate_dcc,
+            passphrase=self.passphrase,
+        )
+        await trio.to_thread.run_sync(keyd.__enter__)
+        self.keyd = keyd
+        return keyd
+
+    async def _connect_keyd(self, nursery: trio.Nursery, keyd: PrivateKeyd | None) -> KeyList:
+        """Connect ``self.client`` to our keyd child, or to the external one (*keyd* None,
+        retried while it starts), and return its keys."""
+        if keyd is None:
+            assert self.keyd_socket is not None
+            self.client = TrioKeydClient(self.keyd_socket, self.keyd_connections)
+            return await self._reach_keyd(nursery)
+        assert keyd.socket_path is not None
+        self.client = TrioKeydClient(keyd.socket_path, self.keyd_connections)
+        await self.client.connect(nursery)
+        return await self.client.describe()
+
+    async def _start_dispatcher(self, nursery: trio.Nursery, keys: KeyList) -> Dispatcher:
+        """Start the keyd batcher in *nursery*; the dispatcher that feeds it, with *keys*."""
+        assert self.client is not None
+        batcher = KeydBatcher(
+            self.client,
+            zlib_level=self.zlib_level,
+            window=self.batch_window,
+            on_batch=self.metrics.keyd_batch.observe,
+            on_stage=self.metrics.observe_stage,
+        )
+        self.metrics.keyd_in_flight.set_function(lambda: batcher.in_flight)
+        await nursery.start(batcher.run)
+        return Dispatcher(
+            batcher,
+            [(DSC.from_bytes(k.dsc), k.state) for k in keys],
+            self.policy,
+            QuotaTracker(),
+            on_stage=self.metrics.observe_stage,
+        )
+
+    async def _listen(
+        self,
+        nursery: trio.Nursery,
+        unix: Path | None,
+        tcp: tuple[str, int] | None,
+        ssl_context: ssl.SSLContext | None,
+        http: tuple[str, int] | None,
+    ) -> dict[str, Any]:
+        """Start the listeners asked for; their bound addresses by kind.
+
+        Raises:
+            ValueError: *tcp* without *ssl_context*.
+        """
+        assert self.server is not None
+        bound: dict[str, Any] = {}
+        if unix is not None:
+            bound["unix"] = await nursery.start(self.server.serve_unix, unix)
+        if tcp is not None:
+            if ssl_context is None:
+                raise ValueError("TCP needs TLS: give a server certificate and client CA")
+            bound["tcp"] = await nursery.start(self.server.serve_tcp, tcp[0], tcp[1], ssl_context)
+        if http is not None:
+            bound["http"] = await nursery.start(
+                serve_http, self.metrics.registry, self.health, http[0], http[1]
+            )
+        return bound
 
     async def _reach_keyd(self, nursery: trio.Nursery) -> KeyList:
         """Connect to the external keyd (``--keyd-socket``) and DESCRIBE, retrying with

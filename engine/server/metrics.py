@@ -12,7 +12,8 @@ import logging
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Final
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
@@ -135,96 +136,147 @@ class HotCounter:
         yield family
 
 
+@dataclass(frozen=True, slots=True)
+class _MetricDef:
+    """One metric of :class:`Metrics`: the attribute that holds it and how it is built."""
+
+    attr: str
+    kind: type[HotCounter] | type[HotHistogram] | type[Counter] | type[Gauge]
+    name: str
+    doc: str
+    labels: tuple[str, ...] = ()
+    buckets: tuple[float, ...] | None = None  # histograms only
+
+
+# The engine's metrics, in the order they are registered (and exported). The signing path
+# observes the hot kinds (HotCounter, HotHistogram) on every request.
+_METRICS: Final = (
+    _MetricDef(
+        "items",
+        HotCounter,
+        "dccsign_items",
+        "Signing items by client, kid, DCC type and result",
+        ("client", "kid", "type", "result"),
+    ),
+    _MetricDef(
+        "requests", HotCounter, "dccsign_requests", "Signing requests by client", ("client",)
+    ),
+    _MetricDef(
+        "latency",
+        HotHistogram,
+        "dccsign_request_seconds",
+        "Time from a request's arrival to its reply",
+        buckets=_LATENCY_BUCKETS,
+    ),
+    _MetricDef("busy", Counter, "dccsign_busy", "Requests refused with BUSY", ("client",)),
+    _MetricDef(
+        "busy_early",
+        Counter,
+        "dccsign_busy_from_header",
+        "Requests refused with BUSY from their frame header, body never decoded",
+    ),
+    _MetricDef("connections", Gauge, "dccsign_connections", "Open connections"),
+    _MetricDef(
+        "connections_refused",
+        Counter,
+        "dccsign_connections_refused",
+        "Connections refused: tls (no handshake), identity (unknown or disabled client at "
+        "HELLO), capacity (--max-connections reached)",
+        ("reason",),
+    ),
+    _MetricDef(
+        "connections_closed",
+        Counter,
+        "dccsign_connections_closed",
+        "Connections the engine closed: protocol (a malformed frame), hello_timeout, "
+        "frame_timeout (a frame that did not arrive whole), idle, stalled (the client "
+        "read none of its replies), failure (an unexpected error in the engine's handling "
+        "of that connection, logged with its traceback)",
+        ("reason",),
+    ),
+    _MetricDef(
+        "internal_errors",
+        Counter,
+        "dccsign_internal_errors",
+        "Requests answered INTERNAL after an unexpected error in the engine (each logged "
+        "with its traceback)",
+    ),
+    _MetricDef("pending", Gauge, "dccsign_pending_items", "Items in progress"),
+    _MetricDef("keyd_up", Gauge, "dccsign_keyd_up", "1 while keyd answers"),
+    _MetricDef("keyd_restarts", Counter, "dccsign_keyd_restarts", "keyd restarts"),
+    _MetricDef(
+        "keyd_audit_ok",
+        Gauge,
+        "dccsign_keyd_audit_ok",
+        "1 while keyd's audit log commits (keyd can sign), 0 while it cannot or keyd is "
+        "not answering (as of the last DESCRIBE poll)",
+    ),
+    _MetricDef(
+        "keyd_audit_outages",
+        Counter,
+        "dccsign_keyd_audit_outages",
+        "Times the engine saw keyd's audit log stop committing (keyd then signs nothing)",
+    ),
+    _MetricDef(
+        "keyd_batch",
+        HotHistogram,
+        "dccsign_keyd_batch_payloads",
+        "Payloads per micro-batch sent to keyd (SIGN_COLUMNS), over all connections",
+        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+    ),
+    _MetricDef(
+        "stage",
+        HotHistogram,
+        "dccsign_stage_seconds",
+        "Time in each stage of the signing path: start (a request read until its task "
+        "runs: the event loop's backlog), prepare (a request's validation, policy, quotas "
+        "and claims), batch_wait (a micro-batch's oldest part waiting to be sent to keyd), "
+        "keyd (a micro-batch's round trip: keyd's queue, checks, signing, audit commit), "
+        "encode (a micro-batch's HC1 strings); per request or per micro-batch",
+        ("stage",),
+        buckets=_LATENCY_BUCKETS,
+    ),
+    _MetricDef(
+        "keyd_in_flight",
+        Gauge,
+        "dccsign_keyd_in_flight",
+        "Micro-batches sent to keyd and not yet answered",
+    ),
+)
+
+
 class Metrics:
-    """The engine's metrics, in a registry of their own (tests run several engines)."""
+    """The engine's metrics, in a registry of their own (tests run several engines).
+
+    One attribute per row of :data:`_METRICS`, plus ``nonce_pools``.
+    """
+
+    items: HotCounter
+    requests: HotCounter
+    latency: HotHistogram
+    busy: Counter
+    busy_early: Counter
+    connections: Gauge
+    connections_refused: Counter
+    connections_closed: Counter
+    internal_errors: Counter
+    #: Items in progress: Server sets its function (read at scrape time, not per request).
+    pending: Gauge
+    keyd_up: Gauge
+    keyd_restarts: Counter
+    keyd_audit_ok: Gauge
+    keyd_audit_outages: Counter
+    keyd_batch: HotHistogram
+    stage: HotHistogram
+    keyd_in_flight: Gauge
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        r = self.registry
-        # Observed on every request: the hot kinds (HotCounter, HotHistogram).
-        self.items = HotCounter(
-            "dccsign_items",
-            "Signing items by client, kid, DCC type and result",
-            ["client", "kid", "type", "result"],
-            registry=r,
-        )
-        self.requests = HotCounter(
-            "dccsign_requests", "Signing requests by client", ["client"], registry=r
-        )
-        self.latency = HotHistogram(
-            "dccsign_request_seconds",
-            "Time from a request's arrival to its reply",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.busy = Counter("dccsign_busy", "Requests refused with BUSY", ["client"], registry=r)
-        self.busy_early = Counter(
-            "dccsign_busy_from_header",
-            "Requests refused with BUSY from their frame header, body never decoded",
-            registry=r,
-        )
-        self.connections = Gauge("dccsign_connections", "Open connections", registry=r)
-        self.connections_refused = Counter(
-            "dccsign_connections_refused",
-            "Connections refused: tls (no handshake), identity (unknown or disabled client at "
-            "HELLO), capacity (--max-connections reached)",
-            ["reason"],
-            registry=r,
-        )
-        self.connections_closed = Counter(
-            "dccsign_connections_closed",
-            "Connections the engine closed: protocol (a malformed frame), hello_timeout, "
-            "frame_timeout (a frame that did not arrive whole), idle, stalled (the client "
-            "read none of its replies), failure (an unexpected error in the engine's handling "
-            "of that connection, logged with its traceback)",
-            ["reason"],
-            registry=r,
-        )
-        self.internal_errors = Counter(
-            "dccsign_internal_errors",
-            "Requests answered INTERNAL after an unexpected error in the engine (each logged "
-            "with its traceback)",
-            registry=r,
-        )
-        #: Items in progress: Server sets its function (read at scrape time, not per request).
-        self.pending = Gauge("dccsign_pending_items", "Items in progress", registry=r)
-        self.keyd_up = Gauge("dccsign_keyd_up", "1 while keyd answers", registry=r)
-        self.keyd_restarts = Counter("dccsign_keyd_restarts", "keyd restarts", registry=r)
-        self.keyd_audit_ok = Gauge(
-            "dccsign_keyd_audit_ok",
-            "1 while keyd's audit log commits (keyd can sign), 0 while it cannot or keyd is "
-            "not answering (as of the last DESCRIBE poll)",
-            registry=r,
-        )
-        self.keyd_audit_outages = Counter(
-            "dccsign_keyd_audit_outages",
-            "Times the engine saw keyd's audit log stop committing (keyd then signs nothing)",
-            registry=r,
-        )
-        self.keyd_batch = HotHistogram(
-            "dccsign_keyd_batch_payloads",
-            "Payloads per micro-batch sent to keyd (SIGN_COLUMNS), over all connections",
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
-            registry=r,
-        )
-        self.stage = HotHistogram(
-            "dccsign_stage_seconds",
-            "Time in each stage of the signing path: start (a request read until its task "
-            "runs: the event loop's backlog), prepare (a request's validation, policy, quotas "
-            "and claims), batch_wait (a micro-batch's oldest part waiting to be sent to keyd), "
-            "keyd (a micro-batch's round trip: keyd's queue, checks, signing, audit commit), "
-            "encode (a micro-batch's HC1 strings); per request or per micro-batch",
-            ["stage"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.keyd_in_flight = Gauge(
-            "dccsign_keyd_in_flight",
-            "Micro-batches sent to keyd and not yet answered",
-            registry=r,
-        )
+        for d in _METRICS:
+            extra = {} if d.buckets is None else {"buckets": d.buckets}
+            setattr(self, d.attr, d.kind(d.name, d.doc, d.labels, registry=self.registry, **extra))
         self.nonce_pools = NoncePoolCollector()
-        r.register(self.nonce_pools)
+        self.registry.register(self.nonce_pools)
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         """One duration of *stage* (see ``dccsign_stage_seconds``)."""

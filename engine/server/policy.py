@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from itertools import repeat
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from ..errors import DccSignError
 from ..native import quota_add as _add
@@ -79,21 +79,31 @@ DCC_TYPES: Final = ("v", "t", "r")
 ISSUER_MAX_LEN: Final = 80  # the DCC schema's maxLength of "is" (1.3.x)
 UID_MAX: Final = 2**32 - 1
 
-# Quota windows: (key in the file, length in seconds, bucket width in seconds, words).
+
+class _WindowKind(NamedTuple):
+    """A quota window kind."""
+
+    key: str  # in the policy file
+    seconds: int  # its length
+    width: int  # of one bucket, in seconds
+    unit: str  # in messages: "quota of N per <unit>"
+
+
+# The quota window kinds, by kind number (0 minute, 1 hour, 2 day).
 _WINDOWS: Final = (
-    ("per_minute", 60, 1, "minute"),
-    ("per_hour", 3600, 60, "hour"),
-    ("per_day", 86400, 3600, "day"),
+    _WindowKind("per_minute", 60, 1, "minute"),
+    _WindowKind("per_hour", 3600, 60, "hour"),
+    _WindowKind("per_day", 86400, 3600, "day"),
 )
-_WINDOW_KEYS: Final = tuple(w[0] for w in _WINDOWS)
-_WIDTH: Final = tuple(w[2] for w in _WINDOWS)
+_WINDOW_KEYS: Final = tuple(w.key for w in _WINDOWS)
+_WIDTH: Final = tuple(w.width for w in _WINDOWS)
 # A window of N buckets counts N + 1 of them (the current, partly elapsed one and N full ones):
 # a unit reserved in bucket k counts until the clock enters bucket k + N + 1, so it is counted
 # for at least the window's length and at most one bucket width longer. That makes the limit
 # hold over *every* span of the window's length (never more than `limit` units admitted in
 # any 60 minutes for per_hour), at the price of capacity coming back up to one bucket width
 # late (a minute for per_hour, an hour for per_day, a second for per_minute).
-_SPAN: Final = tuple(w[1] // w[2] + 1 for w in _WINDOWS)
+_SPAN: Final = tuple(w.seconds // w.width + 1 for w in _WINDOWS)
 
 
 class PolicyError(DccSignError):
@@ -331,22 +341,35 @@ class Policy:
         if not isinstance(entry, dict):
             entry = {}
         if countries is not None:
-            co = entry.get("co")
-            if co.__class__ is not str or co not in countries:
-                return Refusal(
-                    RefusalCode.COUNTRY_NOT_ALLOWED,
-                    f"client {_show(client)}: {_field(dcc_type, 'co', co)} not allowed "
-                    f"(allowed: {_listing(countries)})",
-                )
+            refusal = _field_refusal(
+                client, dcc_type, entry, "co", countries, RefusalCode.COUNTRY_NOT_ALLOWED
+            )
+            if refusal is not None:
+                return refusal
         if issuers is not None:
-            iss = entry.get("is")
-            if iss.__class__ is not str or iss not in issuers:
-                return Refusal(
-                    RefusalCode.ISSUER_NOT_ALLOWED,
-                    f"client {_show(client)}: {_field(dcc_type, 'is', iss)} not allowed "
-                    f"(allowed: {_listing(issuers)})",
-                )
+            return _field_refusal(
+                client, dcc_type, entry, "is", issuers, RefusalCode.ISSUER_NOT_ALLOWED
+            )
         return None
+
+
+def _field_refusal(
+    client: str,
+    dcc_type: str,
+    entry: dict,
+    key: str,
+    allowed: frozenset[str],
+    code: RefusalCode,
+) -> Refusal | None:
+    """The refusal (*code*) when field *key* of the DCC's *entry* is not in *allowed*."""
+    value = entry.get(key)
+    if value.__class__ is str and value in allowed:
+        return None
+    return Refusal(
+        code,
+        f"client {_show(client)}: {_field(dcc_type, key, value)} not allowed "
+        f"(allowed: {_listing(allowed)})",
+    )
 
 
 def _show(value: object, limit: int = 60) -> str:
@@ -662,7 +685,15 @@ def _join(path: str, key: str) -> str:
 
 _Window = list[int]
 _Usage = list["_Window | None"]  # one slot per window kind: minute, hour, day
-_Violation = tuple[float, int, int]  # (seconds until it fits or math.inf, window kind, limit)
+
+
+class _Violation(NamedTuple):
+    """A quota window where more units do not fit."""
+
+    wait: float  # seconds until they fit, or math.inf: never
+    kind: int  # the window kind (index into _WINDOWS)
+    limit: int
+
 
 if _WIDTH != (1, 60, 3600):  # pragma: no cover - _buckets() below relies on these widths
     raise AssertionError("bucket widths changed: update _buckets()")
@@ -701,15 +732,15 @@ def _violation(
         w = usage[kind] if usage is not None else None
         if w is None:
             if n > limit:
-                return math.inf, kind, limit
+                return _Violation(math.inf, kind, limit)
             continue
         if w[0] and w[1] <= buckets[kind] - span:
             _expire(w, buckets[kind] - span)
         excess = w[0] + n - limit
         if excess > 0:
             wait = math.inf if n > limit else _retry_after(w, kind, excess, now)
-            if worst is None or wait > worst[0]:
-                worst = (wait, kind, limit)
+            if worst is None or wait > worst.wait:
+                worst = _Violation(wait, kind, limit)
     return worst
 
 
@@ -972,7 +1003,7 @@ class QuotaTracker:
         if cp.account_quota is not None:
             usage = self._accounts.get((client, account))
             acc_bad = _violation(usage, cp.account_quota.limits, buckets, now, n)
-            if acc_bad is not None and (bad is None or acc_bad[0] > bad[0]):
+            if acc_bad is not None and (bad is None or acc_bad.wait > bad.wait):
                 return _quota_refusal(acc_bad, account, client, n)
         if bad is None:  # pragma: no cover - the caller found a window that does not fit
             raise AssertionError("no quota violated")
@@ -1046,7 +1077,7 @@ class QuotaTracker:
 
 def _quota_refusal(bad: _Violation, account: str | None, client: str, n: int) -> Refusal:
     wait, kind, limit = bad
-    unit = _WINDOWS[kind][3]
+    unit = _WINDOWS[kind].unit
     if account is None:
         code = RefusalCode.QUOTA_CLIENT
         who = f"client {_show(client)}"
