@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from ..cli.args import positive, tls_client_args
+from ..cli.args import in_range, positive, tls_client_args
 
 if TYPE_CHECKING:
     from .loadgen import LoadConfig
@@ -36,14 +36,7 @@ DEV_TLS = Path("var/dev-keystore/dev-tls")
 DEFAULT_METRICS = "http://127.0.0.1:9464/metrics"
 
 
-def _share(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        x = -1.0
-    if not 0.0 <= x <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be a share between 0 and 1, not {value!r}")
-    return x
+_share = in_range(float, 0.0, 1.0, "a share between 0 and 1")
 
 
 def _role_pid(value: str) -> tuple[str, int]:

@@ -669,6 +669,20 @@ class _Run:
         codes[name] = codes.get(name, 0) + n
         bucket.errors += n
 
+    def _count_refusal(self, bucket: Bucket, code: int, invalid: bool) -> None:
+        """One certificate refused with *code*: as expected when the DCC sent was *invalid*
+        and the answer INVALID_DCC, else BUSY or an error."""
+        r = self.r
+        if code == ErrorCode.INVALID_DCC and invalid:
+            r.rejected_as_expected += 1
+            bucket.rejected += 1
+        elif code == ErrorCode.BUSY:
+            r.busy_replies += 1
+            r.busy_certs += 1
+            bucket.busy += 1
+        else:
+            self._error(bucket, _code_name(code), 1)
+
     # -- connecting ----------------------------------------------------------------------
 
     async def open_conn(self, index: int) -> _Conn:
@@ -795,30 +809,15 @@ class _Run:
         """Read replies until the connection ends; returns why it ended."""
         if not self.config.full_decode:
             return await self._counting_receiver(conn)
-        codec = conn.codec
         stream = conn.stream
         while True:
             try:
                 data = await stream.receive_some(1 << 18)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 return f"connection broken: {exc.__cause__ or exc}"
-            codec.receive_data(data)
-            try:
-                while True:
-                    event = codec.next_event()
-                    if event is wire.NEED_DATA:
-                        break
-                    if event is None:
-                        if conn.goaway is not None and not conn.pending:
-                            return "GOAWAY"
-                        return "the engine closed the connection"
-                    why = self._on_event(conn, event)
-                    if why:
-                        return why
-                    if conn.goaway is not None and not conn.pending:
-                        return "GOAWAY"  # all it will answer is answered
-            except wire.RemoteProtocolError as exc:
-                return f"protocol error from the engine: {exc}"
+            why = self._to_codec(conn, data, end=not data)
+            if why:
+                return why
 
     async def _counting_receiver(self, conn: _Conn) -> str:
         """:meth:`_receiver` with result frames counted (see the module docstring): the
@@ -900,7 +899,7 @@ class _Run:
                 if why:
                     return why
                 if conn.goaway is not None and not conn.pending:
-                    return "GOAWAY"
+                    return "GOAWAY"  # all it will answer is answered
         except wire.RemoteProtocolError as exc:
             return f"protocol error from the engine: {exc}"
 
@@ -953,15 +952,7 @@ class _Run:
             n_ok = n - len(bad)
             invalid = self.payloads.invalid
             for pos, code in errors:
-                if code == ErrorCode.INVALID_DCC and invalid[frame.items[pos]]:
-                    r.rejected_as_expected += 1
-                    bucket.rejected += 1
-                elif code == ErrorCode.BUSY:
-                    r.busy_replies += 1
-                    r.busy_certs += 1
-                    bucket.busy += 1
-                else:
-                    self._error(bucket, _code_name(code), 1)
+                self._count_refusal(bucket, code, invalid[frame.items[pos]])
         if n_ok:
             latency = now - due
             r.ok += n_ok
@@ -1060,15 +1051,8 @@ class _Run:
                         self._error(bucket, "SIGNED_INVALID", 1)
                     else:
                         ok_list.append(pos)
-                elif err == ErrorCode.INVALID_DCC and invalid[item]:
-                    r.rejected_as_expected += 1
-                    bucket.rejected += 1
-                elif err == ErrorCode.BUSY:
-                    r.busy_replies += 1
-                    r.busy_certs += 1
-                    bucket.busy += 1
                 else:
-                    self._error(bucket, _code_name(err), 1)
+                    self._count_refusal(bucket, err, invalid[item])
             ok_positions, n_ok = ok_list, len(ok_list)
         if n_ok:
             r.ok += n_ok

@@ -1,6 +1,7 @@
-"""What the ``dccsign`` command groups share in their arguments: value types, the
-``--keystore`` option (declared by :func:`keystore_arg`, opened by :func:`open_keystore`), and
-the TLS client's ``--cert``/``--key``/``--ca`` (:func:`tls_client_args`)."""
+"""What the ``dccsign`` command groups share in their arguments: value types (among them
+numbers bounded by :func:`positive` and :func:`in_range`), the ``--keystore`` option
+(declared by :func:`keystore_arg`, opened by :func:`open_keystore`), and the TLS client's
+``--cert``/``--key``/``--ca`` (:func:`tls_client_args`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 __all__ = [
     "host_port",
+    "in_range",
     "iso_time",
     "keystore_arg",
     "kid",
@@ -53,6 +55,22 @@ def positive(kind: type[int] | type[float], maximum: float = 1e6):
             raise argparse.ArgumentTypeError(
                 f"must be a positive {noun} up to {maximum:g}, not {value!r}"
             )
+        return number
+
+    return parse
+
+
+def in_range(kind: type[int] | type[float], low: float, high: float, what: str):
+    """A number of *kind* from *low* to *high* inclusive (refuses nan); anything else is
+    refused with "must be *what*, not 'VALUE'"."""
+
+    def parse(value: str) -> int | float:
+        try:
+            number = kind(value)
+        except ValueError:
+            number = low - 1
+        if not low <= number <= high:
+            raise argparse.ArgumentTypeError(f"must be {what}, not {value!r}")
         return number
 
     return parse
