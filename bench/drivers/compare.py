@@ -46,6 +46,7 @@ from types import ModuleType
 from typing import Any
 
 from ..cli.args import positive, tls_client_args
+from ..cli.exits import error_exit
 
 __all__ = [
     "ForeignLoad",
@@ -706,8 +707,7 @@ def cmd_bench_compare(args: argparse.Namespace) -> int:
     """Run ``dccsign bench compare``; returns the exit code."""
 
     def fail(code: int, message: str) -> int:
-        print(f"dccsign bench compare: error: {message}", file=sys.stderr)
-        return code
+        return error_exit("dccsign bench compare", code, message)
 
     if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
         return fail(

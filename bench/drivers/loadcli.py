@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from ..cli.args import in_range, positive, tls_client_args
+from ..cli.exits import error_exit
 
 if TYPE_CHECKING:
     from .loadgen import LoadConfig
@@ -397,8 +398,7 @@ def _wait_for_pool(args: argparse.Namespace, profile_name: str, url: str) -> Poo
 
 
 def _fail(code: int, message: str) -> int:
-    print(f"dccsign bench load: error: {message}", file=sys.stderr)
-    return code
+    return error_exit("dccsign bench load", code, message)
 
 
 def cmd_bench_load(args: argparse.Namespace) -> int:

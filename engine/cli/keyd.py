@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .args import in_range, keystore_arg
+from .exits import error_exit
 
 __all__ = ["NONCE_POOL_DEFAULT", "add_commands", "cmd_keyd", "nonce_pool_option"]
 
@@ -24,7 +25,6 @@ NONCE_POOL_DEFAULT = 1 << 20
 def cmd_keyd(args: argparse.Namespace) -> int:
     """``dccsign keyd``: returns the exit code (0 after a clean stop, 4 on key problems)."""
     import signal
-    import sys
 
     from ..audit.log import AuditError
     from ..errors import KeystoreError
@@ -47,15 +47,14 @@ def cmd_keyd(args: argparse.Namespace) -> int:
         try:
             line = read_passphrase_line()
         except (OSError, ValueError) as exc:
-            print(f"dccsign keyd: error: --supervised: standard input: {exc}", file=sys.stderr)
-            return 4
+            return error_exit("dccsign keyd", 4, f"--supervised: standard input: {exc}")
         if line is None:
-            print(
-                "dccsign keyd: error: --supervised: standard input ended before the passphrase "
-                "line (the supervisor is gone)",
-                file=sys.stderr,
+            return error_exit(
+                "dccsign keyd",
+                4,
+                "--supervised: standard input ended before the passphrase line (the "
+                "supervisor is gone)",
             )
-            return 4
         passphrase = line or None  # an empty line: find the passphrase as without a supervisor
         threading.Thread(
             target=watch_supervisor, args=(stop,), name="keyd-supervisor", daemon=True
@@ -76,14 +75,12 @@ def cmd_keyd(args: argparse.Namespace) -> int:
             freeze_gc=True,
         )
     except (KeystoreError, AuditError) as exc:
-        print(f"dccsign keyd: error: {exc}", file=sys.stderr)
-        return 4
+        return error_exit("dccsign keyd", 4, exc)
     except OSError as exc:  # the socket: its directory, group or mode
         message = exc.strerror or str(exc)
         if str(args.socket) not in message:
             message = f"{args.socket}: {message}"
-        print(f"dccsign keyd: error: {message}", file=sys.stderr)
-        return 4
+        return error_exit("dccsign keyd", 4, message)
     return 0
 
 
