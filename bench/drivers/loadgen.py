@@ -669,6 +669,19 @@ class _Run:
         codes[name] = codes.get(name, 0) + n
         bucket.errors += n
 
+    def _count_ok(self, bucket: Bucket, now: float, due: float, sent: float, n_ok: int) -> None:
+        """*n_ok* certificates of one frame signed OK, answered at *now*: counted, and their
+        latency recorded from the intended start *due* and from the write *sent*."""
+        r = self.r
+        latency = now - due
+        r.ok += n_ok
+        r.ok_frames += 1
+        bucket.ok += n_ok
+        r.latency.record(latency, n_ok)
+        r.service_latency.record(now - sent, n_ok)
+        bucket.hist.record(latency, n_ok)
+        r.phase_ok[bisect.bisect_right(self.phase_ends, now - self.t0)] += n_ok
+
     def _count_refusal(self, bucket: Bucket, code: int, invalid: bool) -> None:
         """One certificate refused with *code*: as expected when the DCC sent was *invalid*
         and the answer INVALID_DCC, else BUSY or an error."""
@@ -934,7 +947,6 @@ class _Run:
         conn.slots.release()
         self._finished_one()
         due, sent, fi = entry
-        r = self.r
         frame = self.payloads.frames[fi]
         size = len(frame.items)
         if n != size:
@@ -954,14 +966,7 @@ class _Run:
             for pos, code in errors:
                 self._count_refusal(bucket, code, invalid[frame.items[pos]])
         if n_ok:
-            latency = now - due
-            r.ok += n_ok
-            r.ok_frames += 1
-            bucket.ok += n_ok
-            r.latency.record(latency, n_ok)
-            r.service_latency.record(now - sent, n_ok)
-            bucket.hist.record(latency, n_ok)
-            r.phase_ok[bisect.bisect_right(self.phase_ends, now - self.t0)] += n_ok
+            self._count_ok(bucket, now, due, sent, n_ok)
             picks = self._sample_picks(n_ok)
             if picks:
                 if bad:
@@ -1031,9 +1036,7 @@ class _Run:
         conn.slots.release()
         self._finished_one()
         due, sent, fi = entry
-        r = self.r
         frame = self.payloads.frames[fi]
-        latency = now - due
         n = len(frame.items)
         if len(results) != n:
             self._error(bucket, "WRONG_RESULT_COUNT", n)
@@ -1055,13 +1058,7 @@ class _Run:
                     self._count_refusal(bucket, err, invalid[item])
             ok_positions, n_ok = ok_list, len(ok_list)
         if n_ok:
-            r.ok += n_ok
-            r.ok_frames += 1
-            bucket.ok += n_ok
-            r.latency.record(latency, n_ok)
-            r.service_latency.record(now - sent, n_ok)
-            bucket.hist.record(latency, n_ok)
-            r.phase_ok[bisect.bisect_right(self.phase_ends, now - self.t0)] += n_ok
+            self._count_ok(bucket, now, due, sent, n_ok)
             self._sample(frame, results, ok_positions, n_ok)
 
     def _sample(
