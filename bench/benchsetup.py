@@ -1,5 +1,6 @@
 """What the benchmark scripts of this directory set up alike: a fresh development engine on
-loopback TLS, and a development keystore with a batch of real vaccination CWT payloads.
+loopback TLS, a development keystore with a batch of real vaccination CWT payloads, threads
+timed together, and the dated result file in bench/results/.
 
 Imported by the scripts next to it (``python bench/X.py`` puts this directory on the path);
 nothing in the product imports it.
@@ -8,17 +9,41 @@ nothing in the product imports it.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
+import json
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 DCCSIGN = [sys.executable, "-m", "dccsign"]
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def save_result(doc: Any, name: str, path: Path | None = None, *, indent: int = 1) -> Path:
+    """Write *doc* as JSON to *path*, by default ``bench/results/NAME-YYYY-MM-DD.json``
+    (today's date); returns the path written."""
+    path = path or RESULTS / f"{name}-{dt.date.today()}.json"
+    path.write_text(json.dumps(doc, indent=indent) + "\n")
+    return path
+
+
+def timed_threads(work: Callable[[int], None], n: int) -> float:
+    """Run ``work(0)`` .. ``work(n - 1)`` on *n* threads at once; the wall seconds from the
+    first start to the last end."""
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start
 
 
 def free_port() -> int:

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import cbor2
 
+from benchsetup import save_result
 from dccsign import native
 from dccsign.dcc.issuer import claims_prefix, nfc_names
 from dccsign.native import _reference
@@ -330,9 +331,7 @@ def main() -> int:
         only = args.only.split(",") if args.only else None
         result["instructions"] = run_instructions(args.items, args.frames, only)
         print(json.dumps(result["instructions"]["ratios"], indent=1))
-    out = args.json or ROOT / "bench" / "results" / f"dataplane_micro-{time.strftime('%F')}.json"
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print("wrote", out)
+    print("wrote", save_result(result, "dataplane_micro", args.json))
     return 0
 
 

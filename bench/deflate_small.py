@@ -41,6 +41,7 @@ from pathlib import Path
 import cbor2
 import segno
 
+from benchsetup import save_result
 from dccsign import native
 from dccsign.bench.core import ephemeral_key
 from dccsign.dcc.issuer import claims_prefix
@@ -227,10 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         "paired_timing": paired_timing(coses, args.rounds),
         "callgrind": callgrind(coses, *args.callgrind_calls),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    path = args.json or HERE / "results" / f"deflate_small-{time.strftime('%Y-%m-%d')}.json"
-    path.write_text(text + "\n")
+    print(json.dumps(result, indent=2))
+    path = save_result(result, "deflate_small", args.json, indent=2)
     print(f"written to {path}", file=sys.stderr)
     return 0
 

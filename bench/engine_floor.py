@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import operator
 import ssl
 import statistics
@@ -44,6 +43,7 @@ from pathlib import Path
 import zstandard
 from dataplane_micro import KIDS, Frame
 
+from benchsetup import save_result
 from dccsign import native
 from dccsign.bench.core import ephemeral_key
 from dccsign.dcc.issuer import Issuer
@@ -257,9 +257,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{result['floor_over_bench_core_median']:.3f} of a bench core certificate "
           f"(budget: {result['budget_over_bench_core']:.3f}, i.e. "
           f"{result['budget_us_scaled_to_this_run']:.2f} us in this run)")  # fmt: skip
-    out = args.json or ROOT / "bench" / "results" / f"engine_floor-{dt.date.today()}.json"
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {save_result(result, 'engine_floor', args.json)}")
     return 0
 
 

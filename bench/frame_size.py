@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchsetup import DCCSIGN, dev_engine
+from benchsetup import DCCSIGN, dev_engine, save_result
 
 ROOT = Path(__file__).resolve().parents[1]
 TICK = 100  # clock ticks per second (USER_HZ)
@@ -114,9 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         a, b = fit([(1 / s["frame"], s[f"{what}_us_per_cert"]) for s in steps])
         out[f"{what}_fit"] = {"per_cert_us": round(a, 2), "per_frame_us": round(b, 1)}
         print(f"{what}: {a:.1f} us per certificate + {b:,.0f} us per frame")
-    path = args.json or ROOT / "bench" / "results" / f"frame_size-{dt.date.today()}.json"
-    path.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {path}")
+    print(f"wrote {save_result(out, 'frame_size', args.json)}")
     return 0
 
 

@@ -48,11 +48,10 @@ import json
 import os
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from benchsetup import vaccination_batch
+from benchsetup import timed_threads, vaccination_batch
 from dccsign.keyd.supervisor import PrivateKeyd
 from dccsign.protocol.keyd import NEED_DATA
 
@@ -75,13 +74,7 @@ def rate_two_threads(fns, batch: int, seconds: float) -> float:
             fns[i]()
             counts[i] += batch
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return sum(counts) / (time.perf_counter() - start)
+    return sum(counts) / timed_threads(work, 2)
 
 
 def rate_two_connections(

@@ -36,7 +36,6 @@ import json
 import shutil
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -45,7 +44,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from benchsetup import vaccination_batch
+from benchsetup import timed_threads, vaccination_batch
 from dccsign import native
 from dccsign.bench.compare import openssl_sign_rate
 from dccsign.keyd.supervisor import PrivateKeyd
@@ -60,13 +59,7 @@ def burst_two_threads(sign_batch, batches: list[list[bytes]]) -> tuple[float, li
         for i in range(first, len(batches), 2):
             out[i] = sign_batch(first, batches[i])
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    seconds = time.perf_counter() - start
+    seconds = timed_threads(work, 2)
     sigs = [s for batch in out for s in (batch or [])]
     return len(sigs) / seconds, sigs
 

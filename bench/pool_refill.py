@@ -61,6 +61,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchsetup import save_result
+
 HERE = Path(__file__).resolve().parent
 KID = bytes.fromhex("a1b2c3d4e5f60718")
 #: callgrind cases: the function collected, and what the count is divided by.
@@ -363,9 +365,7 @@ def main() -> None:
     )
     print("medians:", json.dumps(doc["paired_median"]))
     print("sizing:", json.dumps(doc["sizing"]))
-    path = args.json or HERE / "results" / f"pool_refill-{time.strftime('%Y-%m-%d')}.json"
-    path.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"wrote {path}")
+    print(f"wrote {save_result(doc, 'pool_refill', args.json, indent=2)}")
 
 
 if __name__ == "__main__":

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
 from ..cli.args import positive
+from ..cli.exits import error_exit
 from .compare import add_compare_parser
 from .loadcli import add_load_parser
 
@@ -28,11 +28,11 @@ def cmd_bench_core(args: argparse.Namespace) -> int:
     try:
         result = core.run(impl, args.threads, args.seconds, args.batch, args.zlib_level)
     except ImportError as exc:
-        print(
-            f"dccsign bench core: error: implementation {args.impl!r} is not available: {exc}",
-            file=sys.stderr,
+        return error_exit(
+            "dccsign bench core",
+            EXIT_USAGE,
+            f"implementation {args.impl!r} is not available: {exc}",
         )
-        return EXIT_USAGE
     if args.json:
         print(json.dumps(result))
         return EXIT_OK

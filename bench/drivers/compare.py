@@ -45,7 +45,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from ..cli.args import positive
+from ..cli.args import positive, tls_client_args
+from ..cli.exits import error_exit
 
 __all__ = [
     "ForeignLoad",
@@ -368,23 +369,74 @@ def compare(
     Raises:
         CompareError: a pipeline's HC1 did not verify.
     """
-    from .. import native
-    from .core import run
-
     openssl = shutil.which("openssl")
     skipped: dict[str, str] = {}
     if openssl is None:
         skipped["openssl"] = skipped["openssl-all"] = "not measured: no `openssl` on PATH"
-    naive_case = None
+    naive_case, naive_path = _verified_naive(naive_path, skipped)
+    impls = _verified_impls(skipped)
+    if engine is None:
+        skipped["engine"] = "not measured: no --server given"
+    product_runs: dict[str, list[dict[str, Any]]] = {}
+    cases = _cases(openssl, naive_case, impls, engine, seconds, threads, product_runs)
+    env = environment(openssl)
+    log(
+        f"{env['date']}  nproc={env['nproc']}  cpu={env['cpu_model']}  "
+        f"{env['openssl'] or 'no openssl'}  python {env['python']}  zlib {env['zlib']}"
+    )
+    log(
+        f"{rounds} rounds x {len(cases)} rows, {seconds:g} s per sample (openssl: 1 s); "
+        "every pipeline's HC1 verified first"
+    )
+    samples, loads, errors = _run_rounds(cases, rounds, wait_quiet, log)
+    skipped.update(errors)
+    order = list(cases)
+    return {
+        "benchmark": "compare",
+        "environment": env,
+        "seconds_per_sample": seconds,
+        "threads": threads,
+        "naive_path": str(naive_path) if naive_path else None,
+        "server": engine.server if engine else None,
+        "order": order,
+        "rows": _rows(samples, loads, [n for n in order if n not in errors], skipped, threads),
+        "scaling": _scaling(samples, loads),
+        "rounds": samples,
+        "other_processes_cores": loads,
+        "product_runs": product_runs,
+    }
+
+
+def _verified_naive(
+    naive_path: Path | None, skipped: dict[str, str]
+) -> tuple[Naive | None, Path | None]:
+    """The naive pipeline, its HC1 verified, and its path; or (None, None), with the reason
+    in *skipped*.
+
+    Raises:
+        CompareError: its HC1 did not verify.
+    """
     if naive_path is None:
         skipped["naive"] = f"not measured: bench/naive.py not found ({NAIVE_HOME})"
-    elif not naive_path.is_file():
+        return None, None
+    if not naive_path.is_file():
         skipped["naive"] = f"not measured: {naive_path} not found (bench/naive.py: {NAIVE_HOME})"
-        naive_path = None
-    else:
-        naive_case = Naive(load_naive(naive_path))
-        dcc = naive_case.dccs[0]
-        check_hc1(naive_case.one(dcc), naive_case.signer.dsc, dcc, "naive pipeline")
+        return None, None
+    naive_case = Naive(load_naive(naive_path))
+    dcc = naive_case.dccs[0]
+    check_hc1(naive_case.one(dcc), naive_case.signer.dsc, dcc, "naive pipeline")
+    return naive_case, naive_path
+
+
+def _verified_impls(skipped: dict[str, str]) -> list[str]:
+    """The product's implementations this process has, each verified; why native is missing
+    goes to *skipped*.
+
+    Raises:
+        CompareError: an implementation's HC1 did not verify.
+    """
+    from .. import native
+
     impls = ["python", "native"]
     try:
         native.implementation("native")
@@ -392,10 +444,21 @@ def compare(
         impls.remove("native")
         skipped["native"] = skipped["native-all"] = f"not measured: no native core: {exc}"
     verify_product(impls)
-    if engine is None:
-        skipped["engine"] = "not measured: no --server given"
+    return impls
 
-    product_runs: dict[str, list[dict[str, Any]]] = {}
+
+def _cases(
+    openssl: str | None,
+    naive_case: Naive | None,
+    impls: list[str],
+    engine: Engine | None,
+    seconds: float,
+    threads: int,
+    product_runs: dict[str, list[dict[str, Any]]],
+) -> dict[str, Callable[[], float]]:
+    """The rows to measure, in their order, each a call that returns one sample's rate; the
+    product's rows also keep their whole results in *product_runs*."""
+    from .core import run
 
     def product(impl_name: str, n: int, row: str) -> Callable[[], float]:
         def case() -> float:
@@ -417,16 +480,18 @@ def compare(
         cases["native-all"] = product("native", threads, "native-all")
     if engine is not None:
         cases["engine"] = lambda: engine.rate(seconds)
+    return cases
 
-    env = environment(openssl)
-    log(
-        f"{env['date']}  nproc={env['nproc']}  cpu={env['cpu_model']}  "
-        f"{env['openssl'] or 'no openssl'}  python {env['python']}  zlib {env['zlib']}"
-    )
-    log(
-        f"{rounds} rounds x {len(cases)} rows, {seconds:g} s per sample (openssl: 1 s); "
-        "every pipeline's HC1 verified first"
-    )
+
+def _run_rounds(
+    cases: dict[str, Callable[[], float]],
+    rounds: int,
+    wait_quiet: float,
+    log: Callable[[str], None],
+) -> tuple[list[dict[str, float]], list[dict[str, float | None]], dict[str, str]]:
+    """The interleaved rounds (every other one in reverse order): each round's rates, the
+    other processes' load during each sample, and the rows that failed (not measured
+    again)."""
     samples: list[dict[str, float]] = []
     loads: list[dict[str, float | None]] = []
     errors: dict[str, str] = {}
@@ -451,10 +516,20 @@ def compare(
         loads.append(load)
         parts = [f"{n} {sample[n]:,.0f}" for n in order if n in sample]
         log(f"  round {r + 1}: " + ", ".join(parts))
+    return samples, loads, errors
 
-    rates = {n: summary([s[n] for s in samples if n in s]) for n in order if n not in errors}
+
+def _rows(
+    samples: list[dict[str, float]],
+    loads: list[dict[str, float | None]],
+    measured: list[str],
+    skipped: dict[str, str],
+    threads: int,
+) -> dict[str, dict[str, Any]]:
+    """Every row of ROWS: its label and unit, and its rate summary and ratios, or why it
+    was not measured."""
+    rates = {n: summary([s[n] for s in samples if n in s]) for n in measured}
     foreign = {n: summary([v for ld in loads if (v := ld.get(n)) is not None]) for n in rates}
-    skipped.update(errors)
     labels = row_labels(threads)
     rows: dict[str, dict[str, Any]] = {}
     for name in ROWS:
@@ -470,26 +545,20 @@ def compare(
         else:
             entry["not_measured"] = skipped.get(name, "not measured")
         rows[name] = entry
-    scaling = {
+    return rows
+
+
+def _scaling(
+    samples: list[dict[str, float]], loads: list[dict[str, float | None]]
+) -> dict[str, dict[str, list[float]]]:
+    """All cores against one, for the native core and openssl: in every round, and in the
+    rounds other processes left quiet."""
+    return {
         f"{num}/{den}": {
             "all_rounds": ratios(samples, loads, num, den),
             "quiet_rounds": ratios(samples, loads, num, den, quiet_only=True),
         }
         for num, den in (("native-all", "native"), ("openssl-all", "openssl"))
-    }
-    return {
-        "benchmark": "compare",
-        "environment": env,
-        "seconds_per_sample": seconds,
-        "threads": threads,
-        "naive_path": str(naive_path) if naive_path else None,
-        "server": engine.server if engine else None,
-        "order": order,
-        "rows": rows,
-        "scaling": scaling,
-        "rounds": samples,
-        "other_processes_cores": loads,
-        "product_runs": product_runs,
     }
 
 
@@ -611,9 +680,12 @@ def add_compare_parser(bsub: Any) -> argparse.ArgumentParser:
         help="also measure a running engine end to end: unix:PATH or HOST:PORT, "
         "passed to `dccsign bench load` with --cert/--key/--ca",
     )
-    g.add_argument("--cert", type=Path, metavar="PEM", help="TLS client certificate")
-    g.add_argument("--key", type=Path, metavar="PEM", help="TLS client key")
-    g.add_argument("--ca", type=Path, metavar="PEM", help="CA of the engine's certificate")
+    tls_client_args(
+        g,
+        cert="TLS client certificate",
+        key="TLS client key",
+        ca="CA of the engine's certificate",
+    )
     g = p.add_argument_group("output")
     g.add_argument(
         "--json",
@@ -635,8 +707,7 @@ def cmd_bench_compare(args: argparse.Namespace) -> int:
     """Run ``dccsign bench compare``; returns the exit code."""
 
     def fail(code: int, message: str) -> int:
-        print(f"dccsign bench compare: error: {message}", file=sys.stderr)
-        return code
+        return error_exit("dccsign bench compare", code, message)
 
     if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
         return fail(

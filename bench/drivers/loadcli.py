@@ -17,10 +17,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from ..cli.args import positive
+from ..cli.args import in_range, positive, tls_client_args
+from ..cli.exits import error_exit
 
 if TYPE_CHECKING:
+    from .loadgen import LoadConfig
     from .loadpool import PoolWait
+    from .loadprofile import Profile
 
 __all__ = ["add_load_parser", "cmd_bench_load"]
 
@@ -34,14 +37,7 @@ DEV_TLS = Path("var/dev-keystore/dev-tls")
 DEFAULT_METRICS = "http://127.0.0.1:9464/metrics"
 
 
-def _share(value: str) -> float:
-    try:
-        x = float(value)
-    except ValueError:
-        x = -1.0
-    if not 0.0 <= x <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be a share between 0 and 1, not {value!r}")
-    return x
+_share = in_range(float, 0.0, 1.0, "a share between 0 and 1")
 
 
 def _role_pid(value: str) -> tuple[str, int]:
@@ -81,7 +77,18 @@ def add_load_parser(bsub: Any) -> argparse.ArgumentParser:
         "5 the nonce pool did not fill within --pool-wait (nothing was sent). See "
         'bench/README.md, section "dccsign bench load".',
     )
-    g = p.add_argument_group("engine")
+    _add_engine_options(p.add_argument_group("engine"))
+    load = p.add_argument_group("load")
+    _add_profile_options(load, presets)
+    _add_flow_options(load)
+    _add_request_options(p.add_argument_group("requests"))
+    _add_output_options(p.add_argument_group("output"))
+    p.set_defaults(func=cmd_bench_load)
+    return p
+
+
+def _add_engine_options(g: Any) -> None:
+    """Where the engine is and how to talk to it (group "engine")."""
     g.add_argument(
         "--server",
         default="unix:var/dccsign.sock",
@@ -90,23 +97,11 @@ def add_load_parser(bsub: Any) -> argparse.ArgumentParser:
         "unix:var/dccsign.sock, the Unix socket of `make serve`; its TLS port is "
         "127.0.0.1:8443)",
     )
-    g.add_argument(
-        "--cert",
-        type=Path,
-        metavar="PEM",
-        help=f"TLS client certificate (default {DEV_TLS}/client-cert.pem when it exists)",
-    )
-    g.add_argument(
-        "--key",
-        type=Path,
-        metavar="PEM",
-        help=f"TLS client key (default {DEV_TLS}/client-key.pem when it exists)",
-    )
-    g.add_argument(
-        "--ca",
-        type=Path,
-        metavar="PEM",
-        help=f"CA of the engine's TLS certificate (default {DEV_TLS}/ca.pem when it exists, "
+    tls_client_args(
+        g,
+        cert=f"TLS client certificate (default {DEV_TLS}/client-cert.pem when it exists)",
+        key=f"TLS client key (default {DEV_TLS}/client-key.pem when it exists)",
+        ca=f"CA of the engine's TLS certificate (default {DEV_TLS}/ca.pem when it exists, "
         "else the system's)",
     )
     g.add_argument(
@@ -126,7 +121,9 @@ def add_load_parser(bsub: Any) -> argparse.ArgumentParser:
         f"(default {DEFAULT_METRICS})",
     )
 
-    g = p.add_argument_group("load")
+
+def _add_profile_options(g: Any, presets: str) -> None:
+    """Which profile, reshaped how (group "load"); *presets* describes the presets."""
     g.add_argument(
         "--profile",
         default="constant",
@@ -170,6 +167,11 @@ def add_load_parser(bsub: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="print the profile (after --rate/--duration/--arrivals) as TOML and exit",
     )
+
+
+def _add_flow_options(g: Any) -> None:
+    """Open or closed loop, connections, what may be outstanding, the drain, the seed
+    (group "load")."""
     g.add_argument(
         "--closed-loop",
         action="store_true",
@@ -223,7 +225,9 @@ def add_load_parser(bsub: Any) -> argparse.ArgumentParser:
         "(default 2021)",
     )
 
-    g = p.add_argument_group("requests")
+
+def _add_request_options(g: Any) -> None:
+    """What the requests carry, and how many answers are verified (group "requests")."""
     g.add_argument(
         "--batch",
         type=positive(int, 100_000),
@@ -292,7 +296,9 @@ def add_load_parser(bsub: Any) -> argparse.ArgumentParser:
         "ROLE (e.g. engine=1234); repeatable. The generator's own is always reported",
     )
 
-    g = p.add_argument_group("output")
+
+def _add_output_options(g: Any) -> None:
+    """Where the report goes (group "output")."""
     g.add_argument(
         "--json",
         nargs="?",
@@ -312,8 +318,6 @@ def add_load_parser(bsub: Any) -> argparse.ArgumentParser:
         "second, and the nonce pool's level over time when it was sampled (needs matplotlib)",
     )
     g.add_argument("--quiet", action="store_true", help="no progress line")
-    p.set_defaults(func=cmd_bench_load)
-    return p
 
 
 def _dev_default(given: Path | None, name: str) -> Path | None:
@@ -394,8 +398,7 @@ def _wait_for_pool(args: argparse.Namespace, profile_name: str, url: str) -> Poo
 
 
 def _fail(code: int, message: str) -> int:
-    print(f"dccsign bench load: error: {message}", file=sys.stderr)
-    return code
+    return error_exit("dccsign bench load", code, message)
 
 
 def cmd_bench_load(args: argparse.Namespace) -> int:
@@ -408,12 +411,7 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
             "the load generator needs hdrhistogram, from the [bench] extra: "
             "pip install 'dccsign[bench]' (make installs it)",
         )
-    import trio
-
-    from .loadgen import LoadConfig, LoadError, build_payloads, run_load
     from .loadprofile import ProfileError, load_profile
-    from .loadreport import PlotUnavailable, plot, text_report, to_json
-    from .scrape import metrics_delta, scrape_metrics
 
     try:
         profile = load_profile(args.profile).scaled(
@@ -425,6 +423,17 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
         sys.stdout.write(profile.to_toml())
         return EXIT_OK
     metrics_url = None if args.metrics.lower() == "none" else args.metrics
+    refused = _refuse_usage(args, profile, metrics_url)
+    if refused is not None:
+        return refused
+    return _run_and_report(args, profile, metrics_url)
+
+
+def _refuse_usage(
+    args: argparse.Namespace, profile: Profile, metrics_url: str | None
+) -> int | None:
+    """The exit code after saying why, if the options cannot work together or need what
+    is not installed; else None."""
     if profile.wait_for_pool and metrics_url is None:
         return _fail(
             EXIT_USAGE,
@@ -439,10 +448,16 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
                 EXIT_USAGE,
                 "--plot needs matplotlib: install matplotlib (pip install 'dccsign[bench]')",
             )
-    to_stdout = args.json == "-"
-    human = sys.stderr if to_stdout else sys.stdout
+    return None
+
+
+def _load_config(args: argparse.Namespace, profile: Profile, metrics_url: str | None) -> LoadConfig:
+    """The run's configuration from the options (over TLS, the dev keystore's client
+    certificate, key and CA where none is given)."""
+    from .loadgen import LoadConfig
+
     tls = not args.server.startswith("unix:")
-    config = LoadConfig(
+    return LoadConfig(
         profile=profile,
         server=args.server,
         cert=_dev_default(args.cert, "client-cert.pem") if tls else args.cert,
@@ -466,18 +481,24 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
         full_decode=args.full_decode,
         cpu_pids=tuple(args.cpu_pid),
     )
+
+
+def _run_and_report(args: argparse.Namespace, profile: Profile, metrics_url: str | None) -> int:
+    """Prepare the payloads, wait for the nonce pool if the profile asks, run the load,
+    report; returns the exit code."""
+    import trio
+
+    from .loadgen import LoadError, payloads_for, run_load
+    from .loadreport import to_json
+    from .scrape import metrics_delta, scrape_metrics
+
+    config = _load_config(args, profile, metrics_url)
     print(
         f"dccsign bench load: preparing {max(args.accounts, 4096):,} payloads "
         f"(batch {args.batch}) ...",
         file=sys.stderr,
     )
-    payloads = build_payloads(
-        batch=config.batch,
-        invalid_share=config.invalid_share,
-        accounts=config.accounts,
-        account_prefix=config.account_prefix,
-        seed=config.seed,
-    )
+    payloads = payloads_for(config)
     pool_wait = None
     if profile.wait_for_pool:
         assert metrics_url is not None
@@ -509,7 +530,15 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
     metrics = None
     if before is not None and metrics_url:
         metrics = metrics_delta(before, scrape_metrics(metrics_url))
-    doc = to_json(result, metrics, pool_wait)
+    return _report(args, to_json(result, metrics, pool_wait), result.wrong_answers)
+
+
+def _report(args: argparse.Namespace, doc: dict[str, Any], wrong_answers: int) -> int:
+    """Write the table, then the JSON and the plot if asked; returns the exit code."""
+    from .loadreport import PlotUnavailable, plot, text_report
+
+    to_stdout = args.json == "-"
+    human = sys.stderr if to_stdout else sys.stdout
     human.write(text_report(doc))
     if args.json is not None:
         text = json.dumps(doc, ensure_ascii=False, indent=1) + "\n"
@@ -528,7 +557,7 @@ def cmd_bench_load(args: argparse.Namespace) -> int:
         except OSError as exc:
             return _fail(EXIT_USAGE, f"cannot write {args.plot}: {exc.strerror}")
         human.write(f"  plot: {args.plot}\n")
-    if result.wrong_answers:
-        human.write(f"  FAILED: {result.wrong_answers:,} wrong answers (see errors)\n")
+    if wrong_answers:
+        human.write(f"  FAILED: {wrong_answers:,} wrong answers (see errors)\n")
         return EXIT_WRONG_ANSWERS
     return EXIT_OK

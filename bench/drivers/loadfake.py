@@ -388,6 +388,58 @@ class FakeEngine:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the fake engine until SIGTERM or SIGINT; returns the exit code (usage errors
+    exit 2 through argparse)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    http = None
+    if args.http:
+        host, _, port = args.http.rpartition(":")
+        if not host or not port.isdigit():
+            parser.error(f"--http: expected HOST:PORT, not {args.http!r}")
+        http = host.strip("[]"), int(port)
+    try:
+        pools = {
+            CANNED_KID[:7] + bytes([CANNED_KID[7] + i]): FakePool(
+                args.pool_capacity, entries=args.pool_start, fill_rate=args.pool_fill_rate
+            )
+            for i in range(args.pool_kids if args.pool_capacity else 0)
+        }
+    except ValueError as exc:
+        parser.error(f"pool: {exc}")
+    fake = FakeEngine(
+        stall_after=args.stall_after,
+        stall_for=args.stall_for,
+        validate=args.validate,
+        max_in_flight=args.max_in_flight,
+        fast=args.fast,
+        pools=pools,
+    )
+    trio.run(_serve, fake, args.unix, http)
+    return 0
+
+
+async def _serve(fake: FakeEngine, unix: str, http: tuple[str, int] | None) -> None:
+    """Serve *fake* on the Unix socket *unix* (and its metrics on *http*) until SIGTERM or
+    SIGINT, then say how much it answered."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fake.serve_unix, unix)
+        print(f"loadfake: listening on {unix}", file=sys.stderr, flush=True)
+        if http is not None:
+            bound = await nursery.start(fake.serve_metrics, *http)
+            print(
+                f"loadfake: metrics on http://{bound[0]}:{bound[1]}/metrics",
+                file=sys.stderr,
+                flush=True,
+            )
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                break
+    print(f"loadfake: {fake.requests} requests, {fake.items} items", file=sys.stderr)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dccsign.bench.loadfake",
         description="A fake engine for the load generator: answers every item at once with a "
@@ -452,50 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="N",
         help="announced in WELCOME; more gets BUSY (default 32, as the engine)",
     )
-    args = parser.parse_args(argv)
-    http = None
-    if args.http:
-        host, _, port = args.http.rpartition(":")
-        if not host or not port.isdigit():
-            parser.error(f"--http: expected HOST:PORT, not {args.http!r}")
-        http = host.strip("[]"), int(port)
-    try:
-        pools = {
-            CANNED_KID[:7] + bytes([CANNED_KID[7] + i]): FakePool(
-                args.pool_capacity, entries=args.pool_start, fill_rate=args.pool_fill_rate
-            )
-            for i in range(args.pool_kids if args.pool_capacity else 0)
-        }
-    except ValueError as exc:
-        parser.error(f"pool: {exc}")
-    fake = FakeEngine(
-        stall_after=args.stall_after,
-        stall_for=args.stall_for,
-        validate=args.validate,
-        max_in_flight=args.max_in_flight,
-        fast=args.fast,
-        pools=pools,
-    )
-
-    async def run() -> None:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(fake.serve_unix, args.unix)
-            print(f"loadfake: listening on {args.unix}", file=sys.stderr, flush=True)
-            if http is not None:
-                bound = await nursery.start(fake.serve_metrics, *http)
-                print(
-                    f"loadfake: metrics on http://{bound[0]}:{bound[1]}/metrics",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for _ in signals:
-                    nursery.cancel_scope.cancel()
-                    break
-        print(f"loadfake: {fake.requests} requests, {fake.items} items", file=sys.stderr)
-
-    trio.run(run)
-    return 0
+    return parser
 
 
 if __name__ == "__main__":

@@ -117,6 +117,7 @@ __all__ = [
     "LoadResult",
     "Payloads",
     "build_payloads",
+    "payloads_for",
     "run_load",
 ]
 
@@ -265,6 +266,22 @@ def _scratch_client(compression: bool, max_batch: int) -> wire.Connection:
     client.receive_data(server.send(welcome))
     client.next_event()
     return client
+
+
+def payloads_for(config: LoadConfig) -> Payloads:
+    """The request pool :func:`build_payloads` prepares for *config*'s batch, invalid share,
+    accounts and seed.
+
+    Raises:
+        ValueError: a parameter out of range.
+    """
+    return build_payloads(
+        batch=config.batch,
+        invalid_share=config.invalid_share,
+        accounts=config.accounts,
+        account_prefix=config.account_prefix,
+        seed=config.seed,
+    )
 
 
 def build_payloads(
@@ -652,6 +669,33 @@ class _Run:
         codes[name] = codes.get(name, 0) + n
         bucket.errors += n
 
+    def _count_ok(self, bucket: Bucket, now: float, due: float, sent: float, n_ok: int) -> None:
+        """*n_ok* certificates of one frame signed OK, answered at *now*: counted, and their
+        latency recorded from the intended start *due* and from the write *sent*."""
+        r = self.r
+        latency = now - due
+        r.ok += n_ok
+        r.ok_frames += 1
+        bucket.ok += n_ok
+        r.latency.record(latency, n_ok)
+        r.service_latency.record(now - sent, n_ok)
+        bucket.hist.record(latency, n_ok)
+        r.phase_ok[bisect.bisect_right(self.phase_ends, now - self.t0)] += n_ok
+
+    def _count_refusal(self, bucket: Bucket, code: int, invalid: bool) -> None:
+        """One certificate refused with *code*: as expected when the DCC sent was *invalid*
+        and the answer INVALID_DCC, else BUSY or an error."""
+        r = self.r
+        if code == ErrorCode.INVALID_DCC and invalid:
+            r.rejected_as_expected += 1
+            bucket.rejected += 1
+        elif code == ErrorCode.BUSY:
+            r.busy_replies += 1
+            r.busy_certs += 1
+            bucket.busy += 1
+        else:
+            self._error(bucket, _code_name(code), 1)
+
     # -- connecting ----------------------------------------------------------------------
 
     async def open_conn(self, index: int) -> _Conn:
@@ -778,30 +822,15 @@ class _Run:
         """Read replies until the connection ends; returns why it ended."""
         if not self.config.full_decode:
             return await self._counting_receiver(conn)
-        codec = conn.codec
         stream = conn.stream
         while True:
             try:
                 data = await stream.receive_some(1 << 18)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 return f"connection broken: {exc.__cause__ or exc}"
-            codec.receive_data(data)
-            try:
-                while True:
-                    event = codec.next_event()
-                    if event is wire.NEED_DATA:
-                        break
-                    if event is None:
-                        if conn.goaway is not None and not conn.pending:
-                            return "GOAWAY"
-                        return "the engine closed the connection"
-                    why = self._on_event(conn, event)
-                    if why:
-                        return why
-                    if conn.goaway is not None and not conn.pending:
-                        return "GOAWAY"  # all it will answer is answered
-            except wire.RemoteProtocolError as exc:
-                return f"protocol error from the engine: {exc}"
+            why = self._to_codec(conn, data, end=not data)
+            if why:
+                return why
 
     async def _counting_receiver(self, conn: _Conn) -> str:
         """:meth:`_receiver` with result frames counted (see the module docstring): the
@@ -883,7 +912,7 @@ class _Run:
                 if why:
                     return why
                 if conn.goaway is not None and not conn.pending:
-                    return "GOAWAY"
+                    return "GOAWAY"  # all it will answer is answered
         except wire.RemoteProtocolError as exc:
             return f"protocol error from the engine: {exc}"
 
@@ -918,7 +947,6 @@ class _Run:
         conn.slots.release()
         self._finished_one()
         due, sent, fi = entry
-        r = self.r
         frame = self.payloads.frames[fi]
         size = len(frame.items)
         if n != size:
@@ -936,24 +964,9 @@ class _Run:
             n_ok = n - len(bad)
             invalid = self.payloads.invalid
             for pos, code in errors:
-                if code == ErrorCode.INVALID_DCC and invalid[frame.items[pos]]:
-                    r.rejected_as_expected += 1
-                    bucket.rejected += 1
-                elif code == ErrorCode.BUSY:
-                    r.busy_replies += 1
-                    r.busy_certs += 1
-                    bucket.busy += 1
-                else:
-                    self._error(bucket, _code_name(code), 1)
+                self._count_refusal(bucket, code, invalid[frame.items[pos]])
         if n_ok:
-            latency = now - due
-            r.ok += n_ok
-            r.ok_frames += 1
-            bucket.ok += n_ok
-            r.latency.record(latency, n_ok)
-            r.service_latency.record(now - sent, n_ok)
-            bucket.hist.record(latency, n_ok)
-            r.phase_ok[bisect.bisect_right(self.phase_ends, now - self.t0)] += n_ok
+            self._count_ok(bucket, now, due, sent, n_ok)
             picks = self._sample_picks(n_ok)
             if picks:
                 if bad:
@@ -1023,9 +1036,7 @@ class _Run:
         conn.slots.release()
         self._finished_one()
         due, sent, fi = entry
-        r = self.r
         frame = self.payloads.frames[fi]
-        latency = now - due
         n = len(frame.items)
         if len(results) != n:
             self._error(bucket, "WRONG_RESULT_COUNT", n)
@@ -1043,24 +1054,11 @@ class _Run:
                         self._error(bucket, "SIGNED_INVALID", 1)
                     else:
                         ok_list.append(pos)
-                elif err == ErrorCode.INVALID_DCC and invalid[item]:
-                    r.rejected_as_expected += 1
-                    bucket.rejected += 1
-                elif err == ErrorCode.BUSY:
-                    r.busy_replies += 1
-                    r.busy_certs += 1
-                    bucket.busy += 1
                 else:
-                    self._error(bucket, _code_name(err), 1)
+                    self._count_refusal(bucket, err, invalid[item])
             ok_positions, n_ok = ok_list, len(ok_list)
         if n_ok:
-            r.ok += n_ok
-            r.ok_frames += 1
-            bucket.ok += n_ok
-            r.latency.record(latency, n_ok)
-            r.service_latency.record(now - sent, n_ok)
-            bucket.hist.record(latency, n_ok)
-            r.phase_ok[bisect.bisect_right(self.phase_ends, now - self.t0)] += n_ok
+            self._count_ok(bucket, now, due, sent, n_ok)
             self._sample(frame, results, ok_positions, n_ok)
 
     def _sample(
@@ -1231,6 +1229,34 @@ class _Run:
     # -- the whole run -------------------------------------------------------------------
 
     async def run(self) -> LoadResult:
+        """Connect, run the profile, drain, and count what never came back."""
+        config = self.config
+        first = await self._connect()
+        duration = self.profile.duration
+        self.result = self._new_result(first.welcome, first.cap)
+        sampler = self.sampler
+        if sampler is not None:
+            await sampler.sample()  # the level before the first request
+        self.cpu_before = cpustat.snapshot(dict(config.cpu_pids))
+        cpu0 = time.process_time()
+        self.t0 = trio.current_time() + 0.05
+        self.end = self.t0 + duration
+        self.result.started_at = time.time() + 0.05
+        await self._drive()
+        r = self.result
+        r.cpu_s = time.process_time() - cpu0
+        self.cpu_after = cpustat.snapshot(dict(config.cpu_pids))
+        self._count_unanswered(r)
+        r.elapsed_s = max(duration, self.last_reply - self.t0)
+        if sampler is not None:
+            if sampler.has_pool:
+                await sampler.final_sample()  # the level after the last reply
+            r.nonce_pool = sampler.series(self.t0)
+        return r
+
+    async def _connect(self) -> _Conn:
+        """Open every connection and list the engine's keys over the first, which is
+        returned; a failure closes those already open and propagates."""
         config = self.config
         first = await self.open_conn(0)
         self.conns = [first]
@@ -1245,9 +1271,14 @@ class _Run:
             for c in self.conns:
                 await trio.aclose_forcefully(c.stream)
             raise
-        w = first.welcome
+        return first
+
+    def _new_result(self, w: wire.Welcome, cap: int) -> LoadResult:
+        """The result before the run: what the engine announced in WELCOME *w* (and the
+        in-flight window *cap* it granted), nothing counted yet."""
+        config = self.config
         duration = self.profile.duration
-        self.result = LoadResult(
+        return LoadResult(
             config=config,
             profile=self.profile,
             mode="closed-loop" if config.closed_loop else "open-loop",
@@ -1257,7 +1288,7 @@ class _Run:
                 "max_in_flight": w.max_in_flight,
                 "max_frame": w.max_frame,
                 "compression": w.compression,
-                "in_flight_per_connection": first.cap if first.cap < 1 << 30 else None,
+                "in_flight_per_connection": cap if cap < 1 << 30 else None,
             },
             keys=len(self.keys),
             payload_seconds=self.payloads.seconds,
@@ -1266,14 +1297,12 @@ class _Run:
             elapsed_s=duration,
             phase_ok=[0] * (len(self.phase_ends) + 1),
         )
+
+    async def _drive(self) -> None:
+        """The run proper, from t0: the connections' slots, the schedule (open loop) or
+        the clock (closed loop), then the drain of outstanding replies."""
+        config = self.config
         sampler = self.sampler
-        if sampler is not None:
-            await sampler.sample()  # the level before the first request
-        self.cpu_before = cpustat.snapshot(dict(config.cpu_pids))
-        cpu0 = time.process_time()
-        self.t0 = trio.current_time() + 0.05
-        self.end = self.t0 + duration
-        self.result.started_at = time.time() + 0.05
         async with trio.open_nursery() as nursery:
             for conn in self.conns:
                 nursery.start_soon(self._slot, conn)
@@ -1294,9 +1323,10 @@ class _Run:
                 await self.idle.wait()
             self.stopping = True
             nursery.cancel_scope.cancel()
-        r = self.result
-        r.cpu_s = time.process_time() - cpu0
-        self.cpu_after = cpustat.snapshot(dict(config.cpu_pids))
+
+    def _count_unanswered(self, r: LoadResult) -> None:
+        """After the drain, into *r*: requests still in the backlog were never sent, those
+        still pending never answered (NO_REPLY)."""
         end_bucket = self._bucket(trio.current_time())
         while True:  # requests the engine never let us send
             try:
@@ -1308,12 +1338,6 @@ class _Run:
             for _ in conn.pending:
                 self._error(end_bucket, "NO_REPLY", self.payloads.batch)
             conn.pending.clear()
-        r.elapsed_s = max(duration, self.last_reply - self.t0)
-        if sampler is not None:
-            if sampler.has_pool:
-                await sampler.final_sample()  # the level after the last reply
-            r.nonce_pool = sampler.series(self.t0)
-        return r
 
 
 def verify_samples(
@@ -1372,7 +1396,7 @@ async def run_load(
 ) -> LoadResult:
     """Run one load test against the engine of *config* (see the module docstring).
 
-    *payloads* default to :func:`build_payloads` for the configuration (built before the
+    *payloads* default to :func:`payloads_for` the configuration (built before the
     clock starts). *progress*, if given, is called once a second with the last second's
     figures. Sampled HC1s are verified after the run (``result.verify``).
 
@@ -1381,13 +1405,7 @@ async def run_load(
             configuration does not fit it. Later connection losses are counted, not raised.
     """
     if payloads is None:
-        payloads = build_payloads(
-            batch=config.batch,
-            invalid_share=config.invalid_share,
-            accounts=config.accounts,
-            account_prefix=config.account_prefix,
-            seed=config.seed,
-        )
+        payloads = payloads_for(config)
     run = _Run(config, payloads, progress)
     result = await run.run()
     started = time.perf_counter()

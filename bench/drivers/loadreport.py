@@ -146,12 +146,11 @@ def to_json(
     wait for a full nonce pool that preceded the run, if any."""
     lat = result.latency.summary_ms()
     window = burst(result)
-    config = result.config
     wall = max(result.elapsed_s, 1e-9)
     doc: dict[str, Any] = {
         "tool": "dccsign bench load",
         "mode": result.mode,
-        "server": config.server,
+        "server": result.config.server,
         "started_at": dt.datetime.fromtimestamp(result.started_at, dt.UTC).isoformat(),
         "duration_s": round(result.duration_s, 3),
         "elapsed_s": round(result.elapsed_s, 3),
@@ -167,19 +166,7 @@ def to_json(
         "busy": result.busy_replies,
         "errors": result.errors,
         "wrong_answers": result.wrong_answers,
-        "counts": {
-            "offered": result.offered,
-            "sent": result.sent,
-            "sent_frames": result.sent_frames,
-            "ok": result.ok,
-            "ok_frames": result.ok_frames,
-            "rejected_as_expected": result.rejected_as_expected,
-            "busy_replies": result.busy_replies,
-            "busy_certs": result.busy_certs,
-            "errors": result.errors,
-            "not_sent_generator_limit": result.not_sent_generator_limit,
-            "not_sent_at_end": result.not_sent_at_end,
-        },
+        "counts": _counts(result),
         "errors_by_code": dict(sorted(result.errors_by_code.items())),
         "latency": {
             "from": "intended start (open loop) / write (closed loop)",
@@ -188,16 +175,7 @@ def to_json(
             "hdr_us": result.latency.encode(),
         },
         "service_latency": {"from": "write", "unit": "ms", **result.service_latency.summary_ms()},
-        "generator": {
-            "schedule_lag_ms": result.schedule_lag.summary_ms(),
-            "send_delay_ms": result.send_delay.summary_ms(),
-            "cpu_s": round(result.cpu_s, 3),
-            "cpu_share": round(result.cpu_s / wall, 3),
-            "payload_prep_s": round(result.payload_seconds, 3),
-            "connect_failures": result.connect_failures,
-            "last_connect_error": result.last_connect_error,
-            "connection_losses": result.connection_losses[:20],
-        },
+        "generator": _generator(result, wall),
         "verify": result.verify,
         "cpu": result.cpu,
         "phases": phases(result),
@@ -211,24 +189,61 @@ def to_json(
         "knee": knee(result),
         "engine": result.welcome | {"keys": result.keys},
         "profile": result.profile.as_json(),
-        "config": {
-            "batch": config.batch,
-            "connections": config.connections,
-            "in_flight": result.welcome.get("in_flight_per_connection"),
-            "exceed_in_flight": config.exceed_in_flight,
-            "invalid_share": config.invalid_share,
-            "accounts": config.accounts,
-            "account_prefix": config.account_prefix,
-            "verify_sample": config.verify_sample,
-            "max_outstanding": config.max_outstanding,
-            "drain_timeout_s": config.drain_timeout,
-            "compression": config.compression,
-            "seed": config.seed,
-        },
+        "config": _config(result),
         "timeline": timeline(result),
         "engine_metrics": metrics,
     }
     return doc
+
+
+def _counts(result: LoadResult) -> dict[str, int]:
+    """What happened to the certificates and frames, counted."""
+    return {
+        "offered": result.offered,
+        "sent": result.sent,
+        "sent_frames": result.sent_frames,
+        "ok": result.ok,
+        "ok_frames": result.ok_frames,
+        "rejected_as_expected": result.rejected_as_expected,
+        "busy_replies": result.busy_replies,
+        "busy_certs": result.busy_certs,
+        "errors": result.errors,
+        "not_sent_generator_limit": result.not_sent_generator_limit,
+        "not_sent_at_end": result.not_sent_at_end,
+    }
+
+
+def _generator(result: LoadResult, wall: float) -> dict[str, Any]:
+    """The load generator's own figures: how late it was, its CPU, its connections."""
+    return {
+        "schedule_lag_ms": result.schedule_lag.summary_ms(),
+        "send_delay_ms": result.send_delay.summary_ms(),
+        "cpu_s": round(result.cpu_s, 3),
+        "cpu_share": round(result.cpu_s / wall, 3),
+        "payload_prep_s": round(result.payload_seconds, 3),
+        "connect_failures": result.connect_failures,
+        "last_connect_error": result.last_connect_error,
+        "connection_losses": result.connection_losses[:20],
+    }
+
+
+def _config(result: LoadResult) -> dict[str, Any]:
+    """The run's settings (the in-flight window as the engine granted it)."""
+    config = result.config
+    return {
+        "batch": config.batch,
+        "connections": config.connections,
+        "in_flight": result.welcome.get("in_flight_per_connection"),
+        "exceed_in_flight": config.exceed_in_flight,
+        "invalid_share": config.invalid_share,
+        "accounts": config.accounts,
+        "account_prefix": config.account_prefix,
+        "verify_sample": config.verify_sample,
+        "max_outstanding": config.max_outstanding,
+        "drain_timeout_s": config.drain_timeout,
+        "compression": config.compression,
+        "seed": config.seed,
+    }
 
 
 # ----------------------------------------------------------------------------- text
@@ -240,10 +255,26 @@ def _n(x: float) -> str:
 
 def text_report(doc: dict[str, Any]) -> str:
     """A human-readable summary of a :func:`to_json` document."""
-    c = doc["counts"]
-    g = doc["generator"]
-    lag, wait = g["schedule_lag_ms"], g["send_delay_ms"]
     lines = [
+        *_header_lines(doc),
+        "",
+        *_latency_lines(doc),
+        "",
+        *_outcome_lines(doc),
+        *_pool_lines(doc.get("nonce_pool")),
+        *summary_lines(doc.get("cpu")),
+        "",
+        *_generator_lines(doc["generator"]),
+        *_knee_lines(doc.get("knee")),
+        *_engine_metrics_lines(doc.get("engine_metrics")),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _header_lines(doc: dict[str, Any]) -> list[str]:
+    """The run's mode, profile and engine, then the offered and signed rates."""
+    c = doc["counts"]
+    return [
         f"dccsign bench load: {doc['mode']}, profile {doc['profile']['name']!r} "
         f"({doc['profile']['arrivals']} arrivals), {doc['server']}",
         f"  engine {doc['engine']['server']!r}: max_batch {doc['engine']['max_batch']}, "
@@ -256,9 +287,13 @@ def text_report(doc: dict[str, Any]) -> str:
         f"  signed ok   {_n(doc['certs_per_s']):>10} certs/s   "
         f"({_n(c['ok'])} certs in {doc['elapsed_s']:g} s; {_n(doc['frames_per_s'])} frames/s)",
         *_burst_lines(doc),
-        "",
-        "  latency (ms)       p50       p90       p99     p99.9       max",
     ]
+
+
+def _latency_lines(doc: dict[str, Any]) -> list[str]:
+    """The percentiles table: from the intended start and from the write (closed loop has
+    only the write, under the first row's key)."""
+    lines = ["  latency (ms)       p50       p90       p99     p99.9       max"]
     for name, key in (("from intended", "latency"), ("from write", "service_latency")):
         s = doc[key]
         if doc["mode"] == "closed-loop" and key == "latency":
@@ -267,8 +302,14 @@ def text_report(doc: dict[str, Any]) -> str:
             continue
         cells = "".join(f"{s[p]:>10.2f}" for p, _ in PERCENTILES)
         lines.append(f"  {name:<14}{cells}{s['max']:>10.2f}")
-    lines += [
-        "",
+    return lines
+
+
+def _outcome_lines(doc: dict[str, Any]) -> list[str]:
+    """What did not end signed OK: BUSY, errors, expected rejections, unsent; and the
+    verification of the sampled HC1s."""
+    c = doc["counts"]
+    lines = [
         f"  busy        {_n(doc['busy']):>10} answers ({_n(c['busy_certs'])} certs)",
         f"  errors      {_n(doc['errors']):>10} certs"
         + (
@@ -286,10 +327,14 @@ def text_report(doc: dict[str, Any]) -> str:
             f"  verified    {_n(v['verified']):>10} sampled HC1s against {v['keys']} DSCs: "
             f"{_n(v['failed'])} failed" + (f" ({v['reasons'][0]})" if v["reasons"] else "")
         )
-    lines += _pool_lines(doc.get("nonce_pool"))
-    lines += summary_lines(doc.get("cpu"))
-    lines += [
-        "",
+    return lines
+
+
+def _generator_lines(g: dict[str, Any]) -> list[str]:
+    """The generator's lateness and CPU, a warning when it may be the bottleneck, and its
+    lost connections."""
+    lag, wait = g["schedule_lag_ms"], g["send_delay_ms"]
+    lines = [
         f"  generator: schedule lag p99 {lag['p99']:.2f} ms, max {lag['max']:.2f} ms; waited "
         f"for an in-flight slot p99 {wait['p99']:.2f} ms, max {wait['max']:.2f} ms; "
         f"CPU {g['cpu_share']:.0%} of one core",
@@ -301,31 +346,38 @@ def text_report(doc: dict[str, Any]) -> str:
             f"  connections lost: {len(g['connection_losses'])}, failed reconnects: "
             f"{g['connect_failures']} ({g['last_connect_error'] or '-'})"
         )
-    if doc.get("knee"):
-        k = doc["knee"]
-        lines.append(
-            f"  knee: at t={k['t']} s, intended {_n(k['intended_certs_per_s'])} certs/s, the "
-            f"engine had fallen behind by {_n(k['unserved_certs'])} certs and kept falling"
-        )
-    m = doc.get("engine_metrics")
+    return lines
+
+
+def _knee_lines(k: dict[str, Any] | None) -> list[str]:
+    """Where the engine fell behind for good, if it did."""
+    if not k:
+        return []
+    return [
+        f"  knee: at t={k['t']} s, intended {_n(k['intended_certs_per_s'])} certs/s, the "
+        f"engine had fallen behind by {_n(k['unserved_certs'])} certs and kept falling"
+    ]
+
+
+def _engine_metrics_lines(m: dict[str, Any] | None) -> list[str]:
+    """The engine's own figures over the run, from its /metrics, or why there are none."""
     if m is None:
-        lines.append("  engine metrics: not scraped")
-    elif m.get("error"):
-        lines.append(f"  engine metrics: {m['error']}")
-    else:
-        mean = m["mean_request_ms"]
+        return ["  engine metrics: not scraped"]
+    if m.get("error"):
+        return [f"  engine metrics: {m['error']}"]
+    mean = m["mean_request_ms"]
+    lines = [
+        f"  engine metrics ({m['url']}): {m['requests']:,} requests, mean "
+        f"{mean if mean is not None else '-'} ms inside the engine, items "
+        + (", ".join(f"{k} {v:,}" for k, v in m["items_by_result"].items()) or "none")
+        + f", busy {m['busy']:,}"
+    ]
+    if m.get("stage_mean_ms"):
         lines.append(
-            f"  engine metrics ({m['url']}): {m['requests']:,} requests, mean "
-            f"{mean if mean is not None else '-'} ms inside the engine, items "
-            + (", ".join(f"{k} {v:,}" for k, v in m["items_by_result"].items()) or "none")
-            + f", busy {m['busy']:,}"
+            "  engine stages (mean ms, per request or micro-batch): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in m["stage_mean_ms"].items())
         )
-        if m.get("stage_mean_ms"):
-            lines.append(
-                "  engine stages (mean ms, per request or micro-batch): "
-                + ", ".join(f"{k} {v:.2f}" for k, v in m["stage_mean_ms"].items())
-            )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _burst_lines(doc: dict[str, Any]) -> list[str]:

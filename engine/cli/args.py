@@ -1,5 +1,7 @@
-"""What the ``dccsign`` command groups share in their arguments: value types, and the
-``--keystore`` option (declared by :func:`keystore_arg`, opened by :func:`open_keystore`)."""
+"""What the ``dccsign`` command groups share in their arguments: value types (among them
+numbers bounded by :func:`positive` and :func:`in_range`), the ``--keystore`` option
+(declared by :func:`keystore_arg`, opened by :func:`open_keystore`), and the TLS client's
+``--cert``/``--key``/``--ca`` (:func:`tls_client_args`)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,16 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
-__all__ = ["host_port", "iso_time", "keystore_arg", "kid", "open_keystore", "positive"]
+__all__ = [
+    "host_port",
+    "in_range",
+    "iso_time",
+    "keystore_arg",
+    "kid",
+    "open_keystore",
+    "positive",
+    "tls_client_args",
+]
 
 
 def kid(value: str) -> bytes:
@@ -49,6 +60,22 @@ def positive(kind: type[int] | type[float], maximum: float = 1e6):
     return parse
 
 
+def in_range(kind: type[int] | type[float], low: float, high: float, what: str):
+    """A number of *kind* from *low* to *high* inclusive (refuses nan); anything else is
+    refused with "must be *what*, not 'VALUE'"."""
+
+    def parse(value: str) -> int | float:
+        try:
+            number = kind(value)
+        except ValueError:
+            number = low - 1
+        if not low <= number <= high:
+            raise argparse.ArgumentTypeError(f"must be {what}, not {value!r}")
+        return number
+
+    return parse
+
+
 def host_port(value: str) -> tuple[str, int]:
     """``HOST:PORT`` (port 0..65535; ``[::1]:8443`` for IPv6)."""
     host, sep, port = value.rpartition(":")
@@ -60,6 +87,17 @@ def host_port(value: str) -> tuple[str, int]:
 def keystore_arg(parser: Any, *, required: bool = True, help: str | None = None) -> None:
     """Declare ``--keystore DIR`` on *parser* (a parser or an argument group)."""
     parser.add_argument("--keystore", type=Path, required=required, metavar="DIR", help=help)
+
+
+def tls_client_args(parser: Any, *, cert: str, key: str, ca: str) -> None:
+    """Declare the TLS client's ``--cert PEM``, ``--key PEM`` and ``--ca PEM`` (paths) on
+    *parser* (a parser or an argument group), with the help texts *cert*, *key* and *ca*.
+
+    Every command that talks to an engine over TLS takes these three (``sign --server``,
+    ``bench load``, ``bench compare``); each says in its help what it does without them."""
+    parser.add_argument("--cert", type=Path, metavar="PEM", help=cert)
+    parser.add_argument("--key", type=Path, metavar="PEM", help=key)
+    parser.add_argument("--ca", type=Path, metavar="PEM", help=ca)
 
 
 def open_keystore(directory: Path) -> Any:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .args import iso_time, kid
+from .exits import error_exit
 
 __all__ = ["add_commands"]
 
@@ -28,8 +29,7 @@ EXIT_FILE = 4
 
 
 def _error(code: int, message: str) -> int:
-    print(f"dccsign: error: {message}", file=sys.stderr)
-    return code
+    return error_exit("dccsign", code, message)
 
 
 def _read_file(path: Path, what: str) -> bytes | None:

@@ -10,6 +10,7 @@ Exit codes (stable, scripts rely on them):
 
 from __future__ import annotations
 
+import sys
 from typing import NoReturn
 
 from ..errors import DccSignError
@@ -21,6 +22,7 @@ __all__ = [
     "EXIT_OK",
     "EXIT_USAGE",
     "CommandFailed",
+    "error_exit",
     "fail",
 ]
 
@@ -43,3 +45,10 @@ class CommandFailed(DccSignError):
 def fail(code: int, message: str) -> NoReturn:
     """Stop the running command with exit *code* and *message* (``dccsign: error: ...``)."""
     raise CommandFailed(code, message)
+
+
+def error_exit(command: str, code: int, message: object) -> int:
+    """Print ``COMMAND: error: MESSAGE`` on stderr and return *code*: how a command that
+    returns its exit code itself (rather than through :func:`fail`) says why it stops."""
+    print(f"{command}: error: {message}", file=sys.stderr)
+    return code

@@ -10,7 +10,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from .args import keystore_arg
+from .args import in_range, keystore_arg
+from .exits import error_exit
 
 __all__ = ["NONCE_POOL_DEFAULT", "add_commands", "cmd_keyd", "nonce_pool_option"]
 
@@ -24,7 +25,6 @@ NONCE_POOL_DEFAULT = 1 << 20
 def cmd_keyd(args: argparse.Namespace) -> int:
     """``dccsign keyd``: returns the exit code (0 after a clean stop, 4 on key problems)."""
     import signal
-    import sys
 
     from ..audit.errors import AuditError
     from ..errors import KeystoreError
@@ -47,15 +47,14 @@ def cmd_keyd(args: argparse.Namespace) -> int:
         try:
             line = read_passphrase_line()
         except (OSError, ValueError) as exc:
-            print(f"dccsign keyd: error: --supervised: standard input: {exc}", file=sys.stderr)
-            return 4
+            return error_exit("dccsign keyd", 4, f"--supervised: standard input: {exc}")
         if line is None:
-            print(
-                "dccsign keyd: error: --supervised: standard input ended before the passphrase "
-                "line (the supervisor is gone)",
-                file=sys.stderr,
+            return error_exit(
+                "dccsign keyd",
+                4,
+                "--supervised: standard input ended before the passphrase line (the "
+                "supervisor is gone)",
             )
-            return 4
         passphrase = line or None  # an empty line: find the passphrase as without a supervisor
         threading.Thread(
             target=watch_supervisor, args=(stop,), name="keyd-supervisor", daemon=True
@@ -76,35 +75,20 @@ def cmd_keyd(args: argparse.Namespace) -> int:
             freeze_gc=True,
         )
     except (KeystoreError, AuditError) as exc:
-        print(f"dccsign keyd: error: {exc}", file=sys.stderr)
-        return 4
+        return error_exit("dccsign keyd", 4, exc)
     except OSError as exc:  # the socket: its directory, group or mode
         message = exc.strerror or str(exc)
         if str(args.socket) not in message:
             message = f"{args.socket}: {message}"
-        print(f"dccsign keyd: error: {message}", file=sys.stderr)
-        return 4
+        return error_exit("dccsign keyd", 4, message)
     return 0
 
 
-def _nonce_pool_entries(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        n = -1
-    if not 0 <= n <= 1 << 24:
-        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 16777216, not {value!r}")
-    return n
+#: Entries of the nonce pool per key: 0 (none) to 2**24.
+_nonce_pool_entries = in_range(int, 0, 1 << 24, "an integer from 0 to 16777216")
 
-
-def _lock_wait(value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = -1.0
-    if not 0 <= seconds <= 3600:
-        raise argparse.ArgumentTypeError(f"must be 0 to 3600 seconds, not {value!r}")
-    return seconds
+#: How long keyd waits for the keystore's lock.
+_lock_wait = in_range(float, 0, 3600, "0 to 3600 seconds")
 
 
 def _socket_mode(value: str) -> int:
@@ -122,23 +106,24 @@ def _socket_mode(value: str) -> int:
 def _group_id(value: str) -> int:
     import grp
 
-    if value.isdigit():
-        return int(value)
-    try:
-        return grp.getgrnam(value).gr_gid
-    except KeyError:
-        raise argparse.ArgumentTypeError(f"no such group: {value!r}") from None
+    return _id_by_name(value, lambda name: grp.getgrnam(name).gr_gid, "group")
 
 
 def _user_id(value: str) -> int:
     import pwd
 
+    return _id_by_name(value, lambda name: pwd.getpwnam(name).pw_uid, "user")
+
+
+def _id_by_name(value: str, lookup: Any, noun: str) -> int:
+    """*value* if it is a number, else the id *lookup* finds for the name (a *noun*: group or
+    user); an unknown name is refused."""
     if value.isdigit():
         return int(value)
     try:
-        return pwd.getpwnam(value).pw_uid
+        return lookup(value)
     except KeyError:
-        raise argparse.ArgumentTypeError(f"no such user: {value!r}") from None
+        raise argparse.ArgumentTypeError(f"no such {noun}: {value!r}") from None
 
 
 def nonce_pool_option(parser: argparse.ArgumentParser | Any) -> None:

@@ -8,7 +8,6 @@ import gc
 import logging
 import signal
 import ssl
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from ..server.batcher import DEFAULT_WINDOW
 from ..server.engine import Engine, tls_server_context
 from ..server.server import Limits
 from .args import host_port, keystore_arg, positive
+from .exits import error_exit
 from .keyd import nonce_pool_option
 
 __all__ = ["add_commands", "cmd_serve"]
@@ -69,11 +69,9 @@ def cmd_serve(args: Any) -> int:
             keyd_socket=keyd_socket,
         )
     except _Usage as exc:
-        print(f"dccsign serve: error: {exc}", file=sys.stderr)
-        return 2
+        return error_exit("dccsign serve", 2, exc)
     except (DccSignError, OSError, ssl.SSLError) as exc:
-        print(f"dccsign serve: error: {exc}", file=sys.stderr)
-        return 4
+        return error_exit("dccsign serve", 4, exc)
     return _run(engine, args, ssl_context)
 
 
@@ -156,16 +154,14 @@ def _run(engine: Engine, args: Any, ssl_context: ssl.SSLContext | None) -> int:
     try:
         trio.run(main)
     except DccSignError as exc:  # KeydError among them
-        print(f"dccsign serve: error: {exc}", file=sys.stderr)
-        return 4
+        return error_exit("dccsign serve", 4, exc)
     except BaseExceptionGroup as group:  # trio's nurseries wrap what keyd's start raised
         known, other = group.split(DccSignError)
         if known is None or other is not None:
             raise
         while isinstance(known, BaseExceptionGroup):
             known = known.exceptions[0]
-        print(f"dccsign serve: error: {known}", file=sys.stderr)
-        return 4
+        return error_exit("dccsign serve", 4, known)
     return 0
 
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .args import iso_time, keystore_arg, kid, open_keystore, positive
+from .args import iso_time, keystore_arg, kid, open_keystore, positive, tls_client_args
 from .exits import (
     EXIT_INVALID_DCC,
     EXIT_INVALID_SIGNATURE,
@@ -236,9 +236,12 @@ def _add_sign(sub: Any) -> None:
         "own result: stdout has one line per DCC (the HC1, or an empty line for a refused "
         "one), refusals go to stderr as JSON, and the exit code is 3 or 4 if any was refused",
     )
-    p.add_argument("--cert", type=Path, metavar="PEM", help="TLS client certificate (--server)")
-    p.add_argument("--key", type=Path, metavar="PEM", help="TLS client key (--server)")
-    p.add_argument("--ca", type=Path, metavar="PEM", help="CA of the engine's TLS certificate")
+    tls_client_args(
+        p,
+        cert="TLS client certificate (--server)",
+        key="TLS client key (--server)",
+        ca="CA of the engine's TLS certificate",
+    )
     p.add_argument(
         "--account",
         metavar="ID",
