@@ -491,41 +491,33 @@ def _fault_in_sign_view(dispatcher):
     dispatcher.sign_view = wrapped
 
 
+def _raise_for_boom(dispatcher, name, view_of=lambda view: view):
+    """Replace the dispatcher's method *name* by one that raises a bug for a frame of
+    "uzi:boom" (its view: *view_of* the method's second argument) and else calls the real one."""
+    real = getattr(dispatcher, name)
+
+    def wrapped(client, subject, *args):
+        if _boom(view_of(subject)):
+            raise RuntimeError("a bug in the dispatcher")
+        return real(client, subject, *args)
+
+    setattr(dispatcher, name, wrapped)
+
+
 def _fault_in_prepare(dispatcher):
     # The path without a task (Dispatcher.sign_frame_soon), failing before keyd.
-    prepare = dispatcher._prepare_frame
-
-    def wrapped(client, view, cols, skip):
-        if _boom(view):
-            raise RuntimeError("a bug in the dispatcher")
-        return prepare(client, view, cols, skip)
-
-    dispatcher._prepare_frame = wrapped
+    _raise_for_boom(dispatcher, "_prepare_frame")
 
 
 def _fault_in_keyd_answer(dispatcher):
     # The path without a task, failing in the callback that takes keyd's answer (after the
     # quota was charged and keyd signed: the reply is still INTERNAL, never lost).
-    answered = dispatcher._keyd_answered
-
-    def wrapped(client, frame, *args):
-        if _boom(frame.view):
-            raise RuntimeError("a bug in the dispatcher")
-        return answered(client, frame, *args)
-
-    dispatcher._keyd_answered = wrapped
+    _raise_for_boom(dispatcher, "_keyd_answered", lambda frame: frame.view)
 
 
 def _fault_escaping_the_dispatcher(dispatcher):
     # The path without a task, a bug raised out of Dispatcher.sign_frame_soon itself.
-    soon = dispatcher.sign_frame_soon
-
-    def wrapped(client, view, single, done):
-        if _boom(view):
-            raise RuntimeError("a bug in the dispatcher")
-        return soon(client, view, single, done)
-
-    dispatcher.sign_frame_soon = wrapped
+    _raise_for_boom(dispatcher, "sign_frame_soon")
 
 
 @pytest.mark.parametrize(
