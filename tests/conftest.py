@@ -6,7 +6,8 @@
 * :func:`shared_path`: test data from ``../shared`` is read in place. When it is absent a test
   skips with a clear reason, except under ``CI=true``, where its absence is a failure.
 * ``keyd_env``: an in-process keyd on a private copy of the development keystore, with its own
-  audit log; :func:`kid_for` picks a key of that keystore by the DCC types it may sign.
+  audit log; :func:`kid_for` picks a key of that keystore by the DCC types it may sign, and
+  :func:`fail_audit_commits` makes its audit log fail as a full disk does.
 """
 
 from __future__ import annotations
@@ -93,3 +94,13 @@ def keyd_env(dev_keystore_copy, tmp_path):
     yield store, keyd, log, tmp_path / "audit"
     keyd.close()
     log.close()
+
+
+def fail_audit_commits(monkeypatch, log) -> None:
+    """Make every commit of signature records to *log* raise ``AuditUnavailable`` (ENOSPC)."""
+    from dccsign.audit.log import AuditUnavailable
+
+    def broken(*args):
+        raise AuditUnavailable("No space left on device")
+
+    monkeypatch.setattr(log, "append_columns_many", broken)

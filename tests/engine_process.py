@@ -19,10 +19,15 @@ UID = os.getuid()
 DCCSIGN = [sys.executable, "-m", "dccsign"]
 
 
-def keyd_argv(keystore, sock, *extra):
-    """The command line of ``dccsign keyd`` on *keystore*, listening on *sock*, with *extra*
+def keyd_args(keystore, sock, *extra):
+    """The arguments of ``dccsign keyd`` on *keystore*, listening on *sock*, with *extra*
     options after the socket."""
-    return [*DCCSIGN, "keyd", "--keystore", str(keystore), "--socket", str(sock), *extra]
+    return ["keyd", "--keystore", str(keystore), "--socket", str(sock), *extra]
+
+
+def keyd_argv(keystore, sock, *extra):
+    """The command line of ``dccsign keyd`` (see :func:`keyd_args`) in this interpreter."""
+    return [*DCCSIGN, *keyd_args(keystore, sock, *extra)]
 
 
 def write_policy(path, **local):

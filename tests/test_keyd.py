@@ -9,7 +9,7 @@ import time
 import cbor2
 import pytest
 
-from conftest import kid_for
+from conftest import fail_audit_commits, kid_for
 from dccsign import native
 from dccsign.audit.log import AuditKey, AuditLog, AuditUnavailable, search, verify
 from dccsign.dcc.issuer import claims_prefix
@@ -127,11 +127,7 @@ def test_key_states_take_effect_within_a_second(keyd_env):
 def test_audit_unavailable_stops_signing(keyd_env, monkeypatch):
     store, keyd, log, _audit_dir = keyd_env
     kid = kid_for(store, "v")
-
-    def broken(*args):
-        raise AuditUnavailable("No space left on device")
-
-    monkeypatch.setattr(log, "append_columns_many", broken)
+    fail_audit_commits(monkeypatch, log)
     results = _sign(keyd, kid, [_payload(sample("v"))] * 3)
     assert all(r[0] == ItemError.AUDIT_UNAVAILABLE and "No space" in r[1] for r in results)
     monkeypatch.undo()

@@ -10,9 +10,9 @@ from array import array
 import cbor2
 import pytest
 
-from conftest import kid_for
+from conftest import fail_audit_commits, kid_for
 from dccsign import native
-from dccsign.audit.log import CACHE_ENTRIES, AuditKey, AuditLog, AuditUnavailable, search, verify
+from dccsign.audit.log import CACHE_ENTRIES, AuditKey, AuditLog, search, verify
 from dccsign.dcc.issuer import claims_prefix
 from dccsign.dcc.verify import verify_hc1
 from dccsign.keyd.service import Keyd
@@ -178,11 +178,7 @@ def test_sign_many_answers_as_before_through_the_columns(keyd_env):
 def test_audit_unavailable_releases_nothing(keyd_env, monkeypatch):
     store, keyd, log, audit_dir = keyd_env
     kid = kid_for(store, "v")
-
-    def broken(*args):
-        raise AuditUnavailable("No space left on device")
-
-    monkeypatch.setattr(log, "append_columns_many", broken)
+    fail_audit_commits(monkeypatch, log)
     cols = KeydColumns.from_parts(
         [SignPart("p", f"u{i}", (_payload(sample("v"), i), b"\xa0")) for i in range(5)]
     )
@@ -297,11 +293,7 @@ def test_sign_kids_answers_each_batch_as_alone_in_one_commit(keyd_env):
 
 def test_sign_kids_releases_nothing_when_the_commit_fails(keyd_env, monkeypatch):
     store, keyd, log, audit_dir = keyd_env
-
-    def broken(many):
-        raise AuditUnavailable("No space left on device")
-
-    monkeypatch.setattr(log, "append_columns_many", broken)
+    fail_audit_commits(monkeypatch, log)
     answer = keyd.sign_kids(SignKids(1, (
         SignColumns(0, kid_for(store, "v"), _kid_batch("v", 3, bad={1})),
         SignColumns(0, kid_for(store, "t"), _kid_batch("t", 2)),

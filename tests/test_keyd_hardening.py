@@ -24,7 +24,15 @@ from dccsign.protocol.clients.blocking import Client
 from dccsign.protocol.codes import ErrorCode
 from dccsign.testing.net import free_port
 from dccsign.testing.samples import sample
-from engine_process import DCCSIGN, EngineProcess, healthz, keyd_argv, wait_serving, write_policy
+from engine_process import (
+    DCCSIGN,
+    EngineProcess,
+    healthz,
+    keyd_args,
+    keyd_argv,
+    wait_serving,
+    write_policy,
+)
 
 PASSPHRASE_ENV = "DCCSIGN_KEYSTORE_PASSPHRASE"
 
@@ -146,6 +154,13 @@ def test_keyd_closes_connections_of_uids_not_allowed_root_included(dev_keystore_
         assert proc.wait(20) == 0
 
 
+def _serve_on_keyd_args(ksock, policy, esock, *extra):
+    """The arguments of ``dccsign serve`` on the external keyd at *ksock*, with *policy*,
+    listening on the Unix socket *esock*, with *extra* options after it."""
+    return ["serve", "--keyd-socket", str(ksock), "--policy", str(policy), "--unix", str(esock),
+            *extra]  # fmt: skip
+
+
 @pytest.mark.slow
 def test_engine_on_an_external_keyd_reconnects_after_keyd_restarts(dev_keystore_copy, tmp_path):
     ksock, klog = tmp_path / "keyd.sock", tmp_path / "keyd.log"
@@ -155,18 +170,7 @@ def test_engine_on_an_external_keyd_reconnects_after_keyd_restarts(dev_keystore_
     esock, elog, port = tmp_path / "engine.sock", tmp_path / "engine.log", free_port()
     with open(elog, "wb") as err:
         engine = subprocess.Popen(
-            [
-                *DCCSIGN,
-                "serve",
-                "--keyd-socket",
-                str(ksock),
-                "--policy",
-                str(policy),
-                "--unix",
-                str(esock),
-                "--http",
-                f"127.0.0.1:{port}",
-            ],
+            [*DCCSIGN, *_serve_on_keyd_args(ksock, policy, esock, "--http", f"127.0.0.1:{port}")],
             stderr=err,
         )
     try:
@@ -325,12 +329,9 @@ def test_keyd_under_its_own_uid_serves_only_the_engine_uid(dev_keystore):
                 KEYD_UID,
                 KEYD_UID,
                 [SOCKET_GID],
-                [
-                    "keyd",
-                    "--keystore",
-                    str(home / "ks"),
-                    "--socket",
-                    str(ksock),
+                keyd_args(
+                    home / "ks",
+                    ksock,
                     "--nonce-pool",
                     "0",
                     "--socket-mode",
@@ -339,7 +340,7 @@ def test_keyd_under_its_own_uid_serves_only_the_engine_uid(dev_keystore):
                     str(SOCKET_GID),
                     "--allow-uid",
                     str(ENGINE_UID),
-                ],
+                ),
                 cwd=home,
                 stderr=err,
             )
@@ -356,15 +357,7 @@ def test_keyd_under_its_own_uid_serves_only_the_engine_uid(dev_keystore):
                 ENGINE_UID,
                 ENGINE_UID,
                 [SOCKET_GID],
-                [
-                    "serve",
-                    "--keyd-socket",
-                    str(ksock),
-                    "--policy",
-                    str(policy),
-                    "--unix",
-                    str(esock),
-                ],
+                _serve_on_keyd_args(ksock, policy, esock),
                 cwd=engine_dir,
                 stderr=err,
             )

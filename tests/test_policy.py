@@ -348,29 +348,26 @@ def test_type_not_allowed(full_policy):
     assert refusal.message == "client 'portal-b': DCC type 'v' not allowed (allowed: 't')"
 
 
-def test_country_not_allowed(full_policy):
-    dcc = sample("r")
-    dcc["r"][0]["co"] = "DE"
-    refusal = full_policy.check("portal-a", KID, "r", dcc)
+@pytest.mark.parametrize(
+    ("kind", "field", "value", "code", "message", "inexact"),
+    [
+        ("r", "co", "DE", "COUNTRY_NOT_ALLOWED",
+         "client 'portal-a': r[0].co 'DE' not allowed (allowed: 'NL')", "nl"),
+        ("t", "is", "Adolf's Test Shop", "ISSUER_NOT_ALLOWED",
+         "client 'portal-a': t[0].is \"Adolf's Test Shop\" not allowed "
+         "(allowed: 'Ministry of Health Welfare and Sport')", MINISTRY.lower()),
+    ],
+    ids=["country", "issuer"],
+)  # fmt: skip
+def test_entry_value_not_allowed(full_policy, kind, field, value, code, message, inexact):
+    dcc = sample(kind)
+    dcc[kind][0][field] = value
+    refusal = full_policy.check("portal-a", KID, kind, dcc)
     assert refusal is not None
-    assert refusal.code == RefusalCode.COUNTRY_NOT_ALLOWED
-    assert refusal.message == "client 'portal-a': r[0].co 'DE' not allowed (allowed: 'NL')"
-    dcc["r"][0]["co"] = "nl"  # exact comparison
-    assert full_policy.check("portal-a", KID, "r", dcc).code == "COUNTRY_NOT_ALLOWED"
-
-
-def test_issuer_not_allowed(full_policy):
-    dcc = sample("t")
-    dcc["t"][0]["is"] = "Adolf's Test Shop"
-    refusal = full_policy.check("portal-a", KID, "t", dcc)
-    assert refusal is not None
-    assert refusal.code == RefusalCode.ISSUER_NOT_ALLOWED
-    assert refusal.message == (
-        "client 'portal-a': t[0].is \"Adolf's Test Shop\" not allowed "
-        "(allowed: 'Ministry of Health Welfare and Sport')"
-    )
-    dcc["t"][0]["is"] = MINISTRY.lower()
-    assert full_policy.check("portal-a", KID, "t", dcc).code == "ISSUER_NOT_ALLOWED"
+    assert refusal.code == RefusalCode[code]
+    assert refusal.message == message
+    dcc[kind][0][field] = inexact  # exact comparison
+    assert full_policy.check("portal-a", KID, kind, dcc).code == code
 
 
 @pytest.mark.parametrize(

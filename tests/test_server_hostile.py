@@ -644,6 +644,26 @@ def _two_clients(weight_b=1):
     return {"clients": {"portal": {}, "uid:4242": other}, "unix_uids": {str(UID): "portal"}}
 
 
+#: Limits under which the share rules alone decide (no latency rule): 3/4 of 400 for a
+#: portal alone, the hard limit 400 for all.
+SHARE_LIMITS = {
+    "max_pending_items": 400,
+    "max_client_items": 1000,
+    "max_connection_items": 1000,
+    "queue_target": 0,
+}
+
+
+async def _gated_with_portal_a(start, weight_b=1, **limits):
+    """``(engine, a)``: an engine with *limits* for the two clients of :func:`_two_clients`
+    whose keyd work waits for ``engine.batcher.gate``, and portal A connected to it."""
+    engine = await start(_two_clients(weight_b), **limits)
+    engine.batcher.gate = trio.Event()
+    a = await Raw.connect(engine)
+    await a.hello()
+    return engine, a
+
+
 async def _other_client(engine, nursery):
     client_side, server_side = trio.testing.memory_stream_pair()
     nursery.start_soon(engine.server.serve_stream, server_side, Peer("unix", uid=4242))
@@ -682,16 +702,7 @@ async def _busy(client):
 async def test_a_lone_burst_leaves_room_for_a_client_arriving_later(start):
     """Alone, a portal may fill 3/4 of the engine's capacity; the rest is kept for clients
     under their share, so a portal arriving during the burst is served at once."""
-    engine = await start(
-        _two_clients(),
-        max_pending_items=400,
-        max_client_items=1000,
-        max_connection_items=1000,
-        queue_target=0,
-    )
-    engine.batcher.gate = trio.Event()
-    a = await Raw.connect(engine)
-    await a.hello()
+    engine, a = await _gated_with_portal_a(start, **SHARE_LIMITS)
     admitted, _ = await _admitted(engine, a, 8)
     assert admitted == 6 and engine.server.pending_items == 300
     async with trio.open_nursery() as nursery:
@@ -705,16 +716,7 @@ async def test_a_lone_burst_leaves_room_for_a_client_arriving_later(start):
 async def test_near_capacity_the_client_over_its_share_is_refused_first(start, weight_b):
     """Portal A bursts; portal B, arriving later, gets its weighted share of the engine near
     capacity, and A is the one refused."""
-    engine = await start(
-        _two_clients(weight_b),
-        max_pending_items=400,
-        max_client_items=1000,
-        max_connection_items=1000,
-        queue_target=0,
-    )
-    engine.batcher.gate = trio.Event()
-    a = await Raw.connect(engine)
-    await a.hello()
+    engine, a = await _gated_with_portal_a(start, weight_b, **SHARE_LIMITS)
     assert (await _admitted(engine, a, 4))[0] == 4
     async with trio.open_nursery() as nursery:
         b = await _other_client(engine, nursery)
@@ -731,15 +733,9 @@ async def test_near_capacity_the_client_over_its_share_is_refused_first(start, w
 async def test_when_behind_the_client_under_its_share_is_still_served(start):
     """The latency rule (queue_target) sheds the backlog from the client that makes it: a
     portal with little in progress is admitted while the flooding one is refused."""
-    engine = await start(
-        _two_clients(),
-        max_pending_items=10_000,
-        queue_target=0.3,
-        queue_floor=0,
+    engine, a = await _gated_with_portal_a(
+        start, max_pending_items=10_000, queue_target=0.3, queue_floor=0
     )
-    engine.batcher.gate = trio.Event()
-    a = await Raw.connect(engine)
-    await a.hello()
     assert (await _admitted(engine, a, 4))[0] == 4
     await trio.sleep(0.35)  # A's oldest request is now older than the target
     async with trio.open_nursery() as nursery:
