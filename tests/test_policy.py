@@ -706,11 +706,17 @@ def test_idle_accounts_are_dropped_before_live_ones():
 # ----------------------------------------------------------------------------- reloading
 
 
-def test_reload_picks_up_a_changed_file_within_the_interval(tmp_path, caplog):
+def _watched_full_policy(tmp_path, start=0.0):
+    """``(path, clock, pf)``: FULL written to *path* with a fixed mtime, and a PolicyFile that
+    watches it on a fake clock at *start*."""
     path = tmp_path / "policy.json"
     write(path, FULL, mtime_ns=1_000_000_000_000_000_000)
-    clock = FakeClock(100.0)
-    pf = PolicyFile(path, clock=clock)
+    clock = FakeClock(start)
+    return path, clock, PolicyFile(path, clock=clock)
+
+
+def test_reload_picks_up_a_changed_file_within_the_interval(tmp_path, caplog):
+    path, clock, pf = _watched_full_policy(tmp_path, 100.0)
     first = pf.current()
     assert pf.last_error is None
     assert first.check("portal-a", KID, "v", sample("v")) is None
@@ -735,10 +741,7 @@ def test_reload_picks_up_a_changed_file_within_the_interval(tmp_path, caplog):
 
 
 def test_invalid_new_file_keeps_the_old_policy(tmp_path, caplog):
-    path = tmp_path / "policy.json"
-    write(path, FULL, mtime_ns=1_000_000_000_000_000_000)
-    clock = FakeClock(0.0)
-    pf = PolicyFile(path, clock=clock)
+    path, clock, pf = _watched_full_policy(tmp_path)
     good = pf.current()
     broken = copy.deepcopy(FULL)
     broken["clients"]["portal-a"]["kids"] = ["d0ff3fe0"]
@@ -796,10 +799,7 @@ def test_initial_file_must_be_valid(tmp_path):
 
 
 def test_reload_keeps_quota_counts(tmp_path):
-    path = tmp_path / "policy.json"
-    write(path, FULL, mtime_ns=1_000_000_000_000_000_000)
-    clock = FakeClock(0.0)
-    pf = PolicyFile(path, clock=clock)
+    path, clock, pf = _watched_full_policy(tmp_path)
     tracker = QuotaTracker(clock)
     for _ in range(50):
         assert tracker.try_reserve(pf.current(), "portal-a", ACCOUNT) is None
