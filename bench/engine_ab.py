@@ -25,13 +25,14 @@ import argparse
 import datetime as dt
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from dccsign.testing.net import accepts_tcp, accepts_unix, free_port
 
 DCCSIGN = [sys.executable, "-m", "dccsign"]
 
@@ -43,50 +44,27 @@ def _variant(text: str) -> tuple[str, dict[str, str], list[str]]:
     return name, env, extra.split()
 
 
-def _accepts(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX) as s:
-        try:
-            s.connect(str(path))
-        except OSError:
-            return False
-        return True
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _accepts_tcp(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except OSError:
-        return False
-    return True
-
-
 def _one(work: Path, name: str, env: dict[str, str], extra: list[str], args) -> dict:
     sock = work / f"{name}.sock"
     store = work / f"ks-{name}"
     full_env = {**os.environ, **env}
     if args.tcp:
-        port = _free_port()
+        port = free_port()
         listen = ["--tcp", f"127.0.0.1:{port}"]
         tls = store / "dev-tls"
         server = ["--server", f"127.0.0.1:{port}", "--cert", str(tls / "client-cert.pem"),
                   "--key", str(tls / "client-key.pem"), "--ca", str(tls / "ca.pem")]  # fmt: skip
 
         def ready() -> bool:
-            return _accepts_tcp(port)
+            return accepts_tcp(port)
     else:
         listen = ["--unix", str(sock)]
         server = ["--server", f"unix:{sock}"]
 
         def ready() -> bool:
-            return _accepts(sock)
+            return accepts_unix(sock)
 
-    http = _free_port()
+    http = free_port()
     with open(work / f"{name}.log", "ab") as log:
         proc = subprocess.Popen(
             [*DCCSIGN, "serve", "--dev", "--keystore", str(store), *listen, "--nonce-pool",

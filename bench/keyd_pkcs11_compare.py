@@ -31,6 +31,7 @@ from dccsign.dcc.issuer import claims_prefix
 from dccsign.keyd.supervisor import PrivateKeyd
 from dccsign.keys.keystore import init_dev, resolve_passphrase
 from dccsign.keys.lifecycle import issue_with_dev_csca
+from dccsign.testing.cli import csr_argv, token_generate_argv
 from dccsign.testing.samples import varied_samples
 
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"
@@ -81,32 +82,8 @@ def main() -> None:
         pin.write_text(PIN + "\n")
         store = init_dev(root / "ks")
         ks = store.directory
-        name = _cli(
-            "keys",
-            "generate",
-            "--keystore",
-            ks,
-            "--alg",
-            "ES256",
-            "--pkcs11-module",
-            MODULE,
-            "--token-label",
-            "bench",
-            "--pin-file",
-            pin,
-        )
-        csr_pem = _cli(
-            "keys",
-            "csr",
-            "--keystore",
-            ks,
-            "--key",
-            name,
-            "--subject",
-            "CN=bench,C=NL",
-            "--usage",
-            "vaccination",
-        ).encode()
+        name = _cli(*token_generate_argv(ks, module=MODULE, label="bench", pin_file=pin))
+        csr_pem = _cli(*csr_argv(ks, name, subject="CN=bench,C=NL", usage="vaccination")).encode()
         dsc = issue_with_dev_csca(ks, csr_pem, resolve_passphrase(ks), days=30)
         (root / "dsc.pem").write_bytes(dsc)
         kid = bytes.fromhex(

@@ -26,19 +26,14 @@ import zstandard
 from dccsign import native
 from dccsign.bench.loadfake import CANNED_HC1, CANNED_KID
 from dccsign.protocol import wire
+from dccsign.testing.wirepair import open_pair
 
 
 def main() -> int:
     mode, n = sys.argv[1], int(sys.argv[2])
     if mode not in ("none", "full", "counted"):
         raise SystemExit("mode: none, full or counted")
-    client = wire.Connection(wire.CLIENT)
-    server = wire.Connection(wire.SERVER)
-    server.receive_data(client.send(client.make_hello()))
-    server.next_event()
-    welcome = server.make_welcome(max_batch=100, max_in_flight=4, server="bench")
-    client.receive_data(server.send(welcome))
-    client.next_event()
+    client, server = open_pair(max_batch=100, server="bench")
     server.last_request_id = n + 1  # the codec answers only ids it has seen
     ok = wire.ItemResult(hc1=CANNED_HC1, kid=CANNED_KID)
     frames = [server.send(wire.SignBatchResult(i + 1, (ok,) * 50)) for i in range(n)]

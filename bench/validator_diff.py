@@ -36,7 +36,6 @@ import json
 import platform
 import random
 import statistics
-import struct
 import sys
 import time
 from datetime import UTC, date, datetime, timedelta
@@ -53,6 +52,8 @@ from dccsign.dcc.valuesets import ValueSets
 from dccsign.dcc.verify import loads_exact
 from dccsign.native import DCCDecodeError
 from dccsign.protocol import cborlimits
+from dccsign.testing.cborvariants import encode_float, head
+from dccsign.testing.samples import FIELD_NAMES
 
 TODAY = date(2025, 1, 15)
 VERSIONS = ["1.0.0", "1.0.1", "1.1.0", "1.2.0", "1.2.1", "1.3.0", "1.3.1", "1.3.2", "1.3.3"]
@@ -77,41 +78,7 @@ TEXT_POOL = (
     "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 -'.çéøÅßŁЖ中😀"
     "\u0301\u0308\u212bΩ\u1161"  # combining marks, a singleton, a jamo: NFC changes them
 )
-KEYS = [
-    "ver",
-    "nam",
-    "dob",
-    "v",
-    "t",
-    "r",
-    "fn",
-    "fnt",
-    "gn",
-    "gnt",
-    "tg",
-    "vp",
-    "mp",
-    "ma",
-    "dn",
-    "sd",
-    "dt",
-    "co",
-    "is",
-    "ci",
-    "tt",
-    "nm",
-    "sc",
-    "dr",
-    "tr",
-    "tc",
-    "fr",
-    "df",
-    "du",
-    "x",
-    "a b",
-    "é",
-    "zz" * 25,
-]
+KEYS = [*FIELD_NAMES, "x", "a b", "é", "zz" * 25]
 NEAR_MISS: list[Any] = [
     "",
     "1979",
@@ -302,14 +269,6 @@ def mutated_dcc(rnd: random.Random) -> dict:
     return dcc
 
 
-def _head(major: int, n: int, rnd: random.Random | None) -> bytes:
-    widths = [w for w in (0, 1, 2, 4, 8) if (w == 0 and n < 24) or (w and n < 1 << (8 * w))]
-    w = widths[0] if rnd is None else rnd.choice(widths)
-    if w == 0:
-        return bytes([major << 5 | n])
-    return bytes([major << 5 | {1: 24, 2: 25, 4: 26, 8: 27}[w]]) + n.to_bytes(w, "big")
-
-
 def encode(obj: Any, rnd: random.Random | None = None) -> bytes:
     """CBOR with, given rnd, random head widths, indefinite lengths, chunked strings and float
     widths (all decode to the same object); anything else through cbor2."""
@@ -317,20 +276,12 @@ def encode(obj: Any, rnd: random.Random | None = None) -> bytes:
         return cbor2.dumps(obj)
     if isinstance(obj, int):
         if 0 <= obj < 2**64:
-            return _head(0, obj, rnd)
+            return head(0, obj, rnd)
         if -(2**64) <= obj < 0:
-            return _head(1, -1 - obj, rnd)
+            return head(1, -1 - obj, rnd)
         return cbor2.dumps(obj)
     if isinstance(obj, float):
-        options = [b"\xfb" + struct.pack(">d", obj)]
-        for code, fmt in ((b"\xfa", ">f"), (b"\xf9", ">e")):
-            try:
-                packed = struct.pack(fmt, obj)
-            except (OverflowError, struct.error):
-                continue
-            if struct.unpack(fmt, packed)[0] == obj or obj != obj:
-                options.append(code + packed)
-        return options[-1] if rnd is None else rnd.choice(options)
+        return encode_float(obj, rnd)
     if isinstance(obj, (str, bytes)):
         major = 3 if isinstance(obj, str) else 2
         if rnd is not None and obj and rnd.random() < 0.2:
@@ -339,17 +290,17 @@ def encode(obj: Any, rnd: random.Random | None = None) -> bytes:
                 cut = rnd.randint(1, len(rest))
                 piece, rest = rest[:cut], rest[cut:]
                 chunk = piece.encode("utf-8") if isinstance(piece, str) else piece
-                out += _head(major, len(chunk), rnd) + chunk
+                out += head(major, len(chunk), rnd) + chunk
             return out + b"\xff"
         raw = obj.encode("utf-8") if isinstance(obj, str) else obj
-        return _head(major, len(raw), rnd) + raw
+        return head(major, len(raw), rnd) + raw
     indefinite = rnd is not None and rnd.random() < 0.2
     if isinstance(obj, list):
         body = b"".join(encode(x, rnd) for x in obj)
-        return (b"\x9f" + body + b"\xff") if indefinite else _head(4, len(obj), rnd) + body
+        return (b"\x9f" + body + b"\xff") if indefinite else head(4, len(obj), rnd) + body
     if isinstance(obj, dict):
         body = b"".join(encode(k, rnd) + encode(v, rnd) for k, v in obj.items())
-        return (b"\xbf" + body + b"\xff") if indefinite else _head(5, len(obj), rnd) + body
+        return (b"\xbf" + body + b"\xff") if indefinite else head(5, len(obj), rnd) + body
     return cbor2.dumps(obj)
 
 

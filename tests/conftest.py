@@ -5,6 +5,9 @@
   mandatory (``DCCSIGN_BUILD_NATIVE=1`` or ``CI=true``): there a missing extension fails.
 * :func:`shared_path`: test data from ``../shared`` is read in place. When it is absent a test
   skips with a clear reason, except under ``CI=true``, where its absence is a failure.
+* ``keyd_env``: an in-process keyd on a private copy of the development keystore, with its own
+  audit log; :func:`kid_for` picks a key of that keystore by the DCC types it may sign, and
+  :func:`fail_audit_commits` makes its audit log fail as a full disk does.
 """
 
 from __future__ import annotations
@@ -68,3 +71,36 @@ def dev_keystore_copy(dev_keystore, tmp_path):
     target = tmp_path / "ks"
     shutil.copytree(dev_keystore, target)
     return target
+
+
+def kid_for(store, usage: str) -> bytes:
+    """The kid of *store*'s entry whose DSC allows exactly the DCC types in *usage* ("v", "tr")."""
+    return next(e.kid for e in store.entries if e.dsc.usages == frozenset(usage))
+
+
+@pytest.fixture
+def keyd_env(dev_keystore_copy, tmp_path):
+    """``(store, keyd, log, audit_dir)``: a :class:`~dccsign.keyd.service.Keyd` on a private
+    keystore copy whose audit log is ``tmp_path / "audit"``; closed after the test."""
+    from dccsign.audit.log import AuditKey, AuditLog
+    from dccsign.keyd.service import Keyd
+    from dccsign.keys.keystore import Keystore, resolve_passphrase
+
+    store = Keystore.open(dev_keystore_copy)
+    pw = resolve_passphrase(store.directory)
+    key = AuditKey.create(tmp_path / "audit-key.pem", pw)
+    log = AuditLog.open(tmp_path / "audit", key)
+    keyd = Keyd(store.directory, pw, log)
+    yield store, keyd, log, tmp_path / "audit"
+    keyd.close()
+    log.close()
+
+
+def fail_audit_commits(monkeypatch, log) -> None:
+    """Make every commit of signature records to *log* raise ``AuditUnavailable`` (ENOSPC)."""
+    from dccsign.audit.log import AuditUnavailable
+
+    def broken(*args):
+        raise AuditUnavailable("No space left on device")
+
+    monkeypatch.setattr(log, "append_columns_many", broken)

@@ -1,19 +1,33 @@
-"""``dccsign serve`` as a process for the tests (test_serve.py, test_loadgen.py)."""
+"""``dccsign serve`` as a process for the tests (test_serve.py, test_loadgen.py), and the
+command line of ``dccsign keyd`` for the tests that start keyd on its own."""
 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 from dccsign.protocol.clients.blocking import Client
 from dccsign.server.devtls import DEV_CLIENT_NAME, ensure_dev_tls
+from dccsign.testing.net import accepts_tcp, accepts_unix, free_port
 
 UID = os.getuid()
+DCCSIGN = [sys.executable, "-m", "dccsign"]
+
+
+def keyd_args(keystore, sock, *extra):
+    """The arguments of ``dccsign keyd`` on *keystore*, listening on *sock*, with *extra*
+    options after the socket."""
+    return ["keyd", "--keystore", str(keystore), "--socket", str(sock), *extra]
+
+
+def keyd_argv(keystore, sock, *extra):
+    """The command line of ``dccsign keyd`` (see :func:`keyd_args`) in this interpreter."""
+    return [*DCCSIGN, *keyd_args(keystore, sock, *extra)]
 
 
 def write_policy(path, **local):
@@ -41,11 +55,11 @@ class EngineProcess:
         argv = [sys.executable, "-m", "dccsign", "serve", "--keystore", str(keystore)]
         argv += ["--unix", str(self.sock)]
         if tcp:
-            self.port = _free_port()
+            self.port = free_port()
             argv += ["--tcp", f"127.0.0.1:{self.port}", "--tls-cert", str(self.tls["server_cert"])]
             argv += ["--tls-key", str(self.tls["server_key"]), "--client-ca", str(self.tls["ca"])]
         if http:
-            self.http = _free_port()
+            self.http = free_port()
             argv += ["--http", f"127.0.0.1:{self.http}"]
         argv += list(extra)
         self.log = tmp_path / "engine.log"
@@ -54,14 +68,10 @@ class EngineProcess:
         wait_serving(self.proc, self.sock, self.log, 60)
         if http:  # bound after the Unix socket: wait for it too before anyone reads /metrics
             deadline = time.monotonic() + 30
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", self.http), timeout=1).close()
-                    break
-                except OSError:
-                    assert self.proc.poll() is None, self.log.read_text()
-                    assert time.monotonic() < deadline, "no /metrics: " + self.log.read_text()
-                    time.sleep(0.05)
+            while not accepts_tcp(self.http):
+                assert self.proc.poll() is None, self.log.read_text()
+                assert time.monotonic() < deadline, "no /metrics: " + self.log.read_text()
+                time.sleep(0.05)
 
     def client(self, **kw):
         return Client(f"unix:{self.sock}", **kw)
@@ -91,27 +101,21 @@ class EngineProcess:
         return self.proc.returncode
 
 
+def healthz(port, *, timeout):
+    """``(status, body)`` of GET /healthz on 127.0.0.1:*port*, error statuses included."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
 def wait_serving(proc, sock, log, seconds=30):
     """Wait until *proc* accepts connections on the Unix socket *sock* (a killed process
     leaves its socket file behind: readiness is a successful connect); fail with its *log*
     when it exits first or takes longer than *seconds*."""
     deadline = time.monotonic() + seconds
-    while not _accepts(sock):
+    while not accepts_unix(sock):
         assert proc.poll() is None, Path(log).read_text()
         assert time.monotonic() < deadline, f"not serving in {seconds} s: {Path(log).read_text()}"
         time.sleep(0.05)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _accepts(path):
-    with socket.socket(socket.AF_UNIX) as s:
-        try:
-            s.connect(str(path))
-        except OSError:
-            return False
-        return True

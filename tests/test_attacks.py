@@ -204,6 +204,22 @@ def _tls_open(engine):
     return ctx.wrap_socket(raw, server_hostname="localhost")
 
 
+def _pipeline_then_reset(s, frame, *, timeout, at_least=0):
+    """Send *frame* again and again on *s* without reading, with request ids 2, 3, ..., for
+    3 s and at least *at_least* times, or until a send blocks past *timeout* or fails (the
+    engine stopped reading us); then reset the connection."""
+    s.settimeout(timeout)
+    deadline = time.monotonic() + 3
+    rid = 2
+    try:
+        while rid < 2 + at_least or time.monotonic() < deadline:
+            s.sendall(_with_id(frame, rid))
+            rid += 1
+    except (TimeoutError, OSError):
+        pass
+    _reset(s)
+
+
 def test_pipelining_without_reading_then_resetting(engine):
     """The attack that used to end the process: a portal pipelines frames without reading
     until the engine's queue toward it is full, then resets the connection."""
@@ -216,17 +232,7 @@ def test_pipelining_without_reading_then_resetting(engine):
         frames.append(codec.send(request))
 
     def attack(i):
-        s = sockets[i]
-        s.settimeout(0.05)
-        deadline = time.monotonic() + 3
-        rid = 1
-        try:
-            while time.monotonic() < deadline:
-                rid += 1
-                s.sendall(_with_id(frames[i], rid))
-        except (TimeoutError, OSError):
-            pass  # the engine stopped reading us
-        _reset(s)
+        _pipeline_then_reset(sockets[i], frames[i], timeout=0.05)
 
     with Watch(engine) as watch:
         _in_threads(8, attack)
@@ -247,17 +253,7 @@ def test_clients_that_never_read_their_replies(engine):
         # For 3 s at least: once the engine refuses this portal's frames from their headers
         # (BUSY, body never decoded), each costs it little, and a fixed count went by too fast
         # for the legitimate client to be measured during the attack.
-        s = sockets[i]
-        s.settimeout(8)
-        deadline = time.monotonic() + 3
-        rid = 2
-        try:
-            while rid < 202 or time.monotonic() < deadline:
-                s.sendall(_with_id(frames[i], rid))
-                rid += 1
-        except (TimeoutError, OSError):
-            pass
-        _reset(s)
+        _pipeline_then_reset(sockets[i], frames[i], timeout=8, at_least=200)
 
     with Watch(engine) as watch:
         _in_threads(4, attack)

@@ -22,7 +22,6 @@ import functools
 import io
 import json
 import random
-import struct
 import unicodedata
 from datetime import date
 from pathlib import Path
@@ -50,6 +49,7 @@ from dccsign.dcc.valuesets import ValueSets
 from dccsign.dcc.verify import loads_exact
 from dccsign.native import DCCDecodeError
 from dccsign.protocol import cborlimits
+from dccsign.testing.cborvariants import encode_float, head
 
 STRICT_LIMITS = {"max_items": 65536, "max_depth": 16}
 _RULES: dict[tuple[str, int], Any] = {}
@@ -124,15 +124,6 @@ def agree(
 # A CBOR encoder with every choice a peer may make (RFC 8949 §3, §4.2 is only a SHOULD).
 
 
-def _head(major: int, n: int, rnd: random.Random | None) -> bytes:
-    widths = [w for w in (0, 1, 2, 4, 8) if (w == 0 and n < 24) or (w and n < 1 << (8 * w))]
-    w = widths[0] if rnd is None else rnd.choice(widths)
-    if w == 0:
-        return bytes([major << 5 | n])
-    info = {1: 24, 2: 25, 4: 26, 8: 27}[w]
-    return bytes([major << 5 | info]) + n.to_bytes(w, "big")
-
-
 def encode(obj: Any, rnd: random.Random | None = None) -> bytes:
     """CBOR of a JSON-like object; with rnd, random head widths, indefinite lengths, chunked
     strings and the narrowest-or-wider float width (all decode to the same object)."""
@@ -144,18 +135,10 @@ def encode(obj: Any, rnd: random.Random | None = None) -> bytes:
         return b"\xf4"
     if isinstance(obj, int):
         if obj >= 0:
-            return _head(0, obj, rnd) if obj < 2**64 else cbor2.dumps(obj)
-        return _head(1, -1 - obj, rnd) if obj >= -(2**64) else cbor2.dumps(obj)
+            return head(0, obj, rnd) if obj < 2**64 else cbor2.dumps(obj)
+        return head(1, -1 - obj, rnd) if obj >= -(2**64) else cbor2.dumps(obj)
     if isinstance(obj, float):
-        options = [b"\xfb" + struct.pack(">d", obj)]
-        for code, fmt in ((b"\xfa", ">f"), (b"\xf9", ">e")):
-            try:
-                packed = struct.pack(fmt, obj)
-            except (OverflowError, struct.error):
-                continue
-            if struct.unpack(fmt, packed)[0] == obj or obj != obj:
-                options.append(code + packed)
-        return options[-1] if rnd is None else rnd.choice(options)
+        return encode_float(obj, rnd)
     if isinstance(obj, (str, bytes)):
         raw = obj.encode("utf-8") if isinstance(obj, str) else obj
         major = 3 if isinstance(obj, str) else 2
@@ -169,16 +152,16 @@ def encode(obj: Any, rnd: random.Random | None = None) -> bytes:
             out = bytes([major << 5 | 31])
             for piece in pieces:
                 chunk = piece.encode("utf-8") if isinstance(piece, str) else piece
-                out += _head(major, len(chunk), rnd) + chunk
+                out += head(major, len(chunk), rnd) + chunk
             return out + b"\xff"
-        return _head(major, len(raw), rnd) + raw
+        return head(major, len(raw), rnd) + raw
     indefinite = rnd is not None and rnd.random() < 0.3
     if isinstance(obj, (list, tuple)):
         body = b"".join(encode(x, rnd) for x in obj)
-        return (b"\x9f" + body + b"\xff") if indefinite else _head(4, len(obj), rnd) + body
+        return (b"\x9f" + body + b"\xff") if indefinite else head(4, len(obj), rnd) + body
     if isinstance(obj, dict):
         body = b"".join(encode(k, rnd) + encode(v, rnd) for k, v in obj.items())
-        return (b"\xbf" + body + b"\xff") if indefinite else _head(5, len(obj), rnd) + body
+        return (b"\xbf" + body + b"\xff") if indefinite else head(5, len(obj), rnd) + body
     raise TypeError(type(obj).__name__)
 
 

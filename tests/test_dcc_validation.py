@@ -33,6 +33,7 @@ from conftest import shared_path
 from dccsign.dcc.uvci import make_uvci
 from dccsign.dcc.validate import DOSE_MAX, RULES, DCCValidationError, Issue, validate
 from dccsign.dcc.valuesets import ValueSets
+from dccsign.testing.samples import FIELD_NAMES, sample
 
 VERSIONS = ["1.0.0", "1.0.1", "1.1.0", "1.2.0", "1.2.1", "1.3.0", "1.3.1", "1.3.2", "1.3.3"]
 TODAY = date(2025, 1, 15)  # fixed, so that "dob not in the future" is deterministic
@@ -43,50 +44,23 @@ def max_len(ver: str) -> int:
     return 80 if ver >= "1.3.0" else 50
 
 
+#: Each sample's UVCI as a literal (the samples compute theirs with the make_uvci under test).
+UVCIS = {
+    "v": "URN:UVCI:01:NL:187/37512422923#Z",
+    "t": "URN:UVCI:01:NL:TEST/8H2K7Q9ZX1",
+    "r": "URN:UVCI:01:NL:REC/42GQ61D7MPA3",
+}
+
+
 def base(kind: str, ver: str = "1.3.0") -> dict[str, Any]:
-    """A small valid DCC of type ``kind`` that every version accepts."""
-    entry: dict[str, Any]
-    if kind == "v":
-        entry = {
-            "tg": "840539006",
-            "vp": "1119349007",
-            "mp": "EU/1/20/1528",
-            "ma": "ORG-100030215",
-            "dn": 2,
-            "sd": 2,
-            "dt": "2021-06-21",
-            "co": "NL",
-            "is": "Ministry of Health Welfare and Sport",
-            "ci": "URN:UVCI:01:NL:187/37512422923#Z",
-        }
-    elif kind == "t":
-        entry = {
-            "tg": "840539006",
-            "tt": "LP6464-4",
-            "nm": "Roche LightCycler qPCR",
-            "sc": "2021-07-01T09:30:00Z",
-            "tr": "260415000",
-            "tc": "Testlocatie Utrecht",
-            "co": "NL",
-            "is": "Ministry of Health Welfare and Sport",
-            "ci": "URN:UVCI:01:NL:TEST/8H2K7Q9ZX1",
-        }
-    else:
-        entry = {
-            "tg": "840539006",
-            "fr": "2021-05-02",
-            "co": "NL",
-            "is": "Ministry of Health Welfare and Sport",
-            "df": "2021-05-13",
-            "du": "2021-10-29",
-            "ci": "URN:UVCI:01:NL:REC/42GQ61D7MPA3",
-        }
-    return {
-        "ver": ver,
-        "nam": {"fn": "Bakker-Çelik", "fnt": "BAKKER<CELIK", "gn": "Sanne Zoë", "gnt": "SANNE<ZOE"},
-        "dob": "1964-08-12",
-        kind: [entry],
-    }
+    """A small valid DCC of type ``kind`` that every version accepts: the shipped sample of
+    that type, with the vaccination sample's holder and a literal UVCI."""
+    holder = sample("v")
+    dcc = sample(kind)
+    dcc["ver"] = ver
+    dcc["nam"], dcc["dob"] = holder["nam"], holder["dob"]
+    dcc[kind][0]["ci"] = UVCIS[kind]
+    return dcc
 
 
 def issues_of(dcc: object, **kwargs: Any) -> list[tuple[str, str]]:
@@ -1031,37 +1005,7 @@ def test_hostile_objects_only_ever_raise_validation_errors() -> None:
 # ---------------------------------------------------------------------------------------------
 # Fuzzing: junk of every shape only ever gives DCCValidationError.
 
-KEYS = [
-    "ver",
-    "nam",
-    "dob",
-    "v",
-    "t",
-    "r",
-    "fn",
-    "fnt",
-    "gn",
-    "gnt",
-    "tg",
-    "vp",
-    "mp",
-    "ma",
-    "dn",
-    "sd",
-    "dt",
-    "co",
-    "is",
-    "ci",
-    "tt",
-    "nm",
-    "sc",
-    "dr",
-    "tr",
-    "tc",
-    "fr",
-    "df",
-    "du",
-]
+KEYS = list(FIELD_NAMES)
 scalars = st.one_of(
     st.none(),
     st.booleans(),

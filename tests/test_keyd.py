@@ -9,6 +9,7 @@ import time
 import cbor2
 import pytest
 
+from conftest import fail_audit_commits, kid_for
 from dccsign import native
 from dccsign.audit.errors import AuditUnavailable
 from dccsign.audit.key import AuditKey
@@ -25,22 +26,6 @@ from dccsign.protocol.keyd import ItemError, Sign
 from dccsign.testing.samples import sample
 
 
-@pytest.fixture
-def env(dev_keystore_copy, tmp_path):
-    store = Keystore.open(dev_keystore_copy)
-    pw = resolve_passphrase(store.directory)
-    key = AuditKey.create(tmp_path / "audit-key.pem", pw)
-    log = AuditLog.open(tmp_path / "audit", key)
-    keyd = Keyd(store.directory, pw, log)
-    yield store, keyd, log, tmp_path / "audit"
-    keyd.close()
-    log.close()
-
-
-def _kid(store, usage):
-    return next(e.kid for e in store.entries if e.dsc.usages == frozenset(usage))
-
-
 def _payload(dcc, *, iat=None, exp=None, iss="NL"):
     now = int(time.time())
     iat = now - 3600 if iat is None else iat
@@ -52,9 +37,9 @@ def _sign(keyd, kid, payloads, client="portal", account="uzi:900001", operator=N
     return keyd.sign(Sign(1, kid, client, account, tuple(payloads), operator)).results
 
 
-def test_signs_audits_and_verifies(env):
-    store, keyd, _log, audit_dir = env
-    kid = _kid(store, "v")
+def test_signs_audits_and_verifies(keyd_env):
+    store, keyd, _log, audit_dir = keyd_env
+    kid = kid_for(store, "v")
     payloads = [_payload(sample("v")) for _ in range(5)]
     results = _sign(keyd, kid, payloads, operator="assistant:42")
     assert all(isinstance(r, bytes) and len(r) == 64 for r in results)
@@ -93,10 +78,10 @@ def test_signs_audits_and_verifies(env):
         (lambda d: _payload(sample("t")), ItemError.TYPE_NOT_ALLOWED),
     ],
 )
-def test_refuses_per_item_and_signs_the_rest(env, make, code):
-    store, keyd, _log, audit_dir = env
+def test_refuses_per_item_and_signs_the_rest(keyd_env, make, code):
+    store, keyd, _log, audit_dir = keyd_env
     good = _payload(sample("v"))
-    results = _sign(keyd, _kid(store, "v"), [good, make(sample("v")), good])
+    results = _sign(keyd, kid_for(store, "v"), [good, make(sample("v")), good])
     assert isinstance(results[0], bytes) and isinstance(results[2], bytes)
     assert results[1][0] == code
     assert len(list(search(audit_dir))) == 2  # the refused item is not audited as issued
@@ -105,7 +90,7 @@ def test_refuses_per_item_and_signs_the_rest(env, make, code):
 def test_full_dcc_validation_is_optional(dev_keystore_copy, tmp_path):
     store = Keystore.open(dev_keystore_copy)
     pw = resolve_passphrase(store.directory)
-    kid = _kid(store, "v")
+    kid = kid_for(store, "v")
     bad = _payload({**sample("v"), "dob": "1999-02-30"})
     key = AuditKey.create(tmp_path / "audit-key.pem", pw)
     for validate_dcc, ok in ((False, True), (True, False)):
@@ -122,9 +107,9 @@ def test_full_dcc_validation_is_optional(dev_keystore_copy, tmp_path):
             assert "dob" in result[1]
 
 
-def test_key_states_take_effect_within_a_second(env):
-    store, keyd, _log, _audit_dir = env
-    kid = _kid(store, "v")
+def test_key_states_take_effect_within_a_second(keyd_env):
+    store, keyd, _log, _audit_dir = keyd_env
+    kid = kid_for(store, "v")
     assert isinstance(_sign(keyd, kid, [_payload(sample("v"))])[0], bytes)
     meta_path = store.directory / "keystore.json"
     meta = json.loads(meta_path.read_text())
@@ -143,14 +128,10 @@ def test_key_states_take_effect_within_a_second(env):
     assert _sign(keyd, b"\x00" * 8, [b""])[0][0] == ItemError.KID_NOT_ACTIVE
 
 
-def test_audit_unavailable_stops_signing(env, monkeypatch):
-    store, keyd, log, _audit_dir = env
-    kid = _kid(store, "v")
-
-    def broken(*args):
-        raise AuditUnavailable("No space left on device")
-
-    monkeypatch.setattr(log, "append_columns_many", broken)
+def test_audit_unavailable_stops_signing(keyd_env, monkeypatch):
+    store, keyd, log, _audit_dir = keyd_env
+    kid = kid_for(store, "v")
+    fail_audit_commits(monkeypatch, log)
     results = _sign(keyd, kid, [_payload(sample("v"))] * 3)
     assert all(r[0] == ItemError.AUDIT_UNAVAILABLE and "No space" in r[1] for r in results)
     monkeypatch.undo()
@@ -159,9 +140,9 @@ def test_audit_unavailable_stops_signing(env, monkeypatch):
     assert _sign(keyd, kid, [_payload(sample("v"))])[0][0] == ItemError.AUDIT_UNAVAILABLE
 
 
-def test_client_allow_list(env):
-    store, keyd, *_ = env
-    kid = _kid(store, "v")
+def test_client_allow_list(keyd_env):
+    store, keyd, *_ = keyd_env
+    kid = kid_for(store, "v")
     meta_path = store.directory / "keystore.json"
     meta = json.loads(meta_path.read_text())
     name = next(e.name for e in store.entries if e.kid == kid)
@@ -174,8 +155,8 @@ def test_client_allow_list(env):
     )
 
 
-def test_server_socket_and_client(env):
-    store, keyd, _log, audit_dir = env
+def test_server_socket_and_client(keyd_env):
+    store, keyd, _log, audit_dir = keyd_env
     path = audit_dir.parent / "keyd.sock"
     ready, stop = threading.Event(), threading.Event()
     server = threading.Thread(
@@ -189,7 +170,7 @@ def test_server_socket_and_client(env):
             keys = client.describe()
             assert sorted(k.alg for k in keys) == [-37, -7, -7, -7]
             assert all(k.dsc.startswith(b"\x30") for k in keys)
-            kid = _kid(store, "r")
+            kid = kid_for(store, "r")
             out = client.sign(kid, [_payload(sample("r"))] * 10, client="portal", account="a1")
             assert all(isinstance(s, bytes) for s in out)
 
@@ -244,9 +225,9 @@ def test_no_export_and_no_digest_signing_surface():
     assert not any(n in dir(Keyd) for n in ("export", "sign_digest", "private_key"))
 
 
-def test_disable_applies_even_when_the_audit_log_fails(env, monkeypatch):
-    store, keyd, log, _ = env
-    vacc, test = _kid(store, "v"), _kid(store, "t")
+def test_disable_applies_even_when_the_audit_log_fails(keyd_env, monkeypatch):
+    store, keyd, log, _ = keyd_env
+    vacc, test = kid_for(store, "v"), kid_for(store, "t")
 
     def broken(event):
         raise AuditUnavailable("Input/output error")
@@ -267,11 +248,11 @@ def test_disable_applies_even_when_the_audit_log_fails(env, monkeypatch):
     assert result[0] == ItemError.AUDIT_UNAVAILABLE and "Input/output" in result[1]
 
 
-def test_batches_across_chunks_keep_order(env):
+def test_batches_across_chunks_keep_order(keyd_env):
     from dccsign.keyd.service import SIGN_CHUNK
 
-    store, keyd, _, audit_dir = env
-    kid = _kid(store, "v")
+    store, keyd, _, audit_dir = keyd_env
+    kid = kid_for(store, "v")
     n = SIGN_CHUNK * 3 + 5
     payloads = [
         _payload(sample("t"))
@@ -294,14 +275,14 @@ def test_batches_across_chunks_keep_order(env):
     assert len(list(search(audit_dir))) == signed
 
 
-def test_sign_many_checks_allows_and_audits_each_part_alone(env):
+def test_sign_many_checks_allows_and_audits_each_part_alone(keyd_env):
     """SIGN_MANY (the engine's micro-batch): each part under its own client, account and
     operator -- a part whose client may not use the kid is refused while the others are
     signed -- and every record is audited under its own part, in one commit."""
     from dccsign.protocol.keyd import SignMany, SignPart
 
-    store, keyd, log, audit_dir = env
-    kid = _kid(store, "v")
+    store, keyd, log, audit_dir = keyd_env
+    kid = kid_for(store, "v")
     meta_path = store.directory / "keystore.json"
     meta = json.loads(meta_path.read_text())
     name = next(e.name for e in store.entries if e.kid == kid)
@@ -375,7 +356,7 @@ def test_nonce_pools_for_active_es256_keys_only_and_spent_by_signing(pooled):
             assert pools[entry.kid] is not None and pools[entry.kid].capacity == 300
         else:  # PS256 (and any inactive key): no pool
             assert pools[entry.kid] is None
-    kid = _kid(store, "v")
+    kid = kid_for(store, "v")
     before = _wait_full(keyd, kid)
     payloads = [_payload(sample("v")) for _ in range(120)]
     results = _sign(keyd, kid, payloads)
@@ -391,7 +372,7 @@ def test_nonce_pools_for_active_es256_keys_only_and_spent_by_signing(pooled):
 
 def test_disabling_a_key_wipes_its_pool_and_close_wipes_them_all(pooled):
     store, keyd, _ = pooled
-    kid = _kid(store, "v")
+    kid = kid_for(store, "v")
     _wait_full(keyd, kid)
     key = keyd._keys[kid].key
     meta_path = store.directory / "keystore.json"
@@ -408,8 +389,8 @@ def test_disabling_a_key_wipes_its_pool_and_close_wipes_them_all(pooled):
     assert all(k.nonce_pool_info() is None for k in others)
 
 
-def test_no_pools_when_disabled(env):
-    _store, keyd, _log, _ = env  # nonce_pool=0, the Keyd default
+def test_no_pools_when_disabled(keyd_env):
+    _store, keyd, _log, _ = keyd_env  # nonce_pool=0, the Keyd default
     assert all(k.pool is None for k in keyd.describe())
 
 
@@ -448,7 +429,7 @@ def test_a_pool_that_cannot_be_made_does_not_stop_keyd(dev_keystore_copy, tmp_pa
     try:
         assert "no nonce pool" in caplog.text
         assert all(k.pool is None for k in keyd.describe())
-        kid = _kid(store, "v")
+        kid = kid_for(store, "v")
         assert isinstance(_sign(keyd, kid, [_payload(sample("v"))])[0], bytes)
     finally:
         keyd.close()
@@ -495,7 +476,7 @@ def test_a_pooled_batch_is_signed_in_keyds_own_thread(pooled, monkeypatch):
     """With a nonce for every item in the pool, signing costs ~1 us each: the batch is not
     split over the signing workers (a hand-off costs more). Without enough, it is."""
     store, keyd, _ = pooled
-    kid = _kid(store, "v")
+    kid = kid_for(store, "v")
     _wait_full(keyd, kid)
     handed: list[int] = []
     submit = keyd._signers.submit

@@ -10,8 +10,8 @@ from array import array
 import cbor2
 import pytest
 
+from conftest import fail_audit_commits, kid_for
 from dccsign import native
-from dccsign.audit.errors import AuditUnavailable
 from dccsign.audit.issue_lines import CACHE_ENTRIES
 from dccsign.audit.key import AuditKey
 from dccsign.audit.search import search
@@ -33,20 +33,18 @@ from dccsign.protocol.keyd import (
 from dccsign.testing.samples import sample
 
 
-@pytest.fixture
-def env(dev_keystore_copy, tmp_path):
-    store = Keystore.open(dev_keystore_copy)
-    pw = resolve_passphrase(store.directory)
-    key = AuditKey.create(tmp_path / "audit-key.pem", pw)
-    log = AuditLog.open(tmp_path / "audit", key)
-    keyd = Keyd(store.directory, pw, log)
-    yield store, keyd, log, tmp_path / "audit"
-    keyd.close()
-    log.close()
+def _count_commits(log):
+    """Record, for each commit of *log* (one ``append_columns_many``), the number of records
+    of each of its batches; return that list of lists."""
+    commits = []
+    real = log.append_columns_many
 
+    def counted(batches):
+        commits.append([len(b[4]) for b in batches])
+        return real(batches)
 
-def _kid(store, usage):
-    return next(e.kid for e in store.entries if e.dsc.usages == frozenset(usage))
+    log.append_columns_many = counted
+    return commits
 
 
 def _payload(dcc, n=0, *, iat=None, exp=None):
@@ -67,9 +65,9 @@ def _allow(store, keyd, kid, clients):
     keyd._next_check = 0
 
 
-def test_a_batch_of_many_accounts_is_one_commit_with_a_record_per_item(env):
-    store, keyd, log, audit_dir = env
-    kid = _kid(store, "v")
+def test_a_batch_of_many_accounts_is_one_commit_with_a_record_per_item(keyd_env):
+    store, keyd, log, audit_dir = keyd_env
+    kid = kid_for(store, "v")
     _allow(store, keyd, kid, ["portal-a", "portal-c"])
     parts = [
         SignPart(
@@ -85,14 +83,7 @@ def test_a_batch_of_many_accounts_is_one_commit_with_a_record_per_item(env):
     parts[9] = SignPart("portal-a", "uzi:9", (b"\xa0",))  # not a CWT
     parts[10] = SignPart("portal-a", "uzi:10", (_payload({**sample("v"), "dob": "1999-02-30"}),))
     cols = KeydColumns.from_parts(parts)
-    commits = []
-    real = log.append_columns_many
-
-    def counted(batches):
-        commits.append([len(b[4]) for b in batches])
-        return real(batches)
-
-    log.append_columns_many = counted
+    commits = _count_commits(log)
     result = keyd.sign_columns(SignColumns(3, kid, cols))
     assert commits == [[296]] and len(result) == 300
     codes = list(result.codes)
@@ -128,7 +119,7 @@ def test_columns_and_parts_audit_the_same_records(dev_keystore_copy, tmp_path):
 
     store = Keystore.open(dev_keystore_copy)
     pw = resolve_passphrase(store.directory)
-    kid = _kid(store, "v")
+    kid = kid_for(store, "v")
     parts = [
         SignPart("portal-a", "uzi:1", (_payload(sample("v"), 1), _payload(sample("v"), 2))),
         SignPart("portal-b", 'uzi:"2"\t\u00e9', (_payload(sample("v"), 3),), "op\\2"),
@@ -172,9 +163,9 @@ def test_columns_and_parts_audit_the_same_records(dev_keystore_copy, tmp_path):
     assert records("cols") == records("parts") and len(records("cols")) == 4
 
 
-def test_sign_many_answers_as_before_through_the_columns(env):
-    store, keyd, _log, _ = env
-    kid = _kid(store, "v")
+def test_sign_many_answers_as_before_through_the_columns(keyd_env):
+    store, keyd, _log, _ = keyd_env
+    kid = kid_for(store, "v")
     parts = (
         SignPart("portal", "a", (_payload(sample("v"), 1), b"\xa0")),
         SignPart("portal", "b", ()),
@@ -188,14 +179,10 @@ def test_sign_many_answers_as_before_through_the_columns(env):
     assert bad[0][0] == ItemError.INTERNAL and "1 to 1024 characters" in bad[0][1]
 
 
-def test_audit_unavailable_releases_nothing(env, monkeypatch):
-    store, keyd, log, audit_dir = env
-    kid = _kid(store, "v")
-
-    def broken(*args):
-        raise AuditUnavailable("No space left on device")
-
-    monkeypatch.setattr(log, "append_columns_many", broken)
+def test_audit_unavailable_releases_nothing(keyd_env, monkeypatch):
+    store, keyd, log, audit_dir = keyd_env
+    kid = kid_for(store, "v")
+    fail_audit_commits(monkeypatch, log)
     cols = KeydColumns.from_parts(
         [SignPart("p", f"u{i}", (_payload(sample("v"), i), b"\xa0")) for i in range(5)]
     )
@@ -205,9 +192,9 @@ def test_audit_unavailable_releases_nothing(env, monkeypatch):
     assert not list(search(audit_dir))
 
 
-def test_hostile_columns_that_bypass_the_codec_are_refused_not_crashed(env):
-    store, keyd, _log, audit_dir = env
-    kid = _kid(store, "v")
+def test_hostile_columns_that_bypass_the_codec_are_refused_not_crashed(keyd_env):
+    store, keyd, _log, audit_dir = keyd_env
+    kid = kid_for(store, "v")
     good = KeydColumns.from_parts([SignPart("p", "u", (_payload(sample("v")),))])
     bad = KeydColumns(
         good.payloads,
@@ -225,12 +212,12 @@ def test_hostile_columns_that_bypass_the_codec_are_refused_not_crashed(env):
     assert not list(search(audit_dir))
 
 
-def test_inactive_kid_and_empty_batches(env):
-    store, keyd, *_ = env
+def test_inactive_kid_and_empty_batches(keyd_env):
+    store, keyd, *_ = keyd_env
     cols = KeydColumns.from_parts([SignPart("p", "u", (b"\xa0", b"\xa1"))])
     result = keyd.sign_columns(SignColumns(1, b"\x00" * 8, cols))
     assert result.results() == [(ItemError.KID_NOT_ACTIVE, "unknown kid")] * 2
-    empty = keyd.sign_columns(SignColumns(2, _kid(store, "v"), KeydColumns.from_parts([])))
+    empty = keyd.sign_columns(SignColumns(2, kid_for(store, "v"), KeydColumns.from_parts([])))
     assert len(empty) == 0
 
 
@@ -246,9 +233,9 @@ def test_the_audit_caches_stay_bounded_and_keep_recent_entries(tmp_path, dev_key
         )
 
 
-def test_result_columns_hold_signatures_in_item_order(env):
-    store, keyd, *_ = env
-    kid = _kid(store, "v")
+def test_result_columns_hold_signatures_in_item_order(keyd_env):
+    store, keyd, *_ = keyd_env
+    kid = kid_for(store, "v")
     payloads = [_payload(sample("v"), i) if i % 4 else b"\xa0" for i in range(40)]
     cols = KeydColumns.from_parts(
         [SignPart("p", f"u{i % 7}", (p,)) for i, p in enumerate(payloads)]
@@ -277,25 +264,18 @@ def _kid_batch(kind, n, start=0, bad=()):
     ])  # fmt: skip
 
 
-def test_sign_kids_answers_each_batch_as_alone_in_one_commit(env):
+def test_sign_kids_answers_each_batch_as_alone_in_one_commit(keyd_env):
     """Each kid's batch gets what SIGN_COLUMNS would give it (codes, reasons, valid
     signatures), an unknown kid's batch is refused alone, and the records of all of them are
     one commit; the log verifies."""
-    store, keyd, log, audit_dir = env
-    v, t = _kid(store, "v"), _kid(store, "t")
+    store, keyd, log, audit_dir = keyd_env
+    v, t = kid_for(store, "v"), kid_for(store, "t")
     batches = (
         SignColumns(0, v, _kid_batch("v", 7, bad={2})),
         SignColumns(0, b"\x00" * 8, _kid_batch("v", 2, 100)),
         SignColumns(0, t, _kid_batch("t", 5, 200)),
     )
-    commits = []
-    real = log.append_columns_many
-
-    def counted(many):
-        commits.append([len(b[4]) for b in many])
-        return real(many)
-
-    log.append_columns_many = counted
+    commits = _count_commits(log)
     answer = keyd.sign_kids(SignKids(4, batches))
     assert isinstance(answer, KidsResult) and answer.request_id == 4
     assert commits == [[6, 5]]
@@ -318,16 +298,12 @@ def test_sign_kids_answers_each_batch_as_alone_in_one_commit(env):
     assert sorted({r["kid"] for r in records}) == sorted({v.hex(), t.hex()})
 
 
-def test_sign_kids_releases_nothing_when_the_commit_fails(env, monkeypatch):
-    store, keyd, log, audit_dir = env
-
-    def broken(many):
-        raise AuditUnavailable("No space left on device")
-
-    monkeypatch.setattr(log, "append_columns_many", broken)
+def test_sign_kids_releases_nothing_when_the_commit_fails(keyd_env, monkeypatch):
+    store, keyd, log, audit_dir = keyd_env
+    fail_audit_commits(monkeypatch, log)
     answer = keyd.sign_kids(SignKids(1, (
-        SignColumns(0, _kid(store, "v"), _kid_batch("v", 3, bad={1})),
-        SignColumns(0, _kid(store, "t"), _kid_batch("t", 2)),
+        SignColumns(0, kid_for(store, "v"), _kid_batch("v", 3, bad={1})),
+        SignColumns(0, kid_for(store, "t"), _kid_batch("t", 2)),
     )))  # fmt: skip
     r_v, r_t = answer.results
     assert not r_v.signatures and not r_t.signatures
@@ -341,10 +317,10 @@ def test_sign_kids_releases_nothing_when_the_commit_fails(env, monkeypatch):
     assert not list(search(audit_dir))
 
 
-def test_a_kids_audit_batch_that_fails_its_checks_writes_nothing(env, tmp_path):
+def test_a_kids_audit_batch_that_fails_its_checks_writes_nothing(keyd_env, tmp_path):
     """append_columns_many refuses a malformed batch before writing any of them."""
-    store, keyd, log, audit_dir = env
-    v = _kid(store, "v")
+    store, keyd, log, audit_dir = keyd_env
+    v = kid_for(store, "v")
     good = keyd.sign_columns(SignColumns(1, v, _kid_batch("v", 2)))
     before = len(list(search(audit_dir)))
     cols = _kid_batch("v", 2, 50)
@@ -440,21 +416,19 @@ class KidsKeyd(ColumnsKeyd):
         return [await self.sign_columns(kid, cols) for kid, cols in batches]
 
 
-async def test_the_batcher_sends_every_pending_kid_in_one_sign_kids(monkeypatch):
+def hc1_as_strings(monkeypatch) -> None:
+    """Make ``native.hc1_encode`` answer "PROTECTED:SIGNATURE:PAYLOAD" strings."""
+    monkeypatch.setattr(native, "hc1_encode", lambda prot, payloads, sigs, level=9: [
+        f"{prot.decode()}:{s.rstrip(b'.').decode()}:{p.decode()}"
+        for p, s in zip(payloads, sigs, strict=True)
+    ])  # fmt: skip
+
+
+async def issue_for_three_kids(batcher) -> dict:
+    """Run *batcher* while four waiters ask at once for three kids (b"v" * 8 twice), two of
+    them wanting columns; return each waiter's answer by name (v1, t1, v2, r1)."""
     import trio
 
-    from dccsign.server.batcher import KeydBatcher
-
-    keyd = KidsKeyd()
-    batcher = KeydBatcher(keyd, window=0.05)
-    monkeypatch.setattr(
-        native,
-        "hc1_encode",
-        lambda prot, payloads, sigs, level=9: [
-            f"{prot.decode()}:{s.rstrip(b'.').decode()}:{p.decode()}"
-            for p, s in zip(payloads, sigs, strict=True)
-        ],
-    )
     out = {}
 
     async def one(name, kid, parts, raw=False):
@@ -472,6 +446,16 @@ async def test_the_batcher_sends_every_pending_kid_in_one_sign_kids(monkeypatch)
             inner.start_soon(one, "v2", b"v" * 8, [SignPart("q", "c", (b"v2",))], True)
             inner.start_soon(one, "r1", b"r" * 8, [SignPart("q", "d", (b"r1",))])
         nursery.cancel_scope.cancel()
+    return out
+
+
+async def test_the_batcher_sends_every_pending_kid_in_one_sign_kids(monkeypatch):
+    from dccsign.server.batcher import KeydBatcher
+
+    keyd = KidsKeyd()
+    batcher = KeydBatcher(keyd, window=0.05)
+    hc1_as_strings(monkeypatch)
+    out = await issue_for_three_kids(batcher)
     # one message: three kids (in the order their first request came: trio's), each kid's
     # requests concatenated
     (kids,) = keyd.kids_calls
@@ -513,12 +497,12 @@ async def test_a_failed_sign_kids_fails_every_waiter_of_every_kid():
 
 
 @pytest.mark.parametrize("broken_first", [True, False])
-def test_a_kid_whose_signing_fails_is_refused_and_the_others_are_signed(env, broken_first):
+def test_a_kid_whose_signing_fails_is_refused_and_the_others_are_signed(keyd_env, broken_first):
     """A signing failure (in a worker or in keyd's own thread: the last job runs there)
     refuses that kid's items INTERNAL and audits none of them; the message's other kids
     are signed and audited."""
-    store, keyd, _log, audit_dir = env
-    v, t = _kid(store, "v"), _kid(store, "t")
+    store, keyd, _log, audit_dir = keyd_env
+    v, t = kid_for(store, "v"), kid_for(store, "t")
 
     class Broken:
         def sign(self, protected, payloads):

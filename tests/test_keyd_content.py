@@ -12,6 +12,7 @@ import cbor2
 import pytest
 import trio
 
+from conftest import kid_for
 from dccsign.audit.key import AuditKey
 from dccsign.audit.search import search
 from dccsign.audit.verify import verify
@@ -32,10 +33,6 @@ from engine_process import EngineProcess, wait_serving
 def _payload(dcc, iss="NL"):
     now = int(time.time())
     return claims_prefix(iss, now - 3600, now + 86400) + cbor2.dumps(dcc)
-
-
-def _kid(store, usage):
-    return next(e.kid for e in store.entries if e.dsc.usages == frozenset(usage))
 
 
 def minimal():
@@ -91,7 +88,7 @@ def _segments_text(directory):
 
 def test_a_compromised_engine_gets_only_the_honest_payload_signed(dev_keystore_copy, tmp_path):
     store = Keystore.open(dev_keystore_copy)
-    kid = _kid(store, "v")
+    kid = kid_for(store, "v")
     honest = _payload(sample("v"))
     bad = [_payload(minimal()), _payload(bogus_codes()), _payload(huge())]
     assert len(bad[2]) > 60_000
@@ -126,7 +123,7 @@ def test_no_validate_dcc_is_the_explicit_opt_out_and_the_size_bound_stays(
     dev_keystore_copy, tmp_path
 ):
     store = Keystore.open(dev_keystore_copy)
-    kid = _kid(store, "v")
+    kid = kid_for(store, "v")
     sock = tmp_path / "keyd.sock"
     proc = start_keyd(dev_keystore_copy, sock, "--no-validate-dcc")
     try:
@@ -183,7 +180,7 @@ def test_the_size_bound_is_exactly_the_engines(dev_keystore_copy, tmp_path, alg)
 
 def test_keyd_and_private_keyd_validate_by_default(dev_keystore_copy, tmp_path):
     store = Keystore.open(dev_keystore_copy)
-    kid = _kid(store, "v")
+    kid = kid_for(store, "v")
     pw = resolve_passphrase(store.directory)
     key = AuditKey.create(tmp_path / "audit-key.pem", pw)
     with AuditLog.open(tmp_path / "audit", key) as log:
@@ -259,7 +256,7 @@ def test_serves_keyd_checks_content_unless_told_not_to(dev_keystore_copy, tmp_pa
     engine = EngineProcess(dev_keystore_copy, tmp_path, tcp=False, extra=flags)
     try:
         sock, argv = _engine_keyd_socket(engine)
-        kid = _kid(Keystore.open(dev_keystore_copy), "v")
+        kid = kid_for(Keystore.open(dev_keystore_copy), "v")
         with KeydClient(sock) as client:
             out = client.sign(kid, [_payload(minimal()), _payload(huge())], client="x", account="y")
         with engine.client() as c:

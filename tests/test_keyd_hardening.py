@@ -12,8 +12,6 @@ import sys
 import tempfile
 import textwrap
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -25,10 +23,18 @@ from dccsign.audit.verify import verify
 from dccsign.keyd.client import KeydClient, KeydError
 from dccsign.protocol.clients.blocking import Client
 from dccsign.protocol.codes import ErrorCode
+from dccsign.testing.net import free_port
 from dccsign.testing.samples import sample
-from engine_process import EngineProcess, _free_port, wait_serving, write_policy
+from engine_process import (
+    DCCSIGN,
+    EngineProcess,
+    healthz,
+    keyd_args,
+    keyd_argv,
+    wait_serving,
+    write_policy,
+)
 
-DCCSIGN = [sys.executable, "-m", "dccsign"]
 PASSPHRASE_ENV = "DCCSIGN_KEYSTORE_PASSPHRASE"
 
 
@@ -113,17 +119,7 @@ def test_engine_and_keyd_environ_hold_no_passphrase_and_a_restarted_keyd_gets_it
 def _start_keyd(keystore, sock, *extra, log):
     with open(log, "ab") as err:
         proc = subprocess.Popen(
-            [
-                *DCCSIGN,
-                "keyd",
-                "--keystore",
-                str(keystore),
-                "--socket",
-                str(sock),
-                "--nonce-pool",
-                "0",
-                *extra,
-            ],
+            keyd_argv(keystore, sock, "--nonce-pool", "0", *extra),
             stderr=err,
         )
     _wait_socket(sock, proc, log)
@@ -159,12 +155,11 @@ def test_keyd_closes_connections_of_uids_not_allowed_root_included(dev_keystore_
         assert proc.wait(20) == 0
 
 
-def _healthz(port):
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
+def _serve_on_keyd_args(ksock, policy, esock, *extra):
+    """The arguments of ``dccsign serve`` on the external keyd at *ksock*, with *policy*,
+    listening on the Unix socket *esock*, with *extra* options after it."""
+    return ["serve", "--keyd-socket", str(ksock), "--policy", str(policy), "--unix", str(esock),
+            *extra]  # fmt: skip
 
 
 @pytest.mark.slow
@@ -173,21 +168,10 @@ def test_engine_on_an_external_keyd_reconnects_after_keyd_restarts(dev_keystore_
     keyd = _start_keyd(dev_keystore_copy, ksock, log=klog)
     policy = tmp_path / "policy.json"  # outside the keystore: the engine never opens that
     write_policy(policy)
-    esock, elog, port = tmp_path / "engine.sock", tmp_path / "engine.log", _free_port()
+    esock, elog, port = tmp_path / "engine.sock", tmp_path / "engine.log", free_port()
     with open(elog, "wb") as err:
         engine = subprocess.Popen(
-            [
-                *DCCSIGN,
-                "serve",
-                "--keyd-socket",
-                str(ksock),
-                "--policy",
-                str(policy),
-                "--unix",
-                str(esock),
-                "--http",
-                f"127.0.0.1:{port}",
-            ],
+            [*DCCSIGN, *_serve_on_keyd_args(ksock, policy, esock, "--http", f"127.0.0.1:{port}")],
             stderr=err,
         )
     try:
@@ -195,11 +179,11 @@ def test_engine_on_an_external_keyd_reconnects_after_keyd_restarts(dev_keystore_
         assert _children(engine.pid) == []  # no keyd of its own
         with Client(f"unix:{esock}") as client:
             assert client.sign(sample("v"), account="uzi:1").ok
-            assert _healthz(port)[0] == 200
+            assert healthz(port, timeout=5)[0] == 200
             keyd.send_signal(signal.SIGTERM)
             assert keyd.wait(20) == 0
             deadline = time.monotonic() + 10
-            while (health := _healthz(port))[0] != 503:
+            while (health := healthz(port, timeout=5))[0] != 503:
                 assert time.monotonic() < deadline, health
                 time.sleep(0.1)
             assert "keyd" in health[1]
@@ -210,7 +194,7 @@ def test_engine_on_an_external_keyd_reconnects_after_keyd_restarts(dev_keystore_
                 assert result.error == ErrorCode.KEYD_UNAVAILABLE, result
                 assert time.monotonic() < deadline, elog.read_text()
                 time.sleep(0.2)
-            assert _healthz(port) == (200, "ok\n")
+            assert healthz(port, timeout=5) == (200, "ok\n")
         assert "reconnected to keyd" in elog.read_text()
     finally:
         keyd.send_signal(signal.SIGTERM)
@@ -346,12 +330,9 @@ def test_keyd_under_its_own_uid_serves_only_the_engine_uid(dev_keystore):
                 KEYD_UID,
                 KEYD_UID,
                 [SOCKET_GID],
-                [
-                    "keyd",
-                    "--keystore",
-                    str(home / "ks"),
-                    "--socket",
-                    str(ksock),
+                keyd_args(
+                    home / "ks",
+                    ksock,
                     "--nonce-pool",
                     "0",
                     "--socket-mode",
@@ -360,7 +341,7 @@ def test_keyd_under_its_own_uid_serves_only_the_engine_uid(dev_keystore):
                     str(SOCKET_GID),
                     "--allow-uid",
                     str(ENGINE_UID),
-                ],
+                ),
                 cwd=home,
                 stderr=err,
             )
@@ -377,15 +358,7 @@ def test_keyd_under_its_own_uid_serves_only_the_engine_uid(dev_keystore):
                 ENGINE_UID,
                 ENGINE_UID,
                 [SOCKET_GID],
-                [
-                    "serve",
-                    "--keyd-socket",
-                    str(ksock),
-                    "--policy",
-                    str(policy),
-                    "--unix",
-                    str(esock),
-                ],
+                _serve_on_keyd_args(ksock, policy, esock),
                 cwd=engine_dir,
                 stderr=err,
             )

@@ -23,14 +23,12 @@ from dccsign.audit.verify import verify
 from dccsign.audit.writer import LOCK_FILE, AuditLog
 from dccsign.dcc.verify import decode_hc1
 from dccsign.keyd.client import KeydClient
-from dccsign.keyd.supervisor import _accepts
 from dccsign.keys.keystore import Keystore
 from dccsign.process import process_start
 from dccsign.protocol.wire import SignItem
+from dccsign.testing.net import accepts_unix
 from dccsign.testing.samples import sample
-from engine_process import EngineProcess, write_policy
-
-DCCSIGN = [sys.executable, "-m", "dccsign"]
+from engine_process import DCCSIGN, EngineProcess, keyd_argv, write_policy
 
 
 def _state(pid):
@@ -69,18 +67,7 @@ def _start_supervised(keystore, sock, line=b"\n", env=None, extra=()):
     log = sock.with_suffix(".log")
     with open(log, "ab") as err:
         proc = subprocess.Popen(
-            [
-                *DCCSIGN,
-                "keyd",
-                "--keystore",
-                str(keystore),
-                "--socket",
-                str(sock),
-                "--supervised",
-                "--nonce-pool",
-                "0",
-                *extra,
-            ],
+            keyd_argv(keystore, sock, "--supervised", "--nonce-pool", "0", *extra),
             stdin=subprocess.PIPE,
             stderr=err,
             env=env,
@@ -88,7 +75,7 @@ def _start_supervised(keystore, sock, line=b"\n", env=None, extra=()):
     proc.stdin.write(line)
     proc.stdin.flush()
     deadline = time.monotonic() + 30
-    while not _accepts(sock):
+    while not accepts_unix(sock):
         if proc.poll() is not None:
             proc.stdin.close()
             return proc, log

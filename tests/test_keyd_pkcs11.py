@@ -26,9 +26,11 @@ from dccsign.dcc.verify import verify_hc1
 from dccsign.keyd.supervisor import PrivateKeyd
 from dccsign.keys.keystore import resolve_passphrase
 from dccsign.keys.lifecycle import issue_with_dev_csca
+from dccsign.testing.cli import csr_argv, token_generate_argv
 from dccsign.testing.samples import sample
 
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+DCCSIGN = [sys.executable, "-m", "dccsign"]
 
 
 @pytest.fixture
@@ -75,9 +77,7 @@ def _issue(ks, csr_pem):
 
 def _cli(*argv):
     """dccsign in a child process (the token session is per process)."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "dccsign", *map(str, argv)], capture_output=True, timeout=60
-    )
+    proc = subprocess.run([*DCCSIGN, *map(str, argv)], capture_output=True, timeout=60)
     assert proc.returncode == 0, proc.stderr.decode()
     return proc.stdout
 
@@ -86,35 +86,18 @@ def _cli(*argv):
 def test_token_key_signs_through_keyd(dev_keystore_copy, tmp_path, softhsm, capsys, alg):
     ks = dev_keystore_copy
     name = (
-        _cli(
-            "keys",
-            "generate",
-            "--keystore",
-            ks,
-            "--alg",
-            alg,
-            "--pkcs11-module",
-            MODULE,
-            "--token-label",
-            "dsc-token",
-            "--pin-file",
-            softhsm,
-        )
+        _cli(*token_generate_argv(ks, module=MODULE, label="dsc-token", pin_file=softhsm, alg=alg))
         .decode()
         .strip()
     )
     assert not (ks / "keys" / f"{name}.key.pem").exists()  # nothing of the key is on disk
     csr_pem = _cli(
-        "keys",
-        "csr",
-        "--keystore",
-        ks,
-        "--key",
-        name,
-        "--subject",
-        "CN=DSC in token,O=dccsign DEVELOPMENT ONLY,C=NL",
-        "--usage",
-        "vaccination,test,recovery",
+        *csr_argv(
+            ks,
+            name,
+            subject="CN=DSC in token,O=dccsign DEVELOPMENT ONLY,C=NL",
+            usage="vaccination,test,recovery",
+        )
     )
     eku = (
         x509.load_pem_x509_csr(csr_pem)
@@ -145,23 +128,7 @@ def test_token_key_signs_through_keyd(dev_keystore_copy, tmp_path, softhsm, caps
 def test_pin_is_never_in_the_metadata(dev_keystore_copy, softhsm):
     ks = dev_keystore_copy
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dccsign",
-            "keys",
-            "generate",
-            "--keystore",
-            str(ks),
-            "--alg",
-            "ES256",
-            "--pkcs11-module",
-            MODULE,
-            "--token-label",
-            "dsc-token",
-            "--pin-file",
-            str(softhsm),
-        ],
+        [*DCCSIGN, *token_generate_argv(ks, module=MODULE, label="dsc-token", pin_file=softhsm)],
         capture_output=True,
         check=True,
         timeout=60,
@@ -175,21 +142,8 @@ def test_wrong_pin_is_a_clear_error(dev_keystore_copy, softhsm, tmp_path):
     bad.write_text("000000\n")
     proc = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "dccsign",
-            "keys",
-            "generate",
-            "--keystore",
-            str(dev_keystore_copy),
-            "--alg",
-            "ES256",
-            "--pkcs11-module",
-            MODULE,
-            "--token-label",
-            "dsc-token",
-            "--pin-file",
-            str(bad),
+            *DCCSIGN,
+            *token_generate_argv(dev_keystore_copy, module=MODULE, label="dsc-token", pin_file=bad),
         ],
         capture_output=True,
         timeout=60,

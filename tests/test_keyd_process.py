@@ -13,13 +13,15 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from conftest import kid_for
 from dccsign.audit.search import search
 from dccsign.audit.verify import verify
 from dccsign.dcc.issuer import claims_prefix
 from dccsign.keyd.client import KeydClient, KeydError
-from dccsign.keyd.supervisor import _accepts
 from dccsign.keys.keystore import Keystore, resolve_passphrase
+from dccsign.testing.net import accepts_unix
 from dccsign.testing.samples import sample
+from engine_process import keyd_argv
 
 
 def start_keyd(keystore, sock, env=None):
@@ -27,22 +29,13 @@ def start_keyd(keystore, sock, env=None):
     log_path = sock.with_suffix(".log")
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "dccsign",
-                "keyd",
-                "--keystore",
-                str(keystore),
-                "--socket",
-                str(sock),
-            ],
+            keyd_argv(keystore, sock),
             stderr=log,
             env=env,
         )
     deadline = time.monotonic() + 20
     # A killed keyd leaves its socket file behind: readiness is a successful connect.
-    while not _accepts(sock):  # dccsign.keyd.supervisor._accepts
+    while not accepts_unix(sock):
         if proc.poll() is not None:
             raise AssertionError(f"keyd exited {proc.returncode}: {log_path.read_text()}")
         if time.monotonic() > deadline:
@@ -56,10 +49,6 @@ def start_keyd(keystore, sock, env=None):
 def payload(t="v"):
     now = int(time.time())
     return claims_prefix("NL", now - 3600, now + 86400) + cbor2.dumps(sample(t))
-
-
-def kid_for(store, usage):
-    return next(e.kid for e in store.entries if e.dsc.usages == frozenset(usage))
 
 
 def test_start_sign_and_clean_stop(dev_keystore_copy, tmp_path):
@@ -84,16 +73,7 @@ def test_wrong_passphrase_names_the_file_and_starts_nothing(dev_keystore_copy, t
     sock = tmp_path / "keyd.sock"
     env = {**os.environ, "DCCSIGN_KEYSTORE_PASSPHRASE": "wrong"}
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dccsign",
-            "keyd",
-            "--keystore",
-            str(dev_keystore_copy),
-            "--socket",
-            str(sock),
-        ],
+        keyd_argv(dev_keystore_copy, sock),
         capture_output=True,
         env=env,
         timeout=30,

@@ -11,9 +11,8 @@ import socket
 import pytest
 import trio
 import trio.testing
-from test_keyd_columns import KidsKeyd
+from test_keyd_columns import KidsKeyd, hc1_as_strings, issue_for_three_kids
 
-from dccsign import native
 from dccsign.keyd.client import KeydError
 from dccsign.keyd.trio_client import TrioKeydClient
 from dccsign.protocol.keyd import (
@@ -69,36 +68,13 @@ class SubmitKeyd(KidsKeyd):
         self.nursery.start_soon(reader)
 
 
-def _strings(monkeypatch) -> None:
-    monkeypatch.setattr(native, "hc1_encode", lambda prot, payloads, sigs, level=9: [
-        f"{prot.decode()}:{s.rstrip(b'.').decode()}:{p.decode()}"
-        for p, s in zip(payloads, sigs, strict=True)
-    ])  # fmt: skip
-
-
 async def test_submitted_micro_batches_get_what_sign_kids_gives(nursery, monkeypatch):
     """The scenario of test_keyd_columns' SIGN_KIDS test through submit_kids: one message
     for three kids, strings for the waiters that want them, columns for the others."""
-    _strings(monkeypatch)
+    hc1_as_strings(monkeypatch)
     keyd = SubmitKeyd(nursery)
     batcher = KeydBatcher(keyd, window=0.05)
-    out = {}
-
-    async def one(name, kid, parts, raw=False):
-        cols = KeydColumns.from_parts(parts)
-        if raw:
-            out[name] = await batcher.issue_columns(kid, b"P" + kid[:1], cols)
-        else:
-            out[name] = await batcher.issue(kid, b"P" + kid[:1], cols)
-
-    async with trio.open_nursery() as inner:
-        await inner.start(batcher.run)
-        async with trio.open_nursery() as requests:
-            requests.start_soon(one, "v1", V, [SignPart("p", "a", (b"v1", b"X1"))])
-            requests.start_soon(one, "t1", T, [SignPart("p", "b", (b"t1",))], True)
-            requests.start_soon(one, "v2", V, [SignPart("q", "c", (b"v2",))], True)
-            requests.start_soon(one, "r1", R, [SignPart("q", "d", (b"r1",))])
-        inner.cancel_scope.cancel()
+    out = await issue_for_three_kids(batcher)
     (kids,) = keyd.submitted
     assert sorted(kids) == [(R, 1), (T, 1), (V, 3)]
     assert out["v1"] == ["Pv:a:v1", (ItemError.MALFORMED_CWT, "bad a")]

@@ -33,18 +33,27 @@ def _modules() -> dict[str, Path]:
     return out
 
 
+def _package_of(name: str, path: Path) -> str:
+    """The package that relative imports in module *name* (file *path*) start from."""
+    return name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+
+
+def _from_module(node: ast.ImportFrom, package: str) -> str:
+    """The absolute module a ``from ... import`` in *package* imports from."""
+    if not node.level:
+        return node.module or ""
+    parts = package.split(".")
+    base = ".".join(parts[: len(parts) - node.level + 1])
+    return f"{base}.{node.module}" if node.module else base
+
+
 def _imports(name: str, path: Path, known: set[str]) -> set[str]:
     """The modules of ours that module *name* imports, at any depth of its code."""
-    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    package = _package_of(name, path)
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom):
-            if node.level:
-                parts = package.split(".")
-                base = ".".join(parts[: len(parts) - node.level + 1])
-                base = f"{base}.{node.module}" if node.module else base
-            else:
-                base = node.module or ""
+            base = _from_module(node, package)
             candidates = [base, *(f"{base}.{a.name}" for a in node.names)]
         elif isinstance(node, ast.Import):
             candidates = [a.name for a in node.names]
@@ -173,16 +182,11 @@ def test_no_room_reaches_into_another_rooms_private_names() -> None:
     rooms (a room being a package under dccsign, or a top-level module of it)."""
     offenders = []
     for name, path in MODULES.items():
-        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        package = _package_of(name, path)
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if not isinstance(node, ast.ImportFrom) or node.module == "__future__":
                 continue
-            if node.level:
-                parts = package.split(".")
-                base = ".".join(parts[: len(parts) - node.level + 1])
-                base = f"{base}.{node.module}" if node.module else base
-            else:
-                base = node.module or ""
+            base = _from_module(node, package)
             if not base.startswith("dccsign"):
                 continue
             for alias in node.names:

@@ -16,6 +16,7 @@ from dccsign.keyd.supervisor import PrivateKeyd
 from dccsign.keys.keystore import Keystore, resolve_passphrase
 from dccsign.keys.lifecycle import issue_with_dev_csca, key_warnings
 from dccsign.protocol.keyd import ItemError
+from dccsign.testing.cli import csr_argv
 from dccsign.testing.samples import sample
 
 
@@ -42,16 +43,7 @@ def test_full_lifecycle(dev_keystore_copy, tmp_path, capsys):
 
     code, csr_pem, _ = run(
         capsys,
-        "keys",
-        "csr",
-        "--keystore",
-        ks,
-        "--key",
-        name,
-        "--subject",
-        "CN=DSC GP portal 1,O=Ministry,C=NL",
-        "--usage",
-        "vaccination,test",
+        *csr_argv(ks, name, subject="CN=DSC GP portal 1,O=Ministry,C=NL", usage="vaccination,test"),
     )
     assert code == 0
     csr = x509.load_pem_x509_csr(csr_pem.encode())
@@ -143,26 +135,13 @@ def test_warnings():
 def test_generate_and_csr_errors(dev_keystore_copy, capsys):
     ks = dev_keystore_copy
     name = run(capsys, "keys", "generate", "--keystore", ks, "--alg", "PS256")[1].strip()
-    for argv, msg in (
-        (["--subject", "CN=x", "--usage", "boosters"], "vaccination,test,recovery"),
-        (["--subject", "not a dn", "--usage", "test"], "--subject"),
+    for key, subject, usage, msg in (
+        (name, "CN=x", "boosters", "vaccination,test,recovery"),
+        (name, "not a dn", "test", "--subject"),
+        ("nope", "CN=x", "test", "no key named"),
     ):
-        code, _, err = run(capsys, "keys", "csr", "--keystore", ks, "--key", name, *argv)
+        code, _, err = run(capsys, *csr_argv(ks, key, subject=subject, usage=usage))
         assert code == 4 and msg in err
-    code, _, err = run(
-        capsys,
-        "keys",
-        "csr",
-        "--keystore",
-        ks,
-        "--key",
-        "nope",
-        "--subject",
-        "CN=x",
-        "--usage",
-        "test",
-    )
-    assert code == 4 and "no key named" in err
 
 
 @pytest.mark.parametrize("kind", ["ec", "rsa"])

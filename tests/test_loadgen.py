@@ -37,6 +37,7 @@ from dccsign.bench.loadprofile import PRESETS, ProfileError, load_profile, parse
 from dccsign.bench.loadreport import plot, text_report, to_json
 from dccsign.bench.scrape import metrics_delta, parse_prometheus, scrape_metrics
 from dccsign.cli.main import main
+from dccsign.testing.wirepair import open_pair
 from engine_process import EngineProcess
 
 IN_CI = os.environ.get("CI") == "true"
@@ -844,25 +845,11 @@ def test_against_the_real_engine_every_sample_verifies(engine):
 # ----------------------------------------------------------------------------- counted replies
 
 
-def _codec_pair():
-    """A client and a server codec in state OPEN (zstd negotiated), through a handshake."""
-    from dccsign.protocol import wire
-
-    client = wire.Connection(wire.CLIENT)
-    server = wire.Connection(wire.SERVER)
-    server.receive_data(client.send(client.make_hello()))
-    server.next_event()
-    server_welcome = server.make_welcome(max_batch=100, max_in_flight=4, server="test")
-    client.receive_data(server.send(server_welcome))
-    client.next_event()
-    return client, server
-
-
 def _full_decode(body: bytes, batch: bool, rid: int = 1):
     """What the codec makes of *body* as a result frame: the results, or its error."""
     from dccsign.protocol import wire
 
-    client, _server = _codec_pair()
+    client, _server = open_pair(max_batch=100, server="test")
     client.note_sent(rid)
     ftype = wire.FrameType.SIGN_BATCH_RESULT if batch else wire.FrameType.SIGN_RESULT
     client.receive_data(wire.HEADER.pack(wire.MAGIC, wire.VERSION, ftype, 0, rid, len(body)))
@@ -930,7 +917,7 @@ def test_counted_replies_of_the_wire_codec_and_the_fake(impl):
     from dccsign.protocol import wire
 
     rng = random.Random(7)
-    _client, server = _codec_pair()
+    _client, server = open_pair(max_batch=100, server="test")
     server.receive_data(b"")  # only its encoder is used; it needs a request to answer
     for rid in range(1, 20):
         results = []
@@ -1044,7 +1031,7 @@ def test_pre_encoded_frames_decode_to_their_items():
     seen = []
     for frame in payloads.frames:
         for flags, body in ((frame.packed_flags, frame.packed), (0, frame.raw)):
-            _client, server = _codec_pair()
+            _client, server = open_pair(max_batch=100, server="test")
             server.receive_data(
                 wire.HEADER.pack(wire.MAGIC, wire.VERSION, frame.ftype, flags << 24, 1, len(body))
                 + body

@@ -8,6 +8,7 @@ Python, its own curve arithmetic) for a sample.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -195,13 +196,23 @@ def test_forked_child_never_spends_the_parents_entries(impl, ec_private):
     assert not {_r(s) for s in parent} & {_r(s) for s in child_sigs}
 
 
-def test_background_refill_fills_at_low_priority_and_refills_after_use(impl, ec_private):
-    key = _key(impl, ec_private)
-    capacity = 64 if _is_reference(impl) else 2_000
+@contextlib.contextmanager
+def _full_background_pool(impl, private, capacity: int):
+    """``(key, deadline)``: a key whose background-refilled nonce pool of *capacity* is full,
+    and the time by which the test's waits must end; the pool is closed on exit."""
+    key = _key(impl, private)
     key.enable_nonce_pool(capacity, background=True)
     try:
         deadline = time.monotonic() + 60
         _wait_full(key, capacity, deadline)
+        yield key, deadline
+    finally:
+        key.close_nonce_pool()
+
+
+def test_background_refill_fills_at_low_priority_and_refills_after_use(impl, ec_private):
+    capacity = 64 if _is_reference(impl) else 2_000
+    with _full_background_pool(impl, ec_private, capacity) as (key, deadline):
         info = key.nonce_pool_info()
         assert info.refill_thread in ("SCHED_IDLE", "nice 19")  # root or not, lowering works
         threads = _threads_named_or_idle()
@@ -211,8 +222,6 @@ def test_background_refill_fills_at_low_priority_and_refills_after_use(impl, ec_
         _wait_full(key, capacity, deadline)  # spent entries are replaced
         info = key.nonce_pool_info()
         assert info.refilled == capacity + capacity // 2 and info.spent == capacity // 2
-    finally:
-        key.close_nonce_pool()
     assert key.nonce_pool_info() is None
 
 
@@ -221,12 +230,8 @@ def test_background_refill_yields_to_live_signing(impl, ec_private):
     keeps it (nearly) empty until it ends, and the pool fills once it has."""
     import threading
 
-    key = _key(impl, ec_private)
     capacity = 32 if _is_reference(impl) else 500
-    key.enable_nonce_pool(capacity, background=True)
-    try:
-        deadline = time.monotonic() + 60
-        _wait_full(key, capacity, deadline)
+    with _full_background_pool(impl, ec_private, capacity) as (key, deadline):
         protected = impl.protected_header(-7, KID)
         n = capacity + (300 if _is_reference(impl) else 20_000)
         done = threading.Event()
@@ -250,8 +255,6 @@ def test_background_refill_yields_to_live_signing(impl, ec_private):
         # level alone could not tell), except one chunk already under way.
         assert during[-1] - capacity <= CHUNK, during
         _wait_full(key, capacity, deadline)  # and refilled once signing stopped
-    finally:
-        key.close_nonce_pool()
 
 
 def _threads_named_or_idle() -> list[str]:

@@ -348,29 +348,26 @@ def test_type_not_allowed(full_policy):
     assert refusal.message == "client 'portal-b': DCC type 'v' not allowed (allowed: 't')"
 
 
-def test_country_not_allowed(full_policy):
-    dcc = sample("r")
-    dcc["r"][0]["co"] = "DE"
-    refusal = full_policy.check("portal-a", KID, "r", dcc)
+@pytest.mark.parametrize(
+    ("kind", "field", "value", "code", "message", "inexact"),
+    [
+        ("r", "co", "DE", "COUNTRY_NOT_ALLOWED",
+         "client 'portal-a': r[0].co 'DE' not allowed (allowed: 'NL')", "nl"),
+        ("t", "is", "Adolf's Test Shop", "ISSUER_NOT_ALLOWED",
+         "client 'portal-a': t[0].is \"Adolf's Test Shop\" not allowed "
+         "(allowed: 'Ministry of Health Welfare and Sport')", MINISTRY.lower()),
+    ],
+    ids=["country", "issuer"],
+)  # fmt: skip
+def test_entry_value_not_allowed(full_policy, kind, field, value, code, message, inexact):
+    dcc = sample(kind)
+    dcc[kind][0][field] = value
+    refusal = full_policy.check("portal-a", KID, kind, dcc)
     assert refusal is not None
-    assert refusal.code == RefusalCode.COUNTRY_NOT_ALLOWED
-    assert refusal.message == "client 'portal-a': r[0].co 'DE' not allowed (allowed: 'NL')"
-    dcc["r"][0]["co"] = "nl"  # exact comparison
-    assert full_policy.check("portal-a", KID, "r", dcc).code == "COUNTRY_NOT_ALLOWED"
-
-
-def test_issuer_not_allowed(full_policy):
-    dcc = sample("t")
-    dcc["t"][0]["is"] = "Adolf's Test Shop"
-    refusal = full_policy.check("portal-a", KID, "t", dcc)
-    assert refusal is not None
-    assert refusal.code == RefusalCode.ISSUER_NOT_ALLOWED
-    assert refusal.message == (
-        "client 'portal-a': t[0].is \"Adolf's Test Shop\" not allowed "
-        "(allowed: 'Ministry of Health Welfare and Sport')"
-    )
-    dcc["t"][0]["is"] = MINISTRY.lower()
-    assert full_policy.check("portal-a", KID, "t", dcc).code == "ISSUER_NOT_ALLOWED"
+    assert refusal.code == RefusalCode[code]
+    assert refusal.message == message
+    dcc[kind][0][field] = inexact  # exact comparison
+    assert full_policy.check("portal-a", KID, kind, dcc).code == code
 
 
 @pytest.mark.parametrize(
@@ -709,11 +706,17 @@ def test_idle_accounts_are_dropped_before_live_ones():
 # ----------------------------------------------------------------------------- reloading
 
 
-def test_reload_picks_up_a_changed_file_within_the_interval(tmp_path, caplog):
+def _watched_full_policy(tmp_path, start=0.0):
+    """``(path, clock, pf)``: FULL written to *path* with a fixed mtime, and a PolicyFile that
+    watches it on a fake clock at *start*."""
     path = tmp_path / "policy.json"
     write(path, FULL, mtime_ns=1_000_000_000_000_000_000)
-    clock = FakeClock(100.0)
-    pf = PolicyFile(path, clock=clock)
+    clock = FakeClock(start)
+    return path, clock, PolicyFile(path, clock=clock)
+
+
+def test_reload_picks_up_a_changed_file_within_the_interval(tmp_path, caplog):
+    path, clock, pf = _watched_full_policy(tmp_path, 100.0)
     first = pf.current()
     assert pf.last_error is None
     assert first.check("portal-a", KID, "v", sample("v")) is None
@@ -738,10 +741,7 @@ def test_reload_picks_up_a_changed_file_within_the_interval(tmp_path, caplog):
 
 
 def test_invalid_new_file_keeps_the_old_policy(tmp_path, caplog):
-    path = tmp_path / "policy.json"
-    write(path, FULL, mtime_ns=1_000_000_000_000_000_000)
-    clock = FakeClock(0.0)
-    pf = PolicyFile(path, clock=clock)
+    path, clock, pf = _watched_full_policy(tmp_path)
     good = pf.current()
     broken = copy.deepcopy(FULL)
     broken["clients"]["portal-a"]["kids"] = ["d0ff3fe0"]
@@ -799,10 +799,7 @@ def test_initial_file_must_be_valid(tmp_path):
 
 
 def test_reload_keeps_quota_counts(tmp_path):
-    path = tmp_path / "policy.json"
-    write(path, FULL, mtime_ns=1_000_000_000_000_000_000)
-    clock = FakeClock(0.0)
-    pf = PolicyFile(path, clock=clock)
+    path, clock, pf = _watched_full_policy(tmp_path)
     tracker = QuotaTracker(clock)
     for _ in range(50):
         assert tracker.try_reserve(pf.current(), "portal-a", ACCOUNT) is None

@@ -14,23 +14,13 @@ import pytest
 from dccsign.native import _reply_py as R
 from dccsign.protocol import wire
 from dccsign.protocol.codes import ErrorCode
+from dccsign.testing.wirepair import open_pair
 
 KIDS = [b"kid-one!", b"kid-two!"]
 
 
 def _protected(impl):
     return [impl.protected_header(-7, KIDS[0]), impl.protected_header(-7, KIDS[1])]
-
-
-def _pair(max_batch: int = 64):
-    client = wire.Connection(wire.CLIENT)
-    server = wire.Connection(wire.SERVER)
-    server.receive_data(client.send(client.make_hello()))
-    server.next_event()
-    welcome = server.make_welcome(max_batch=max_batch, max_in_flight=4, server="t")
-    client.receive_data(server.send(welcome))
-    client.next_event()
-    return client, server
 
 
 def _frame(rng: random.Random, n: int, refused_share: float = 0.3, payload_size=(200, 600)):
@@ -86,8 +76,8 @@ def test_same_bytes_as_today(impl):
         for level in (9, 1):
             cols = _frame(rng, n, refused_share=0.3 if n > 1 else 0.0)
             results = _today(impl, protected, cols, level)
-            client, a = _pair()
-            _, b = _pair()
+            client, a = open_pair()
+            _, b = open_pair()
             request = client.send(wire.SignBatch(1, (wire.SignItem({}, "x"),)))
             for conn in (a, b):  # a request to answer
                 conn.receive_data(request)
@@ -106,13 +96,13 @@ def test_single(impl):
     for share in (0.0, 1.0):
         cols = _frame(rng, 1, refused_share=share)
         (result,) = _today(impl, protected, cols)
-        client, a = _pair()
+        client, a = open_pair()
         a.receive_data(client.send(wire.Sign(1, wire.SignItem({}, "x"))))
         a.next_event()
         frame = a.send(wire.SignResult(1, result))
         body = impl.encode_sign_batch_result(protected, KIDS, *cols, single=True)
         assert body == _body(frame)
-        _, b = _pair()
+        _, b = open_pair()
         b.receive_data(client.send(wire.Sign(2, wire.SignItem({}, "x"))))
         b.next_event()
         assert b.send_encoded_result(2, body, 1, single=True)[wire.HEADER_SIZE :] == body
@@ -140,6 +130,21 @@ def test_native_and_reference_agree(impl):
             assert x == y
 
 
+def _refused_by_send_as_by_the_encoder(impl, protected, cols) -> str:
+    """Check that ``encode_sign_batch_result`` refuses *cols* with the message that
+    ``Connection.send`` gives today's results; return that message."""
+    results = _today(impl, protected, cols)
+    client, a = open_pair()
+    a.receive_data(client.send(wire.SignBatch(1, (wire.SignItem({}, "x"),))))
+    a.next_event()
+    with pytest.raises(wire.LocalProtocolError) as want:
+        a.send(wire.SignBatchResult(1, tuple(results)))
+    with pytest.raises(wire.BodyError) as got:
+        impl.encode_sign_batch_result(protected, KIDS, *cols)
+    assert str(got.value) == str(want.value)
+    return str(want.value)
+
+
 @pytest.mark.parametrize(
     "refusal",
     [
@@ -156,15 +161,7 @@ def test_refusals_send_would_refuse(impl, refusal):
     cols = list(_frame(rng, 6, refused_share=0.0))
     cols[0][3] = R.NO_RESULT
     cols[5][3] = refusal
-    results = _today(impl, protected, cols)
-    client, a = _pair()
-    a.receive_data(client.send(wire.SignBatch(1, (wire.SignItem({}, "x"),))))
-    a.next_event()
-    with pytest.raises(wire.LocalProtocolError) as want:
-        a.send(wire.SignBatchResult(1, tuple(results)))
-    with pytest.raises(wire.BodyError) as got:
-        impl.encode_sign_batch_result(protected, KIDS, *cols)
-    assert str(got.value) == str(want.value)
+    _refused_by_send_as_by_the_encoder(impl, protected, cols)
 
 
 def test_hc1_too_long(impl):
@@ -180,25 +177,17 @@ def test_hc1_too_long(impl):
     for p in parts:
         new_off.append(new_off[-1] + len(p))
     cols[1], cols[2] = b"".join(parts), new_off
-    results = _today(impl, protected, cols)
-    client, a = _pair()
-    a.receive_data(client.send(wire.SignBatch(1, (wire.SignItem({}, "x"),))))
-    a.next_event()
-    with pytest.raises(wire.LocalProtocolError) as want:
-        a.send(wire.SignBatchResult(1, tuple(results)))
-    with pytest.raises(wire.BodyError) as got:
-        impl.encode_sign_batch_result(protected, KIDS, *cols)
-    assert str(got.value) == str(want.value)
+    want = _refused_by_send_as_by_the_encoder(impl, protected, cols)
     # A bad refusal after it: the long HC1 comes first, as in send.
     cols[0] = array.array("I", [*prot_of[:4], R.NO_RESULT])
     cols[5] = {4: (0, "", None)}
     with pytest.raises(wire.BodyError) as got:
         impl.encode_sign_batch_result(protected, KIDS, *cols)
-    assert str(got.value) == str(want.value)
+    assert str(got.value) == want
 
 
 def test_connection_rules():
-    client, server = _pair(max_batch=2)
+    client, server = open_pair(max_batch=2)
     body = b"\xa1\x67results\x81\xa2\x65error\x01\x67message\x60"
     with pytest.raises(wire.LocalProtocolError):  # no such request yet
         server.send_encoded_result(1, body, 1)

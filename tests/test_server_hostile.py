@@ -491,41 +491,33 @@ def _fault_in_sign_view(dispatcher):
     dispatcher.sign_view = wrapped
 
 
+def _raise_for_boom(dispatcher, name, view_of=lambda view: view):
+    """Replace the dispatcher's method *name* by one that raises a bug for a frame of
+    "uzi:boom" (its view: *view_of* the method's second argument) and else calls the real one."""
+    real = getattr(dispatcher, name)
+
+    def wrapped(client, subject, *args):
+        if _boom(view_of(subject)):
+            raise RuntimeError("a bug in the dispatcher")
+        return real(client, subject, *args)
+
+    setattr(dispatcher, name, wrapped)
+
+
 def _fault_in_prepare(dispatcher):
     # The path without a task (Dispatcher.sign_frame_soon), failing before keyd.
-    prepare = dispatcher._prepare_frame
-
-    def wrapped(client, view, cols, skip):
-        if _boom(view):
-            raise RuntimeError("a bug in the dispatcher")
-        return prepare(client, view, cols, skip)
-
-    dispatcher._prepare_frame = wrapped
+    _raise_for_boom(dispatcher, "_prepare_frame")
 
 
 def _fault_in_keyd_answer(dispatcher):
     # The path without a task, failing in the callback that takes keyd's answer (after the
     # quota was charged and keyd signed: the reply is still INTERNAL, never lost).
-    answered = dispatcher._keyd_answered
-
-    def wrapped(client, frame, *args):
-        if _boom(frame.view):
-            raise RuntimeError("a bug in the dispatcher")
-        return answered(client, frame, *args)
-
-    dispatcher._keyd_answered = wrapped
+    _raise_for_boom(dispatcher, "_keyd_answered", lambda frame: frame.view)
 
 
 def _fault_escaping_the_dispatcher(dispatcher):
     # The path without a task, a bug raised out of Dispatcher.sign_frame_soon itself.
-    soon = dispatcher.sign_frame_soon
-
-    def wrapped(client, view, single, done):
-        if _boom(view):
-            raise RuntimeError("a bug in the dispatcher")
-        return soon(client, view, single, done)
-
-    dispatcher.sign_frame_soon = wrapped
+    _raise_for_boom(dispatcher, "sign_frame_soon")
 
 
 @pytest.mark.parametrize(
@@ -652,6 +644,26 @@ def _two_clients(weight_b=1):
     return {"clients": {"portal": {}, "uid:4242": other}, "unix_uids": {str(UID): "portal"}}
 
 
+#: Limits under which the share rules alone decide (no latency rule): 3/4 of 400 for a
+#: portal alone, the hard limit 400 for all.
+SHARE_LIMITS = {
+    "max_pending_items": 400,
+    "max_client_items": 1000,
+    "max_connection_items": 1000,
+    "queue_target": 0,
+}
+
+
+async def _gated_with_portal_a(start, weight_b=1, **limits):
+    """``(engine, a)``: an engine with *limits* for the two clients of :func:`_two_clients`
+    whose keyd work waits for ``engine.batcher.gate``, and portal A connected to it."""
+    engine = await start(_two_clients(weight_b), **limits)
+    engine.batcher.gate = trio.Event()
+    a = await Raw.connect(engine)
+    await a.hello()
+    return engine, a
+
+
 async def _other_client(engine, nursery):
     client_side, server_side = trio.testing.memory_stream_pair()
     nursery.start_soon(engine.server.serve_stream, server_side, Peer("unix", uid=4242))
@@ -690,16 +702,7 @@ async def _busy(client):
 async def test_a_lone_burst_leaves_room_for_a_client_arriving_later(start):
     """Alone, a portal may fill 3/4 of the engine's capacity; the rest is kept for clients
     under their share, so a portal arriving during the burst is served at once."""
-    engine = await start(
-        _two_clients(),
-        max_pending_items=400,
-        max_client_items=1000,
-        max_connection_items=1000,
-        queue_target=0,
-    )
-    engine.batcher.gate = trio.Event()
-    a = await Raw.connect(engine)
-    await a.hello()
+    engine, a = await _gated_with_portal_a(start, **SHARE_LIMITS)
     admitted, _ = await _admitted(engine, a, 8)
     assert admitted == 6 and engine.server.pending_items == 300
     async with trio.open_nursery() as nursery:
@@ -713,16 +716,7 @@ async def test_a_lone_burst_leaves_room_for_a_client_arriving_later(start):
 async def test_near_capacity_the_client_over_its_share_is_refused_first(start, weight_b):
     """Portal A bursts; portal B, arriving later, gets its weighted share of the engine near
     capacity, and A is the one refused."""
-    engine = await start(
-        _two_clients(weight_b),
-        max_pending_items=400,
-        max_client_items=1000,
-        max_connection_items=1000,
-        queue_target=0,
-    )
-    engine.batcher.gate = trio.Event()
-    a = await Raw.connect(engine)
-    await a.hello()
+    engine, a = await _gated_with_portal_a(start, weight_b, **SHARE_LIMITS)
     assert (await _admitted(engine, a, 4))[0] == 4
     async with trio.open_nursery() as nursery:
         b = await _other_client(engine, nursery)
@@ -739,15 +733,9 @@ async def test_near_capacity_the_client_over_its_share_is_refused_first(start, w
 async def test_when_behind_the_client_under_its_share_is_still_served(start):
     """The latency rule (queue_target) sheds the backlog from the client that makes it: a
     portal with little in progress is admitted while the flooding one is refused."""
-    engine = await start(
-        _two_clients(),
-        max_pending_items=10_000,
-        queue_target=0.3,
-        queue_floor=0,
+    engine, a = await _gated_with_portal_a(
+        start, max_pending_items=10_000, queue_target=0.3, queue_floor=0
     )
-    engine.batcher.gate = trio.Event()
-    a = await Raw.connect(engine)
-    await a.hello()
     assert (await _admitted(engine, a, 4))[0] == 4
     await trio.sleep(0.35)  # A's oldest request is now older than the target
     async with trio.open_nursery() as nursery:

@@ -26,6 +26,11 @@ def _view(impl, accounts, operators):
     return impl.walk_sign_batch(cbor2.dumps({"items": items}), 1000)
 
 
+def _table_of_first(impl, view, fields, n, **kw):
+    """``span_table`` of the span columns *fields* over items 0 to *n* - 1 of *view*."""
+    return impl.span_table(view.data, view.columns, W.NFIELDS, fields, array("I", range(n)), **kw)
+
+
 def _expected(values, rows):
     table: list[str] = []
     index = []
@@ -66,13 +71,7 @@ def test_many_distinct_accounts(impl):
     grows with the frame, never probes forever."""
     accounts = [f"uzi:{i % 997}" for i in range(1000)]
     view = _view(impl, accounts, [None] * 1000)
-    table, index = impl.span_table(
-        view.data,
-        view.columns,
-        W.NFIELDS,
-        (W.ACCOUNT_OFF, W.ACCOUNT_LEN),
-        array("I", range(1000)),
-    )
+    table, index = _table_of_first(impl, view, (W.ACCOUNT_OFF, W.ACCOUNT_LEN), 1000)
     assert len(table) == 997 and [table[k].decode() for k in index] == accounts
 
 
@@ -96,25 +95,11 @@ def test_bad_arguments_are_refused_alike(impl):
 def test_base_and_absent_place_the_table_in_a_larger_one(impl):
     """Operators: "no operator" first (0), the distinct names after it."""
     view = _view(impl, ["uzi:1"] * 4, [None, "op:a", None, "op:b"])
-    table, index = impl.span_table(
-        view.data,
-        view.columns,
-        W.NFIELDS,
-        (W.OPERATOR_OFF, W.OPERATOR_LEN),
-        array("I", range(4)),
-        base=1,
-        absent=0,
-    )
+    fields = (W.OPERATOR_OFF, W.OPERATOR_LEN)
+    table, index = _table_of_first(impl, view, fields, 4, base=1, absent=0)
     assert table == [b"op:a", b"op:b"] and list(index) == [0, 1, 0, 2]
     with pytest.raises(ValueError, match="uint32"):
-        impl.span_table(
-            view.data,
-            view.columns,
-            W.NFIELDS,
-            (W.OPERATOR_OFF, W.OPERATOR_LEN),
-            array("I", range(4)),
-            base=-1,
-        )
+        _table_of_first(impl, view, fields, 4, base=-1)
 
 
 @settings(max_examples=200, deadline=None)

@@ -18,6 +18,7 @@ from dccsign.native import _walker_py as W
 from dccsign.protocol import cborlimits, wire
 from dccsign.protocol.codes import ErrorCode
 from dccsign.testing.samples import varied_samples
+from dccsign.testing.wirepair import open_pair
 
 MAX_BATCH = 8
 DCCS = varied_samples(12, seed=14)
@@ -316,20 +317,9 @@ def test_arguments(impl):
         impl.walk_sign_batch(VALID[0], 0)
 
 
-def _server_pair(max_batch: int = MAX_BATCH):
-    client = wire.Connection(wire.CLIENT)
-    server = wire.Connection(wire.SERVER)
-    server.receive_data(client.send(client.make_hello()))
-    server.next_event()
-    welcome = server.make_welcome(max_batch=max_batch, max_in_flight=4, server="t")
-    client.receive_data(server.send(welcome))
-    client.next_event()
-    return client, server
-
-
 def test_connection_decode_walked(impl):
-    client, a = _server_pair()
-    _, b = _server_pair()
+    client, a = open_pair(max_batch=MAX_BATCH)
+    _, b = open_pair(max_batch=MAX_BATCH)
     items = [wire.SignItem(d, f"uzi:{i}", kid=b"12345678") for i, d in enumerate(DCCS[:6])]
     frames = [
         client.send(wire.SignBatch(1, tuple(items))),  # compressed (above the threshold)
@@ -356,7 +346,7 @@ def test_connection_decode_walked(impl):
         errors.append((str(info.value), info.value.code, info.value.request_id))
         assert conn.state is wire.State.ERROR
     assert errors[0] == errors[1] and errors[0][2] == 3
-    _, c = _server_pair()
+    _, c = open_pair(max_batch=MAX_BATCH)
     c.receive_data(
         wire.HEADER.pack(wire.MAGIC, wire.VERSION, wire.FrameType.PING, 0, 0, 1) + b"\xa0"
     )

@@ -11,7 +11,16 @@ from typing import Any
 
 from ..dcc.uvci import make_uvci
 
-__all__ = ["SAMPLES", "sample", "varied_samples"]
+__all__ = ["FIELD_NAMES", "SAMPLES", "sample", "varied_samples"]
+
+#: The keys of a DCC's objects at every level, schema 1.x (for fuzzers that build near misses).
+FIELD_NAMES: tuple[str, ...] = (
+    "ver", "nam", "dob", "v", "t", "r",
+    "fn", "fnt", "gn", "gnt",
+    "tg", "vp", "mp", "ma", "dn", "sd", "dt", "co", "is", "ci",
+    "tt", "nm", "sc", "dr", "tr", "tc",
+    "fr", "df", "du",
+)  # fmt: skip
 
 SAMPLES: dict[str, dict[str, Any]] = {
     "v": {
