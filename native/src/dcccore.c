@@ -513,15 +513,15 @@ int dcc_sign1_split(const uint8_t *buf, size_t len, dcc_sign1_parts *p, const ch
  * larger ones to libdeflate, with one compressor per thread and level, created on first use
  * and reused afterwards.
  *
- * Why not zlib's deflate(): on DCC-sized inputs (~350 bytes) zlib spends 21-23 us per stream
- * at every level 1-9 and even Huffman-only, with a reused z_stream (deflateReset) -- fixed
- * per-stream work, not matching effort. libdeflate's one-shot compressor writes an equally
- * small standard zlib stream (RFC 1950, CMF 0x78) but still costs 7-9 us per call at every
- * level on these inputs, again mostly fixed per-call work for state sized for large inputs.
- * smalldeflate.c sizes everything to the input and writes one block: on real COSE_Sign1s its
- * output is as small as libdeflate level 9 on average, for a fraction of the instructions
- * (bench/deflate_small.py, bench/README.md). libdeflate stays for inputs of 4 KiB and more,
- * where its matchfinders and block splitting pay off.
+ * Why not zlib's deflate(): on DCC-sized inputs (~350 bytes) zlib's time goes to fixed
+ * per-stream work, not matching effort, at every level 1-9 and even Huffman-only, with a
+ * reused z_stream (deflateReset). libdeflate's one-shot compressor writes an equally small
+ * standard zlib stream (RFC 1950, CMF 0x78) faster, but on these inputs its cost too is mostly
+ * fixed per-call work, for state sized for large inputs. smalldeflate.c sizes everything to
+ * the input and writes one block: on real COSE_Sign1s its output is as small as libdeflate
+ * level 9 on average, for a fraction of the instructions (figures: bench/README.md, "Deflate
+ * for small inputs"; bench/results/deflate_small-*.json). libdeflate stays for inputs of
+ * 4 KiB and more, where its matchfinders and block splitting pay off.
  *
  * A fresh libdeflate compressor per call would repeat the allocation that glibc hands back to
  * the kernel (performance-baseline.md §4.2), so each thread keeps its own; the pthread key's
@@ -804,9 +804,9 @@ static int ecdsa_der_to_raw(const uint8_t *der, size_t len, uint8_t raw[64])
 }
 
 /* SHA-256 with the digest fetched once and one context per thread. The one-shot SHA256()
- * makes an implicit fetch (a lookup under a lock) on every call: ~270 ns of the ~730 ns it
- * takes over a ~450-byte Sig_structure here, and keyd hashes every certificate five times
- * more for its audit line. */
+ * makes an implicit fetch (a lookup under a lock) on every call, a large share of its time
+ * over a ~450-byte Sig_structure (bench/README.md, "SHA-256 without an implicit fetch per
+ * call"), and keyd hashes every certificate five times more for its audit line. */
 static EVP_MD *sha256_md;
 static pthread_once_t sha256_once = PTHREAD_ONCE_INIT;
 static pthread_key_t sha256_key;
