@@ -230,6 +230,31 @@ int dcc_cbor_read_head(const uint8_t *buf, size_t len, size_t *pos, unsigned *ma
     return DCC_OK;
 }
 
+/* Inside an indefinite-length item: *brk = whether the break byte is next (then consumed).
+ * DCC_ERR_CBOR with *err = truncated when the data ends first. */
+static inline int cbor_at_break(const uint8_t *buf, size_t len, size_t *pos,
+                                const char *truncated, int *brk, const char **err)
+{
+    if (*pos >= len) {
+        *err = truncated;
+        return DCC_ERR_CBOR;
+    }
+    *brk = buf[*pos] == 0xff;
+    if (*brk) (*pos)++;
+    return DCC_OK;
+}
+
+/* Past a string's n bytes of content, if the data holds them. */
+static inline int cbor_skip_content(size_t len, size_t *pos, uint64_t n, const char **err)
+{
+    if (len - *pos < n) {
+        *err = "truncated CBOR string";
+        return DCC_ERR_CBOR;
+    }
+    *pos += (size_t)n;
+    return DCC_OK;
+}
+
 int dcc_cbor_skip(const uint8_t *buf, size_t len, size_t *pos, int depth, const char **err)
 {
     if (depth > DCC_CBOR_MAX_DEPTH) {
@@ -238,7 +263,7 @@ int dcc_cbor_skip(const uint8_t *buf, size_t len, size_t *pos, int depth, const 
     }
     unsigned major;
     uint64_t val;
-    int indef, rc;
+    int indef, rc, brk;
     if ((rc = dcc_cbor_read_head(buf, len, pos, &major, &val, &indef, err)) != DCC_OK) return rc;
     switch (major) {
     case 0:
@@ -249,14 +274,9 @@ int dcc_cbor_skip(const uint8_t *buf, size_t len, size_t *pos, int depth, const 
         if (indef) {
             /* Chunks of the same major type, definite length, until the break byte. */
             for (;;) {
-                if (*pos >= len) {
-                    *err = "truncated indefinite-length string";
-                    return DCC_ERR_CBOR;
-                }
-                if (buf[*pos] == 0xff) {
-                    (*pos)++;
-                    return DCC_OK;
-                }
+                rc = cbor_at_break(buf, len, pos, "truncated indefinite-length string", &brk, err);
+                if (rc != DCC_OK) return rc;
+                if (brk) return DCC_OK;
                 unsigned cm;
                 uint64_t cl;
                 int ci;
@@ -265,31 +285,18 @@ int dcc_cbor_skip(const uint8_t *buf, size_t len, size_t *pos, int depth, const 
                     *err = "bad chunk in indefinite-length string";
                     return DCC_ERR_CBOR;
                 }
-                if (len - *pos < cl) {
-                    *err = "truncated CBOR string";
-                    return DCC_ERR_CBOR;
-                }
-                *pos += (size_t)cl;
+                if ((rc = cbor_skip_content(len, pos, cl, err)) != DCC_OK) return rc;
             }
         }
-        if (len - *pos < val) {
-            *err = "truncated CBOR string";
-            return DCC_ERR_CBOR;
-        }
-        *pos += (size_t)val;
-        return DCC_OK;
+        return cbor_skip_content(len, pos, val, err);
     case 4:
     case 5: {
         if (indef) {
             for (;;) {
-                if (*pos >= len) {
-                    *err = "truncated indefinite-length container";
-                    return DCC_ERR_CBOR;
-                }
-                if (buf[*pos] == 0xff) {
-                    (*pos)++;
-                    return DCC_OK;
-                }
+                rc = cbor_at_break(buf, len, pos, "truncated indefinite-length container", &brk,
+                                   err);
+                if (rc != DCC_OK) return rc;
+                if (brk) return DCC_OK;
                 int items = (major == 5) ? 2 : 1;
                 for (int k = 0; k < items; k++)
                     if ((rc = dcc_cbor_skip(buf, len, pos, depth + 1, err)) != DCC_OK) return rc;
