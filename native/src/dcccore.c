@@ -138,6 +138,14 @@ size_t dcc_cbor_head(uint8_t *out, unsigned major, uint64_t val)
     return 9;
 }
 
+/* A byte string (head and content) at o; returns the position after it. */
+static inline uint8_t *put_bstr(uint8_t *o, const uint8_t *p, size_t n)
+{
+    o += dcc_cbor_head(o, 2, n);
+    memcpy(o, p, n);
+    return o + n;
+}
+
 static const uint8_t SIG1_CONTEXT[] = {0x84, 0x6a, 'S', 'i', 'g', 'n', 'a', 't', 'u', 'r', 'e', '1'};
 
 size_t dcc_sig_structure_len(size_t plen, size_t paylen)
@@ -152,13 +160,9 @@ size_t dcc_sig_structure(const uint8_t *prot, size_t plen, const uint8_t *pay, s
     uint8_t *o = out;
     memcpy(o, SIG1_CONTEXT, sizeof SIG1_CONTEXT);
     o += sizeof SIG1_CONTEXT;
-    o += dcc_cbor_head(o, 2, plen);
-    memcpy(o, prot, plen);
-    o += plen;
+    o = put_bstr(o, prot, plen);
     *o++ = 0x40; /* external_aad = h'' */
-    o += dcc_cbor_head(o, 2, paylen);
-    memcpy(o, pay, paylen);
-    o += paylen;
+    o = put_bstr(o, pay, paylen);
     return (size_t)(o - out);
 }
 
@@ -174,16 +178,10 @@ size_t dcc_sign1(const uint8_t *prot, size_t plen, const uint8_t *pay, size_t pa
     uint8_t *o = out;
     *o++ = 0xd2; /* tag 18, COSE_Sign1 */
     *o++ = 0x84;
-    o += dcc_cbor_head(o, 2, plen);
-    memcpy(o, prot, plen);
-    o += plen;
+    o = put_bstr(o, prot, plen);
     *o++ = 0xa0; /* empty unprotected map: the kid lives in the protected header only */
-    o += dcc_cbor_head(o, 2, paylen);
-    memcpy(o, pay, paylen);
-    o += paylen;
-    o += dcc_cbor_head(o, 2, siglen);
-    memcpy(o, sig, siglen);
-    o += siglen;
+    o = put_bstr(o, pay, paylen);
+    o = put_bstr(o, sig, siglen);
     return (size_t)(o - out);
 }
 
