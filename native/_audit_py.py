@@ -52,6 +52,23 @@ def check_arguments(
     heads, middles, sizes = tuple(heads), tuple(middles), tuple(sizes)
     isses, uvcis = tuple(isses), tuple(uvcis)
     payloads, signatures = tuple(payloads), tuple(signatures)
+    _check_shared_fields(heads, middles, sizes, time, alg, dcc_types)
+    _check_counts(sizes, isses, uvcis, dcc_types, payloads, signatures)
+    _check_chain(seq, prev)
+    raws = _checked_records(isses, uvcis, dcc_types, payloads, signatures, alg, first_index)
+    return heads, middles, sizes, isses, raws, payloads, signatures
+
+
+def _check_shared_fields(
+    heads: tuple[bytes, ...],
+    middles: tuple[bytes, ...],
+    sizes: tuple[int, ...],
+    time: bytes,
+    alg: int,
+    dcc_types: str,
+) -> None:
+    """The rules on what a group's records share: the type column, the groups' heads and
+    middles, the time and the alg."""
     if type(dcc_types) is not str:
         raise TypeError("dcc_types must be a str")
     if not len(heads) == len(middles) == len(sizes):
@@ -64,17 +81,45 @@ def check_arguments(
         raise ValueError("time must be ASCII")
     if alg not in (ES256, PS256):
         raise ValueError("alg must be -7 (ES256) or -37 (PS256)")
+
+
+def _check_counts(
+    sizes: tuple[int, ...],
+    isses: tuple[str, ...],
+    uvcis: tuple[str, ...],
+    dcc_types: str,
+    payloads: tuple[bytes, ...],
+    signatures: tuple[bytes, ...],
+) -> None:
+    """One entry per record in every column, and group sizes that add up to the records."""
     n = len(payloads)
     if any(c != n for c in (len(isses), len(uvcis), len(dcc_types), len(signatures))):
         raise ValueError("isses, uvcis, dcc_types, payloads and signatures differ in length")
     if any(type(size) is not int or size < 0 for size in sizes) or sum(sizes) != n:
         raise ValueError("sizes must be non-negative integers that add up to the record count")
+
+
+def _check_chain(seq: int, prev: str) -> None:
+    """The first record's sequence number and the hash it chains to."""
     if type(seq) is not int or not 0 <= seq < 2**63:
         raise ValueError("seq must be a non-negative 64-bit integer")
     if type(prev) is not str or len(prev) != 64 or not _HEX.issuperset(prev.encode()):
         raise ValueError("prev must be 64 lower-case hex digits")
+
+
+def _checked_records(
+    isses: tuple[str, ...],
+    uvcis: tuple[str, ...],
+    dcc_types: str,
+    payloads: tuple[bytes, ...],
+    signatures: tuple[bytes, ...],
+    alg: int,
+    first_index: int,
+) -> tuple[bytes, ...]:
+    """The rules on each record, named ``record <first_index + i>`` in the messages; returns
+    the UVCIs as UTF-8. One loop, no call per record: this runs on every audited batch."""
     raws: list[bytes] = []
-    for i in range(n):
+    for i in range(len(payloads)):
         index = first_index + i
         iss, uvci, payload, signature = isses[i], uvcis[i], payloads[i], signatures[i]
         if type(payload) is not bytes:
@@ -99,7 +144,7 @@ def check_arguments(
             raise ValueError(f"record {index}: uvci is not valid Unicode text") from None
         if alg == ES256 and len(signature) != 64:
             raise ValueError(f"record {index}: an ES256 signature is 64 bytes (r||s)")
-    return heads, middles, sizes, isses, tuple(raws), payloads, signatures
+    return tuple(raws)
 
 
 def audit_issue_lines(

@@ -115,6 +115,16 @@ class _Reader:
         self.pos += size
         return major, value, False
 
+    def _at_break(self, truncated: str) -> bool:
+        """Inside an indefinite-length item: whether the break byte is next (then consumed);
+        CoseFormatError(*truncated*) when the data ends first."""
+        if self.pos >= len(self.data):
+            raise CoseFormatError(truncated)
+        if self.data[self.pos] == 0xFF:
+            self.pos += 1
+            return True
+        return False
+
     def skip(self, depth: int = 0) -> None:
         """Advance past one well-formed item."""
         if depth > _MAX_DEPTH:
@@ -124,29 +134,21 @@ class _Reader:
             return
         if major in (2, 3):
             if indef:
-                while True:
-                    if self.pos >= len(self.data):
-                        raise CoseFormatError("truncated indefinite-length string")
-                    if self.data[self.pos] == 0xFF:
-                        self.pos += 1
-                        return
+                while not self._at_break("truncated indefinite-length string"):
                     cmajor, clen, cindef = self.head()
                     if cmajor != major or cindef:
                         raise CoseFormatError("bad chunk in indefinite-length string")
                     self._advance(clen, "truncated CBOR string")
+                return
             self._advance(value, "truncated CBOR string")
             return
         if major in (4, 5):
             per_entry = 2 if major == 5 else 1
             if indef:
-                while True:
-                    if self.pos >= len(self.data):
-                        raise CoseFormatError("truncated indefinite-length container")
-                    if self.data[self.pos] == 0xFF:
-                        self.pos += 1
-                        return
+                while not self._at_break("truncated indefinite-length container"):
                     for _ in range(per_entry):
                         self.skip(depth + 1)
+                return
             # Every item takes at least one byte: a larger count is a lie (and bounds the loop).
             if value > len(self.data) or value * per_entry > len(self.data) - self.pos:
                 raise CoseFormatError("CBOR container longer than its data")

@@ -43,6 +43,7 @@ __all__ = [
     "STRICT_MAX_DEPTH",
     "STRICT_MAX_ITEMS",
     "DccRules",
+    "composition_seconds",
     "dcc_validator_stats",
     "validate_cwt_batch",
     "validate_dcc_batch",
@@ -300,6 +301,24 @@ def dcc_validator_stats() -> dict[str, int]:
 _NFC_INERT: bytes | None = None
 
 
+def composition_seconds() -> set[int]:
+    """The code points that are the second of a canonical composition pair in this Python's
+    unicodedata, Hangul vowel and trailing jamo included (they compose with what precedes
+    them algorithmically): a text holding one may change under NFC. Also used by
+    scripts/gen_nfc_table.py."""
+    import unicodedata
+
+    seconds = set()
+    for cp in range(0x110000):
+        d = unicodedata.decomposition(chr(cp))
+        if d and not d.startswith("<"):
+            parts = d.split()
+            if len(parts) == 2:
+                seconds.add(int(parts[1], 16))
+    seconds.update(range(0x1161, 0x1176), range(0x11A8, 0x11C3))
+    return seconds
+
+
 def _nfc_inert_bitmap() -> bytes:
     """Bit c set when code point c (below U+3000) is NFC-inert: canonical combining class 0,
     NFC of itself, and never the second character of a canonical composition (so it neither
@@ -310,15 +329,7 @@ def _nfc_inert_bitmap() -> bytes:
         import unicodedata
 
         limit = 0x3000
-        seconds = set()
-        for cp in range(0x110000):
-            d = unicodedata.decomposition(chr(cp))
-            if d and not d.startswith("<"):
-                parts = d.split()
-                if len(parts) == 2:
-                    seconds.add(int(parts[1], 16))
-        # Hangul vowel and trailing jamo compose with what precedes them algorithmically.
-        seconds.update(range(0x1161, 0x1176), range(0x11A8, 0x11C3))
+        seconds = composition_seconds()
         bits = bytearray(limit // 8)
         for cp in range(limit):
             ch = chr(cp)

@@ -335,10 +335,54 @@ def audit_issue_columns(
         seq,
         prev,
     )
-    cl, al, ol = (
+    literals = [
         _literals(name, table)
         for name, table in (("clients", clients), ("accounts", accounts), ("operators", operators))
+    ]
+    _check_selected(alg, facts, ends, selected, sig_ends)
+    if not selected:
+        return b"", prev
+    heads, middles = _record_prefixes(
+        alg, kid, literals, client_ix, account_ix, operator_ix, selected
     )
+    isses, uvcis, types, chosen = _selected_records(facts, payloads, ends, selected)
+    signatures_list = [signatures[a:b] for a, b in zip([0, *sig_ends[:-1]], sig_ends,
+                                                        strict=True)]  # fmt: skip
+    ones = [1] * len(heads)
+    # one group per item: the per-group lines are the format's one source (_audit_py)
+    lines, prev = audit_issue_groups(
+        heads, middles, ones, time, alg, isses, uvcis, types, chosen, signatures_list, seq, prev
+    )
+    return b"\n".join(lines), prev
+
+
+def _record_prefixes(
+    alg: int,
+    kid: bytes,
+    literals: list[list[bytes]],
+    client_ix: array,
+    account_ix: array,
+    operator_ix: array,
+    selected: array,
+) -> tuple[list[bytes], list[bytes]]:
+    """The head and the middle (:func:`audit_issue_lines`) of each selected item's line, from
+    the JSON literals of the clients, accounts and operators."""
+    cl, al, ol = literals
+    kid_hex = kid.hex().encode()
+    heads = [
+        b'{"account":%s,"alg":%d,"client":%s,"iss":' % (al[account_ix[i]], alg, cl[client_ix[i]])
+        for i in selected
+    ]
+    middles = [
+        b',"kid":"%s","operator":%s,"payload_sha256":"' % (kid_hex, ol[operator_ix[i]])
+        for i in selected
+    ]
+    return heads, middles
+
+
+def _check_selected(alg: int, facts: bytes, ends: array, selected: array, sig_ends: array) -> None:
+    """The rules on each selected item: it has facts, they describe its payload, and an ES256
+    signature is r||s."""
     for k, i in enumerate(selected):
         if facts[i * FACT.size + 2] not in b"vtr" or not facts[i * FACT.size + 3]:
             raise ValueError(NO_FACTS.format(i=i))
@@ -350,11 +394,13 @@ def audit_issue_columns(
             raise ValueError(BAD_FACTS.format(i=i))
         if alg == ES256 and (sig_ends[k] - (sig_ends[k - 1] if k else 0)) != 64:
             raise ValueError(ES256_LENGTH.format(i=i))
-    if not selected:
-        return b"", prev
-    kid_hex = kid.hex().encode()
-    heads: list[bytes] = []
-    middles: list[bytes] = []
+
+
+def _selected_records(
+    facts: bytes, payloads: bytes, ends: array, selected: array
+) -> tuple[list[str], list[str], str, list[bytes]]:
+    """The isses, UVCIs, types (one letter each) and payloads of the selected items (their
+    facts are checked)."""
     isses: list[str] = []
     uvcis: list[str] = []
     types: list[str] = []
@@ -362,32 +408,8 @@ def audit_issue_columns(
     for i in selected:
         iss, dcc_type, ci_len, ci_off, _exp, _iat = unpack_facts(facts, i)
         payload = payloads[ends[i - 1] if i else 0 : ends[i]]
-        heads.append(
-            b'{"account":%s,"alg":%d,"client":%s,"iss":'
-            % (al[account_ix[i]], alg, cl[client_ix[i]])
-        )
-        middles.append(
-            b',"kid":"%s","operator":%s,"payload_sha256":"' % (kid_hex, ol[operator_ix[i]])
-        )
         isses.append(iss)
         uvcis.append(payload[ci_off : ci_off + ci_len].decode("ascii"))
         types.append(dcc_type)
         chosen.append(payload)
-    signatures_list = [signatures[a:b] for a, b in zip([0, *sig_ends[:-1]], sig_ends,
-                                                        strict=True)]  # fmt: skip
-    # one group per item: the per-group lines are the format's one source (_audit_py)
-    lines, prev = audit_issue_groups(
-        heads,
-        middles,
-        [1] * len(heads),
-        time,
-        alg,
-        isses,
-        uvcis,
-        "".join(types),
-        chosen,
-        signatures_list,
-        seq,
-        prev,
-    )
-    return b"\n".join(lines), prev
+    return isses, uvcis, "".join(types), chosen

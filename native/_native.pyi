@@ -1,27 +1,57 @@
 """Type stub of the native core (``_native.pyx`` and ``src/*.c``), for readers and type checkers.
 
 The extension implements exactly the API of the pure-Python reference
-(:mod:`dccsign.native._reference`), with the same exceptions (:mod:`dccsign.native.errors`);
-the signatures here are the reference's. ``tests/test_native_stub.py`` checks that this
-stub, the extension and the reference name the same things with the same parameters.
+(:mod:`dccsign.native._reference`), with the same exceptions (:mod:`dccsign.native.errors`).
+The contracts (what each function does, returns and raises) are written once, in the
+pure-Python twins (``_*_py.py``), the readable reference: a function whose signature involves
+no class of this module is re-exported from its twin, signature and all; the classes and the
+functions that take or return them are declared here, types only.
+``tests/test_native_stub.py`` checks that this stub, the extension and the reference name the
+same things with the same parameters.
 """
 
 from array import array
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from datetime import date
 from typing import Any
 
 from ..protocol import wire
 from ..protocol.cborlimits import MAX_SCAN_DEPTH as MAX_SCAN_DEPTH
-from ._quota_py import Limits, Usage, Window
+from ._audit_py import audit_issue_groups as audit_issue_groups
+from ._audit_py import audit_issue_lines as audit_issue_lines
+from ._base45_py import b45decode as b45decode
+from ._base45_py import b45encode as b45encode
+from ._cose_py import check_protected as check_protected
+from ._cose_py import protected_header as protected_header
+from ._cose_py import sig_structure as sig_structure
+from ._cose_py import sign1_decode as sign1_decode
+from ._cose_py import sign1_encode as sign1_encode
+from ._cwt_py import cwt_facts as cwt_facts
+from ._dccvalidate_py import dcc_validator_stats as dcc_validator_stats
+from ._hc1_py import hc1_encode as hc1_encode
+from ._keydcols_py import audit_issue_columns as audit_issue_columns
+from ._keydcols_py import keyd_check_columns as keyd_check_columns
+from ._loadgen_py import scan_results as scan_results
+from ._quota_py import quota_add as quota_add
+from ._quota_py import quota_charge_known as quota_charge_known
+from ._quota_py import quota_expire as quota_expire
+from ._quota_py import quota_idle as quota_idle
+from ._quota_py import quota_remove_newest as quota_remove_newest
+from ._quota_py import quota_take_back as quota_take_back
 from ._reply_py import Refusal
+from ._reply_py import encode_sign_batch_result as encode_sign_batch_result
+from ._smalldeflate_py import small_deflate as small_deflate
+from ._spantable_py import fill_rows as fill_rows
+from ._spantable_py import gather_spans as gather_spans
+from ._spantable_py import span_table as span_table
 from ._types import ES256 as ES256
 from ._types import PS256 as PS256
 from ._types import CwtFacts as CwtFacts
 from ._types import NoncePoolInfo as NoncePoolInfo
 from ._types import Sign1Parts as Sign1Parts
 from ._types import Spans as Spans
+from ._zlib_py import zlib_compress as zlib_compress
+from ._zlib_py import zlib_decompress as zlib_decompress
 from .errors import Base45DecodeError as Base45DecodeError
 from .errors import CoseFormatError as CoseFormatError
 from .errors import DCCDecodeError as DCCDecodeError
@@ -113,125 +143,10 @@ MAX_INFLATED: int
 MAX_UVCI_CHARS: int
 SMALL_DEFLATE_MAX: int
 
-def audit_issue_columns(
-    time: bytes,
-    alg: int,
-    kid: bytes,
-    clients: Sequence[str],
-    accounts: Sequence[str],
-    operators: Sequence[str | None],
-    client_ix: array,
-    account_ix: array,
-    operator_ix: array,
-    payloads: bytes,
-    ends: array,
-    facts: bytes,
-    selected: array,
-    signatures: bytes,
-    sig_ends: array,
-    seq: int,
-    prev: str,
-) -> tuple[bytes, str]: ...
-def audit_issue_groups(
-    heads: Sequence[bytes],
-    middles: Sequence[bytes],
-    sizes: Sequence[int],
-    time: bytes,
-    alg: int,
-    isses: Sequence[str],
-    uvcis: Sequence[str],
-    dcc_types: str,
-    payloads: Sequence[bytes],
-    signatures: Sequence[bytes],
-    seq: int,
-    prev: str,
-    first_index: int = 0,
-) -> tuple[list[bytes], str]: ...
-def audit_issue_lines(
-    head: bytes,
-    middle: bytes,
-    time: bytes,
-    alg: int,
-    isses: Sequence[str],
-    uvcis: Sequence[str],
-    dcc_types: str,
-    payloads: Sequence[bytes],
-    signatures: Sequence[bytes],
-    seq: int,
-    prev: str,
-    first_index: int = 0,
-) -> tuple[list[bytes], str]: ...
-def b45decode(text: str | bytes) -> bytes: ...
-def b45encode(data: bytes) -> str: ...
 def cbor_scan(data: bytes | bytearray | memoryview, max_items: int, max_depth: int) -> int: ...
-def cwt_facts(payloads: Sequence[bytes]) -> list[CwtFacts | str]: ...
-def dcc_validator_stats() -> dict[str, int]: ...
-def encode_sign_batch_result(
-    protected: Sequence[bytes],
-    kids: Sequence[bytes],
-    protected_of: Any,
-    payloads: bytes,
-    payload_offsets: Any,
-    signatures: bytes,
-    signature_offsets: Any,
-    refusals: Mapping[int, Refusal],
-    level: int = 9,
-    *,
-    single: bool = False,
-) -> bytes: ...
-def fill_rows(target: array, rows: array, value: int) -> None: ...
-def gather_spans(n: int, groups: list[tuple[array, bytes, array]]) -> tuple[bytes, array]: ...
-def hc1_encode(
-    protected: bytes, payloads: Sequence[bytes], signatures: Sequence[bytes], level: int = 9
-) -> list[str]: ...
 def hc1_sign(
     key: SigningKey, protected: bytes, payloads: Sequence[bytes], level: int = 9
 ) -> list[str]: ...
-def keyd_check_columns(
-    payloads: bytes,
-    ends: array,
-    client_ix: array,
-    client_ok: bytes,
-    max_payload: int,
-    not_before: float,
-    not_after: float,
-    latest_iat: float,
-    allowed: str,
-) -> tuple[bytearray, bytes, dict[int, str]]: ...
-def protected_header(alg: int, kid: bytes) -> bytes: ...
-def quota_add(usage: Usage, limits: Limits, buckets: tuple[int, int, int], n: int) -> bool: ...
-def quota_charge_known(
-    table: OrderedDict[tuple[str, str], Usage],
-    client: str,
-    accounts: Sequence[str],
-    counts: Sequence[int],
-    limits: Limits,
-    buckets: tuple[int, int, int],
-    start: int,
-    insert: tuple[tuple[int, int, int], int] | None = None,
-) -> tuple[int, bool]: ...
-def quota_expire(w: Window, cutoff: int) -> None: ...
-def quota_idle(
-    usage: Usage, buckets: tuple[int, int, int], spans: tuple[int, int, int]
-) -> bool: ...
-def quota_remove_newest(w: Window, n: int) -> None: ...
-def quota_take_back(usage: Usage, limits: Limits, n: int) -> None: ...
-def scan_results(
-    body: bytes | bytearray | memoryview, batch: bool, max_results: int, want: Sequence[int] = ()
-) -> tuple[int, tuple[tuple[int, int], ...], tuple[tuple[str, bytes] | None, ...]]: ...
-def sig_structure(protected: bytes, payload: bytes) -> bytes: ...
-def sign1_decode(data: bytes) -> Sign1Parts: ...
-def sign1_encode(protected: bytes, payload: bytes, signature: bytes) -> bytes: ...
-def small_deflate(data: bytes, level: int = 9) -> bytes: ...
-def span_table(
-    data: bytes,
-    columns: bytes,
-    nfields: int,
-    fields: tuple[int, int],
-    rows: array,
-    base: int = 0,
-    absent: int = 4294967295,
-) -> tuple[list[bytes], array]: ...
 def splice_payloads(
     view: BatchView, prefixes: Sequence[bytes], prefix_of: Any
 ) -> SplicedPayloads: ...
@@ -257,6 +172,3 @@ def validate_dcc_cbor(
     nfc_names: bool = False,
 ) -> str: ...
 def walk_sign_batch(body: bytes, max_batch: int, *, single: bool = False) -> BatchView: ...
-def zlib_compress(data: bytes, level: int = 9) -> bytes: ...
-def zlib_decompress(data: bytes, max_length: int = 65536) -> bytes: ...
-def check_protected(alg: int, protected: bytes) -> None: ...

@@ -1,10 +1,11 @@
 """The small-input deflate encoder, pure-Python reference of ``native/src/smalldeflate.c``.
 
-Why it exists: HC1 compresses one ~350-450-byte COSE_Sign1 per certificate. libdeflate's
-one-shot compressor costs 7-9 us per call there at every level (issue 14), work sized for large
-inputs rather than for the matching effort. This encoder is sized for inputs under
-:data:`SMALL_DEFLATE_MAX` bytes: the whole input is its window, so it keeps no history state,
-its hash table is sized to the input, and it writes exactly one deflate block.
+Why it exists: HC1 compresses one ~350-450-byte COSE_Sign1 per certificate. There most of
+each call of libdeflate's one-shot compressor, at every level, goes to work sized for large
+inputs rather than to the matching effort (issue 14; bench/README.md, "Deflate for small
+inputs"). This encoder is sized for inputs under :data:`SMALL_DEFLATE_MAX` bytes: the whole
+input is its window, so it keeps no history state, its hash table is sized to the input, and
+it writes exactly one deflate block.
 
 Contract: ``small_deflate(data, level)`` returns a standard zlib stream (RFC 1950: CMF 0x78,
 a valid FLG, one RFC 1951 block, adler32) that inflates back to *data*. The C encoder produces
@@ -16,7 +17,7 @@ this file is the readable specification of the algorithm:
    :data:`MAX_CHAIN` candidates, stopping early at :data:`NICE_LEN`.
 2. **Parse.** Lazy matching with one step of look-ahead: a match is deferred by one literal
    when the next position has a strictly longer one. (A shortest-path parse priced with a
-   first pass's code lengths was tried: on real COSE_Sign1s it came out 0.001 % larger on
+   first pass's code lengths was tried: on real COSE_Sign1s it came out no smaller on
    average than this and cost two more Huffman builds, so it is not used.)
 3. **Codes.** Huffman code lengths from a two-queue Huffman build with fixed tie rules, limited
    to 15 bits (7 for the code-length code) by a Kraft-sum repair, assigned canonically.

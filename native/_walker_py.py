@@ -70,26 +70,8 @@ from .layout import (  # the column layout (walker.h), named here for the walker
     VALIDITY,
 )
 
-__all__ = [
-    "ACCOUNT_LEN",
-    "ACCOUNT_OFF",
-    "DCC_LEN",
-    "DCC_OFF",
-    "FLAGS",
-    "FLAG_ACCOUNT_NON_ASCII",
-    "FLAG_KEY_TEXT",
-    "FLAG_OPERATOR_NON_ASCII",
-    "KEY_LEN",
-    "KEY_OFF",
-    "KID_OFF",
-    "NFIELDS",
-    "OPERATOR_LEN",
-    "OPERATOR_OFF",
-    "VALIDITY",
-    "BatchView",
-    "check_walk_arguments",
-    "walk_sign_batch",
-]
+# The column layout's names (imported above) are layout.py's API, not this module's.
+__all__ = ["BatchView", "check_walk_arguments", "walk_sign_batch"]
 
 #: Offsets are uint32 and the view may hold up to twice the body: bodies stay below this.
 MAX_BODY = 0x7FFFFFFF

@@ -18,17 +18,13 @@ import sys
 import unicodedata
 from pathlib import Path
 
+from dccsign.native._dccvalidate_py import composition_seconds
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def unstable_ranges() -> list[tuple[int, int]]:
-    seconds = set(range(0x1161, 0x1176)) | set(range(0x11A8, 0x11C3))  # Hangul V and T jamo
-    for cp in range(0x110000):
-        d = unicodedata.decomposition(chr(cp))
-        if d and not d.startswith("<"):
-            parts = d.split()
-            if len(parts) == 2:
-                seconds.add(int(parts[1], 16))
+    seconds = composition_seconds()
     ranges: list[tuple[int, int]] = []
     for cp in range(0x110000):
         c = chr(cp)

@@ -5,6 +5,7 @@ pure-Python reference."""
 from __future__ import annotations
 
 import ast
+import importlib
 import inspect
 from pathlib import Path
 
@@ -69,6 +70,23 @@ FUNCTIONS = {n.name: n for n in TREE.body if isinstance(n, ast.FunctionDef)}
 CLASSES = {n.name: n for n in TREE.body if isinstance(n, ast.ClassDef)}
 
 
+def _reexported_functions() -> dict[str, object]:
+    """The functions the stub re-exports from a pure-Python twin (``from ._x_py import f as f``):
+    there the twin's signature is the stub's."""
+    out = {}
+    for node in TREE.body:
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module.endswith("_py"):
+            module = importlib.import_module(f"dccsign.native.{node.module}")
+            for alias in node.names:
+                obj = getattr(module, alias.name)
+                if alias.asname == alias.name and inspect.isfunction(obj):
+                    out[alias.name] = obj
+    return out
+
+
+REEXPORTED = _reexported_functions()
+
+
 def test_the_stub_names_what_the_extension_has(extension) -> None:
     assert _stub_names() == _public(dir(extension))
 
@@ -83,6 +101,14 @@ def test_function_parameters(name: str, extension) -> None:
     assert stub == _params(getattr(extension, name))
     if name in _reference.__all__:
         assert stub == _params(getattr(_reference, name))
+
+
+@pytest.mark.parametrize("name", sorted(REEXPORTED))
+def test_reexported_function_parameters(name: str, extension) -> None:
+    stub = _params(REEXPORTED[name])
+    assert stub == _params(getattr(extension, name))
+    assert name in _reference.__all__
+    assert getattr(_reference, name) is REEXPORTED[name]
 
 
 @pytest.mark.parametrize("name", sorted(CLASSES))

@@ -138,6 +138,14 @@ size_t dcc_cbor_head(uint8_t *out, unsigned major, uint64_t val)
     return 9;
 }
 
+/* A byte string (head and content) at o; returns the position after it. */
+static inline uint8_t *put_bstr(uint8_t *o, const uint8_t *p, size_t n)
+{
+    o += dcc_cbor_head(o, 2, n);
+    memcpy(o, p, n);
+    return o + n;
+}
+
 static const uint8_t SIG1_CONTEXT[] = {0x84, 0x6a, 'S', 'i', 'g', 'n', 'a', 't', 'u', 'r', 'e', '1'};
 
 size_t dcc_sig_structure_len(size_t plen, size_t paylen)
@@ -152,13 +160,9 @@ size_t dcc_sig_structure(const uint8_t *prot, size_t plen, const uint8_t *pay, s
     uint8_t *o = out;
     memcpy(o, SIG1_CONTEXT, sizeof SIG1_CONTEXT);
     o += sizeof SIG1_CONTEXT;
-    o += dcc_cbor_head(o, 2, plen);
-    memcpy(o, prot, plen);
-    o += plen;
+    o = put_bstr(o, prot, plen);
     *o++ = 0x40; /* external_aad = h'' */
-    o += dcc_cbor_head(o, 2, paylen);
-    memcpy(o, pay, paylen);
-    o += paylen;
+    o = put_bstr(o, pay, paylen);
     return (size_t)(o - out);
 }
 
@@ -174,16 +178,10 @@ size_t dcc_sign1(const uint8_t *prot, size_t plen, const uint8_t *pay, size_t pa
     uint8_t *o = out;
     *o++ = 0xd2; /* tag 18, COSE_Sign1 */
     *o++ = 0x84;
-    o += dcc_cbor_head(o, 2, plen);
-    memcpy(o, prot, plen);
-    o += plen;
+    o = put_bstr(o, prot, plen);
     *o++ = 0xa0; /* empty unprotected map: the kid lives in the protected header only */
-    o += dcc_cbor_head(o, 2, paylen);
-    memcpy(o, pay, paylen);
-    o += paylen;
-    o += dcc_cbor_head(o, 2, siglen);
-    memcpy(o, sig, siglen);
-    o += siglen;
+    o = put_bstr(o, pay, paylen);
+    o = put_bstr(o, sig, siglen);
     return (size_t)(o - out);
 }
 
@@ -230,6 +228,31 @@ int dcc_cbor_read_head(const uint8_t *buf, size_t len, size_t *pos, unsigned *ma
     return DCC_OK;
 }
 
+/* Inside an indefinite-length item: *brk = whether the break byte is next (then consumed).
+ * DCC_ERR_CBOR with *err = truncated when the data ends first. */
+static inline int cbor_at_break(const uint8_t *buf, size_t len, size_t *pos,
+                                const char *truncated, int *brk, const char **err)
+{
+    if (*pos >= len) {
+        *err = truncated;
+        return DCC_ERR_CBOR;
+    }
+    *brk = buf[*pos] == 0xff;
+    if (*brk) (*pos)++;
+    return DCC_OK;
+}
+
+/* Past a string's n bytes of content, if the data holds them. */
+static inline int cbor_skip_content(size_t len, size_t *pos, uint64_t n, const char **err)
+{
+    if (len - *pos < n) {
+        *err = "truncated CBOR string";
+        return DCC_ERR_CBOR;
+    }
+    *pos += (size_t)n;
+    return DCC_OK;
+}
+
 int dcc_cbor_skip(const uint8_t *buf, size_t len, size_t *pos, int depth, const char **err)
 {
     if (depth > DCC_CBOR_MAX_DEPTH) {
@@ -238,7 +261,7 @@ int dcc_cbor_skip(const uint8_t *buf, size_t len, size_t *pos, int depth, const 
     }
     unsigned major;
     uint64_t val;
-    int indef, rc;
+    int indef, rc, brk;
     if ((rc = dcc_cbor_read_head(buf, len, pos, &major, &val, &indef, err)) != DCC_OK) return rc;
     switch (major) {
     case 0:
@@ -249,14 +272,9 @@ int dcc_cbor_skip(const uint8_t *buf, size_t len, size_t *pos, int depth, const 
         if (indef) {
             /* Chunks of the same major type, definite length, until the break byte. */
             for (;;) {
-                if (*pos >= len) {
-                    *err = "truncated indefinite-length string";
-                    return DCC_ERR_CBOR;
-                }
-                if (buf[*pos] == 0xff) {
-                    (*pos)++;
-                    return DCC_OK;
-                }
+                rc = cbor_at_break(buf, len, pos, "truncated indefinite-length string", &brk, err);
+                if (rc != DCC_OK) return rc;
+                if (brk) return DCC_OK;
                 unsigned cm;
                 uint64_t cl;
                 int ci;
@@ -265,31 +283,18 @@ int dcc_cbor_skip(const uint8_t *buf, size_t len, size_t *pos, int depth, const 
                     *err = "bad chunk in indefinite-length string";
                     return DCC_ERR_CBOR;
                 }
-                if (len - *pos < cl) {
-                    *err = "truncated CBOR string";
-                    return DCC_ERR_CBOR;
-                }
-                *pos += (size_t)cl;
+                if ((rc = cbor_skip_content(len, pos, cl, err)) != DCC_OK) return rc;
             }
         }
-        if (len - *pos < val) {
-            *err = "truncated CBOR string";
-            return DCC_ERR_CBOR;
-        }
-        *pos += (size_t)val;
-        return DCC_OK;
+        return cbor_skip_content(len, pos, val, err);
     case 4:
     case 5: {
         if (indef) {
             for (;;) {
-                if (*pos >= len) {
-                    *err = "truncated indefinite-length container";
-                    return DCC_ERR_CBOR;
-                }
-                if (buf[*pos] == 0xff) {
-                    (*pos)++;
-                    return DCC_OK;
-                }
+                rc = cbor_at_break(buf, len, pos, "truncated indefinite-length container", &brk,
+                                   err);
+                if (rc != DCC_OK) return rc;
+                if (brk) return DCC_OK;
                 int items = (major == 5) ? 2 : 1;
                 for (int k = 0; k < items; k++)
                     if ((rc = dcc_cbor_skip(buf, len, pos, depth + 1, err)) != DCC_OK) return rc;
@@ -513,15 +518,15 @@ int dcc_sign1_split(const uint8_t *buf, size_t len, dcc_sign1_parts *p, const ch
  * larger ones to libdeflate, with one compressor per thread and level, created on first use
  * and reused afterwards.
  *
- * Why not zlib's deflate(): on DCC-sized inputs (~350 bytes) zlib spends 21-23 us per stream
- * at every level 1-9 and even Huffman-only, with a reused z_stream (deflateReset) -- fixed
- * per-stream work, not matching effort. libdeflate's one-shot compressor writes an equally
- * small standard zlib stream (RFC 1950, CMF 0x78) but still costs 7-9 us per call at every
- * level on these inputs, again mostly fixed per-call work for state sized for large inputs.
- * smalldeflate.c sizes everything to the input and writes one block: on real COSE_Sign1s its
- * output is as small as libdeflate level 9 on average, for a fraction of the instructions
- * (bench/deflate_small.py, bench/README.md). libdeflate stays for inputs of 4 KiB and more,
- * where its matchfinders and block splitting pay off.
+ * Why not zlib's deflate(): on DCC-sized inputs (~350 bytes) zlib's time goes to fixed
+ * per-stream work, not matching effort, at every level 1-9 and even Huffman-only, with a
+ * reused z_stream (deflateReset). libdeflate's one-shot compressor writes an equally small
+ * standard zlib stream (RFC 1950, CMF 0x78) faster, but on these inputs its cost too is mostly
+ * fixed per-call work, for state sized for large inputs. smalldeflate.c sizes everything to
+ * the input and writes one block: on real COSE_Sign1s its output is as small as libdeflate
+ * level 9 on average, for a fraction of the instructions (figures: bench/README.md, "Deflate
+ * for small inputs"; bench/results/deflate_small-*.json). libdeflate stays for inputs of
+ * 4 KiB and more, where its matchfinders and block splitting pay off.
  *
  * A fresh libdeflate compressor per call would repeat the allocation that glibc hands back to
  * the kernel (performance-baseline.md §4.2), so each thread keeps its own; the pthread key's
@@ -804,9 +809,9 @@ static int ecdsa_der_to_raw(const uint8_t *der, size_t len, uint8_t raw[64])
 }
 
 /* SHA-256 with the digest fetched once and one context per thread. The one-shot SHA256()
- * makes an implicit fetch (a lookup under a lock) on every call: ~270 ns of the ~730 ns it
- * takes over a ~450-byte Sig_structure here, and keyd hashes every certificate five times
- * more for its audit line. */
+ * makes an implicit fetch (a lookup under a lock) on every call, a large share of its time
+ * over a ~450-byte Sig_structure (bench/README.md, "SHA-256 without an implicit fetch per
+ * call"), and keyd hashes every certificate five times more for its audit line. */
 static EVP_MD *sha256_md;
 static pthread_once_t sha256_once = PTHREAD_ONCE_INIT;
 static pthread_key_t sha256_key;

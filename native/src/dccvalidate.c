@@ -8,6 +8,7 @@
  *     item well formed, text valid UTF-8, map keys distinct, no tags), issues in the order the
  *     Python validator appends them. */
 #include "dccvalidate.h"
+#include "utf8.h"
 
 #include <stdio.h>
 #include <string.h>
@@ -162,30 +163,10 @@ static int utf8_ok(const uint8_t *s, size_t n)
             i++;
             continue;
         }
-        if (c >= 0xc2 && c <= 0xdf) {
-            if (i + 1 >= n || (s[i + 1] & 0xc0) != 0x80)
-                return 0;
-            i += 2;
-        } else if (c >= 0xe0 && c <= 0xef) {
-            if (i + 2 >= n || (s[i + 1] & 0xc0) != 0x80 || (s[i + 2] & 0xc0) != 0x80)
-                return 0;
-            if (c == 0xe0 && s[i + 1] < 0xa0)
-                return 0;
-            if (c == 0xed && s[i + 1] >= 0xa0)
-                return 0;
-            i += 3;
-        } else if (c >= 0xf0 && c <= 0xf4) {
-            if (i + 3 >= n || (s[i + 1] & 0xc0) != 0x80 || (s[i + 2] & 0xc0) != 0x80 ||
-                (s[i + 3] & 0xc0) != 0x80)
-                return 0;
-            if (c == 0xf0 && s[i + 1] < 0x90)
-                return 0;
-            if (c == 0xf4 && s[i + 1] >= 0x90)
-                return 0;
-            i += 4;
-        } else {
+        size_t seq = utf8_sequence(s + i, n - i);
+        if (!seq)
             return 0;
-        }
+        i += seq;
     }
     return 1;
 }
@@ -713,9 +694,11 @@ static void fields(vctx *c, size_t mpos, const char *const *names, int nallowed,
     }
 }
 
-/* dcc._text: free text within the version's limit (optionally non-empty). */
-static int check_text(vctx *c, size_t vpos, const char *prefix, const char *key, int required,
-                      int nonempty)
+/* The text of field prefix.key at vpos into *s and 1; else 0, with the rule it breaks: REQUIRED
+ * when it is absent (0: the field is optional) and `required`, TYPE when it is not text. The
+ * opening of every text field's check (dcc._text, dcc._code, dcc._date, ...). */
+static inline int field_text(vctx *c, size_t vpos, const char *prefix, const char *key,
+                             int required, str_t *s)
 {
     if (!vpos) {
         if (required)
@@ -726,8 +709,17 @@ static int check_text(vctx *c, size_t vpos, const char *prefix, const char *key,
         add2(c, DV_RULE_TYPE, prefix, key);
         return 0;
     }
+    get_str(c, vpos, s);
+    return 1;
+}
+
+/* dcc._text: free text within the version's limit (optionally non-empty). */
+static int check_text(vctx *c, size_t vpos, const char *prefix, const char *key, int required,
+                      int nonempty)
+{
     str_t s;
-    get_str(c, vpos, &s);
+    if (!field_text(c, vpos, prefix, key, required, &s))
+        return 0;
     if (too_long(&s, (size_t)c->pf->max_len)) {
         add2(c, DV_RULE_MAX_LENGTH, prefix, key);
         return 0;
@@ -743,16 +735,9 @@ static int check_text(vctx *c, size_t vpos, const char *prefix, const char *key,
 /* dcc._code */
 static void check_code(vctx *c, size_t vpos, const char *prefix, const char *key, int set)
 {
-    if (!vpos) {
-        add2(c, DV_RULE_REQUIRED, prefix, key);
-        return;
-    }
-    if (kind_at(c, vpos) != K_STR) {
-        add2(c, DV_RULE_TYPE, prefix, key);
-        return;
-    }
     str_t s;
-    get_str(c, vpos, &s);
+    if (!field_text(c, vpos, prefix, key, 1, &s))
+        return;
     if (!dv_set_contains(&c->rules->sets[set], s.p, s.n))
         add2(c, DV_RULE_VALUE_SET, prefix, key);
 }
@@ -785,16 +770,9 @@ static int is_date(const uint8_t *s, size_t n)
 /* dcc._date; copies a valid date into out (10 bytes) and returns 1. */
 static int check_date(vctx *c, size_t vpos, const char *prefix, const char *key, char *out)
 {
-    if (!vpos) {
-        add2(c, DV_RULE_REQUIRED, prefix, key);
-        return 0;
-    }
-    if (kind_at(c, vpos) != K_STR) {
-        add2(c, DV_RULE_TYPE, prefix, key);
-        return 0;
-    }
     str_t s;
-    get_str(c, vpos, &s);
+    if (!field_text(c, vpos, prefix, key, 1, &s))
+        return 0;
     if (!is_date(s.p, s.n)) {
         add2(c, DV_RULE_DATE, prefix, key);
         return 0;
@@ -926,16 +904,9 @@ static int uvci_rule(const uint8_t *s, size_t n)
 /* dcc._uvci */
 static void check_ci(vctx *c, size_t vpos, const char *prefix)
 {
-    if (!vpos) {
-        add2(c, DV_RULE_REQUIRED, prefix, "ci");
-        return;
-    }
-    if (kind_at(c, vpos) != K_STR) {
-        add2(c, DV_RULE_TYPE, prefix, "ci");
-        return;
-    }
     str_t s;
-    get_str(c, vpos, &s);
+    if (!field_text(c, vpos, prefix, "ci", 1, &s))
+        return;
     if (too_long(&s, (size_t)c->pf->max_len)) {
         add2(c, DV_RULE_MAX_LENGTH, prefix, "ci");
         return;

@@ -1,8 +1,8 @@
 /*
  * jobpool.h: worker threads that run C jobs without Python, and an eventfd to collect them.
  *
- * Why: the engine hands each frame's reply encoding (COSE, deflate, base45, the result CBOR:
- * ~0.5 ms for 50 certificates) off its event loop. A Python worker thread must take the GIL
+ * Why: the engine hands each frame's reply encoding (COSE, deflate, base45, the result CBOR)
+ * off its event loop. A Python worker thread must take the GIL
  * to start the call and again to deliver it, and on a 2-core machine that GIL hand-over,
  * with the wake-ups around it, cost more CPU than the encoding itself saves the loop
  * (bench/README.md, "A native pool for the reply encoding"). These threads never touch

@@ -2,9 +2,9 @@
  * keydcore: the C half of keyd's per-item work -- its structural check of CWT payloads and the
  * lines of its issuance audit log.
  *
- * keyd checks and audits every signature it makes. Done in Python, that work held the GIL for
- * ~39 us per item, longer than the signature itself (bench/README.md, "keyd"): these functions
- * do it in ~2 us without the GIL. Like dcccore, nothing here touches Python; the Cython module
+ * keyd checks and audits every signature it makes. Done in Python, that work held the GIL
+ * longer per item than the signature itself: these functions do it in a fraction of that
+ * time, without the GIL (figures: bench/README.md, "keyd"). Like dcccore, nothing here touches Python; the Cython module
  * owns arguments, results and exceptions, and the pure-Python twins (_cwt_py.py, _audit_py.py)
  * state the same contracts readably.
  */

@@ -4,6 +4,7 @@
  * compares them on generated and mutated bodies).
  */
 #include "loadgen.h"
+#include "utf8.h"
 
 #include <string.h>
 
@@ -91,26 +92,9 @@ static int utf8_chars(const uint8_t *s, size_t n, size_t *nchars)
             i++;
             continue;
         }
-        size_t k;
-        uint8_t lo = 0x80, hi = 0xBF;
-        if (b >= 0xC2 && b <= 0xDF) {
-            k = 1;
-        } else if (b >= 0xE0 && b <= 0xEF) {
-            k = 2;
-            if (b == 0xE0) lo = 0xA0;
-            if (b == 0xED) hi = 0x9F;
-        } else if (b >= 0xF0 && b <= 0xF4) {
-            k = 3;
-            if (b == 0xF0) lo = 0x90;
-            if (b == 0xF4) hi = 0x8F;
-        } else {
-            return 0;
-        }
-        if (n - i <= k) return 0;
-        if (s[i + 1] < lo || s[i + 1] > hi) return 0;
-        for (size_t j = 2; j <= k; j++)
-            if ((s[i + j] & 0xC0) != 0x80) return 0;
-        i += k + 1;
+        size_t seq = utf8_sequence(s + i, n - i);
+        if (!seq) return 0;
+        i += seq;
     }
     *nchars = c;
     return 1;
@@ -135,6 +119,20 @@ static int at_break(walk *w, int *yes)
     if (w->pos >= w->len) return mal(w, w->pos, "truncated");
     *yes = w->buf[w->pos] == 0xFF;
     if (*yes) w->pos++;
+    return LG_OK;
+}
+
+/* Whether a container has another entry: fewer than `count` taken so far, or (indefinite
+ * length) no break byte next; the break is consumed. */
+static inline int more_entries(walk *w, int indef, uint64_t count, uint64_t taken, int *more)
+{
+    int brk, rc;
+    if (!indef) {
+        *more = taken < count;
+        return LG_OK;
+    }
+    if ((rc = at_break(w, &brk)) != LG_OK) return rc;
+    *more = !brk;
     return LG_OK;
 }
 
@@ -265,7 +263,7 @@ static int result(walk *w, int depth, uint32_t *code, size_t *hc1_off, size_t *h
                   size_t *kid_off)
 {
     uint64_t count, k = 0;
-    int is, indef, rc, text, brk;
+    int is, indef, rc, text, more;
     size_t off, klen;
     field f[F_COUNT];
     if ((rc = container(w, 5, &is, &count, &indef)) != LG_OK) return rc;
@@ -275,14 +273,9 @@ static int result(walk *w, int depth, uint32_t *code, size_t *hc1_off, size_t *h
         return LG_ERR_RESULT;
     }
     memset(f, 0, sizeof f);
-    for (;;) {
-        if (indef) {
-            if ((rc = at_break(w, &brk)) != LG_OK) return rc;
-            if (brk) break;
-        } else if (k >= count) {
-            break;
-        }
-        k++;
+    for (;; k++) {
+        if ((rc = more_entries(w, indef, count, k, &more)) != LG_OK) return rc;
+        if (!more) break;
         size_t key_at = w->pos;
         if ((rc = key(w, &text, &off, &klen)) != LG_OK) return rc;
         int slot = text ? field_of(w->buf + off, klen) : -1;
@@ -359,7 +352,7 @@ static int batch_body(walk *w, uint32_t limit, uint32_t *n, lg_error *errs, uint
                       lg_want *wants, size_t n_wants, uint32_t *err_index)
 {
     uint64_t count, k = 0, length;
-    int is, indef, aindef, rc, text, brk, have = 0;
+    int is, indef, aindef, rc, text, more, have = 0;
     size_t off, klen, hc1_off = 0, hc1_len = 0, kid_off = 0;
     uint32_t code;
     if ((rc = container(w, 5, &is, &count, &indef)) != LG_OK) return rc;
@@ -368,14 +361,9 @@ static int batch_body(walk *w, uint32_t limit, uint32_t *n, lg_error *errs, uint
         w->err = "the body is not a CBOR map";
         return LG_ERR_BODY;
     }
-    for (;;) {
-        if (indef) {
-            if ((rc = at_break(w, &brk)) != LG_OK) return rc;
-            if (brk) break;
-        } else if (k >= count) {
-            break;
-        }
-        k++;
+    for (;; k++) {
+        if ((rc = more_entries(w, indef, count, k, &more)) != LG_OK) return rc;
+        if (!more) break;
         size_t key_at = w->pos;
         if ((rc = key(w, &text, &off, &klen)) != LG_OK) return rc;
         if (!text || klen != 7 || memcmp(w->buf + off, "results", 7) != 0) {
@@ -391,12 +379,8 @@ static int batch_body(walk *w, uint32_t limit, uint32_t *n, lg_error *errs, uint
         if (!aindef && (length == 0 || length > limit)) return LG_ERR_RESULTS;
         uint32_t i = 0;
         for (;;) {
-            if (aindef) {
-                if ((rc = at_break(w, &brk)) != LG_OK) return rc;
-                if (brk) break;
-            } else if (i >= length) {
-                break;
-            }
+            if ((rc = more_entries(w, aindef, length, i, &more)) != LG_OK) return rc;
+            if (!more) break;
             if (i >= limit) return LG_ERR_RESULTS;
             rc = result(w, 3, &code, &hc1_off, &hc1_len, &kid_off);
             if (rc == LG_ERR_RESULT) *err_index = i;

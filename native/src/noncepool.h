@@ -2,8 +2,8 @@
  * noncepool: precomputed ECDSA P-256 nonces for keyd's software keys (DESIGN.md, "Nonce pool").
  *
  * An ES256 signature is r = x(kG) mod n and s = k^-1 (z + r d) mod n. Everything that depends
- * only on the random nonce k -- the scalar multiplication kG and the inversion of k, about 97 %
- * of the cost -- can be done before the message is known. A pool holds such entries,
+ * only on the random nonce k -- the scalar multiplication kG and the inversion of k, nearly
+ * all of the cost -- can be done before the message is known. A pool holds such entries,
  * computed in idle time, and signing with one costs two multiplications mod n.
  *
  * The rules (each has a test in tests/test_noncepool.py):
@@ -34,10 +34,11 @@
 #define DCC_POOL_ENTRY_SIZE 64
 /* Entries computed together by dcc_pool_refill (one batch inversion mod n and one mod p for
  * all of them) and inserted under one taking of the lock. The two inversions cost about four
- * scalar multiplications together: at 64 entries they add ~6 % to an entry. */
+ * scalar multiplications together: shared by a chunk this size they add little to an entry
+ * (bench/README.md, "Refill cost and pool sizing"). */
 #define DCC_POOL_REFILL_CHUNK 64
 /* Entries the background thread computes before it looks again whether a batch is signing:
- * ~0.5 ms of one core (it is SCHED_IDLE and holds no lock meanwhile: a signing thread that
+ * a short stretch of one core (it is SCHED_IDLE and holds no lock meanwhile: a signing thread that
  * wants the core gets it). A whole refill chunk, so that its inversions are shared widely. */
 #define DCC_POOL_BACKGROUND_CHUNK DCC_POOL_REFILL_CHUNK
 

@@ -1,8 +1,9 @@
 /*
  * smalldeflate: a zlib (RFC 1950/1951) encoder for inputs shorter than 4 KiB.
  *
- * Made for HC1, where each certificate deflates one ~350-450-byte COSE_Sign1: libdeflate's
- * one-shot compressor costs 7-9 us per call there at every level, mostly fixed per-call work.
+ * Made for HC1, where each certificate deflates one ~350-450-byte COSE_Sign1: there
+ * libdeflate's one-shot compressor spends most of each call, at every level, on fixed
+ * per-call work (bench/README.md, "Deflate for small inputs").
  * This encoder treats the whole input as its window (no history state), sizes its hash table
  * to the input, writes one block (the smallest of dynamic Huffman, fixed Huffman and stored)
  * and keeps its scratch per thread (allocated once, freed when the thread exits).

@@ -5,6 +5,7 @@
  * nothing past the buffer's end. Everything after it (pass 3, the splice's canonical check)
  * reads a body walk_check accepted, and still stops at the buffer's end. */
 #include "walker.h"
+#include "utf8.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -88,26 +89,9 @@ static int utf8_ok(const uint8_t *s, size_t n)
             if (i < n && s[i] < 0x80) i++;
             continue;
         }
-        size_t need;
-        uint8_t lo = 0x80, hi = 0xbf;
-        if (c >= 0xc2 && c <= 0xdf) {
-            need = 1;
-        } else if (c >= 0xe0 && c <= 0xef) {
-            need = 2;
-            if (c == 0xe0) lo = 0xa0;
-            if (c == 0xed) hi = 0x9f;
-        } else if (c >= 0xf0 && c <= 0xf4) {
-            need = 3;
-            if (c == 0xf0) lo = 0x90;
-            if (c == 0xf4) hi = 0x8f;
-        } else {
-            return 0;
-        }
-        if (n - i - 1 < need) return 0;
-        if (s[i + 1] < lo || s[i + 1] > hi) return 0;
-        for (size_t k = 2; k <= need; k++)
-            if ((s[i + k] & 0xc0) != 0x80) return 0;
-        i += need + 1;
+        size_t seq = utf8_sequence(s + i, n - i);
+        if (!seq) return 0;
+        i += seq;
     }
     return 1;
 }
@@ -469,6 +453,30 @@ enum { F_DCC, F_ACCOUNT, F_OPERATOR, F_KID, F_VD, F_KEY, F_N };
 static const char *const FIELD_NAMES[F_N] = {"dcc",  "account",       "operator",
                                              "kid",  "validity_days", "idempotency_key"};
 
+/* A text field (account, operator) at v->pos: 1..MAX_TEXT characters, placed (see place) at
+ * o[off_slot] with its byte length at o[off_slot + 1], `non_ascii_flag` set in o[WALK_FLAGS]
+ * when it is not all ASCII. */
+static inline __attribute__((always_inline)) int walk_text(rd_t *v, size_t len, uint32_t *o,
+                                                           uint8_t *extra, size_t *extra_len,
+                                                           int off_slot, uint32_t non_ascii_flag)
+{
+    unsigned major, info;
+    uint64_t arg;
+    int indef, non_ascii, rc;
+    str_t s;
+    if (!head(v, &major, &arg, &indef, &info) || major != 3) return WALK_REFUSED;
+    read_str_known(v, major, arg, indef, &s);
+    size_t chars = str_chars(v->buf, &s, &non_ascii);
+    if (chars < 1 || chars > MAX_TEXT) return WALK_REFUSED;
+    if ((rc = place(v->buf, len, &s, extra, extra_len, &o[off_slot])) != WALK_OK) return rc;
+    o[off_slot + 1] = (uint32_t)s.len;
+    if (non_ascii) o[WALK_FLAGS] |= non_ascii_flag;
+    return WALK_OK;
+}
+_Static_assert(WALK_ACCOUNT_LEN == WALK_ACCOUNT_OFF + 1 &&
+                   WALK_OPERATOR_LEN == WALK_OPERATOR_OFF + 1,
+               "walk_text writes a text's length next to its offset");
+
 static int walk_item(rd_t *r, size_t len, uint32_t *o, uint8_t *extra, size_t *extra_len)
 {
     const uint8_t *buf = r->buf;
@@ -506,8 +514,7 @@ static int walk_item(rd_t *r, size_t len, uint32_t *o, uint8_t *extra, size_t *e
         if (have[f] && buf[at[f]] == 0xf6) have[f] = 0;
     rd_t v = {buf, len, 0, 0, 0, 0};
     str_t s;
-    int non_ascii, rc;
-    size_t chars;
+    int rc;
 
     if (!have[F_DCC]) return WALK_REFUSED;
     if ((buf[at[F_DCC]] >> 5) != 5) return WALK_REFUSED;
@@ -516,24 +523,13 @@ static int walk_item(rd_t *r, size_t len, uint32_t *o, uint8_t *extra, size_t *e
 
     if (!have[F_ACCOUNT]) return WALK_REFUSED;
     v.pos = at[F_ACCOUNT];
-    if (!head(&v, &major, &arg, &indef, &info) || major != 3) return WALK_REFUSED;
-    read_str_known(&v, major, arg, indef, &s);
-    chars = str_chars(buf, &s, &non_ascii);
-    if (chars < 1 || chars > MAX_TEXT) return WALK_REFUSED;
-    if ((rc = place(buf, len, &s, extra, extra_len, &o[WALK_ACCOUNT_OFF])) != WALK_OK) return rc;
-    o[WALK_ACCOUNT_LEN] = (uint32_t)s.len;
-    if (non_ascii) o[WALK_FLAGS] |= WALK_FLAG_ACCOUNT_NON_ASCII;
-
+    rc = walk_text(&v, len, o, extra, extra_len, WALK_ACCOUNT_OFF, WALK_FLAG_ACCOUNT_NON_ASCII);
+    if (rc != WALK_OK) return rc;
     if (have[F_OPERATOR]) {
         v.pos = at[F_OPERATOR];
-        if (!head(&v, &major, &arg, &indef, &info) || major != 3) return WALK_REFUSED;
-        read_str_known(&v, major, arg, indef, &s);
-        chars = str_chars(buf, &s, &non_ascii);
-        if (chars < 1 || chars > MAX_TEXT) return WALK_REFUSED;
-        if ((rc = place(buf, len, &s, extra, extra_len, &o[WALK_OPERATOR_OFF])) != WALK_OK)
-            return rc;
-        o[WALK_OPERATOR_LEN] = (uint32_t)s.len;
-        if (non_ascii) o[WALK_FLAGS] |= WALK_FLAG_OPERATOR_NON_ASCII;
+        rc = walk_text(&v, len, o, extra, extra_len, WALK_OPERATOR_OFF,
+                       WALK_FLAG_OPERATOR_NON_ASCII);
+        if (rc != WALK_OK) return rc;
     }
     if (have[F_KID]) {
         v.pos = at[F_KID];
