@@ -1,8 +1,8 @@
 """Lines of keyd's issuance audit log, pure-Python reference of the native implementation.
 
-The line format, the hashes and the chain are specified in ``engine/audit/log.py`` (the module
-docstring); these functions only build ``issue`` lines, for groups of records that share
-everything except the signed payload itself (one group is one part of a keyd batch).
+The line format, the hashes and the chain are specified in ``docs/audit-format.md``; these
+functions only build ``issue`` lines, for groups of records that share everything except the
+signed payload itself (one group is one part of a keyd batch).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ and per item an index into each. Two functions:
   clock and the client allow-list, as codes (0, or the ``ItemError`` number) and a column of
   packed facts that the audit reads;
 * :func:`audit_issue_columns` -- the ``issue`` lines of the signed items (format:
-  engine/audit/log.py), built from the string tables: no per-account state to cache.
+  docs/audit-format.md), built from the string tables: no per-account state to cache.
 
 The native functions take the same arguments, return the same values and raise the same
 exceptions with the same messages (both call :func:`check_columns_arguments` and

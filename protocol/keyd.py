@@ -81,20 +81,20 @@ __all__ = [
     "Connection",
     "Describe",
     "DescribeResult",
-    "Error",
+    "Failure",
     "ItemError",
-    "KeyInfo",
+    "KeyFacts",
     "KeydColumns",
     "KeydProtocolError",
     "KidsResult",
     "MessageType",
     "PoolStatus",
-    "Sign",
     "SignColumns",
     "SignKids",
     "SignMany",
     "SignPart",
-    "SignResult",
+    "SignPayloads",
+    "Signatures",
 ]
 
 MAGIC = 0x4B
@@ -166,7 +166,7 @@ _POOL_FIELDS = ("capacity", "level", "refilled", "spent", "misses")
 
 
 @dataclass(frozen=True, slots=True)
-class KeyInfo:
+class KeyFacts:
     """Public facts of one key (never private material)."""
 
     kid: bytes
@@ -192,12 +192,12 @@ class DescribeResult:
 
     TYPE: ClassVar[MessageType] = MessageType.DESCRIBE_RESULT
     request_id: int
-    keys: tuple[KeyInfo, ...]
+    keys: tuple[KeyFacts, ...]
     audit: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
-class Sign:
+class SignPayloads:
     """Sign each CWT payload with *kid* for *client* / *account* (acting: *operator*)."""
 
     TYPE: ClassVar[MessageType] = MessageType.SIGN
@@ -221,10 +221,10 @@ class SignPart:
 
 @dataclass(frozen=True, slots=True)
 class SignMany:
-    """Several :class:`Sign` requests for one *kid* in one message.
+    """Several :class:`SignPayloads` requests for one *kid* in one message.
 
     Each part is checked, allowed and audited under its own client / account / operator,
-    exactly as if it had come alone; the reply is one :class:`SignResult` whose results run
+    exactly as if it had come alone; the reply is one :class:`Signatures` whose results run
     over the parts' payloads in order. What it saves is per-message work: one frame, one
     pass through the signing threads, one audit commit (one fsync) for all parts.
     """
@@ -236,7 +236,7 @@ class SignMany:
 
 
 @dataclass(frozen=True, slots=True)
-class SignResult:
+class Signatures:
     """One entry per payload, in order: the signature, or ``(ItemError, reason)``."""
 
     TYPE: ClassVar[MessageType] = MessageType.SIGN_RESULT
@@ -245,7 +245,7 @@ class SignResult:
 
 
 @dataclass(frozen=True, slots=True)
-class Error:
+class Failure:
     """The whole request failed (e.g. keyd is stopping); ``retryable`` says if a retry may work."""
 
     TYPE: ClassVar[MessageType] = MessageType.ERROR
@@ -452,7 +452,7 @@ class KeydColumns:
 @dataclass(frozen=True, slots=True)
 class SignColumns:
     """Sign the items of *columns* with *kid*; each under its own client, account and
-    operator, exactly as if it had come alone in a :class:`Sign`."""
+    operator, exactly as if it had come alone in a :class:`SignPayloads`."""
 
     TYPE: ClassVar[MessageType] = MessageType.SIGN_COLUMNS
     request_id: int
@@ -598,10 +598,10 @@ class KidsResult:
 Message = (
     Describe
     | DescribeResult
-    | Sign
+    | SignPayloads
     | SignMany
-    | SignResult
-    | Error
+    | Signatures
+    | Failure
     | SignColumns
     | ColumnsResult
     | SignKids
@@ -643,7 +643,7 @@ def _write_describe(msg: Describe) -> dict[str, Any]:
     return {}
 
 
-def _key_body(k: KeyInfo) -> dict[str, Any]:
+def _key_body(k: KeyFacts) -> dict[str, Any]:
     body: dict[str, Any] = {
         "kid": k.kid,
         "alg": k.alg,
@@ -663,7 +663,7 @@ def _write_describe_result(msg: DescribeResult) -> dict[str, Any]:
     return body
 
 
-def _write_sign(msg: Sign) -> dict[str, Any]:
+def _write_sign(msg: SignPayloads) -> dict[str, Any]:
     return {"kid": msg.kid, **_part_body(msg.client, msg.account, msg.operator, msg.payloads)}
 
 
@@ -686,11 +686,11 @@ def _write_kids_result(msg: KidsResult) -> dict[str, Any]:
     return {"results": [_result_body(r) for r in msg.results]}
 
 
-def _write_sign_result(msg: SignResult) -> dict[str, Any]:
+def _write_sign_result(msg: Signatures) -> dict[str, Any]:
     return {"results": [r if isinstance(r, bytes) else [int(r[0]), r[1]] for r in msg.results]}
 
 
-def _write_error(msg: Error) -> dict[str, Any]:
+def _write_error(msg: Failure) -> dict[str, Any]:
     return {"message": msg.message, "retryable": msg.retryable}
 
 
@@ -766,13 +766,13 @@ def _read_describe(request_id: int, body: dict[str, Any]) -> Describe:
     return Describe(request_id)
 
 
-def _read_key(item: Any) -> KeyInfo:
+def _read_key(item: Any) -> KeyFacts:
     if not isinstance(item, dict):
         raise KeydProtocolError("DESCRIBE_RESULT: a key entry is not a map")
     usages = _want(item, "usages", list, "key")
     if not all(isinstance(u, str) for u in usages):
         raise KeydProtocolError("key: usages must be text")
-    return KeyInfo(
+    return KeyFacts(
         _want(item, "kid", bytes, "key"),
         _want(item, "alg", int, "key"),
         tuple(usages),
@@ -790,9 +790,9 @@ def _read_describe_result(request_id: int, body: dict[str, Any]) -> DescribeResu
     return DescribeResult(request_id, keys, audit)
 
 
-def _read_sign(request_id: int, body: dict[str, Any]) -> Sign:
+def _read_sign(request_id: int, body: dict[str, Any]) -> SignPayloads:
     part = _parse_part(body, "SIGN")
-    return Sign(
+    return SignPayloads(
         request_id, _kid(body, "SIGN"), part.client, part.account, part.payloads, part.operator
     )
 
@@ -851,13 +851,13 @@ def _read_one_result(r: Any) -> bytes | tuple[ItemError, str]:
     raise KeydProtocolError("SIGN_RESULT: a result is neither a signature nor an error")
 
 
-def _read_sign_result(request_id: int, body: dict[str, Any]) -> SignResult:
+def _read_sign_result(request_id: int, body: dict[str, Any]) -> Signatures:
     results = _want(body, "results", list, "SIGN_RESULT")
-    return SignResult(request_id, tuple(_read_one_result(r) for r in results))
+    return Signatures(request_id, tuple(_read_one_result(r) for r in results))
 
 
-def _read_error(request_id: int, body: dict[str, Any]) -> Error:
-    return Error(
+def _read_error(request_id: int, body: dict[str, Any]) -> Failure:
+    return Failure(
         request_id, _want(body, "message", str, "ERROR"), _want(body, "retryable", bool, "ERROR")
     )
 
@@ -876,14 +876,14 @@ _BODIES: dict[MessageType, _Body] = {
     MessageType.DESCRIBE_RESULT: _Body(
         DescribeResult, _read_describe_result, _write_describe_result
     ),
-    MessageType.SIGN: _Body(Sign, _read_sign, _write_sign),
-    MessageType.SIGN_RESULT: _Body(SignResult, _read_sign_result, _write_sign_result),
+    MessageType.SIGN: _Body(SignPayloads, _read_sign, _write_sign),
+    MessageType.SIGN_RESULT: _Body(Signatures, _read_sign_result, _write_sign_result),
     MessageType.SIGN_MANY: _Body(SignMany, _read_sign_many, _write_sign_many),
     MessageType.SIGN_COLUMNS: _Body(SignColumns, _read_sign_columns, _write_sign_columns),
     MessageType.SIGN_COLUMNS_RESULT: _Body(ColumnsResult, _read_columns_result, _result_body),
     MessageType.SIGN_KIDS: _Body(SignKids, _read_sign_kids, _write_sign_kids),
     MessageType.SIGN_KIDS_RESULT: _Body(KidsResult, _read_kids_result, _write_kids_result),
-    MessageType.ERROR: _Body(Error, _read_error, _write_error),
+    MessageType.ERROR: _Body(Failure, _read_error, _write_error),
 }
 _WRITERS = {body.message: body.write for body in _BODIES.values()}
 

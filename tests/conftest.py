@@ -82,7 +82,8 @@ def kid_for(store, usage: str) -> bytes:
 def keyd_env(dev_keystore_copy, tmp_path):
     """``(store, keyd, log, audit_dir)``: a :class:`~dccsign.keyd.service.Keyd` on a private
     keystore copy whose audit log is ``tmp_path / "audit"``; closed after the test."""
-    from dccsign.audit.log import AuditKey, AuditLog
+    from dccsign.audit.key import AuditKey
+    from dccsign.audit.writer import AuditLog
     from dccsign.keyd.service import Keyd
     from dccsign.keys.keystore import Keystore, resolve_passphrase
 
@@ -98,7 +99,7 @@ def keyd_env(dev_keystore_copy, tmp_path):
 
 def fail_audit_commits(monkeypatch, log) -> None:
     """Make every commit of signature records to *log* raise ``AuditUnavailable`` (ENOSPC)."""
-    from dccsign.audit.log import AuditUnavailable
+    from dccsign.audit.errors import AuditUnavailable
 
     def broken(*args):
         raise AuditUnavailable("No space left on device")

@@ -22,7 +22,7 @@ from dccsign.keyd.client import KeydClient
 from dccsign.keyd.service import Keyd
 from dccsign.keyd.transport import serve_unix
 from dccsign.keys.keystore import Keystore, resolve_passphrase
-from dccsign.protocol.keyd import ItemError, Sign
+from dccsign.protocol.keyd import ItemError, SignPayloads
 from dccsign.testing.samples import sample
 
 
@@ -34,7 +34,7 @@ def _payload(dcc, *, iat=None, exp=None, iss="NL"):
 
 
 def _sign(keyd, kid, payloads, client="portal", account="uzi:900001", operator=None):
-    return keyd.sign(Sign(1, kid, client, account, tuple(payloads), operator)).results
+    return keyd.sign(SignPayloads(1, kid, client, account, tuple(payloads), operator)).results
 
 
 def test_signs_audits_and_verifies(keyd_env):

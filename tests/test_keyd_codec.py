@@ -10,15 +10,15 @@ from dccsign.protocol.keyd import (
     Connection,
     Describe,
     DescribeResult,
-    Error,
+    Failure,
     ItemError,
     KeydProtocolError,
-    KeyInfo,
+    KeyFacts,
     PoolStatus,
-    Sign,
+    Signatures,
     SignMany,
     SignPart,
-    SignResult,
+    SignPayloads,
 )
 
 KID = bytes(range(8))
@@ -39,13 +39,13 @@ def test_golden_describe():
 
 
 def test_golden_error():
-    wire = roundtrip(Error(1, "stopping", True))
+    wire = roundtrip(Failure(1, "stopping", True))
     assert wire[:12] == bytes.fromhex("4b017f00000000010000001d")
     assert wire[12:] == bytes.fromhex("a2676d6573736167656873746f7070696e6769726574727961626c65f5")
 
 
 def test_golden_sign():
-    wire = roundtrip(Sign(2, KID, "portal-a", "uzi:123", (b"\xa0",), None))
+    wire = roundtrip(SignPayloads(2, KID, "portal-a", "uzi:123", (b"\xa0",), None))
     assert wire[2] == 0x20 and wire[4:8] == b"\x00\x00\x00\x02"
     assert wire.endswith(bytes.fromhex("68 7061796c6f616473 81 41 a0".replace(" ", "")))
 
@@ -59,7 +59,7 @@ def test_golden_sign():
     st.none() | st.text(max_size=20),
 )
 def test_sign_round_trip(rid, kid, client, account, payloads, operator):
-    roundtrip(Sign(rid, kid, client, account, tuple(payloads), operator))
+    roundtrip(SignPayloads(rid, kid, client, account, tuple(payloads), operator))
 
 
 def test_golden_sign_many():
@@ -122,7 +122,7 @@ def test_sign_many_field_checks():
     )
 )
 def test_sign_result_round_trip(results):
-    roundtrip(SignResult(9, tuple(results)))
+    roundtrip(Signatures(9, tuple(results)))
 
 
 def test_describe_result_round_trip():
@@ -130,9 +130,9 @@ def test_describe_result_round_trip():
         DescribeResult(
             3,
             (
-                KeyInfo(KID, -7, ("v",), "active", b"\x30\x00"),
-                KeyInfo(KID[::-1], -37, ("v", "t", "r"), "retired", b"\x30"),
-                KeyInfo(KID, -7, ("t",), "active", b"\x30", PoolStatus(65536, 17, 90000, 80, 2)),
+                KeyFacts(KID, -7, ("v",), "active", b"\x30\x00"),
+                KeyFacts(KID[::-1], -37, ("v", "t", "r"), "retired", b"\x30"),
+                KeyFacts(KID, -7, ("t",), "active", b"\x30", PoolStatus(65536, 17, 90000, 80, 2)),
             ),
         )
     )
@@ -140,7 +140,7 @@ def test_describe_result_round_trip():
 
 def test_describe_pool_is_counts_only_and_checked():
     """A key's pool travels as five counts (never an entry); anything else is refused."""
-    info = KeyInfo(KID, -7, ("v",), "active", b"\x30", PoolStatus(8, 7, 6, 5, 4))
+    info = KeyFacts(KID, -7, ("v",), "active", b"\x30", PoolStatus(8, 7, 6, 5, 4))
     frame = Connection().send(DescribeResult(1, (info,)))
     body = cbor2.loads(frame[12:])
     assert body["keys"][0]["pool"] == {
@@ -165,7 +165,7 @@ def test_describe_pool_is_counts_only_and_checked():
 
 
 def test_split_and_coalesced_feeds():
-    msgs = [Describe(1), Sign(2, KID, "c", "a", (b"x" * 1000,)), Error(3, "x", False)]
+    msgs = [Describe(1), SignPayloads(2, KID, "c", "a", (b"x" * 1000,)), Failure(3, "x", False)]
     wire = b"".join(Connection().send(m) for m in msgs)
     for step in (1, 5, 13, len(wire)):
         conn, got = Connection(), []
@@ -183,7 +183,7 @@ def test_oversized_frame_refused_before_its_body():
     with pytest.raises(KeydProtocolError, match="exceeds the limit"):
         conn.next_event()
     with pytest.raises(KeydProtocolError, match="exceeds the limit"):
-        Connection(max_frame=10).send(Sign(1, KID, "c", "a", (b"x" * 20,)))
+        Connection(max_frame=10).send(SignPayloads(1, KID, "c", "a", (b"x" * 20,)))
 
 
 @pytest.mark.parametrize(
@@ -251,7 +251,9 @@ def test_fuzz_random_bytes(data):
 
 @given(st.data())
 def test_fuzz_mutated_frames(data):
-    wire = bytearray(Connection().send(Sign(5, KID, "client", "account", (b"\xa1\x01\x02",) * 3)))
+    wire = bytearray(
+        Connection().send(SignPayloads(5, KID, "client", "account", (b"\xa1\x01\x02",) * 3))
+    )
     for _ in range(data.draw(st.integers(1, 4))):
         i = data.draw(st.integers(0, len(wire) - 1))
         wire[i] = data.draw(st.integers(0, 255))

@@ -24,7 +24,7 @@ from dccsign.keyd.service import Keyd
 from dccsign.keyd.supervisor import PrivateKeyd
 from dccsign.keys.keystore import Keystore, resolve_passphrase
 from dccsign.protocol.codes import ErrorCode
-from dccsign.protocol.keyd import ItemError, Sign
+from dccsign.protocol.keyd import ItemError, SignPayloads
 from dccsign.protocol.wire import SignItem
 from dccsign.testing.samples import sample
 from engine_process import EngineProcess, wait_serving
@@ -166,7 +166,7 @@ def test_the_size_bound_is_exactly_the_engines(dev_keystore_copy, tmp_path, alg)
         keyd = Keyd(store.directory, pw, log, validate_dcc=False)
         try:
             fits, over = sized(limit), sized(limit + 1)
-            out = keyd.sign(Sign(1, entry.kid, "e", "a", (fits, over))).results
+            out = keyd.sign(SignPayloads(1, entry.kid, "e", "a", (fits, over))).results
         finally:
             keyd.close()
     assert isinstance(out[0], bytes)
@@ -186,7 +186,7 @@ def test_keyd_and_private_keyd_validate_by_default(dev_keystore_copy, tmp_path):
     with AuditLog.open(tmp_path / "audit", key) as log:
         keyd = Keyd(store.directory, pw, log)
         try:
-            out = keyd.sign(Sign(1, kid, "e", "a", (_payload(minimal()),))).results
+            out = keyd.sign(SignPayloads(1, kid, "e", "a", (_payload(minimal()),))).results
         finally:
             keyd.close()
     assert out[0][0] == ItemError.INVALID_DCC

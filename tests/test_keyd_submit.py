@@ -19,7 +19,7 @@ from dccsign.protocol.keyd import (
     NEED_DATA,
     ColumnsResult,
     Connection,
-    Error,
+    Failure,
     ItemError,
     KeydColumns,
     KidsResult,
@@ -181,7 +181,7 @@ class ScriptedKeyd:
                 if step == "close":
                     return
                 if step == "error":
-                    reply = Error(event.request_id, "keyd is stopping", True)
+                    reply = Failure(event.request_id, "keyd is stopping", True)
                 else:
                     results = tuple(
                         ColumnsResult.from_results(0, [b"s" * 64] * len(b.columns))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dccsign.dcc.dsc import DSC
 from dccsign.keys.keystore import Keystore
-from dccsign.protocol.keyd import KeyInfo
+from dccsign.protocol.keyd import KeyFacts
 from dccsign.server import engine as serve_cli
 from engine_process import write_policy
 
@@ -21,7 +21,7 @@ class _Dispatcher:
 
 def _infos(keystore, state_of):
     return [
-        KeyInfo(e.dsc.kid, e.dsc.alg, tuple(sorted(e.dsc.usages)), state_of(e), e.dsc.der)
+        KeyFacts(e.dsc.kid, e.dsc.alg, tuple(sorted(e.dsc.usages)), state_of(e), e.dsc.der)
         for e in Keystore.open(keystore).entries
         if e.dsc is not None
     ]

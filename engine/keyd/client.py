@@ -15,17 +15,17 @@ from ..protocol.keyd import (
     Connection,
     Describe,
     DescribeResult,
-    Error,
+    Failure,
     ItemError,
-    KeyInfo,
-    Sign,
-    SignResult,
+    KeyFacts,
+    Signatures,
+    SignPayloads,
 )
 
 __all__ = ["KeyList", "KeydClient", "KeydError", "check_reply", "keys_of", "results_of"]
 
 
-class KeyList(list[KeyInfo]):
+class KeyList(list[KeyFacts]):
     """What ``describe()`` returns: keyd's keys (a list, as before) and its audit state.
 
     Attributes:
@@ -113,7 +113,9 @@ class KeydClient:
         operator: str | None = None,
     ) -> list[bytes | tuple[ItemError, str]]:
         """Signatures (or per-item refusals) for *payloads*, in order."""
-        reply = self._call(Sign(next(self._ids), kid, client, account, tuple(payloads), operator))
+        reply = self._call(
+            SignPayloads(next(self._ids), kid, client, account, tuple(payloads), operator)
+        )
         return results_of(reply, len(payloads))
 
 
@@ -122,7 +124,7 @@ class KeydClient:
 
 def check_reply(reply: object) -> None:
     """Raise :class:`KeydError` for keyd's ERROR frame."""
-    if isinstance(reply, Error):
+    if isinstance(reply, Failure):
         raise KeydError(f"keyd: {reply.message}", reply.retryable)
 
 
@@ -137,6 +139,6 @@ def keys_of(reply: object) -> KeyList:
 
 def results_of(reply: object, count: int) -> list[bytes | tuple[ItemError, str]]:
     """The per-payload results of a SIGN reply for *count* payloads."""
-    if not isinstance(reply, SignResult) or len(reply.results) != count:
+    if not isinstance(reply, Signatures) or len(reply.results) != count:
         raise KeydError("malformed reply from keyd", retryable=False)
     return list(reply.results)

@@ -88,19 +88,19 @@ from ..protocol.keyd import (
     ColumnsResult,
     Describe,
     DescribeResult,
-    Error,
+    Failure,
     ItemError,
     KeydColumns,
     KeydProtocolError,
-    KeyInfo,
+    KeyFacts,
     KidsResult,
     PoolStatus,
-    Sign,
+    Signatures,
     SignColumns,
     SignKids,
     SignMany,
     SignPart,
-    SignResult,
+    SignPayloads,
 )
 
 __all__ = [
@@ -627,13 +627,13 @@ class Keyd:
         finally:
             self._reload_lock.release()
 
-    def describe(self) -> list[KeyInfo]:
+    def describe(self) -> list[KeyFacts]:
         self.refresh()
         self._retry_audit()
         with self._lock:
             keys = list(self._keys.values())
         return [
-            KeyInfo(
+            KeyFacts(
                 k.dsc.kid,
                 k.dsc.alg,
                 tuple(t for t in "vtr" if t in k.dsc.usages),
@@ -646,12 +646,12 @@ class Keyd:
 
     # -- signing ------------------------------------------------------------------------
 
-    def sign(self, req: Sign) -> SignResult:
+    def sign(self, req: SignPayloads) -> Signatures:
         """Check, sign, audit, then release: see the module docstring."""
         part = SignPart(req.client, req.account, req.payloads, req.operator)
         return self.sign_many(SignMany(req.request_id, req.kid, (part,)))
 
-    def sign_many(self, req: SignMany) -> SignResult:
+    def sign_many(self, req: SignMany) -> Signatures:
         """:meth:`sign` for several parts at once (the old form of the micro-batch): the
         parts become columns and go through :meth:`sign_columns`."""
         columns = KeydColumns.from_parts([p for p in req.parts if p.payloads])
@@ -661,9 +661,9 @@ class Keyd:
         try:
             columns.check("SIGN_MANY")
         except KeydProtocolError as exc:  # a name the columns refuse (empty, too long)
-            return SignResult(req.request_id, ((ItemError.INTERNAL, str(exc)),) * n)
+            return Signatures(req.request_id, ((ItemError.INTERNAL, str(exc)),) * n)
         done = self.sign_columns(SignColumns(req.request_id, req.kid, columns))
-        return SignResult(req.request_id, tuple(done.results()))
+        return Signatures(req.request_id, tuple(done.results()))
 
     def sign_columns(self, req: SignColumns) -> ColumnsResult:
         """Check, sign, audit, then release a batch in columns (SIGN_COLUMNS): each item is
@@ -895,7 +895,7 @@ class Keyd:
 
     def handle(self, msg: object) -> object:
         """The reply to one request message."""
-        if isinstance(msg, Sign):
+        if isinstance(msg, SignPayloads):
             return self.sign(msg)
         if isinstance(msg, SignColumns):
             return self.sign_columns(msg)
@@ -906,4 +906,4 @@ class Keyd:
         if isinstance(msg, Describe):
             return DescribeResult(msg.request_id, tuple(self.describe()), self.audit_failure)
         rid = getattr(msg, "request_id", 0)
-        return Error(rid, f"keyd does not accept {type(msg).__name__} messages", False)
+        return Failure(rid, f"keyd does not accept {type(msg).__name__} messages", False)

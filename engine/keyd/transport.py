@@ -19,12 +19,12 @@ from ..process import name_this_thread
 from ..protocol.keyd import (
     NEED_DATA,
     Connection,
-    Error,
+    Failure,
     KeydProtocolError,
-    Sign,
     SignColumns,
     SignKids,
     SignMany,
+    SignPayloads,
 )
 
 if TYPE_CHECKING:
@@ -64,12 +64,12 @@ def _serve_connection(keyd: Keyd, sock: socket.socket) -> None:
                     # A signing reply goes out at once: the engine pipelines micro-batches, and
                     # holding finished signatures until every message of the read is handled
                     # would delay them by the others' signing. Small replies share one write.
-                    signing = isinstance(event, Sign | SignMany | SignColumns | SignKids)
+                    signing = isinstance(event, SignPayloads | SignMany | SignColumns | SignKids)
                     if signing and not _send(sock, out):
                         return
             except KeydProtocolError as exc:
                 LOGGER.warning("closing a keyd connection: %s", exc)
-                out.append(codec.send(Error(0, f"protocol error: {exc}", False)))
+                out.append(codec.send(Failure(0, f"protocol error: {exc}", False)))
                 _send(sock, out)
                 return
             if not _send(sock, out) or not data:

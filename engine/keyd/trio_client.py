@@ -28,11 +28,11 @@ from ..protocol.keyd import (
     KeydColumns,
     KeydProtocolError,
     KidsResult,
-    Sign,
     SignColumns,
     SignKids,
     SignMany,
     SignPart,
+    SignPayloads,
 )
 from .client import KeydError, KeyList, check_reply, keys_of, results_of
 
@@ -153,7 +153,7 @@ class TrioKeydClient:
 
     async def _send(
         self,
-        msg: Describe | Sign | SignMany | SignColumns | SignKids,
+        msg: Describe | SignPayloads | SignMany | SignColumns | SignKids,
         waiter: _Waiter | Callable[[object], None],
     ) -> None:
         """Send *msg* on the next usable connection; its reply (or the KeydError of a
@@ -173,7 +173,9 @@ class TrioKeydClient:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             link.fail(f"keyd connection failed: {exc}")
 
-    async def _call(self, msg: Describe | Sign | SignMany | SignColumns | SignKids) -> object:
+    async def _call(
+        self, msg: Describe | SignPayloads | SignMany | SignColumns | SignKids
+    ) -> object:
         waiter = _Waiter()
         await self._send(msg, waiter)
         await waiter.done.wait()
@@ -197,7 +199,7 @@ class TrioKeydClient:
         operator: str | None = None,
     ) -> list[bytes | tuple[ItemError, str]]:
         """Signatures (or per-item refusals) for *payloads*, in order."""
-        msg = Sign(next(self._ids), kid, client, account, tuple(payloads), operator)
+        msg = SignPayloads(next(self._ids), kid, client, account, tuple(payloads), operator)
         return results_of(await self._call(msg), len(payloads))
 
     async def sign_many(

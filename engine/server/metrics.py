@@ -322,7 +322,7 @@ class NoncePoolCollector:
         self._pools: dict[str, Any] = {}
 
     def update(self, keys: Sequence[Any]) -> None:
-        """Take the pools of *keys* (``KeyInfo`` with an optional ``pool``)."""
+        """Take the pools of *keys* (``protocol.keyd.KeyFacts`` with an optional ``pool``)."""
         self.set_pools({k.kid.hex(): k.pool for k in keys if getattr(k, "pool", None) is not None})
 
     def set_pools(self, pools: Mapping[str, Any]) -> None:

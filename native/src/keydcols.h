@@ -90,7 +90,7 @@ size_t kc_audit_line_bound(const kc_audit_batch *b, uint32_t item);
  * numbers seq, seq+1, ...; the first chains to prev, and prev gets the hash of the last line.
  * Signature k is sigs[sig_ends[k-1]..sig_ends[k]). head and middle are scratch buffers of
  * kc_audit_scratch_len(b, item) bytes for every selected item. Returns the bytes written,
- * 0 if OpenSSL failed to hash. Line format: engine/audit/log.py; each line equals
+ * 0 if OpenSSL failed to hash. Line format: docs/audit-format.md; each line equals
  * dcc_audit_issue_line's for the item's head and middle. */
 size_t kc_audit_scratch_len(const kc_audit_batch *b, uint32_t item);
 size_t kc_audit_lines(const kc_audit_batch *b, const uint32_t *sel, size_t nsel,

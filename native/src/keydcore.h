@@ -38,7 +38,7 @@ int dcc_cwt_facts_read(const uint8_t *buf, size_t len, dcc_cwt_facts *facts, con
 
 /* ---- audit log lines ---- */
 
-/* What the issue entries of one group share (see engine/audit/log.py for the line format):
+/* What the issue entries of one group share (see docs/audit-format.md for the line format):
  *   head   = {"account":A,"alg":N,"client":C,"iss":
  *   middle = ,"kid":"K","operator":O,"payload_sha256":"
  *   time   = the commit time, already formatted (fixed width, ASCII) */
