@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from .errors import AuditError
 from .key import PublicKey
 from .records import CHECKPOINT_ENDS, FORMAT, GENESIS, canonical, checkpoint_message
 
@@ -41,8 +42,9 @@ class Break:
         return {"segment": self.segment, "sequence": self.sequence, "problem": self.problem}
 
 
-class BreakFound(Exception):
-    """Raised by :class:`Chain` at the first break; *brk* says where."""
+class BreakFound(AuditError):
+    """Raised by :class:`Chain` at the first break; *brk* says where. Its callers turn it
+    into their answer (a :class:`.verify.VerifyReport`, or the writer's AuditLogError)."""
 
     def __init__(self, brk: Break) -> None:
         super().__init__(brk.problem)

@@ -10,6 +10,7 @@ from pathlib import Path
 import zstandard
 
 from .durable import create_file, fsync_dir
+from .errors import AuditError
 
 __all__ = [
     "FLUSH_STEP",
@@ -51,8 +52,9 @@ def list_segments(root: Path) -> list[tuple[int, Path | None, Path | None]]:
     return [(n, found[n][0], found[n][1]) for n in sorted(found)]
 
 
-class Raced(Exception):
-    """The log changed under the reader (a live log): read again."""
+class Raced(AuditError):
+    """The log changed under the reader (a live log): read again. The readers (verify,
+    search, the writer's reopen) catch it and retry or report."""
 
 
 def read_segment(root: Path, number: int, plain: Path | None, zst: Path | None) -> bytes:
