@@ -12,7 +12,10 @@ generator runs with the variant's environment too) for --seconds, and stops it. 
 the variants in turn, so that drift of the machine (±30 % here) falls on all of them alike;
 the report gives each variant's median certificates/s, BUSY, p99 and CPU per certificate of
 the engine process (keyd, its child, not included), of its main thread (the event loop) and
-of the generator, and its throughput ratio to the first.
+of the generator, and its throughput ratio to the first. With ``--same-generator`` every
+variant is driven by this checkout's generator, so that only the engine's code differs, and
+the report adds the engine's CPU per certificate divided by the generator's, per round: the
+generator, the same code throughout, is the run's own measure of the machine's speed.
 
 To compare with an older checkout: ``git archive OLD engine native protocol`` into a
 directory, rename engine/ to dccsign/ and move native/ and protocol/ into it, copy a built
@@ -88,7 +91,8 @@ def _one(work: Path, name: str, env: dict[str, str], extra: list[str], args) -> 
              "--connections", str(args.connections), "--in-flight", str(args.in_flight),
              "--batch", str(args.batch), "--duration", str(args.seconds), "--metrics", "none",
              "--cpu-pid", f"engine={proc.pid}", "--quiet", "--json", str(out)],
-            check=True, stdout=subprocess.DEVNULL, env=full_env,
+            check=True, stdout=subprocess.DEVNULL,
+            env=os.environ if args.same_generator else full_env,
         )  # fmt: skip
         report = json.loads(out.read_text())
         result = {k: report[k] for k in ("certs_per_s", "busy", "p50_ms", "p99_ms", "errors")}
@@ -102,6 +106,28 @@ def _one(work: Path, name: str, env: dict[str, str], extra: list[str], args) -> 
     finally:
         proc.terminate()
         proc.wait(60)
+
+
+def _per_generator(summary: dict, results: list[dict]) -> str:
+    """The engine's CPU per certificate over the generator's, round by round (median, min,
+    max). With ``--same-generator`` the generator is the same code for every variant, so its
+    cost per certificate measures how fast the machine ran in that round: the quotient
+    cancels most of the drift that moves both (see bench/README.md, session 10)."""
+    text = ""
+    for role in ("engine", "engine_main"):
+        values = [
+            x[f"{role}_us_per_cert"] / x["generator_us_per_cert"]
+            for x in results
+            if x.get(f"{role}_us_per_cert") and x.get("generator_us_per_cert")
+        ]
+        if values:
+            summary[f"{role}_per_generator"] = {
+                "median": round(statistics.median(values), 3),
+                "min": round(min(values), 3),
+                "max": round(max(values), 3),
+            }
+            text += f", {role}/generator {statistics.median(values):.3f}"
+    return text
 
 
 def main() -> int:
@@ -118,6 +144,10 @@ def main() -> int:
     parser.add_argument("--tcp", action="store_true",
                         help="loopback TCP with TLS (the development certificates) instead "
                         "of a Unix socket")  # fmt: skip
+    parser.add_argument("--same-generator", action="store_true",
+                        help="drive every variant with this checkout's load generator (its "
+                        "environment without the variant's settings), so that only the "
+                        "engine differs")  # fmt: skip
     parser.add_argument("--json", type=Path, metavar="FILE")
     args = parser.parse_args()
     variants = [_variant(v) for v in args.variant]
@@ -144,6 +174,8 @@ def main() -> int:
             if values:
                 summary[name][f"{role}_us_per_cert_median"] = statistics.median(values)
                 cpu += f", {role} {statistics.median(values):.1f} us/cert"
+        if args.same_generator:
+            cpu += _per_generator(summary[name], results)
         print(f"{name}: {rate:,.0f} certs/s (x{rate / first:.2f}), "
               f"BUSY {summary[name]['busy_median']:,.0f}, p99 "
               f"{summary[name]['p99_ms_median']:.0f} ms{cpu}")  # fmt: skip
