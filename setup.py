@@ -19,6 +19,8 @@ if mode != "0":
             "dccsign.native._native",
             # Every C file of native/src: each part of the native core brings its own.
             sources=["native/_native.pyx", *sorted(glob.glob("native/src/*.c"))],
+            # Headers hold static inline helpers: a header-only change must rebuild too.
+            depends=sorted(glob.glob("native/src/*.h")),
             include_dirs=["native/src"],
             libraries=["crypto", "z", "deflate"],
             extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
