@@ -664,34 +664,42 @@ def _check_fields(
             _date(x, p, key, issues)
 
 
-def _entry_getter(
-    e: object, p: str, allowed: frozenset[str], what: str, issues: list[Issue]
+def _open_entry(
+    e: object,
+    p: str,
+    allowed: frozenset[str],
+    what: str,
+    rows: tuple[_FieldRow, ...],
+    prof: _Profile,
+    lk: _Lookup,
+    issues: list[Issue],
 ) -> Callable[[str, object], object] | None:
-    """The field getter of the *what* entry *e* (after reporting fields outside *allowed*),
-    or None when *e* is not an object."""
+    """The field getter of the *what* entry *e*, after reporting its fields outside
+    *allowed* and checking its fields of *rows* (:func:`_check_fields`); None when *e* is
+    not an object."""
     if not isinstance(e, dict):
         issues.append(_type_issue(p, f"a {what} entry object", e))
         return None
     if not e.keys() <= allowed:
         _unknown_fields(e, allowed, p, issues, what)
-    return e.get
+    get = e.get
+    _check_fields(get, p, rows, prof, lk, issues)
+    return get
 
 
 def _check_v(e: object, p: str, prof: _Profile, lk: _Lookup, issues: list[Issue]) -> None:
-    get = _entry_getter(e, p, _V_KEYS, "vaccination", issues)
+    get = _open_entry(e, p, _V_KEYS, "vaccination", _V_FIELDS, prof, lk, issues)
     if get is None:
         return
-    _check_fields(get, p, _V_FIELDS, prof, lk, issues)
     _check_co_is(get, p, prof, lk, issues)
     _check_ci(get, p, prof, issues)
 
 
 def _check_t(e: object, p: str, prof: _Profile, lk: _Lookup, issues: list[Issue]) -> None:
-    get = _entry_getter(e, p, prof.test_keys, "test", issues)
+    get = _open_entry(e, p, prof.test_keys, "test", _T_HEAD_FIELDS, prof, lk, issues)
     if get is None:
         return
     ml = prof.max_len
-    _check_fields(get, p, _T_HEAD_FIELDS, prof, lk, issues)
     x = get("tt", _MISSING)
     if not prof.tt_coded:  # schema 1.0.0: free text
         _text(x, p, "tt", prof, issues, nonempty=True)
@@ -738,10 +746,9 @@ def _date_field(get: Callable[[str, object], object], p: str, key: str, issues: 
 
 
 def _check_r(e: object, p: str, prof: _Profile, lk: _Lookup, issues: list[Issue]) -> None:
-    get = _entry_getter(e, p, _R_KEYS, "recovery", issues)
+    get = _open_entry(e, p, _R_KEYS, "recovery", _R_FIELDS, prof, lk, issues)
     if get is None:
         return
-    _check_fields(get, p, _R_FIELDS, prof, lk, issues)
     _check_co_is(get, p, prof, lk, issues)
     df = _date_field(get, p, "df", issues)
     du = _date_field(get, p, "du", issues)

@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 
 from ..errors import KeyProblem, KeystoreError
@@ -218,11 +219,15 @@ def _relay_lines(stream, tail: collections.deque[str], out) -> None:
                     out = None
 
 
+# eq=False: signers compare (and hash) by identity; two alike are still two signers.
+@dataclass(slots=True, eq=False)
 class KeydSigner:
     """The signing half of a key held by keyd, for one client and end-user account.
 
     Same ``sign(protected, payloads)`` contract as the native ``SigningKey``, except that the
-    signature comes from keyd (which re-checks and audits each payload first).
+    signature comes from keyd (which re-checks and audits each payload first). ``client`` is
+    the keyd connection; ``client_id``, ``account`` and ``operator`` are what keyd is told
+    each payload is for.
 
     Raises (from :meth:`sign`):
         KeyProblem: keyd refused one or more payloads (each named with keyd's reason). Any
@@ -230,25 +235,16 @@ class KeydSigner:
         KeydError: keyd is unreachable (retryable).
     """
 
-    def __init__(
-        self,
-        client: KeydClient,
-        kid: bytes,
-        alg: int,
-        *,
-        client_id: str,
-        account: str,
-        operator: str | None = None,
-    ) -> None:
-        self._client = client
-        self.kid = kid
-        self.alg = alg
-        self.client_id = client_id
-        self.account = account
-        self.operator = operator
+    client: KeydClient
+    kid: bytes
+    alg: int
+    _: KW_ONLY
+    client_id: str
+    account: str
+    operator: str | None = None
 
     def sign(self, protected: bytes, payloads: Sequence[bytes]) -> list[bytes]:
-        results = self._client.sign(
+        results = self.client.sign(
             self.kid, payloads, client=self.client_id, account=self.account, operator=self.operator
         )
         refused = [(i, r) for i, r in enumerate(results) if not isinstance(r, bytes)]

@@ -316,6 +316,35 @@ def _login_failure(exc: p11e.PKCS11Error, what: str) -> Exception:
     return kind(f"{what}: {_why(exc)}")
 
 
+#: What a failed login means, the first that matches: (python-pkcs11's exceptions, the error
+#: raised, its message for the token's label). UserAlreadyLoggedIn: another user of the
+#: module in this process (not this class) logged in.
+_LOGIN_REFUSALS: Final[tuple[tuple[Any, type[Exception], str], ...]] = (
+    (p11e.PinIncorrect, Pkcs11Error, "wrong PIN for token {label!r}"),
+    (p11e.PinLocked, Pkcs11Error, "the user PIN of token {label!r} is locked"),
+    (
+        (p11e.PinLenRange, p11e.PinInvalid),
+        Pkcs11Error,
+        "the PIN has a length or characters token {label!r} does not accept",
+    ),
+    (
+        p11e.UserAlreadyLoggedIn,
+        Pkcs11Error,
+        "token {label!r} is already logged in by other code in this process",
+    ),
+    (p11e.UserPinNotInitialized, _Transient, "token {label!r} has no user PIN set"),
+)
+
+
+def _refused_login(exc: p11e.PKCS11Error, token_label: str) -> Exception:
+    """The error for *exc*, raised while opening a logged-in session on *token_label*: one
+    of :data:`_LOGIN_REFUSALS`, else :func:`_login_failure`'s."""
+    for kinds, error, message in _LOGIN_REFUSALS:
+        if isinstance(exc, kinds):
+            return error(message.format(label=token_label))
+    return _login_failure(exc, f"cannot log in to token {token_label!r}")
+
+
 def _login(
     state: _Module, module: str, token_label: str, pin_text: str, read_only: bool
 ) -> tuple[Any, Any]:
@@ -357,23 +386,8 @@ def _login(
     # close, and holds no credentials.
     try:
         session = token.open(rw=not read_only, user_pin=pin_text)
-    except p11e.PinIncorrect:
-        raise Pkcs11Error(f"wrong PIN for token {token_label!r}") from None
-    except p11e.PinLocked:
-        raise Pkcs11Error(f"the user PIN of token {token_label!r} is locked") from None
-    except (p11e.PinLenRange, p11e.PinInvalid):
-        raise Pkcs11Error(
-            f"the PIN has a length or characters token {token_label!r} does not accept"
-        ) from None
-    except p11e.UserAlreadyLoggedIn:
-        # Another user of the module in this process (not this class) logged in.
-        raise Pkcs11Error(
-            f"token {token_label!r} is already logged in by other code in this process"
-        ) from None
-    except p11e.UserPinNotInitialized:
-        raise _Transient(f"token {token_label!r} has no user PIN set") from None
     except p11e.PKCS11Error as exc:
-        raise _login_failure(exc, f"cannot log in to token {token_label!r}") from None
+        raise _refused_login(exc, token_label) from None
     state.open_serials.add(token.serial)
     return token, session
 

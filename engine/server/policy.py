@@ -954,37 +954,20 @@ class QuotaTracker:
             if cu is None:
                 cu = self._clients[client] = [None, None, None]
             if not _add(cu, cq.limits, buckets, n):
-                _take_back(cu, cq.limits, n)
-                return self._refusal(cp, client, account, buckets, now, n)
+                return self._refusal(cp, client, account, buckets, now, n, cu)
         if aq is not None:
             key = (client, account)
             au = self._accounts.get(key)
             if au is None:
                 if _violation(None, aq.limits, buckets, now, n) is not None:
-                    return self._refused_account(cp, client, account, buckets, now, n, cu)
+                    return self._refusal(cp, client, account, buckets, now, n, cu)
                 au = self._insert(key, buckets)
             else:
                 self._accounts.move_to_end(key)
             if not _add(au, aq.limits, buckets, n):
                 _take_back(au, aq.limits, n)
-                return self._refused_account(cp, client, account, buckets, now, n, cu)
+                return self._refusal(cp, client, account, buckets, now, n, cu)
         return None
-
-    def _refused_account(
-        self,
-        cp: ClientPolicy,
-        client: str,
-        account: str,
-        buckets: tuple[int, int, int],
-        now: float,
-        n: int,
-        cu: _Usage | None,
-    ) -> Refusal:
-        """The account cannot take *n* units: give back the client's part (*cu*, already
-        added), then the refusal."""
-        if cu is not None:
-            _take_back(cu, cp.quota.limits, n)  # type: ignore[union-attr]
-        return self._refusal(cp, client, account, buckets, now, n)
 
     def _refusal(
         self,
@@ -994,9 +977,14 @@ class QuotaTracker:
         buckets: tuple[int, int, int],
         now: float,
         n: int,
+        held: _Usage | None = None,
     ) -> Refusal:
-        """The refusal for *n* units that do not fit (nothing reserved): the limit that frees
-        up last, the client's on a tie."""
+        """The refusal for *n* units that do not fit: the limit that frees up last, the
+        client's on a tie. *held*: the client's usage, to which the *n* units were added
+        already (the client took them, a limit after it did not): they are given back
+        first, so that nothing stays reserved."""
+        if held is not None:
+            _take_back(held, cp.quota.limits, n)  # type: ignore[union-attr]
         bad = None
         if cp.quota is not None:
             bad = _violation(self._clients.get(client), cp.quota.limits, buckets, now, n)

@@ -71,7 +71,7 @@ import ssl
 import struct
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -642,24 +642,20 @@ class _Encoded:
     reply: FrameReply
 
 
+# eq=False: a request is itself (compared and hashed by identity), not its fields.
+@dataclass(slots=True, eq=False)
 class _Request:
     """A sign request in progress: what its reply needs of its frame (the frame itself is
     let go), its ticket, and whether it has been answered -- by its work, or with
     DEADLINE_EXCEEDED by the connection's watchdog at ``deadline``."""
 
-    __slots__ = ("answered", "count", "deadline", "request_id", "start", "ticket", "type")
-
-    def __init__(
-        self, type: int, request_id: int, count: int, ticket: _Ticket, start: float,
-        deadline: float,
-    ) -> None:  # fmt: skip
-        self.type = type
-        self.request_id = request_id
-        self.count = count
-        self.ticket = ticket
-        self.start = start
-        self.deadline = deadline
-        self.answered = False
+    type: int
+    request_id: int
+    count: int
+    ticket: _Ticket
+    start: float
+    deadline: float
+    answered: bool = field(default=False, init=False)
 
 
 class _Slot:
