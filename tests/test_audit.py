@@ -122,6 +122,25 @@ def seq_of(line: bytes) -> int:
     return json.loads(line)["seq"]
 
 
+def line_of_seq(lines: list[bytes], seq: int) -> int:
+    """The index in lines of the record with sequence number seq."""
+    return next(i for i, line in enumerate(lines) if seq_of(line) == seq)
+
+
+def default_log(tmp_path: Path, key: AuditKey) -> tuple[Path, list[int], Path, list[bytes]]:
+    """A default log in tmp_path/"log": its directory, its record sequence numbers,
+    its first segment file and that file's lines (to tamper with)."""
+    directory = tmp_path / "log"
+    seqs = make_log(directory, key)
+    path = segment_files(directory)[0]
+    return directory, seqs, path, read_lines(path)
+
+
+def remove_record(path: Path, seq: int) -> None:
+    """Rewrite the segment file at path without the record of sequence number seq."""
+    write_lines(path, [line for line in read_lines(path) if seq_of(line) != seq])
+
+
 def assert_break(directory: Path, segment: int, sequence: int, *words: str) -> Break:
     report = verify(directory)
     assert not report.ok
@@ -395,21 +414,15 @@ def test_second_writer_and_other_audit_key_are_refused(tmp_path, key):
 
 
 def test_edited_record_is_detected(tmp_path, key):
-    directory = tmp_path / "log"
-    seqs = make_log(directory, key)
-    path = segment_files(directory)[0]
-    lines = read_lines(path)
-    i = next(i for i, line in enumerate(lines) if seq_of(line) == seqs[6])
+    directory, seqs, path, lines = default_log(tmp_path, key)
+    i = line_of_seq(lines, seqs[6])
     lines[i] = lines[i].replace(b'"account":"uzi:', b'"account":"uzX:')
     write_lines(path, lines)
     assert_break(directory, 1, seqs[6], "was edited")
 
 
 def test_edited_newest_line_is_detected(tmp_path, key):
-    directory = tmp_path / "log"
-    seqs = make_log(directory, key)
-    path = segment_files(directory)[0]
-    lines = read_lines(path)
+    directory, seqs, path, lines = default_log(tmp_path, key)
     lines[-1] = lines[-1].replace(b'"end":"close"', b'"end": "close"')  # same fields
     write_lines(path, lines)
     assert_break(directory, 1, seqs[-1] + 2, "canonical")
@@ -419,11 +432,8 @@ def test_edited_newest_line_is_detected(tmp_path, key):
 
 
 def test_edited_record_with_rewritten_chain_is_detected(tmp_path, key):
-    directory = tmp_path / "log"
-    seqs = make_log(directory, key)
-    path = segment_files(directory)[0]
-    lines = read_lines(path)
-    i = next(i for i, line in enumerate(lines) if seq_of(line) == seqs[2])
+    directory, seqs, path, lines = default_log(tmp_path, key)
+    i = line_of_seq(lines, seqs[2])
     lines[i] = lines[i].replace(b'"type":"', b'"type":"x')
     for j in range(i + 1, len(lines)):  # recompute every later prev: the signature still fails
         entry = json.loads(lines[j])
@@ -437,20 +447,14 @@ def test_edited_record_with_rewritten_chain_is_detected(tmp_path, key):
 
 
 def test_removed_record_is_detected(tmp_path, key):
-    directory = tmp_path / "log"
-    seqs = make_log(directory, key)
-    path = segment_files(directory)[0]
-    lines = [line for line in read_lines(path) if seq_of(line) != seqs[7]]
-    write_lines(path, lines)
+    directory, seqs, path, _ = default_log(tmp_path, key)
+    remove_record(path, seqs[7])
     assert_break(directory, 1, seqs[7], "missing (removed)")
 
 
 def test_reordered_record_is_detected(tmp_path, key):
-    directory = tmp_path / "log"
-    seqs = make_log(directory, key)
-    path = segment_files(directory)[0]
-    lines = read_lines(path)
-    i = next(i for i, line in enumerate(lines) if seq_of(line) == seqs[3])
+    directory, seqs, path, lines = default_log(tmp_path, key)
+    i = line_of_seq(lines, seqs[3])
     lines[i], lines[i + 1] = lines[i + 1], lines[i]
     write_lines(path, lines)
     assert_break(directory, 1, seqs[3], "out of order")
@@ -536,11 +540,8 @@ def test_deleted_first_segment_is_detected(tmp_path, key):
 
 
 def test_broken_log_is_refused_on_open(tmp_path, key):
-    directory = tmp_path / "log"
-    seqs = make_log(directory, key)
-    path = segment_files(directory)[0]
-    lines = read_lines(path)
-    write_lines(path, [line for line in lines if seq_of(line) != seqs[1]])
+    directory, seqs, path, _ = default_log(tmp_path, key)
+    remove_record(path, seqs[1])
     with pytest.raises(AuditLogError, match=rf"segment 1 at sequence {seqs[1]}: .*missing"):
         AuditLog.open(directory, key)
 
@@ -898,7 +899,7 @@ def test_cli_verify_exit_codes(tmp_path, key, capsys):
     assert code == 0 and report["ok"] and report["key_pinned"] and report["first_break"] is None
 
     path = segment_files(directory)[0]
-    write_lines(path, [line for line in read_lines(path) if seq_of(line) != seqs[4]])
+    remove_record(path, seqs[4])
     code, out, _ = run_cli(capsys, "audit", "verify", directory, "--audit-pubkey", pub)
     assert code == 1 and f"BROKEN at segment 1, sequence {seqs[4]}" in out
     code, out, _ = run_cli(capsys, "audit", "verify", directory, "--json")

@@ -65,6 +65,35 @@ def _signature_hashes(signatures):
     return {sha256(s[:32]).hexdigest()[:32] for s in signatures}
 
 
+def _assert_log_holds(audit, signatures, **search_by):
+    """Assert that the audit log in *audit* verifies and logs the revocation hash of every
+    signature in *signatures* (among the records *search_by* selects); its verify report."""
+    report = verify(audit)
+    assert report.ok, report.first_break
+    logged = {r["rev"]["SIGNATURE"] for r in search(audit, **search_by)}
+    assert _signature_hashes(signatures) <= logged
+    return report
+
+
+def _keyd_on(keystore, tmp_path):
+    """keyd started on *keystore* (a copy of the development keystore), listening on
+    tmp_path/keyd.sock: the vaccination key's kid, the audit directory, the socket and the
+    process."""
+    sock = tmp_path / "keyd.sock"
+    return (
+        kid_for(Keystore.open(keystore), "v"),
+        keystore / "audit",
+        sock,
+        start_keyd(keystore, sock),
+    )
+
+
+def _stop(proc):
+    """Stop keyd the way its supervisor does (SIGTERM); its exit code."""
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(20)
+
+
 def entries(directory):
     """Every entry of every segment (plain or compressed), as text lines."""
     lines = []
@@ -77,11 +106,7 @@ def entries(directory):
 
 
 def test_keyd_resumes_by_itself_when_the_log_can_be_written_again(dev_keystore_copy, tmp_path):
-    store = Keystore.open(dev_keystore_copy)
-    kid = kid_for(store, "v")
-    audit = dev_keystore_copy / "audit"
-    sock = tmp_path / "keyd.sock"
-    proc = start_keyd(dev_keystore_copy, sock)
+    kid, audit, sock, proc = _keyd_on(dev_keystore_copy, tmp_path)
     received: list[bytes] = []
     try:
         with KeydClient(sock) as client:
@@ -109,16 +134,12 @@ def test_keyd_resumes_by_itself_when_the_log_can_be_written_again(dev_keystore_c
             assert client.describe().audit is None
             received += _signed(client.sign(kid, [payload()] * 16, client="c", account="fsize"))
     finally:
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(20)
+        code = _stop(proc)
     # keyd stopped cleanly on the reopened log (its final checkpoint and keyd-stop event).
     assert code == 0
-    report = verify(audit)
-    assert report.ok, report.first_break
+    report = _assert_log_holds(audit, received, account="fsize")
     assert report.closed_cleanly
     assert len(report.recoveries) == 1 and report.recoveries[0]["discarded_bytes"] == 300
-    logged = {r["rev"]["SIGNATURE"] for r in search(audit, account="fsize")}
-    assert _signature_hashes(received) <= logged
     assert sum('"action":"audit-resumed"' in line for line in entries(audit)) == 1
     log = sock.with_suffix(".log").read_text()
     assert "signing stopped" in log and "signing resumed after" in log
@@ -130,11 +151,7 @@ def test_concurrent_signers_across_repeated_outages(dev_keystore_copy, tmp_path)
     log verifies with one resumption per outage (and a torn tail set aside for each outage
     whose failed write got some bytes in: the log may have grown past the new limit before
     it was set, and then the write fails whole)."""
-    store = Keystore.open(dev_keystore_copy)
-    kid = kid_for(store, "v")
-    audit = dev_keystore_copy / "audit"
-    sock = tmp_path / "keyd.sock"
-    proc = start_keyd(dev_keystore_copy, sock)
+    kid, audit, sock, proc = _keyd_on(dev_keystore_copy, tmp_path)
     received: list[bytes] = []
     refused = [0]
     stop = threading.Event()
@@ -178,16 +195,12 @@ def test_concurrent_signers_across_repeated_outages(dev_keystore_copy, tmp_path)
         stop.set()
         for t in threads:
             t.join(30)
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(20)
+        code = _stop(proc)
     assert not errors, errors
     assert code == 0
-    report = verify(audit)
-    assert report.ok, report.first_break
+    report = _assert_log_holds(audit, received)
     assert sum('"action":"audit-resumed"' in line for line in entries(audit)) == 3
     assert len(report.recoveries) <= 3
-    logged = {r["rev"]["SIGNATURE"] for r in search(audit)}
-    assert _signature_hashes(received) <= logged
     assert sum('"action":"audit-resumed"' in line for line in entries(audit)) == 3
 
 
@@ -277,15 +290,11 @@ def _compression_failure(keystore, tmp_path, disk):
             assert elapsed < 10
             assert client.describe().audit is None
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) == 0
+        assert _stop(proc) == 0
     assert (audit / "segment-000001.log.zst").exists()
     assert not (audit / "segment-000001.log").exists()
-    report = verify(audit)
-    assert report.ok, report.first_break
+    report = _assert_log_holds(audit, received, account="z")
     assert report.closed_cleanly and report.segments == 2
-    logged = {r["rev"]["SIGNATURE"] for r in search(audit, account="z")}
-    assert _signature_hashes(received) <= logged
     assert "signing resumed after" in sock.with_suffix(".log").read_text()
 
 

@@ -1,5 +1,7 @@
 """base45 (RFC 9285) against both implementations."""
 
+import contextlib
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -73,10 +75,8 @@ def test_largest_values_accepted(impl):
 
 @given(st.text(max_size=60))
 def test_decoder_raises_only_its_error(impl, text):
-    try:
+    with contextlib.suppress(Base45DecodeError):  # any other exception fails the test
         impl.b45decode(text)
-    except Base45DecodeError:
-        pass
 
 
 def test_type_errors(impl):

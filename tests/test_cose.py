@@ -1,5 +1,7 @@
 """Protected header, Sig_structure and COSE_Sign1 framing against both implementations."""
 
+import contextlib
+
 import cbor2
 import pytest
 from hypothesis import given
@@ -105,10 +107,8 @@ def test_every_truncation_is_rejected(impl):
 
 @given(st.binary(max_size=200))
 def test_decoder_raises_only_its_error(impl, raw):
-    try:
+    with contextlib.suppress(CoseFormatError):  # any other exception fails the test
         impl.sign1_decode(raw)
-    except CoseFormatError:
-        pass
 
 
 @given(st.binary(max_size=120))

@@ -5,7 +5,9 @@ Two sources of truth:
 
 * the official dgc-testdata vectors in ``shared/testdata/dgc`` (read through ``shared_path``);
 * HC1 strings built by hand here with fresh keys (cryptography, cbor2, zlib, the PyPI base45
-  encoder). None of this uses dccsign: it tests the verifiers, not the product.
+  encoder). Only inputs come from :mod:`dccsign.testing` (the sample DCC, the self-signed
+  DSCs); no product code encodes, signs or verifies here: it tests the verifiers, not the
+  product.
 
 The node half skips when node or ``tests/interop/node_modules`` is missing, except under
 ``CI=true`` where that is a failure (install with ``npm ci --prefix tests/interop``).
@@ -14,7 +16,6 @@ The node half skips when node or ``tests/interop/node_modules`` is missing, exce
 from __future__ import annotations
 
 import base64
-import datetime
 import hashlib
 import importlib.metadata
 import json
@@ -38,6 +39,8 @@ from pycose.messages import Sign1Message
 
 import independent
 from conftest import shared_path
+from dccsign.testing.certs import self_signed_certificate
+from dccsign.testing.samples import sample
 from independent import Verdict, node_available, verify_node, verify_pycose
 
 IN_CI = os.environ.get("CI") == "true"
@@ -235,25 +238,23 @@ def test_pl6_is_a_key_mismatch_not_a_broken_signature(vectors):
 NOW = int(time.time())
 IAT = NOW - 3600
 EXP = NOW + 30 * 24 * 3600
-DCC = {
-    "ver": "1.3.0",
-    "nam": {"fn": "Ærøskøbing-Müller", "fnt": "AEROSKOBING<MUELLER", "gn": "Zoë", "gnt": "ZOE"},
-    "dob": "1990-01-31",
-    "v": [
+
+
+def _harness_dcc() -> dict:
+    """The sample vaccination DCC, issued in AT by this harness. Its last text string, the
+    UVCI, ends in a digit: _flip_last_byte relies on that."""
+    dcc = sample("v")
+    dcc["v"][0].update(
         {
-            "tg": "840539006",
-            "vp": "1119349007",
-            "mp": "EU/1/20/1528",
-            "ma": "ORG-100030215",
-            "dn": 2,
-            "sd": 2,
-            "dt": "2021-06-01",
             "co": "AT",
             "is": "Independent verifier test issuer",
             "ci": "URN:UVCI:01:AT:HARNESS0000000000001",
         }
-    ],
-}
+    )
+    return dcc
+
+
+DCC = _harness_dcc()
 
 
 def _claims(**changes: Any) -> dict:
@@ -264,17 +265,7 @@ def _claims(**changes: Any) -> dict:
 
 def _self_signed_dsc(key, cn: str) -> bytes:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=365))
-        .sign(key, hashes.SHA256())
-    )
+    cert = self_signed_certificate(key, name, days=365)
     return cert.public_bytes(serialization.Encoding.DER)
 
 

@@ -48,13 +48,17 @@ def _constant(rate: float, seconds: float, arrivals: str = "uniform"):
     return load_profile("constant").scaled(rate=rate, duration=seconds, arrivals=arrivals)
 
 
-async def _against_fake(nursery, tmp_path, fake: FakeEngine, payloads=None, **config):
+async def _against_fake(tmp_path, fake: FakeEngine, payloads=None, **config):
+    """Serve fake on a Unix socket in tmp_path, run one load against it with config (no
+    verify sample and 100 accounts unless it says otherwise), stop the fake and return the
+    result."""
     path = str(tmp_path / "fake.sock")
-    await nursery.start(fake.serve_unix, path)
     config.setdefault("verify_sample", 0.0)
     config.setdefault("accounts", 100)
-    result = await run_load(LoadConfig(server=f"unix:{path}", **config), payloads)
-    nursery.cancel_scope.cancel()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fake.serve_unix, path)
+        result = await run_load(LoadConfig(server=f"unix:{path}", **config), payloads)
+        nursery.cancel_scope.cancel()
     return result
 
 
@@ -67,10 +71,7 @@ async def test_open_loop_latency_includes_the_stall(tmp_path):
     due while nothing was answered. Measured from their intended start, they waited up to
     the whole stall, so p99 and max show it."""
     fake = FakeEngine(stall_after=STALL_AFTER, stall_for=STALL_FOR)
-    async with trio.open_nursery() as nursery:
-        r = await _against_fake(
-            nursery, tmp_path, fake, profile=_constant(1000, 2.0), connections=1
-        )
+    r = await _against_fake(tmp_path, fake, profile=_constant(1000, 2.0), connections=1)
     assert fake.held > 0
     assert r.ok == r.offered == r.sent and r.errors == 0 and r.busy_replies == 0
     assert r.latency.percentile(99) >= 0.8 * STALL_FOR
@@ -87,16 +88,14 @@ async def test_closed_loop_hides_the_same_stall(tmp_path):
     same stall touches only the 4 requests in flight. max sees it, the percentiles do not --
     which is why open loop is the default."""
     fake = FakeEngine(stall_after=STALL_AFTER, stall_for=STALL_FOR)
-    async with trio.open_nursery() as nursery:
-        r = await _against_fake(
-            nursery,
-            tmp_path,
-            fake,
-            profile=_constant(1000, 2.0),
-            closed_loop=True,
-            connections=1,
-            in_flight=4,
-        )
+    r = await _against_fake(
+        tmp_path,
+        fake,
+        profile=_constant(1000, 2.0),
+        closed_loop=True,
+        connections=1,
+        in_flight=4,
+    )
     assert fake.held == 4
     assert r.latency.max_s >= 0.9 * STALL_FOR
     assert r.latency.percentile(99) < 0.2 * STALL_FOR
@@ -109,16 +108,14 @@ async def test_closed_loop_hides_the_same_stall(tmp_path):
 @pytest.mark.trio
 async def test_busy_is_counted_and_nothing_is_retried(tmp_path):
     fake = FakeEngine(stall_after=0.2, stall_for=0.3, max_in_flight=2)
-    async with trio.open_nursery() as nursery:
-        r = await _against_fake(
-            nursery,
-            tmp_path,
-            fake,
-            profile=_constant(400, 1.0),
-            connections=1,
-            exceed_in_flight=True,
-            batch=2,
-        )
+    r = await _against_fake(
+        tmp_path,
+        fake,
+        profile=_constant(400, 1.0),
+        connections=1,
+        exceed_in_flight=True,
+        batch=2,
+    )
     assert r.busy_replies > 0 and r.busy_certs == 2 * r.busy_replies
     assert r.ok + r.busy_certs == r.offered == r.sent
     assert fake.requests == r.sent_frames  # each request exactly once
@@ -158,15 +155,13 @@ async def test_invalid_items_get_the_expected_rejection(tmp_path):
 async def test_a_fast_wrong_answer_never_counts(tmp_path):
     """The fake answers at once with an HC1 that verifies against nothing: every sampled
     certificate moves from ok to the error bad_signature."""
-    async with trio.open_nursery() as nursery:
-        r = await _against_fake(
-            nursery,
-            tmp_path,
-            FakeEngine(),
-            profile=_constant(500, 0.5),
-            verify_sample=1.0,
-            batch=5,
-        )
+    r = await _against_fake(
+        tmp_path,
+        FakeEngine(),
+        profile=_constant(500, 0.5),
+        verify_sample=1.0,
+        batch=5,
+    )
     assert r.verify["verified"] == r.offered
     assert r.errors_by_code == {"bad_signature": r.offered}
     assert r.ok == 0 and r.wrong_answers == r.offered
@@ -179,8 +174,7 @@ async def test_fast_fake_answers_from_its_cache(tmp_path, batch):
     """The fake of the ceiling measurement (bench/loadgen_ceiling.py): LIST_KEYS still
     answered, every request once, replies of the right size."""
     fake = FakeEngine(fast=True)
-    async with trio.open_nursery() as nursery:
-        r = await _against_fake(nursery, tmp_path, fake, profile=_constant(2000, 0.5), batch=batch)
+    r = await _against_fake(tmp_path, fake, profile=_constant(2000, 0.5), batch=batch)
     assert r.ok == r.offered == r.sent > 0 and r.errors == 0
     assert fake.requests == r.sent_frames and fake.items == r.sent
 
@@ -600,8 +594,7 @@ async def test_the_burst_is_the_busiest_phase_counted_by_reply_time(tmp_path):
         "[[phase]]\nduration = 0.6\nlevel = 5\n",
         "two",
     )
-    async with trio.open_nursery() as nursery:
-        r = await _against_fake(nursery, tmp_path, FakeEngine(), profile=profile, batch=5)
+    r = await _against_fake(tmp_path, FakeEngine(), profile=profile, batch=5)
     doc = to_json(r)
     first, second = doc["phases"]
     assert doc["burst"] == second and (second["start_s"], second["end_s"]) == (0.6, 1.2)
@@ -1054,17 +1047,15 @@ async def test_request_ids_are_unique_and_invalid_signed_items_are_found(tmp_pat
     error SIGNED_INVALID, never ok -- whether replies are counted or decoded."""
     payloads = build_payloads(batch=10, invalid_share=0.1, accounts=50, pool_items=500)
     fake = FakeEngine()
-    async with trio.open_nursery() as nursery:
-        r = await _against_fake(
-            nursery,
-            tmp_path,
-            fake,
-            profile=_constant(4000, 0.5),
-            batch=10,
-            invalid_share=0.1,
-            full_decode=full_decode,
-            payloads=payloads,
-        )
+    r = await _against_fake(
+        tmp_path,
+        fake,
+        profile=_constant(4000, 0.5),
+        batch=10,
+        invalid_share=0.1,
+        full_decode=full_decode,
+        payloads=payloads,
+    )
     assert r.sent == 2000  # the pool of 500 four times: 50 invalid DCCs each time
     assert r.connection_losses == [] and fake.requests == r.sent_frames == 200
     assert r.errors_by_code == {"SIGNED_INVALID": 200}
@@ -1078,20 +1069,18 @@ async def test_counted_and_decoded_replies_give_the_same_counts(tmp_path):
     payloads = build_payloads(batch=10, invalid_share=0.2, accounts=50, pool_items=500)
     runs = []
     for full_decode in (False, True):
-        async with trio.open_nursery() as nursery:
-            runs.append(
-                await _against_fake(
-                    nursery,
-                    tmp_path,
-                    FakeEngine(validate=True),
-                    profile=_constant(2000, 0.5),
-                    batch=10,
-                    invalid_share=0.2,
-                    full_decode=full_decode,
-                    verify_sample=1.0,
-                    payloads=payloads,
-                )
+        runs.append(
+            await _against_fake(
+                tmp_path,
+                FakeEngine(validate=True),
+                profile=_constant(2000, 0.5),
+                batch=10,
+                invalid_share=0.2,
+                full_decode=full_decode,
+                verify_sample=1.0,
+                payloads=payloads,
             )
+        )
         (tmp_path / "fake.sock").unlink()
     counted, decoded = runs
     for r in runs:
@@ -1162,16 +1151,14 @@ class _BrokenResultFake(FakeEngine):
 @pytest.mark.parametrize("full_decode", [False, True])
 @pytest.mark.trio
 async def test_a_broken_result_body_ends_the_connection_as_a_protocol_error(tmp_path, full_decode):
-    async with trio.open_nursery() as nursery:
-        r = await _against_fake(
-            nursery,
-            tmp_path,
-            _BrokenResultFake(),
-            profile=_constant(200, 0.3),
-            batch=5,
-            full_decode=full_decode,
-            drain_timeout=10.0,  # ends as soon as every request is lost (not a wait)
-        )
+    r = await _against_fake(
+        tmp_path,
+        _BrokenResultFake(),
+        profile=_constant(200, 0.3),
+        batch=5,
+        full_decode=full_decode,
+        drain_timeout=10.0,  # ends as soon as every request is lost (not a wait)
+    )
     assert r.ok == 0 and r.connection_losses, (r.errors_by_code, r.connection_losses)
     assert set(r.errors_by_code) <= {"CONNECTION_LOST", "NO_REPLY"}
     assert all(
