@@ -1,5 +1,6 @@
 """What the ``dccsign`` command groups share in their arguments: value types (among them
-numbers bounded by :func:`positive` and :func:`in_range`), the ``--keystore`` option
+numbers bounded by :func:`positive` and :func:`in_range`; :func:`number_options` declares a
+run of options of the first kind), the ``--keystore`` option
 (declared by :func:`keystore_arg`, opened by :func:`open_keystore`), and the TLS client's
 ``--cert``/``--key``/``--ca`` (:func:`tls_client_args`)."""
 
@@ -7,19 +8,25 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "NumberRow",
     "host_port",
     "in_range",
     "iso_time",
     "keystore_arg",
     "kid",
+    "number_options",
     "open_keystore",
     "positive",
     "tls_client_args",
 ]
+
+NumberRow = tuple[str, type[int] | type[float], float, Any, str]
+"""One option of :func:`number_options`: flag, kind, maximum, default, metavar."""
 
 
 def kid(value: str) -> bytes:
@@ -74,6 +81,19 @@ def in_range(kind: type[int] | type[float], low: float, high: float, what: str):
         return number
 
     return parse
+
+
+def number_options(parser: Any, rows: Iterable[NumberRow], helps: Mapping[str, str]) -> None:
+    """Declare on *parser* (a parser or an argument group), in the order of *rows*, one option
+    per row ``(flag, kind, maximum, default, metavar)``: a number of *kind* greater than zero
+    and at most *maximum* (:func:`positive`), with the help text ``helps[flag]``.
+
+    A table rather than one ``add_argument`` call each: the bounded numbers of a command read
+    as one list of flags, limits and defaults, and their help texts as another."""
+    for flag, kind, maximum, default, metavar in rows:
+        parser.add_argument(
+            flag, type=positive(kind, maximum), default=default, metavar=metavar, help=helps[flag]
+        )
 
 
 def host_port(value: str) -> tuple[str, int]:

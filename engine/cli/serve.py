@@ -16,7 +16,7 @@ import trio
 from ..server.batcher import DEFAULT_WINDOW
 from ..server.engine import Engine, tls_server_context
 from ..server.server import Limits
-from .args import host_port, keystore_arg, positive
+from .args import NumberRow, host_port, keystore_arg, number_options, positive
 from .exits import error_exit
 from .keyd import nonce_pool_option
 
@@ -285,75 +285,47 @@ def _add_serve(sub: Any) -> Any:
 def _add_limits(p: Any) -> None:
     lim = Limits()
     tune = p.add_argument_group("capacity and batching")
-    tune.add_argument(
-        "--max-in-flight",
-        type=positive(int, 65_536),
-        default=lim.max_in_flight,
-        metavar="N",
-        help="requests in progress on one connection, or answered and not yet read, before "
-        f"BUSY (default {lim.max_in_flight})",
+    rows: tuple[NumberRow, ...] = (
+        ("--max-in-flight", int, 65_536, lim.max_in_flight, "N"),
+        ("--max-connection-items", int, 10_000_000, lim.max_connection_items, "N"),
+        ("--max-client-items", int, 10_000_000, lim.max_client_items, "N"),
+        ("--max-connections", int, 1_000_000, lim.max_connections, "N"),
+        ("--idle-timeout", float, 86_400, lim.idle_timeout, "S"),
+        ("--max-pending-items", int, 10_000_000, lim.max_pending_items, "N"),
+        ("--max-batch", int, 100_000, lim.max_batch, "N"),
+        ("--deadline", float, 3600, lim.deadline, "S"),
     )
-    tune.add_argument(
-        "--max-connection-items",
-        type=positive(int, 10_000_000),
-        default=lim.max_connection_items,
-        metavar="N",
-        help="certificates in progress on one connection, or answered and not yet read by its "
-        f"client, before BUSY (default {lim.max_connection_items})",
-    )
-    tune.add_argument(
-        "--max-client-items",
-        type=positive(int, 10_000_000),
-        default=lim.max_client_items,
-        metavar="N",
-        help="certificates in progress for one client over all its connections, or answered "
-        f"and not yet read, before BUSY (default {lim.max_client_items})",
-    )
-    tune.add_argument(
-        "--max-connections",
-        type=positive(int, 1_000_000),
-        default=lim.max_connections,
-        metavar="N",
-        help="open connections; more are closed at once (default "
-        f"{lim.max_connections}; the open-files limit is raised to fit)",
-    )
-    tune.add_argument(
-        "--idle-timeout",
-        type=positive(float, 86_400),
-        default=lim.idle_timeout,
-        metavar="S",
-        help="close a connection that has nothing in progress and sends nothing (not even "
-        "PING) for S seconds, with GOAWAY, or whose client reads none of its replies for S "
-        f"seconds (default {lim.idle_timeout:g}; HELLO must come within "
-        f"{lim.hello_timeout:g} s, and each frame arrive whole within {lim.frame_timeout:g} s)",
-    )
+    number_options(tune, rows, _limit_helps(lim))
     _add_batching(tune, lim)
 
 
+def _limit_helps(lim: Limits) -> dict[str, str]:
+    """The help texts of the options that set *lim*'s bounds, by flag."""
+    return {
+        "--max-in-flight": "requests in progress on one connection, or answered and not yet "
+        f"read, before BUSY (default {lim.max_in_flight})",
+        "--max-connection-items": "certificates in progress on one connection, or answered and "
+        f"not yet read by its client, before BUSY (default {lim.max_connection_items})",
+        "--max-client-items": "certificates in progress for one client over all its "
+        "connections, or answered and not yet read, before BUSY (default "
+        f"{lim.max_client_items})",
+        "--max-connections": "open connections; more are closed at once (default "
+        f"{lim.max_connections}; the open-files limit is raised to fit)",
+        "--idle-timeout": "close a connection that has nothing in progress and sends nothing "
+        "(not even PING) for S seconds, with GOAWAY, or whose client reads none of its replies "
+        f"for S seconds (default {lim.idle_timeout:g}; HELLO must come within "
+        f"{lim.hello_timeout:g} s, and each frame arrive whole within {lim.frame_timeout:g} s)",
+        "--max-pending-items": "certificates in progress in the whole engine, or answered and "
+        f"not yet read, before BUSY (default {lim.max_pending_items}); above 3/4 of it only "
+        "clients within their weighted share (policy 'weight') are admitted",
+        "--max-batch": "items per SIGN_BATCH frame, announced in WELCOME (default "
+        f"{lim.max_batch})",
+        "--deadline": "seconds a request may take before DEADLINE_EXCEEDED (default "
+        f"{lim.deadline:g})",
+    }
+
+
 def _add_batching(tune: Any, lim: Limits) -> None:
-    tune.add_argument(
-        "--max-pending-items",
-        type=positive(int, 10_000_000),
-        default=lim.max_pending_items,
-        metavar="N",
-        help="certificates in progress in the whole engine, or answered and not yet read, "
-        f"before BUSY (default {lim.max_pending_items}); above 3/4 of it only clients within "
-        "their weighted share (policy 'weight') are admitted",
-    )
-    tune.add_argument(
-        "--max-batch",
-        type=positive(int, 100_000),
-        default=lim.max_batch,
-        metavar="N",
-        help=f"items per SIGN_BATCH frame, announced in WELCOME (default {lim.max_batch})",
-    )
-    tune.add_argument(
-        "--deadline",
-        type=positive(float, 3600),
-        default=lim.deadline,
-        metavar="S",
-        help=f"seconds a request may take before DEADLINE_EXCEEDED (default {lim.deadline:g})",
-    )
     tune.add_argument(
         "--queue-target",
         type=float,
