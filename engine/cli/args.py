@@ -1,8 +1,8 @@
 """What the ``dccsign`` command groups share in their arguments: value types (among them
-numbers bounded by :func:`positive` and :func:`in_range`; :func:`number_options` declares a
-run of options of the first kind), the ``--keystore`` option
-(declared by :func:`keystore_arg`, opened by :func:`open_keystore`), and the TLS client's
-``--cert``/``--key``/``--ca`` (:func:`tls_client_args`)."""
+numbers bounded by :func:`positive` and :func:`in_range`), tables of options
+(:func:`add_options`, with the keywords :func:`number` and :data:`SWITCH`), the ``--keystore``
+option (declared by :func:`keystore_arg`, opened by :func:`open_keystore`), and the TLS
+client's ``--cert``/``--key``/``--ca`` (:func:`tls_client_args`)."""
 
 from __future__ import annotations
 
@@ -13,20 +13,26 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "NumberRow",
+    "SWITCH",
+    "OptionRow",
+    "add_options",
     "host_port",
     "in_range",
     "iso_time",
     "keystore_arg",
     "kid",
-    "number_options",
+    "number",
     "open_keystore",
     "positive",
     "tls_client_args",
 ]
 
-NumberRow = tuple[str, type[int] | type[float], float, Any, str]
-"""One option of :func:`number_options`: flag, kind, maximum, default, metavar."""
+OptionRow = tuple[str, Mapping[str, Any]]
+"""One argument of :func:`add_options`: its flag (or a positional's name) and the keywords of
+``add_argument`` but ``help``."""
+
+SWITCH: Mapping[str, Any] = {"action": "store_true"}
+"""The keywords of an option that is on when given."""
 
 
 def kid(value: str) -> bytes:
@@ -83,17 +89,22 @@ def in_range(kind: type[int] | type[float], low: float, high: float, what: str):
     return parse
 
 
-def number_options(parser: Any, rows: Iterable[NumberRow], helps: Mapping[str, str]) -> None:
-    """Declare on *parser* (a parser or an argument group), in the order of *rows*, one option
-    per row ``(flag, kind, maximum, default, metavar)``: a number of *kind* greater than zero
-    and at most *maximum* (:func:`positive`), with the help text ``helps[flag]``.
+def number(
+    kind: type[int] | type[float], maximum: float, default: Any = None, metavar: str = "N"
+) -> dict[str, Any]:
+    """The keywords of an option taking a number of *kind* greater than zero and at most
+    *maximum* (:func:`positive`)."""
+    return {"type": positive(kind, maximum), "default": default, "metavar": metavar}
 
-    A table rather than one ``add_argument`` call each: the bounded numbers of a command read
-    as one list of flags, limits and defaults, and their help texts as another."""
-    for flag, kind, maximum, default, metavar in rows:
-        parser.add_argument(
-            flag, type=positive(kind, maximum), default=default, metavar=metavar, help=helps[flag]
-        )
+
+def add_options(parser: Any, rows: Iterable[OptionRow], helps: Mapping[str, str]) -> None:
+    """Declare on *parser* (a parser or an argument group), in the order of *rows*, one
+    argument per row ``(flag, keywords)`` with the help text ``helps[flag]`` (none if absent).
+
+    A table rather than one ``add_argument`` call each: a command's arguments read as one
+    list of flags, types and defaults, and their help texts as another."""
+    for flag, keywords in rows:
+        parser.add_argument(flag, **keywords, help=helps.get(flag))
 
 
 def host_port(value: str) -> tuple[str, int]:

@@ -16,7 +16,7 @@ import trio
 from ..server.batcher import DEFAULT_WINDOW
 from ..server.engine import Engine, tls_server_context
 from ..server.server import Limits
-from .args import NumberRow, host_port, keystore_arg, number_options, positive
+from .args import OptionRow, add_options, host_port, keystore_arg, number
 from .exits import error_exit
 from .keyd import nonce_pool_option
 
@@ -285,17 +285,17 @@ def _add_serve(sub: Any) -> Any:
 def _add_limits(p: Any) -> None:
     lim = Limits()
     tune = p.add_argument_group("capacity and batching")
-    rows: tuple[NumberRow, ...] = (
-        ("--max-in-flight", int, 65_536, lim.max_in_flight, "N"),
-        ("--max-connection-items", int, 10_000_000, lim.max_connection_items, "N"),
-        ("--max-client-items", int, 10_000_000, lim.max_client_items, "N"),
-        ("--max-connections", int, 1_000_000, lim.max_connections, "N"),
-        ("--idle-timeout", float, 86_400, lim.idle_timeout, "S"),
-        ("--max-pending-items", int, 10_000_000, lim.max_pending_items, "N"),
-        ("--max-batch", int, 100_000, lim.max_batch, "N"),
-        ("--deadline", float, 3600, lim.deadline, "S"),
+    rows: tuple[OptionRow, ...] = (
+        ("--max-in-flight", number(int, 65_536, lim.max_in_flight)),
+        ("--max-connection-items", number(int, 10_000_000, lim.max_connection_items)),
+        ("--max-client-items", number(int, 10_000_000, lim.max_client_items)),
+        ("--max-connections", number(int, 1_000_000, lim.max_connections)),
+        ("--idle-timeout", number(float, 86_400, lim.idle_timeout, "S")),
+        ("--max-pending-items", number(int, 10_000_000, lim.max_pending_items)),
+        ("--max-batch", number(int, 100_000, lim.max_batch)),
+        ("--deadline", number(float, 3600, lim.deadline, "S")),
     )
-    number_options(tune, rows, _limit_helps(lim))
+    add_options(tune, rows, _limit_helps(lim))
     _add_batching(tune, lim)
 
 
@@ -326,38 +326,34 @@ def _limit_helps(lim: Limits) -> dict[str, str]:
 
 
 def _add_batching(tune: Any, lim: Limits) -> None:
-    tune.add_argument(
-        "--queue-target",
-        type=float,
-        default=lim.queue_target * 1000,
-        metavar="MS",
-        help="refuse a client's new requests with BUSY while its oldest request in progress "
-        f"is older than this, more than {lim.queue_floor} certificates are in progress in "
-        "the engine and the client holds at least its weighted share of them, in "
-        f"milliseconds; 0 turns it off (default {lim.queue_target * 1000:g})",
+    """The options of batching and of the keyd link, after the capacity bounds of *lim*."""
+    helps = _batching_helps(lim)
+    ms = {"type": float, "metavar": "MS"}
+    windows: tuple[OptionRow, ...] = (
+        ("--queue-target", {**ms, "default": lim.queue_target * 1000}),
+        ("--batch-window", {**ms, "default": DEFAULT_WINDOW * 1000}),
     )
-    tune.add_argument(
-        "--batch-window",
-        type=float,
-        default=DEFAULT_WINDOW * 1000,
-        metavar="MS",
-        help="longest a request waits to share a keyd round with others, in milliseconds "
-        f"(0..100; default {DEFAULT_WINDOW * 1000:g})",
-    )
+    add_options(tune, windows, helps)
     nonce_pool_option(tune)
-    tune.add_argument(
-        "--keyd-connections",
-        type=positive(int, 64),
-        default=2,
-        metavar="N",
-        help="pipelined connections to keyd (keyd serves each on its own thread; default 2)",
+    zlib_level = {"type": int, "choices": range(1, 10), "default": 9, "metavar": "L"}
+    add_options(
+        tune,
+        (("--keyd-connections", number(int, 64, 2)), ("--zlib-level", zlib_level)),
+        helps,
     )
-    tune.add_argument(
-        "--zlib-level",
-        type=int,
-        choices=range(1, 10),
-        default=9,
-        metavar="L",
-        help="deflate level of the HC1 strings, 1..9 (default 9; every level is a standard "
-        "zlib stream)",
-    )
+
+
+def _batching_helps(lim: Limits) -> dict[str, str]:
+    """The help texts of :func:`_add_batching`'s options, by flag."""
+    return {
+        "--queue-target": "refuse a client's new requests with BUSY while its oldest request in "
+        f"progress is older than this, more than {lim.queue_floor} certificates are in progress "
+        "in the engine and the client holds at least its weighted share of them, in "
+        f"milliseconds; 0 turns it off (default {lim.queue_target * 1000:g})",
+        "--batch-window": "longest a request waits to share a keyd round with others, in "
+        f"milliseconds (0..100; default {DEFAULT_WINDOW * 1000:g})",
+        "--keyd-connections": "pipelined connections to keyd (keyd serves each on its own "
+        "thread; default 2)",
+        "--zlib-level": "deflate level of the HC1 strings, 1..9 (default 9; every level is a "
+        "standard zlib stream)",
+    }
