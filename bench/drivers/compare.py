@@ -65,7 +65,7 @@ EXIT_WRONG = 1
 EXIT_USAGE = 2
 EXIT_ENGINE = 4
 
-#: The pool the product benchmark signs from (benchcore.run: max(batch * 16, 1024) DCCs).
+#: The pool the product benchmark signs from (core.run: max(batch * 16, 1024) DCCs).
 POOL = 1024
 CHECK_EVERY = 64
 #: A multi-worker sample counts as "quiet" when other processes used less than this.
