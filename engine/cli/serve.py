@@ -25,6 +25,21 @@ __all__ = ["add_commands", "cmd_serve"]
 LOGGER = logging.getLogger("dccsign.serve")
 
 
+#: The fields of :class:`Limits` that options of the same name (``--max-in-flight`` sets
+#: ``max_in_flight``) bound to a number of this kind, greater than zero and at most this, in
+#: the order of ``--help``.
+_LIMIT_BOUNDS: tuple[tuple[str, type[int] | type[float], float], ...] = (
+    ("max_in_flight", int, 65_536),
+    ("max_connection_items", int, 10_000_000),
+    ("max_client_items", int, 10_000_000),
+    ("max_connections", int, 1_000_000),
+    ("idle_timeout", float, 86_400),
+    ("max_pending_items", int, 10_000_000),
+    ("max_batch", int, 100_000),
+    ("deadline", float, 3600),
+)
+
+
 class _Usage(Exception):
     """A combination of options ``dccsign serve`` cannot run with (exit 2)."""
 
@@ -111,17 +126,10 @@ def _tls_context(args: Any) -> ssl.SSLContext | None:
 
 
 def _limits(args: Any) -> Limits:
-    return Limits(
-        max_batch=args.max_batch,
-        max_in_flight=args.max_in_flight,
-        max_connection_items=args.max_connection_items,
-        max_client_items=args.max_client_items,
-        max_pending_items=args.max_pending_items,
-        max_connections=args.max_connections,
-        deadline=args.deadline,
-        queue_target=args.queue_target / 1000,
-        idle_timeout=args.idle_timeout,
-    )
+    """The engine's :class:`Limits` from the options named after its fields (the queue target
+    given in milliseconds)."""
+    bounds = {name: getattr(args, name) for name, _kind, _maximum in _LIMIT_BOUNDS}
+    return Limits(**bounds, queue_target=args.queue_target / 1000)
 
 
 def _run(engine: Engine, args: Any, ssl_context: ssl.SSLContext | None) -> int:
@@ -285,18 +293,17 @@ def _add_serve(sub: Any) -> Any:
 def _add_limits(p: Any) -> None:
     lim = Limits()
     tune = p.add_argument_group("capacity and batching")
-    rows: tuple[OptionRow, ...] = (
-        ("--max-in-flight", number(int, 65_536, lim.max_in_flight)),
-        ("--max-connection-items", number(int, 10_000_000, lim.max_connection_items)),
-        ("--max-client-items", number(int, 10_000_000, lim.max_client_items)),
-        ("--max-connections", number(int, 1_000_000, lim.max_connections)),
-        ("--idle-timeout", number(float, 86_400, lim.idle_timeout, "S")),
-        ("--max-pending-items", number(int, 10_000_000, lim.max_pending_items)),
-        ("--max-batch", number(int, 100_000, lim.max_batch)),
-        ("--deadline", number(float, 3600, lim.deadline, "S")),
-    )
+    rows: list[OptionRow] = []
+    for name, kind, maximum in _LIMIT_BOUNDS:
+        metavar = "N" if kind is int else "S"
+        rows.append((_flag(name), number(kind, maximum, getattr(lim, name), metavar)))
     add_options(tune, rows, _limit_helps(lim))
     _add_batching(tune, lim)
+
+
+def _flag(field: str) -> str:
+    """The option that sets the :class:`Limits` field *field*."""
+    return "--" + field.replace("_", "-")
 
 
 def _limit_helps(lim: Limits) -> dict[str, str]:
