@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ __all__ = [
     "SWITCH",
     "OptionRow",
     "add_options",
+    "command_group",
     "host_port",
     "in_range",
     "iso_time",
@@ -105,6 +106,22 @@ def add_options(parser: Any, rows: Iterable[OptionRow], helps: Mapping[str, str]
     list of flags, types and defaults, and their help texts as another."""
     for flag, keywords in rows:
         parser.add_argument(flag, **keywords, help=helps.get(flag))
+
+
+def command_group(
+    sub: Any, name: str, adders: Iterable[Callable[[Any], object]], **texts: str
+) -> argparse.ArgumentParser:
+    """Add the command group *name* (``help``, ``description``, ``epilog``: *texts*) to the
+    sub-commands *sub* and return its parser. Its own sub-command is required, stored as
+    ``<name>_command`` and shown as ``<NAME>_COMMAND``; each of *adders* adds some of them
+    to the group's sub-commands."""
+    parser = sub.add_parser(name, **texts)
+    inner = parser.add_subparsers(
+        dest=f"{name}_command", required=True, metavar=f"{name.upper()}_COMMAND"
+    )
+    for add in adders:
+        add(inner)
+    return parser
 
 
 def host_port(value: str) -> tuple[str, int]:
