@@ -37,6 +37,26 @@ DEV_TLS = Path("var/dev-keystore/dev-tls")
 DEFAULT_METRICS = "http://127.0.0.1:9464/metrics"
 
 
+#: The fields of :class:`~.loadgen.LoadConfig` that the options of the same name give as they
+#: are.
+_AS_GIVEN = (
+    "server",
+    "closed_loop",
+    "connections",
+    "in_flight",
+    "exceed_in_flight",
+    "batch",
+    "invalid_share",
+    "accounts",
+    "account_prefix",
+    "verify_sample",
+    "verify_max",
+    "max_outstanding",
+    "drain_timeout",
+    "seed",
+    "full_decode",
+)
+
 _share = in_range(float, 0.0, 1.0, "a share between 0 and 1")
 
 
@@ -394,26 +414,12 @@ def _load_config(args: argparse.Namespace, profile: Profile, metrics_url: str | 
     tls = not args.server.startswith("unix:")
     return LoadConfig(
         profile=profile,
-        server=args.server,
+        **{name: getattr(args, name) for name in _AS_GIVEN},
         cert=_dev_default(args.cert, "client-cert.pem") if tls else args.cert,
         key=_dev_default(args.key, "client-key.pem") if tls else args.key,
         ca=_dev_default(args.ca, "ca.pem") if tls else args.ca,
-        closed_loop=args.closed_loop,
-        connections=args.connections,
-        in_flight=args.in_flight,
-        exceed_in_flight=args.exceed_in_flight,
-        batch=args.batch,
-        invalid_share=args.invalid_share,
-        accounts=args.accounts,
-        account_prefix=args.account_prefix,
-        verify_sample=args.verify_sample,
-        verify_max=args.verify_max,
-        max_outstanding=args.max_outstanding,
-        drain_timeout=args.drain_timeout,
         compression=not args.no_compression,
-        seed=args.seed,
         metrics_url=metrics_url,
-        full_decode=args.full_decode,
         cpu_pids=tuple(args.cpu_pid),
     )
 
