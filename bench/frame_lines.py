@@ -194,7 +194,7 @@ def main() -> int:
         for key, v in list(part["functions"].items())[: args.top]:
             print(f"  {v['lines']:8.1f} lines {v['calls']:6.2f} calls  {key}")
     if args.json:
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        benchsetup.save_result(result, "frame_lines", args.json)
     return 0
 
 

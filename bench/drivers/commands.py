@@ -11,7 +11,7 @@ import argparse
 import json
 from typing import Any
 
-from ..cli.args import positive
+from ..cli.args import SWITCH, add_options, command_group, number
 from ..cli.exits import error_exit
 from .compare import add_compare_parser
 from .loadcli import add_load_parser
@@ -52,11 +52,16 @@ def cmd_bench_core(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     """Add the ``bench`` command group to the ``dccsign`` parser's sub-commands *sub*."""
-    bench = sub.add_parser(
+    command_group(
+        sub,
         "bench",
+        (_add_core_parser, add_load_parser, add_compare_parser),
         help="benchmarks (the drivers of bench/; `load` and plots need the [bench] extra)",
     )
-    bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH_COMMAND")
+
+
+def _add_core_parser(bsub: Any) -> None:
+    """Add ``core`` to the ``bench`` subcommands *bsub*."""
     p = bsub.add_parser(
         "core",
         help="the full product path in one process (in-process key), certificates/s",
@@ -64,31 +69,23 @@ def register(sub: Any) -> None:
         "claims, CBOR, signing, COSE, zlib, base45) in one process with an ephemeral "
         "in-process key. Prints certificates/s and per-stage times.",
     )
-    p.add_argument(
-        "--impl",
-        choices=("native", "python"),
-        help="implementation to measure (default: the one this process selected; "
+    helps = {
+        "--impl": "implementation to measure (default: the one this process selected; "
         "DCCSIGN_PUREPYTHON=1 selects python)",
+        "--batch": "certificates per batch call (default 64)",
+        "--zlib-level": "deflate level -1..9 (default 9)",
+        "--json": "print one JSON object",
+    }
+    add_options(
+        p,
+        (
+            ("--impl", {"choices": ("native", "python")}),
+            ("--threads", number(int, 256, 1)),
+            ("--seconds", number(float, 1e6, 5.0)),
+            ("--batch", number(int, 1e6, 64)),
+            ("--zlib-level", {"type": int, "choices": range(-1, 10), "default": 9, "metavar": "L"}),
+            ("--json", SWITCH),
+        ),
+        helps,
     )
-    p.add_argument("--threads", type=positive(int, 256), default=1, metavar="N")
-    p.add_argument("--seconds", type=positive(float), default=5.0, metavar="N")
-    p.add_argument(
-        "--batch",
-        type=positive(int),
-        default=64,
-        metavar="N",
-        help="certificates per batch call (default 64)",
-    )
-    p.add_argument(
-        "--zlib-level",
-        type=int,
-        choices=range(-1, 10),
-        default=9,
-        metavar="L",
-        help="deflate level -1..9 (default 9)",
-    )
-    p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench_core)
-
-    add_load_parser(bsub)
-    add_compare_parser(bsub)

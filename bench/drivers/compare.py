@@ -45,7 +45,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from ..cli.args import positive, tls_client_args
+from ..cli.args import add_options, number, tls_client_args
 from ..cli.exits import error_exit
 
 __all__ = [
@@ -65,7 +65,7 @@ EXIT_WRONG = 1
 EXIT_USAGE = 2
 EXIT_ENGINE = 4
 
-#: The pool the product benchmark signs from (benchcore.run: max(batch * 16, 1024) DCCs).
+#: The pool the product benchmark signs from (core.run: max(batch * 16, 1024) DCCs).
 POOL = 1024
 CHECK_EVERY = 64
 #: A multi-worker sample counts as "quiet" when other processes used less than this.
@@ -643,43 +643,31 @@ def add_compare_parser(bsub: Any) -> argparse.ArgumentParser:
         "matplotlib missing for --plot); 4 --server given but the engine row could not be "
         'measured. See bench/README.md, section "dccsign bench compare".',
     )
-    p.add_argument(
-        "--seconds",
-        type=positive(float, 3600),
-        default=2.0,
-        metavar="N",
-        help="seconds per sample of each row (openssl: always 1 s) (default 2)",
-    )
-    p.add_argument(
-        "--rounds",
-        type=positive(int, 1000),
-        default=3,
-        metavar="R",
-        help="interleaved rounds; each measures every row once (default 3)",
-    )
-    p.add_argument(
-        "--threads",
-        type=positive(int, 256),
-        default=os.cpu_count() or 1,
-        metavar="N",
-        help="workers of the 'all cores' rows: openssl -multi N and "
+    helps = {
+        "--seconds": "seconds per sample of each row (openssl: always 1 s) (default 2)",
+        "--rounds": "interleaved rounds; each measures every row once (default 3)",
+        "--threads": "workers of the 'all cores' rows: openssl -multi N and "
         f"the native core with N threads (default: all cores, {os.cpu_count()})",
-    )
-    p.add_argument(
-        "--naive",
-        type=Path,
-        metavar="PATH",
-        help="the naive pipeline file (default: bench/naive.py under the current "
+        "--naive": "the naive pipeline file (default: bench/naive.py under the current "
         "directory or the source checkout; without it the naive row is not "
         "measured and its ratios are omitted)",
+        "--server": "also measure a running engine end to end: unix:PATH or HOST:PORT, "
+        "passed to `dccsign bench load` with --cert/--key/--ca",
+        "--json": "write every row, round, ratio and the environment as JSON",
+        "--plot": "draw a bar chart of the rates (needs matplotlib)",
+    }
+    add_options(
+        p,
+        (
+            ("--seconds", number(float, 3600, 2.0)),
+            ("--rounds", number(int, 1000, 3, "R")),
+            ("--threads", number(int, 256, os.cpu_count() or 1)),
+            ("--naive", {"type": Path, "metavar": "PATH"}),
+        ),
+        helps,
     )
     g = p.add_argument_group("engine (optional)")
-    g.add_argument(
-        "--server",
-        metavar="ADDR",
-        help="also measure a running engine end to end: unix:PATH or HOST:PORT, "
-        "passed to `dccsign bench load` with --cert/--key/--ca",
-    )
+    add_options(g, (("--server", {"metavar": "ADDR"}),), helps)
     tls_client_args(
         g,
         cert="TLS client certificate",
@@ -687,17 +675,13 @@ def add_compare_parser(bsub: Any) -> argparse.ArgumentParser:
         ca="CA of the engine's certificate",
     )
     g = p.add_argument_group("output")
-    g.add_argument(
-        "--json",
-        type=Path,
-        metavar="FILE",
-        help="write every row, round, ratio and the environment as JSON",
-    )
-    g.add_argument(
-        "--plot",
-        type=Path,
-        metavar="FILE.png",
-        help="draw a bar chart of the rates (needs matplotlib)",
+    add_options(
+        g,
+        (
+            ("--json", {"type": Path, "metavar": "FILE"}),
+            ("--plot", {"type": Path, "metavar": "FILE.png"}),
+        ),
+        helps,
     )
     p.set_defaults(func=cmd_bench_compare)
     return p

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from ..cli.args import in_range, positive, tls_client_args
+from ..cli.args import SWITCH, add_options, in_range, number, tls_client_args
 from ..cli.exits import error_exit
 
 if TYPE_CHECKING:
@@ -36,6 +36,26 @@ EXIT_POOL_TIMEOUT = 5
 DEV_TLS = Path("var/dev-keystore/dev-tls")
 DEFAULT_METRICS = "http://127.0.0.1:9464/metrics"
 
+
+#: The fields of :class:`~.loadgen.LoadConfig` that the options of the same name give as they
+#: are.
+_AS_GIVEN = (
+    "server",
+    "closed_loop",
+    "connections",
+    "in_flight",
+    "exceed_in_flight",
+    "batch",
+    "invalid_share",
+    "accounts",
+    "account_prefix",
+    "verify_sample",
+    "verify_max",
+    "max_outstanding",
+    "drain_timeout",
+    "seed",
+    "full_decode",
+)
 
 _share = in_range(float, 0.0, 1.0, "a share between 0 and 1")
 
@@ -89,14 +109,19 @@ def add_load_parser(bsub: Any) -> argparse.ArgumentParser:
 
 def _add_engine_options(g: Any) -> None:
     """Where the engine is and how to talk to it (group "engine")."""
-    g.add_argument(
-        "--server",
-        default="unix:var/dccsign.sock",
-        metavar="ADDR",
-        help="unix:PATH or HOST:PORT (TLS with a client certificate) (default "
+    helps = {
+        "--server": "unix:PATH or HOST:PORT (TLS with a client certificate) (default "
         "unix:var/dccsign.sock, the Unix socket of `make serve`; its TLS port is "
         "127.0.0.1:8443)",
-    )
+        "--no-compression": "do not offer zstd in HELLO (default: offer it, as the reference "
+        "client does; batch frames are then sent compressed)",
+        "--metrics": f"the engine's Prometheus endpoint, scraped before and after the run, and "
+        f"during it about once a second for keyd's nonce pool (dccsign_keyd_nonce_pool_*, if the "
+        f"engine exports it); 'none' skips it; if unreachable, the report says so and the run "
+        f"goes on, except for a profile that waits for the nonce pool (burst), which needs it "
+        f"(default {DEFAULT_METRICS})",
+    }
+    add_options(g, (("--server", {"default": "unix:var/dccsign.sock", "metavar": "ADDR"}),), helps)
     tls_client_args(
         g,
         cert=f"TLS client certificate (default {DEV_TLS}/client-cert.pem when it exists)",
@@ -104,220 +129,150 @@ def _add_engine_options(g: Any) -> None:
         ca=f"CA of the engine's TLS certificate (default {DEV_TLS}/ca.pem when it exists, "
         "else the system's)",
     )
-    g.add_argument(
-        "--no-compression",
-        action="store_true",
-        help="do not offer zstd in HELLO (default: offer it, as the reference client does; "
-        "batch frames are then sent compressed)",
-    )
-    g.add_argument(
-        "--metrics",
-        default=DEFAULT_METRICS,
-        metavar="URL",
-        help=f"the engine's Prometheus endpoint, scraped before and after the run, and during "
-        f"it about once a second for keyd's nonce pool (dccsign_keyd_nonce_pool_*, if the "
-        f"engine exports it); 'none' skips it; if unreachable, the report says so and the run "
-        f"goes on, except for a profile that waits for the nonce pool (burst), which needs it "
-        f"(default {DEFAULT_METRICS})",
+    add_options(
+        g,
+        (
+            ("--no-compression", SWITCH),
+            ("--metrics", {"default": DEFAULT_METRICS, "metavar": "URL"}),
+        ),
+        helps,
     )
 
 
 def _add_profile_options(g: Any, presets: str) -> None:
     """Which profile, reshaped how (group "load"); *presets* describes the presets."""
-    g.add_argument(
-        "--profile",
-        default="constant",
-        metavar="NAME|FILE",
-        help=f"a preset or a profile file (.toml; format in bench/README.md and "
-        f"dccsign/loadprofile.py). Presets: {presets}. (default constant)",
-    )
-    g.add_argument(
-        "--rate",
-        type=positive(float, 1e7),
-        metavar="R",
-        help="the profile's base rate in certificates/s (level 1); the profile's shape is "
+    helps = {
+        "--profile": f"a preset or a profile file (.toml; format in bench/README.md and "
+        f"bench/drivers/loadprofile.py). Presets: {presets}. (default constant)",
+        "--rate": "the profile's base rate in certificates/s (level 1); the profile's shape is "
         "kept (default: the profile's base_rate)",
-    )
-    g.add_argument(
-        "--duration",
-        type=positive(float, 86_400),
-        metavar="S",
-        help="stretch or shrink the profile to S seconds in all (phases in proportion), but "
-        "not below its min_duration (10 s for burst: refused); in closed loop, the run's "
+        "--duration": "stretch or shrink the profile to S seconds in all (phases in proportion), "
+        "but not below its min_duration (10 s for burst: refused); in closed loop, the run's "
         "length (default: the profile's duration)",
-    )
-    g.add_argument(
-        "--arrivals",
-        choices=("poisson", "uniform"),
-        help="poisson: independent arrivals (exponential gaps); uniform: evenly spaced "
+        "--arrivals": "poisson: independent arrivals (exponential gaps); uniform: evenly spaced "
         "(default: the profile's; the presets use poisson)",
-    )
-    g.add_argument(
-        "--pool-wait",
-        type=positive(float, 86_400),
-        default=600.0,
-        metavar="S",
-        help="for a profile with wait_for_pool (burst): before connecting, poll --metrics "
-        "until every key's nonce pool holds at least 99.9 %% of its capacity, printing the "
-        "level at most once a second; give up after S s with exit 5. The wait is before t=0 "
+        "--pool-wait": "for a profile with wait_for_pool (burst): before connecting, poll "
+        "--metrics until every key's nonce pool holds at least 99.9 %% of its capacity, printing "
+        "the level at most once a second; give up after S s with exit 5. The wait is before t=0 "
         "and counts in no rate (default 600)",
-    )
-    g.add_argument(
-        "--print-profile",
-        action="store_true",
-        help="print the profile (after --rate/--duration/--arrivals) as TOML and exit",
+        "--print-profile": "print the profile (after --rate/--duration/--arrivals) as TOML and "
+        "exit",
+    }
+    add_options(
+        g,
+        (
+            ("--profile", {"default": "constant", "metavar": "NAME|FILE"}),
+            ("--rate", number(float, 1e7, None, "R")),
+            ("--duration", number(float, 86_400, None, "S")),
+            ("--arrivals", {"choices": ("poisson", "uniform")}),
+            ("--pool-wait", number(float, 86_400, 600.0, "S")),
+            ("--print-profile", SWITCH),
+        ),
+        helps,
     )
 
 
 def _add_flow_options(g: Any) -> None:
     """Open or closed loop, connections, what may be outstanding, the drain, the seed
     (group "load")."""
-    g.add_argument(
-        "--closed-loop",
-        action="store_true",
-        help="closed loop: each connection keeps --in-flight requests outstanding and sends "
-        "the next when one is answered (the profile's rates are ignored; only its duration "
+    helps = {
+        "--closed-loop": "closed loop: each connection keeps --in-flight requests outstanding and "
+        "sends the next when one is answered (the profile's rates are ignored; only its duration "
         "counts); latency is from the write",
-    )
-    g.add_argument(
-        "--connections",
-        type=positive(int, 1024),
-        default=4,
-        metavar="N",
-        help="connections to the engine, in both modes (default 4)",
-    )
-    g.add_argument(
-        "--in-flight",
-        type=positive(int, 1_000_000),
-        metavar="M",
-        help="requests in flight per connection: closed loop default 4; open loop default "
-        "and ceiling the engine's max_in_flight from WELCOME (32 for `make serve`); a request "
-        "that finds no free slot waits in the backlog, and that wait counts in its latency",
-    )
-    g.add_argument(
-        "--exceed-in-flight",
-        action="store_true",
-        help="open loop: send at the intended time even beyond the engine's max_in_flight "
-        "(the engine answers BUSY; a protocol-compliant client never does this)",
-    )
-    g.add_argument(
-        "--max-outstanding",
-        type=positive(int, 10_000_000),
-        default=100_000,
-        metavar="N",
-        help="open loop: requests waiting or in flight at most; a request due beyond that is "
-        "not sent and counted as 'not sent (generator limit)' (default 100000)",
-    )
-    g.add_argument(
-        "--drain-timeout",
-        type=positive(float, 3600),
-        default=10.0,
-        metavar="S",
-        help="after the profile ends, wait up to S s for outstanding replies; still "
+        "--connections": "connections to the engine, in both modes (default 4)",
+        "--in-flight": "requests in flight per connection: closed loop default 4; open loop "
+        "default and ceiling the engine's max_in_flight from WELCOME (32 for `make serve`); a "
+        "request that finds no free slot waits in the backlog, and that wait counts in its latency",
+        "--exceed-in-flight": "open loop: send at the intended time even beyond the engine's "
+        "max_in_flight (the engine answers BUSY; a protocol-compliant client never does this)",
+        "--max-outstanding": "open loop: requests waiting or in flight at most; a request due "
+        "beyond that is not sent and counted as 'not sent (generator limit)' (default 100000)",
+        "--drain-timeout": "after the profile ends, wait up to S s for outstanding replies; still "
         "unanswered: error NO_REPLY, never sent: 'not sent at end' (default 10)",
-    )
-    g.add_argument(
-        "--seed",
-        type=int,
-        default=2021,
-        metavar="N",
-        help="seed of the payloads, the Poisson arrivals and the verification sample "
+        "--seed": "seed of the payloads, the Poisson arrivals and the verification sample "
         "(default 2021)",
+    }
+    add_options(
+        g,
+        (
+            ("--closed-loop", SWITCH),
+            ("--connections", number(int, 1024, 4)),
+            ("--in-flight", number(int, 1_000_000, None, "M")),
+            ("--exceed-in-flight", SWITCH),
+            ("--max-outstanding", number(int, 10_000_000, 100_000)),
+            ("--drain-timeout", number(float, 3600, 10.0, "S")),
+            ("--seed", {"type": int, "default": 2021, "metavar": "N"}),
+        ),
+        helps,
     )
 
 
 def _add_request_options(g: Any) -> None:
     """What the requests carry, and how many answers are verified (group "requests")."""
-    g.add_argument(
-        "--batch",
-        type=positive(int, 100_000),
-        default=1,
-        metavar="N",
-        help="certificates per request: 1 = SIGN frames, more = SIGN_BATCH frames of N "
+    helps = {
+        "--batch": "certificates per request: 1 = SIGN frames, more = SIGN_BATCH frames of N "
         "(at most the engine's max_batch, 1000 for `make serve`) (default 1)",
-    )
-    g.add_argument(
-        "--invalid-share",
-        type=_share,
-        default=0.0,
-        metavar="F",
-        help="share of invalid DCCs (bad UVCI check character, unknown country, impossible "
-        "date, missing name, in turn); the expected answer INVALID_DCC is counted as "
+        "--invalid-share": "share of invalid DCCs (bad UVCI check character, unknown country, "
+        "impossible date, missing name, in turn); the expected answer INVALID_DCC is counted as "
         "'rejected as expected', anything else as an error (default 0)",
-    )
-    g.add_argument(
-        "--accounts",
-        type=positive(int, 100_000),
-        default=10_000,
-        metavar="N",
-        help="spread the items over N synthetic end-user accounts: PREFIX and a zero-padded "
-        "number, load:0000 .. load:9999 by default (default 10000). The dev policy that "
-        "`make serve` writes allows 100,000,000 signatures per hour per client and per "
+        "--accounts": "spread the items over N synthetic end-user accounts: PREFIX and a "
+        "zero-padded number, load:0000 .. load:9999 by default (default 10000). The dev policy "
+        "that `make serve` writes allows 100,000,000 signatures per hour per client and per "
         "account, and the engine tracks up to 100,000 accounts, so neither quota nor its "
         "account table is the bottleneck; the pool holds max(N, 4096) distinct DCCs",
-    )
-    g.add_argument(
-        "--account-prefix",
-        default="load:",
-        metavar="PREFIX",
-        help="prefix of the account ids (default 'load:')",
-    )
-    g.add_argument(
-        "--verify-sample",
-        type=_share,
-        default=0.01,
-        metavar="F",
-        help="share of signed HC1s verified after the run with dccsign.dcc.verify against the "
-        "DSCs from LIST_KEYS, and their DCC compared with the one sent; a failure moves the "
-        "certificate from ok to the error bad_signature and makes the exit status 1 "
+        "--account-prefix": "prefix of the account ids (default 'load:')",
+        "--verify-sample": "share of signed HC1s verified after the run with dccsign.dcc.verify "
+        "against the DSCs from LIST_KEYS, and their DCC compared with the one sent; a failure "
+        "moves the certificate from ok to the error bad_signature and makes the exit status 1 "
         "(default 0.01)",
-    )
-    g.add_argument(
-        "--verify-max",
-        type=positive(int, 10_000_000),
-        default=20_000,
-        metavar="N",
-        help="verify at most N samples (a uniform reservoir of all sampled) (default 20000)",
-    )
-    g.add_argument(
-        "--full-decode",
-        action="store_true",
-        help="decode every reply into per-item objects, as before replies were counted "
+        "--verify-max": "verify at most N samples (a uniform reservoir of all sampled) (default "
+        "20000)",
+        "--full-decode": "decode every reply into per-item objects, as before replies were counted "
         "(costs the generator CPU; to measure the difference)",
-    )
-    g.add_argument(
-        "--cpu-pid",
-        action="append",
-        default=[],
-        type=_role_pid,
-        metavar="ROLE=PID",
-        help="also report the CPU per certificate of process PID (and its children, e.g. "
+        "--cpu-pid": "also report the CPU per certificate of process PID (and its children, e.g. "
         "an engine's keyd) and each of its threads over the run, read from /proc, under "
         "ROLE (e.g. engine=1234); repeatable. The generator's own is always reported",
+    }
+    add_options(
+        g,
+        (
+            ("--batch", number(int, 100_000, 1)),
+            ("--invalid-share", {"type": _share, "default": 0.0, "metavar": "F"}),
+            ("--accounts", number(int, 100_000, 10_000)),
+            ("--account-prefix", {"default": "load:", "metavar": "PREFIX"}),
+            ("--verify-sample", {"type": _share, "default": 0.01, "metavar": "F"}),
+            ("--verify-max", number(int, 10_000_000, 20_000)),
+            ("--full-decode", SWITCH),
+            (
+                "--cpu-pid",
+                {"action": "append", "default": [], "type": _role_pid, "metavar": "ROLE=PID"},
+            ),
+        ),
+        helps,
     )
 
 
 def _add_output_options(g: Any) -> None:
     """Where the report goes (group "output")."""
-    g.add_argument(
-        "--json",
-        nargs="?",
-        const="-",
-        metavar="FILE",
-        help="write the report as one JSON document to FILE, or to stdout without FILE (the "
+    helps = {
+        "--json": "write the report as one JSON document to FILE, or to stdout without FILE (the "
         "progress line and the table then go to stderr). Top level: certs_per_s, "
         "burst_certs_per_s, p50_ms, p90_ms, p99_ms, p999_ms, max_ms, busy, errors, then "
         "details (among them phases, burst, pool_wait, and nonce_pool: the pool's samples "
         "[t, entries, capacity, refilled, spent, misses], summed and per kid)",
-    )
-    g.add_argument(
-        "--plot",
-        type=Path,
-        metavar="FILE.png",
-        help="draw throughput (with the intended rate) and latency p50/p99 (log scale) per "
+        "--plot": "draw throughput (with the intended rate) and latency p50/p99 (log scale) per "
         "second, and the nonce pool's level over time when it was sampled (needs matplotlib)",
+        "--quiet": "no progress line",
+    }
+    add_options(
+        g,
+        (
+            ("--json", {"nargs": "?", "const": "-", "metavar": "FILE"}),
+            ("--plot", {"type": Path, "metavar": "FILE.png"}),
+            ("--quiet", SWITCH),
+        ),
+        helps,
     )
-    g.add_argument("--quiet", action="store_true", help="no progress line")
 
 
 def _dev_default(given: Path | None, name: str) -> Path | None:
@@ -459,26 +414,12 @@ def _load_config(args: argparse.Namespace, profile: Profile, metrics_url: str | 
     tls = not args.server.startswith("unix:")
     return LoadConfig(
         profile=profile,
-        server=args.server,
+        **{name: getattr(args, name) for name in _AS_GIVEN},
         cert=_dev_default(args.cert, "client-cert.pem") if tls else args.cert,
         key=_dev_default(args.key, "client-key.pem") if tls else args.key,
         ca=_dev_default(args.ca, "ca.pem") if tls else args.ca,
-        closed_loop=args.closed_loop,
-        connections=args.connections,
-        in_flight=args.in_flight,
-        exceed_in_flight=args.exceed_in_flight,
-        batch=args.batch,
-        invalid_share=args.invalid_share,
-        accounts=args.accounts,
-        account_prefix=args.account_prefix,
-        verify_sample=args.verify_sample,
-        verify_max=args.verify_max,
-        max_outstanding=args.max_outstanding,
-        drain_timeout=args.drain_timeout,
         compression=not args.no_compression,
-        seed=args.seed,
         metrics_url=metrics_url,
-        full_decode=args.full_decode,
         cpu_pids=tuple(args.cpu_pid),
     )
 

@@ -38,6 +38,7 @@ from typing import Any
 
 import trio
 
+from ..cli.args import SWITCH, add_options
 from ..protocol import wire
 from ..protocol.codes import ErrorCode
 from ..protocol.keyd import PoolStatus
@@ -445,64 +446,38 @@ def _parser() -> argparse.ArgumentParser:
         description="A fake engine for the load generator: answers every item at once with a "
         "canned HC1 (not a valid certificate). For measuring the generator, not the engine.",
     )
-    parser.add_argument("--unix", required=True, metavar="PATH", help="Unix socket to listen on")
-    parser.add_argument(
-        "--stall-after",
-        type=float,
-        metavar="S",
-        help="stall S s after the first request (default: never)",
-    )
-    parser.add_argument(
-        "--stall-for",
-        type=float,
-        default=0.0,
-        metavar="S",
-        help="hold replies back for S s (default 0)",
-    )
-    parser.add_argument(
-        "--validate",
-        action="store_true",
-        help="answer invalid DCCs with INVALID_DCC (costs ~9 us per item)",
-    )
-    parser.add_argument(
-        "--fast",
-        action="store_true",
-        help="decode each distinct request body once and answer repeats from a cache "
+    helps = {
+        "--unix": "Unix socket to listen on",
+        "--stall-after": "stall S s after the first request (default: never)",
+        "--stall-for": "hold replies back for S s (default 0)",
+        "--validate": "answer invalid DCCs with INVALID_DCC (costs ~9 us per item)",
+        "--fast": "decode each distinct request body once and answer repeats from a cache "
         "(checks nothing; for measuring the generator's own ceiling)",
-    )
-    parser.add_argument(
-        "--http",
-        metavar="HOST:PORT",
-        help="serve GET /metrics (the simulated nonce pools) here; port 0 picks one, printed "
+        "--http": "serve GET /metrics (the simulated nonce pools) here; port 0 picks one, printed "
         "on stderr (default: no metrics endpoint)",
-    )
-    parser.add_argument(
-        "--pool-capacity",
-        type=int,
-        default=0,
-        metavar="N",
-        help="simulate a nonce pool of N entries for each of --pool-kids kids; the first kid "
-        "is the one every reply names, and signed items spend its pool (default 0: none)",
-    )
-    parser.add_argument(
-        "--pool-start", type=int, default=0, metavar="N", help="entries at start (default 0)"
-    )
-    parser.add_argument(
-        "--pool-fill-rate",
-        type=float,
-        default=10_000.0,
-        metavar="R",
-        help="entries/s added while below capacity (default 10000)",
-    )
-    parser.add_argument(
-        "--pool-kids", type=int, default=1, metavar="K", help="kids with a pool (default 1)"
-    )
-    parser.add_argument(
-        "--max-in-flight",
-        type=int,
-        default=32,
-        metavar="N",
-        help="announced in WELCOME; more gets BUSY (default 32, as the engine)",
+        "--pool-capacity": "simulate a nonce pool of N entries for each of --pool-kids kids; the "
+        "first kid is the one every reply names, and signed items spend its pool (default 0: none)",
+        "--pool-start": "entries at start (default 0)",
+        "--pool-fill-rate": "entries/s added while below capacity (default 10000)",
+        "--pool-kids": "kids with a pool (default 1)",
+        "--max-in-flight": "announced in WELCOME; more gets BUSY (default 32, as the engine)",
+    }
+    add_options(
+        parser,
+        (
+            ("--unix", {"required": True, "metavar": "PATH"}),
+            ("--stall-after", {"type": float, "metavar": "S"}),
+            ("--stall-for", {"type": float, "default": 0.0, "metavar": "S"}),
+            ("--validate", SWITCH),
+            ("--fast", SWITCH),
+            ("--http", {"metavar": "HOST:PORT"}),
+            ("--pool-capacity", {"type": int, "default": 0, "metavar": "N"}),
+            ("--pool-start", {"type": int, "default": 0, "metavar": "N"}),
+            ("--pool-fill-rate", {"type": float, "default": 10_000.0, "metavar": "R"}),
+            ("--pool-kids", {"type": int, "default": 1, "metavar": "K"}),
+            ("--max-in-flight", {"type": int, "default": 32, "metavar": "N"}),
+        ),
+        helps,
     )
     return parser
 

@@ -1,25 +1,39 @@
 """What the ``dccsign`` command groups share in their arguments: value types (among them
-numbers bounded by :func:`positive` and :func:`in_range`), the ``--keystore`` option
-(declared by :func:`keystore_arg`, opened by :func:`open_keystore`), and the TLS client's
-``--cert``/``--key``/``--ca`` (:func:`tls_client_args`)."""
+numbers bounded by :func:`positive` and :func:`in_range`), tables of options
+(:func:`add_options`, with the keywords :func:`number` and :data:`SWITCH`), the ``--keystore``
+option (declared by :func:`keystore_arg`, opened by :func:`open_keystore`), and the TLS
+client's ``--cert``/``--key``/``--ca`` (:func:`tls_client_args`)."""
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "SWITCH",
+    "OptionRow",
+    "add_options",
+    "command_group",
     "host_port",
     "in_range",
     "iso_time",
     "keystore_arg",
     "kid",
+    "number",
     "open_keystore",
     "positive",
     "tls_client_args",
 ]
+
+OptionRow = tuple[str, Mapping[str, Any]]
+"""One argument of :func:`add_options`: its flag (or a positional's name) and the keywords of
+``add_argument`` but ``help``."""
+
+SWITCH: Mapping[str, Any] = {"action": "store_true"}
+"""The keywords of an option that is on when given."""
 
 
 def kid(value: str) -> bytes:
@@ -74,6 +88,40 @@ def in_range(kind: type[int] | type[float], low: float, high: float, what: str):
         return number
 
     return parse
+
+
+def number(
+    kind: type[int] | type[float], maximum: float, default: Any = None, metavar: str = "N"
+) -> dict[str, Any]:
+    """The keywords of an option taking a number of *kind* greater than zero and at most
+    *maximum* (:func:`positive`)."""
+    return {"type": positive(kind, maximum), "default": default, "metavar": metavar}
+
+
+def add_options(parser: Any, rows: Iterable[OptionRow], helps: Mapping[str, str]) -> None:
+    """Declare on *parser* (a parser or an argument group), in the order of *rows*, one
+    argument per row ``(flag, keywords)`` with the help text ``helps[flag]`` (none if absent).
+
+    A table rather than one ``add_argument`` call each: a command's arguments read as one
+    list of flags, types and defaults, and their help texts as another."""
+    for flag, keywords in rows:
+        parser.add_argument(flag, **keywords, help=helps.get(flag))
+
+
+def command_group(
+    sub: Any, name: str, adders: Iterable[Callable[[Any], object]], **texts: str
+) -> argparse.ArgumentParser:
+    """Add the command group *name* (``help``, ``description``, ``epilog``: *texts*) to the
+    sub-commands *sub* and return its parser. Its own sub-command is required, stored as
+    ``<name>_command`` and shown as ``<NAME>_COMMAND``; each of *adders* adds some of them
+    to the group's sub-commands."""
+    parser = sub.add_parser(name, **texts)
+    inner = parser.add_subparsers(
+        dest=f"{name}_command", required=True, metavar=f"{name.upper()}_COMMAND"
+    )
+    for add in adders:
+        add(inner)
+    return parser
 
 
 def host_port(value: str) -> tuple[str, int]:

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .args import iso_time, kid
+from .args import SWITCH, add_options, command_group, iso_time, kid
 from .exits import error_exit
 
 __all__ = ["add_commands"]
@@ -198,22 +198,30 @@ def cmd_audit_revocations(args: argparse.Namespace) -> int:
 
 def add_commands(subparsers: Any) -> None:
     """Add the ``audit`` command group to the CLI's subparsers (``parser.add_subparsers()``)."""
-    audit = subparsers.add_parser(
+    command_group(
+        subparsers,
         "audit",
+        (_add_verify, _add_search, _add_revocations),
         help="verify and search the issuance audit log",
         description="Read the issuance audit log that keyd writes: one record per signature "
         "(hashes only, no clear personal data), hash-chained, with checkpoints signed by the "
         "audit key. These commands only read the log.",
         epilog="Exit codes: 0 ok, 1 the log is broken, 2 usage, 4 file or key problem.",
     )
-    asub = audit.add_subparsers(dest="audit_command", required=True, metavar="AUDIT_COMMAND")
-    _add_verify(asub)
-    _add_search(asub)
-    _add_revocations(asub)
+
+
+def _log_command(asub: Any, name: str, **texts: str) -> argparse.ArgumentParser:
+    """Add the ``audit`` sub-command *name* (``help``, ``description``, ``epilog``: *texts*)
+    to *asub* with the argument every one of them takes first, the log directory ``DIR``;
+    returns its parser."""
+    p = asub.add_parser(name, **texts)
+    p.add_argument("directory", type=Path, metavar="DIR", help="the audit log directory")
+    return p
 
 
 def _add_verify(asub: Any) -> None:
-    p = asub.add_parser(
+    p = _log_command(
+        asub,
         "verify",
         help="check the hash chain and the signed checkpoints, report the first break",
         description="Check every segment of the log (plain and .zst) in order: sequence numbers "
@@ -226,28 +234,29 @@ def _add_verify(asub: Any) -> None:
         epilog="Exit codes: 0 intact, 1 break found, 2 usage, 4 missing directory or unusable "
         "key or witness file.",
     )
-    p.add_argument("directory", type=Path, metavar="DIR", help="the audit log directory")
-    p.add_argument(
-        "--audit-pubkey",
-        type=Path,
-        metavar="FILE",
-        help="the audit public key (PEM) to trust; default: DIR/audit-key.pub.pem, which "
-        "anyone able to rewrite the log can also replace",
+    helps = {
+        "--audit-pubkey": "the audit public key (PEM) to trust; default: "
+        "DIR/audit-key.pub.pem, which anyone able to rewrite the log can also replace",
+        "--witness": "checkpoint lines kept outside the log (one per line; text before the "
+        "first '{' is ignored); each must be present unchanged, which detects a log truncated "
+        "or rolled back to before a witnessed checkpoint",
+        "--json": "print the report as JSON",
+    }
+    add_options(
+        p,
+        (
+            ("--audit-pubkey", {"type": Path, "metavar": "FILE"}),
+            ("--witness", {"type": Path, "metavar": "FILE"}),
+            ("--json", SWITCH),
+        ),
+        helps,
     )
-    p.add_argument(
-        "--witness",
-        type=Path,
-        metavar="FILE",
-        help="checkpoint lines kept outside the log (one per line; text before the first '{' "
-        "is ignored); each must be present unchanged, which detects a log truncated or rolled "
-        "back to before a witnessed checkpoint",
-    )
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_audit_verify)
 
 
 def _add_search(asub: Any) -> None:
-    p = asub.add_parser(
+    p = _log_command(
+        asub,
         "search",
         help="list issuance records matching all given filters",
         description="List the issuance records (and with --key-events the key lifecycle "
@@ -256,27 +265,37 @@ def _add_search(asub: Any) -> None:
         epilog="Exit codes: 0 ok (also when nothing matches), 1 unreadable segment, 2 usage, "
         "4 no such directory.",
     )
-    p.add_argument("directory", type=Path, metavar="DIR", help="the audit log directory")
-    p.add_argument("--client", metavar="C", help="portal backend identity")
-    p.add_argument("--account", metavar="A", help="end-user account")
-    p.add_argument("--operator", metavar="O", help="operator acting under an account's mandate")
-    p.add_argument("--kid", type=kid, metavar="HEX", help="key id (16 hex digits)")
-    p.add_argument("--since", type=iso_time, metavar="TIME", help="from this time (inclusive)")
-    p.add_argument("--until", type=iso_time, metavar="TIME", help="before this time (exclusive)")
-    p.add_argument(
-        "--key-events",
-        action="store_true",
-        help="also list key lifecycle records (they match only without --client/--account/"
-        "--operator)",
-    )
-    p.add_argument(
-        "--json", action="store_true", help="print the stored fields, one JSON object a line"
+    helps = {
+        "--client": "portal backend identity",
+        "--account": "end-user account",
+        "--operator": "operator acting under an account's mandate",
+        "--kid": "key id (16 hex digits)",
+        "--since": "from this time (inclusive)",
+        "--until": "before this time (exclusive)",
+        "--key-events": "also list key lifecycle records (they match only without "
+        "--client/--account/--operator)",
+        "--json": "print the stored fields, one JSON object a line",
+    }
+    add_options(
+        p,
+        (
+            ("--client", {"metavar": "C"}),
+            ("--account", {"metavar": "A"}),
+            ("--operator", {"metavar": "O"}),
+            ("--kid", {"type": kid, "metavar": "HEX"}),
+            ("--since", {"type": iso_time, "metavar": "TIME"}),
+            ("--until", {"type": iso_time, "metavar": "TIME"}),
+            ("--key-events", SWITCH),
+            ("--json", SWITCH),
+        ),
+        helps,
     )
     p.set_defaults(func=cmd_audit_search)
 
 
 def _add_revocations(asub: Any) -> None:
-    p = asub.add_parser(
+    p = _log_command(
+        asub,
         "revocations",
         help="the EU revocation hashes of everything one account issued",
         description="Print the UCI, COUNTRYCODEUCI and SIGNATURE revocation hashes (hex, "
@@ -286,11 +305,16 @@ def _add_revocations(asub: Any) -> None:
         epilog="Exit codes: 0 ok (also when the account issued nothing), 1 unreadable segment, "
         "2 usage, 4 no such directory.",
     )
-    p.add_argument("directory", type=Path, metavar="DIR", help="the audit log directory")
-    p.add_argument("--account", required=True, metavar="A", help="end-user account")
-    p.add_argument(
-        "--json",
-        action="store_true",
-        help="print JSON: the hashes grouped by type, and one entry per DCC",
+    helps = {
+        "--account": "end-user account",
+        "--json": "print JSON: the hashes grouped by type, and one entry per DCC",
+    }
+    add_options(
+        p,
+        (
+            ("--account", {"required": True, "metavar": "A"}),
+            ("--json", SWITCH),
+        ),
+        helps,
     )
     p.set_defaults(func=cmd_audit_revocations)

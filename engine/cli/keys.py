@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .args import keystore_arg, kid, open_keystore
+from .args import command_group, keystore_arg, kid, open_keystore
 from .exits import EXIT_KEY, EXIT_OK, EXIT_USAGE, fail
 
 __all__ = ["add_commands"]
@@ -163,10 +163,7 @@ def cmd_keys_export_cert(args: argparse.Namespace) -> int:
 
 def add_commands(sub: Any) -> None:
     """Add the ``keys`` command group to the ``dccsign`` parser's sub-commands *sub*."""
-    keys = sub.add_parser("keys", help="manage the keystore")
-    ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="KEYS_COMMAND")
-    _add_creation(ksub)
-    _add_state_changes(ksub)
+    command_group(sub, "keys", (_add_creation, _add_state_changes), help="manage the keystore")
 
 
 def _add_creation(ksub: Any) -> None:

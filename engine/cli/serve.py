@@ -16,13 +16,28 @@ import trio
 from ..server.batcher import DEFAULT_WINDOW
 from ..server.engine import Engine, tls_server_context
 from ..server.server import Limits
-from .args import host_port, keystore_arg, positive
+from .args import OptionRow, add_options, host_port, keystore_arg, number
 from .exits import error_exit
 from .keyd import nonce_pool_option
 
 __all__ = ["add_commands", "cmd_serve"]
 
 LOGGER = logging.getLogger("dccsign.serve")
+
+
+#: The fields of :class:`Limits` that options of the same name (``--max-in-flight`` sets
+#: ``max_in_flight``) bound to a number of this kind, greater than zero and at most this, in
+#: the order of ``--help``.
+_LIMIT_BOUNDS: tuple[tuple[str, type[int] | type[float], float], ...] = (
+    ("max_in_flight", int, 65_536),
+    ("max_connection_items", int, 10_000_000),
+    ("max_client_items", int, 10_000_000),
+    ("max_connections", int, 1_000_000),
+    ("idle_timeout", float, 86_400),
+    ("max_pending_items", int, 10_000_000),
+    ("max_batch", int, 100_000),
+    ("deadline", float, 3600),
+)
 
 
 class _Usage(Exception):
@@ -111,17 +126,10 @@ def _tls_context(args: Any) -> ssl.SSLContext | None:
 
 
 def _limits(args: Any) -> Limits:
-    return Limits(
-        max_batch=args.max_batch,
-        max_in_flight=args.max_in_flight,
-        max_connection_items=args.max_connection_items,
-        max_client_items=args.max_client_items,
-        max_pending_items=args.max_pending_items,
-        max_connections=args.max_connections,
-        deadline=args.deadline,
-        queue_target=args.queue_target / 1000,
-        idle_timeout=args.idle_timeout,
-    )
+    """The engine's :class:`Limits` from the options named after its fields (the queue target
+    given in milliseconds)."""
+    bounds = {name: getattr(args, name) for name, _kind, _maximum in _LIMIT_BOUNDS}
+    return Limits(**bounds, queue_target=args.queue_target / 1000)
 
 
 def _run(engine: Engine, args: Any, ssl_context: ssl.SSLContext | None) -> int:
@@ -285,107 +293,74 @@ def _add_serve(sub: Any) -> Any:
 def _add_limits(p: Any) -> None:
     lim = Limits()
     tune = p.add_argument_group("capacity and batching")
-    tune.add_argument(
-        "--max-in-flight",
-        type=positive(int, 65_536),
-        default=lim.max_in_flight,
-        metavar="N",
-        help="requests in progress on one connection, or answered and not yet read, before "
-        f"BUSY (default {lim.max_in_flight})",
-    )
-    tune.add_argument(
-        "--max-connection-items",
-        type=positive(int, 10_000_000),
-        default=lim.max_connection_items,
-        metavar="N",
-        help="certificates in progress on one connection, or answered and not yet read by its "
-        f"client, before BUSY (default {lim.max_connection_items})",
-    )
-    tune.add_argument(
-        "--max-client-items",
-        type=positive(int, 10_000_000),
-        default=lim.max_client_items,
-        metavar="N",
-        help="certificates in progress for one client over all its connections, or answered "
-        f"and not yet read, before BUSY (default {lim.max_client_items})",
-    )
-    tune.add_argument(
-        "--max-connections",
-        type=positive(int, 1_000_000),
-        default=lim.max_connections,
-        metavar="N",
-        help="open connections; more are closed at once (default "
-        f"{lim.max_connections}; the open-files limit is raised to fit)",
-    )
-    tune.add_argument(
-        "--idle-timeout",
-        type=positive(float, 86_400),
-        default=lim.idle_timeout,
-        metavar="S",
-        help="close a connection that has nothing in progress and sends nothing (not even "
-        "PING) for S seconds, with GOAWAY, or whose client reads none of its replies for S "
-        f"seconds (default {lim.idle_timeout:g}; HELLO must come within "
-        f"{lim.hello_timeout:g} s, and each frame arrive whole within {lim.frame_timeout:g} s)",
-    )
+    rows: list[OptionRow] = []
+    for name, kind, maximum in _LIMIT_BOUNDS:
+        metavar = "N" if kind is int else "S"
+        rows.append((_flag(name), number(kind, maximum, getattr(lim, name), metavar)))
+    add_options(tune, rows, _limit_helps(lim))
     _add_batching(tune, lim)
 
 
+def _flag(field: str) -> str:
+    """The option that sets the :class:`Limits` field *field*."""
+    return "--" + field.replace("_", "-")
+
+
+def _limit_helps(lim: Limits) -> dict[str, str]:
+    """The help texts of the options that set *lim*'s bounds, by flag."""
+    return {
+        "--max-in-flight": "requests in progress on one connection, or answered and not yet "
+        f"read, before BUSY (default {lim.max_in_flight})",
+        "--max-connection-items": "certificates in progress on one connection, or answered and "
+        f"not yet read by its client, before BUSY (default {lim.max_connection_items})",
+        "--max-client-items": "certificates in progress for one client over all its "
+        "connections, or answered and not yet read, before BUSY (default "
+        f"{lim.max_client_items})",
+        "--max-connections": "open connections; more are closed at once (default "
+        f"{lim.max_connections}; the open-files limit is raised to fit)",
+        "--idle-timeout": "close a connection that has nothing in progress and sends nothing "
+        "(not even PING) for S seconds, with GOAWAY, or whose client reads none of its replies "
+        f"for S seconds (default {lim.idle_timeout:g}; HELLO must come within "
+        f"{lim.hello_timeout:g} s, and each frame arrive whole within {lim.frame_timeout:g} s)",
+        "--max-pending-items": "certificates in progress in the whole engine, or answered and "
+        f"not yet read, before BUSY (default {lim.max_pending_items}); above 3/4 of it only "
+        "clients within their weighted share (policy 'weight') are admitted",
+        "--max-batch": "items per SIGN_BATCH frame, announced in WELCOME (default "
+        f"{lim.max_batch})",
+        "--deadline": "seconds a request may take before DEADLINE_EXCEEDED (default "
+        f"{lim.deadline:g})",
+    }
+
+
 def _add_batching(tune: Any, lim: Limits) -> None:
-    tune.add_argument(
-        "--max-pending-items",
-        type=positive(int, 10_000_000),
-        default=lim.max_pending_items,
-        metavar="N",
-        help="certificates in progress in the whole engine, or answered and not yet read, "
-        f"before BUSY (default {lim.max_pending_items}); above 3/4 of it only clients within "
-        "their weighted share (policy 'weight') are admitted",
+    """The options of batching and of the keyd link, after the capacity bounds of *lim*."""
+    helps = _batching_helps(lim)
+    ms = {"type": float, "metavar": "MS"}
+    windows: tuple[OptionRow, ...] = (
+        ("--queue-target", {**ms, "default": lim.queue_target * 1000}),
+        ("--batch-window", {**ms, "default": DEFAULT_WINDOW * 1000}),
     )
-    tune.add_argument(
-        "--max-batch",
-        type=positive(int, 100_000),
-        default=lim.max_batch,
-        metavar="N",
-        help=f"items per SIGN_BATCH frame, announced in WELCOME (default {lim.max_batch})",
-    )
-    tune.add_argument(
-        "--deadline",
-        type=positive(float, 3600),
-        default=lim.deadline,
-        metavar="S",
-        help=f"seconds a request may take before DEADLINE_EXCEEDED (default {lim.deadline:g})",
-    )
-    tune.add_argument(
-        "--queue-target",
-        type=float,
-        default=lim.queue_target * 1000,
-        metavar="MS",
-        help="refuse a client's new requests with BUSY while its oldest request in progress "
-        f"is older than this, more than {lim.queue_floor} certificates are in progress in "
-        "the engine and the client holds at least its weighted share of them, in "
-        f"milliseconds; 0 turns it off (default {lim.queue_target * 1000:g})",
-    )
-    tune.add_argument(
-        "--batch-window",
-        type=float,
-        default=DEFAULT_WINDOW * 1000,
-        metavar="MS",
-        help="longest a request waits to share a keyd round with others, in milliseconds "
-        f"(0..100; default {DEFAULT_WINDOW * 1000:g})",
-    )
+    add_options(tune, windows, helps)
     nonce_pool_option(tune)
-    tune.add_argument(
-        "--keyd-connections",
-        type=positive(int, 64),
-        default=2,
-        metavar="N",
-        help="pipelined connections to keyd (keyd serves each on its own thread; default 2)",
+    zlib_level = {"type": int, "choices": range(1, 10), "default": 9, "metavar": "L"}
+    add_options(
+        tune,
+        (("--keyd-connections", number(int, 64, 2)), ("--zlib-level", zlib_level)),
+        helps,
     )
-    tune.add_argument(
-        "--zlib-level",
-        type=int,
-        choices=range(1, 10),
-        default=9,
-        metavar="L",
-        help="deflate level of the HC1 strings, 1..9 (default 9; every level is a standard "
-        "zlib stream)",
-    )
+
+
+def _batching_helps(lim: Limits) -> dict[str, str]:
+    """The help texts of :func:`_add_batching`'s options, by flag."""
+    return {
+        "--queue-target": "refuse a client's new requests with BUSY while its oldest request in "
+        f"progress is older than this, more than {lim.queue_floor} certificates are in progress "
+        "in the engine and the client holds at least its weighted share of them, in "
+        f"milliseconds; 0 turns it off (default {lim.queue_target * 1000:g})",
+        "--batch-window": "longest a request waits to share a keyd round with others, in "
+        f"milliseconds (0..100; default {DEFAULT_WINDOW * 1000:g})",
+        "--keyd-connections": "pipelined connections to keyd (keyd serves each on its own "
+        "thread; default 2)",
+        "--zlib-level": "deflate level of the HC1 strings, 1..9 (default 9; every level is a "
+        "standard zlib stream)",
+    }

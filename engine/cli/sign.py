@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .args import iso_time, keystore_arg, kid, open_keystore, positive, tls_client_args
+from .args import add_options, iso_time, keystore_arg, kid, number, open_keystore, tls_client_args
 from .exits import (
     EXIT_INVALID_DCC,
     EXIT_INVALID_SIGNATURE,
@@ -229,45 +229,38 @@ def _add_sign(sub: Any) -> None:
     )
     where = p.add_mutually_exclusive_group(required=True)
     keystore_arg(where, required=False, help="sign with a private keyd")
-    where.add_argument(
-        "--server",
-        metavar="ADDR",
-        help="sign through a running engine: unix:PATH or HOST:PORT (TLS). Each DCC gets its "
-        "own result: stdout has one line per DCC (the HC1, or an empty line for a refused "
+    helps = {
+        "--server": "sign through a running engine: unix:PATH or HOST:PORT (TLS). Each DCC gets "
+        "its own result: stdout has one line per DCC (the HC1, or an empty line for a refused "
         "one), refusals go to stderr as JSON, and the exit code is 3 or 4 if any was refused",
-    )
+        "--account": "end-user account the engine records and meters (--server; default "
+        "os-user:NAME)",
+        "--operator": "who acts under the account's mandate",
+        "--kid": "sign with this key (default: the key whose key usage allows the type)",
+        "--validity-days": "requested validity from iat (default 365; clamped to the DSC's "
+        "notAfter)",
+        "--qr": "also write QR codes (.png or .svg; numbered -1, -2, ... for a batch)",
+        "input": "input file (default stdin)",
+    }
+    add_options(where, (("--server", {"metavar": "ADDR"}),), helps)
     tls_client_args(
         p,
         cert="TLS client certificate (--server)",
         key="TLS client key (--server)",
         ca="CA of the engine's TLS certificate",
     )
-    p.add_argument(
-        "--account",
-        metavar="ID",
-        help="end-user account the engine records and meters (--server; default os-user:NAME)",
+    add_options(
+        p,
+        (
+            ("--account", {"metavar": "ID"}),
+            ("--operator", {"metavar": "ID"}),
+            ("--kid", {"type": kid, "metavar": "HEX"}),
+            ("--validity-days", number(float, 36_500, 365.0)),
+            ("--qr", {"type": Path, "metavar": "PATH"}),
+            ("input", {"nargs": "?", "metavar": "FILE|-"}),
+        ),
+        helps,
     )
-    p.add_argument("--operator", metavar="ID", help="who acts under the account's mandate")
-    p.add_argument(
-        "--kid",
-        type=kid,
-        metavar="HEX",
-        help="sign with this key (default: the key whose key usage allows the type)",
-    )
-    p.add_argument(
-        "--validity-days",
-        type=positive(float, 36_500),
-        default=365.0,
-        metavar="N",
-        help="requested validity from iat (default 365; clamped to the DSC's notAfter)",
-    )
-    p.add_argument(
-        "--qr",
-        type=Path,
-        metavar="PATH",
-        help="also write QR codes (.png or .svg; numbered -1, -2, ... for a batch)",
-    )
-    p.add_argument("input", nargs="?", metavar="FILE|-", help="input file (default stdin)")
     p.set_defaults(func=cmd_sign)
 
 
