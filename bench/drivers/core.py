@@ -7,13 +7,12 @@ in-process key (no keystore, no key process), so the figure is the core's ceilin
 
 from __future__ import annotations
 
-import datetime as dt
 import threading
 import time
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
@@ -21,6 +20,7 @@ from .. import native
 from ..dcc.dsc import DSC
 from ..dcc.issuer import DEFAULT_VALIDITY, Issuer, SignerKey, claims_prefix
 from ..dcc.validate import validate
+from ..testing.certs import self_signed_certificate
 from ..testing.samples import varied_samples
 
 __all__ = ["ephemeral_certificate", "ephemeral_key", "run"]
@@ -34,24 +34,13 @@ def ephemeral_certificate(
     The DSC has no extended key usage, so it may sign every DCC type.
     """
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
     name = x509.Name(
         [
             x509.NameAttribute(NameOID.COUNTRY_NAME, "NL"),
             x509.NameAttribute(NameOID.COMMON_NAME, label),
         ]
     )
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=30))
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
+    return key, self_signed_certificate(key, name, days=30)
 
 
 def ephemeral_key(impl_name: str) -> SignerKey:
