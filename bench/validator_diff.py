@@ -53,7 +53,7 @@ from dccsign.dcc.verify import loads_exact
 from dccsign.native import DCCDecodeError
 from dccsign.protocol import cborlimits
 from dccsign.testing.cborvariants import encode_float, head
-from dccsign.testing.samples import FIELD_NAMES
+from dccsign.testing.samples import FIELD_NAMES, NEAR_MISS
 
 TODAY = date(2025, 1, 15)
 VERSIONS = ["1.0.0", "1.0.1", "1.1.0", "1.2.0", "1.2.1", "1.3.0", "1.3.1", "1.3.2", "1.3.3"]
@@ -79,58 +79,6 @@ TEXT_POOL = (
     "\u0301\u0308\u212bΩ\u1161"  # combining marks, a singleton, a jamo: NFC changes them
 )
 KEYS = [*FIELD_NAMES, "x", "a b", "é", "zz" * 25]
-NEAR_MISS: list[Any] = [
-    "",
-    "1979",
-    "1979-02",
-    "1899",
-    "2021-02-29",
-    "2020-02-29",
-    "0000-01-01",
-    "2021-13-01",
-    "2021-07-01T09:30:00Z",
-    "2021-07-01T09:30:00+0200",
-    "2021-07-01T24:00:00Z",
-    "2021-07-01T09:30:00.1234567890Z",
-    "LP217198-3",
-    "J07BX03",
-    "EU/1/20/1528",
-    "ORG-100030215",
-    "260373001",
-    "XY",
-    "NL",
-    "nl",
-    "URN:UVCI:01:NL:187/37512422923#Y",
-    "URN:UVCI:01:NL:187/37512422923#Z",
-    "urn:uvci:01:nl:abc",
-    "ABC<DEF",
-    "abc",
-    0,
-    1,
-    9,
-    10,
-    99,
-    100,
-    -1,
-    2**64 - 1,
-    -(2**64),
-    1.0,
-    2.5,
-    float("nan"),
-    True,
-    False,
-    None,
-    [],
-    {},
-    [1],
-    {"a": 1},
-    b"NL",
-    "A" * 50,
-    "A" * 51,
-    "é" * 80,
-    "é" * 81,
-    "<" * 81,
-]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,7 +286,7 @@ def odd_dcc(rnd: random.Random) -> tuple[bytes, bool]:
     if what < 0.5:
         target[key] = rnd.choice(ODDITIES)
     elif what < 0.8:
-        target[rnd.choice(ODD_KEYS)] = rnd.choice(NEAR_MISS[:10] + ODDITIES[:3])
+        target[rnd.choice(ODD_KEYS)] = rnd.choice([*NEAR_MISS[:10], *ODDITIES[:3]])
     data = cbor2.dumps(dcc) if what < 0.8 else encode(dcc, rnd)
     if what >= 0.8:  # a duplicate key: one more entry in the top-level map
         if 0xA1 <= data[0] <= 0xB6:

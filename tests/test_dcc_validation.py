@@ -33,7 +33,7 @@ from conftest import shared_path
 from dccsign.dcc.uvci import make_uvci
 from dccsign.dcc.validate import DOSE_MAX, RULES, DCCValidationError, Issue, validate
 from dccsign.dcc.valuesets import ValueSets
-from dccsign.testing.samples import FIELD_NAMES, sample
+from dccsign.testing.samples import FIELD_NAMES, NEAR_MISS, sample
 
 VERSIONS = ["1.0.0", "1.0.1", "1.1.0", "1.2.0", "1.2.1", "1.3.0", "1.3.1", "1.3.2", "1.3.3"]
 TODAY = date(2025, 1, 15)  # fixed, so that "dob not in the future" is deterministic
@@ -1268,36 +1268,7 @@ def test_completeness_generated_valid_payloads_are_accepted(dcc: dict[str, Any])
 
 near_miss_values = st.one_of(
     junk,
-    st.sampled_from(
-        [
-            "",
-            "1979",
-            "1979-02",
-            "1899",
-            "2021-02-29",
-            "2021-07-01T09:30:00Z",
-            "2021-07-01T09:30:00+0200",
-            "LP217198-3",
-            "J07BX03",
-            "EU/1/20/1528",
-            "ORG-100030215",
-            "260373001",
-            "XY",
-            "NL",
-            "nl",
-            "URN:UVCI:01:NL:187/37512422923#Y",
-            "ABC<DEF",
-            "abc",
-            0,
-            1,
-            9,
-            10,
-            99,
-            100,
-            1.0,
-            True,
-        ]
-    ),
+    st.sampled_from(NEAR_MISS),
     st.integers(45, 85).flatmap(lambda n: st.sampled_from(["A" * n, "é" * n, "<" * n])),
 )
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..dcc.uvci import make_uvci
 
-__all__ = ["FIELD_NAMES", "SAMPLES", "sample", "varied_samples"]
+__all__ = ["FIELD_NAMES", "NEAR_MISS", "SAMPLES", "sample", "varied_samples"]
 
 #: The keys of a DCC's objects at every level, schema 1.x (for fuzzers that build near misses).
 FIELD_NAMES: tuple[str, ...] = (
@@ -21,6 +21,61 @@ FIELD_NAMES: tuple[str, ...] = (
     "tt", "nm", "sc", "dr", "tr", "tc",
     "fr", "df", "du",
 )  # fmt: skip
+
+#: Values one step from what a DCC field accepts (dates, codes, UVCIs, lengths at their
+#: limits, wrong types): the validator's fuzzers put them in a field's place.
+NEAR_MISS: tuple[Any, ...] = (
+    "",
+    "1979",
+    "1979-02",
+    "1899",
+    "2021-02-29",
+    "2020-02-29",
+    "0000-01-01",
+    "2021-13-01",
+    "2021-07-01T09:30:00Z",
+    "2021-07-01T09:30:00+0200",
+    "2021-07-01T24:00:00Z",
+    "2021-07-01T09:30:00.1234567890Z",
+    "LP217198-3",
+    "J07BX03",
+    "EU/1/20/1528",
+    "ORG-100030215",
+    "260373001",
+    "XY",
+    "NL",
+    "nl",
+    "URN:UVCI:01:NL:187/37512422923#Y",
+    "URN:UVCI:01:NL:187/37512422923#Z",
+    "urn:uvci:01:nl:abc",
+    "ABC<DEF",
+    "abc",
+    0,
+    1,
+    9,
+    10,
+    99,
+    100,
+    -1,
+    2**64 - 1,
+    -(2**64),
+    1.0,
+    2.5,
+    float("nan"),
+    True,
+    False,
+    None,
+    [],
+    {},
+    [1],
+    {"a": 1},
+    b"NL",
+    "A" * 50,
+    "A" * 51,
+    "é" * 80,
+    "é" * 81,
+    "<" * 81,
+)
 
 SAMPLES: dict[str, dict[str, Any]] = {
     "v": {
