@@ -26,7 +26,17 @@ from dataclasses import replace
 from typing import Any, Generic, TypeVar
 
 from ..codes import RETRYABLE, ErrorCode
-from ..wire import Error, ItemResult, KeyInfo, Keys, Pong, SignBatchResult, SignItem
+from ..wire import (
+    Error,
+    GoAway,
+    ItemResult,
+    KeyInfo,
+    Keys,
+    Pong,
+    SignBatchResult,
+    SignItem,
+    Welcome,
+)
 
 __all__ = [
     "DEFAULT_WINDOW",
@@ -40,6 +50,7 @@ __all__ = [
     "fail_waiters",
     "keys_of",
     "outcomes_for",
+    "read_reply",
     "results_for",
     "retry_delay",
     "retry_single",
@@ -256,6 +267,28 @@ def connection_error(event: object) -> ClientError | None:
         return None
     name = event.code.name if isinstance(event.code, ErrorCode) else f"error {event.code}"
     return ClientError(f"{name}: {event.message}", event.code)
+
+
+def read_reply(event: Any, pending: dict[int, Waiter]) -> Welcome | ClientError | None:
+    """What a client's reader does with one event from the engine (not NEED_DATA, not None).
+
+    Returns:
+        The :class:`Welcome` (the handshake's answer); the :class:`ClientError` of a
+        connection-level ERROR (the connection is over: the caller fails every request); else
+        None: a GOAWAY is noted only (requests above its last_request_id fail when the
+        connection closes), and any other reply is handed to the request waiting for it.
+    """
+    if isinstance(event, Welcome):
+        return event
+    if isinstance(event, GoAway):
+        return None
+    gone = connection_error(event)
+    if gone is not None:
+        return gone
+    waiter = pending.pop(event.request_id, None)
+    if waiter is not None:
+        waiter.resolve(event)
+    return None
 
 
 def check_pong(reply: object, data: bytes) -> None:

@@ -24,36 +24,9 @@ from typing import Any
 
 import trio
 
-from ..wire import (
-    CLIENT,
-    NEED_DATA,
-    Connection,
-    GoAway,
-    ItemResult,
-    KeyInfo,
-    ListKeys,
-    Ping,
-    SignBatch,
-    SignItem,
-    Welcome,
-)
-from .coalesce import (
-    DEFAULT_WINDOW,
-    BatchRetry,
-    ClientError,
-    Coalescer,
-    Single,
-    Waiter,
-    check_pong,
-    connection_error,
-    fail_waiters,
-    keys_of,
-    outcomes_for,
-    retry_single,
-    tcp_target,
-    tls_context,
-    with_idempotency_keys,
-)
+from .. import wire
+from . import coalesce
+from .coalesce import DEFAULT_WINDOW, ClientError, Coalescer, Single, Waiter
 from .tls_stream import open_tls_over_tcp
 
 __all__ = ["TrioClient", "open_client"]
@@ -78,9 +51,9 @@ class TrioClient:
         self.timeout = timeout
         self.retries = retries
         self.coalesce_window = coalesce_window
-        self.welcome: Welcome | None = None
+        self.welcome: wire.Welcome | None = None
         self._stream = stream
-        self._codec = Connection(CLIENT)
+        self._codec = wire.Connection(wire.CLIENT)
         self._ids = itertools.count(1)
         self._send_lock = trio.Lock()
         self._pending: dict[int, Waiter] = {}
@@ -106,28 +79,24 @@ class TrioClient:
             raise ClientError(f"connection closed: {exc}") from None
 
     async def _reader(self) -> None:
+        need_data = wire.NEED_DATA
         try:
             while True:
                 event = self._codec.next_event()
-                if event is NEED_DATA:
+                if event is need_data:
                     self._codec.receive_data(await self._stream.receive_some(1 << 16))
                     continue
                 if event is None:
                     self._fail("the engine closed the connection")
                     return
-                if isinstance(event, Welcome):
-                    self.welcome = event
-                    self._welcomed.set()
+                outcome = coalesce.read_reply(event, self._pending)
+                if outcome is None:
                     continue
-                if isinstance(event, GoAway):
-                    continue  # requests above last_request_id fail when the stream closes
-                gone = connection_error(event)
-                if gone is not None:
-                    self._fail(str(gone), gone.code)
+                if isinstance(outcome, ClientError):
+                    self._fail(str(outcome), outcome.code)
                     return
-                waiter = self._pending.pop(event.request_id, None)
-                if waiter is not None:
-                    waiter.resolve(event)
+                self.welcome = outcome
+                self._welcomed.set()
         except trio.Cancelled:
             raise
         except Exception as exc:  # the stream is unusable: fail everyone waiting
@@ -136,7 +105,7 @@ class TrioClient:
     def _fail(self, why: str, code: Any = None) -> None:
         if self._closed is None:
             self._closed = why
-        fail_waiters(self._pending, why, code)
+        coalesce.fail_waiters(self._pending, why, code)
         self._welcomed.set()
         self._wake.set()
 
@@ -169,11 +138,11 @@ class TrioClient:
     async def ping(self, data: bytes = b"") -> float:
         """Round-trip time in seconds."""
         start = trio.current_time()
-        check_pong(await self._call(lambda rid: Ping(rid, data)), data)
+        coalesce.check_pong(await self._call(lambda rid: wire.Ping(rid, data)), data)
         return trio.current_time() - start
 
-    async def list_keys(self) -> list[KeyInfo]:
-        return keys_of(await self._call(lambda rid: ListKeys(rid)))
+    async def list_keys(self) -> list[wire.KeyInfo]:
+        return coalesce.keys_of(await self._call(lambda rid: wire.ListKeys(rid)))
 
     async def sign(
         self,
@@ -184,10 +153,10 @@ class TrioClient:
         kid: bytes | None = None,
         validity_days: int | None = None,
         idempotency_key: bytes | str | None = None,
-    ) -> ItemResult:
+    ) -> wire.ItemResult:
         """Sign one DCC; concurrent calls share frames; retryable refusals are retried."""
-        (item,) = with_idempotency_keys(
-            [SignItem(dcc, account, operator, kid, validity_days, idempotency_key)]
+        (item,) = coalesce.with_idempotency_keys(
+            [wire.SignItem(dcc, account, operator, kid, validity_days, idempotency_key)]
         )
         if self.coalesce_window is None:
             return (await self.sign_batch([item]))[0]
@@ -201,20 +170,20 @@ class TrioClient:
             result = single.reply
             if isinstance(result, ClientError):
                 raise result
-            delay = retry_single(result, attempt, self.retries)
+            delay = coalesce.retry_single(result, attempt, self.retries)
             if delay is None:
                 break
             await trio.sleep(delay)
         return result
 
-    async def sign_batch(self, items: Sequence[SignItem]) -> list[ItemResult]:
+    async def sign_batch(self, items: Sequence[wire.SignItem]) -> list[wire.ItemResult]:
         """Sign many DCCs in SIGN_BATCH frames of the engine's ``max_batch`` (sent pipelined);
         results in order; retryable refusals retried with the same idempotency keys."""
         assert self.welcome is not None
-        plan = BatchRetry(items, self.welcome.max_batch, self.retries)
+        plan = coalesce.BatchRetry(items, self.welcome.max_batch, self.retries)
 
         async def one(chunk: list[int]) -> None:
-            plan.record(chunk, await self._call(lambda rid: SignBatch(rid, plan.frame(chunk))))
+            plan.record(chunk, await self._call(lambda rid: wire.SignBatch(rid, plan.frame(chunk))))
 
         while True:
             chunks = plan.frames()
@@ -276,7 +245,7 @@ class TrioClient:
         items = tuple(s.item for s in singles)
         try:
             try:
-                rid = await self._submit(lambda rid: SignBatch(rid, items), frame)
+                rid = await self._submit(lambda rid: wire.SignBatch(rid, items), frame)
             except ClientError as exc:
                 frame.resolve(exc)
             else:
@@ -286,7 +255,7 @@ class TrioClient:
                     self._pending.pop(rid, None)
                     frame.resolve(ClientError(f"no reply within {self.timeout} s"))
             for single, result in zip(
-                singles, outcomes_for(frame.reply, len(singles)), strict=True
+                singles, coalesce.outcomes_for(frame.reply, len(singles)), strict=True
             ):
                 single.resolve(result)
         finally:
@@ -344,8 +313,8 @@ async def _connect(
     try:
         if address.startswith("unix:"):
             return await trio.open_unix_socket(address[5:])
-        host, port = tcp_target(address)
-        ctx = tls_context(cert, key, ca)
+        host, port = coalesce.tcp_target(address)
+        ctx = coalesce.tls_context(cert, key, ca)
         return await open_tls_over_tcp(host, port, ctx)
     except (OSError, ssl.SSLError, trio.BrokenResourceError) as exc:
         raise ClientError(f"cannot connect to {address}: {exc}") from None
