@@ -390,39 +390,38 @@ def test_handshake_round_trip(
         assert conn.max_batch == max_batch and conn.max_in_flight == max_in_flight
 
 
+#: (what to draw, how to send it over a fresh pair): each must come out as it went in.
+ROUND_TRIPS = [
+    pytest.param(items, lambda pair, item: pair.c2s(wire.Sign(pair.rid(), item)), id="sign"),
+    pytest.param(
+        st.lists(items, min_size=1, max_size=12),
+        lambda pair, batch: pair.c2s(wire.SignBatch(pair.rid(), tuple(batch))),
+        id="sign_batch",
+    ),
+    pytest.param(
+        results,
+        lambda pair, result: pair.s2c(wire.SignResult(pair.request(), result)),
+        id="sign_result",
+    ),
+    pytest.param(
+        st.lists(results, min_size=1, max_size=30),
+        lambda pair, batch: pair.s2c(wire.SignBatchResult(pair.request(), tuple(batch))),
+        id="sign_batch_result",
+    ),
+    pytest.param(
+        st.lists(keyinfos, max_size=5),
+        lambda pair, keys: pair.s2c(wire.Keys(pair.request(), tuple(keys))),
+        id="keys",
+    ),
+]
+
+
+@pytest.mark.parametrize(("values", "send"), ROUND_TRIPS)
 @HYPO
-@given(item=items)
-def test_sign_round_trip(item):
+@given(data=st.data())
+def test_round_trip(values, send, data):
     pair = ConnectionPair().handshake()
-    pair.c2s(wire.Sign(pair.rid(), item))
-
-
-@HYPO
-@given(batch=st.lists(items, min_size=1, max_size=12))
-def test_sign_batch_round_trip(batch):
-    pair = ConnectionPair().handshake()
-    pair.c2s(wire.SignBatch(pair.rid(), tuple(batch)))
-
-
-@HYPO
-@given(result=results)
-def test_sign_result_round_trip(result):
-    pair = ConnectionPair().handshake()
-    pair.s2c(wire.SignResult(pair.request(), result))
-
-
-@HYPO
-@given(batch=st.lists(results, min_size=1, max_size=30))
-def test_sign_batch_result_round_trip(batch):
-    pair = ConnectionPair().handshake()
-    pair.s2c(wire.SignBatchResult(pair.request(), tuple(batch)))
-
-
-@HYPO
-@given(keys=st.lists(keyinfos, max_size=5))
-def test_keys_round_trip(keys):
-    pair = ConnectionPair().handshake()
-    pair.s2c(wire.Keys(pair.request(), tuple(keys)))
+    send(pair, data.draw(values))
 
 
 @HYPO
