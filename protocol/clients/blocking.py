@@ -165,9 +165,7 @@ class Client:
         if not waiter.done.wait(self.timeout):
             self._pending.pop(rid, None)
             raise ClientError(f"no reply within {self.timeout} s")
-        if isinstance(waiter.reply, ClientError):
-            raise waiter.reply
-        return waiter.reply
+        return waiter.outcome()
 
     # -- API ----------------------------------------------------------------------------
 
@@ -208,9 +206,7 @@ class Client:
             self._enqueue(single)
             if not single.done.wait(self.timeout):
                 raise ClientError(f"no reply within {self.timeout} s")
-            result = single.reply
-            if isinstance(result, ClientError):
-                raise result
+            result = single.outcome()
             delay = coalesce.retry_single(result, attempt, self.retries)
             if delay is None:
                 break

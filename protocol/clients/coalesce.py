@@ -138,6 +138,16 @@ class Waiter:
         self.reply = reply
         self.done.set()
 
+    def outcome(self) -> Any:
+        """The reply, once resolved.
+
+        Raises:
+            ClientError: the request failed as a whole (the connection is gone).
+        """
+        if isinstance(self.reply, ClientError):
+            raise self.reply
+        return self.reply
+
 
 class Single(Waiter):
     """One coalesced single request: its item, and later its result."""

@@ -129,9 +129,7 @@ class TrioClient:
         if not waiter.done.is_set():
             self._pending.pop(rid, None)
             raise ClientError(f"no reply within {self.timeout} s")
-        if isinstance(waiter.reply, ClientError):
-            raise waiter.reply
-        return waiter.reply
+        return waiter.outcome()
 
     # -- API ----------------------------------------------------------------------------
 
@@ -167,9 +165,7 @@ class TrioClient:
                 await single.done.wait()
             if not single.done.is_set():
                 raise ClientError(f"no reply within {self.timeout} s")
-            result = single.reply
-            if isinstance(result, ClientError):
-                raise result
+            result = single.outcome()
             delay = coalesce.retry_single(result, attempt, self.retries)
             if delay is None:
                 break
