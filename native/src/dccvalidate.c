@@ -8,22 +8,13 @@
  *     item well formed, text valid UTF-8, map keys distinct, no tags), issues in the order the
  *     Python validator appends them. */
 #include "dccvalidate.h"
+#include "fnv1a.h"
 #include "utf8.h"
 
 #include <stdio.h>
 #include <string.h>
 
 /* ------------------------------------------------------------------------------ value sets */
-
-static uint64_t fnv1a(const uint8_t *s, size_t n)
-{
-    uint64_t h = 1469598103934665603ULL;
-    for (size_t i = 0; i < n; i++) {
-        h ^= s[i];
-        h *= 1099511628211ULL;
-    }
-    return h;
-}
 
 uint32_t dv_set_slots(uint32_t n)
 {
