@@ -477,25 +477,15 @@ static inline void hd(const vctx *c, size_t pos, head_t *h)
     rd(c->b, pos, h); /* pass 1 has checked every head */
 }
 
+/* The kind of each CBOR major type (a head's major is 0..7): a tag (6) and bool, null,
+ * undefined, simple values and floats (7) are none of the kinds the rules ask for. */
+static const int KIND_OF_MAJOR[8] = {K_INT, K_INT, K_BYTES, K_STR, K_LIST, K_MAP, K_OTHER, K_OTHER};
+
 static int kind_at(const vctx *c, size_t pos)
 {
     head_t h;
     hd(c, pos, &h);
-    switch (h.major) {
-    case 0:
-    case 1:
-        return K_INT;
-    case 2:
-        return K_BYTES;
-    case 3:
-        return K_STR;
-    case 4:
-        return K_LIST;
-    case 5:
-        return K_MAP;
-    default:
-        return K_OTHER; /* bool, null, undefined, simple values, floats */
-    }
+    return KIND_OF_MAJOR[h.major];
 }
 
 static size_t skip(const vctx *c, size_t pos)
