@@ -1232,41 +1232,43 @@ static int run(const dv_rules *rules, const uint8_t *buf, size_t len, size_t bas
     return c.punt ? DV_PUNT : rc;
 }
 
-int dv_validate(const dv_rules *rules, const uint8_t *buf, size_t len, const char *today,
-                int flags, dv_issues *issues)
+/* Clears *issues* and runs pass 1 over the one item that must fill w's buffer: -1 when it
+ * passed, else the verdict (DV_UNDECODABLE, DV_PUNT). */
+static int first_pass(pw_t *w, dv_issues *issues)
 {
-    int strict = (flags & DV_STRICT) != 0;
     if (issues) {
         issues->n = 0;
         issues->overflow = 0;
     }
-    /* strict: pass 1 also enforces cborlimits.scan's limits, as the Python twin's decode does */
-    pw_t w = {buf, len, 0, strict, !strict, 0, 0, {0}, {0}};
-    int rc = pre_item(&w, 0);
+    int rc = pre_item(w, 0);
     if (rc == PW_UNDECODABLE)
         return DV_UNDECODABLE;
     if (rc == PW_PUNT)
         return DV_PUNT;
-    if (w.pos != len)
+    if (w->pos != w->len)
         return DV_UNDECODABLE; /* trailing bytes */
+    return -1;
+}
+
+int dv_validate(const dv_rules *rules, const uint8_t *buf, size_t len, const char *today,
+                int flags, dv_issues *issues)
+{
+    int strict = (flags & DV_STRICT) != 0;
+    /* strict: pass 1 also enforces cborlimits.scan's limits, as the Python twin's decode does */
+    pw_t w = {buf, len, 0, strict, !strict, 0, 0, {0}, {0}};
+    int verdict = first_pass(&w, issues);
+    if (verdict >= 0)
+        return verdict;
     return run(rules, buf, len, 0, today, issues, &w, (flags & DV_NFC) != 0);
 }
 
 int dv_validate_cwt(const dv_rules *rules, const uint8_t *buf, size_t len, const char *today,
                     dv_issues *issues)
 {
-    if (issues) {
-        issues->n = 0;
-        issues->overflow = 0;
-    }
     pw_t w = {buf, len, 0, 0, 1, 0, 0, {0}, {0}};
-    int rc = pre_item(&w, 0);
-    if (rc == PW_UNDECODABLE)
-        return DV_UNDECODABLE;
-    if (rc == PW_PUNT)
-        return DV_PUNT;
-    if (w.pos != len)
-        return DV_UNDECODABLE;
+    int verdict = first_pass(&w, issues);
+    if (verdict >= 0)
+        return verdict;
     /* The claims: a map (keys distinct, pass 1) holding -260 = {1: DCC} and nothing odd. */
     vctx c;
     c.b = buf;
