@@ -267,21 +267,26 @@ def test_golden_table_covers_every_frame_type():
     assert {case[1].TYPE for case in GOLDEN} == set(wire.FrameType)
 
 
+def _golden_ends(case):
+    """A golden case's event, its frame bytes, and the sender and receiver of a pair ready
+    for it."""
+    side, event, header, body = case
+    data = bytes.fromhex(header.replace(" ", "") + body.replace(" ", ""))
+    pair = _pair_ready_for(event)
+    if side == "client":
+        return event, data, pair.client, pair.server
+    return event, data, pair.server, pair.client
+
+
 @pytest.mark.parametrize("case", GOLDEN, ids=_golden_id)
 def test_golden_send(case):
-    side, event, header, body = case
-    expected = bytes.fromhex(header.replace(" ", "") + body.replace(" ", ""))
-    pair = _pair_ready_for(event)
-    sender = pair.client if side == "client" else pair.server
+    event, expected, sender, _ = _golden_ends(case)
     assert sender.send(event) == expected
 
 
 @pytest.mark.parametrize("case", GOLDEN, ids=_golden_id)
 def test_golden_receive(case):
-    side, event, header, body = case
-    data = bytes.fromhex(header.replace(" ", "") + body.replace(" ", ""))
-    pair = _pair_ready_for(event)
-    receiver = pair.server if side == "client" else pair.client
+    event, data, _, receiver = _golden_ends(case)
     receiver.receive_data(data)
     assert receiver.next_event() == event
     assert receiver.next_event() is wire.NEED_DATA
