@@ -14,7 +14,6 @@ by the engine).
 
 from __future__ import annotations
 
-import itertools
 import os
 import socket
 import ssl
@@ -83,10 +82,8 @@ class Client:
         self._flusher: threading.Thread | None = None
         self._sock = _connect(address, cert, key, ca, timeout)
         self._codec = wire.Connection(wire.CLIENT)
-        self._ids = itertools.count(1)
         self._send_lock = threading.Lock()
-        self._pending: dict[int, Waiter] = {}
-        self._closed: str | None = None
+        self._requests = coalesce.Requests()
         self._welcome = threading.Event()
         self.welcome: wire.Welcome | None = None
         self._sock.settimeout(None)
@@ -95,7 +92,7 @@ class Client:
         try:
             self._send(self._codec.make_hello(agent))
             if not self._welcome.wait(timeout) or self.welcome is None:
-                raise ClientError(f"no WELCOME from {address}: {self._closed or 'timed out'}")
+                raise self._requests.no_welcome(address)
         except BaseException:
             self.close()
             raise
@@ -107,8 +104,7 @@ class Client:
             self._send_locked(event)
 
     def _send_locked(self, event: Any) -> None:
-        if self._closed:
-            raise ClientError(f"connection closed: {self._closed}")
+        self._requests.check_open()
         try:
             self._sock.sendall(self._codec.send(event))
         except OSError as exc:
@@ -127,7 +123,7 @@ class Client:
                 if event is None:
                     self._fail("the engine closed the connection")
                     return
-                outcome = coalesce.read_reply(event, self._pending)
+                outcome = coalesce.read_reply(event, self._requests.pending)
                 if outcome is None:
                     continue
                 if isinstance(outcome, ClientError):
@@ -139,9 +135,7 @@ class Client:
             self._fail(f"connection failed: {exc}")
 
     def _fail(self, why: str, code: Any = None) -> None:
-        if self._closed is None:
-            self._closed = why
-        coalesce.fail_waiters(self._pending, why, code)
+        self._requests.fail(why, code)
         self._welcome.set()
         with self._flush_cond:
             self._flush_cond.notify_all()
@@ -150,12 +144,11 @@ class Client:
         """Send ``make(request_id)``; *waiter* gets the reply. Returns the request id."""
         with self._send_lock:
             # Request ids must rise on the wire: take the next one only when it is our turn.
-            rid = next(self._ids)
-            self._pending[rid] = waiter
+            rid = self._requests.add(waiter)
             try:
                 self._send_locked(make(rid))
             except ClientError:
-                self._pending.pop(rid, None)
+                self._requests.forget(rid)
                 raise
         return rid
 
@@ -163,7 +156,7 @@ class Client:
         waiter = Waiter(threading.Event())
         rid = self._submit(make, waiter)
         if not waiter.done.wait(self.timeout):
-            self._pending.pop(rid, None)
+            self._requests.forget(rid)
             raise ClientError(f"no reply within {self.timeout} s")
         return waiter.outcome()
 
@@ -238,8 +231,7 @@ class Client:
 
     def _enqueue(self, single: Single) -> None:
         with self._flush_cond:
-            if self._closed:
-                raise ClientError(f"connection closed: {self._closed}")
+            self._requests.check_open()
             if self._coalescer is None:
                 assert self.welcome is not None and self.coalesce_window is not None
                 self._coalescer = Coalescer(self.coalesce_window, self.welcome.max_batch)
@@ -262,8 +254,8 @@ class Client:
         while True:
             with self._flush_cond:
                 while True:
-                    if self._closed:
-                        gone = ClientError(f"connection closed: {self._closed}")
+                    if self._requests.closed:
+                        gone = self._requests.closed_error()
                         for single in coalescer.take():
                             single.resolve(gone)
                         if not len(coalescer):
@@ -294,7 +286,7 @@ class Client:
         # ends its recv with EOF, so the join is short.
         if self._reader is not threading.current_thread():
             self._reader.join(self.timeout)
-        with self._send_lock:  # no send is under way on it either (_closed is set)
+        with self._send_lock:  # no send is under way on it either (the requests are closed)
             self._sock.close()
 
     def __enter__(self) -> Client:

@@ -17,6 +17,7 @@ through keyd) and at low concurrency nothing waits. The class keeps no clock: ca
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import ssl
@@ -43,6 +44,7 @@ __all__ = [
     "BatchRetry",
     "ClientError",
     "Coalescer",
+    "Requests",
     "Single",
     "Waiter",
     "check_pong",
@@ -147,6 +149,50 @@ class Waiter:
         if isinstance(self.reply, ClientError):
             raise self.reply
         return self.reply
+
+
+class Requests:
+    """The requests of one connection that await their reply, for either client (no I/O).
+
+    Request ids rise from 1 in the order :meth:`add` hands them out (the caller sends under
+    its send lock, so they rise on the wire too); once the connection is gone (:meth:`fail`),
+    every waiting request fails with its reason and so does every later :meth:`check_open`.
+    """
+
+    __slots__ = ("_ids", "closed", "pending")
+
+    def __init__(self) -> None:
+        self._ids = itertools.count(1)
+        self.pending: dict[int, Waiter] = {}
+        self.closed: str | None = None  # why the connection is gone
+
+    def add(self, waiter: Waiter) -> int:
+        """The next request id, with *waiter* awaiting its reply."""
+        rid = next(self._ids)
+        self.pending[rid] = waiter
+        return rid
+
+    def forget(self, rid: int) -> None:
+        """Stop waiting for the reply to *rid* (it was not sent, or the wait timed out)."""
+        self.pending.pop(rid, None)
+
+    def closed_error(self) -> ClientError:
+        return ClientError(f"connection closed: {self.closed}")
+
+    def no_welcome(self, address: str) -> ClientError:
+        """The error of a handshake that got no WELCOME: why the connection ended, or a timeout."""
+        return ClientError(f"no WELCOME from {address}: {self.closed or 'timed out'}")
+
+    def check_open(self) -> None:
+        """Raise :meth:`closed_error` once the connection is gone."""
+        if self.closed:
+            raise self.closed_error()
+
+    def fail(self, why: str, code: Any = None) -> None:
+        """The connection is gone (the first *why* is kept): every waiting request fails."""
+        if self.closed is None:
+            self.closed = why
+        fail_waiters(self.pending, why, code)
 
 
 class Single(Waiter):

@@ -15,7 +15,6 @@ Addresses: ``unix:/path/to/socket`` or ``HOST:PORT`` (TLS with a client certific
 
 from __future__ import annotations
 
-import itertools
 import os
 import ssl
 from collections.abc import AsyncIterator, Sequence
@@ -54,10 +53,8 @@ class TrioClient:
         self.welcome: wire.Welcome | None = None
         self._stream = stream
         self._codec = wire.Connection(wire.CLIENT)
-        self._ids = itertools.count(1)
         self._send_lock = trio.Lock()
-        self._pending: dict[int, Waiter] = {}
-        self._closed: str | None = None
+        self._requests = coalesce.Requests()
         self._welcomed = trio.Event()
         self._coalescer: Coalescer[Single] | None = None
         self._wake = trio.Event()
@@ -70,8 +67,7 @@ class TrioClient:
             await self._send_locked(event)
 
     async def _send_locked(self, event: Any) -> None:
-        if self._closed:
-            raise ClientError(f"connection closed: {self._closed}")
+        self._requests.check_open()
         try:
             await self._stream.send_all(self._codec.send(event))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -89,7 +85,7 @@ class TrioClient:
                 if event is None:
                     self._fail("the engine closed the connection")
                     return
-                outcome = coalesce.read_reply(event, self._pending)
+                outcome = coalesce.read_reply(event, self._requests.pending)
                 if outcome is None:
                     continue
                 if isinstance(outcome, ClientError):
@@ -103,21 +99,18 @@ class TrioClient:
             self._fail(f"connection failed: {exc}")
 
     def _fail(self, why: str, code: Any = None) -> None:
-        if self._closed is None:
-            self._closed = why
-        coalesce.fail_waiters(self._pending, why, code)
+        self._requests.fail(why, code)
         self._welcomed.set()
         self._wake.set()
 
     async def _submit(self, make: Any, waiter: Waiter) -> int:
         async with self._send_lock:
             # Request ids must rise on the wire: take the next one only when it is our turn.
-            rid = next(self._ids)
-            self._pending[rid] = waiter
+            rid = self._requests.add(waiter)
             try:
                 await self._send_locked(make(rid))
             except ClientError:
-                self._pending.pop(rid, None)
+                self._requests.forget(rid)
                 raise
         return rid
 
@@ -127,7 +120,7 @@ class TrioClient:
         with trio.move_on_after(self.timeout):
             await waiter.done.wait()
         if not waiter.done.is_set():
-            self._pending.pop(rid, None)
+            self._requests.forget(rid)
             raise ClientError(f"no reply within {self.timeout} s")
         return waiter.outcome()
 
@@ -206,8 +199,7 @@ class TrioClient:
     # -- coalescing ---------------------------------------------------------------------
 
     def _enqueue(self, single: Single) -> None:
-        if self._closed:
-            raise ClientError(f"connection closed: {self._closed}")
+        self._requests.check_open()
         assert self._coalescer is not None
         self._coalescer.add(single, trio.current_time())
         self._wake.set()
@@ -216,8 +208,8 @@ class TrioClient:
         coalescer = self._coalescer
         assert coalescer is not None
         while True:
-            if self._closed:
-                gone = ClientError(f"connection closed: {self._closed}")
+            if self._requests.closed:
+                gone = self._requests.closed_error()
                 while len(coalescer):
                     for single in coalescer.take():
                         single.resolve(gone)
@@ -248,7 +240,7 @@ class TrioClient:
                 with trio.move_on_after(self.timeout):
                     await frame.done.wait()
                 if not frame.done.is_set():
-                    self._pending.pop(rid, None)
+                    self._requests.forget(rid)
                     frame.resolve(ClientError(f"no reply within {self.timeout} s"))
             for single, result in zip(
                 singles, coalesce.outcomes_for(frame.reply, len(singles)), strict=True
@@ -290,7 +282,7 @@ async def open_client(
             with trio.move_on_after(request_timeout):
                 await client._welcomed.wait()
             if client.welcome is None:
-                raise ClientError(f"no WELCOME from {address}: {client._closed or 'timed out'}")
+                raise client._requests.no_welcome(address)
             if coalesce_window is not None:
                 client._coalescer = Coalescer(coalesce_window, client.welcome.max_batch)
                 nursery.start_soon(client._flusher)
