@@ -115,16 +115,9 @@ class Client:
         need_data = wire.NEED_DATA
         try:
             while True:
-                event = self._codec.next_event()
-                if event is need_data:
-                    data = self._sock.recv(1 << 16)
-                    self._codec.receive_data(data)
-                    continue
-                if event is None:
-                    self._fail("the engine closed the connection")
-                    return
-                outcome = coalesce.read_reply(event, self._requests.pending)
-                if outcome is None:
+                outcome = coalesce.next_outcome(self._codec, self._requests.pending)
+                if outcome is need_data:
+                    self._codec.receive_data(self._sock.recv(1 << 16))
                     continue
                 if isinstance(outcome, ClientError):
                     self._fail(str(outcome), outcome.code)

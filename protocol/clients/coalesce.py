@@ -28,6 +28,8 @@ from typing import Any, Generic, TypeVar
 
 from ..codes import RETRYABLE, ErrorCode
 from ..wire import (
+    NEED_DATA,
+    Connection,
     Error,
     GoAway,
     ItemResult,
@@ -51,6 +53,7 @@ __all__ = [
     "connection_error",
     "fail_waiters",
     "keys_of",
+    "next_outcome",
     "outcomes_for",
     "read_reply",
     "results_for",
@@ -345,6 +348,26 @@ def read_reply(event: Any, pending: dict[int, Waiter]) -> Welcome | ClientError 
     if waiter is not None:
         waiter.resolve(event)
     return None
+
+
+def next_outcome(codec: Connection, pending: dict[int, Waiter]) -> Any:
+    """Read the events buffered in *codec*, each as :func:`read_reply` does, until one needs
+    the client: NEED_DATA (feed the codec more bytes), the :class:`Welcome`, or the
+    :class:`ClientError` that ends the connection (a connection-level ERROR, or the engine
+    closed it).
+
+    Raises:
+        RemoteProtocolError: the engine's bytes break the protocol.
+    """
+    while True:
+        event = codec.next_event()
+        if event is NEED_DATA:
+            return NEED_DATA
+        if event is None:
+            return ClientError("the engine closed the connection")
+        outcome = read_reply(event, pending)
+        if outcome is not None:
+            return outcome
 
 
 def check_pong(reply: object, data: bytes) -> None:

@@ -78,15 +78,9 @@ class TrioClient:
         need_data = wire.NEED_DATA
         try:
             while True:
-                event = self._codec.next_event()
-                if event is need_data:
+                outcome = coalesce.next_outcome(self._codec, self._requests.pending)
+                if outcome is need_data:
                     self._codec.receive_data(await self._stream.receive_some(1 << 16))
-                    continue
-                if event is None:
-                    self._fail("the engine closed the connection")
-                    return
-                outcome = coalesce.read_reply(event, self._requests.pending)
-                if outcome is None:
                     continue
                 if isinstance(outcome, ClientError):
                     self._fail(str(outcome), outcome.code)
