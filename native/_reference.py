@@ -5,6 +5,7 @@ implements too, with the same exceptions.
 """
 
 from ..protocol.cborlimits import scan as cbor_scan
+from . import _quota_py
 from ._audit_py import MAX_UVCI_CHARS, audit_issue_groups, audit_issue_lines
 from ._base45_py import b45decode, b45encode
 from ._cose_py import (
@@ -26,14 +27,7 @@ from ._hc1_py import hc1_encode, hc1_sign
 from ._jobpool_py import ReplyPool
 from ._keydcols_py import audit_issue_columns, keyd_check_columns
 from ._loadgen_py import scan_results
-from ._quota_py import (
-    quota_add,
-    quota_charge_known,
-    quota_expire,
-    quota_idle,
-    quota_remove_newest,
-    quota_take_back,
-)
+from ._quota_py import *  # noqa: F403 -- the quota functions, as its __all__ lists them
 from ._reply_py import encode_sign_batch_result
 from ._signing_py import SigningKey
 from ._signing_py import _nonce_batch_inverse as _nonce_batch_inverse  # test support
@@ -66,12 +60,6 @@ __all__ = [
     "hc1_sign",
     "keyd_check_columns",
     "protected_header",
-    "quota_add",
-    "quota_charge_known",
-    "quota_expire",
-    "quota_idle",
-    "quota_remove_newest",
-    "quota_take_back",
     "scan_results",
     "sig_structure",
     "sign1_decode",
@@ -85,4 +73,5 @@ __all__ = [
     "walk_sign_batch",
     "zlib_compress",
     "zlib_decompress",
+    *_quota_py.__all__,
 ]

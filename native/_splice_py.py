@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import array
 import bisect
-import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -141,20 +140,12 @@ def splice_payloads(view: BatchView, prefixes: Sequence[bytes], prefix_of: Any) 
 
 def reencode(dcc: bytes) -> bytes:
     """The slow path: what the engine signs today for these DCC bytes."""
-    return cbor2.dumps(nfc_names(cbor2.loads(dcc)))
+    # The engine's own rule, so the slow path cannot drift from it (imported here: the engine
+    # imports this package).
+    from ..dcc.issuer import nfc_names
 
-
-def nfc_names(dcc: Any) -> Any:
-    """``nam.fn`` and ``nam.gn`` in NFC (the engine's ``dccsign.dcc.issuer.nfc_names`` rule)."""
-    nam = dcc.get("nam") if isinstance(dcc, dict) else None
-    if not isinstance(nam, dict):
-        return dcc
-    changed = {}
-    for field in ("fn", "gn"):
-        value = nam.get(field)
-        if isinstance(value, str) and not unicodedata.is_normalized("NFC", value):
-            changed[field] = unicodedata.normalize("NFC", value)
-    return {**dcc, "nam": {**nam, **changed}} if changed else dcc
+    obj = cbor2.loads(dcc)
+    return cbor2.dumps(nfc_names(obj) if isinstance(obj, dict) else obj)
 
 
 _STARTS = [lo for lo, _ in UNSTABLE]

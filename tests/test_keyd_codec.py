@@ -5,47 +5,35 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dccsign.protocol.keyd import (
-    NEED_DATA,
-    Connection,
-    Describe,
-    DescribeResult,
-    Failure,
-    ItemError,
-    KeydProtocolError,
-    KeyFacts,
-    PoolStatus,
-    Signatures,
-    SignMany,
-    SignPart,
-    SignPayloads,
-)
+from dccsign.protocol import keyd
 
 KID = bytes(range(8))
 
 
 def roundtrip(msg, max_frame=1 << 20):
-    wire = Connection(max_frame).send(msg)
-    conn = Connection(max_frame)
+    wire = keyd.Connection(max_frame).send(msg)
+    conn = keyd.Connection(max_frame)
     conn.receive_data(wire)
     assert conn.next_event() == msg
-    assert conn.next_event() is NEED_DATA
+    assert conn.next_event() is keyd.NEED_DATA
     return wire
 
 
 def test_golden_describe():
     # 4B magic, version 1, type 0x10, flags 0, request id 7, length 1, body a0 (empty map)
-    assert roundtrip(Describe(7)) == bytes.fromhex("4b01100000000007 00000001 a0".replace(" ", ""))
+    assert roundtrip(keyd.Describe(7)) == bytes.fromhex(
+        "4b01100000000007 00000001 a0".replace(" ", "")
+    )
 
 
 def test_golden_error():
-    wire = roundtrip(Failure(1, "stopping", True))
+    wire = roundtrip(keyd.Failure(1, "stopping", True))
     assert wire[:12] == bytes.fromhex("4b017f00000000010000001d")
     assert wire[12:] == bytes.fromhex("a2676d6573736167656873746f7070696e6769726574727961626c65f5")
 
 
 def test_golden_sign():
-    wire = roundtrip(SignPayloads(2, KID, "portal-a", "uzi:123", (b"\xa0",), None))
+    wire = roundtrip(keyd.SignPayloads(2, KID, "portal-a", "uzi:123", (b"\xa0",), None))
     assert wire[2] == 0x20 and wire[4:8] == b"\x00\x00\x00\x02"
     assert wire.endswith(bytes.fromhex("68 7061796c6f616473 81 41 a0".replace(" ", "")))
 
@@ -59,11 +47,13 @@ def test_golden_sign():
     st.none() | st.text(max_size=20),
 )
 def test_sign_round_trip(rid, kid, client, account, payloads, operator):
-    roundtrip(SignPayloads(rid, kid, client, account, tuple(payloads), operator))
+    roundtrip(keyd.SignPayloads(rid, kid, client, account, tuple(payloads), operator))
 
 
 def test_golden_sign_many():
-    msg = SignMany(3, KID, (SignPart("p", "a", (b"\xa0",)), SignPart("q", "b", (), "op")))
+    msg = keyd.SignMany(
+        3, KID, (keyd.SignPart("p", "a", (b"\xa0",)), keyd.SignPart("q", "b", (), "op"))
+    )
     wire = roundtrip(msg)
     # type 0x22, request id 3; body {"kid": h'0001..07', "parts": [{client, account, payloads},
     # {client, account, payloads, operator}]}
@@ -78,7 +68,7 @@ def test_golden_sign_many():
 
 
 part = st.builds(
-    SignPart,
+    keyd.SignPart,
     st.text(max_size=20),
     st.text(max_size=20),
     st.lists(st.binary(max_size=100), max_size=5).map(tuple),
@@ -88,7 +78,7 @@ part = st.builds(
 
 @given(st.integers(0, 2**32 - 1), st.lists(part, max_size=6))
 def test_sign_many_round_trip(rid, parts):
-    roundtrip(SignMany(rid, KID, tuple(parts)))
+    roundtrip(keyd.SignMany(rid, KID, tuple(parts)))
 
 
 def test_sign_many_field_checks():
@@ -108,31 +98,33 @@ def test_sign_many_field_checks():
         {"kid": KID, "parts": [{**good_part, "operator": 1}]},
         {"kid": KID, "parts": [{"client": "c", "payloads": []}]},
     ):
-        conn = Connection()
+        conn = keyd.Connection()
         conn.receive_data(frame(bad))
-        with pytest.raises(KeydProtocolError):
+        with pytest.raises(keyd.KeydProtocolError):
             conn.next_event()
 
 
 @given(
     st.lists(
         st.binary(min_size=64, max_size=64)
-        | st.tuples(st.sampled_from(list(ItemError)), st.text(max_size=30)),
+        | st.tuples(st.sampled_from(list(keyd.ItemError)), st.text(max_size=30)),
         max_size=30,
     )
 )
 def test_sign_result_round_trip(results):
-    roundtrip(Signatures(9, tuple(results)))
+    roundtrip(keyd.Signatures(9, tuple(results)))
 
 
 def test_describe_result_round_trip():
     roundtrip(
-        DescribeResult(
+        keyd.DescribeResult(
             3,
             (
-                KeyFacts(KID, -7, ("v",), "active", b"\x30\x00"),
-                KeyFacts(KID[::-1], -37, ("v", "t", "r"), "retired", b"\x30"),
-                KeyFacts(KID, -7, ("t",), "active", b"\x30", PoolStatus(65536, 17, 90000, 80, 2)),
+                keyd.KeyFacts(KID, -7, ("v",), "active", b"\x30\x00"),
+                keyd.KeyFacts(KID[::-1], -37, ("v", "t", "r"), "retired", b"\x30"),
+                keyd.KeyFacts(
+                    KID, -7, ("t",), "active", b"\x30", keyd.PoolStatus(65536, 17, 90000, 80, 2)
+                ),
             ),
         )
     )
@@ -140,8 +132,8 @@ def test_describe_result_round_trip():
 
 def test_describe_pool_is_counts_only_and_checked():
     """A key's pool travels as five counts (never an entry); anything else is refused."""
-    info = KeyFacts(KID, -7, ("v",), "active", b"\x30", PoolStatus(8, 7, 6, 5, 4))
-    frame = Connection().send(DescribeResult(1, (info,)))
+    info = keyd.KeyFacts(KID, -7, ("v",), "active", b"\x30", keyd.PoolStatus(8, 7, 6, 5, 4))
+    frame = keyd.Connection().send(keyd.DescribeResult(1, (info,)))
     body = cbor2.loads(frame[12:])
     assert body["keys"][0]["pool"] == {
         "capacity": 8,
@@ -158,32 +150,36 @@ def test_describe_pool_is_counts_only_and_checked():
     ):
         body["keys"][0]["pool"] = bad
         raw = cbor2.dumps(body)
-        conn = Connection()
+        conn = keyd.Connection()
         conn.receive_data(frame[:8] + len(raw).to_bytes(4, "big") + raw)
-        with pytest.raises(KeydProtocolError, match=message):
+        with pytest.raises(keyd.KeydProtocolError, match=message):
             conn.next_event()
 
 
 def test_split_and_coalesced_feeds():
-    msgs = [Describe(1), SignPayloads(2, KID, "c", "a", (b"x" * 1000,)), Failure(3, "x", False)]
-    wire = b"".join(Connection().send(m) for m in msgs)
+    msgs = [
+        keyd.Describe(1),
+        keyd.SignPayloads(2, KID, "c", "a", (b"x" * 1000,)),
+        keyd.Failure(3, "x", False),
+    ]
+    wire = b"".join(keyd.Connection().send(m) for m in msgs)
     for step in (1, 5, 13, len(wire)):
-        conn, got = Connection(), []
+        conn, got = keyd.Connection(), []
         for i in range(0, len(wire), step):
             conn.receive_data(wire[i : i + step])
-            while (ev := conn.next_event()) is not NEED_DATA:
+            while (ev := conn.next_event()) is not keyd.NEED_DATA:
                 got.append(ev)
         assert got == msgs
 
 
 def test_oversized_frame_refused_before_its_body():
-    conn = Connection(max_frame=100)
+    conn = keyd.Connection(max_frame=100)
     header = bytes.fromhex("4b0120000000000100000065")  # announces 101 bytes
     conn.receive_data(header)  # no body yet: refused on the header alone
-    with pytest.raises(KeydProtocolError, match="exceeds the limit"):
+    with pytest.raises(keyd.KeydProtocolError, match="exceeds the limit"):
         conn.next_event()
-    with pytest.raises(KeydProtocolError, match="exceeds the limit"):
-        Connection(max_frame=10).send(SignPayloads(1, KID, "c", "a", (b"x" * 20,)))
+    with pytest.raises(keyd.KeydProtocolError, match="exceeds the limit"):
+        keyd.Connection(max_frame=10).send(keyd.SignPayloads(1, KID, "c", "a", (b"x" * 20,)))
 
 
 @pytest.mark.parametrize(
@@ -200,20 +196,20 @@ def test_oversized_frame_refused_before_its_body():
     ],
 )
 def test_malformed_frames(wire, message):
-    conn = Connection()
+    conn = keyd.Connection()
     conn.receive_data(wire)
-    with pytest.raises(KeydProtocolError, match=message):
+    with pytest.raises(keyd.KeydProtocolError, match=message):
         conn.next_event()
 
 
 def test_end_of_stream():
-    conn = Connection()
+    conn = keyd.Connection()
     conn.receive_data(b"")
     assert conn.next_event() is None
-    conn = Connection()
-    conn.receive_data(Connection().send(Describe(1))[:-1])
+    conn = keyd.Connection()
+    conn.receive_data(keyd.Connection().send(keyd.Describe(1))[:-1])
     conn.receive_data(b"")
-    with pytest.raises(KeydProtocolError, match="ended inside"):
+    with pytest.raises(keyd.KeydProtocolError, match="ended inside"):
         conn.next_event()
 
 
@@ -232,35 +228,37 @@ def test_sign_field_checks():
         {**good, "operator": 5},
         {**good, "account": True},
     ):
-        conn = Connection()
+        conn = keyd.Connection()
         conn.receive_data(frame(bad))
-        with pytest.raises(KeydProtocolError):
+        with pytest.raises(keyd.KeydProtocolError):
             conn.next_event()
 
 
 @given(st.binary(max_size=200))
 def test_fuzz_random_bytes(data):
-    conn = Connection(max_frame=4096)
+    conn = keyd.Connection(max_frame=4096)
     conn.receive_data(data)  # b"" is end-of-stream: next_event then returns None
     try:
-        while conn.next_event() not in (NEED_DATA, None):
+        while conn.next_event() not in (keyd.NEED_DATA, None):
             pass
-    except KeydProtocolError:
+    except keyd.KeydProtocolError:
         pass
 
 
 @given(st.data())
 def test_fuzz_mutated_frames(data):
     wire = bytearray(
-        Connection().send(SignPayloads(5, KID, "client", "account", (b"\xa1\x01\x02",) * 3))
+        keyd.Connection().send(
+            keyd.SignPayloads(5, KID, "client", "account", (b"\xa1\x01\x02",) * 3)
+        )
     )
     for _ in range(data.draw(st.integers(1, 4))):
         i = data.draw(st.integers(0, len(wire) - 1))
         wire[i] = data.draw(st.integers(0, 255))
-    conn = Connection()
+    conn = keyd.Connection()
     conn.receive_data(bytes(wire))
     try:
-        while conn.next_event() not in (NEED_DATA, None):
+        while conn.next_event() not in (keyd.NEED_DATA, None):
             pass
-    except KeydProtocolError:
+    except keyd.KeydProtocolError:
         pass

@@ -8,26 +8,8 @@ import cbor2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dccsign.protocol import wire
 from dccsign.protocol.codes import ErrorCode
-from dccsign.protocol.wire import (
-    NEED_DATA,
-    Connection,
-    Error,
-    GoAway,
-    ItemResult,
-    KeyInfo,
-    Keys,
-    ListKeys,
-    Ping,
-    Pong,
-    RemoteProtocolError,
-    Sign,
-    SignBatch,
-    SignBatchResult,
-    SignItem,
-    SignResult,
-    State,
-)
 from dccsign.testing.samples import varied_samples
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -35,8 +17,8 @@ KID = bytes(range(8))
 
 
 def _pair():
-    client = Connection("client", max_frame=1 << 20)
-    server = Connection("server")
+    client = wire.Connection("client", max_frame=1 << 20)
+    server = wire.Connection("server")
     server.receive_data(client.send(client.make_hello("fuzz")))
     server.next_event()
     return client, server
@@ -52,36 +34,38 @@ def _opened():
 def _client_frames():
     client, _ = _opened()
     items = tuple(
-        SignItem(d, "uzi:900012345", operator="uzi:1", kid=KID, validity_days=30,
+        wire.SignItem(d, "uzi:900012345", operator="uzi:1", kid=KID, validity_days=30,
                  idempotency_key=f"key-{i}")
         for i, d in enumerate(varied_samples(20))
     )  # fmt: skip
     return [
-        client.send(Sign(1, items[0])),
-        client.send(SignBatch(2, items)),  # compressed
-        client.send(SignBatch(3, items[:2])),
-        client.send(ListKeys(4)),
-        client.send(Ping(9, b"ping")),
-        client.send(Pong(9, b"pong")),
-        client.send(Error(0, ErrorCode.PROTOCOL, "bye", fatal=True)),
+        client.send(wire.Sign(1, items[0])),
+        client.send(wire.SignBatch(2, items)),  # compressed
+        client.send(wire.SignBatch(3, items[:2])),
+        client.send(wire.ListKeys(4)),
+        client.send(wire.Ping(9, b"ping")),
+        client.send(wire.Pong(9, b"pong")),
+        client.send(wire.Error(0, ErrorCode.PROTOCOL, "bye", fatal=True)),
     ]
 
 
 def _server_frames():
     client, server = _opened()
     for rid in (1, 2, 3):
-        server.receive_data(client.send(ListKeys(rid)))
+        server.receive_data(client.send(wire.ListKeys(rid)))
         server.next_event()
-    ok = ItemResult(hc1="HC1:" + "6BFOXN" * 80, kid=KID)
-    bad = ItemResult(error=ErrorCode.INVALID_DCC, message="dob: not a date", retry_after_ms=5)
-    key = KeyInfo(KID, -7, "vtr", "active", b"\x30\x82" + bytes(300), 1_700_000_000, 1_800_000_000)
+    ok = wire.ItemResult(hc1="HC1:" + "6BFOXN" * 80, kid=KID)
+    bad = wire.ItemResult(error=ErrorCode.INVALID_DCC, message="dob: not a date", retry_after_ms=5)
+    key = wire.KeyInfo(
+        KID, -7, "vtr", "active", b"\x30\x82" + bytes(300), 1_700_000_000, 1_800_000_000
+    )
     return [
-        server.send(SignResult(1, ok)),
-        server.send(SignBatchResult(2, (ok, bad) * 10)),  # compressed
-        server.send(Keys(3, (key,))),
-        server.send(Error(2, ErrorCode.BUSY, "later", retry_after_ms=100)),
-        server.send(Ping(0, b"")),
-        server.send(GoAway(3, "restart")),
+        server.send(wire.SignResult(1, ok)),
+        server.send(wire.SignBatchResult(2, (ok, bad) * 10)),  # compressed
+        server.send(wire.Keys(3, (key,))),
+        server.send(wire.Error(2, ErrorCode.BUSY, "later", retry_after_ms=100)),
+        server.send(wire.Ping(0, b"")),
+        server.send(wire.GoAway(3, "restart")),
     ]
 
 
@@ -94,14 +78,14 @@ def _drain(conn, data):
     try:
         if data:
             conn.receive_data(data)
-        while conn.next_event() not in (NEED_DATA, None):
+        while conn.next_event() not in (wire.NEED_DATA, None):
             pass
         conn.receive_data(b"")
         while conn.next_event() is not None:
             pass
-    except RemoteProtocolError as exc:
+    except wire.RemoteProtocolError as exc:
         assert isinstance(exc.code, ErrorCode)
-        assert conn.state is State.ERROR
+        assert conn.state is wire.State.ERROR
         return exc
     return None
 
@@ -111,7 +95,7 @@ def _receiver(server_side, opened):
     if server_side or not opened:
         return server if server_side else client
     for rid in (1, 2, 3):  # so that replies to 1..3 are expected
-        client.send(ListKeys(rid))
+        client.send(wire.ListKeys(rid))
     return client
 
 

@@ -8,22 +8,13 @@
  *     item well formed, text valid UTF-8, map keys distinct, no tags), issues in the order the
  *     Python validator appends them. */
 #include "dccvalidate.h"
+#include "fnv1a.h"
 #include "utf8.h"
 
 #include <stdio.h>
 #include <string.h>
 
 /* ------------------------------------------------------------------------------ value sets */
-
-static uint64_t fnv1a(const uint8_t *s, size_t n)
-{
-    uint64_t h = 1469598103934665603ULL;
-    for (size_t i = 0; i < n; i++) {
-        h ^= s[i];
-        h *= 1099511628211ULL;
-    }
-    return h;
-}
 
 uint32_t dv_set_slots(uint32_t n)
 {
@@ -486,25 +477,15 @@ static inline void hd(const vctx *c, size_t pos, head_t *h)
     rd(c->b, pos, h); /* pass 1 has checked every head */
 }
 
+/* The kind of each CBOR major type (a head's major is 0..7): a tag (6) and bool, null,
+ * undefined, simple values and floats (7) are none of the kinds the rules ask for. */
+static const int KIND_OF_MAJOR[8] = {K_INT, K_INT, K_BYTES, K_STR, K_LIST, K_MAP, K_OTHER, K_OTHER};
+
 static int kind_at(const vctx *c, size_t pos)
 {
     head_t h;
     hd(c, pos, &h);
-    switch (h.major) {
-    case 0:
-    case 1:
-        return K_INT;
-    case 2:
-        return K_BYTES;
-    case 3:
-        return K_STR;
-    case 4:
-        return K_LIST;
-    case 5:
-        return K_MAP;
-    default:
-        return K_OTHER; /* bool, null, undefined, simple values, floats */
-    }
+    return KIND_OF_MAJOR[h.major];
 }
 
 static size_t skip(const vctx *c, size_t pos)
@@ -1251,41 +1232,43 @@ static int run(const dv_rules *rules, const uint8_t *buf, size_t len, size_t bas
     return c.punt ? DV_PUNT : rc;
 }
 
-int dv_validate(const dv_rules *rules, const uint8_t *buf, size_t len, const char *today,
-                int flags, dv_issues *issues)
+/* Clears *issues* and runs pass 1 over the one item that must fill w's buffer: -1 when it
+ * passed, else the verdict (DV_UNDECODABLE, DV_PUNT). */
+static int first_pass(pw_t *w, dv_issues *issues)
 {
-    int strict = (flags & DV_STRICT) != 0;
     if (issues) {
         issues->n = 0;
         issues->overflow = 0;
     }
-    /* strict: pass 1 also enforces cborlimits.scan's limits, as the Python twin's decode does */
-    pw_t w = {buf, len, 0, strict, !strict, 0, 0, {0}, {0}};
-    int rc = pre_item(&w, 0);
+    int rc = pre_item(w, 0);
     if (rc == PW_UNDECODABLE)
         return DV_UNDECODABLE;
     if (rc == PW_PUNT)
         return DV_PUNT;
-    if (w.pos != len)
+    if (w->pos != w->len)
         return DV_UNDECODABLE; /* trailing bytes */
+    return -1;
+}
+
+int dv_validate(const dv_rules *rules, const uint8_t *buf, size_t len, const char *today,
+                int flags, dv_issues *issues)
+{
+    int strict = (flags & DV_STRICT) != 0;
+    /* strict: pass 1 also enforces cborlimits.scan's limits, as the Python twin's decode does */
+    pw_t w = {buf, len, 0, strict, !strict, 0, 0, {0}, {0}};
+    int verdict = first_pass(&w, issues);
+    if (verdict >= 0)
+        return verdict;
     return run(rules, buf, len, 0, today, issues, &w, (flags & DV_NFC) != 0);
 }
 
 int dv_validate_cwt(const dv_rules *rules, const uint8_t *buf, size_t len, const char *today,
                     dv_issues *issues)
 {
-    if (issues) {
-        issues->n = 0;
-        issues->overflow = 0;
-    }
     pw_t w = {buf, len, 0, 0, 1, 0, 0, {0}, {0}};
-    int rc = pre_item(&w, 0);
-    if (rc == PW_UNDECODABLE)
-        return DV_UNDECODABLE;
-    if (rc == PW_PUNT)
-        return DV_PUNT;
-    if (w.pos != len)
-        return DV_UNDECODABLE;
+    int verdict = first_pass(&w, issues);
+    if (verdict >= 0)
+        return verdict;
     /* The claims: a map (keys distinct, pass 1) holding -260 = {1: DCC} and nothing odd. */
     vctx c;
     c.b = buf;

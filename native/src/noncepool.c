@@ -291,6 +291,14 @@ static void refill_work_free(refill_work *w)
     free(w);
 }
 
+/* A BIGNUM for a secret value: on the secure heap, and constant-time in every operation. */
+static BIGNUM *secret_bn_new(void)
+{
+    BIGNUM *b = BN_secure_new();
+    if (b != NULL) BN_set_flags(b, BN_FLG_CONSTTIME);
+    return b;
+}
+
 /* Scratch for chunks of up to `slots` entries (group: for the points; NULL for none). */
 static refill_work *refill_work_new(const EC_GROUP *group, size_t slots)
 {
@@ -301,24 +309,15 @@ static refill_work *refill_work_new(const EC_GROUP *group, size_t slots)
     int ok = (w->ctx = BN_CTX_secure_new()) != NULL;
     BIGNUM **secret[] = {&w->blind, &w->t, &w->u};
     for (size_t j = 0; ok && j < sizeof secret / sizeof *secret; j++)
-        ok = (*secret[j] = BN_secure_new()) != NULL;
-    for (size_t i = 0; ok && i < slots; i++) {
-        ok = (w->k[i] = BN_secure_new()) != NULL && (w->x[i] = BN_new()) != NULL &&
-             (w->zz[i] = BN_secure_new()) != NULL && (w->acc[i] = BN_secure_new()) != NULL &&
+        ok = (*secret[j] = secret_bn_new()) != NULL;
+    for (size_t i = 0; ok && i < slots; i++)
+        ok = (w->k[i] = secret_bn_new()) != NULL && (w->x[i] = BN_new()) != NULL &&
+             (w->zz[i] = secret_bn_new()) != NULL && (w->acc[i] = secret_bn_new()) != NULL &&
              (group == NULL || (w->point[i] = EC_POINT_new(group)) != NULL);
-        if (ok) {
-            BN_set_flags(w->k[i], BN_FLG_CONSTTIME);
-            BN_set_flags(w->zz[i], BN_FLG_CONSTTIME);
-            BN_set_flags(w->acc[i], BN_FLG_CONSTTIME);
-        }
-    }
     if (!ok) {
         refill_work_free(w);
         return NULL;
     }
-    BN_set_flags(w->blind, BN_FLG_CONSTTIME);
-    BN_set_flags(w->t, BN_FLG_CONSTTIME);
-    BN_set_flags(w->u, BN_FLG_CONSTTIME);
     return w;
 }
 
@@ -636,17 +635,14 @@ dcc_pool_work *dcc_pool_work_new(void)
     w->ctx = BN_CTX_secure_new();
     w->z = BN_new();
     w->r = BN_new();
-    w->kinv = BN_secure_new();
-    w->t = BN_secure_new();
-    w->s = BN_secure_new();
+    w->kinv = secret_bn_new();
+    w->t = secret_bn_new();
+    w->s = secret_bn_new();
     if (w->ctx == NULL || w->z == NULL || w->r == NULL || w->kinv == NULL || w->t == NULL ||
         w->s == NULL) {
         dcc_pool_work_free(w);
         return NULL;
     }
-    BN_set_flags(w->kinv, BN_FLG_CONSTTIME);
-    BN_set_flags(w->t, BN_FLG_CONSTTIME);
-    BN_set_flags(w->s, BN_FLG_CONSTTIME);
     return w;
 }
 

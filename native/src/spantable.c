@@ -3,20 +3,10 @@
  * a compare per item. */
 #include "spantable.h"
 
+#include "fnv1a.h"
+
 #include <stdlib.h>
 #include <string.h>
-
-/* FNV-1a: short ASCII identifiers (accounts like "uzi:123456789"); no adversary gains from
- * collisions here beyond a longer probe within one frame of bounded size. */
-static uint32_t span_hash(const uint8_t *p, uint32_t n)
-{
-    uint32_t h = 2166136261u;
-    for (uint32_t i = 0; i < n; i++) {
-        h ^= p[i];
-        h *= 16777619u;
-    }
-    return h;
-}
 
 int span_table(const uint8_t *data, const uint32_t *cols, uint32_t nfields, uint32_t off_field,
                uint32_t len_field, const uint32_t *rows, uint32_t n, uint32_t base,
@@ -36,7 +26,7 @@ int span_table(const uint8_t *data, const uint32_t *cols, uint32_t nfields, uint
             continue;
         }
         const uint8_t *p = data + f[off_field];
-        uint32_t s = span_hash(p, len) & (size - 1);
+        uint32_t s = (uint32_t)fnv1a(p, len) & (size - 1);
         for (;;) {
             uint32_t e = slots[s];
             if (e == 0) {

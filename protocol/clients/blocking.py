@@ -14,7 +14,6 @@ by the engine).
 
 from __future__ import annotations
 
-import itertools
 import os
 import socket
 import ssl
@@ -23,36 +22,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ..wire import (
-    CLIENT,
-    NEED_DATA,
-    Connection,
-    GoAway,
-    ItemResult,
-    KeyInfo,
-    ListKeys,
-    Ping,
-    SignBatch,
-    SignItem,
-    Welcome,
-)
-from .coalesce import (
-    DEFAULT_WINDOW,
-    BatchRetry,
-    ClientError,
-    Coalescer,
-    Single,
-    Waiter,
-    check_pong,
-    connection_error,
-    fail_waiters,
-    keys_of,
-    outcomes_for,
-    retry_single,
-    tcp_target,
-    tls_context,
-    with_idempotency_keys,
-)
+from .. import wire
+from . import coalesce
+from .coalesce import DEFAULT_WINDOW, ClientError, Coalescer, Single, Waiter
 
 __all__ = ["Client", "ClientError"]
 
@@ -69,7 +41,7 @@ class _Coalesced(Waiter):
         self.singles = singles
 
     def resolve(self, reply: Any) -> None:
-        outcomes = outcomes_for(reply, len(self.singles))
+        outcomes = coalesce.outcomes_for(reply, len(self.singles))
         for single, result in zip(self.singles, outcomes, strict=True):
             single.resolve(result)
         self.client._answered()
@@ -109,20 +81,18 @@ class Client:
         self._flush_cond = threading.Condition()
         self._flusher: threading.Thread | None = None
         self._sock = _connect(address, cert, key, ca, timeout)
-        self._codec = Connection(CLIENT)
-        self._ids = itertools.count(1)
+        self._codec = wire.Connection(wire.CLIENT)
         self._send_lock = threading.Lock()
-        self._pending: dict[int, Waiter] = {}
-        self._closed: str | None = None
+        self._requests = coalesce.Requests()
         self._welcome = threading.Event()
-        self.welcome: Welcome | None = None
+        self.welcome: wire.Welcome | None = None
         self._sock.settimeout(None)
         self._reader = threading.Thread(target=self._read, name="dccsign-client", daemon=True)
         self._reader.start()
         try:
             self._send(self._codec.make_hello(agent))
             if not self._welcome.wait(timeout) or self.welcome is None:
-                raise ClientError(f"no WELCOME from {address}: {self._closed or 'timed out'}")
+                raise self._requests.no_welcome(address)
         except BaseException:
             self.close()
             raise
@@ -134,8 +104,7 @@ class Client:
             self._send_locked(event)
 
     def _send_locked(self, event: Any) -> None:
-        if self._closed:
-            raise ClientError(f"connection closed: {self._closed}")
+        self._requests.check_open()
         try:
             self._sock.sendall(self._codec.send(event))
         except OSError as exc:
@@ -143,36 +112,23 @@ class Client:
             raise ClientError(f"connection closed: {exc}") from None
 
     def _read(self) -> None:
+        need_data = wire.NEED_DATA
         try:
             while True:
-                event = self._codec.next_event()
-                if event is NEED_DATA:
-                    data = self._sock.recv(1 << 16)
-                    self._codec.receive_data(data)
+                outcome = coalesce.next_outcome(self._codec, self._requests.pending)
+                if outcome is need_data:
+                    self._codec.receive_data(self._sock.recv(1 << 16))
                     continue
-                if event is None:
-                    self._fail("the engine closed the connection")
+                if isinstance(outcome, ClientError):
+                    self._fail(str(outcome), outcome.code)
                     return
-                if isinstance(event, Welcome):
-                    self.welcome = event
-                    self._welcome.set()
-                    continue
-                if isinstance(event, GoAway):
-                    continue  # requests above last_request_id fail when the socket closes
-                waiter = self._pending.pop(event.request_id, None)
-                gone = connection_error(event)
-                if gone is not None:
-                    self._fail(str(gone), gone.code)
-                    return
-                if waiter is not None:
-                    waiter.resolve(event)
+                self.welcome = outcome
+                self._welcome.set()
         except Exception as exc:  # the stream is unusable: fail everyone waiting
             self._fail(f"connection failed: {exc}")
 
     def _fail(self, why: str, code: Any = None) -> None:
-        if self._closed is None:
-            self._closed = why
-        fail_waiters(self._pending, why, code)
+        self._requests.fail(why, code)
         self._welcome.set()
         with self._flush_cond:
             self._flush_cond.notify_all()
@@ -181,12 +137,11 @@ class Client:
         """Send ``make(request_id)``; *waiter* gets the reply. Returns the request id."""
         with self._send_lock:
             # Request ids must rise on the wire: take the next one only when it is our turn.
-            rid = next(self._ids)
-            self._pending[rid] = waiter
+            rid = self._requests.add(waiter)
             try:
                 self._send_locked(make(rid))
             except ClientError:
-                self._pending.pop(rid, None)
+                self._requests.forget(rid)
                 raise
         return rid
 
@@ -194,22 +149,20 @@ class Client:
         waiter = Waiter(threading.Event())
         rid = self._submit(make, waiter)
         if not waiter.done.wait(self.timeout):
-            self._pending.pop(rid, None)
+            self._requests.forget(rid)
             raise ClientError(f"no reply within {self.timeout} s")
-        if isinstance(waiter.reply, ClientError):
-            raise waiter.reply
-        return waiter.reply
+        return waiter.outcome()
 
     # -- API ----------------------------------------------------------------------------
 
     def ping(self, data: bytes = b"") -> float:
         """Round-trip time in seconds."""
         start = time.perf_counter()
-        check_pong(self._call(lambda rid: Ping(rid, data)), data)
+        coalesce.check_pong(self._call(lambda rid: wire.Ping(rid, data)), data)
         return time.perf_counter() - start
 
-    def list_keys(self) -> list[KeyInfo]:
-        return keys_of(self._call(lambda rid: ListKeys(rid)))
+    def list_keys(self) -> list[wire.KeyInfo]:
+        return coalesce.keys_of(self._call(lambda rid: wire.ListKeys(rid)))
 
     def sign(
         self,
@@ -220,7 +173,7 @@ class Client:
         kid: bytes | None = None,
         validity_days: int | None = None,
         idempotency_key: bytes | str | None = None,
-    ) -> ItemResult:
+    ) -> wire.ItemResult:
         """Sign one DCC; the result holds ``hc1`` or the engine's error for it.
 
         Concurrent calls share SIGN_BATCH frames (see the module docstring); retryable
@@ -229,8 +182,8 @@ class Client:
         Raises:
             ClientError: the connection is gone or no reply came within ``timeout``.
         """
-        (item,) = with_idempotency_keys(
-            [SignItem(dcc, account, operator, kid, validity_days, idempotency_key)]
+        (item,) = coalesce.with_idempotency_keys(
+            [wire.SignItem(dcc, account, operator, kid, validity_days, idempotency_key)]
         )
         if self.coalesce_window is None:
             return self.sign_batch([item])[0]
@@ -239,16 +192,14 @@ class Client:
             self._enqueue(single)
             if not single.done.wait(self.timeout):
                 raise ClientError(f"no reply within {self.timeout} s")
-            result = single.reply
-            if isinstance(result, ClientError):
-                raise result
-            delay = retry_single(result, attempt, self.retries)
+            result = single.outcome()
+            delay = coalesce.retry_single(result, attempt, self.retries)
             if delay is None:
                 break
             time.sleep(delay)
         return result
 
-    def sign_batch(self, items: Sequence[SignItem]) -> list[ItemResult]:
+    def sign_batch(self, items: Sequence[wire.SignItem]) -> list[wire.ItemResult]:
         """Sign many DCCs in SIGN_BATCH frames of the engine's ``max_batch``; results in order.
 
         Retryable refusals (BUSY, DEADLINE_EXCEEDED, KEYD_UNAVAILABLE, ...) are retried up to
@@ -258,10 +209,12 @@ class Client:
             ClientError: the connection is gone or no reply came within ``timeout``.
         """
         assert self.welcome is not None
-        plan = BatchRetry(items, self.welcome.max_batch, self.retries)
+        plan = coalesce.BatchRetry(items, self.welcome.max_batch, self.retries)
         while True:
             for chunk in plan.frames():
-                plan.record(chunk, self._call(lambda rid, c=chunk: SignBatch(rid, plan.frame(c))))
+                plan.record(
+                    chunk, self._call(lambda rid, c=chunk: wire.SignBatch(rid, plan.frame(c)))
+                )
             delay = plan.next_attempt()
             if delay is None:
                 return plan.results  # type: ignore[return-value]
@@ -271,8 +224,7 @@ class Client:
 
     def _enqueue(self, single: Single) -> None:
         with self._flush_cond:
-            if self._closed:
-                raise ClientError(f"connection closed: {self._closed}")
+            self._requests.check_open()
             if self._coalescer is None:
                 assert self.welcome is not None and self.coalesce_window is not None
                 self._coalescer = Coalescer(self.coalesce_window, self.welcome.max_batch)
@@ -295,8 +247,8 @@ class Client:
         while True:
             with self._flush_cond:
                 while True:
-                    if self._closed:
-                        gone = ClientError(f"connection closed: {self._closed}")
+                    if self._requests.closed:
+                        gone = self._requests.closed_error()
                         for single in coalescer.take():
                             single.resolve(gone)
                         if not len(coalescer):
@@ -311,7 +263,7 @@ class Client:
             frame = _Coalesced(self, singles)
             items = tuple(s.item for s in singles)
             try:
-                self._submit(lambda rid, items=items: SignBatch(rid, items), frame)
+                self._submit(lambda rid, items=items: wire.SignBatch(rid, items), frame)
             except ClientError as exc:
                 frame.resolve(exc)
 
@@ -327,7 +279,7 @@ class Client:
         # ends its recv with EOF, so the join is short.
         if self._reader is not threading.current_thread():
             self._reader.join(self.timeout)
-        with self._send_lock:  # no send is under way on it either (_closed is set)
+        with self._send_lock:  # no send is under way on it either (the requests are closed)
             self._sock.close()
 
     def __enter__(self) -> Client:
@@ -350,8 +302,8 @@ def _connect(
             sock.settimeout(timeout)
             sock.connect(address[5:])
             return sock
-        host, port = tcp_target(address)
-        ctx = tls_context(cert, key, ca)
+        host, port = coalesce.tcp_target(address)
+        ctx = coalesce.tls_context(cert, key, ca)
         raw = socket.create_connection((host, port), timeout=timeout)
         return ctx.wrap_socket(raw, server_hostname=host)
     except (OSError, ssl.SSLError) as exc:

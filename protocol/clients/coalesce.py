@@ -17,6 +17,7 @@ through keyd) and at low concurrency nothing waits. The class keeps no clock: ca
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import ssl
@@ -26,20 +27,35 @@ from dataclasses import replace
 from typing import Any, Generic, TypeVar
 
 from ..codes import RETRYABLE, ErrorCode
-from ..wire import Error, ItemResult, KeyInfo, Keys, Pong, SignBatchResult, SignItem
+from ..wire import (
+    NEED_DATA,
+    Connection,
+    Error,
+    GoAway,
+    ItemResult,
+    KeyInfo,
+    Keys,
+    Pong,
+    SignBatchResult,
+    SignItem,
+    Welcome,
+)
 
 __all__ = [
     "DEFAULT_WINDOW",
     "BatchRetry",
     "ClientError",
     "Coalescer",
+    "Requests",
     "Single",
     "Waiter",
     "check_pong",
     "connection_error",
     "fail_waiters",
     "keys_of",
+    "next_outcome",
     "outcomes_for",
+    "read_reply",
     "results_for",
     "retry_delay",
     "retry_single",
@@ -126,6 +142,60 @@ class Waiter:
     def resolve(self, reply: Any) -> None:
         self.reply = reply
         self.done.set()
+
+    def outcome(self) -> Any:
+        """The reply, once resolved.
+
+        Raises:
+            ClientError: the request failed as a whole (the connection is gone).
+        """
+        if isinstance(self.reply, ClientError):
+            raise self.reply
+        return self.reply
+
+
+class Requests:
+    """The requests of one connection that await their reply, for either client (no I/O).
+
+    Request ids rise from 1 in the order :meth:`add` hands them out (the caller sends under
+    its send lock, so they rise on the wire too); once the connection is gone (:meth:`fail`),
+    every waiting request fails with its reason and so does every later :meth:`check_open`.
+    """
+
+    __slots__ = ("_ids", "closed", "pending")
+
+    def __init__(self) -> None:
+        self._ids = itertools.count(1)
+        self.pending: dict[int, Waiter] = {}
+        self.closed: str | None = None  # why the connection is gone
+
+    def add(self, waiter: Waiter) -> int:
+        """The next request id, with *waiter* awaiting its reply."""
+        rid = next(self._ids)
+        self.pending[rid] = waiter
+        return rid
+
+    def forget(self, rid: int) -> None:
+        """Stop waiting for the reply to *rid* (it was not sent, or the wait timed out)."""
+        self.pending.pop(rid, None)
+
+    def closed_error(self) -> ClientError:
+        return ClientError(f"connection closed: {self.closed}")
+
+    def no_welcome(self, address: str) -> ClientError:
+        """The error of a handshake that got no WELCOME: why the connection ended, or a timeout."""
+        return ClientError(f"no WELCOME from {address}: {self.closed or 'timed out'}")
+
+    def check_open(self) -> None:
+        """Raise :meth:`closed_error` once the connection is gone."""
+        if self.closed:
+            raise self.closed_error()
+
+    def fail(self, why: str, code: Any = None) -> None:
+        """The connection is gone (the first *why* is kept): every waiting request fails."""
+        if self.closed is None:
+            self.closed = why
+        fail_waiters(self.pending, why, code)
 
 
 class Single(Waiter):
@@ -256,6 +326,48 @@ def connection_error(event: object) -> ClientError | None:
         return None
     name = event.code.name if isinstance(event.code, ErrorCode) else f"error {event.code}"
     return ClientError(f"{name}: {event.message}", event.code)
+
+
+def read_reply(event: Any, pending: dict[int, Waiter]) -> Welcome | ClientError | None:
+    """What a client's reader does with one event from the engine (not NEED_DATA, not None).
+
+    Returns:
+        The :class:`Welcome` (the handshake's answer); the :class:`ClientError` of a
+        connection-level ERROR (the connection is over: the caller fails every request); else
+        None: a GOAWAY is noted only (requests above its last_request_id fail when the
+        connection closes), and any other reply is handed to the request waiting for it.
+    """
+    if isinstance(event, Welcome):
+        return event
+    if isinstance(event, GoAway):
+        return None
+    gone = connection_error(event)
+    if gone is not None:
+        return gone
+    waiter = pending.pop(event.request_id, None)
+    if waiter is not None:
+        waiter.resolve(event)
+    return None
+
+
+def next_outcome(codec: Connection, pending: dict[int, Waiter]) -> Any:
+    """Read the events buffered in *codec*, each as :func:`read_reply` does, until one needs
+    the client: NEED_DATA (feed the codec more bytes), the :class:`Welcome`, or the
+    :class:`ClientError` that ends the connection (a connection-level ERROR, or the engine
+    closed it).
+
+    Raises:
+        RemoteProtocolError: the engine's bytes break the protocol.
+    """
+    while True:
+        event = codec.next_event()
+        if event is NEED_DATA:
+            return NEED_DATA
+        if event is None:
+            return ClientError("the engine closed the connection")
+        outcome = read_reply(event, pending)
+        if outcome is not None:
+            return outcome
 
 
 def check_pong(reply: object, data: bytes) -> None:

@@ -15,7 +15,6 @@ Addresses: ``unix:/path/to/socket`` or ``HOST:PORT`` (TLS with a client certific
 
 from __future__ import annotations
 
-import itertools
 import os
 import ssl
 from collections.abc import AsyncIterator, Sequence
@@ -24,36 +23,9 @@ from typing import Any
 
 import trio
 
-from ..wire import (
-    CLIENT,
-    NEED_DATA,
-    Connection,
-    GoAway,
-    ItemResult,
-    KeyInfo,
-    ListKeys,
-    Ping,
-    SignBatch,
-    SignItem,
-    Welcome,
-)
-from .coalesce import (
-    DEFAULT_WINDOW,
-    BatchRetry,
-    ClientError,
-    Coalescer,
-    Single,
-    Waiter,
-    check_pong,
-    connection_error,
-    fail_waiters,
-    keys_of,
-    outcomes_for,
-    retry_single,
-    tcp_target,
-    tls_context,
-    with_idempotency_keys,
-)
+from .. import wire
+from . import coalesce
+from .coalesce import DEFAULT_WINDOW, ClientError, Coalescer, Single, Waiter
 from .tls_stream import open_tls_over_tcp
 
 __all__ = ["TrioClient", "open_client"]
@@ -78,13 +50,11 @@ class TrioClient:
         self.timeout = timeout
         self.retries = retries
         self.coalesce_window = coalesce_window
-        self.welcome: Welcome | None = None
+        self.welcome: wire.Welcome | None = None
         self._stream = stream
-        self._codec = Connection(CLIENT)
-        self._ids = itertools.count(1)
+        self._codec = wire.Connection(wire.CLIENT)
         self._send_lock = trio.Lock()
-        self._pending: dict[int, Waiter] = {}
-        self._closed: str | None = None
+        self._requests = coalesce.Requests()
         self._welcomed = trio.Event()
         self._coalescer: Coalescer[Single] | None = None
         self._wake = trio.Event()
@@ -97,8 +67,7 @@ class TrioClient:
             await self._send_locked(event)
 
     async def _send_locked(self, event: Any) -> None:
-        if self._closed:
-            raise ClientError(f"connection closed: {self._closed}")
+        self._requests.check_open()
         try:
             await self._stream.send_all(self._codec.send(event))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -106,49 +75,36 @@ class TrioClient:
             raise ClientError(f"connection closed: {exc}") from None
 
     async def _reader(self) -> None:
+        need_data = wire.NEED_DATA
         try:
             while True:
-                event = self._codec.next_event()
-                if event is NEED_DATA:
+                outcome = coalesce.next_outcome(self._codec, self._requests.pending)
+                if outcome is need_data:
                     self._codec.receive_data(await self._stream.receive_some(1 << 16))
                     continue
-                if event is None:
-                    self._fail("the engine closed the connection")
+                if isinstance(outcome, ClientError):
+                    self._fail(str(outcome), outcome.code)
                     return
-                if isinstance(event, Welcome):
-                    self.welcome = event
-                    self._welcomed.set()
-                    continue
-                if isinstance(event, GoAway):
-                    continue  # requests above last_request_id fail when the stream closes
-                gone = connection_error(event)
-                if gone is not None:
-                    self._fail(str(gone), gone.code)
-                    return
-                waiter = self._pending.pop(event.request_id, None)
-                if waiter is not None:
-                    waiter.resolve(event)
+                self.welcome = outcome
+                self._welcomed.set()
         except trio.Cancelled:
             raise
         except Exception as exc:  # the stream is unusable: fail everyone waiting
             self._fail(f"connection failed: {exc}")
 
     def _fail(self, why: str, code: Any = None) -> None:
-        if self._closed is None:
-            self._closed = why
-        fail_waiters(self._pending, why, code)
+        self._requests.fail(why, code)
         self._welcomed.set()
         self._wake.set()
 
     async def _submit(self, make: Any, waiter: Waiter) -> int:
         async with self._send_lock:
             # Request ids must rise on the wire: take the next one only when it is our turn.
-            rid = next(self._ids)
-            self._pending[rid] = waiter
+            rid = self._requests.add(waiter)
             try:
                 await self._send_locked(make(rid))
             except ClientError:
-                self._pending.pop(rid, None)
+                self._requests.forget(rid)
                 raise
         return rid
 
@@ -158,22 +114,20 @@ class TrioClient:
         with trio.move_on_after(self.timeout):
             await waiter.done.wait()
         if not waiter.done.is_set():
-            self._pending.pop(rid, None)
+            self._requests.forget(rid)
             raise ClientError(f"no reply within {self.timeout} s")
-        if isinstance(waiter.reply, ClientError):
-            raise waiter.reply
-        return waiter.reply
+        return waiter.outcome()
 
     # -- API ----------------------------------------------------------------------------
 
     async def ping(self, data: bytes = b"") -> float:
         """Round-trip time in seconds."""
         start = trio.current_time()
-        check_pong(await self._call(lambda rid: Ping(rid, data)), data)
+        coalesce.check_pong(await self._call(lambda rid: wire.Ping(rid, data)), data)
         return trio.current_time() - start
 
-    async def list_keys(self) -> list[KeyInfo]:
-        return keys_of(await self._call(lambda rid: ListKeys(rid)))
+    async def list_keys(self) -> list[wire.KeyInfo]:
+        return coalesce.keys_of(await self._call(lambda rid: wire.ListKeys(rid)))
 
     async def sign(
         self,
@@ -184,10 +138,10 @@ class TrioClient:
         kid: bytes | None = None,
         validity_days: int | None = None,
         idempotency_key: bytes | str | None = None,
-    ) -> ItemResult:
+    ) -> wire.ItemResult:
         """Sign one DCC; concurrent calls share frames; retryable refusals are retried."""
-        (item,) = with_idempotency_keys(
-            [SignItem(dcc, account, operator, kid, validity_days, idempotency_key)]
+        (item,) = coalesce.with_idempotency_keys(
+            [wire.SignItem(dcc, account, operator, kid, validity_days, idempotency_key)]
         )
         if self.coalesce_window is None:
             return (await self.sign_batch([item]))[0]
@@ -198,23 +152,21 @@ class TrioClient:
                 await single.done.wait()
             if not single.done.is_set():
                 raise ClientError(f"no reply within {self.timeout} s")
-            result = single.reply
-            if isinstance(result, ClientError):
-                raise result
-            delay = retry_single(result, attempt, self.retries)
+            result = single.outcome()
+            delay = coalesce.retry_single(result, attempt, self.retries)
             if delay is None:
                 break
             await trio.sleep(delay)
         return result
 
-    async def sign_batch(self, items: Sequence[SignItem]) -> list[ItemResult]:
+    async def sign_batch(self, items: Sequence[wire.SignItem]) -> list[wire.ItemResult]:
         """Sign many DCCs in SIGN_BATCH frames of the engine's ``max_batch`` (sent pipelined);
         results in order; retryable refusals retried with the same idempotency keys."""
         assert self.welcome is not None
-        plan = BatchRetry(items, self.welcome.max_batch, self.retries)
+        plan = coalesce.BatchRetry(items, self.welcome.max_batch, self.retries)
 
         async def one(chunk: list[int]) -> None:
-            plan.record(chunk, await self._call(lambda rid: SignBatch(rid, plan.frame(chunk))))
+            plan.record(chunk, await self._call(lambda rid: wire.SignBatch(rid, plan.frame(chunk))))
 
         while True:
             chunks = plan.frames()
@@ -241,8 +193,7 @@ class TrioClient:
     # -- coalescing ---------------------------------------------------------------------
 
     def _enqueue(self, single: Single) -> None:
-        if self._closed:
-            raise ClientError(f"connection closed: {self._closed}")
+        self._requests.check_open()
         assert self._coalescer is not None
         self._coalescer.add(single, trio.current_time())
         self._wake.set()
@@ -251,8 +202,8 @@ class TrioClient:
         coalescer = self._coalescer
         assert coalescer is not None
         while True:
-            if self._closed:
-                gone = ClientError(f"connection closed: {self._closed}")
+            if self._requests.closed:
+                gone = self._requests.closed_error()
                 while len(coalescer):
                     for single in coalescer.take():
                         single.resolve(gone)
@@ -276,17 +227,17 @@ class TrioClient:
         items = tuple(s.item for s in singles)
         try:
             try:
-                rid = await self._submit(lambda rid: SignBatch(rid, items), frame)
+                rid = await self._submit(lambda rid: wire.SignBatch(rid, items), frame)
             except ClientError as exc:
                 frame.resolve(exc)
             else:
                 with trio.move_on_after(self.timeout):
                     await frame.done.wait()
                 if not frame.done.is_set():
-                    self._pending.pop(rid, None)
+                    self._requests.forget(rid)
                     frame.resolve(ClientError(f"no reply within {self.timeout} s"))
             for single, result in zip(
-                singles, outcomes_for(frame.reply, len(singles)), strict=True
+                singles, coalesce.outcomes_for(frame.reply, len(singles)), strict=True
             ):
                 single.resolve(result)
         finally:
@@ -325,7 +276,7 @@ async def open_client(
             with trio.move_on_after(request_timeout):
                 await client._welcomed.wait()
             if client.welcome is None:
-                raise ClientError(f"no WELCOME from {address}: {client._closed or 'timed out'}")
+                raise client._requests.no_welcome(address)
             if coalesce_window is not None:
                 client._coalescer = Coalescer(coalesce_window, client.welcome.max_batch)
                 nursery.start_soon(client._flusher)
@@ -344,8 +295,8 @@ async def _connect(
     try:
         if address.startswith("unix:"):
             return await trio.open_unix_socket(address[5:])
-        host, port = tcp_target(address)
-        ctx = tls_context(cert, key, ca)
+        host, port = coalesce.tcp_target(address)
+        ctx = coalesce.tls_context(cert, key, ca)
         return await open_tls_over_tcp(host, port, ctx)
     except (OSError, ssl.SSLError, trio.BrokenResourceError) as exc:
         raise ClientError(f"cannot connect to {address}: {exc}") from None

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from ..codes import RETRYABLE, ErrorCode
 from ..sentinels import NEED_DATA
+from . import events
 from .bodies import (
     DCC_MAX_DEPTH,
     INT64_MAX,
@@ -60,24 +61,7 @@ from .bodies import (
 )
 from .connection import Connection
 from .errors import BodyError, LocalProtocolError, RemoteProtocolError, WireProtocolError
-from .events import (
-    Error,
-    Event,
-    GoAway,
-    Hello,
-    ItemResult,
-    KeyInfo,
-    Keys,
-    ListKeys,
-    Ping,
-    Pong,
-    Sign,
-    SignBatch,
-    SignBatchResult,
-    SignItem,
-    SignResult,
-    Welcome,
-)
+from .events import *  # noqa: F403 -- the events' __all__ is part of this API
 from .frames import (
     COMPRESS_THRESHOLD,
     DEFAULT_MAX_FRAME,
@@ -134,29 +118,14 @@ __all__ = [
     "ZSTD_LEVEL",
     "BodyError",
     "Connection",
-    "Error",
     "ErrorCode",
-    "Event",
     "Frame",
     "FrameType",
-    "GoAway",
-    "Hello",
-    "ItemResult",
-    "KeyInfo",
-    "Keys",
-    "ListKeys",
     "LocalProtocolError",
-    "Ping",
-    "Pong",
     "RemoteProtocolError",
     "Role",
-    "Sign",
-    "SignBatch",
-    "SignBatchResult",
-    "SignItem",
-    "SignResult",
     "State",
-    "Welcome",
     "WireProtocolError",
     "body_item_limit",
+    *events.__all__,
 ]

@@ -14,6 +14,26 @@ from typing import Any, ClassVar
 from ..codes import RETRYABLE, ErrorCode
 from .frames import DEFAULT_MAX_FRAME, SUPPORTED_VERSIONS, VERSION, FrameType
 
+# Everything in __all__ is re-exported as part of the wire package's public API.
+__all__ = [
+    "Error",
+    "Event",
+    "GoAway",
+    "Hello",
+    "ItemResult",
+    "KeyInfo",
+    "Keys",
+    "ListKeys",
+    "Ping",
+    "Pong",
+    "Sign",
+    "SignBatch",
+    "SignBatchResult",
+    "SignItem",
+    "SignResult",
+    "Welcome",
+]
+
 
 @dataclass(frozen=True, slots=True)
 class Hello:
