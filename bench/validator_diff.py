@@ -53,7 +53,7 @@ from dccsign.dcc.verify import loads_exact
 from dccsign.native import DCCDecodeError
 from dccsign.protocol import cborlimits
 from dccsign.testing.cborvariants import encode_float, head
-from dccsign.testing.samples import FIELD_NAMES, NEAR_MISS
+from dccsign.testing.samples import FIELD_NAMES, NEAR_MISS, field_slots
 
 TODAY = date(2025, 1, 15)
 VERSIONS = ["1.0.0", "1.0.1", "1.1.0", "1.2.0", "1.2.1", "1.3.0", "1.3.1", "1.3.2", "1.3.3"]
@@ -175,17 +175,6 @@ def valid_dcc(
     return dict(items)
 
 
-def _slots(dcc: dict) -> list[tuple[dict, Any]]:
-    out = [(dcc, k) for k in dcc]
-    if isinstance(dcc.get("nam"), dict):
-        out += [(dcc["nam"], k) for k in dcc["nam"]]
-    for kind in "vtr":
-        group = dcc.get(kind)
-        if isinstance(group, list):
-            out += [(e, k) for e in group if isinstance(e, dict) for k in e]
-    return out
-
-
 def mutated_dcc(rnd: random.Random) -> dict:
     dcc = valid_dcc(rnd)
     if rnd.random() < 0.3:
@@ -194,7 +183,7 @@ def mutated_dcc(rnd: random.Random) -> dict:
             return dcc
     for _ in range(rnd.randint(1, 3)):
         action = rnd.choice(["ver", "replace", "replace", "delete", "add", "group", "entry"])
-        slots = _slots(dcc)
+        slots = field_slots(dcc)
         if action == "ver":
             dcc["ver"] = rnd.choice(VERSIONS + ODD_VERSIONS)
         elif action == "replace" and slots:
@@ -280,7 +269,7 @@ ODD_KEYS: list[Any] = [1, -260, 0, 1.0, True, None, b"ver", b"x", (1,)]
 def odd_dcc(rnd: random.Random) -> tuple[bytes, bool]:
     """A DCC with a CBOR oddity spliced in: (bytes, strict)."""
     dcc = valid_dcc(rnd) if rnd.random() < 0.7 else mutated_dcc(rnd)
-    slots = _slots(dcc)
+    slots = field_slots(dcc)
     target, key = rnd.choice(slots)
     what = rnd.random()
     if what < 0.5:

@@ -33,7 +33,7 @@ from conftest import shared_path
 from dccsign.dcc.uvci import make_uvci
 from dccsign.dcc.validate import DOSE_MAX, RULES, DCCValidationError, Issue, validate
 from dccsign.dcc.valuesets import ValueSets
-from dccsign.testing.samples import FIELD_NAMES, NEAR_MISS, sample
+from dccsign.testing.samples import FIELD_NAMES, NEAR_MISS, field_slots, sample
 
 VERSIONS = ["1.0.0", "1.0.1", "1.1.0", "1.2.0", "1.2.1", "1.3.0", "1.3.1", "1.3.2", "1.3.3"]
 TODAY = date(2025, 1, 15)  # fixed, so that "dob not in the future" is deterministic
@@ -1044,26 +1044,12 @@ def test_fuzz_junk_only_raises_validation_errors(value: object) -> None:
 @given(st.sampled_from(VERSIONS), st.sampled_from("vtr"), st.data())
 def test_fuzz_single_field_replacement(ver: str, kind: str, data: st.DataObject) -> None:
     dcc = base(kind, ver)
-    target, key = data.draw(st.sampled_from(_slots(dcc)))
+    target, key = data.draw(st.sampled_from(field_slots(dcc)))
     target[key] = data.draw(junk)
     try:
         validate(dcc, today=TODAY)
     except DCCValidationError as exc:
         assert all(i.rule in RULES and i.rule != "internal" for i in exc.issues)
-
-
-def _slots(dcc: dict[str, Any]) -> list[tuple[dict[str, Any], str]]:
-    """Every (object, key) pair in a DCC, including the top level."""
-    out = [(dcc, k) for k in dcc]
-    if isinstance(dcc.get("nam"), dict):
-        out += [(dcc["nam"], k) for k in dcc["nam"]]
-    for kind in "vtr":
-        group = dcc.get(kind)
-        if isinstance(group, list):
-            for entry in group:
-                if isinstance(entry, dict):
-                    out += [(entry, k) for k in entry]
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1285,7 +1271,7 @@ def mutated_dcc(draw: st.DrawFn) -> dict:
             return dcc
     for _ in range(draw(st.integers(1, 3))):
         action = draw(st.sampled_from(["ver", "replace", "delete", "add", "group", "entry"]))
-        slots = _slots(dcc)
+        slots = field_slots(dcc)
         if action == "ver":
             dcc["ver"] = draw(st.sampled_from([*VERSIONS, "1.3.7", "1.0.4", "1.4.0"]))
         elif action == "replace" and slots:

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..dcc.uvci import make_uvci
 
-__all__ = ["FIELD_NAMES", "NEAR_MISS", "SAMPLES", "sample", "varied_samples"]
+__all__ = ["FIELD_NAMES", "NEAR_MISS", "SAMPLES", "field_slots", "sample", "varied_samples"]
 
 #: The keys of a DCC's objects at every level, schema 1.x (for fuzzers that build near misses).
 FIELD_NAMES: tuple[str, ...] = (
@@ -170,6 +170,22 @@ def varied_samples(n: int, seed: int = 2021) -> list[dict[str, Any]]:
         entry = dcc["vtr"[i % 3]][0]
         entry["ci"] = make_uvci("NL", "GP", f"{rng.getrandbits(48):012X}")
         out.append(dcc)
+    return out
+
+
+def field_slots(dcc: dict[str, Any]) -> list[tuple[dict[str, Any], str]]:
+    """Every (object, key) pair in a DCC, including the top level, in document order: the
+    places where a fuzzer may replace, delete or add a field. Objects that are not where
+    schema 1.x puts them are left out."""
+    out = [(dcc, k) for k in dcc]
+    if isinstance(dcc.get("nam"), dict):
+        out += [(dcc["nam"], k) for k in dcc["nam"]]
+    for kind in "vtr":
+        group = dcc.get(kind)
+        if isinstance(group, list):
+            for entry in group:
+                if isinstance(entry, dict):
+                    out += [(entry, k) for k in entry]
     return out
 
 
