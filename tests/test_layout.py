@@ -54,7 +54,11 @@ def _imports(name: str, path: Path, known: set[str]) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom):
             base = _from_module(node, package)
-            candidates = [base, *(f"{base}.{a.name}" for a in node.names)]
+            candidates = [f"{base}.{a.name}" for a in node.names]
+            # A package's __init__ taking its own submodules (``from . import events``)
+            # names itself as the base: that is not an import of itself.
+            if base != name or not node.level:
+                candidates.append(base)
         elif isinstance(node, ast.Import):
             candidates = [a.name for a in node.names]
         else:
