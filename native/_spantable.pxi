@@ -10,7 +10,7 @@ cdef extern from "spantable.h" nogil:
                                   uint32_t *index, uint32_t *first, uint32_t *distinct)
 
 from array import array as _array
-from ._spantable_py import _check as _span_check
+from ._spantable_py import check_span_arguments as _span_check
 
 
 cdef int _span_fast_check(object data, object columns, object nfields, object fields,
@@ -82,7 +82,7 @@ cdef extern from "spantable.h" nogil:
     int c_span_fill "span_fill"(uint32_t *target, uint32_t n, const uint32_t *rows, uint32_t m,
                                 uint32_t value)
 
-from ._spantable_py import _u32_array as _u32_array_py
+from ._spantable_py import u32_array as _u32_array_py
 
 
 cdef inline int _u32_array(object value, str what) except -1:

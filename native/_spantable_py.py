@@ -16,7 +16,7 @@ __all__ = ["SPAN_ABSENT", "fill_rows", "gather_spans", "span_table"]
 SPAN_ABSENT = 0xFFFFFFFF
 
 
-def _check(
+def check_span_arguments(
     data: object,
     columns: object,
     nfields: int,
@@ -69,7 +69,7 @@ def span_table(
         TypeError: data or columns not bytes, rows not an ``array('I')``.
         ValueError: a column number or a row out of range, or columns not whole items.
     """
-    _check(data, columns, nfields, fields, rows, base, absent)
+    check_span_arguments(data, columns, nfields, fields, rows, base, absent)
     cols = memoryview(columns).cast("I")
     off, length = fields
     seen: dict[bytes, int] = {}
@@ -90,7 +90,7 @@ def span_table(
     return table, index
 
 
-def _u32_array(value: object, what: str) -> array:
+def u32_array(value: object, what: str) -> array:
     if not isinstance(value, array) or value.typecode != "I":
         raise TypeError(f"{what} must be an array('I')")
     return value
@@ -114,8 +114,8 @@ def gather_spans(n: int, groups: list[tuple[array, bytes, array]]) -> tuple[byte
     lens = [0] * n
     pieces: list[list[bytes]] = [[] for _ in range(n)]
     for rows, data, ends in groups:
-        _u32_array(rows, "rows")
-        _u32_array(ends, "ends")
+        u32_array(rows, "rows")
+        u32_array(ends, "ends")
         if type(data) is not bytes:
             raise TypeError("data must be bytes")
         if len(rows) != len(ends):
@@ -142,8 +142,8 @@ def fill_rows(target: array, rows: array, value: int) -> None:
         TypeError: target or rows not ``array('I')``.
         ValueError: a row beyond target, or value not uint32.
     """
-    _u32_array(target, "target")
-    _u32_array(rows, "rows")
+    u32_array(target, "target")
+    u32_array(rows, "rows")
     if type(value) is not int or not 0 <= value <= SPAN_ABSENT:
         raise ValueError("value must be a uint32")
     if any(r >= len(target) for r in rows):
