@@ -318,3 +318,84 @@ def test_blocking_client_close_waits_for_its_reader(threaded_engine):
         assert client._reader.is_alive()
         client.close()
         assert not client._reader.is_alive()
+
+
+class _OneAtATime:
+    """A socket that records whether two threads were ever inside it at once: the rule
+    OpenSSL sets for SSL_read and SSL_write on one connection (see clients/duplex.py)."""
+
+    def __init__(self, sock):
+        self._sock = sock
+        self._guard = threading.Lock()
+        self._inside = 0
+        self.overlaps = 0
+        self.calls = 0
+
+    def _enter(self):
+        with self._guard:
+            self._inside += 1
+            self.calls += 1
+            if self._inside > 1:
+                self.overlaps += 1
+
+    def _leave(self):
+        with self._guard:
+            self._inside -= 1
+
+    def recv(self, n):
+        self._enter()
+        try:
+            return self._sock.recv(n)
+        finally:
+            self._leave()
+
+    def send(self, data):
+        self._enter()
+        try:
+            return self._sock.send(data)
+        finally:
+            self._leave()
+
+    def sendall(self, data):
+        self._enter()
+        try:
+            return self._sock.sendall(data)
+        finally:
+            self._leave()
+
+    def __getattr__(self, name):  # settimeout, fileno, shutdown, close
+        return getattr(self._sock, name)
+
+
+def test_blocking_client_never_reads_and_writes_its_socket_at_once(threaded_engine, monkeypatch):
+    # A reader thread blocked in recv() while a sender writes is two threads inside one
+    # OpenSSL connection: undefined, and seen as a HELLO that never arrived. The client's
+    # socket calls must take turns, with many threads signing while replies stream in.
+    from dccsign.protocol.clients import blocking
+
+    _engine, address = threaded_engine(delay=0.001)
+    sockets = []
+    real_connect = blocking._connect
+
+    def connect(*args):
+        sockets.append(_OneAtATime(real_connect(*args)))
+        return sockets[-1]
+
+    monkeypatch.setattr(blocking, "_connect", connect)
+    out = []
+    with Client(address, coalesce_window=None) as client:
+        threads = [
+            threading.Thread(
+                target=lambda n=n: out.extend(
+                    client.sign_batch([SignItem(DCC, f"a{n}-{k}")])[0] for k in range(10)
+                )
+            )
+            for n in range(8)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert len(out) == 80 and all(r.ok for r in out)
+    assert sockets[0].calls > 80  # every frame went through the wrapper
+    assert sockets[0].overlaps == 0

@@ -25,6 +25,7 @@ from typing import Any
 from .. import wire
 from . import coalesce
 from .coalesce import DEFAULT_WINDOW, ClientError, Coalescer, Single, Waiter
+from .duplex import DuplexSocket
 
 __all__ = ["Client", "ClientError"]
 
@@ -80,13 +81,13 @@ class Client:
         self._coalescer: Coalescer[Single] | None = None
         self._flush_cond = threading.Condition()
         self._flusher: threading.Thread | None = None
-        self._sock = _connect(address, cert, key, ca, timeout)
+        # A reader thread and the senders share the socket: never two inside OpenSSL at once.
+        self._sock = DuplexSocket(_connect(address, cert, key, ca, timeout))
         self._codec = wire.Connection(wire.CLIENT)
         self._send_lock = threading.Lock()
         self._requests = coalesce.Requests()
         self._welcome = threading.Event()
         self.welcome: wire.Welcome | None = None
-        self._sock.settimeout(None)
         self._reader = threading.Thread(target=self._read, name="dccsign-client", daemon=True)
         self._reader.start()
         try:
@@ -117,7 +118,7 @@ class Client:
             while True:
                 outcome = coalesce.next_outcome(self._codec, self._requests.pending)
                 if outcome is need_data:
-                    self._codec.receive_data(self._sock.recv(1 << 16))
+                    self._codec.receive_data(self._sock.recv())
                     continue
                 if isinstance(outcome, ClientError):
                     self._fail(str(outcome), outcome.code)
@@ -270,7 +271,7 @@ class Client:
     def close(self) -> None:
         self._fail("client closed")
         try:
-            self._sock.shutdown(socket.SHUT_RDWR)
+            self._sock.shutdown()
         except OSError:
             pass
         # The reader must be out of recv() before the descriptor is closed: otherwise the
