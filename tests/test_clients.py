@@ -331,37 +331,25 @@ class _OneAtATime:
         self.overlaps = 0
         self.calls = 0
 
-    def _enter(self):
+    def _call(self, method, *args):
         with self._guard:
             self._inside += 1
             self.calls += 1
-            if self._inside > 1:
-                self.overlaps += 1
-
-    def _leave(self):
-        with self._guard:
-            self._inside -= 1
+            self.overlaps += self._inside > 1
+        try:
+            return method(*args)
+        finally:
+            with self._guard:
+                self._inside -= 1
 
     def recv(self, n):
-        self._enter()
-        try:
-            return self._sock.recv(n)
-        finally:
-            self._leave()
+        return self._call(self._sock.recv, n)
 
     def send(self, data):
-        self._enter()
-        try:
-            return self._sock.send(data)
-        finally:
-            self._leave()
+        return self._call(self._sock.send, data)
 
     def sendall(self, data):
-        self._enter()
-        try:
-            return self._sock.sendall(data)
-        finally:
-            self._leave()
+        return self._call(self._sock.sendall, data)
 
     def __getattr__(self, name):  # settimeout, fileno, shutdown, close
         return getattr(self._sock, name)
