@@ -100,7 +100,7 @@ def run(
             validate_dcc=validate_dcc,
             nonce_pool=nonce_pool,
         )
-        LOGGER.info("keyd serving %d keys on %s", len(keyd.describe()), socket_path)
+        keys = len(keyd.describe())
         if freeze_gc:
             gc.freeze()
         try:
@@ -108,6 +108,8 @@ def run(
                 keyd,
                 socket_path,
                 ready=ready,
+                # Logged once the socket listens: a reader of the log may connect at once.
+                on_listening=lambda: LOGGER.info("keyd serving %d keys on %s", keys, socket_path),
                 stop=stop,
                 mode=socket_mode,
                 group=socket_group,

@@ -10,7 +10,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -93,6 +93,7 @@ def serve_unix(
     path: str | os.PathLike[str],
     *,
     ready: threading.Event | None = None,
+    on_listening: Callable[[], None] | None = None,
     stop: threading.Event | None = None,
     mode: int = 0o600,
     group: int | None = None,
@@ -104,7 +105,8 @@ def serve_unix(
     *mode*. Every connection's peer uid (SO_PEERCRED) must be in *allow_uids* (default: keyd's
     own uid only; root is no exception): other connections are closed at once, unserved, and
     logged. Each accepted connection gets a thread; signing releases the GIL, so connections
-    sign in parallel.
+    sign in parallel. Once the socket listens, *on_listening* runs (keyd's "serving" log
+    line: whoever reads it may connect at once) and *ready* is set.
     """
     import struct
 
@@ -128,6 +130,8 @@ def serve_unix(
         raise OSError(exc.errno, f"cannot give the socket {path} {what}: {exc.strerror}") from None
     listener.listen(64)
     listener.settimeout(0.2)
+    if on_listening is not None:
+        on_listening()
     if ready is not None:
         ready.set()
     refused = _RefusalLog()
