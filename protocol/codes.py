@@ -52,6 +52,7 @@ class ErrorCode(enum.IntEnum):
     DEADLINE_EXCEEDED = 41  # the engine gave up waiting for a result
     KEYD_UNAVAILABLE = 42  # the key service cannot be reached or is restarting
     SHUTTING_DOWN = 43  # the engine is draining; send this request to another instance
+    STATE_UNAVAILABLE = 44  # the shared quota/idempotency store is unreachable or slow
     INTERNAL = 50  # an unexpected engine fault; details are in the engine's log only
 
 
@@ -63,6 +64,7 @@ RETRYABLE: frozenset[ErrorCode] = frozenset(
         ErrorCode.DEADLINE_EXCEEDED,
         ErrorCode.KEYD_UNAVAILABLE,
         ErrorCode.SHUTTING_DOWN,
+        ErrorCode.STATE_UNAVAILABLE,
         ErrorCode.INTERNAL,
     }
 )
