@@ -1033,9 +1033,9 @@ def test_bad_ping_goaway_error_bodies():
 def test_unknown_error_codes_are_kept():
     pair = ConnectionPair().handshake()
     rid = pair.request()
-    pair.client.receive_data(frame(0x7F, rid, {"code": 44, "message": "new"}))
+    pair.client.receive_data(frame(0x7F, rid, {"code": 47, "message": "new"}))
     err = pair.client.next_event()
-    assert err == wire.Error(rid, 44, "new") and type(err.code) is int and err.retryable
+    assert err == wire.Error(rid, 47, "new") and type(err.code) is int and err.retryable
     known = wire.Error(rid, ErrorCode.INVALID_DCC, "x")
     assert not known.retryable and wire.Error(rid, ErrorCode.BUSY, "x").retryable
     assert not wire.Error(rid, 37, "x").retryable
