@@ -128,5 +128,12 @@ def merge_by_time(
     by their ``time``, each with its source. Streams: one entry per log is held at a time.
     Entries with the same time keep the order of *sources*; a log whose clock stepped back
     still yields all its entries, in its own order."""
-    streams = [((source, entry) for entry in entries_of(source)) for source in sources]
+    streams = [_labelled(source, entries_of(source)) for source in sources]
     return heapq.merge(*streams, key=lambda pair: pair[1].get("time", ""))
+
+
+def _labelled(
+    source: LogSource, entries: Iterable[dict[str, Any]]
+) -> Iterator[tuple[LogSource, dict[str, Any]]]:
+    for entry in entries:
+        yield source, entry

@@ -18,7 +18,7 @@ from ..server.engine import Engine, tls_server_context
 from ..server.server import Limits
 from .args import OptionRow, add_options, host_port, keystore_arg, number
 from .exits import error_exit
-from .keyd import nonce_pool_option
+from .keyd import node_id_option, nonce_pool_option
 
 __all__ = ["add_commands", "cmd_serve"]
 
@@ -82,6 +82,7 @@ def cmd_serve(args: Any) -> int:
             keyd_validate_dcc=not args.keyd_no_validate_dcc,
             passphrase=passphrase,
             keyd_socket=keyd_socket,
+            node_id=args.node_id,
         )
     except _Usage as exc:
         return error_exit("dccsign serve", 2, exc)
@@ -277,6 +278,11 @@ def _add_serve(sub: Any) -> Any:
         type=Path,
         metavar="DIR",
         help="keyd's audit log directory (default DIR/audit of the keystore)",
+    )
+    node_id_option(
+        p,
+        extra=". Passed to the keyd this engine starts; with --keyd-socket, give that keyd "
+        "the same --node-id",
     )
     p.add_argument(
         "--keyd-no-validate-dcc",
