@@ -112,7 +112,7 @@ def test_a_node_change_within_a_log_is_a_break(tmp_path, keys):
     directory = tmp_path / "log"
     write_log(directory, keys[0], "node-a")
     # keyd refuses to write another node's log ...
-    with pytest.raises(AuditLogError, match="node 'node-a''s, not 'node-b''s"):
+    with pytest.raises(AuditLogError, match="belongs to node 'node-a', not 'node-b'"):
         AuditLog.open(directory, keys[0], node="node-b")
     # ... and a log whose chain and checkpoints are valid but whose node changes is a break
     with AuditLog.open(directory, keys[0], segment_records=1, node="node-a") as log:
@@ -373,7 +373,7 @@ def test_two_keyd_nodes_and_the_union_of_their_logs(dev_keystore, tmp_path, caps
         capture_output=True,
         timeout=60,
     )
-    assert proc.returncode == 4 and b"node 'node-1''s, not 'node-2''s" in proc.stderr
+    assert proc.returncode == 4 and b"belongs to node 'node-1', not 'node-2'" in proc.stderr
     bad = subprocess.run(keyd_argv(stores[0], sock, "--node-id", "a/b"), capture_output=True)
     assert bad.returncode == 2 and b"a node id is 1 to 64 characters" in bad.stderr
 

@@ -281,8 +281,9 @@ class AuditLog:
         """
         if stored is not None and self._node is not None and stored != self._node:
             raise AuditLogError(
-                f"{self.directory}: this audit log is node {stored!r}'s, not {self._node!r}'s: "
-                f"one log per node (give --node-id {stored}, or another audit directory)"
+                f"{self.directory}: this audit log belongs to node {stored!r}, not "
+                f"{self._node!r}: one log per node (give --node-id {stored}, or another "
+                "audit directory)"
             )
         self._node = self._node or stored
         self._header_node = stored
