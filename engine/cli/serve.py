@@ -27,7 +27,7 @@ from ..server.sharedstate import DEFAULT_TIMEOUT as DEFAULT_STATE_TIMEOUT
 from ..server.sharedstate import DEFAULT_WINDOW as DEFAULT_STATE_WINDOW
 from .args import OptionRow, add_options, host_port, keystore_arg, number
 from .exits import error_exit
-from .keyd import nonce_pool_option
+from .keyd import node_id_option, nonce_pool_option
 
 __all__ = ["add_commands", "cmd_serve"]
 
@@ -93,6 +93,7 @@ def cmd_serve(args: Any) -> int:
             keyd_socket=keyd_socket,
             state=args.state,
             state_options=_state_options(args),
+            node_id=args.node_id,
         )
     except _Usage as exc:
         return error_exit("dccsign serve", 2, exc)
@@ -123,11 +124,10 @@ def _check_options(args: Any, keyd_socket: Path | None) -> None:
 
 
 def _state_options(args: Any) -> dict[str, Any]:
-    """:class:`RedisState`'s keyword arguments from the ``--state-*`` options."""
-    import socket
-
+    """:class:`RedisState`'s keyword arguments from the ``--state-*`` options (and the
+    node id, which labels the idempotency keys this engine claims)."""
     return {
-        "node": getattr(args, "node_id", None) or socket.gethostname(),
+        "node": args.node_id,
         "timeout": args.state_timeout,
         "window": args.state_window / 1000,
         "claim_ttl": args.state_claim_ttl,
@@ -305,6 +305,11 @@ def _add_serve(sub: Any) -> Any:
         type=Path,
         metavar="DIR",
         help="keyd's audit log directory (default DIR/audit of the keystore)",
+    )
+    node_id_option(
+        p,
+        extra=". Passed to the keyd this engine starts; with --keyd-socket, give that keyd "
+        "the same --node-id",
     )
     p.add_argument(
         "--keyd-no-validate-dcc",

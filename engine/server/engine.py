@@ -67,6 +67,7 @@ class Engine:
         keyd_socket: Path | None = None,
         state: str | None = None,
         state_options: Mapping[str, Any] | None = None,
+        node_id: str | None = None,
     ) -> None:
         """*state*: the URL of the store shared by the engines of a deployment (Redis:
         sharedstate.py), with :class:`RedisState`'s keyword arguments *state_options*
@@ -80,6 +81,8 @@ class Engine:
         self.keyd_socket = keyd_socket
         self.nonce_pool = nonce_pool
         self.audit_dir = audit_dir
+        #: this node's id (``--node-id``), for its keyd's audit log; None: keyd's default
+        self.node_id = node_id
         self.keyd_validate_dcc = keyd_validate_dcc
         # Re-read by _watch_policy in a worker thread, never on the event loop; a broken
         # policy file stops the start, with its message.
@@ -186,6 +189,7 @@ class Engine:
             audit_dir=self.audit_dir,
             validate_dcc=self.keyd_validate_dcc,
             passphrase=self.passphrase,
+            node_id=self.node_id,
         )
         await trio.to_thread.run_sync(keyd.__enter__)
         self.keyd = keyd
