@@ -332,3 +332,37 @@ async def test_a_claim_whose_call_timed_out_does_not_hold_its_key(tmp_path, redi
         nursery.cancel_scope.cancel()
     assert first.error == ErrorCode.STATE_UNAVAILABLE
     assert retry.ok and a.signed == 0 and b.signed == 1
+
+
+async def test_the_store_reports_its_calls_and_failures_in_the_metrics(tmp_path, redis):
+    from dccsign.server.metrics import Metrics
+
+    metrics = Metrics()
+    state = RedisState(redis.url, node="m", timeout=0.2, metrics=metrics)
+    pol = Policy.from_dict(policy(account_quota={"per_hour": 5}))
+
+    def sample(name, **labels):
+        return metrics.registry.get_sample_value(name, labels) or 0
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(state.run)
+        await until(lambda: state.problem is None)
+        first = await state.charge(pol, "portal", ["a", "b"], [2, 9])
+        assert first[0] == (2, None) and first[1][0] == 5
+        assert first[1][1].code == "QUOTA_ACCOUNT" and "quota of 5 per hour" in first[1][1].message
+        assert sample("dccsign_state_up") == 1
+        assert sample("dccsign_state_call_seconds_count") >= 1
+        assert sample("dccsign_state_call_operations_sum") >= 3
+        await trio.to_thread.run_sync(redis.stop)
+        with pytest.raises(StateUnavailable):
+            await state.charge(pol, "portal", ["a"], [1])
+        await until(lambda: state.problem is not None)
+        state.release(pol, "portal", "a", 1)  # queued while down: lost, and counted as such
+        await until(lambda: sample("dccsign_state_lost_releases_total") == 1)
+        nursery.cancel_scope.cancel()
+    assert sample("dccsign_state_up") == 0
+    errors = [
+        s for m in metrics.registry.collect() for s in m.samples
+        if s.name == "dccsign_state_errors_total"
+    ]  # fmt: skip
+    assert errors and sum(s.value for s in errors) >= 1

@@ -52,6 +52,7 @@ from typing import Any, Final
 
 import trio
 
+from ..errors import DccSignError
 from ..protocol.wire import ItemResult, SignItem
 from .policy import WINDOW_SPANS, WINDOW_WIDTHS, Policy, Refusal, quota_refusal
 
@@ -93,7 +94,7 @@ _PREFIX: Final = b"{dccsign}:"
 Verdicts = list[tuple[int, Refusal | None]]
 
 
-class StateUnavailable(Exception):
+class StateUnavailable(DccSignError):
     """The shared store did not confirm an operation (unreachable, slow or failing): what
     depended on it is not signed. The message says why, for the client."""
 
