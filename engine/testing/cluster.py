@@ -344,7 +344,7 @@ class Cluster:
         policy: the policy document both engines read (default :func:`dev_policy`).
         ports: fixed ports (``lb``, ``stats``, ``redis``, ``node1``, ``node1_http``, ...)
             instead of free ones.
-        shared_state: give the engines ``--state`` (needs an engine that has it).
+        shared_state: give the engines ``--state`` (default: when ``dccsign serve`` has it).
         engine_args: more ``dccsign serve`` options for both engines.
         redis_fsync: Redis's appendfsync (see :class:`Redis`).
     """
@@ -355,7 +355,7 @@ class Cluster:
         *,
         policy: dict[str, Any] | None = None,
         ports: dict[str, int] | None = None,
-        shared_state: bool = True,
+        shared_state: bool | None = None,
         engine_args: Sequence[str] = (),
         redis_fsync: str = "everysec",
         haproxy_config: Path = HAPROXY_CFG,
@@ -371,8 +371,8 @@ class Cluster:
         from ..server.devtls import ensure_dev_tls
 
         self.tls = ensure_dev_tls(template / "dev-tls")
-        self.shared_state = shared_state
-        state = self.redis.url if shared_state else None
+        self.shared_state = serve_accepts("--state") if shared_state is None else shared_state
+        state = self.redis.url if self.shared_state else None
         self.nodes = [
             Node(
                 name,
@@ -517,7 +517,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing:
         print(f"cluster: not found: {', '.join(missing)} (apt-get install {' '.join(missing)})")
         return 1
-    cluster = Cluster(args.dir, ports=DEV_PORTS, shared_state=serve_accepts("--state"))
+    cluster = Cluster(args.dir, ports=DEV_PORTS)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop like Ctrl-C
     try:
         cluster.start()
