@@ -5,7 +5,12 @@ on the other node, a node killed under load, Redis stopped under load, a node dr
 Each test starts its own cluster (Redis, two engines with their own keyd and audit log, HAProxy)
 in its tmp dir; they skip when redis-server or haproxy is missing (a failure under CI=true)."""
 
+import json
+import os
+import shlex
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -21,24 +26,35 @@ from cluster_harness import (
     join_portals,
     logged_signatures,
     redis_available_again,
+    require_cluster_tools,
     run_portals,
     signature_hash,
     start_portals,
 )
 
+from dccsign.audit.search import read_entries
 from dccsign.keys.keystore import Keystore
 from dccsign.protocol.codes import ErrorCode
 from dccsign.protocol.wire import SignItem
+from dccsign.testing.cluster import HAPROXY_CFG
+from dccsign.testing.net import free_port
 from dccsign.testing.samples import sample, varied_samples
 from independent import verify_pycose
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow
 
 
 @pytest.fixture
 def start_cluster(tmp_path):
     with cluster_starter(tmp_path) as start:
         yield start
+
+
+def _dccsign(*args, **kw):
+    """``dccsign ARGS`` in a child process (this interpreter), its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "dccsign", *args], capture_output=True, text=True, **kw
+    )
 
 
 NO_STATE = "this dccsign serve has no --state: the engines share no quotas or idempotency records"
@@ -65,6 +81,7 @@ def _dsc(cluster, kid):
     return next(e.dsc.der for e in store.entries if e.kid == kid)
 
 
+@slow
 def test_account_quota_is_exact_over_both_nodes(start_cluster):
     quota = 120
     cluster = start_cluster(account_quota={"per_hour": quota})
@@ -87,8 +104,13 @@ def test_account_quota_is_exact_over_both_nodes(start_cluster):
     assert all(per_node.values()), f"one node signed nothing: {per_node}"
     logged = logged_signatures(cluster, account=ACCOUNT)
     assert {signature_hash(h) for p in portals for h in p.signed} == set(logged)
+    # each node's log names the node that wrote it (serve --node-id, in the header)
+    for node in cluster.nodes:
+        header = next(read_entries(node.audit_dir))
+        assert header["t"] == "header" and node.name in header.values(), header
 
 
+@slow
 def test_retry_on_the_other_node_returns_the_first_signature(start_cluster):
     cluster = start_cluster()
     assert cluster.shared_state, NO_STATE
@@ -129,6 +151,7 @@ def test_retry_on_the_other_node_returns_the_first_signature(start_cluster):
         assert verify_pycose(result.hc1, _dsc(cluster, result.kid)).ok
 
 
+@slow
 def test_a_node_killed_under_load(start_cluster):
     quota = 2000
     cluster = start_cluster(account_quota={"per_hour": quota})
@@ -162,11 +185,21 @@ def test_a_node_killed_under_load(start_cluster):
     assert rest.refused(ErrorCode.QUOTA_ACCOUNT) == 500 - more
     assert quota - in_flight <= used + more <= quota, (used, more)
     assert _audit_total(cluster, account=ACCOUNT) == used + more
+    # the audit commands read both nodes' logs at once
+    dirs = [str(n.audit_dir) for n in cluster.nodes]
+    verified = _dccsign("audit", "verify", *dirs)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    revoke = _dccsign("audit", "revocations", "--account", ACCOUNT, "--json", *dirs)
+    assert revoke.returncode == 0, revoke.stderr
+    assert set(json.loads(revoke.stdout)["hashes"]["SIGNATURE"]) == set(
+        logged_signatures(cluster, account=ACCOUNT)
+    )
     signed = [h for p in portals for h in p.signed[:2]]
     kids = [r.kid for p in portals for r in p.results[:2]]
     assert all(verify_pycose(h, _dsc(cluster, k)).ok for h, k in zip(signed, kids, strict=True))
 
 
+@slow
 def test_redis_stopped_under_load(start_cluster):
     quota = 600
     cluster = start_cluster(account_quota={"per_hour": quota})
@@ -201,6 +234,7 @@ def test_redis_stopped_under_load(start_cluster):
     assert_logs_verify(cluster)
 
 
+@slow
 def test_a_draining_node_stops_being_chosen(start_cluster):
     # no queue target and frames of up to 5,000: one big request keeps node1 draining for a while
     cluster = start_cluster(engine_args=("--queue-target", "0", "--max-batch", "5000"))
@@ -249,3 +283,57 @@ def _poll_health(node, seen):
             return
         seen.append((status, body.strip().splitlines()[0] if body.strip() else ""))
         time.sleep(0.005)
+
+
+@slow
+def test_redis_that_does_not_answer_fails_closed_in_bounded_time(start_cluster):
+    cluster = start_cluster(account_quota={"per_hour": 1000})
+    assert cluster.shared_state, NO_STATE
+    before = items(varied_samples(5), tag="before:")
+    stalled = items(varied_samples(5), tag="stalled:")
+    # timeout 30: an engine that waited for a frozen Redis without bound would show as a
+    # ClientError here, not as the retryable refusal the clients act on
+    with client(cluster, retries=0, timeout=30) as c:
+        assert all(r.ok for r in c.sign_batch(before))
+        cluster.redis.send(signal.SIGSTOP)
+        try:
+            refused = c.sign_batch(stalled)
+        finally:
+            cluster.redis.send(signal.SIGCONT)
+    assert {ErrorCode(r.error) for r in refused} == {ErrorCode.STATE_UNAVAILABLE}
+    assert _audit_total(cluster, account=ACCOUNT) == 5
+    # Redis answers again: the same items (same keys) are signed, once
+    again = Portal(cluster, stalled, retries=0, seconds=60)
+    again.run()
+    assert all(r is not None and r.ok for r in again.results), again.seen
+    assert _audit_total(cluster, account=ACCOUNT) == 10
+
+
+@slow
+def test_the_printed_sign_command_signs_through_haproxy(start_cluster, tmp_path):
+    cluster = start_cluster()
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("".join(json.dumps(d) + "\n" for d in varied_samples(3)))
+    command = shlex.split(cluster.sign_command(str(samples)))
+    assert command[:2] == ["dccsign", "sign"]
+    signed = _dccsign(*command[1:], timeout=120)
+    assert signed.returncode == 0, signed.stderr
+    hc1s = signed.stdout.splitlines()
+    assert len(hc1s) == 3 and all(h.startswith("HC1:") for h in hc1s)
+    assert {signature_hash(h) for h in hc1s} <= set(logged_signatures(cluster))
+
+
+def test_haproxy_config_is_valid_with_defaults_and_with_ports_from_the_environment():
+    require_cluster_tools()
+    checked = subprocess.run(["haproxy", "-c", "-f", str(HAPROXY_CFG)], capture_output=True)
+    assert checked.returncode == 0, checked.stderr
+    names = ["LB_PORT", "LB_STATS_PORT", "NODE1_PORT", "NODE1_HTTP", "NODE2_PORT", "NODE2_HTTP"]
+    env = dict(os.environ) | {f"DCCSIGN_{name}": str(free_port()) for name in names}
+    env["DCCSIGN_LB_PORT"] = "not-a-port"  # proves the file reads the variables
+    broken = subprocess.run(
+        ["haproxy", "-c", "-f", str(HAPROXY_CFG)], capture_output=True, env=env, text=True
+    )
+    assert broken.returncode != 0 and "not-a-port" in broken.stdout + broken.stderr
+    env["DCCSIGN_LB_PORT"] = str(free_port())
+    ported = subprocess.run(["haproxy", "-c", "-f", str(HAPROXY_CFG)], capture_output=True, env=env)
+    assert ported.returncode == 0, ported.stderr
