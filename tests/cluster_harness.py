@@ -28,7 +28,7 @@ from dccsign.audit.search import search
 from dccsign.audit.verify import verify
 from dccsign.protocol.clients.blocking import Client, ClientError
 from dccsign.protocol.codes import RETRYABLE, ErrorCode
-from dccsign.protocol.wire import ItemResult, SignItem
+from dccsign.protocol.wire import ItemResult, LocalProtocolError, SignItem
 from dccsign.testing.cluster import Cluster, missing_tools
 from independent import b45decode
 
@@ -143,6 +143,12 @@ class Portal:
             except ClientError as exc:
                 self._broken(exc)
                 continue
+            except LocalProtocolError as exc:
+                # The blocking client lets the codec's refusal through, rather than a
+                # ClientError, for a request sent after the engine's GOAWAY (nothing was
+                # sent): this connection is done all the same.
+                self._broken(exc)
+                continue
             for i, result in zip(todo, answers, strict=True):
                 self.results[i] = result
                 if not result.ok:
@@ -156,7 +162,7 @@ class Portal:
             self._client = client(self.cluster, self.address, retries=self.retries, timeout=30)
         return self._client
 
-    def _broken(self, exc: ClientError) -> None:
+    def _broken(self, exc: Exception) -> None:
         self.errors.append(str(exc))
         self.reconnects += 1
         if self._client is not None:
