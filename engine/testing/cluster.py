@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import http.client
 import json
 import os
 import shutil
@@ -311,8 +312,11 @@ class Haproxy(Service):
         header = lines[0].split(",")
         pxname, svname, state = (header.index(k) for k in ("pxname", "svname", "status"))
         rows = (line.split(",") for line in lines[1:] if line)
+        summaries = ("FRONTEND", "BACKEND")  # the rows of the proxy as a whole
         return {
-            r[svname]: r[state] for r in rows if r[pxname] == "engines" and r[svname][:4] == "node"
+            r[svname]: r[state]
+            for r in rows
+            if r[pxname] == "engines" and r[svname] not in summaries
         }
 
 
@@ -324,7 +328,7 @@ def http_get(url: str, timeout: float) -> tuple[int, str]:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
-    except (OSError, ValueError) as exc:  # refused, reset, timed out, a torn reply
+    except (OSError, ValueError, http.client.HTTPException) as exc:  # refused, reset, torn
         return 0, str(exc)
 
 
