@@ -480,7 +480,10 @@ class Cluster:
 
     def describe(self) -> str:
         """What runs where, and how to sign through it."""
-        lines = [f"redis    {self.redis.url}  (log {self.redis.log})"]
+        lines = [
+            f"policy   {self.policy} (shared by both engines, re-read within a second)",
+            f"redis    {self.redis.url}  (log {self.redis.log})",
+        ]
         for node in self.nodes:
             lines.append(
                 f"{node.name}    TLS {node.address}, http://{HOST}:{node.http_port}/healthz, "
