@@ -64,6 +64,7 @@ setup(
     package_data={
         "dccsign": ["py.typed"],
         "dccsign.dcc": ["data/*.json"],
+        "dccsign.server": ["sharedstate.lua"],
         "dccsign.native": ["_native.pyi"],
     },
     ext_modules=ext_modules,

@@ -11,7 +11,7 @@ import trio.lowlevel
 from dccsign import native
 from dccsign.bench.core import ephemeral_certificate
 from dccsign.dcc.dsc import DSC
-from dccsign.protocol.keyd import ColumnsResult, KeydColumns
+from dccsign.protocol.keyd import ColumnsResult, ItemError, KeydColumns
 from dccsign.server.dispatch import Dispatcher
 from dccsign.server.policy import PolicyFile, QuotaTracker
 
@@ -25,6 +25,9 @@ class FakeBatcher:
         self.calls = []
         #: When set to a trio.Event, every call waits for it (work that stays in progress).
         self.gate = None
+        #: When true, issue_columns refuses every payload as keyd does a kid it no longer
+        #: holds active (nothing signed).
+        self.refuse = False
 
     async def issue(self, kid, protected, parts):
         if isinstance(parts, KeydColumns):  # what the dispatcher sends: its parts' view
@@ -46,10 +49,13 @@ class FakeBatcher:
         (the SHA-256 of the payload, twice), so that a reply body built from it decodes to
         the payload that was sent (see :func:`uvci_of_hc1`)."""
         payloads = columns.payload_list()
-        self.calls.append([len(p.payloads) for p in columns.parts()])
+        if not self.refuse:  # calls: what was signed
+            self.calls.append([len(p.payloads) for p in columns.parts()])
         await trio.lowlevel.checkpoint()
         if self.gate is not None:
             await self.gate.wait()
+        if self.refuse:
+            return ColumnsResult.refuse_all(0, len(payloads), ItemError.KID_NOT_ACTIVE, "fake")
         sigs = [hashlib.sha256(p).digest() * 2 for p in payloads]
         ends = array("I", range(64, 64 * len(sigs) + 1, 64))
         return ColumnsResult(0, bytes(len(sigs)), b"".join(sigs), ends, ())

@@ -25,7 +25,7 @@ QUOTA = {"per_hour": 10**9}
 class Engine:
     """A Server with a real Dispatcher over a fake keyd, listening on a Unix socket."""
 
-    def __init__(self, tmp_path, policy=None, *, scan=None, walk=None, **limits):
+    def __init__(self, tmp_path, policy=None, *, scan=None, walk=None, shared=None, **limits):
         self.policy_path = tmp_path / "policy.json"
         self.write_policy(
             policy
@@ -42,6 +42,7 @@ class Engine:
             [(dsc, "active") for dsc in self.keys],
             PolicyFile(self.policy_path, interval_s=0),
             QuotaTracker(),
+            shared=shared,
         )
         self.metrics = Metrics()
         self.server = Server(

@@ -506,7 +506,7 @@ def _raise_for_boom(dispatcher, name, view_of=lambda view: view):
 
 def _fault_in_prepare(dispatcher):
     # The path without a task (Dispatcher.sign_frame_soon), failing before keyd.
-    _raise_for_boom(dispatcher, "_prepare_frame")
+    _raise_for_boom(dispatcher, "_check_frame")
 
 
 def _fault_in_keyd_answer(dispatcher):

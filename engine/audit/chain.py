@@ -13,6 +13,7 @@ from typing import Any, NoReturn
 
 from .errors import AuditError
 from .key import PublicKey
+from .node import is_node_id
 from .records import CHECKPOINT_ENDS, FORMAT, GENESIS, canonical, checkpoint_message
 
 __all__ = ["Break", "BreakFound", "Chain", "ChainState", "Tail", "parse_witnesses"]
@@ -86,6 +87,8 @@ class Chain:
         self.state = ChainState()
         self.at_checkpoint = ChainState()  # the state just after the last checkpoint
         self.log_id: str | None = None
+        #: the node id the headers name (None: none so far, an older log)
+        self.node: str | None = None
         self.entries = 0
         self.records = 0
         self.checkpoints = 0
@@ -277,6 +280,7 @@ class Chain:
             self.log_id = log_id
         elif log_id != self.log_id:
             self.fail(number, seq, f"segment {number} belongs to another log ({log_id!r})")
+        self._check_node(number, seq, entry)
         if entry.get("audit_key") != self.public.fingerprint:
             self.fail(
                 number,
@@ -284,6 +288,30 @@ class Chain:
                 f"segment {number} names audit key {str(entry.get('audit_key'))[:16]}..., not "
                 f"the key used to verify ({self.public.fingerprint[:16]}...)",
             )
+
+    def _check_node(self, number: int, seq: int, entry: dict[str, Any]) -> None:
+        """One log, one node: a header may name a node id only if no earlier header named
+        another, and may omit it only while none did (older logs have none; a log upgraded
+        gets it from its next segment on)."""
+        if "node" not in entry:
+            if self.node is not None:
+                self.fail(
+                    number,
+                    seq,
+                    f"segment {number} names no node, but the log is node {self.node!r}",
+                )
+            return
+        node = entry["node"]
+        if not is_node_id(node):
+            self.fail(number, seq, f"segment {number}: malformed node id {str(node)[:70]!r}")
+        if self.node is not None and node != self.node:
+            self.fail(
+                number,
+                seq,
+                f"segment {number} names node {node!r}, but the log is node {self.node!r} "
+                "(one log is one node's)",
+            )
+        self.node = node
 
     def _check_checkpoint(self, number: int, entry: dict[str, Any]) -> None:
         seq, prev, when, end, sig = (entry.get(k) for k in ("seq", "prev", "time", "end", "sig"))

@@ -1,5 +1,6 @@
 """Reading the log without verifying it: the entries that match filters (:func:`search`) and
-the EU revocation hashes of what an account issued (:func:`revocations`)."""
+the EU revocation hashes of what an account issued (:func:`revocations`); over the logs of
+several nodes at once, merged in time order (:func:`search_logs`, :func:`revocations_logs`)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,18 @@ from pathlib import Path
 from typing import Any
 
 from .errors import AuditLogError
+from .logs import LogSource, merge_by_time, open_logs
 from .records import TIME_FORMAT
 from .segments import Raced, list_segments, read_segment, segment_name
 
-__all__ = ["Revocation", "read_entries", "revocations", "search"]
+__all__ = [
+    "Revocation",
+    "read_entries",
+    "revocations",
+    "revocations_logs",
+    "search",
+    "search_logs",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,15 +133,47 @@ def revocations(directory: str | os.PathLike[str], account: str) -> list[Revocat
     """The revocation hashes of every DCC that *account* issued (as account, not as operator),
     in log order: what to put on the EU revocation list to revoke what an abused account
     signed without revoking the kid."""
-    return [
-        Revocation(
-            e["seq"],
-            e["time"],
-            e["kid"],
-            e["type"],
-            e["rev"]["UCI"],
-            e["rev"]["COUNTRYCODEUCI"],
-            e["rev"]["SIGNATURE"],
-        )
-        for e in search(directory, account=account)
-    ]
+    return [_revocation(e) for e in search(directory, account=account)]
+
+
+def _revocation(entry: dict[str, Any]) -> Revocation:
+    rev = entry["rev"]
+    return Revocation(
+        entry["seq"],
+        entry["time"],
+        entry["kid"],
+        entry["type"],
+        rev["UCI"],
+        rev["COUNTRYCODEUCI"],
+        rev["SIGNATURE"],
+    )
+
+
+def search_logs(
+    directories: Sequence[str | os.PathLike[str]], **filters: Any
+) -> Iterator[tuple[LogSource, dict[str, Any]]]:
+    """:func:`search` over the logs of several nodes (one directory each) at once: the
+    matching entries of all of them merged by time, each with the log it comes from.
+    *filters* are :func:`search`'s keyword arguments.
+
+    The directories are identified before anything is read (so the errors below come
+    first, not after some entries).
+
+    Raises:
+        AuditLogError: no such directory, or an unreadable segment.
+        DuplicateLog: two directories hold the same log or the same node's.
+    """
+    sources = open_logs(directories)
+    return merge_by_time(sources, lambda source: search(source.directory, **filters))
+
+
+def revocations_logs(
+    directories: Sequence[str | os.PathLike[str]], account: str
+) -> list[tuple[LogSource, Revocation]]:
+    """:func:`revocations` over the logs of several nodes at once, merged by time: what
+    *account* issued through any of them, each DCC with the log that recorded it.
+
+    Raises:
+        AuditLogError, DuplicateLog: as :func:`search_logs`.
+    """
+    return [(src, _revocation(e)) for src, e in search_logs(directories, account=account)]

@@ -1,12 +1,13 @@
 """Verification of a whole log (:func:`verify`): every segment in order, the hash chain
 across them, every checkpoint signature, witnessed checkpoints; what it can and cannot detect
-is in docs/audit-format.md ("What verify detects")."""
+is in docs/audit-format.md ("What verify detects"). :func:`verify_logs` verifies the logs of
+several nodes, each on its own."""
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,10 +15,11 @@ from typing import Any
 from .chain import Break, BreakFound, Chain, Tail, parse_witnesses
 from .errors import AuditKeyError, AuditLogError
 from .key import PUBKEY_FILE, PublicKey
+from .logs import LogSource, open_logs
 from .records import GENESIS
 from .segments import Raced, list_segments, read_segment
 
-__all__ = ["VerifyReport", "verify"]
+__all__ = ["LogsReport", "VerifyReport", "key_for", "verify", "verify_logs"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +40,8 @@ class VerifyReport:
         key_fingerprint: SHA-256 of the audit public key (DER SubjectPublicKeyInfo), hex.
         key_pinned: the key was given by the caller; False means the key stored beside the
             log was used, which anyone able to rewrite the log can also replace.
+        node: the node id the log's headers name (checked up to the first break; None: an
+            older log without one). Not in :meth:`as_json`, which :class:`LogsReport` extends.
     """
 
     ok: bool
@@ -52,6 +56,7 @@ class VerifyReport:
     recoveries: tuple[dict[str, Any], ...] = ()
     key_fingerprint: str = ""
     key_pinned: bool = False
+    node: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -183,6 +188,7 @@ def _verify_once(
         recoveries=tuple(chain.recoveries),
         key_fingerprint=public.fingerprint,
         key_pinned=pinned,
+        node=chain.node,
     )
 
 
@@ -214,3 +220,76 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except FileNotFoundError:
         return -1
+
+
+@dataclass(frozen=True, slots=True)
+class LogsReport:
+    """The result of :func:`verify_logs`: each log's report, in the order given.
+
+    Attributes:
+        logs: ``(source, report)`` per log: which directory, log and node (as its headers
+            say, :class:`.logs.LogSource`) and its :class:`VerifyReport`.
+    """
+
+    logs: tuple[tuple[LogSource, VerifyReport], ...]
+
+    @property
+    def ok(self) -> bool:
+        """Every log is intact."""
+        return all(report.ok for _, report in self.logs)
+
+    @property
+    def records(self) -> int:
+        """Issue and key entries checked, over all logs."""
+        return sum(report.records for _, report in self.logs)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "records": self.records,
+            "logs": [
+                {
+                    "directory": str(source.directory),
+                    "node": report.node,
+                    "log": source.log_id,
+                    **report.as_json(),
+                }
+                for source, report in self.logs
+            ],
+        }
+
+
+def verify_logs(
+    directories: Sequence[str | os.PathLike[str]], public_keys_pem: Sequence[bytes] = ()
+) -> LogsReport:
+    """:func:`verify` each of several logs (one per node), each on its own: its chain, its
+    checkpoints, its audit key.
+
+    Args:
+        public_keys_pem: the audit public keys to trust. Each log is verified with the one
+            whose fingerprint its first header names (nodes may have keys of their own); if
+            none does, with the first (the log then breaks at that header). Empty: each
+            log's stored ``DIR/audit-key.pub.pem``, as :func:`verify` without a key.
+
+    Raises:
+        AuditLogError: one is not a directory, or keeps changing while it is read.
+        DuplicateLog: two directories hold the same log or the same node's (checked before
+            any is verified).
+        AuditKeyError: a given key is unusable, or a stored one is missing or unusable.
+    """
+    sources = open_logs(directories)
+    return LogsReport(
+        tuple((src, verify(src.directory, key_for(src, public_keys_pem))) for src in sources)
+    )
+
+
+def key_for(source: LogSource, public_keys_pem: Sequence[bytes]) -> bytes | None:
+    """Of the audit public keys *public_keys_pem*, the one whose fingerprint the first
+    header of *source* names; else the first (None if there is none).
+
+    Raises:
+        AuditKeyError: a key is not a usable audit public key.
+    """
+    keys = [PublicKey(pem, "a given audit public key") for pem in public_keys_pem]
+    match = next((k for k in keys if k.fingerprint == source.audit_key), None)
+    return (match or keys[0]).pem if keys else None

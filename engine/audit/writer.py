@@ -25,6 +25,7 @@ from .durable import create_file, fsync_dir, write_all
 from .errors import AuditLogError, AuditUnavailable
 from .issue_lines import IssueLines
 from .key import PUBKEY_FILE, AuditKey, PublicKey
+from .node import is_node_id
 from .records import (
     FORMAT,
     GENESIS,
@@ -116,6 +117,10 @@ class AuditLog:
         self._prev = GENESIS
         self._records_in_segment = 0
         self._log_id = ""
+        #: the node id this log belongs to (None: an older log without one, kept so)
+        self._node: str | None = None
+        #: the node id the current segment's header names
+        self._header_node: str | None = None
         self._last_checkpoint = b""
         self._broken: str | None = None
         self._closed = False
@@ -144,6 +149,7 @@ class AuditLog:
         segment_records: int = 100_000,
         clock: Callable[[], float] = time.time,
         lock_wait: float = 0.0,
+        node: str | None = None,
     ) -> AuditLog:
         """Open (or create) the log in *directory* for appending.
 
@@ -159,15 +165,25 @@ class AuditLog:
         it waits for; the error names the holder from that record, or says that the record
         is stale (its process is gone: the flock always has a live holder).
 
+        *node* is the id of the node writing the log (:mod:`.node`), stored in every segment
+        header: one log is one node's. An existing log that names another node is refused;
+        one that names none yet (written before node ids) is closed at its current segment
+        and continues in a new one that names *node*. None keeps what the log names (a new
+        log then names no node).
+
         Raises:
             AuditLogError: the log is broken (the message says where), belongs to another audit
-                key, or another process has it open.
+                key or another node, or another process has it open.
+            ValueError: *node* is not a valid node id.
             AuditUnavailable: the directory or its files cannot be written.
         """
         if segment_records < 1:
             raise ValueError("segment_records must be at least 1")
+        if node is not None and not is_node_id(node):
+            raise ValueError(f"not a node id: {node!r} (1 to 64 of A-Z a-z 0-9 . _ -)")
         root = Path(directory)
         log = cls(root, audit_key, segment_records, clock)
+        log._node = node
         lock_fd = _open_lock_file(root)
         try:  # until the flock is ours, the record in the file is the holder's: never touch it
             _wait_for_lock(root, lock_fd, lock_wait)
@@ -239,6 +255,7 @@ class AuditLog:
             # lost beside an existing log: the newest header named this key, so restore it
             create_file(root / PUBKEY_FILE, self._key.public_key_pem(), 0o644)
         self._log_id = chain.log_id or ""
+        self._adopt_node(chain.node)
         if tail.partial or tail.uncovered or not tail.covered_end:
             self._recover(number, plain, data, tail, chain)
         else:
@@ -249,8 +266,34 @@ class AuditLog:
             if tail.last_end == "segment":  # stopped between closing and creating the next
                 self._new_segment(number + 1)
                 pending.append(plain)
+        if self._node is not None and self._header_node is None:
+            pending.append(self._path)
+            self._close_segment_for_node()
         for path in pending:
             self._compress_later(path)
+
+    def _adopt_node(self, stored: str | None) -> None:
+        """Take over the node id the newest segment's header names (*stored*), unless it
+        contradicts the one this log was opened with.
+
+        Raises:
+            AuditLogError: the log is another node's.
+        """
+        if stored is not None and self._node is not None and stored != self._node:
+            raise AuditLogError(
+                f"{self.directory}: this audit log belongs to node {stored!r}, not "
+                f"{self._node!r}: one log per node (give --node-id {stored}, or another "
+                "audit directory)"
+            )
+        self._node = self._node or stored
+        self._header_node = stored
+
+    def _close_segment_for_node(self) -> None:
+        """The log was written before it had a node id: close the current segment (a
+        checkpoint that ends it) and start the next, whose header names the node, so that
+        readers see the node at once rather than after the next rotation."""
+        self._commit([self._checkpoint_line(format_time(self._clock()), "segment")])
+        self._new_segment(self._segment + 1)
 
     def _check_public_key(self) -> bool:
         """False when ``DIR/audit-key.pub.pem`` does not exist; an error when it names
@@ -362,16 +405,17 @@ class AuditLog:
     # -- entries
 
     def _header_line(self, now: str) -> bytes:
-        return self._entry_line(
-            {
-                "t": "header",
-                "format": FORMAT,
-                "log": self._log_id,
-                "segment": self._segment,
-                "audit_key": self._key.fingerprint,
-            },
-            now,
-        )
+        fields = {
+            "t": "header",
+            "format": FORMAT,
+            "log": self._log_id,
+            "segment": self._segment,
+            "audit_key": self._key.fingerprint,
+        }
+        if self._node is not None:  # a log without one stays so (verify: one log, one node)
+            fields["node"] = self._node
+        self._header_node = self._node
+        return self._entry_line(fields, now)
 
     def _entry_line(self, fields: dict[str, Any], now: str) -> bytes:
         """Serialise one entry, giving it the next sequence number and chaining it."""
@@ -673,6 +717,11 @@ class AuditLog:
         return self._seq - 1, self._prev
 
     @property
+    def node(self) -> str | None:
+        """The node id the log belongs to (None: an older log, opened without one)."""
+        return self._node
+
+    @property
     def segment(self) -> int:
         """The number of the segment being appended to."""
         return self._segment
@@ -709,7 +758,11 @@ class AuditLog:
             self._release()
             self._broken = self._broken or "being reopened"
             fresh = type(self).open(
-                self.directory, self._key, segment_records=self._segment_records, clock=self._clock
+                self.directory,
+                self._key,
+                segment_records=self._segment_records,
+                clock=self._clock,
+                node=self._node,
             )
             fresh._stop_compressor()  # finish what the fresh log queued (FIFO)
             # Take over the fresh log's state and descriptors; this log's lock and its

@@ -13,7 +13,13 @@ from typing import Any
 from .args import in_range, keystore_arg
 from .exits import error_exit
 
-__all__ = ["NONCE_POOL_DEFAULT", "add_commands", "cmd_keyd", "nonce_pool_option"]
+__all__ = [
+    "NONCE_POOL_DEFAULT",
+    "add_commands",
+    "cmd_keyd",
+    "node_id_option",
+    "nonce_pool_option",
+]
 
 LOGGER = logging.getLogger("dccsign.keyd")
 
@@ -73,6 +79,7 @@ def cmd_keyd(args: argparse.Namespace) -> int:
             socket_group=getattr(args, "socket_group", None),
             allow_uids=getattr(args, "allow_uid", None),
             freeze_gc=True,
+            node_id=args.node_id,
         )
     except (KeystoreError, AuditError) as exc:
         return error_exit("dccsign keyd", 4, exc)
@@ -124,6 +131,35 @@ def _id_by_name(value: str, lookup: Any, noun: str) -> int:
         return lookup(value)
     except KeyError:
         raise argparse.ArgumentTypeError(f"no such {noun}: {value!r}") from None
+
+
+def _node_id(value: str) -> str:
+    from ..audit.node import MAX_NODE_ID, is_node_id
+
+    if not is_node_id(value):
+        raise argparse.ArgumentTypeError(
+            f"a node id is 1 to {MAX_NODE_ID} characters from A-Z a-z 0-9 . _ -, not {value!r}"
+        )
+    return value
+
+
+def node_id_option(parser: argparse.ArgumentParser | Any, *, extra: str = "") -> None:
+    """Add ``--node-id NAME`` (``args.node_id``, never None) to *parser*; *extra* ends its
+    help text."""
+    from ..audit.node import default_node_id
+
+    parser.add_argument(
+        "--node-id",
+        type=_node_id,
+        default=default_node_id(),
+        metavar="NAME",
+        help="this node's id (1-64 characters from A-Z a-z 0-9 . _ -), written into every "
+        "segment header of the audit log: one log per node, and keyd refuses to open a log "
+        "that names another node. 'dccsign audit' labels each log's records with it when "
+        "reading the logs of several nodes together. Default: the host name "
+        "(socket.gethostname(); other characters replaced by '-', cut to 64), here "
+        f"{default_node_id()!r}; set it where the host name is not stable (containers)" + extra,
+    )
 
 
 def nonce_pool_option(parser: argparse.ArgumentParser | Any) -> None:
@@ -179,6 +215,7 @@ def add_commands(sub: Any) -> None:
         "--validate-dcc", dest="validate_dcc", action="store_true", help=argparse.SUPPRESS
     )
     nonce_pool_option(p)
+    node_id_option(p)
     p.add_argument(
         "--supervised",
         action="store_true",

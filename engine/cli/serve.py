@@ -4,6 +4,7 @@ file descriptors)."""
 
 from __future__ import annotations
 
+import argparse
 import gc
 import logging
 import signal
@@ -16,9 +17,17 @@ import trio
 from ..server.batcher import DEFAULT_WINDOW
 from ..server.engine import Engine, tls_server_context
 from ..server.server import Limits
+from ..server.sharedstate import (
+    DEFAULT_CLAIM_TTL,
+    DEFAULT_RESULT_TTL,
+    DEFAULT_WAIT,
+    state_url,
+)
+from ..server.sharedstate import DEFAULT_TIMEOUT as DEFAULT_STATE_TIMEOUT
+from ..server.sharedstate import DEFAULT_WINDOW as DEFAULT_STATE_WINDOW
 from .args import OptionRow, add_options, host_port, keystore_arg, number
 from .exits import error_exit
-from .keyd import nonce_pool_option
+from .keyd import node_id_option, nonce_pool_option
 
 __all__ = ["add_commands", "cmd_serve"]
 
@@ -82,6 +91,9 @@ def cmd_serve(args: Any) -> int:
             keyd_validate_dcc=not args.keyd_no_validate_dcc,
             passphrase=passphrase,
             keyd_socket=keyd_socket,
+            state=args.state,
+            state_options=_state_options(args),
+            node_id=args.node_id,
         )
     except _Usage as exc:
         return error_exit("dccsign serve", 2, exc)
@@ -107,6 +119,21 @@ def _check_options(args: Any, keyd_socket: Path | None) -> None:
         raise _Usage("--batch-window must be 0..100 ms")
     if not 0 <= args.queue_target <= 60_000:
         raise _Usage("--queue-target must be 0..60000 ms")
+    if not 0 <= args.state_window <= 100:
+        raise _Usage("--state-window must be 0..100 ms")
+
+
+def _state_options(args: Any) -> dict[str, Any]:
+    """:class:`RedisState`'s keyword arguments from the ``--state-*`` options (and the
+    node id, which labels the idempotency keys this engine claims)."""
+    return {
+        "node": args.node_id,
+        "timeout": args.state_timeout,
+        "window": args.state_window / 1000,
+        "claim_ttl": args.state_claim_ttl,
+        "result_ttl": args.state_retention,
+        "wait": args.state_wait,
+    }
 
 
 def _tls_context(args: Any) -> ssl.SSLContext | None:
@@ -224,6 +251,7 @@ def add_commands(sub: Any) -> None:
     """Add ``serve`` to the ``dccsign`` parser's sub-commands *sub*."""
     p = _add_serve(sub)
     _add_limits(p)
+    _add_state(p)
     p.set_defaults(func=cmd_serve)
 
 
@@ -278,6 +306,11 @@ def _add_serve(sub: Any) -> Any:
         metavar="DIR",
         help="keyd's audit log directory (default DIR/audit of the keystore)",
     )
+    node_id_option(
+        p,
+        extra=". Passed to the keyd this engine starts; with --keyd-socket, give that keyd "
+        "the same --node-id",
+    )
     p.add_argument(
         "--keyd-no-validate-dcc",
         action="store_true",
@@ -288,6 +321,56 @@ def _add_serve(sub: Any) -> Any:
         "would accept them as valid",
     )
     return p
+
+
+def _add_state(p: Any) -> None:
+    """The options of the store that the engines of one deployment share."""
+    group = p.add_argument_group(
+        "shared state (several engines behind a load balancer: docs/scale-out.md)"
+    )
+    rows: tuple[OptionRow, ...] = (
+        ("--state", {"type": _state_arg, "metavar": "URL"}),
+        ("--state-timeout", number(float, 60, DEFAULT_STATE_TIMEOUT, "S")),
+        (
+            "--state-window",
+            {"type": float, "default": DEFAULT_STATE_WINDOW * 1000, "metavar": "MS"},
+        ),
+        ("--state-claim-ttl", number(float, 86_400, DEFAULT_CLAIM_TTL, "S")),
+        ("--state-retention", number(float, 30 * 86_400, DEFAULT_RESULT_TTL, "S")),
+        ("--state-wait", number(float, 3600, DEFAULT_WAIT, "S")),
+    )
+    add_options(group, rows, _state_helps())
+
+
+def _state_arg(text: str) -> str:
+    try:
+        return state_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _state_helps() -> dict[str, str]:
+    return {
+        "--state": "where quota windows and idempotency keys live: in this process (the "
+        "default), or in a Redis that every engine of a deployment shares, so that a quota "
+        "of N is N in total and a retry on another engine gets the first signature: "
+        "redis://HOST:PORT[/DB], rediss://..., unix:///PATH or "
+        "redis+cluster://HOST:PORT,HOST:PORT. Requests that need it (a client with a quota, "
+        "an item with an idempotency key) then fail with STATE_UNAVAILABLE (retryable), "
+        "nothing signed, while Redis cannot be reached or does not answer in time; "
+        "the engine reconnects by itself",
+        "--state-timeout": "longest wait for one call to --state, in seconds (default "
+        f"{DEFAULT_STATE_TIMEOUT:g})",
+        "--state-window": "longest an operation waits to share a call to --state with "
+        f"others, in milliseconds (default {DEFAULT_STATE_WINDOW * 1000:g})",
+        "--state-claim-ttl": "seconds an idempotency key stays claimed by an engine that has "
+        "not stored its result (it may have died); a retry after that is signed afresh "
+        f"(default {DEFAULT_CLAIM_TTL:g})",
+        "--state-retention": "seconds a result is kept in --state for retries (default "
+        f"{DEFAULT_RESULT_TTL:g}: 24 hours, as protocol/SPEC.md asks at least)",
+        "--state-wait": "seconds a retry waits for a first attempt in progress on another "
+        f"engine before BUSY (default {DEFAULT_WAIT:g})",
+    }
 
 
 def _add_limits(p: Any) -> None:

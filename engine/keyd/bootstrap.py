@@ -52,6 +52,7 @@ def run(
     socket_group: int | None = None,
     allow_uids: Collection[int] | None = None,
     freeze_gc: bool = False,
+    node_id: str | None = None,
 ) -> None:
     """Run keyd until *stop* is set (the CLI sets it on SIGTERM/SIGINT, and with
     ``--supervised`` when its supervisor is gone).
@@ -64,7 +65,8 @@ def run(
     :func:`serve_unix`. *freeze_gc*: once loaded, take everything built so far out of the
     cyclic GC (``gc.freeze``: the keys, tables and validator live as long as the process;
     a full collection then pauses the signing threads less). For a process that is keyd
-    only: ``dccsign keyd`` sets it.
+    only: ``dccsign keyd`` sets it. *node_id*: the node the audit log belongs to, written
+    into its segment headers (:meth:`AuditLog.open`'s *node*; None: what the log names).
 
     The audit log lives in ``KEYSTORE/audit`` unless *audit_dir* is given; its checkpoint key
     is ``KEYSTORE/audit-key.pem`` (created on first start, encrypted with the keystore
@@ -72,7 +74,8 @@ def run(
 
     Raises:
         KeystoreError: keystore, passphrase or audit key unusable (nothing was started).
-        AuditLogError, AuditUnavailable: the audit log is broken or cannot be written.
+        AuditLogError, AuditUnavailable: the audit log is broken, another node's, or cannot
+            be written.
     """
     from ..audit.key import AuditKey
     from ..keys.keystore import resolve_passphrase
@@ -91,7 +94,7 @@ def run(
         else AuditKey.create(key_path, passphrase)
     )
     audit_root = Path(audit_dir) if audit_dir else root / AUDIT_DIR
-    with AuditLog.open(audit_root, audit_key, lock_wait=lock_wait) as log:
+    with AuditLog.open(audit_root, audit_key, lock_wait=lock_wait, node=node_id) as log:
         keyd = Keyd(
             root,
             passphrase,

@@ -68,6 +68,7 @@ class PrivateKeyd:
         relay_log: bool = False,
         passphrase: bytes | None = None,
         lock_wait: float | None = None,
+        node_id: str | None = None,
     ) -> None:
         self.keystore = Path(keystore)
         # Sent to every keyd started (a restarted one too); None: this process's
@@ -81,6 +82,7 @@ class PrivateKeyd:
             )
         self._passphrase = passphrase
         self.lock_wait = lock_wait  # keyd's --lock-wait; None: keyd's default
+        self.node_id = node_id  # keyd's --node-id; None: keyd's default (the host name)
         self.relay_log = relay_log
         self._log_tail: collections.deque[str] = collections.deque(maxlen=20)
         self._relay: threading.Thread | None = None
@@ -124,6 +126,8 @@ class PrivateKeyd:
             argv += ["--nonce-pool", str(self.nonce_pool)]
         if self.lock_wait is not None:
             argv += ["--lock-wait", f"{self.lock_wait:g}"]
+        if self.node_id is not None:
+            argv += ["--node-id", self.node_id]
         argv.append("--supervised")
         self._close_stdin()  # of a keyd that died
         env = {k: v for k, v in os.environ.items() if k != PASSPHRASE_ENV}

@@ -55,6 +55,7 @@ from .batcher import KeydBatcher
 from .offload import encode_reply_soon
 from .outcomes import failure, keyd_failure, refused
 from .policy import PolicyFile, QuotaTracker
+from .sharedstate import Claim, RedisState, StateUnavailable, Verdicts
 
 __all__ = ["DEFAULT_VALIDITY_DAYS", "Dispatcher", "IdempotencyCache"]
 
@@ -183,6 +184,8 @@ class Dispatcher:
             :meth:`set_keys`).
         policy: the reloadable policy file.
         quotas: the quota tracker (state survives policy reloads).
+        shared: the store shared by the engines of a deployment (``--state``), or None:
+            quotas and idempotency keys in this process.
         issuer_country: the ``iss`` claim; default each DSC's subject country.
         on_stage: called as ``on_stage("prepare", seconds)`` once per request with the time
             its items took to check and prepare (metrics).
@@ -200,11 +203,15 @@ class Dispatcher:
         valuesets: ValueSets | None = None,
         clock: Callable[[], float] = time.time,
         on_stage: Callable[[str, float], None] | None = None,
+        shared: RedisState | None = None,
     ) -> None:
         self.batcher = batcher
         self._on_stage = on_stage
         self.policy = policy
         self.quotas = quotas
+        #: With ``--state``: quotas and idempotency keys live there, not in *quotas* and
+        #: :attr:`idempotency` (see sharedstate.py).
+        self.shared = shared
         self.valuesets = valuesets or ValueSets.builtin()
         self._rules = native.DccRules(self.valuesets)  # the native validator's tables
         self.clock = clock
@@ -236,9 +243,11 @@ class Dispatcher:
         stored there, or "" where the DCC was not examined (invalid, or a repeated
         idempotency key) -- for the metrics.
         """
-        results: list[ItemResult | None] = [None] * len(items)
         if types is None:
             types = [""] * len(items)
+        if self.shared is not None:
+            return await self._sign_shared_keys(client, items, types)
+        results: list[ItemResult | None] = [None] * len(items)
         fresh: list[int] = []
         waits: list[tuple[int, trio.Event]] = []
         for i, item in enumerate(items):
@@ -292,6 +301,8 @@ class Dispatcher:
         if not dataplane.plain(view, cols):
             return await self.sign(client, view.sign_items(), types)
         keyed = dataplane.keyed_rows(view, cols)
+        if keyed and self.shared is not None:
+            return await self._sign_view_shared_keys(client, view, cols, keyed, types)
         answered: dict[int, ItemResult] = {}  # from the cache, or refused as a conflict
         waits: list[tuple[int, trio.Event, SignItem]] = []
         fresh: dict[int, SignItem] = {}
@@ -338,6 +349,114 @@ class Dispatcher:
             types[:] = frame.rows.types
         return results
 
+    async def _sign_shared_keys(
+        self, client: str, items: Sequence[SignItem], types: list[str]
+    ) -> list[ItemResult]:
+        """:meth:`sign` with the idempotency keys in the shared store."""
+        keyed = {i: item for i, item in enumerate(items) if item.idempotency_key is not None}
+        answered, claimed, waits = await self._claim_keys(client, keyed)
+        fresh = [i for i in range(len(items)) if i not in keyed or i in claimed]
+        results: list[ItemResult | None] = [None] * len(items)
+        if fresh:
+            fresh_types = [""] * len(fresh)
+            try:
+                done = await self._sign_fresh(client, [items[i] for i in fresh], fresh_types)
+            except BaseException:
+                self._abandon(client, claimed)
+                raise
+            for i, result, dcc_type in zip(fresh, done, fresh_types, strict=True):
+                results[i] = result
+                types[i] = dcc_type
+        await self._settle_keys(client, results, answered, claimed, waits)
+        return results  # type: ignore[return-value]
+
+    async def _sign_view_shared_keys(
+        self, client: str, view: Any, cols: array, keyed: Any, types: list[str] | None
+    ) -> list[ItemResult]:
+        """:meth:`sign_view` for a plain frame with keyed items, the keys in the shared
+        store."""
+        answered, claimed, waits = await self._claim_keys(
+            client, {i: _item_of(view, i) for i in keyed}
+        )
+        skip = set(answered).union(i for i, _item, _fp in waits)
+        try:
+            frame = await self._frame(client, view, cols, skip)
+            results: list[ItemResult | None] = await frame.results(self.batcher.zlib_level)
+        except BaseException:
+            self._abandon(client, claimed)
+            raise
+        await self._settle_keys(client, results, answered, claimed, waits)
+        if types is not None:
+            types[:] = frame.rows.types
+        return results  # type: ignore[return-value]
+
+    async def _claim_keys(
+        self, client: str, keyed: dict[int, SignItem]
+    ) -> tuple[
+        dict[int, ItemResult], dict[int, tuple[SignItem, bytes]], list[tuple[int, SignItem, bytes]]
+    ]:
+        """Claim the keys of the *keyed* items in the shared store: the items answered
+        already (stored results, conflicts; all of them when the store is unavailable),
+        those this engine signs (with their fingerprints) and those in progress elsewhere."""
+        assert self.shared is not None
+        answered: dict[int, ItemResult] = {}
+        claimed: dict[int, tuple[SignItem, bytes]] = {}
+        waits: list[tuple[int, SignItem, bytes]] = []
+        pairs = [(item, IdempotencyCache.fingerprint(item)) for item in keyed.values()]
+        try:
+            states = await self.shared.claim(client, pairs)
+        except StateUnavailable as exc:
+            unavailable = failure(ErrorCode.STATE_UNAVAILABLE, str(exc), retry_after_s=0.5)
+            return dict.fromkeys(keyed, unavailable), claimed, waits
+        for i, (item, fp), (state, stored) in zip(keyed, pairs, states, strict=True):
+            if state == Claim.NEW:
+                claimed[i] = (item, fp)
+            elif state == Claim.DONE:
+                answered[i] = stored
+            elif state == Claim.IN_PROGRESS:
+                waits.append((i, item, fp))
+            else:
+                answered[i] = failure(
+                    ErrorCode.IDEMPOTENCY_CONFLICT,
+                    "this idempotency key was used for a different request",
+                )
+        return answered, claimed, waits
+
+    async def _settle_keys(
+        self,
+        client: str,
+        results: list[ItemResult | None],
+        answered: dict[int, ItemResult],
+        claimed: dict[int, tuple[SignItem, bytes]],
+        waits: list[tuple[int, SignItem, bytes]],
+    ) -> None:
+        """Store the results of the claimed keys (before the reply leaves), fill in the
+        answered items and wait for those in progress elsewhere."""
+        assert self.shared is not None
+        await self.shared.finish(
+            client,
+            [(item, fp, results[i]) for i, (item, fp) in claimed.items()],  # type: ignore[misc]
+        )
+        for i, result in answered.items():
+            results[i] = result
+        for i, item, fp in waits:
+            try:
+                first = await self.shared.wait_for(client, item, fp)
+            except StateUnavailable as exc:
+                results[i] = failure(ErrorCode.STATE_UNAVAILABLE, str(exc), retry_after_s=0.5)
+                continue
+            results[i] = first or failure(
+                ErrorCode.BUSY,
+                "the first attempt with this idempotency key failed or is still in progress; retry",
+                retry_after_s=0.5,
+            )
+
+    def _abandon(self, client: str, claimed: dict[int, tuple[SignItem, bytes]]) -> None:
+        """No claimed key may stay "in progress" until it expires: its retries would wait."""
+        assert self.shared is not None
+        failed = failure(ErrorCode.INTERNAL, "internal error", retry_after_s=0.1)
+        self.shared.finish_soon(client, [(item, fp, failed) for item, fp in claimed.values()])
+
     def sign_frame_soon(
         self,
         client: str,
@@ -361,26 +480,36 @@ class Dispatcher:
             return False
         try:
             started = trio.current_time()
-            frame = self._prepare_frame(client, view, cols, set())
-            if self._on_stage is not None:
-                self._on_stage("prepare", trio.current_time() - started)
-            live, batches, names_of = self._keyd_batches(client, frame)
+            frame, policy = self._check_frame(client, view, cols, set())
+            charges = self._account_charges(frame)
         except Exception as exc:
             done(exc)
             return True
-        if not batches:
-            self._encode_soon(frame, single, done)
-            return True
 
-        def answered(outcomes: list[Any]) -> None:
+        def charged(verdicts: Verdicts | StateUnavailable | None) -> None:
             try:
-                self._keyd_answered(client, frame, live, batches, names_of, outcomes)
+                self._apply_charges(client, frame, charges, verdicts)
+                if self._on_stage is not None:
+                    self._on_stage("prepare", trio.current_time() - started)
+                live, batches, names_of = self._keyd_batches(client, frame)
             except Exception as exc:
                 done(exc)
                 return
-            self._encode_soon(frame, single, done)
+            if not batches:
+                self._encode_soon(frame, single, done)
+                return
 
-        self.batcher.submit_columns(batches, answered)
+            def answered(outcomes: list[Any]) -> None:
+                try:
+                    self._keyd_answered(client, frame, live, batches, names_of, outcomes)
+                except Exception as exc:
+                    done(exc)
+                    return
+                self._encode_soon(frame, single, done)
+
+            self.batcher.submit_columns(batches, answered)
+
+        self._charge_soon(policy, client, charges, charged)
         return True
 
     def _encode_soon(
@@ -417,18 +546,31 @@ class Dispatcher:
         # (the per-item work is native, ~0.3 ms for 50 items), so it never holds the loop
         # for long and no other frame's preparation can interleave with it anyway.
         started = trio.current_time()
-        frame = self._prepare_frame(client, view, cols, skip)
+        frame, policy = self._check_frame(client, view, cols, skip)
+        charges = self._account_charges(frame)
+        verdicts: Verdicts | StateUnavailable | None = None
+        if charges is not None:
+            names, _rows, _index, counts = charges
+            if self.shared is None:
+                verdicts = self.quotas.try_reserve_many(policy, client, names, counts)
+            else:
+                try:
+                    verdicts = await self.shared.charge(policy, client, names, counts)
+                except StateUnavailable as exc:
+                    verdicts = exc
+        self._apply_charges(client, frame, charges, verdicts)
         if self._on_stage is not None:
             self._on_stage("prepare", trio.current_time() - started)
         if frame.kids:
             await self._keyd_frame(client, frame)
         return frame
 
-    def _prepare_frame(
+    def _check_frame(
         self, client: str, view: Any, cols: array, skip: set[int]
-    ) -> dataplane.Frame:
-        """Everything before keyd: validation, key, claims, policy, size and quotas. The
-        rows in *skip* are left out (held as refusals until their answers replace them)."""
+    ) -> tuple[dataplane.Frame, Any]:
+        """Everything before keyd but the quotas: validation, key, claims, policy and size;
+        and the policy it applied. The rows in *skip* are left out (held as refusals until
+        their answers replace them)."""
         policy = self.policy.current()
         now = self.clock()
         cp = policy.client(client)
@@ -469,28 +611,58 @@ class Dispatcher:
             prefix, max_payload = claims  # type: ignore[misc]
             frame.add(key, prefix, max_payload, group)
         frame.splice()
-        dropped = self._charge_accounts(policy, client, frame)
-        if dropped:
-            frame.splice(drop=dropped)
-        return frame
+        return frame, policy
 
-    def _charge_accounts(self, policy: Any, client: str, frame: dataplane.Frame) -> set[int]:
-        """Reserve quota for the frame's rows bound for keyd, one reservation per distinct
-        account; an account that cannot have all of its rows gets them one by one, in
-        order, until the first refusal. Returns the rows refused (their results set)."""
+    def _account_charges(self, frame: dataplane.Frame) -> _Charges | None:
+        """What the frame's rows bound for keyd charge: the distinct accounts, the rows,
+        each row's account number and each account's count; None when no row is bound."""
         rows = frame.bound_rows()
-        dropped: set[int] = set()
         if not rows:
-            return dropped
+            return None
         view = frame.view
         table, index = native.span_table(
             view.data, view.columns, W.NFIELDS, (W.ACCOUNT_OFF, W.ACCOUNT_LEN), rows
         )
         counts = collections.Counter(index)
-        verdicts = self.quotas.try_reserve_many(
-            policy, client, list(map(bytes.decode, table)),
-            list(map(counts.__getitem__, range(len(table)))),
-        )  # fmt: skip
+        names = list(map(bytes.decode, table))
+        return names, rows, index, list(map(counts.__getitem__, range(len(table))))
+
+    def _charge_soon(
+        self,
+        policy: Any,
+        client: str,
+        charges: _Charges | None,
+        then: Callable[[Verdicts | StateUnavailable | None], None],
+    ) -> None:
+        """Reserve *charges* (one reservation per distinct account; an account that cannot
+        have all of its rows gets as many as fit, in order) and call ``then(verdicts)``:
+        at once from the in-process tracker, later from the shared store."""
+        if charges is None:
+            then(None)
+        elif self.shared is None:
+            then(self.quotas.try_reserve_many(policy, client, charges[0], charges[3]))
+        else:
+            self.shared.charge_soon(policy, client, charges[0], charges[3], then)
+
+    def _apply_charges(
+        self,
+        client: str,
+        frame: dataplane.Frame,
+        charges: _Charges | None,
+        verdicts: Verdicts | StateUnavailable | None,
+    ) -> None:
+        """Refuse the rows *verdicts* did not grant (all of them when the store could not
+        confirm the charge) and take them out of the frame's keyd batches."""
+        if charges is None or verdicts is None:
+            return
+        _names, rows, index, _counts = charges
+        if isinstance(verdicts, StateUnavailable):
+            frame.refuse_result(
+                rows, failure(ErrorCode.STATE_UNAVAILABLE, str(verdicts), retry_after_s=0.5)
+            )
+            frame.splice(drop=set(rows))
+            return
+        dropped: set[int] = set()
         # Only the accounts refused something are visited (found in C: no interpreter per
         # account of the frame).
         for k in compress(
@@ -500,7 +672,8 @@ class Dispatcher:
             mine = array("I", (r for r, j in zip(rows, index, strict=True) if j == k))
             frame.refuse_result(mine[granted:], refused(refusal))
             dropped.update(mine[granted:])
-        return dropped
+        if dropped:
+            frame.splice(drop=dropped)
 
     async def _keyd_frame(self, client: str, frame: dataplane.Frame) -> None:
         """Sign the frame's rows: one columnar batch per kid, all queued at once (they go to
@@ -564,7 +737,7 @@ class Dispatcher:
             rows, names, account_ix = frame.kids[k].rows, names_of[at], batches[at][2].account_ix
             if isinstance(result, KeydError):
                 for j, count in collections.Counter(account_ix).items():
-                    self.quotas.release(client, names[j], count)
+                    self._release(client, names[j], count)
                 code = ErrorCode.KEYD_UNAVAILABLE if result.retryable else ErrorCode.INTERNAL
                 frame.refuse_result(rows, failure(code, str(result), retry_after_s=0.5))
                 continue
@@ -573,7 +746,7 @@ class Dispatcher:
                 reasons = iter(result.reasons)
                 for i, j, code in zip(rows, account_ix, codes, strict=True):
                     if code:
-                        self.quotas.release(client, names[j], 1)
+                        self._release(client, names[j], 1)
                         frame.refuse_result(array("I", [i]), keyd_failure((code, next(reasons))))
             frame.signed(k, array("I", compress(rows, map(operator.not_, codes))), result)
 
@@ -604,22 +777,20 @@ class Dispatcher:
                     continue
                 accounts.setdefault(item.account, []).append(outcome)
             # Quotas are charged once per distinct account of the request, not once per item;
-            # only an account that cannot have all of its items goes item by item (in order),
-            # so that it gets as many as its quota still allows.
-            for account, prepared in accounts.items():
-                admitted = prepared
-                refusal = self.quotas.try_reserve(policy, client, account, len(prepared))
-                if refusal is not None:
-                    admitted = []
-                    for n, p in enumerate(prepared):
-                        refusal = self.quotas.try_reserve(policy, client, account, 1)
-                        if refusal is not None:
-                            # Nothing frees up within one request: the rest are refused alike.
-                            for q in prepared[n:]:
-                                results[q.index] = refused(refusal)
-                            break
-                        admitted.append(p)
-                for p in admitted:
+            # an account that cannot have all of its items gets as many as its quota still
+            # allows, in order.
+            names = list(accounts)
+            verdicts = await self._charge(policy, client, names, [len(accounts[a]) for a in names])
+            for account, verdict in zip(names, verdicts, strict=True):
+                prepared = accounts[account]
+                if isinstance(verdict, ItemResult):
+                    granted, failed = 0, verdict
+                else:
+                    granted, refusal = verdict
+                    failed = None if refusal is None else refused(refusal)
+                for q in prepared[granted:]:
+                    results[q.index] = failed
+                for p in prepared[:granted]:
                     parts = groups.setdefault(p.key.dsc.kid, {})
                     parts.setdefault((account, p.operator), []).append(p)
 
@@ -638,6 +809,27 @@ class Dispatcher:
                 for parts in groups.values():
                     nursery.start_soon(run, list(parts.values()))
         return results  # type: ignore[return-value]
+
+    async def _charge(
+        self, policy: Any, client: str, accounts: list[str], counts: list[int]
+    ) -> list[tuple[int, Any] | ItemResult]:
+        """Per distinct account, as :meth:`QuotaTracker.try_reserve_many`: ``(granted,
+        refusal)``; or, when the shared store could not confirm the charge, the failure
+        every item of the account gets."""
+        if self.shared is None:
+            return self.quotas.try_reserve_many(policy, client, accounts, counts)  # type: ignore[return-value]
+        try:
+            return await self.shared.charge(policy, client, accounts, counts)  # type: ignore[return-value]
+        except StateUnavailable as exc:
+            unavailable = failure(ErrorCode.STATE_UNAVAILABLE, str(exc), retry_after_s=0.5)
+            return [unavailable] * len(accounts)
+
+    def _release(self, client: str, account: str, n: int) -> None:
+        """Give back *n* units reserved for *account* that were not signed."""
+        if self.shared is None:
+            self.quotas.release(client, account, n)
+        else:
+            self.shared.release(self.policy.current(), client, account, n)
 
     def _prepare(
         self,
@@ -756,7 +948,7 @@ class Dispatcher:
             outcomes = await self.batcher.issue(kid, key.protected, columns)
         except KeydError as exc:
             for group in parts:
-                self.quotas.release(client, group[0].account, len(group))
+                self._release(client, group[0].account, len(group))
             code = ErrorCode.KEYD_UNAVAILABLE if exc.retryable else ErrorCode.INTERNAL
             return [failure(code, str(exc), retry_after_s=0.5)] * len(flat)
         out: list[ItemResult] = []
@@ -764,9 +956,13 @@ class Dispatcher:
             if isinstance(outcome, str):
                 out.append(ItemResult(hc1=outcome, kid=kid))
                 continue
-            self.quotas.release(client, prepared.account, 1)
+            self._release(client, prepared.account, 1)
             out.append(keyd_failure(outcome))
         return out
+
+
+#: What a frame's rows bound for keyd charge (Dispatcher._account_charges).
+_Charges = tuple[list[str], array, array, list[int]]
 
 
 def _item_of(view: Any, i: int) -> SignItem:

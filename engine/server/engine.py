@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from .dispatch import Dispatcher
 from .metrics import Metrics, serve_http
 from .policy import PolicyFile, QuotaTracker
 from .server import Limits, Server
+from .sharedstate import RedisState
 
 __all__ = ["Engine", "tls_server_context"]
 
@@ -64,7 +65,13 @@ class Engine:
         keyd_validate_dcc: bool = True,
         passphrase: bytes | None = None,
         keyd_socket: Path | None = None,
+        state: str | None = None,
+        state_options: Mapping[str, Any] | None = None,
+        node_id: str | None = None,
     ) -> None:
+        """*state*: the URL of the store shared by the engines of a deployment (Redis:
+        sharedstate.py), with :class:`RedisState`'s keyword arguments *state_options*
+        (``node`` among them); None keeps quotas and idempotency keys in this process."""
         if keystore is None and keyd_socket is None:
             raise ValueError("the engine needs a keystore (its own keyd) or keyd_socket")
         self.keystore = keystore
@@ -74,6 +81,8 @@ class Engine:
         self.keyd_socket = keyd_socket
         self.nonce_pool = nonce_pool
         self.audit_dir = audit_dir
+        #: this node's id (``--node-id``), for its keyd's audit log; None: keyd's default
+        self.node_id = node_id
         self.keyd_validate_dcc = keyd_validate_dcc
         # Re-read by _watch_policy in a worker thread, never on the event loop; a broken
         # policy file stops the start, with its message.
@@ -96,6 +105,9 @@ class Engine:
         self.metrics.keyd_audit_ok.set_function(
             lambda: float(self.keyd_problem is None and self.keyd_audit is None)
         )
+        self.shared: RedisState | None = None
+        if state is not None:
+            self.shared = RedisState(state, metrics=self.metrics, **(state_options or {}))
 
     def health(self) -> str | None:
         if self.server is not None and self.server.draining.is_set():
@@ -143,6 +155,8 @@ class Engine:
             async with trio.open_nursery() as nursery:
                 keys = await self._connect_keyd(nursery, keyd)
                 self.metrics.nonce_pools.update(keys)
+                if self.shared is not None:
+                    await nursery.start(self.shared.run)
                 dispatcher = await self._start_dispatcher(nursery, keys)
                 self.server = Server(dispatcher, limits=self.limits, metrics=self.metrics)
                 self.keyd_problem = None
@@ -175,6 +189,7 @@ class Engine:
             audit_dir=self.audit_dir,
             validate_dcc=self.keyd_validate_dcc,
             passphrase=self.passphrase,
+            node_id=self.node_id,
         )
         await trio.to_thread.run_sync(keyd.__enter__)
         self.keyd = keyd
@@ -210,6 +225,7 @@ class Engine:
             self.policy,
             QuotaTracker(),
             on_stage=self.metrics.observe_stage,
+            shared=self.shared,
         )
 
     async def _listen(

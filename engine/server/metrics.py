@@ -242,6 +242,43 @@ _METRICS: Final = (
         "dccsign_keyd_in_flight",
         "Micro-batches sent to keyd and not yet answered",
     ),
+    _MetricDef(
+        "state_up",
+        Gauge,
+        "dccsign_state_up",
+        "With --state: 1 while the shared quota and idempotency store answers",
+    ),
+    _MetricDef(
+        "state_call",
+        HotHistogram,
+        "dccsign_state_call_seconds",
+        "With --state: one call to the shared store (a micro-batch of charges, releases, "
+        "claims, results and polls), from its send to its answer",
+        buckets=(0.0002, 0.0005, *_LATENCY_BUCKETS),
+    ),
+    _MetricDef(
+        "state_ops",
+        HotHistogram,
+        "dccsign_state_call_operations",
+        "With --state: operations per call to the shared store (an account charged or "
+        "released, a key claimed, stored or polled)",
+        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
+    ),
+    _MetricDef(
+        "state_errors",
+        Counter,
+        "dccsign_state_errors",
+        "With --state: calls to the shared store that failed or timed out, by exception "
+        "(every operation they carried failed with STATE_UNAVAILABLE)",
+        ("error",),
+    ),
+    _MetricDef(
+        "state_lost_releases",
+        Counter,
+        "dccsign_state_lost_releases",
+        "With --state: quota units that should have been given back but whose call failed "
+        "(they stay counted until their window ends: too much, never too little)",
+    ),
 )
 
 
@@ -269,6 +306,11 @@ class Metrics:
     keyd_batch: HotHistogram
     stage: HotHistogram
     keyd_in_flight: Gauge
+    state_up: Gauge
+    state_call: HotHistogram
+    state_ops: HotHistogram
+    state_errors: Counter
+    state_lost_releases: Counter
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()

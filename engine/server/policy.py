@@ -60,6 +60,8 @@ __all__ = [
     "MAX_POLICY_BYTES",
     "MAX_WEIGHT",
     "UID_PREFIX",
+    "WINDOW_SPANS",
+    "WINDOW_WIDTHS",
     "ClientPolicy",
     "Policy",
     "PolicyError",
@@ -68,6 +70,7 @@ __all__ = [
     "QuotaTracker",
     "Refusal",
     "RefusalCode",
+    "quota_refusal",
 ]
 
 LOGGER = logging.getLogger("dccsign.policy")
@@ -1061,6 +1064,20 @@ class QuotaTracker:
                 self._warn_pending,
             )
             self._warn_pending = 0
+
+
+def quota_refusal(client: str, account: str | None, kind: int, limit: int, wait: float) -> Refusal:
+    """The refusal of one unit by window *kind* (0 minute, 1 hour, 2 day) of *limit* units:
+    the client's quota (*account* None) or *account*'s, free again in *wait* seconds. For
+    quota stores other than :class:`QuotaTracker` (the shared one), so that a client reads
+    the same message whichever store counted."""
+    return _quota_refusal(_Violation(max(wait, 0.0), kind, limit), account, client, 1)
+
+
+#: Bucket widths (seconds) and buckets counted, per window kind: for shared quota stores,
+#: which must count exactly as :class:`QuotaTracker` does.
+WINDOW_WIDTHS: Final = _WIDTH
+WINDOW_SPANS: Final = _SPAN
 
 
 def _quota_refusal(bad: _Violation, account: str | None, client: str, n: int) -> Refusal:

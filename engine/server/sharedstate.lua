@@ -1,0 +1,264 @@
+-- dccsign's shared state: the quota windows and idempotency keys of every engine of one
+-- deployment, in one Redis. engine/server/sharedstate.py is the only caller and documents the
+-- argument layout; one call carries the work of many frames, so that an engine pays one
+-- round trip per micro-batch rather than one per request or per certificate. Redis runs a
+-- script atomically: no other engine's charge can come between a check and its charge.
+--
+-- ARGV: nq nr nc nf ng claim_ttl_ms result_ttl_ms node, then (in this order: units given
+-- back were queued before the charges they make room for)
+--   nr releases:      ck ak n
+--   nq quota groups:  ck cl1 cl2 cl3 al1 al2 al3 na {ak want}*na
+--   nc claims:        ik fp
+--   nf finishes:      ik fp ok kid hc1
+--   ng polls:         ik fp
+-- (ck/ak/ik: 1-based indexes into KEYS, 0 = none; cl/al: limits per minute, hour, day of the
+-- client and of its accounts, 0 = no such window; fp: the item's 32-byte fingerprint).
+-- Reply: a flat array: per account of every group, granted who kind limit wait_ms (who 0: all
+-- granted, 1: the client's quota refused the rest, 2: the account's); per claim and per poll,
+-- state kid hc1 (0 new, 1 done, 2 in progress, 3 conflict, 4 gone).
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+-- The same windows as the engine's in-process tracker (engine/server/policy.py, which fills in
+-- these two lines): per kind (minute, hour, day) buckets of WIDTH seconds, of which a unit
+-- counts in SPAN (it expires once its bucket is SPAN buckets old).
+local WIDTH = @WIDTH@
+local SPAN = @SPAN@
+local cur = {}
+for k = 1, 3 do cur[k] = math.floor(now / WIDTH[k]) end
+
+local a = 1
+local function num()
+  local v = tonumber(ARGV[a])
+  a = a + 1
+  return v
+end
+local function str()
+  local v = ARGV[a]
+  a = a + 1
+  return v
+end
+
+-- A quota hash holds one field per (kind, bucket): "k:bucket" -> units. Per kind, its live
+-- buckets ascending as {bucket, units}; expired fields are dropped on the way.
+local function usage(key)
+  local raw = redis.call('HGETALL', key)
+  local u = {{}, {}, {}}
+  local dead = {}
+  for i = 1, #raw, 2 do
+    local f = raw[i]
+    local k = tonumber(string.sub(f, 1, 1))
+    local b = tonumber(string.sub(f, 3))
+    local c = tonumber(raw[i + 1])
+    if k == nil or b == nil or c == nil or k < 1 or k > 3 or b <= cur[k] - SPAN[k] or c <= 0 then
+      dead[#dead + 1] = f
+    else
+      u[k][#u[k] + 1] = {b, c}
+    end
+  end
+  if #dead > 0 then redis.call('HDEL', key, unpack(dead)) end
+  for k = 1, 3 do table.sort(u[k], function(x, y) return x[1] < y[1] end) end
+  return u
+end
+
+local function total(list)
+  local s = 0
+  for _, e in ipairs(list) do s = s + e[2] end
+  return s
+end
+
+-- Units that still fit in every window with a limit (a large number when none has one).
+local function free(u, lim)
+  local f = 1e15
+  for k = 1, 3 do
+    if lim[k] > 0 then
+      local left = lim[k] - (u and total(u[k]) or 0)
+      if left < f then f = left end
+    end
+  end
+  if f < 0 then f = 0 end
+  return f
+end
+
+-- Counts g more units in the current bucket of every window with a limit: in Redis, and in
+-- the usage table u read before (a refusal's wait is worked out from it).
+local function charge(key, u, lim, g)
+  local ttl = 0
+  for k = 1, 3 do
+    if lim[k] > 0 then
+      redis.call('HINCRBY', key, k .. ':' .. cur[k], g)
+      local list = u[k]
+      if #list > 0 and list[#list][1] == cur[k] then
+        list[#list][2] = list[#list][2] + g
+      else
+        list[#list + 1] = {cur[k], g}
+      end
+      local ms = (SPAN[k] + 1) * WIDTH[k] * 1000
+      if ms > ttl then ttl = ms end
+    end
+  end
+  if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
+end
+
+-- Seconds until one more unit fits in window kind k (the oldest units expire first).
+local function wait(list, k, limit)
+  local excess = total(list) + 1 - limit
+  local freed = 0
+  for _, e in ipairs(list) do
+    freed = freed + e[2]
+    if freed >= excess then return (e[1] + SPAN[k]) * WIDTH[k] - now end
+  end
+  return 0
+end
+
+-- The window that frees up last among those where one more unit does not fit; the
+-- client's on a tie. Returns who kind limit wait_ms.
+local function refusal(cu, cl, au, al)
+  local who, kind, limit, w = 0, 0, 0, -1
+  for pass = 1, 2 do
+    local u, lim = cu, cl
+    if pass == 2 then u, lim = au, al end
+    if u then
+      for k = 1, 3 do
+        if lim[k] > 0 and total(u[k]) + 1 > lim[k] then
+          local s = wait(u[k], k, lim[k])
+          if s > w then who, kind, limit, w = pass, k - 1, lim[k], s end
+        end
+      end
+    end
+  end
+  if w < 0 then w = 0 end
+  return who, kind, limit, math.ceil(w * 1000)
+end
+
+local nq, nr, nc, nf, ng = num(), num(), num(), num(), num()
+local claim_ttl, result_ttl, node = num(), num(), str()
+local out = {}
+
+-- Units reserved for items that were not signed go back first, newest buckets first.
+for _ = 1, nr do
+  local ck, ak, n = num(), num(), num()
+  for _, ix in ipairs({ck, ak}) do
+    if ix > 0 then
+      local u = usage(KEYS[ix])
+      for k = 1, 3 do
+        local left = n
+        local list = u[k]
+        for i = #list, 1, -1 do
+          if left <= 0 then break end
+          local d = math.min(left, list[i][2])
+          local f = k .. ':' .. list[i][1]
+          if d == list[i][2] then
+            redis.call('HDEL', KEYS[ix], f)
+          else
+            redis.call('HINCRBY', KEYS[ix], f, -d)
+          end
+          left = left - d
+        end
+      end
+    end
+  end
+end
+
+for _ = 1, nq do
+  local ck = num()
+  local cl = {num(), num(), num()}
+  local al = {num(), num(), num()}
+  local na = num()
+  local cu = nil
+  if ck > 0 then cu = usage(KEYS[ck]) end
+  local cfree = free(cu, cl)
+  local taken = 0
+  for _ = 1, na do
+    local ak, want = num(), num()
+    local au = nil
+    if ak > 0 then au = usage(KEYS[ak]) end
+    local g = math.min(want, cfree - taken, free(au, al))
+    if g < 0 then g = 0 end
+    if g > 0 and ak > 0 then charge(KEYS[ak], au, al, g) end
+    if g > 0 and ck > 0 then
+      -- counted in the table now (a later refusal's wait sees it), in Redis below
+      for k = 1, 3 do
+        if cl[k] > 0 then
+          local list = cu[k]
+          if #list > 0 and list[#list][1] == cur[k] then
+            list[#list][2] = list[#list][2] + g
+          else
+            list[#list + 1] = {cur[k], g}
+          end
+        end
+      end
+    end
+    taken = taken + g
+    out[#out + 1] = g
+    if g < want then
+      local who, kind, limit, ms = refusal(cu, cl, au, al)
+      out[#out + 1] = who
+      out[#out + 1] = kind
+      out[#out + 1] = limit
+      out[#out + 1] = ms
+    else
+      out[#out + 1] = 0
+      out[#out + 1] = 0
+      out[#out + 1] = 0
+      out[#out + 1] = 0
+    end
+  end
+  if ck > 0 and taken > 0 then
+    local ttl = 0
+    for k = 1, 3 do
+      if cl[k] > 0 then
+        redis.call('HINCRBY', KEYS[ck], k .. ':' .. cur[k], taken)
+        local ms = (SPAN[k] + 1) * WIDTH[k] * 1000
+        if ms > ttl then ttl = ms end
+      end
+    end
+    redis.call('PEXPIRE', KEYS[ck], ttl)
+  end
+end
+
+-- An idempotency record: "p" fp node while the first attempt is in progress (it expires
+-- after claim_ttl, should that engine die), "d" fp kid hc1 once it succeeded.
+local function seen(v, fp)
+  if not v then return 4, '', '' end
+  if string.sub(v, 2, 33) ~= fp then return 3, '', '' end
+  if string.sub(v, 1, 1) == 'd' then return 1, string.sub(v, 34, 41), string.sub(v, 42) end
+  return 2, '', ''
+end
+
+for _ = 1, nc do
+  local ik, fp = num(), str()
+  local v = redis.call('GET', KEYS[ik])
+  if not v then
+    redis.call('SET', KEYS[ik], 'p' .. fp .. node, 'PX', claim_ttl)
+    out[#out + 1] = 0
+    out[#out + 1] = ''
+    out[#out + 1] = ''
+  else
+    local state, kid, hc1 = seen(v, fp)
+    out[#out + 1] = state
+    out[#out + 1] = kid
+    out[#out + 1] = hc1
+  end
+end
+
+for _ = 1, nf do
+  local ik, fp, ok, kid, hc1 = num(), str(), num(), str(), str()
+  local v = redis.call('GET', KEYS[ik])
+  local mine = v and string.sub(v, 2, 33) == fp
+  if ok == 1 and (not v or mine) then
+    redis.call('SET', KEYS[ik], 'd' .. fp .. kid .. hc1, 'PX', result_ttl)
+  elseif ok == 0 and mine and string.sub(v, 1, 1) == 'p' then
+    redis.call('DEL', KEYS[ik])
+  end
+end
+
+for _ = 1, ng do
+  local ik, fp = num(), str()
+  local state, kid, hc1 = seen(redis.call('GET', KEYS[ik]), fp)
+  out[#out + 1] = state
+  out[#out + 1] = kid
+  out[#out + 1] = hc1
+end
+
+return out

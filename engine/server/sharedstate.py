@@ -1,0 +1,548 @@
+"""Quota windows and idempotency keys shared by the engines of one deployment, in Redis.
+
+The embedded default keeps both in the engine's memory (:class:`~.policy.QuotaTracker`,
+:class:`~.dispatch.IdempotencyCache`). Behind a load balancer that multiplies every quota by
+the number of engines and lets a retry that lands on another engine be signed again. With
+``dccsign serve --state redis://...`` every engine charges quotas and claims idempotency keys
+in one Redis (or Redis Cluster) instead, through :class:`RedisState`.
+
+**One round trip per micro-batch.** A call from an engine to Redis costs ~300 µs of the
+engine's CPU (coredis on trio, measured); one per frame of 50 certificates would cost more
+than the engine spends on a certificate. So every operation is queued, and one task sends
+everything queued as one call of one Lua script (``sharedstate.lua``): the quota charges of
+many frames, the units they give back, the idempotency keys they claim, the results they
+store and the keys they poll. Redis runs a script atomically, so no other engine's charge
+comes between a check and its charge: N units of quota are N in total, whoever asks.
+
+**Failure rules.**
+
+* A call that fails, or does not answer within *timeout*, fails every operation it carried
+  with :class:`StateUnavailable` (the client gets STATE_UNAVAILABLE, retryable): a charge
+  that was not confirmed signs nothing. The connection is dropped and made again in the
+  background (backoff up to a second); meanwhile new operations fail at once, and the first
+  call that works again resumes service, no restart needed.
+* A charge whose call timed out may have been applied by Redis all the same: those units
+  stay counted (they expire with their window). Units given back in a failed call are not
+  sent again (a release is not idempotent: sent twice, it would free units that are signed).
+  Both errors count too much, never too little: no fault lets a quota be exceeded.
+* Results that could not be stored are sent again with the next call (storing is
+  idempotent); until then a retry on another engine waits or gets BUSY, never a second
+  signature.
+* An engine that dies leaves its in-progress idempotency claims behind; they expire after
+  *claim_ttl*, after which a retry is signed afresh (the first attempt may then be in its
+  node's audit log as well: ``dccsign audit search`` over all nodes' logs shows both).
+* Clients without a quota and items without an idempotency key never wait for Redis.
+
+Keys all carry the hash tag ``{dccsign}``, so that one script call's keys are in one Redis
+Cluster slot; several deployments sharing one Redis use different databases.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Final
+
+import trio
+
+from ..protocol.wire import ItemResult, SignItem
+from .policy import WINDOW_SPANS, WINDOW_WIDTHS, Policy, Refusal, quota_refusal
+
+__all__ = [
+    "DEFAULT_CLAIM_TTL",
+    "DEFAULT_RESULT_TTL",
+    "DEFAULT_TIMEOUT",
+    "DEFAULT_WAIT",
+    "DEFAULT_WINDOW",
+    "Claim",
+    "RedisState",
+    "StateUnavailable",
+    "Verdicts",
+    "state_url",
+]
+
+LOGGER = logging.getLogger("dccsign.state")
+
+#: Longest wait for Redis to answer one call, in seconds.
+DEFAULT_TIMEOUT: Final = 0.5
+#: How long the first operation of a call waits for others to join it, in seconds.
+DEFAULT_WINDOW: Final = 0.001
+#: How long an idempotency claim lasts without its result (its engine may have died).
+DEFAULT_CLAIM_TTL: Final = 60.0
+#: How long results are kept for retries (protocol/SPEC.md §10: at least 24 hours).
+DEFAULT_RESULT_TTL: Final = 24 * 3600.0
+#: How long a retry waits for a first attempt in progress elsewhere before BUSY.
+DEFAULT_WAIT: Final = 5.0
+#: Pause between two polls of a key in progress elsewhere.
+POLL_INTERVAL: Final = 0.02
+#: Results kept for the next call at most while calls fail (the oldest go first).
+MAX_UNSENT: Final = 16384
+_BACKOFF_MAX: Final = 1.0
+
+_PREFIX: Final = b"{dccsign}:"
+
+#: Per account of a charge: (units granted, refusal of the rest or None).
+Verdicts = list[tuple[int, Refusal | None]]
+
+
+class StateUnavailable(Exception):
+    """The shared store did not confirm an operation (unreachable, slow or failing): what
+    depended on it is not signed. The message says why, for the client."""
+
+
+class Claim:
+    """What a claim or a poll of an idempotency key found: the states of the in-process
+    cache's ``Seen``, plus GONE (a poll found no record: the first attempt failed)."""
+
+    NEW, DONE, IN_PROGRESS, CONFLICT, GONE = range(5)
+
+
+def state_url(text: str) -> str:
+    """*text* if it names a Redis the engine can use (``redis://``, ``rediss://``,
+    ``unix://`` or ``redis+cluster://host:port,host:port``), for argparse.
+
+    Raises:
+        ValueError: any other scheme, or a cluster URL without a host:port.
+    """
+    if text.startswith(("redis://", "rediss://", "unix://")):
+        return text
+    if text.startswith("redis+cluster://"):
+        _cluster_nodes(text)
+        return text
+    raise ValueError(
+        f"{text!r}: give redis://HOST:PORT[/DB], rediss://..., unix:///PATH or "
+        "redis+cluster://HOST:PORT,HOST:PORT"
+    )
+
+
+def _cluster_nodes(url: str) -> list[tuple[str, int]]:
+    nodes = []
+    for part in url.removeprefix("redis+cluster://").strip("/").split(","):
+        host, sep, port = part.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"{url!r}: {part!r} is not HOST:PORT")
+        nodes.append((host, int(port)))
+    return nodes
+
+
+def _script() -> str:
+    text = resources.files(__package__).joinpath("sharedstate.lua").read_text()
+    lua = "{" + ", ".join(map(str, WINDOW_WIDTHS)) + "}"
+    return text.replace("@WIDTH@", lua).replace(
+        "@SPAN@", "{" + ", ".join(map(str, WINDOW_SPANS)) + "}"
+    )
+
+
+def _tagged(*parts: bytes) -> bytes:
+    # Length-prefixed, so that no two (client, account, key) triples share a name.
+    return _PREFIX + b"".join(b"%d:%s" % (len(p), p) for p in parts)
+
+
+def _limits(quota: Any) -> tuple[int, int, int]:
+    if quota is None:
+        return (0, 0, 0)
+    return (quota.per_minute or 0, quota.per_hour or 0, quota.per_day or 0)
+
+
+@dataclass(slots=True)
+class _Slot:
+    """One awaited answer: set once, by the flusher."""
+
+    event: trio.Event = field(default_factory=trio.Event)
+    value: Any = None
+
+    def set(self, value: Any) -> None:
+        self.value = value
+        self.event.set()
+
+    async def get(self) -> Any:
+        await self.event.wait()
+        if isinstance(self.value, StateUnavailable):
+            raise self.value
+        return self.value
+
+
+class _Call:
+    """The operations of one script call, by section, and who waits for their answers."""
+
+    __slots__ = (
+        "claims", "ended", "finishes", "groups", "keys", "ops", "polls", "releases", "sections"
+    )  # fmt: skip
+
+    def __init__(self) -> None:
+        self.keys: dict[bytes, int] = {}
+        self.sections: tuple[list[Any], ...] = ([], [], [], [], [])  # q, r, c, f, g
+        self.groups: list[tuple[Callable[[Any], None], str, Sequence[str]]] = []
+        self.releases: dict[tuple[str, str, bool, bool], int] = {}
+        self.claims: list[_Slot] = []
+        self.finishes: list[tuple[bytes, bytes, int, bytes, bytes]] = []
+        self.polls: list[_Slot] = []
+        self.ops = 0
+        self.ended = trio.Event()  # set once the call has been answered, or has failed
+
+    def key(self, name: bytes) -> int:
+        ix = self.keys.get(name)
+        if ix is None:
+            ix = self.keys[name] = len(self.keys) + 1
+        return ix
+
+
+class RedisState:
+    """Quotas and idempotency keys in Redis, one script call per micro-batch (see the
+    module docstring for the batching and the failure rules).
+
+    Run :meth:`run` in a nursery (it reports started at once and connects in the
+    background); call the operations from the same trio loop. *node* labels the claims this
+    engine holds (its ``--node-id``); *metrics* (optional) is the engine's
+    :class:`~.metrics.Metrics`.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        node: str,
+        timeout: float = DEFAULT_TIMEOUT,
+        window: float = DEFAULT_WINDOW,
+        claim_ttl: float = DEFAULT_CLAIM_TTL,
+        result_ttl: float = DEFAULT_RESULT_TTL,
+        wait: float = DEFAULT_WAIT,
+        metrics: Any = None,
+    ) -> None:
+        state_url(url)
+        self.url = url
+        self.node = node.encode()
+        self.timeout = timeout
+        self.window = window
+        self.claim_ttl_ms = math.ceil(claim_ttl * 1000)
+        self.result_ttl_ms = math.ceil(result_ttl * 1000)
+        self.wait = wait
+        self.metrics = metrics
+        #: Why the store cannot be used now, or None while it answers.
+        self.problem: str | None = "not connected yet"
+        self._script = _script()
+        self._call = _Call()
+        self._wake = trio.Event()
+        #: results whose call failed, sent again with the next one
+        self._unsent_finishes: list[tuple[bytes, bytes, int, bytes, bytes]] = []
+
+    # ------------------------------------------------------------------ quotas
+
+    def charge_soon(
+        self,
+        policy: Policy,
+        client: str,
+        accounts: Sequence[str],
+        counts: Sequence[int],
+        done: Callable[[Verdicts | StateUnavailable], None],
+    ) -> None:
+        """Reserve up to ``counts[k]`` units for each distinct account of *client*, as
+        :meth:`QuotaTracker.try_reserve_many` does (all of an account's units when they fit,
+        else as many as fit), atomically across engines. ``done(verdicts)`` runs later on
+        the event loop, or ``done(StateUnavailable)`` -- then nothing was reserved that will
+        be signed. *done* must not raise. A client without quotas is answered at once."""
+        cp = policy.client(client)
+        if cp is None or (cp.quota is None and cp.account_quota is None):
+            # Unknown clients never reach this point (refused at HELLO); no quota: no store.
+            done([(n, None) for n in counts])
+            return
+        if not accounts:
+            done([])
+            return
+        if self.problem is not None:
+            done(StateUnavailable(self._unavailable()))
+            return
+        call = self._call
+        ck = call.key(_tagged(b"qc", client.encode())) if cp.quota is not None else 0
+        section = call.sections[0]
+        section += (ck, *_limits(cp.quota), *_limits(cp.account_quota), len(accounts))
+        aq = cp.account_quota is not None
+        cb = client.encode()
+        for account, n in zip(accounts, counts, strict=True):
+            ak = call.key(_tagged(b"qa", cb, account.encode())) if aq else 0
+            section += (ak, n)
+        call.groups.append((done, client, accounts))
+        self._queued(len(accounts))
+
+    async def charge(
+        self, policy: Policy, client: str, accounts: Sequence[str], counts: Sequence[int]
+    ) -> Verdicts:
+        """:meth:`charge_soon`, awaited.
+
+        Raises:
+            StateUnavailable: the store did not confirm the charge.
+        """
+        slot = _Slot()
+        self.charge_soon(policy, client, accounts, counts, slot.set)
+        return await slot.get()
+
+    def release(self, policy: Policy, client: str, account: str, n: int) -> None:
+        """Give back *n* units charged for *account* of *client* that were not signed (sent
+        with the next call; lost, never repeated, when that call fails)."""
+        cp = policy.client(client)
+        if cp is None or (cp.quota is None and cp.account_quota is None) or n < 1:
+            return
+        slot = (client, account, cp.quota is not None, cp.account_quota is not None)
+        releases = self._call.releases
+        if slot not in releases:
+            self._queued(1)
+        releases[slot] = releases.get(slot, 0) + n
+
+    # ------------------------------------------------------------ idempotency
+
+    async def claim(
+        self, client: str, items: Sequence[tuple[SignItem, bytes]]
+    ) -> list[tuple[int, ItemResult | None]]:
+        """Claim the idempotency key of each ``(item, fingerprint)``: per item ``(Claim.NEW,
+        None)`` -- this engine signs it and must :meth:`finish` it; ``(Claim.DONE, result)``;
+        ``(Claim.IN_PROGRESS, None)`` -- another attempt holds it (:meth:`wait_for`);
+        ``(Claim.CONFLICT, None)``.
+
+        Raises:
+            StateUnavailable: nothing was claimed that this engine may sign.
+        """
+        if not items:
+            return []
+        if self.problem is not None:
+            raise StateUnavailable(self._unavailable())
+        call = self._call
+        slots = []
+        section = call.sections[2]
+        for item, fp in items:
+            section += (call.key(_item_key(client, item)), fp)
+            slot = _Slot()
+            call.claims.append(slot)
+            slots.append(slot)
+        self._queued(len(items))
+        return [await slot.get() for slot in slots]
+
+    async def finish(
+        self, client: str, results: Sequence[tuple[SignItem, bytes, ItemResult]]
+    ) -> None:
+        """Store the results of keys this engine claimed (``(item, fingerprint, result)``
+        each): a success for later retries on any engine, a failure by dropping the claim
+        (the retry is handled afresh). Returns once the call carrying them has ended: the
+        caller replies after that, so that an engine that dies after its reply leaves the
+        result behind. When that call fails they are sent again with the next one."""
+        ended = self.finish_soon(client, results)
+        if ended is not None:
+            await ended.wait()
+
+    def finish_soon(
+        self, client: str, results: Sequence[tuple[SignItem, bytes, ItemResult]]
+    ) -> trio.Event | None:
+        """:meth:`finish` without waiting: the event set when the call carrying them ends,
+        or None when none will carry them soon (nothing to send, or the store is down:
+        they wait for the first call that works)."""
+        if not results:
+            return None
+        call = self._call
+        into = call.finishes if self.problem is None else self._unsent_finishes
+        for item, fp, result in results:
+            ok = 1 if result.ok else 0
+            kid = bytes(result.kid) if ok else b""
+            hc1 = result.hc1.encode() if ok else b""
+            into.append((_item_key(client, item), fp, ok, kid, hc1))
+        if self.problem is not None:
+            return None
+        self._queued(len(results))
+        return call.ended
+
+    async def wait_for(self, client: str, item: SignItem, fp: bytes) -> ItemResult | None:
+        """The result of a key in progress elsewhere once it is stored: polled every
+        POLL_INTERVAL for up to *wait* seconds. None when the first attempt failed or is
+        still running at the end (the caller answers a retryable error).
+
+        Raises:
+            StateUnavailable: the store stopped answering.
+        """
+        deadline = trio.current_time() + self.wait
+        while trio.current_time() < deadline:
+            await trio.sleep(POLL_INTERVAL)
+            if self.problem is not None:
+                raise StateUnavailable(self._unavailable())
+            slot = _Slot()
+            call = self._call
+            call.sections[4].extend((call.key(_item_key(client, item)), fp))
+            call.polls.append(slot)
+            self._queued(1)
+            state, result = await slot.get()
+            if state == Claim.DONE:
+                return result
+            if state != Claim.IN_PROGRESS:
+                return None
+        return None
+
+    # --------------------------------------------------------------- the task
+
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect (again after every failure, with backoff) and send what is queued, one
+        call at a time. Reports started at once: the engine serves meanwhile, failing what
+        needs the store."""
+        task_status.started()
+        delay = 0.05
+        while True:
+            try:
+                async with self._client() as client:
+                    with trio.fail_after(self.timeout):
+                        sha = await client.script_load(self._script)
+                    self._up()
+                    delay = 0.05
+                    await self._serve(client, sha)
+            except Exception as exc:  # any store fault: fail closed
+                self._down(exc)
+            self._fail_queued()
+            await trio.sleep(delay)
+            delay = min(delay * 2, _BACKOFF_MAX)
+
+    def _client(self) -> Any:
+        import coredis
+        from coredis.retry import NoRetryPolicy
+
+        options: dict[str, Any] = {
+            "decode_responses": False,
+            "retry_policy": NoRetryPolicy(),
+            "stream_timeout": self.timeout,
+            "connect_timeout": self.timeout,
+        }
+        if self.url.startswith("redis+cluster://"):
+            nodes = [coredis.connection.TCPLocation(h, p) for h, p in _cluster_nodes(self.url)]
+            return coredis.RedisCluster(startup_nodes=nodes, **options)
+        return coredis.Redis.from_url(self.url, **options)
+
+    async def _serve(self, client: Any, sha: bytes | str) -> None:
+        from coredis.exceptions import NoScriptError
+
+        while True:
+            await self._wake.wait()
+            if self.window:
+                await trio.sleep(self.window)
+            call, self._call, self._wake = self._call, _Call(), trio.Event()
+            keys, args = self._arguments(call)
+            started = time.perf_counter()
+            try:
+                with trio.move_on_after(self.timeout) as scope:
+                    try:
+                        reply = await client.evalsha(sha, keys, args)
+                    except NoScriptError:  # Redis restarted without us noticing
+                        sha = await client.script_load(self._script)
+                        reply = await client.evalsha(sha, keys, args)
+                if scope.cancelled_caught:
+                    raise trio.TooSlowError(f"no answer within {self.timeout:g} s")
+            except BaseException as exc:
+                self._failed(call, exc)
+                raise
+            finally:
+                call.ended.set()
+            self._observe(time.perf_counter() - started, call.ops)
+            self._answer(call, reply)
+
+    def _arguments(self, call: _Call) -> tuple[list[bytes], list[Any]]:
+        # Releases and finishes are added last: they carry no waiter.
+        section = call.sections[1]
+        for (client, account, cq, aq), n in call.releases.items():
+            cb = client.encode()
+            ck = call.key(_tagged(b"qc", cb)) if cq else 0
+            ak = call.key(_tagged(b"qa", cb, account.encode())) if aq else 0
+            section += (ck, ak, n)
+        call.finishes[:0] = self._unsent_finishes
+        self._unsent_finishes = []
+        section = call.sections[3]
+        for name, fp, ok, kid, hc1 in call.finishes:
+            section += (call.key(name), fp, ok, kid, hc1)
+        q, r, c, f, g = call.sections
+        head = [len(call.groups), len(call.releases), len(call.claims)]
+        head += [len(call.finishes), len(call.polls)]
+        head += [self.claim_ttl_ms, self.result_ttl_ms, self.node]
+        return list(call.keys), head + r + q + c + f + g
+
+    def _answer(self, call: _Call, reply: Sequence[Any]) -> None:
+        at = 0
+        for done, client, accounts in call.groups:
+            verdicts: Verdicts = []
+            for account in accounts:
+                granted, who, kind, limit, ms = reply[at : at + 5]
+                at += 5
+                refusal = None
+                if who:
+                    name = account if who == 2 else None
+                    refusal = quota_refusal(client, name, kind, limit, ms / 1000)
+                verdicts.append((granted, refusal))
+            _call_back(done, verdicts)
+        for slots in (call.claims, call.polls):
+            for slot in slots:
+                state, kid, hc1 = reply[at : at + 3]
+                at += 3
+                result = ItemResult(hc1=hc1.decode(), kid=kid) if state == Claim.DONE else None
+                slot.set((state, result))
+
+    def _failed(self, call: _Call, exc: BaseException) -> None:
+        """Everything *call* carried failed: waiters learn it, results wait for the next
+        call, released units are lost (counted too much, never too little)."""
+        error = StateUnavailable(self._unavailable(exc))
+        for done, *_ in call.groups:
+            _call_back(done, error)
+        for slot in (*call.claims, *call.polls):
+            slot.set(error)
+        self._unsent_finishes.extend(call.finishes)
+        del self._unsent_finishes[:-MAX_UNSENT]
+        if call.releases and self.metrics is not None:
+            self.metrics.state_lost_releases.inc(sum(call.releases.values()))
+
+    def _fail_queued(self) -> None:
+        call, self._call, self._wake = self._call, _Call(), trio.Event()
+        self._failed(call, RuntimeError(self.problem or "not connected"))
+        call.ended.set()
+
+    def _queued(self, ops: int) -> None:
+        self._call.ops += ops
+        self._wake.set()
+
+    def _up(self) -> None:
+        if self.problem is not None:
+            LOGGER.warning("shared state at %s answers: quotas and keys are shared", self.url)
+        self.problem = None
+        if self.metrics is not None:
+            self.metrics.state_up.set(1)
+
+    def _down(self, exc: BaseException) -> None:
+        why = _why(exc)
+        if self.problem is None or self.problem == "not connected yet":
+            LOGGER.error("shared state at %s unusable (%s): failing closed", self.url, why)
+        self.problem = why
+        if self.metrics is not None:
+            self.metrics.state_up.set(0)
+            self.metrics.state_errors.labels(_why(exc).partition(":")[0]).inc()
+
+    def _unavailable(self, exc: BaseException | None = None) -> str:
+        why = _why(exc) if exc is not None else self.problem
+        return f"the shared quota and idempotency store is unavailable ({why}); retry"
+
+    def _observe(self, seconds: float, ops: int) -> None:
+        if self.metrics is not None:
+            self.metrics.state_call.observe(seconds)
+            self.metrics.state_ops.observe(ops)
+
+
+def _item_key(client: str, item: SignItem) -> bytes:
+    key = item.idempotency_key
+    raw = key.encode() if isinstance(key, str) else bytes(key or b"")
+    return _tagged(b"ik", client.encode(), item.account.encode(), raw)
+
+
+def _why(exc: BaseException) -> str:
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]  # coredis's task groups wrap the error that matters
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return text if len(text) < 200 else text[:197] + "..."
+
+
+def _call_back(done: Callable[[Any], None], value: Any) -> None:
+    try:
+        done(value)
+    except Exception:  # a bug in a caller must not stop every other engine request
+        LOGGER.exception("a shared-state callback failed")
