@@ -205,7 +205,10 @@ def test_a_node_killed_under_load(start_cluster):
 @slow
 def test_redis_stopped_under_load(start_cluster):
     quota = 600
-    cluster = start_cluster(account_quota={"per_hour": quota})
+    # claims whose call failed as Redis stopped expire after 10 s (the default is 60)
+    cluster = start_cluster(
+        account_quota={"per_hour": quota}, engine_args=("--state-claim-ttl", "10")
+    )
     assert cluster.shared_state, NO_STATE
     pids = [n.service.pid for n in cluster.nodes]
     dccs = varied_samples(50)
