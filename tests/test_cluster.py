@@ -57,9 +57,6 @@ def _dccsign(*args, **kw):
     )
 
 
-NO_STATE = "this dccsign serve has no --state: the engines share no quotas or idempotency records"
-
-
 def _wait(condition, what, seconds=120):
     deadline = time.monotonic() + seconds
     while not condition():
@@ -85,7 +82,6 @@ def _dsc(cluster, kid):
 def test_account_quota_is_exact_over_both_nodes(start_cluster):
     quota = 120
     cluster = start_cluster(account_quota={"per_hour": quota})
-    assert cluster.shared_state, NO_STATE
     dccs = varied_samples(40)
     # 8 connections through HAProxy (leastconn: 4 on each node), opened before any of them
     # sends, then 320 items fired at once for one account whose quota is 120
@@ -113,7 +109,6 @@ def test_account_quota_is_exact_over_both_nodes(start_cluster):
 @slow
 def test_retry_on_the_other_node_returns_the_first_signature(start_cluster):
     cluster = start_cluster()
-    assert cluster.shared_state, NO_STATE
     node_a, node_b = cluster.nodes
     item = SignItem(sample("v"), ACCOUNT, idempotency_key="retry-1")
     with client(cluster, node_a.address) as a:
@@ -158,7 +153,6 @@ def test_a_node_killed_under_load(start_cluster):
     cluster = start_cluster(
         account_quota={"per_hour": quota}, engine_args=("--state-claim-ttl", "10")
     )
-    assert cluster.shared_state, NO_STATE
     dccs = varied_samples(50)
     portals = [Portal(cluster, items(dccs * 6, tag=f"k{k}:"), batch=10) for k in range(6)]
     threads = start_portals(portals)
@@ -209,7 +203,6 @@ def test_redis_stopped_under_load(start_cluster):
     cluster = start_cluster(
         account_quota={"per_hour": quota}, engine_args=("--state-claim-ttl", "10")
     )
-    assert cluster.shared_state, NO_STATE
     pids = [n.service.pid for n in cluster.nodes]
     dccs = varied_samples(50)
     # retries=0: each STATE_UNAVAILABLE reaches the portal (counted in .seen), which resends
@@ -297,7 +290,6 @@ def test_redis_that_does_not_answer_fails_closed_in_bounded_time(start_cluster):
     cluster = start_cluster(
         account_quota={"per_hour": 1000}, engine_args=("--state-claim-ttl", "10")
     )
-    assert cluster.shared_state, NO_STATE
     before = items(varied_samples(5), tag="before:")
     stalled = items(varied_samples(5), tag="stalled:")
     # timeout 30: an engine that waited for a frozen Redis without bound would show as a

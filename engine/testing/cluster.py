@@ -18,7 +18,6 @@ Every child writes its output to ``NAME.log`` in the directory. Everything liste
 from __future__ import annotations
 
 import argparse
-import functools
 import http.client
 import json
 import os
@@ -44,7 +43,6 @@ __all__ = [
     "Redis",
     "Service",
     "missing_tools",
-    "serve_accepts",
 ]
 
 HOST = "127.0.0.1"
@@ -65,21 +63,6 @@ DEV_PORTS = {
 def missing_tools() -> list[str]:
     """The programs of :data:`TOOLS` that are not on PATH."""
     return [tool for tool in TOOLS if shutil.which(tool) is None]
-
-
-@functools.cache
-def serve_accepts(option: str) -> bool:
-    """Whether this ``dccsign serve`` has *option* (e.g. ``--state``), read from its --help.
-
-    The shared state (``--state``) and node ids (``--node-id``) land in the engine while this
-    tooling is in use; an engine without them still runs a cluster, without shared quotas."""
-    out = subprocess.run(
-        [sys.executable, "-m", "dccsign", "serve", "--help"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return f"{option} " in out or f"{option}\n" in out
 
 
 class Service:
@@ -206,7 +189,7 @@ class Node:
     http_port: int
     policy: Path
     tls: dict[str, Path]
-    state_url: str | None
+    state_url: str
     extra: Sequence[str] = ()
     service: Service = field(init=False)
 
@@ -232,10 +215,7 @@ class Node:
         argv += ["--tcp", self.address, "--http", f"{HOST}:{self.http_port}"]
         argv += ["--tls-cert", str(self.tls["server_cert"]), "--tls-key"]
         argv += [str(self.tls["server_key"]), "--client-ca", str(self.tls["ca"])]
-        if self.state_url is not None:
-            argv += ["--state", self.state_url]
-        if serve_accepts("--node-id"):
-            argv += ["--node-id", self.name]
+        argv += ["--state", self.state_url, "--node-id", self.name]
         return argv + list(self.extra)
 
     def healthz(self, timeout: float = 2) -> tuple[int, str]:
@@ -348,7 +328,6 @@ class Cluster:
         policy: the policy document both engines read (default :func:`dev_policy`).
         ports: fixed ports (``lb``, ``stats``, ``redis``, ``node1``, ``node1_http``, ...)
             instead of free ones.
-        shared_state: give the engines ``--state`` (default: when ``dccsign serve`` has it).
         engine_args: more ``dccsign serve`` options for both engines.
         redis_fsync: Redis's appendfsync (see :class:`Redis`).
     """
@@ -359,7 +338,6 @@ class Cluster:
         *,
         policy: dict[str, Any] | None = None,
         ports: dict[str, int] | None = None,
-        shared_state: bool | None = None,
         engine_args: Sequence[str] = (),
         redis_fsync: str = "everysec",
         haproxy_config: Path = HAPROXY_CFG,
@@ -375,8 +353,6 @@ class Cluster:
         from ..server.devtls import ensure_dev_tls
 
         self.tls = ensure_dev_tls(template / "dev-tls")
-        self.shared_state = serve_accepts("--state") if shared_state is None else shared_state
-        state = self.redis.url if self.shared_state else None
         self.nodes = [
             Node(
                 name,
@@ -385,7 +361,7 @@ class Cluster:
                 port(name + "_http"),
                 self.policy,
                 self.tls,
-                state,
+                self.redis.url,
                 engine_args,
             )
             for name in NODE_NAMES
@@ -493,8 +469,6 @@ class Cluster:
             f"haproxy  TLS {self.haproxy.address}, http://{HOST}:{self.haproxy.stats_port}/stats"
             f"  (log {self.haproxy.log})"
         )
-        if not self.shared_state:
-            lines.append("(engines WITHOUT shared state: this dccsign serve has no --state)")
         lines += [
             "",
             "sign through HAProxy:",
