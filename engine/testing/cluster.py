@@ -83,8 +83,14 @@ class Service:
         """Start the process (not waiting for it to be ready: see :meth:`wait_ready`)."""
         assert not self.running, f"{self.name} runs already"
         with open(self.log, "ab") as out:
+            # A session of its own: Ctrl-C in the terminal reaches the cluster script only,
+            # which then stops the parts in order (HAProxy first, the engines draining).
             self.proc = subprocess.Popen(
-                self.argv(), stdout=out, stderr=subprocess.STDOUT, env=self.env()
+                self.argv(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.env(),
+                start_new_session=True,
             )
 
     @property
@@ -496,15 +502,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     missing = missing_tools()
     if missing:
-        print(f"cluster: not found: {', '.join(missing)} (apt-get install {' '.join(missing)})")
+        tools = ", ".join(missing)
+        print(f"cluster: not found: {tools} (apt-get install {' '.join(missing)})", file=sys.stderr)
         return 1
     cluster = Cluster(args.dir, ports=DEV_PORTS)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop like Ctrl-C
+    # Ctrl-C (even where the shell started us ignoring it) and SIGTERM stop the cluster.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         cluster.start()
     except RuntimeError as exc:
         print(f"cluster: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # start() stopped what it had started
+        return 0
     print(cluster.describe() + "\n\nCtrl-C stops everything.", flush=True)
     try:
         return _watch(cluster)
