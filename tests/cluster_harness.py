@@ -105,6 +105,8 @@ class Portal:
     :attr:`results` holds the final result of each item (None: none within *seconds*), and
     :attr:`seen` counts every refusal it got, resent or not, by code. With a *barrier*, the
     portal connects first and waits there before it sends anything (to fire portals at once).
+    *pause* seconds between frames keep it busy for a while whatever the machine's speed (a
+    test that kills or stops something under load needs the load still running then).
     """
 
     cluster: Cluster
@@ -114,6 +116,7 @@ class Portal:
     retries: int = 8
     resend: frozenset[int] = RETRYABLE
     seconds: float = 180
+    pause: float = 0.0
     results: list[ItemResult | None] = field(default_factory=list)
     reconnects: int = 0
     errors: list[str] = field(default_factory=list)
@@ -130,6 +133,7 @@ class Portal:
                 self.barrier.wait(120)
             for start in range(0, len(self.items), self.batch):
                 self._sign(range(start, min(start + self.batch, len(self.items))), deadline)
+                time.sleep(self.pause)
         finally:
             if self._client is not None:
                 self._client.close()

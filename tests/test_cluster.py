@@ -154,7 +154,9 @@ def test_a_node_killed_under_load(start_cluster):
         account_quota={"per_hour": quota}, engine_args=("--state-claim-ttl", "10")
     )
     dccs = varied_samples(50)
-    portals = [Portal(cluster, items(dccs * 6, tag=f"k{k}:"), batch=10) for k in range(6)]
+    portals = [
+        Portal(cluster, items(dccs * 6, tag=f"k{k}:"), batch=10, pause=0.01) for k in range(6)
+    ]
     threads = start_portals(portals)
     node1 = cluster.nodes[0]
     _wait(lambda: len(audit_records(cluster)["node1"]) >= 100, "node1 signed 100")
@@ -198,7 +200,7 @@ def test_a_node_killed_under_load(start_cluster):
 
 @slow
 def test_redis_stopped_under_load(start_cluster):
-    quota = 600
+    quota = 1000
     # claims whose call failed as Redis stopped expire after 10 s (the default is 60)
     cluster = start_cluster(
         account_quota={"per_hour": quota}, engine_args=("--state-claim-ttl", "10")
@@ -206,7 +208,10 @@ def test_redis_stopped_under_load(start_cluster):
     pids = [n.service.pid for n in cluster.nodes]
     dccs = varied_samples(50)
     # retries=0: each STATE_UNAVAILABLE reaches the portal (counted in .seen), which resends
-    portals = [Portal(cluster, items(dccs * 5, tag=f"r{k}:"), batch=5, retries=0) for k in range(4)]
+    portals = [
+        Portal(cluster, items(dccs * 8, tag=f"r{k}:"), batch=5, retries=0, pause=0.02)
+        for k in range(4)
+    ]
     threads = start_portals(portals)
     _wait(lambda: _signed_count(portals) >= 100, "100 signed before Redis stops")
     cluster.redis.stop()
@@ -239,7 +244,9 @@ def test_a_draining_node_stops_being_chosen(start_cluster):
     cluster = start_cluster(engine_args=("--queue-target", "0", "--max-batch", "5000"))
     node1, node2 = cluster.nodes
     dccs = varied_samples(50)
-    portals = [Portal(cluster, items(dccs * 40, tag=f"d{k}:"), batch=10) for k in range(4)]
+    portals = [
+        Portal(cluster, items(dccs * 40, tag=f"d{k}:"), batch=10, pause=0.01) for k in range(4)
+    ]
     threads = start_portals(portals)
     _wait(lambda: all(audit_records(cluster).values()), "both nodes sign")
     big = []
