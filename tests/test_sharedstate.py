@@ -314,3 +314,21 @@ def test_state_urls_refused(url):
 
 def test_wire_knows_the_new_code():
     assert wire.Error(1, ErrorCode.STATE_UNAVAILABLE, "x").retryable
+
+
+async def test_a_claim_whose_call_timed_out_does_not_hold_its_key(tmp_path, redis):
+    """A call that times out may still run in Redis later (here: after a pause). The claim
+    it made is dropped with the next call that works, so a retry on the other engine is
+    signed without waiting for the claim to expire."""
+    document = policy(account_quota={"per_hour": 100})
+    item = SignItem(DCCS[9], "uzi:gp-1", idempotency_key=b"paused")
+    async with trio.open_nursery() as nursery:
+        a, b = await nodes(nursery, tmp_path, redis, document, timeout=0.2, claim_ttl=600)
+        ra, rb = await a.client(nursery), await b.client(nursery)
+        await trio.to_thread.run_sync(_pause_redis, redis, 800)
+        first = (await ra.sign([item])).results[0]
+        await until(lambda: a.state.problem is None and not a.state._unsent_finishes)
+        retry = (await rb.sign([item])).results[0]
+        nursery.cancel_scope.cancel()
+    assert first.error == ErrorCode.STATE_UNAVAILABLE
+    assert retry.ok and a.signed == 0 and b.signed == 1

@@ -4,18 +4,27 @@
 -- round trip per micro-batch rather than one per request or per certificate. Redis runs a
 -- script atomically: no other engine's charge can come between a check and its charge.
 --
--- ARGV: nq nr nc nf ng claim_ttl_ms result_ttl_ms node, then (in this order: units given
--- back were queued before the charges they make room for)
---   nr releases:      ck ak n
---   nq quota groups:  ck cl1 cl2 cl3 al1 al2 al3 na {ak want}*na
---   nc claims:        ik fp
---   nf finishes:      ik fp ok kid hc1
---   ng polls:         ik fp
--- (ck/ak/ik: 1-based indexes into KEYS, 0 = none; cl/al: limits per minute, hour, day of the
--- client and of its accounts, 0 = no such window; fp: the item's 32-byte fingerprint).
--- Reply: a flat array: per account of every group, granted who kind limit wait_ms (who 0: all
--- granted, 1: the client's quota refused the rest, 2: the account's); per claim and per poll,
--- state kid hc1 (0 new, 1 done, 2 in progress, 3 conflict, 4 gone).
+-- The engine sends names, not key names: the script builds every key from KEYS[1], the
+-- deployment's prefix, which carries a hash tag, so that all of them are in the slot KEYS[1]
+-- routes the call to (Redis Cluster). The accounts of a frame come as three strings (names
+-- concatenated, their lengths and their counts as little-endian u32), so that the engine
+-- spends no interpreter time per account; only refusals come back.
+--
+-- ARGV: nr nf nq nc ng claim_ttl_ms result_ttl_ms node, then (in this order: units given
+-- back and results stored were queued before, or with, the charges and claims that may
+-- depend on them)
+--   nr releases:      client account cq aq n
+--   nf finishes:      client account key fp ok kid hc1
+--   nq quota groups:  client cl1 cl2 cl3 al1 al2 al3 na names lengths counts
+--   nc claims:        client account key fp
+--   ng polls:         client account key fp
+-- (cq/aq: 1 when the client has a client / an account quota; cl/al: limits per minute, hour,
+-- day of the client and of its accounts, 0 = no such window; fp: the item's 32-byte
+-- fingerprint).
+-- Reply: a flat array: per group the number of accounts refused something, then for each
+-- index granted who kind limit wait_ms (index 0-based in the group; who 1: the client's quota
+-- refused the rest, 2: the account's); per claim and per poll, state kid hc1 (0 new, 1 done,
+-- 2 in progress, 3 conflict, 4 gone).
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -26,6 +35,14 @@ local WIDTH = @WIDTH@
 local SPAN = @SPAN@
 local cur = {}
 for k = 1, 3 do cur[k] = math.floor(now / WIDTH[k]) end
+
+local PREFIX = KEYS[1]
+-- Length-prefixed parts, so that no two (client, account, key) triples share a name.
+local function key(...)
+  local out = PREFIX
+  for _, part in ipairs({...}) do out = out .. #part .. ':' .. part end
+  return out
+end
 
 local a = 1
 local function num()
@@ -131,52 +148,85 @@ local function refusal(cu, cl, au, al)
   return who, kind, limit, math.ceil(w * 1000)
 end
 
-local nq, nr, nc, nf, ng = num(), num(), num(), num(), num()
+local nr, nf, nq, nc, ng = num(), num(), num(), num(), num()
 local claim_ttl, result_ttl, node = num(), num(), str()
 local out = {}
 
 -- Units reserved for items that were not signed go back first, newest buckets first.
 for _ = 1, nr do
-  local ck, ak, n = num(), num(), num()
-  for _, ix in ipairs({ck, ak}) do
-    if ix > 0 then
-      local u = usage(KEYS[ix])
-      for k = 1, 3 do
-        local left = n
-        local list = u[k]
-        for i = #list, 1, -1 do
-          if left <= 0 then break end
-          local d = math.min(left, list[i][2])
-          local f = k .. ':' .. list[i][1]
-          if d == list[i][2] then
-            redis.call('HDEL', KEYS[ix], f)
-          else
-            redis.call('HINCRBY', KEYS[ix], f, -d)
-          end
-          left = left - d
+  local client, account, cq, aq, n = str(), str(), num(), num(), num()
+  local keys = {}
+  if cq == 1 then keys[#keys + 1] = key('qc', client) end
+  if aq == 1 then keys[#keys + 1] = key('qa', client, account) end
+  for _, name in ipairs(keys) do
+    local u = usage(name)
+    for k = 1, 3 do
+      local left = n
+      local list = u[k]
+      for i = #list, 1, -1 do
+        if left <= 0 then break end
+        local d = math.min(left, list[i][2])
+        local f = k .. ':' .. list[i][1]
+        if d == list[i][2] then
+          redis.call('HDEL', name, f)
+        else
+          redis.call('HINCRBY', name, f, -d)
         end
+        left = left - d
       end
     end
   end
 end
 
+-- An idempotency record: "p" fp node while the first attempt is in progress (it expires
+-- after claim_ttl, should that engine die), "d" fp kid hc1 once it succeeded. A failure
+-- drops the claim only if it is this engine's own.
+local function seen(v, fp)
+  if not v then return 4, '', '' end
+  if string.sub(v, 2, 33) ~= fp then return 3, '', '' end
+  if string.sub(v, 1, 1) == 'd' then return 1, string.sub(v, 34, 41), string.sub(v, 42) end
+  return 2, '', ''
+end
+
+for _ = 1, nf do
+  local ik = key('ik', str(), str(), str())
+  local fp, ok, kid, hc1 = str(), num(), str(), str()
+  local v = redis.call('GET', ik)
+  local mine = v and string.sub(v, 2, 33) == fp
+  if ok == 1 and (not v or mine) then
+    redis.call('SET', ik, 'd' .. fp .. kid .. hc1, 'PX', result_ttl)
+  elseif ok == 0 and v == 'p' .. fp .. node then
+    redis.call('DEL', ik)
+  end
+end
+
 for _ = 1, nq do
-  local ck = num()
+  local client = str()
   local cl = {num(), num(), num()}
   local al = {num(), num(), num()}
-  local na = num()
+  local na, names, lengths, counts = num(), str(), str(), str()
+  local ck = nil
+  if cl[1] + cl[2] + cl[3] > 0 then ck = key('qc', client) end
+  local aq = al[1] + al[2] + al[3] > 0
   local cu = nil
-  if ck > 0 then cu = usage(KEYS[ck]) end
+  if ck then cu = usage(ck) end
   local cfree = free(cu, cl)
   local taken = 0
-  for _ = 1, na do
-    local ak, want = num(), num()
-    local au = nil
-    if ak > 0 then au = usage(KEYS[ak]) end
+  local refused = {}
+  local at = 1
+  for j = 1, na do
+    local len = struct.unpack('<I4', lengths, 4 * j - 3)
+    local want = struct.unpack('<I4', counts, 4 * j - 3)
+    local ak, au = nil, nil
+    if aq then
+      ak = key('qa', client, string.sub(names, at, at + len - 1))
+      au = usage(ak)
+    end
+    at = at + len
     local g = math.min(want, cfree - taken, free(au, al))
     if g < 0 then g = 0 end
-    if g > 0 and ak > 0 then charge(KEYS[ak], au, al, g) end
-    if g > 0 and ck > 0 then
+    if g > 0 and ak then charge(ak, au, al, g) end
+    if g > 0 and ck then
       -- counted in the table now (a later refusal's wait sees it), in Redis below
       for k = 1, 3 do
         if cl[k] > 0 then
@@ -190,47 +240,34 @@ for _ = 1, nq do
       end
     end
     taken = taken + g
-    out[#out + 1] = g
     if g < want then
       local who, kind, limit, ms = refusal(cu, cl, au, al)
-      out[#out + 1] = who
-      out[#out + 1] = kind
-      out[#out + 1] = limit
-      out[#out + 1] = ms
-    else
-      out[#out + 1] = 0
-      out[#out + 1] = 0
-      out[#out + 1] = 0
-      out[#out + 1] = 0
+      refused[#refused + 1] = {j - 1, g, who, kind, limit, ms}
     end
   end
-  if ck > 0 and taken > 0 then
+  out[#out + 1] = #refused
+  for _, r in ipairs(refused) do
+    for _, v in ipairs(r) do out[#out + 1] = v end
+  end
+  if ck and taken > 0 then
     local ttl = 0
     for k = 1, 3 do
       if cl[k] > 0 then
-        redis.call('HINCRBY', KEYS[ck], k .. ':' .. cur[k], taken)
+        redis.call('HINCRBY', ck, k .. ':' .. cur[k], taken)
         local ms = (SPAN[k] + 1) * WIDTH[k] * 1000
         if ms > ttl then ttl = ms end
       end
     end
-    redis.call('PEXPIRE', KEYS[ck], ttl)
+    redis.call('PEXPIRE', ck, ttl)
   end
 end
 
--- An idempotency record: "p" fp node while the first attempt is in progress (it expires
--- after claim_ttl, should that engine die), "d" fp kid hc1 once it succeeded.
-local function seen(v, fp)
-  if not v then return 4, '', '' end
-  if string.sub(v, 2, 33) ~= fp then return 3, '', '' end
-  if string.sub(v, 1, 1) == 'd' then return 1, string.sub(v, 34, 41), string.sub(v, 42) end
-  return 2, '', ''
-end
-
 for _ = 1, nc do
-  local ik, fp = num(), str()
-  local v = redis.call('GET', KEYS[ik])
+  local ik = key('ik', str(), str(), str())
+  local fp = str()
+  local v = redis.call('GET', ik)
   if not v then
-    redis.call('SET', KEYS[ik], 'p' .. fp .. node, 'PX', claim_ttl)
+    redis.call('SET', ik, 'p' .. fp .. node, 'PX', claim_ttl)
     out[#out + 1] = 0
     out[#out + 1] = ''
     out[#out + 1] = ''
@@ -242,20 +279,10 @@ for _ = 1, nc do
   end
 end
 
-for _ = 1, nf do
-  local ik, fp, ok, kid, hc1 = num(), str(), num(), str(), str()
-  local v = redis.call('GET', KEYS[ik])
-  local mine = v and string.sub(v, 2, 33) == fp
-  if ok == 1 and (not v or mine) then
-    redis.call('SET', KEYS[ik], 'd' .. fp .. kid .. hc1, 'PX', result_ttl)
-  elseif ok == 0 and mine and string.sub(v, 1, 1) == 'p' then
-    redis.call('DEL', KEYS[ik])
-  end
-end
-
 for _ = 1, ng do
-  local ik, fp = num(), str()
-  local state, kid, hc1 = seen(redis.call('GET', KEYS[ik]), fp)
+  local ik = key('ik', str(), str(), str())
+  local fp = str()
+  local state, kid, hc1 = seen(redis.call('GET', ik), fp)
   out[#out + 1] = state
   out[#out + 1] = kid
   out[#out + 1] = hc1
