@@ -187,7 +187,8 @@ class Redis(Service):
 
 @dataclass
 class Node:
-    """One engine: its name (``--node-id``), keystore copy, audit log and ports."""
+    """One engine: its name (``--node-id``), keystore copy, audit log and ports, and the
+    ``--state`` URL (None: the engine keeps quotas and idempotency keys in its memory)."""
 
     name: str
     directory: Path
@@ -195,7 +196,7 @@ class Node:
     http_port: int
     policy: Path
     tls: dict[str, Path]
-    state_url: str
+    state_url: str | None
     extra: Sequence[str] = ()
     service: Service = field(init=False)
 
@@ -221,8 +222,9 @@ class Node:
         argv += ["--tcp", self.address, "--http", f"{HOST}:{self.http_port}"]
         argv += ["--tls-cert", str(self.tls["server_cert"]), "--tls-key"]
         argv += [str(self.tls["server_key"]), "--client-ca", str(self.tls["ca"])]
-        argv += ["--state", self.state_url, "--node-id", self.name]
-        return argv + list(self.extra)
+        if self.state_url is not None:  # None: quotas and keys in the engine's memory
+            argv += ["--state", self.state_url]
+        return [*argv, "--node-id", self.name, *self.extra]
 
     def healthz(self, timeout: float = 2) -> tuple[int, str]:
         """``(status, body)`` of the engine's GET /healthz; ``(0, why)`` when it does not
