@@ -82,6 +82,7 @@ class Service:
     def start(self) -> None:
         """Start the process (not waiting for it to be ready: see :meth:`wait_ready`)."""
         assert not self.running, f"{self.name} runs already"
+        self.log.parent.mkdir(parents=True, exist_ok=True)  # Redis's --dir too
         with open(self.log, "ab") as out:
             # A session of its own: Ctrl-C in the terminal reaches the cluster script only,
             # which then stops the parts in order (HAProxy first, the engines draining).
