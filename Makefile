@@ -14,8 +14,13 @@ DEV_KEYSTORE := var/dev-keystore
 # (a second HC1 verifier) and zbar (a QR decoder); SoftHSM2 is the PKCS#11 token of the tests.
 SYSTEM_PACKAGES := build-essential libssl-dev zlib1g-dev libdeflate-dev python3-dev python3-venv nodejs npm zbar-tools softhsm2
 SYSTEM_PROBE := scripts/check-system.sh
+# The scale-out cluster's programs (`make cluster`, tests/test_cluster.py): Redis holds the
+# quotas and idempotency records the engines share, HAProxy balances over them. `make test`
+# installs them when it runs as root (CI) and otherwise leaves them optional (the cluster
+# tests then skip, naming them); `make serve` never needs them.
+CLUSTER_PACKAGES := redis-server haproxy
 
-.PHONY: all system venv build demo serve test test-native test-python lint bench clean distclean
+.PHONY: all system venv build demo serve cluster cluster-test test test-native test-python lint bench clean distclean
 
 all: build
 
@@ -48,10 +53,21 @@ serve: build
 	$(DCCSIGN) serve --dev --keystore $(DEV_KEYSTORE) --unix var/dccsign.sock \
 		--tcp 127.0.0.1:8443 --http 127.0.0.1:9464
 
+# Redis, two engines (own keystore copies, keyd and audit logs) and HAProxy on 127.0.0.1 with
+# deploy/haproxy.cfg, state and logs in var/cluster; prints how to sign through it. Ctrl-C stops.
+cluster: build
+	@sh $(SYSTEM_PROBE) $(CLUSTER_PACKAGES)
+	$(PY) -m dccsign.testing.cluster --dir var/cluster
+
+cluster-test: build
+	@sh $(SYSTEM_PROBE) $(CLUSTER_PACKAGES)
+	$(PY) -m pytest -q tests/test_cluster.py
+
 tests/interop/node_modules/.package-lock.json: tests/interop/package-lock.json
 	npm ci --prefix tests/interop --omit=optional --ignore-scripts --no-audit --no-fund --loglevel=error
 
 test: build tests/interop/node_modules/.package-lock.json
+	@sh $(SYSTEM_PROBE) --optional $(CLUSTER_PACKAGES)
 	$(PY) -m pytest -q
 	DCCSIGN_PUREPYTHON=1 $(PY) -m pytest -q -m "not slow"
 	$(VENV)/bin/ruff check .

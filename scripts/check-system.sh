@@ -1,6 +1,9 @@
 #!/bin/sh
 # Installs the Debian packages named as arguments that are missing. As root it runs apt-get;
-# otherwise it names the missing packages and fails.
+# otherwise it names the missing packages and fails -- or, after --optional, names them and
+# succeeds (what needs them skips, saying so).
+optional=""
+if [ "$1" = "--optional" ]; then optional=1; shift; fi
 missing=""
 for pkg in "$@"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"
@@ -20,6 +23,11 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $missing >/dev/null || {
         echo "error: apt-get install $missing failed" >&2; exit 1; }
+    exit 0
+fi
+if [ -n "$optional" ]; then
+    echo "note: optional system packages missing: $missing (tests that need them skip)" >&2
+    echo "      install them with: sudo apt-get install $missing" >&2
     exit 0
 fi
 echo "error: missing system packages: $missing" >&2
