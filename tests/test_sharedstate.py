@@ -17,20 +17,31 @@ from dccsign.protocol.codes import RETRYABLE, ErrorCode
 from dccsign.protocol.wire import SignItem
 from dccsign.server.policy import Policy, QuotaTracker
 from dccsign.server.sharedstate import RedisState, StateUnavailable, state_url
-from dccsign.testing.redisserver import RedisServer, redis_server_path
+from dccsign.testing.cluster import Redis, missing_tools
+from dccsign.testing.net import free_port
 from dccsign.testing.samples import varied_samples
 from server_harness import UID, Engine
 
 
 @pytest.fixture
 def redis(tmp_path):
-    if redis_server_path() is None:
+    if "redis-server" in missing_tools():
         message = "redis-server is not installed (Debian package redis-server)"
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
-    with RedisServer(tmp_path / "redis") as server:
+    server = Redis(tmp_path / "redis", free_port())
+    server.start()
+    try:
+        server.wait_ready(60)
         yield server
+    finally:
+        server.stop()
+
+
+def restart(redis):
+    redis.start()
+    redis.wait_ready(60)
 
 
 def policy(account_quota=None, quota=None):
@@ -217,7 +228,7 @@ async def test_redis_gone_fails_closed_and_service_resumes_when_it_returns(tmp_p
         keyed = (await rf.sign([SignItem(DCCS[20], "uzi:x", idempotency_key=b"k")])).results
         unkeyed = (await rf.sign([SignItem(DCCS[21], "uzi:x")])).results
         assert a.signed == 1
-        await trio.to_thread.run_sync(redis.start)
+        await trio.to_thread.run_sync(restart, redis)
         await until(lambda: a.state.problem is None)
         back = (await ra.sign([SignItem(DCCS[30], "uzi:gp-1")])).results
         nursery.cancel_scope.cancel()
