@@ -28,7 +28,7 @@ from dccsign.audit.search import search
 from dccsign.audit.verify import verify
 from dccsign.protocol.clients.blocking import Client, ClientError
 from dccsign.protocol.codes import RETRYABLE, ErrorCode
-from dccsign.protocol.wire import ItemResult, LocalProtocolError, SignItem
+from dccsign.protocol.wire import ItemResult, SignItem
 from dccsign.testing.cluster import Cluster, missing_tools
 from independent import b45decode
 
@@ -145,12 +145,6 @@ class Portal:
                 connection = self._connection()
                 answers = connection.sign_batch([self.items[i] for i in todo])
             except ClientError as exc:
-                self._broken(exc)
-                continue
-            except LocalProtocolError as exc:
-                # The blocking client lets the codec's refusal through, rather than a
-                # ClientError, for a request sent after the engine's GOAWAY (nothing was
-                # sent): this connection is done all the same.
                 self._broken(exc)
                 continue
             for i, result in zip(todo, answers, strict=True):

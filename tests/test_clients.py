@@ -19,6 +19,7 @@ from dccsign.protocol.wire import (
     SERVER,
     Connection,
     Error,
+    GoAway,
     Hello,
     ItemResult,
     ListKeys,
@@ -37,8 +38,9 @@ class FakeEngine:
     (so a test sees which key a retry carried); ``busy`` frames are refused with BUSY first;
     ``delay`` holds every reply; ``close_after`` frames, it drops the connection."""
 
-    def __init__(self, *, busy=0, busy_items=False, delay=0.0, close_after=None):
+    def __init__(self, *, busy=0, busy_items=False, delay=0.0, close_after=None, goaway=False):
         self.busy = busy
+        self.goaway = goaway  # after the first reply, GOAWAY (the connection stays open)
         self.busy_items = busy_items
         self.delay = delay
         self.close_after = close_after
@@ -68,6 +70,8 @@ class FakeEngine:
                             return
                         await trio.sleep(self.delay)
                         await stream.send_all(conn.send(self.reply(event)))
+                        if self.goaway:
+                            await stream.send_all(conn.send(GoAway(event.request_id, "drain")))
                     elif isinstance(event, ListKeys):
                         await stream.send_all(
                             conn.send(Error(event.request_id, ErrorCode.INTERNAL, "no keys"))
@@ -286,6 +290,26 @@ async def test_trio_client_errors(trio_engine):
     with pytest.raises(ClientError, match="cannot connect"):
         async with open_client("unix:/nonexistent/socket"):
             pass
+
+
+def test_blocking_client_after_goaway_raises_client_error_shutting_down(threaded_engine):
+    _engine, address = threaded_engine(goaway=True)
+    with Client(address) as client:
+        assert client.sign_batch([SignItem(DCC, "a")])[0].ok
+        time.sleep(0.2)  # the GOAWAY after the reply has arrived
+        with pytest.raises(ClientError, match="draining") as caught:
+            client.sign_batch([SignItem(DCC, "a")])
+    assert caught.value.code == ErrorCode.SHUTTING_DOWN
+
+
+async def test_trio_client_after_goaway_raises_client_error_shutting_down(trio_engine):
+    _engine, address = await trio_engine(goaway=True)
+    async with open_client(address) as client:
+        assert (await client.sign_batch([SignItem(DCC, "a")]))[0].ok
+        await trio.sleep(0.2)
+        with pytest.raises(ClientError, match="draining") as caught:
+            await client.sign_batch([SignItem(DCC, "a")])
+    assert caught.value.code == ErrorCode.SHUTTING_DOWN
 
 
 def test_blocking_client_request_ids_rise_under_concurrency(threaded_engine):

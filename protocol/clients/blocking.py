@@ -107,7 +107,7 @@ class Client:
     def _send_locked(self, event: Any) -> None:
         self._requests.check_open()
         try:
-            self._sock.sendall(self._codec.send(event))
+            self._sock.sendall(coalesce.request_bytes(self._codec, event))
         except OSError as exc:
             self._fail(f"send failed: {exc}")
             raise ClientError(f"connection closed: {exc}") from None

@@ -35,6 +35,7 @@ from ..wire import (
     ItemResult,
     KeyInfo,
     Keys,
+    LocalProtocolError,
     Pong,
     SignBatchResult,
     SignItem,
@@ -56,6 +57,7 @@ __all__ = [
     "next_outcome",
     "outcomes_for",
     "read_reply",
+    "request_bytes",
     "results_for",
     "retry_delay",
     "retry_single",
@@ -81,6 +83,25 @@ class ClientError(Exception):
     def __init__(self, message: str, code: ErrorCode | int | None = None) -> None:
         super().__init__(message)
         self.code = code
+
+
+def request_bytes(codec: Connection, event: Any) -> bytes:
+    """*event*'s frame from *codec*, for a client's send.
+
+    Raises:
+        ClientError: the engine has said GOAWAY (code SHUTTING_DOWN: nothing was sent; send
+            it on a new connection, to this or another engine).
+        LocalProtocolError: any other request this connection cannot send.
+    """
+    try:
+        return codec.send(event)
+    except LocalProtocolError:
+        if codec.goaway_last_id is None:
+            raise
+        raise ClientError(
+            "the engine is draining (GOAWAY): nothing was sent; use a new connection",
+            ErrorCode.SHUTTING_DOWN,
+        ) from None
 
 
 class Coalescer(Generic[T]):

@@ -69,7 +69,7 @@ class TrioClient:
     async def _send_locked(self, event: Any) -> None:
         self._requests.check_open()
         try:
-            await self._stream.send_all(self._codec.send(event))
+            await self._stream.send_all(coalesce.request_bytes(self._codec, event))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._fail(f"send failed: {exc}")
             raise ClientError(f"connection closed: {exc}") from None
