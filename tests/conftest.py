@@ -105,3 +105,24 @@ def fail_audit_commits(monkeypatch, log) -> None:
         raise AuditUnavailable("No space left on device")
 
     monkeypatch.setattr(log, "append_columns_many", broken)
+
+
+@pytest.fixture
+def redis(tmp_path):
+    """A throw-away ``redis-server`` on a free port (``dccsign.testing.cluster.Redis``);
+    skips when it is not installed, except under ``CI=true``, where that is a failure."""
+    from dccsign.testing.cluster import Redis, missing_tools
+    from dccsign.testing.net import free_port
+
+    if "redis-server" in missing_tools():
+        message = "redis-server is not installed (Debian package redis-server)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    server = Redis(tmp_path / "redis", free_port())
+    server.start()
+    try:
+        server.wait_ready(60)
+        yield server
+    finally:
+        server.stop()

@@ -11,32 +11,13 @@ import math
 import pytest
 import trio
 
-from conftest import IN_CI
 from dccsign.protocol import wire
 from dccsign.protocol.codes import RETRYABLE, ErrorCode
 from dccsign.protocol.wire import SignItem
 from dccsign.server.policy import Policy, QuotaTracker
 from dccsign.server.sharedstate import RedisState, StateUnavailable, state_url
-from dccsign.testing.cluster import Redis, missing_tools
-from dccsign.testing.net import free_port
 from dccsign.testing.samples import varied_samples
 from server_harness import UID, Engine
-
-
-@pytest.fixture
-def redis(tmp_path):
-    if "redis-server" in missing_tools():
-        message = "redis-server is not installed (Debian package redis-server)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    server = Redis(tmp_path / "redis", free_port())
-    server.start()
-    try:
-        server.wait_ready(60)
-        yield server
-    finally:
-        server.stop()
 
 
 def restart(redis):

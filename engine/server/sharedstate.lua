@@ -99,8 +99,10 @@ end
 
 -- Counts g more units in the current bucket of every window with a limit: in Redis, and in
 -- the usage table u read before (a refusal's wait is worked out from it).
+-- The key expires once its newest bucket has: its expiry is set when a bucket is added,
+-- not on every charge (a PEXPIRE per certificate would cost Redis a fifth more).
 local function charge(key, u, lim, g)
-  local ttl = 0
+  local ttl, fresh = 0, false
   for k = 1, 3 do
     if lim[k] > 0 then
       redis.call('HINCRBY', key, k .. ':' .. cur[k], g)
@@ -109,12 +111,13 @@ local function charge(key, u, lim, g)
         list[#list][2] = list[#list][2] + g
       else
         list[#list + 1] = {cur[k], g}
+        fresh = true
       end
       local ms = (SPAN[k] + 1) * WIDTH[k] * 1000
       if ms > ttl then ttl = ms end
     end
   end
-  if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
+  if fresh then redis.call('PEXPIRE', key, ttl) end
 end
 
 -- Seconds until one more unit fits in window kind k (the oldest units expire first).

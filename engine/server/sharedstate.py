@@ -7,8 +7,10 @@ the number of engines and lets a retry that lands on another engine be signed ag
 in one Redis (or Redis Cluster) instead, through :class:`RedisState`.
 
 **One round trip per micro-batch.** A call from an engine to Redis costs ~300 µs of the
-engine's CPU (coredis on trio, measured); one per frame of 50 certificates would cost more
-than the engine spends on a certificate. So every operation is queued, and one task sends
+engine's CPU through coredis on trio, ~140 µs through :class:`~.resplink.ScriptLink` (which
+a single Redis gets; a cluster and TLS go through coredis); one call per frame of 50
+certificates would still cost more than the budget per certificate. So every operation is
+queued, and one task sends
 everything queued as one call of one Lua script (``sharedstate.lua``): the quota charges of
 many frames, the units they give back, the idempotency keys they claim, the results they
 store and the keys they poll. Redis runs a script atomically, so no other engine's charge
@@ -55,6 +57,7 @@ import trio
 from ..errors import DccSignError
 from ..protocol.wire import ItemResult, SignItem
 from .policy import WINDOW_SPANS, WINDOW_WIDTHS, Policy, Refusal, quota_refusal
+from .resplink import NoScript, ScriptLink
 
 __all__ = [
     "DEFAULT_CLAIM_TTL",
@@ -394,6 +397,10 @@ class RedisState:
             delay = min(delay * 2, _BACKOFF_MAX)
 
     def _client(self) -> Any:
+        """A connection for the calls, as an async context manager: a :class:`ScriptLink` to
+        a single Redis; coredis for a cluster (slot routing) and for TLS."""
+        if self.url.startswith(("redis://", "unix://")):
+            return ScriptLink(self.url, self.timeout)
         import coredis
         from coredis.retry import NoRetryPolicy
 
@@ -411,6 +418,8 @@ class RedisState:
     async def _serve(self, client: Any, sha: bytes | str) -> None:
         from coredis.exceptions import NoScriptError
 
+        no_script = (NoScriptError, NoScript)
+
         while True:
             await self._wake.wait()
             if self.window:
@@ -422,7 +431,7 @@ class RedisState:
                 with trio.move_on_after(self.timeout) as scope:
                     try:
                         reply = await _evalsha(client, sha, keys, args)
-                    except NoScriptError:  # Redis restarted without us noticing
+                    except no_script:  # Redis restarted without us noticing
                         sha = await client.script_load(self._script)
                         reply = await _evalsha(client, sha, keys, args)
                 if scope.cancelled_caught:
@@ -529,13 +538,13 @@ class RedisState:
 
 
 async def _evalsha(client: Any, sha: Any, keys: list[bytes], args: list[Any]) -> Any:
-    """EVALSHA on *client*: on a single Redis straight on a pooled connection. The client's
-    command layer (its retry policy, cache and routing, which a cluster needs) costs about a
-    quarter more of the engine's CPU per call, and the engine makes hundreds of calls a
-    second."""
+    """EVALSHA on *client*: a :class:`ScriptLink`, a coredis cluster (which routes it), or
+    a coredis client to a single Redis over TLS, straight on a pooled connection (its
+    command layer of retries and caching costs about a quarter more of the engine's CPU per
+    call)."""
     import coredis
 
-    if isinstance(client, coredis.RedisCluster):
+    if isinstance(client, ScriptLink | coredis.RedisCluster):
         return await client.evalsha(sha, keys, args)
     pool = client.connection_pool
     connection = await pool.get_connection()
