@@ -57,10 +57,11 @@ local function str()
 end
 
 -- A quota hash holds one field per (kind, bucket): "k:bucket" -> units. Per kind, its live
--- buckets ascending as {bucket, units}; expired fields are dropped on the way.
+-- buckets as {bucket, units} in the order Redis returns them (sorted only where a refusal's
+-- wait or a release needs it), and their total in u.total[k]; expired fields are dropped.
 local function usage(key)
   local raw = redis.call('HGETALL', key)
-  local u = {{}, {}, {}}
+  local u = {{}, {}, {}, total = {0, 0, 0}}
   local dead = {}
   for i = 1, #raw, 2 do
     local f = raw[i]
@@ -71,17 +72,16 @@ local function usage(key)
       dead[#dead + 1] = f
     else
       u[k][#u[k] + 1] = {b, c}
+      u.total[k] = u.total[k] + c
     end
   end
   if #dead > 0 then redis.call('HDEL', key, unpack(dead)) end
-  for k = 1, 3 do table.sort(u[k], function(x, y) return x[1] < y[1] end) end
   return u
 end
 
-local function total(list)
-  local s = 0
-  for _, e in ipairs(list) do s = s + e[2] end
-  return s
+local function ascending(list)
+  table.sort(list, function(x, y) return x[1] < y[1] end)
+  return list
 end
 
 -- Units that still fit in every window with a limit (a large number when none has one).
@@ -89,7 +89,7 @@ local function free(u, lim)
   local f = 1e15
   for k = 1, 3 do
     if lim[k] > 0 then
-      local left = lim[k] - (u and total(u[k]) or 0)
+      local left = lim[k] - (u and u.total[k] or 0)
       if left < f then f = left end
     end
   end
@@ -97,22 +97,30 @@ local function free(u, lim)
   return f
 end
 
+-- g more units in the current bucket of window kind k of the table u; true when that
+-- bucket is new.
+local function add(u, k, g)
+  u.total[k] = u.total[k] + g
+  for _, e in ipairs(u[k]) do
+    if e[1] == cur[k] then
+      e[2] = e[2] + g
+      return false
+    end
+  end
+  u[k][#u[k] + 1] = {cur[k], g}
+  return true
+end
+
 -- Counts g more units in the current bucket of every window with a limit: in Redis, and in
--- the usage table u read before (a refusal's wait is worked out from it).
--- The key expires once its newest bucket has: its expiry is set when a bucket is added,
--- not on every charge (a PEXPIRE per certificate would cost Redis a fifth more).
+-- the usage table u read before (a refusal's wait is worked out from it). The key expires
+-- once its newest bucket has: its expiry is set when a bucket is added, not on every
+-- charge (a PEXPIRE per certificate would cost Redis a fifth more).
 local function charge(key, u, lim, g)
   local ttl, fresh = 0, false
   for k = 1, 3 do
     if lim[k] > 0 then
       redis.call('HINCRBY', key, k .. ':' .. cur[k], g)
-      local list = u[k]
-      if #list > 0 and list[#list][1] == cur[k] then
-        list[#list][2] = list[#list][2] + g
-      else
-        list[#list + 1] = {cur[k], g}
-        fresh = true
-      end
+      if add(u, k, g) then fresh = true end
       local ms = (SPAN[k] + 1) * WIDTH[k] * 1000
       if ms > ttl then ttl = ms end
     end
@@ -121,10 +129,10 @@ local function charge(key, u, lim, g)
 end
 
 -- Seconds until one more unit fits in window kind k (the oldest units expire first).
-local function wait(list, k, limit)
-  local excess = total(list) + 1 - limit
+local function wait(u, k, limit)
+  local excess = u.total[k] + 1 - limit
   local freed = 0
-  for _, e in ipairs(list) do
+  for _, e in ipairs(ascending(u[k])) do
     freed = freed + e[2]
     if freed >= excess then return (e[1] + SPAN[k]) * WIDTH[k] - now end
   end
@@ -140,8 +148,8 @@ local function refusal(cu, cl, au, al)
     if pass == 2 then u, lim = au, al end
     if u then
       for k = 1, 3 do
-        if lim[k] > 0 and total(u[k]) + 1 > lim[k] then
-          local s = wait(u[k], k, lim[k])
+        if lim[k] > 0 and u.total[k] + 1 > lim[k] then
+          local s = wait(u, k, lim[k])
           if s > w then who, kind, limit, w = pass, k - 1, lim[k], s end
         end
       end
@@ -165,7 +173,7 @@ for _ = 1, nr do
     local u = usage(name)
     for k = 1, 3 do
       local left = n
-      local list = u[k]
+      local list = ascending(u[k])
       for i = #list, 1, -1 do
         if left <= 0 then break end
         local d = math.min(left, list[i][2])
@@ -214,36 +222,32 @@ for _ = 1, nq do
   local cu = nil
   if ck then cu = usage(ck) end
   local cfree = free(cu, cl)
-  local taken = 0
+  local taken, counted = 0, 0  -- units granted in this group; of them, added to cu so far
   local refused = {}
   local at = 1
+  local qa = key('qa', client)
   for j = 1, na do
     local len = struct.unpack('<I4', lengths, 4 * j - 3)
     local want = struct.unpack('<I4', counts, 4 * j - 3)
     local ak, au = nil, nil
     if aq then
-      ak = key('qa', client, string.sub(names, at, at + len - 1))
+      ak = qa .. len .. ':' .. string.sub(names, at, at + len - 1)
       au = usage(ak)
     end
     at = at + len
     local g = math.min(want, cfree - taken, free(au, al))
     if g < 0 then g = 0 end
     if g > 0 and ak then charge(ak, au, al, g) end
-    if g > 0 and ck then
-      -- counted in the table now (a later refusal's wait sees it), in Redis below
-      for k = 1, 3 do
-        if cl[k] > 0 then
-          local list = cu[k]
-          if #list > 0 and list[#list][1] == cur[k] then
-            list[#list][2] = list[#list][2] + g
-          else
-            list[#list + 1] = {cur[k], g}
-          end
-        end
-      end
-    end
     taken = taken + g
     if g < want then
+      if ck and taken > counted then
+        -- the client's table learns the units granted so far (a refusal's wait counts
+        -- them); in Redis they are counted once, below
+        for k = 1, 3 do
+          if cl[k] > 0 then add(cu, k, taken - counted) end
+        end
+        counted = taken
+      end
       local who, kind, limit, ms = refusal(cu, cl, au, al)
       refused[#refused + 1] = {j - 1, g, who, kind, limit, ms}
     end
