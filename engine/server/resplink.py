@@ -51,8 +51,8 @@ def encode(args: tuple[Any, ...]) -> bytes:
     return b"".join(out)
 
 
-class Incomplete(Exception):
-    """:func:`parse` needs more bytes."""
+class Incomplete(DccSignError):
+    """:func:`parse` needs more bytes (not an error: the caller reads on)."""
 
 
 def parse(buf: bytes | bytearray, at: int = 0) -> tuple[Any, int]:
