@@ -78,7 +78,7 @@ def _result(report: dict, engines: list[str], redis_s: float) -> dict:
 
 def _single(work: Path, name: str, redis: C.Redis | None, args) -> dict:
     """One engine, straight over TLS (with ``--state`` when *redis* is given)."""
-    cluster = C.Cluster(work / name, policy=POLICY)
+    cluster = C.Cluster(work / name, policy=POLICY, engine_args=args.state_args if redis else ())
     node = cluster.nodes[0]
     node.state_url = redis.url if redis is not None else None
     node.service.start()
@@ -98,7 +98,7 @@ def _single(work: Path, name: str, redis: C.Redis | None, args) -> dict:
 
 def _two(work: Path, args) -> dict:
     """Two engines behind HAProxy, sharing Redis."""
-    with C.Cluster(work / "two", policy=POLICY) as cluster:
+    with C.Cluster(work / "two", policy=POLICY, engine_args=args.state_args) as cluster:
         pids = {node.name: node.service.pid for node in cluster.nodes}
         pids["haproxy"] = cluster.haproxy.pid
         before = _redis_cpu(cluster.redis)
@@ -154,6 +154,13 @@ def main() -> int:
         type=lambda t: t.split(","),
         default=["one", "one+state", "two"],
         help="which of one, one+state, two (default all three)",
+    )
+    parser.add_argument(
+        "--state-args",
+        type=str.split,
+        default=[],
+        metavar="OPTIONS",
+        help="more dccsign serve options for the engines with --state, e.g. '--state-window 2'",
     )
     parser.add_argument("--json", type=Path, metavar="FILE")
     args = parser.parse_args()
