@@ -70,6 +70,12 @@ async def nodes(nursery, tmp_path, redis, document, n=2, **options):
     return out
 
 
+async def pair(nursery, tmp_path, redis, document, **options):
+    """Two engines and a connected client of each: ``(a, b, client of a, client of b)``."""
+    a, b = await nodes(nursery, tmp_path, redis, document, **options)
+    return a, b, await a.client(nursery), await b.client(nursery)
+
+
 def codes(results):
     return collections.Counter("ok" if r.ok else ErrorCode(r.error).name for r in results)
 
@@ -107,8 +113,7 @@ async def test_an_account_quota_is_exact_over_two_engines_fired_concurrently(tmp
 async def test_a_client_quota_is_exact_with_many_accounts_and_refusals_say_when(tmp_path, redis):
     document = policy(quota={"per_minute": 50}, account_quota={"per_hour": 3})
     async with trio.open_nursery() as nursery:
-        a, b = await nodes(nursery, tmp_path, redis, document)
-        ra, rb = await a.client(nursery), await b.client(nursery)
+        a, b, ra, rb = await pair(nursery, tmp_path, redis, document)
         items = [SignItem(d, f"uzi:{i % 30}") for i, d in enumerate(DCCS[:120])]
         replies = []
 
@@ -139,8 +144,7 @@ async def test_a_retry_on_the_other_engine_gets_the_first_signature(tmp_path, re
     document = policy(account_quota={"per_hour": 100})
     dcc = DCCS[0]
     async with trio.open_nursery() as nursery:
-        a, b = await nodes(nursery, tmp_path, redis, document)
-        ra, rb = await a.client(nursery), await b.client(nursery)
+        a, b, ra, rb = await pair(nursery, tmp_path, redis, document)
         item = SignItem(dcc, "uzi:gp-1", idempotency_key=b"k-1")
         first = (await ra.sign([item, SignItem(DCCS[1], "uzi:gp-1")])).results
         again = (await rb.sign([item])).results
@@ -157,8 +161,7 @@ async def test_a_retry_waits_for_a_first_attempt_in_progress_on_the_other_engine
     document = policy(account_quota={"per_hour": 100})
     item = SignItem(DCCS[3], "uzi:gp-1", idempotency_key=b"slow")
     async with trio.open_nursery() as nursery:
-        a, b = await nodes(nursery, tmp_path, redis, document)
-        ra, rb = await a.client(nursery), await b.client(nursery)
+        a, b, ra, rb = await pair(nursery, tmp_path, redis, document)
         a.engine.batcher.gate = trio.Event()  # A's keyd holds the first attempt
         replies = {}
 
@@ -181,8 +184,7 @@ async def test_a_failed_first_attempt_frees_its_key_and_quota_for_the_retry(tmp_
     document = policy(account_quota={"per_hour": 1})
     item = SignItem(DCCS[4], "uzi:gp-1", idempotency_key=b"refused-first")
     async with trio.open_nursery() as nursery:
-        a, b = await nodes(nursery, tmp_path, redis, document)
-        ra, rb = await a.client(nursery), await b.client(nursery)
+        a, b, ra, rb = await pair(nursery, tmp_path, redis, document)
         a.engine.batcher.refuse = True  # keyd refuses every payload on A
         first = (await ra.sign([item])).results[0]
         retry = (await rb.sign([item])).results[0]
@@ -315,8 +317,7 @@ async def test_a_claim_whose_call_timed_out_does_not_hold_its_key(tmp_path, redi
     document = policy(account_quota={"per_hour": 100})
     item = SignItem(DCCS[9], "uzi:gp-1", idempotency_key=b"paused")
     async with trio.open_nursery() as nursery:
-        a, b = await nodes(nursery, tmp_path, redis, document, timeout=0.2, claim_ttl=600)
-        ra, rb = await a.client(nursery), await b.client(nursery)
+        a, b, ra, rb = await pair(nursery, tmp_path, redis, document, timeout=0.2, claim_ttl=600)
         await trio.to_thread.run_sync(_pause_redis, redis, 800)
         first = (await ra.sign([item])).results[0]
         await until(lambda: a.state.problem is None and not a.state._unsent_finishes)
