@@ -107,18 +107,27 @@ def fail_audit_commits(monkeypatch, log) -> None:
     monkeypatch.setattr(log, "append_columns_many", broken)
 
 
+def need_redis() -> None:
+    """Skip when redis-server or redis-cli is not installed, except under ``CI=true``, where
+    that is a failure."""
+    import shutil
+
+    missing = [tool for tool in ("redis-server", "redis-cli") if shutil.which(tool) is None]
+    if missing:
+        message = f"{' and '.join(missing)} not installed (Debian package redis-server)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+
+
 @pytest.fixture
 def redis(tmp_path):
     """A throw-away ``redis-server`` on a free port (``dccsign.testing.cluster.Redis``);
     skips when it is not installed, except under ``CI=true``, where that is a failure."""
-    from dccsign.testing.cluster import Redis, missing_tools
+    from dccsign.testing.cluster import Redis
     from dccsign.testing.net import free_port
 
-    if "redis-server" in missing_tools():
-        message = "redis-server is not installed (Debian package redis-server)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+    need_redis()
     server = Redis(tmp_path / "redis", free_port())
     server.start()
     try:

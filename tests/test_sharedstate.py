@@ -11,11 +11,14 @@ import math
 import pytest
 import trio
 
+from conftest import need_redis
 from dccsign.protocol import wire
 from dccsign.protocol.codes import RETRYABLE, ErrorCode
 from dccsign.protocol.wire import SignItem
 from dccsign.server.policy import Policy, QuotaTracker
-from dccsign.server.sharedstate import RedisState, StateUnavailable, state_url
+from dccsign.server.sharedstate import Claim, RedisState, StateUnavailable, state_url
+from dccsign.testing.cluster import Redis
+from dccsign.testing.net import free_port
 from dccsign.testing.samples import varied_samples
 from server_harness import UID, Engine
 
@@ -293,14 +296,16 @@ async def test_an_operation_on_a_store_that_never_answered_fails_at_once(tmp_pat
 
 @pytest.mark.parametrize(
     "url",
-    ["redis://127.0.0.1:6379/0", "rediss://h:1", "unix:///run/redis.sock",
+    ["redis://127.0.0.1:6379/0", "redis://:pw@h:1/2", "unix:///run/redis.sock?db=1",
      "redis+cluster://a:1,b:2"],
 )  # fmt: skip
 def test_state_urls_accepted(url):
     assert state_url(url) == url
 
 
-@pytest.mark.parametrize("url", ["http://x", "redis+cluster://a", "redis+cluster://a:b", ""])
+@pytest.mark.parametrize(
+    "url", ["http://x", "rediss://h:1", "redis+cluster://a", "redis+cluster://a:b", ""]
+)
 def test_state_urls_refused(url):
     with pytest.raises(ValueError):
         state_url(url)
@@ -359,3 +364,69 @@ async def test_the_store_reports_its_calls_and_failures_in_the_metrics(tmp_path,
         if s.name == "dccsign_state_errors_total"
     ]  # fmt: skip
     assert errors and sum(s.value for s in errors) >= 1
+
+
+class ClusterRedis(Redis):
+    """One primary of a Redis Cluster (no persistence)."""
+
+    def argv(self):
+        argv = super().argv()
+        return [*argv, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+
+
+@pytest.fixture
+def redis_cluster(tmp_path):
+    import subprocess
+
+    need_redis()
+    primaries = [ClusterRedis(tmp_path / f"c{i}", free_port()) for i in range(3)]
+    try:
+        for server in primaries:
+            server.start()
+        for server in primaries:
+            server.wait_ready(60)
+        addresses = [f"127.0.0.1:{server.port}" for server in primaries]
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", "0",
+             "--cluster-yes"],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+        for server in primaries:
+            _wait_cluster_ok(server.port)
+        yield "redis+cluster://" + ",".join(addresses[:2])
+    finally:
+        for server in primaries:
+            server.stop()
+
+
+def _wait_cluster_ok(port):
+    import subprocess
+    import time
+
+    deadline = time.monotonic() + 30
+    while (
+        b"cluster_state:ok"
+        not in subprocess.run(
+            ["redis-cli", "-p", str(port), "cluster", "info"], capture_output=True, check=False
+        ).stdout
+    ):
+        assert time.monotonic() < deadline, "the Redis Cluster did not come up"
+        time.sleep(0.1)
+
+
+async def test_a_redis_cluster_serves_the_same_quotas_and_keys(redis_cluster):
+    """Through coredis's cluster client: every key of one call is in one slot (one hash
+    tag), so the script runs where the slot lives."""
+    pol = Policy.from_dict(policy(quota={"per_minute": 10}, account_quota={"per_hour": 3}))
+    state = RedisState(redis_cluster, node="c", timeout=2)
+    item = SignItem(DCCS[0], "uzi:1", idempotency_key=b"k")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(state.run)
+        await until(lambda: state.problem is None)
+        verdicts = await state.charge(pol, "portal", ["a", "b", "c", "d"], [2, 2, 5, 5])
+        first = await state.claim("portal", [(item, b"f" * 32)])
+        again = await state.claim("portal", [(item, b"f" * 32)])
+        nursery.cancel_scope.cancel()
+    assert [g for g, _ in verdicts] == [2, 2, 3, 3]  # the client's 10 per minute, in order
+    assert verdicts[3][1].code == "QUOTA_ACCOUNT" and verdicts[0][1] is None
+    assert first == [(Claim.NEW, None)] and again == [(Claim.IN_PROGRESS, None)]

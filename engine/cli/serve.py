@@ -354,7 +354,7 @@ def _state_helps() -> dict[str, str]:
         "--state": "where quota windows and idempotency keys live: in this process (the "
         "default), or in a Redis that every engine of a deployment shares, so that a quota "
         "of N is N in total and a retry on another engine gets the first signature: "
-        "redis://HOST:PORT[/DB], rediss://..., unix:///PATH or "
+        "redis://[:PASSWORD@]HOST:PORT[/DB], unix:///PATH[?db=N] or "
         "redis+cluster://HOST:PORT,HOST:PORT. Requests that need it (a client with a quota, "
         "an item with an idempotency key) then fail with STATE_UNAVAILABLE (retryable), "
         "nothing signed, while Redis cannot be reached or does not answer in time; "

@@ -6,8 +6,8 @@ a call costs the engine ~300 µs of CPU (its reader and writer tasks, memory str
 retry layers: measured, ``bench/state_cost.py``); sent here as bytes on the stream and read
 back with the small parser below it costs less than half of that, which is what lets the
 shared state stay within its budget per certificate at the engines' sustained rate.
-Redis Cluster (slot routing, MOVED and ASK) and TLS (``rediss://``) go through coredis:
-this link serves ``redis://`` and ``unix://`` only.
+Redis Cluster (slot routing, MOVED and ASK) goes through coredis: this link serves
+``redis://`` and ``unix://``.
 
 Contract: one request at a time per link (the shared state's flusher is sequential); a
 request that is cancelled or fails leaves the link unusable (the caller drops it and opens

@@ -8,7 +8,7 @@ in one Redis (or Redis Cluster) instead, through :class:`RedisState`.
 
 **One round trip per micro-batch.** A call from an engine to Redis costs ~300 µs of the
 engine's CPU through coredis on trio, ~140 µs through :class:`~.resplink.ScriptLink` (which
-a single Redis gets; a cluster and TLS go through coredis); one call per frame of 50
+a single Redis gets; a cluster goes through coredis); one call per frame of 50
 certificates would still cost more than the budget per certificate. So every operation is
 queued, and one task sends
 everything queued as one call of one Lua script (``sharedstate.lua``): the quota charges of
@@ -110,19 +110,20 @@ class Claim:
 
 
 def state_url(text: str) -> str:
-    """*text* if it names a Redis the engine can use (``redis://``, ``rediss://``,
-    ``unix://`` or ``redis+cluster://host:port,host:port``), for argparse.
+    """*text* if it names a Redis the engine can use (``redis://``, ``unix://`` or
+    ``redis+cluster://host:port,host:port``), for argparse. (TLS to Redis, ``rediss://``, is
+    not offered: nothing here tests it; run Redis on a private network or a Unix socket.)
 
     Raises:
         ValueError: any other scheme, or a cluster URL without a host:port.
     """
-    if text.startswith(("redis://", "rediss://", "unix://")):
+    if text.startswith(("redis://", "unix://")):
         return text
     if text.startswith("redis+cluster://"):
         _cluster_nodes(text)
         return text
     raise ValueError(
-        f"{text!r}: give redis://HOST:PORT[/DB], rediss://..., unix:///PATH or "
+        f"{text!r}: give redis://HOST:PORT[/DB], unix:///PATH or "
         "redis+cluster://HOST:PORT,HOST:PORT"
     )
 
@@ -398,22 +399,21 @@ class RedisState:
 
     def _client(self) -> Any:
         """A connection for the calls, as an async context manager: a :class:`ScriptLink` to
-        a single Redis; coredis for a cluster (slot routing) and for TLS."""
-        if self.url.startswith(("redis://", "unix://")):
+        a single Redis, coredis's cluster client (slot routing, failover) to a cluster."""
+        if not self.url.startswith("redis+cluster://"):
             return ScriptLink(self.url, self.timeout)
         import coredis
         from coredis.retry import NoRetryPolicy
 
-        options: dict[str, Any] = {
-            "decode_responses": False,
-            "retry_policy": NoRetryPolicy(),
-            "stream_timeout": self.timeout,
-            "connect_timeout": self.timeout,
-        }
-        if self.url.startswith("redis+cluster://"):
-            nodes = [coredis.connection.TCPLocation(h, p) for h, p in _cluster_nodes(self.url)]
-            return coredis.RedisCluster(startup_nodes=nodes, **options)
-        return coredis.Redis.from_url(self.url, **options)
+        return coredis.RedisCluster(
+            startup_nodes=[
+                coredis.connection.TCPLocation(h, p) for h, p in _cluster_nodes(self.url)
+            ],
+            decode_responses=False,
+            retry_policy=NoRetryPolicy(),
+            stream_timeout=self.timeout,
+            connect_timeout=self.timeout,
+        )
 
     async def _serve(self, client: Any, sha: bytes | str) -> None:
         from coredis.exceptions import NoScriptError
@@ -430,10 +430,10 @@ class RedisState:
             try:
                 with trio.move_on_after(self.timeout) as scope:
                     try:
-                        reply = await _evalsha(client, sha, keys, args)
+                        reply = await client.evalsha(sha, keys, args)
                     except no_script:  # Redis restarted without us noticing
                         sha = await client.script_load(self._script)
-                        reply = await _evalsha(client, sha, keys, args)
+                        reply = await client.evalsha(sha, keys, args)
                 if scope.cancelled_caught:
                     raise trio.TooSlowError(f"no answer within {self.timeout:g} s")
             except BaseException as exc:
@@ -535,24 +535,6 @@ class RedisState:
         if self.metrics is not None:
             self.metrics.state_call.observe(seconds)
             self.metrics.state_ops.observe(ops)
-
-
-async def _evalsha(client: Any, sha: Any, keys: list[bytes], args: list[Any]) -> Any:
-    """EVALSHA on *client*: a :class:`ScriptLink`, a coredis cluster (which routes it), or
-    a coredis client to a single Redis over TLS, straight on a pooled connection (its
-    command layer of retries and caching costs about a quarter more of the engine's CPU per
-    call)."""
-    import coredis
-
-    if isinstance(client, ScriptLink | coredis.RedisCluster):
-        return await client.evalsha(sha, keys, args)
-    pool = client.connection_pool
-    connection = await pool.get_connection()
-    try:
-        request = connection.create_request(b"EVALSHA", sha, len(keys), *keys, *args)
-    finally:
-        pool.release(connection)
-    return await request
 
 
 def _key_bytes(item: SignItem) -> bytes:
