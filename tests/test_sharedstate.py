@@ -18,7 +18,7 @@ from dccsign.protocol.wire import SignItem
 from dccsign.server.policy import Policy, QuotaTracker
 from dccsign.server.sharedstate import Claim, RedisState, StateUnavailable, state_url
 from dccsign.testing.cluster import Redis
-from dccsign.testing.net import free_port
+from dccsign.testing.net import free_port_with_bus
 from dccsign.testing.samples import varied_samples
 from server_harness import UID, Engine
 
@@ -379,7 +379,7 @@ def redis_cluster(tmp_path):
     import subprocess
 
     need_redis()
-    primaries = [ClusterRedis(tmp_path / f"c{i}", free_port()) for i in range(3)]
+    primaries = [ClusterRedis(tmp_path / f"c{i}", free_port_with_bus()) for i in range(3)]
     try:
         for server in primaries:
             server.start()

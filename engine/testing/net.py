@@ -4,9 +4,10 @@ whether a server accepts connections yet."""
 from __future__ import annotations
 
 import os
+import random
 import socket
 
-__all__ = ["accepts_tcp", "accepts_unix", "free_port"]
+__all__ = ["accepts_tcp", "accepts_unix", "free_port", "free_port_with_bus"]
 
 
 def free_port() -> int:
@@ -14,6 +15,28 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_port_with_bus(offset: int = 10000) -> int:
+    """A free loopback port *p* such that *p* + *offset* is free too and below 65536.
+
+    A Redis Cluster node also listens on its port + 10000 (the cluster bus) and refuses to
+    start on a port above 55535, so an ephemeral port from :func:`free_port` (often above
+    32768 and up to 60999) will not do.
+
+    Raises:
+        RuntimeError: no such pair was found in 200 tries.
+    """
+    for _ in range(200):
+        port = random.randint(20000, 65535 - offset)
+        with socket.socket() as a, socket.socket() as b:
+            try:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + offset))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port pair {offset} apart on 127.0.0.1")
 
 
 def accepts_unix(path: str | os.PathLike[str]) -> bool:
